@@ -1,0 +1,130 @@
+"""Architecture knowledge as data: where each family keeps its layers, attention, FFN/MoE and norms.
+
+A new model family needs one entry in `ARCHITECTURES`, no new code, when its decoder block has
+the shape `h = h + f(attn_part(h)); h = h + g(mlp_part(h))`: name the modules of each part (the
+sublayer itself and the norms that only serve it) and the config entries that are per-layer.
+Everything else in the package (ablation, cutting, scoring, healing, export) reads this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from surgery.errors import SurgeryError
+
+SURGERY_MODEL_TYPE_PREFIX = "surgery_"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where things live in one family's `*ForCausalLM`, as dotted paths and config keys.
+
+    attention_norms / mlp_norms: norms whose only job is to feed (pre-norm) or rescale
+    (post-norm) that sublayer's output; they go together with the sublayer.
+    per_layer_config: config lists with one entry per layer (sliced when blocks go).
+    layer_index_config: config lists of layer indices (renumbered when blocks go).
+    sparse_step_config: a "every k-th layer is MoE" key; turned into an explicit list of dense
+    layers (the first layer_index_config key) before blocks go, so the pattern survives.
+    """
+
+    layers: str = "model.layers"
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+    attention_norms: tuple[str, ...] = ("input_layernorm",)
+    mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    per_layer_config: tuple[str, ...] = ()
+    layer_index_config: tuple[str, ...] = ()
+    sparse_step_config: str | None = None
+    logit_softcap_config: str | None = None
+    logit_divisor_config: str | None = None
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    moe: bool = False
+
+    def sublayer_modules(self, kind: str) -> tuple[str, ...]:
+        """The module names inside a decoder block that make up sublayer `kind` ("attn"/"mlp")."""
+        if kind == "attn":
+            return (self.attention, *self.attention_norms)
+        return (self.mlp, *self.mlp_norms)
+
+
+_LLAMA = Architecture()
+_SANDWICH_NORMS = dict(  # Gemma 2/3: a norm before and after each sublayer
+    attention_norms=("input_layernorm", "post_attention_layernorm"),
+    mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    per_layer_config=("layer_types",),
+)
+_ATTENTION_ONLY_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "granite": replace(_LLAMA, logit_divisor_config="logits_scaling"),
+    "gemma": _LLAMA,
+    "qwen2": replace(_LLAMA, per_layer_config=("layer_types",)),
+    "qwen3": replace(_LLAMA, per_layer_config=("layer_types",)),
+    "gemma2": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping"),
+    "gemma3_text": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping"),
+    "phi3": replace(_LLAMA, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    # OLMo 2 normalises each sublayer's output instead of its input.
+    "olmo2": replace(_LLAMA, attention_norms=("post_attention_layernorm",), mlp_norms=("post_feedforward_layernorm",)),
+    # MoE: the whole sparse block (router, experts, shared expert) is the mlp sublayer. Experts are
+    # fused 3-D parameters in transformers 5, so LoRA heals through attention.
+    "mixtral": replace(_LLAMA, moe=True, lora_targets=_ATTENTION_ONLY_LORA),
+    "qwen2_moe": replace(
+        _LLAMA,
+        moe=True,
+        per_layer_config=("layer_types",),
+        layer_index_config=("mlp_only_layers",),
+        sparse_step_config="decoder_sparse_step",
+        lora_targets=_ATTENTION_ONLY_LORA,
+    ),
+}
+
+
+def base_model_type(config: Any) -> str:
+    """The family of a config (object or config.json dict); a surgery checkpoint reports the
+    family it was cut from."""
+    model_type = (config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)) or ""
+    if model_type.startswith(SURGERY_MODEL_TYPE_PREFIX):
+        return model_type[len(SURGERY_MODEL_TYPE_PREFIX) :]
+    return model_type
+
+
+def architecture_of(config: Any) -> Architecture:
+    """The table entry for `config`, or a clear error naming the supported families."""
+    model_type = base_model_type(config)
+    if model_type not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise SurgeryError(
+            f"architecture '{model_type or 'unknown'}' is not supported (supported: {supported}); "
+            "to add one, describe its modules in ARCHITECTURES in surgery/arch.py"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def get_module(root: Any, dotted: str) -> Any:
+    """`get_module(model, "model.layers")`. Unwraps a peft model transparently."""
+    node = root
+    for name in dotted.split("."):
+        node = getattr(node, name)
+    return node
+
+
+def unwrap(model: Any) -> Any:
+    """The plain transformers model inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder_layers(model: Any, arch: Architecture | None = None) -> Any:
+    """The `nn.ModuleList` of decoder blocks."""
+    model = unwrap(model)
+    arch = arch or architecture_of(model.config)
+    return get_module(model, arch.layers)
+
+
+def num_layers(model: Any) -> int:
+    return len(decoder_layers(model))

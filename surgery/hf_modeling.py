@@ -1,0 +1,153 @@
+"""Stand-ins for removed sublayers, and the model classes of sublayer-pruned checkpoints.
+
+This file is copied verbatim into every checkpoint that has attention-only or FFN-only removals
+(as `modeling_surgery.py`, named by `auto_map` in its config.json), so that
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads it without surgery
+installed. It therefore imports nothing but torch and transformers. Inside the package the same
+stand-ins serve the non-destructive ablation used while scoring, so a scored removal and an
+exported one run exactly the same code.
+
+The checkpoint's config carries a `surgery` entry:
+    {"base_model_type": "llama", "layers": "model.layers",
+     "removed": {"attn": [3], "mlp": [7]},          # block indices in this checkpoint
+     "modules": {"attn": ["self_attn", "input_layernorm"], "mlp": ["mlp", "post_attention_layernorm"]}}
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SURGERY_MODEL_TYPE_PREFIX = "surgery_"
+
+
+def keep_cache_length(past_key_values, layer_idx, hidden_states: torch.Tensor) -> None:
+    """Write a placeholder of the right length into this layer's KV-cache slot.
+
+    Transformers reads the cache length from the first layer's slot (and sliding-window layers
+    count tokens on update). A removed attention that never writes there makes the cache report
+    a wrong length, which silently corrupts positions and masks in chunked prefill and padded
+    batched generation. One value per token (shape B x 1 x T x 1) keeps the length right at a
+    negligible cost.
+    """
+    if past_key_values is None or layer_idx is None:
+        return
+    batch, length = hidden_states.shape[:2]
+    placeholder = hidden_states.new_zeros(batch, 1, length, 1)
+    past_key_values.update(placeholder, placeholder, layer_idx)
+
+
+class RemovedAttention(nn.Module):
+    """An attention sublayer that adds nothing to the residual stream."""
+
+    def __init__(self, layer_idx: int | None = None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
+        keep_cache_length(past_key_values, self.layer_idx, hidden_states)
+        return torch.zeros_like(hidden_states), None
+
+
+class RemovedMLP(nn.Module):
+    """An FFN/MoE sublayer that adds nothing to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+class RemovedNorm(nn.Identity):
+    """A norm that only served a removed sublayer (its input is ignored, or its input is zero)."""
+
+
+class RemovedBlock(nn.Module):
+    """A whole decoder block that passes the residual stream through unchanged."""
+
+    def __init__(self, layer_idx: int | None = None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs) -> torch.Tensor:
+        keep_cache_length(past_key_values, self.layer_idx, hidden_states)
+        return hidden_states
+
+
+def attention_layer_idx(layer: nn.Module, module_names: list[str], default: int) -> int:
+    """The KV-cache slot a block's attention writes to."""
+    return getattr(getattr(layer, module_names[0], None), "layer_idx", default)
+
+
+def remove_sublayer(layer: nn.Module, kind: str, module_names: list[str], layer_idx: int) -> dict[str, nn.Module]:
+    """Replace sublayer `kind` of one decoder block by stand-ins; return the originals.
+
+    `module_names[0]` is the sublayer itself, the rest are the norms that only serve it.
+    """
+    originals = {name: getattr(layer, name) for name in module_names}
+    cache_slot = getattr(originals[module_names[0]], "layer_idx", layer_idx)
+    setattr(layer, module_names[0], RemovedAttention(cache_slot) if kind == "attn" else RemovedMLP())
+    for name in module_names[1:]:
+        setattr(layer, name, RemovedNorm())
+    return originals
+
+
+def _get(root: nn.Module, dotted: str):
+    for name in dotted.split("."):
+        root = getattr(root, name)
+    return root
+
+
+def apply_removals(model: nn.Module, spec: dict) -> None:
+    """Put stand-ins where the checkpoint's `surgery` entry says sublayers were removed."""
+    layers = _get(model, spec["layers"])
+    for kind, indices in spec["removed"].items():
+        for index in indices:
+            remove_sublayer(layers[index], kind, spec["modules"][kind], index)
+
+
+_CLASSES: dict[str, tuple[type, type]] = {}
+
+
+def surgery_classes(base_model_type: str) -> tuple[type, type]:
+    """(config class, model class) for sublayer-pruned checkpoints of one family.
+
+    They subclass the family's own classes; the model only swaps in stand-ins after building
+    itself, so the weights, the cache and generation are the family's own code. The model type
+    is `surgery_<family>`: plain `from_pretrained` without this code refuses the checkpoint
+    instead of loading random weights where sublayers were removed.
+    """
+    if base_model_type not in _CLASSES:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        base_config = CONFIG_MAPPING[base_model_type]
+        base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
+        config_class = type(
+            f"Surgery{base_config.__name__}",
+            (base_config,),
+            {"model_type": SURGERY_MODEL_TYPE_PREFIX + base_model_type, "__module__": __name__},
+        )
+
+        def __init__(self, config, *args, **kwargs):
+            base_model.__init__(self, config, *args, **kwargs)
+            apply_removals(self, config.surgery)
+
+        model_class = type(
+            f"Surgery{base_model.__name__}",
+            (base_model,),
+            {"config_class": config_class, "__init__": __init__, "__module__": __name__},
+        )
+        _share_weight_conversions(base_model_type, config_class.model_type)
+        _CLASSES[base_model_type] = (config_class, model_class)
+    return _CLASSES[base_model_type]
+
+
+def _share_weight_conversions(base_model_type: str, model_type: str) -> None:
+    """Give the surgery model type the family's checkpoint key conversions (MoE experts are
+    stored per expert on disk and fused in memory); without them MoE weights would not load."""
+    try:
+        from transformers import conversion_mapping
+    except ImportError:  # transformers without conversions: keys are stored as they are
+        return
+    mapping = conversion_mapping.get_checkpoint_conversion_mapping(base_model_type)
+    if mapping is not None:
+        conversion_mapping.register_checkpoint_conversion_mapping(model_type, mapping, overwrite=True)

@@ -1,0 +1,69 @@
+"""Workflows that wire the modules together for the commands: resolve -> cut -> export, and so on.
+
+Each function takes plain arguments, checks everything it can before heavy work starts (so bad
+input fails in seconds and writes nothing), and returns a result object for the CLI to print.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import SurgeryError
+
+
+def _config_layers(folder: Path) -> int:
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config", config)
+    if "num_hidden_layers" not in config:
+        raise SurgeryError(f"{folder}/config.json has no num_hidden_layers: is it a decoder-only LLM?")
+    return int(config["num_hidden_layers"])
+
+
+def cut_and_export(model_spec: str, remove: str, out: Path, *, force: bool = False, **load_kwargs: Any) -> Any:
+    """`surgery cut`: remove sublayers physically and write a verified checkpoint."""
+    from surgery.cut import cut, validate_removal
+    from surgery.export import check_output_path, export_checkpoint
+    from surgery.models import load_model, resolve
+    from surgery.sublayers import format_sublayers, parse_sublayers
+
+    check_output_path(out, force=force)
+    units = parse_sublayers(remove)
+    source = resolve(model_spec, allow_pickle=load_kwargs.get("allow_pickle", False))
+    check_output_path(out, force=force, protected=[source.path])
+    validate_removal(units, _config_layers(source.path))
+    loaded = load_model(source, **load_kwargs)
+    result = cut(loaded.model, units)
+    record = {
+        "removed": [str(u) for u in result.removed],
+        "removed_compact": format_sublayers(result.removed),
+        "kept_layers": result.kept_layers,
+        "source": source.describe(),
+        "parameters": {"before": result.parameters_before, "after": result.parameters_after,
+                       "removed": result.parameters_before - result.parameters_after},
+    }
+    return export_checkpoint(loaded.model, loaded.tokenizer, out, record=record, force=force,
+                             protected=[source.path], copy_from=source.path)
+
+
+def describe_model(model_spec: str, **load_kwargs: Any) -> None:
+    """`surgery info`: the architecture entry, blocks and parameters of a model."""
+    from rich.table import Table
+
+    from surgery.console import console
+    from surgery.cut import count_parameters, removed_sublayers
+    from surgery.models import load_model
+    from surgery.sublayers import format_sublayers
+
+    loaded = load_model(model_spec, with_tokenizer=False, **load_kwargs)
+    config = loaded.model.config
+    table = Table(title=f"{model_spec}", show_header=False)
+    table.add_row("folder", str(loaded.source.path))
+    table.add_row("family", config.model_type)
+    table.add_row("blocks", f"{config.num_hidden_layers} (L0-L{config.num_hidden_layers - 1}), {2 * config.num_hidden_layers} sublayers")
+    table.add_row("parameters", f"{count_parameters(loaded.model):,}")
+    removed = removed_sublayers(loaded.model)
+    table.add_row("removed sublayers", format_sublayers(removed) if removed else "none")
+    table.add_row("dtype / device", f"{loaded.model.dtype} / {loaded.options['device']}")
+    console.print(table)

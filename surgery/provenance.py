@@ -1,0 +1,38 @@
+"""What produced a result: package versions and the machine. Read from metadata, no heavy imports."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata as _metadata
+import os
+import platform
+
+_PACKAGES = ("surgery", "torch", "transformers", "peft", "trl", "lm_eval", "datasets", "bitsandbytes", "accelerate", "safetensors")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = _metadata.version(name)
+        except _metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def machine() -> dict[str, object]:
+    """CPU, threads and GPU as seen by torch (imported only here, when a result is written)."""
+    import torch
+
+    info: dict[str, object] = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,87 @@
+"""Tiny random models and a tiny tokenizer, built from configs in a second, for tests and benchmarks.
+
+One config per supported family, small enough that a forward pass takes milliseconds on a CPU
+but shaped like the real thing (grouped KV heads, sliding windows, MoE routing, sparse steps).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TINY_VOCAB = 384
+_COMMON = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma": {},
+    "gemma2": {"sliding_window": 8, "query_pre_attn_scalar": 16},
+    "gemma3_text": {"sliding_window": 8, "query_pre_attn_scalar": 16},
+    "phi3": {"pad_token_id": 0},
+    "olmo2": {},
+    "granite": {"logits_scaling": 2.0, "residual_multiplier": 0.5, "embedding_multiplier": 2.0},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48,
+        "decoder_sparse_step": 2,
+        "mlp_only_layers": [],
+    },
+}
+
+
+def tiny_config(model_type: str, num_layers: int = 4, **overrides: Any) -> Any:
+    from transformers import AutoConfig
+
+    values = {**_COMMON, **TINY_OVERRIDES[model_type], "num_hidden_layers": num_layers, **overrides}
+    return AutoConfig.for_model(model_type, **values)
+
+
+def tiny_model(model_type: str, num_layers: int = 4, seed: int = 0, **overrides: Any) -> Any:
+    """A randomly initialised float32 model in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, num_layers, **overrides), dtype=torch.float32)
+    return model.eval()
+
+
+_TOKENIZER_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A model is cut, healed and exported. "
+    "Layers matter; some more than others. Paris is the capital of France. Question: Answer: "
+    "yes no true false the of and to in is was for on that with as by at from it an be this "
+) * 4
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level BPE tokenizer with TINY_VOCAB entries: any text encodes, no download needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([_TOKENIZER_TEXT], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

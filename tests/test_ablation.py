@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from surgery.ablation import ablated
+from surgery.arch import decoder_layers
+from surgery.sublayers import parse_sublayers
+from surgery.tiny import tiny_model
+
+
+def ids(batch=2, length=12, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 300, (batch, length), generator=generator)
+
+
+@torch.no_grad()
+def test_ablation_restores_the_model_exactly():
+    model = tiny_model("llama")
+    before_modules = list(model.modules())
+    before_params = {name: (p.data_ptr(), p.clone()) for name, p in model.named_parameters()}
+    reference = model(ids()).logits
+    with ablated(model, parse_sublayers("L0.attn,L1,L3.mlp")):
+        ablated_logits = model(ids()).logits
+    assert not torch.allclose(ablated_logits, reference)
+    assert list(model.modules()) == before_modules
+    for name, p in model.named_parameters():
+        assert p.data_ptr() == before_params[name][0] and torch.equal(p, before_params[name][1])
+    assert torch.equal(model(ids()).logits, reference)
+
+
+@torch.no_grad()
+def test_ablation_restores_after_an_error():
+    model = tiny_model("qwen2")
+    reference = model(ids()).logits
+    with pytest.raises(RuntimeError):
+        with ablated(model, parse_sublayers("L2")):
+            raise RuntimeError("boom")
+    assert torch.equal(model(ids()).logits, reference)
+
+
+@torch.no_grad()
+def test_ablation_equals_zeroing_the_sublayer_output():
+    """Removing a sublayer while keeping the residual is the same as making it add zero."""
+    model = tiny_model("llama")
+    layers = decoder_layers(model)
+    hooks = [
+        layers[1].self_attn.register_forward_hook(lambda m, a, out: (torch.zeros_like(out[0]), *out[1:])),
+        layers[2].mlp.register_forward_hook(lambda m, a, out: torch.zeros_like(out)),
+    ]
+    zeroed = model(ids()).logits
+    for hook in hooks:
+        hook.remove()
+    with ablated(model, parse_sublayers("L1.attn,L2.mlp")):
+        assert torch.allclose(model(ids()).logits, zeroed, atol=1e-6)
+
+
+def assert_cache_consistent(model):
+    """Chunked prefill and left-padded batched generation match the uncached, unpadded results."""
+    sequence = ids(batch=1, length=14, seed=3)
+    full = model(sequence, use_cache=False).logits
+    first = model(sequence[:, :9], use_cache=True)
+    assert first.past_key_values.get_seq_length() == 9
+    second = model(sequence[:, 9:], past_key_values=first.past_key_values, use_cache=True).logits
+    assert torch.allclose(second, full[:, 9:], atol=1e-4), (second - full[:, 9:]).abs().max()
+
+    short, long = ids(1, 5, seed=4), ids(1, 11, seed=5)
+    pad = 0
+    batch = torch.full((2, 11), pad)
+    batch[0, 6:] = short[0]
+    batch[1] = long[0]
+    mask = (torch.arange(11) >= torch.tensor([[6], [0]])).long()
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=pad)
+    together = model.generate(batch, attention_mask=mask, **settings)[:, 11:]
+    alone = [model.generate(x, attention_mask=torch.ones_like(x), **settings)[:, x.shape[1]:] for x in (short, long)]
+    assert torch.equal(together[0], alone[0][0]) and torch.equal(together[1], alone[1][0])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2_moe"])
+@torch.no_grad()
+def test_skipped_first_attention_keeps_the_kv_cache_consistent(family):
+    """The layer-0 trap: a skipped attention that never writes the cache makes it report length 0."""
+    model = tiny_model(family)
+    with ablated(model, parse_sublayers("L0.attn,L2.attn")):
+        assert_cache_consistent(model)

@@ -1,0 +1,49 @@
+import pytest
+
+from surgery.arch import ARCHITECTURES, architecture_of, decoder_layers, get_module
+from surgery.errors import SurgeryError
+from surgery.tiny import TINY_OVERRIDES, tiny_config, tiny_model
+
+FAMILIES = sorted(ARCHITECTURES)
+
+
+def test_every_family_has_a_tiny_model():
+    assert set(TINY_OVERRIDES) == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_table_names_every_weighted_module_of_a_block(family):
+    model = tiny_model(family)
+    arch = architecture_of(model.config)
+    layer = decoder_layers(model)[0]
+    named = set(arch.sublayer_modules("attn")) | set(arch.sublayer_modules("mlp"))
+    for name in named:
+        assert hasattr(layer, name), f"{family}: block has no '{name}'"
+    weighted = {name for name, child in layer.named_children() if any(True for _ in child.parameters())}
+    assert weighted <= named, f"{family}: modules with weights not in the table: {weighted - named}"
+    assert not set(arch.sublayer_modules("attn")) & set(arch.sublayer_modules("mlp"))
+    get_module(model, arch.final_norm)
+    get_module(model, arch.lm_head)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_per_layer_config_list_is_known(family):
+    """A config list as long as the layer list must be sliced when blocks go: the table must name it."""
+    config = tiny_config(family, num_layers=5)
+    arch = ARCHITECTURES[family]
+    per_layer = {k for k, v in config.to_dict().items() if isinstance(v, list) and len(v) == 5}
+    assert per_layer <= set(arch.per_layer_config), f"{family}: unlisted per-layer config keys {per_layer}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_targets_exist(family):
+    model = tiny_model(family)
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    assert set(ARCHITECTURES[family].lora_targets) <= names
+
+
+def test_unsupported_family_names_the_supported_ones_and_where_to_add():
+    with pytest.raises(SurgeryError) as error:
+        architecture_of({"model_type": "gpt2"})
+    text = str(error.value)
+    assert "gpt2" in text and "llama" in text and "qwen2_moe" in text and "surgery/arch.py" in text

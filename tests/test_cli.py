@@ -1,0 +1,125 @@
+"""The command line as users meet it: exit codes, one-line errors, nothing written on failure."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from surgery.cli import main
+from surgery.export import read_manifest
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def error_line(result):
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = "import sys, surgery.cli; heavy = [m for m in ('torch', 'transformers', 'peft', 'trl', 'lm_eval') if m in sys.modules]; print(heavy)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+    assert run("--help").exit_code == 0
+
+
+def test_cut_writes_a_verified_checkpoint(tiny_folder, tmp_path):
+    source, _ = tiny_folder("qwen2", num_layers=5)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    result = run("cut", source, "--remove", "L3-L4,L0.attn", "--out", tmp_path / "cut", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "cut")
+    assert manifest["removed"] == ["L0.attn", "L3.attn", "L3.mlp", "L4.attn", "L4.mlp"]
+    assert manifest["kept_layers"] == [0, 1, 2]
+    assert manifest["parameters"]["after"] < manifest["parameters"]["before"]
+    assert len(manifest["source"]["fingerprint"]) == 64
+    assert {"torch", "transformers", "surgery"} <= set(manifest["versions"])
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before  # the source is untouched
+
+
+@pytest.mark.parametrize(
+    "remove, message",
+    [
+        ("L7", "L7.attn is out of range: the model has 4 layers"),
+        ("L1.ffn", "is not a sublayer id"),
+        ("L0-L3", "removes every one of the 4 blocks"),
+        ("L1,L1.mlp", "L1.mlp is named twice"),
+    ],
+)
+def test_bad_removals_exit_2_and_write_nothing(tiny_folder, tmp_path, remove, message):
+    source, _ = tiny_folder("llama")
+    result = run("cut", source, "--remove", remove, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert message in error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_paths_exit_2(tiny_folder, tmp_path):
+    source, _ = tiny_folder("llama")
+    as_file = tmp_path / "file.txt"
+    as_file.write_text("x")
+    cases = [
+        (["cut", tmp_path / "missing", "--remove", "L1", "--out", tmp_path / "o1"], "not found"),
+        (["cut", source, "--remove", "L1", "--out", as_file], "is a file"),
+        (["cut", source, "--remove", "L1", "--out", source, "--force"], "overlaps the source model"),
+        (["cut", source, "--remove", "L1", "--out", source / "inside"], "overlaps the source model"),
+        (["cut", "nobody/no-such-model", "--remove", "L1", "--out", tmp_path / "o2"], "Hub is not reachable"),
+        (["cut", as_file, "--remove", "L1", "--out", tmp_path / "o3"], "is a file, not a model"),
+    ]
+    for args, message in cases:
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in error_line(result), args
+    assert as_file.read_text() == "x"
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_truncated_and_corrupt_safetensors_are_refused(tiny_folder, tmp_path):
+    source, _ = tiny_folder("llama")
+    weights = source / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    result = run("cut", source, "--remove", "L1", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "truncated or corrupt" in error_line(result)
+    weights.write_bytes(b"\x00" * 64)
+    result = run("cut", source, "--remove", "L1", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "not a valid safetensors file" in error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_weights_need_allow_pickle(tiny_folder, tmp_path):
+    source, model = tiny_folder("llama")
+    (source / "model.safetensors").unlink()
+    torch.save(model.state_dict(), source / "pytorch_model.bin")
+    result = run("cut", source, "--remove", "L1", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "--allow-pickle" in error_line(result)
+    result = run("cut", source, "--remove", "L1", "--out", tmp_path / "out", "--allow-pickle")
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "out")["parameters"]["after"] > 0
+
+
+def test_remote_code_is_not_run_unless_trusted(tiny_folder, tmp_path):
+    """A known family whose folder also ships code: by default the library's own class is used."""
+    source, _ = tiny_folder("llama")
+    (source / "evil.py").write_text("raise SystemExit('remote code ran')\nclass Evil: pass\n")
+    config = json.loads((source / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.Evil"}
+    (source / "config.json").write_text(json.dumps(config))
+    result = run("info", source, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "remote code ran" not in result.output
+
+
+def test_errors_from_a_real_process_use_exit_code_2(tmp_path):
+    run_ = subprocess.run([sys.executable, "-m", "surgery", "cut", str(tmp_path / "missing"), "--remove", "L1", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert run_.returncode == 2
+    assert run_.stderr.strip().startswith("error:") and len(run_.stderr.strip().splitlines()) == 1

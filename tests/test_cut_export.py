@@ -1,0 +1,185 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from surgery.arch import ARCHITECTURES, decoder_layers
+from surgery.cut import count_parameters, cut, removed_sublayers
+from surgery.errors import SurgeryError
+from surgery.export import MANIFEST, MODELING_FILE, export_checkpoint, load_exported, read_manifest
+from surgery.models import load_model
+from surgery.sublayers import parse_sublayers
+from surgery.tiny import tiny_model
+from tests.test_ablation import assert_cache_consistent, ids
+
+FAMILIES = sorted(ARCHITECTURES)
+
+
+def weight_names(folder):
+    names = set()
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            names |= set(handle.keys())
+    return names
+
+
+def greedy(model, prompt):
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_whole_blocks_give_a_standard_checkpoint(family, tmp_path, tokenizer):
+    model = tiny_model(family, num_layers=5)
+    result = cut(model, parse_sublayers("L0,L3"))
+    assert result.kept_layers == [0, 1, 2][:0] + [1, 2, 4]
+    assert model.config.num_hidden_layers == 3 and len(decoder_layers(model)) == 3
+    for index, layer in enumerate(decoder_layers(model)):
+        assert layer.self_attn.layer_idx == index
+    for key in ARCHITECTURES[family].per_layer_config:
+        assert len(getattr(model.config, key)) == 3
+    exported = export_checkpoint(model, tokenizer, tmp_path / "out", record={"removed": ["L0", "L3"]})
+    assert exported.loader == "transformers"
+    assert not (tmp_path / "out" / MODELING_FILE).exists()
+
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()  # plain, no remote code
+    assert reloaded.config.num_hidden_layers == 3
+    prompt = ids(1, 10)
+    assert torch.allclose(reloaded(prompt).logits, model(prompt).logits, atol=1e-5)
+    assert torch.equal(greedy(reloaded, prompt), greedy(model, prompt))
+    assert_cache_consistent(reloaded)
+    assert count_parameters(reloaded) == result.parameters_after < result.parameters_before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_sublayer_removal_loads_both_ways_without_the_removed_weights(family, tmp_path, tokenizer):
+    model = tiny_model(family, num_layers=4)
+    prompt = ids(1, 10)
+    result = cut(model, parse_sublayers("L0.attn,L2.mlp,L3"))
+    expected = model(prompt).logits
+    out = tmp_path / "out"
+    exported = export_checkpoint(model, tokenizer, out, record={})
+    assert exported.loader == "trust_remote_code"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == f"surgery_{family}"
+    assert config["surgery"]["removed"] == {"attn": [0], "mlp": [2]}
+    names = weight_names(out)
+    assert not any(n.startswith("model.layers.0.self_attn.") for n in names)
+    assert not any(n.startswith(("model.layers.2.mlp.", "model.layers.2.block_sparse_moe.")) for n in names)
+    assert not any(n.startswith("model.layers.3.") for n in names)
+    assert any(n.startswith("model.layers.0.mlp.") or "layers.0.block_sparse_moe" in n for n in names)
+
+    for via in ("package", "remote-code"):
+        reloaded = load_exported(out, via=via)
+        assert [str(u) for u in removed_sublayers(reloaded)] == ["L0.attn", "L2.mlp"]
+        assert torch.allclose(reloaded(prompt).logits, expected, atol=1e-5), via
+        assert torch.equal(greedy(reloaded, prompt), greedy(model, prompt)), via
+        assert count_parameters(reloaded) == result.parameters_after
+    assert_cache_consistent(reloaded)
+
+    loaded = load_model(str(out), device="cpu")  # the package's own resolver, no remote code
+    assert torch.allclose(loaded.model(prompt).logits, expected, atol=1e-5)
+
+
+def test_plain_load_of_a_sublayer_checkpoint_refuses_instead_of_using_random_weights(tmp_path, tokenizer):
+    """In a fresh process (no surgery classes registered), plain transformers must not load it silently."""
+    import subprocess
+    import sys
+
+    model = tiny_model("llama")
+    cut(model, parse_sublayers("L1.attn"))
+    export_checkpoint(model, tokenizer, tmp_path / "out", record={})
+    script = (
+        "import sys\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "try:\n"
+        f"    AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r})\n"
+        "except ValueError as error:\n"
+        "    sys.exit(3 if 'trust_remote_code' in str(error) else 4)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3, run.stderr[-2000:]
+
+
+@torch.no_grad()
+def test_moe_sparse_step_survives_block_removal(tmp_path, tokenizer):
+    """qwen2_moe with decoder_sparse_step=2 has MoE in layers 1 and 3; removing L0 must keep that."""
+    model = tiny_model("qwen2_moe", num_layers=4)
+    kinds_before = [type(layer.mlp).__name__ for layer in decoder_layers(model)]
+    cut(model, parse_sublayers("L0"))
+    assert [type(layer.mlp).__name__ for layer in decoder_layers(model)] == kinds_before[1:]
+    assert model.config.decoder_sparse_step == 1 and model.config.mlp_only_layers == [1]
+    export_checkpoint(model, tokenizer, tmp_path / "out", record={})
+    reloaded = load_exported(tmp_path / "out")
+    assert [type(layer.mlp).__name__ for layer in decoder_layers(reloaded)] == kinds_before[1:]
+
+
+@torch.no_grad()
+def test_cutting_twice_composes(tmp_path, tokenizer):
+    model = tiny_model("llama", num_layers=5)
+    cut(model, parse_sublayers("L1.mlp"))
+    cut(model, parse_sublayers("L1.attn,L3.attn"))  # completes block 1, which then goes as a whole
+    assert model.config.num_hidden_layers == 4
+    assert [str(u) for u in removed_sublayers(model)] == ["L2.attn"]
+    with pytest.raises(SurgeryError, match="already removed"):
+        cut(model, parse_sublayers("L2.attn"))
+
+
+def test_cut_refuses_bad_removals():
+    model = tiny_model("llama", num_layers=3)
+    with pytest.raises(SurgeryError, match="every one of the 3 blocks"):
+        cut(model, parse_sublayers("L0-L2"))
+    with pytest.raises(SurgeryError, match="out of range"):
+        cut(model, parse_sublayers("L3.attn"))
+    assert model.config.num_hidden_layers == 3 and not removed_sublayers(model)
+
+
+def test_export_refuses_non_empty_out_and_force_replaces(tmp_path, tokenizer):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    model = tiny_model("llama")
+    cut(model, parse_sublayers("L1"))
+    with pytest.raises(SurgeryError, match="not empty"):
+        export_checkpoint(model, tokenizer, out, record={})
+    assert (out / "keep.txt").read_text() == "user data"
+    export_checkpoint(model, tokenizer, out, record={"note": "x"}, force=True)
+    assert not (out / "keep.txt").exists()
+    assert read_manifest(out)["note"] == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or backup folders left
+
+
+def test_failed_verification_leaves_nothing(tmp_path, tokenizer, monkeypatch):
+    import surgery.export as export
+
+    def corrupt(model, tokenizer, folder, copy_from, extra_files):
+        original_write(model, tokenizer, folder, copy_from, extra_files)
+        config = json.loads((folder / "config.json").read_text())
+        config["num_hidden_layers"] += 1  # the classic silent failure: a random layer appended on reload
+        (folder / "config.json").write_text(json.dumps(config))
+
+    original_write = export._write
+    monkeypatch.setattr(export, "_write", corrupt)
+    model = tiny_model("llama")
+    cut(model, parse_sublayers("L2"))
+    with pytest.raises(SurgeryError, match="export check failed"):
+        export_checkpoint(model, tokenizer, tmp_path / "out", record={})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_detects_changed_or_missing_files(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    cut(model, parse_sublayers("L1"))
+    out = export_checkpoint(model, tokenizer, tmp_path / "out", record={}).path
+    manifest = read_manifest(out)
+    assert manifest["verified"]["loader"] == "transformers" and "model.safetensors" in manifest["files"]
+    (out / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(SurgeryError, match="changed after export"):
+        read_manifest(out)
+    (out / MANIFEST).unlink()
+    with pytest.raises(SurgeryError, match="not a surgery export"):
+        read_manifest(out)
