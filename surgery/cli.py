@@ -44,9 +44,10 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from surgery.console import console, offline_defaults
+        from surgery.console import console, offline_defaults, plain_progress
 
         offline_defaults()
+        plain_progress()
         try:
             return command(*args, **kwargs)
         except SurgeryError as error:
@@ -95,3 +96,67 @@ def info(model: str, **kwargs: Any) -> None:
     from surgery.pipeline import describe_model
 
     describe_model(model, **load_options(kwargs))
+
+
+def _names(value: str | None) -> tuple[str, ...]:
+    if value is None or value.strip().lower() in ("", "none"):
+        return ()
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def eval_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Evaluation options shared by `eval` and `prune` (which evaluates before and after)."""
+    options = [
+        click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                     help="Folder of <task>_<split>.jsonl[.gz] files (default: $SURGERY_DATA_DIR)."),
+        click.option("--limit", type=click.IntRange(min=1), default=None, help="Items per task (the first N; default all)."),
+        click.option("--num-fewshot", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+        click.option("--seed", type=int, default=1234, show_default=True),
+        click.option("--ppl", default="wikitext2,c4", show_default=True,
+                     help="Perplexity corpora: wikitext2, c4, or .txt/.jsonl/.parquet files; 'none' to skip."),
+        click.option("--ppl-context", type=click.IntRange(min=8), default=512, show_default=True),
+        click.option("--ppl-windows", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--ppl-stride", type=click.IntRange(min=1), default=None, help="Default: the context (no overlap)."),
+        click.option("--text-field", default=None, help="Field holding the text in .jsonl/.parquet files."),
+        click.option("--speed/--no-speed", default=True, show_default=True, help="Measure prefill/decode speed and memory."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def eval_settings(kwargs: dict[str, Any], tasks: str | None) -> Any:
+    """Pop the evaluation options out of a command's kwargs into EvalSettings."""
+    from surgery.data import resolve_data_dir
+    from surgery.evaluate import EvalSettings
+    from surgery.evaluate.perplexity import PerplexityProtocol
+
+    return EvalSettings(
+        tasks=_names(tasks), limit=kwargs.pop("limit"), num_fewshot=kwargs.pop("num_fewshot"),
+        batch_size=kwargs.pop("batch_size"), seed=kwargs.pop("seed"), perplexity=_names(kwargs.pop("ppl")),
+        perplexity_protocol=PerplexityProtocol(context=kwargs.pop("ppl_context"), windows=kwargs.pop("ppl_windows"),
+                                               stride=kwargs.pop("ppl_stride")),
+        speed=kwargs.pop("speed"), data_dir=resolve_data_dir(kwargs.pop("data_dir")), text_field=kwargs.pop("text_field"),
+    )
+
+
+@main.command(name="eval")
+@click.argument("model")
+@click.option("--tasks", default="boolq,piqa,winogrande,arc_easy,arc_challenge,openbookqa", show_default=True,
+              help="lm-eval task or group names, comma-separated; 'none' to skip.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the results JSON here.")
+@eval_options
+@model_options
+@handle_errors
+def eval_command(model: str, tasks: str, out: Path | None, **kwargs: Any) -> None:
+    """Task accuracy (lm-eval), perplexity, speed and memory of a model."""
+    from surgery.console import console
+    from surgery.evaluate.table import comparison_table
+    from surgery.pipeline import evaluate_and_save
+
+    settings = eval_settings(kwargs, tasks)
+    results = evaluate_and_save(model, settings, out, **load_options(kwargs))
+    console.print(comparison_table({model: results}, title=f"surgery eval {model}"))
+    if out:
+        console.print(f"[green]wrote[/] {out}")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 
@@ -14,6 +17,27 @@ def offline_defaults() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def plain_progress() -> None:
+    """Turn off every tqdm bar in this process (tqdm reads this when imported): the libraries'
+    bars would fight with surgery's rich progress. Only the CLI calls it."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@contextmanager
+def progress_bar(existing: Any = None) -> Iterator[Any]:
+    """A rich progress display (transient), or the caller's if it already has one."""
+    if existing is not None:
+        yield existing
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        yield bar
 
 
 def quiet_transformers() -> None:

@@ -67,3 +67,38 @@ def describe_model(model_spec: str, **load_kwargs: Any) -> None:
     table.add_row("removed sublayers", format_sublayers(removed) if removed else "none")
     table.add_row("dtype / device", f"{loaded.model.dtype} / {loaded.options['device']}")
     console.print(table)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a reader never sees half a file, a failure leaves the old one."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise SurgeryError(f"{path} is a folder: give a file name for the JSON results")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(data, file, indent=2)
+            file.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def evaluate_and_save(model_spec: str, settings: Any, out: Path | None, **load_kwargs: Any) -> dict[str, Any]:
+    """`surgery eval`: load, evaluate, write the results JSON."""
+    from surgery.evaluate import evaluate_model
+    from surgery.models import load_model
+
+    if out is not None and Path(out).is_dir():
+        raise SurgeryError(f"--out {out} is a folder: give a file name such as results.json")
+    loaded = load_model(model_spec, **load_kwargs)
+    results = evaluate_model(loaded.model, loaded.tokenizer, settings, model_info=loaded.source.describe(),
+                             folder=loaded.source.path)
+    if out is not None:
+        write_json(out, results)
+    return results

@@ -1,0 +1,147 @@
+"""Data resolution: the one module that knows where text and task files come from.
+
+Offline, everything comes from a data directory (`--data-dir`, else $SURGERY_DATA_DIR) holding
+`<name>_<split>.jsonl[.gz]` files in the Hub datasets' schemas. Online, named corpora fall back to
+the Hub. User files (`.txt`, `.jsonl[.gz]` with a text field, `.parquet`) are read as they are.
+
+The 2,000 C4 documents are split three ways so that nothing is scored on text it was tuned on:
+calibration (scoring sublayers), healing (LoRA training), held-out (healing loss, C4 perplexity).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import SurgeryError
+
+DATA_DIR_ENV = "SURGERY_DATA_DIR"
+TEXT_FIELDS = ("text", "page", "content", "document")
+# Named corpora: local file stem, text field, Hub fallback (path, name, split).
+CORPORA: dict[str, tuple[str, str, tuple[str, str | None, str]]] = {
+    "c4": ("c4_validation_2k", "text", ("allenai/c4", "en", "validation")),
+    "wikitext2": ("wikitext2_test", "page", ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test")),
+}
+# Which documents of a named corpus each role reads (local files; the Hub stream is sliced alike).
+ROLES: dict[str, dict[str, slice]] = {
+    "c4": {"calibration": slice(0, 500), "healing": slice(500, 1500), "heldout": slice(1500, 2000)},
+    "wikitext2": {"heldout": slice(None)},
+}
+
+
+def resolve_data_dir(option: str | Path | None = None, *, required: bool = False) -> Path | None:
+    """The data directory from the option, else the environment; checked to exist."""
+    value = option or os.environ.get(DATA_DIR_ENV)
+    if not value:
+        if required:
+            raise SurgeryError(f"no data directory: pass --data-dir or set {DATA_DIR_ENV} (e.g. ../shared/datasets)")
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise SurgeryError(f"data directory {path} does not exist: pass --data-dir or set {DATA_DIR_ENV} to a folder of *.jsonl.gz files")
+    return path.resolve()
+
+
+def find_file(data_dir: Path | None, stem: str) -> Path | None:
+    """`<stem>.jsonl.gz` or `<stem>.jsonl` in the data directory."""
+    if data_dir is None:
+        return None
+    for suffix in (".jsonl.gz", ".jsonl"):
+        candidate = data_dir / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    raise SurgeryError(f"{path}:{number} is not valid JSON: fix or remove that line") from None
+
+
+def _text_field(row: dict[str, Any], path: Path, field: str | None) -> str:
+    if field:
+        if field not in row:
+            raise SurgeryError(f"{path} has no field '{field}': its fields are {', '.join(row)}")
+        return field
+    for name in TEXT_FIELDS:
+        if isinstance(row.get(name), str):
+            return name
+    strings = [k for k, v in row.items() if isinstance(v, str)]
+    if len(strings) == 1:
+        return strings[0]
+    raise SurgeryError(f"{path}: cannot tell which field holds the text ({', '.join(row)}): name it with --text-field")
+
+
+def read_text_file(path: Path, field: str | None = None) -> list[str]:
+    """Documents from a user file: .txt (one document), .jsonl[.gz] or .parquet (one per row)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SurgeryError(f"text file {path} not found")
+    name = path.name.lower()
+    if name.endswith(".txt"):
+        return [path.read_text(encoding="utf-8")]
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        rows = list(read_jsonl(path))
+        if not rows:
+            raise SurgeryError(f"{path} is empty")
+        key = _text_field(rows[0], path, field)
+        return [str(row.get(key, "")) for row in rows]
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        rows = table.slice(0, 1).to_pylist()
+        if not rows:
+            raise SurgeryError(f"{path} is empty")
+        key = _text_field(rows[0], path, field)
+        return [str(v) for v in table.column(key).to_pylist()]
+    raise SurgeryError(f"{path}: unsupported text file type; use .txt, .jsonl, .jsonl.gz or .parquet")
+
+
+def load_texts(source: str, *, role: str = "heldout", data_dir: Path | None = None, limit: int | None = None,
+               field: str | None = None) -> tuple[list[str], str]:
+    """Documents for `role` from a named corpus (c4, wikitext2) or a file; and where they came from."""
+    if source not in CORPORA:
+        texts = read_text_file(Path(source), field)
+        return texts[:limit] if limit else texts, str(Path(source).expanduser().resolve())
+    stem, text_field, hub = CORPORA[source]
+    window = ROLES[source].get(role, slice(None))
+    local = find_file(data_dir, stem)
+    if local is not None:
+        texts = [row[text_field] for row in read_jsonl(local)][window]
+        origin = f"{local} [{window.start or 0}:{window.stop or 'end'}]"
+    else:
+        texts, origin = _hub_texts(source, stem, hub, text_field, window, data_dir)
+    if limit:
+        texts = texts[:limit]
+    if not texts:
+        raise SurgeryError(f"no {source} documents for {role} in {origin}")
+    return texts, origin
+
+
+def _hub_texts(source: str, stem: str, hub: tuple[str, str | None, str], field: str, window: slice,
+               data_dir: Path | None) -> tuple[list[str], str]:
+    from surgery.models import hub_reachable
+
+    looked = f"{data_dir / (stem + '.jsonl.gz')}" if data_dir else f"a data directory ({DATA_DIR_ENV} is not set)"
+    if not hub_reachable():
+        raise SurgeryError(f"no {source} data: {looked} not found and the Hugging Face Hub is offline; pass --data-dir")
+    import itertools
+
+    import datasets
+
+    path, name, split = hub
+    stream = datasets.load_dataset(path, name, split=split, streaming=True)
+    start, stop = window.start or 0, window.stop
+    rows = itertools.islice(stream, start, stop)
+    return [row[field] for row in rows], f"hf://{path}/{name or ''}/{split} [{start}:{stop or 'end'}]"

@@ -1,0 +1,126 @@
+"""Token losses and perplexity, with one documented protocol for every corpus.
+
+Protocol (docs/evaluation.md): the documents are joined with a blank line, tokenized once without
+special tokens, and cut into consecutive windows of `context` tokens starting every `stride`
+tokens (stride = context: no overlap). If the tokenizer adds a BOS token by default (Llama 3,
+Gemma), each window starts with BOS followed by `context - 1` text tokens; otherwise (SmolLM2,
+GPT-2 style) it is `context` text tokens. A window scores every token it predicts (all positions
+but its first); with overlap, only the tokens no earlier window scored. Perplexity is
+exp(total NLL / scored tokens) over the first `windows` windows.
+
+The loss is computed in chunks of tokens through the output layer, with the family's own logit
+post-processing (Gemma soft-capping, Granite scaling), so the full vocabulary x sequence logits
+tensor never exists: a third of a forward pass's time on small models, and most of its memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from surgery.arch import architecture_of, get_module, unwrap
+
+
+@dataclass(frozen=True)
+class PerplexityProtocol:
+    context: int = 512
+    stride: int | None = None  # None: equal to context, no overlap
+    windows: int = 64
+    batch_size: int = 4
+
+    def describe(self) -> dict[str, Any]:
+        return {**asdict(self), "stride": self.stride or self.context, "separator": "\\n\\n",
+                "bos": "prepended when the tokenizer adds one by default"}
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+def make_windows(tokenizer: Any, texts: list[str], protocol: PerplexityProtocol) -> tuple[Any, Any]:
+    """(input_ids [W, context], score mask [W, context]) following the protocol above."""
+    import torch
+
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False).input_ids
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    span = protocol.context - (bos is not None)
+    stride = min(protocol.stride or span, span)
+    windows, masks = [], []
+    scored_until = 0
+    for start in range(0, max(len(ids) - 1, 0), stride):
+        chunk = ids[start:start + span]
+        if len(chunk) < span or len(windows) == protocol.windows:
+            break
+        mask = [start + i >= scored_until for i in range(span)]
+        scored_until = start + span
+        if bos is not None:
+            chunk, mask = [bos, *chunk], [False, *mask]
+        windows.append(chunk)
+        masks.append(mask)
+    if not windows:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {span}")
+    return torch.tensor(windows), torch.tensor(masks)
+
+
+def output_logits(model: Any, hidden: Any) -> Any:
+    """Logits from final hidden states, with the family's post-processing, in float32."""
+    base = unwrap(model)
+    arch = architecture_of(base.config)
+    logits = get_module(base, arch.lm_head)(hidden).float()
+    if arch.logit_divisor_config and getattr(base.config, arch.logit_divisor_config, None):
+        logits = logits / getattr(base.config, arch.logit_divisor_config)
+    cap = getattr(base.config, arch.logit_softcap_config, None) if arch.logit_softcap_config else None
+    if cap:
+        logits = (logits / cap).tanh() * cap
+    return logits
+
+
+def token_nll(model: Any, hidden: Any, input_ids: Any, chunk_tokens: int = 2048) -> Any:
+    """Per-token negative log-likelihood [B, T-1] of input_ids[:, 1:] given final hidden states [B, T, H]."""
+    import torch
+    import torch.nn.functional as F
+
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = input_ids[:, 1:].reshape(-1)
+    losses = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, targets.shape[0], chunk_tokens):
+        end = start + chunk_tokens
+        losses[start:end] = F.cross_entropy(output_logits(model, h[start:end]), targets[start:end], reduction="none")
+    return losses.view(input_ids.shape[0], -1)
+
+
+def final_hidden(model: Any, input_ids: Any) -> Any:
+    """Hidden states after the final norm (the decoder stack's output), no cache, no logits."""
+    base = unwrap(model)
+    return base.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def perplexity(model: Any, tokenizer: Any, texts: list[str], protocol: PerplexityProtocol,
+               advance: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Perplexity of `texts` under the protocol; `advance(n)` is called as windows finish."""
+    import torch
+
+    windows, masks = make_windows(tokenizer, texts, protocol)
+    device = next(unwrap(model).parameters()).device
+    per_window = []
+    with torch.no_grad():
+        for start in range(0, len(windows), protocol.batch_size):
+            ids = windows[start:start + protocol.batch_size].to(device)
+            mask = masks[start:start + protocol.batch_size, 1:].to(device)
+            nll = token_nll(model, final_hidden(model, ids), ids)
+            per_window += list(zip((nll * mask).sum(1).tolist(), mask.sum(1).tolist()))
+            if advance:
+                advance(len(ids))
+    total = sum(n for n, _ in per_window)
+    count = sum(c for _, c in per_window)
+    mean = total / count
+    # Standard error of the mean NLL, from the spread of window means (tokens within a window are not independent).
+    window_means = [n / c for n, c in per_window if c]
+    spread = (sum((m - mean) ** 2 for m in window_means) / max(len(window_means) - 1, 1)) ** 0.5
+    stderr = spread / math.sqrt(len(window_means))
+    return {"perplexity": math.exp(mean), "nll": mean, "nll_stderr": stderr,
+            "perplexity_interval_95": [math.exp(mean - 1.96 * stderr), math.exp(mean + 1.96 * stderr)],
+            "tokens": int(count), "windows": len(per_window)}

@@ -1,0 +1,120 @@
+"""Speed and memory, measured the same way for every model so a pruned model and its source compare.
+
+Prefill: one sequence of `prompt_tokens` tokens through the model with the KV cache on.
+Decode: `decode_tokens` greedy steps of one token each, feeding the cache from that prefill.
+Each is repeated `repeats` times after one warm-up; the median is reported. Memory: on CUDA the
+peak allocated by torch; on CPU the process's peak resident set during the measurement (Linux,
+reset before it starts), next to the exact bytes of the weights and of the filled KV cache.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from surgery.arch import unwrap
+
+
+@dataclass(frozen=True)
+class SpeedProtocol:
+    prompt_tokens: int = 256
+    decode_tokens: int = 32
+    repeats: int = 3
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def weights_bytes(model: Any) -> int:
+    tensors = {id(t): t for t in [*unwrap(model).parameters(), *unwrap(model).buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def files_bytes(folder: Path | None) -> int | None:
+    if folder is None or not Path(folder).is_dir():
+        return None
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def _cache_bytes(cache: Any) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if tensor is not None and hasattr(tensor, "numel"):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def measure_speed(model: Any, protocol: SpeedProtocol = SpeedProtocol(), folder: Path | None = None) -> dict[str, Any]:
+    """Prefill and decode tokens/s, peak memory, parameters and file size."""
+    import torch
+
+    from surgery.cut import count_parameters
+
+    base = unwrap(model)
+    device = next(base.parameters()).device
+    vocab = base.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, vocab, (1, protocol.prompt_tokens), generator=generator).to(device)
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def run_once() -> tuple[float, float, Any]:
+        sync()
+        start = time.perf_counter()
+        out = base(prompt, use_cache=True)
+        sync()
+        prefill = time.perf_counter() - start
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(protocol.decode_tokens):
+            out = base(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        sync()
+        return prefill, time.perf_counter() - start, cache
+
+    with torch.no_grad():
+        run_once()  # warm-up
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        rss_reset = _reset_peak_rss()
+        runs = [run_once() for _ in range(protocol.repeats)]
+        peak = torch.cuda.max_memory_allocated(device) if cuda else (_peak_rss() if rss_reset else None)
+    prefill = statistics.median(r[0] for r in runs)
+    decode = statistics.median(r[1] for r in runs)
+    return {
+        "prefill_tokens_per_s": protocol.prompt_tokens / prefill,
+        "decode_tokens_per_s": protocol.decode_tokens / decode,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": "cuda max allocated" if cuda else "process peak RSS",
+        "weights_bytes": weights_bytes(base),
+        "kv_cache_bytes": _cache_bytes(runs[-1][2]),
+        "parameters": count_parameters(base),
+        "file_bytes": files_bytes(folder),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }

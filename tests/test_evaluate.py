@@ -1,0 +1,206 @@
+"""Evaluation: chunked losses, the perplexity protocol, lm-eval on local files, speed, results."""
+
+import gzip
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from surgery.arch import ARCHITECTURES
+from surgery.errors import SurgeryError
+from surgery.evaluate import EvalSettings, evaluate_model
+from surgery.evaluate.perplexity import PerplexityProtocol, final_hidden, make_windows, perplexity, token_nll
+from surgery.tiny import tiny_model
+
+FAMILIES = sorted(ARCHITECTURES)
+
+
+def write_jsonl(path: Path, rows, gz=True):
+    opener = gzip.open if gz else open
+    with opener(path, "wt") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_chunked_token_loss_equals_the_models_own_loss(family):
+    """The loss path that never builds full logits must agree with model(labels=...) in every family
+    (Gemma's logit soft-capping and Granite's logit scaling included)."""
+    model = tiny_model(family)
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    expected = model(ids, labels=ids).loss
+    nll = token_nll(model, final_hidden(model, ids), ids, chunk_tokens=7)
+    assert torch.allclose(nll.mean(), expected, atol=1e-5), (nll.mean(), expected)
+
+
+def test_windows_follow_the_protocol(tokenizer):
+    text = ["word " * 400]
+    windows, masks = make_windows(tokenizer, text, PerplexityProtocol(context=32, windows=5))
+    assert windows.shape == (5, 32) and masks[:, 1:].all()  # no BOS added by this tokenizer: every predicted token counts
+    ids = tokenizer(text[0], add_special_tokens=False).input_ids
+    assert windows[1].tolist() == ids[32:64]
+    overlapping, overlap_masks = make_windows(tokenizer, text, PerplexityProtocol(context=32, stride=16, windows=3))
+    assert overlapping[1].tolist() == ids[16:48]
+    assert overlap_masks[1].sum() == 16  # only tokens no earlier window scored
+
+
+def test_bos_is_prepended_when_the_tokenizer_adds_one():
+    from tokenizers import processors
+
+    from surgery.tiny import tiny_tokenizer
+
+    with_bos = tiny_tokenizer()
+    with_bos._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    windows, masks = make_windows(with_bos, ["word " * 200], PerplexityProtocol(context=16, windows=2))
+    assert (windows[:, 0] == 1).all() and not masks[:, 0].any() and masks[:, 1:].all()
+
+
+@torch.no_grad()
+def test_perplexity_matches_a_naive_computation(tokenizer):
+    model = tiny_model("qwen3")
+    texts = ["The quick brown fox jumps over the lazy dog. " * 40]
+    protocol = PerplexityProtocol(context=24, windows=6, batch_size=4)
+    result = perplexity(model, tokenizer, texts, protocol)
+    windows, _ = make_windows(tokenizer, texts, protocol)
+    naive = torch.stack([model(w[None], labels=w[None]).loss for w in windows]).mean()
+    assert result["windows"] == 6 and result["tokens"] == 6 * 23
+    assert abs(result["perplexity"] - naive.exp().item()) < 1e-3 * result["perplexity"]
+    low, high = result["perplexity_interval_95"]
+    assert low < result["perplexity"] < high
+
+
+def sciq_rows(n):
+    return [{"question": f"Which option is number {i}?", "distractor1": "red", "distractor2": "blue", "distractor3": "green",
+             "correct_answer": f"answer {i}", "support": "Numbers are words."} for i in range(n)]
+
+
+def test_any_lm_eval_task_reads_a_file_in_its_hub_schema(tmp_path, tokenizer, no_network):
+    """sciq is not among the shared files: the mechanism is generic, not a list of known tasks."""
+    write_jsonl(tmp_path / "sciq_test.jsonl.gz", sciq_rows(7))
+    settings = EvalSettings(tasks=("sciq",), limit=5, perplexity=(), speed=False, data_dir=tmp_path, keep_items=True)
+    results = evaluate_model(tiny_model("llama"), tokenizer, settings)
+    entry = results["tasks"]["sciq"]
+    assert entry["n"] == 5 and len(entry["items"]) == 5
+    assert entry["source"] == str(tmp_path / "sciq_test.jsonl.gz")
+    assert entry["chance"] == pytest.approx(0.25) and entry["chance_kind"] == "uniform"
+    assert 0 <= entry["acc"] <= 1 and entry["acc_stderr"] >= 0
+    assert entry["acc"] == pytest.approx(sum(entry["items"]) / 5)
+
+
+def test_hellaswag_uses_lm_eval_preprocessing_on_a_local_file(tmp_path, tokenizer, no_network):
+    rows = [{"ind": i, "activity_label": "Cooking", "ctx_a": "A man cracks an egg.", "ctx_b": "he", "ctx": "A man cracks an egg. he",
+             "endings": [f"stirs egg {i} [title] well.", "flies away.", "sings.", "sleeps."], "source_id": "x", "split": "val",
+             "split_type": "indomain", "label": str(i % 4)} for i in range(4)]
+    write_jsonl(tmp_path / "hellaswag_validation.jsonl", rows, gz=False)
+    settings = EvalSettings(tasks=("hellaswag",), limit=4, perplexity=(), speed=False, data_dir=tmp_path)
+    entry = evaluate_model(tiny_model("gemma"), tokenizer, settings)["tasks"]["hellaswag"]
+    assert entry["n"] == 4 and {"acc", "acc_norm"} <= set(entry) and entry["chance"] == pytest.approx(0.25)
+
+
+def test_mmlu_from_one_file_reports_every_subject_and_overall(tmp_path, tokenizer, no_network):
+    from surgery.evaluate.tasks import _task_directories
+
+    subjects = sorted(name.removeprefix("mmlu_") for name in _task_directories()
+                      if name.startswith("mmlu_") and Path(_task_directories()[name]).name == "default"
+                      and not name.startswith(("mmlu_stem", "mmlu_other", "mmlu_social", "mmlu_humanities")))
+    assert len(subjects) == 57
+    rows = [{"question": f"{s} question {i}?", "subject": s, "choices": ["w", "x", "y", "z"], "answer": i % 4}
+            for s in subjects for i in range(2)]
+    write_jsonl(tmp_path / "mmlu_test.jsonl.gz", rows)
+    settings = EvalSettings(tasks=("mmlu",), limit=2, perplexity=(), speed=False, data_dir=tmp_path)
+    entry = evaluate_model(tiny_model("llama"), tokenizer, settings)["tasks"]["mmlu"]
+    assert len(entry["subtasks"]) == 57 and entry["n"] == 114
+    assert all(sub["n"] == 2 for sub in entry["subtasks"].values())
+    overall = sum(sub["acc"] * sub["n"] for sub in entry["subtasks"].values()) / entry["n"]
+    assert entry["acc"] == pytest.approx(overall)
+    assert entry["source"] == str(tmp_path / "mmlu_test.jsonl.gz")
+
+
+def test_missing_task_file_offline_is_a_fast_clear_error(tmp_path, tokenizer, no_network):
+    settings = EvalSettings(tasks=("arc_easy",), limit=2, perplexity=(), speed=False, data_dir=tmp_path)
+    start = time.monotonic()
+    with pytest.raises(SurgeryError, match=r"no data for task arc_easy: arc_easy_test.jsonl.gz not found in .*Hub is offline"):
+        evaluate_model(tiny_model("llama"), tokenizer, settings)
+    assert time.monotonic() - start < 30
+
+
+def test_unknown_task_suggests_close_names(tokenizer):
+    with pytest.raises(SurgeryError, match="unknown task 'arc_eazy'.*arc_easy"):
+        evaluate_model(tiny_model("llama"), tokenizer, EvalSettings(tasks=("arc_eazy",), perplexity=(), speed=False))
+
+
+def test_boolq_chance_is_the_majority_class(data_dir, tokenizer, no_network):
+    settings = EvalSettings(tasks=("boolq",), limit=30, perplexity=(), speed=False, data_dir=data_dir)
+    entry = evaluate_model(tiny_model("llama"), tokenizer, settings)["tasks"]["boolq"]
+    from surgery.data import read_jsonl
+
+    labels = [row["label"] for row, _ in zip(read_jsonl(data_dir / "boolq_validation.jsonl.gz"), range(30))]
+    assert entry["chance_kind"] == "majority class"
+    assert entry["chance"] == pytest.approx(max(labels.count(0), labels.count(1)) / 30)
+
+
+def test_speed_reports_the_smaller_cache_of_a_pruned_model():
+    from surgery.cut import cut
+    from surgery.evaluate.speed import SpeedProtocol, measure_speed
+    from surgery.sublayers import parse_sublayers
+
+    protocol = SpeedProtocol(prompt_tokens=32, decode_tokens=4, repeats=1)
+    model = tiny_model("llama")
+    dense = measure_speed(model, protocol)
+    cut(model, parse_sublayers("L0.attn,L3"))
+    pruned = measure_speed(model, protocol)
+    assert dense["prefill_tokens_per_s"] > 0 and dense["decode_tokens_per_s"] > 0
+    assert pruned["parameters"] < dense["parameters"] and pruned["weights_bytes"] < dense["weights_bytes"]
+    assert pruned["kv_cache_bytes"] < 0.6 * dense["kv_cache_bytes"]  # 2 of 4 attentions left, plus tiny placeholders
+    assert dense["peak_memory_bytes"] is None or dense["peak_memory_bytes"] > dense["weights_bytes"]
+
+
+def test_in_memory_api_accepts_a_peft_model(tmp_path, tokenizer, no_network):
+    from peft import LoraConfig, get_peft_model
+
+    write_jsonl(tmp_path / "sciq_test.jsonl.gz", sciq_rows(3))
+    (tmp_path / "notes.txt").write_text("A short note about layers. " * 200)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    settings = EvalSettings(tasks=("sciq",), limit=3, perplexity=(str(tmp_path / "notes.txt"),), speed=False, data_dir=tmp_path,
+                            perplexity_protocol=PerplexityProtocol(context=32, windows=4))
+    results = evaluate_model(model, tokenizer, settings)
+    assert results["tasks"]["sciq"]["n"] == 3
+    assert results["perplexity"]["notes.txt"]["windows"] == 4
+
+
+def test_cli_eval_writes_the_results_schema(tiny_folder, tmp_path, data_dir):
+    from click.testing import CliRunner
+
+    from surgery.cli import main
+
+    folder, _ = tiny_folder("qwen2")
+    out = tmp_path / "results.json"
+    result = CliRunner().invoke(main, ["eval", str(folder), "--tasks", "piqa", "--limit", "3", "--ppl", "wikitext2",
+                                       "--ppl-windows", "2", "--ppl-context", "64", "--data-dir", str(data_dir),
+                                       "--out", str(out), "--device", "cpu"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["schema"] == "surgery-eval" and saved["version"] == 1
+    assert saved["protocol"]["limit"] == 3 and saved["protocol"]["perplexity"]["context"] == 64
+    assert saved["tasks"]["piqa"]["n"] == 3 and saved["perplexity"]["wikitext2"]["windows"] == 2
+    assert saved["speed"]["parameters"] == saved["model"]["parameters"] and saved["speed"]["file_bytes"] > 0
+    assert {"torch", "lm_eval", "transformers"} <= set(saved["versions"])
+    assert "piqa acc" in result.output and "chance" in result.output
+    folder_out = CliRunner().invoke(main, ["eval", str(folder), "--out", str(tmp_path), "--tasks", "none", "--ppl", "none"])
+    assert folder_out.exit_code == 2 and "is a folder" in folder_out.output
