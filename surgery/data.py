@@ -31,6 +31,8 @@ ROLES: dict[str, dict[str, slice]] = {
     "c4": {"calibration": slice(0, 500), "healing": slice(500, 1500), "heldout": slice(1500, 2000)},
     "wikitext2": {"heldout": slice(None)},
 }
+# Online, healing streams C4's training split (as in Gromov et al.), not validation documents.
+HUB_ROLE_OVERRIDES: dict[tuple[str, str], tuple[str, slice]] = {("c4", "healing"): ("train", slice(0, 20000))}
 
 
 def resolve_data_dir(option: str | Path | None = None, *, required: bool = False) -> Path | None:
@@ -51,7 +53,7 @@ def find_file(data_dir: Path | None, stem: str) -> Path | None:
     if data_dir is None:
         return None
     for suffix in (".jsonl.gz", ".jsonl"):
-        candidate = data_dir / f"{stem}{suffix}"
+        candidate = Path(data_dir) / f"{stem}{suffix}"
         if candidate.is_file():
             return candidate
     return None
@@ -121,7 +123,8 @@ def load_texts(source: str, *, role: str = "heldout", data_dir: Path | None = No
         texts = [row[text_field] for row in read_jsonl(local)][window]
         origin = f"{local} [{window.start or 0}:{window.stop or 'end'}]"
     else:
-        texts, origin = _hub_texts(source, stem, hub, text_field, window, data_dir)
+        split, window = HUB_ROLE_OVERRIDES.get((source, role), (hub[2], window))
+        texts, origin = _hub_texts(source, stem, (hub[0], hub[1], split), text_field, window, data_dir)
     if limit:
         texts = texts[:limit]
     if not texts:
@@ -145,3 +148,35 @@ def _hub_texts(source: str, stem: str, hub: tuple[str, str | None, str], field: 
     start, stop = window.start or 0, window.stop
     rows = itertools.islice(stream, start, stop)
     return [row[field] for row in rows], f"hf://{path}/{name or ''}/{split} [{start}:{stop or 'end'}]"
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer starts every text with BOS by default (Llama 3, Gemma; not SmolLM2)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+def pack_tokens(tokenizer: Any, texts: list[str], samples: int, seq_len: int, origin: str = "the text") -> Any:
+    """`samples` sequences of `seq_len` tokens: documents tokenized in order, joined by EOS, cut into
+    consecutive pieces (no padding, so every position is a real token). BOS starts each piece if
+    the tokenizer adds one by default."""
+    import torch
+
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    span = seq_len - (bos is not None)
+    need = samples * span
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False).input_ids
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise SurgeryError(
+            f"{origin} has {len(ids)} tokens, fewer than {samples} x {seq_len}: use fewer --samples, a shorter --seq-len or more text"
+        )
+    rows = [ids[i * span:(i + 1) * span] for i in range(samples)]
+    if bos is not None:
+        rows = [[bos, *row] for row in rows]
+    return torch.tensor(rows)

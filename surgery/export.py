@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,12 +81,15 @@ def export_checkpoint(
     protected: list[Path] = (),
     extra_files: dict[str, str] | None = None,
     copy_from: Path | None = None,
+    finalize: Callable[[Path], None] | None = None,
 ) -> ExportResult:
     """Write `model` (a pruned model in memory) to `out`, verified and atomically.
 
     record: what goes into surgery.json beside the fields written here (removed units, source,
     parameter counts, healing, ...). extra_files: name -> text written into the folder (model
-    card). copy_from: the source folder, whose licence files are carried over.
+    card). copy_from: the source folder, whose licence files are carried over. finalize(folder):
+    called after verification, before the manifest, to add files (report, card) that may need
+    the written checkpoint; they are covered by the manifest's checksums.
     """
     out = check_output_path(out, force=force, protected=list(protected))
     model = unwrap(model)
@@ -95,6 +99,8 @@ def export_checkpoint(
     try:
         _write(model, tokenizer, staging, copy_from, extra_files or {})
         diff, loader = verify_checkpoint(model, tokenizer, staging)
+        if finalize is not None:
+            finalize(staging)
         manifest = _manifest(staging, record, diff, loader)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _normal_permissions(staging)
@@ -123,12 +129,18 @@ def _check_free_space(model: Any, out: Path) -> None:
         )
 
 
-def _write(model: Any, tokenizer: Any, folder: Path, copy_from: Path | None, extra_files: dict[str, str]) -> None:
+def write_model_folder(model: Any, tokenizer: Any, folder: Path) -> None:
+    """Save a (possibly sublayer-pruned) in-memory model so that it loads back as itself."""
+    model = unwrap(model)
     model.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if getattr(model.config, "surgery", None):
         _make_self_describing(folder, model.config)
+
+
+def _write(model: Any, tokenizer: Any, folder: Path, copy_from: Path | None, extra_files: dict[str, str]) -> None:
+    write_model_folder(model, tokenizer, folder)
     if copy_from is not None:
         for licence in sorted(Path(copy_from).glob("LICEN[CS]E*")):
             shutil.copy2(licence, folder / licence.name)

@@ -102,3 +102,43 @@ def evaluate_and_save(model_spec: str, settings: Any, out: Path | None, **load_k
     if out is not None:
         write_json(out, results)
     return results
+
+
+def parse_budget(text: str | None) -> tuple[int | None, float | None]:
+    """'200' -> 200 evaluations; '90s', '30m', '1.5h' -> seconds."""
+    if not text:
+        return None, None
+    text = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text[-1] in units:
+            return None, float(text[:-1]) * units[text[-1]]
+        return int(text), None
+    except ValueError:
+        raise SurgeryError(f"--budget '{text}' is not a number of evaluations (200) or a time (90s, 30m, 1.5h)") from None
+
+
+def check_analysis_folder(out: Path, force: bool) -> None:
+    from surgery.analysis import EVALUATIONS_FILE
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SurgeryError(f"--out {out} is a file: give a folder for the analysis")
+    if out.is_dir() and any(out.iterdir()) and not (out / EVALUATIONS_FILE).exists() and not force:
+        raise SurgeryError(f"--out {out} exists and is not an analysis folder: choose a new folder or pass --force")
+
+
+def analyze_and_save(model_spec: str, settings: Any, out: Path, *, force: bool = False, command: str | None = None,
+                     **load_kwargs: Any) -> dict[str, Any]:
+    """`surgery analyze`: load, score, write analysis.json, plots and analysis.md into `out`."""
+    from surgery.analysis import analyze
+    from surgery.models import load_model
+    from surgery.plots import plot_analysis
+    from surgery.report import analysis_markdown
+
+    check_analysis_folder(out, force)
+    loaded = load_model(model_spec, **load_kwargs)
+    analysis = analyze(loaded.model, loaded.tokenizer, settings, out, model_info=loaded.source.describe(), force=force)
+    plots = plot_analysis(analysis, Path(out))
+    (Path(out) / "analysis.md").write_text(analysis_markdown(analysis, plots, command))
+    return analysis

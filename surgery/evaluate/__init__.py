@@ -123,23 +123,34 @@ def run_perplexity(model: Any, tokenizer: Any, corpus: str, settings: EvalSettin
 def run_tasks(model: Any, tokenizer: Any, settings: EvalSettings, bar: Any) -> dict[str, Any]:
     """lm-eval on the in-memory model; per task the headline metrics, their standard errors,
     the number of items, the chance level and the data source."""
-    import lm_eval
+    return TaskSuite(settings).run(model, tokenizer, bar)
 
-    from surgery.evaluate.tasks import task_manager
-    from surgery.models import hub_offline, hub_reachable
 
-    logging.getLogger("lm-eval").setLevel(logging.ERROR)
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    online = not hub_offline() and hub_reachable()
-    manager = task_manager(tuple(settings.tasks), settings.data_dir, online)
-    lm = _progress_lm(model, tokenizer, settings.batch_size, bar)
-    raw = lm_eval.simple_evaluate(
-        model=lm, tasks=list(settings.tasks), task_manager=manager, limit=settings.limit,
-        num_fewshot=settings.num_fewshot, bootstrap_iters=1000, log_samples=True,
-        random_seed=settings.seed, numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
-        fewshot_random_seed=settings.seed,
-    )
-    return summarise_tasks(raw, settings)
+class TaskSuite:
+    """lm-eval tasks loaded once (data read, configs fixed) and run on any number of models or
+    ablations of one model: the accuracy value function of `surgery analyze` reuses one suite."""
+
+    def __init__(self, settings: EvalSettings) -> None:
+        from surgery.evaluate.tasks import load_tasks
+        from surgery.models import hub_offline, hub_reachable
+
+        logging.getLogger("lm-eval").setLevel(logging.ERROR)
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        self.settings = settings
+        online = not hub_offline() and hub_reachable()
+        self.loaded = load_tasks(list(settings.tasks), settings.data_dir, online)
+        for task in self.loaded["tasks"].values():
+            if task.get_config("num_fewshot") != 0 or settings.num_fewshot == 0:
+                task.set_config(key="num_fewshot", value=settings.num_fewshot)
+            task.set_fewshot_seed(seed=settings.seed)
+
+    def run(self, model: Any, tokenizer: Any, bar: Any) -> dict[str, Any]:
+        import lm_eval
+
+        lm = _progress_lm(model, tokenizer, self.settings.batch_size, bar)
+        raw = lm_eval.evaluate(lm=lm, task_dict=self.loaded, limit=self.settings.limit, bootstrap_iters=1000,
+                               log_samples=True, verbosity="ERROR")
+        return summarise_tasks(raw, self.settings)
 
 
 def _progress_lm(model: Any, tokenizer: Any, batch_size: int, bar: Any) -> Any:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from surgery.arch import architecture_of, get_module, unwrap
+from surgery.data import adds_bos
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,6 @@ class PerplexityProtocol:
     def describe(self) -> dict[str, Any]:
         return {**asdict(self), "stride": self.stride or self.context, "separator": "\\n\\n",
                 "bos": "prepended when the tokenizer adds one by default"}
-
-
-def adds_bos(tokenizer: Any) -> bool:
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
 
 
 def make_windows(tokenizer: Any, texts: list[str], protocol: PerplexityProtocol) -> tuple[Any, Any]:

@@ -1,0 +1,186 @@
+"""What people read: analysis.md, the terminal tables of an analysis, report.md of a prune."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.table import Table
+
+
+def ranked(analysis: dict[str, Any]) -> list[tuple[str, float]]:
+    """Sublayers by importance: Shapley value if present, else ablation drop."""
+    if "shapley" in analysis:
+        scores = analysis["shapley"]["values"]
+    else:
+        scores = {k: v["drop"] for k, v in analysis.get("ablation", {}).items()}
+    items = [(k, v) for k, v in scores.items() if v is not None and not math.isnan(v)]
+    return sorted(items, key=lambda kv: kv[1], reverse=True)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def analysis_tables(analysis: dict[str, Any], top: int = 8) -> list[Table]:
+    """Top and bottom sublayers with every score, and the cornerstones with their evidence."""
+    order = ranked(analysis)
+    shapley = analysis.get("shapley", {})
+    ablation = analysis.get("ablation", {})
+    bi = analysis.get("block_influence", {}).get("sublayers", {})
+    metric = analysis["settings"]["metric"]
+    tables = []
+    for title, rows in (("most important sublayers", order[:top]), ("least important sublayers", order[-top:][::-1])):
+        table = Table(title=title)
+        for column in ("sublayer", "Shapley", "share", f"ablation drop ({metric})", "Block Influence"):
+            table.add_column(column, justify="right")
+        for name, _ in rows:
+            share = shapley.get("share", {}).get(name)
+            table.add_row(name, _fmt(shapley.get("values", {}).get(name)), "-" if share is None else f"{100 * share:.1f}%",
+                          _fmt(ablation.get(name, {}).get("drop")), _fmt(bi.get(name)))
+        tables.append(table)
+    corner = Table(title="cornerstones")
+    corner.add_column("sublayer")
+    corner.add_column("why")
+    for entry in analysis.get("cornerstones", []):
+        corner.add_row(entry["id"], "; ".join(entry["reasons"]))
+    if not analysis.get("cornerstones"):
+        corner.add_row("none", "no sublayer meets the rule")
+    tables.append(corner)
+    return tables
+
+
+def analysis_markdown(analysis: dict[str, Any], plots: dict[str, str], command: str | None = None) -> str:
+    settings = analysis["settings"]
+    model = analysis["model"]
+    lines = [f"# Sublayer analysis of {model.get('spec', 'the model')}", ""]
+    if command:
+        lines += ["```bash", command, "```", ""]
+    if not analysis["complete"]:
+        lines += [f"**Partial result**: the budget stopped the run after {analysis['coalitions']['evaluated']} of "
+                  f"{analysis['coalitions']['wanted']} coalitions; rerun the same command to continue.", ""]
+    calibration = analysis.get("calibration", {})
+    metric = settings["metric"]
+    value_text = (f"negative mean token loss on {calibration.get('tokens')} calibration tokens ({calibration.get('source')})"
+                  if metric == "loss" else f"accuracy on {settings['task']} (limit {settings['limit']})")
+    lines += [
+        f"- {model['layers']} blocks, {model['players']} sublayers (players); value: {value_text}",
+        f"- baseline: " + (f"loss {analysis['baseline']['loss']:.4f} nats (uniform guess: {analysis['baseline']['uniform_loss']:.2f})"
+                           if metric == "loss" else f"accuracy {analysis['baseline'].get('acc', analysis['baseline']['value']):.4f}"),
+    ]
+    if "shapley" in analysis:
+        lines.append(f"- Shapley estimator: {analysis['shapley']['estimator']}, at most {analysis['shapley']['max_removed']} removed; "
+                     f"`{analysis['shapley']['formula']}`")
+    lines += [f"- evaluated coalitions: {analysis['cost'].get('evaluations')} new in {analysis['cost'].get('total_seconds', 0):.0f} s", ""]
+
+    lines += ["## Cornerstones", ""]
+    if analysis.get("cornerstones"):
+        lines += ["| sublayer | evidence |", "|---|---|"]
+        lines += [f"| {c['id']} | {'; '.join(c['reasons'])} |" for c in analysis["cornerstones"]]
+    else:
+        lines.append("No sublayer meets the rule (docs/analysis.md).")
+    lines.append("")
+
+    order = ranked(analysis)
+    if order:
+        lines += ["## Most and least important", "", "| rank | most important | score | least important | score |", "|---|---|---|---|---|"]
+        for rank in range(min(8, len(order) // 2)):
+            high, low = order[rank], order[-1 - rank]
+            lines.append(f"| {rank + 1} | {high[0]} | {high[1]:.4f} | {low[0]} | {low[1]:.4f} |")
+        lines.append("")
+    if "angular" in analysis:
+        lines += ["## Most similar blocks (angular distance)", "", "| n blocks | best start | d(l, n) |", "|---|---|---|"]
+        for n, best in list(analysis["angular"]["best_block"].items())[: min(12, len(analysis["angular"]["best_block"]))]:
+            lines.append(f"| {n} | L{best['start']} | {best['distance']:.3f} |")
+        lines.append("")
+    titles = {"shapley": "Shapley value per sublayer", "share": "Share of the total Shapley value",
+              "ablation": "Single-sublayer ablation", "angular": "Angular distance", "bi": "Block Influence"}
+    for name, file in plots.items():
+        lines += [f"## {titles.get(name, name)}", "", f"![{titles.get(name, name)}]({file})", ""]
+    return "\n".join(lines)
+
+
+def stage_table(report: dict[str, Any]) -> list[str]:
+    """Markdown rows: every measure of the source, pruned and healed models, chance beside tasks."""
+    stages = [s for s in ("source", "pruned", "healed") if s in report["evaluations"]]
+    evaluations = report["evaluations"]
+    rows = ["| measure | chance | " + " | ".join(stages) + " |", "|---|---|" + "---|" * len(stages)]
+    first = evaluations[stages[0]]
+    for task, entry in first.get("tasks", {}).items():
+        for metric in ("acc", "acc_norm"):
+            if metric not in entry:
+                continue
+            cells = []
+            for stage in stages:
+                value = evaluations[stage]["tasks"].get(task, {})
+                cells.append(f"{value[metric]:.3f} ± {value.get(metric + '_stderr', 0):.3f}" if metric in value else "-")
+            chance = entry.get("chance")
+            rows.append(f"| {task} {metric} (n={entry.get('n')}) | {_fmt(chance, 3)} | " + " | ".join(cells) + " |")
+    for corpus in first.get("perplexity", {}):
+        cells = []
+        for stage in stages:
+            value = evaluations[stage]["perplexity"].get(corpus)
+            cells.append("-" if not value else f"{value['perplexity']:.2f} [{value['perplexity_interval_95'][0]:.1f}, "
+                                                 f"{value['perplexity_interval_95'][1]:.1f}]")
+        rows.append(f"| {corpus} perplexity | | " + " | ".join(cells) + " |")
+    speeds = [evaluations[s].get("speed") or {} for s in stages]
+    if all(speeds):
+        def mib(value: Any) -> str:
+            return "-" if value is None else f"{value / 2**20:,.0f} MiB"
+
+        rows += [
+            "| parameters | | " + " | ".join(f"{s['parameters']:,}" for s in speeds) + " |",
+            "| weights in memory | | " + " | ".join(mib(s.get("weights_bytes")) for s in speeds) + " |",
+            "| file size | | " + " | ".join(mib(s.get("file_bytes")) for s in speeds) + " |",
+            "| prefill tokens/s | | " + " | ".join(f"{s['prefill_tokens_per_s']:,.0f}" for s in speeds) + " |",
+            "| decode tokens/s | | " + " | ".join(f"{s['decode_tokens_per_s']:,.1f}" for s in speeds) + " |",
+            "| peak memory | | " + " | ".join(mib(s.get("peak_memory_bytes")) for s in speeds) + " |",
+            "| KV cache (prefill + decode) | | " + " | ".join(mib(s.get("kv_cache_bytes")) for s in speeds) + " |",
+        ]
+    return rows
+
+
+def prune_markdown(report: dict[str, Any]) -> str:
+    """report.md: what was done, before and after, with the plots."""
+    plan = report["plan"]
+    lines = [f"# Pruning report: {report['source']['spec']}", ""]
+    if report.get("command"):
+        lines += ["```bash", report["command"], "```", ""]
+    lines += [
+        "## Plan", "",
+        f"- strategy `{plan['strategy']}`, granularity {plan['granularity']}, target {plan['target']}",
+        f"- removed `{plan['removed_compact']}`: {plan['parameters_removed']:,} of {plan['decoder_parameters']:,} decoder "
+        f"parameters ({100 * plan['fraction_of_decoder_parameters']:.1f}%)",
+        f"- protected: `{', '.join(plan['protected']) or 'none'}`",
+    ]
+    lines += [f"- {note}" for note in plan.get("notes", [])]
+    analysis = report.get("analysis")
+    if analysis:
+        lines.append(f"- analysis: `{analysis['folder']}` ({'reused' if analysis['reused'] else 'computed for this run'})")
+    healing = report.get("healing")
+    if healing:
+        settings = healing["settings"]
+        lines += ["", "## Healing", "",
+                  f"- {'QLoRA, 4-bit NF4 base' if settings['quantize'] else 'LoRA, full-precision base'}; rank {settings['lora_r']}, "
+                  f"alpha {settings['lora_alpha']}, dropout {settings['lora_dropout']}, lr {settings['learning_rate']}, "
+                  f"{settings['steps']} steps x {settings['batch_size']} x {settings['seq_len']} tokens on {healing['data_source']}",
+                  f"- held-out loss {healing['loss_before']:.4f} -> {healing['loss_after']:.4f} "
+                  f"({'lower' if healing['loss_after'] < healing['loss_before'] else 'NOT lower'}) in {healing['seconds']:.0f} s"
+                  + (f" (resumed from {healing['resumed_from']})" if healing.get("resumed_from") else "")]
+    lines += ["", "## Before and after", "",
+              "Accuracy is lm-eval's, with its standard error and the chance level (majority class where every item has the "
+              "same choices). A model near chance on a task says little about pruning damage there; perplexity is the "
+              "sharper signal for small models.", ""]
+    lines += stage_table(report)
+    timings = report.get("timings", {})
+    if timings:
+        lines += ["", "## Time", "", "| step | seconds |", "|---|---|"]
+        lines += [f"| {k.removesuffix('_seconds').replace('_', ' ')} | {v:.0f} |" for k, v in timings.items()]
+    plots = report.get("plots", {})
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{name}]({file})" for name, file in plots.items()]
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""The loss value function v(S), evaluated fast from cached residual-stream states.
+
+Players are sublayer positions 0..2L-1 (see surgery.sublayers). Removing a set R of them leaves
+everything before min(R) unchanged, and removing a contiguous run p..q-1 leaves the residual stream
+at q equal to the stream at p. So one reference pass per calibration batch caches the stream
+before every position (and each block's call arguments), and a coalition is evaluated by running
+only the blocks from its first kept position after min(R), starting from the cached state at
+min(R). The result equals a full forward with R ablated (tests check every family); only the
+blocks after the removal are computed. With prefix_cache=False every coalition runs from the
+embeddings instead: the baseline the benchmark compares against.
+
+The value is v(S) = -(mean token loss) on the calibration tokens, S = all players minus R.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from surgery.ablation import ablated
+from surgery.arch import architecture_of, decoder_layers, get_module, unwrap
+from surgery.evaluate.perplexity import final_hidden, token_nll
+from surgery.sublayers import Sublayer
+
+
+class ResidualLoss:
+    """v(S) for coalitions given as the set of removed positions; caches every value it computes."""
+
+    def __init__(self, model: Any, batches: list[Any], *, prefix_cache: bool = True) -> None:
+        import torch
+
+        self.model = model
+        self.base = unwrap(model)
+        self.arch = architecture_of(self.base.config)
+        self.layers = decoder_layers(self.base, self.arch)
+        self.num_players = 2 * len(self.layers)
+        self.batches = batches
+        self.prefix_cache = prefix_cache
+        self.tokens = sum(int(b[:, 1:].numel()) for b in batches)
+        self.evaluations = 0
+        self.seconds = 0.0
+        self._values: dict[frozenset[int], float] = {}
+        self._states: list[list[Any]] = []
+        self._calls: list[list[tuple[tuple, dict]]] = []
+        with torch.no_grad():
+            if prefix_cache:
+                self._build_cache()
+            self._values[frozenset()] = self._compute(frozenset())
+
+    # ------------------------------------------------------------ public
+
+    @property
+    def full_value(self) -> float:
+        return self._values[frozenset()]
+
+    def known(self, removed: Iterable[int]) -> float | None:
+        return self._values.get(frozenset(removed))
+
+    def remember(self, removed: Iterable[int], value: float, detail: dict | None = None) -> None:
+        """Accept a value computed earlier (a resumed run)."""
+        self._values[frozenset(removed)] = value
+
+    def value(self, removed: Iterable[int]) -> float:
+        import torch
+
+        key = frozenset(removed)
+        if key not in self._values:
+            start = time.perf_counter()
+            with torch.no_grad():
+                self._values[key] = self._compute(key)
+            self.seconds += time.perf_counter() - start
+            self.evaluations += 1
+        return self._values[key]
+
+    def states_at(self, position: int) -> list[Any]:
+        """Cached residual stream before `position` (2L = after the last block), one tensor per batch."""
+        return [states[position] for states in self._states]
+
+    # ------------------------------------------------------------ internals
+
+    def _build_cache(self) -> None:
+        """One reference pass per batch: the stream before every block and the block's call arguments,
+        then the mid-block stream (after attention) by re-running each block with its MLP ablated."""
+        for ids in self.batches:
+            calls: list[tuple[tuple, dict]] = []
+            hooks = [layer.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+                     for layer in self.layers]
+            outputs: list[Any] = []
+            hooks.append(self.layers[-1].register_forward_hook(lambda m, args, out: outputs.append(out)))
+            try:
+                final_hidden(self.base, ids)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            states: list[Any] = []
+            for index, (args, kwargs) in enumerate(calls):
+                block_input = args[0]
+                with ablated(self.base, [Sublayer(index, "mlp")]):
+                    after_attention = _tensor(self.layers[index](block_input, *args[1:], **kwargs))
+                states += [block_input, after_attention]
+            states.append(_tensor(outputs[0]))
+            self._states.append(states)
+            self._calls.append([(args[1:], kwargs) for args, kwargs in calls])
+
+    def _compute(self, removed: frozenset[int]) -> float:
+        total = 0.0
+        for index, ids in enumerate(self.batches):
+            hidden = self._hidden(index, ids, removed)
+            total += float(token_nll(self.base, hidden, ids).sum())
+        return -total / self.tokens
+
+    def _hidden(self, index: int, ids: Any, removed: frozenset[int]) -> Any:
+        """Final hidden states (after the final norm) of batch `index` with `removed` ablated."""
+        units = [Sublayer.at(p) for p in removed]
+        if not self.prefix_cache or not removed:
+            if not self.prefix_cache:
+                with ablated(self.base, units):
+                    return final_hidden(self.base, ids)
+            return get_module(self.base, self.arch.final_norm)(self._states[index][-1])
+        first = min(removed)
+        resume = first
+        while resume in removed:
+            resume += 1
+        start_layer = resume // 2
+        skip = [u for u in units if u.position >= resume]
+        if resume % 2 == 1:  # resuming at an MLP: this block's attention is already in the cached state
+            skip.append(Sublayer(start_layer, "attn"))
+        hidden = self._states[index][first]
+        with ablated(self.base, skip):
+            for layer_index in range(start_layer, len(self.layers)):
+                args, kwargs = self._calls[index][layer_index]
+                hidden = _tensor(self.layers[layer_index](hidden, *args, **kwargs))
+        return get_module(self.base, self.arch.final_norm)(hidden)
+
+
+def _tensor(output: Any) -> Any:
+    """Decoder blocks return a tensor in transformers 5 (a tuple in older versions)."""
+    return output[0] if isinstance(output, tuple) else output

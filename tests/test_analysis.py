@@ -1,0 +1,170 @@
+"""surgery analyze on tiny models: exactness of the prefix cache, resuming, budgets, outputs."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from surgery.analysis import EVALUATIONS_FILE, AnalysisSettings, analyze, find_cornerstones
+from surgery.arch import ARCHITECTURES
+from surgery.errors import SurgeryError
+from surgery.scoring.residual import ResidualLoss
+from surgery.scoring.similarity import angular_distances, block_influence
+from surgery.tiny import tiny_model
+
+FAMILIES = sorted(ARCHITECTURES)
+
+
+@pytest.fixture
+def calibration(tmp_path):
+    path = tmp_path / "calibration.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. Layers matter, some more than others. " * 200)
+    return path
+
+
+def settings(calibration, **overrides):
+    values = dict(calibration=str(calibration), samples=4, seq_len=24, batch_size=2)
+    return AnalysisSettings(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_cached_values_equal_full_forward_values(family):
+    model = tiny_model(family, num_layers=4)
+    batches = [torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    fast, slow = ResidualLoss(model, batches), ResidualLoss(model, batches, prefix_cache=False)
+    assert fast.full_value == slow.full_value
+    rng = random.Random(family)
+    for _ in range(10):
+        removed = frozenset(rng.sample(range(8), rng.randint(1, 5)))
+        assert fast.value(removed) == pytest.approx(slow.value(removed), abs=1e-6), sorted(removed)
+    everything = frozenset(range(8))  # the embeddings straight into the final norm
+    assert fast.value(everything) == pytest.approx(slow.value(everything), abs=1e-6)
+
+
+def test_analysis_has_every_method_plots_and_report(tmp_path, tokenizer, calibration):
+    from surgery.pipeline import analyze_and_save
+
+    source = tmp_path / "model"
+    tiny_model("qwen3", num_layers=3).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = tmp_path / "analysis"
+    result = analyze_and_save(str(source), settings(calibration), out, device="cpu")
+    assert result["complete"] and result["players"] == [f"L{l}.{k}" for l in range(3) for k in ("attn", "mlp")]
+    assert set(result["shapley"]["values"]) == set(result["players"])
+    assert sum(result["shapley"]["share"].values()) == pytest.approx(1.0)
+    assert len(result["angular"]["distances"]) == 3 and len(result["angular"]["distances"][0]) == 3
+    assert set(result["block_influence"]["blocks"]) == {"L0", "L1", "L2"}
+    # single-sublayer ablation is v(all) - v(all minus one), read from the same value function
+    for name, entry in result["ablation"].items():
+        assert entry["drop"] == pytest.approx(result["baseline"]["value"] - entry["value"])
+    saved = json.loads((out / "analysis.json").read_text())
+    assert saved["schema"] == "surgery-analysis" and saved["key"] == result["key"]
+    for png in ("shapley.png", "shapley_share.png", "ablation.png", "angular.png", "block_influence.png"):
+        assert (out / png).stat().st_size > 1000
+    report = (out / "analysis.md").read_text()
+    assert "![Shapley value per sublayer](shapley.png)" in report and "## Cornerstones" in report
+
+
+def test_exact_shapley_on_a_tiny_model_is_efficient(tokenizer, calibration):
+    """Exact values over all 2^6 coalitions sum to v(all) - v(none)."""
+    model = tiny_model("llama", num_layers=3)
+    result = analyze(model, tokenizer, settings(calibration, estimator="exact", methods=("shapley",)), None,
+                     model_info={"fingerprint": "tiny"})
+    assert result["cost"]["evaluations"] == 2 ** 6 - 1
+    batches_value = result["baseline"]["value"]
+    total = sum(result["shapley"]["values"].values())
+    from surgery.analysis import calibration_batches
+
+    batches, _, _ = calibration_batches(tokenizer, settings(calibration))
+    empty = ResidualLoss(model, batches, prefix_cache=False).value(frozenset(range(6)))  # recomputed independently
+    assert total == pytest.approx(batches_value - empty, abs=1e-6)
+
+
+def test_budget_stops_cleanly_and_a_rerun_resumes_without_recomputing(tmp_path, tokenizer, calibration):
+    model = tiny_model("llama", num_layers=4)
+    out = tmp_path / "run"
+    partial = analyze(model, tokenizer, settings(calibration, budget_evaluations=5), out, model_info={"fingerprint": "m1"})
+    assert not partial["complete"] and partial["cost"]["evaluations"] == 5
+    assert len((out / EVALUATIONS_FILE).read_text().splitlines()) == 1 + 5
+    values = list(partial["shapley"]["values"].values())
+    assert all(v is not None for v in values[:5]) and values[5:] == [None, None, None]  # unknown, not guessed
+    assert len(partial["ablation"]) == 5
+    with open(out / EVALUATIONS_FILE, "a") as handle:
+        handle.write('{"removed": [1, 2], "val')  # an interruption in the middle of a write
+    resumed = analyze(model, tokenizer, settings(calibration), out, model_info={"fingerprint": "m1"})
+    fresh = analyze(model, tokenizer, settings(calibration), None, model_info={"fingerprint": "m1"})
+    assert resumed["complete"]
+    assert resumed["cost"]["evaluations"] == fresh["cost"]["evaluations"] - 5
+    assert resumed["shapley"]["values"] == pytest.approx(fresh["shapley"]["values"])
+
+
+def test_an_analysis_folder_of_another_model_is_refused(tmp_path, tokenizer, calibration):
+    out = tmp_path / "run"
+    analyze(tiny_model("llama"), tokenizer, settings(calibration, methods=("ablation",)), out, model_info={"fingerprint": "a"})
+    with pytest.raises(SurgeryError, match="another model, data or metric.*--force"):
+        analyze(tiny_model("llama"), tokenizer, settings(calibration, methods=("ablation",)), out, model_info={"fingerprint": "b"})
+    result = analyze(tiny_model("llama"), tokenizer, settings(calibration, methods=("ablation",)), out,
+                     model_info={"fingerprint": "b"}, force=True)
+    assert result["complete"]
+
+
+def test_accuracy_metric_reports_collapse_to_chance(tmp_path, tokenizer, calibration):
+    from tests.test_evaluate import sciq_rows, write_jsonl
+
+    write_jsonl(tmp_path / "sciq_test.jsonl.gz", sciq_rows(6))
+    chosen = settings(calibration, metric="acc", task="sciq", limit=4, methods=("ablation",), data_dir=tmp_path)
+    result = analyze(tiny_model("llama", num_layers=2), tokenizer, chosen, None, model_info={"fingerprint": "t"})
+    assert result["baseline"]["chance"] == pytest.approx(0.25) and result["baseline"]["n"] == 4
+    for entry in result["ablation"].values():
+        assert isinstance(entry["at_chance"], bool) and entry["chance"] == pytest.approx(0.25)
+
+
+def test_cornerstone_rule_uses_collapse_and_shapley_share():
+    result = {
+        "players": ["L0.attn", "L0.mlp", "L1.attn", "L1.mlp"],
+        "baseline": {"loss": 2.0, "uniform_loss": 10.0},
+        "ablation": {"L0.attn": {"drop": 0.1, "loss": 2.1, "collapse": 0.0125}, "L0.mlp": {"drop": 3.0, "loss": 5.0, "collapse": 0.375},
+                     "L1.attn": {"drop": 0.2, "loss": 2.2, "collapse": 0.025}, "L1.mlp": {"drop": 0.3, "loss": 2.3, "collapse": 0.0375}},
+        "shapley": {"share": {"L0.attn": 0.05, "L0.mlp": 0.40, "L1.attn": 0.05, "L1.mlp": 0.50}},
+    }
+    found = {c["id"]: c for c in find_cornerstones(result, AnalysisSettings(share_factor=1.8))}
+    assert set(found) == {"L0.mlp", "L1.mlp"}
+    assert len(found["L0.mlp"]["reasons"]) == 1 and "38% of the way" in found["L0.mlp"]["reasons"][0]
+    assert "2.0x the mean" in found["L1.mlp"]["reasons"][0]
+    assert found["L1.mlp"]["evidence"]["shapley_share"] == 0.5
+
+
+def test_angular_distance_and_block_influence_on_known_geometry():
+    """Streams that rotate by 0, 90 and 180 degrees give distances 0, 1/2 and 1."""
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    states = [[v.expand(1, 3, 2) for v in (e1, e1, e2, -e1)]]  # h_0 .. h_3
+    distances = angular_distances(states)
+    assert distances[0] == pytest.approx([0.0, 0.5, 0.5])
+    assert distances[1] == pytest.approx([0.5, 1.0])
+    assert distances[2] == pytest.approx([1.0])
+    assert block_influence(states, 1) == pytest.approx([0.0, 1.0, 1.0])
+
+
+def test_bad_analysis_settings_are_one_line_errors():
+    with pytest.raises(SurgeryError, match="unknown method 'magic'"):
+        AnalysisSettings(methods=("magic",))
+    with pytest.raises(SurgeryError, match="--metric acc needs --task"):
+        AnalysisSettings(metric="acc")
+
+
+def test_cli_analyze_and_partial_budget(tiny_folder, tmp_path, calibration):
+    from click.testing import CliRunner
+
+    from surgery.cli import main
+
+    folder, _ = tiny_folder("mistral", num_layers=3)
+    out = tmp_path / "an"
+    args = ["analyze", str(folder), "--out", str(out), "--calibration", str(calibration), "--samples", "2", "--seq-len", "16",
+            "--device", "cpu"]
+    result = CliRunner().invoke(main, [*args, "--budget", "3"], catch_exceptions=False)
+    assert result.exit_code == 0 and "partial" in result.output
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0 and "complete" in result.output and "cornerstones" in result.output
+    bad = CliRunner().invoke(main, [*args, "--budget", "lots"])
+    assert bad.exit_code == 2 and "--budget 'lots'" in bad.output
