@@ -43,7 +43,20 @@ def progress_bar(existing: Any = None) -> Iterator[Any]:
 def quiet_transformers() -> None:
     """Silence transformers' own tqdm bars and chatty warnings: surgery shows rich progress instead."""
     offline_defaults()
+    import warnings
+
     import transformers
 
+    warnings.filterwarnings("ignore", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+    from huggingface_hub import constants
+
+    constants.HF_HUB_DISABLE_TELEMETRY = True  # libraries imported before our environment defaults were set

@@ -1,0 +1,102 @@
+"""The model card (README.md) of a pruned checkpoint, with Hugging Face Hub metadata."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from surgery.models import BUILTIN_MODELS
+from surgery.report import stage_table
+
+_BUILTIN_CARDS = {  # what the built-in models' cards would say on the Hub
+    "smollm2-135m": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
+}
+
+
+def source_card_metadata(source: dict[str, Any]) -> dict[str, Any]:
+    """base_model and license of the source: from its own card, a Hub id, or the built-in table."""
+    if source.get("spec") in BUILTIN_MODELS:
+        return dict(_BUILTIN_CARDS[source["spec"]])
+    found: dict[str, Any] = {}
+    if source.get("kind") == "hub":
+        found["base_model"] = source["spec"].split("@")[0]
+    readme = Path(source.get("path", "")) / "README.md"
+    if readme.is_file():
+        match = re.match(r"^---\n(.*?)\n---", readme.read_text(errors="replace"), re.S)
+        if match:
+            try:
+                meta = yaml.safe_load(match.group(1)) or {}
+            except yaml.YAMLError:
+                meta = {}
+            if meta.get("license"):
+                found["license"] = meta["license"]
+            if "base_model" not in found and isinstance(meta.get("base_model"), str):
+                found.setdefault("base_model", meta["base_model"])
+    return found
+
+
+def model_card(report: dict[str, Any], repo_id: str | None = None) -> str:
+    """README.md text: YAML metadata for the Hub, then what was done and how it scores."""
+    source = report["source"]
+    meta = source_card_metadata(source)
+    plan = report["plan"]
+    healing = report.get("healing")
+    metadata = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "license": meta.get("license", "other"),
+        "tags": ["pruned", "layer-pruning", "surgery"] + (["qlora-healed"] if healing else []),
+    }
+    if meta.get("base_model"):
+        metadata["base_model"] = meta["base_model"]
+    if healing and "c4" in healing["data_source"]:
+        metadata["datasets"] = ["allenai/c4"]
+    sublayer_checkpoint = any(not _is_block(plan, unit) for unit in plan["removed"])
+    name = repo_id or Path(report.get("settings", {}).get("out") or f"{source['spec']}-pruned").name
+    lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "", f"# {name}", ""]
+    lines += [
+        f"A pruned version of `{meta.get('base_model', source['spec'])}` made with "
+        f"surgery: {len(plan['removed'])} sublayers removed physically "
+        f"({plan['removed_compact']}), {100 * plan['fraction_of_decoder_parameters']:.1f}% of the decoder parameters, "
+        f"chosen by the `{plan['strategy']}` strategy at {plan['granularity']} granularity"
+        + (", then healed with " + ("QLoRA" if healing["settings"]["quantize"] else "LoRA") + f" on {healing['data_source']}" if healing else "")
+        + ".", "",
+        "## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"model = AutoModelForCausalLM.from_pretrained(\"{name}\"" + (", trust_remote_code=True" if sublayer_checkpoint else "") + ")",
+        f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")", "```", "",
+    ]
+    if sublayer_checkpoint:
+        lines += ["Some blocks lost only their attention or only their FFN. The checkpoint ships `modeling_surgery.py`, "
+                  "which rebuilds those blocks with parameter-free stand-ins, hence `trust_remote_code=True`; "
+                  "plain loading refuses the checkpoint rather than filling the removed parts with random weights.", ""]
+    lines += ["## What was removed and why", "", f"- target: {plan['target']}; strategy: `{plan['strategy']}`; granularity: {plan['granularity']}",
+              f"- removed: `{plan['removed_compact']}`"]
+    if plan.get("protected"):
+        lines.append(f"- protected (cornerstones and manual): `{', '.join(plan['protected'])}`")
+    for note in plan.get("notes", []):
+        lines.append(f"- {note}")
+    if healing:
+        settings = healing["settings"]
+        lines += ["", "## Healing", "",
+                  f"- {'QLoRA (4-bit NF4 base)' if settings['quantize'] else 'LoRA on a full-precision base'}, rank {settings['lora_r']}, "
+                  f"alpha {settings['lora_alpha']}, dropout {settings['lora_dropout']}, learning rate {settings['learning_rate']}",
+                  f"- {settings['steps']} steps of {settings['batch_size']} x {settings['seq_len']} tokens "
+                  f"(x{settings['grad_accum']} accumulation), {settings['training_tokens']:,} tokens from {healing['data_source']}",
+                  f"- held-out loss: {healing['loss_before']:.4f} before, {healing['loss_after']:.4f} after"]
+    table = stage_table(report) if report.get("evaluations") else []
+    if table:
+        lines += ["", "## Evaluation", "", "Zero-shot accuracy through lm-eval with the chance level beside it; perplexity by "
+                  "surgery's documented protocol. Small models sit near chance on several tasks: compare against the chance column.", ""]
+        lines += table
+    lines += ["", "## Reproduce", "", "`surgery.json` records the source fingerprint, versions and the exact removal; "
+              "`report.json` every number above with its protocol.", ""]
+    return "\n".join(lines)
+
+
+def _is_block(plan: dict[str, Any], unit: str) -> bool:
+    layer, _, kind = unit.partition(".")
+    other = f"{layer}.{'mlp' if kind == 'attn' else 'attn'}"
+    return other in plan["removed"]

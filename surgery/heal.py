@@ -1,0 +1,292 @@
+"""Healing: LoRA adapters trained on C4 text on top of the pruned model, then merged.
+
+QLoRA by default: the pruned model's base is loaded in 4-bit NF4 through bitsandbytes, LoRA
+adapters (peft) are trained by trl's SFTTrainer, and the adapters are merged into a freshly
+loaded full-precision copy of the pruned model, never into the 4-bit one. `quantize=False`
+trains the adapters on a full-precision base instead.
+
+The CPU trap (see docs/healing.md): on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights
+in place on the first eval-mode forward, after which LoRA gradients are silently wrong. Every
+`Linear4bit` gets `support_avx512bf16_for_cpu = False` right after loading, before any forward,
+and the 4-bit model is never evaluated; held-out losses are measured on full-precision models.
+A test compares gradients with a full-precision reference after an evaluation pass.
+
+What was removed is not this module's business: it heals whatever model it is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import SurgeryError
+
+
+@dataclass
+class HealSettings:
+    steps: int = 100
+    tokens: int | None = None  # alternative to steps: training tokens in total
+    seq_len: int = 256
+    batch_size: int = 4
+    grad_accum: int = 1
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.05
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] | None = None  # default: the family's LoRA targets (surgery/arch.py)
+    quantize: bool = True
+    data: str = "c4"
+    heldout_samples: int = 16
+    save_steps: int = 50
+    gradient_checkpointing: bool | None = None  # default: on for GPUs, off for CPUs
+    device_map: str | None = None  # "auto" spreads the 4-bit base over several GPUs
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None:
+            self.steps = max(1, math.ceil(self.tokens / (self.seq_len * self.batch_size * self.grad_accum)))
+        if self.steps < 1 or self.lora_r < 1 or self.batch_size < 1:
+            raise SurgeryError("healing needs at least one step, a LoRA rank of at least 1 and a batch of at least 1")
+
+    def describe(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["target_modules"] = list(self.target_modules) if self.target_modules else None
+        data["training_tokens"] = self.steps * self.seq_len * self.batch_size * self.grad_accum
+        return data
+
+
+@dataclass
+class HealResult:
+    model: Any  # the merged, full-precision model
+    loss_before: float
+    loss_after: float
+    settings: dict[str, Any]
+    data_source: str
+    seconds: float
+    log: list[dict[str, float]]
+    resumed_from: str | None
+
+
+def disable_cpu_repack(model: Any) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights in place on CPU (the silent-gradient trap).
+    Returns how many layers were guarded; refuses a model whose weights were already repacked."""
+    import bitsandbytes as bnb
+
+    guarded = 0
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+                raise SurgeryError(f"{name} was already repacked for CPU inference: reload the 4-bit model from disk before training")
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+            guarded += 1
+    return guarded
+
+
+def load_4bit(folder: Path, device: str, device_map: str | None = None) -> Any:
+    """The pruned model from `folder` in 4-bit NF4, guarded against the CPU repack."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    from surgery.models import load_model
+
+    on_gpu = device.startswith("cuda")
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if on_gpu else torch.float32,
+    )
+    placement = device_map or ({"": device} if on_gpu else None)
+    model = load_model(str(folder), quantization_config=config, device_map=placement, with_tokenizer=False).model
+    disable_cpu_repack(model)
+    return model
+
+
+def heldout_loss(model: Any, batches: list[Any]) -> float:
+    """Mean token loss of a full-precision model on held-out batches."""
+    import torch
+
+    from surgery.arch import unwrap
+    from surgery.evaluate.perplexity import final_hidden, token_nll
+
+    base = unwrap(model)
+    was_training = base.training
+    base.eval()
+    device = next(base.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in batches:
+            ids = ids.to(device)
+            nll = token_nll(base, final_hidden(base, ids), ids)
+            total += float(nll.sum())
+            count += nll.numel()
+    base.train(was_training)
+    return total / count
+
+
+def _settings_key(settings: HealSettings, model_folder: Path, data_digest: str) -> str:
+    from surgery.models import fingerprint
+
+    basis = {"settings": settings.describe(), "model": fingerprint(model_folder), "data": data_digest}
+    return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data_dir: Path | None = None,
+         device: str = "cpu", progress: Any = None) -> HealResult:
+    """Train LoRA adapters on the pruned `model` and return the merged full-precision model.
+
+    `work` holds the pruned base, the trainer's checkpoints and the adapter; a rerun with the same
+    model, data and settings resumes from the last checkpoint.
+    """
+    import torch
+
+    from surgery.arch import architecture_of, unwrap
+    from surgery.console import progress_bar, quiet_transformers
+    from surgery.data import load_texts, pack_tokens
+    from surgery.export import write_model_folder
+
+    quiet_transformers()
+    if tokenizer is None:
+        raise SurgeryError("healing needs the model's tokenizer: use a model folder that holds one")
+    started = time.perf_counter()
+    work = Path(work)
+    base_folder = work / "base"
+    if not (base_folder / "config.json").is_file():
+        staging = work / "base.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        write_model_folder(model, tokenizer, staging)
+        staging.rename(base_folder)
+
+    texts, heldout_texts, source = healing_texts(settings.data, data_dir)
+    per_step = settings.batch_size * settings.grad_accum
+    train_ids = _pack_available(tokenizer, texts, settings.steps * per_step, settings.seq_len, source, minimum=per_step)
+    heldout = list(pack_tokens(tokenizer, heldout_texts, settings.heldout_samples, settings.seq_len, "held-out text").split(4))
+    digest = hashlib.sha256(train_ids.numpy().tobytes()).hexdigest()
+    key = _settings_key(settings, base_folder, digest)
+
+    loss_before = heldout_loss(model, heldout)
+    arch = architecture_of(unwrap(model).config)
+    with progress_bar(progress) as bar:
+        adapter, log, resumed = _train(base_folder, tokenizer, train_ids, settings, arch, work, key, device, bar)
+        merged = merge_adapter(base_folder, adapter, dtype=next(unwrap(model).parameters()).dtype, device=device)
+    loss_after = heldout_loss(merged, heldout)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return HealResult(merged, loss_before, loss_after, settings.describe(), source, time.perf_counter() - started, log, resumed)
+
+
+def healing_texts(data: str, data_dir: Path | None) -> tuple[list[str], list[str], str]:
+    """(training documents, held-out documents, source). C4: the healing and held-out slices of
+    the data directory (docs/evaluation.md); a user file: its last tenth is held out."""
+    from surgery.data import CORPORA, load_texts
+
+    if data in CORPORA:
+        texts, source = load_texts(data, role="healing", data_dir=data_dir)
+        heldout, _ = load_texts(data, role="heldout", data_dir=data_dir)
+        return texts, heldout, source
+    texts, source = load_texts(data, data_dir=data_dir)
+    split = max(1, len(texts) // 10)
+    if len(texts) < 2:
+        raise SurgeryError(f"{source} holds one document: healing needs several (the last tenth is held out)")
+    return texts[:-split], texts[-split:], f"{source} (last {split} documents held out)"
+
+
+def _pack_available(tokenizer: Any, texts: list[str], wanted: int, seq_len: int, source: str, minimum: int) -> Any:
+    """Up to `wanted` sequences; fewer if the text runs out (the trainer then repeats epochs)."""
+    from surgery.data import pack_tokens
+
+    try:
+        return pack_tokens(tokenizer, texts, wanted, seq_len, source)
+    except SurgeryError:
+        tokens = sum(len(tokenizer(t, add_special_tokens=False).input_ids) + 1 for t in texts)
+        fits = tokens // seq_len
+        if fits < minimum:
+            raise SurgeryError(f"{source} has {tokens} tokens, too few for one healing step of {minimum} x {seq_len}: "
+                               "use more text, a shorter --heal-seq-len or a smaller batch") from None
+        return pack_tokens(tokenizer, texts, fits, seq_len, source)
+
+
+def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSettings, arch: Any, work: Path, key: str,
+           device: str, bar: Any) -> tuple[Path, list[dict[str, float]], str | None]:
+    import datasets
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from surgery.models import load_model
+
+    checkpoints = work / "checkpoints"
+    key_file = work / "heal-key.txt"
+    if key_file.is_file() and key_file.read_text() != key:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # another model, data or settings: a stale run
+    key_file.write_text(key)
+    resume = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if checkpoints.is_dir() else []
+
+    on_gpu = device.startswith("cuda")
+    checkpointing = settings.gradient_checkpointing if settings.gradient_checkpointing is not None else on_gpu
+    if settings.quantize:
+        model = load_4bit(base_folder, device, settings.device_map)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    else:
+        model = load_model(str(base_folder), device=device, with_tokenizer=False).model
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, bias="none",
+                      target_modules=list(settings.target_modules or arch.lora_targets), task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as error:
+        raise SurgeryError(f"LoRA target modules {lora.target_modules} not found in the model: {error}") from None
+
+    log: list[dict[str, float]] = []
+    task = bar.add_task("healing", total=settings.steps)
+
+    class Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            bar.update(task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                log.append({"step": state.global_step, "loss": float(logs["loss"])})
+                bar.update(task, description=f"healing (loss {logs['loss']:.3f})")
+
+    config = SFTConfig(
+        output_dir=str(checkpoints), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=math.ceil(settings.warmup_ratio * settings.steps), logging_steps=1, save_steps=settings.save_steps,
+        save_total_limit=2, report_to="none", seed=settings.seed, use_cpu=not on_gpu,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(), gradient_checkpointing=checkpointing, max_length=settings.seq_len,
+        packing=False, disable_tqdm=True, dataloader_num_workers=0, eval_strategy="no", remove_unused_columns=False,
+    )
+    dataset = datasets.Dataset.from_dict({"input_ids": train_ids.tolist()})
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Progress()])
+    trainer.remove_callback(PrinterCallback)  # our progress bar shows the loss
+    resumed = str(resume[-1]) if resume else None
+    trainer.train(resume_from_checkpoint=resumed)
+    bar.remove_task(task)
+    adapter = work / "adapter"
+    model.save_pretrained(adapter)
+    del trainer, model
+    return adapter, log, resumed
+
+
+def merge_adapter(base_folder: Path, adapter: Path, *, dtype: Any, device: str) -> Any:
+    """Merge LoRA adapters into a freshly loaded full-precision copy of the pruned model."""
+    from peft import PeftModel
+
+    from surgery.models import load_model
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    base = load_model(str(base_folder), dtype=dtype_name if dtype_name in ("float32", "bfloat16", "float16") else "auto",
+                      device=device, with_tokenizer=False).model
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    return merged.eval()

@@ -1,0 +1,282 @@
+"""`surgery prune`: evaluate, analyze, plan, cut, heal, evaluate again, export with card and report.
+
+The one workflow that uses every module; each step is a call into the module that owns it.
+Everything that can be checked before the slow steps (paths, ids, data, recipe values) is
+checked first, so bad input fails in seconds and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import SurgeryError
+
+
+@dataclass
+class PruneSettings:
+    model: str
+    out: Path
+    strategy: str = "shapley"
+    granularity: str = "block"
+    remove: str = "25%"
+    keep_cornerstones: bool = False
+    protect: str | None = None
+    heal: bool = False
+    analysis_dir: Path | None = None
+    iterative_candidates: int = 16
+    seed: int = 0
+    force: bool = False
+    keep_work: bool = False
+    load: dict[str, Any] = field(default_factory=dict)
+    analysis: Any = None  # AnalysisSettings
+    evaluation: Any = None  # EvalSettings
+    healing: Any = None  # HealSettings
+    command: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k not in ("analysis", "evaluation", "healing", "load")}
+        data["out"] = str(self.out)
+        data["analysis_dir"] = str(self.analysis_dir) if self.analysis_dir else None
+        data["load"] = self.load
+        data["analysis"] = self.analysis.describe() if self.analysis else None
+        data["evaluation"] = self.evaluation.describe() if self.evaluation else None
+        data["healing"] = self.healing.describe() if self.healing and self.heal else None
+        return data
+
+
+def _work_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.surgery-work"
+
+
+def _check_data(settings: PruneSettings, needs_calibration: bool) -> None:
+    """Missing calibration or healing data is an error now, not after an hour of work."""
+    from surgery.data import CORPORA, find_file
+    from surgery.models import hub_reachable
+
+    data_dir = settings.analysis.data_dir
+    wanted = []
+    if needs_calibration:
+        wanted.append(settings.analysis.calibration)
+    if settings.heal:
+        wanted.append(settings.healing.data)
+    for source in wanted:
+        if source in CORPORA:
+            stem = CORPORA[source][0]
+            if find_file(data_dir, stem) is None and not hub_reachable():
+                where = data_dir or "no data directory (pass --data-dir or set SURGERY_DATA_DIR)"
+                raise SurgeryError(f"no {source} text for calibration or healing: {stem}.jsonl.gz not in {where}, and the Hub is offline")
+        elif not Path(source).expanduser().is_file():
+            raise SurgeryError(f"calibration or healing file {source} not found")
+
+
+def needed_methods(settings: PruneSettings) -> tuple[str, ...]:
+    from surgery.plan import NEEDS_ANALYSIS
+
+    methods = list(NEEDS_ANALYSIS.get(settings.strategy, ()))
+    if settings.keep_cornerstones:  # the cornerstone rule reads ablation collapse and Shapley shares
+        methods += ["ablation", "shapley"]
+    return tuple(dict.fromkeys(methods))
+
+
+def ensure_analysis(loaded: Any, settings: PruneSettings, methods: tuple[str, ...], bar: Any) -> dict[str, Any]:
+    """A saved analysis with these methods and settings (reused), or a new one written beside it."""
+    from dataclasses import replace
+
+    from surgery.analysis import analysis_key, analyze, calibration_batches, load_analysis
+    from surgery.models import cache_dir
+
+    chosen = replace(settings.analysis, methods=methods)
+    _, _, digest = calibration_batches(loaded.tokenizer, chosen)
+    info = loaded.source.describe()
+    key = analysis_key(info["fingerprint"], chosen, digest)
+    folder = Path(settings.analysis_dir) if settings.analysis_dir else cache_dir() / "analyses" / key[:24]
+    try:
+        saved = load_analysis(folder)
+        wanted = {k: v for k, v in chosen.describe().items() if k not in ("methods", "budget_evaluations", "budget_seconds", "data_dir")}
+        have = {k: saved["settings"].get(k) for k in wanted}
+        if saved.get("key") == key and saved.get("complete") and set(methods) <= set(saved["settings"]["methods"]) and have == wanted:
+            saved["folder"] = str(folder)
+            saved["reused"] = True
+            return saved
+    except SurgeryError:
+        pass
+    from surgery.plots import plot_analysis
+    from surgery.report import analysis_markdown
+
+    result = analyze(loaded.model, loaded.tokenizer, chosen, folder, model_info=info, progress=bar)
+    plots = plot_analysis(result, folder)
+    (folder / "analysis.md").write_text(analysis_markdown(result, plots))
+    if not result["complete"]:
+        raise SurgeryError(f"the analysis in {folder} is partial (budget reached): run surgery prune again to finish it")
+    result["folder"] = str(folder)
+    result["reused"] = False
+    return result
+
+
+def prune(settings: PruneSettings) -> dict[str, Any]:
+    """Run the whole job; returns the report (also written into the exported folder)."""
+    from surgery.arch import num_layers
+    from surgery.console import console, progress_bar
+    from surgery.cut import cut
+    from surgery.export import check_output_path, export_checkpoint
+    from surgery.models import load_model, resolve
+    from surgery.plan import ALL_STRATEGIES, GRANULARITIES, Target, make_plan
+    from surgery.provenance import now, versions
+    from surgery.sublayers import check_in_range, parse_sublayers
+
+    started = time.perf_counter()
+    if settings.strategy not in ALL_STRATEGIES:
+        raise SurgeryError(f"unknown strategy '{settings.strategy}': use one of {', '.join(ALL_STRATEGIES)}")
+    if settings.granularity not in GRANULARITIES:
+        raise SurgeryError(f"unknown granularity '{settings.granularity}': use block or sublayer")
+    out = check_output_path(settings.out, force=settings.force)
+    target = Target.parse(settings.remove)
+    manual = parse_sublayers(settings.protect) if settings.protect else []
+    methods = () if target.ids else needed_methods(settings)
+    _check_data(settings, needs_calibration=bool(methods) or settings.strategy == "iterative")
+    source = resolve(settings.model, allow_pickle=settings.load.get("allow_pickle", False))
+    check_output_path(out, force=settings.force, protected=[source.path])
+    loaded = load_model(source, **settings.load)
+    layers = num_layers(loaded.model)
+    check_in_range([*manual, *target.ids], layers)
+    if loaded.tokenizer is None:
+        raise SurgeryError(f"{settings.model} has no tokenizer: prune needs one for calibration, healing and evaluation")
+
+    report: dict[str, Any] = {"schema": "surgery-prune-report", "version": 1, "created": now(),
+                              "command": settings.command, "settings": settings.describe(),
+                              "source": loaded.source.describe(), "evaluations": {}, "timings": {}}
+    work = _work_folder(out)
+    with progress_bar() as bar:
+        clock = time.perf_counter()
+        report["evaluations"]["source"] = _evaluate("source", loaded.model, loaded.tokenizer, settings, loaded.source.path, bar)
+        report["timings"]["evaluate_source_seconds"] = time.perf_counter() - clock
+
+        analysis = None
+        if methods:
+            clock = time.perf_counter()
+            analysis = ensure_analysis(loaded, settings, methods, bar)
+            report["timings"]["analysis_seconds"] = time.perf_counter() - clock
+            report["analysis"] = {"folder": analysis["folder"], "reused": analysis["reused"], "key": analysis["key"],
+                                  "cornerstones": analysis.get("cornerstones", [])}
+        protected = list(manual)
+        if settings.keep_cornerstones and analysis is not None:
+            protected += [s for c in analysis.get("cornerstones", []) for s in parse_sublayers(c["id"]) if s not in protected]
+
+        clock = time.perf_counter()
+        unit_parameters = _parameter_counter(loaded.model, loaded.arch)
+        value_after = _iterative_value(loaded, settings) if settings.strategy == "iterative" and not target.ids else None
+        plan_task = bar.add_task("planning", total=None)
+        plan = make_plan(settings.strategy, settings.granularity, target, layers, unit_parameters, analysis=analysis,
+                         protected=protected, seed=settings.seed, value_after=value_after,
+                         candidates=settings.iterative_candidates,
+                         progress=lambda step, total: bar.update(plan_task, description=f"planning: {step} units chosen"))
+        bar.remove_task(plan_task)
+        if analysis is not None and analysis.get("cornerstones"):
+            plan.notes.append("cornerstones found by the analysis: " + ", ".join(c["id"] for c in analysis["cornerstones"]))
+        report["plan"] = plan.describe()
+        report["timings"]["plan_seconds"] = time.perf_counter() - clock
+        console.print(f"removing {plan.describe()['removed_compact']} ({100 * plan.fraction:.1f}% of decoder parameters, "
+                      f"strategy {plan.strategy})")
+
+        cut_result = cut(loaded.model, plan.units)
+        model = loaded.model
+        report["evaluations"]["pruned"] = _evaluate("pruned", model, loaded.tokenizer, settings, None, bar)
+
+        if settings.heal:
+            from surgery.heal import heal
+
+            clock = time.perf_counter()
+            device = str(next(model.parameters()).device)
+            healed = heal(model, loaded.tokenizer, settings.healing, work, data_dir=settings.analysis.data_dir,
+                          device=device, progress=bar)
+            model = healed.model
+            report["healing"] = {"settings": healed.settings, "data_source": healed.data_source,
+                                 "loss_before": healed.loss_before, "loss_after": healed.loss_after,
+                                 "seconds": healed.seconds, "log": healed.log, "resumed_from": healed.resumed_from}
+            report["timings"]["heal_seconds"] = time.perf_counter() - clock
+            report["evaluations"]["healed"] = _evaluate("healed", model, loaded.tokenizer, settings, None, bar)
+
+        report["versions"] = versions()
+        report["timings"]["total_seconds"] = time.perf_counter() - started
+        record = {"removed": [str(u) for u in plan.units], "removed_compact": plan.describe()["removed_compact"],
+                  "kept_layers": cut_result.kept_layers, "source": loaded.source.describe(), "plan": plan.describe(),
+                  "parameters": {"before": cut_result.parameters_before, "after": cut_result.parameters_after,
+                                 "removed": cut_result.parameters_before - cut_result.parameters_after},
+                  "healing": report.get("healing", {}).get("settings")}
+        export_task = bar.add_task("exporting and verifying", total=None)
+        exported = export_checkpoint(model, loaded.tokenizer, out, record=record, force=settings.force,
+                                     protected=[source.path], copy_from=source.path,
+                                     finalize=lambda folder: _write_report(folder, report, analysis, layers))
+        bar.remove_task(export_task)
+    if not settings.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    report["export"] = {"path": str(exported.path), "max_logit_diff": exported.max_logit_diff, "loader": exported.loader}
+    return report
+
+
+def _evaluate(stage: str, model: Any, tokenizer: Any, settings: PruneSettings, folder: Path | None, bar: Any) -> dict[str, Any]:
+    from surgery.evaluate import evaluate_model
+
+    task = bar.add_task(f"evaluating the {stage} model", total=None)
+    try:
+        return evaluate_model(model, tokenizer, settings.evaluation, model_info={"stage": stage}, folder=folder, progress=bar)
+    finally:
+        bar.remove_task(task)
+
+
+def _parameter_counter(model: Any, arch: Any):
+    """Parameters of a unit (tuple of sublayers), counted from the modules that would go."""
+    from surgery.arch import decoder_layers
+
+    layers = decoder_layers(model, arch)
+    cache: dict[tuple[int, str], int] = {}
+
+    def sublayer(layer: int, kind: str) -> int:
+        if (layer, kind) not in cache:
+            modules = [getattr(layers[layer], name) for name in arch.sublayer_modules(kind)]
+            cache[(layer, kind)] = sum(p.numel() for m in modules for p in m.parameters())
+        return cache[(layer, kind)]
+
+    return lambda unit: sum(sublayer(s.layer, s.kind) for s in unit)
+
+
+def _iterative_value(loaded: Any, settings: PruneSettings):
+    """v(removed) on the calibration set, through the prefix-cached evaluator on the unpruned model."""
+    from surgery.analysis import calibration_batches
+    from surgery.scoring.residual import ResidualLoss
+
+    batches, _, _ = calibration_batches(loaded.tokenizer, settings.analysis)
+    residual = ResidualLoss(loaded.model, batches)
+    return lambda removed: residual.value(frozenset(s.position for s in removed))
+
+
+def _write_report(folder: Path, report: dict[str, Any], analysis: dict[str, Any] | None, layers: int) -> None:
+    """report.json, report.md, plots and the model card, written into the export before it is sealed."""
+    from surgery.card import model_card
+    from surgery.evaluate.speed import files_bytes
+    from surgery.plots import plot_removal_map
+    from surgery.report import prune_markdown
+
+    final = "healed" if "healed" in report["evaluations"] else "pruned"
+    speed = report["evaluations"][final].get("speed")
+    if speed is not None:
+        speed["file_bytes"] = files_bytes(folder)
+    plots = {}
+    plan = report["plan"]
+    plots["removal map"] = plot_removal_map(layers, set(plan["removed"]), set(plan["protected"]), folder / "removal_map.png",
+                                            f"{plan['strategy']} ({plan['granularity']}), {100 * plan['fraction_of_decoder_parameters']:.1f}% of decoder parameters").name
+    if analysis is not None:
+        source_folder = Path(analysis["folder"])
+        for name in ("shapley.png", "shapley_share.png", "ablation.png", "angular.png", "block_influence.png"):
+            if (source_folder / name).is_file():
+                shutil.copy2(source_folder / name, folder / f"analysis_{name}")
+                plots[name.removesuffix(".png")] = f"analysis_{name}"
+    report["plots"] = plots
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (folder / "report.md").write_text(prune_markdown(report))
+    (folder / "README.md").write_text(model_card(report))

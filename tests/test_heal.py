@@ -1,0 +1,123 @@
+"""Healing: the 4-bit CPU path gives correct LoRA gradients, adapters merge into full precision,
+the held-out loss falls, an interrupted run resumes from its checkpoint."""
+
+import pytest
+import torch
+
+from surgery.errors import SurgeryError
+from surgery.heal import HealSettings, disable_cpu_repack, heal, load_4bit, merge_adapter
+from surgery.tiny import tiny_model
+
+
+def lora(model, seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:  # non-zero B so that every adapter weight gets a gradient
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return peft_model
+
+
+def test_lora_gradients_through_the_4bit_base_match_a_full_precision_reference(tmp_path):
+    """After an eval-mode forward (the pass that repacks weights on AVX512-BF16 CPUs), LoRA
+    gradients through the NF4 model equal those of a float32 model holding the dequantised weights."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    source = tiny_model("llama", num_layers=2, hidden_size=128, intermediate_size=256)
+    source.save_pretrained(tmp_path)
+    quantized = load_4bit(tmp_path, "cpu")
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    quantized.eval()
+    with torch.no_grad():
+        quantized(ids)
+    reference = tiny_model("llama", num_layers=2, hidden_size=128, intermediate_size=256)
+    state = reference.state_dict()
+    four_bit = 0
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            assert not getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+            state[name + ".weight"] = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            four_bit += 1
+    assert four_bit == 2 * 7  # every projection of both blocks is 4-bit
+    reference.load_state_dict(state)
+    adapted, expected = lora(quantized), lora(reference)
+    adapted.train(), expected.train()
+    adapted(ids, labels=ids).loss.backward()
+    expected(ids, labels=ids).loss.backward()
+    pairs = [(a, b) for (na, a), (nb, b) in zip(adapted.named_parameters(), expected.named_parameters()) if "lora_" in na]
+    assert len(pairs) == 2 * 3 * 2
+    for got, want in pairs:
+        assert want.grad.abs().sum() > 0
+        assert torch.allclose(got.grad, want.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_an_already_repacked_model_is_refused(tmp_path):
+    tiny_model("llama", num_layers=1).save_pretrained(tmp_path)
+    quantized = load_4bit(tmp_path, "cpu")
+    import bitsandbytes as bnb
+
+    first = next(m for m in quantized.modules() if isinstance(m, bnb.nn.Linear4bit))
+    first.weight.quant_state.packing_format_for_cpu = True  # what bitsandbytes leaves after an in-place repack
+    with pytest.raises(SurgeryError, match="already repacked.*reload the 4-bit model"):
+        disable_cpu_repack(quantized)
+
+
+def c4_settings(**overrides):
+    values = dict(steps=12, seq_len=48, batch_size=4, learning_rate=3e-3, lora_r=8, lora_alpha=16, heldout_samples=8, save_steps=4)
+    return HealSettings(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("quantize", [True, False])
+def test_healing_lowers_held_out_loss_and_merges_into_full_precision(tmp_path, tokenizer, data_dir, quantize):
+    model = tiny_model("qwen2", num_layers=2)
+    result = heal(model, tokenizer, c4_settings(quantize=quantize), tmp_path / "work", data_dir=data_dir)
+    assert result.loss_after < result.loss_before - 0.05, (result.loss_before, result.loss_after)
+    merged = result.model
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    assert result.settings["quantize"] is quantize and len(result.log) == 12
+    assert "c4_validation_2k" in result.data_source and "[500:1500]" in result.data_source
+    # merged weights = base + LoRA delta: the same function as the adapter on a fresh base
+    from peft import PeftModel
+
+    from surgery.models import load_model
+
+    fresh = load_model(str(tmp_path / "work" / "base"), device="cpu", with_tokenizer=False).model
+    with_adapter = PeftModel.from_pretrained(fresh, str(tmp_path / "work" / "adapter")).eval()
+    ids = torch.randint(3, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, with_adapter(ids).logits, atol=1e-4)
+
+
+def test_interrupted_healing_resumes_from_its_last_checkpoint(tmp_path, tokenizer, data_dir, monkeypatch):
+    from transformers import Trainer
+
+    model = tiny_model("llama", num_layers=2)
+    original = Trainer.training_step
+    calls = {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of step 7
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        heal(model, tokenizer, c4_settings(steps=8), tmp_path / "work", data_dir=data_dir)
+    assert (tmp_path / "work" / "checkpoints" / "checkpoint-4").is_dir()
+    monkeypatch.setattr(Trainer, "training_step", original)
+    result = heal(model, tokenizer, c4_settings(steps=8), tmp_path / "work", data_dir=data_dir)
+    assert result.resumed_from.endswith("checkpoint-4")
+    assert [entry["step"] for entry in result.log] == [5, 6, 7, 8]
+
+
+def test_healing_refuses_too_little_text(tmp_path, tokenizer):
+    text = tmp_path / "tiny.txt"
+    text.write_text("too short")
+    with pytest.raises(SurgeryError, match="one document"):
+        heal(tiny_model("llama", num_layers=1), tokenizer, c4_settings(data=str(text)), tmp_path / "work")

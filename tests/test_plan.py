@@ -1,0 +1,124 @@
+"""Removal plans: every strategy at both granularities, budgets, protection, errors."""
+
+import pytest
+
+from surgery.errors import SurgeryError
+from surgery.plan import ALL_STRATEGIES, Target, make_plan, units_of
+from surgery.sublayers import Sublayer, parse_sublayers
+
+LAYERS = 8
+
+
+def parameters(unit):
+    """Attention 100, FFN 300 per block, like a real 1:3 split."""
+    return sum(100 if s.kind == "attn" else 300 for s in unit)
+
+
+def fake_analysis():
+    ids = [f"L{l}.{k}" for l in range(LAYERS) for k in ("attn", "mlp")]
+    # importance rises towards both ends, L0.mlp far above the rest
+    value = {name: 1.0 + abs(3.5 - int(name[1:].split(".")[0])) + (0.5 if name.endswith("mlp") else 0) for name in ids}
+    value["L0.mlp"] = 50.0
+    distances = [[0.5 - 0.01 * n + 0.02 * abs(4 - start) for start in range(LAYERS - n + 1)] for n in range(1, LAYERS + 1)]
+    return {
+        "players": ids,
+        "shapley": {"values": value},
+        "ablation": {name: {"drop": v / 2} for name, v in value.items()},
+        "block_ablation": {f"L{l}": {"drop": value[f"L{l}.attn"] + value[f"L{l}.mlp"]} for l in range(LAYERS)},
+        "block_influence": {"blocks": {f"L{l}": value[f"L{l}.attn"] for l in range(LAYERS)}, "sublayers": value},
+        "angular": {"distances": distances},
+    }
+
+
+def plan(strategy, granularity="block", remove="25%", **kwargs):
+    value_after = kwargs.pop("value_after", lambda removed: -sum(parameters((s,)) for s in removed) / 1000)
+    return make_plan(strategy, granularity, Target.parse(remove), LAYERS, parameters, analysis=fake_analysis(),
+                     value_after=value_after, **kwargs)
+
+
+@pytest.mark.parametrize("granularity", ["block", "sublayer"])
+@pytest.mark.parametrize("strategy", [s for s in ALL_STRATEGIES if s != "angular"])
+def test_every_strategy_meets_the_budget_at_both_granularities(strategy, granularity):
+    result = plan(strategy, granularity)
+    assert result.fraction == pytest.approx(0.25, abs=0.07)
+    assert len(set(result.units)) == len(result.units)
+    if granularity == "block":
+        layers = {u.layer for u in result.units}
+        assert len(result.units) == 2 * len(layers)
+
+
+def test_score_strategies_remove_the_least_valuable_first():
+    assert plan("shapley", remove="2").units == parse_sublayers("L3,L4")
+    assert plan("shapley", "sublayer", remove="2").units == parse_sublayers("L3.attn,L4.attn")
+    assert plan("ablation", remove="1").units == parse_sublayers("L3")
+    assert plan("bi", "sublayer", remove="1").units == parse_sublayers("L3.attn")
+
+
+def test_last_never_takes_the_final_block():
+    assert plan("last", remove="2").units == parse_sublayers("L5,L6")
+    assert plan("last", "sublayer", remove="3").units == parse_sublayers("L5.mlp,L6")
+
+
+def test_angular_takes_the_most_similar_contiguous_run():
+    result = plan("angular", remove="3")
+    assert result.units == parse_sublayers("L4-L6")  # the fake distances are lowest for runs starting at L4
+    with pytest.raises(SurgeryError, match="--granularity block"):
+        plan("angular", "sublayer")
+
+
+def test_random_is_seeded():
+    assert plan("random", seed=1).units == plan("random", seed=1).units
+    assert plan("random", "sublayer", seed=1).units != plan("random", "sublayer", seed=2).units
+
+
+def test_iterative_rescoring_changes_with_what_was_removed():
+    """A value function with an interaction: once L2 goes, L5 becomes expensive. Greedy re-scoring
+    sees it; a one-shot ranking would not."""
+
+    def value_after(removed):
+        layers = {s.layer for s in removed}
+        penalty = {2: 1.0, 5: 1.5, 6: 2.0, 3: 2.5}
+        cost = sum(penalty.get(l, 5.0) for l in layers)
+        if 2 in layers and 5 in layers:
+            cost += 10
+        return -cost
+
+    result = plan("iterative", remove="2", value_after=value_after)
+    assert result.units == parse_sublayers("L2,L6")
+
+
+def test_protected_units_are_never_removed_and_impossible_targets_say_how_much_is_removable():
+    protected = parse_sublayers("L3,L4.attn")
+    result = plan("shapley", remove="2", protected=protected)
+    assert not set(result.units) & set(protected)
+    assert result.units == parse_sublayers("L2,L5")
+    with pytest.raises(SurgeryError, match="only 75.0% of decoder parameters are removable"):
+        plan("shapley", "block", remove="80%", protected=parse_sublayers("L0.attn,L1.attn"))
+    with pytest.raises(SurgeryError, match="6 are"):
+        plan("shapley", remove="7", protected=parse_sublayers("L0,L1.mlp"))
+    with pytest.raises(SurgeryError, match="L0.mlp is protected"):
+        plan("shapley", remove="L0-L1", protected=parse_sublayers("L0.mlp"))
+
+
+def test_explicit_ids_are_taken_as_given():
+    result = plan("shapley", remove="L1,L6.attn")
+    assert result.strategy == "explicit" and result.units == parse_sublayers("L1,L6.attn")
+
+
+@pytest.mark.parametrize("text, message", [("0", "removes nothing"), ("0%", "above 0%"), ("100%", "below 100%"),
+                                           ("150%", "below 100%"), ("L2-L1", "runs backwards")])
+def test_bad_targets(text, message):
+    with pytest.raises(SurgeryError, match=message):
+        Target.parse(text)
+
+
+def test_unknown_strategy_and_granularity():
+    with pytest.raises(SurgeryError, match="unknown strategy 'magic'.*iterative"):
+        plan("magic")
+    with pytest.raises(SurgeryError, match="unknown granularity"):
+        plan("shapley", "layer")
+
+
+def test_units_of_granularities():
+    assert units_of(2, "block") == [(Sublayer(0, "attn"), Sublayer(0, "mlp")), (Sublayer(1, "attn"), Sublayer(1, "mlp"))]
+    assert len(units_of(3, "sublayer")) == 6

@@ -1,0 +1,204 @@
+"""surgery prune end to end on tiny models, recipes, faults, and surgery push."""
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from surgery.cli import main
+from surgery.export import read_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["--samples", "2", "--seq-len", "32", "--max-removed", "2", "--eval-tasks", "piqa", "--eval-limit", "4",
+        "--eval-ppl", "wikitext2", "--eval-ppl-windows", "2", "--no-eval-speed", "--device", "cpu"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def source(tiny_folder):
+    folder, _ = tiny_folder("qwen2", num_layers=6)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+
+
+def test_prune_heal_export_report(source, tmp_path, data_dir):
+    out = tmp_path / "pruned"
+    result = run("prune", source, "--out", out, "--strategy", "shapley", "--granularity", "sublayer", "--remove", "25%",
+                 "--keep-cornerstones", "--protect", "L5.attn", "--heal", "--heal-steps", "4", "--heal-seq-len", "32",
+                 "--heal-batch-size", "2", "--data-dir", data_dir, *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["evaluations"]) == {"source", "pruned", "healed"}
+    plan = report["plan"]
+    assert "L5.attn" in plan["protected"] and "L5.attn" not in plan["removed"]
+    for cornerstone in report["analysis"]["cornerstones"]:
+        assert cornerstone["id"] not in plan["removed"]
+    assert plan["fraction_of_decoder_parameters"] == pytest.approx(0.25, abs=0.1)
+    assert report["healing"]["loss_after"] < report["healing"]["loss_before"]
+    assert {"source", "plan", "timings", "versions"} <= set(report)
+    markdown = (out / "report.md").read_text()
+    for section in ("## Plan", "## Healing", "## Before and after", "## Plots", "removal_map.png"):
+        assert section in markdown
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert "pruned" in meta["tags"] and meta["pipeline_tag"] == "text-generation" and meta["datasets"] == ["allenai/c4"]
+    manifest = read_manifest(out)  # every file, report and card included, is covered by the checksums
+    assert {"README.md", "report.json", "report.md", "removal_map.png"} <= set(manifest["files"])
+    assert manifest["plan"]["strategy"] == "shapley" and manifest["healing"]["steps"] == 4
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the working folder is gone
+
+
+@pytest.mark.parametrize("strategy", ["last", "random", "angular", "ablation", "bi", "iterative"])
+def test_each_strategy_runs_through_the_command(source, tmp_path, data_dir, strategy):
+    out = tmp_path / strategy
+    result = run("prune", source, "--out", out, "--strategy", strategy, "--remove", "2", "--data-dir", data_dir,
+                 "--eval-tasks", "none", *FAST[:6], "--eval-ppl", "none", "--no-eval-speed", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert manifest["plan"]["strategy"] == strategy and len(manifest["removed"]) == 4
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4  # plain transformers
+
+
+def test_a_saved_analysis_is_reused(source, tmp_path, data_dir):
+    args = ["--strategy", "shapley", "--remove", "1", "--analysis", tmp_path / "analysis", "--data-dir", data_dir,
+            "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed", *FAST[:6], "--device", "cpu"]
+    assert run("prune", source, "--out", tmp_path / "a", *args).exit_code == 0
+    assert not json.loads((tmp_path / "a" / "report.json").read_text())["analysis"]["reused"]
+    assert run("prune", source, "--out", tmp_path / "b", *args).exit_code == 0
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["analysis"]["reused"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--remove", "0"], "removes nothing"),
+        (["--remove", "100%"], "below 100%"),
+        (["--remove", "6"], "asks for more blocks than are removable"),
+        (["--remove", "L9"], "out of range"),
+        (["--protect", "L0-L5", "--remove", "10%"], "cannot be met"),
+    ],
+)
+def test_bad_targets_exit_2_and_write_nothing(source, tmp_path, data_dir, args, message):
+    result = run("prune", source, "--out", tmp_path / "out", "--strategy", "last", "--data-dir", data_dir, *args,
+                 "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed", "--device", "cpu")
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_strategy_is_refused_by_the_command(source, tmp_path):
+    result = CliRunner().invoke(main, ["prune", str(source), "--out", str(tmp_path / "o"), "--strategy", "magic"])
+    assert result.exit_code == 2 and "'magic' is not one of" in result.output
+
+
+def test_missing_calibration_data_fails_before_any_work(source, tmp_path):
+    empty = tmp_path / "empty-data"
+    empty.mkdir()
+    result = run("prune", source, "--out", tmp_path / "out", "--strategy", "shapley", "--data-dir", empty, "--device", "cpu")
+    assert result.exit_code == 2 and "c4_validation_2k.jsonl.gz not in" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_while_exporting_leaves_no_folder(source, tmp_path, data_dir, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    result = run("prune", source, "--out", tmp_path / "out", "--strategy", "last", "--remove", "1", "--data-dir", data_dir,
+                 "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed", "--device", "cpu")
+    assert result.exit_code == 2 and "no space left on the device" in result.output
+    assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == [source.name]
+
+
+# ------------------------------------------------------------------ recipes
+
+
+def test_every_shipped_recipe_is_valid():
+    from surgery.cli import prune
+    from surgery.recipe import apply_recipe
+
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 4
+    for path in recipes:
+        ctx = prune.make_context("prune", [], resilient_parsing=True)
+        values = apply_recipe(ctx, path)
+        assert values["model"] and values["strategy"] in ("shapley", "angular", "iterative", "ablation", "bi", "last", "random")
+
+
+def test_recipe_errors_and_command_line_overrides(source, tmp_path, data_dir):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(source), "out": str(tmp_path / "from-recipe"), "strategy": "last",
+                                      "remove": "1", "eval_tasks": "none", "eval_ppl": "none", "eval_speed": False}))
+    result = run("prune", "--recipe", recipe, "--remove", "2", "--data-dir", data_dir, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert len(read_manifest(tmp_path / "from-recipe")["removed"]) == 4  # --remove 2 beat the recipe's 1
+
+    recipe.write_text("strategi: last\n")
+    result = run("prune", "--recipe", recipe)
+    assert result.exit_code == 2 and "unknown key 'strategi' (did you mean 'strategy'?)" in result.output
+    recipe.write_text("strategy: magic\n")
+    result = run("prune", "--recipe", recipe)
+    assert result.exit_code == 2 and "strategy" in result.output and "magic" in result.output
+    recipe.write_text("heal_steps: [1, 2\n")
+    result = run("prune", "--recipe", recipe)
+    assert result.exit_code == 2 and "not valid YAML" in result.output
+
+
+# ------------------------------------------------------------------ push
+
+
+@pytest.fixture
+def export(source, tmp_path, data_dir):
+    out = tmp_path / "export"
+    assert run("prune", source, "--out", out, "--strategy", "last", "--remove", "1", "--data-dir", data_dir,
+               "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed", "--device", "cpu").exit_code == 0
+    return out
+
+
+def test_push_dry_run_lists_exactly_the_export(export):
+    result = run("push", export, "--repo-id", "someone/tiny-pruned", "--dry-run")
+    assert result.exit_code == 0
+    listed = result.output.strip().splitlines()[-len(list(export.iterdir())):]
+    assert sorted(listed) == sorted(p.name for p in export.iterdir())
+    assert "README.md" in listed and "surgery.json" in listed and "model.safetensors" in listed
+
+
+def test_push_refuses_what_is_not_a_verified_export(export, tmp_path, monkeypatch):
+    assert "USER/NAME" in run("push", export, "--repo-id", "no-slash").output
+    (export / "notes.txt").write_text("scratch")
+    result = run("push", export, "--repo-id", "someone/x", "--dry-run")
+    assert result.exit_code == 2 and "not part of the verified export (notes.txt)" in result.output
+    (export / "notes.txt").unlink()
+    (export / "config.json").write_text((export / "config.json").read_text() + " ")
+    result = run("push", export, "--repo-id", "someone/x", "--dry-run")
+    assert result.exit_code == 2 and "changed after export" in result.output
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert "not a surgery export" in run("push", plain, "--repo-id", "someone/x").output
+
+
+def test_push_offline_stops_before_the_network(export, monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value")
+    result = run("push", export, "--repo-id", "someone/tiny-pruned")
+    assert result.exit_code == 2 and "not reachable" in result.output
+    assert "hf_secret_token_value" not in result.output
