@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 # The main job on the built-in default model and the shared data.
 demo: setup
-	SURGERY_DATA_DIR=$(DATA) $(BIN)/surgery cut smollm2-135m --remove L20-L23,L5.attn --out runs/smollm2-cut --force
+	SURGERY_DATA_DIR=$(DATA) $(BIN)/surgery prune --recipe recipes/smollm2-cpu-demo.yaml --force
 
 # The whole test suite, offline, two workers with one torch thread each.
 test: setup

@@ -151,14 +151,20 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
                               "command": settings.command, "settings": settings.describe(),
                               "source": loaded.source.describe(), "evaluations": {}, "timings": {}}
     work = _work_folder(out)
+
+    def step(text: str) -> None:  # a line per stage: visible in logs too, where live bars are not drawn
+        console.print(f"[bold cyan][{time.perf_counter() - started:6.0f}s][/] {text}")
+
     with progress_bar() as bar:
         clock = time.perf_counter()
+        step(f"evaluating the source model ({layers} blocks)")
         report["evaluations"]["source"] = _evaluate("source", loaded.model, loaded.tokenizer, settings, loaded.source.path, bar)
         report["timings"]["evaluate_source_seconds"] = time.perf_counter() - clock
 
         analysis = None
         if methods:
             clock = time.perf_counter()
+            step(f"analysis: {', '.join(methods)}")
             analysis = ensure_analysis(loaded, settings, methods, bar)
             report["timings"]["analysis_seconds"] = time.perf_counter() - clock
             report["analysis"] = {"folder": analysis["folder"], "reused": analysis["reused"], "key": analysis["key"],
@@ -170,6 +176,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
         clock = time.perf_counter()
         unit_parameters = _parameter_counter(loaded.model, loaded.arch)
         value_after = _iterative_value(loaded, settings) if settings.strategy == "iterative" and not target.ids else None
+        step(f"planning: strategy {settings.strategy}, {settings.granularity} granularity, target {target.describe()}")
         plan_task = bar.add_task("planning", total=None)
         plan = make_plan(settings.strategy, settings.granularity, target, layers, unit_parameters, analysis=analysis,
                          protected=protected, seed=settings.seed, value_after=value_after,
@@ -180,17 +187,18 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
             plan.notes.append("cornerstones found by the analysis: " + ", ".join(c["id"] for c in analysis["cornerstones"]))
         report["plan"] = plan.describe()
         report["timings"]["plan_seconds"] = time.perf_counter() - clock
-        console.print(f"removing {plan.describe()['removed_compact']} ({100 * plan.fraction:.1f}% of decoder parameters, "
-                      f"strategy {plan.strategy})")
+        step(f"removing {plan.describe()['removed_compact']} ({100 * plan.fraction:.1f}% of decoder parameters)")
 
         cut_result = cut(loaded.model, plan.units)
         model = loaded.model
+        step("evaluating the pruned model")
         report["evaluations"]["pruned"] = _evaluate("pruned", model, loaded.tokenizer, settings, None, bar)
 
         if settings.heal:
             from surgery.heal import heal
 
             clock = time.perf_counter()
+            step(f"healing: {'QLoRA' if settings.healing.quantize else 'LoRA'}, {settings.healing.steps} steps")
             device = str(next(model.parameters()).device)
             healed = heal(model, loaded.tokenizer, settings.healing, work, data_dir=settings.analysis.data_dir,
                           device=device, progress=bar)
@@ -199,6 +207,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
                                  "loss_before": healed.loss_before, "loss_after": healed.loss_after,
                                  "seconds": healed.seconds, "log": healed.log, "resumed_from": healed.resumed_from}
             report["timings"]["heal_seconds"] = time.perf_counter() - clock
+            step(f"held-out loss {healed.loss_before:.4f} -> {healed.loss_after:.4f}; evaluating the healed model")
             report["evaluations"]["healed"] = _evaluate("healed", model, loaded.tokenizer, settings, None, bar)
 
         report["versions"] = versions()
@@ -208,6 +217,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
                   "parameters": {"before": cut_result.parameters_before, "after": cut_result.parameters_after,
                                  "removed": cut_result.parameters_before - cut_result.parameters_after},
                   "healing": report.get("healing", {}).get("settings")}
+        step(f"exporting to {out} and verifying the reload")
         export_task = bar.add_task("exporting and verifying", total=None)
         exported = export_checkpoint(model, loaded.tokenizer, out, record=record, force=settings.force,
                                      protected=[source.path], copy_from=source.path,

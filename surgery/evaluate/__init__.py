@@ -38,10 +38,11 @@ class EvalSettings:
     data_dir: Path | None = None
     text_field: str | None = None
     keep_items: bool = False  # store per-item correctness (for paired comparisons)
+    items_offset: int = 0  # evaluate items [offset, offset + limit) instead of the first `limit`
 
     def describe(self) -> dict[str, Any]:
         return {
-            "tasks": list(self.tasks), "limit": self.limit, "num_fewshot": self.num_fewshot,
+            "tasks": list(self.tasks), "limit": self.limit, "items_offset": self.items_offset, "num_fewshot": self.num_fewshot,
             "batch_size": self.batch_size, "seed": self.seed, "data_dir": str(self.data_dir) if self.data_dir else None,
             "perplexity": {"corpora": list(self.perplexity), **self.perplexity_protocol.describe()},
             "speed": asdict(self.speed_protocol) if self.speed else None,
@@ -148,7 +149,15 @@ class TaskSuite:
         import lm_eval
 
         lm = _progress_lm(model, tokenizer, self.settings.batch_size, bar)
-        raw = lm_eval.evaluate(lm=lm, task_dict=self.loaded, limit=self.settings.limit, bootstrap_iters=1000,
+        limit, samples = self.settings.limit, None
+        if self.settings.items_offset:
+            if limit is None:
+                from surgery.errors import SurgeryError
+
+                raise SurgeryError("an item offset needs a limit: give both")
+            window = list(range(self.settings.items_offset, self.settings.items_offset + limit))
+            limit, samples = None, {name: window for name in self.loaded["tasks"]}
+        raw = lm_eval.evaluate(lm=lm, task_dict=self.loaded, limit=limit, samples=samples, bootstrap_iters=1000,
                                log_samples=True, verbosity="ERROR")
         return summarise_tasks(raw, self.settings)
 

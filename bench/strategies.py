@@ -1,0 +1,250 @@
+"""Quality at equal budget on the real SmolLM2-135M (CPU): every strategy of `surgery prune`, block
+and sublayer granularity, 12.5% and 25% of decoder parameters removed, before and after the same
+healing budget, next to the dense model.
+
+    python bench/strategies.py [--workers 2] [--limit 250] [--heal-steps 60]      # resumes where it stopped
+    python bench/strategies.py --spread                                             # the noisiest cell, another seed and item slice
+
+Headline quality (docs/results.md): WikiText-2 and C4 perplexity, and accuracy above chance
+normalised by the dense model's margin, (acc - chance) / (acc_dense - chance), averaged over the
+tasks where the dense model is clearly above chance (margin above three standard errors; chance
+is the majority-class rate for BoolQ). Its standard error comes from the per-item results: all
+models answer the same items, so differences between strategies are also given with paired
+standard errors. Every job writes its own JSON under bench/results/strategies/ as it finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+from common import RESULTS, data_dir, protocol, save, setup
+
+OUT = RESULTS / "strategies"
+STRATEGIES = ("last", "angular", "bi", "random", "ablation", "shapley", "iterative")
+FRACTIONS = (0.125, 0.25)
+TASKS = ("boolq", "piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
+def configurations() -> list[tuple[str, str, float]]:
+    configs = []
+    for fraction in FRACTIONS:
+        for granularity in ("block", "sublayer"):
+            for strategy in STRATEGIES:
+                if strategy == "angular" and granularity == "sublayer":
+                    continue  # angular distance ranks runs of whole blocks (Gromov et al.)
+                configs.append((strategy, granularity, fraction))
+    return configs
+
+
+def job_name(strategy: str, granularity: str, fraction: float, tag: str = "") -> str:
+    return f"{strategy}-{granularity}-{int(round(fraction * 1000)):03d}{tag}"
+
+
+def settings_from(args: argparse.Namespace, offset: int = 0):
+    from surgery.evaluate import EvalSettings
+    from surgery.evaluate.perplexity import PerplexityProtocol
+    from surgery.heal import HealSettings
+
+    evaluation = EvalSettings(tasks=TASKS, limit=args.limit, perplexity=("wikitext2", "c4"), speed=False,
+                              data_dir=data_dir(), keep_items=True, items_offset=offset,
+                              perplexity_protocol=PerplexityProtocol(windows=args.ppl_windows))
+    healing = HealSettings(steps=args.heal_steps, seq_len=256, batch_size=4, learning_rate=5e-4, lora_r=32, lora_alpha=32,
+                           quantize=False, heldout_samples=16, save_steps=10**6, seed=args.seed)
+    return evaluation, healing
+
+
+def run_job(job: dict) -> str:
+    """One configuration: plan, cut, evaluate, heal, evaluate; written to OUT/<name>.json."""
+    setup(job["threads"])
+    import torch
+
+    from surgery.analysis import AnalysisSettings, calibration_batches, load_analysis
+    from surgery.arch import num_layers
+    from surgery.cut import cut
+    from surgery.evaluate import evaluate_model
+    from surgery.heal import heal
+    from surgery.models import load_model
+    from surgery.plan import Target, make_plan
+    from surgery.prune import _parameter_counter
+    from surgery.scoring.residual import ResidualLoss
+
+    args = argparse.Namespace(**job["args"])
+    evaluation, healing = settings_from(args, job.get("offset", 0))
+    if job.get("heal_seed") is not None:
+        healing.seed = job["heal_seed"]
+    start = time.perf_counter()
+    loaded = load_model("smollm2-135m", device="cpu")
+    model = loaded.model
+    analysis = load_analysis(OUT / "analysis")
+    value_after = None
+    if job["strategy"] == "iterative":
+        batches, _, _ = calibration_batches(loaded.tokenizer, AnalysisSettings(data_dir=data_dir()))
+        residual = ResidualLoss(model, batches)
+        value_after = lambda removed: residual.value(frozenset(s.position for s in removed))  # noqa: E731
+    plan = make_plan(job["strategy"], job["granularity"], Target(fraction=job["fraction"]), num_layers(model),
+                     _parameter_counter(model, loaded.arch), analysis=analysis, seed=args.seed, value_after=value_after,
+                     candidates=args.iterative_candidates)
+    planned = time.perf_counter() - start
+    cut(model, plan.units)
+    result = {"job": job["name"], "plan": plan.describe(), "plan_seconds": planned}
+    result["pruned"] = evaluate_model(model, loaded.tokenizer, evaluation)
+    work = OUT / "work" / job["name"]
+    healed = heal(model, loaded.tokenizer, healing, work, data_dir=data_dir())
+    result["healing"] = {"loss_before": healed.loss_before, "loss_after": healed.loss_after, "seconds": healed.seconds,
+                         "settings": healed.settings}
+    result["healed"] = evaluate_model(healed.model, loaded.tokenizer, evaluation)
+    result["seconds"] = time.perf_counter() - start
+    (OUT / f"{job['name']}.json").write_text(json.dumps(result, indent=1))
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    del model, healed
+    torch.set_num_threads(job["threads"])
+    return job["name"]
+
+
+def dense_job(job: dict) -> str:
+    setup(job["threads"])
+    from surgery.evaluate import evaluate_model
+    from surgery.models import load_model
+
+    args = argparse.Namespace(**job["args"])
+    evaluation, _ = settings_from(args, job.get("offset", 0))
+    loaded = load_model("smollm2-135m", device="cpu")
+    result = {"job": job["name"], "dense": evaluate_model(loaded.model, loaded.tokenizer, evaluation)}
+    (OUT / f"{job['name']}.json").write_text(json.dumps(result, indent=1))
+    return job["name"]
+
+
+def ensure_analysis(args: argparse.Namespace) -> None:
+    """The scores the analysis-based strategies share: `surgery analyze` defaults, all methods."""
+    setup(args.threads)
+    from surgery.analysis import AnalysisSettings, analyze
+    from surgery.models import load_model
+
+    folder = OUT / "analysis"
+    if (folder / "analysis.json").is_file() and json.loads((folder / "analysis.json").read_text()).get("complete"):
+        return
+    loaded = load_model("smollm2-135m", device="cpu")
+    analyze(loaded.model, loaded.tokenizer, AnalysisSettings(data_dir=data_dir()), folder,
+            model_info=loaded.source.describe())
+
+
+# ------------------------------------------------------------------ aggregation
+
+
+def above_chance_tasks(dense: dict) -> list[str]:
+    chosen = []
+    for task, entry in dense["tasks"].items():
+        metric = "acc"
+        if entry[metric] - entry["chance"] > 3 * entry[f"{metric}_stderr"]:
+            chosen.append(task)
+    return chosen
+
+
+def normalised(results: dict, dense: dict, tasks: list[str]) -> tuple[float, float]:
+    """Mean over `tasks` of (acc - chance) / (acc_dense - chance), in percent, and its standard error
+    from the items (dense margins taken as fixed)."""
+    values, variances = [], []
+    for task in tasks:
+        margin = dense["tasks"][task]["acc"] - dense["tasks"][task]["chance"]
+        items = results["tasks"][task]["items"]
+        acc = sum(items) / len(items)
+        values.append((acc - dense["tasks"][task]["chance"]) / margin)
+        variances.append(acc * (1 - acc) / (len(items) - 1) / margin**2)
+    mean = sum(values) / len(values)
+    return 100 * mean, 100 * math.sqrt(sum(variances)) / len(values)
+
+
+def paired_difference(a: dict, b: dict, dense: dict, tasks: list[str]) -> tuple[float, float]:
+    """Normalised score of a minus b, in points, with the standard error of the paired item differences."""
+    diffs, variances = [], []
+    for task in tasks:
+        margin = dense["tasks"][task]["acc"] - dense["tasks"][task]["chance"]
+        x, y = a["tasks"][task]["items"], b["tasks"][task]["items"]
+        d = [(p - q) / margin for p, q in zip(x, y)]
+        mean = sum(d) / len(d)
+        diffs.append(mean)
+        variances.append(sum((v - mean) ** 2 for v in d) / (len(d) - 1) / len(d))
+    return 100 * sum(diffs) / len(diffs), 100 * math.sqrt(sum(variances)) / len(diffs)
+
+
+def aggregate(args: argparse.Namespace) -> dict:
+    dense = json.loads((OUT / "dense.json").read_text())["dense"]
+    tasks = above_chance_tasks(dense)
+    rows = []
+    for strategy, granularity, fraction in configurations():
+        path = OUT / f"{job_name(strategy, granularity, fraction)}.json"
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        row = {"strategy": strategy, "granularity": granularity, "target": fraction,
+               "removed_fraction": data["plan"]["fraction_of_decoder_parameters"], "removed": data["plan"]["removed_compact"],
+               "heal_loss": [data["healing"]["loss_before"], data["healing"]["loss_after"]]}
+        for stage in ("pruned", "healed"):
+            score, stderr = normalised(data[stage], dense, tasks)
+            row[stage] = {"normalised_accuracy": score, "normalised_stderr": stderr,
+                          "wikitext2_ppl": data[stage]["perplexity"]["wikitext2"]["perplexity"],
+                          "c4_ppl": data[stage]["perplexity"]["c4"]["perplexity"],
+                          "tasks": {t: {"acc": data[stage]["tasks"][t]["acc"], "stderr": data[stage]["tasks"][t]["acc_stderr"]}
+                                    for t in TASKS}}
+        rows.append(row)
+    summary = {"dense": {"wikitext2_ppl": dense["perplexity"]["wikitext2"]["perplexity"],
+                         "c4_ppl": dense["perplexity"]["c4"]["perplexity"],
+                         "tasks": {t: {"acc": e["acc"], "stderr": e["acc_stderr"], "chance": e["chance"],
+                                       "chance_kind": e["chance_kind"], "n": e["n"]} for t, e in dense["tasks"].items()}},
+               "above_chance_tasks": tasks, "rows": rows}
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--limit", type=int, default=250)
+    parser.add_argument("--ppl-windows", type=int, default=32)
+    parser.add_argument("--heal-steps", type=int, default=60)
+    parser.add_argument("--iterative-candidates", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--spread", action="store_true", help="rerun the noisiest cell with another seed and item slice")
+    parser.add_argument("--aggregate-only", action="store_true")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    common = {"threads": args.threads, "args": vars(args)}
+    if not args.aggregate_only:
+        ensure_analysis(argparse.Namespace(threads=args.workers * args.threads))
+        jobs = []
+        if not (OUT / "dense.json").is_file():
+            jobs.append({**common, "name": "dense", "kind": "dense"})
+        for strategy, granularity, fraction in configurations():
+            name = job_name(strategy, granularity, fraction)
+            if not (OUT / f"{name}.json").is_file():
+                jobs.append({**common, "name": name, "kind": "prune", "strategy": strategy, "granularity": granularity,
+                             "fraction": fraction})
+        # the slowest (iterative) first, so the pool does not end on one long job
+        jobs.sort(key=lambda j: (j["kind"] != "dense", j.get("strategy") != "iterative"))
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(args.workers, maxtasksperchild=1) as pool:
+            for name in pool.imap_unordered(_dispatch, jobs):
+                print(f"[{time.perf_counter() - started:6.0f}s] done {name}", flush=True)
+    summary = aggregate(args)
+    summary["protocol"] = protocol(limit=args.limit, ppl_windows=args.ppl_windows, heal_steps=args.heal_steps,
+                                   workers=args.workers, threads_per_worker=args.threads, seed=args.seed,
+                                   iterative_candidates=args.iterative_candidates, seconds=time.perf_counter() - started)
+    save("strategies", summary)
+
+
+def _dispatch(job: dict) -> str:
+    os.environ["OMP_NUM_THREADS"] = str(job["threads"])
+    return dense_job(job) if job["kind"] == "dense" else run_job(job)
+
+
+if __name__ == "__main__":
+    main()

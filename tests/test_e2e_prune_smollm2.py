@@ -1,0 +1,50 @@
+"""End to end on the real SmolLM2-135M with small budgets: prune 25% keeping the cornerstones,
+heal with QLoRA on C4, export, reload with plain transformers, check the report."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from surgery.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_prune_smollm2_quarter_with_cornerstones_and_healing(smollm2_folder, data_dir, tmp_path):
+    out = tmp_path / "smollm2-pruned"
+    args = ["prune", "smollm2-135m", "--out", str(out), "--remove", "25%", "--keep-cornerstones", "--heal",
+            "--strategy", "shapley", "--granularity", "block",
+            "--samples", "2", "--seq-len", "128", "--max-removed", "1", "--analysis", str(tmp_path / "analysis"),
+            "--heal-steps", "12", "--heal-seq-len", "128", "--heal-batch-size", "4", "--heal-lr", "5e-4",
+            "--eval-tasks", "arc_easy", "--eval-limit", "20", "--eval-ppl", "wikitext2", "--eval-ppl-windows", "4",
+            "--no-eval-speed", "--data-dir", str(data_dir), "--device", "cpu"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+    report = json.loads((out / "report.json").read_text())
+    plan = report["plan"]
+    cornerstones = {c["id"] for c in report["analysis"]["cornerstones"]}
+    assert "L0.mlp" in cornerstones  # removing it alone takes the loss past a uniform guess
+    assert not cornerstones & set(plan["removed"])
+    assert plan["fraction_of_decoder_parameters"] == pytest.approx(0.25, abs=0.02)
+    assert report["healing"]["loss_after"] < report["healing"]["loss_before"]
+    assert set(report["evaluations"]) == {"source", "pruned", "healed"}
+    ppl = {stage: report["evaluations"][stage]["perplexity"]["wikitext2"]["perplexity"] for stage in report["evaluations"]}
+    assert ppl["source"] < ppl["pruned"] and ppl["healed"] < ppl["pruned"]
+    for section in ("## Plan", "## Healing", "## Before and after", "## Plots"):
+        assert section in (out / "report.md").read_text()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()  # whole blocks: a standard checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_hidden_layers == 30 - len(plan["removed"]) // 2
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > prompt.input_ids.shape[1]
+    from surgery.export import read_manifest
+
+    assert read_manifest(out)["verified"]["loader"] == "transformers"
