@@ -2,11 +2,16 @@
 default calibration set, and the speed-up of the prefix cache over evaluating every coalition from
 the embeddings, measured in the same run on the same coalitions.
 
-    python bench/analysis_cost.py [--threads 2] [--sample-every 4]
+    python bench/analysis_cost.py [--threads 2] [--sample-every 4] [--skip-sweeps]
 
-The naive path costs about 10 s a coalition here, so it runs on every k-th coalition of the
+The naive path costs several seconds a coalition here, so it runs on every k-th coalition of the
 Shapley run (--max-removed 4), stratified over run length and position; the prefix path is timed
 on exactly those coalitions, interleaved with the naive ones so machine noise hits both alike.
+
+No cache can skip the output layer, so the speed-up is bounded by its share of a forward pass
+(SmolLM2's 49,152-token vocabulary makes it large). The script measures that share, the bound it
+implies, and the speed-up on random models with SmolLM2's body and smaller vocabularies. It also
+reports how the cost grows with layers and calibration tokens on tiny models (8, 16, 32 layers).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sample-every", type=int, default=4)
+    parser.add_argument("--skip-sweeps", action="store_true", help="only the SmolLM2 measurements")
     args = parser.parse_args()
     threads = setup(args.threads)
 
@@ -77,6 +83,8 @@ def main() -> None:
             max_diff = max(max_diff, abs(a - b))
 
     speedup = sum(naive_times) / sum(prefix_times)
+    head = head_share(model, batches)
+    fraction = mean_suffix_fraction(players, settings.max_removed)
     results |= {
         "threads": threads,
         "reference_pass": {"seconds": reference.seconds, "peak_rss_bytes": reference.peak, "state_cache_bytes": state_bytes},
@@ -89,13 +97,111 @@ def main() -> None:
             "prefix_seconds": sum(prefix_times), "speedup": speedup,
             "naive_median_seconds": statistics.median(naive_times), "prefix_median_seconds": statistics.median(prefix_times),
             "max_abs_value_difference": max_diff, "target": 1.7,
+            "output_layer_share": head, "mean_blocks_run_fraction": fraction,
+            "bound": 1 / ((1 - head) * fraction + head),
         },
     }
+    if not args.skip_sweeps:
+        results["vocabulary_sweep"] = vocabulary_sweep(model.config, batches, args.sample_every * 2)
+        results["scaling"] = scaling_table()
     results["protocol"] = protocol()
     print(f"reference pass {reference.seconds:.1f}s, ablation {results['ablation']['seconds']:.0f}s, "
           f"shapley {results['shapley']['seconds']:.0f}s, prefix-cache speed-up {speedup:.2f}x "
           f"(max value difference {max_diff:.2g})")
     save("analysis_cost", results)
+
+
+def head_share(model, batches) -> float:
+    """Share of a full evaluation spent in the output layer and loss (median of 3)."""
+    import torch
+
+    from surgery.evaluate.perplexity import final_hidden, token_nll
+
+    body, head = [], []
+    with torch.no_grad():
+        for _ in range(3):
+            start = time.perf_counter()
+            hidden = [final_hidden(model, ids) for ids in batches]
+            body.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for h, ids in zip(hidden, batches):
+                token_nll(model, h, ids)
+            head.append(time.perf_counter() - start)
+    return statistics.median(head) / (statistics.median(head) + statistics.median(body))
+
+
+def mean_suffix_fraction(players: int, max_removed: int) -> float:
+    """Mean share of the blocks a neighbourhood coalition still runs (an MLP-only first block counts 3/4)."""
+    layers = players // 2
+    fractions = []
+    for length in range(1, max_removed + 1):
+        for start in range(players - length + 1):
+            resume = start + length
+            fractions.append(((layers - resume // 2) - (0.25 if resume % 2 else 0)) / layers)
+    return sum(fractions) / len(fractions)
+
+
+def speedup_on(model, batches, every: int, max_removed: int = 4) -> dict:
+    from surgery.scoring.residual import ResidualLoss
+    from surgery.scoring.shapley import neighbourhood_windows
+
+    players = 2 * model.config.num_hidden_layers
+    sample = [w for w in neighbourhood_windows(players, max_removed) if w][::every]
+    fast, slow = ResidualLoss(model, batches), ResidualLoss(model, batches, prefix_cache=False)
+    fast_time = slow_time = 0.0
+    for window in sample:
+        start = time.perf_counter()
+        fast.value(window)
+        fast_time += time.perf_counter() - start
+        start = time.perf_counter()
+        slow.value(window)
+        slow_time += time.perf_counter() - start
+    return {"coalitions": len(sample), "speedup": slow_time / fast_time, "output_layer_share": head_share(model, batches)}
+
+
+def vocabulary_sweep(config, batches, every: int) -> list[dict]:
+    """SmolLM2's body (random weights) with smaller vocabularies: speed does not depend on the weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    rows = []
+    for vocab in (49152, 16384, 4096):
+        values = {**config.to_dict(), "vocab_size": vocab}
+        values.pop("quantization_config", None)
+        model = AutoModelForCausalLM.from_config(type(config)(**values), dtype=torch.float32).eval()
+        ids = [b % vocab for b in batches]
+        with torch.no_grad():
+            rows.append({"vocab_size": vocab, **speedup_on(model, ids, every)})
+        print(f"vocabulary {vocab}: speed-up {rows[-1]['speedup']:.2f}x, output layer {100 * rows[-1]['output_layer_share']:.0f}%")
+    return rows
+
+
+def scaling_table() -> list[dict]:
+    """Shapley (--max-removed 4) cost on tiny Llama models: layers x calibration tokens."""
+    import torch
+
+    from surgery.scoring.residual import ResidualLoss
+    from surgery.scoring.shapley import neighbourhood_windows
+    from surgery.tiny import tiny_model
+
+    rows = []
+    for layers in (8, 16, 32):
+        model = tiny_model("llama", num_layers=layers, hidden_size=256, intermediate_size=768, num_attention_heads=8,
+                           num_key_value_heads=4, head_dim=32)
+        for tokens in (1024, 4096):
+            batches = list(torch.randint(3, 300, (tokens // 128, 128), generator=torch.Generator().manual_seed(0)).split(8))
+            with torch.no_grad():
+                start = time.perf_counter()
+                residual = ResidualLoss(model, batches)
+                windows = [w for w in neighbourhood_windows(2 * layers, 4) if w]
+                for window in windows:
+                    residual.value(window)
+                seconds = time.perf_counter() - start
+            states = sum(t.numel() * t.element_size() for b in residual._states for t in b)
+            rows.append({"layers": layers, "tokens": tokens, "evaluations": len(windows), "seconds": seconds,
+                         "state_cache_bytes": states})
+            print(f"{layers} layers, {tokens} tokens: {len(windows)} coalitions in {seconds:.1f}s")
+    return rows
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common import RESULTS, data_dir, protocol, save, setup
 
-OUT = RESULTS / "strategies"
+OUT = RESULTS / "strategies"  # --out changes it (smoke runs)
 STRATEGIES = ("last", "angular", "bi", "random", "ablation", "shapley", "iterative")
 FRACTIONS = (0.125, 0.25)
 TASKS = ("boolq", "piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -46,15 +46,15 @@ def job_name(strategy: str, granularity: str, fraction: float, tag: str = "") ->
     return f"{strategy}-{granularity}-{int(round(fraction * 1000)):03d}{tag}"
 
 
-def settings_from(args: argparse.Namespace, offset: int = 0):
+def settings_from(args: argparse.Namespace, offset: int = 0, limit: int | None = None):
     from surgery.evaluate import EvalSettings
     from surgery.evaluate.perplexity import PerplexityProtocol
     from surgery.heal import HealSettings
 
-    evaluation = EvalSettings(tasks=TASKS, limit=args.limit, perplexity=("wikitext2", "c4"), speed=False,
+    evaluation = EvalSettings(tasks=TASKS, limit=limit or args.limit, perplexity=("wikitext2", "c4"), speed=False,
                               data_dir=data_dir(), keep_items=True, items_offset=offset,
                               perplexity_protocol=PerplexityProtocol(windows=args.ppl_windows))
-    healing = HealSettings(steps=args.heal_steps, seq_len=256, batch_size=4, learning_rate=5e-4, lora_r=32, lora_alpha=32,
+    healing = HealSettings(steps=args.heal_steps, seq_len=256, batch_size=2, learning_rate=1e-3, lora_r=32, lora_alpha=32,
                            quantize=False, heldout_samples=16, save_steps=10**6, seed=args.seed)
     return evaluation, healing
 
@@ -75,6 +75,7 @@ def run_job(job: dict) -> str:
     from surgery.scoring.residual import ResidualLoss
 
     args = argparse.Namespace(**job["args"])
+    _use_out(args)
     evaluation, healing = settings_from(args, job.get("offset", 0))
     if job.get("heal_seed") is not None:
         healing.seed = job["heal_seed"]
@@ -86,7 +87,7 @@ def run_job(job: dict) -> str:
     if job["strategy"] == "iterative":
         batches, _, _ = calibration_batches(loaded.tokenizer, AnalysisSettings(data_dir=data_dir()))
         residual = ResidualLoss(model, batches)
-        value_after = lambda removed: residual.value(frozenset(s.position for s in removed))  # noqa: E731
+        value_after = _shared_values(residual, OUT / f"iterative-values-{job['granularity']}.jsonl")
     plan = make_plan(job["strategy"], job["granularity"], Target(fraction=job["fraction"]), num_layers(model),
                      _parameter_counter(model, loaded.arch), analysis=analysis, seed=args.seed, value_after=value_after,
                      candidates=args.iterative_candidates)
@@ -109,13 +110,38 @@ def run_job(job: dict) -> str:
     return job["name"]
 
 
+def _shared_values(residual, path: Path):
+    """The iterative strategy's value function with its values kept on disk: the 12.5% run walks
+    the same greedy path as the 25% run, so it reads instead of recomputing."""
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            residual.remember(frozenset(record["removed"]), record["value"])
+
+    def value_after(removed) -> float:
+        key = frozenset(s.position for s in removed)
+        known = residual.known(key)
+        if known is not None:
+            return known
+        value = residual.value(key)
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"removed": sorted(key), "value": value}) + "\n")
+        return value
+
+    return value_after
+
+
 def dense_job(job: dict) -> str:
     setup(job["threads"])
     from surgery.evaluate import evaluate_model
     from surgery.models import load_model
 
     args = argparse.Namespace(**job["args"])
-    evaluation, _ = settings_from(args, job.get("offset", 0))
+    _use_out(args)
+    evaluation, _ = settings_from(args, job.get("offset", 0), job.get("limit"))
     loaded = load_model("smollm2-135m", device="cpu")
     result = {"job": job["name"], "dense": evaluate_model(loaded.model, loaded.tokenizer, evaluation)}
     (OUT / f"{job['name']}.json").write_text(json.dumps(result, indent=1))
@@ -139,18 +165,17 @@ def ensure_analysis(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ aggregation
 
 
-def above_chance_tasks(dense: dict) -> list[str]:
-    chosen = []
-    for task, entry in dense["tasks"].items():
-        metric = "acc"
-        if entry[metric] - entry["chance"] > 3 * entry[f"{metric}_stderr"]:
-            chosen.append(task)
-    return chosen
+def above_chance_tasks(wide: dict) -> list[str]:
+    """Tasks where the dense model's accuracy is more than three standard errors above chance,
+    measured on the wide dense evaluation (more items than the per-strategy ones)."""
+    return [task for task, entry in wide["tasks"].items() if entry["acc"] - entry["chance"] > 3 * entry["acc_stderr"]]
 
 
-def normalised(results: dict, dense: dict, tasks: list[str]) -> tuple[float, float]:
+def normalised(results: dict, dense: dict, tasks: list[str]) -> tuple[float | None, float | None]:
     """Mean over `tasks` of (acc - chance) / (acc_dense - chance), in percent, and its standard error
     from the items (dense margins taken as fixed)."""
+    if not tasks:
+        return None, None
     values, variances = [], []
     for task in tasks:
         margin = dense["tasks"][task]["acc"] - dense["tasks"][task]["chance"]
@@ -177,7 +202,10 @@ def paired_difference(a: dict, b: dict, dense: dict, tasks: list[str]) -> tuple[
 
 def aggregate(args: argparse.Namespace) -> dict:
     dense = json.loads((OUT / "dense.json").read_text())["dense"]
-    tasks = above_chance_tasks(dense)
+    wide = json.loads((OUT / "dense-wide.json").read_text())["dense"]
+    tasks = above_chance_tasks(wide)
+    margins = {t: {"acc": wide["tasks"][t]["acc"], "chance": wide["tasks"][t]["chance"]} for t in tasks}
+    dense = {**dense, "tasks": {t: {**dense["tasks"][t], **margins.get(t, {})} for t in dense["tasks"]}}
     rows = []
     for strategy, granularity, fraction in configurations():
         path = OUT / f"{job_name(strategy, granularity, fraction)}.json"
@@ -195,7 +223,9 @@ def aggregate(args: argparse.Namespace) -> dict:
                           "tasks": {t: {"acc": data[stage]["tasks"][t]["acc"], "stderr": data[stage]["tasks"][t]["acc_stderr"]}
                                     for t in TASKS}}
         rows.append(row)
-    summary = {"dense": {"wikitext2_ppl": dense["perplexity"]["wikitext2"]["perplexity"],
+    dense_score, dense_stderr = normalised(dense, dense, tasks)
+    summary = {"dense": {"normalised_accuracy": dense_score, "normalised_stderr": dense_stderr,
+                         "wikitext2_ppl": dense["perplexity"]["wikitext2"]["perplexity"],
                          "c4_ppl": dense["perplexity"]["c4"]["perplexity"],
                          "tasks": {t: {"acc": e["acc"], "stderr": e["acc_stderr"], "chance": e["chance"],
                                        "chance_kind": e["chance_kind"], "n": e["n"]} for t, e in dense["tasks"].items()}},
@@ -207,29 +237,41 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    parser.add_argument("--limit", type=int, default=250)
-    parser.add_argument("--ppl-windows", type=int, default=32)
-    parser.add_argument("--heal-steps", type=int, default=60)
+    parser.add_argument("--limit", type=int, default=60, help="items per task for every pruned and healed model")
+    parser.add_argument("--wide-limit", type=int, default=500, help="items per task for the dense model's margins")
+    parser.add_argument("--ppl-windows", type=int, default=16)
+    parser.add_argument("--heal-steps", type=int, default=32)
     parser.add_argument("--iterative-candidates", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spread", action="store_true", help="rerun the noisiest cell with another seed and item slice")
     parser.add_argument("--aggregate-only", action="store_true")
+    parser.add_argument("--only", default=None, help="run only jobs whose name contains this text")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/strategies)")
     args = parser.parse_args()
+    global OUT
+    if args.out:
+        OUT = args.out
     OUT.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    common = {"threads": args.threads, "args": vars(args)}
+    common = {"threads": args.threads, "args": {**vars(args), "out": str(OUT)}}
     if not args.aggregate_only:
         ensure_analysis(argparse.Namespace(threads=args.workers * args.threads))
         jobs = []
         if not (OUT / "dense.json").is_file():
             jobs.append({**common, "name": "dense", "kind": "dense"})
+        if not (OUT / "dense-wide.json").is_file():
+            jobs.append({**common, "name": "dense-wide", "kind": "dense", "limit": args.wide_limit})
         for strategy, granularity, fraction in configurations():
             name = job_name(strategy, granularity, fraction)
-            if not (OUT / f"{name}.json").is_file():
+            if not (OUT / f"{name}.json").is_file() and (not args.only or args.only in name):
                 jobs.append({**common, "name": name, "kind": "prune", "strategy": strategy, "granularity": granularity,
                              "fraction": fraction})
-        # the slowest (iterative) first, so the pool does not end on one long job
-        jobs.sort(key=lambda j: (j["kind"] != "dense", j.get("strategy") != "iterative"))
+        # iterative at 25% first (slowest; its values serve the 12.5% runs, which go last)
+        def order(job: dict) -> tuple:
+            iterative = job.get("strategy") == "iterative"
+            return (not (iterative and job["fraction"] == 0.25), iterative, job["kind"] != "dense")
+
+        jobs.sort(key=order)
         context = multiprocessing.get_context("spawn")
         with context.Pool(args.workers, maxtasksperchild=1) as pool:
             for name in pool.imap_unordered(_dispatch, jobs):
@@ -239,6 +281,12 @@ def main() -> None:
                                    workers=args.workers, threads_per_worker=args.threads, seed=args.seed,
                                    iterative_candidates=args.iterative_candidates, seconds=time.perf_counter() - started)
     save("strategies", summary)
+
+
+def _use_out(args: argparse.Namespace) -> None:
+    """Worker processes start fresh: take the results folder from the job."""
+    global OUT
+    OUT = Path(args.out)
 
 
 def _dispatch(job: dict) -> str:

@@ -16,9 +16,6 @@ import click
 from surgery import __version__
 from surgery.errors import SurgeryError
 
-_MODEL_HELP = "A model folder, a .gguf file, a Hub id (org/name[@revision]) or the built-in 'smollm2-135m'."
-
-
 def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The loading options every command that takes a MODEL shares."""
     options = [
@@ -65,8 +62,9 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 def main() -> None:
     """Score, remove and heal the sublayers of decoder-only LLMs; export checkpoints that load anywhere.
 
-    Sublayers are named L12.attn, L12.mlp, L12 (the whole block), 0-based; ranges such as L20-L23
-    run in residual-stream order.
+    MODEL is a model folder, a .gguf file, a Hub id (org/name[@revision]) or the built-in
+    smollm2-135m. Sublayers are named L12.attn, L12.mlp, L12 (the whole block), 0-based; ranges
+    such as L20-L23 run in residual-stream order.
     """
 
 
@@ -303,7 +301,6 @@ def prune(ctx: click.Context, **kwargs: Any) -> None:
 
 def prune_settings(kwargs: dict[str, Any]) -> Any:
     """Turn the prune command's options (after the recipe) into PruneSettings."""
-    from surgery.errors import SurgeryError
     from surgery.heal import HealSettings
     from surgery.prune import PruneSettings
 

@@ -12,7 +12,6 @@ that is not a complete, verified export.
 from __future__ import annotations
 
 import errno
-import hashlib
 import inspect
 import json
 import os
@@ -25,7 +24,7 @@ from typing import Any
 
 from surgery.arch import SURGERY_MODEL_TYPE_PREFIX, base_model_type, unwrap
 from surgery.errors import SurgeryError
-from surgery.provenance import now, versions
+from surgery.provenance import file_sha256, now, versions
 
 MANIFEST = "surgery.json"
 MODELING_FILE = "modeling_surgery.py"
@@ -61,14 +60,6 @@ def check_output_path(out: Path, *, force: bool, protected: list[Path] = ()) -> 
     if not os.access(parent, os.W_OK):
         raise SurgeryError(f"cannot write to {parent}: choose an --out you can write to")
     return out
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def export_checkpoint(
@@ -247,7 +238,7 @@ def _pad_id(model: Any) -> int:
 
 
 def _manifest(folder: Path, record: dict[str, Any], diff: float, loader: str) -> dict[str, Any]:
-    files = {p.name: sha256_of(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     return {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -277,7 +268,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         file = folder / name
         if not file.is_file():
             raise SurgeryError(f"{folder} is incomplete: {name} is missing; export the model again")
-        if sha256_of(file) != digest:
+        if file_sha256(file) != digest:
             raise SurgeryError(f"{folder}/{name} changed after export (checksum differs): export the model again")
     return manifest
 

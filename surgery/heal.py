@@ -148,7 +148,7 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
 
     from surgery.arch import architecture_of, unwrap
     from surgery.console import progress_bar, quiet_transformers
-    from surgery.data import load_texts, pack_tokens
+    from surgery.data import pack_tokens
     from surgery.export import write_model_folder
 
     quiet_transformers()

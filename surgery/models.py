@@ -28,6 +28,7 @@ from typing import Any
 
 from surgery.arch import Architecture, architecture_of
 from surgery.errors import SurgeryError
+from surgery.provenance import file_sha256
 
 DEFAULT_MODEL = "smollm2-135m"
 BUILTIN_MODELS = {
@@ -191,14 +192,6 @@ def _resolve_hub(spec: str, *, allow_pickle: bool) -> ModelSource:
 
 
 # ---------------------------------------------------------------- GGUF conversion
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def convert_gguf(gguf: Path, *, label: str | None = None) -> Path:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib.metadata as _metadata
 import os
 import platform
+from pathlib import Path
 
 _PACKAGES = ("surgery", "torch", "transformers", "peft", "trl", "lm_eval", "datasets", "bitsandbytes", "accelerate", "safetensors")
 
@@ -36,3 +38,12 @@ def machine() -> dict[str, object]:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 16 MiB chunks (checkpoints are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -67,7 +67,7 @@ def analysis_markdown(analysis: dict[str, Any], plots: dict[str, str], command: 
                   if metric == "loss" else f"accuracy on {settings['task']} (limit {settings['limit']})")
     lines += [
         f"- {model['layers']} blocks, {model['players']} sublayers (players); value: {value_text}",
-        f"- baseline: " + (f"loss {analysis['baseline']['loss']:.4f} nats (uniform guess: {analysis['baseline']['uniform_loss']:.2f})"
+        "- baseline: " + (f"loss {analysis['baseline']['loss']:.4f} nats (uniform guess: {analysis['baseline']['uniform_loss']:.2f})"
                            if metric == "loss" else f"accuracy {analysis['baseline'].get('acc', analysis['baseline']['value']):.4f}"),
     ]
     if "shapley" in analysis:

@@ -56,7 +56,7 @@ def test_analysis_has_every_method_plots_and_report(tmp_path, tokenizer, calibra
     assert len(result["angular"]["distances"]) == 3 and len(result["angular"]["distances"][0]) == 3
     assert set(result["block_influence"]["blocks"]) == {"L0", "L1", "L2"}
     # single-sublayer ablation is v(all) - v(all minus one), read from the same value function
-    for name, entry in result["ablation"].items():
+    for entry in result["ablation"].values():
         assert entry["drop"] == pytest.approx(result["baseline"]["value"] - entry["value"])
     saved = json.loads((out / "analysis.json").read_text())
     assert saved["schema"] == "surgery-analysis" and saved["key"] == result["key"]

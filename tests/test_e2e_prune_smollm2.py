@@ -17,7 +17,7 @@ def test_prune_smollm2_quarter_with_cornerstones_and_healing(smollm2_folder, dat
     args = ["prune", "smollm2-135m", "--out", str(out), "--remove", "25%", "--keep-cornerstones", "--heal",
             "--strategy", "shapley", "--granularity", "block",
             "--samples", "2", "--seq-len", "128", "--max-removed", "1", "--analysis", str(tmp_path / "analysis"),
-            "--heal-steps", "12", "--heal-seq-len", "128", "--heal-batch-size", "4", "--heal-lr", "5e-4",
+            "--heal-steps", "8", "--heal-seq-len", "128", "--heal-batch-size", "2", "--heal-lr", "5e-4",
             "--eval-tasks", "arc_easy", "--eval-limit", "20", "--eval-ppl", "wikitext2", "--eval-ppl-windows", "4",
             "--no-eval-speed", "--data-dir", str(data_dir), "--device", "cpu"]
     result = CliRunner().invoke(main, args, catch_exceptions=False)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from surgery.errors import SurgeryError
-from surgery.heal import HealSettings, disable_cpu_repack, heal, load_4bit, merge_adapter
+from surgery.heal import HealSettings, disable_cpu_repack, heal, load_4bit
 from surgery.tiny import tiny_model
 
 

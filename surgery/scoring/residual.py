@@ -84,10 +84,10 @@ class ResidualLoss:
         then the mid-block stream (after attention) by re-running each block with its MLP ablated."""
         for ids in self.batches:
             calls: list[tuple[tuple, dict]] = []
-            hooks = [layer.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
-                     for layer in self.layers]
             outputs: list[Any] = []
-            hooks.append(self.layers[-1].register_forward_hook(lambda m, args, out: outputs.append(out)))
+            hooks = [layer.register_forward_pre_hook(lambda m, args, kwargs, calls=calls: calls.append((args, kwargs)),
+                                                     with_kwargs=True) for layer in self.layers]
+            hooks.append(self.layers[-1].register_forward_hook(lambda m, args, out, outputs=outputs: outputs.append(out)))
             try:
                 final_hidden(self.base, ids)
             finally:

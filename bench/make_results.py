@@ -1,0 +1,318 @@
+"""Write docs/results.md (and its plots) from the JSON the benchmark scripts saved in bench/results/.
+
+    python bench/make_results.py
+
+Every number in docs/results.md comes from those files; nothing is typed by hand. The text around
+the numbers states conclusions only where the numbers decide them (comparisons are computed here).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOCS = ROOT / "docs"
+IMAGES = DOCS / "img"
+PEERS = ("last", "angular", "bi", "random")
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fmt(value, digits=2, suffix="") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def protocol_line(data: dict) -> str:
+    p = data.get("protocol", {})
+    v, m = p.get("versions", {}), p.get("machine", {})
+    return (f"_Run {p.get('created', '?')} on {m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs"
+            f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}; torch {v.get('torch')}, transformers {v.get('transformers')}, "
+            f"lm-eval {v.get('lm_eval')}. Command: `{p.get('command', '?')}`._")
+
+
+# ------------------------------------------------------------------ strategies
+
+
+def strategy_label(row: dict) -> str:
+    return f"{row['strategy']} ({row['granularity']})"
+
+
+def quality_plot(summary: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = sorted({strategy_label(r) for r in summary["rows"]})
+    for label in labels:
+        rows = sorted((r for r in summary["rows"] if strategy_label(r) == label), key=lambda r: r["removed_fraction"])
+        xs = [0.0] + [100 * r["removed_fraction"] for r in rows]
+        style = "-" if "sublayer" in label else "--"
+        axes[0].plot(xs, [summary["dense"]["wikitext2_ppl"]] + [r["healed"]["wikitext2_ppl"] for r in rows], style, marker="o", label=label)
+        axes[1].plot(xs, [summary["dense"]["normalised_accuracy"]] + [r["healed"]["normalised_accuracy"] for r in rows], style,
+                     marker="o", label=label)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("WikiText-2 perplexity after healing (log)")
+    axes[1].set_ylabel("accuracy above chance, % of the dense margin")
+    for ax in axes:
+        ax.set_xlabel("decoder parameters removed (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle("SmolLM2-135M: quality against parameters removed, after the same healing budget")
+    fig.tight_layout()
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMAGES / "strategies.png", dpi=110)
+    plt.close(fig)
+    return "img/strategies.png"
+
+
+def default_strategy() -> tuple[str, str]:
+    from surgery.cli import prune
+
+    defaults = {p.name: p.default for p in prune.params}
+    return defaults["strategy"], defaults["granularity"]
+
+
+def strategies_section(summary: dict) -> list[str]:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from strategies import OUT, job_name, paired_difference
+
+    p = summary["protocol"]
+    tasks = summary["above_chance_tasks"]
+    lines = ["## Quality at equal budget", "", protocol_line(summary), "",
+             f"Every strategy of `surgery prune` at 12.5% and 25% of decoder parameters, before healing and after the same "
+             f"healing budget (LoRA r32 on a full-precision base, {p['heal_steps']} steps of 2 x 256 tokens of C4, lr 1e-3; "
+             f"the same for every model), next to the dense model. Analysis-based strategies share one `surgery analyze` run "
+             f"(defaults); iterative re-scores {p['iterative_candidates']} candidates per step on the same calibration set. "
+             f"Tasks: the first {p['limit']} items of each; perplexity: {p['ppl_windows']} windows of 512 tokens. "
+             f"{p['workers']} workers x {p['threads_per_worker']} thread; {p['seconds'] / 60:.0f} minutes in all.", "",
+             f"**Headline accuracy** is accuracy above chance normalised by the dense model's margin, averaged over the tasks "
+             f"where the dense model is clearly above chance (more than three standard errors, on its first "
+             f"{p.get('wide_limit', 500)} items): **{', '.join(tasks) or 'none'}**. The other tasks sit at or below chance for a "
+             f"model this small (BoolQ's chance is its majority-class rate), so they stay in the raw table only."]
+    dense = summary["dense"]
+    stderr = [r["healed"]["normalised_stderr"] for r in summary["rows"] if r["healed"]["normalised_stderr"] is not None]
+    if stderr:
+        lines.append(f"With {p['limit']} items per task its standard error is {min(stderr):.1f} to {max(stderr):.1f} points per "
+                     f"model, above the 2.5 points the issue asks for: reaching 2.5 needs about "
+                     f"{int(p['limit'] * (max(stderr) / 2.5) ** 2):,} items per task, more than these test sets hold for PIQA "
+                     "and more than two CPU hours allow. Differences between strategies are therefore also given with paired "
+                     "standard errors (same items), and perplexity, whose intervals are tight, is the primary measure.")
+    lines.append("")
+    for fraction in (0.125, 0.25):
+        lines += [f"### {100 * fraction:g}% of decoder parameters", "",
+                  "| strategy | removed | WikiText-2 ppl: pruned -> healed | C4 ppl: pruned -> healed | accuracy (% of dense margin): pruned -> healed |",
+                  "|---|---|---|---|---|",
+                  f"| dense | 0% | {fmt(dense['wikitext2_ppl'])} | {fmt(dense['c4_ppl'])} | {fmt(dense['normalised_accuracy'], 1)} ± {fmt(dense['normalised_stderr'], 1)} |"]
+        rows = sorted((r for r in summary["rows"] if r["target"] == fraction), key=lambda r: r["healed"]["wikitext2_ppl"])
+        for r in rows:
+            lines.append(f"| {strategy_label(r)} | {100 * r['removed_fraction']:.1f}% | {fmt(r['pruned']['wikitext2_ppl'])} -> "
+                         f"**{fmt(r['healed']['wikitext2_ppl'])}** | {fmt(r['pruned']['c4_ppl'])} -> {fmt(r['healed']['c4_ppl'])} | "
+                         f"{fmt(r['pruned']['normalised_accuracy'], 1)} -> **{fmt(r['healed']['normalised_accuracy'], 1)}** "
+                         f"± {fmt(r['healed']['normalised_stderr'], 1)} |")
+        lines.append("")
+    lines += [f"![quality against parameters removed]({quality_plot(summary)})", ""]
+
+    strategy, granularity = default_strategy()
+    lines += ["### The goal: the default against the peers' rules at 25%, after healing", "",
+              f"The default (`--strategy {strategy} --granularity {granularity}`) against last-n, angular, Block Influence and "
+              "random (their best granularity each). Paired differences on the same items; perplexity as the ratio of "
+              "perplexities with the 95% interval of the per-window log-perplexity difference's spread.", "",
+              "| peer | WikiText-2 ppl: default / peer | accuracy difference (points, paired SE) | default better on both by more than the spread? |",
+              "|---|---|---|---|"]
+    default_path = OUT / f"{job_name(strategy, granularity, 0.25)}.json"
+    wins = []
+    if default_path.is_file():
+        mine = json.loads(default_path.read_text())
+        dense_items = json.loads((OUT / "dense.json").read_text())["dense"]
+        wide = json.loads((OUT / "dense-wide.json").read_text())["dense"]
+        dense_items = {**dense_items, "tasks": {t: {**dense_items["tasks"][t], "acc": wide["tasks"][t]["acc"],
+                                                    "chance": wide["tasks"][t]["chance"]} for t in dense_items["tasks"]}}
+        for peer in PEERS:
+            candidates = [r for r in summary["rows"] if r["strategy"] == peer and r["target"] == 0.25]
+            if not candidates:
+                continue
+            best = min(candidates, key=lambda r: r["healed"]["wikitext2_ppl"])
+            theirs = json.loads((OUT / f"{job_name(peer, best['granularity'], 0.25)}.json").read_text())
+            diff, se = paired_difference(mine["healed"], theirs["healed"], dense_items, tasks) if tasks else (None, None)
+            ratio = mine["healed"]["perplexity"]["wikitext2"]["perplexity"] / theirs["healed"]["perplexity"]["wikitext2"]["perplexity"]
+            ppl_se = math.hypot(mine["healed"]["perplexity"]["wikitext2"]["nll_stderr"], theirs["healed"]["perplexity"]["wikitext2"]["nll_stderr"])
+            ppl_better = math.log(ratio) < -1.96 * ppl_se
+            acc_better = diff is not None and diff > 1.96 * se
+            wins.append(ppl_better and acc_better)
+            lines.append(f"| {peer} ({best['granularity']}) | {ratio:.2f} (ppl better: {'yes' if ppl_better else 'no'}) | "
+                         f"{fmt(diff, 1)} ± {fmt(se, 1)} | {'yes' if ppl_better and acc_better else 'no'} |")
+    lines.append("")
+    if wins and all(wins):
+        lines.append("**The default beats every peer rule on both headline measures by more than the measured spread.**")
+    elif wins:
+        lines.append("**The default does not beat every peer rule on both headline measures by more than the spread**: see the "
+                     "rows marked no. Where perplexity is clearly better but accuracy is not, the accuracy difference is within "
+                     "its standard error at this item count.")
+    lines.append("")
+    return lines
+
+
+def raw_tasks_section(summary: dict) -> list[str]:
+    tasks = list(summary["dense"]["tasks"])
+    lines = ["### Raw per-task accuracy after healing, 25% removed", "",
+             "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks),
+             "| chance | " + " | ".join(f"{summary['dense']['tasks'][t]['chance']:.3f}" for t in tasks) + " |",
+             "| dense (wide) | " + " | ".join(f"{summary['dense']['tasks'][t]['acc']:.3f} ± {summary['dense']['tasks'][t]['stderr']:.3f}"
+                                            f" (n={summary['dense']['tasks'][t]['n']})" for t in tasks) + " |"]
+    for r in sorted((r for r in summary["rows"] if r["target"] == 0.25), key=lambda r: strategy_label(r)):
+        lines.append(f"| {strategy_label(r)} | " + " | ".join(f"{r['healed']['tasks'][t]['acc']:.3f}" for t in tasks) + " |")
+    return lines + [""]
+
+
+def healing_finding(summary: dict) -> list[str]:
+    """Does healing repair perplexity more than task accuracy (Gromov et al.)?"""
+    dense = summary["dense"]
+    ppl, acc = [], []
+    for r in summary["rows"]:
+        lost_ppl = math.log(r["pruned"]["wikitext2_ppl"]) - math.log(dense["wikitext2_ppl"])
+        lost_acc = dense["normalised_accuracy"] - r["pruned"]["normalised_accuracy"]
+        if lost_ppl > 0.1:
+            ppl.append((math.log(r["pruned"]["wikitext2_ppl"]) - math.log(r["healed"]["wikitext2_ppl"])) / lost_ppl)
+        if lost_acc > 10:
+            acc.append((r["healed"]["normalised_accuracy"] - r["pruned"]["normalised_accuracy"]) / lost_acc)
+    if not ppl:
+        return []
+    mean_ppl = 100 * sum(ppl) / len(ppl)
+    mean_acc = 100 * sum(acc) / len(acc) if acc else float("nan")
+    verdict = "more than" if mean_ppl > mean_acc else "not more than"
+    return [f"- **Healing repairs perplexity {verdict} task accuracy** (Gromov et al. report that it does): averaged over the "
+            f"pruned models, healing recovers {mean_ppl:.0f}% of the log-perplexity lost ({len(ppl)} models) and "
+            f"{fmt(mean_acc, 0)}% of the normalised accuracy lost ({len(acc)} models that lost more than 10 points)."]
+
+
+# ------------------------------------------------------------------ other sections
+
+
+def analysis_cost_section(data: dict) -> list[str]:
+    speed = data["prefix_cache_speedup"]
+    lines = ["## Analysis cost", "", protocol_line(data), "",
+             f"SmolLM2-135M, the `surgery analyze` defaults ({data['calibration']['samples']} x {data['calibration']['seq_len']} "
+             f"calibration tokens), {data['threads']} threads.", "",
+             "| method | wall time | peak RSS |", "|---|---|---|"]
+    for key, label in (("reference_pass", "reference pass (stream cache)"), ("angular_and_block_influence", "angular distance + Block Influence"),
+                       ("ablation", f"single-sublayer ablation ({data['ablation']['evaluations']} coalitions)"),
+                       ("shapley", f"Shapley, neighbourhood, max removed {data['shapley']['max_removed']} ({data['shapley']['evaluations']} coalitions)")):
+        lines.append(f"| {label} | {data[key]['seconds']:.0f} s | {fmt(data[key]['peak_rss_bytes'] / 2**30, 2)} GiB |")
+    lines += ["", f"The residual-stream cache holds {data['reference_pass']['state_cache_bytes'] / 2**20:.0f} MiB.", "",
+              f"**Prefix-cache speed-up** on {speed['coalitions_sampled']} of the {speed['of']} Shapley coalitions (every "
+              f"{speed['of'] // speed['coalitions_sampled']}th, interleaved): **{speed['speedup']:.2f}x** "
+              f"(naive {speed['naive_median_seconds']:.2f} s, prefix {speed['prefix_median_seconds']:.2f} s per coalition, median), "
+              f"identical values (max difference {speed['max_abs_value_difference']:.1g}). Target: {speed['target']}x."]
+    if "output_layer_share" in speed:
+        met = speed["speedup"] >= speed["target"]
+        lines += ["", f"{'Met.' if met else 'Not met on SmolLM2.'} The output layer and loss take "
+                  f"{100 * speed['output_layer_share']:.0f}% of an evaluation here (a 49,152-token vocabulary on a 576-wide "
+                  f"model) and no cache can skip them; the coalitions run {100 * speed['mean_blocks_run_fraction']:.0f}% of "
+                  f"the blocks on average, so the speed-up cannot exceed 1 / ((1 - {speed['output_layer_share']:.2f}) x "
+                  f"{speed['mean_blocks_run_fraction']:.2f} + {speed['output_layer_share']:.2f}) = {speed['bound']:.2f}x."]
+    if data.get("vocabulary_sweep"):
+        lines += ["", "The same body with smaller output layers (random weights; speed does not depend on them):", "",
+                  "| vocabulary | output layer share | prefix-cache speed-up |", "|---|---|---|"]
+        lines += [f"| {r['vocab_size']:,} | {100 * r['output_layer_share']:.0f}% | {r['speedup']:.2f}x |" for r in data["vocabulary_sweep"]]
+        lines += ["", "For Llama-3-8B the output layer is about 7% of the compute (128k x 4096 against 32 blocks of 218M), "
+                  "which puts its bound near 1.9x."]
+    if data.get("scaling"):
+        lines += ["", "Cost growth on tiny Llama models (hidden 256), Shapley with max removed 4:", "",
+                  "| layers | calibration tokens | coalitions | seconds | stream cache |", "|---|---|---|---|---|"]
+        lines += [f"| {r['layers']} | {r['tokens']:,} | {r['evaluations']} | {r['seconds']:.1f} | {r['state_cache_bytes'] / 2**20:.1f} MiB |"
+                  for r in data["scaling"]]
+        lines += ["", "Coalitions grow linearly with layers (about 4 x 2L), each costs about half a forward pass, so the "
+                  "time grows with layers squared times tokens; the cache grows with layers times tokens."]
+    return lines + [""]
+
+
+def model_speed_section(data: dict) -> list[str]:
+    lines = ["## Pruned-model speed", "", protocol_line(data), "",
+             f"Batch 1, {data['prompt_tokens']}-token prefill, {data['decode_tokens']} decode steps with the KV cache, median of "
+             f"{data['repeats']} round-robin repeats, {data['threads']} threads. Ideal = FLOPs per token of the dense model / of "
+             f"the pruned one. Target: measured within 10% of ideal.", "",
+             "| model | parameters | prefill speed-up (ideal) | decode speed-up (ideal) | KV cache |", "|---|---|---|---|---|"]
+    for name, r in data["variants"].items():
+        lines.append(f"| {name} | {r['parameters']:,} | {r['prefill_speedup']:.2f}x ({r['prefill_ideal']:.2f}x, "
+                     f"{100 * r['prefill_vs_ideal']:.0f}%) | {r['decode_speedup']:.2f}x ({r['decode_ideal']:.2f}x, "
+                     f"{100 * r['decode_vs_ideal']:.0f}%) | {r['kv_cache_bytes'] / 2**20:.1f} MiB |")
+    misses = [n for n, r in data["variants"].items() if n != "dense" and not (0.9 <= r["prefill_vs_ideal"] <= 1.1 and 0.9 <= r["decode_vs_ideal"] <= 1.1)]
+    lines += ["", "Within 10% of ideal for every variant." if not misses else
+              f"Outside 10% of ideal: {', '.join(misses)}. Decoding one token at a time on a CPU is bound by per-layer overhead "
+              "(norms, residual adds, Python dispatch) as much as by FLOPs, and a block that keeps its FFN but loses its "
+              "attention still pays that overhead, so its measured speed-up falls short of the FLOP ratio."]
+    return lines + [""]
+
+
+def findings_section(data: dict) -> list[str]:
+    lines = ["## The seeds' findings on SmolLM2", "", protocol_line(data), "", f"Analysis: `{data['analysis_command']}`.", "",
+             "**Cornerstones** (rule in docs/analysis.md):", ""]
+    lines += [f"- `{c['id']}`: {'; '.join(c['reasons'])}" for c in data["cornerstones"]]
+    tasks = list(data["dense"])
+    lines += ["", f"Removing one sublayer alone, scored on {', '.join(tasks)} (first {data['limit']} items; chance "
+              + ", ".join(f"{data['dense'][t]['chance']:.2f}" for t in tasks) + "; dense "
+              + ", ".join(f"{data['dense'][t]['acc']:.3f}" for t in tasks) + "):", "",
+              "| sublayer | cornerstone | loss increase (nats) | " + " | ".join(f"{t} acc (drop)" for t in tasks) + " | at chance |",
+              "|---|---|---|" + "---|" * len(tasks) + "---|"]
+    for name, r in data["ablations"].items():
+        lines.append(f"| {name} | {'yes' if r['cornerstone'] else 'no'} | {r['ablation_loss_increase']:.3f} | "
+                     + " | ".join(f"{r[t]['acc']:.3f} ({100 * r[t]['relative_drop']:+.0f}%)" for t in tasks)
+                     + f" | {', '.join(t for t in tasks if r[t]['at_chance']) or 'no'} |")
+    corner = [r for r in data["ablations"].values() if r["cornerstone"]]
+    other = [r for r in data["ablations"].values() if not r["cornerstone"]]
+
+    def mean_drop(rows):
+        return 100 * sum(r[t]["relative_drop"] for r in rows for t in tasks) / (len(rows) * len(tasks)) if rows else float("nan")
+
+    lines += ["", f"Mean relative accuracy drop: cornerstones {mean_drop(corner):.0f}%, the other sublayers sampled "
+              f"{mean_drop(other):.0f}% (Zhang et al. report about 30% against 1-2% on Llama-3)."]
+    best = data["angular"]
+    deep = best["sizes_with_deep_best_run"]
+    lines += ["", f"**Angular distance**: the most similar run of n blocks starts in the deeper half of the network for "
+              f"{len(deep)} of {best['layers']} block sizes (n = {', '.join(map(str, deep)) or 'none'}); for the other sizes it "
+              "starts early (see the heatmap in the analysis folder). Gromov et al. find the deepest blocks most similar on "
+              "larger models."]
+    return lines + [""]
+
+
+def main() -> None:
+    lines = ["# Benchmark results", "",
+             "Generated by `python bench/make_results.py` from bench/results/*.json; every number below comes from the "
+             "benchmark scripts, run from a clean checkout with one command each:", "",
+             "```bash", "python bench/strategies.py        # quality at equal budget (about 2 hours, 2 cores; resumes)",
+             "python bench/strategies.py --spread   # the noisiest cell again, another seed and item slice",
+             "python bench/analysis_cost.py     # analysis wall time, memory, prefix-cache speed-up, scaling",
+             "python bench/model_speed.py       # pruned-model prefill/decode speed against the FLOP ideal",
+             "python bench/findings.py          # cornerstones, ablation collapse, angular distance",
+             "python bench/make_results.py      # this page", "```", ""]
+    summary = load("strategies")
+    if summary:
+        lines += strategies_section(summary) + raw_tasks_section(summary)
+        spread = load("strategies_spread")
+        if spread:
+            lines += ["### Spread", "", spread["statement"], ""]
+    for name, section in (("analysis_cost", analysis_cost_section), ("model_speed", model_speed_section), ("findings", findings_section)):
+        data = load(name)
+        lines += section(data) if data else [f"## {name}", "", f"Not run yet: `python bench/{name}.py`.", ""]
+    if summary:
+        lines += ["**Healing**:", ""] + healing_finding(summary) + [""]
+    lines += ["## GPU path", "", "No GPU was lent to the sessions that produced these numbers; the scripts run on CPU. On a GPU "
+              "the same scripts take `--threads` as given and QLoRA uses bitsandbytes' CUDA 4-bit kernels.", ""]
+    (DOCS / "results.md").write_text("\n".join(lines))
+    print(f"wrote {DOCS / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()
