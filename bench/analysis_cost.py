@@ -83,6 +83,7 @@ def main() -> None:
             max_diff = max(max_diff, abs(a - b))
 
     speedup = sum(naive_times) / sum(prefix_times)
+    batching = coalition_batching(model, batches, players, settings.max_removed)
     head = head_share(model, batches)
     fraction = mean_suffix_fraction(players, settings.max_removed)
     results |= {
@@ -100,6 +101,7 @@ def main() -> None:
             "output_layer_share": head, "mean_blocks_run_fraction": fraction,
             "bound": 1 / ((1 - head) * fraction + head),
         },
+        "coalition_batching": batching,
     }
     if not args.skip_sweeps:
         results["vocabulary_sweep"] = vocabulary_sweep(model.config, batches, args.sample_every * 2)
@@ -109,6 +111,27 @@ def main() -> None:
           f"shapley {results['shapley']['seconds']:.0f}s, prefix-cache speed-up {speedup:.2f}x "
           f"(max value difference {max_diff:.2g})")
     save("analysis_cost", results)
+
+
+def coalition_batching(model, batches, players: int, max_removed: int) -> dict:
+    """All runs that end at the same sublayer, for every 8th sublayer: one batch of 4 against one at a time."""
+    import torch
+
+    from surgery.scoring.residual import ResidualLoss
+
+    groups = [[frozenset(range(end - length, end)) for length in range(1, max_removed + 1)]
+              for end in range(max_removed, players, 8)]
+    coalitions = [c for group in groups for c in group]
+    timings = {}
+    with torch.no_grad():
+        for batch in (1, max_removed):
+            residual = ResidualLoss(model, batches)
+            start = time.perf_counter()
+            residual.values(coalitions, batch=batch)
+            timings[batch] = time.perf_counter() - start
+    return {"coalitions": len(coalitions), "batch": max_removed, "one_at_a_time_seconds": timings[1],
+            "batched_seconds": timings[max_removed], "speedup": timings[1] / timings[max_removed],
+            "device": str(next(model.parameters()).device)}
 
 
 def head_share(model, batches) -> float:

@@ -222,6 +222,11 @@ def analysis_cost_section(data: dict) -> list[str]:
                   f"model) and no cache can skip them; the coalitions run {100 * speed['mean_blocks_run_fraction']:.0f}% of "
                   f"the blocks on average, so the speed-up cannot exceed 1 / ((1 - {speed['output_layer_share']:.2f}) x "
                   f"{speed['mean_blocks_run_fraction']:.2f} + {speed['output_layer_share']:.2f}) = {speed['bound']:.2f}x."]
+    if data.get("coalition_batching"):
+        b = data["coalition_batching"]
+        lines += ["", f"Coalition batching ({b['coalitions']} runs grouped by where they resume, {b['batch']} per batch, "
+                  f"{b['device']}): {b['speedup']:.2f}x against one at a time. On this CPU larger batches run slower per token, "
+                  "so `--coalition-batch` defaults to 1 on CPUs and 4 on GPUs, where batching fills the device."]
     if data.get("vocabulary_sweep"):
         lines += ["", "The same body with smaller output layers (random weights; speed does not depend on them):", "",
                   "| vocabulary | output layer share | prefix-cache speed-up |", "|---|---|---|"]

@@ -178,6 +178,8 @@ def analysis_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Removal orders for --estimator permutation."),
         click.option("--budget", default=None, help="Stop after this many evaluations (200) or this long (30m); partial results are marked."),
         click.option("--no-prefix-cache", is_flag=True, help="Evaluate every coalition from the embeddings (slower; for comparison)."),
+        click.option("--coalition-batch", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Coalitions that resume at the same sublayer run as one batch, up to this many (0: 4 on a GPU, 1 on a CPU)."),
         click.option("--collapse-fraction", type=float, default=0.25, show_default=True,
                      help="Cornerstone rule: removing it alone goes this far from the model's loss to a uniform guess."),
         click.option("--share-factor", type=float, default=5.0, show_default=True,
@@ -201,6 +203,7 @@ def analysis_settings(kwargs: dict[str, Any], methods: str, seed: int, data_dir:
         batch_size=batch_size, estimator=kwargs.pop("estimator"), max_removed=kwargs.pop("max_removed"),
         permutations=kwargs.pop("permutations"), seed=seed, budget_evaluations=budget_evaluations,
         budget_seconds=budget_seconds, prefix_cache=not kwargs.pop("no_prefix_cache"),
+        coalition_batch=kwargs.pop("coalition_batch"),
         data_dir=resolve_data_dir(data_dir), text_field=text_field,
         collapse_fraction=kwargs.pop("collapse_fraction"), share_factor=kwargs.pop("share_factor"),
     )

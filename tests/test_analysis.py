@@ -42,6 +42,29 @@ def test_prefix_cached_values_equal_full_forward_values(family):
     assert fast.value(everything) == pytest.approx(slow.value(everything), abs=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_moe"])
+def test_batched_coalitions_give_the_same_values(family):
+    """Runs that resume at the same sublayer, stacked into one batch (sliding-window masks included)."""
+    from surgery.scoring.shapley import neighbourhood_windows
+
+    model = tiny_model(family, num_layers=4)
+    batches = [torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    windows = list(neighbourhood_windows(8, 3))
+    one, many = ResidualLoss(model, batches), ResidualLoss(model, batches)
+    expected = [one.value(w) for w in windows]
+    got = many.values(windows, batch=3)
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert many.evaluations == one.evaluations == len(windows) - 1
+
+
+def test_analysis_with_coalition_batches_matches_one_at_a_time(tokenizer, calibration):
+    model = tiny_model("llama", num_layers=3)
+    single = analyze(model, tokenizer, settings(calibration), None, model_info={"fingerprint": "x"})
+    batched = analyze(model, tokenizer, settings(calibration, coalition_batch=4), None, model_info={"fingerprint": "x"})
+    assert batched["shapley"]["values"] == pytest.approx(single["shapley"]["values"], abs=1e-5)
+    assert batched["cost"]["evaluations"] == single["cost"]["evaluations"]
+
+
 def test_analysis_has_every_method_plots_and_report(tmp_path, tokenizer, calibration):
     from surgery.pipeline import analyze_and_save
 

@@ -62,16 +62,29 @@ class ResidualLoss:
         self._values[frozenset(removed)] = value
 
     def value(self, removed: Iterable[int]) -> float:
+        return self.values([frozenset(removed)])[0]
+
+    def values(self, coalitions: list[frozenset[int]], batch: int = 1) -> list[float]:
+        """Values of several coalitions. With batch > 1, coalitions that resume at the same position
+        with the same later removals (for example the runs that end at the same sublayer) run
+        together, up to `batch` at a time: larger matrix multiplies, the same results."""
         import torch
 
-        key = frozenset(removed)
-        if key not in self._values:
-            start = time.perf_counter()
-            with torch.no_grad():
-                self._values[key] = self._compute(key)
-            self.seconds += time.perf_counter() - start
-            self.evaluations += 1
-        return self._values[key]
+        todo = [c for c in dict.fromkeys(coalitions) if c not in self._values]
+        groups: dict[Any, list[frozenset[int]]] = {}
+        for coalition in todo:
+            key = group_key(coalition) if batch > 1 and self.prefix_cache else None
+            groups.setdefault(key if key is not None else coalition, []).append(coalition)
+        for members in groups.values():
+            for start in range(0, len(members), batch):
+                chunk = members[start:start + batch]
+                clock = time.perf_counter()
+                with torch.no_grad():
+                    results = self._compute_group(chunk)
+                self.seconds += time.perf_counter() - clock
+                self.evaluations += len(chunk)
+                self._values.update(zip(chunk, results))
+        return [self._values[c] for c in coalitions]
 
     def states_at(self, position: int) -> list[Any]:
         """Cached residual stream before `position` (2L = after the last block), one tensor per batch."""
@@ -104,34 +117,77 @@ class ResidualLoss:
             self._calls.append([(args[1:], kwargs) for args, kwargs in calls])
 
     def _compute(self, removed: frozenset[int]) -> float:
-        total = 0.0
-        for index, ids in enumerate(self.batches):
-            hidden = self._hidden(index, ids, removed)
-            total += float(token_nll(self.base, hidden, ids).sum())
-        return -total / self.tokens
+        return self._compute_group([removed])[0]
 
-    def _hidden(self, index: int, ids: Any, removed: frozenset[int]) -> Any:
-        """Final hidden states (after the final norm) of batch `index` with `removed` ablated."""
+    def _compute_group(self, group: list[frozenset[int]]) -> list[float]:
+        """Values of coalitions that resume at the same position with the same later removals:
+        their cached input states are stacked and run through the remaining blocks as one batch."""
+        totals = [0.0] * len(group)
+        for index, ids in enumerate(self.batches):
+            hidden = self._hidden(index, ids, group)
+            rows = ids.shape[0]
+            nll = token_nll(self.base, hidden, ids.repeat(len(group), 1))
+            for member in range(len(group)):
+                totals[member] += float(nll[member * rows:(member + 1) * rows].sum())
+        return [-total / self.tokens for total in totals]
+
+    def _hidden(self, index: int, ids: Any, group: list[frozenset[int]]) -> Any:
+        """Final hidden states (after the final norm) of batch `index` for each coalition of `group`,
+        stacked along the batch dimension."""
+        import torch
+
+        removed = group[0]
         units = [Sublayer.at(p) for p in removed]
-        if not self.prefix_cache or not removed:
-            if not self.prefix_cache:
-                with ablated(self.base, units):
-                    return final_hidden(self.base, ids)
+        if not self.prefix_cache:
+            with ablated(self.base, units):
+                return final_hidden(self.base, ids)
+        if not removed:
             return get_module(self.base, self.arch.final_norm)(self._states[index][-1])
-        first = min(removed)
-        resume = first
-        while resume in removed:
-            resume += 1
+        resume, skip = resume_point(removed)
         start_layer = resume // 2
-        skip = [u for u in units if u.position >= resume]
-        if resume % 2 == 1:  # resuming at an MLP: this block's attention is already in the cached state
-            skip.append(Sublayer(start_layer, "attn"))
-        hidden = self._states[index][first]
+        hidden = torch.cat([self._states[index][min(coalition)] for coalition in group])
         with ablated(self.base, skip):
             for layer_index in range(start_layer, len(self.layers)):
                 args, kwargs = self._calls[index][layer_index]
+                if len(group) > 1:
+                    args, kwargs = _repeat_rows((args, kwargs), len(group), ids.shape[0])
                 hidden = _tensor(self.layers[layer_index](hidden, *args, **kwargs))
         return get_module(self.base, self.arch.final_norm)(hidden)
+
+
+def resume_point(removed: frozenset[int]) -> tuple[int, list[Sublayer]]:
+    """Where a coalition's computation resumes (the first kept position after its first removed
+    run) and what stays ablated from there (including a half-run block's attention)."""
+    resume = min(removed)
+    while resume in removed:
+        resume += 1
+    skip = [Sublayer.at(p) for p in removed if p >= resume]
+    if resume % 2 == 1:  # resuming at an MLP: this block's attention is already in the cached state
+        skip.append(Sublayer(resume // 2, "attn"))
+    return resume, skip
+
+
+def group_key(removed: frozenset[int]) -> tuple[int, frozenset[int]] | None:
+    """Coalitions with equal keys can run as one batch (None: the full model, or a prefix-less run)."""
+    if not removed:
+        return None
+    resume, _ = resume_point(removed)
+    return resume, frozenset(p for p in removed if p >= resume)
+
+
+def _repeat_rows(value: Any, times: int, rows: int) -> Any:
+    """Repeat every tensor whose first dimension is the batch (`rows`) `times` along it."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.repeat(times, *([1] * (value.dim() - 1))) if value.dim() and value.shape[0] == rows and rows > 1 else value
+    if isinstance(value, tuple):
+        return tuple(_repeat_rows(v, times, rows) for v in value)
+    if isinstance(value, list):
+        return [_repeat_rows(v, times, rows) for v in value]
+    if isinstance(value, dict):
+        return {k: _repeat_rows(v, times, rows) for k, v in value.items()}
+    return value
 
 
 def _tensor(output: Any) -> Any:
