@@ -141,7 +141,8 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
          device: str = "cpu", progress: Any = None) -> HealResult:
     """Train LoRA adapters on the pruned `model` and return the merged full-precision model.
 
-    `work` holds the pruned base, the trainer's checkpoints and the adapter; a rerun with the same
+    The given model is consumed: it is saved into `work` and its weights are released, so a large
+    model is never held twice next to its training copy. `work` holds the pruned base, the trainer's checkpoints and the adapter; a rerun with the same
     model, data and settings resumes from the last checkpoint.
     """
     import torch
@@ -172,14 +173,27 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
 
     loss_before = heldout_loss(model, heldout)
     arch = architecture_of(unwrap(model).config)
+    dtype = next(unwrap(model).parameters()).dtype
+    _release(model)  # from here on the saved base is the model; a large one must not stay in memory twice
     with progress_bar(progress) as bar:
         adapter, log, resumed = _train(base_folder, tokenizer, train_ids, settings, arch, work, key, device, bar)
-        merged = merge_adapter(base_folder, adapter, dtype=next(unwrap(model).parameters()).dtype, device=device)
+        merged = merge_adapter(base_folder, adapter, dtype=dtype, device=device)
     loss_after = heldout_loss(merged, heldout)
-    del model
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return HealResult(merged, loss_before, loss_after, settings.describe(), source, time.perf_counter() - started, log, resumed)
+
+
+def _release(model: Any) -> None:
+    """Free the weights of the model being healed (it is saved in the working folder)."""
+    import torch
+
+    from surgery.arch import unwrap
+
+    try:
+        unwrap(model).to("meta")
+    except (RuntimeError, NotImplementedError, ValueError):
+        return  # dispatched or quantized models refuse; they are then only released by the caller
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def healing_texts(data: str, data_dir: Path | None) -> tuple[list[str], list[str], str]:

@@ -183,6 +183,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
                          candidates=settings.iterative_candidates,
                          progress=lambda step, total: bar.update(plan_task, description=f"planning: {step} units chosen"))
         bar.remove_task(plan_task)
+        del value_after  # the iterative evaluator's stream cache is not needed any more
         if analysis is not None and analysis.get("cornerstones"):
             plan.notes.append("cornerstones found by the analysis: " + ", ".join(c["id"] for c in analysis["cornerstones"]))
         report["plan"] = plan.describe()

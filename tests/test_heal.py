@@ -111,6 +111,8 @@ def test_interrupted_healing_resumes_from_its_last_checkpoint(tmp_path, tokenize
         heal(model, tokenizer, c4_settings(steps=8), tmp_path / "work", data_dir=data_dir)
     assert (tmp_path / "work" / "checkpoints" / "checkpoint-4").is_dir()
     monkeypatch.setattr(Trainer, "training_step", original)
+    assert next(model.parameters()).device.type == "meta"  # heal consumed the model it was given
+    model = tiny_model("llama", num_layers=2)  # a rerun starts from a freshly loaded model, as prune does
     result = heal(model, tokenizer, c4_settings(steps=8), tmp_path / "work", data_dir=data_dir)
     assert result.resumed_from.endswith("checkpoint-4")
     assert [entry["step"] for entry in result.log] == [5, 6, 7, 8]

@@ -27,7 +27,7 @@ from surgery.sublayers import Sublayer
 class ResidualLoss:
     """v(S) for coalitions given as the set of removed positions; caches every value it computes."""
 
-    def __init__(self, model: Any, batches: list[Any], *, prefix_cache: bool = True) -> None:
+    def __init__(self, model: Any, batches: list[Any], *, prefix_cache: bool = True, state_device: str | None = None) -> None:
         import torch
 
         self.model = model
@@ -37,6 +37,10 @@ class ResidualLoss:
         self.num_players = 2 * len(self.layers)
         self.batches = batches
         self.prefix_cache = prefix_cache
+        # The cached streams (2L + 1 per batch) would crowd a GPU holding a large model; they live in
+        # host memory by default and only the state a coalition starts from is copied back.
+        self.device = next(self.base.parameters()).device
+        self.state_device = state_device or "cpu"
         self.tokens = sum(int(b[:, 1:].numel()) for b in batches)
         self.evaluations = 0
         self.seconds = 0.0
@@ -111,8 +115,8 @@ class ResidualLoss:
                 block_input = args[0]
                 with ablated(self.base, [Sublayer(index, "mlp")]):
                     after_attention = _tensor(self.layers[index](block_input, *args[1:], **kwargs))
-                states += [block_input, after_attention]
-            states.append(_tensor(outputs[0]))
+                states += [block_input.to(self.state_device), after_attention.to(self.state_device)]
+            states.append(_tensor(outputs[0]).to(self.state_device))
             self._states.append(states)
             self._calls.append([(args[1:], kwargs) for args, kwargs in calls])
 
@@ -142,10 +146,10 @@ class ResidualLoss:
             with ablated(self.base, units):
                 return final_hidden(self.base, ids)
         if not removed:
-            return get_module(self.base, self.arch.final_norm)(self._states[index][-1])
+            return get_module(self.base, self.arch.final_norm)(self._states[index][-1].to(self.device))
         resume, skip = resume_point(removed)
         start_layer = resume // 2
-        hidden = torch.cat([self._states[index][min(coalition)] for coalition in group])
+        hidden = torch.cat([self._states[index][min(coalition)] for coalition in group]).to(self.device)
         with ablated(self.base, skip):
             for layer_index in range(start_layer, len(self.layers)):
                 args, kwargs = self._calls[index][layer_index]
