@@ -132,12 +132,11 @@ def stage_table(report: dict[str, Any]) -> list[str]:
 
         rows += [
             "| parameters | | " + " | ".join(f"{s['parameters']:,}" for s in speeds) + " |",
-            "| weights in memory | | " + " | ".join(mib(s.get("weights_bytes")) for s in speeds) + " |",
+            "| weights + KV cache | | " + " | ".join(mib(s.get("weights_bytes", 0) + s.get("kv_cache_bytes", 0)) for s in speeds) + " |",
             "| file size | | " + " | ".join(mib(s.get("file_bytes")) for s in speeds) + " |",
             "| prefill tokens/s | | " + " | ".join(f"{s['prefill_tokens_per_s']:,.0f}" for s in speeds) + " |",
             "| decode tokens/s | | " + " | ".join(f"{s['decode_tokens_per_s']:,.1f}" for s in speeds) + " |",
-            "| peak memory | | " + " | ".join(mib(s.get("peak_memory_bytes")) for s in speeds) + " |",
-            "| KV cache (prefill + decode) | | " + " | ".join(mib(s.get("kv_cache_bytes")) for s in speeds) + " |",
+            "| process peak memory | | " + " | ".join(mib(s.get("peak_memory_bytes")) for s in speeds) + " |",
         ]
     return rows
 

@@ -46,5 +46,7 @@ def comparison_table(results: dict[str, dict[str, Any]], title: str = "evaluatio
         table.add_row("file size", "", *[_bytes(s.get("file_bytes")) for s in speeds])
         table.add_row("prefill tokens/s", "", *[f"{s['prefill_tokens_per_s']:,.0f}" if s else "-" for s in speeds])
         table.add_row("decode tokens/s", "", *[f"{s['decode_tokens_per_s']:,.1f}" if s else "-" for s in speeds])
-        table.add_row("peak memory", "", *[_bytes(s.get("peak_memory_bytes")) for s in speeds])
+        table.add_row("weights + KV cache", "", *[_bytes((s.get("weights_bytes") or 0) + (s.get("kv_cache_bytes") or 0)) if s else "-"
+                                                   for s in speeds])
+        table.add_row("process peak memory", "", *[_bytes(s.get("peak_memory_bytes")) for s in speeds])
     return table
