@@ -78,8 +78,8 @@ def needed_methods(settings: PruneSettings) -> tuple[str, ...]:
     from surgery.plan import NEEDS_ANALYSIS
 
     methods = list(NEEDS_ANALYSIS.get(settings.strategy, ()))
-    if settings.keep_cornerstones:  # the cornerstone rule reads ablation collapse and Shapley shares
-        methods += ["ablation", "shapley"]
+    if settings.keep_cornerstones:  # collapse on removal defines a cornerstone; Shapley shares count where computed
+        methods.append("ablation")
     return tuple(dict.fromkeys(methods))
 
 
