@@ -156,11 +156,6 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
         console.print(f"[bold cyan][{time.perf_counter() - started:6.0f}s][/] {text}")
 
     with progress_bar() as bar:
-        clock = time.perf_counter()
-        step(f"evaluating the source model ({layers} blocks)")
-        report["evaluations"]["source"] = _evaluate("source", loaded.model, loaded.tokenizer, settings, loaded.source.path, bar)
-        report["timings"]["evaluate_source_seconds"] = time.perf_counter() - clock
-
         analysis = None
         if methods:
             clock = time.perf_counter()
@@ -181,14 +176,19 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
         plan = make_plan(settings.strategy, settings.granularity, target, layers, unit_parameters, analysis=analysis,
                          protected=protected, seed=settings.seed, value_after=value_after,
                          candidates=settings.iterative_candidates,
-                         progress=lambda step, total: bar.update(plan_task, description=f"planning: {step} units chosen"))
+                         progress=lambda done, total: bar.update(plan_task, description=f"planning: {done} units chosen"))
         bar.remove_task(plan_task)
         del value_after  # the iterative evaluator's stream cache is not needed any more
         if analysis is not None and analysis.get("cornerstones"):
             plan.notes.append("cornerstones found by the analysis: " + ", ".join(c["id"] for c in analysis["cornerstones"]))
         report["plan"] = plan.describe()
         report["timings"]["plan_seconds"] = time.perf_counter() - clock
-        step(f"removing {plan.describe()['removed_compact']} ({100 * plan.fraction:.1f}% of decoder parameters)")
+        step(f"plan: remove {plan.describe()['removed_compact']} ({100 * plan.fraction:.1f}% of decoder parameters)")
+
+        clock = time.perf_counter()  # after planning: a plan that cannot be met fails before this slow step
+        step(f"evaluating the source model ({layers} blocks)")
+        report["evaluations"]["source"] = _evaluate("source", loaded.model, loaded.tokenizer, settings, loaded.source.path, bar)
+        report["timings"]["evaluate_source_seconds"] = time.perf_counter() - clock
 
         cut_result = cut(loaded.model, plan.units)
         model = loaded.model
