@@ -16,6 +16,7 @@ import click
 from surgery import __version__
 from surgery.errors import SurgeryError
 
+
 def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The loading options every command that takes a MODEL shares."""
     options = [

@@ -145,7 +145,6 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     model is never held twice next to its training copy. `work` holds the pruned base, the trainer's checkpoints and the adapter; a rerun with the same
     model, data and settings resumes from the last checkpoint.
     """
-    import torch
 
     from surgery.arch import architecture_of, unwrap
     from surgery.console import progress_bar, quiet_transformers

@@ -184,7 +184,7 @@ def _resolve_hub(spec: str, *, allow_pickle: bool) -> ModelSource:
             f"'{spec}' is not a local folder, the Hugging Face Hub is not reachable (offline) and it is not in "
             "the Hub cache: download it where there is network, or pass a local folder"
         ) from None
-    except Exception as error:  # noqa: BLE001 - the Hub's errors are many; all mean the same to the user
+    except Exception as error:
         raise SurgeryError(f"could not get '{spec}' from the Hugging Face Hub: {type(error).__name__}: {str(error).splitlines()[0]}") from None
     path = Path(folder)
     check_folder(path, allow_pickle=allow_pickle)

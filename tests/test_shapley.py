@@ -6,8 +6,13 @@ import random
 
 import pytest
 
-from surgery.scoring.shapley import (exact_shapley, neighbourhood_shapley, neighbourhood_windows, permutation_coalitions,
-                                     permutation_shapley)
+from surgery.scoring.shapley import (
+    exact_shapley,
+    neighbourhood_shapley,
+    neighbourhood_windows,
+    permutation_coalitions,
+    permutation_shapley,
+)
 
 
 def game(kept_value):

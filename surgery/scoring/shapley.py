@@ -68,7 +68,7 @@ def neighbourhood_shapley(n: int, value: Value, max_removed: int) -> tuple[list[
         for length in range(1, min(max_removed, n) + 1):
             contributions = []
             for start in {i, i - length + 1}:  # runs with i at their left or right end
-                if 0 <= start and start + length <= n:
+                if start >= 0 and start + length <= n:
                     run = frozenset(range(start, start + length))
                     with_i = _known(value, run - {i})
                     without_i = _known(value, run)
