@@ -63,7 +63,8 @@ class Timer:
 def protocol(**extra) -> dict:
     from surgery.provenance import machine, now, versions
 
-    return {"created": now(), "versions": versions(), "machine": machine(), "command": " ".join(sys.argv), **extra}
+    return {"created": now(), "versions": versions(), "machine": machine(), "command": " ".join(sys.argv),
+            "load_average_1min": os.getloadavg()[0], **extra}  # wall times on a busy machine say so
 
 
 def save(name: str, data: dict) -> Path:

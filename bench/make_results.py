@@ -35,7 +35,13 @@ def protocol_line(data: dict) -> str:
     v, m = p.get("versions", {}), p.get("machine", {})
     return (f"_Run {p.get('created', '?')} on {m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs"
             f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}; torch {v.get('torch')}, transformers {v.get('transformers')}, "
-            f"lm-eval {v.get('lm_eval')}. Command: `{p.get('command', '?')}`._")
+            f"lm-eval {v.get('lm_eval')}{load_note(p)}. Command: `{p.get('command', '?')}`._")
+
+
+def load_note(p: dict) -> str:
+    """Wall times only mean something next to how busy the machine was when they were taken."""
+    load = p.get("load_average_1min")
+    return "" if load is None else f"; load average {load:.1f} when it finished"
 
 
 # ------------------------------------------------------------------ strategies
