@@ -28,8 +28,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sample-every", type=int, default=4)
     parser.add_argument("--skip-sweeps", action="store_true", help="only the SmolLM2 measurements")
+    parser.add_argument("--scaling-only", action="store_true", help="only the tiny-model scaling table (analysis_scaling.json)")
     args = parser.parse_args()
     threads = setup(args.threads)
+    if args.scaling_only:
+        save("analysis_scaling", {"scaling": scaling_table(), "threads": threads, "protocol": protocol()})
+        return
 
     import torch
 
@@ -211,7 +215,7 @@ def scaling_table() -> list[dict]:
     for layers in (8, 16, 32):
         model = tiny_model("llama", num_layers=layers, hidden_size=256, intermediate_size=768, num_attention_heads=8,
                            num_key_value_heads=4, head_dim=32)
-        for tokens in (1024, 4096):
+        for tokens in (512, 2048):
             batches = list(torch.randint(3, 300, (tokens // 128, 128), generator=torch.Generator().manual_seed(0)).split(8))
             with torch.no_grad():
                 start = time.perf_counter()

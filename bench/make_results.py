@@ -92,7 +92,7 @@ def strategies_section(summary: dict) -> list[str]:
     import sys
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from strategies import OUT, job_name, paired_difference
+    from strategies import OUT, configurations, job_name, paired_difference
 
     p = summary["protocol"]
     tasks = summary["above_chance_tasks"]
@@ -102,7 +102,9 @@ def strategies_section(summary: dict) -> list[str]:
              f"the same for every model), next to the dense model. Analysis-based strategies share one `surgery analyze` run "
              f"(defaults); iterative re-scores {p['iterative_candidates']} candidates per step on the same calibration set. "
              f"Tasks: the first {p['limit']} items of each; perplexity: {p['ppl_windows']} windows of 512 tokens. "
-             f"{p['workers']} workers x {p['threads_per_worker']} thread; {p['seconds'] / 60:.0f} minutes in all.", "",
+             f"{p['workers']} workers x {p['threads_per_worker']} thread; the configurations took "
+             f"{sum(r['seconds'] for r in summary['rows']) / 60:.0f} worker-minutes (the run resumes, so its own wall time "
+             "is not the benchmark's).", "",
              f"**Headline accuracy** is accuracy above chance normalised by the dense model's margin, averaged over the tasks "
              f"where the dense model is clearly above chance (more than three standard errors, on its first "
              f"{p.get('wide_limit', 500)} items): **{', '.join(tasks) or 'none'}**. The other tasks sit at or below chance for a "
@@ -115,6 +117,10 @@ def strategies_section(summary: dict) -> list[str]:
                      f"{int(p['limit'] * (max(stderr) / 2.5) ** 2):,} items per task, more than these test sets hold for PIQA "
                      "and more than two CPU hours allow. Differences between strategies are therefore also given with paired "
                      "standard errors (same items), and perplexity, whose intervals are tight, is the primary measure.")
+    done = {(r["strategy"], r["granularity"], r["target"]) for r in summary["rows"]}
+    missing = [job_name(*c) for c in configurations() if c not in done]
+    if missing:
+        lines.append(f"\n**Not run yet** (the benchmark resumes with them): {', '.join(missing)}.")
     lines.append("")
     for fraction in (0.125, 0.25):
         lines += [f"### {100 * fraction:g}% of decoder parameters", "",
@@ -171,12 +177,14 @@ def strategies_section(summary: dict) -> list[str]:
 
 
 def raw_tasks_section(summary: dict) -> list[str]:
-    tasks = list(summary["dense"]["tasks"])
+    dense, wide = summary["dense"]["tasks"], summary["dense"]["wide_tasks"]
+    tasks = list(dense)
     lines = ["### Raw per-task accuracy after healing, 25% removed", "",
-             "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks),
-             "| chance | " + " | ".join(f"{summary['dense']['tasks'][t]['chance']:.3f}" for t in tasks) + " |",
-             "| dense (wide) | " + " | ".join(f"{summary['dense']['tasks'][t]['acc']:.3f} ± {summary['dense']['tasks'][t]['stderr']:.3f}"
-                                            f" (n={summary['dense']['tasks'][t]['n']})" for t in tasks) + " |"]
+             "Chance is 1 / choices, and the majority-class rate for BoolQ, on the same items as the row's scores.", "",
+             "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for label, table in ((f"dense, first {wide[tasks[0]]['n']} items", wide), (f"dense, first {dense[tasks[0]]['n']} items", dense)):
+        lines.append(f"| chance ({label.split(', ')[1]}) | " + " | ".join(f"{table[t]['chance']:.3f}" for t in tasks) + " |")
+        lines.append(f"| {label} | " + " | ".join(f"{table[t]['acc']:.3f} ± {table[t]['stderr']:.3f}" for t in tasks) + " |")
     for r in sorted((r for r in summary["rows"] if r["target"] == 0.25), key=lambda r: strategy_label(r)):
         lines.append(f"| {strategy_label(r)} | " + " | ".join(f"{r['healed']['tasks'][t]['acc']:.3f}" for t in tasks) + " |")
     return lines + [""]
@@ -217,13 +225,17 @@ def analysis_cost_section(data: dict) -> list[str]:
                        ("shapley", f"Shapley, neighbourhood, max removed {data['shapley']['max_removed']} ({data['shapley']['evaluations']} coalitions)")):
         lines.append(f"| {label} | {data[key]['seconds']:.0f} s | {fmt(data[key]['peak_rss_bytes'] / 2**30, 2)} GiB |")
     lines += ["", f"The residual-stream cache holds {data['reference_pass']['state_cache_bytes'] / 2**20:.0f} MiB.", "",
-              f"**Prefix-cache speed-up** on {speed['coalitions_sampled']} of the {speed['of']} Shapley coalitions (every "
-              f"{speed['of'] // speed['coalitions_sampled']}th, interleaved): **{speed['speedup']:.2f}x** "
+              f"**Prefix-cache speed-up** on {speed['coalitions_sampled']} of the {speed['of']} Shapley coalitions (a systematic "
+              "sample, each timed with and without the cache back to back): "
+              f"**{speed['speedup']:.2f}x** "
               f"(naive {speed['naive_median_seconds']:.2f} s, prefix {speed['prefix_median_seconds']:.2f} s per coalition, median), "
               f"identical values (max difference {speed['max_abs_value_difference']:.1g}). Target: {speed['target']}x."]
-    if "output_layer_share" in speed:
-        met = speed["speedup"] >= speed["target"]
-        lines += ["", f"{'Met.' if met else 'Not met on SmolLM2.'} The output layer and loss take "
+    met = speed["speedup"] >= speed["target"]
+    if "output_layer_share" not in speed:
+        lines += ["", "Met." if met else "**Not met on SmolLM2.** This run predates the measurement of the output layer's "
+                  "share; rerun `python bench/analysis_cost.py` for the bound that explains it."]
+    else:
+        lines += ["", f"{'Met.' if met else '**Not met on SmolLM2.**'} The output layer and loss take "
                   f"{100 * speed['output_layer_share']:.0f}% of an evaluation here (a 49,152-token vocabulary on a 576-wide "
                   f"model) and no cache can skip them; the coalitions run {100 * speed['mean_blocks_run_fraction']:.0f}% of "
                   f"the blocks on average, so the speed-up cannot exceed 1 / ((1 - {speed['output_layer_share']:.2f}) x "
@@ -239,11 +251,13 @@ def analysis_cost_section(data: dict) -> list[str]:
         lines += [f"| {r['vocab_size']:,} | {100 * r['output_layer_share']:.0f}% | {r['speedup']:.2f}x |" for r in data["vocabulary_sweep"]]
         lines += ["", "For Llama-3-8B the output layer is about 7% of the compute (128k x 4096 against 32 blocks of 218M), "
                   "which puts its bound near 1.9x."]
-    if data.get("scaling"):
-        lines += ["", "Cost growth on tiny Llama models (hidden 256), Shapley with max removed 4:", "",
+    scaling = data if data.get("scaling") else load("analysis_scaling")
+    if scaling:
+        note = "" if scaling is data else f" ({scaling['threads']} threads; " + protocol_line(scaling).strip("_") + ")"
+        lines += ["", f"Cost growth on tiny Llama models (hidden 256), Shapley with max removed 4{note}:", "",
                   "| layers | calibration tokens | coalitions | seconds | stream cache |", "|---|---|---|---|---|"]
         lines += [f"| {r['layers']} | {r['tokens']:,} | {r['evaluations']} | {r['seconds']:.1f} | {r['state_cache_bytes'] / 2**20:.1f} MiB |"
-                  for r in data["scaling"]]
+                  for r in scaling["scaling"]]
         lines += ["", "Coalitions grow linearly with layers (about 4 x 2L), each costs about half a forward pass, so the "
                   "time grows with layers squared times tokens; the cache grows with layers times tokens."]
     return lines + [""]

@@ -214,7 +214,7 @@ def aggregate(args: argparse.Namespace) -> dict:
         data = json.loads(path.read_text())
         row = {"strategy": strategy, "granularity": granularity, "target": fraction,
                "removed_fraction": data["plan"]["fraction_of_decoder_parameters"], "removed": data["plan"]["removed_compact"],
-               "heal_loss": [data["healing"]["loss_before"], data["healing"]["loss_after"]]}
+               "heal_loss": [data["healing"]["loss_before"], data["healing"]["loss_after"]], "seconds": data["seconds"]}
         for stage in ("pruned", "healed"):
             score, stderr = normalised(data[stage], dense, tasks)
             row[stage] = {"normalised_accuracy": score, "normalised_stderr": stderr,
@@ -227,10 +227,15 @@ def aggregate(args: argparse.Namespace) -> dict:
     summary = {"dense": {"normalised_accuracy": dense_score, "normalised_stderr": dense_stderr,
                          "wikitext2_ppl": dense["perplexity"]["wikitext2"]["perplexity"],
                          "c4_ppl": dense["perplexity"]["c4"]["perplexity"],
-                         "tasks": {t: {"acc": e["acc"], "stderr": e["acc_stderr"], "chance": e["chance"],
-                                       "chance_kind": e["chance_kind"], "n": e["n"]} for t, e in dense["tasks"].items()}},
+                         "tasks": _task_table(json.loads((OUT / "dense.json").read_text())["dense"]),
+                         "wide_tasks": _task_table(wide)},
                "above_chance_tasks": tasks, "rows": rows}
     return summary
+
+
+def _task_table(result: dict) -> dict:
+    return {t: {"acc": e["acc"], "stderr": e["acc_stderr"], "chance": e["chance"], "chance_kind": e["chance_kind"], "n": e["n"]}
+            for t, e in result["tasks"].items()}
 
 
 def spread(args: argparse.Namespace) -> None:
