@@ -244,7 +244,7 @@ def analyze(model: str, out: Path, methods: str, batch_size: int, seed: int, dat
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for the pruned checkpoint (required).")
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="YAML recipe; command-line options override it.")
 @click.option("--strategy", type=click.Choice(["shapley", "ablation", "bi", "last", "random", "angular", "iterative"]),
-              default="shapley", help="How to choose what to remove (docs/pruning.md).")
+              default="bi", help="How to choose what to remove (docs/pruning.md; the default measured best, docs/results.md).")
 @click.option("--granularity", type=click.Choice(["block", "sublayer"]), default="block",
               help="Remove whole blocks, or attention and FFN sublayers separately.")
 @click.option("--remove", default="25%", help="A count of units (8), a share of decoder parameters (25%) or ids (L20-L23).")
