@@ -15,8 +15,7 @@ pytestmark = pytest.mark.slow
 def test_prune_smollm2_quarter_with_cornerstones_and_healing(smollm2_folder, data_dir, tmp_path):
     out = tmp_path / "smollm2-pruned"
     args = ["prune", "smollm2-135m", "--out", str(out), "--remove", "25%", "--keep-cornerstones", "--heal",
-            "--strategy", "shapley", "--granularity", "block",
-            "--samples", "2", "--seq-len", "128", "--max-removed", "1", "--analysis", str(tmp_path / "analysis"),
+            "--samples", "2", "--seq-len", "128", "--analysis", str(tmp_path / "analysis"),
             "--heal-steps", "8", "--heal-seq-len", "128", "--heal-batch-size", "2", "--heal-lr", "5e-4",
             "--eval-tasks", "arc_easy", "--eval-limit", "20", "--eval-ppl", "wikitext2", "--eval-ppl-windows", "4",
             "--no-eval-speed", "--data-dir", str(data_dir), "--device", "cpu"]
@@ -25,6 +24,7 @@ def test_prune_smollm2_quarter_with_cornerstones_and_healing(smollm2_folder, dat
 
     report = json.loads((out / "report.json").read_text())
     plan = report["plan"]
+    assert (plan["strategy"], plan["granularity"]) == ("bi", "block")  # the defaults, as the README's demo runs them
     cornerstones = {c["id"] for c in report["analysis"]["cornerstones"]}
     assert "L0.mlp" in cornerstones  # removing it alone takes the loss past a uniform guess
     assert not cornerstones & set(plan["removed"])
