@@ -74,6 +74,10 @@ def _check_data(settings: PruneSettings, needs_calibration: bool) -> None:
             raise SurgeryError(f"calibration or healing file {source} not found")
 
 
+ANALYSIS_PLOTS = {"shapley.png": "shapley", "shapley_share.png": "shapley", "ablation.png": "ablation",
+                  "angular.png": "angular", "block_influence.png": "block_influence"}
+
+
 def needed_methods(settings: PruneSettings) -> tuple[str, ...]:
     from surgery.plan import NEEDS_ANALYSIS
 
@@ -281,10 +285,11 @@ def _write_report(folder: Path, report: dict[str, Any], analysis: dict[str, Any]
     plan = report["plan"]
     plots["removal map"] = plot_removal_map(layers, set(plan["removed"]), set(plan["protected"]), folder / "removal_map.png",
                                             f"{plan['strategy']} ({plan['granularity']}), {100 * plan['fraction_of_decoder_parameters']:.1f}% of decoder parameters").name
-    if analysis is not None:
+    if analysis is not None:  # only the plots of methods this analysis holds: a reused folder may keep older ones
         source_folder = Path(analysis["folder"])
-        for name in ("shapley.png", "shapley_share.png", "ablation.png", "angular.png", "block_influence.png"):
-            if (source_folder / name).is_file():
+        held = json.loads((source_folder / "analysis.json").read_text())
+        for name, section in ANALYSIS_PLOTS.items():
+            if section in held and (source_folder / name).is_file():
                 shutil.copy2(source_folder / name, folder / f"analysis_{name}")
                 plots[name.removesuffix(".png")] = f"analysis_{name}"
     report["plots"] = plots

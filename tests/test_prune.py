@@ -80,6 +80,17 @@ def test_a_saved_analysis_is_reused(source, tmp_path, data_dir):
     assert json.loads((tmp_path / "b" / "report.json").read_text())["analysis"]["reused"]
 
 
+def test_report_copies_only_the_plots_of_the_analysis_it_used(source, tmp_path, data_dir):
+    folder = tmp_path / "analysis"
+    folder.mkdir()
+    (folder / "shapley.png").write_bytes(b"a plot from an older analysis in the same folder")
+    args = ["--strategy", "bi", "--remove", "1", "--analysis", folder, "--data-dir", data_dir,
+            "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed", *FAST[:6], "--device", "cpu"]
+    assert run("prune", source, "--out", tmp_path / "out", *args).exit_code == 0
+    assert (tmp_path / "out" / "analysis_block_influence.png").is_file()
+    assert not (tmp_path / "out" / "analysis_shapley.png").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
