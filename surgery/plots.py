@@ -51,8 +51,16 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+ANALYSIS_PLOTS = {"shapley.png": "shapley", "shapley_share.png": "shapley", "ablation.png": "ablation",
+                  "angular.png": "angular", "block_influence.png": "block_influence"}  # file -> analysis section it draws
+
+
 def plot_analysis(analysis: dict[str, Any], folder: Path) -> dict[str, str]:
-    """Write the analysis plots into `folder`; returns {name: file name}."""
+    """Write the analysis plots into `folder`; returns {name: file name}. Plots of sections this
+    analysis lacks are removed, so a folder rewritten with other methods shows no stale ones."""
+    for name, section in ANALYSIS_PLOTS.items():
+        if section not in analysis:
+            (folder / name).unlink(missing_ok=True)
     plt = _pyplot()
     ids = analysis["players"]
     cornerstones = {c["id"] for c in analysis.get("cornerstones", [])}

@@ -74,10 +74,6 @@ def _check_data(settings: PruneSettings, needs_calibration: bool) -> None:
             raise SurgeryError(f"calibration or healing file {source} not found")
 
 
-ANALYSIS_PLOTS = {"shapley.png": "shapley", "shapley_share.png": "shapley", "ablation.png": "ablation",
-                  "angular.png": "angular", "block_influence.png": "block_influence"}
-
-
 def needed_methods(settings: PruneSettings) -> tuple[str, ...]:
     from surgery.plan import NEEDS_ANALYSIS
 
@@ -274,7 +270,7 @@ def _write_report(folder: Path, report: dict[str, Any], analysis: dict[str, Any]
     """report.json, report.md, plots and the model card, written into the export before it is sealed."""
     from surgery.card import model_card
     from surgery.evaluate.speed import files_bytes
-    from surgery.plots import plot_removal_map
+    from surgery.plots import ANALYSIS_PLOTS, plot_removal_map
     from surgery.report import prune_markdown
 
     final = "healed" if "healed" in report["evaluations"] else "pruned"
@@ -285,11 +281,10 @@ def _write_report(folder: Path, report: dict[str, Any], analysis: dict[str, Any]
     plan = report["plan"]
     plots["removal map"] = plot_removal_map(layers, set(plan["removed"]), set(plan["protected"]), folder / "removal_map.png",
                                             f"{plan['strategy']} ({plan['granularity']}), {100 * plan['fraction_of_decoder_parameters']:.1f}% of decoder parameters").name
-    if analysis is not None:  # only the plots of methods this analysis holds: a reused folder may keep older ones
+    if analysis is not None:  # only the plots of sections this analysis holds (folders written before cleanup existed)
         source_folder = Path(analysis["folder"])
-        held = json.loads((source_folder / "analysis.json").read_text())
         for name, section in ANALYSIS_PLOTS.items():
-            if section in held and (source_folder / name).is_file():
+            if section in analysis and (source_folder / name).is_file():
                 shutil.copy2(source_folder / name, folder / f"analysis_{name}")
                 plots[name.removesuffix(".png")] = f"analysis_{name}"
     report["plots"] = plots

@@ -89,6 +89,7 @@ def test_report_copies_only_the_plots_of_the_analysis_it_used(source, tmp_path, 
     assert run("prune", source, "--out", tmp_path / "out", *args).exit_code == 0
     assert (tmp_path / "out" / "analysis_block_influence.png").is_file()
     assert not (tmp_path / "out" / "analysis_shapley.png").exists()
+    assert not (folder / "shapley.png").exists()  # the rewritten analysis folder drops it too
 
 
 @pytest.mark.parametrize(
