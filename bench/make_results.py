@@ -92,7 +92,7 @@ def strategies_section(summary: dict) -> list[str]:
     import sys
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from strategies import OUT, configurations, job_name, paired_difference
+    from strategies import OUT, configurations, dense_margins, job_name, paired_difference
 
     p = summary["protocol"]
     tasks = summary["above_chance_tasks"]
@@ -159,17 +159,14 @@ def strategies_section(summary: dict) -> list[str]:
     wins = []
     if mine_path.is_file():
         mine = json.loads(mine_path.read_text())
-        dense_items = json.loads((OUT / "dense.json").read_text())["dense"]
-        wide = json.loads((OUT / "dense-wide.json").read_text())["dense"]
-        dense_items = {**dense_items, "tasks": {t: {**dense_items["tasks"][t], "acc": wide["tasks"][t]["acc"],
-                                                    "chance": wide["tasks"][t]["chance"]} for t in dense_items["tasks"]}}
+        margins = dense_margins()[0]
         for peer in PEERS:
             candidates = [r for r in rows25 if r["strategy"] == peer]
             if not candidates:
                 continue
             best = min(candidates, key=lambda r: r["healed"]["wikitext2_ppl"])
             theirs = json.loads((OUT / f"{job_name(peer, best['granularity'], 0.25)}.json").read_text())
-            diff, se = paired_difference(mine["healed"], theirs["healed"], dense_items, tasks) if tasks else (None, None)
+            diff, se = paired_difference(mine["healed"], theirs["healed"], margins, tasks) if tasks else (None, None)
             ours_ppl, peer_ppl = mine["healed"]["perplexity"]["wikitext2"], theirs["healed"]["perplexity"]["wikitext2"]
             ratio = ours_ppl["perplexity"] / peer_ppl["perplexity"]
             ppl_better = math.log(ratio) < -1.96 * math.hypot(ours_ppl["nll_stderr"], peer_ppl["nll_stderr"])

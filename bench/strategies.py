@@ -200,12 +200,18 @@ def paired_difference(a: dict, b: dict, dense: dict, tasks: list[str]) -> tuple[
     return 100 * sum(diffs) / len(diffs), 100 * math.sqrt(sum(variances)) / len(diffs)
 
 
-def aggregate(args: argparse.Namespace) -> dict:
-    dense = json.loads((OUT / "dense.json").read_text())["dense"]
+def dense_margins() -> tuple[dict, list[str], dict]:
+    """The reference every normalised score divides by: the dense model's accuracy and chance on
+    the tasks where it is clearly above chance, from its wide evaluation. Returns (margins, those
+    tasks, the wide evaluation)."""
     wide = json.loads((OUT / "dense-wide.json").read_text())["dense"]
     tasks = above_chance_tasks(wide)
-    margins = {t: {"acc": wide["tasks"][t]["acc"], "chance": wide["tasks"][t]["chance"]} for t in tasks}
-    dense = {**dense, "tasks": {t: {**dense["tasks"][t], **margins.get(t, {})} for t in dense["tasks"]}}
+    return {"tasks": {t: {"acc": wide["tasks"][t]["acc"], "chance": wide["tasks"][t]["chance"]} for t in tasks}}, tasks, wide
+
+
+def aggregate(args: argparse.Namespace) -> dict:
+    dense = json.loads((OUT / "dense.json").read_text())["dense"]
+    margins, tasks, wide = dense_margins()
     rows = []
     for strategy, granularity, fraction in configurations():
         path = OUT / f"{job_name(strategy, granularity, fraction)}.json"
@@ -216,18 +222,18 @@ def aggregate(args: argparse.Namespace) -> dict:
                "removed_fraction": data["plan"]["fraction_of_decoder_parameters"], "removed": data["plan"]["removed_compact"],
                "heal_loss": [data["healing"]["loss_before"], data["healing"]["loss_after"]], "seconds": data["seconds"]}
         for stage in ("pruned", "healed"):
-            score, stderr = normalised(data[stage], dense, tasks)
+            score, stderr = normalised(data[stage], margins, tasks)
             row[stage] = {"normalised_accuracy": score, "normalised_stderr": stderr,
                           "wikitext2_ppl": data[stage]["perplexity"]["wikitext2"]["perplexity"],
                           "c4_ppl": data[stage]["perplexity"]["c4"]["perplexity"],
                           "tasks": {t: {"acc": data[stage]["tasks"][t]["acc"], "stderr": data[stage]["tasks"][t]["acc_stderr"]}
                                     for t in TASKS}}
         rows.append(row)
-    dense_score, dense_stderr = normalised(dense, dense, tasks)
+    dense_score, dense_stderr = normalised(dense, margins, tasks)
     summary = {"dense": {"normalised_accuracy": dense_score, "normalised_stderr": dense_stderr,
                          "wikitext2_ppl": dense["perplexity"]["wikitext2"]["perplexity"],
                          "c4_ppl": dense["perplexity"]["c4"]["perplexity"],
-                         "tasks": _task_table(json.loads((OUT / "dense.json").read_text())["dense"]),
+                         "tasks": _task_table(dense),
                          "wide_tasks": _task_table(wide)},
                "above_chance_tasks": tasks, "rows": rows}
     return summary
@@ -256,10 +262,8 @@ def spread(args: argparse.Namespace) -> None:
     if not (OUT / f"{name}.json").is_file():
         run_job(job)
     rerun = json.loads((OUT / f"{name}.json").read_text())
-    wide = json.loads((OUT / "dense-wide.json").read_text())["dense"]
-    tasks = above_chance_tasks(wide)
-    dense = {"tasks": {t: {"acc": wide["tasks"][t]["acc"], "chance": wide["tasks"][t]["chance"]} for t in tasks}}
-    score, stderr = normalised(rerun["healed"], dense, tasks)
+    margins, tasks, _ = dense_margins()
+    score, stderr = normalised(rerun["healed"], margins, tasks)
     ppl = rerun["healed"]["perplexity"]["wikitext2"]["perplexity"]
     rows = [r for r in summary["rows"] if r["target"] == 0.25]
 
