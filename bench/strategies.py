@@ -27,6 +27,9 @@ from common import RESULTS, data_dir, protocol, save, setup
 
 OUT = RESULTS / "strategies"  # --out changes it (smoke runs)
 STRATEGIES = ("last", "angular", "bi", "random", "ablation", "shapley", "iterative")
+# Plan strategy plus a linear bridge folded in before the cut (surgery.bridge): `surgery prune`'s
+# default method, and angular + bridge, which is ReplaceMe's recipe in closed form.
+BRIDGED = ("bi+bridge", "angular+bridge")
 FRACTIONS = (0.125, 0.25)
 TASKS = ("boolq", "piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
@@ -39,6 +42,7 @@ def configurations() -> list[tuple[str, str, float]]:
                 if strategy == "angular" and granularity == "sublayer":
                     continue  # angular distance ranks runs of whole blocks (Gromov et al.)
                 configs.append((strategy, granularity, fraction))
+        configs += [(label, "block", fraction) for label in BRIDGED]
     return configs
 
 
@@ -84,16 +88,27 @@ def run_job(job: dict) -> str:
     model = loaded.model
     analysis = load_analysis(OUT / "analysis")
     value_after = None
-    if job["strategy"] == "iterative":
+    strategy, _, method = job["strategy"].partition("+")
+    if strategy == "iterative":
         batches, _, _ = calibration_batches(loaded.tokenizer, AnalysisSettings(data_dir=data_dir()))
         residual = ResidualLoss(model, batches)
         value_after = _shared_values(residual, OUT / f"iterative-values-{job['granularity']}.jsonl")
-    plan = make_plan(job["strategy"], job["granularity"], Target(fraction=job["fraction"]), num_layers(model),
+    plan = make_plan(strategy, job["granularity"], Target(fraction=job["fraction"]), num_layers(model),
                      _parameter_counter(model, loaded.arch), analysis=analysis, seed=args.seed, value_after=value_after,
                      candidates=args.iterative_candidates)
     planned = time.perf_counter() - start
-    cut(model, plan.units)
     result = {"job": job["name"], "plan": plan.describe(), "plan_seconds": planned}
+    if method == "bridge":
+        from dataclasses import replace
+
+        from surgery.bridge import fit_and_fold
+        from surgery.prune import PruneSettings
+
+        calibration = replace(AnalysisSettings(data_dir=data_dir()), samples=PruneSettings.bridge_samples)
+        clock = time.perf_counter()
+        bridges = fit_and_fold(model, plan.units, calibration_batches(loaded.tokenizer, calibration)[0])
+        result["bridge"] = {**bridges.describe(), "seconds": time.perf_counter() - clock}
+    cut(model, plan.units)
     result["pruned"] = evaluate_model(model, loaded.tokenizer, evaluation)
     work = OUT / "work" / job["name"]
     healed = heal(model, loaded.tokenizer, healing, work, data_dir=data_dir())

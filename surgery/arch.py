@@ -26,6 +26,8 @@ class Architecture:
     layer_index_config: config lists of layer indices (renumbered when blocks go).
     sparse_step_config: a "every k-th layer is MoE" key; turned into an explicit list of dense
     layers (the first layer_index_config key) before blocks go, so the pattern survives.
+    attention_output / mlp_output: the linear layer inside the sublayer whose output is added to
+    the stream (a linear bridge folds into it); None where a norm or expert routing follows it.
     """
 
     layers: str = "model.layers"
@@ -42,6 +44,13 @@ class Architecture:
     logit_divisor_config: str | None = None
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     moe: bool = False
+    attention_output: str | None = "o_proj"
+    mlp_output: str | None = "down_proj"
+
+    def output_projection(self, kind: str) -> str | None:
+        """Dotted path, inside a decoder block, of the linear layer that writes sublayer `kind`'s output."""
+        inner = self.attention_output if kind == "attn" else self.mlp_output
+        return f"{self.attention if kind == 'attn' else self.mlp}.{inner}" if inner else None
 
     def sublayer_modules(self, kind: str) -> tuple[str, ...]:
         """The module names inside a decoder block that make up sublayer `kind` ("attn"/"mlp")."""
@@ -55,6 +64,8 @@ _SANDWICH_NORMS = dict(  # Gemma 2/3: a norm before and after each sublayer
     attention_norms=("input_layernorm", "post_attention_layernorm"),
     mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
     per_layer_config=("layer_types",),
+    attention_output=None,  # the post-norms sit between the projections and the stream
+    mlp_output=None,
 )
 _ATTENTION_ONLY_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -69,10 +80,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma3_text": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping"),
     "phi3": replace(_LLAMA, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     # OLMo 2 normalises each sublayer's output instead of its input.
-    "olmo2": replace(_LLAMA, attention_norms=("post_attention_layernorm",), mlp_norms=("post_feedforward_layernorm",)),
+    "olmo2": replace(_LLAMA, attention_norms=("post_attention_layernorm",), mlp_norms=("post_feedforward_layernorm",),
+                     attention_output=None, mlp_output=None),
     # MoE: the whole sparse block (router, experts, shared expert) is the mlp sublayer. Experts are
     # fused 3-D parameters in transformers 5, so LoRA heals through attention.
-    "mixtral": replace(_LLAMA, moe=True, lora_targets=_ATTENTION_ONLY_LORA),
+    "mixtral": replace(_LLAMA, moe=True, lora_targets=_ATTENTION_ONLY_LORA, mlp_output=None),
     "qwen2_moe": replace(
         _LLAMA,
         moe=True,
@@ -80,6 +92,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         layer_index_config=("mlp_only_layers",),
         sparse_step_config="decoder_sparse_step",
         lora_targets=_ATTENTION_ONLY_LORA,
+        mlp_output=None,
     ),
 }
 

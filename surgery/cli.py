@@ -252,6 +252,9 @@ def analyze(model: str, out: Path, methods: str, batch_size: int, seed: int, dat
 @click.option("--protect", default=None, help="Sublayers never to remove, e.g. L0.attn,L1.mlp.")
 @click.option("--analysis", "analysis_dir", type=click.Path(path_type=Path), default=None,
               help="Analysis folder to reuse or write (default: a cache folder keyed by model, data and settings).")
+@click.option("--bridge/--no-bridge", default=True,
+              help="Fold a least-squares linear map across each cut into the layer before it (docs/pruning.md).")
+@click.option("--bridge-samples", type=click.IntRange(min=1), default=128, help="Calibration sequences for the bridges.")
 @click.option("--iterative-candidates", type=click.IntRange(min=1), default=16,
               help="iterative: units re-scored after each removal (the best of the previous step).")
 @click.option("--heal/--no-heal", default=False, help="Heal with (Q)LoRA on C4 after cutting.")
@@ -333,6 +336,7 @@ def prune_settings(kwargs: dict[str, Any]) -> Any:
         model=kwargs["model"], out=Path(kwargs["out"]), strategy=kwargs["strategy"], granularity=kwargs["granularity"],
         remove=kwargs["remove"], keep_cornerstones=kwargs["keep_cornerstones"], protect=kwargs["protect"], heal=kwargs["heal"],
         analysis_dir=kwargs["analysis_dir"], iterative_candidates=kwargs["iterative_candidates"], seed=kwargs["seed"],
+        bridge=kwargs["bridge"], bridge_samples=kwargs["bridge_samples"],
         force=kwargs["force"], keep_work=kwargs["keep_work"], load=load_options(kwargs), analysis=analysis,
         evaluation=evaluation, healing=healing, command=command,
     )

@@ -25,6 +25,8 @@ class PruneSettings:
     granularity: str = "block"
     remove: str = "25%"
     keep_cornerstones: bool = False
+    bridge: bool = True  # fold a least-squares linear bridge across each cut run (surgery.bridge)
+    bridge_samples: int = 128  # calibration sequences the bridges are fitted on
     protect: str | None = None
     heal: bool = False
     analysis_dir: Path | None = None
@@ -138,7 +140,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
     target = Target.parse(settings.remove)
     manual = parse_sublayers(settings.protect) if settings.protect else []
     methods = () if target.ids else needed_methods(settings)
-    _check_data(settings, needs_calibration=bool(methods) or settings.strategy == "iterative")
+    _check_data(settings, needs_calibration=bool(methods) or settings.strategy == "iterative" or settings.bridge)
     source = resolve(settings.model, allow_pickle=settings.load.get("allow_pickle", False))
     check_output_path(out, force=settings.force, protected=[source.path])
     loaded = load_model(source, **settings.load)
@@ -190,6 +192,12 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
         report["evaluations"]["source"] = _evaluate("source", loaded.model, loaded.tokenizer, settings, loaded.source.path, bar)
         report["timings"]["evaluate_source_seconds"] = time.perf_counter() - clock
 
+        if settings.bridge:
+            clock = time.perf_counter()
+            step(f"fitting linear bridges across the cut ({settings.bridge_samples} calibration sequences)")
+            report["bridge"] = _bridge(loaded, settings, plan)
+            report["plan"] = plan.describe()
+            report["timings"]["bridge_seconds"] = time.perf_counter() - clock
         cut_result = cut(loaded.model, plan.units)
         model = loaded.model
         step("evaluating the pruned model")
@@ -264,6 +272,22 @@ def _iterative_value(loaded: Any, settings: PruneSettings):
     batches, _, _ = calibration_batches(loaded.tokenizer, settings.analysis)
     residual = ResidualLoss(loaded.model, batches)
     return lambda removed: residual.value(frozenset(s.position for s in removed))
+
+
+def _bridge(loaded: Any, settings: PruneSettings, plan: Any) -> dict[str, Any]:
+    """Fold the linear bridges into the dense model before the cut; the plan's notes say what was done."""
+    from dataclasses import replace
+
+    from surgery.analysis import calibration_batches
+    from surgery.bridge import fit_and_fold
+
+    batches, origin, _ = calibration_batches(loaded.tokenizer, replace(settings.analysis, samples=settings.bridge_samples))
+    result = fit_and_fold(loaded.model, plan.units, batches)
+    if result.bridges:
+        plan.notes.append("linear bridges (least squares on " + f"{result.tokens:,} calibration tokens): " +
+                          ", ".join(f"{b.run} into {b.into} (closes {100 * b.explained:.0f}% of the stream gap)" for b in result.bridges))
+    plan.notes += [f"no bridge for {line}" for line in result.skipped]
+    return {**result.describe(), "calibration": origin}
 
 
 def _write_report(folder: Path, report: dict[str, Any], analysis: dict[str, Any] | None, layers: int) -> None:

@@ -142,3 +142,14 @@ def format_sublayers(units: Iterable[Sublayer]) -> str:
             parts.append(str(unit))
     flush()
     return ",".join(parts)
+
+
+def contiguous_runs(units: Iterable[Sublayer]) -> list[list[Sublayer]]:
+    """`units` split into maximal runs of consecutive positions (residual-stream order)."""
+    runs: list[list[Sublayer]] = []
+    for unit in sorted(set(units)):
+        if runs and runs[-1][-1].position == unit.position - 1:
+            runs[-1].append(unit)
+        else:
+            runs.append([unit])
+    return runs

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -45,6 +46,9 @@ def test_prune_heal_export_report(source, tmp_path, data_dir):
         assert cornerstone["id"] not in plan["removed"]
     assert plan["fraction_of_decoder_parameters"] == pytest.approx(0.25, abs=0.1)
     assert report["healing"]["loss_after"] < report["healing"]["loss_before"]
+    bridges = report["bridge"]["bridges"]  # every cut run is bridged or named as skipped
+    assert bridges and all(b["into"] not in plan["removed"] for b in bridges)
+    assert any(note.startswith("linear bridges") for note in plan["notes"])
     assert {"source", "plan", "timings", "versions"} <= set(report)
     markdown = (out / "report.md").read_text()
     for section in ("## Plan", "## Healing", "## Before and after", "## Plots", "removal_map.png"):
@@ -69,6 +73,24 @@ def test_each_strategy_runs_through_the_command(source, tmp_path, data_dir, stra
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4  # plain transformers
+
+
+@pytest.mark.parametrize("bridge", ["--bridge", "--no-bridge"])
+def test_the_bridge_changes_only_the_layer_before_the_cut(source, tmp_path, data_dir, bridge):
+    """L2-L3 go: with a bridge the old L1's down projection changes, every other kept weight is the
+    source's; without one every kept weight is the source's."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "pruned"
+    result = run("prune", source, "--out", out, "--remove", "L2-L3", bridge, "--bridge-samples", "4", "--data-dir", data_dir,
+                 "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    before, after = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
+    renamed = {name.replace("layers.4.", "layers.2.").replace("layers.5.", "layers.3."): name for name in before
+               if ".layers.2." not in name and ".layers.3." not in name}
+    assert set(after) == set(renamed)
+    changed = {name for name in after if not torch.equal(after[name], before[renamed[name]])}
+    assert changed == ({"model.layers.1.mlp.down_proj.weight"} if bridge == "--bridge" else set())
 
 
 def test_a_saved_analysis_is_reused(source, tmp_path, data_dir):

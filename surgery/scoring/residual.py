@@ -21,6 +21,7 @@ from typing import Any
 from surgery.ablation import ablated
 from surgery.arch import architecture_of, decoder_layers, get_module, unwrap
 from surgery.evaluate.perplexity import final_hidden, token_nll
+from surgery.stream import block_output, capture_stream
 from surgery.sublayers import Sublayer
 
 
@@ -97,28 +98,11 @@ class ResidualLoss:
     # ------------------------------------------------------------ internals
 
     def _build_cache(self) -> None:
-        """One reference pass per batch: the stream before every block and the block's call arguments,
-        then the mid-block stream (after attention) by re-running each block with its MLP ablated."""
+        """One reference pass per batch: the stream before every position and each block's call arguments."""
         for ids in self.batches:
-            calls: list[tuple[tuple, dict]] = []
-            outputs: list[Any] = []
-            hooks = [layer.register_forward_pre_hook(lambda m, args, kwargs, calls=calls: calls.append((args, kwargs)),
-                                                     with_kwargs=True) for layer in self.layers]
-            hooks.append(self.layers[-1].register_forward_hook(lambda m, args, out, outputs=outputs: outputs.append(out)))
-            try:
-                final_hidden(self.base, ids)
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            states: list[Any] = []
-            for index, (args, kwargs) in enumerate(calls):
-                block_input = args[0]
-                with ablated(self.base, [Sublayer(index, "mlp")]):
-                    after_attention = _tensor(self.layers[index](block_input, *args[1:], **kwargs))
-                states += [block_input.to(self.state_device), after_attention.to(self.state_device)]
-            states.append(_tensor(outputs[0]).to(self.state_device))
-            self._states.append(states)
-            self._calls.append([(args[1:], kwargs) for args, kwargs in calls])
+            states, calls = capture_stream(self.base, ids, state_device=self.state_device)
+            self._states.append([states[p] for p in range(self.num_players + 1)])
+            self._calls.append(calls)
 
     def _compute(self, removed: frozenset[int]) -> float:
         return self._compute_group([removed])[0]
@@ -155,7 +139,7 @@ class ResidualLoss:
                 args, kwargs = self._calls[index][layer_index]
                 if len(group) > 1:
                     args, kwargs = _repeat_rows((args, kwargs), len(group), ids.shape[0])
-                hidden = _tensor(self.layers[layer_index](hidden, *args, **kwargs))
+                hidden = block_output(self.layers[layer_index](hidden, *args, **kwargs))
         return get_module(self.base, self.arch.final_norm)(hidden)
 
 
@@ -192,8 +176,3 @@ def _repeat_rows(value: Any, times: int, rows: int) -> Any:
     if isinstance(value, dict):
         return {k: _repeat_rows(v, times, rows) for k, v in value.items()}
     return value
-
-
-def _tensor(output: Any) -> Any:
-    """Decoder blocks return a tensor in transformers 5 (a tuple in older versions)."""
-    return output[0] if isinstance(output, tuple) else output
