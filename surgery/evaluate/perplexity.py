@@ -119,4 +119,5 @@ def perplexity(model: Any, tokenizer: Any, texts: list[str], protocol: Perplexit
     stderr = spread / math.sqrt(len(window_means))
     return {"perplexity": math.exp(mean), "nll": mean, "nll_stderr": stderr,
             "perplexity_interval_95": [math.exp(mean - 1.96 * stderr), math.exp(mean + 1.96 * stderr)],
-            "tokens": int(count), "windows": len(per_window)}
+            "tokens": int(count), "windows": len(per_window),
+            "window_nll": [round(m, 6) for m in window_means]}  # the same windows for every model: paired comparisons
