@@ -85,7 +85,7 @@ def default_strategy() -> tuple[str, str]:
     from surgery.cli import prune
 
     defaults = {p.name: p.default for p in prune.params}
-    return defaults["strategy"], defaults["granularity"]
+    return defaults["strategy"] + ("+bridge" if defaults["bridge"] else ""), defaults["granularity"]
 
 
 def strategies_section(summary: dict) -> list[str]:
@@ -104,7 +104,9 @@ def strategies_section(summary: dict) -> list[str]:
              f"Tasks: the first {p['limit']} items of each; perplexity: {p['ppl_windows']} windows of 512 tokens. "
              f"{p['workers']} workers x {p['threads_per_worker']} thread; the configurations took "
              f"{sum(r['seconds'] for r in summary['rows']) / 60:.0f} worker-minutes (the run resumes, so its own wall time "
-             "is not the benchmark's).", "",
+             "is not the benchmark's). Rows `bi+bridge` and `angular+bridge` cut what `bi` and `angular` choose, with a "
+             "least-squares linear bridge folded into the layer before each cut run (`surgery/bridge.py`, on by default in "
+             "`surgery prune`); `angular+bridge` is ReplaceMe's recipe in closed form.", "",
              f"**Headline accuracy** is accuracy above chance normalised by the dense model's margin, averaged over the tasks "
              f"where the dense model is clearly above chance (more than three standard errors, on its first "
              f"{p.get('wide_limit', 500)} items): **{', '.join(tasks) or 'none'}**. The other tasks sit at or below chance for a "
@@ -148,31 +150,44 @@ def strategies_section(summary: dict) -> list[str]:
                  f"**{challenger[0]} ({challenger[1]})**, against the peers' rules (their best granularity each).")
     else:
         challenger = (strategy, granularity)
-        intro = (f"The default (`--strategy {strategy} --granularity {granularity}`) against last-n, angular, Block Influence "
-                 "and random (their best granularity each).")
+        rule, _, method = strategy.partition("+")
+        flags = f"--strategy {rule} --granularity {granularity}" + (" --bridge" if method == "bridge" else "")
+        intro = (f"The default (`{flags}`) against last-n, angular, Block Influence and random as their authors use them "
+                 "(no bridge; their best granularity each).")
     lines += ["### The goal: the project's strategy against the peers' rules at 25%, after healing", "", intro,
               "Paired differences on the same items; perplexity as the ratio of perplexities, better when the log ratio is "
-              "below -1.96 standard errors of the two per-window mean log-perplexities.", "",
+              "below -1.96 standard errors (paired over the same windows where both results list their per-window losses, "
+              "otherwise the two window spreads combined).", "",
               "| peer | WikiText-2 ppl: ours / peer | accuracy difference (points, paired SE) | ours better on both by more than the spread? |",
               "|---|---|---|---|"]
-    mine_path = OUT / f"{job_name(*challenger, 0.25)}.json"
+    peers = {}
+    for peer in PEERS:
+        candidates = [r for r in rows25 if r["strategy"] == peer]
+        if candidates:
+            peers[peer] = min(candidates, key=lambda r: r["healed"]["wikitext2_ppl"])["granularity"]
+    # the --goal reruns (more items on the informative tasks) where every cell of the table has one
+    cells = [challenger, *peers.items()]
+    tag = "-goal" if all((OUT / f"{job_name(*c, 0.25, '-goal')}.json").is_file() for c in cells) else ""
+    if tag:
+        sample = json.loads((OUT / f"{job_name(*challenger, 0.25, tag)}.json").read_text())["healed"]["tasks"]
+        scored = ", ".join(f"{t} ({e['n']} items)" for t, e in sample.items())
+        lines[-3:-3] = [f"These cells were rerun exactly (same plan, same healing seed; `bench/strategies.py --goal`) and "
+                        f"scored after healing on {scored}: "
+                        "more items than the main grid, on the tasks where the dense model is above chance."]
+    mine_path = OUT / f"{job_name(*challenger, 0.25, tag)}.json"
     wins = []
     if mine_path.is_file():
         mine = json.loads(mine_path.read_text())
         margins = dense_margins()[0]
-        for peer in PEERS:
-            candidates = [r for r in rows25 if r["strategy"] == peer]
-            if not candidates:
-                continue
-            best = min(candidates, key=lambda r: r["healed"]["wikitext2_ppl"])
-            theirs = json.loads((OUT / f"{job_name(peer, best['granularity'], 0.25)}.json").read_text())
+        for peer, peer_granularity in peers.items():
+            theirs = json.loads((OUT / f"{job_name(peer, peer_granularity, 0.25, tag)}.json").read_text())
             diff, se = paired_difference(mine["healed"], theirs["healed"], margins, tasks) if tasks else (None, None)
             ours_ppl, peer_ppl = mine["healed"]["perplexity"]["wikitext2"], theirs["healed"]["perplexity"]["wikitext2"]
             ratio = ours_ppl["perplexity"] / peer_ppl["perplexity"]
-            ppl_better = math.log(ratio) < -1.96 * math.hypot(ours_ppl["nll_stderr"], peer_ppl["nll_stderr"])
+            ppl_better = math.log(ratio) < -1.96 * log_ratio_stderr(ours_ppl, peer_ppl)
             acc_better = diff is not None and diff > 1.96 * se
             wins.append(ppl_better and acc_better)
-            lines.append(f"| {peer} ({best['granularity']}) | {ratio:.2f} (ppl better: {'yes' if ppl_better else 'no'}) | "
+            lines.append(f"| {peer} ({peer_granularity}) | {ratio:.2f} (ppl better: {'yes' if ppl_better else 'no'}) | "
                          f"{fmt(diff, 1)} ± {fmt(se, 1)} | {'yes' if ppl_better and acc_better else 'no'} |")
     lines.append("")
     if wins and all(wins):
@@ -184,6 +199,17 @@ def strategies_section(summary: dict) -> list[str]:
         lines += ["", *why_lines(rows25)]
     lines.append("")
     return lines
+
+
+def log_ratio_stderr(a: dict, b: dict) -> float:
+    """Standard error of log(ppl_a / ppl_b): paired over the windows both models read when both
+    results list them, else the two window-spread errors combined as if independent (wider)."""
+    x, y = a.get("window_nll"), b.get("window_nll")
+    if x and y and len(x) == len(y) > 1:
+        d = [p - q for p, q in zip(x, y)]
+        mean = sum(d) / len(d)
+        return math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1) / len(d))
+    return math.hypot(a["nll_stderr"], b["nll_stderr"])
 
 
 def why_lines(rows: list[dict]) -> list[str]:
@@ -267,15 +293,19 @@ def analysis_cost_section(data: dict) -> list[str]:
                   f"{speed['mean_blocks_run_fraction']:.2f} + {speed['output_layer_share']:.2f}) = {speed['bound']:.2f}x."]
     if data.get("coalition_batching"):
         b = data["coalition_batching"]
+        faster = b["speedup"] > 1
         lines += ["", f"Coalition batching ({b['coalitions']} runs grouped by where they resume, {b['batch']} per batch, "
-                  f"{b['device']}): {b['speedup']:.2f}x against one at a time. On this CPU larger batches run slower per token, "
-                  "so `--coalition-batch` defaults to 1 on CPUs and 4 on GPUs, where batching fills the device."]
+                  f"{b['device']}): {b['speedup']:.2f}x against one at a time"
+                  + (f", so the analysis as it runs (prefix cache plus batching, which only the cache makes possible: the "
+                     f"grouped runs share their cached start) is about {speed['speedup'] * b['speedup']:.2f}x the naive "
+                     "evaluation." if faster else
+                     ". On this CPU larger batches run slower per token, so `--coalition-batch` defaults to 1 on CPUs and 4 "
+                     "on GPUs, where batching fills the device.")]
     if data.get("vocabulary_sweep"):
         lines += ["", "The same body with smaller output layers (random weights; speed does not depend on them):", "",
                   "| vocabulary | output layer share | prefix-cache speed-up |", "|---|---|---|"]
         lines += [f"| {r['vocab_size']:,} | {100 * r['output_layer_share']:.0f}% | {r['speedup']:.2f}x |" for r in data["vocabulary_sweep"]]
-        lines += ["", "For Llama-3-8B the output layer is about 7% of the compute (128k x 4096 against 32 blocks of 218M), "
-                  "which puts its bound near 1.9x."]
+        lines += ["", llama3_bound()]
     scaling = data if data.get("scaling") else load("analysis_scaling")
     if scaling:
         note = "" if scaling is data else f" ({scaling['threads']} threads; " + protocol_line(scaling).strip("_") + ")"
@@ -286,6 +316,19 @@ def analysis_cost_section(data: dict) -> list[str]:
         lines += ["", "Coalitions grow linearly with layers (about 4 x 2L), each costs about half a forward pass, so the "
                   "time grows with layers squared times tokens; the cache grows with layers times tokens."]
     return lines + [""]
+
+
+def llama3_bound() -> str:
+    """The same bound for Llama-3-8B, from its shapes: output-layer multiply-adds against the blocks'."""
+    from analysis_cost import mean_suffix_fraction
+
+    vocab, hidden, layers, block_parameters = 128_256, 4096, 32, 218_112_000  # Meta-Llama-3-8B config.json
+    share = vocab * hidden / (vocab * hidden + layers * block_parameters)
+    fraction = mean_suffix_fraction(2 * layers, 4)
+    bound = 1 / ((1 - share) * fraction + share)
+    return (f"For Llama-3-8B (vocabulary {vocab:,}, width {hidden}, {layers} blocks of {block_parameters / 1e6:.0f}M "
+            f"parameters) the output layer is about {100 * share:.0f}% of the multiply-adds, which puts the bound at "
+            f"{bound:.2f}x with max removed 4.")
 
 
 def model_speed_section(data: dict) -> list[str]:

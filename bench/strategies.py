@@ -4,6 +4,7 @@ healing budget, next to the dense model.
 
     python bench/strategies.py [--workers 2] [--limit 250] [--heal-steps 60]      # resumes where it stopped
     python bench/strategies.py --spread                                             # the noisiest cell, another seed and item slice
+    python bench/strategies.py --goal [--goal-limit 500]                            # the goal's cells, more items
 
 Headline quality (docs/results.md): WikiText-2 and C4 perplexity, and accuracy above chance
 normalised by the dense model's margin, (acc - chance) / (acc_dense - chance), averaged over the
@@ -50,12 +51,12 @@ def job_name(strategy: str, granularity: str, fraction: float, tag: str = "") ->
     return f"{strategy}-{granularity}-{int(round(fraction * 1000)):03d}{tag}"
 
 
-def settings_from(args: argparse.Namespace, offset: int = 0, limit: int | None = None):
+def settings_from(args: argparse.Namespace, offset: int = 0, limit: int | None = None, tasks: tuple[str, ...] = TASKS):
     from surgery.evaluate import EvalSettings
     from surgery.evaluate.perplexity import PerplexityProtocol
     from surgery.heal import HealSettings
 
-    evaluation = EvalSettings(tasks=TASKS, limit=limit or args.limit, perplexity=("wikitext2", "c4"), speed=False,
+    evaluation = EvalSettings(tasks=tuple(tasks), limit=limit or args.limit, perplexity=("wikitext2", "c4"), speed=False,
                               data_dir=data_dir(), keep_items=True, items_offset=offset,
                               perplexity_protocol=PerplexityProtocol(windows=args.ppl_windows))
     healing = HealSettings(steps=args.heal_steps, seq_len=256, batch_size=2, learning_rate=1e-3, lora_r=32, lora_alpha=32,
@@ -80,7 +81,7 @@ def run_job(job: dict) -> str:
 
     args = argparse.Namespace(**job["args"])
     _use_out(args)
-    evaluation, healing = settings_from(args, job.get("offset", 0))
+    evaluation, healing = settings_from(args, job.get("offset", 0), job.get("limit"), job.get("tasks", TASKS))
     if job.get("heal_seed") is not None:
         healing.seed = job["heal_seed"]
     start = time.perf_counter()
@@ -109,7 +110,8 @@ def run_job(job: dict) -> str:
         bridges = fit_and_fold(model, plan.units, calibration_batches(loaded.tokenizer, calibration)[0])
         result["bridge"] = {**bridges.describe(), "seconds": time.perf_counter() - clock}
     cut(model, plan.units)
-    result["pruned"] = evaluate_model(model, loaded.tokenizer, evaluation)
+    if not job.get("healed_only"):
+        result["pruned"] = evaluate_model(model, loaded.tokenizer, evaluation)
     work = OUT / "work" / job["name"]
     healed = heal(model, loaded.tokenizer, healing, work, data_dir=data_dir())
     result["healing"] = {"loss_before": healed.loss_before, "loss_after": healed.loss_after, "seconds": healed.seconds,
@@ -303,6 +305,32 @@ def spread(args: argparse.Namespace) -> None:
                                "protocol": protocol()})
 
 
+def goal(args: argparse.Namespace) -> None:
+    """The goal's comparison with more items: the default and each peer rule's best cell at 25%,
+    rerun exactly (same plan, same healing seed) and scored after healing on the above-chance tasks
+    only, with --goal-limit items each, and WikiText-2 with per-window losses for paired errors."""
+    from make_results import PEERS, default_strategy
+
+    summary = json.loads((RESULTS / "strategies.json").read_text())
+    rows = [r for r in summary["rows"] if r["target"] == 0.25]
+    cells = [default_strategy()]
+    for peer in PEERS:
+        ran = [r for r in rows if r["strategy"] == peer]
+        if ran:
+            best = min(ran, key=lambda r: r["healed"]["wikitext2_ppl"])
+            cells.append((peer, best["granularity"]))
+    _, tasks, _ = dense_margins()
+    common = {"threads": args.threads, "args": {**vars(args), "out": str(OUT)}}
+    jobs = [{**common, "name": job_name(strategy, granularity, 0.25, "-goal"), "kind": "prune", "strategy": strategy,
+             "granularity": granularity, "fraction": 0.25, "tasks": tasks, "limit": args.goal_limit, "healed_only": True}
+            for strategy, granularity in cells]
+    jobs = [job for job in jobs if not (OUT / f"{job['name']}.json").is_file()]
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(args.workers, maxtasksperchild=1) as pool:
+        for name in pool.imap_unordered(_dispatch, jobs):
+            print(f"done {name}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, default=2)
@@ -314,8 +342,10 @@ def main() -> None:
     parser.add_argument("--iterative-candidates", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spread", action="store_true", help="rerun the noisiest cell with another seed and item slice")
+    parser.add_argument("--goal", action="store_true", help="the goal's cells again, healed only, with --goal-limit items")
+    parser.add_argument("--goal-limit", type=int, default=500, help="items per above-chance task in --goal")
     parser.add_argument("--aggregate-only", action="store_true")
-    parser.add_argument("--only", default=None, help="run only jobs whose name contains this text")
+    parser.add_argument("--only", default=None, help="run only jobs whose name contains one of these comma-separated texts")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/strategies)")
     args = parser.parse_args()
     global OUT
@@ -324,6 +354,9 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     if args.spread:
         spread(args)
+        return
+    if args.goal:
+        goal(args)
         return
     started = time.perf_counter()
     common = {"threads": args.threads, "args": {**vars(args), "out": str(OUT)}}
@@ -336,7 +369,7 @@ def main() -> None:
             jobs.append({**common, "name": "dense-wide", "kind": "dense", "limit": args.wide_limit})
         for strategy, granularity, fraction in configurations():
             name = job_name(strategy, granularity, fraction)
-            if not (OUT / f"{name}.json").is_file() and (not args.only or args.only in name):
+            if not (OUT / f"{name}.json").is_file() and (not args.only or any(t in name for t in args.only.split(","))):
                 jobs.append({**common, "name": name, "kind": "prune", "strategy": strategy, "granularity": granularity,
                              "fraction": fraction})
         # the 25% cells first (the goal's comparison), iterative at 25% leading (slowest; its values
