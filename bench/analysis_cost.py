@@ -3,6 +3,7 @@ default calibration set, and the speed-up of the prefix cache over evaluating ev
 the embeddings, measured in the same run on the same coalitions.
 
     python bench/analysis_cost.py [--threads 2] [--sample-every 4] [--skip-sweeps]
+    python bench/analysis_cost.py --speedup-only      # the speed-up alone (minutes): for a quiet machine
 
 The naive path costs several seconds a coalition here, so it runs on every k-th coalition of the
 Shapley run (--max-removed 4), stratified over run length and position; the prefix path is timed
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--sample-every", type=int, default=4)
     parser.add_argument("--skip-sweeps", action="store_true", help="only the SmolLM2 measurements")
     parser.add_argument("--scaling-only", action="store_true", help="only the tiny-model scaling table (analysis_scaling.json)")
+    parser.add_argument("--speedup-only", action="store_true",
+                        help="only the prefix-cache speed-up on SmolLM2 (analysis_speedup.json; minutes, for a quiet machine)")
     args = parser.parse_args()
     threads = setup(args.threads)
     if args.scaling_only:
@@ -48,6 +51,12 @@ def main() -> None:
     model = loaded.model
     batches, origin, _ = calibration_batches(loaded.tokenizer, settings)
     players = 2 * model.config.num_hidden_layers
+    if args.speedup_only:
+        windows = [w for w in neighbourhood_windows(players, settings.max_removed) if w]
+        speed = prefix_speedup(model, batches, windows[:: args.sample_every], len(windows), settings.max_removed)
+        print(f"prefix-cache speed-up {speed['speedup']:.2f}x (bound {speed['bound']:.2f}x)")
+        save("analysis_speedup", {"prefix_cache_speedup": speed, "threads": threads, "protocol": protocol()})
+        return
     results: dict = {"model": "smollm2-135m", "players": players,
                      "calibration": {"source": origin, "samples": settings.samples, "seq_len": settings.seq_len}}
 
@@ -73,10 +82,38 @@ def main() -> None:
         # ablation windows were timed in the ablation phase; Shapley = ablation + the longer runs
         shapley_seconds = ablation.seconds + shapley.seconds
 
-        sample = windows[:: args.sample_every]
-        naive = ResidualLoss(model, batches, prefix_cache=False)
-        fresh = ResidualLoss(model, batches)
-        naive_times, prefix_times, max_diff = [], [], 0.0
+    speed = prefix_speedup(model, batches, windows[:: args.sample_every], len(windows), settings.max_removed)
+    batching = coalition_batching(model, batches, players, settings.max_removed)
+    results |= {
+        "threads": threads,
+        "reference_pass": {"seconds": reference.seconds, "peak_rss_bytes": reference.peak, "state_cache_bytes": state_bytes},
+        "angular_and_block_influence": {"seconds": reference.seconds + similarity.seconds, "peak_rss_bytes": similarity.peak},
+        "ablation": {"seconds": reference.seconds + ablation.seconds, "evaluations": players, "peak_rss_bytes": ablation.peak},
+        "shapley": {"seconds": reference.seconds + shapley_seconds, "evaluations": players + len(windows) - players,
+                    "max_removed": settings.max_removed, "peak_rss_bytes": shapley.peak},
+        "prefix_cache_speedup": speed,
+        "coalition_batching": batching,
+    }
+    if not args.skip_sweeps:
+        results["vocabulary_sweep"] = vocabulary_sweep(model.config, batches, args.sample_every * 2)
+        results["scaling"] = scaling_table()
+    results["protocol"] = protocol()
+    print(f"reference pass {reference.seconds:.1f}s, ablation {results['ablation']['seconds']:.0f}s, "
+          f"shapley {results['shapley']['seconds']:.0f}s, prefix-cache speed-up {speed['speedup']:.2f}x "
+          f"(max value difference {speed['max_abs_value_difference']:.2g})")
+    save("analysis_cost", results)
+
+
+def prefix_speedup(model, batches, sample: list, of: int, max_removed: int) -> dict:
+    """Each sampled coalition with the prefix cache and from the embeddings, back to back, so that
+    machine noise hits both alike; plus the output layer's share and the bound it implies."""
+    import torch
+
+    from surgery.scoring.residual import ResidualLoss
+
+    naive, fresh = ResidualLoss(model, batches, prefix_cache=False), ResidualLoss(model, batches)
+    naive_times, prefix_times, max_diff = [], [], 0.0
+    with torch.no_grad():
         for window in sample:
             start = time.perf_counter()
             a = fresh.value(window)
@@ -85,36 +122,13 @@ def main() -> None:
             b = naive.value(window)
             naive_times.append(time.perf_counter() - start)
             max_diff = max(max_diff, abs(a - b))
-
-    speedup = sum(naive_times) / sum(prefix_times)
-    batching = coalition_batching(model, batches, players, settings.max_removed)
     head = head_share(model, batches)
-    fraction = mean_suffix_fraction(players, settings.max_removed)
-    results |= {
-        "threads": threads,
-        "reference_pass": {"seconds": reference.seconds, "peak_rss_bytes": reference.peak, "state_cache_bytes": state_bytes},
-        "angular_and_block_influence": {"seconds": reference.seconds + similarity.seconds, "peak_rss_bytes": similarity.peak},
-        "ablation": {"seconds": reference.seconds + ablation.seconds, "evaluations": players, "peak_rss_bytes": ablation.peak},
-        "shapley": {"seconds": reference.seconds + shapley_seconds, "evaluations": players + len(windows) - players,
-                    "max_removed": settings.max_removed, "peak_rss_bytes": shapley.peak},
-        "prefix_cache_speedup": {
-            "coalitions_sampled": len(sample), "of": len(windows), "naive_seconds": sum(naive_times),
-            "prefix_seconds": sum(prefix_times), "speedup": speedup,
+    fraction = mean_suffix_fraction(2 * model.config.num_hidden_layers, max_removed)
+    return {"coalitions_sampled": len(sample), "of": of, "naive_seconds": sum(naive_times),
+            "prefix_seconds": sum(prefix_times), "speedup": sum(naive_times) / sum(prefix_times),
             "naive_median_seconds": statistics.median(naive_times), "prefix_median_seconds": statistics.median(prefix_times),
-            "max_abs_value_difference": max_diff, "target": 1.7,
-            "output_layer_share": head, "mean_blocks_run_fraction": fraction,
-            "bound": 1 / ((1 - head) * fraction + head),
-        },
-        "coalition_batching": batching,
-    }
-    if not args.skip_sweeps:
-        results["vocabulary_sweep"] = vocabulary_sweep(model.config, batches, args.sample_every * 2)
-        results["scaling"] = scaling_table()
-    results["protocol"] = protocol()
-    print(f"reference pass {reference.seconds:.1f}s, ablation {results['ablation']['seconds']:.0f}s, "
-          f"shapley {results['shapley']['seconds']:.0f}s, prefix-cache speed-up {speedup:.2f}x "
-          f"(max value difference {max_diff:.2g})")
-    save("analysis_cost", results)
+            "max_abs_value_difference": max_diff, "target": 1.7, "output_layer_share": head,
+            "mean_blocks_run_fraction": fraction, "bound": 1 / ((1 - head) * fraction + head)}
 
 
 def coalition_batching(model, batches, players: int, max_removed: int) -> dict:
@@ -169,21 +183,11 @@ def mean_suffix_fraction(players: int, max_removed: int) -> float:
 
 
 def speedup_on(model, batches, every: int, max_removed: int = 4) -> dict:
-    from surgery.scoring.residual import ResidualLoss
     from surgery.scoring.shapley import neighbourhood_windows
 
-    players = 2 * model.config.num_hidden_layers
-    sample = [w for w in neighbourhood_windows(players, max_removed) if w][::every]
-    fast, slow = ResidualLoss(model, batches), ResidualLoss(model, batches, prefix_cache=False)
-    fast_time = slow_time = 0.0
-    for window in sample:
-        start = time.perf_counter()
-        fast.value(window)
-        fast_time += time.perf_counter() - start
-        start = time.perf_counter()
-        slow.value(window)
-        slow_time += time.perf_counter() - start
-    return {"coalitions": len(sample), "speedup": slow_time / fast_time, "output_layer_share": head_share(model, batches)}
+    windows = [w for w in neighbourhood_windows(2 * model.config.num_hidden_layers, max_removed) if w]
+    speed = prefix_speedup(model, batches, windows[::every], len(windows), max_removed)
+    return {"coalitions": speed["coalitions_sampled"], "speedup": speed["speedup"], "output_layer_share": speed["output_layer_share"]}
 
 
 def vocabulary_sweep(config, batches, every: int) -> list[dict]:
