@@ -33,7 +33,7 @@ RIDGE = 1e-4  # times the mean diagonal of the normal matrix: keeps the solve st
 class Bridge:
     run: str  # the removed run, e.g. "L12-L17"
     into: str  # the kept sublayer whose output projection carries the bridge
-    explained: float  # share of the weighted gap the bridge closes on the calibration tokens
+    explained: float  # share of the squared gap the bridge closes on the calibration tokens
 
 
 @dataclass

@@ -183,7 +183,6 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
         del value_after  # the iterative evaluator's stream cache is not needed any more
         if analysis is not None and analysis.get("cornerstones"):
             plan.notes.append("cornerstones found by the analysis: " + ", ".join(c["id"] for c in analysis["cornerstones"]))
-        report["plan"] = plan.describe()
         report["timings"]["plan_seconds"] = time.perf_counter() - clock
         step(f"plan: remove {plan.describe()['removed_compact']} ({100 * plan.fraction:.1f}% of decoder parameters)")
 
@@ -196,8 +195,8 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
             clock = time.perf_counter()
             step(f"fitting linear bridges across the cut ({settings.bridge_samples} calibration sequences)")
             report["bridge"] = _bridge(loaded, settings, plan)
-            report["plan"] = plan.describe()
             report["timings"]["bridge_seconds"] = time.perf_counter() - clock
+        report["plan"] = plan.describe()  # after the bridges, whose notes it carries
         cut_result = cut(loaded.model, plan.units)
         model = loaded.model
         step("evaluating the pruned model")
@@ -221,8 +220,8 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
 
         report["versions"] = versions()
         report["timings"]["total_seconds"] = time.perf_counter() - started
-        record = {"removed": [str(u) for u in plan.units], "removed_compact": plan.describe()["removed_compact"],
-                  "kept_layers": cut_result.kept_layers, "source": loaded.source.describe(), "plan": plan.describe(),
+        record = {"removed": [str(u) for u in plan.units], "removed_compact": report["plan"]["removed_compact"],
+                  "kept_layers": cut_result.kept_layers, "source": loaded.source.describe(), "plan": report["plan"],
                   "parameters": {"before": cut_result.parameters_before, "after": cut_result.parameters_after,
                                  "removed": cut_result.parameters_before - cut_result.parameters_after},
                   "healing": report.get("healing", {}).get("settings")}
@@ -284,8 +283,8 @@ def _bridge(loaded: Any, settings: PruneSettings, plan: Any) -> dict[str, Any]:
     batches, origin, _ = calibration_batches(loaded.tokenizer, replace(settings.analysis, samples=settings.bridge_samples))
     result = fit_and_fold(loaded.model, plan.units, batches)
     if result.bridges:
-        plan.notes.append("linear bridges (least squares on " + f"{result.tokens:,} calibration tokens): " +
-                          ", ".join(f"{b.run} into {b.into} (closes {100 * b.explained:.0f}% of the stream gap)" for b in result.bridges))
+        fits = ", ".join(f"{b.run} into {b.into} (closes {100 * b.explained:.0f}% of the stream gap)" for b in result.bridges)
+        plan.notes.append(f"linear bridges (least squares on {result.tokens:,} calibration tokens): {fits}")
     plan.notes += [f"no bridge for {line}" for line in result.skipped]
     return {**result.describe(), "calibration": origin}
 
