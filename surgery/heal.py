@@ -5,7 +5,12 @@ adapters (peft) are trained by trl's SFTTrainer, and the adapters are merged int
 loaded full-precision copy of the pruned model, never into the 4-bit one. `quantize=False`
 trains the adapters on a full-precision base instead.
 
-The CPU trap (see docs/healing.md): on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights
+Distillation (`distill > 0`): the loss mixes the usual next-token cross-entropy with the KL
+divergence from the dense teacher's next-token distribution, `distill * KL + (1 - distill) * CE`.
+The teacher is the source model before the cut, so the student learns what it lost rather than
+C4's statistics only (docs/pruning.md, Healing; the effect is measured in bench/strategies.py).
+
+The CPU trap (see docs/pruning.md, Healing): on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights
 in place on the first eval-mode forward, after which LoRA gradients are silently wrong. Every
 `Linear4bit` gets `support_avx512bf16_for_cpu = False` right after loading, before any forward,
 and the 4-bit model is never evaluated; held-out losses are measured on full-precision models.
@@ -48,12 +53,15 @@ class HealSettings:
     gradient_checkpointing: bool | None = None  # default: on for GPUs, off for CPUs
     device_map: str | None = None  # "auto" spreads the 4-bit base over several GPUs
     seed: int = 0
+    distill: float = 0.0  # weight of the KL to the dense teacher's logits; 0 = plain LM loss
 
     def __post_init__(self) -> None:
         if self.tokens is not None:
             self.steps = max(1, math.ceil(self.tokens / (self.seq_len * self.batch_size * self.grad_accum)))
         if self.steps < 1 or self.lora_r < 1 or self.batch_size < 1:
             raise SurgeryError("healing needs at least one step, a LoRA rank of at least 1 and a batch of at least 1")
+        if not 0.0 <= self.distill <= 1.0:
+            raise SurgeryError(f"distillation weight {self.distill} is outside [0, 1]: use 0 (plain LM loss) to 1 (pure distillation)")
 
     def describe(self) -> dict[str, Any]:
         data = asdict(self)
@@ -130,16 +138,19 @@ def heldout_loss(model: Any, batches: list[Any]) -> float:
     return total / count
 
 
-def _settings_key(settings: HealSettings, model_folder: Path, data_digest: str) -> str:
+def _settings_key(settings: HealSettings, model_folder: Path, data_digest: str, teacher: Path | None) -> str:
     from surgery.models import fingerprint
 
-    basis = {"settings": settings.describe(), "model": fingerprint(model_folder), "data": data_digest}
+    basis = {"settings": settings.describe(), "model": fingerprint(model_folder), "data": data_digest,
+             "teacher": fingerprint(teacher) if teacher else None}
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data_dir: Path | None = None,
-         device: str = "cpu", progress: Any = None) -> HealResult:
+         device: str = "cpu", progress: Any = None, teacher: Path | None = None) -> HealResult:
     """Train LoRA adapters on the pruned `model` and return the merged full-precision model.
+
+    `teacher` is the dense model's folder, needed when `settings.distill > 0`.
 
     The given model is consumed: it is saved into `work` and its weights are released, so a large
     model is never held twice next to its training copy. `work` holds the pruned base, the trainer's checkpoints and the adapter; a rerun with the same
@@ -154,6 +165,9 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     quiet_transformers()
     if tokenizer is None:
         raise SurgeryError("healing needs the model's tokenizer: use a model folder that holds one")
+    if settings.distill > 0 and not (teacher and (Path(teacher) / "config.json").is_file()):
+        raise SurgeryError(f"distillation needs the dense teacher's model folder, got {teacher}: pass it or set distill to 0")
+    teacher = Path(teacher) if settings.distill > 0 else None
     started = time.perf_counter()
     work = Path(work)
     base_folder = work / "base"
@@ -168,14 +182,14 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     train_ids = _pack_available(tokenizer, texts, settings.steps * per_step, settings.seq_len, source, minimum=per_step)
     heldout = list(pack_tokens(tokenizer, heldout_texts, settings.heldout_samples, settings.seq_len, "held-out text").split(4))
     digest = hashlib.sha256(train_ids.numpy().tobytes()).hexdigest()
-    key = _settings_key(settings, base_folder, digest)
+    key = _settings_key(settings, base_folder, digest, teacher)
 
     loss_before = heldout_loss(model, heldout)
     arch = architecture_of(unwrap(model).config)
     dtype = next(unwrap(model).parameters()).dtype
     _release(model)  # from here on the saved base is the model; a large one must not stay in memory twice
     with progress_bar(progress) as bar:
-        adapter, log, resumed = _train(base_folder, tokenizer, train_ids, settings, arch, work, key, device, bar)
+        adapter, log, resumed = _train(base_folder, tokenizer, train_ids, settings, arch, work, key, device, bar, teacher)
         merged = merge_adapter(base_folder, adapter, dtype=dtype, device=device)
     loss_after = heldout_loss(merged, heldout)
     return HealResult(merged, loss_before, loss_after, settings.describe(), source, time.perf_counter() - started, log, resumed)
@@ -227,7 +241,7 @@ def _pack_available(tokenizer: Any, texts: list[str], wanted: int, seq_len: int,
 
 
 def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSettings, arch: Any, work: Path, key: str,
-           device: str, bar: Any) -> tuple[Path, list[dict[str, float]], str | None]:
+           device: str, bar: Any, teacher: Path | None) -> tuple[Path, list[dict[str, float]], str | None]:
     import datasets
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -281,7 +295,10 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
         packing=False, disable_tqdm=True, dataloader_num_workers=0, eval_strategy="no", remove_unused_columns=False,
     )
     dataset = datasets.Dataset.from_dict({"input_ids": train_ids.tolist()})
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Progress()])
+    trainer_class = SFTTrainer
+    if teacher is not None:
+        trainer_class = _distilling(SFTTrainer, _load_teacher(teacher, settings, device), settings.distill)
+    trainer = trainer_class(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Progress()])
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the loss
     resumed = str(resume[-1]) if resume else None
     trainer.train(resume_from_checkpoint=resumed)
@@ -290,6 +307,56 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
     model.save_pretrained(adapter)
     del trainer, model
     return adapter, log, resumed
+
+
+def _load_teacher(folder: Path, settings: HealSettings, device: str) -> Any:
+    """The dense teacher, frozen: 4-bit beside a 4-bit student on a GPU (memory), else full precision
+    (a 4-bit model on CPU is slow, and the teacher needs no gradients)."""
+    from surgery.models import load_model
+
+    if settings.quantize and device.startswith("cuda"):
+        teacher = load_4bit(folder, device, settings.device_map)
+    else:
+        teacher = load_model(str(folder), device=device, with_tokenizer=False).model
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def distillation_loss(student_logits: Any, teacher_logits: Any, labels: Any, weight: float, items: Any = None) -> Any:
+    """`weight * KL(teacher || student) + (1 - weight) * cross-entropy` over the predicted tokens,
+    summed and divided by `items` (the trainer's token count over accumulated batches) or their number."""
+    import torch
+    import torch.nn.functional as F
+
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise SurgeryError(f"the teacher's vocabulary ({teacher_logits.shape[-1]}) differs from the student's "
+                           f"({student_logits.shape[-1]}): distil from the model the student was cut from")
+    targets = labels[:, 1:]
+    mask = targets != -100
+    student = F.log_softmax(student_logits[:, :-1][mask].float(), dim=-1)
+    teacher = F.log_softmax(teacher_logits[:, :-1][mask].to(student.device).float(), dim=-1)
+    kl = (teacher.exp() * (teacher - student)).sum()
+    cross_entropy = F.nll_loss(student, targets[mask], reduction="sum")
+    count = items if items is not None else mask.sum()
+    return (weight * kl + (1 - weight) * cross_entropy) / torch.as_tensor(count, device=kl.device).clamp(min=1)
+
+
+def _distilling(base: type, teacher: Any, weight: float) -> type:
+    """A trainer class whose loss is `distillation_loss` against the frozen `teacher`."""
+    import torch
+
+    class DistillingTrainer(base):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            forward = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+            outputs = model(**forward, use_cache=False)
+            teacher_device = next(teacher.parameters()).device
+            with torch.no_grad():
+                target = teacher(**{k: v.to(teacher_device) for k, v in forward.items()}, use_cache=False).logits
+            loss = distillation_loss(outputs.logits, target, inputs["labels"], weight, num_items_in_batch)
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None  # divided by the count over accumulated batches
+            return (loss, outputs) if return_outputs else loss
+
+    return DistillingTrainer
 
 
 def merge_adapter(base_folder: Path, adapter: Path, *, dtype: Any, device: str) -> Any:

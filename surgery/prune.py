@@ -206,10 +206,11 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
             from surgery.heal import heal
 
             clock = time.perf_counter()
-            step(f"healing: {'QLoRA' if settings.healing.quantize else 'LoRA'}, {settings.healing.steps} steps")
+            distill = f", distilling from the source model (weight {settings.healing.distill:g})" if settings.healing.distill else ""
+            step(f"healing: {'QLoRA' if settings.healing.quantize else 'LoRA'}, {settings.healing.steps} steps{distill}")
             device = str(next(model.parameters()).device)
             healed = heal(model, loaded.tokenizer, settings.healing, work, data_dir=settings.analysis.data_dir,
-                          device=device, progress=bar)
+                          device=device, progress=bar, teacher=loaded.source.path)
             model = healed.model
             report["healing"] = {"settings": healed.settings, "data_source": healed.data_source,
                                  "loss_before": healed.loss_before, "loss_after": healed.loss_after,

@@ -123,3 +123,61 @@ def test_healing_refuses_too_little_text(tmp_path, tokenizer):
     text.write_text("too short")
     with pytest.raises(SurgeryError, match="one document"):
         heal(tiny_model("llama", num_layers=1), tokenizer, c4_settings(data=str(text)), tmp_path / "work")
+
+
+def test_distillation_loss_is_cross_entropy_at_zero_and_kl_at_one():
+    import torch.nn.functional as F
+
+    from surgery.heal import distillation_loss
+
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 6, 11, generator=generator), torch.randn(2, 6, 11, generator=generator)
+    labels = torch.randint(0, 11, (2, 6), generator=generator)
+    labels[1, 4:] = -100  # padding: never a target
+    targets, mask = labels[:, 1:], labels[:, 1:] != -100
+    expected_ce = F.cross_entropy(student[:, :-1][mask], targets[mask])
+    assert torch.allclose(distillation_loss(student, teacher, labels, 0.0), expected_ce)
+    expected_kl = F.kl_div(F.log_softmax(student[:, :-1][mask], -1), F.log_softmax(teacher[:, :-1][mask], -1),
+                           log_target=True, reduction="batchmean")
+    assert torch.allclose(distillation_loss(student, teacher, labels, 1.0), expected_kl)
+    assert float(distillation_loss(student, student, labels, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    mixed = distillation_loss(student, teacher, labels, 0.25)
+    assert torch.allclose(mixed, 0.25 * expected_kl + 0.75 * expected_ce)
+    # over accumulated batches the trainer passes the token count of all of them: a sum divided by it
+    assert torch.allclose(distillation_loss(student, teacher, labels, 0.25, 2 * int(mask.sum())), mixed / 2)
+    with pytest.raises(SurgeryError, match="vocabulary"):
+        distillation_loss(student, teacher[..., :7], labels, 1.0)
+
+
+def test_distilled_healing_moves_the_student_toward_the_dense_teacher(tmp_path, tokenizer, data_dir):
+    from surgery.cut import cut
+    from surgery.sublayers import parse_sublayers
+
+    teacher = tiny_model("llama", num_layers=4)
+    folder = tmp_path / "dense"
+    teacher.save_pretrained(folder)
+    ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+
+    def kl_to_teacher(student):
+        with torch.no_grad():
+            dense, cut_model = torch.log_softmax(teacher(ids).logits, -1), torch.log_softmax(student(ids).logits, -1)
+        return float((dense.exp() * (dense - cut_model)).sum(-1).mean())
+
+    after = {}
+    for weight in (0.0, 1.0):
+        student = tiny_model("llama", num_layers=4)
+        cut(student, parse_sublayers("L2"))
+        before = kl_to_teacher(student)
+        result = heal(student, tokenizer, c4_settings(quantize=False, distill=weight), tmp_path / f"work{weight}",
+                      data_dir=data_dir, teacher=folder)
+        after[weight] = kl_to_teacher(result.model)
+        assert result.settings["distill"] == weight
+    assert after[1.0] < before  # distillation pulls the student toward the dense model ...
+    assert after[1.0] < after[0.0]  # ... which C4's next-token loss alone does not
+
+
+def test_distillation_needs_the_teacher_and_a_weight_in_range(tmp_path, tokenizer, data_dir):
+    with pytest.raises(SurgeryError, match="outside \\[0, 1\\]"):
+        c4_settings(distill=1.5)
+    with pytest.raises(SurgeryError, match="dense teacher's model folder"):
+        heal(tiny_model("llama", num_layers=1), tokenizer, c4_settings(distill=0.5), tmp_path / "work", data_dir=data_dir)

@@ -62,6 +62,20 @@ def test_prune_heal_export_report(source, tmp_path, data_dir):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the working folder is gone
 
 
+def test_prune_heals_by_distilling_from_the_source_model(source, tmp_path, data_dir):
+    out = tmp_path / "distilled"
+    result = run("prune", source, "--out", out, "--strategy", "last", "--remove", "2", "--no-bridge", "--heal",
+                 "--heal-steps", "2", "--heal-seq-len", "32", "--heal-batch-size", "2", "--heal-distill", "0.5",
+                 "--no-quantize", "--data-dir", data_dir, "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed",
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "distilling from the source model (weight 0.5)" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["healing"]["settings"]["distill"] == 0.5
+    assert read_manifest(out)["healing"]["distill"] == 0.5
+    assert run("prune", source, "--out", tmp_path / "bad", "--heal", "--heal-distill", "2").exit_code == 2  # outside [0, 1]
+
+
 @pytest.mark.parametrize("strategy", ["last", "random", "angular", "ablation", "bi", "iterative"])
 def test_each_strategy_runs_through_the_command(source, tmp_path, data_dir, strategy):
     out = tmp_path / strategy
