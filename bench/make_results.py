@@ -167,28 +167,26 @@ def strategies_section(summary: dict) -> list[str]:
             peers[peer] = min(candidates, key=lambda r: r["healed"]["wikitext2_ppl"])["granularity"]
     # the --goal reruns (more items on the informative tasks) where every cell of the table has one
     cells = [challenger, *peers.items()]
-    tag = "-goal" if all((OUT / f"{job_name(*c, 0.25, '-goal')}.json").is_file() for c in cells) else ""
-    if tag:
-        sample = json.loads((OUT / f"{job_name(*challenger, 0.25, tag)}.json").read_text())["healed"]["tasks"]
-        scored = ", ".join(f"{t} ({e['n']} items)" for t, e in sample.items())
-        lines[-3:-3] = [f"These cells were rerun exactly (same plan, same healing seed; `bench/strategies.py --goal`) and "
-                        f"scored after healing on {scored}: "
-                        "more items than the main grid, on the tasks where the dense model is above chance."]
-    mine_path = OUT / f"{job_name(*challenger, 0.25, tag)}.json"
+    goal = all((OUT / f"{job_name(*c, 0.25, '-goal')}.json").is_file() for c in cells)
+    if goal:
+        lines[-3:-3] = ["These cells were rerun exactly (same plan, same healing seed; `bench/strategies.py --goal`) and "
+                        "scored after healing on more items than the main grid, on the tasks where the dense model is above "
+                        "chance. Items scored per comparison (the same items for both models): the column `items`."]
+        lines[-2:] = [lines[-2].replace(" | ours better", f" | items ({' + '.join(tasks)}) | ours better"), lines[-1] + "---|"]
     wins = []
-    if mine_path.is_file():
-        mine = json.loads(mine_path.read_text())
+    if goal or (OUT / f"{job_name(*challenger, 0.25)}.json").is_file():
         margins = dense_margins()[0]
         for peer, peer_granularity in peers.items():
-            theirs = json.loads((OUT / f"{job_name(peer, peer_granularity, 0.25, tag)}.json").read_text())
-            diff, se = paired_difference(mine["healed"], theirs["healed"], margins, tasks) if tasks else (None, None)
-            ours_ppl, peer_ppl = mine["healed"]["perplexity"]["wikitext2"], theirs["healed"]["perplexity"]["wikitext2"]
+            mine, theirs = paired_goal_results(OUT, job_name(*challenger, 0.25), job_name(peer, peer_granularity, 0.25), goal)
+            diff, se = paired_difference(mine, theirs, margins, tasks) if tasks else (None, None)
+            ours_ppl, peer_ppl = mine["perplexity"]["wikitext2"], theirs["perplexity"]["wikitext2"]
             ratio = ours_ppl["perplexity"] / peer_ppl["perplexity"]
             ppl_better = math.log(ratio) < -1.96 * log_ratio_stderr(ours_ppl, peer_ppl)
             acc_better = diff is not None and diff > 1.96 * se
             wins.append((ppl_better, acc_better))
+            items = f" {' + '.join(str(mine['tasks'][t]['n']) for t in tasks)} |" if goal else ""
             lines.append(f"| {peer} ({peer_granularity}) | {ratio:.2f} (ppl better: {'yes' if ppl_better else 'no'}) | "
-                         f"{fmt(diff, 1)} ± {fmt(se, 1)} | {'yes' if ppl_better and acc_better else 'no'} |")
+                         f"{fmt(diff, 1)} ± {fmt(se, 1)} |{items} {'yes' if ppl_better and acc_better else 'no'} |")
     lines.append("")
     if wins and all(w[0] and w[1] for w in wins):
         lines.append("**The project's strategy beats every peer rule on both headline measures by more than the measured spread.**")
@@ -207,7 +205,71 @@ def strategies_section(summary: dict) -> list[str]:
         lines.append(f"**Goal not fully met.** {ppl_text[0].upper() + ppl_text[1:]}; {acc_text} (rows marked no).")
         lines += ["", *why_lines(rows25)]
     lines.append("")
-    return lines
+    return lines + distillation_lines(OUT, job_name(*challenger, 0.25), tasks)
+
+
+def distillation_lines(out: Path, cell: str, tasks: list[str]) -> list[str]:
+    """The default cell healed with distillation (`--heal-distill`) against the same cell healed
+    with the plain next-token loss, same steps and items (`strategies.py --goal --distill W`)."""
+    from strategies import dense_margins, paired_difference
+
+    plain_path = out / f"{cell}-goal.json"
+    runs = sorted(out.glob(f"{cell}-goal-kd*.json"), key=lambda p: float(p.stem.rsplit("-kd", 1)[1]))
+    if not plain_path.is_file() or not runs:
+        return []
+    plain = json.loads(plain_path.read_text())
+    lines = ["### Healing by distillation", "",
+             "The default cell healed with the KL to the dense model's next-token distribution mixed into the loss "
+             "(`--heal-distill W`, docs/pruning.md), against the same cell healed with the plain next-token loss: same "
+             "steps, tokens and items (`bench/strategies.py --goal --distill W`).", "",
+             "| distillation weight | held-out loss after healing | WikiText-2 ppl | accuracy difference to W = 0 (points, paired SE) |",
+             "|---|---|---|---|",
+             f"| 0 (plain) | {plain['healing']['loss_after']:.3f} | {fmt(plain['healed']['perplexity']['wikitext2']['perplexity'])} | - |"]
+    margins = dense_margins()[0]
+    better = []
+    for path in runs:
+        run = json.loads(path.read_text())
+        diff, se = paired_difference(run["healed"], plain["healed"], margins, tasks)
+        better.append(diff > 1.96 * se)
+        lines.append(f"| {run['healing']['settings']['distill']:g} | {run['healing']['loss_after']:.3f} | "
+                     f"{fmt(run['healed']['perplexity']['wikitext2']['perplexity'])} | {diff:.1f} ± {se:.1f} |")
+    verdict = ("Distillation beats the plain loss at this budget." if any(better) else
+               "At this healing budget distillation does not help: the differences sit within the spread, so the default "
+               "stays the plain loss (`--heal-distill 0`) and distillation remains an option for longer heals.")
+    return lines + ["", verdict, ""]
+
+
+def paired_goal_results(out: Path, mine: str, peer: str, goal: bool) -> tuple[dict, dict]:
+    """Healed results of two cells on the same items: the main grid's, or the --goal run's joined
+    with its continuations (`-goal-from<N>`) where both cells have them. A continuation is the same
+    model scored on later items; its perplexity must equal the first run's (the runs are
+    deterministic), or this refuses to join them."""
+    import re
+
+    def parts(name: str) -> list[dict]:
+        if not goal:
+            return [json.loads((out / f"{name}.json").read_text())["healed"]]
+        continuations = {int(m.group(1)): path for path in out.glob(f"{name}-goal-from*.json")
+                         if (m := re.fullmatch(re.escape(name) + r"-goal-from(\d+)", path.stem))}
+        paths = [out / f"{name}-goal.json", *(continuations[k] for k in sorted(continuations))]
+        return [json.loads(path.read_text())["healed"] for path in paths]
+
+    a, b = parts(mine), parts(peer)
+    common = min(len(a), len(b))
+    return join_parts(a[:common]), join_parts(b[:common])
+
+
+def join_parts(parts: list[dict]) -> dict:
+    first = parts[0]
+    for part in parts[1:]:
+        same = part["perplexity"]["wikitext2"]["perplexity"] / first["perplexity"]["wikitext2"]["perplexity"]
+        if abs(same - 1) > 1e-6:
+            raise SystemExit(f"a --goal continuation scored a different model (WikiText-2 {same:.6f} x the first run's): rerun it")
+    tasks = {}
+    for task in first["tasks"]:
+        items = [v for part in parts for v in part["tasks"][task]["items"]]
+        tasks[task] = {**first["tasks"][task], "items": items, "n": len(items), "acc": sum(items) / len(items)}
+    return {**first, "tasks": tasks}
 
 
 def log_ratio_stderr(a: dict, b: dict) -> float:

@@ -5,6 +5,7 @@ healing budget, next to the dense model.
     python bench/strategies.py [--workers 2] [--limit 250] [--heal-steps 60]      # resumes where it stopped
     python bench/strategies.py --spread                                             # the noisiest cell, another seed and item slice
     python bench/strategies.py --goal [--goal-limit 500]                            # the goal's cells, more items
+    python bench/strategies.py --goal --goal-offset 500 --goal-limit 2000           # ... and the rest of each task
 
 Headline quality (docs/results.md): WikiText-2 and C4 perplexity, and accuracy above chance
 normalised by the dense model's margin, (acc - chance) / (acc_dense - chance), averaged over the
@@ -60,7 +61,8 @@ def settings_from(args: argparse.Namespace, offset: int = 0, limit: int | None =
                               data_dir=data_dir(), keep_items=True, items_offset=offset,
                               perplexity_protocol=PerplexityProtocol(windows=args.ppl_windows))
     healing = HealSettings(steps=args.heal_steps, seq_len=256, batch_size=2, learning_rate=1e-3, lora_r=32, lora_alpha=32,
-                           quantize=False, heldout_samples=16, save_steps=10**6, seed=args.seed)
+                           quantize=False, heldout_samples=16, save_steps=10**6, seed=args.seed,
+                           distill=getattr(args, "distill", 0.0))
     return evaluation, healing
 
 
@@ -113,7 +115,7 @@ def run_job(job: dict) -> str:
     if not job.get("healed_only"):
         result["pruned"] = evaluate_model(model, loaded.tokenizer, evaluation)
     work = OUT / "work" / job["name"]
-    healed = heal(model, loaded.tokenizer, healing, work, data_dir=data_dir())
+    healed = heal(model, loaded.tokenizer, healing, work, data_dir=data_dir(), teacher=loaded.source.path)
     result["healing"] = {"loss_before": healed.loss_before, "loss_after": healed.loss_after, "seconds": healed.seconds,
                          "settings": healed.settings}
     result["healed"] = evaluate_model(healed.model, loaded.tokenizer, evaluation)
@@ -305,6 +307,12 @@ def spread(args: argparse.Namespace) -> None:
                                "protocol": protocol()})
 
 
+def goal_tag(offset: int = 0, distill: float = 0.0) -> str:
+    """File tag of a --goal run: `-goal`, `-goal-from500` for the items from 500 on (the same model
+    again: the runs are deterministic, and make_results checks it), `-kd1` for distilled healing."""
+    return "-goal" + (f"-from{offset}" if offset else "") + (f"-kd{distill:g}" if distill else "")
+
+
 def goal(args: argparse.Namespace) -> None:
     """The goal's comparison with more items: the default and each peer rule's best cell at 25%,
     rerun exactly (same plan, same healing seed) and scored after healing on the above-chance tasks
@@ -321,10 +329,13 @@ def goal(args: argparse.Namespace) -> None:
             cells.append((peer, best["granularity"]))
     _, tasks, _ = dense_margins()
     common = {"threads": args.threads, "args": {**vars(args), "out": str(OUT)}}
-    jobs = [{**common, "name": job_name(strategy, granularity, 0.25, "-goal"), "kind": "prune", "strategy": strategy,
-             "granularity": granularity, "fraction": 0.25, "tasks": tasks, "limit": args.goal_limit, "healed_only": True}
+    tag = goal_tag(args.goal_offset, args.distill)
+    jobs = [{**common, "name": job_name(strategy, granularity, 0.25, tag), "kind": "prune", "strategy": strategy,
+             "granularity": granularity, "fraction": 0.25, "tasks": tasks, "limit": args.goal_limit, "healed_only": True,
+             "offset": args.goal_offset}
             for strategy, granularity in cells]
-    jobs = [job for job in jobs if not (OUT / f"{job['name']}.json").is_file()]
+    jobs = [job for job in jobs if not (OUT / f"{job['name']}.json").is_file()
+            and (not args.only or any(t in job["name"] for t in args.only.split(",")))]
     context = multiprocessing.get_context("spawn")
     with context.Pool(args.workers, maxtasksperchild=1) as pool:
         for name in pool.imap_unordered(_dispatch, jobs):
@@ -339,11 +350,14 @@ def main() -> None:
     parser.add_argument("--wide-limit", type=int, default=500, help="items per task for the dense model's margins")
     parser.add_argument("--ppl-windows", type=int, default=16)
     parser.add_argument("--heal-steps", type=int, default=32)
+    parser.add_argument("--distill", type=float, default=0.0, help="healing's weight of the KL to the dense model (surgery.heal)")
     parser.add_argument("--iterative-candidates", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spread", action="store_true", help="rerun the noisiest cell with another seed and item slice")
     parser.add_argument("--goal", action="store_true", help="the goal's cells again, healed only, with --goal-limit items")
     parser.add_argument("--goal-limit", type=int, default=500, help="items per above-chance task in --goal")
+    parser.add_argument("--goal-offset", type=int, default=0,
+                        help="--goal from this item on (clipped to each task's size): adds items to an earlier --goal run")
     parser.add_argument("--aggregate-only", action="store_true")
     parser.add_argument("--only", default=None, help="run only jobs whose name contains one of these comma-separated texts")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/strategies)")

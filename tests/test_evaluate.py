@@ -103,6 +103,23 @@ def test_any_lm_eval_task_reads_a_file_in_its_hub_schema(tmp_path, tokenizer, no
     assert entry["acc"] == pytest.approx(sum(entry["items"]) / 5)
 
 
+def test_an_item_offset_scores_the_same_items_and_stops_at_the_end_of_the_task(tmp_path, tokenizer, no_network):
+    """Paired comparisons extend a run with the next items: those must be exactly the items a
+    longer run scores there, and a window past the end of a task ends with the task."""
+    write_jsonl(tmp_path / "sciq_test.jsonl.gz", sciq_rows(12))
+    model = tiny_model("llama")
+
+    def items(**window):
+        settings = EvalSettings(tasks=("sciq",), perplexity=(), speed=False, data_dir=tmp_path, keep_items=True, **window)
+        return evaluate_model(model, tokenizer, settings)["tasks"]["sciq"]
+
+    everything = items(limit=12)
+    rest = items(items_offset=5, limit=100)
+    assert rest["n"] == 7 and rest["items"] == everything["items"][5:]
+    with pytest.raises(SurgeryError, match="sciq has 12 items, none from offset 12"):
+        items(items_offset=12, limit=4)
+
+
 def test_hellaswag_uses_lm_eval_preprocessing_on_a_local_file(tmp_path, tokenizer, no_network):
     rows = [{"ind": i, "activity_label": "Cooking", "ctx_a": "A man cracks an egg.", "ctx_b": "he", "ctx": "A man cracks an egg. he",
              "endings": [f"stirs egg {i} [title] well.", "flies away.", "sings.", "sleeps."], "source_id": "x", "split": "val",

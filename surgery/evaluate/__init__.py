@@ -151,15 +151,27 @@ class TaskSuite:
         lm = _progress_lm(model, tokenizer, self.settings.batch_size, bar)
         limit, samples = self.settings.limit, None
         if self.settings.items_offset:
-            if limit is None:
-                from surgery.errors import SurgeryError
-
-                raise SurgeryError("an item offset needs a limit: give both")
-            window = list(range(self.settings.items_offset, self.settings.items_offset + limit))
-            limit, samples = None, {name: window for name in self.loaded["tasks"]}
+            limit, samples = None, self._item_windows()
         raw = lm_eval.evaluate(lm=lm, task_dict=self.loaded, limit=limit, samples=samples, bootstrap_iters=1000,
                                log_samples=True, verbosity="ERROR")
         return summarise_tasks(raw, self.settings)
+
+
+    def _item_windows(self) -> dict[str, list[int]]:
+        """Items [offset, offset + limit) of each task, clipped to the items the task has, so one
+        window can run to the end of tasks of different sizes."""
+        from surgery.errors import SurgeryError
+
+        offset, limit = self.settings.items_offset, self.settings.limit
+        if limit is None:
+            raise SurgeryError("an item offset needs a limit: give both")
+        windows = {}
+        for name, task in self.loaded["tasks"].items():
+            size = len(task.eval_docs)
+            if offset >= size:
+                raise SurgeryError(f"{name} has {size} items, none from offset {offset}: use a smaller offset")
+            windows[name] = list(range(offset, min(offset + limit, size)))
+        return windows
 
 
 def _progress_lm(model: Any, tokenizer: Any, batch_size: int, bar: Any) -> Any:
