@@ -245,7 +245,7 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
     import datasets
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback, set_seed
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -269,6 +269,7 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
             model.gradient_checkpointing_enable()
     lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, bias="none",
                       target_modules=list(settings.target_modules or arch.lora_targets), task_type="CAUSAL_LM")
+    set_seed(settings.seed)  # the adapters' initialisation too, not only the trainer's data order
     try:
         model = get_peft_model(model, lora)
     except ValueError as error:

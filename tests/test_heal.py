@@ -181,3 +181,15 @@ def test_distillation_needs_the_teacher_and_a_weight_in_range(tmp_path, tokenize
         c4_settings(distill=1.5)
     with pytest.raises(SurgeryError, match="dense teacher's model folder"):
         heal(tiny_model("llama", num_layers=1), tokenizer, c4_settings(distill=0.5), tmp_path / "work", data_dir=data_dir)
+
+
+def test_healing_is_reproducible_whatever_the_random_state_before_it(tmp_path, tokenizer, data_dir):
+    """The LoRA initialisation is seeded too: two runs started from different global random states
+    (as two benchmark processes are) merge into the same weights."""
+    merged = []
+    for state in (1, 2):
+        model = tiny_model("llama", num_layers=2)
+        torch.manual_seed(state)
+        result = heal(model, tokenizer, c4_settings(steps=3, quantize=False), tmp_path / f"w{state}", data_dir=data_dir)
+        merged.append(result.model.state_dict())
+    assert all(torch.equal(merged[0][name], merged[1][name]) for name in merged[0])
