@@ -169,7 +169,7 @@ def strategies_section(summary: dict) -> list[str]:
     cells = [challenger, *peers.items()]
     goal = all((OUT / f"{job_name(*c, 0.25, '-goal')}.json").is_file() for c in cells)
     if goal:
-        lines[-3:-3] = ["These cells were rerun exactly (same plan, same healing seed; `bench/strategies.py --goal`) and "
+        lines[-3:-3] = ["These cells were rerun exactly (same plan, same healing seed; `python bench/strategies.py --goal`) and "
                         "scored after healing on more items than the main grid, on the tasks where the dense model is above "
                         "chance. Items scored per comparison (the same items for both models): the column `items`."]
         lines[-2:] = [lines[-2].replace(" | ours better", f" | items ({' + '.join(tasks)}) | ours better"), lines[-1] + "---|"]
@@ -229,7 +229,7 @@ def distillation_lines(out: Path, cell: str, tasks: list[str]) -> list[str]:
     better = []
     for path in runs:
         run = json.loads(path.read_text())
-        diff, se = paired_difference(run["healed"], plain["healed"], margins, tasks)
+        diff, se = paired_difference(*shared_items(run["healed"], plain["healed"]), margins, tasks)
         better.append(diff > 1.96 * se)
         lines.append(f"| {run['healing']['settings']['distill']:g} | {run['healing']['loss_after']:.3f} | "
                      f"{fmt(run['healed']['perplexity']['wikitext2']['perplexity'])} | {diff:.1f} ± {se:.1f} |")
@@ -256,7 +256,21 @@ def paired_goal_results(out: Path, mine: str, peer: str, goal: bool) -> tuple[di
 
     a, b = parts(mine), parts(peer)
     common = min(len(a), len(b))
-    return join_parts(a[:common]), join_parts(b[:common])
+    return shared_items(join_parts(a[:common]), join_parts(b[:common]))
+
+
+def shared_items(a: dict, b: dict) -> tuple[dict, dict]:
+    """Two results cut to the items both scored (one may have been scored on more)."""
+    a, b = {**a, "tasks": dict(a["tasks"])}, {**b, "tasks": dict(b["tasks"])}
+    for task in a["tasks"]:
+        n = min(a["tasks"][task]["n"], b["tasks"][task]["n"])
+        a["tasks"][task], b["tasks"][task] = (first_items(r["tasks"][task], n) for r in (a, b))
+    return a, b
+
+
+def first_items(entry: dict, n: int) -> dict:
+    items = entry["items"][:n]
+    return {**entry, "items": items, "n": n, "acc": sum(items) / n}
 
 
 def join_parts(parts: list[dict]) -> dict:
@@ -268,7 +282,7 @@ def join_parts(parts: list[dict]) -> dict:
     tasks = {}
     for task in first["tasks"]:
         items = [v for part in parts for v in part["tasks"][task]["items"]]
-        tasks[task] = {**first["tasks"][task], "items": items, "n": len(items), "acc": sum(items) / len(items)}
+        tasks[task] = first_items({**first["tasks"][task], "items": items}, len(items))
     return {**first, "tasks": tasks}
 
 

@@ -4,8 +4,8 @@ healing budget, next to the dense model.
 
     python bench/strategies.py [--workers 2] [--limit 250] [--heal-steps 60]      # resumes where it stopped
     python bench/strategies.py --spread                                             # the noisiest cell, another seed and item slice
-    python bench/strategies.py --goal [--goal-limit 500]                            # the goal's cells, more items
-    python bench/strategies.py --goal --goal-offset 500 --goal-limit 2000           # ... and the rest of each task
+    python bench/strategies.py --goal [--goal-limit 2400]                           # the goal's cells, every item
+    python bench/strategies.py --goal --goal-offset 500 --goal-limit 2000           # continue an earlier --goal run
 
 Headline quality (docs/results.md): WikiText-2 and C4 perplexity, and accuracy above chance
 normalised by the dense model's margin, (acc - chance) / (acc_dense - chance), averaged over the
@@ -355,7 +355,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spread", action="store_true", help="rerun the noisiest cell with another seed and item slice")
     parser.add_argument("--goal", action="store_true", help="the goal's cells again, healed only, with --goal-limit items")
-    parser.add_argument("--goal-limit", type=int, default=500, help="items per above-chance task in --goal")
+    parser.add_argument("--goal-limit", type=int, default=2400,
+                        help="items per above-chance task in --goal (2400: all of PIQA's and ARC-Easy's)")
     parser.add_argument("--goal-offset", type=int, default=0,
                         help="--goal from this item on (clipped to each task's size): adds items to an earlier --goal run")
     parser.add_argument("--aggregate-only", action="store_true")
