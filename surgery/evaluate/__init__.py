@@ -156,7 +156,6 @@ class TaskSuite:
                                log_samples=True, verbosity="ERROR")
         return summarise_tasks(raw, self.settings)
 
-
     def _item_windows(self) -> dict[str, list[int]]:
         """Items [offset, offset + limit) of each task, clipped to the items the task has, so one
         window can run to the end of tasks of different sizes."""
