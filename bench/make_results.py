@@ -193,6 +193,7 @@ def strategies_section(summary: dict) -> list[str]:
     elif wins:
         ppl_lost = [peer for peer, w in zip(peers, wins) if not w[0]]
         acc_lost = [peer for peer, w in zip(peers, wins) if not w[1]]
+
         def names(items: list[str]) -> str:
             return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -475,7 +476,7 @@ def main() -> None:
              "benchmark scripts, run from a clean checkout with one command each:", "",
              "```bash", "python bench/strategies.py        # quality at equal budget (about 2 hours, 2 cores; resumes)",
              "python bench/strategies.py --spread   # the noisiest cell again, another seed and item slice",
-             "python bench/strategies.py --goal     # the goal's cells again, healed, 500 items of the informative tasks",
+             "python bench/strategies.py --goal     # the goal's cells again, healed, every item of the informative tasks",
              "python bench/analysis_cost.py     # analysis wall time, memory, prefix-cache speed-up, scaling",
              "python bench/analysis_cost.py --speedup-only   # the prefix-cache speed-up alone, for a quiet machine",
              "python bench/model_speed.py       # pruned-model prefill/decode speed against the FLOP ideal",

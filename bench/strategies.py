@@ -62,7 +62,7 @@ def settings_from(args: argparse.Namespace, offset: int = 0, limit: int | None =
                               perplexity_protocol=PerplexityProtocol(windows=args.ppl_windows))
     healing = HealSettings(steps=args.heal_steps, seq_len=256, batch_size=2, learning_rate=1e-3, lora_r=32, lora_alpha=32,
                            quantize=False, heldout_samples=16, save_steps=10**6, seed=args.seed,
-                           distill=getattr(args, "distill", 0.0))
+                           distill=args.distill)
     return evaluation, healing
 
 
