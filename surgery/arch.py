@@ -26,6 +26,9 @@ class Architecture:
     layer_index_config: config lists of layer indices (renumbered when blocks go).
     sparse_step_config: a "every k-th layer is MoE" key; turned into an explicit list of dense
     layers (the first layer_index_config key) before blocks go, so the pattern survives.
+    dense_prefix_config: a "the first k layers are dense" count (DeepSeek, GLM-MoE); recounted
+    over the surviving blocks.
+    mlp_extra_outputs: values the FFN/MoE returns after its output (gpt-oss: router scores).
     attention_output / mlp_output: the linear layer inside the sublayer whose output is added to
     the stream (a linear bridge folds into it); None where a norm or expert routing follows it.
     """
@@ -40,12 +43,14 @@ class Architecture:
     per_layer_config: tuple[str, ...] = ()
     layer_index_config: tuple[str, ...] = ()
     sparse_step_config: str | None = None
+    dense_prefix_config: str | None = None
     logit_softcap_config: str | None = None
     logit_divisor_config: str | None = None
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     moe: bool = False
     attention_output: str | None = "o_proj"
     mlp_output: str | None = "down_proj"
+    mlp_extra_outputs: int = 0
 
     def output_projection(self, kind: str) -> str | None:
         """Dotted path, inside a decoder block, of the linear layer that writes sublayer `kind`'s output."""
@@ -68,6 +73,13 @@ _SANDWICH_NORMS = dict(  # Gemma 2/3: a norm before and after each sublayer
     mlp_output=None,
 )
 _ATTENTION_ONLY_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
+# OLMo 2/3, EXAONE 4: a norm on each sublayer's output instead of its input.
+_POST_NORM = replace(_LLAMA, attention_norms=("post_attention_layernorm",), mlp_norms=("post_feedforward_layernorm",),
+                     attention_output=None, mlp_output=None)
+# MoE: the whole sparse block (router, experts, shared expert) is the mlp sublayer. Experts are
+# fused 3-D parameters in transformers 5, so LoRA heals through attention.
+_MOE = replace(_LLAMA, moe=True, lora_targets=_ATTENTION_ONLY_LORA, mlp_output=None)
+_QWEN_MOE = replace(_MOE, layer_index_config=("mlp_only_layers",), sparse_step_config="decoder_sparse_step")
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA,
@@ -79,21 +91,29 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma2": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping"),
     "gemma3_text": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping"),
     "phi3": replace(_LLAMA, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
-    # OLMo 2 normalises each sublayer's output instead of its input.
-    "olmo2": replace(_LLAMA, attention_norms=("post_attention_layernorm",), mlp_norms=("post_feedforward_layernorm",),
-                     attention_output=None, mlp_output=None),
-    # MoE: the whole sparse block (router, experts, shared expert) is the mlp sublayer. Experts are
-    # fused 3-D parameters in transformers 5, so LoRA heals through attention.
-    "mixtral": replace(_LLAMA, moe=True, lora_targets=_ATTENTION_ONLY_LORA, mlp_output=None),
-    "qwen2_moe": replace(
-        _LLAMA,
-        moe=True,
-        per_layer_config=("layer_types",),
-        layer_index_config=("mlp_only_layers",),
-        sparse_step_config="decoder_sparse_step",
-        lora_targets=_ATTENTION_ONLY_LORA,
-        mlp_output=None,
-    ),
+    "ministral": replace(_LLAMA, per_layer_config=("layer_types",)),
+    "smollm3": replace(_LLAMA, per_layer_config=("layer_types", "no_rope_layers")),
+    "starcoder2": replace(_LLAMA, mlp_output="c_proj", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")),
+    # GLM-4: a norm after each sublayer as well as before (named differently from Gemma's).
+    "glm4": replace(_LLAMA, attention_norms=("input_layernorm", "post_self_attn_layernorm"),
+                    mlp_norms=("post_attention_layernorm", "post_mlp_layernorm"), attention_output=None,
+                    mlp_output=None, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")),
+    "olmo2": _POST_NORM,
+    "olmo3": replace(_POST_NORM, per_layer_config=("layer_types",)),
+    "exaone4": replace(_POST_NORM, per_layer_config=("layer_types",)),
+    "mixtral": _MOE,
+    "qwen2_moe": replace(_QWEN_MOE, per_layer_config=("layer_types",)),
+    "qwen3_moe": _QWEN_MOE,
+    "olmoe": _MOE,
+    "phimoe": _MOE,
+    "gpt_oss": replace(_MOE, per_layer_config=("layer_types",), mlp_extra_outputs=1),
+    "granitemoe": replace(_MOE, mlp="block_sparse_moe", logit_divisor_config="logits_scaling"),
+    # DeepSeek-V3 / GLM-4.5: multi-head latent attention (DeepSeek), dense FFNs in the first k
+    # layers, then routed experts beside shared ones; LoRA reaches attention and the dense FFNs.
+    "deepseek_v3": replace(_MOE, dense_prefix_config="first_k_dense_replace",
+                           lora_targets=("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                                         "gate_proj", "up_proj", "down_proj")),
+    "glm4_moe": replace(_MOE, dense_prefix_config="first_k_dense_replace", lora_targets=_LLAMA.lora_targets),
 }
 
 

@@ -75,7 +75,8 @@ def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
     blocks = set(full_blocks(set(units) | set(previous)))
     for unit in units:
         if unit.layer not in blocks:
-            remove_sublayer(layers[unit.layer], unit.kind, list(arch.sublayer_modules(unit.kind)), unit.layer)
+            remove_sublayer(layers[unit.layer], unit.kind, list(arch.sublayer_modules(unit.kind)), unit.layer,
+                            arch.mlp_extra_outputs)
 
     kept = [i for i in range(len(layers)) if i not in blocks]
     if blocks:
@@ -102,6 +103,9 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
     """Make every per-layer config entry describe the surviving blocks."""
     if arch.sparse_step_config:
         _materialise_sparse_step(config, arch, old_count)
+    if arch.dense_prefix_config and getattr(config, arch.dense_prefix_config, None) is not None:
+        dense = getattr(config, arch.dense_prefix_config)
+        setattr(config, arch.dense_prefix_config, sum(1 for i in kept if i < dense))
     for key in arch.per_layer_config:
         values = getattr(config, key, None)
         if values is not None:
@@ -137,4 +141,5 @@ def _record_sublayer_removals(model: Any, arch: Architecture) -> None:
         "layers": arch.layers,
         "removed": {kind: [u.layer for u in removed if u.kind == kind] for kind in KINDS},
         "modules": {kind: list(arch.sublayer_modules(kind)) for kind in KINDS},
+        "mlp_extra_outputs": arch.mlp_extra_outputs,
     }

@@ -10,7 +10,8 @@ exported one run exactly the same code.
 The checkpoint's config carries a `surgery` entry:
     {"base_model_type": "llama", "layers": "model.layers",
      "removed": {"attn": [3], "mlp": [7]},          # block indices in this checkpoint
-     "modules": {"attn": ["self_attn", "input_layernorm"], "mlp": ["mlp", "post_attention_layernorm"]}}
+     "modules": {"attn": ["self_attn", "input_layernorm"], "mlp": ["mlp", "post_attention_layernorm"]},
+     "mlp_extra_outputs": 0}                           # values the FFN returns beside its output
 """
 
 from __future__ import annotations
@@ -50,10 +51,16 @@ class RemovedAttention(nn.Module):
 
 
 class RemovedMLP(nn.Module):
-    """An FFN/MoE sublayer that adds nothing to the residual stream."""
+    """An FFN/MoE sublayer that adds nothing to the residual stream. `extra_outputs`: how many
+    values the family's FFN returns after its output (gpt-oss: the router scores), as None."""
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return torch.zeros_like(hidden_states)
+    def __init__(self, extra_outputs: int = 0) -> None:
+        super().__init__()
+        self.extra_outputs = extra_outputs
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        zeros = torch.zeros_like(hidden_states)
+        return (zeros, *[None] * self.extra_outputs) if self.extra_outputs else zeros
 
 
 class RemovedNorm(nn.Identity):
@@ -77,14 +84,16 @@ def attention_layer_idx(layer: nn.Module, module_names: list[str], default: int)
     return getattr(getattr(layer, module_names[0], None), "layer_idx", default)
 
 
-def remove_sublayer(layer: nn.Module, kind: str, module_names: list[str], layer_idx: int) -> dict[str, nn.Module]:
+def remove_sublayer(layer: nn.Module, kind: str, module_names: list[str], layer_idx: int,
+                    mlp_extra_outputs: int = 0) -> dict[str, nn.Module]:
     """Replace sublayer `kind` of one decoder block by stand-ins; return the originals.
 
     `module_names[0]` is the sublayer itself, the rest are the norms that only serve it.
     """
     originals = {name: getattr(layer, name) for name in module_names}
     cache_slot = getattr(originals[module_names[0]], "layer_idx", layer_idx)
-    setattr(layer, module_names[0], RemovedAttention(cache_slot) if kind == "attn" else RemovedMLP())
+    stand_in = RemovedAttention(cache_slot) if kind == "attn" else RemovedMLP(mlp_extra_outputs)
+    setattr(layer, module_names[0], stand_in)
     for name in module_names[1:]:
         setattr(layer, name, RemovedNorm())
     return originals
@@ -101,7 +110,7 @@ def apply_removals(model: nn.Module, spec: dict) -> None:
     layers = _get(model, spec["layers"])
     for kind, indices in spec["removed"].items():
         for index in indices:
-            remove_sublayer(layers[index], kind, spec["modules"][kind], index)
+            remove_sublayer(layers[index], kind, spec["modules"][kind], index, spec.get("mlp_extra_outputs", 0))
 
 
 _CLASSES: dict[str, tuple[type, type]] = {}
