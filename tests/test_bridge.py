@@ -38,10 +38,11 @@ def test_fold_makes_the_output_y_times_one_plus_delta():
     torch.testing.assert_close(linear(x), expected)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "granite", "phi3"])
+@pytest.mark.parametrize("model_type", ["llama", "granite", "phi3", "starcoder2"])
 def test_bridged_cut_is_closer_to_the_dense_stream_than_a_plain_cut(model_type):
     """Blocks L2-L3 of six go; the stream entering the new L2 should match the dense stream entering
-    old L4. Granite scales each sublayer's output (residual_multiplier), which the fit must absorb."""
+    old L4. Granite scales each sublayer's output (residual_multiplier), which the fit must absorb;
+    StarCoder2's output projection has a bias, which the fold must carry."""
     torch.manual_seed(0)
     data = batches()
     units = parse_sublayers("L2-L3")
