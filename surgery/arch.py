@@ -47,7 +47,6 @@ class Architecture:
     logit_softcap_config: str | None = None
     logit_divisor_config: str | None = None
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    moe: bool = False
     attention_output: str | None = "o_proj"
     mlp_output: str | None = "down_proj"
     mlp_extra_outputs: int = 0
@@ -78,7 +77,7 @@ _POST_NORM = replace(_LLAMA, attention_norms=("post_attention_layernorm",), mlp_
                      attention_output=None, mlp_output=None)
 # MoE: the whole sparse block (router, experts, shared expert) is the mlp sublayer. Experts are
 # fused 3-D parameters in transformers 5, so LoRA heals through attention.
-_MOE = replace(_LLAMA, moe=True, lora_targets=_ATTENTION_ONLY_LORA, mlp_output=None)
+_MOE = replace(_LLAMA, lora_targets=_ATTENTION_ONLY_LORA, mlp_output=None)
 _QWEN_MOE = replace(_MOE, layer_index_config=("mlp_only_layers",), sparse_step_config="decoder_sparse_step")
 
 ARCHITECTURES: dict[str, Architecture] = {
