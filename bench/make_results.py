@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,6 +89,23 @@ def default_strategy() -> tuple[str, str]:
     return defaults["strategy"] + ("+bridge" if defaults["bridge"] else ""), defaults["granularity"]
 
 
+def time_budget_sentence(summary: dict) -> str:
+    """The benchmark's cost against the issue's two hours, from the recorded time of each part."""
+    workers = summary["protocol"]["workers"]
+    rows = summary["rows"]
+    total = sum(r["seconds"] for r in rows) + summary.get("analysis_seconds", 0.0)
+    hours = total / workers / 3600
+    sentence = (f"The shared analysis and the {len(rows)} configurations took {total / 60:.0f} worker-minutes, about "
+                f"{hours:.1f} hours of wall time on {workers} workers (the run resumes, so its own clock is not the "
+                f"benchmark's): {'within' if hours <= 2 else 'more than'} the two hours the issue allows.")
+    if rows and all("phase_seconds" in r for r in rows):
+        median = {k: statistics.median(r["phase_seconds"][k] for r in rows) for k in rows[0]["phase_seconds"]}
+        sentence += (f" A configuration's median time: {median['evaluation'] / 60:.1f} min loading and evaluating (before "
+                     f"and after healing), {median['healing'] / 60:.1f} min healing, {median['bridge'] / 60:.1f} min "
+                     f"bridging, {median['plan'] / 60:.1f} min choosing.")
+    return sentence
+
+
 def strategies_section(summary: dict) -> list[str]:
     import sys
 
@@ -102,9 +120,7 @@ def strategies_section(summary: dict) -> list[str]:
              f"the same for every model), next to the dense model. Analysis-based strategies share one `surgery analyze` run "
              f"(defaults); iterative re-scores {p['iterative_candidates']} candidates per step on the same calibration set. "
              f"Tasks: the first {p['limit']} items of each; perplexity: {p['ppl_windows']} windows of 512 tokens. "
-             f"{p['workers']} workers x {p['threads_per_worker']} thread; the configurations took "
-             f"{sum(r['seconds'] for r in summary['rows']) / 60:.0f} worker-minutes (the run resumes, so its own wall time "
-             "is not the benchmark's). Rows `bi+bridge` and `angular+bridge` cut what `bi` and `angular` choose, with a "
+             f"{p['workers']} workers x {p['threads_per_worker']} thread. {time_budget_sentence(summary)} Rows `bi+bridge` and `angular+bridge` cut what `bi` and `angular` choose, with a "
              "least-squares linear bridge folded into the layer before each cut run (`surgery/bridge.py`, on by default in "
              "`surgery prune`); `angular+bridge` is ReplaceMe's recipe in closed form.", "",
              f"**Headline accuracy** is accuracy above chance normalised by the dense model's margin, averaged over the tasks "

@@ -239,7 +239,8 @@ def aggregate(args: argparse.Namespace) -> dict:
         data = json.loads(path.read_text())
         row = {"strategy": strategy, "granularity": granularity, "target": fraction,
                "removed_fraction": data["plan"]["fraction_of_decoder_parameters"], "removed": data["plan"]["removed_compact"],
-               "heal_loss": [data["healing"]["loss_before"], data["healing"]["loss_after"]], "seconds": data["seconds"]}
+               "heal_loss": [data["healing"]["loss_before"], data["healing"]["loss_after"]], "seconds": data["seconds"],
+               "phase_seconds": phase_seconds(data)}
         for stage in ("pruned", "healed"):
             score, stderr = normalised(data[stage], margins, tasks)
             row[stage] = {"normalised_accuracy": score, "normalised_stderr": stderr,
@@ -249,13 +250,22 @@ def aggregate(args: argparse.Namespace) -> dict:
                                     for t in TASKS}}
         rows.append(row)
     dense_score, dense_stderr = normalised(dense, margins, tasks)
+    analysis = json.loads((OUT / "analysis" / "analysis.json").read_text())
     summary = {"dense": {"normalised_accuracy": dense_score, "normalised_stderr": dense_stderr,
                          "wikitext2_ppl": dense["perplexity"]["wikitext2"]["perplexity"],
                          "c4_ppl": dense["perplexity"]["c4"]["perplexity"],
                          "tasks": _task_table(dense),
                          "wide_tasks": _task_table(wide)},
-               "above_chance_tasks": tasks, "rows": rows}
+               "above_chance_tasks": tasks, "rows": rows, "analysis_seconds": analysis["cost"]["total_seconds"]}
     return summary
+
+
+def phase_seconds(data: dict) -> dict[str, float]:
+    """Where one configuration's time went: choosing, bridging, healing, and the rest (loading
+    and the two evaluations, before and after healing)."""
+    phases = {"plan": data["plan_seconds"], "bridge": data.get("bridge", {}).get("seconds", 0.0),
+              "healing": data["healing"]["seconds"]}
+    return {**phases, "evaluation": data["seconds"] - sum(phases.values())}
 
 
 def _task_table(result: dict) -> dict:
