@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from surgery.ablation import ablated
-from surgery.arch import decoder_layers
+from surgery.arch import ARCHITECTURES, decoder_layers
 from surgery.sublayers import parse_sublayers
 from surgery.tiny import tiny_model
 
@@ -71,6 +71,25 @@ def assert_cache_consistent(model):
     together = model.generate(batch, attention_mask=mask, **settings)[:, 11:]
     alone = [model.generate(x, attention_mask=torch.ones_like(x), **settings)[:, x.shape[1]:] for x in (short, long)]
     assert torch.equal(together[0], alone[0][0]) and torch.equal(together[1], alone[1][0])
+
+
+@pytest.mark.parametrize("family", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("batch", [1, 3])
+@torch.no_grad()
+def test_a_block_without_its_sublayers_passes_the_stream_through(family, batch):
+    """Both stand-ins in place, a block returns its input unchanged, whatever the family's block
+    does with its sublayers' outputs (gpt-oss unpacks its FFN's output as a pair)."""
+    model = tiny_model(family, num_layers=3)
+    layers = decoder_layers(model)
+    seen = {}
+    hooks = [layers[i].register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0])) for i in (1, 2)]
+    model(ids(batch=batch))
+    into_l1 = seen[1]
+    with ablated(model, parse_sublayers("L1.attn,L1.mlp")):
+        model(ids(batch=batch))
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(seen[2], into_l1)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2_moe"])
