@@ -4,6 +4,7 @@ the embeddings, measured in the same run on the same coalitions.
 
     python bench/analysis_cost.py [--threads 2] [--sample-every 4] [--skip-sweeps]
     python bench/analysis_cost.py --speedup-only      # the speed-up alone (minutes): for a quiet machine
+    python bench/analysis_cost.py --cli-run           # `surgery analyze smollm2-135m` as a user runs it, timed
 
 The naive path costs several seconds a coalition here, so it runs on every k-th coalition of the
 Shapley run (--max-removed 4), stratified over run length and position; the prefix path is timed
@@ -32,7 +33,12 @@ def main() -> None:
     parser.add_argument("--scaling-only", action="store_true", help="only the tiny-model scaling table (analysis_scaling.json)")
     parser.add_argument("--speedup-only", action="store_true",
                         help="only the prefix-cache speed-up on SmolLM2 (analysis_speedup.json; minutes, for a quiet machine)")
+    parser.add_argument("--cli-run", action="store_true",
+                        help="only time a default `surgery analyze smollm2-135m` run of all methods (analysis_cli.json)")
     args = parser.parse_args()
+    if args.cli_run:
+        save("analysis_cli", cli_run())
+        return
     threads = setup(args.threads)
     if args.scaling_only:
         save("analysis_scaling", {"scaling": scaling_table(), "threads": threads, "protocol": protocol()})
@@ -237,3 +243,24 @@ def scaling_table() -> list[dict]:
 
 if __name__ == "__main__":
     main()
+
+
+def cli_run() -> dict:
+    """Wall time and peak memory of the command a user runs, in a fresh folder (nothing resumed),
+    with the CLI's own defaults (all methods, every core)."""
+    import resource
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        command = [str(Path(sys.executable).with_name("surgery")), "analyze", "smollm2-135m",
+                   "--out", str(Path(folder) / "analysis"), "--data-dir", str(data_dir())]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(f"surgery analyze smollm2-135m: {seconds / 60:.1f} min, peak RSS {peak / 2**30:.2f} GiB")
+    return {"command": "surgery analyze smollm2-135m --out DIR --data-dir DATA", "seconds": seconds,
+            "peak_rss_bytes": peak, "target_seconds": 20 * 60, "protocol": protocol()}
