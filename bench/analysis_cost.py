@@ -241,10 +241,6 @@ def scaling_table() -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":
-    main()
-
-
 def cli_run() -> dict:
     """Wall time and peak memory of the command a user runs, in a fresh folder (nothing resumed),
     with the CLI's own defaults (all methods, every core)."""
@@ -264,3 +260,8 @@ def cli_run() -> dict:
     print(f"surgery analyze smollm2-135m: {seconds / 60:.1f} min, peak RSS {peak / 2**30:.2f} GiB")
     return {"command": "surgery analyze smollm2-135m --out DIR --data-dir DATA", "seconds": seconds,
             "peak_rss_bytes": peak, "target_seconds": 20 * 60, "protocol": protocol()}
+
+
+if __name__ == "__main__":
+    main()
+
