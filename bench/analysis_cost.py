@@ -264,4 +264,3 @@ def cli_run() -> dict:
 
 if __name__ == "__main__":
     main()
-

@@ -103,8 +103,8 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
     """Make every per-layer config entry describe the surviving blocks."""
     if arch.sparse_step_config:
         _materialise_sparse_step(config, arch, old_count)
-    if arch.dense_prefix_config and getattr(config, arch.dense_prefix_config, None) is not None:
-        dense = getattr(config, arch.dense_prefix_config)
+    dense = getattr(config, arch.dense_prefix_config, None) if arch.dense_prefix_config else None
+    if dense is not None:
         setattr(config, arch.dense_prefix_config, sum(1 for i in kept if i < dense))
     for key in arch.per_layer_config:
         values = getattr(config, key, None)
