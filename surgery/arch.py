@@ -31,6 +31,7 @@ class Architecture:
     mlp_extra_outputs: values the FFN/MoE returns after its output (gpt-oss: router scores).
     attention_output / mlp_output: the linear layer inside the sublayer whose output is added to
     the stream (a linear bridge folds into it); None where a norm or expert routing follows it.
+    gguf_arch: llama.cpp's architecture name, for families surgery.export_gguf writes.
     """
 
     layers: str = "model.layers"
@@ -50,6 +51,7 @@ class Architecture:
     attention_output: str | None = "o_proj"
     mlp_output: str | None = "down_proj"
     mlp_extra_outputs: int = 0
+    gguf_arch: str | None = None
 
     def output_projection(self, kind: str) -> str | None:
         """Dotted path, inside a decoder block, of the linear layer that writes sublayer `kind`'s output."""
@@ -81,12 +83,12 @@ _MOE = replace(_LLAMA, lora_targets=_ATTENTION_ONLY_LORA, mlp_output=None)
 _QWEN_MOE = replace(_MOE, layer_index_config=("mlp_only_layers",), sparse_step_config="decoder_sparse_step")
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama": _LLAMA,
+    "llama": replace(_LLAMA, gguf_arch="llama"),
     "mistral": _LLAMA,
     "granite": replace(_LLAMA, logit_divisor_config="logits_scaling"),
     "gemma": _LLAMA,
-    "qwen2": replace(_LLAMA, per_layer_config=("layer_types",)),
-    "qwen3": replace(_LLAMA, per_layer_config=("layer_types",)),
+    "qwen2": replace(_LLAMA, per_layer_config=("layer_types",), gguf_arch="qwen2"),
+    "qwen3": replace(_LLAMA, per_layer_config=("layer_types",), gguf_arch="qwen3"),
     "gemma2": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping"),
     "gemma3_text": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping"),
     "phi3": replace(_LLAMA, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),

@@ -346,6 +346,27 @@ def prune_settings(kwargs: dict[str, Any]) -> Any:
 
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The .gguf file to write.")
+@click.option("--type", "dtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Tensor type of the weight matrices (norms and biases stay f32).")
+@click.option("--tokenizer-pre", default=None,
+              help="llama.cpp's pre-tokenizer name (llama-bpe, qwen2, ...), where tokenizer.json does not tell it.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@handle_errors
+def gguf(folder: Path, out: Path, dtype: str, tokenizer_pre: str | None, force: bool) -> None:
+    """Write a block-pruned checkpoint (or any Llama/Qwen2/Qwen3 folder) as one GGUF file for llama.cpp."""
+    from surgery.console import console
+    from surgery.export_gguf import export_gguf
+
+    result = export_gguf(folder, out, dtype=dtype, tokenizer_pre=tokenizer_pre, force=force)
+    console.print(f"[green]wrote[/] {result.path}  ({result.architecture}, {result.tensors} tensors, {result.bytes / 2**20:.1f} MiB; "
+                  f"verified with transformers' GGUF reader: max |Δlogit| {result.max_abs_logit_diff:.2g}, "
+                  f"max KL {result.max_kl:.2g}; "
+                  f"tokenizer from {result.tokenizer_from})")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--repo-id", required=True, help="USER/NAME on the Hugging Face Hub.")
 @click.option("--private", is_flag=True, help="Create the repository as private.")
 @click.option("--dry-run", is_flag=True, help="List exactly what would be uploaded; send nothing.")

@@ -47,3 +47,28 @@ def test_cut_smollm2_blocks_and_an_attention(smollm2_folder, tmp_path):
         settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=source.tokenizer.pad_token_id)
         assert torch.equal(reloaded.generate(prompt, **settings), source.model.generate(prompt, **settings))
     assert result.loader == "trust_remote_code" and result.max_logit_diff <= 1e-3
+
+
+@torch.no_grad()
+def test_block_cut_smollm2_as_gguf_keeps_the_source_tokenizer(smollm2_folder, tmp_path):
+    """The GGUF a llama.cpp user gets: SmolLM2's own tokenizer (its `smollm` pre-tokenizer, which the
+    transformers folder has lost) copied from the GGUF it came from; the same greedy text."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from surgery.export_gguf import export_gguf
+
+    folder = tmp_path / "smollm2-blocks"
+    cut_and_export("smollm2-135m", "L20-L23", folder, device="cpu")
+    result = export_gguf(folder, tmp_path / "smollm2-blocks.gguf", dtype="f16")
+    assert result.tokenizer_from.endswith(".gguf") and result.max_kl < 1e-4
+    reader = gguf.GGUFReader(str(result.path))
+    assert reader.get_field("tokenizer.ggml.pre").contents() == "smollm"
+    assert reader.get_field("llama.block_count").contents() == 26
+
+    pruned = load_exported(folder)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=result.path.name, dtype=torch.float32).eval()
+    source = load_model("smollm2-135m", device="cpu")
+    prompt = source.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=source.tokenizer.pad_token_id)
+    assert torch.equal(loaded.generate(prompt, **settings), pruned.generate(prompt, **settings))

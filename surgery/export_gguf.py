@@ -1,0 +1,400 @@
+"""GGUF export: a checkpoint folder as one GGUF file for llama.cpp, Ollama and LM Studio.
+
+Layout follows llama.cpp's convert_hf_to_gguf.py, so its runtimes read the file as they read
+their own conversions: tensor names from gguf-py's TensorNameMap; query and key rows permuted
+into llama.cpp's rotary layout for the "llama" architecture; 1-D tensors (norms, biases) in
+float32; no output tensor when the embeddings are tied. Tensors are written one at a time, so
+memory stays at one tensor beside the writer, whatever the model's size.
+
+The tokenizer is copied field for field from the GGUF the model was converted from, when there
+is one: removing layers never changes it, and the copy keeps what a transformers tokenizer folder
+has lost (SmolLM2's `smollm` pre-tokenizer splits digits one by one). Otherwise it is built from
+tokenizer.json (byte-level BPE), as llama.cpp's converter builds it.
+
+The file is written beside its destination, read back by transformers' GGUF loader and compared
+with the folder's own model (logits on a fixed prompt), and only then moved into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surgery.arch import architecture_of, base_model_type
+from surgery.errors import SurgeryError
+
+DTYPES = ("f32", "f16", "bf16", "q8_0")
+# llama.cpp's name for a pre-tokenizer that is exactly GPT-2's (tokenizer.json: ByteLevel with its regex).
+_GPT2_PRE = "gpt-2"
+_CHECKED_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                 "max_position_embeddings", "vocab_size", "rms_norm_eps", "rope_theta")
+# Largest KL divergence (nats) of any position's next-token distribution from the model's: a
+# rounding check for the float types, a sanity bound for 8-bit.
+_KL_TOLERANCE = {"f32": 1e-6, "f16": 1e-3, "bf16": 1e-2, "q8_0": 5e-2}
+
+
+@dataclass
+class GgufResult:
+    path: Path
+    architecture: str
+    tensors: int
+    bytes: int
+    tokenizer_from: str
+    max_abs_logit_diff: float
+    max_kl: float
+
+
+def export_gguf(folder: Path, out: Path, *, dtype: str = "f16", tokenizer_pre: str | None = None,
+                force: bool = False) -> GgufResult:
+    """Write the model in `folder` (a surgery export or any model folder of a supported family) to `out`."""
+    folder, out = Path(folder), Path(out)
+    config = _read_config(folder)
+    target = _gguf_architecture(config)
+    if dtype not in DTYPES:
+        raise SurgeryError(f"unknown GGUF type '{dtype}': choose one of {', '.join(DTYPES)}")
+    out = _check_out(out, folder, force)
+    staging = Path(tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)[1])
+    try:
+        tensors, size, tokenizer_from = _write(folder, config, target, staging, dtype, tokenizer_pre)
+        diff, kl = _verify(folder, staging, dtype)
+        os.chmod(staging, 0o666 & ~_umask())
+        os.replace(staging, out)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    return GgufResult(out, target, tensors, size, tokenizer_from, diff, kl)
+
+
+# ------------------------------------------------------------------ checks
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise SurgeryError(f"{folder} has no config.json: give a model folder (the one surgery cut or surgery prune wrote)")
+    return json.loads(path.read_text())
+
+
+def _gguf_architecture(config: dict[str, Any]) -> str:
+    """llama.cpp's architecture name for this checkpoint, or a clear error saying what to do instead."""
+    family = base_model_type(config)
+    target = architecture_of(config).gguf_arch
+    if target is None:
+        raise SurgeryError(f"GGUF export does not cover {family} yet: convert the exported folder with llama.cpp's "
+                           "convert_hf_to_gguf.py, or add the family's gguf_arch in surgery/arch.py")
+    removed = config.get("surgery", {}).get("removed", {})
+    if any(removed.values()):
+        raise SurgeryError("GGUF has no way to write a block without its attention or its FFN: this checkpoint had "
+                           "sublayers removed; prune with --granularity block for a GGUF, or serve this folder with transformers")
+    layer_types = config.get("layer_types") or []
+    if any(kind != "full_attention" for kind in layer_types):
+        raise SurgeryError(f"{family} checkpoints with sliding-window layers are not written as GGUF (llama.cpp's {target} "
+                           "has full attention only): serve this folder with transformers")
+    scaling = _rope(config)[1]
+    if scaling and scaling.get("rope_type", "default") != "default":
+        raise SurgeryError(f"rope scaling '{scaling.get('rope_type')}' is not written as GGUF yet: convert the exported "
+                           "folder with llama.cpp's convert_hf_to_gguf.py")
+    return target
+
+
+def _check_out(out: Path, folder: Path, force: bool) -> Path:
+    if out.suffix != ".gguf":
+        raise SurgeryError(f"{out} does not end in .gguf: name the output file like model.gguf")
+    out = out.resolve()
+    if out.is_dir():
+        raise SurgeryError(f"{out} is a folder: give a file name ending in .gguf")
+    if folder.resolve() in out.parents:
+        raise SurgeryError(f"{out} is inside the model folder {folder}: write the GGUF beside it, not into it "
+                           "(the folder's checksums would no longer match)")
+    if out.exists() and not force:
+        raise SurgeryError(f"{out} already exists: choose another name or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise SurgeryError(f"cannot write to {out.parent}: choose an output you can write to")
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope theta, rope scaling) from either the transformers 5 `rope_parameters` or the older keys."""
+    params = config.get("rope_parameters") or {}
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling") or ({k: v for k, v in params.items() if k != "rope_theta"} or None)
+    return float(theta), scaling
+
+
+def _write(folder: Path, config: dict[str, Any], target: str, path: Path, dtype: str,
+           tokenizer_pre: str | None) -> tuple[int, int, str]:
+    import gguf
+
+    writer = gguf.GGUFWriter(None, target)
+    writer.add_name(folder.name)
+    _add_hyperparameters(writer, config, target, dtype)
+    tokenizer_from = _add_tokenizer(writer, folder, config, tokenizer_pre)
+    plan = _tensor_plan(folder, config, target, dtype)
+    for name, _, _, shape, qtype, nbytes in plan:
+        writer.add_tensor_info(name, shape, _numpy_dtype(qtype), nbytes, raw_dtype=qtype)
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, file, key, _, qtype, _ in plan:
+        writer.write_tensor_data(_convert(_load(folder / file, key), key, config, target, qtype))
+    writer.close()
+    return len(plan), path.stat().st_size, tokenizer_from
+
+
+def _add_hyperparameters(writer: Any, config: dict[str, Any], target: str, dtype: str) -> None:
+    import gguf
+
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    theta, _ = _rope(config)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(theta)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    writer.add_file_type(file_types[dtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str) -> list[tuple]:
+    """(gguf name, file, key, shape as written, ggml type, bytes) for every tensor, from the
+    safetensors headers alone."""
+    import gguf
+    from safetensors import safe_open
+
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == target)
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    tied = config.get("tie_word_embeddings", False)
+    plan = []
+    for file in _weight_files(folder):
+        with safe_open(str(folder / file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                if tied and key.endswith("lm_head.weight"):
+                    continue
+                name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+                if name is None:
+                    raise SurgeryError(f"{folder}: tensor {key} has no GGUF name for llama.cpp's {target}: "
+                                       "convert the folder with llama.cpp's convert_hf_to_gguf.py")
+                shape = tuple(handle.get_slice(key).get_shape())
+                qtype = _ggml_type(shape, dtype)
+                # f32 and f16 are written as numpy floats; bf16 and q8_0 as their bytes
+                itemsize = {gguf.GGMLQuantizationType.F32: 4, gguf.GGMLQuantizationType.F16: 2}.get(qtype)
+                written = shape if itemsize else gguf.quant_shape_to_byte_shape(shape, qtype)
+                nbytes = _product(written) * (itemsize or 1)
+                plan.append((name, file, key, written, qtype, nbytes))
+    return plan
+
+
+def _weight_files(folder: Path) -> list[str]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (folder / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise SurgeryError(f"{folder} has no safetensors weights: export the model with surgery cut or surgery prune first")
+
+
+def _ggml_type(shape: tuple[int, ...], dtype: str) -> Any:
+    """1-D tensors stay float32 (llama.cpp's rule); q8_0 only where rows split into whole blocks."""
+    import gguf
+
+    types = gguf.GGMLQuantizationType
+    if len(shape) == 1 or dtype == "f32":
+        return types.F32
+    if dtype == "q8_0":
+        block = gguf.GGML_QUANT_SIZES[types.Q8_0][0]
+        return types.Q8_0 if shape[-1] % block == 0 else types.F16
+    return {"f16": types.F16, "bf16": types.BF16}[dtype]
+
+
+def _numpy_dtype(qtype: Any) -> Any:
+    import gguf
+    import numpy as np
+
+    types = gguf.GGMLQuantizationType
+    return {types.F32: np.float32, types.F16: np.float16}.get(qtype, np.uint8)
+
+
+def _product(shape: tuple[int, ...]) -> int:
+    total = 1
+    for n in shape:
+        total *= n
+    return total
+
+
+def _load(path: Path, key: str) -> Any:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.get_tensor(key).float().numpy()
+
+
+def _convert(data: Any, key: str, config: dict[str, Any], target: str, qtype: Any) -> Any:
+    import gguf
+
+    if target == "llama" and (key.endswith("q_proj.weight") or key.endswith("k_proj.weight")):
+        heads = config["num_attention_heads"]
+        if key.endswith("k_proj.weight"):
+            heads = config.get("num_key_value_heads") or heads
+        data = _permute_rotary(data, heads)
+    return gguf.quants.quantize(data, qtype)
+
+
+def _permute_rotary(weights: Any, heads: int) -> Any:
+    """Rows of each head from transformers' half-split rotary layout to llama.cpp's interleaved pairs."""
+    rows = weights.shape[0]
+    return weights.reshape(heads, 2, rows // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+# ------------------------------------------------------------------ tokenizer
+
+
+def _add_tokenizer(writer: Any, folder: Path, config: dict[str, Any], pre: str | None) -> str:
+    """Copy the tokenizer from the source GGUF if there is one, else build it; returns where it came from."""
+    source = source_gguf(folder)
+    if source is not None and pre is None and _copy_tokenizer(writer, source, config["vocab_size"]):
+        return str(source)
+    _build_tokenizer(writer, folder, config, pre)
+    return f"{folder / 'tokenizer.json'}"
+
+
+def source_gguf(folder: Path) -> Path | None:
+    """The GGUF file this folder's model was converted from, if it is still on disk: named by a
+    surgery export's manifest or by the cached conversion's SOURCE.json."""
+    candidates = []
+    manifest = folder / "surgery.json"
+    if manifest.is_file():
+        candidates.append(json.loads(manifest.read_text()).get("source", {}).get("origin", ""))
+    record = folder / "SOURCE.json"
+    if record.is_file():
+        candidates.append(json.loads(record.read_text()).get("gguf", ""))
+    for candidate in candidates:
+        if candidate and candidate.endswith(".gguf") and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def _copy_tokenizer(writer: Any, source: Path, vocab_size: int) -> bool:
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    if tokens is None or len(tokens.data) != vocab_size:
+        return False
+    for field in reader.fields.values():
+        if not field.name.startswith("tokenizer."):
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    return True
+
+
+def _build_tokenizer(writer: Any, folder: Path, config: dict[str, Any], pre: str | None) -> None:
+    """Byte-level BPE vocabulary, token types and merges, as llama.cpp's converter writes them."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise SurgeryError(f"{folder} has no tokenizer.json: GGUF needs the tokenizer; save it beside the model")
+    spec = json.loads(path.read_text())
+    if spec.get("model", {}).get("type") != "BPE" or spec["model"].get("byte_fallback"):
+        raise SurgeryError("GGUF export writes byte-level BPE tokenizers only (Llama 3, Qwen, SmolLM); for a "
+                           "SentencePiece tokenizer convert the folder with llama.cpp's convert_hf_to_gguf.py")
+    pre = pre or _pre_tokenizer_name(spec)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+    if max(by_id) >= config["vocab_size"]:
+        raise SurgeryError(f"the tokenizer has token ids up to {max(by_id)}, beyond the model's vocab_size "
+                           f"{config['vocab_size']}: llama.cpp would read past the embeddings; fix the tokenizer folder")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for index in range(config["vocab_size"]):
+        if index not in by_id:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif index in added:
+            tokens.append(by_id[index])
+            types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[index])
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(folder, load_merges=True).add_to_gguf(writer, quiet=True)
+
+
+def _pre_tokenizer_name(spec: dict[str, Any]) -> str:
+    """llama.cpp names pre-tokenizers by model; only GPT-2's own can be told from tokenizer.json
+    with certainty (a ByteLevel step with its built-in regex and no other split)."""
+    step = spec.get("pre_tokenizer") or {}
+    if step.get("type") == "ByteLevel" and step.get("use_regex", True):
+        return _GPT2_PRE
+    raise SurgeryError("cannot tell llama.cpp's pre-tokenizer from tokenizer.json: pass --tokenizer-pre with "
+                       "llama.cpp's name for the family (llama-bpe for Llama 3, qwen2 for Qwen2/Qwen3, smollm for SmolLM)")
+
+
+# ------------------------------------------------------------------ verification
+
+
+def _verify(folder: Path, gguf_path: Path, dtype: str) -> tuple[float, float]:
+    """Read the GGUF back with transformers' own GGUF reader: its hyperparameters must match the
+    folder's config, and its weights (under that config) the folder's logits."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from surgery.console import quiet_transformers
+    from surgery.export import VERIFY_PROMPT, verification_ids
+
+    quiet_transformers()
+    config = AutoConfig.from_pretrained(str(folder))
+    parsed = load_gguf_checkpoint(str(gguf_path))["config"]
+    for key, value in parsed.items():
+        expected = getattr(config, key, None)
+        if key in _CHECKED_KEYS and expected is not None and not math.isclose(float(value), float(expected), rel_tol=1e-6):
+            raise SurgeryError(f"the GGUF file says {key} = {value}, the model has {expected}: nothing was written; please report this")
+    reference = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    # The folder's config: transformers' GGUF reader leaves some keys at its defaults (Qwen3's head_dim).
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, config=config,
+                                                  dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    read_back = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    if read_back(VERIFY_PROMPT).input_ids != tokenizer(VERIFY_PROMPT).input_ids:
+        raise SurgeryError("the GGUF file's tokenizer encodes the check prompt differently from the model's: "
+                           "nothing was written; please report this")
+    ids = verification_ids(tokenizer, config.vocab_size)
+    with torch.no_grad():
+        expected, got = reference(ids).logits.float(), loaded(ids).logits.float()
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), expected.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1).max().item()
+    if not kl <= _KL_TOLERANCE[dtype]:
+        raise SurgeryError(f"the GGUF file's next-token distributions differ from the model's (KL {kl:.3g}, tolerance "
+                           f"{_KL_TOLERANCE[dtype]} for {dtype}): nothing was written; please report this")
+    return (expected - got).abs().max().item(), kl
