@@ -476,6 +476,20 @@ def model_speed_section(data: dict) -> list[str]:
     return lines + [""]
 
 
+def gguf_section(data: dict) -> list[str]:
+    lines = ["## GGUF in llama.cpp", "", protocol_line(data), "",
+             f"SmolLM2-135M with `{data['removed']}` cut, written by `surgery gguf`, run in llama.cpp "
+             f"(llama-cpp-python {next(iter(data['formats'].values()))['llama_cpp_python']}) against the pruned model in "
+             f"transformers on one prompt ({data['new_tokens']} greedy tokens).", "",
+             "| type | size | same prompt tokens | largest KL per position | top-1 agreement | same greedy text |",
+             "|---|---|---|---|---|---|"]
+    for dtype, r in data["formats"].items():
+        lines.append(f"| {dtype} | {r['bytes'] / 2**20:.0f} MiB | {'yes' if r['tokens_equal'] else 'no'} | {r['max_kl']:.2g} | "
+                     f"{100 * r['argmax_agreement']:.0f}% | {'yes' if r['greedy_equal'] else 'no'} |")
+    return lines + ["", "q8_0 differs more in llama.cpp than in transformers' dequantising reader because llama.cpp also "
+                    "quantises the activations in its q8_0 matrix products; f16 is the format to compare models with.", ""]
+
+
 def findings_section(data: dict) -> list[str]:
     lines = ["## The seeds' findings on SmolLM2", "", protocol_line(data), "", f"Analysis: `{data['analysis_command']}`.", "",
              "**Cornerstones** (rule in docs/analysis.md):", ""]
@@ -519,6 +533,7 @@ def main() -> None:
              "python bench/analysis_cost.py --cli-run        # a default `surgery analyze smollm2-135m`, timed as a user runs it",
              "python bench/model_speed.py       # pruned-model prefill/decode speed against the FLOP ideal",
              "python bench/findings.py          # cornerstones, ablation collapse, angular distance",
+             "python bench/gguf_llamacpp.py --llama-python PATH   # a pruned SmolLM2 as GGUF, run in llama.cpp",
              "python bench/make_results.py      # this page", "```", ""]
     summary = load("strategies")
     if summary:
@@ -526,7 +541,8 @@ def main() -> None:
         spread = load("strategies_spread")
         if spread:
             lines += ["### Spread", "", spread["statement"], ""]
-    for name, section in (("analysis_cost", analysis_cost_section), ("model_speed", model_speed_section), ("findings", findings_section)):
+    for name, section in (("analysis_cost", analysis_cost_section), ("model_speed", model_speed_section), ("findings", findings_section),
+                          ("gguf_llamacpp", gguf_section)):
         data = load(name)
         lines += section(data) if data else [f"## {name}", "", f"Not run yet: `python bench/{name}.py`.", ""]
     if summary:
