@@ -1,6 +1,8 @@
 """The GGUF a user gets, run in llama.cpp itself: SmolLM2-135M with four blocks cut, written by
 `surgery gguf` as f16 and q8_0, against the pruned model in transformers on one prompt (tokens,
-next-token distributions, greedy text).
+next-token distributions, greedy tokens); and the same model given Llama 3.1's rope scaling, which
+only llama.cpp can check (transformers' GGUF reader ignores the rope_freqs tensor), with a file
+lacking that tensor as the negative control.
 
     python bench/gguf_llamacpp.py [--llama-python PATH]
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,10 +35,55 @@ llm = Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False, n_thread
 tokens = llm.tokenize(prompt.encode(), add_bos=False)
 llm.eval(tokens)
 logits = [list(map(float, row)) for row in llm.scores[:len(tokens)]]
-llm.reset()
-text = llm.create_completion(prompt, max_tokens=new_tokens, temperature=0.0)["choices"][0]["text"]
-print(json.dumps({"tokens": tokens, "logits": logits, "text": text, "version": llama_cpp.__version__}))
+generated = []
+for _ in range(new_tokens):
+    generated.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+    llm.eval([generated[-1]])
+print(json.dumps({"tokens": tokens, "logits": logits, "generated": generated, "version": llama_cpp.__version__}))
 """
+
+
+def run_llama_cpp(python: str, path: Path, prompt: str) -> dict:
+    run = subprocess.run([python, "-c", _RUNNER, str(path), prompt, str(NEW_TOKENS)], capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        sys.exit(f"llama.cpp failed on {path}: {run.stderr.strip().splitlines()[-1] if run.stderr else run.returncode}"
+                 " (install llama-cpp-python and pass --llama-python)")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def compare(python: str, folder: Path, gguf_path: Path, prompt: str) -> dict:
+    """llama.cpp on the GGUF against transformers on the folder: tokens, next-token distributions, greedy text."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from surgery.export import load_exported
+
+    model, tokenizer = load_exported(folder), AutoTokenizer.from_pretrained(str(folder))
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = model(ids).logits[0].float()
+        greedy = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+    result = run_llama_cpp(python, gguf_path, prompt)
+    logits = torch.tensor(result["logits"])
+    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    return {"bytes": gguf_path.stat().st_size, "tokens_equal": result["tokens"] == ids[0].tolist(), "max_kl": kl.max().item(),
+            "argmax_agreement": (logits.argmax(-1) == reference.argmax(-1)).float().mean().item(),
+            "greedy_equal": result["generated"] == greedy[0, ids.shape[1]:].tolist(),
+            "llama_cpp_python": result["version"]}
+
+
+def with_llama3_rope(folder: Path, work: Path) -> Path:
+    """The same pruned SmolLM2 with Llama 3.1's rope scaling in its config (factor 8 over 8,192
+    positions): a trained model whose outputs depend on the rope_freqs tensor llama.cpp reads."""
+    copy = work / "smollm2-cut-llama3-rope"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
+    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": theta, "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    (copy / "config.json").write_text(json.dumps(config, indent=2))
+    return copy
 
 
 def main() -> None:
@@ -43,46 +91,31 @@ def main() -> None:
     parser.add_argument("--llama-python", default=sys.executable, help="a Python with llama-cpp-python installed")
     args = parser.parse_args()
     setup(2)
-    import torch
-
-    from surgery.export import load_exported
     from surgery.export_gguf import export_gguf
     from surgery.pipeline import cut_and_export
 
     work = Path(tempfile.mkdtemp(prefix="gguf-bench-"))
     folder = work / "smollm2-cut"
     cut_and_export("smollm2-135m", REMOVE, folder, device="cpu")
-    model = load_exported(folder)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        reference = model(ids).logits[0].float()
-        greedy = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    expected_text = tokenizer.decode(greedy[0, ids.shape[1]:])
     rows = {}
     for dtype in ("f16", "q8_0"):
         written = export_gguf(folder, work / f"smollm2-cut-{dtype}.gguf", dtype=dtype)
-        run = subprocess.run([args.llama_python, "-c", _RUNNER, str(written.path), PROMPT, str(NEW_TOKENS)],
-                             capture_output=True, text=True, check=False)
-        if run.returncode != 0:
-            sys.exit(f"llama.cpp failed on {written.path}: {run.stderr.strip().splitlines()[-1] if run.stderr else run.returncode}"
-                     " (install llama-cpp-python and pass --llama-python)")
-        result = json.loads(run.stdout.strip().splitlines()[-1])
-        logits = torch.tensor(result["logits"])
-        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True,
-                                        reduction="none").sum(-1)
-        rows[dtype] = {"bytes": written.bytes, "tokens_equal": result["tokens"] == ids[0].tolist(),
-                       "max_kl": kl.max().item(), "argmax_agreement": (logits.argmax(-1) == reference.argmax(-1)).float().mean().item(),
-                       "greedy_text": result["text"], "greedy_equal": result["text"] == expected_text,
-                       "llama_cpp_python": result["version"]}
-        print(dtype, {k: v for k, v in rows[dtype].items() if k != "greedy_text"}, flush=True)
-    import shutil
+        rows[dtype] = compare(args.llama_python, folder, written.path, PROMPT)
+        print(dtype, rows[dtype], flush=True)
+    scaled = with_llama3_rope(folder, work)
+    rope = compare(args.llama_python, scaled, export_gguf(scaled, work / "llama3-rope.gguf", dtype="f32").path, PROMPT)
+    # Negative control: the same file without rope_freqs, which transformers' reader cannot notice.
+    import surgery.export_gguf as writer
 
+    factors, writer.rope_factors = writer.rope_factors, lambda config: None
+    try:
+        control = compare(args.llama_python, scaled, export_gguf(scaled, work / "no-freqs.gguf", dtype="f32").path, PROMPT)
+    finally:
+        writer.rope_factors = factors
+    print("llama3 rope", {k: v for k, v in rope.items()}, "without rope_freqs", control["max_kl"], flush=True)
     shutil.rmtree(work, ignore_errors=True)
-    save("gguf_llamacpp", {"removed": REMOVE, "prompt": PROMPT, "new_tokens": NEW_TOKENS, "transformers_text": expected_text,
-                           "formats": rows, "protocol": protocol()})
+    save("gguf_llamacpp", {"removed": REMOVE, "prompt": PROMPT, "new_tokens": NEW_TOKENS, "formats": rows,
+                           "llama3_rope": {**rope, "control_without_rope_freqs": control}, "protocol": protocol()})
 
 
 if __name__ == "__main__":

@@ -477,17 +477,27 @@ def model_speed_section(data: dict) -> list[str]:
 
 
 def gguf_section(data: dict) -> list[str]:
+    version = next(iter(data["formats"].values()))["llama_cpp_python"]
     lines = ["## GGUF in llama.cpp", "", protocol_line(data), "",
-             f"SmolLM2-135M with `{data['removed']}` cut, written by `surgery gguf`, run in llama.cpp "
-             f"(llama-cpp-python {next(iter(data['formats'].values()))['llama_cpp_python']}) against the pruned model in "
-             f"transformers on one prompt ({data['new_tokens']} greedy tokens).", "",
-             "| type | size | same prompt tokens | largest KL per position | top-1 agreement | same greedy text |",
+             f"SmolLM2-135M with `{data['removed']}` cut, written by `surgery gguf`, run in llama.cpp (llama-cpp-python {version}) "
+             f"against the pruned model in transformers on one prompt, then {data['new_tokens']} greedy tokens.", "",
+             "| file | size | same prompt tokens | largest KL per position | top-1 agreement | same greedy tokens |",
              "|---|---|---|---|---|---|"]
-    for dtype, r in data["formats"].items():
-        lines.append(f"| {dtype} | {r['bytes'] / 2**20:.0f} MiB | {'yes' if r['tokens_equal'] else 'no'} | {r['max_kl']:.2g} | "
+    rows = [(dtype, r) for dtype, r in data["formats"].items()]
+    rope = data.get("llama3_rope")
+    if rope:
+        rows += [("f32, Llama 3.1 rope scaling", rope), ("f32, same, rope_freqs left out (control)", rope["control_without_rope_freqs"])]
+    for label, r in rows:
+        lines.append(f"| {label} | {r['bytes'] / 2**20:.0f} MiB | {'yes' if r['tokens_equal'] else 'no'} | {r['max_kl']:.2g} | "
                      f"{100 * r['argmax_agreement']:.0f}% | {'yes' if r['greedy_equal'] else 'no'} |")
-    return lines + ["", "q8_0 differs more in llama.cpp than in transformers' dequantising reader because llama.cpp also "
-                    "quantises the activations in its q8_0 matrix products; f16 is the format to compare models with.", ""]
+    lines += ["", "q8_0 differs more in llama.cpp than in transformers' dequantising reader because llama.cpp also "
+              "quantises the activations in its q8_0 matrix products; f16 is the format to compare models with."]
+    if rope:
+        lines += ["", "The rope rows give the same model Llama 3.1's rope scaling (factor 8 over 8,192 positions) in its config. "
+                  "transformers' GGUF reader ignores llama.cpp's rope_freqs tensor, so only llama.cpp can check it: the file "
+                  f"without the tensor is {rope['control_without_rope_freqs']['max_kl'] / rope['max_kl']:.0f} times further "
+                  "from the model (largest KL) than the file `surgery gguf` writes."]
+    return lines + [""]
 
 
 def findings_section(data: dict) -> list[str]:

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,8 @@ def _gguf_architecture(config: dict[str, Any]) -> str:
         raise SurgeryError(f"{family} checkpoints with sliding-window layers are not written as GGUF (llama.cpp's {target} "
                            "has full attention only): serve this folder with transformers")
     scaling = _rope(config)[1]
-    if scaling and scaling.get("rope_type", "default") != "default":
+    supported = ("default", "llama3") if target == "llama" else ("default",)
+    if scaling and scaling.get("rope_type", "default") not in supported:
         raise SurgeryError(f"rope scaling '{scaling.get('rope_type')}' is not written as GGUF yet: convert the exported "
                            "folder with llama.cpp's convert_hf_to_gguf.py")
     return target
@@ -111,6 +113,9 @@ def _check_out(out: Path, folder: Path, force: bool) -> Path:
     if folder.resolve() in out.parents:
         raise SurgeryError(f"{out} is inside the model folder {folder}: write the GGUF beside it, not into it "
                            "(the folder's checksums would no longer match)")
+    source = source_gguf(folder)
+    if source is not None and source.resolve() == out:
+        raise SurgeryError(f"{out} is the GGUF this model was converted from: choose another name (the source is never overwritten)")
     if out.exists() and not force:
         raise SurgeryError(f"{out} already exists: choose another name or pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,13 +150,13 @@ def _write(folder: Path, config: dict[str, Any], target: str, path: Path, dtype:
     _add_hyperparameters(writer, config, target, dtype)
     tokenizer_from = _add_tokenizer(writer, folder, config, tokenizer_pre)
     plan = _tensor_plan(folder, config, target, dtype)
-    for name, _, _, shape, qtype, nbytes in plan:
-        writer.add_tensor_info(name, shape, _numpy_dtype(qtype), nbytes, raw_dtype=qtype)
+    for tensor in plan:
+        writer.add_tensor_info(tensor.name, tensor.shape, _numpy_dtype(tensor.qtype), tensor.nbytes, raw_dtype=tensor.qtype)
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, file, key, _, qtype, _ in plan:
-        writer.write_tensor_data(_convert(_load(folder / file, key), key, config, target, qtype))
+    for tensor in plan:
+        writer.write_tensor_data(gguf.quants.quantize(tensor.read(), tensor.qtype))
     writer.close()
     return len(plan), path.stat().st_size, tokenizer_from
 
@@ -180,9 +185,21 @@ def _add_hyperparameters(writer: Any, config: dict[str, Any], target: str, dtype
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str) -> list[tuple]:
-    """(gguf name, file, key, shape as written, ggml type, bytes) for every tensor, from the
-    safetensors headers alone."""
+@dataclass
+class _Tensor:
+    """One tensor of the file: its header entry, and how to produce its float32 values when written."""
+
+    name: str
+    shape: tuple[int, ...]  # as written: bytes per row for bf16 and q8_0
+    qtype: Any
+    nbytes: int
+    read: Callable[[], Any]
+
+
+def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str) -> list[_Tensor]:
+    """Every tensor of the file, from the safetensors headers alone (values are read when written)."""
+    import functools
+
     import gguf
     from safetensors import safe_open
 
@@ -190,6 +207,9 @@ def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str) 
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     tied = config.get("tie_word_embeddings", False)
     plan = []
+    factors = rope_factors(config)
+    if factors is not None:
+        plan.append(_planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape, "f32", lambda: factors))
     for file in _weight_files(folder):
         with safe_open(str(folder / file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
@@ -199,14 +219,36 @@ def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str) 
                 if name is None:
                     raise SurgeryError(f"{folder}: tensor {key} has no GGUF name for llama.cpp's {target}: "
                                        "convert the folder with llama.cpp's convert_hf_to_gguf.py")
-                shape = tuple(handle.get_slice(key).get_shape())
-                qtype = _ggml_type(shape, dtype)
-                # f32 and f16 are written as numpy floats; bf16 and q8_0 as their bytes
-                itemsize = {gguf.GGMLQuantizationType.F32: 4, gguf.GGMLQuantizationType.F16: 2}.get(qtype)
-                written = shape if itemsize else gguf.quant_shape_to_byte_shape(shape, qtype)
-                nbytes = _product(written) * (itemsize or 1)
-                plan.append((name, file, key, written, qtype, nbytes))
+                read = functools.partial(_read_weight, folder / file, key, config, target)
+                plan.append(_planned(name, tuple(handle.get_slice(key).get_shape()), dtype, read))
     return plan
+
+
+def _planned(name: str, shape: tuple[int, ...], dtype: str, read: Callable[[], Any]) -> _Tensor:
+    import gguf
+
+    qtype = _ggml_type(shape, dtype)
+    # f32 and f16 are written as numpy floats; bf16 and q8_0 as their bytes
+    itemsize = {gguf.GGMLQuantizationType.F32: 4, gguf.GGMLQuantizationType.F16: 2}.get(qtype)
+    written = tuple(shape) if itemsize else gguf.quant_shape_to_byte_shape(shape, qtype)
+    return _Tensor(name, written, qtype, _product(written) * (itemsize or 1), read)
+
+
+def rope_factors(config: dict[str, Any]) -> Any:
+    """Llama 3.1's rope scaling as llama.cpp stores it: one divisor per rotary frequency (the
+    rope_freqs tensor), following transformers' llama3 rule; None without that scaling."""
+    import numpy as np
+
+    theta, scaling = _rope(config)
+    if not scaling or scaling.get("rope_type") != "llama3":
+        return None
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelengths = 2 * np.pi * theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    smooth = np.clip((old_context / wavelengths - low) / (high - low), 0.0, 1.0)
+    factors = 1.0 / ((1 - smooth) / factor + smooth)  # 1 for short wavelengths, `factor` for long ones
+    return factors.astype(np.float32)
 
 
 def _weight_files(folder: Path) -> list[str]:
@@ -246,22 +288,18 @@ def _product(shape: tuple[int, ...]) -> int:
     return total
 
 
-def _load(path: Path, key: str) -> Any:
+def _read_weight(path: Path, key: str, config: dict[str, Any], target: str) -> Any:
+    """A weight as float32 numpy, query and key rows permuted into llama.cpp's rotary layout for Llama."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        return handle.get_tensor(key).float().numpy()
-
-
-def _convert(data: Any, key: str, config: dict[str, Any], target: str, qtype: Any) -> Any:
-    import gguf
-
+        data = handle.get_tensor(key).float().numpy()
     if target == "llama" and (key.endswith("q_proj.weight") or key.endswith("k_proj.weight")):
         heads = config["num_attention_heads"]
         if key.endswith("k_proj.weight"):
             heads = config.get("num_key_value_heads") or heads
         data = _permute_rotary(data, heads)
-    return gguf.quants.quantize(data, qtype)
+    return data
 
 
 def _permute_rotary(weights: Any, heads: int) -> Any:

@@ -1,9 +1,12 @@
 """End to end on the real SmolLM2-135M: cut four blocks and one attention, reload both ways."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from surgery.cut import count_parameters
+from surgery.errors import SurgeryError
 from surgery.export import load_exported, read_manifest
 from surgery.models import load_model
 from surgery.pipeline import cut_and_export
@@ -65,6 +68,11 @@ def test_block_cut_smollm2_as_gguf_keeps_the_source_tokenizer(smollm2_folder, tm
     reader = gguf.GGUFReader(str(result.path))
     assert reader.get_field("tokenizer.ggml.pre").contents() == "smollm"
     assert reader.get_field("llama.block_count").contents() == 26
+    source_file = Path(result.tokenizer_from)
+    digest = source_file.stat().st_mtime_ns, source_file.stat().st_size
+    with pytest.raises(SurgeryError, match="never overwritten"):
+        export_gguf(folder, source_file, force=True)
+    assert (source_file.stat().st_mtime_ns, source_file.stat().st_size) == digest
 
     pruned = load_exported(folder)
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=result.path.name, dtype=torch.float32).eval()

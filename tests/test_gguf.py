@@ -127,3 +127,18 @@ def test_cli_writes_and_reports(tmp_path, tokenizer):
     assert out.is_file() and "llama" in result.output and "KL" in result.output
     again = CliRunner().invoke(main, ["gguf", str(folder), "--out", str(out)])
     assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_llama3_rope_factors_match_transformers(tmp_path, tokenizer):
+    """Llama 3.1 scaling goes into llama.cpp's rope_freqs tensor: default frequencies over scaled ones."""
+    scaling = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    folder, model = pruned_folder(tmp_path, tokenizer, rope_parameters=scaling)
+    plain = tiny_model("llama", num_layers=2)
+    expected = (plain.model.rotary_emb.inv_freq / model.model.rotary_emb.inv_freq).numpy()
+    assert expected.min() == pytest.approx(1.0) and expected.max() == pytest.approx(8.0)  # both regimes and the ramp
+    assert ((expected > 1.01) & (expected < 7.99)).any()
+
+    path = export_gguf(folder, tmp_path / "llama3.gguf", dtype="f32").path
+    written = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "rope_freqs.weight").data
+    assert written == pytest.approx(expected, rel=1e-5)
