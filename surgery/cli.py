@@ -15,6 +15,7 @@ import click
 
 from surgery import __version__
 from surgery.errors import SurgeryError
+from surgery.export_gguf import DTYPES as GGUF_TYPES
 
 
 def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -347,7 +348,7 @@ def prune_settings(kwargs: dict[str, Any]) -> Any:
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The .gguf file to write.")
-@click.option("--type", "dtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+@click.option("--type", "dtype", type=click.Choice(GGUF_TYPES), default="f16", show_default=True,
               help="Tensor type of the weight matrices (norms and biases stay f32).")
 @click.option("--tokenizer-pre", default=None,
               help="llama.cpp's pre-tokenizer name (llama-bpe, qwen2, ...), where tokenizer.json does not tell it.")

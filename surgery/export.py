@@ -273,10 +273,16 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _normal_permissions(folder: Path) -> None:
-    """Staging folders (and some writers' files) are private; the export is as public as the umask allows."""
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set back at once)."""
     umask = os.umask(0)
     os.umask(umask)
+    return umask
+
+
+def _normal_permissions(folder: Path) -> None:
+    """Staging folders (and some writers' files) are private; the export is as public as the umask allows."""
+    umask = current_umask()
     folder.chmod(0o777 & ~umask)
     for file in folder.iterdir():
         file.chmod(0o666 & ~umask)

@@ -53,17 +53,20 @@ class GgufResult:
 def export_gguf(folder: Path, out: Path, *, dtype: str = "f16", tokenizer_pre: str | None = None,
                 force: bool = False) -> GgufResult:
     """Write the model in `folder` (a surgery export or any model folder of a supported family) to `out`."""
+    from surgery.export import current_umask
+
     folder, out = Path(folder), Path(out)
     config = _read_config(folder)
     target = _gguf_architecture(config)
     if dtype not in DTYPES:
         raise SurgeryError(f"unknown GGUF type '{dtype}': choose one of {', '.join(DTYPES)}")
-    out = _check_out(out, folder, force)
+    source = source_gguf(folder)
+    out = _check_out(out, folder, source, force)
     staging = Path(tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)[1])
     try:
-        tensors, size, tokenizer_from = _write(folder, config, target, staging, dtype, tokenizer_pre)
+        tensors, size, tokenizer_from = _write(folder, config, target, staging, dtype, tokenizer_pre, source)
         diff, kl = _verify(folder, staging, dtype)
-        os.chmod(staging, 0o666 & ~_umask())
+        os.chmod(staging, 0o666 & ~current_umask())
         os.replace(staging, out)
     except BaseException:
         staging.unlink(missing_ok=True)
@@ -104,7 +107,7 @@ def _gguf_architecture(config: dict[str, Any]) -> str:
     return target
 
 
-def _check_out(out: Path, folder: Path, force: bool) -> Path:
+def _check_out(out: Path, folder: Path, source: Path | None, force: bool) -> Path:
     if out.suffix != ".gguf":
         raise SurgeryError(f"{out} does not end in .gguf: name the output file like model.gguf")
     out = out.resolve()
@@ -113,7 +116,6 @@ def _check_out(out: Path, folder: Path, force: bool) -> Path:
     if folder.resolve() in out.parents:
         raise SurgeryError(f"{out} is inside the model folder {folder}: write the GGUF beside it, not into it "
                            "(the folder's checksums would no longer match)")
-    source = source_gguf(folder)
     if source is not None and source.resolve() == out:
         raise SurgeryError(f"{out} is the GGUF this model was converted from: choose another name (the source is never overwritten)")
     if out.exists() and not force:
@@ -122,12 +124,6 @@ def _check_out(out: Path, folder: Path, force: bool) -> Path:
     if not os.access(out.parent, os.W_OK):
         raise SurgeryError(f"cannot write to {out.parent}: choose an output you can write to")
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ------------------------------------------------------------------ writing
@@ -141,14 +137,18 @@ def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return float(theta), scaling
 
 
+def _head_dim(config: dict[str, Any]) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
 def _write(folder: Path, config: dict[str, Any], target: str, path: Path, dtype: str,
-           tokenizer_pre: str | None) -> tuple[int, int, str]:
+           tokenizer_pre: str | None, source: Path | None) -> tuple[int, int, str]:
     import gguf
 
     writer = gguf.GGUFWriter(None, target)
     writer.add_name(folder.name)
     _add_hyperparameters(writer, config, target, dtype)
-    tokenizer_from = _add_tokenizer(writer, folder, config, tokenizer_pre)
+    tokenizer_from = _add_tokenizer(writer, folder, config, tokenizer_pre, source)
     plan = _tensor_plan(folder, config, target, dtype)
     for tensor in plan:
         writer.add_tensor_info(tensor.name, tensor.shape, _numpy_dtype(tensor.qtype), tensor.nbytes, raw_dtype=tensor.qtype)
@@ -165,7 +165,7 @@ def _add_hyperparameters(writer: Any, config: dict[str, Any], target: str, dtype
     import gguf
 
     heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    head_dim = _head_dim(config)
     theta, _ = _rope(config)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -226,12 +226,13 @@ def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str) 
 
 def _planned(name: str, shape: tuple[int, ...], dtype: str, read: Callable[[], Any]) -> _Tensor:
     import gguf
+    import numpy as np
 
     qtype = _ggml_type(shape, dtype)
+    element = np.dtype(_numpy_dtype(qtype))
     # f32 and f16 are written as numpy floats; bf16 and q8_0 as their bytes
-    itemsize = {gguf.GGMLQuantizationType.F32: 4, gguf.GGMLQuantizationType.F16: 2}.get(qtype)
-    written = tuple(shape) if itemsize else gguf.quant_shape_to_byte_shape(shape, qtype)
-    return _Tensor(name, written, qtype, _product(written) * (itemsize or 1), read)
+    written = tuple(shape) if element != np.uint8 else gguf.quant_shape_to_byte_shape(shape, qtype)
+    return _Tensor(name, written, qtype, math.prod(written) * element.itemsize, read)
 
 
 def rope_factors(config: dict[str, Any]) -> Any:
@@ -242,7 +243,7 @@ def rope_factors(config: dict[str, Any]) -> Any:
     theta, scaling = _rope(config)
     if not scaling or scaling.get("rope_type") != "llama3":
         return None
-    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    dim = _head_dim(config)
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_context = scaling["original_max_position_embeddings"]
     wavelengths = 2 * np.pi * theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
@@ -281,13 +282,6 @@ def _numpy_dtype(qtype: Any) -> Any:
     return {types.F32: np.float32, types.F16: np.float16}.get(qtype, np.uint8)
 
 
-def _product(shape: tuple[int, ...]) -> int:
-    total = 1
-    for n in shape:
-        total *= n
-    return total
-
-
 def _read_weight(path: Path, key: str, config: dict[str, Any], target: str) -> Any:
     """A weight as float32 numpy, query and key rows permuted into llama.cpp's rotary layout for Llama."""
     from safetensors import safe_open
@@ -311,9 +305,8 @@ def _permute_rotary(weights: Any, heads: int) -> Any:
 # ------------------------------------------------------------------ tokenizer
 
 
-def _add_tokenizer(writer: Any, folder: Path, config: dict[str, Any], pre: str | None) -> str:
+def _add_tokenizer(writer: Any, folder: Path, config: dict[str, Any], pre: str | None, source: Path | None) -> str:
     """Copy the tokenizer from the source GGUF if there is one, else build it; returns where it came from."""
-    source = source_gguf(folder)
     if source is not None and pre is None and _copy_tokenizer(writer, source, config["vocab_size"]):
         return str(source)
     _build_tokenizer(writer, folder, config, pre)
