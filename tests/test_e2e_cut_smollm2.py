@@ -1,4 +1,4 @@
-"""End to end on the real SmolLM2-135M: cut four blocks and one attention, reload both ways."""
+"""End to end on the real SmolLM2-135M: cut four blocks and one attention, reload both ways; a block cut as GGUF."""
 
 from pathlib import Path
 
@@ -69,10 +69,10 @@ def test_block_cut_smollm2_as_gguf_keeps_the_source_tokenizer(smollm2_folder, tm
     assert reader.get_field("tokenizer.ggml.pre").contents() == "smollm"
     assert reader.get_field("llama.block_count").contents() == 26
     source_file = Path(result.tokenizer_from)
-    digest = source_file.stat().st_mtime_ns, source_file.stat().st_size
+    before = source_file.stat().st_mtime_ns, source_file.stat().st_size
     with pytest.raises(SurgeryError, match="never overwritten"):
         export_gguf(folder, source_file, force=True)
-    assert (source_file.stat().st_mtime_ns, source_file.stat().st_size) == digest
+    assert (source_file.stat().st_mtime_ns, source_file.stat().st_size) == before
 
     pruned = load_exported(folder)
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=result.path.name, dtype=torch.float32).eval()
