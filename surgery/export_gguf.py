@@ -7,9 +7,9 @@ float32; no output tensor when the embeddings are tied. Tensors are written one 
 memory stays at one tensor beside the writer, whatever the model's size.
 
 The tokenizer is copied field for field from the GGUF the model was converted from, when there
-is one: removing layers never changes it, and the copy keeps what a transformers tokenizer folder
-has lost (SmolLM2's `smollm` pre-tokenizer splits digits one by one). Otherwise it is built from
-tokenizer.json (byte-level BPE), as llama.cpp's converter builds it.
+is one: removing layers never changes it, and the copy keeps llama.cpp's own name for its
+pre-tokenizer (SmolLM2's `smollm`). Otherwise it is built from tokenizer.json (byte-level BPE),
+as llama.cpp's converter builds it.
 
 The file is written beside its destination, read back by transformers' GGUF loader and compared
 with the folder's own model (logits on a fixed prompt), and only then moved into place.
@@ -30,8 +30,14 @@ from surgery.arch import architecture_of, base_model_type
 from surgery.errors import SurgeryError
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
-# llama.cpp's name for a pre-tokenizer that is exactly GPT-2's (tokenizer.json: ByteLevel with its regex).
+# llama.cpp's name for a pre-tokenizer that is exactly GPT-2's (tokenizer.json: ByteLevel with its regex),
+# and for GPT-2's split after every digit is split off (Digits, then ByteLevel: StarCoder, SmolLM);
+# llama.cpp runs "starcoder", "smollm" and the others of that group with one regex.
 _GPT2_PRE = "gpt-2"
+_DIGITS_THEN_GPT2_PRE = "starcoder"
+# Text the read-back tokenizer must encode exactly as the folder's: digits, a fraction and a run of
+# spaces before a number are where pre-tokenizers that agree on plain words part ways.
+_TOKENIZER_CHECK = "The capital of France is Paris. In 2024,  1,234 people paid $56.78 for ½ of a 3rd-floor seat."
 _CHECKED_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                  "max_position_embeddings", "vocab_size", "rms_norm_eps", "rope_theta")
 # Largest KL divergence (nats) of any position's next-token distribution from the model's: a
@@ -385,10 +391,17 @@ def _pre_tokenizer_name(spec: dict[str, Any]) -> str:
     """llama.cpp names pre-tokenizers by model; only GPT-2's own can be told from tokenizer.json
     with certainty (a ByteLevel step with its built-in regex and no other split)."""
     step = spec.get("pre_tokenizer") or {}
-    if step.get("type") == "ByteLevel" and step.get("use_regex", True):
+    if _is_gpt2_split(step):
         return _GPT2_PRE
+    steps = step.get("pretokenizers", []) if step.get("type") == "Sequence" else []
+    if len(steps) == 2 and steps[0] == {"type": "Digits", "individual_digits": True} and _is_gpt2_split(steps[1]):
+        return _DIGITS_THEN_GPT2_PRE
     raise SurgeryError("cannot tell llama.cpp's pre-tokenizer from tokenizer.json: pass --tokenizer-pre with "
                        "llama.cpp's name for the family (llama-bpe for Llama 3, qwen2 for Qwen2/Qwen3, smollm for SmolLM)")
+
+
+def _is_gpt2_split(step: dict[str, Any]) -> bool:
+    return step.get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space")
 
 
 # ------------------------------------------------------------------ verification
@@ -402,7 +415,8 @@ def _verify(folder: Path, gguf_path: Path, dtype: str) -> tuple[float, float]:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     from surgery.console import quiet_transformers
-    from surgery.export import VERIFY_PROMPT, verification_ids
+    from surgery.export import verification_ids
+    from surgery.models import gguf_tokenizer
 
     quiet_transformers()
     config = AutoConfig.from_pretrained(str(folder))
@@ -416,10 +430,9 @@ def _verify(folder: Path, gguf_path: Path, dtype: str) -> tuple[float, float]:
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, config=config,
                                                   dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    read_back = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    if read_back(VERIFY_PROMPT).input_ids != tokenizer(VERIFY_PROMPT).input_ids:
-        raise SurgeryError("the GGUF file's tokenizer encodes the check prompt differently from the model's: "
-                           "nothing was written; please report this")
+    if gguf_tokenizer(gguf_path)(_TOKENIZER_CHECK).input_ids != tokenizer(_TOKENIZER_CHECK).input_ids:
+        raise SurgeryError("the GGUF file's tokenizer encodes the check text differently from the model's: nothing was "
+                           "written; if you gave --tokenizer-pre, give llama.cpp's name for this tokenizer's family")
     ids = verification_ids(tokenizer, config.vocab_size)
     with torch.no_grad():
         expected, got = reference(ids).logits.float(), loaded(ids).logits.float()

@@ -39,6 +39,14 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Files that decide what text becomes: part of a model's identity as much as its weights.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")
+# Bumped when a conversion's output changes for the same GGUF file (2: digit-splitting pre-tokenizers).
+_CONVERSION_VERSION = 2
+# llama.cpp pre-tokenizers that split off every digit before GPT-2's regex (one case in
+# llama-vocab.cpp). transformers' GGUF reader builds them as plain GPT-2, which merges "2024"
+# into tokens the model never saw in training; the original tokenizer.json is Digits + ByteLevel.
+_DIGIT_SPLIT_PRE = frozenset({"starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"})
 
 
 def cache_dir() -> Path:
@@ -200,7 +208,7 @@ def convert_gguf(gguf: Path, *, label: str | None = None) -> Path:
 
     gguf = gguf.resolve()
     key = file_sha256(gguf)[:16]
-    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    target = cache_dir() / "models" / f"{gguf.stem}-{key}-v{_CONVERSION_VERSION}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -219,12 +227,12 @@ def _convert_gguf_locked(gguf: Path, target: Path, label: str) -> None:
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task(f"converting {label} from GGUF (once; cached in {target.parent})", total=3)
         quiet_transformers()
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         progress.update(task, description=f"{label}: dequantising GGUF tensors")
         with _no_tqdm():
             loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tokenizer = gguf_tokenizer(gguf)
         progress.advance(task)
         # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config.
         config_dict = loaded.config.to_dict()
@@ -249,6 +257,24 @@ def _convert_gguf_locked(gguf: Path, target: Path, label: str) -> None:
         progress.advance(task)
 
 
+def gguf_tokenizer(gguf: Path) -> Any:
+    """The tokenizer a GGUF file describes, splitting text as llama.cpp does: transformers' reader,
+    with the digit split restored for the pre-tokenizers that have one."""
+    import gguf as gguf_py
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    field = gguf_py.GGUFReader(str(gguf)).get_field("tokenizer.ggml.pre")
+    backend = tokenizer.backend_tokenizer
+    plain_gpt2 = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+    if field is not None and field.contents() in _DIGIT_SPLIT_PRE and plain_gpt2.get("type") == "ByteLevel" \
+            and plain_gpt2.get("use_regex", True):
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return tokenizer
+
+
 @contextmanager
 def _no_tqdm() -> Iterator[None]:
     """transformers' GGUF reader draws a tqdm bar of its own, which would fight with ours."""
@@ -266,12 +292,12 @@ def _no_tqdm() -> Iterator[None]:
 
 
 def fingerprint(folder: Path) -> str:
-    """SHA-256 over a folder's weight and config files, cached by (path, size, mtime).
+    """SHA-256 over a folder's weight, config and tokenizer files, cached by (path, size, mtime).
 
     It identifies a model in analysis keys and export records; large models are hashed once.
     """
     folder = Path(folder).resolve()
-    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix in (".safetensors", *_PICKLE_SUFFIXES) or p.name == "config.json"))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix in (".safetensors", *_PICKLE_SUFFIXES) or p.name in ("config.json", *_TOKENIZER_FILES)))
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     index_file = cache_dir() / "fingerprints.json"
     try:

@@ -87,13 +87,20 @@ _TOKENIZER_TEXT = (
 ) * 4
 
 
-def tiny_tokenizer() -> Any:
-    """A byte-level BPE tokenizer with TINY_VOCAB entries: any text encodes, no download needed."""
+def tiny_tokenizer(*, split_digits: bool = False, extra_text: str = "") -> Any:
+    """A byte-level BPE tokenizer with TINY_VOCAB entries: any text encodes, no download needed.
+
+    split_digits puts every digit in a token of its own first (Digits, then ByteLevel), as
+    StarCoder's and SmolLM's tokenizers do; extra_text is trained on too.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                           tokenizer.pre_tokenizer])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=TINY_VOCAB,
@@ -101,5 +108,5 @@ def tiny_tokenizer() -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator([_TOKENIZER_TEXT], trainer=trainer)
+    tokenizer.train_from_iterator([_TOKENIZER_TEXT + extra_text], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

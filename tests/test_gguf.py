@@ -12,8 +12,9 @@ from surgery.cut import cut
 from surgery.errors import SurgeryError
 from surgery.export import export_checkpoint
 from surgery.export_gguf import export_gguf
+from surgery.models import gguf_tokenizer
 from surgery.sublayers import parse_sublayers
-from surgery.tiny import tiny_model
+from surgery.tiny import tiny_model, tiny_tokenizer
 from tests.test_ablation import ids
 
 GGUF_FAMILIES = sorted(family for family, arch in ARCHITECTURES.items() if arch.gguf_arch)
@@ -57,6 +58,27 @@ def test_block_pruned_model_reads_back_with_the_same_logits(family, tmp_path, to
     read_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="model.gguf")
     text = "Paris is the capital of France. 1234 apples!"
     assert read_tokenizer(text).input_ids == tokenizer(text).input_ids
+
+
+NUMBERS = " In 2024, 1,234 people paid $56.78 for 12 seats in 1999 and 2020." * 8
+
+
+def test_digit_splitting_tokenizer_is_named_for_llama_cpp_and_a_wrong_name_is_caught(tmp_path):
+    """Digits first, then GPT-2's split (StarCoder, SmolLM) is llama.cpp's "starcoder" group; a
+    --tokenizer-pre that splits text differently from tokenizer.json is refused before anything lands."""
+    digits = tiny_tokenizer(split_digits=True, extra_text=NUMBERS)
+    folder, _ = pruned_folder(tmp_path, digits)
+    result = export_gguf(folder, tmp_path / "digits.gguf", dtype="f32")
+    assert gguf.GGUFReader(str(result.path)).get_field("tokenizer.ggml.pre").contents() == "starcoder"
+    text = "In 2024,  1,234 people paid $56.78."
+    assert gguf_tokenizer(result.path)(text).input_ids == digits(text).input_ids
+
+    merged = tiny_tokenizer(extra_text=NUMBERS)  # GPT-2's split: "2024" is one token here
+    assert len(merged(" 2024").input_ids) < len(digits(" 2024").input_ids)
+    folder, _ = pruned_folder(tmp_path, merged)
+    with pytest.raises(SurgeryError, match="--tokenizer-pre"):
+        export_gguf(folder, tmp_path / "wrong.gguf", dtype="f32", tokenizer_pre="smollm")
+    assert not [p.name for p in tmp_path.iterdir() if "wrong" in p.name]
 
 
 @torch.no_grad()

@@ -19,6 +19,30 @@ def test_gguf_file_and_alias_share_one_cached_conversion(smollm2_folder):
     assert (smollm2_folder / "model.safetensors").is_file() and (smollm2_folder / "tokenizer.json").is_file()
 
 
+def test_builtin_tokenizer_splits_text_as_llama_cpp_does(smollm2_folder):
+    """SmolLM2's GGUF names the `smollm` pre-tokenizer: every \\p{N} on its own, then GPT-2's regex
+    (llama.cpp's llama-vocab.cpp, both patterns verbatim). transformers' own GGUF reading drops the
+    first step; the cached conversion has it, as the original tokenizer.json does."""
+    import regex
+    from transformers import AutoTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    text = "She died 4 ½ months later, in 1999;  42 days  after 3rd place."
+    gpt2 = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)")
+    pieces = [piece for part in regex.split(r"(\p{N})", text) for piece in gpt2.findall(part)]
+    assert "".join(pieces) == text
+    spell = bytes_to_unicode()
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_folder))
+    split = [piece for piece, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)]
+    assert split == ["".join(spell[byte] for byte in piece.encode()) for piece in pieces]
+
+    gguf = builtin_gguf_path("smollm2-135m")
+    plain = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    assert plain(text).input_ids != tokenizer(text).input_ids  # " ½" and the double spaces are where they part
+    plain_text = "The capital of France is Paris, 2,024 km away."
+    assert plain(plain_text).input_ids == tokenizer(plain_text).input_ids  # SmolLM2 has no multi-digit tokens
+
+
 def test_fingerprint_is_cached_and_notices_changes(tiny_folder, monkeypatch, tmp_path):
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     folder, _ = tiny_folder("llama")
@@ -27,7 +51,11 @@ def test_fingerprint_is_cached_and_notices_changes(tiny_folder, monkeypatch, tmp
     config = folder / "config.json"
     config.write_text(config.read_text().replace('"rms_norm_eps"', '"rms_norm_eps" ', 1))
     os.utime(config, ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert fingerprint(folder) != first
+    second = fingerprint(folder)
+    assert second != first
+    tokenizer = folder / "tokenizer.json"  # the tokenizer decides what the model sees: part of its identity
+    tokenizer.write_text(tokenizer.read_text().replace('"use_regex": true', '"use_regex": false', 1))
+    assert fingerprint(folder) != second
 
 
 def test_hub_id_resolves_from_the_cache_offline(tiny_folder, tmp_path, monkeypatch):
