@@ -84,7 +84,7 @@ _QWEN_MOE = replace(_MOE, layer_index_config=("mlp_only_layers",), sparse_step_c
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": replace(_LLAMA, gguf_arch="llama"),
-    "mistral": _LLAMA,
+    "mistral": replace(_LLAMA, gguf_arch="llama"),  # llama.cpp runs Mistral as Llama (convert_hf_to_gguf.py too)
     "granite": replace(_LLAMA, logit_divisor_config="logits_scaling"),
     "gemma": _LLAMA,
     "qwen2": replace(_LLAMA, per_layer_config=("layer_types",), gguf_arch="qwen2"),

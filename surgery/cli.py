@@ -355,7 +355,7 @@ def prune_settings(kwargs: dict[str, Any]) -> Any:
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @handle_errors
 def gguf(folder: Path, out: Path, dtype: str, tokenizer_pre: str | None, force: bool) -> None:
-    """Write a block-pruned checkpoint (or any Llama/Qwen2/Qwen3 folder) as one GGUF file for llama.cpp."""
+    """Write a block-pruned checkpoint (or any Llama/Mistral/Qwen2/Qwen3 folder) as one GGUF file for llama.cpp."""
     from surgery.console import console
     from surgery.export_gguf import export_gguf
 

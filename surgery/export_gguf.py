@@ -101,8 +101,7 @@ def _gguf_architecture(config: dict[str, Any]) -> str:
     if any(removed.values()):
         raise SurgeryError("GGUF has no way to write a block without its attention or its FFN: this checkpoint had "
                            "sublayers removed; prune with --granularity block for a GGUF, or serve this folder with transformers")
-    layer_types = config.get("layer_types") or []
-    if any(kind != "full_attention" for kind in layer_types):
+    if _has_sliding_window(config):
         raise SurgeryError(f"{family} checkpoints with sliding-window layers are not written as GGUF (llama.cpp's {target} "
                            "has full attention only): serve this folder with transformers")
     scaling = _rope(config)[1]
@@ -111,6 +110,15 @@ def _gguf_architecture(config: dict[str, Any]) -> str:
         raise SurgeryError(f"rope scaling '{scaling.get('rope_type')}' is not written as GGUF yet: convert the exported "
                            "folder with llama.cpp's convert_hf_to_gguf.py")
     return target
+
+
+def _has_sliding_window(config: dict[str, Any]) -> bool:
+    """Per-layer types where the family lists them (Qwen2/3), else one window for every layer (Mistral)."""
+    layer_types = config.get("layer_types")
+    if layer_types:
+        return any(kind != "full_attention" for kind in layer_types)
+    window = config.get("sliding_window")
+    return bool(window) and config.get("use_sliding_window", True) and window < config.get("max_position_embeddings", window + 1)
 
 
 def _check_out(out: Path, folder: Path, source: Path | None, force: bool) -> Path:
@@ -152,7 +160,8 @@ def _write(folder: Path, config: dict[str, Any], target: str, path: Path, dtype:
     import gguf
 
     writer = gguf.GGUFWriter(None, target)
-    writer.add_name(folder.name)
+    # transformers' GGUF reader takes a Llama file named exactly "mistral" for a layout it lacks.
+    writer.add_name(folder.name if folder.name != "mistral" else "mistral-pruned")
     _add_hyperparameters(writer, config, target, dtype)
     tokenizer_from = _add_tokenizer(writer, folder, config, tokenizer_pre, source)
     plan = _tensor_plan(folder, config, target, dtype)
@@ -426,7 +435,11 @@ def _verify(folder: Path, gguf_path: Path, dtype: str) -> tuple[float, float]:
         if key in _CHECKED_KEYS and expected is not None and not math.isclose(float(value), float(expected), rel_tol=1e-6):
             raise SurgeryError(f"the GGUF file says {key} = {value}, the model has {expected}: nothing was written; please report this")
     reference = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    # The folder's config: transformers' GGUF reader leaves some keys at its defaults (Qwen3's head_dim).
+    # The folder's config: transformers' GGUF reader leaves some keys at its defaults (Qwen3's head_dim);
+    # as the file's own family, which names the tensors (llama.cpp runs Mistral as Llama).
+    target = parsed["model_type"]
+    if config.model_type != target:
+        config = AutoConfig.for_model(target, **{k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")})
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, config=config,
                                                   dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))

@@ -4,7 +4,7 @@ import gguf
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from surgery.arch import ARCHITECTURES
 from surgery.cli import main
@@ -37,7 +37,11 @@ def fields(path):
 @torch.no_grad()
 def test_block_pruned_model_reads_back_with_the_same_logits(family, tmp_path, tokenizer):
     # A model vocabulary larger than the tokenizer's, as in real Llama 3 and Qwen checkpoints.
-    folder, model = pruned_folder(tmp_path, tokenizer, family, vocab_size=400)
+    window = {"sliding_window": None} if family == "mistral" else {}  # Mistral v0.2 on: full attention
+    folder, model = pruned_folder(tmp_path, tokenizer, family, vocab_size=400, **window)
+    if family == "mistral":  # a file named exactly "mistral" is one transformers' GGUF reader would misread
+        (tmp_path / "named").mkdir()
+        folder = folder.rename(tmp_path / "named" / "mistral")
     result = export_gguf(folder, tmp_path / "model.gguf", dtype="f32")
     assert result.architecture == ARCHITECTURES[family].gguf_arch and result.max_kl <= 1e-6
 
@@ -52,7 +56,9 @@ def test_block_pruned_model_reads_back_with_the_same_logits(family, tmp_path, to
     assert "output.weight" in names and "blk.2.ffn_down.weight" in names and "blk.3.ffn_down.weight" not in names
 
     # An independent reader (transformers' GGUF loader undoes llama.cpp's rotary permutation itself).
-    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf", config=model.config).eval()
+    # Read as the file's own family (llama.cpp runs Mistral as Llama), with the model's hyperparameters.
+    as_file = AutoConfig.for_model(arch, **{k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures")})
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf", config=as_file).eval()
     prompt = ids(1, 12)
     assert torch.allclose(loaded(prompt).logits, model(prompt).logits, atol=1e-5)
     read_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="model.gguf")
@@ -115,6 +121,11 @@ def test_refusals_name_the_fix_and_leave_nothing(tmp_path, tokenizer):
     gemma, _ = pruned_folder(tmp_path, tokenizer, family="gemma")
     with pytest.raises(SurgeryError, match="convert_hf_to_gguf"):
         export_gguf(gemma, tmp_path / "gemma.gguf")
+
+    for family, window in (("mistral", {"sliding_window": 8}), ("qwen2", {"use_sliding_window": True, "sliding_window": 8})):
+        windowed, _ = pruned_folder(tmp_path, tokenizer, family=family, max_window_layers=0, **window)
+        with pytest.raises(SurgeryError, match="sliding-window layers"):
+            export_gguf(windowed, tmp_path / "windowed.gguf")
 
     scaled, _ = pruned_folder(tmp_path, tokenizer, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
     with pytest.raises(SurgeryError, match="rope scaling 'linear'"):
