@@ -146,17 +146,18 @@ def eval_settings(kwargs: dict[str, Any], tasks: str | None) -> Any:
 @click.option("--tasks", default="boolq,piqa,winogrande,arc_easy,arc_challenge,openbookqa", show_default=True,
               help="lm-eval task or group names, comma-separated; 'none' to skip.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the results JSON here.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @eval_options
 @model_options
 @handle_errors
-def eval_command(model: str, tasks: str, out: Path | None, **kwargs: Any) -> None:
+def eval_command(model: str, tasks: str, out: Path | None, force: bool, **kwargs: Any) -> None:
     """Task accuracy (lm-eval), perplexity, speed and memory of a model."""
     from surgery.console import console
     from surgery.evaluate.table import comparison_table
     from surgery.pipeline import evaluate_and_save
 
     settings = eval_settings(kwargs, tasks)
-    results = evaluate_and_save(model, settings, out, **load_options(kwargs))
+    results = evaluate_and_save(model, settings, out, force=force, **load_options(kwargs))
     console.print(comparison_table({model: results}, title=f"surgery eval {model}"))
     if out:
         console.print(f"[green]wrote[/] {out}")

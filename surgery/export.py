@@ -47,19 +47,43 @@ def check_output_path(out: Path, *, force: bool, protected: list[Path] = ()) -> 
     out = Path(out).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise SurgeryError(f"--out {out} is a file: give a folder path")
-    for source in protected:
-        source = Path(source).resolve()
-        target = out.resolve()
-        if target == source or source in target.parents or target in source.parents:
-            raise SurgeryError(f"--out {out} overlaps the source model {source}: choose a separate folder (the source is never overwritten)")
+    check_apart(out, protected)
     if out.is_dir() and any(out.iterdir()) and not force:
         raise SurgeryError(f"--out {out} exists and is not empty: choose a new folder or pass --force to replace it")
-    parent = out.parent
+    _check_writable_parent(out, "--out")
+    return out
+
+
+def check_output_file(out: Path, *, force: bool, protected: list[Path] = (), option: str = "--out") -> Path:
+    """The same checks for a single file (a results JSON): never inside a source model, never an
+    existing file without force, and a parent that is a folder we can write to."""
+    out = Path(out).expanduser().absolute()
+    if out.is_dir():
+        raise SurgeryError(f"{option} {out} is a folder: give a file name such as results.json")
+    check_apart(out, protected, option)
+    if out.exists() and not force:
+        raise SurgeryError(f"{option} {out} already exists: choose another name or pass --force to replace it")
+    _check_writable_parent(out, option)
+    return out
+
+
+def check_apart(path: Path, protected: list[Path], option: str = "--out") -> None:
+    """Refuse a path that is, holds or lies inside a folder that must not change (a source model)."""
+    target = Path(path).expanduser().resolve()
+    for source in protected:
+        source = Path(source).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise SurgeryError(f"{option} {path} overlaps {source}: choose a separate folder (a source model is never written to)")
+
+
+def _check_writable_parent(path: Path, option: str) -> None:
+    parent = path.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise SurgeryError(f"{option} {path} lies under {parent}, which is a file: choose a path in a folder")
     if not os.access(parent, os.W_OK):
-        raise SurgeryError(f"cannot write to {parent}: choose an --out you can write to")
-    return out
+        raise SurgeryError(f"cannot write to {parent}: choose an {option} you can write to")
 
 
 def export_checkpoint(

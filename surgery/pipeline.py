@@ -89,14 +89,19 @@ def write_json(path: Path, data: Any) -> None:
         raise
 
 
-def evaluate_and_save(model_spec: str, settings: Any, out: Path | None, **load_kwargs: Any) -> dict[str, Any]:
+def evaluate_and_save(model_spec: str, settings: Any, out: Path | None, *, force: bool = False,
+                      **load_kwargs: Any) -> dict[str, Any]:
     """`surgery eval`: load, evaluate, write the results JSON."""
     from surgery.evaluate import evaluate_model
-    from surgery.models import load_model
+    from surgery.export import check_output_file
+    from surgery.models import load_model, resolve
 
-    if out is not None and Path(out).is_dir():
-        raise SurgeryError(f"--out {out} is a folder: give a file name such as results.json")
-    loaded = load_model(model_spec, **load_kwargs)
+    if out is not None:
+        check_output_file(out, force=force)
+    source = resolve(model_spec, allow_pickle=load_kwargs.get("allow_pickle", False))
+    if out is not None:
+        check_output_file(out, force=force, protected=[source.path])
+    loaded = load_model(source, **load_kwargs)
     results = evaluate_model(loaded.model, loaded.tokenizer, settings, model_info=loaded.source.describe(),
                              folder=loaded.source.path)
     if out is not None:
@@ -118,26 +123,32 @@ def parse_budget(text: str | None) -> tuple[int | None, float | None]:
         raise SurgeryError(f"--budget '{text}' is not a number of evaluations (200) or a time (90s, 30m, 1.5h)") from None
 
 
-def check_analysis_folder(out: Path, force: bool) -> None:
+def check_analysis_folder(out: Path, force: bool, protected: list[Path] = (), option: str = "--out") -> None:
+    """An analysis folder is resumed, so it may hold an analysis; it must not be, hold or lie in a
+    source model (or the checkpoint a prune writes)."""
     from surgery.analysis import EVALUATIONS_FILE
+    from surgery.export import check_apart
 
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise SurgeryError(f"--out {out} is a file: give a folder for the analysis")
+        raise SurgeryError(f"{option} {out} is a file: give a folder for the analysis")
+    check_apart(out, protected, option)
     if out.is_dir() and any(out.iterdir()) and not (out / EVALUATIONS_FILE).exists() and not force:
-        raise SurgeryError(f"--out {out} exists and is not an analysis folder: choose a new folder or pass --force")
+        raise SurgeryError(f"{option} {out} exists and is not an analysis folder: choose a new folder or pass --force")
 
 
 def analyze_and_save(model_spec: str, settings: Any, out: Path, *, force: bool = False, command: str | None = None,
                      **load_kwargs: Any) -> dict[str, Any]:
     """`surgery analyze`: load, score, write analysis.json, plots and analysis.md into `out`."""
     from surgery.analysis import analyze
-    from surgery.models import load_model
+    from surgery.models import load_model, resolve
     from surgery.plots import plot_analysis
     from surgery.report import analysis_markdown
 
     check_analysis_folder(out, force)
-    loaded = load_model(model_spec, **load_kwargs)
+    source = resolve(model_spec, allow_pickle=load_kwargs.get("allow_pickle", False))
+    check_analysis_folder(out, force, protected=[source.path])
+    loaded = load_model(source, **load_kwargs)
     analysis = analyze(loaded.model, loaded.tokenizer, settings, out, model_info=loaded.source.describe(), force=force)
     plots = plot_analysis(analysis, Path(out))
     (Path(out) / "analysis.md").write_text(analysis_markdown(analysis, plots, command))

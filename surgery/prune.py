@@ -127,6 +127,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
     from surgery.cut import cut
     from surgery.export import check_output_path, export_checkpoint
     from surgery.models import load_model, resolve
+    from surgery.pipeline import check_analysis_folder
     from surgery.plan import ALL_STRATEGIES, GRANULARITIES, Target, make_plan
     from surgery.provenance import now, versions
     from surgery.sublayers import check_in_range, parse_sublayers
@@ -143,6 +144,8 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
     _check_data(settings, needs_calibration=bool(methods) or settings.strategy == "iterative" or settings.bridge)
     source = resolve(settings.model, allow_pickle=settings.load.get("allow_pickle", False))
     check_output_path(out, force=settings.force, protected=[source.path])
+    if settings.analysis_dir:  # an analysis inside --out would be replaced by the export
+        check_analysis_folder(Path(settings.analysis_dir), force=False, protected=[source.path, out], option="--analysis")
     loaded = load_model(source, **settings.load)
     layers = num_layers(loaded.model)
     check_in_range([*manual, *target.ids], layers)

@@ -69,8 +69,8 @@ def test_bad_paths_exit_2(tiny_folder, tmp_path):
     cases = [
         (["cut", tmp_path / "missing", "--remove", "L1", "--out", tmp_path / "o1"], "not found"),
         (["cut", source, "--remove", "L1", "--out", as_file], "is a file"),
-        (["cut", source, "--remove", "L1", "--out", source, "--force"], "overlaps the source model"),
-        (["cut", source, "--remove", "L1", "--out", source / "inside"], "overlaps the source model"),
+        (["cut", source, "--remove", "L1", "--out", source, "--force"], "overlaps"),
+        (["cut", source, "--remove", "L1", "--out", source / "inside"], "overlaps"),
         (["cut", "nobody/no-such-model", "--remove", "L1", "--out", tmp_path / "o2"], "Hub is not reachable"),
         (["cut", as_file, "--remove", "L1", "--out", tmp_path / "o3"], "is a file, not a model"),
     ]
@@ -80,6 +80,35 @@ def test_bad_paths_exit_2(tiny_folder, tmp_path):
         assert message in error_line(result), args
     assert as_file.read_text() == "x"
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_results_and_analyses_never_land_in_the_source_model(tiny_folder, tmp_path):
+    """eval --out, analyze --out and prune --analysis are checked against the source model (and
+    prune's --out, whose export would replace an analysis inside it) before anything loads."""
+    source, _ = tiny_folder("llama")
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    existing = tmp_path / "results.json"
+    existing.write_text("keep me")
+    as_file = tmp_path / "file.txt"
+    as_file.write_text("x")
+    quick = ["--tasks", "none", "--ppl", "none", "--no-speed"]
+    cases = [
+        (["eval", source, *quick, "--out", source / "config.json", "--force"], "overlaps"),
+        (["eval", source, *quick, "--out", existing], "--force"),
+        (["eval", source, *quick, "--out", as_file / "x.json"], "which is a file"),
+        (["analyze", source, "--out", source, "--force"], "overlaps"),
+        (["analyze", source, "--out", source / "analysis"], "overlaps"),
+        (["prune", source, "--out", tmp_path / "p1", "--remove", "L1", "--no-bridge", "--analysis", source / "analysis"], "overlaps"),
+        (["prune", source, "--out", tmp_path / "p2", "--remove", "L1", "--no-bridge", "--analysis", tmp_path / "p2" / "analysis"], "overlaps"),
+        (["prune", source, "--out", tmp_path / "p3", "--remove", "L1", "--no-bridge", "--analysis", as_file], "is a file"),
+    ]
+    for args, message in cases:
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in error_line(result), (args, error_line(result))
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    assert existing.read_text() == "keep me"
+    assert not any((tmp_path / name).exists() for name in ("p1", "p2", "p3"))
 
 
 def test_truncated_and_corrupt_safetensors_are_refused(tiny_folder, tmp_path):
