@@ -286,7 +286,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except ValueError:
         raise SurgeryError(f"{path} is not valid JSON: export the model again") from None
-    if manifest.get("format") != EXPORT_FORMAT or "verified" not in manifest:
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT or "verified" not in manifest \
+            or not isinstance(manifest.get("files", {}), dict):
         raise SurgeryError(f"{path} does not describe a verified surgery export: export the model again")
     for name, digest in manifest.get("files", {}).items():
         file = folder / name

@@ -122,6 +122,12 @@ def check_folder(path: Path, *, allow_pickle: bool) -> None:
     """Refuse folders that would fail late or unsafely: no config, pickle weights, broken safetensors."""
     if not (path / "config.json").is_file():
         raise SurgeryError(f"{path} has no config.json: it is not a Hugging Face model folder")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SurgeryError(f"{path}/config.json is not valid JSON ({error}): download or export the model again") from None
+    if not isinstance(config, dict):
+        raise SurgeryError(f"{path}/config.json is not a model configuration: download or export the model again")
     safetensors = sorted(path.glob("*.safetensors"))
     pickles = [p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file()]
     if not safetensors and pickles and not allow_pickle:
@@ -231,8 +237,13 @@ def _convert_gguf_locked(gguf: Path, target: Path, label: str) -> None:
 
         progress.update(task, description=f"{label}: dequantising GGUF tensors")
         with _no_tqdm():
-            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            tokenizer = gguf_tokenizer(gguf)
+            try:
+                loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                tokenizer = gguf_tokenizer(gguf)
+            except (ValueError, KeyError, OSError, NotImplementedError, IndexError) as error:
+                message = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise SurgeryError(f"{gguf} could not be read as a GGUF model ({message}): check the file is "
+                                   "complete, or convert the original checkpoint instead") from None
         progress.advance(task)
         # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config.
         config_dict = loaded.config.to_dict()
@@ -333,14 +344,36 @@ def resolve_dtype(name: str) -> Any:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def resolve_device(name: str | None) -> str:
+    """A device torch can place weights on, checked before anything loads."""
     import torch
 
     if name in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SurgeryError(f"unknown device '{name}': use cpu, cuda or cuda:N") from None
+    if device.type == "meta":
+        raise SurgeryError("device 'meta' holds no weights: use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SurgeryError(f"device '{name}' asked for but no CUDA GPU is visible: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SurgeryError(f"device '{name}' asked for but only {torch.cuda.device_count()} GPU(s) are visible: use cuda:0")
     return name
+
+
+def check_device_options(device: str | None, device_map: str | None) -> None:
+    """--device and --device-map are checked together, before any weights load."""
+    if device_map and device not in (None, "", "auto"):
+        raise SurgeryError("give --device or --device-map, not both (--device-map places the model itself)")
+    if isinstance(device_map, str) and device_map not in _DEVICE_MAPS:  # a dict is a placement made by the code
+        raise SurgeryError(f"unknown --device-map '{device_map}': use one of {', '.join(_DEVICE_MAPS)}, or --device for one device")
+    if not device_map:
+        resolve_device(device)
 
 
 def register_surgery_checkpoint_classes(config_dict: dict[str, Any]) -> None:
@@ -370,6 +403,7 @@ def load_model(
     with_tokenizer: bool = True,
 ) -> LoadedModel:
     """Resolve and load a model in eval mode, with its tokenizer and architecture entry."""
+    check_device_options(device, device_map)
     source = spec if isinstance(spec, ModelSource) else resolve(spec, allow_pickle=allow_pickle)
     config_dict = json.loads((source.path / "config.json").read_text())
     architecture_of(config_dict)  # unsupported families fail before any weights load

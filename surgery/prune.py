@@ -126,7 +126,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
     from surgery.console import console, progress_bar
     from surgery.cut import cut
     from surgery.export import check_output_path, export_checkpoint
-    from surgery.models import load_model, resolve
+    from surgery.models import check_device_options, load_model, resolve
     from surgery.pipeline import check_analysis_folder
     from surgery.plan import ALL_STRATEGIES, GRANULARITIES, Target, make_plan
     from surgery.provenance import now, versions
@@ -138,6 +138,8 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
     if settings.granularity not in GRANULARITIES:
         raise SurgeryError(f"unknown granularity '{settings.granularity}': use block or sublayer")
     out = check_output_path(settings.out, force=settings.force)
+    check_device_options(settings.load.get("device"), settings.load.get("device_map"))
+    check_device_options(None, settings.healing.device_map)
     target = Target.parse(settings.remove)
     manual = parse_sublayers(settings.protect) if settings.protect else []
     methods = () if target.ids else needed_methods(settings)

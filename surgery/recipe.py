@@ -44,6 +44,10 @@ def apply_recipe(ctx: click.Context, path: Path) -> dict[str, Any]:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise SurgeryError(f"recipe {path}: unknown key '{key}'{hint}; keys are surgery prune's options")
         param = params[key]
+        if raw is None:
+            raise SurgeryError(f"recipe {path}: '{key}' has no value: give one or delete the line")
+        if isinstance(param.type, click.types.IntParamType) and (isinstance(raw, bool) or isinstance(raw, float) and not raw.is_integer()):
+            raise SurgeryError(f"recipe {path}: {key}: {raw!r} is not a whole number")
         if isinstance(raw, list):
             raw = ",".join(str(v) for v in raw)
         try:

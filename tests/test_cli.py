@@ -1,6 +1,7 @@
 """The command line as users meet it: exit codes, one-line errors, nothing written on failure."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -109,6 +110,34 @@ def test_results_and_analyses_never_land_in_the_source_model(tiny_folder, tmp_pa
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
     assert existing.read_text() == "keep me"
     assert not any((tmp_path / name).exists() for name in ("p1", "p2", "p3"))
+
+
+def test_broken_files_and_devices_get_one_line_before_weights_load(tiny_folder, tmp_path):
+    source, _ = tiny_folder("llama")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\x00" * 60)
+    bad_config = tmp_path / "bad-config"
+    shutil.copytree(source, bad_config)
+    (bad_config / "config.json").write_text("{bad")
+    odd_manifests = []
+    for index, text in enumerate(("[]", '"text"', '{"format": "x", "verified": true, "files": []}')):
+        folder = tmp_path / f"manifest-{index}"
+        folder.mkdir()
+        (folder / "surgery.json").write_text(text)
+        odd_manifests.append((["push", folder, "--repo-id", "someone/x", "--dry-run"], "does not describe a verified"))
+    cases = [
+        *odd_manifests,
+        (["info", junk], "could not be read as a GGUF model"),
+        (["info", bad_config], "config.json is not valid JSON"),
+        (["info", source, "--device", "foo"], "unknown device 'foo'"),
+        (["info", source, "--device", "meta"], "holds no weights"),
+        (["info", source, "--device-map", "foo"], "unknown --device-map 'foo'"),
+        (["info", source, "--device-map", "auto", "--device", "cpu"], "not both"),
+    ]
+    for args, message in cases:
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in error_line(result), (args, error_line(result))
 
 
 def test_truncated_and_corrupt_safetensors_are_refused(tiny_folder, tmp_path):

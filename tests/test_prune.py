@@ -204,6 +204,11 @@ def test_recipe_errors_and_command_line_overrides(source, tmp_path, data_dir):
     recipe.write_text("heal_steps: [1, 2\n")
     result = run("prune", "--recipe", recipe)
     assert result.exit_code == 2 and "not valid YAML" in result.output
+    for text, message in (("heal_steps:\n", "'heal_steps' has no value"), ("strategy:\n", "'strategy' has no value"),
+                          ("samples: 1.9\n", "1.9 is not a whole number"), ("heal_steps: true\n", "not a whole number")):
+        recipe.write_text(text)
+        result = run("prune", "--recipe", recipe)
+        assert result.exit_code == 2 and message in result.output, (text, result.output)
 
 
 # ------------------------------------------------------------------ push
