@@ -67,6 +67,8 @@ class AnalysisSettings:
             raise SurgeryError(f"unknown estimator '{self.estimator}': use one of {', '.join(ESTIMATORS)}")
         if self.max_removed < 1:
             raise SurgeryError("--max-removed must be at least 1")
+        if not self.collapse_fraction > 0 or not self.share_factor > 0:
+            raise SurgeryError("--collapse-fraction and --share-factor must be above 0 (at 0 every sublayer would be a cornerstone)")
 
     def describe(self) -> dict[str, Any]:
         data = asdict(self)
@@ -352,7 +354,10 @@ def _assemble(settings: AnalysisSettings, value_function: Any, residual: Any, pl
             entry = {"drop": full - known, "value": known}
             if settings.metric == "loss":
                 entry["loss"] = -known
-                entry["collapse"] = (full - known) / (baseline["uniform_loss"] - baseline["loss"])
+                # How far towards a uniform guess; undefined for a model no better than one (random
+                # weights), whose loss sits at ln V or above it, up to rounding.
+                headroom = baseline["uniform_loss"] - baseline["loss"]
+                entry["collapse"] = (full - known) / headroom if headroom > 1e-6 * baseline["uniform_loss"] else None
             else:
                 detail = value_function.details.get(frozenset({position}), {})
                 entry |= {k: detail[k] for k in ("acc_stderr", "chance") if k in detail}
@@ -423,7 +428,7 @@ def find_cornerstones(result: dict[str, Any], settings: AnalysisSettings) -> lis
             evidence["ablation_drop"] = ablation["drop"]
             if settings.metric == "loss":
                 evidence["collapse"] = ablation["collapse"]
-                if ablation["collapse"] >= settings.collapse_fraction:
+                if ablation["collapse"] is not None and ablation["collapse"] >= settings.collapse_fraction:
                     reasons.append(f"removing it alone raises the loss from {result['baseline']['loss']:.2f} to "
                                    f"{ablation['loss']:.2f} nats, {100 * ablation['collapse']:.0f}% of the way to a uniform guess "
                                    f"(rule: {100 * settings.collapse_fraction:.0f}%)")

@@ -96,6 +96,8 @@ def evaluate_and_save(model_spec: str, settings: Any, out: Path | None, *, force
     from surgery.export import check_output_file
     from surgery.models import load_model, resolve
 
+    if not settings.tasks and not settings.perplexity and not settings.speed:
+        raise SurgeryError("nothing to evaluate: give --tasks, --ppl or --speed")
     if out is not None:
         check_output_file(out, force=force)
     source = resolve(model_spec, allow_pickle=load_kwargs.get("allow_pickle", False))
@@ -116,11 +118,12 @@ def parse_budget(text: str | None) -> tuple[int | None, float | None]:
     text = text.strip().lower()
     units = {"s": 1, "m": 60, "h": 3600}
     try:
-        if text[-1] in units:
-            return None, float(text[:-1]) * units[text[-1]]
-        return int(text), None
+        evaluations, seconds = (None, float(text[:-1]) * units[text[-1]]) if text[-1] in units else (int(text), None)
     except ValueError:
         raise SurgeryError(f"--budget '{text}' is not a number of evaluations (200) or a time (90s, 30m, 1.5h)") from None
+    if not (evaluations or 0) > 0 and not (seconds or 0) > 0:
+        raise SurgeryError(f"--budget '{text}' allows no work: give a positive number of evaluations or a time")
+    return evaluations, seconds
 
 
 def check_analysis_folder(out: Path, force: bool, protected: list[Path] = (), option: str = "--out") -> None:
@@ -145,6 +148,8 @@ def analyze_and_save(model_spec: str, settings: Any, out: Path, *, force: bool =
     from surgery.plots import plot_analysis
     from surgery.report import analysis_markdown
 
+    if not settings.methods:
+        raise SurgeryError("no method to run: give --method with any of shapley, ablation, angular, bi")
     check_analysis_folder(out, force)
     source = resolve(model_spec, allow_pickle=load_kwargs.get("allow_pickle", False))
     check_analysis_folder(out, force, protected=[source.path])

@@ -158,6 +158,18 @@ def test_cornerstone_rule_uses_collapse_and_shapley_share():
     assert found["L1.mlp"]["evidence"]["shapley_share"] == 0.5
 
 
+@torch.no_grad()
+def test_no_collapse_is_claimed_for_a_model_no_better_than_a_uniform_guess(tokenizer, calibration):
+    """A model whose loss is already ln V has no way left to collapse: the fraction is undefined,
+    not a huge number that makes every sublayer a cornerstone."""
+    model = tiny_model("llama", num_layers=2)
+    model.lm_head.weight.zero_()  # every next token equally likely: the loss is exactly ln V
+    result = analyze(model, tokenizer, settings(calibration, methods=("ablation",)), None, model_info={"fingerprint": "u"})
+    assert result["baseline"]["loss"] == pytest.approx(result["baseline"]["uniform_loss"], abs=1e-5)
+    assert all(entry["collapse"] is None for entry in result["ablation"].values())
+    assert result["cornerstones"] == []
+
+
 def test_angular_distance_and_block_influence_on_known_geometry():
     """Streams that rotate by 0, 90 and 180 degrees give distances 0, 1/2 and 1."""
     e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
@@ -174,6 +186,9 @@ def test_bad_analysis_settings_are_one_line_errors():
         AnalysisSettings(methods=("magic",))
     with pytest.raises(SurgeryError, match="--metric acc needs --task"):
         AnalysisSettings(metric="acc")
+    for bad in ({"collapse_fraction": -1.0}, {"share_factor": 0.0}):
+        with pytest.raises(SurgeryError, match="must be above 0"):
+            AnalysisSettings(**bad)
 
 
 def test_cli_analyze_and_partial_budget(tiny_folder, tmp_path, calibration):
@@ -189,5 +204,10 @@ def test_cli_analyze_and_partial_budget(tiny_folder, tmp_path, calibration):
     assert result.exit_code == 0 and "partial" in result.output
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0 and "complete" in result.output and "cornerstones" in result.output
-    bad = CliRunner().invoke(main, [*args, "--budget", "lots"])
-    assert bad.exit_code == 2 and "--budget 'lots'" in bad.output
+    for budget, message in (("lots", "--budget 'lots' is not"), ("0", "allows no work"), ("-5m", "allows no work")):
+        bad = CliRunner().invoke(main, [*args, "--budget", budget])
+        assert bad.exit_code == 2 and message in bad.output, (budget, bad.output)
+    bad = CliRunner().invoke(main, [*args, "--method", "none"])
+    assert bad.exit_code == 2 and "no method to run" in bad.output
+    nothing = CliRunner().invoke(main, ["eval", str(folder), "--tasks", "none", "--ppl", "none", "--no-speed"])
+    assert nothing.exit_code == 2 and "nothing to evaluate" in nothing.output

@@ -92,7 +92,7 @@ def test_results_and_analyses_never_land_in_the_source_model(tiny_folder, tmp_pa
     existing.write_text("keep me")
     as_file = tmp_path / "file.txt"
     as_file.write_text("x")
-    quick = ["--tasks", "none", "--ppl", "none", "--no-speed"]
+    quick = ["--tasks", "none", "--ppl", "none"]  # speed only; never reached
     cases = [
         (["eval", source, *quick, "--out", source / "config.json", "--force"], "overlaps"),
         (["eval", source, *quick, "--out", existing], "--force"),
