@@ -98,6 +98,15 @@ def disable_cpu_repack(model: Any) -> int:
     return guarded
 
 
+def check_lora_targets(model: Any, targets: Any) -> None:
+    """Every LoRA target names a module of the model (peft matches the last part of its path)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise SurgeryError(f"LoRA target '{missing[0]}' is not a module of this model: use --lora-targets with names "
+                           f"such as {', '.join(sorted(n for n in names if n.endswith('proj'))[:6]) or 'its linear layers'}")
+
+
 def load_4bit(folder: Path, device: str, device_map: str | None = None) -> Any:
     """The pruned model from `folder` in 4-bit NF4, guarded against the CPU repack."""
     import torch

@@ -56,24 +56,27 @@ def _work_folder(out: Path) -> Path:
 
 
 def _check_data(settings: PruneSettings, needs_calibration: bool) -> None:
-    """Missing calibration or healing data is an error now, not after an hour of work."""
+    """Missing calibration, healing or evaluation data (or an unknown task) is an error now, not after an hour of work."""
     from surgery.data import CORPORA, find_file
+    from surgery.evaluate.tasks import check_task_names
     from surgery.models import hub_reachable
 
     data_dir = settings.analysis.data_dir
     wanted = []
     if needs_calibration:
-        wanted.append(settings.analysis.calibration)
+        wanted.append((settings.analysis.calibration, "calibration"))
     if settings.heal:
-        wanted.append(settings.healing.data)
-    for source in wanted:
+        wanted.append((settings.healing.data, "healing"))
+    wanted += [(corpus, "perplexity") for corpus in settings.evaluation.perplexity]
+    for source, role in wanted:
         if source in CORPORA:
             stem = CORPORA[source][0]
             if find_file(data_dir, stem) is None and not hub_reachable():
                 where = data_dir or "no data directory (pass --data-dir or set SURGERY_DATA_DIR)"
-                raise SurgeryError(f"no {source} text for calibration or healing: {stem}.jsonl.gz not in {where}, and the Hub is offline")
+                raise SurgeryError(f"no {source} text for {role}: {stem}.jsonl.gz not in {where}, and the Hub is offline")
         elif not Path(source).expanduser().is_file():
-            raise SurgeryError(f"calibration or healing file {source} not found")
+            raise SurgeryError(f"{role} file {source} not found: give a .txt/.jsonl/.parquet file or one of {', '.join(CORPORA)}")
+    check_task_names(settings.evaluation.tasks)
 
 
 def needed_methods(settings: PruneSettings) -> tuple[str, ...]:
@@ -124,7 +127,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
     """Run the whole job; returns the report (also written into the exported folder)."""
     from surgery.arch import num_layers
     from surgery.console import console, progress_bar
-    from surgery.cut import cut
+    from surgery.cut import cut, validate_removal
     from surgery.export import check_output_path, export_checkpoint
     from surgery.models import check_device_options, load_model, resolve
     from surgery.pipeline import check_analysis_folder
@@ -153,6 +156,10 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
     check_in_range([*manual, *target.ids], layers)
     if loaded.tokenizer is None:
         raise SurgeryError(f"{settings.model} has no tokenizer: prune needs one for calibration, healing and evaluation")
+    if settings.heal:
+        from surgery.heal import check_lora_targets
+
+        check_lora_targets(loaded.model, settings.healing.target_modules or loaded.arch.lora_targets)
 
     report: dict[str, Any] = {"schema": "surgery-prune-report", "version": 1, "created": now(),
                               "command": settings.command, "settings": settings.describe(),
@@ -188,6 +195,10 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
         del value_after  # the iterative evaluator's stream cache is not needed any more
         if analysis is not None and analysis.get("cornerstones"):
             plan.notes.append("cornerstones found by the analysis: " + ", ".join(c["id"] for c in analysis["cornerstones"]))
+        if not plan.units:
+            raise SurgeryError(f"--remove {settings.remove} is less than one {settings.granularity} of this model: "
+                               "give a larger share, or a count such as --remove 1")
+        validate_removal(plan.units, layers)  # e.g. every block: fails now, not after the first evaluation
         report["timings"]["plan_seconds"] = time.perf_counter() - clock
         step(f"plan: remove {plan.describe()['removed_compact']} ({100 * plan.fraction:.1f}% of decoder parameters)")
 

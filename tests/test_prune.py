@@ -146,6 +146,24 @@ def test_bad_targets_exit_2_and_write_nothing(source, tmp_path, data_dir, args, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--remove", "L0-L5"], "removes every one of the 6 blocks"),
+        (["--remove", "1%"], "--remove 1% is less than one block"),
+        (["--remove", "1", "--eval-tasks", "arc_easyy"], "unknown task 'arc_easyy' (did you mean arc_easy"),
+        (["--remove", "1", "--eval-ppl", "missing.txt"], "perplexity file missing.txt not found"),
+        (["--remove", "1", "--heal", "--no-quantize", "--lora-targets", "q_proj,nosuch"], "LoRA target 'nosuch'"),
+    ],
+)
+def test_bad_plans_and_inputs_fail_before_the_first_evaluation(source, tmp_path, data_dir, args, message):
+    result = run("prune", source, "--out", tmp_path / "out", "--strategy", "last", "--no-bridge", "--data-dir", data_dir,
+                 "--eval-limit", "2", "--eval-ppl-windows", "1", "--device", "cpu", *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "evaluating the source model" not in result.output
+    assert not [p.name for p in tmp_path.iterdir() if "out" in p.name]  # neither --out nor a working folder beside it
+
+
 def test_unknown_strategy_is_refused_by_the_command(source, tmp_path):
     result = CliRunner().invoke(main, ["prune", str(source), "--out", str(tmp_path / "o"), "--strategy", "magic"])
     assert result.exit_code == 2 and "'magic' is not one of" in result.output

@@ -31,6 +31,13 @@ class PerplexityProtocol:
     windows: int = 64
     batch_size: int = 4
 
+    def __post_init__(self) -> None:
+        if self.stride is not None and self.stride > self.context:
+            from surgery.errors import SurgeryError
+
+            raise SurgeryError(f"--ppl-stride {self.stride} is longer than --ppl-context {self.context}: tokens between "
+                               "windows would go unscored; give a stride up to the context")
+
     def describe(self) -> dict[str, Any]:
         return {**asdict(self), "stride": self.stride or self.context, "separator": "\\n\\n",
                 "bos": "prepended when the tokenizer adds one by default"}

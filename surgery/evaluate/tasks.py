@@ -123,6 +123,17 @@ def _task_directories() -> dict[str, str]:
     return index
 
 
+def check_task_names(names: tuple[str, ...]) -> dict[str, str]:
+    """lm-eval's task folders by name, after a one-line error for a name it does not have."""
+    directories = _task_directories()
+    unknown = [n for n in names if n not in directories]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], directories, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else " (lm-eval ls tasks lists them)"
+        raise SurgeryError(f"unknown task '{unknown[0]}'{hint}")
+    return directories
+
+
 def task_manager(names: tuple[str, ...], data_dir: Path | None, online: bool) -> Any:
     """An lm-eval TaskManager that knows `names` and reads their data from local files."""
     from lm_eval.tasks import TaskManager
@@ -135,12 +146,7 @@ def task_manager(names: tuple[str, ...], data_dir: Path | None, online: bool) ->
                 cfg = use_local_files(cfg, data_dir, online)
             return cfg
 
-    directories = _task_directories()
-    unknown = [n for n in names if n not in directories]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], directories, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else " (lm-eval ls tasks lists them)"
-        raise SurgeryError(f"unknown task '{unknown[0]}'{hint}")
+    directories = check_task_names(names)
     folders = sorted({directories[n] for n in names})
     manager = TaskManager(include_defaults=False, include_path=folders)
     if not all(n in manager.task_index for n in names):  # a group whose members live elsewhere
