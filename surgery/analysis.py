@@ -223,6 +223,10 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
 
     if tokenizer is None:
         raise SurgeryError("this model has no tokenizer: analyze a folder that holds one (tokenizer.json)")
+    dropped = [m for m in saved_methods(out) if m not in settings.methods] if out is not None and not force else []
+    if dropped:
+        raise SurgeryError(f"{out} holds {', '.join(dropped)} results that this run would drop: add them to --method "
+                           "(stored coalitions are not recomputed), or pass --force to replace them")
     base = unwrap(model)
     base.eval()
     layers = num_layers(base)
@@ -444,6 +448,14 @@ def find_cornerstones(result: dict[str, Any], settings: AnalysisSettings) -> lis
         if reasons:
             cornerstones.append({"id": name, "reasons": reasons, "evidence": evidence})
     return cornerstones
+
+
+def saved_methods(folder: Path) -> list[str]:
+    """The methods of the analysis saved in `folder`, if any."""
+    try:
+        return list(json.loads((Path(folder) / ANALYSIS_FILE).read_text())["settings"]["methods"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def load_analysis(folder: Path) -> dict[str, Any]:

@@ -219,7 +219,12 @@ def make_plan(
         if goal_count is not None and goal_count > len(order):
             raise SurgeryError(f"--remove {goal_count} asks for more {granularity}s than are removable: {len(order)} are "
                                f"(the {strategy} strategy never takes protected units{' or the final block' if strategy == 'last' else ''})")
-        take = goal_count if goal_count is not None else _closest_prefix([unit_parameters(u) for u in order], target.fraction * decoder)
+        sizes = [unit_parameters(u) for u in order]
+        if goal_count is None and sum(sizes) < target.fraction * decoder * 0.999:
+            raise SurgeryError(f"--remove {100 * target.fraction:g}% cannot be met: the {strategy} strategy can take at most "
+                               f"{100 * sum(sizes) / decoder:.1f}% of decoder parameters here"
+                               f"{' (never the final block)' if strategy == 'last' else ''}; lower the target")
+        take = goal_count if goal_count is not None else _closest_prefix(sizes, target.fraction * decoder)
         chosen_units = order[:take]
     units = sorted(s for u in chosen_units for s in u)
     if len(full_blocks(units)) >= layers:

@@ -92,7 +92,7 @@ def ensure_analysis(loaded: Any, settings: PruneSettings, methods: tuple[str, ..
     """A saved analysis with these methods and settings (reused), or a new one written beside it."""
     from dataclasses import replace
 
-    from surgery.analysis import analysis_key, analyze, calibration_batches, load_analysis
+    from surgery.analysis import analysis_key, analyze, calibration_batches, load_analysis, saved_methods
     from surgery.models import cache_dir
 
     chosen = replace(settings.analysis, methods=methods)
@@ -100,6 +100,8 @@ def ensure_analysis(loaded: Any, settings: PruneSettings, methods: tuple[str, ..
     info = loaded.source.describe()
     key = analysis_key(info["fingerprint"], chosen, digest)
     folder = Path(settings.analysis_dir) if settings.analysis_dir else cache_dir() / "analyses" / key[:24]
+    earlier = [m for m in saved_methods(folder) if m not in methods]
+    chosen = replace(chosen, methods=(*methods, *earlier))  # a rerun adds to the folder, never drops what it held
     try:
         saved = load_analysis(folder)
         wanted = {k: v for k, v in chosen.describe().items() if k not in ("methods", "budget_evaluations", "budget_seconds", "data_dir")}
@@ -150,7 +152,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
     source = resolve(settings.model, allow_pickle=settings.load.get("allow_pickle", False))
     check_output_path(out, force=settings.force, protected=[source.path])
     if settings.analysis_dir:  # an analysis inside --out would be replaced by the export
-        check_analysis_folder(Path(settings.analysis_dir), force=False, protected=[source.path, out], option="--analysis")
+        check_analysis_folder(Path(settings.analysis_dir), force=True, protected=[source.path, out], option="--analysis")
     loaded = load_model(source, **settings.load)
     layers = num_layers(loaded.model)
     check_in_range([*manual, *target.ids], layers)

@@ -132,6 +132,16 @@ def test_an_analysis_folder_of_another_model_is_refused(tmp_path, tokenizer, cal
     assert result["complete"]
 
 
+def test_a_rerun_never_drops_the_methods_a_folder_holds(tmp_path, tokenizer, calibration):
+    out = tmp_path / "run"
+    model = tiny_model("llama", num_layers=2)
+    analyze(model, tokenizer, settings(calibration, methods=("angular", "bi")), out, model_info={"fingerprint": "m"})
+    with pytest.raises(SurgeryError, match="holds angular, bi results that this run would drop"):
+        analyze(model, tokenizer, settings(calibration, methods=("ablation",)), out, model_info={"fingerprint": "m"})
+    both = analyze(model, tokenizer, settings(calibration, methods=("ablation", "angular", "bi")), out, model_info={"fingerprint": "m"})
+    assert {"ablation", "angular", "block_influence"} <= set(both)
+
+
 def test_accuracy_metric_reports_collapse_to_chance(tmp_path, tokenizer, calibration):
     from tests.test_evaluate import sciq_rows, write_jsonl
 

@@ -57,6 +57,8 @@ def test_score_strategies_remove_the_least_valuable_first():
 def test_last_never_takes_the_final_block():
     assert plan("last", remove="2").units == parse_sublayers("L5,L6")
     assert plan("last", "sublayer", remove="3").units == parse_sublayers("L5.mlp,L6")
+    with pytest.raises(SurgeryError, match=r"95% cannot be met: the last strategy can take at most 87.5%.*final block"):
+        plan("last", remove="95%")  # it used to remove 87.5% without a word
 
 
 def test_angular_takes_the_most_similar_contiguous_run():
