@@ -371,7 +371,11 @@ def check_device_options(device: str | None, device_map: str | None) -> None:
     if device_map and device not in (None, "", "auto"):
         raise SurgeryError("give --device or --device-map, not both (--device-map places the model itself)")
     if isinstance(device_map, str) and device_map not in _DEVICE_MAPS:  # a dict is a placement made by the code
-        raise SurgeryError(f"unknown --device-map '{device_map}': use one of {', '.join(_DEVICE_MAPS)}, or --device for one device")
+        try:
+            resolve_device(device_map)  # one device named as a map ("cpu", "cuda:1") is fine
+        except SurgeryError:
+            raise SurgeryError(f"unknown --device-map '{device_map}': use one of {', '.join(_DEVICE_MAPS)}, "
+                               "or --device for one device") from None
     if not device_map:
         resolve_device(device)
 

@@ -68,8 +68,12 @@ def _parse_token(token: str) -> list[int]:
     """One comma-separated item (an id or a range) -> the positions it covers."""
     if "-" in token:
         start_text, _, end_text = token.partition("-")
-        start, _ = _parse_one(start_text.strip())
-        _, end = _parse_one(end_text.strip())
+        try:
+            start, _ = _parse_one(start_text.strip())
+            _, end = _parse_one(end_text.strip())
+        except SurgeryError:  # name what was typed ('L-1', '-10%'), not the half before the dash
+            raise SurgeryError(f"'{token}' is not a sublayer id or range: use L12 (a block), L12.attn, L12.mlp "
+                               "or a range such as L20-L23 (0-based, no negative numbers)") from None
         if end < start:
             raise SurgeryError(f"range '{token}' runs backwards: write the earlier sublayer first")
         return list(range(start, end + 1))
@@ -103,11 +107,9 @@ def parse_sublayers(spec: str | Iterable[str], num_layers: int | None = None) ->
 
 
 def check_in_range(units: Iterable[Sublayer], num_layers: int) -> None:
-    for unit in units:
-        if unit.layer >= num_layers:
-            raise SurgeryError(
-                f"{unit} is out of range: the model has {num_layers} layers (L0-L{num_layers - 1}, 0-based)"
-            )
+    beyond = [unit.layer for unit in units if unit.layer >= num_layers]
+    if beyond:  # the furthest one: for L0-L99 on 4 layers, L99 is what was mistyped
+        raise SurgeryError(f"L{max(beyond)} is out of range: the model has {num_layers} layers (L0-L{num_layers - 1}, 0-based)")
 
 
 def full_blocks(units: Iterable[Sublayer]) -> list[int]:

@@ -49,7 +49,9 @@ def test_cut_writes_a_verified_checkpoint(tiny_folder, tmp_path):
 @pytest.mark.parametrize(
     "remove, message",
     [
-        ("L7", "L7.attn is out of range: the model has 4 layers"),
+        ("L7", "L7 is out of range: the model has 4 layers"),
+        ("L0-L99", "L99 is out of range"),
+        ("L-1", "'L-1' is not a sublayer id or range"),
         ("L1.ffn", "is not a sublayer id"),
         ("L0-L3", "removes every one of the 4 blocks"),
         ("L1,L1.mlp", "L1.mlp is named twice"),
@@ -99,9 +101,9 @@ def test_results_and_analyses_never_land_in_the_source_model(tiny_folder, tmp_pa
         (["eval", source, *quick, "--out", as_file / "x.json"], "which is a file"),
         (["analyze", source, "--out", source, "--force"], "overlaps"),
         (["analyze", source, "--out", source / "analysis"], "overlaps"),
-        (["prune", source, "--out", tmp_path / "p1", "--remove", "L1", "--no-bridge", "--analysis", source / "analysis"], "overlaps"),
-        (["prune", source, "--out", tmp_path / "p2", "--remove", "L1", "--no-bridge", "--analysis", tmp_path / "p2" / "analysis"], "overlaps"),
-        (["prune", source, "--out", tmp_path / "p3", "--remove", "L1", "--no-bridge", "--analysis", as_file], "is a file"),
+        (["prune", source, "--out", tmp_path / "p1", "--remove", "L1", "--no-bridge", "--eval-ppl", "none", "--analysis", source / "analysis"], "overlaps"),
+        (["prune", source, "--out", tmp_path / "p2", "--remove", "L1", "--no-bridge", "--eval-ppl", "none", "--analysis", tmp_path / "p2" / "analysis"], "overlaps"),
+        (["prune", source, "--out", tmp_path / "p3", "--remove", "L1", "--no-bridge", "--eval-ppl", "none", "--analysis", as_file], "is a file"),
     ]
     for args, message in cases:
         result = run(*args)

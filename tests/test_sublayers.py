@@ -53,6 +53,6 @@ def test_bad_ids_are_one_line_errors(spec, message):
 
 
 def test_out_of_range_names_the_valid_range():
-    with pytest.raises(SurgeryError, match=r"L30\.attn is out of range: the model has 30 layers \(L0-L29"):
+    with pytest.raises(SurgeryError, match=r"L30 is out of range: the model has 30 layers \(L0-L29"):
         parse_sublayers("L30.attn", num_layers=30)
     assert ids(parse_sublayers("L29", num_layers=30)) == ["L29.attn", "L29.mlp"]
