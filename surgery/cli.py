@@ -381,7 +381,7 @@ def push(folder: Path, repo_id: str, private: bool, dry_run: bool) -> None:
     from surgery.hub import plan_push
     from surgery.hub import push as upload
 
-    plan = plan_push(folder, repo_id, private)
+    plan = plan_push(folder, repo_id, private, needs_hub=not dry_run)
     table = Table(title=f"{'would upload' if dry_run else 'uploading'} to {repo_id} ({'private' if private else 'public'})")
     table.add_column("file")
     table.add_column("bytes", justify="right")

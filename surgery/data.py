@@ -43,6 +43,8 @@ def resolve_data_dir(option: str | Path | None = None, *, required: bool = False
             raise SurgeryError(f"no data directory: pass --data-dir or set {DATA_DIR_ENV} (e.g. ../shared/datasets)")
         return None
     path = Path(value).expanduser()
+    if path.is_file():
+        raise SurgeryError(f"data directory {path} is a file: pass --data-dir or set {DATA_DIR_ENV} to a folder of *.jsonl.gz files")
     if not path.is_dir():
         raise SurgeryError(f"data directory {path} does not exist: pass --data-dir or set {DATA_DIR_ENV} to a folder of *.jsonl.gz files")
     return path.resolve()

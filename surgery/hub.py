@@ -29,9 +29,17 @@ class PushPlan:
         return sum(size for _, size in self.files)
 
 
-def plan_push(folder: Path, repo_id: str, private: bool) -> PushPlan:
+def plan_push(folder: Path, repo_id: str, private: bool, *, needs_hub: bool = False) -> PushPlan:
+    """What would be uploaded, after every check that needs no network (and, with needs_hub, the
+    one that does: an offline push fails before it lists anything)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     if not _REPO_ID.match(repo_id or ""):
         raise SurgeryError(f"--repo-id '{repo_id}' is not of the form USER/NAME")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise SurgeryError(f"--repo-id '{repo_id}' is not a name the Hub accepts ({str(error).splitlines()[0]})") from None
     folder = Path(folder)
     manifest = read_manifest(folder)
     if not (folder / "README.md").is_file():
@@ -42,7 +50,16 @@ def plan_push(folder: Path, repo_id: str, private: bool) -> PushPlan:
     if any(p.is_dir() for p in folder.iterdir()):
         raise SurgeryError(f"{folder} holds sub-folders that are not part of the export: remove them first")
     files = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file())
+    if needs_hub:
+        _check_hub()
     return PushPlan(folder, repo_id, private, files)
+
+
+def _check_hub() -> None:
+    from surgery.models import hub_reachable
+
+    if not hub_reachable():
+        raise SurgeryError("the Hugging Face Hub is not reachable (offline or HF_HUB_OFFLINE=1): push from a machine with network")
 
 
 def push(plan: PushPlan, commit_message: str = "Upload pruned model made with surgery") -> str:
@@ -50,10 +67,7 @@ def push(plan: PushPlan, commit_message: str = "Upload pruned model made with su
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from surgery.models import hub_reachable
-
-    if not hub_reachable():
-        raise SurgeryError("the Hugging Face Hub is not reachable (offline or HF_HUB_OFFLINE=1): push from a machine with network")
+    _check_hub()
     api = HfApi()
     try:
         url = api.create_repo(plan.repo_id, private=plan.private, exist_ok=True, repo_type="model")

@@ -84,6 +84,8 @@ class LoadedModel:
 def resolve(spec: str, *, allow_pickle: bool = False) -> ModelSource:
     """Turn a MODEL argument into a local folder, converting or downloading at most once."""
     spec = spec.strip()
+    if not spec:
+        raise SurgeryError(f"no MODEL given: name a model folder, a .gguf file, a Hub id or '{DEFAULT_MODEL}'")
     if spec in BUILTIN_MODELS:
         gguf = builtin_gguf_path(spec)
         return ModelSource(spec, "alias", convert_gguf(gguf, label=BUILTIN_MODELS[spec][2]), str(gguf))

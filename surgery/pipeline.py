@@ -61,9 +61,10 @@ def describe_model(model_spec: str, **load_kwargs: Any) -> None:
     table = Table(title=f"{model_spec}", show_header=False)
     table.add_row("folder", str(loaded.source.path))
     table.add_row("family", config.model_type)
-    table.add_row("blocks", f"{config.num_hidden_layers} (L0-L{config.num_hidden_layers - 1}), {2 * config.num_hidden_layers} sublayers")
-    table.add_row("parameters", f"{count_parameters(loaded.model):,}")
     removed = removed_sublayers(loaded.model)
+    table.add_row("blocks", f"{config.num_hidden_layers} (L0-L{config.num_hidden_layers - 1}), "
+                            f"{2 * config.num_hidden_layers - len(removed)} sublayers")
+    table.add_row("parameters", f"{count_parameters(loaded.model):,}")
     table.add_row("removed sublayers", format_sublayers(removed) if removed else "none")
     table.add_row("dtype / device", f"{loaded.model.dtype} / {loaded.options['device']}")
     console.print(table)

@@ -132,6 +132,8 @@ def test_broken_files_and_devices_get_one_line_before_weights_load(tiny_folder, 
         (["info", junk], "could not be read as a GGUF model"),
         (["info", bad_config], "config.json is not valid JSON"),
         (["eval", source, "--ppl-context", "8", "--ppl-stride", "1000"], "--ppl-stride 1000 is longer than --ppl-context 8"),
+        (["info", ""], "no MODEL given"),
+        (["eval", source, "--data-dir", junk], "is a file"),
         (["info", source, "--device", "foo"], "unknown device 'foo'"),
         (["info", source, "--device", "meta"], "holds no weights"),
         (["info", source, "--device-map", "foo"], "unknown --device-map 'foo'"),
@@ -177,6 +179,13 @@ def test_remote_code_is_not_run_unless_trusted(tiny_folder, tmp_path):
     result = run("info", source, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "remote code ran" not in result.output
+
+
+def test_info_counts_what_a_cut_left(tiny_folder, tmp_path):
+    source, _ = tiny_folder("llama")
+    assert run("cut", source, "--remove", "L1.attn", "--out", tmp_path / "cut").exit_code == 0
+    result = run("info", tmp_path / "cut", "--device", "cpu")
+    assert result.exit_code == 0 and "7 sublayers" in result.output and "L1.attn" in result.output
 
 
 def test_errors_from_a_real_process_use_exit_code_2(tmp_path):

@@ -250,6 +250,7 @@ def test_push_dry_run_lists_exactly_the_export(export):
 
 def test_push_refuses_what_is_not_a_verified_export(export, tmp_path, monkeypatch):
     assert "USER/NAME" in run("push", export, "--repo-id", "no-slash").output
+    assert "not a name the Hub accepts" in run("push", export, "--repo-id", "someone/x..", "--dry-run").output
     (export / "notes.txt").write_text("scratch")
     result = run("push", export, "--repo-id", "someone/x", "--dry-run")
     assert result.exit_code == 2 and "not part of the verified export (notes.txt)" in result.output
@@ -273,3 +274,4 @@ def test_push_offline_stops_before_the_network(export, monkeypatch):
     result = run("push", export, "--repo-id", "someone/tiny-pruned")
     assert result.exit_code == 2 and "not reachable" in result.output
     assert "hf_secret_token_value" not in result.output
+    assert "uploading" not in result.output  # nothing listed as if it were on its way
