@@ -30,7 +30,11 @@ class Architecture:
     over the surviving blocks.
     mlp_extra_outputs: values the FFN/MoE returns after its output (gpt-oss: router scores).
     attention_output / mlp_output: the linear layer inside the sublayer whose output is added to
-    the stream (a linear bridge folds into it); None where a norm or expert routing follows it.
+    the stream (a linear bridge folds into it); None where a norm follows it.
+    moe_outputs: for MoE blocks, every place inside the mlp sublayer whose output is summed into
+    the stream: the experts' stacked down projections, shared experts, the FFN of dense layers.
+    The routing weights scale each expert's output, so a bridge folds into all of them; those a
+    layer lacks (a dense layer has no experts) are skipped.
     gguf_arch: llama.cpp's architecture name, for families surgery.export_gguf writes.
     """
 
@@ -50,13 +54,16 @@ class Architecture:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     attention_output: str | None = "o_proj"
     mlp_output: str | None = "down_proj"
+    moe_outputs: tuple[str, ...] = ()
     mlp_extra_outputs: int = 0
     gguf_arch: str | None = None
 
-    def output_projection(self, kind: str) -> str | None:
-        """Dotted path, inside a decoder block, of the linear layer that writes sublayer `kind`'s output."""
-        inner = self.attention_output if kind == "attn" else self.mlp_output
-        return f"{self.attention if kind == 'attn' else self.mlp}.{inner}" if inner else None
+    def output_projections(self, kind: str) -> tuple[str, ...]:
+        """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the stream."""
+        if kind == "attn":
+            return (f"{self.attention}.{self.attention_output}",) if self.attention_output else ()
+        inner = ((self.mlp_output,) if self.mlp_output else ()) + self.moe_outputs
+        return tuple(f"{self.mlp}.{name}" for name in inner)
 
     def sublayer_modules(self, kind: str) -> tuple[str, ...]:
         """The module names inside a decoder block that make up sublayer `kind` ("attn"/"mlp")."""
@@ -79,8 +86,10 @@ _POST_NORM = replace(_LLAMA, attention_norms=("post_attention_layernorm",), mlp_
                      attention_output=None, mlp_output=None)
 # MoE: the whole sparse block (router, experts, shared expert) is the mlp sublayer. Experts are
 # fused 3-D parameters in transformers 5, so LoRA heals through attention.
-_MOE = replace(_LLAMA, lora_targets=_ATTENTION_ONLY_LORA, mlp_output=None)
-_QWEN_MOE = replace(_MOE, layer_index_config=("mlp_only_layers",), sparse_step_config="decoder_sparse_step")
+_MOE = replace(_LLAMA, lora_targets=_ATTENTION_ONLY_LORA, mlp_output=None, moe_outputs=("experts.down_proj",))
+_QWEN_MOE = replace(_MOE, layer_index_config=("mlp_only_layers",), sparse_step_config="decoder_sparse_step",
+                    moe_outputs=("experts.down_proj", "shared_expert.down_proj", "down_proj"))
+_SHARED_EXPERTS = ("experts.down_proj", "shared_experts.down_proj", "down_proj")  # DeepSeek, GLM: dense layers first
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": replace(_LLAMA, gguf_arch="llama"),
@@ -111,10 +120,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "granitemoe": replace(_MOE, mlp="block_sparse_moe", logit_divisor_config="logits_scaling"),
     # DeepSeek-V3 / GLM-4.5: multi-head latent attention (DeepSeek), dense FFNs in the first k
     # layers, then routed experts beside shared ones; LoRA reaches attention and the dense FFNs.
-    "deepseek_v3": replace(_MOE, dense_prefix_config="first_k_dense_replace",
+    "deepseek_v3": replace(_MOE, dense_prefix_config="first_k_dense_replace", moe_outputs=_SHARED_EXPERTS,
                            lora_targets=("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                                          "gate_proj", "up_proj", "down_proj")),
-    "glm4_moe": replace(_MOE, dense_prefix_config="first_k_dense_replace", lora_targets=_LLAMA.lora_targets),
+    "glm4_moe": replace(_MOE, dense_prefix_config="first_k_dense_replace", moe_outputs=_SHARED_EXPERTS,
+                        lora_targets=_LLAMA.lora_targets),
 }
 
 

@@ -15,8 +15,10 @@ Because c is linear in the sublayer's output projection,
 D folds into it exactly (W <- (I + D)^T W, b <- b (I + D)): the checkpoint keeps its architecture and
 loads with plain `from_pretrained`. This is the closed-form variant of ReplaceMe (Shopkhoev et al.
 2025) and LLM-Streamline (Chen et al. 2024), applied to every run a plan cuts, fitted on the dense
-model's stream in one pass over the calibration set, before the cut. Families whose output
-projection is followed by a norm or expert routing (`Architecture.output_projection` is None) are
+model's stream in one pass over the calibration set, before the cut. An MoE block's output is a
+routing-weighted sum of its experts' down projections (plus shared experts), each linear in its
+own weights, so D folds into every one of them (`Architecture.moe_outputs`). Families whose
+output projection is followed by a norm (`Architecture.output_projections` is empty) are
 skipped with a note, never approximated.
 """
 
@@ -66,15 +68,50 @@ def plan_bridges(model: Any, units: Iterable[Sublayer]) -> tuple[list[tuple[Subl
             skipped.append(f"{name}: no kept sublayer before it")
             continue
         before = Sublayer.at(run[0].position - 1)
-        path = arch.output_projection(before.kind)
-        if path is None:
-            skipped.append(f"{name}: {base.config.model_type} has no plain output projection in {before.kind} to fold into")
-            continue
-        if not _plain_linear(get_module(layers[before.layer], path)):
-            skipped.append(f"{name}: {before}'s output projection is quantized; load the model in full precision to bridge")
+        outputs, reason = output_weights(layers[before.layer], arch, before.kind)
+        if reason:
+            skipped.append(f"{name}: {reason.format(family=base.config.model_type, sublayer=before)}")
             continue
         plans.append((before, run))
     return plans, skipped
+
+
+@dataclass
+class OutputWeight:
+    """One weight that writes a sublayer's output: a Linear's [out, in], or experts' stacked
+    [experts, out, in] (`output_last`: [experts, in, out], as gpt-oss stores them), with its bias."""
+
+    weight: Any
+    bias: Any = None
+    output_last: bool = False
+
+
+def output_weights(layer: Any, arch: Any, kind: str) -> tuple[list[OutputWeight], str | None]:
+    """The weights a bridge into sublayer `kind` of this block must fold into, or why it cannot."""
+    import torch
+
+    targets = []
+    for path in arch.output_projections(kind):
+        owner_path, _, name = path.rpartition(".")
+        try:
+            owner = get_module(layer, owner_path)
+            found = getattr(owner, name)
+        except AttributeError:
+            continue  # e.g. the experts of an MoE layout, in one of its dense layers
+        if isinstance(found, torch.nn.Linear):
+            targets.append(OutputWeight(found.weight, found.bias))
+        elif isinstance(found, torch.nn.Parameter) and found.dim() == 3:
+            if getattr(owner, "has_post_expert_norm", False):
+                return [], "{sublayer}'s experts normalise their outputs; nothing to fold into"
+            bias = getattr(owner, f"{name}_bias", None) if getattr(owner, "has_bias", False) else None
+            targets.append(OutputWeight(found, bias, output_last=bool(getattr(owner, "is_transposed", False))))
+        else:
+            return [], "{sublayer}'s output projection is quantized; load the model in full precision to bridge"
+    if not targets:
+        return [], "{family} has no plain output projection in {sublayer} to fold into"
+    if not all(t.weight.dtype.is_floating_point for t in targets):
+        return [], "{sublayer}'s output projection is quantized; load the model in full precision to bridge"
+    return targets, None
 
 
 def fit_and_fold(model: Any, units: Iterable[Sublayer], batches: list[Any]) -> BridgeResult:
@@ -91,8 +128,8 @@ def fit_and_fold(model: Any, units: Iterable[Sublayer], batches: list[Any]) -> B
     if not plans:
         return result
     positions = {p for kept, run in plans for p in (kept.position, kept.position + 1, run[-1].position + 1)}
-    projections = [get_module(layers[kept.layer], arch.output_projection(kept.kind)) for kept, _ in plans]
-    devices = [p.weight.device for p in projections]  # each fit runs where its weight lives (several GPUs)
+    targets = [output_weights(layers[kept.layer], arch, kept.kind)[0] for kept, _ in plans]
+    devices = [t[0].weight.device for t in targets]  # each fit runs where its weights live (several GPUs)
     size = base.config.hidden_size
     normal = [torch.zeros(size, size, dtype=torch.float64, device=d) for d in devices]
     cross = [torch.zeros(size, size, dtype=torch.float64, device=d) for d in devices]
@@ -116,24 +153,22 @@ def fit_and_fold(model: Any, units: Iterable[Sublayer], batches: list[Any]) -> B
             solution = torch.linalg.solve(normal[index] + ridge * eye, cross[index])
             # |c D - g|^2 = |g|^2 - 2 tr(D^T c^T g) + tr(D^T c^T c D)
             residual = gap_norm[index] - 2 * float((solution * cross[index]).sum()) + float((solution * (normal[index] @ solution)).sum())
-            _fold(projections[index], solution)
+            for target in targets[index]:
+                _fold(target, solution)
             result.bridges.append(Bridge(run=format_sublayers(run), into=str(kept),
                                          explained=1 - residual / gap_norm[index] if gap_norm[index] else 0.0))
     return result
 
 
-def _fold(linear: Any, delta: Any) -> None:
-    """Make `linear`'s output y become y (I + delta), in place."""
+def _fold(target: Any, delta: Any) -> None:
+    """Make the output y of `target` (a Linear or an OutputWeight) become y (I + delta), in place."""
     import torch
 
+    if isinstance(target, torch.nn.Linear):
+        target = OutputWeight(target.weight, target.bias)
     transform = torch.eye(delta.shape[0], dtype=torch.float64, device=delta.device) + delta
-    weight = linear.weight
-    weight.copy_((transform.T @ weight.double()).to(weight.dtype))
-    if getattr(linear, "bias", None) is not None:
-        linear.bias.copy_((linear.bias.double() @ transform).to(linear.bias.dtype))
-
-
-def _plain_linear(module: Any) -> bool:
-    import torch
-
-    return type(module) is torch.nn.Linear and module.weight.dtype.is_floating_point
+    weight = target.weight.data
+    folded = weight.double() @ transform if target.output_last else transform.T @ weight.double()  # broadcast over experts
+    weight.copy_(folded.to(weight.dtype))
+    if target.bias is not None:
+        target.bias.data.copy_((target.bias.data.double() @ transform).to(target.bias.dtype))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgery.bridge import RIDGE, _fold, fit_and_fold, plan_bridges
+from surgery.arch import ARCHITECTURES
+from surgery.bridge import RIDGE, _fold, fit_and_fold, output_weights, plan_bridges
 from surgery.cut import cut
 from surgery.stream import capture_stream
 from surgery.sublayers import Sublayer, parse_sublayers
@@ -38,7 +39,39 @@ def test_fold_makes_the_output_y_times_one_plus_delta():
     torch.testing.assert_close(linear(x), expected)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "granite", "phi3", "starcoder2"])
+FOLDABLE = sorted(f for f, arch in ARCHITECTURES.items() if arch.output_projections("mlp"))
+
+
+@pytest.mark.parametrize("family", sorted(ARCHITECTURES))
+@torch.no_grad()
+def test_a_fold_scales_every_sublayer_output_exactly(family):
+    """For each sublayer a bridge can fold into, in every family (MoE experts, shared experts, biases,
+    gpt-oss's transposed experts): its contribution to the stream c becomes c (I + D) exactly."""
+    torch.manual_seed(0)
+    ids = batches(1)[0]
+    model = tiny_model(family, num_layers=4)
+    arch = ARCHITECTURES[family]
+    layers = model.model.layers
+    foldable = []
+    for position in range(2, 8):  # L1 and later (DeepSeek and GLM-MoE start with dense blocks)
+        unit = Sublayer.at(position)
+        targets, reason = output_weights(layers[unit.layer], arch, unit.kind)
+        if reason:
+            continue
+        foldable.append(str(unit))
+        before, _ = capture_stream(model, ids, [position, position + 1])
+        delta = torch.randn(model.config.hidden_size, model.config.hidden_size, dtype=torch.float64) * 0.05
+        for target in targets:
+            _fold(target, delta)
+        after, _ = capture_stream(model, ids, [position, position + 1])
+        expected = ((before[position + 1] - before[position]).double() @ (torch.eye(delta.shape[0], dtype=torch.float64) + delta))
+        torch.testing.assert_close((after[position + 1] - after[position]).double(), expected, rtol=1e-4, atol=1e-4)
+    assert bool(foldable) == (family in FOLDABLE or bool(arch.output_projections("attn")))
+    if arch.moe_outputs:
+        assert any(name.endswith(".mlp") for name in foldable), family  # the MoE blocks are bridged now
+
+
+@pytest.mark.parametrize("model_type", ["llama", "granite", "phi3", "starcoder2", "mixtral", "qwen2_moe", "gpt_oss"])
 def test_bridged_cut_is_closer_to_the_dense_stream_than_a_plain_cut(model_type):
     """Blocks L2-L3 of six go; the stream entering the new L2 should match the dense stream entering
     old L4. Granite scales each sublayer's output (residual_multiplier), which the fit must absorb;
@@ -99,7 +132,7 @@ def test_attention_runs_fold_into_the_attention_before_them():
     ("model_type", "removal", "reason"),
     [
         ("gemma2", "L2", "no plain output projection"),  # post-norms follow the projections
-        ("mixtral", "L2", "no plain output projection"),  # the MoE's experts feed the stream
+        ("olmo2", "L2", "no plain output projection"),  # a norm follows each sublayer's projection
         ("llama", "L0", "no kept sublayer before it"),
     ],
 )

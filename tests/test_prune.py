@@ -107,6 +107,26 @@ def test_the_bridge_changes_only_the_layer_before_the_cut(source, tmp_path, data
     assert changed == ({"model.layers.1.mlp.down_proj.weight"} if bridge == "--bridge" else set())
 
 
+def test_an_moe_cut_is_bridged_through_its_experts(tiny_folder, tmp_path, data_dir):
+    """Qwen2-MoE, L2-L3 gone: the bridge folds into every expert's down projection and the shared
+    expert's of the old L1, nothing else; the export reloads with plain transformers."""
+    from safetensors.torch import load_file
+
+    source, _ = tiny_folder("qwen2_moe", num_layers=6)
+    out = tmp_path / "pruned"
+    result = run("prune", source, "--out", out, "--remove", "L2-L3", "--bridge-samples", "4", "--data-dir", data_dir,
+                 "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [b["into"] for b in report["bridge"]["bridges"]] == ["L1.mlp"] and not report["bridge"]["skipped"]
+    before, after = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
+    renamed = {name.replace("layers.4.", "layers.2.").replace("layers.5.", "layers.3."): name for name in before
+               if ".layers.2." not in name and ".layers.3." not in name}
+    changed = {name for name in after if not torch.equal(after[name], before[renamed[name]])}
+    assert changed and all(name.startswith("model.layers.1.mlp.") and "down_proj" in name for name in changed)
+    assert any("shared_expert" in name for name in changed) and any("experts" in name.replace("shared_expert", "") for name in changed)
+
+
 def test_a_saved_analysis_is_reused(source, tmp_path, data_dir):
     args = ["--strategy", "shapley", "--remove", "1", "--analysis", tmp_path / "analysis", "--data-dir", data_dir,
             "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed", *FAST[:6], "--device", "cpu"]
