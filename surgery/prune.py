@@ -158,6 +158,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
     check_in_range([*manual, *target.ids], layers)
     if loaded.tokenizer is None:
         raise SurgeryError(f"{settings.model} has no tokenizer: prune needs one for calibration, healing and evaluation")
+    _fit_perplexity_context(settings, loaded.model.config)
     if settings.heal:
         from surgery.heal import check_lora_targets
 
@@ -254,6 +255,17 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     report["export"] = {"path": str(exported.path), "max_logit_diff": exported.max_logit_diff, "loader": exported.loader}
     return report
+
+
+def _fit_perplexity_context(settings: PruneSettings, config: Any) -> None:
+    """prune has no --ppl-context: a model trained on fewer positions than the default window is
+    scored on windows as long as its context (the report's protocol records the length used)."""
+    from dataclasses import replace
+
+    protocol = settings.evaluation.perplexity_protocol
+    trained = getattr(config, "max_position_embeddings", None)
+    if trained and protocol.context > trained:
+        settings.evaluation = replace(settings.evaluation, perplexity_protocol=replace(protocol, context=trained))
 
 
 def _evaluate(stage: str, model: Any, tokenizer: Any, settings: PruneSettings, folder: Path | None, bar: Any) -> dict[str, Any]:

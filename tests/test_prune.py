@@ -40,6 +40,8 @@ def test_prune_heal_export_report(source, tmp_path, data_dir):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert set(report["evaluations"]) == {"source", "pruned", "healed"}
+    # the default 512-token window, fitted to the tiny model's 256 positions and recorded as used
+    assert report["evaluations"]["source"]["protocol"]["perplexity"]["context"] == 256
     plan = report["plan"]
     assert "L5.attn" in plan["protected"] and "L5.attn" not in plan["removed"]
     for cornerstone in report["analysis"]["cornerstones"]:

@@ -64,6 +64,12 @@ def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, model_
 
         raise SurgeryError("this model has no tokenizer: evaluate a folder that holds one (tokenizer.json)")
     base = unwrap(model)
+    trained = getattr(base.config, "max_position_embeddings", None)
+    if settings.perplexity and trained and settings.perplexity_protocol.context > trained:
+        from surgery.errors import SurgeryError
+
+        raise SurgeryError(f"--ppl-context {settings.perplexity_protocol.context} is longer than the model's context "
+                           f"({trained} positions): perplexity there measures nothing it learned; give {trained} or less")
     was_training = base.training
     base.eval()
     torch.manual_seed(settings.seed)
