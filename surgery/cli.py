@@ -5,6 +5,7 @@ Heavy libraries are imported inside the commands, so `surgery --help` stays fast
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -39,7 +40,7 @@ def load_options(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """A SurgeryError becomes one red line on stderr and exit code 2; Ctrl-C exits 130."""
+    """A SurgeryError (or a full disk) becomes one red line on stderr and exit code 2; Ctrl-C exits 130."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -55,6 +56,12 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
             sys.exit(130)
+        except OSError as error:  # a full disk can strike any step that writes (healing copies, caches)
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = f" while writing {error.filename}" if error.filename else ""
+            console.print(f"[bold red]error:[/] no space left on the device{where}: free some space or write elsewhere", soft_wrap=True)
+            sys.exit(2)
 
     return wrapper
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,25 @@ class PruneSettings:
 
 def _work_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.surgery-work"
+
+
+@contextmanager
+def _working_folder(work: Path, *, keep: bool) -> Iterator[Path]:
+    """Removed when the job ends, unless asked to keep it, or a failure leaves healing checkpoints
+    that the same command resumes from (said on the terminal, with how to start over)."""
+    try:
+        yield work
+    except BaseException:
+        if any((work / "checkpoints").glob("checkpoint-*")):
+            from surgery.console import console
+
+            console.print(f"[yellow]kept {work}: the same command resumes healing from its last checkpoint "
+                          "(delete the folder to start over)[/]", soft_wrap=True)
+        elif not keep:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _check_data(settings: PruneSettings, needs_calibration: bool) -> None:
@@ -172,7 +193,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
     def step(text: str) -> None:  # a line per stage: visible in logs too, where live bars are not drawn
         console.print(f"[bold cyan][{time.perf_counter() - started:6.0f}s][/] {text}")
 
-    with progress_bar() as bar:
+    with _working_folder(work, keep=settings.keep_work), progress_bar() as bar:
         analysis = None
         if methods:
             clock = time.perf_counter()
@@ -251,8 +272,6 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
                                      protected=[source.path], copy_from=source.path,
                                      finalize=lambda folder: _write_report(folder, report, analysis, layers))
         bar.remove_task(export_task)
-    if not settings.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
     report["export"] = {"path": str(exported.path), "max_logit_diff": exported.max_logit_diff, "loader": exported.loader}
     return report
 

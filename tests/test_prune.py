@@ -212,6 +212,32 @@ def test_a_full_disk_while_exporting_leaves_no_folder(source, tmp_path, data_dir
     assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == [source.name]
 
 
+def test_a_failed_heal_leaves_no_working_folder_unless_it_can_resume(source, tmp_path, data_dir, monkeypatch, capsys):
+    from transformers import PreTrainedModel
+
+    from surgery.prune import _working_folder
+
+    original = PreTrainedModel.save_pretrained
+
+    def disk_full_while_healing(self, folder, *args, **kwargs):
+        if ".surgery-work" in str(folder):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full_while_healing)
+    result = run("prune", source, "--out", tmp_path / "out", "--strategy", "last", "--remove", "1", "--no-bridge", "--heal",
+                 "--no-quantize", "--heal-steps", "2", "--data-dir", data_dir, "--eval-tasks", "none", "--eval-ppl", "none",
+                 "--no-eval-speed", "--device", "cpu")
+    assert result.exit_code == 2 and "no space left on the device" in result.output
+    assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == [source.name]  # no --out, no working folder
+
+    work = tmp_path / ".resumable.surgery-work"
+    (work / "checkpoints" / "checkpoint-50").mkdir(parents=True)
+    with pytest.raises(KeyboardInterrupt), _working_folder(work, keep=False):
+        raise KeyboardInterrupt
+    assert (work / "checkpoints" / "checkpoint-50").is_dir() and "resumes healing" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ recipes
 
 
