@@ -167,9 +167,12 @@ def modeling_file_text(base_type: str) -> str:
     """The modeling file shipped in sublayer-pruned checkpoints: surgery.hf_modeling plus classes."""
     from surgery import hf_modeling
 
+    config_class, model_class = hf_modeling.surgery_classes(base_type)
     footer = (
-        "\n\n# The classes named by this checkpoint's auto_map.\n"
+        "\n\n# The classes named by this checkpoint's auto_map, and by their own names: a model loaded\n"
+        "# from here and saved again with save_pretrained names them so in its auto_map.\n"
         f'SurgeryConfig, SurgeryForCausalLM = surgery_classes("{base_type}")\n'
+        f"{config_class.__name__}, {model_class.__name__} = SurgeryConfig, SurgeryForCausalLM\n"
     )
     return inspect.getsource(hf_modeling) + footer
 

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -83,6 +84,26 @@ def test_sublayer_removal_loads_both_ways_without_the_removed_weights(family, tm
 
     loaded = load_model(str(out), device="cpu")  # the package's own resolver, no remote code
     assert torch.allclose(loaded.model(prompt).logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_a_sublayer_checkpoint_saved_again_by_its_users_still_loads(family, tmp_path, tokenizer):
+    """Loaded with its own code and saved again (after fine-tuning, a dtype change, push_to_hub),
+    in fresh processes as users do: transformers names the classes by their own names then."""
+    import subprocess
+    import sys
+
+    model = tiny_model(family)
+    cut(model, parse_sublayers("L1.attn,L2.mlp"))
+    export_checkpoint(model, tokenizer, tmp_path / "out", record={})
+    load = "from transformers import AutoModelForCausalLM as Auto\n"
+    resave = load + f"Auto.from_pretrained({str(tmp_path / 'out')!r}, trust_remote_code=True).save_pretrained({str(tmp_path / 'again')!r})\n"
+    reload = load + f"print(Auto.from_pretrained({str(tmp_path / 'again')!r}, trust_remote_code=True).config.surgery['removed'])\n"
+    for script in (resave, reload):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert "'attn': [1]" in done.stdout and "'mlp': [2]" in done.stdout
 
 
 def test_plain_load_of_a_sublayer_checkpoint_refuses_instead_of_using_random_weights(tmp_path, tokenizer):
