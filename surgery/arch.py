@@ -26,8 +26,9 @@ class Architecture:
     layer_index_config: config lists of layer indices (renumbered when blocks go).
     sparse_step_config: a "every k-th layer is MoE" key; turned into an explicit list of dense
     layers (the first layer_index_config key) before blocks go, so the pattern survives.
-    dense_prefix_config: a "the first k layers are dense" count (DeepSeek, GLM-MoE); recounted
-    over the surviving blocks.
+    prefix_count_config: counts of leading layers that differ from the rest ("the first k layers
+    are dense": DeepSeek, GLM-MoE; "the first k layers use full attention": Qwen's
+    max_window_layers); recounted over the surviving blocks.
     mlp_extra_outputs: values the FFN/MoE returns after its output (gpt-oss: router scores).
     attention_output / mlp_output: the linear layer inside the sublayer whose output is added to
     the stream (a linear bridge folds into it); None where a norm follows it.
@@ -48,7 +49,7 @@ class Architecture:
     per_layer_config: tuple[str, ...] = ()
     layer_index_config: tuple[str, ...] = ()
     sparse_step_config: str | None = None
-    dense_prefix_config: str | None = None
+    prefix_count_config: tuple[str, ...] = ()
     logit_softcap_config: str | None = None
     logit_divisor_config: str | None = None
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -96,8 +97,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mistral": replace(_LLAMA, gguf_arch="llama"),  # llama.cpp runs Mistral as Llama (convert_hf_to_gguf.py too)
     "granite": replace(_LLAMA, logit_divisor_config="logits_scaling"),
     "gemma": _LLAMA,
-    "qwen2": replace(_LLAMA, per_layer_config=("layer_types",), gguf_arch="qwen2"),
-    "qwen3": replace(_LLAMA, per_layer_config=("layer_types",), gguf_arch="qwen3"),
+    "qwen2": replace(_LLAMA, per_layer_config=("layer_types",), prefix_count_config=("max_window_layers",), gguf_arch="qwen2"),
+    "qwen3": replace(_LLAMA, per_layer_config=("layer_types",), prefix_count_config=("max_window_layers",), gguf_arch="qwen3"),
     "gemma2": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping"),
     "gemma3_text": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping"),
     "phi3": replace(_LLAMA, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
@@ -112,7 +113,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "olmo3": replace(_POST_NORM, per_layer_config=("layer_types",)),
     "exaone4": replace(_POST_NORM, per_layer_config=("layer_types",)),
     "mixtral": _MOE,
-    "qwen2_moe": replace(_QWEN_MOE, per_layer_config=("layer_types",)),
+    "qwen2_moe": replace(_QWEN_MOE, per_layer_config=("layer_types",)),  # its max_window_layers is no prefix count
     "qwen3_moe": _QWEN_MOE,
     "olmoe": _MOE,
     "phimoe": _MOE,
@@ -120,10 +121,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "granitemoe": replace(_MOE, mlp="block_sparse_moe", logit_divisor_config="logits_scaling"),
     # DeepSeek-V3 / GLM-4.5: multi-head latent attention (DeepSeek), dense FFNs in the first k
     # layers, then routed experts beside shared ones; LoRA reaches attention and the dense FFNs.
-    "deepseek_v3": replace(_MOE, dense_prefix_config="first_k_dense_replace", moe_outputs=_SHARED_EXPERTS,
+    "deepseek_v3": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
                            lora_targets=("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                                          "gate_proj", "up_proj", "down_proj")),
-    "glm4_moe": replace(_MOE, dense_prefix_config="first_k_dense_replace", moe_outputs=_SHARED_EXPERTS,
+    "glm4_moe": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
                         lora_targets=_LLAMA.lora_targets),
 }
 

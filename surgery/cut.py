@@ -103,9 +103,10 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
     """Make every per-layer config entry describe the surviving blocks."""
     if arch.sparse_step_config:
         _materialise_sparse_step(config, arch, old_count)
-    dense = getattr(config, arch.dense_prefix_config, None) if arch.dense_prefix_config else None
-    if dense is not None:
-        setattr(config, arch.dense_prefix_config, sum(1 for i in kept if i < dense))
+    for key in arch.prefix_count_config:
+        count = getattr(config, key, None)
+        if count is not None:
+            setattr(config, key, sum(1 for i in kept if i < count))
     for key in arch.per_layer_config:
         values = getattr(config, key, None)
         if values is not None:

@@ -139,6 +139,20 @@ def test_moe_sparse_step_survives_block_removal(tmp_path, tokenizer):
     assert [type(layer.mlp).__name__ for layer in decoder_layers(reloaded)] == kinds_before[1:]
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_prefix_counts_describe_the_surviving_blocks(family):
+    """Qwen's max_window_layers (full attention below it) recounted, so a runtime that rebuilds the
+    layer pattern from it, as transformers does when layer_types is absent, gets the sliced list."""
+    from transformers import AutoConfig
+
+    model = tiny_model(family, num_layers=4, use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    cut(model, parse_sublayers("L1"))
+    config = model.config
+    assert config.max_window_layers == 1 and config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    rebuilt = AutoConfig.for_model(family, **{k: v for k, v in config.to_dict().items() if k not in ("layer_types", "model_type")})
+    assert rebuilt.layer_types == config.layer_types
+
+
 @torch.no_grad()
 def test_cutting_twice_composes(tmp_path, tokenizer):
     model = tiny_model("llama", num_layers=5)
