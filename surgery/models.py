@@ -105,6 +105,13 @@ def resolve(spec: str, *, allow_pickle: bool = False) -> ModelSource:
     )
 
 
+def named_folder(spec: str) -> list[Path]:
+    """The folder a MODEL argument names directly, if it does: output checks made before the
+    (possibly slow) resolving already know not to write into it."""
+    path = Path(spec.strip()).expanduser() if spec.strip() else None
+    return [path] if path is not None and path.is_dir() else []
+
+
 def builtin_gguf_path(alias: str) -> Path:
     import importlib.metadata as metadata
 

@@ -25,10 +25,10 @@ def cut_and_export(model_spec: str, remove: str, out: Path, *, force: bool = Fal
     """`surgery cut`: remove sublayers physically and write a verified checkpoint."""
     from surgery.cut import cut, validate_removal
     from surgery.export import check_output_path, export_checkpoint
-    from surgery.models import load_model, resolve
+    from surgery.models import load_model, named_folder, resolve
     from surgery.sublayers import format_sublayers, parse_sublayers
 
-    check_output_path(out, force=force)
+    check_output_path(out, force=force, protected=named_folder(model_spec))
     units = parse_sublayers(remove)
     source = resolve(model_spec, allow_pickle=load_kwargs.get("allow_pickle", False))
     check_output_path(out, force=force, protected=[source.path])
@@ -95,12 +95,12 @@ def evaluate_and_save(model_spec: str, settings: Any, out: Path | None, *, force
     """`surgery eval`: load, evaluate, write the results JSON."""
     from surgery.evaluate import evaluate_model
     from surgery.export import check_output_file
-    from surgery.models import load_model, resolve
+    from surgery.models import load_model, named_folder, resolve
 
     if not settings.tasks and not settings.perplexity and not settings.speed:
         raise SurgeryError("nothing to evaluate: give --tasks, --ppl or --speed")
     if out is not None:
-        check_output_file(out, force=force)
+        check_output_file(out, force=force, protected=named_folder(model_spec))
     source = resolve(model_spec, allow_pickle=load_kwargs.get("allow_pickle", False))
     if out is not None:
         check_output_file(out, force=force, protected=[source.path])
@@ -145,13 +145,13 @@ def analyze_and_save(model_spec: str, settings: Any, out: Path, *, force: bool =
                      **load_kwargs: Any) -> dict[str, Any]:
     """`surgery analyze`: load, score, write analysis.json, plots and analysis.md into `out`."""
     from surgery.analysis import analyze
-    from surgery.models import load_model, resolve
+    from surgery.models import load_model, named_folder, resolve
     from surgery.plots import plot_analysis
     from surgery.report import analysis_markdown
 
     if not settings.methods:
         raise SurgeryError("no method to run: give --method with any of shapley, ablation, angular, bi")
-    check_analysis_folder(out, force)
+    check_analysis_folder(out, force, protected=named_folder(model_spec))
     source = resolve(model_spec, allow_pickle=load_kwargs.get("allow_pickle", False))
     check_analysis_folder(out, force, protected=[source.path])
     loaded = load_model(source, **load_kwargs)

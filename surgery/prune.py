@@ -152,7 +152,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
     from surgery.console import console, progress_bar
     from surgery.cut import cut, validate_removal
     from surgery.export import check_output_path, export_checkpoint
-    from surgery.models import check_device_options, load_model, resolve
+    from surgery.models import check_device_options, load_model, named_folder, resolve
     from surgery.pipeline import check_analysis_folder
     from surgery.plan import ALL_STRATEGIES, GRANULARITIES, Target, make_plan
     from surgery.provenance import now, versions
@@ -163,7 +163,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
         raise SurgeryError(f"unknown strategy '{settings.strategy}': use one of {', '.join(ALL_STRATEGIES)}")
     if settings.granularity not in GRANULARITIES:
         raise SurgeryError(f"unknown granularity '{settings.granularity}': use block or sublayer")
-    out = check_output_path(settings.out, force=settings.force)
+    out = check_output_path(settings.out, force=settings.force, protected=named_folder(settings.model))
     check_device_options(settings.load.get("device"), settings.load.get("device_map"))
     check_device_options(None, settings.healing.device_map)
     target = Target.parse(settings.remove)

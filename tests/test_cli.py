@@ -73,6 +73,7 @@ def test_bad_paths_exit_2(tiny_folder, tmp_path):
         (["cut", tmp_path / "missing", "--remove", "L1", "--out", tmp_path / "o1"], "not found"),
         (["cut", source, "--remove", "L1", "--out", as_file], "is a file"),
         (["cut", source, "--remove", "L1", "--out", source, "--force"], "overlaps"),
+        (["cut", source, "--remove", "L1", "--out", source], "overlaps"),  # not "pass --force", which would not help
         (["cut", source, "--remove", "L1", "--out", source / "inside"], "overlaps"),
         (["cut", "nobody/no-such-model", "--remove", "L1", "--out", tmp_path / "o2"], "Hub is not reachable"),
         (["cut", as_file, "--remove", "L1", "--out", tmp_path / "o3"], "is a file, not a model"),
