@@ -156,15 +156,17 @@ def eval_settings(kwargs: dict[str, Any], tasks: str | None) -> Any:
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @eval_options
 @model_options
+@click.pass_context
 @handle_errors
-def eval_command(model: str, tasks: str, out: Path | None, force: bool, **kwargs: Any) -> None:
+def eval_command(ctx: click.Context, model: str, tasks: str, out: Path | None, force: bool, **kwargs: Any) -> None:
     """Task accuracy (lm-eval), perplexity, speed and memory of a model."""
     from surgery.console import console
     from surgery.evaluate.table import comparison_table
     from surgery.pipeline import evaluate_and_save
 
+    default_window = ctx.get_parameter_source("ppl_context") == click.core.ParameterSource.DEFAULT
     settings = eval_settings(kwargs, tasks)
-    results = evaluate_and_save(model, settings, out, force=force, **load_options(kwargs))
+    results = evaluate_and_save(model, settings, out, force=force, fit_context=default_window, **load_options(kwargs))
     console.print(comparison_table({model: results}, title=f"surgery eval {model}"))
     if out:
         console.print(f"[green]wrote[/] {out}")

@@ -89,6 +89,8 @@ def _text_field(row: dict[str, Any], path: Path, field: str | None) -> str:
 def read_text_file(path: Path, field: str | None = None) -> list[str]:
     """Documents from a user file: .txt (one document), .jsonl[.gz] or .parquet (one per row)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise SurgeryError(f"{path} is a folder: give a .txt, .jsonl or .parquet file (or c4 / wikitext2)")
     if not path.is_file():
         raise SurgeryError(f"text file {path} not found")
     name = path.name.lower()

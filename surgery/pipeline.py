@@ -90,10 +90,11 @@ def write_json(path: Path, data: Any) -> None:
         raise
 
 
-def evaluate_and_save(model_spec: str, settings: Any, out: Path | None, *, force: bool = False,
+def evaluate_and_save(model_spec: str, settings: Any, out: Path | None, *, force: bool = False, fit_context: bool = False,
                       **load_kwargs: Any) -> dict[str, Any]:
-    """`surgery eval`: load, evaluate, write the results JSON."""
-    from surgery.evaluate import evaluate_model
+    """`surgery eval`: load, evaluate, write the results JSON. fit_context: the perplexity window
+    is the default one, which a model with a shorter context gets shortened."""
+    from surgery.evaluate import evaluate_model, fit_context_to_model
     from surgery.export import check_output_file
     from surgery.models import load_model, named_folder, resolve
 
@@ -105,6 +106,8 @@ def evaluate_and_save(model_spec: str, settings: Any, out: Path | None, *, force
     if out is not None:
         check_output_file(out, force=force, protected=[source.path])
     loaded = load_model(source, **load_kwargs)
+    if fit_context:
+        settings = fit_context_to_model(settings, loaded.model.config)
     results = evaluate_model(loaded.model, loaded.tokenizer, settings, model_info=loaded.source.describe(),
                              folder=loaded.source.path)
     if out is not None:

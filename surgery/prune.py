@@ -96,7 +96,8 @@ def _check_data(settings: PruneSettings, needs_calibration: bool) -> None:
                 where = data_dir or "no data directory (pass --data-dir or set SURGERY_DATA_DIR)"
                 raise SurgeryError(f"no {source} text for {role}: {stem}.jsonl.gz not in {where}, and the Hub is offline")
         elif not Path(source).expanduser().is_file():
-            raise SurgeryError(f"{role} file {source} not found: give a .txt/.jsonl/.parquet file or one of {', '.join(CORPORA)}")
+            problem = "is a folder" if Path(source).expanduser().is_dir() else "not found"
+            raise SurgeryError(f"{role} file {source} {problem}: give a .txt/.jsonl/.parquet file or one of {', '.join(CORPORA)}")
     check_task_names(settings.evaluation.tasks)
 
 
@@ -151,6 +152,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
     from surgery.arch import num_layers
     from surgery.console import console, progress_bar
     from surgery.cut import cut, validate_removal
+    from surgery.evaluate import fit_context_to_model
     from surgery.export import check_output_path, export_checkpoint
     from surgery.models import check_device_options, load_model, named_folder, resolve
     from surgery.pipeline import check_analysis_folder
@@ -179,7 +181,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
     check_in_range([*manual, *target.ids], layers)
     if loaded.tokenizer is None:
         raise SurgeryError(f"{settings.model} has no tokenizer: prune needs one for calibration, healing and evaluation")
-    _fit_perplexity_context(settings, loaded.model.config)
+    settings.evaluation = fit_context_to_model(settings.evaluation, loaded.model.config)  # prune has no --ppl-context
     if settings.heal:
         from surgery.heal import check_lora_targets
 
@@ -274,17 +276,6 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
         bar.remove_task(export_task)
     report["export"] = {"path": str(exported.path), "max_logit_diff": exported.max_logit_diff, "loader": exported.loader}
     return report
-
-
-def _fit_perplexity_context(settings: PruneSettings, config: Any) -> None:
-    """prune has no --ppl-context: a model trained on fewer positions than the default window is
-    scored on windows as long as its context (the report's protocol records the length used)."""
-    from dataclasses import replace
-
-    protocol = settings.evaluation.perplexity_protocol
-    trained = getattr(config, "max_position_embeddings", None)
-    if trained and protocol.context > trained:
-        settings.evaluation = replace(settings.evaluation, perplexity_protocol=replace(protocol, context=trained))
 
 
 def _evaluate(stage: str, model: Any, tokenizer: Any, settings: PruneSettings, folder: Path | None, bar: Any) -> dict[str, Any]:

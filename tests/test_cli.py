@@ -135,6 +135,8 @@ def test_broken_files_and_devices_get_one_line_before_weights_load(tiny_folder, 
         (["eval", source, "--ppl-context", "8", "--ppl-stride", "1000"], "--ppl-stride 1000 is longer than --ppl-context 8"),
         (["eval", source, "--ppl-context", "4096", "--tasks", "none", "--no-speed"], "longer than the model's context (256"),
         (["info", ""], "no MODEL given"),
+        (["eval", source, "--tasks", "none", "--no-speed", "--ppl", tmp_path], "is a folder: give a .txt"),  # default window fitted
+        (["prune", source, "--out", tmp_path / "p", "--remove", "L1", "--no-bridge", "--eval-ppl", tmp_path], "is a folder"),
         (["eval", source, "--data-dir", junk], "is a file"),
         (["info", source, "--device", "foo"], "unknown device 'foo'"),
         (["info", source, "--device", "meta"], "holds no weights"),
@@ -181,6 +183,15 @@ def test_remote_code_is_not_run_unless_trusted(tiny_folder, tmp_path):
     result = run("info", source, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "remote code ran" not in result.output
+
+
+def test_the_default_perplexity_window_fits_a_short_context_model(tiny_folder, tmp_path, data_dir):
+    source, _ = tiny_folder("llama")  # 256 positions; the default window is 512
+    out = tmp_path / "results.json"
+    result = run("eval", source, "--tasks", "none", "--no-speed", "--ppl", "wikitext2", "--ppl-windows", "1",
+                 "--data-dir", data_dir, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["protocol"]["perplexity"]["context"] == 256
 
 
 def test_info_counts_what_a_cut_left(tiny_folder, tmp_path):

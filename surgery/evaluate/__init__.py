@@ -49,6 +49,18 @@ class EvalSettings:
         }
 
 
+def fit_context_to_model(settings: EvalSettings, config: Any) -> EvalSettings:
+    """The default perplexity window shortened to a model trained on fewer positions; the results
+    record the length used. A window the user chose is never changed: evaluate_model refuses it."""
+    from dataclasses import replace
+
+    protocol = settings.perplexity_protocol
+    trained = getattr(config, "max_position_embeddings", None)
+    if not trained or protocol.context <= trained:
+        return settings
+    return replace(settings, perplexity_protocol=replace(protocol, context=trained))
+
+
 def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, model_info: dict[str, Any] | None = None,
                    folder: Path | None = None, progress: Any = None) -> dict[str, Any]:
     """Evaluate an in-memory model; returns a results dict in the documented schema."""
