@@ -231,7 +231,8 @@ def analysis_settings(kwargs: dict[str, Any], methods: str, seed: int, data_dir:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Default: $SURGERY_DATA_DIR.")
 @click.option("--text-field", default=None, help="Field holding the text in .jsonl/.parquet files.")
-@click.option("--force", is_flag=True, help="Start over in an --out that holds another analysis.")
+@click.option("--force", is_flag=True,
+              help="Start over in an --out that holds another analysis or results this run leaves out (discards them).")
 @model_options
 @handle_errors
 def analyze(model: str, out: Path, methods: str, batch_size: int, seed: int, data_dir: Path | None, text_field: str | None,
