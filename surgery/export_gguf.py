@@ -399,18 +399,15 @@ def _build_tokenizer(writer: Any, folder: Path, config: dict[str, Any], pre: str
 def _pre_tokenizer_name(spec: dict[str, Any]) -> str:
     """llama.cpp names pre-tokenizers by model; only GPT-2's own can be told from tokenizer.json
     with certainty (a ByteLevel step with its built-in regex and no other split)."""
-    step = spec.get("pre_tokenizer") or {}
-    if _is_gpt2_split(step):
+    from surgery.models import is_digits_then_gpt2, is_gpt2_split
+
+    step = spec.get("pre_tokenizer")
+    if is_gpt2_split(step):
         return _GPT2_PRE
-    steps = step.get("pretokenizers", []) if step.get("type") == "Sequence" else []
-    if len(steps) == 2 and steps[0] == {"type": "Digits", "individual_digits": True} and _is_gpt2_split(steps[1]):
+    if is_digits_then_gpt2(step):
         return _DIGITS_THEN_GPT2_PRE
     raise SurgeryError("cannot tell llama.cpp's pre-tokenizer from tokenizer.json: pass --tokenizer-pre with "
                        "llama.cpp's name for the family (llama-bpe for Llama 3, qwen2 for Qwen2/Qwen3, smollm for SmolLM)")
-
-
-def _is_gpt2_split(step: dict[str, Any]) -> bool:
-    return step.get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space")
 
 
 # ------------------------------------------------------------------ verification

@@ -287,12 +287,22 @@ def gguf_tokenizer(gguf: Path) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     field = gguf_py.GGUFReader(str(gguf)).get_field("tokenizer.ggml.pre")
     backend = tokenizer.backend_tokenizer
-    plain_gpt2 = json.loads(backend.to_str()).get("pre_tokenizer") or {}
-    if field is not None and field.contents() in _DIGIT_SPLIT_PRE and plain_gpt2.get("type") == "ByteLevel" \
-            and plain_gpt2.get("use_regex", True):
+    if field is not None and field.contents() in _DIGIT_SPLIT_PRE and is_gpt2_split(json.loads(backend.to_str()).get("pre_tokenizer")):
         backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     return tokenizer
+
+
+def is_gpt2_split(step: dict[str, Any] | None) -> bool:
+    """A tokenizer.json pre-tokenizer that is exactly GPT-2's: ByteLevel with its own regex."""
+    step = step or {}
+    return step.get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space")
+
+
+def is_digits_then_gpt2(step: dict[str, Any] | None) -> bool:
+    """Every digit split off first, then GPT-2's split (StarCoder, SmolLM): what gguf_tokenizer restores."""
+    steps = (step or {}).get("pretokenizers", []) if (step or {}).get("type") == "Sequence" else []
+    return len(steps) == 2 and steps[0] == {"type": "Digits", "individual_digits": True} and is_gpt2_split(steps[1])
 
 
 @contextmanager
