@@ -7,6 +7,7 @@ input fails in seconds and writes nothing), and returns a result object for the 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +22,26 @@ def _config_layers(folder: Path) -> int:
     return int(config["num_hidden_layers"])
 
 
+def _resolve_apart(model_spec: str, check_output: Callable[[list[Path]], Any], load_kwargs: dict[str, Any]) -> Any:
+    """Resolve MODEL with the command's output check run against the folder it names before
+    resolving (which may convert or download) and against the resolved folder after."""
+    from surgery.models import named_folder, resolve
+
+    check_output(named_folder(model_spec))
+    source = resolve(model_spec, allow_pickle=load_kwargs.get("allow_pickle", False))
+    check_output([source.path])
+    return source
+
+
 def cut_and_export(model_spec: str, remove: str, out: Path, *, force: bool = False, **load_kwargs: Any) -> Any:
     """`surgery cut`: remove sublayers physically and write a verified checkpoint."""
     from surgery.cut import cut, validate_removal
     from surgery.export import check_output_path, export_checkpoint
-    from surgery.models import load_model, named_folder, resolve
+    from surgery.models import load_model
     from surgery.sublayers import format_sublayers, parse_sublayers
 
-    check_output_path(out, force=force, protected=named_folder(model_spec))
     units = parse_sublayers(remove)
-    source = resolve(model_spec, allow_pickle=load_kwargs.get("allow_pickle", False))
-    check_output_path(out, force=force, protected=[source.path])
+    source = _resolve_apart(model_spec, lambda protected: check_output_path(out, force=force, protected=protected), load_kwargs)
     validate_removal(units, _config_layers(source.path))
     loaded = load_model(source, **load_kwargs)
     result = cut(loaded.model, units)
@@ -96,15 +106,15 @@ def evaluate_and_save(model_spec: str, settings: Any, out: Path | None, *, force
     is the default one, which a model with a shorter context gets shortened."""
     from surgery.evaluate import evaluate_model, fit_context_to_model
     from surgery.export import check_output_file
-    from surgery.models import load_model, named_folder, resolve
+    from surgery.models import load_model
 
     if not settings.tasks and not settings.perplexity and not settings.speed:
         raise SurgeryError("nothing to evaluate: give --tasks, --ppl or --speed")
-    if out is not None:
-        check_output_file(out, force=force, protected=named_folder(model_spec))
-    source = resolve(model_spec, allow_pickle=load_kwargs.get("allow_pickle", False))
-    if out is not None:
-        check_output_file(out, force=force, protected=[source.path])
+    def check_out(protected: list[Path]) -> None:
+        if out is not None:
+            check_output_file(out, force=force, protected=protected)
+
+    source = _resolve_apart(model_spec, check_out, load_kwargs)
     loaded = load_model(source, **load_kwargs)
     if fit_context:
         settings = fit_context_to_model(settings, loaded.model.config)
@@ -148,15 +158,13 @@ def analyze_and_save(model_spec: str, settings: Any, out: Path, *, force: bool =
                      **load_kwargs: Any) -> dict[str, Any]:
     """`surgery analyze`: load, score, write analysis.json, plots and analysis.md into `out`."""
     from surgery.analysis import analyze
-    from surgery.models import load_model, named_folder, resolve
+    from surgery.models import load_model
     from surgery.plots import plot_analysis
     from surgery.report import analysis_markdown
 
     if not settings.methods:
         raise SurgeryError("no method to run: give --method with any of shapley, ablation, angular, bi")
-    check_analysis_folder(out, force, protected=named_folder(model_spec))
-    source = resolve(model_spec, allow_pickle=load_kwargs.get("allow_pickle", False))
-    check_analysis_folder(out, force, protected=[source.path])
+    source = _resolve_apart(model_spec, lambda protected: check_analysis_folder(out, force, protected=protected), load_kwargs)
     loaded = load_model(source, **load_kwargs)
     analysis = analyze(loaded.model, loaded.tokenizer, settings, out, model_info=loaded.source.describe(), force=force)
     plots = plot_analysis(analysis, Path(out))

@@ -54,11 +54,16 @@ def fit_context_to_model(settings: EvalSettings, config: Any) -> EvalSettings:
     record the length used. A window the user chose is never changed: evaluate_model refuses it."""
     from dataclasses import replace
 
-    protocol = settings.perplexity_protocol
-    trained = getattr(config, "max_position_embeddings", None)
-    if not trained or protocol.context <= trained:
+    trained = _context_overrun(settings, config)
+    if trained is None:
         return settings
-    return replace(settings, perplexity_protocol=replace(protocol, context=trained))
+    return replace(settings, perplexity_protocol=replace(settings.perplexity_protocol, context=trained))
+
+
+def _context_overrun(settings: EvalSettings, config: Any) -> int | None:
+    """The model's trained positions, when the perplexity window is longer than them."""
+    trained = getattr(config, "max_position_embeddings", None)
+    return trained if trained and settings.perplexity_protocol.context > trained else None
 
 
 def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, model_info: dict[str, Any] | None = None,
@@ -76,8 +81,8 @@ def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, model_
 
         raise SurgeryError("this model has no tokenizer: evaluate a folder that holds one (tokenizer.json)")
     base = unwrap(model)
-    trained = getattr(base.config, "max_position_embeddings", None)
-    if settings.perplexity and trained and settings.perplexity_protocol.context > trained:
+    trained = _context_overrun(settings, base.config)
+    if settings.perplexity and trained:
         from surgery.errors import SurgeryError
 
         raise SurgeryError(f"--ppl-context {settings.perplexity_protocol.context} is longer than the model's context "
