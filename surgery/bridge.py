@@ -31,6 +31,7 @@ from typing import Any
 from surgery.arch import architecture_of, decoder_layers, get_module, unwrap
 from surgery.sublayers import Sublayer, contiguous_runs, format_sublayers
 
+_QUANTIZED = "{sublayer}'s output projection is quantized; load the model in full precision to bridge"
 RIDGE = 1e-4  # times the mean diagonal of the normal matrix: keeps the solve stable, changes little
 
 
@@ -106,11 +107,11 @@ def output_weights(layer: Any, arch: Any, kind: str) -> tuple[list[OutputWeight]
             bias = getattr(owner, f"{name}_bias", None) if getattr(owner, "has_bias", False) else None
             targets.append(OutputWeight(found, bias, output_last=bool(getattr(owner, "is_transposed", False))))
         else:
-            return [], "{sublayer}'s output projection is quantized; load the model in full precision to bridge"
+            return [], _QUANTIZED
     if not targets:
         return [], "{family} has no plain output projection in {sublayer} to fold into"
     if not all(t.weight.dtype.is_floating_point for t in targets):
-        return [], "{sublayer}'s output projection is quantized; load the model in full precision to bridge"
+        return [], _QUANTIZED
     return targets, None
 
 
