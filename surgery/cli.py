@@ -276,6 +276,8 @@ def analyze(model: str, out: Path, methods: str, batch_size: int, seed: int, dat
 @click.option("--heal-batch-size", type=click.IntRange(min=1), default=4)
 @click.option("--heal-grad-accum", type=click.IntRange(min=1), default=1)
 @click.option("--heal-lr", type=float, default=2e-4)
+@click.option("--heal-save-steps", type=click.IntRange(min=1), default=50,
+              help="Steps between healing checkpoints (an interrupted run resumes from the last one).")
 @click.option("--heal-data", default="c4", help="c4 (data directory, or the Hub online) or a text file.")
 @click.option("--heal-distill", type=click.FloatRange(0, 1), default=0.0,
               help="Weight of the KL to the dense model's next-token distribution in the healing loss (0: plain LM loss).")
@@ -341,6 +343,7 @@ def prune_settings(kwargs: dict[str, Any]) -> Any:
     healing = HealSettings(
         steps=kwargs["heal_steps"], tokens=kwargs["heal_tokens"], seq_len=kwargs["heal_seq_len"],
         batch_size=kwargs["heal_batch_size"], grad_accum=kwargs["heal_grad_accum"], learning_rate=kwargs["heal_lr"],
+        save_steps=kwargs["heal_save_steps"],
         lora_r=kwargs["lora_r"], lora_alpha=kwargs["lora_alpha"], lora_dropout=kwargs["lora_dropout"],
         target_modules=_names(kwargs["lora_targets"]) or None, quantize=kwargs["quantize"], data=kwargs["heal_data"],
         device_map=kwargs["heal_device_map"], seed=kwargs["seed"], distill=kwargs["heal_distill"],

@@ -147,23 +147,20 @@ def heldout_loss(model: Any, batches: list[Any]) -> float:
     return total / count
 
 
-def _settings_key(settings: HealSettings, model_folder: Path, data_digest: str, teacher: Path | None) -> str:
-    from surgery.models import fingerprint
-
-    basis = {"settings": settings.describe(), "model": fingerprint(model_folder), "data": data_digest,
-             "teacher": fingerprint(teacher) if teacher else None}
-    return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data_dir: Path | None = None,
-         device: str = "cpu", progress: Any = None, teacher: Path | None = None) -> HealResult:
+         device: str = "cpu", progress: Any = None, teacher: Path | None = None,
+         job: dict[str, Any] | None = None) -> HealResult:
     """Train LoRA adapters on the pruned `model` and return the merged full-precision model.
 
-    `teacher` is the dense model's folder, needed when `settings.distill > 0`.
+    `teacher` is the dense model's folder, needed when `settings.distill > 0`. `job`: what the
+    caller knows about where the model came from (source, plan, bridge), named when a working
+    folder of another job is set aside.
 
     The given model is consumed: it is saved into `work` and its weights are released, so a large
-    model is never held twice next to its training copy. `work` holds the pruned base, the trainer's checkpoints and the adapter; a rerun with the same
-    model, data and settings resumes from the last checkpoint.
+    model is never held twice next to its training copy. `work` holds the pruned base, the
+    trainer's checkpoints and the adapter. A rerun resumes from the last checkpoint only when
+    everything that decides the result is the same (`resume_identity`: the weights, the settings,
+    the training tokens, the teacher); otherwise it says so and starts fresh.
     """
 
     from surgery.arch import architecture_of, unwrap
@@ -180,28 +177,80 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     started = time.perf_counter()
     work = Path(work)
     base_folder = work / "base"
-    if not (base_folder / "config.json").is_file():
-        staging = work / "base.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        write_model_folder(model, tokenizer, staging)
-        staging.rename(base_folder)
 
     texts, heldout_texts, source = healing_texts(settings.data, data_dir)
     per_step = settings.batch_size * settings.grad_accum
     train_ids = _pack_available(tokenizer, texts, settings.steps * per_step, settings.seq_len, source, minimum=per_step)
     heldout = list(pack_tokens(tokenizer, heldout_texts, settings.heldout_samples, settings.seq_len, "held-out text").split(4))
-    digest = hashlib.sha256(train_ids.numpy().tobytes()).hexdigest()
-    key = _settings_key(settings, base_folder, digest, teacher)
+    identity = resume_identity(model, settings, train_ids, teacher, job)
+    _claim_working_folder(work, identity)
+    if not (base_folder / "config.json").is_file():
+        staging = work / "base.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        write_model_folder(model, tokenizer, staging)
+        staging.rename(base_folder)
+    (work / JOB_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")  # after the base it vouches for
 
     loss_before = heldout_loss(model, heldout)
     arch = architecture_of(unwrap(model).config)
     dtype = next(unwrap(model).parameters()).dtype
     _release(model)  # from here on the saved base is the model; a large one must not stay in memory twice
     with progress_bar(progress) as bar:
-        adapter, log, resumed = _train(base_folder, tokenizer, train_ids, settings, arch, work, key, device, bar, teacher)
+        adapter, log, resumed = _train(base_folder, tokenizer, train_ids, settings, arch, work, device, bar, teacher)
         merged = merge_adapter(base_folder, adapter, dtype=dtype, device=device)
     loss_after = heldout_loss(merged, heldout)
     return HealResult(merged, loss_before, loss_after, settings.describe(), source, time.perf_counter() - started, log, resumed)
+
+
+JOB_FILE = "heal-job.json"
+_PARTS = {"weights": "the weights of the model to heal", "data": "the training tokens", "teacher": "the distillation teacher"}
+
+
+def resume_identity(model: Any, settings: HealSettings, train_ids: Any, teacher: Path | None,
+                    job: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything that decides what a heal produces; checkpoints are reused only when all of it matches."""
+    from surgery.models import fingerprint
+    from surgery.provenance import weights_sha256
+
+    identity = {"weights": weights_sha256(model), "settings": {k: v for k, v in settings.describe().items() if k != "save_steps"},
+                "data": hashlib.sha256(train_ids.numpy().tobytes()).hexdigest(),
+                "teacher": fingerprint(teacher) if teacher else None, "job": job or {}}
+    return json.loads(json.dumps(identity, default=str))  # as it reads back from the working folder
+
+
+def _claim_working_folder(work: Path, identity: dict[str, Any]) -> None:
+    """Keep what `work` holds only if it was made for `identity`; otherwise say what differs and
+    clear it, so that a rerun with another plan never resumes, or merges into, another model."""
+    from surgery.console import console
+
+    work.mkdir(parents=True, exist_ok=True)
+    left = [p for p in ("base", "base.partial", "checkpoints", "adapter", JOB_FILE) if (work / p).exists()]
+    try:
+        earlier = json.loads((work / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if not left or earlier == identity:
+        return
+    if (work / "checkpoints").is_dir():
+        why = "; ".join(_differences(earlier, identity)) if isinstance(earlier, dict) else "it records no job"
+        console.print(f"[yellow]not resuming the healing checkpoints in {work}: they were made for another job "
+                      f"({why}); starting fresh[/]", soft_wrap=True)
+    for name in left:
+        path = work / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _differences(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What changed, in words: the caller's job entries (plan, source) first, then the identity's parts."""
+    old_job, new_job = earlier.get("job") or {}, now["job"]
+    reasons = [f"{key}: {old_job.get(key)} then, {new_job.get(key)} now"
+               for key in sorted(set(old_job) | set(new_job)) if old_job.get(key) != new_job.get(key)]
+    old_settings = earlier.get("settings") or {}
+    changed = sorted(k for k in set(old_settings) | set(now["settings"]) if old_settings.get(k) != now["settings"].get(k))
+    if changed:
+        reasons.append(f"healing settings differ: {', '.join(changed)}")
+    reasons += [f"{label} differ" for key, label in _PARTS.items() if earlier.get(key) != now[key]]
+    return reasons
 
 
 def _release(model: Any) -> None:
@@ -249,7 +298,7 @@ def _pack_available(tokenizer: Any, texts: list[str], wanted: int, seq_len: int,
         return pack_tokens(tokenizer, texts, fits, seq_len, source)
 
 
-def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSettings, arch: Any, work: Path, key: str,
+def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSettings, arch: Any, work: Path,
            device: str, bar: Any, teacher: Path | None) -> tuple[Path, list[dict[str, float]], str | None]:
     import datasets
     import torch
@@ -261,10 +310,6 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
     from surgery.models import load_model
 
     checkpoints = work / "checkpoints"
-    key_file = work / "heal-key.txt"
-    if key_file.is_file() and key_file.read_text() != key:
-        shutil.rmtree(checkpoints, ignore_errors=True)  # another model, data or settings: a stale run
-    key_file.write_text(key)
     resume = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if checkpoints.is_dir() else []
 
     on_gpu = device.startswith("cuda")
@@ -284,7 +329,6 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
     except ValueError as error:
         raise SurgeryError(f"LoRA target modules {lora.target_modules} not found in the model: {error}") from None
 
-    log: list[dict[str, float]] = []
     task = bar.add_task("healing", total=settings.steps)
 
     class Progress(TrainerCallback):
@@ -293,7 +337,6 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                log.append({"step": state.global_step, "loss": float(logs["loss"])})
                 bar.update(task, description=f"healing (loss {logs['loss']:.3f})")
 
     config = SFTConfig(
@@ -313,6 +356,8 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
     resumed = str(resume[-1]) if resume else None
     trainer.train(resume_from_checkpoint=resumed)
     bar.remove_task(task)
+    # The trainer's state, restored from a checkpoint on resume: the whole run's losses, not only the resumed steps'.
+    log = [{"step": entry["step"], "loss": float(entry["loss"])} for entry in trainer.state.log_history if "loss" in entry]
     adapter = work / "adapter"
     model.save_pretrained(adapter)
     del trainer, model

@@ -47,3 +47,19 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def weights_sha256(model: object) -> str:
+    """SHA-256 over an in-memory model's named tensors (names, dtypes, shapes and bytes, in name
+    order): the identity of weights that are not on disk yet, such as a model just cut and bridged."""
+    import torch
+
+    digest = hashlib.sha256()
+    state = getattr(model, "get_base_model", lambda: model)().state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        flat = tensor.reshape(-1).contiguous().cpu()
+        if flat.numel():
+            digest.update(flat.view(torch.uint8).numpy())  # the buffer itself, no copy
+    return digest.hexdigest()

@@ -251,8 +251,10 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
             distill = f", distilling from the source model (weight {settings.healing.distill:g})" if settings.healing.distill else ""
             step(f"healing: {'QLoRA' if settings.healing.quantize else 'LoRA'}, {settings.healing.steps} steps{distill}")
             device = str(next(model.parameters()).device)
+            job = {"source": report["source"]["fingerprint"], "removed": report["plan"]["removed_compact"],
+                   "bridge": f"{settings.bridge_samples} sequences" if settings.bridge else "off"}
             healed = heal(model, loaded.tokenizer, settings.healing, work, data_dir=settings.analysis.data_dir,
-                          device=device, progress=bar, teacher=loaded.source.path)
+                          device=device, progress=bar, teacher=loaded.source.path, job=job)
             model = healed.model
             report["healing"] = {"settings": healed.settings, "data_source": healed.data_source,
                                  "loss_before": healed.loss_before, "loss_after": healed.loss_after,

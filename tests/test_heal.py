@@ -115,7 +115,47 @@ def test_interrupted_healing_resumes_from_its_last_checkpoint(tmp_path, tokenize
     model = tiny_model("llama", num_layers=2)  # a rerun starts from a freshly loaded model, as prune does
     result = heal(model, tokenizer, c4_settings(steps=8), tmp_path / "work", data_dir=data_dir)
     assert result.resumed_from.endswith("checkpoint-4")
-    assert [entry["step"] for entry in result.log] == [5, 6, 7, 8]
+    assert [entry["step"] for entry in result.log] == list(range(1, 9))  # the restored steps' losses too
+
+
+def test_checkpoints_of_another_model_or_settings_are_never_resumed(tmp_path, tokenizer, data_dir, monkeypatch):
+    """A working folder interrupted while healing one model, reused for another model or other
+    settings, starts fresh: the result is the fresh heal's, never a merge into the old base."""
+    from transformers import Trainer
+
+    from surgery.cut import cut
+    from surgery.sublayers import parse_sublayers
+
+    def pruned(remove):
+        model = tiny_model("llama", num_layers=4)
+        cut(model, parse_sublayers(remove))
+        return model
+
+    original = Trainer.training_step
+    calls = {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        heal(pruned("L1"), tokenizer, c4_settings(steps=8, quantize=False), tmp_path / "work", data_dir=data_dir, job={"removed": "L1"})
+    assert (tmp_path / "work" / "checkpoints" / "checkpoint-4").is_dir()
+    monkeypatch.setattr(Trainer, "training_step", original)
+
+    other = heal(pruned("L2"), tokenizer, c4_settings(steps=8, quantize=False), tmp_path / "work", data_dir=data_dir,
+                 job={"removed": "L2"})
+    fresh = heal(pruned("L2"), tokenizer, c4_settings(steps=8, quantize=False), tmp_path / "fresh", data_dir=data_dir)
+    assert other.resumed_from is None
+    want = fresh.model.state_dict()
+    assert all(torch.equal(other.model.state_dict()[name], want[name]) for name in want)
+
+    # other settings over the same model: fresh too (only save_steps, which changes no weight, may differ)
+    again = heal(pruned("L2"), tokenizer, c4_settings(steps=8, quantize=False, lora_r=4), tmp_path / "fresh", data_dir=data_dir)
+    assert again.resumed_from is None and again.settings["lora_r"] == 4
 
 
 def test_healing_refuses_too_little_text(tmp_path, tokenizer):
