@@ -46,11 +46,13 @@ def main() -> None:
 
     import torch
 
-    from surgery.analysis import AnalysisSettings, calibration_batches
-    from surgery.models import load_model
+    from surgery.data import calibration_batches
+    from surgery.loading import load_model
+    from surgery.scoring.angular import angular_distances
+    from surgery.scoring.block_influence import block_influence
     from surgery.scoring.residual import ResidualLoss
     from surgery.scoring.shapley import neighbourhood_windows
-    from surgery.scoring.similarity import angular_distances, block_influence
+    from surgery.settings import AnalysisSettings
 
     settings = AnalysisSettings(data_dir=data_dir())  # the defaults of `surgery analyze`
     loaded = load_model("smollm2-135m", device="cpu")
@@ -162,7 +164,7 @@ def head_share(model, batches) -> float:
     """Share of a full evaluation spent in the output layer and loss (median of 3)."""
     import torch
 
-    from surgery.evaluate.perplexity import final_hidden, token_nll
+    from surgery.forward import final_hidden, token_nll
 
     body, head = [], []
     with torch.no_grad():

@@ -15,7 +15,6 @@ that reproduces it is recorded.
 from __future__ import annotations
 
 import argparse
-import json
 
 from common import RESULTS, data_dir, protocol, save, setup
 
@@ -33,31 +32,32 @@ def main() -> None:
     threads = setup(args.threads)
 
     from surgery.ablation import ablated
-    from surgery.analysis import AnalysisSettings, analyze
+    from surgery.analysis import analyze, load_analysis
     from surgery.console import progress_bar
-    from surgery.evaluate import EvalSettings, TaskSuite
-    from surgery.models import load_model
+    from surgery.evaluate.suite import TaskSuite
+    from surgery.loading import load_model
+    from surgery.settings import AnalysisSettings, EvalSettings
     from surgery.sublayers import parse_sublayers
 
     loaded = load_model("smollm2-135m", device="cpu")
     path = ANALYSIS / "analysis.json"
-    analysis = json.loads(path.read_text()) if path.is_file() else analyze(
+    analysis = load_analysis(ANALYSIS) if path.is_file() else analyze(
         loaded.model, loaded.tokenizer, AnalysisSettings(data_dir=data_dir()), ANALYSIS, model_info=loaded.source.describe())
-    cornerstones = [c["id"] for c in analysis["cornerstones"]]
-    others = [p for p in analysis["players"] if p not in cornerstones]
+    cornerstones = [c["id"] for c in analysis.cornerstones]
+    others = [p for p in analysis.players if p not in cornerstones]
     step = max(1, len(others) // args.others)
     sample = others[step // 2::step][: args.others]
 
     suite = TaskSuite(EvalSettings(tasks=TASKS, limit=args.limit, perplexity=(), speed=False, data_dir=data_dir()))
     rows = {}
-    with progress_bar() as bar:
-        dense = suite.run(loaded.model, loaded.tokenizer, bar)
+    ablation, shares = analysis.section("ablation").sublayers, analysis.section("shapley").share
+    with progress_bar():
+        dense = suite.run(loaded.model, loaded.tokenizer)
         for name in [*cornerstones, *sample]:
             with ablated(loaded.model, parse_sublayers(name)):
-                scores = suite.run(loaded.model, loaded.tokenizer, bar)
-            row = {"cornerstone": name in cornerstones, "ablation_loss_increase": analysis["ablation"][name]["drop"],
-                   "collapse_fraction": analysis["ablation"][name].get("collapse"),
-                   "shapley_share": analysis["shapley"]["share"][name]}
+                scores = suite.run(loaded.model, loaded.tokenizer)
+            row = {"cornerstone": name in cornerstones, "ablation_loss_increase": ablation[name]["drop"],
+                   "collapse_fraction": ablation[name].get("collapse"), "shapley_share": shares[name]}
             for task in TASKS:
                 entry, base = scores[task], dense[task]
                 row[task] = {"acc": entry["acc"], "stderr": entry["acc_stderr"], "chance": entry["chance"],
@@ -67,11 +67,11 @@ def main() -> None:
             rows[name] = row
             print(name, {t: round(row[t]["acc"], 3) for t in TASKS})
 
-    layers = analysis["model"]["layers"]
-    best = analysis["angular"]["best_block"]
+    layers = analysis.model["layers"]
+    best = analysis.section("angular").best_block
     deep = [int(n) for n, b in best.items() if b["start"] >= layers / 2]
     result = {
-        "analysis_command": COMMAND, "analysis_key": analysis["key"], "cornerstones": analysis["cornerstones"],
+        "analysis_command": COMMAND, "analysis_key": analysis.key, "cornerstones": analysis.cornerstones,
         "cornerstones_in_first_quarter": all(int(c.split(".")[0][1:]) < layers / 4 for c in cornerstones),
         "dense": {t: {"acc": dense[t]["acc"], "stderr": dense[t]["acc_stderr"], "chance": dense[t]["chance"], "n": dense[t]["n"]}
                   for t in TASKS},

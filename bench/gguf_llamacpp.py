@@ -56,7 +56,7 @@ def compare(python: str, folder: Path, gguf_path: Path, prompt: str) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from surgery.export import load_exported
+    from surgery.export.checkpoint import load_exported
 
     model, tokenizer = load_exported(folder), AutoTokenizer.from_pretrained(str(folder))
     ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -91,12 +91,13 @@ def main() -> None:
     parser.add_argument("--llama-python", default=sys.executable, help="a Python with llama-cpp-python installed")
     args = parser.parse_args()
     setup(2)
-    from surgery.export_gguf import export_gguf
-    from surgery.pipeline import cut_and_export
+    from surgery.commands import cut_and_export
+    from surgery.export.gguf import export_gguf
+    from surgery.settings import LoadSettings
 
     work = Path(tempfile.mkdtemp(prefix="gguf-bench-"))
     folder = work / "smollm2-cut"
-    cut_and_export("smollm2-135m", REMOVE, folder, device="cpu")
+    cut_and_export("smollm2-135m", REMOVE, folder, LoadSettings(device="cpu"))
     rows = {}
     for dtype in ("f16", "q8_0"):
         written = export_gguf(folder, work / f"smollm2-cut-{dtype}.gguf", dtype=dtype)

@@ -13,11 +13,13 @@ import math
 import statistics
 from pathlib import Path
 
+from stats import join_parts, log_ratio_stderr, paired_difference, shared_items
+from strategies import PEERS, default_strategy
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs"
 IMAGES = DOCS / "img"
-PEERS = ("last", "angular", "bi", "random")
 
 
 def load(name: str) -> dict | None:
@@ -82,13 +84,6 @@ def quality_plot(summary: dict) -> str:
     return "img/strategies.png"
 
 
-def default_strategy() -> tuple[str, str]:
-    from surgery.cli import prune
-
-    defaults = {p.name: p.default for p in prune.params}
-    return defaults["strategy"] + ("+bridge" if defaults["bridge"] else ""), defaults["granularity"]
-
-
 def time_budget_sentence(summary: dict) -> str:
     """The benchmark's cost against the issue's two hours, from the recorded time of each part."""
     workers = summary["protocol"]["workers"]
@@ -111,10 +106,7 @@ def time_budget_sentence(summary: dict) -> str:
 
 
 def strategies_section(summary: dict) -> list[str]:
-    import sys
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from strategies import OUT, configurations, dense_margins, job_name, paired_difference
+    from strategies import OUT, configurations, dense_margins, job_name
 
     p = summary["protocol"]
     tasks = summary["above_chance_tasks"]
@@ -233,7 +225,7 @@ def strategies_section(summary: dict) -> list[str]:
 def distillation_lines(out: Path, cell: str, tasks: list[str]) -> list[str]:
     """The default cell healed with distillation (`--heal-distill`) against the same cell healed
     with the plain next-token loss, same steps and items (`strategies.py --goal --distill W`)."""
-    from strategies import dense_margins, paired_difference
+    from strategies import dense_margins
 
     plain_path = out / f"{cell}-goal.json"
     runs = sorted(out.glob(f"{cell}-goal-kd*.json"), key=lambda p: float(p.stem.rsplit("-kd", 1)[1]))
@@ -279,44 +271,6 @@ def paired_goal_results(out: Path, mine: str, peer: str, goal: bool) -> tuple[di
     a, b = parts(mine), parts(peer)
     common = min(len(a), len(b))
     return shared_items(join_parts(a[:common]), join_parts(b[:common]))
-
-
-def shared_items(a: dict, b: dict) -> tuple[dict, dict]:
-    """Two results cut to the items both scored (one may have been scored on more)."""
-    a, b = {**a, "tasks": dict(a["tasks"])}, {**b, "tasks": dict(b["tasks"])}
-    for task in a["tasks"]:
-        n = min(a["tasks"][task]["n"], b["tasks"][task]["n"])
-        a["tasks"][task], b["tasks"][task] = (first_items(r["tasks"][task], n) for r in (a, b))
-    return a, b
-
-
-def first_items(entry: dict, n: int) -> dict:
-    items = entry["items"][:n]
-    return {**entry, "items": items, "n": n, "acc": sum(items) / n}
-
-
-def join_parts(parts: list[dict]) -> dict:
-    first = parts[0]
-    for part in parts[1:]:
-        same = part["perplexity"]["wikitext2"]["perplexity"] / first["perplexity"]["wikitext2"]["perplexity"]
-        if abs(same - 1) > 1e-6:
-            raise SystemExit(f"a --goal continuation scored a different model (WikiText-2 {same:.6f} x the first run's): rerun it")
-    tasks = {}
-    for task in first["tasks"]:
-        items = [v for part in parts for v in part["tasks"][task]["items"]]
-        tasks[task] = first_items({**first["tasks"][task], "items": items}, len(items))
-    return {**first, "tasks": tasks}
-
-
-def log_ratio_stderr(a: dict, b: dict) -> float:
-    """Standard error of log(ppl_a / ppl_b): paired over the windows both models read when both
-    results list them, else the two window-spread errors combined as if independent (wider)."""
-    x, y = a.get("window_nll"), b.get("window_nll")
-    if x and y and len(x) == len(y) > 1:
-        d = [p - q for p, q in zip(x, y)]
-        mean = sum(d) / len(d)
-        return math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1) / len(d))
-    return math.hypot(a["nll_stderr"], b["nll_stderr"])
 
 
 def why_lines(rows: list[dict]) -> list[str]:

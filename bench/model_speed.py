@@ -46,8 +46,9 @@ def main() -> None:
     threads = setup(args.threads)
 
     from surgery.cut import cut
-    from surgery.evaluate.speed import SpeedProtocol, measure_speed
-    from surgery.models import load_model
+    from surgery.evaluate.speed import measure_speed
+    from surgery.loading import load_model
+    from surgery.settings import SpeedProtocol
     from surgery.sublayers import parse_sublayers
 
     VARIANTS["attention-only"] = ",".join(f"L{l}.attn" for l in range(2, 30))

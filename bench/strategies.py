@@ -19,31 +19,46 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from common import RESULTS, data_dir, protocol, save, setup
+from stats import above_chance_tasks, normalised
+
+from surgery.settings import DEFAULT_TASKS, PruneSettings
 
 OUT = RESULTS / "strategies"  # --out changes it (smoke runs)
+# The grid's order (every strategy of `surgery prune`; the registry has no other order to give).
 STRATEGIES = ("last", "angular", "bi", "random", "ablation", "shapley", "iterative")
 # Plan strategy plus a linear bridge folded in before the cut (surgery.bridge): `surgery prune`'s
 # default method, and angular + bridge, which is ReplaceMe's recipe in closed form.
 BRIDGED = ("bi+bridge", "angular+bridge")
 FRACTIONS = (0.125, 0.25)
-TASKS = ("boolq", "piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+TASKS = DEFAULT_TASKS
+PEERS = ("last", "angular", "bi", "random")  # the published rules the default is compared with
+
+
+def default_strategy() -> tuple[str, str]:
+    """`surgery prune`'s default as a grid cell: strategy (+bridge when bridging is on) and granularity."""
+    defaults = {f.name: f.default for f in fields(PruneSettings)}
+    return defaults["strategy"] + ("+bridge" if defaults["bridge"] else ""), defaults["granularity"]
 
 
 def configurations() -> list[tuple[str, str, float]]:
+    from surgery.strategies import STRATEGIES as REGISTERED
+
+    missing = set(REGISTERED) - set(STRATEGIES)
+    if missing:
+        raise SystemExit(f"strategies {sorted(missing)} are registered but not in the grid: add them to STRATEGIES")
     configs = []
     for fraction in FRACTIONS:
         for granularity in ("block", "sublayer"):
             for strategy in STRATEGIES:
-                if strategy == "angular" and granularity == "sublayer":
-                    continue  # angular distance ranks runs of whole blocks (Gromov et al.)
-                configs.append((strategy, granularity, fraction))
+                if granularity in REGISTERED[strategy].granularities:
+                    configs.append((strategy, granularity, fraction))
         configs += [(label, "block", fraction) for label in BRIDGED]
     return configs
 
@@ -52,117 +67,101 @@ def job_name(strategy: str, granularity: str, fraction: float, tag: str = "") ->
     return f"{strategy}-{granularity}-{int(round(fraction * 1000)):03d}{tag}"
 
 
-def settings_from(args: argparse.Namespace, offset: int = 0, limit: int | None = None, tasks: tuple[str, ...] = TASKS):
-    from surgery.evaluate import EvalSettings
-    from surgery.evaluate.perplexity import PerplexityProtocol
-    from surgery.heal import HealSettings
+def settings_from(args: argparse.Namespace, job: dict | None = None, offset: int = 0, limit: int | None = None,
+                  tasks: tuple[str, ...] = TASKS) -> PruneSettings:
+    """The job as `surgery prune` settings: the benchmark's evaluation and healing, the job's plan."""
+    from surgery.settings import AnalysisSettings, EvalSettings, HealSettings, LoadSettings, PerplexityProtocol
 
+    job = job or {}
+    strategy, _, method = job.get("strategy", "bi").partition("+")
     evaluation = EvalSettings(tasks=tuple(tasks), limit=limit or args.limit, perplexity=("wikitext2", "c4"), speed=False,
-                              data_dir=data_dir(), keep_items=True, items_offset=offset,
+                              keep_items=True, items_offset=offset,
                               perplexity_protocol=PerplexityProtocol(windows=args.ppl_windows))
     healing = HealSettings(steps=args.heal_steps, seq_len=256, batch_size=2, learning_rate=1e-3, lora_r=32, lora_alpha=32,
-                           quantize=False, heldout_samples=16, save_steps=10**6, seed=args.seed,
+                           quantize=False, heldout_samples=16, save_steps=10**6, seed=job.get("heal_seed"),
                            distill=args.distill)
-    return evaluation, healing
+    return PruneSettings(model="smollm2-135m", out=OUT / job.get("name", "job"), strategy=strategy,
+                         granularity=job.get("granularity", "block"), remove=f"{100 * job.get('fraction', 0.25):g}%",
+                         bridge=method == "bridge", iterative_candidates=args.iterative_candidates, heal=True,
+                         load=LoadSettings(device="cpu"),
+                         analysis=AnalysisSettings(data_dir=data_dir(), seed=args.seed), evaluation=evaluation, healing=healing)
 
 
 def run_job(job: dict) -> str:
-    """One configuration: plan, cut, evaluate, heal, evaluate; written to OUT/<name>.json."""
+    """One configuration through `surgery prune`'s own stages: choose, bridge, cut, evaluate, heal,
+    evaluate; written to OUT/<name>.json (nothing is exported)."""
     setup(job["threads"])
+    import shutil
+
     import torch
 
-    from surgery.analysis import AnalysisSettings, calibration_batches, load_analysis
-    from surgery.arch import num_layers
-    from surgery.cut import cut
-    from surgery.evaluate import evaluate_model
-    from surgery.heal import heal
-    from surgery.models import load_model
-    from surgery.plan import Target, make_plan
-    from surgery.prune import _parameter_counter
-    from surgery.scoring.residual import ResidualLoss
+    from surgery import prune as stages
+    from surgery.analysis import load_analysis
+    from surgery.source import resolve
 
     args = argparse.Namespace(**job["args"])
     _use_out(args)
-    evaluation, healing = settings_from(args, job.get("offset", 0), job.get("limit"), job.get("tasks", TASKS))
-    if job.get("heal_seed") is not None:
-        healing.seed = job["heal_seed"]
+    settings = settings_from(args, job, job.get("offset", 0), job.get("limit"), job.get("tasks", TASKS))
     start = time.perf_counter()
-    loaded = load_model("smollm2-135m", device="cpu")
-    model = loaded.model
-    analysis = load_analysis(OUT / "analysis")
+    loaded = stages.load(settings, resolve(settings.model))
     value_after = None
-    strategy, _, method = job["strategy"].partition("+")
-    if strategy == "iterative":
-        batches, _, _ = calibration_batches(loaded.tokenizer, AnalysisSettings(data_dir=data_dir()))
-        residual = ResidualLoss(model, batches)
-        value_after = _shared_values(residual, OUT / f"iterative-values-{job['granularity']}.jsonl")
-    plan = make_plan(strategy, job["granularity"], Target(fraction=job["fraction"]), num_layers(model),
-                     _parameter_counter(model, loaded.arch), analysis=analysis, seed=args.seed, value_after=value_after,
-                     candidates=args.iterative_candidates)
-    planned = time.perf_counter() - start
-    result = {"job": job["name"], "plan": plan.describe(), "plan_seconds": planned}
-    if method == "bridge":
-        from dataclasses import replace
-
-        from surgery.bridge import fit_and_fold
-        from surgery.prune import PruneSettings
-
-        calibration = replace(AnalysisSettings(data_dir=data_dir()), samples=PruneSettings.bridge_samples)
+    if settings.strategy == "iterative":
+        value_after = _shared_values(stages.calibration_value(loaded, settings), OUT / f"iterative-values-{settings.granularity}.jsonl")
+    plan = stages.choose(settings, loaded, load_analysis(OUT / "analysis"), value_after=value_after)
+    result = {"job": job["name"], "plan": plan.describe(), "plan_seconds": time.perf_counter() - start}
+    if settings.bridge:
         clock = time.perf_counter()
-        bridges = fit_and_fold(model, plan.units, calibration_batches(loaded.tokenizer, calibration)[0])
-        result["bridge"] = {**bridges.describe(), "seconds": time.perf_counter() - clock}
-    cut(model, plan.units)
+        result["bridge"] = {**stages.bridge(settings, loaded, plan), "seconds": time.perf_counter() - clock}
+    stages.cut(loaded, plan)
     if not job.get("healed_only"):
-        result["pruned"] = evaluate_model(model, loaded.tokenizer, evaluation)
+        result["pruned"] = stages.evaluate(settings, "pruned", loaded.model, loaded.tokenizer)
     work = OUT / "work" / job["name"]
-    healed = heal(model, loaded.tokenizer, healing, work, data_dir=data_dir(), teacher=loaded.source.path)
+    healed = stages.heal(settings, loaded, loaded.model, plan, work)
     result["healing"] = {"loss_before": healed.loss_before, "loss_after": healed.loss_after, "seconds": healed.seconds,
                          "settings": healed.settings}
-    result["healed"] = evaluate_model(healed.model, loaded.tokenizer, evaluation)
+    result["healed"] = stages.evaluate(settings, "healed", healed.model, loaded.tokenizer)
     result["seconds"] = time.perf_counter() - start
     (OUT / f"{job['name']}.json").write_text(json.dumps(result, indent=1))
-    import shutil
-
     shutil.rmtree(work, ignore_errors=True)
-    del model, healed
+    del healed
     torch.set_num_threads(job["threads"])
     return job["name"]
 
 
-def _shared_values(residual, path: Path):
+def _shared_values(value_after, path: Path):
     """The iterative strategy's value function with its values kept on disk: the 12.5% run walks
     the same greedy path as the 25% run, so it reads instead of recomputing."""
+    known: dict[frozenset, float] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            residual.remember(frozenset(record["removed"]), record["value"])
+            known[frozenset(record["removed"])] = record["value"]
 
-    def value_after(removed) -> float:
+    def cached(removed) -> float:
         key = frozenset(s.position for s in removed)
-        known = residual.known(key)
-        if known is not None:
-            return known
-        value = residual.value(key)
-        with open(path, "a") as handle:
-            handle.write(json.dumps({"removed": sorted(key), "value": value}) + "\n")
-        return value
+        if key not in known:
+            known[key] = value_after(removed)
+            from surgery.files import append_line
 
-    return value_after
+            append_line(path, json.dumps({"removed": sorted(key), "value": known[key]}))
+        return known[key]
+
+    return cached
 
 
 def dense_job(job: dict) -> str:
     setup(job["threads"])
-    from surgery.evaluate import evaluate_model
-    from surgery.models import load_model
+    from surgery import prune as stages
+    from surgery.source import resolve
 
     args = argparse.Namespace(**job["args"])
     _use_out(args)
-    evaluation, _ = settings_from(args, job.get("offset", 0), job.get("limit"))
-    loaded = load_model("smollm2-135m", device="cpu")
-    result = {"job": job["name"], "dense": evaluate_model(loaded.model, loaded.tokenizer, evaluation)}
+    settings = settings_from(args, job, job.get("offset", 0), job.get("limit"))
+    loaded = stages.load(settings, resolve(settings.model))
+    result = {"job": job["name"], "dense": stages.evaluate(settings, "dense", loaded.model, loaded.tokenizer)}
     (OUT / f"{job['name']}.json").write_text(json.dumps(result, indent=1))
     return job["name"]
 
@@ -170,8 +169,9 @@ def dense_job(job: dict) -> str:
 def ensure_analysis(args: argparse.Namespace) -> None:
     """The scores the analysis-based strategies share: `surgery analyze` defaults, all methods."""
     setup(args.threads)
-    from surgery.analysis import AnalysisSettings, analyze
-    from surgery.models import load_model
+    from surgery.analysis import analyze
+    from surgery.loading import load_model
+    from surgery.settings import AnalysisSettings
 
     folder = OUT / "analysis"
     if (folder / "analysis.json").is_file() and json.loads((folder / "analysis.json").read_text()).get("complete"):
@@ -182,41 +182,6 @@ def ensure_analysis(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------ aggregation
-
-
-def above_chance_tasks(wide: dict) -> list[str]:
-    """Tasks where the dense model's accuracy is more than three standard errors above chance,
-    measured on the wide dense evaluation (more items than the per-strategy ones)."""
-    return [task for task, entry in wide["tasks"].items() if entry["acc"] - entry["chance"] > 3 * entry["acc_stderr"]]
-
-
-def normalised(results: dict, dense: dict, tasks: list[str]) -> tuple[float | None, float | None]:
-    """Mean over `tasks` of (acc - chance) / (acc_dense - chance), in percent, and its standard error
-    from the items (dense margins taken as fixed)."""
-    if not tasks:
-        return None, None
-    values, variances = [], []
-    for task in tasks:
-        margin = dense["tasks"][task]["acc"] - dense["tasks"][task]["chance"]
-        items = results["tasks"][task]["items"]
-        acc = sum(items) / len(items)
-        values.append((acc - dense["tasks"][task]["chance"]) / margin)
-        variances.append(acc * (1 - acc) / (len(items) - 1) / margin**2)
-    mean = sum(values) / len(values)
-    return 100 * mean, 100 * math.sqrt(sum(variances)) / len(values)
-
-
-def paired_difference(a: dict, b: dict, dense: dict, tasks: list[str]) -> tuple[float, float]:
-    """Normalised score of a minus b, in points, with the standard error of the paired item differences."""
-    diffs, variances = [], []
-    for task in tasks:
-        margin = dense["tasks"][task]["acc"] - dense["tasks"][task]["chance"]
-        x, y = a["tasks"][task]["items"], b["tasks"][task]["items"]
-        d = [(p - q) / margin for p, q in zip(x, y)]
-        mean = sum(d) / len(d)
-        diffs.append(mean)
-        variances.append(sum((v - mean) ** 2 for v in d) / (len(d) - 1) / len(d))
-    return 100 * sum(diffs) / len(diffs), 100 * math.sqrt(sum(variances)) / len(diffs)
 
 
 def dense_margins() -> tuple[dict, list[str], dict]:
@@ -278,8 +243,6 @@ def spread(args: argparse.Namespace) -> None:
     among the default and the peers' rules) with another healing seed and the next slice of items,
     and say whether its place in the ranking holds."""
     summary = json.loads((RESULTS / "strategies.json").read_text())
-    from make_results import PEERS, default_strategy
-
     strategy, granularity = default_strategy()
     candidates = [r for r in summary["rows"] if r["target"] == 0.25 and (r["strategy"] in PEERS or
                                                                          (r["strategy"], r["granularity"]) == (strategy, granularity))]
@@ -327,8 +290,6 @@ def goal(args: argparse.Namespace) -> None:
     """The goal's comparison with more items: the default and each peer rule's best cell at 25%,
     rerun exactly (same plan, same healing seed) and scored after healing on the above-chance tasks
     only, with --goal-limit items each, and WikiText-2 with per-window losses for paired errors."""
-    from make_results import PEERS, default_strategy
-
     summary = json.loads((RESULTS / "strategies.json").read_text())
     rows = [r for r in summary["rows"] if r["target"] == 0.25]
     cells = [default_strategy()]

@@ -36,7 +36,7 @@ class Architecture:
     the stream: the experts' stacked down projections, shared experts, the FFN of dense layers.
     The routing weights scale each expert's output, so a bridge folds into all of them; those a
     layer lacks (a dense layer has no experts) are skipped.
-    gguf_arch: llama.cpp's architecture name, for families surgery.export_gguf writes.
+    gguf_arch: llama.cpp's architecture name, for families surgery.export.gguf writes.
     """
 
     layers: str = "model.layers"

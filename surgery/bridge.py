@@ -119,7 +119,7 @@ def fit_and_fold(model: Any, units: Iterable[Sublayer], batches: list[Any]) -> B
     """Fit a bridge for every run of `units` on the dense stream and fold it in; call before the cut."""
     import torch
 
-    from surgery.stream import capture_stream
+    from surgery.forward import capture_stream
 
     base = unwrap(model)
     arch = architecture_of(base.config)

@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from surgery.models import BUILTIN_MODELS
 from surgery.report import stage_table
+from surgery.source import BUILTIN_MODELS
 
 _BUILTIN_CARDS = {  # what the built-in models' cards would say on the Hub
     "smollm2-135m": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},

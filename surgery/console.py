@@ -25,11 +25,14 @@ def plain_progress() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+_active: list[Any] = []  # the live display of this process, if any (one at a time)
+
+
 @contextmanager
-def progress_bar(existing: Any = None) -> Iterator[Any]:
-    """A rich progress display (transient), or the caller's if it already has one."""
-    if existing is not None:
-        yield existing
+def progress_bar() -> Iterator[Any]:
+    """The process's rich progress display: the one already live, or a new transient one."""
+    if _active:
+        yield _active[-1]
         return
     from rich.progress import (
         BarColumn,
@@ -44,7 +47,35 @@ def progress_bar(existing: Any = None) -> Iterator[Any]:
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
-        yield bar
+        _active.append(bar)
+        try:
+            yield bar
+        finally:
+            _active.remove(bar)
+
+
+class Task:
+    """One line of the progress display."""
+
+    def __init__(self, bar: Any, task_id: Any) -> None:
+        self._bar, self._id = bar, task_id
+
+    def advance(self, steps: float = 1) -> None:
+        self._bar.advance(self._id, steps)
+
+    def update(self, **fields: Any) -> None:
+        self._bar.update(self._id, **fields)
+
+
+@contextmanager
+def task(description: str, total: float | None = None) -> Iterator[Task]:
+    """A progress line for the block, on the live display (or a new one); removed when the block ends."""
+    with progress_bar() as bar:
+        task_id = bar.add_task(description, total=total)
+        try:
+            yield Task(bar, task_id)
+        finally:
+            bar.remove_task(task_id)
 
 
 def quiet_transformers() -> None:

@@ -9,12 +9,13 @@ a self-describing checkpoint. How the units were chosen is not this module's bus
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from surgery.arch import Architecture, architecture_of, base_model_type, decoder_layers, unwrap
 from surgery.errors import SurgeryError
+from surgery.forward import count_parameters
 from surgery.hf_modeling import RemovedAttention, RemovedMLP, remove_sublayer
 from surgery.sublayers import KINDS, Sublayer, check_in_range, format_sublayers, full_blocks
 
@@ -31,9 +32,19 @@ class CutResult:
         return format_sublayers(self.removed)
 
 
-def count_parameters(model: Any) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in unwrap(model).parameters()}.values())
+def sublayer_parameters(model: Any) -> Callable[[Iterable[Sublayer]], int]:
+    """Parameters a unit (sublayers) would free, counted from the modules that would go."""
+    arch = architecture_of(unwrap(model).config)
+    layers = decoder_layers(model, arch)
+    cache: dict[tuple[int, str], int] = {}
+
+    def sublayer(layer: int, kind: str) -> int:
+        if (layer, kind) not in cache:
+            modules = [getattr(layers[layer], name) for name in arch.sublayer_modules(kind)]
+            cache[(layer, kind)] = sum(p.numel() for m in modules for p in m.parameters())
+        return cache[(layer, kind)]
+
+    return lambda unit: sum(sublayer(s.layer, s.kind) for s in unit)
 
 
 def removed_sublayers(model: Any) -> list[Sublayer]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,14 +63,20 @@ def find_file(data_dir: Path | None, stem: str) -> Path | None:
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows of a .jsonl or .jsonl.gz file; a cut-short, corrupt or non-UTF-8 file is one line naming it."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except ValueError:
-                    raise SurgeryError(f"{path}:{number} is not valid JSON: fix or remove that line") from None
+    number = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except ValueError:
+                        raise SurgeryError(f"{path}:{number} is not valid JSON: fix or remove that line") from None
+    except (EOFError, gzip.BadGzipFile, UnicodeDecodeError, zlib.error) as error:
+        kind = "cut short" if isinstance(error, EOFError) else f"unreadable ({type(error).__name__})"
+        raise SurgeryError(f"{path} is {kind} after line {number}: download or copy the file again") from None
 
 
 def _text_field(row: dict[str, Any], path: Path, field: str | None) -> str:
@@ -138,7 +145,7 @@ def load_texts(source: str, *, role: str = "heldout", data_dir: Path | None = No
 
 def _hub_texts(source: str, stem: str, hub: tuple[str, str | None, str], field: str, window: slice,
                data_dir: Path | None) -> tuple[list[str], str]:
-    from surgery.models import hub_reachable
+    from surgery.source import hub_reachable
 
     looked = f"{data_dir / (stem + '.jsonl.gz')}" if data_dir else f"a data directory ({DATA_DIR_ENV} is not set)"
     if not hub_reachable():
@@ -184,3 +191,14 @@ def pack_tokens(tokenizer: Any, texts: list[str], samples: int, seq_len: int, or
     if bos is not None:
         rows = [[bos, *row] for row in rows]
     return torch.tensor(rows)
+
+
+def calibration_batches(tokenizer: Any, settings: Any) -> tuple[list[Any], str, str]:
+    """The calibration token batches of an AnalysisSettings (source, samples, seq_len, batch size),
+    where they came from, and a digest of the exact tokens."""
+    import hashlib
+
+    texts, origin = load_texts(settings.calibration, role="calibration", data_dir=settings.data_dir, field=settings.text_field)
+    ids = pack_tokens(tokenizer, texts, settings.samples, settings.seq_len, origin)
+    digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+    return list(ids.split(settings.batch_size)), origin, digest

@@ -26,48 +26,12 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
-
-
-@dataclass
-class HealSettings:
-    steps: int = 100
-    tokens: int | None = None  # alternative to steps: training tokens in total
-    seq_len: int = 256
-    batch_size: int = 4
-    grad_accum: int = 1
-    learning_rate: float = 2e-4
-    warmup_ratio: float = 0.05
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] | None = None  # default: the family's LoRA targets (surgery/arch.py)
-    quantize: bool = True
-    data: str = "c4"
-    heldout_samples: int = 16
-    save_steps: int = 50
-    gradient_checkpointing: bool | None = None  # default: on for GPUs, off for CPUs
-    device_map: str | None = None  # "auto" spreads the 4-bit base over several GPUs
-    seed: int = 0
-    distill: float = 0.0  # weight of the KL to the dense teacher's logits; 0 = plain LM loss
-
-    def __post_init__(self) -> None:
-        if self.tokens is not None:
-            self.steps = max(1, math.ceil(self.tokens / (self.seq_len * self.batch_size * self.grad_accum)))
-        if self.steps < 1 or self.lora_r < 1 or self.batch_size < 1:
-            raise SurgeryError("healing needs at least one step, a LoRA rank of at least 1 and a batch of at least 1")
-        if not 0.0 <= self.distill <= 1.0:
-            raise SurgeryError(f"distillation weight {self.distill} is outside [0, 1]: use 0 (plain LM loss) to 1 (pure distillation)")
-
-    def describe(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["target_modules"] = list(self.target_modules) if self.target_modules else None
-        data["training_tokens"] = self.steps * self.seq_len * self.batch_size * self.grad_accum
-        return data
+from surgery.settings import HealSettings
 
 
 @dataclass
@@ -112,7 +76,7 @@ def load_4bit(folder: Path, device: str, device_map: str | None = None) -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
-    from surgery.models import load_model
+    from surgery.loading import load_model
 
     on_gpu = device.startswith("cuda")
     config = BitsAndBytesConfig(
@@ -130,7 +94,7 @@ def heldout_loss(model: Any, batches: list[Any]) -> float:
     import torch
 
     from surgery.arch import unwrap
-    from surgery.evaluate.perplexity import final_hidden, token_nll
+    from surgery.forward import final_hidden, token_nll
 
     base = unwrap(model)
     was_training = base.training
@@ -148,8 +112,7 @@ def heldout_loss(model: Any, batches: list[Any]) -> float:
 
 
 def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data_dir: Path | None = None,
-         device: str = "cpu", progress: Any = None, teacher: Path | None = None,
-         job: dict[str, Any] | None = None) -> HealResult:
+         device: str = "cpu", teacher: Path | None = None, job: dict[str, Any] | None = None) -> HealResult:
     """Train LoRA adapters on the pruned `model` and return the merged full-precision model.
 
     `teacher` is the dense model's folder, needed when `settings.distill > 0`. `job`: what the
@@ -164,9 +127,9 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     """
 
     from surgery.arch import architecture_of, unwrap
-    from surgery.console import progress_bar, quiet_transformers
+    from surgery.console import quiet_transformers
     from surgery.data import pack_tokens
-    from surgery.export import write_model_folder
+    from surgery.export.checkpoint import write_model_folder
 
     quiet_transformers()
     if tokenizer is None:
@@ -195,9 +158,8 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     arch = architecture_of(unwrap(model).config)
     dtype = next(unwrap(model).parameters()).dtype
     _release(model)  # from here on the saved base is the model; a large one must not stay in memory twice
-    with progress_bar(progress) as bar:
-        adapter, log, resumed = _train(base_folder, tokenizer, train_ids, settings, arch, work, device, bar, teacher)
-        merged = merge_adapter(base_folder, adapter, dtype=dtype, device=device)
+    adapter, log, resumed = _train(base_folder, tokenizer, train_ids, settings, arch, work, device, teacher)
+    merged = merge_adapter(base_folder, adapter, dtype=dtype, device=device)
     loss_after = heldout_loss(merged, heldout)
     return HealResult(merged, loss_before, loss_after, settings.describe(), source, time.perf_counter() - started, log, resumed)
 
@@ -209,8 +171,8 @@ _PARTS = {"weights": "the weights of the model to heal", "data": "the training t
 def resume_identity(model: Any, settings: HealSettings, train_ids: Any, teacher: Path | None,
                     job: dict[str, Any] | None) -> dict[str, Any]:
     """Everything that decides what a heal produces; checkpoints are reused only when all of it matches."""
-    from surgery.models import fingerprint
     from surgery.provenance import weights_sha256
+    from surgery.source import fingerprint
 
     identity = {"weights": weights_sha256(model), "settings": {k: v for k, v in settings.describe().items() if k != "save_steps"},
                 "data": hashlib.sha256(train_ids.numpy().tobytes()).hexdigest(),
@@ -299,7 +261,7 @@ def _pack_available(tokenizer: Any, texts: list[str], wanted: int, seq_len: int,
 
 
 def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSettings, arch: Any, work: Path,
-           device: str, bar: Any, teacher: Path | None) -> tuple[Path, list[dict[str, float]], str | None]:
+           device: str, teacher: Path | None) -> tuple[Path, list[dict[str, float]], str | None]:
     import datasets
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -307,7 +269,8 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from surgery.models import load_model
+    from surgery.console import task
+    from surgery.loading import load_model
 
     checkpoints = work / "checkpoints"
     resume = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if checkpoints.is_dir() else []
@@ -323,27 +286,25 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
             model.gradient_checkpointing_enable()
     lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, bias="none",
                       target_modules=list(settings.target_modules or arch.lora_targets), task_type="CAUSAL_LM")
-    set_seed(settings.seed)  # the adapters' initialisation too, not only the trainer's data order
+    set_seed(settings.run_seed)  # the adapters' initialisation too, not only the trainer's data order
     try:
         model = get_peft_model(model, lora)
     except ValueError as error:
         raise SurgeryError(f"LoRA target modules {lora.target_modules} not found in the model: {error}") from None
 
-    task = bar.add_task("healing", total=settings.steps)
-
     class Progress(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            bar.update(task, completed=state.global_step)
+            progress.update(completed=state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                bar.update(task, description=f"healing (loss {logs['loss']:.3f})")
+                progress.update(description=f"healing (loss {logs['loss']:.3f})")
 
     config = SFTConfig(
         output_dir=str(checkpoints), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.learning_rate,
         lr_scheduler_type="cosine", warmup_steps=math.ceil(settings.warmup_ratio * settings.steps), logging_steps=1, save_steps=settings.save_steps,
-        save_total_limit=2, report_to="none", seed=settings.seed, use_cpu=not on_gpu,
+        save_total_limit=2, report_to="none", seed=settings.run_seed, use_cpu=not on_gpu,
         bf16=on_gpu and torch.cuda.is_bf16_supported(), gradient_checkpointing=checkpointing, max_length=settings.seq_len,
         packing=False, disable_tqdm=True, dataloader_num_workers=0, eval_strategy="no", remove_unused_columns=False,
     )
@@ -354,8 +315,8 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
     trainer = trainer_class(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Progress()])
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the loss
     resumed = str(resume[-1]) if resume else None
-    trainer.train(resume_from_checkpoint=resumed)
-    bar.remove_task(task)
+    with task("healing", total=settings.steps) as progress:
+        trainer.train(resume_from_checkpoint=resumed)
     # The trainer's state, restored from a checkpoint on resume: the whole run's losses, not only the resumed steps'.
     log = [{"step": entry["step"], "loss": float(entry["loss"])} for entry in trainer.state.log_history if "loss" in entry]
     adapter = work / "adapter"
@@ -367,7 +328,7 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
 def _load_teacher(folder: Path, settings: HealSettings, device: str) -> Any:
     """The dense teacher, frozen: 4-bit beside a 4-bit student on a GPU (memory), else full precision
     (a 4-bit model on CPU is slow, and the teacher needs no gradients)."""
-    from surgery.models import load_model
+    from surgery.loading import load_model
 
     if settings.quantize and device.startswith("cuda"):
         teacher = load_4bit(folder, device, settings.device_map)
@@ -418,7 +379,7 @@ def merge_adapter(base_folder: Path, adapter: Path, *, dtype: Any, device: str) 
     """Merge LoRA adapters into a freshly loaded full-precision copy of the pruned model."""
     from peft import PeftModel
 
-    from surgery.models import load_model
+    from surgery.loading import load_model
 
     dtype_name = str(dtype).removeprefix("torch.")
     base = load_model(str(base_folder), dtype=dtype_name if dtype_name in ("float32", "bfloat16", "float16") else "auto",

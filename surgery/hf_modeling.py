@@ -160,3 +160,16 @@ def _share_weight_conversions(base_model_type: str, model_type: str) -> None:
     mapping = conversion_mapping.get_checkpoint_conversion_mapping(base_model_type)
     if mapping is not None:
         conversion_mapping.register_checkpoint_conversion_mapping(model_type, mapping, overwrite=True)
+
+
+def register_classes(config_dict: dict) -> None:
+    """Let plain `AutoModelForCausalLM` load a sublayer-pruned checkpoint without remote code
+    (inside surgery; a checkpoint's users load it through its auto_map)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type = config_dict.get("model_type", "")
+    if not model_type.startswith(SURGERY_MODEL_TYPE_PREFIX):
+        return
+    config_class, model_class = surgery_classes(model_type[len(SURGERY_MODEL_TYPE_PREFIX):])
+    AutoConfig.register(model_type, config_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)

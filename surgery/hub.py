@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.errors import SurgeryError
-from surgery.export import MANIFEST, read_manifest
+from surgery.export.checkpoint import MANIFEST, read_manifest
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -56,7 +56,7 @@ def plan_push(folder: Path, repo_id: str, private: bool, *, needs_hub: bool = Fa
 
 
 def _check_hub() -> None:
-    from surgery.models import hub_reachable
+    from surgery.source import hub_reachable
 
     if not hub_reachable():
         raise SurgeryError("the Hugging Face Hub is not reachable (offline or HF_HUB_OFFLINE=1): push from a machine with network")

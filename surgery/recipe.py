@@ -23,14 +23,37 @@ def read_recipe(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SurgeryError(f"recipe {path} not found (the shipped ones are in recipes/)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys) or {}
+    except UnicodeDecodeError:
+        raise SurgeryError(f"recipe {path} is not UTF-8 text: save it as UTF-8") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise SurgeryError(f"recipe {path}{where} is not valid YAML: fix the syntax") from None
+        problem = f" ({error.problem})" if getattr(error, "problem", None) else ""
+        raise SurgeryError(f"recipe {path}{where} is not valid YAML{problem}: fix the syntax") from None
     if not isinstance(data, dict):
         raise SurgeryError(f"recipe {path} must be a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items() if k != "description"}
+    recipe: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in recipe:
+            raise SurgeryError(f"recipe {path}: '{name}' is given twice (as '{key}' and earlier): keep one")
+        if name != "description":
+            recipe[name] = value
+    return recipe
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"'{key}' is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def apply_recipe(ctx: click.Context, path: Path) -> dict[str, Any]:
@@ -46,8 +69,7 @@ def apply_recipe(ctx: click.Context, path: Path) -> dict[str, Any]:
         param = params[key]
         if raw is None:
             raise SurgeryError(f"recipe {path}: '{key}' has no value: give one or delete the line")
-        if isinstance(param.type, click.types.IntParamType) and (isinstance(raw, bool) or isinstance(raw, float) and not raw.is_integer()):
-            raise SurgeryError(f"recipe {path}: {key}: {raw!r} is not a whole number")
+        _check_kind(path, key, param, raw)
         if isinstance(raw, list):
             raw = ",".join(str(v) for v in raw)
         try:
@@ -58,3 +80,16 @@ def apply_recipe(ctx: click.Context, path: Path) -> dict[str, Any]:
         if source in (click.core.ParameterSource.DEFAULT, None):
             values[key] = value
     return values
+
+
+def _check_kind(path: Path, key: str, param: Any, raw: Any) -> None:
+    """YAML's own types must fit the option's: click would turn `true` into 1.0 and 1.9 into 1
+    (text such as `2e-4`, which YAML leaves as a string, is converted and checked by click)."""
+    kind = param.type
+    if isinstance(kind, click.types.BoolParamType) or getattr(param, "is_flag", False):
+        if not isinstance(raw, bool):
+            raise SurgeryError(f"recipe {path}: {key}: {raw!r} is not true or false")
+    elif isinstance(kind, (click.types.IntParamType, click.types.FloatParamType)):
+        whole = isinstance(kind, click.types.IntParamType)
+        if isinstance(raw, (bool, list, dict)) or (whole and isinstance(raw, float) and not raw.is_integer()):
+            raise SurgeryError(f"recipe {path}: {key}: {raw!r} is not a {'whole number' if whole else 'number'}")

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from surgery.scoring import SCORERS
 
-def ranked(analysis: dict[str, Any]) -> list[tuple[str, float]]:
-    """Sublayers by importance: Shapley value if present, else ablation drop."""
-    if "shapley" in analysis:
-        scores = analysis["shapley"]["values"]
-    else:
-        scores = {k: v["drop"] for k, v in analysis.get("ablation", {}).items()}
+
+def ranked(analysis: Any) -> list[tuple[str, float]]:
+    """Sublayers by importance, most important first, from the preferred scorer that ranks them
+    (Shapley value where computed, else the ablation drop)."""
+    rankers = sorted((SCORERS[name].importance_rank, name) for name in analysis.sections
+                     if name in SCORERS and SCORERS[name].importance_rank is not None)
+    if not rankers:
+        return []
+    name = rankers[0][1]
+    scores = SCORERS[name].importance(analysis.sections[name])
     items = [(k, v) for k, v in scores.items() if v is not None and not math.isnan(v)]
     return sorted(items, key=lambda kv: kv[1], reverse=True)
 
@@ -24,61 +30,70 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def analysis_tables(analysis: dict[str, Any], top: int = 8) -> list[Table]:
+def _columns(analysis: Any) -> dict[str, dict[str, Any]]:
+    """Every registered scorer's per-sublayer columns, in registry order."""
+    columns: dict[str, dict[str, Any]] = {}
+    for name, scorer in SCORERS.items():
+        if name in analysis.sections:
+            columns |= scorer.columns(analysis.sections[name], analysis.metric)
+    return columns
+
+
+def analysis_tables(analysis: Any, top: int = 8) -> list[Table]:
     """Top and bottom sublayers with every score, and the cornerstones with their evidence."""
     order = ranked(analysis)
-    shapley = analysis.get("shapley", {})
-    ablation = analysis.get("ablation", {})
-    bi = analysis.get("block_influence", {}).get("sublayers", {})
-    metric = analysis["settings"]["metric"]
+    columns = _columns(analysis)
     tables = []
     for title, rows in (("most important sublayers", order[:top]), ("least important sublayers", order[-top:][::-1])):
         table = Table(title=title)
-        for column in ("sublayer", "Shapley", "share", f"ablation drop ({metric})", "Block Influence"):
+        for column in ("sublayer", *columns):
             table.add_column(column, justify="right")
         for name, _ in rows:
-            share = shapley.get("share", {}).get(name)
-            table.add_row(name, _fmt(shapley.get("values", {}).get(name)), "-" if share is None else f"{100 * share:.1f}%",
-                          _fmt(ablation.get(name, {}).get("drop")), _fmt(bi.get(name)))
+            table.add_row(name, *(_cell(column, values.get(name)) for column, values in columns.items()))
         tables.append(table)
     corner = Table(title="cornerstones")
     corner.add_column("sublayer")
     corner.add_column("why")
-    for entry in analysis.get("cornerstones", []):
+    for entry in analysis.cornerstones:
         corner.add_row(entry["id"], "; ".join(entry["reasons"]))
-    if not analysis.get("cornerstones"):
+    if not analysis.cornerstones:
         corner.add_row("none", "no sublayer meets the rule")
     tables.append(corner)
     return tables
 
 
-def analysis_markdown(analysis: dict[str, Any], plots: dict[str, str], command: str | None = None) -> str:
-    settings = analysis["settings"]
-    model = analysis["model"]
+def _cell(column: str, value: Any) -> str:
+    if column == "share":
+        return "-" if value is None else f"{100 * value:.1f}%"
+    return _fmt(value)
+
+
+def analysis_markdown(analysis: Any, plots: dict[str, str], command: str | None = None) -> str:
+    settings = analysis.settings
+    model = analysis.model
     lines = [f"# Sublayer analysis of {model.get('spec', 'the model')}", ""]
     if command:
         lines += ["```bash", command, "```", ""]
-    if not analysis["complete"]:
-        lines += [f"**Partial result**: the budget stopped the run after {analysis['coalitions']['evaluated']} of "
-                  f"{analysis['coalitions']['wanted']} coalitions; rerun the same command to continue.", ""]
-    calibration = analysis.get("calibration", {})
-    metric = settings["metric"]
+    if not analysis.complete:
+        lines += [f"**Partial result**: the budget stopped the run after {analysis.coalitions['evaluated']} of "
+                  f"{analysis.coalitions['wanted']} coalitions; rerun the same command to continue.", ""]
+    calibration = analysis.calibration
+    baseline = analysis.baseline
     value_text = (f"negative mean token loss on {calibration.get('tokens')} calibration tokens ({calibration.get('source')})"
-                  if metric == "loss" else f"accuracy on {settings['task']} (limit {settings['limit']})")
+                  if analysis.metric == "loss" else f"accuracy on {settings['task']} (limit {settings['limit']})")
     lines += [
         f"- {model['layers']} blocks, {model['players']} sublayers (players); value: {value_text}",
-        "- baseline: " + (f"loss {analysis['baseline']['loss']:.4f} nats (uniform guess: {analysis['baseline']['uniform_loss']:.2f})"
-                           if metric == "loss" else f"accuracy {analysis['baseline'].get('acc', analysis['baseline']['value']):.4f}"),
+        "- baseline: " + (f"loss {baseline['loss']:.4f} nats (uniform guess: {baseline['uniform_loss']:.2f})"
+                           if analysis.metric == "loss" else f"accuracy {baseline.get('acc', baseline['value']):.4f}"),
     ]
-    if "shapley" in analysis:
-        lines.append(f"- Shapley estimator: {analysis['shapley']['estimator']}, at most {analysis['shapley']['max_removed']} removed; "
-                     f"`{analysis['shapley']['formula']}`")
-    lines += [f"- evaluated coalitions: {analysis['cost'].get('evaluations')} new in {analysis['cost'].get('total_seconds', 0):.0f} s", ""]
+    for name, scorer in _present(analysis):
+        lines += scorer.summary(analysis.sections[name])
+    lines += [f"- evaluated coalitions: {analysis.cost.get('evaluations')} new in {analysis.cost.get('total_seconds', 0):.0f} s", ""]
 
     lines += ["## Cornerstones", ""]
-    if analysis.get("cornerstones"):
+    if analysis.cornerstones:
         lines += ["| sublayer | evidence |", "|---|---|"]
-        lines += [f"| {c['id']} | {'; '.join(c['reasons'])} |" for c in analysis["cornerstones"]]
+        lines += [f"| {c['id']} | {'; '.join(c['reasons'])} |" for c in analysis.cornerstones]
     else:
         lines.append("No sublayer meets the rule (docs/analysis.md).")
     lines.append("")
@@ -90,16 +105,35 @@ def analysis_markdown(analysis: dict[str, Any], plots: dict[str, str], command: 
             high, low = order[rank], order[-1 - rank]
             lines.append(f"| {rank + 1} | {high[0]} | {high[1]:.4f} | {low[0]} | {low[1]:.4f} |")
         lines.append("")
-    if "angular" in analysis:
-        lines += ["## Most similar blocks (angular distance)", "", "| n blocks | best start | d(l, n) |", "|---|---|---|"]
-        for n, best in list(analysis["angular"]["best_block"].items())[: min(12, len(analysis["angular"]["best_block"]))]:
-            lines.append(f"| {n} | L{best['start']} | {best['distance']:.3f} |")
-        lines.append("")
-    titles = {"shapley": "Shapley value per sublayer", "share": "Share of the total Shapley value",
-              "ablation": "Single-sublayer ablation", "angular": "Angular distance", "bi": "Block Influence"}
-    for name, file in plots.items():
-        lines += [f"## {titles.get(name, name)}", "", f"![{titles.get(name, name)}]({file})", ""]
+    for name, scorer in _present(analysis):
+        extra = scorer.markdown(analysis.sections[name])
+        lines += [*extra, ""] if extra else []
+    for title, file in plots.items():
+        lines += [f"## {title}", "", f"![{title}]({file})", ""]
     return "\n".join(lines)
+
+
+def _present(analysis: Any) -> list[tuple[str, Any]]:
+    return [(name, scorer) for name, scorer in SCORERS.items() if name in analysis.sections]
+
+
+def write_analysis_report(analysis: Any, folder: Path, command: str | None = None) -> dict[str, str]:
+    """Each scorer's plots and analysis.md into `folder`; plots of scorers this analysis lacks are
+    removed, so a folder rewritten with other methods shows no stale ones. Returns {title: file}."""
+    plots: dict[str, str] = {}
+    for name, scorer in SCORERS.items():
+        if name in analysis.sections:
+            plots |= scorer.plot(analysis.sections[name], analysis, folder)
+        else:
+            for file in scorer.plot_files:
+                (folder / file).unlink(missing_ok=True)
+    (folder / "analysis.md").write_text(analysis_markdown(analysis, plots, command))
+    return plots
+
+
+def analysis_plot_files(analysis: Any) -> list[str]:
+    """The plot files of this analysis' sections that its folder holds."""
+    return [file for name, scorer in _present(analysis) for file in scorer.plot_files if (analysis.folder / file).is_file()]
 
 
 def stage_table(report: dict[str, Any]) -> list[str]:

@@ -55,7 +55,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_folder() -> Path:
     """The real SmolLM2-135M-Instruct, converted once into the user's cache."""
-    from surgery.models import resolve
+    from surgery.source import resolve
 
     return resolve("smollm2-135m").path
 

@@ -2,18 +2,22 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
-from surgery.analysis import EVALUATIONS_FILE, AnalysisSettings, analyze, find_cornerstones
+from surgery.analysis import EVALUATIONS_FILE, analyze, find_cornerstones
 from surgery.arch import ARCHITECTURES
 from surgery.errors import SurgeryError
+from surgery.scoring.angular import angular_distances
+from surgery.scoring.block_influence import block_influence
 from surgery.scoring.residual import ResidualLoss
-from surgery.scoring.similarity import angular_distances, block_influence
+from surgery.settings import AnalysisSettings
 from surgery.tiny import tiny_model
 
 FAMILIES = sorted(ARCHITECTURES)
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -61,65 +65,152 @@ def test_analysis_with_coalition_batches_matches_one_at_a_time(tokenizer, calibr
     model = tiny_model("llama", num_layers=3)
     single = analyze(model, tokenizer, settings(calibration), None, model_info={"fingerprint": "x"})
     batched = analyze(model, tokenizer, settings(calibration, coalition_batch=4), None, model_info={"fingerprint": "x"})
-    assert batched["shapley"]["values"] == pytest.approx(single["shapley"]["values"], abs=1e-5)
-    assert batched["cost"]["evaluations"] == single["cost"]["evaluations"]
+    assert batched.section("shapley").values == pytest.approx(single.section("shapley").values, abs=1e-5)
+    assert batched.cost["evaluations"] == single.cost["evaluations"]
+
+
+def hooked_loss(model, batches, removed):
+    """Mean token loss with `removed` sublayers zeroed by forward hooks on a plain full forward:
+    computed without surgery's value function, prefix cache or stand-ins."""
+    from surgery.arch import decoder_layers
+    from surgery.sublayers import Sublayer
+
+    def zero(module, args, output):
+        return (torch.zeros_like(output[0]), *output[1:]) if isinstance(output, tuple) else torch.zeros_like(output)
+
+    layers = decoder_layers(model)
+    hooks = []
+    for position in removed:
+        sublayer = Sublayer.at(position)
+        module = layers[sublayer.layer].self_attn if sublayer.kind == "attn" else layers[sublayer.layer].mlp
+        hooks.append(module.register_forward_hook(zero))
+    try:
+        with torch.no_grad():
+            losses = [float(model(ids, labels=ids, use_cache=False).loss) for ids in batches]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(losses) / len(losses)  # batches of equal size: the mean over every token
+
+
+def test_ablation_and_shapley_match_hand_computed_values(tokenizer, calibration):
+    """Every score of a 2-block model against values computed here with hooks: the ablation drop is
+    the loss increase, and each neighbourhood Shapley value is the formula of Zhang et al. written
+    out over the runs of at most 2 sublayers."""
+    from surgery.data import calibration_batches
+
+    model = tiny_model("llama", num_layers=2)
+    chosen = settings(calibration, max_removed=2)
+    result = analyze(model, tokenizer, chosen, None, model_info={"fingerprint": "hand"})
+    batches, _, _ = calibration_batches(tokenizer, chosen)
+    loss = {frozenset(run): hooked_loss(model, batches, run) for run in
+            [(), (0,), (1,), (2,), (3,), (0, 1), (1, 2), (2, 3)]}
+    full = loss[frozenset()]
+    assert result.baseline["loss"] == pytest.approx(full, abs=1e-5)
+    ablation = result.section("ablation")
+    for position, name in enumerate(result.players):
+        assert ablation.sublayers[name]["drop"] == pytest.approx(loss[frozenset({position})] - full, abs=1e-5)
+    assert ablation.blocks["L1"]["drop"] == pytest.approx(loss[frozenset({2, 3})] - full, abs=1e-5)
+
+    def v(*removed):  # the value of the coalition without `removed`: minus its loss
+        return -loss[frozenset(removed)]
+
+    # phi_i = 1/2 [ m=1: v(N) - v(N \ i) ] + 1/2 [ m=2: mean over the pairs W with i at an end of v(N \ (W - i)) - v(N \ W) ]
+    expected = {
+        "L0.attn": (v() - v(0)) / 2 + (v(1) - v(0, 1)) / 2,
+        "L0.mlp": (v() - v(1)) / 2 + ((v(0) - v(0, 1)) + (v(2) - v(1, 2))) / 2 / 2,
+        "L1.attn": (v() - v(2)) / 2 + ((v(1) - v(1, 2)) + (v(3) - v(2, 3))) / 2 / 2,
+        "L1.mlp": (v() - v(3)) / 2 + (v(2) - v(2, 3)) / 2,
+    }
+    assert result.section("shapley").values == pytest.approx(expected, abs=1e-5)
 
 
 def test_analysis_has_every_method_plots_and_report(tmp_path, tokenizer, calibration):
-    from surgery.pipeline import analyze_and_save
+    from surgery.commands import analyze_and_save
+    from surgery.settings import LoadSettings
 
     source = tmp_path / "model"
     tiny_model("qwen3", num_layers=3).save_pretrained(source)
     tokenizer.save_pretrained(source)
     out = tmp_path / "analysis"
-    result = analyze_and_save(str(source), settings(calibration), out, device="cpu")
-    assert result["complete"] and result["players"] == [f"L{l}.{k}" for l in range(3) for k in ("attn", "mlp")]
-    assert set(result["shapley"]["values"]) == set(result["players"])
-    assert sum(result["shapley"]["share"].values()) == pytest.approx(1.0)
-    assert len(result["angular"]["distances"]) == 3 and len(result["angular"]["distances"][0]) == 3
-    assert set(result["block_influence"]["blocks"]) == {"L0", "L1", "L2"}
-    # single-sublayer ablation is v(all) - v(all minus one), read from the same value function
-    for entry in result["ablation"].values():
-        assert entry["drop"] == pytest.approx(result["baseline"]["value"] - entry["value"])
+    result = analyze_and_save(str(source), settings(calibration), out, LoadSettings(device="cpu"))
+    assert result.complete and result.players == [f"L{l}.{k}" for l in range(3) for k in ("attn", "mlp")]
+    assert set(result.section("shapley").values) == set(result.players)
+    assert len(result.section("angular").distances) == 3 and len(result.section("angular").distances[0]) == 3
+    assert set(result.section("bi").blocks) == {"L0", "L1", "L2"}
     saved = json.loads((out / "analysis.json").read_text())
-    assert saved["schema"] == "surgery-analysis" and saved["key"] == result["key"]
+    assert saved["schema"] == "surgery-analysis" and saved["version"] == 2 and saved["key"] == result.key
+    assert set(saved["sections"]) == {"ablation", "shapley", "angular", "bi"}
     for png in ("shapley.png", "shapley_share.png", "ablation.png", "angular.png", "block_influence.png"):
         assert (out / png).stat().st_size > 1000
     report = (out / "analysis.md").read_text()
     assert "![Shapley value per sublayer](shapley.png)" in report and "## Cornerstones" in report
+    assert oct((out / "analysis.json").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())  # not private
+
+
+def current_umask():
+    from surgery.files import current_umask as umask
+
+    return umask()
+
+
+def test_an_analysis_reads_back_as_written_and_version_1_folders_still_load(tmp_path, tokenizer, calibration):
+    from surgery.analysis import ANALYSIS_FILE, Analysis, load_analysis
+
+    out = tmp_path / "run"
+    written = analyze(tiny_model("llama", num_layers=2), tokenizer, settings(calibration), out, model_info={"fingerprint": "r"})
+    read = load_analysis(out)
+    assert read.sections == written.sections and read.cornerstones == written.cornerstones and read.key == written.key
+
+    # A folder written before sections had keys of their own (the benchmark's shared analysis of SmolLM2).
+    v1_folder = REPO / "bench" / "results" / "strategies" / "analysis"
+    raw = json.loads((v1_folder / ANALYSIS_FILE).read_text())
+    assert raw["version"] == 1
+    old = load_analysis(v1_folder)
+    assert isinstance(old, Analysis) and old.players == raw["players"] and old.complete
+    assert old.section("ablation").blocks == raw["block_ablation"]
+    assert old.section("ablation").sublayers == raw["ablation"]
+    assert old.section("bi").blocks == raw["block_influence"]["blocks"]
+    assert old.section("shapley").values == raw["shapley"]["values"]
+    assert old.section("angular").best_block[1] == raw["angular"]["best_block"]["1"]
+    assert old.cornerstones == raw["cornerstones"]
+    # the rule applied afresh to what was read gives what was stored
+    assert find_cornerstones(old, AnalysisSettings(**{k: v for k, v in raw["settings"].items()
+                                                      if k in ("collapse_fraction", "share_factor", "metric")})) == raw["cornerstones"]
 
 
 def test_exact_shapley_on_a_tiny_model_is_efficient(tokenizer, calibration):
-    """Exact values over all 2^6 coalitions sum to v(all) - v(none)."""
+    """Exact values over all 2^6 coalitions sum to v(all) - v(none), both computed here with hooks."""
+    from surgery.data import calibration_batches
+
     model = tiny_model("llama", num_layers=3)
     result = analyze(model, tokenizer, settings(calibration, estimator="exact", methods=("shapley",)), None,
                      model_info={"fingerprint": "tiny"})
-    assert result["cost"]["evaluations"] == 2 ** 6 - 1
-    batches_value = result["baseline"]["value"]
-    total = sum(result["shapley"]["values"].values())
-    from surgery.analysis import calibration_batches
-
+    assert result.cost["evaluations"] == 2 ** 6 - 1
     batches, _, _ = calibration_batches(tokenizer, settings(calibration))
-    empty = ResidualLoss(model, batches, prefix_cache=False).value(frozenset(range(6)))  # recomputed independently
-    assert total == pytest.approx(batches_value - empty, abs=1e-6)
+    full, empty = -hooked_loss(model, batches, ()), -hooked_loss(model, batches, range(6))
+    assert sum(result.section("shapley").values.values()) == pytest.approx(full - empty, abs=1e-5)
 
 
 def test_budget_stops_cleanly_and_a_rerun_resumes_without_recomputing(tmp_path, tokenizer, calibration):
     model = tiny_model("llama", num_layers=4)
     out = tmp_path / "run"
-    partial = analyze(model, tokenizer, settings(calibration, budget_evaluations=5), out, model_info={"fingerprint": "m1"})
-    assert not partial["complete"] and partial["cost"]["evaluations"] == 5
+    partial = analyze(model, tokenizer, settings(calibration, budget="5"), out, model_info={"fingerprint": "m1"})
+    assert not partial.complete and partial.cost["evaluations"] == 5
     assert len((out / EVALUATIONS_FILE).read_text().splitlines()) == 1 + 5
-    values = list(partial["shapley"]["values"].values())
+    values = list(partial.section("shapley").values.values())
     assert all(v is not None for v in values[:5]) and values[5:] == [None, None, None]  # unknown, not guessed
-    assert len(partial["ablation"]) == 5
+    assert len(partial.section("ablation").sublayers) == 5
     with open(out / EVALUATIONS_FILE, "a") as handle:
         handle.write('{"removed": [1, 2], "val')  # an interruption in the middle of a write
+    resumed = analyze(model, tokenizer, settings(calibration, budget="3"), out, model_info={"fingerprint": "m1"})
+    lines = (out / EVALUATIONS_FILE).read_text().splitlines()
+    assert len(lines) == 1 + 5 + 3 and all(json.loads(line) for line in lines)  # the cut-short line was dropped, not joined
     resumed = analyze(model, tokenizer, settings(calibration), out, model_info={"fingerprint": "m1"})
     fresh = analyze(model, tokenizer, settings(calibration), None, model_info={"fingerprint": "m1"})
-    assert resumed["complete"]
-    assert resumed["cost"]["evaluations"] == fresh["cost"]["evaluations"] - 5
-    assert resumed["shapley"]["values"] == pytest.approx(fresh["shapley"]["values"])
+    assert resumed.complete
+    assert resumed.cost["evaluations"] == fresh.cost["evaluations"] - 8
+    assert resumed.section("shapley").values == pytest.approx(fresh.section("shapley").values)
 
 
 def test_an_analysis_folder_of_another_model_is_refused(tmp_path, tokenizer, calibration):
@@ -129,7 +220,7 @@ def test_an_analysis_folder_of_another_model_is_refused(tmp_path, tokenizer, cal
         analyze(tiny_model("llama"), tokenizer, settings(calibration, methods=("ablation",)), out, model_info={"fingerprint": "b"})
     result = analyze(tiny_model("llama"), tokenizer, settings(calibration, methods=("ablation",)), out,
                      model_info={"fingerprint": "b"}, force=True)
-    assert result["complete"]
+    assert result.complete
 
 
 def test_a_rerun_never_drops_the_methods_a_folder_holds(tmp_path, tokenizer, calibration):
@@ -139,7 +230,7 @@ def test_a_rerun_never_drops_the_methods_a_folder_holds(tmp_path, tokenizer, cal
     with pytest.raises(SurgeryError, match="holds angular, bi results that this run would drop"):
         analyze(model, tokenizer, settings(calibration, methods=("ablation",)), out, model_info={"fingerprint": "m"})
     both = analyze(model, tokenizer, settings(calibration, methods=("ablation", "angular", "bi")), out, model_info={"fingerprint": "m"})
-    assert {"ablation", "angular", "block_influence"} <= set(both)
+    assert {"ablation", "angular", "bi"} <= set(both.sections)
 
 
 def test_accuracy_metric_reports_collapse_to_chance(tmp_path, tokenizer, calibration):
@@ -148,20 +239,25 @@ def test_accuracy_metric_reports_collapse_to_chance(tmp_path, tokenizer, calibra
     write_jsonl(tmp_path / "sciq_test.jsonl.gz", sciq_rows(6))
     chosen = settings(calibration, metric="acc", task="sciq", limit=4, methods=("ablation",), data_dir=tmp_path)
     result = analyze(tiny_model("llama", num_layers=2), tokenizer, chosen, None, model_info={"fingerprint": "t"})
-    assert result["baseline"]["chance"] == pytest.approx(0.25) and result["baseline"]["n"] == 4
-    for entry in result["ablation"].values():
+    assert result.baseline["chance"] == pytest.approx(0.25) and result.baseline["n"] == 4
+    for entry in result.section("ablation").sublayers.values():
         assert isinstance(entry["at_chance"], bool) and entry["chance"] == pytest.approx(0.25)
+        assert entry["at_chance"] == (entry["value"] <= 0.25 + 2 * entry["acc_stderr"])
 
 
 def test_cornerstone_rule_uses_collapse_and_shapley_share():
-    result = {
-        "players": ["L0.attn", "L0.mlp", "L1.attn", "L1.mlp"],
-        "baseline": {"loss": 2.0, "uniform_loss": 10.0},
-        "ablation": {"L0.attn": {"drop": 0.1, "loss": 2.1, "collapse": 0.0125}, "L0.mlp": {"drop": 3.0, "loss": 5.0, "collapse": 0.375},
-                     "L1.attn": {"drop": 0.2, "loss": 2.2, "collapse": 0.025}, "L1.mlp": {"drop": 0.3, "loss": 2.3, "collapse": 0.0375}},
-        "shapley": {"share": {"L0.attn": 0.05, "L0.mlp": 0.40, "L1.attn": 0.05, "L1.mlp": 0.50}},
-    }
-    found = {c["id"]: c for c in find_cornerstones(result, AnalysisSettings(share_factor=1.8))}
+    from surgery.analysis import Analysis
+    from surgery.scoring.ablation import AblationScores
+    from surgery.scoring.shapley import ShapleyValues
+
+    ablation = {"L0.attn": {"drop": 0.1, "loss": 2.1, "collapse": 0.0125}, "L0.mlp": {"drop": 3.0, "loss": 5.0, "collapse": 0.375},
+                "L1.attn": {"drop": 0.2, "loss": 2.2, "collapse": 0.025}, "L1.mlp": {"drop": 0.3, "loss": 2.3, "collapse": 0.0375}}
+    shares = {"L0.attn": 0.05, "L0.mlp": 0.40, "L1.attn": 0.05, "L1.mlp": 0.50}
+    analysis = Analysis(key="k", model={}, settings={"metric": "loss"}, players=list(ablation),
+                        baseline={"loss": 2.0, "uniform_loss": 10.0}, cornerstones=[], complete=True, coalitions={},
+                        sections={"ablation": AblationScores(sublayers=ablation),
+                                  "shapley": ShapleyValues(estimator="exact", max_removed=4, formula="", share=shares)})
+    found = {c["id"]: c for c in find_cornerstones(analysis, AnalysisSettings(share_factor=1.8))}
     assert set(found) == {"L0.mlp", "L1.mlp"}
     assert len(found["L0.mlp"]["reasons"]) == 1 and "38% of the way" in found["L0.mlp"]["reasons"][0]
     assert "2.0x the mean" in found["L1.mlp"]["reasons"][0]
@@ -175,9 +271,9 @@ def test_no_collapse_is_claimed_for_a_model_no_better_than_a_uniform_guess(token
     model = tiny_model("llama", num_layers=2)
     model.lm_head.weight.zero_()  # every next token equally likely: the loss is exactly ln V
     result = analyze(model, tokenizer, settings(calibration, methods=("ablation",)), None, model_info={"fingerprint": "u"})
-    assert result["baseline"]["loss"] == pytest.approx(result["baseline"]["uniform_loss"], abs=1e-5)
-    assert all(entry["collapse"] is None for entry in result["ablation"].values())
-    assert result["cornerstones"] == []
+    assert result.baseline["loss"] == pytest.approx(result.baseline["uniform_loss"], abs=1e-5)
+    assert all(entry["collapse"] is None for entry in result.section("ablation").sublayers.values())
+    assert result.cornerstones == []
 
 
 def test_angular_distance_and_block_influence_on_known_geometry():
@@ -192,8 +288,10 @@ def test_angular_distance_and_block_influence_on_known_geometry():
 
 
 def test_bad_analysis_settings_are_one_line_errors():
+    from surgery.scoring import with_requirements
+
     with pytest.raises(SurgeryError, match="unknown method 'magic'"):
-        AnalysisSettings(methods=("magic",))
+        with_requirements(("magic",))
     with pytest.raises(SurgeryError, match="--metric acc needs --task"):
         AnalysisSettings(metric="acc")
     for bad in ({"collapse_fraction": -1.0}, {"share_factor": 0.0}):

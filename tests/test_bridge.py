@@ -9,7 +9,7 @@ import torch
 from surgery.arch import ARCHITECTURES
 from surgery.bridge import RIDGE, _fold, fit_and_fold, output_weights, plan_bridges
 from surgery.cut import cut
-from surgery.stream import capture_stream
+from surgery.forward import capture_stream
 from surgery.sublayers import Sublayer, parse_sublayers
 from surgery.tiny import tiny_model
 

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from surgery.cli import main
-from surgery.export import read_manifest
+from surgery.export.checkpoint import read_manifest
 
 
 def run(*args):

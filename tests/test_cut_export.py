@@ -6,10 +6,11 @@ import torch
 from safetensors import safe_open
 
 from surgery.arch import ARCHITECTURES, decoder_layers
-from surgery.cut import count_parameters, cut, removed_sublayers
+from surgery.cut import cut, removed_sublayers
 from surgery.errors import SurgeryError
-from surgery.export import MANIFEST, MODELING_FILE, export_checkpoint, load_exported, read_manifest
-from surgery.models import load_model
+from surgery.export.checkpoint import MANIFEST, MODELING_FILE, export_checkpoint, load_exported, read_manifest
+from surgery.forward import count_parameters
+from surgery.loading import load_model
 from surgery.sublayers import parse_sublayers
 from surgery.tiny import tiny_model
 from tests.test_ablation import assert_cache_consistent, ids
@@ -53,6 +54,24 @@ def test_whole_blocks_give_a_standard_checkpoint(family, tmp_path, tokenizer):
     assert torch.equal(greedy(reloaded, prompt), greedy(model, prompt))
     assert_cache_consistent(reloaded)
     assert count_parameters(reloaded) == result.parameters_after < result.parameters_before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_a_physical_cut_computes_what_hooks_that_skip_the_same_units_compute(family):
+    """The cut model's logits against the uncut model with the same blocks skipped and sublayers
+    zeroed by forward hooks (no stand-ins, no renumbering, no config slicing involved)."""
+    from tests.hooks import skipped
+
+    units = parse_sublayers("L0.mlp,L1,L2.attn")
+    tokens = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(3))
+    uncut = tiny_model(family, num_layers=4)
+    with skipped(uncut, units):
+        expected = uncut(tokens, use_cache=False).logits
+    model = tiny_model(family, num_layers=4)
+    cut(model, units)
+    assert model.config.num_hidden_layers == 3
+    assert torch.allclose(model(tokens, use_cache=False).logits, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -189,7 +208,7 @@ def test_export_refuses_non_empty_out_and_force_replaces(tmp_path, tokenizer):
 
 
 def test_failed_verification_leaves_nothing(tmp_path, tokenizer, monkeypatch):
-    import surgery.export as export
+    import surgery.export.checkpoint as export
 
     def corrupt(model, tokenizer, folder, copy_from, extra_files):
         original_write(model, tokenizer, folder, copy_from, extra_files)

@@ -5,11 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery.cut import count_parameters
+from surgery.commands import cut_and_export
 from surgery.errors import SurgeryError
-from surgery.export import load_exported, read_manifest
-from surgery.models import load_model
-from surgery.pipeline import cut_and_export
+from surgery.export.checkpoint import load_exported, read_manifest
+from surgery.forward import count_parameters
+from surgery.loading import load_model
+from surgery.settings import LoadSettings
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ def block_parameters(config):
 @torch.no_grad()
 def test_cut_smollm2_blocks_and_an_attention(smollm2_folder, tmp_path):
     out = tmp_path / "smollm2-cut"
-    result = cut_and_export("smollm2-135m", "L20-L23,L5.attn", out, device="cpu")
+    result = cut_and_export("smollm2-135m", "L20-L23,L5.attn", out, LoadSettings(device="cpu"))
     manifest = read_manifest(out)
 
     source = load_model("smollm2-135m", device="cpu")
@@ -35,20 +36,24 @@ def test_cut_smollm2_blocks_and_an_attention(smollm2_folder, tmp_path):
     assert manifest["parameters"]["before"] == before
     assert before - manifest["parameters"]["after"] == 4 * (attention + mlp) + attention
 
-    # The in-memory result, recomputed independently: the same cut applied to a fresh copy.
-    from surgery.cut import cut
+    # What the cut must compute, without surgery's cut: the uncut model with the same blocks
+    # skipped and the attention zeroed by forward hooks.
     from surgery.sublayers import parse_sublayers
+    from tests.hooks import skipped
 
-    cut(source.model, parse_sublayers("L20-L23,L5.attn"))
     prompt = source.tokenizer("The quick brown fox jumps over the lazy dog because", return_tensors="pt").input_ids
-    expected = source.model(prompt).logits
+    with skipped(source.model, parse_sublayers("L20-L23,L5.attn")):
+        expected = source.model(prompt, use_cache=False).logits
+        greedy = prompt
+        for _ in range(8):  # greedy decoding by full recompute: no cache to get wrong
+            greedy = torch.cat([greedy, source.model(greedy, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
     for via in ("package", "remote-code"):
         reloaded = load_exported(out, via=via)
         assert reloaded.config.num_hidden_layers == 26
         assert count_parameters(reloaded) == manifest["parameters"]["after"]
         assert torch.allclose(reloaded(prompt).logits, expected, atol=1e-4), via
         settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=source.tokenizer.pad_token_id)
-        assert torch.equal(reloaded.generate(prompt, **settings), source.model.generate(prompt, **settings))
+        assert torch.equal(reloaded.generate(prompt, **settings), greedy)  # with its KV cache
     assert result.loader == "trust_remote_code" and result.max_logit_diff <= 1e-3
 
 
@@ -59,10 +64,10 @@ def test_block_cut_smollm2_as_gguf_keeps_the_source_tokenizer(smollm2_folder, tm
     import gguf
     from transformers import AutoModelForCausalLM
 
-    from surgery.export_gguf import export_gguf
+    from surgery.export.gguf import export_gguf
 
     folder = tmp_path / "smollm2-blocks"
-    cut_and_export("smollm2-135m", "L20-L23", folder, device="cpu")
+    cut_and_export("smollm2-135m", "L20-L23", folder, LoadSettings(device="cpu"))
     result = export_gguf(folder, tmp_path / "smollm2-blocks.gguf", dtype="f16")
     assert result.tokenizer_from.endswith(".gguf") and result.max_kl < 1e-4
     reader = gguf.GGUFReader(str(result.path))

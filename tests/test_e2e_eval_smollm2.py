@@ -9,9 +9,9 @@ tokenizer, off-by-one labels) lands in the thousands, so 15-60 separates working
 
 import pytest
 
-from surgery.evaluate import EvalSettings, evaluate_model
-from surgery.evaluate.perplexity import PerplexityProtocol
-from surgery.models import load_model
+from surgery.evaluate import evaluate_model
+from surgery.loading import load_model
+from surgery.settings import EvalSettings, PerplexityProtocol
 
 pytestmark = pytest.mark.slow
 

@@ -45,6 +45,6 @@ def test_prune_smollm2_quarter_with_cornerstones_and_healing(smollm2_folder, dat
     with torch.no_grad():
         generated = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert generated.shape[1] > prompt.input_ids.shape[1]
-    from surgery.export import read_manifest
+    from surgery.export.checkpoint import read_manifest
 
     assert read_manifest(out)["verified"]["loader"] == "transformers"

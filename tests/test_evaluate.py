@@ -11,8 +11,10 @@ import torch
 
 from surgery.arch import ARCHITECTURES
 from surgery.errors import SurgeryError
-from surgery.evaluate import EvalSettings, evaluate_model
-from surgery.evaluate.perplexity import PerplexityProtocol, final_hidden, make_windows, perplexity, token_nll
+from surgery.evaluate import evaluate_model
+from surgery.evaluate.perplexity import make_windows, perplexity
+from surgery.forward import final_hidden, token_nll
+from surgery.settings import EvalSettings, PerplexityProtocol
 from surgery.tiny import tiny_model
 
 FAMILIES = sorted(ARCHITECTURES)
@@ -86,21 +88,32 @@ def test_perplexity_matches_a_naive_computation(tokenizer):
 
 
 def sciq_rows(n):
-    return [{"question": f"Which option is number {i}?", "distractor1": "red", "distractor2": "blue", "distractor3": "green",
-             "correct_answer": f"answer {i}", "support": "Numbers are words."} for i in range(n)]
+    """The answer rotates over four words, so a model that prefers one word scores some items and not others."""
+    words = ["red", "blue", "green", "yellow"]
+    rows = []
+    for i in range(n):
+        distractors = [w for w in words if w != words[i % 4]]
+        rows.append({"question": f"Which option is number {i}?", "distractor1": distractors[0], "distractor2": distractors[1],
+                     "distractor3": distractors[2], "correct_answer": words[i % 4], "support": "Numbers are words."})
+    return rows
 
 
 def test_any_lm_eval_task_reads_a_file_in_its_hub_schema(tmp_path, tokenizer, no_network):
     """sciq is not among the shared files: the mechanism is generic, not a list of known tasks."""
     write_jsonl(tmp_path / "sciq_test.jsonl.gz", sciq_rows(7))
     settings = EvalSettings(tasks=("sciq",), limit=5, perplexity=(), speed=False, data_dir=tmp_path, keep_items=True)
-    results = evaluate_model(tiny_model("llama"), tokenizer, settings)
+    model = tiny_model("llama")
+    results = evaluate_model(model, tokenizer, settings)
     entry = results["tasks"]["sciq"]
     assert entry["n"] == 5 and len(entry["items"]) == 5
     assert entry["source"] == str(tmp_path / "sciq_test.jsonl.gz")
     assert entry["chance"] == pytest.approx(0.25) and entry["chance_kind"] == "uniform"
-    assert 0 <= entry["acc"] <= 1 and entry["acc_stderr"] >= 0
-    assert entry["acc"] == pytest.approx(sum(entry["items"]) / 5)
+    # each item scored here from the upstream prompt and the model's own log-likelihoods
+    expected = [hand_scored(model, tokenizer, f"{row['support'].lstrip()}\nQuestion: {row['question']}\nAnswer:",
+                            [row["distractor1"], row["distractor2"], row["distractor3"], row["correct_answer"]], gold=3)
+                for row in sciq_rows(5)]
+    assert entry["items"] == expected and 0 < sum(expected) < 5  # right on some items, wrong on others
+    assert entry["acc"] == pytest.approx(sum(expected) / 5) and entry["acc_stderr"] >= 0
 
 
 def test_an_item_offset_scores_the_same_items_and_stops_at_the_end_of_the_task(tmp_path, tokenizer, no_network):
@@ -120,14 +133,44 @@ def test_an_item_offset_scores_the_same_items_and_stops_at_the_end_of_the_task(t
         items(items_offset=12, limit=4)
 
 
+def hand_scored(model, tokenizer, context, choices, gold):
+    """1.0 when the gold choice has the highest summed log-likelihood after `context` (lm-eval's
+    `acc`), computed with the model directly: context and continuation encoded as lm-eval's
+    causal models do (the whole text, then the context's tokens cut off)."""
+    scores = []
+    for choice in choices:
+        continuation = " " + choice
+        whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+        prefix = len(tokenizer(context, add_special_tokens=False).input_ids)
+        ids = torch.tensor([whole])
+        with torch.no_grad():
+            logits = model(ids[:, :-1]).logits.log_softmax(-1)[0]
+        scores.append(sum(float(logits[t - 1, whole[t]]) for t in range(prefix, len(whole))))
+    return float(max(range(len(choices)), key=scores.__getitem__) == gold)
+
+
 def test_hellaswag_uses_lm_eval_preprocessing_on_a_local_file(tmp_path, tokenizer, no_network):
+    """The rows as the Hub stores them, scored as lm-eval's own preprocessing turns them into prompts
+    (activity label, capitalised second context, '[title]' and bracket artefacts removed): with the
+    artefacts the gold ending is the longest and loses, without them it wins."""
+    gold = "[header] [substeps] the quick brown fox [step] jumps [title] ok."
+    others = ["flies away from the egg.", "sings a song about eggs.", "sleeps on the kitchen floor."]
+
+    def endings(i, ending):
+        return [*others[:i % 4], ending, *others[i % 4:]]
+
     rows = [{"ind": i, "activity_label": "Cooking", "ctx_a": "A man cracks an egg.", "ctx_b": "he", "ctx": "A man cracks an egg. he",
-             "endings": [f"stirs egg {i} [title] well.", "flies away.", "sings.", "sleeps."], "source_id": "x", "split": "val",
-             "split_type": "indomain", "label": str(i % 4)} for i in range(4)]
+             "endings": endings(i, gold), "source_id": "x", "split": "val", "split_type": "indomain", "label": str(i % 4)}
+            for i in range(4)]
     write_jsonl(tmp_path / "hellaswag_validation.jsonl", rows, gz=False)
-    settings = EvalSettings(tasks=("hellaswag",), limit=4, perplexity=(), speed=False, data_dir=tmp_path)
-    entry = evaluate_model(tiny_model("gemma"), tokenizer, settings)["tasks"]["hellaswag"]
-    assert entry["n"] == 4 and {"acc", "acc_norm"} <= set(entry) and entry["chance"] == pytest.approx(0.25)
+    settings = EvalSettings(tasks=("hellaswag",), limit=4, perplexity=(), speed=False, data_dir=tmp_path, keep_items=True)
+    model = tiny_model("gemma")
+    entry = evaluate_model(model, tokenizer, settings)["tasks"]["hellaswag"]
+    preprocessed = [hand_scored(model, tokenizer, "Cooking: A man cracks an egg. He", endings(i, " the quick brown fox jumps. ok."),
+                                gold=i % 4) for i in range(4)]
+    raw = [hand_scored(model, tokenizer, "Cooking: A man cracks an egg. he", endings(i, gold), gold=i % 4) for i in range(4)]
+    assert preprocessed != raw  # the check can tell the two apart
+    assert entry["n"] == 4 and entry["items"] == preprocessed and entry["chance"] == pytest.approx(0.25)
 
 
 def test_mmlu_from_one_file_reports_every_subject_and_overall(tmp_path, tokenizer, no_network):
@@ -174,7 +217,8 @@ def test_boolq_chance_is_the_majority_class(data_dir, tokenizer, no_network):
 
 def test_speed_reports_the_smaller_cache_of_a_pruned_model():
     from surgery.cut import cut
-    from surgery.evaluate.speed import SpeedProtocol, measure_speed
+    from surgery.evaluate.speed import measure_speed
+    from surgery.settings import SpeedProtocol
     from surgery.sublayers import parse_sublayers
 
     protocol = SpeedProtocol(prompt_tokens=32, decode_tokens=4, repeats=1)
@@ -185,7 +229,7 @@ def test_speed_reports_the_smaller_cache_of_a_pruned_model():
     assert dense["prefill_tokens_per_s"] > 0 and dense["decode_tokens_per_s"] > 0
     assert pruned["parameters"] < dense["parameters"] and pruned["weights_bytes"] < dense["weights_bytes"]
     assert pruned["kv_cache_bytes"] < 0.6 * dense["kv_cache_bytes"]  # 2 of 4 attentions left, plus tiny placeholders
-    assert dense["peak_memory_bytes"] is None or dense["peak_memory_bytes"] > dense["weights_bytes"]
+    assert dense["peak_memory_bytes"] > dense["weights_bytes"]  # Linux: the process's peak resident set
 
 
 def test_in_memory_api_accepts_a_peft_model(tmp_path, tokenizer, no_network):

@@ -10,9 +10,8 @@ from surgery.arch import ARCHITECTURES
 from surgery.cli import main
 from surgery.cut import cut
 from surgery.errors import SurgeryError
-from surgery.export import export_checkpoint
-from surgery.export_gguf import export_gguf
-from surgery.models import gguf_tokenizer
+from surgery.export.checkpoint import export_checkpoint
+from surgery.export.gguf import export_gguf, gguf_tokenizer
 from surgery.sublayers import parse_sublayers
 from surgery.tiny import tiny_model, tiny_tokenizer
 from tests.test_ablation import ids

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from surgery.errors import SurgeryError
-from surgery.heal import HealSettings, disable_cpu_repack, heal, load_4bit
+from surgery.heal import disable_cpu_repack, heal, load_4bit
+from surgery.settings import HealSettings
 from surgery.tiny import tiny_model
 
 
@@ -84,7 +85,7 @@ def test_healing_lowers_held_out_loss_and_merges_into_full_precision(tmp_path, t
     # merged weights = base + LoRA delta: the same function as the adapter on a fresh base
     from peft import PeftModel
 
-    from surgery.models import load_model
+    from surgery.loading import load_model
 
     fresh = load_model(str(tmp_path / "work" / "base"), device="cpu", with_tokenizer=False).model
     with_adapter = PeftModel.from_pretrained(fresh, str(tmp_path / "work" / "adapter")).eval()

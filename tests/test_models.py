@@ -7,7 +7,8 @@ import time
 import pytest
 
 from surgery.errors import SurgeryError
-from surgery.models import builtin_gguf_path, cache_dir, fingerprint, load_model, resolve
+from surgery.loading import load_model
+from surgery.source import builtin_gguf_path, cache_dir, fingerprint, resolve
 
 
 def test_gguf_file_and_alias_share_one_cached_conversion(smollm2_folder):

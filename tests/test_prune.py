@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from surgery.cli import main
-from surgery.export import read_manifest
+from surgery.export.checkpoint import read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--samples", "2", "--seq-len", "32", "--max-removed", "2", "--eval-tasks", "piqa", "--eval-limit", "4",
@@ -46,7 +46,14 @@ def test_prune_heal_export_report(source, tmp_path, data_dir):
     assert "L5.attn" in plan["protected"] and "L5.attn" not in plan["removed"]
     for cornerstone in report["analysis"]["cornerstones"]:
         assert cornerstone["id"] not in plan["removed"]
-    assert plan["fraction_of_decoder_parameters"] == pytest.approx(0.25, abs=0.1)
+    # closest to the target that whole units allow: within half of the largest sublayer
+    from surgery.cut import sublayer_parameters
+    from surgery.loading import load_model
+    from surgery.sublayers import all_sublayers
+
+    size = sublayer_parameters(load_model(str(source), device="cpu").model)
+    largest = max(size((s,)) for s in all_sublayers(6))
+    assert abs(plan["parameters_removed"] - 0.25 * plan["decoder_parameters"]) <= largest / 2
     assert report["healing"]["loss_after"] < report["healing"]["loss_before"]
     bridges = report["bridge"]["bridges"]  # every cut run is bridged or named as skipped
     assert bridges and all(b["into"] not in plan["removed"] for b in bridges)

@@ -8,39 +8,19 @@ GPT-2 style) it is `context` text tokens. A window scores every token it predict
 but its first); with overlap, only the tokens no earlier window scored. Perplexity is
 exp(total NLL / scored tokens) over the first `windows` windows.
 
-The loss is computed in chunks of tokens through the output layer, with the family's own logit
-post-processing (Gemma soft-capping, Granite scaling), so the full vocabulary x sequence logits
-tensor never exists: a third of a forward pass's time on small models, and most of its memory.
+The loss comes from surgery.forward's chunked token losses, so no full logits tensor is built.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any
 
-from surgery.arch import architecture_of, get_module, unwrap
+from surgery.arch import unwrap
 from surgery.data import adds_bos
-
-
-@dataclass(frozen=True)
-class PerplexityProtocol:
-    context: int = 512
-    stride: int | None = None  # None: equal to context, no overlap
-    windows: int = 64
-    batch_size: int = 4
-
-    def __post_init__(self) -> None:
-        if self.stride is not None and self.stride > self.context:
-            from surgery.errors import SurgeryError
-
-            raise SurgeryError(f"--ppl-stride {self.stride} is longer than --ppl-context {self.context}: tokens between "
-                               "windows would go unscored; give a stride up to the context")
-
-    def describe(self) -> dict[str, Any]:
-        return {**asdict(self), "stride": self.stride or self.context, "separator": "\\n\\n",
-                "bos": "prepended when the tokenizer adds one by default"}
+from surgery.forward import final_hidden, token_nll
+from surgery.settings import PerplexityProtocol
 
 
 def make_windows(tokenizer: Any, texts: list[str], protocol: PerplexityProtocol) -> tuple[Any, Any]:
@@ -66,39 +46,6 @@ def make_windows(tokenizer: Any, texts: list[str], protocol: PerplexityProtocol)
     if not windows:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {span}")
     return torch.tensor(windows), torch.tensor(masks)
-
-
-def output_logits(model: Any, hidden: Any) -> Any:
-    """Logits from final hidden states, with the family's post-processing, in float32."""
-    base = unwrap(model)
-    arch = architecture_of(base.config)
-    logits = get_module(base, arch.lm_head)(hidden).float()
-    if arch.logit_divisor_config and getattr(base.config, arch.logit_divisor_config, None):
-        logits = logits / getattr(base.config, arch.logit_divisor_config)
-    cap = getattr(base.config, arch.logit_softcap_config, None) if arch.logit_softcap_config else None
-    if cap:
-        logits = (logits / cap).tanh() * cap
-    return logits
-
-
-def token_nll(model: Any, hidden: Any, input_ids: Any, chunk_tokens: int = 2048) -> Any:
-    """Per-token negative log-likelihood [B, T-1] of input_ids[:, 1:] given final hidden states [B, T, H]."""
-    import torch
-    import torch.nn.functional as F
-
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    targets = input_ids[:, 1:].reshape(-1)
-    losses = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
-    for start in range(0, targets.shape[0], chunk_tokens):
-        end = start + chunk_tokens
-        losses[start:end] = F.cross_entropy(output_logits(model, h[start:end]), targets[start:end], reduction="none")
-    return losses.view(input_ids.shape[0], -1)
-
-
-def final_hidden(model: Any, input_ids: Any) -> Any:
-    """Hidden states after the final norm (the decoder stack's output), no cache, no logits."""
-    base = unwrap(model)
-    return base.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
 def perplexity(model: Any, tokenizer: Any, texts: list[str], protocol: PerplexityProtocol,

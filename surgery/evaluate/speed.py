@@ -11,21 +11,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from surgery.arch import unwrap
-
-
-@dataclass(frozen=True)
-class SpeedProtocol:
-    prompt_tokens: int = 256
-    decode_tokens: int = 32
-    repeats: int = 3
-
-    def describe(self) -> dict[str, Any]:
-        return asdict(self)
+from surgery.forward import count_parameters
+from surgery.settings import SpeedProtocol
 
 
 def _reset_peak_rss() -> bool:
@@ -69,8 +60,6 @@ def _cache_bytes(cache: Any) -> int:
 def measure_speed(model: Any, protocol: SpeedProtocol = SpeedProtocol(), folder: Path | None = None) -> dict[str, Any]:
     """Prefill and decode tokens/s, peak memory, parameters and file size."""
     import torch
-
-    from surgery.cut import count_parameters
 
     base = unwrap(model)
     device = next(base.parameters()).device

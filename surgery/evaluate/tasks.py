@@ -102,7 +102,7 @@ def _task_directories() -> dict[str, str]:
     are indexed again."""
     import importlib.metadata as metadata
 
-    from surgery.models import cache_dir
+    from surgery.source import cache_dir
 
     version = metadata.version("lm_eval")
     path = cache_dir() / f"lm-eval-{version}-task-dirs.json"

@@ -20,8 +20,7 @@ from typing import Any
 
 from surgery.ablation import ablated
 from surgery.arch import architecture_of, decoder_layers, get_module, unwrap
-from surgery.evaluate.perplexity import final_hidden, token_nll
-from surgery.stream import block_output, capture_stream
+from surgery.forward import block_output, capture_stream, final_hidden, token_nll
 from surgery.sublayers import Sublayer
 
 

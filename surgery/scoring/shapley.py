@@ -29,7 +29,12 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from surgery.scoring.base import Scorer, ScoringContext, Section, register
 
 Value = Callable[[frozenset[int]], float]
 
@@ -116,3 +121,103 @@ def _known(value: Value, removed: frozenset[int]) -> float | None:
         return value(removed)
     except KeyError:
         return None
+
+
+# ------------------------------------------------------------------ the scorer
+
+FORMULAS = {
+    "neighbourhood": "phi_i = (1/k) sum_{m=1..k} mean_{runs W, |W|=m, i at an end of W} [v(N \\ (W - i)) - v(N \\ W)]",
+    "permutation": "phi_i = mean over sampled removal orders of v(N \\ R_{m-1}) - v(N \\ R_m), i removed at step m <= k",
+    "exact": "exact Shapley value over all 2^N coalitions",
+}
+
+
+@dataclass
+class ShapleyValues(Section):
+    estimator: str
+    max_removed: int
+    formula: str
+    values: dict[str, float | None] = field(default_factory=dict)  # None: no evaluated coalition informs it (partial run)
+    share: dict[str, float | None] = field(default_factory=dict)  # of the total Shapley value
+    support: dict[str, int] = field(default_factory=dict)  # run lengths (or contributions) each estimate used
+
+
+@register
+class Shapley(Scorer):
+    name = "shapley"
+    title = "Shapley value"
+    section = ShapleyValues
+    requires = ("ablation",)  # its single-sublayer coalitions are the ablation's; the cornerstone rule reads both
+    importance_rank = 0
+    plot_files = ("shapley.png", "shapley_share.png")
+
+    def coalitions(self, settings: Any, players: int) -> Iterable[frozenset[int]]:
+        if settings.estimator == "neighbourhood":
+            return neighbourhood_windows(players, settings.max_removed)
+        if settings.estimator == "permutation":
+            return permutation_coalitions(players, settings.permutations, settings.max_removed, settings.seed)
+        if players > 16:
+            from surgery.errors import SurgeryError
+
+            raise SurgeryError(f"exact Shapley values need 2^{players} evaluations: use --estimator neighbourhood or permutation")
+        return (frozenset(c) for size in range(players + 1) for c in itertools.combinations(range(players), size))
+
+    def assemble(self, context: ScoringContext) -> ShapleyValues:
+        settings, players = context.settings, len(context.players)
+        if settings.estimator == "neighbourhood":
+            phi, support = neighbourhood_shapley(players, context.value, settings.max_removed)
+        elif settings.estimator == "permutation":
+            phi, support = permutation_shapley(players, context.value, settings.permutations, settings.max_removed, settings.seed)
+        else:
+            phi, support = exact_shapley(players, context.value), [2 ** (players - 1)] * players
+        values = [None if math.isnan(p) else p for p in phi]
+        total = sum(p for p in values if p is not None)
+        return ShapleyValues(
+            estimator=settings.estimator, max_removed=settings.max_removed, formula=FORMULAS[settings.estimator],
+            values=dict(zip(context.players, values)),
+            share={i: (p / total if p is not None and total else None) for i, p in zip(context.players, values)},
+            support=dict(zip(context.players, support)),
+        )
+
+    def columns(self, section: ShapleyValues, metric: str) -> dict[str, dict[str, float | None]]:
+        return {"Shapley": section.values, "share": section.share}
+
+    def importance(self, section: ShapleyValues) -> dict[str, float | None]:
+        return section.values
+
+    def summary(self, section: ShapleyValues) -> list[str]:
+        return [f"- Shapley estimator: {section.estimator}, at most {section.max_removed} removed; `{section.formula}`"]
+
+    def cornerstone(self, section: ShapleyValues, player: str, context: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+        share = section.share.get(player)
+        if share is None:
+            return [], {}
+        factor, count = context["settings"].share_factor, len(section.share)
+        reasons = [f"its Shapley share is {100 * share:.1f}%, {share * count:.1f}x the mean (rule: {factor:g}x)"] \
+            if share >= factor / count else []
+        return reasons, {"shapley_share": share}
+
+    def plot(self, section: ShapleyValues, analysis: Any, folder: Path) -> dict[str, str]:
+        from surgery.plots import ATTN_COLOUR, MLP_COLOUR, figure, save, sublayer_bars
+
+        ids = analysis.players
+        unit = "nats of loss" if analysis.metric == "loss" else "accuracy"
+        fig, ax = figure()
+        sublayer_bars(ax, ids, [section.values[i] for i in ids], analysis.cornerstone_ids)
+        ax.set_title(f"Shapley value per sublayer ({section.estimator}, max removed {section.max_removed})")
+        ax.set_ylabel(f"Shapley value ({unit})")
+        written = {"Shapley value per sublayer": save(fig, folder / "shapley.png").name}
+
+        fig, ax = figure()
+        layers = len(ids) // 2
+        attn = [100 * (section.share.get(f"L{l}.attn") or 0.0) for l in range(layers)]
+        mlp = [100 * (section.share.get(f"L{l}.mlp") or 0.0) for l in range(layers)]
+        ax.bar(range(layers), attn, color=ATTN_COLOUR, label="attention")
+        ax.bar(range(layers), mlp, bottom=attn, color=MLP_COLOUR, label="FFN / MoE")
+        ax.axhline(100 / layers, color="grey", linestyle="--", linewidth=0.8, label="mean per block")
+        ax.set_xlabel("block")
+        ax.set_ylabel("share of total Shapley value (%)")
+        ax.set_title("Share of the total Shapley value by block")
+        ax.legend(fontsize=8)
+        written["Share of the total Shapley value"] = save(fig, folder / "shapley_share.png").name
+        return written

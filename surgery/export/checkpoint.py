@@ -11,12 +11,9 @@ that is not a complete, verified export.
 
 from __future__ import annotations
 
-import errno
 import inspect
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +21,13 @@ from typing import Any
 
 from surgery.arch import SURGERY_MODEL_TYPE_PREFIX, base_model_type, unwrap
 from surgery.errors import SurgeryError
+from surgery.forward import VERIFY_PROMPT
 from surgery.provenance import file_sha256, now, versions
 
 MANIFEST = "surgery.json"
 MODELING_FILE = "modeling_surgery.py"
 EXPORT_FORMAT = "surgery-export"
 EXPORT_VERSION = 1
-VERIFY_PROMPT = "The capital of France is Paris. The capital of Italy is"
 _LOGIT_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
 
 
@@ -40,50 +37,6 @@ class ExportResult:
     max_logit_diff: float
     loader: str
     manifest: dict[str, Any]
-
-
-def check_output_path(out: Path, *, force: bool, protected: list[Path] = ()) -> Path:
-    """Fail before any work if `out` cannot be written safely; return it absolute."""
-    out = Path(out).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise SurgeryError(f"--out {out} is a file: give a folder path")
-    check_apart(out, protected)
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise SurgeryError(f"--out {out} exists and is not empty: choose a new folder or pass --force to replace it")
-    _check_writable_parent(out, "--out")
-    return out
-
-
-def check_output_file(out: Path, *, force: bool, protected: list[Path] = (), option: str = "--out") -> Path:
-    """The same checks for a single file (a results JSON): never inside a source model, never an
-    existing file without force, and a parent that is a folder we can write to."""
-    out = Path(out).expanduser().absolute()
-    if out.is_dir():
-        raise SurgeryError(f"{option} {out} is a folder: give a file name such as results.json")
-    check_apart(out, protected, option)
-    if out.exists() and not force:
-        raise SurgeryError(f"{option} {out} already exists: choose another name or pass --force to replace it")
-    _check_writable_parent(out, option)
-    return out
-
-
-def check_apart(path: Path, protected: list[Path], option: str = "--out") -> None:
-    """Refuse a path that is, holds or lies inside a folder that must not change (a source model)."""
-    target = Path(path).expanduser().resolve()
-    for source in protected:
-        source = Path(source).resolve()
-        if target == source or source in target.parents or target in source.parents:
-            raise SurgeryError(f"{option} {path} overlaps {source}: choose a separate folder (a source model is never written to)")
-
-
-def _check_writable_parent(path: Path, option: str) -> None:
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise SurgeryError(f"{option} {path} lies under {parent}, which is a file: choose a path in a folder")
-    if not os.access(parent, os.W_OK):
-        raise SurgeryError(f"cannot write to {parent}: choose an {option} you can write to")
 
 
 def export_checkpoint(
@@ -106,42 +59,24 @@ def export_checkpoint(
     called after verification, before the manifest, to add files (report, card) that may need
     the written checkpoint; they are covered by the manifest's checksums.
     """
-    out = check_output_path(out, force=force, protected=list(protected))
+    from surgery.files import check_free_space, check_output_folder, staged_folder
+
+    out = check_output_folder(out, force=force, protected=list(protected))
     model = unwrap(model)
-    _check_free_space(model, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
+    check_free_space(out, weights_bytes(model), "the checkpoint")
+    with staged_folder(out) as staging:
         _write(model, tokenizer, staging, copy_from, extra_files or {})
         diff, loader = verify_checkpoint(model, tokenizer, staging)
         if finalize is not None:
             finalize(staging)
         manifest = _manifest(staging, record, diff, loader)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _normal_permissions(staging)
-        _move_into_place(staging, out)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if error.errno == errno.ENOSPC:
-            raise SurgeryError(f"no space left on the device while writing {out}: free some space or choose another --out") from None
-        raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ExportResult(out, diff, loader, manifest)
 
 
-def _check_free_space(model: Any, out: Path) -> None:
-    need = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    if free < need * 1.05 + (64 << 20):
-        raise SurgeryError(
-            f"not enough disk space for the checkpoint at {out}: it needs about {need / 2**30:.1f} GiB, "
-            f"{free / 2**30:.1f} GiB is free; free some space or choose another --out"
-        )
+def weights_bytes(model: Any) -> int:
+    """Bytes of a model's distinct parameters (tied ones once): what its checkpoint holds."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def write_model_folder(model: Any, tokenizer: Any, folder: Path) -> None:
@@ -206,9 +141,9 @@ def load_exported(folder: Path, *, dtype: Any = None, device: str = "cpu", via: 
     is_surgery = data.get("model_type", "").startswith(SURGERY_MODEL_TYPE_PREFIX)
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
     if is_surgery and via == "package":
-        from surgery.models import register_surgery_checkpoint_classes
+        from surgery.hf_modeling import register_classes
 
-        register_surgery_checkpoint_classes(data)
+        register_classes(data)
     elif is_surgery:
         kwargs["trust_remote_code"] = True
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
@@ -220,6 +155,7 @@ def verify_checkpoint(model: Any, tokenizer: Any, folder: Path) -> tuple[float, 
     import torch
 
     from surgery.console import quiet_transformers
+    from surgery.forward import verification_ids
 
     quiet_transformers()
     device = next(model.parameters()).device
@@ -241,16 +177,6 @@ def verify_checkpoint(model: Any, tokenizer: Any, folder: Path) -> tuple[float, 
         raise SurgeryError("export check failed: the reloaded checkpoint generates differently with its KV cache; nothing was written")
     del reloaded
     return diff, loader
-
-
-def verification_ids(tokenizer: Any, vocab_size: int) -> Any:
-    import torch
-
-    if tokenizer is not None:
-        ids = tokenizer(VERIFY_PROMPT, return_tensors="pt").input_ids
-        if ids.numel() and int(ids.max()) < vocab_size:
-            return ids
-    return (torch.arange(3, 19) * 7919 % vocab_size).unsqueeze(0)
 
 
 def _pad_id(model: Any) -> int:
@@ -299,33 +225,3 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         if file_sha256(file) != digest:
             raise SurgeryError(f"{folder}/{name} changed after export (checksum differs): export the model again")
     return manifest
-
-
-def current_umask() -> int:
-    """The process umask (reading it means setting it, so it is set back at once)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def _normal_permissions(folder: Path) -> None:
-    """Staging folders (and some writers' files) are private; the export is as public as the umask allows."""
-    umask = current_umask()
-    folder.chmod(0o777 & ~umask)
-    for file in folder.iterdir():
-        file.chmod(0o666 & ~umask)
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    if out.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
-        os.replace(out, backup / "old")
-        try:
-            os.replace(staging, out)
-        except BaseException:
-            os.replace(backup / "old", out)
-            raise
-        finally:
-            shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(staging, out)

@@ -1,6 +1,12 @@
-"""GGUF export: a checkpoint folder as one GGUF file for llama.cpp, Ollama and LM Studio.
+"""GGUF, both ways: reading a GGUF file into a cached safetensors folder (a GGUF MODEL), and
+writing a checkpoint folder as one GGUF file for llama.cpp, Ollama and LM Studio (`surgery gguf`).
 
-Layout follows llama.cpp's convert_hf_to_gguf.py, so its runtimes read the file as they read
+Reading: transformers' GGUF reader dequantises the tensors; the model is rebuilt as a plain one
+and saved once into the cache (keyed by the file's SHA-256 and `CONVERSION_VERSION`). Its
+tokenizer splits text as llama.cpp does: transformers builds every byte-level GGUF tokenizer with
+GPT-2's split, so the digit-by-digit step of the pre-tokenizers that have one is restored.
+
+Writing follows llama.cpp's convert_hf_to_gguf.py, so its runtimes read the file as they read
 their own conversions: tensor names from gguf-py's TensorNameMap; query and key rows permuted
 into llama.cpp's rotary layout for the "llama" architecture; 1-D tensors (norms, biases) in
 float32; no output tensor when the embeddings are tied. Tensors are written one at a time, so
@@ -19,15 +25,23 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from surgery.arch import architecture_of, base_model_type
 from surgery.errors import SurgeryError
+from surgery.provenance import file_sha256
+
+# Bumped when a conversion's output changes for the same GGUF file (2: digit-splitting pre-tokenizers).
+CONVERSION_VERSION = 2
+# llama.cpp pre-tokenizers that split off every digit before GPT-2's regex (one case in
+# llama-vocab.cpp). transformers' GGUF reader builds them as plain GPT-2, which merges "2024"
+# into tokens the model never saw in training; the original tokenizer.json is Digits + ByteLevel.
+_DIGIT_SPLIT_PRE = frozenset({"starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"})
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 # llama.cpp's name for a pre-tokenizer that is exactly GPT-2's (tokenizer.json: ByteLevel with its regex),
@@ -45,6 +59,98 @@ _CHECKED_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_a
 _KL_TOLERANCE = {"f32": 1e-6, "f16": 1e-3, "bf16": 1e-2, "q8_0": 5e-2}
 
 
+def convert_gguf(gguf: Path, cache: Path, *, label: str | None = None) -> Path:
+    """Convert a GGUF file once into a safetensors folder under `cache`; return the folder."""
+    from surgery.files import output_lock
+
+    gguf = gguf.resolve()
+    target = cache / f"{gguf.stem}-{file_sha256(gguf)[:16]}-v{CONVERSION_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    with output_lock(target, wait=True):
+        if not (target / "config.json").is_file():  # another process may have converted it meanwhile
+            _convert_gguf_locked(gguf, target, label or gguf.name)
+    return target
+
+
+def _convert_gguf_locked(gguf: Path, target: Path, label: str) -> None:
+    from surgery.console import quiet_transformers, task
+    from surgery.files import staged_folder
+
+    with task(f"converting {label} from GGUF (once; cached in {target.parent})", total=3) as progress:
+        quiet_transformers()
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        progress.update(description=f"{label}: dequantising GGUF tensors")
+        with _no_tqdm():
+            try:
+                loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                tokenizer = gguf_tokenizer(gguf)
+            except (ValueError, KeyError, OSError, NotImplementedError, IndexError, struct.error) as error:
+                message = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise SurgeryError(f"{gguf} could not be read as a GGUF model ({message}): check the file is "
+                                   "complete, or convert the original checkpoint instead") from None
+        progress.advance()
+        # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config.
+        config_dict = loaded.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config_dict.pop("_name_or_path", None)
+        config = AutoConfig.for_model(**config_dict)
+        progress.update(description=f"{label}: rebuilding a plain model")
+        plain = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype)
+        plain.load_state_dict(loaded.state_dict())
+        plain.generation_config = loaded.generation_config
+        progress.advance()
+        progress.update(description=f"{label}: writing safetensors")
+        with staged_folder(target) as staging:
+            plain.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}, indent=2))
+        progress.advance()
+
+
+def gguf_tokenizer(gguf: Path) -> Any:
+    """The tokenizer a GGUF file describes, splitting text as llama.cpp does: transformers' reader,
+    with the digit split restored for the pre-tokenizers that have one."""
+    import gguf as gguf_py
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    field = gguf_py.GGUFReader(str(gguf)).get_field("tokenizer.ggml.pre")
+    backend = tokenizer.backend_tokenizer
+    if field is not None and field.contents() in _DIGIT_SPLIT_PRE and is_gpt2_split(json.loads(backend.to_str()).get("pre_tokenizer")):
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return tokenizer
+
+
+def is_gpt2_split(step: dict[str, Any] | None) -> bool:
+    """A tokenizer.json pre-tokenizer that is exactly GPT-2's: ByteLevel with its own regex."""
+    step = step or {}
+    return step.get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space")
+
+
+def is_digits_then_gpt2(step: dict[str, Any] | None) -> bool:
+    """Every digit split off first, then GPT-2's split (StarCoder, SmolLM): what gguf_tokenizer restores."""
+    steps = (step or {}).get("pretokenizers", []) if (step or {}).get("type") == "Sequence" else []
+    return len(steps) == 2 and steps[0] == {"type": "Digits", "individual_digits": True} and is_gpt2_split(steps[1])
+
+
+@contextmanager
+def _no_tqdm() -> Iterator[None]:
+    """transformers' GGUF reader draws a tqdm bar of its own, which would fight with ours."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+
 @dataclass
 class GgufResult:
     path: Path
@@ -59,7 +165,7 @@ class GgufResult:
 def export_gguf(folder: Path, out: Path, *, dtype: str = "f16", tokenizer_pre: str | None = None,
                 force: bool = False) -> GgufResult:
     """Write the model in `folder` (a surgery export or any model folder of a supported family) to `out`."""
-    from surgery.export import current_umask
+    from surgery.files import atomic_file, check_free_space, output_lock
 
     folder, out = Path(folder), Path(out)
     config = _read_config(folder)
@@ -68,16 +174,12 @@ def export_gguf(folder: Path, out: Path, *, dtype: str = "f16", tokenizer_pre: s
         raise SurgeryError(f"unknown GGUF type '{dtype}': choose one of {', '.join(DTYPES)}")
     source = source_gguf(folder)
     out = _check_out(out, folder, source, force)
-    staging = Path(tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)[1])
-    try:
-        tensors, size, tokenizer_from = _write(folder, config, target, staging, dtype, tokenizer_pre, source)
+    plan = _tensor_plan(folder, config, target, dtype)
+    check_free_space(out, sum(t.nbytes for t in plan), "the GGUF file")
+    with output_lock(out), atomic_file(out) as staging:
+        size, tokenizer_from = _write(folder, config, target, dtype, plan, staging, tokenizer_pre, source)
         diff, kl = _verify(folder, staging, dtype)
-        os.chmod(staging, 0o666 & ~current_umask())
-        os.replace(staging, out)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
-    return GgufResult(out, target, tensors, size, tokenizer_from, diff, kl)
+    return GgufResult(out, target, len(plan), size, tokenizer_from, diff, kl)
 
 
 # ------------------------------------------------------------------ checks
@@ -122,22 +224,17 @@ def _has_sliding_window(config: dict[str, Any]) -> bool:
 
 
 def _check_out(out: Path, folder: Path, source: Path | None, force: bool) -> Path:
+    from surgery.files import check_output_file
+
     if out.suffix != ".gguf":
         raise SurgeryError(f"{out} does not end in .gguf: name the output file like model.gguf")
     out = out.resolve()
-    if out.is_dir():
-        raise SurgeryError(f"{out} is a folder: give a file name ending in .gguf")
-    if folder.resolve() in out.parents:
+    if not out.is_dir() and folder.resolve() in out.parents:
         raise SurgeryError(f"{out} is inside the model folder {folder}: write the GGUF beside it, not into it "
                            "(the folder's checksums would no longer match)")
     if source is not None and source.resolve() == out:
         raise SurgeryError(f"{out} is the GGUF this model was converted from: choose another name (the source is never overwritten)")
-    if out.exists() and not force:
-        raise SurgeryError(f"{out} already exists: choose another name or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-        raise SurgeryError(f"cannot write to {out.parent}: choose an output you can write to")
-    return out
+    return check_output_file(out, force=force, protected=[folder])
 
 
 # ------------------------------------------------------------------ writing
@@ -155,8 +252,8 @@ def _head_dim(config: dict[str, Any]) -> int:
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
-def _write(folder: Path, config: dict[str, Any], target: str, path: Path, dtype: str,
-           tokenizer_pre: str | None, source: Path | None) -> tuple[int, int, str]:
+def _write(folder: Path, config: dict[str, Any], target: str, dtype: str, plan: list[_Tensor], path: Path,
+           tokenizer_pre: str | None, source: Path | None) -> tuple[int, str]:
     import gguf
 
     writer = gguf.GGUFWriter(None, target)
@@ -164,7 +261,6 @@ def _write(folder: Path, config: dict[str, Any], target: str, path: Path, dtype:
     writer.add_name(folder.name if folder.name != "mistral" else "mistral-pruned")
     _add_hyperparameters(writer, config, target, dtype)
     tokenizer_from = _add_tokenizer(writer, folder, config, tokenizer_pre, source)
-    plan = _tensor_plan(folder, config, target, dtype)
     for tensor in plan:
         writer.add_tensor_info(tensor.name, tensor.shape, _numpy_dtype(tensor.qtype), tensor.nbytes, raw_dtype=tensor.qtype)
     writer.write_header_to_file(path)
@@ -173,7 +269,7 @@ def _write(folder: Path, config: dict[str, Any], target: str, path: Path, dtype:
     for tensor in plan:
         writer.write_tensor_data(gguf.quants.quantize(tensor.read(), tensor.qtype))
     writer.close()
-    return len(plan), path.stat().st_size, tokenizer_from
+    return path.stat().st_size, tokenizer_from
 
 
 def _add_hyperparameters(writer: Any, config: dict[str, Any], target: str, dtype: str) -> None:
@@ -399,8 +495,6 @@ def _build_tokenizer(writer: Any, folder: Path, config: dict[str, Any], pre: str
 def _pre_tokenizer_name(spec: dict[str, Any]) -> str:
     """llama.cpp names pre-tokenizers by model; only GPT-2's own can be told from tokenizer.json
     with certainty (a ByteLevel step with its built-in regex and no other split)."""
-    from surgery.models import is_digits_then_gpt2, is_gpt2_split
-
     step = spec.get("pre_tokenizer")
     if is_gpt2_split(step):
         return _GPT2_PRE
@@ -421,8 +515,7 @@ def _verify(folder: Path, gguf_path: Path, dtype: str) -> tuple[float, float]:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     from surgery.console import quiet_transformers
-    from surgery.export import verification_ids
-    from surgery.models import gguf_tokenizer
+    from surgery.forward import verification_ids
 
     quiet_transformers()
     config = AutoConfig.from_pretrained(str(folder))

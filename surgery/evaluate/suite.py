@@ -1,0 +1,150 @@
+"""lm-eval on in-memory models: tasks loaded once (data read, configs fixed) and run on any number
+of models or ablations of one model, with progress on surgery's display and per-task summaries
+(headline metrics, standard errors, items, chance level, data source)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from surgery.settings import EvalSettings
+
+_HEADLINE_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mcc")
+
+
+def run_tasks(model: Any, tokenizer: Any, settings: EvalSettings) -> dict[str, Any]:
+    """lm-eval on the in-memory model; per task the headline metrics, their standard errors,
+    the number of items, the chance level and the data source."""
+    return TaskSuite(settings).run(model, tokenizer)
+
+
+class TaskSuite:
+    """lm-eval tasks loaded once (data read, configs fixed) and run on any number of models or
+    ablations of one model: the accuracy value function of `surgery analyze` reuses one suite."""
+
+    def __init__(self, settings: EvalSettings) -> None:
+        from surgery.evaluate.tasks import load_tasks
+        from surgery.source import hub_offline, hub_reachable
+
+        logging.getLogger("lm-eval").setLevel(logging.ERROR)
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        self.settings = settings
+        online = not hub_offline() and hub_reachable()
+        self.loaded = load_tasks(list(settings.tasks), settings.data_dir, online)
+        for task in self.loaded["tasks"].values():
+            if task.get_config("num_fewshot") != 0 or settings.num_fewshot == 0:
+                task.set_config(key="num_fewshot", value=settings.num_fewshot)
+            task.set_fewshot_seed(seed=settings.seed)
+
+    def run(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+        import lm_eval
+
+        lm = _progress_lm(model, tokenizer, self.settings.batch_size)
+        limit, samples = self.settings.limit, None
+        if self.settings.items_offset:
+            limit, samples = None, self._item_windows()
+        raw = lm_eval.evaluate(lm=lm, task_dict=self.loaded, limit=limit, samples=samples, bootstrap_iters=1000,
+                               log_samples=True, verbosity="ERROR")
+        return summarise_tasks(raw, self.settings)
+
+    def _item_windows(self) -> dict[str, list[int]]:
+        """Items [offset, offset + limit) of each task, clipped to the items the task has, so one
+        window can run to the end of tasks of different sizes."""
+        from surgery.errors import SurgeryError
+
+        offset, limit = self.settings.items_offset, self.settings.limit
+        if limit is None:
+            raise SurgeryError("an item offset needs a limit: give both")
+        windows = {}
+        for name, task in self.loaded["tasks"].items():
+            size = len(task.eval_docs)
+            if offset >= size:
+                raise SurgeryError(f"{name} has {size} items, none from offset {offset}: use a smaller offset")
+            windows[name] = list(range(offset, min(offset + limit, size)))
+        return windows
+
+
+def _progress_lm(model: Any, tokenizer: Any, batch_size: int) -> Any:
+    """lm-eval's HFLM on the in-memory model, reporting its requests to our progress display."""
+    from lm_eval.api.model import CacheHook
+    from lm_eval.models.huggingface import HFLM
+
+    from surgery.console import task
+
+    class ProgressHook(CacheHook):
+        def __init__(self) -> None:
+            self.dbdict = None
+            self.task = None
+
+        def add_partial(self, attr: str, req: Any, res: Any) -> None:
+            if self.task is not None:
+                self.task.advance()
+
+    hook = ProgressHook()
+
+    class ProgressHFLM(HFLM):
+        def _run(self, method: Any, label: str, requests: list) -> Any:
+            with task(f"lm-eval {label}", total=len(requests)) as progress:
+                hook.task = progress
+                try:
+                    return method(requests, disable_tqdm=True)
+                finally:
+                    hook.task = None
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return self._run(super().loglikelihood, "loglikelihood requests", requests)
+
+        def generate_until(self, requests, disable_tqdm=False):
+            return self._run(super().generate_until, "generation requests", requests)
+
+    device = str(next(model.parameters()).device)
+    lm = ProgressHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm.set_cache_hook(hook)
+    return lm
+
+
+def summarise_tasks(raw: dict[str, Any], settings: EvalSettings) -> dict[str, Any]:
+    """lm-eval's results -> {task: {metric, metric_stderr, n, chance, ...}}, groups with subtasks."""
+    from surgery.evaluate.tasks import chance_level_from_samples
+
+    summary: dict[str, Any] = {}
+    subtasks_of = raw.get("group_subtasks", {})
+    for name in settings.tasks:
+        entry = _metrics(raw["results"].get(name) or raw.get("groups", {}).get(name, {}))
+        members = _leaves(name, subtasks_of)
+        samples = [s for member in members for s in raw.get("samples", {}).get(member, [])]
+        entry["n"] = sum(raw["n-samples"].get(m, {}).get("effective", 0) for m in members)
+        entry["chance"], entry["chance_kind"] = chance_level_from_samples(samples)
+        entry["source"] = _source(raw, members)
+        if members != [name]:
+            entry["subtasks"] = {m: {**_metrics(raw["results"].get(m, {})), "n": raw["n-samples"].get(m, {}).get("effective", 0)}
+                                 for m in members}
+        if settings.keep_items and members == [name]:
+            entry["items"] = [float(s.get("acc", s.get("exact_match", 0.0))) for s in sorted(samples, key=lambda s: int(s["doc_id"]))]
+        summary[name] = entry
+    return summary
+
+
+def _leaves(name: str, subtasks_of: dict[str, list[str]]) -> list[str]:
+    if name not in subtasks_of:
+        return [name]
+    return [leaf for child in subtasks_of[name] for leaf in _leaves(child, subtasks_of)]
+
+
+def _metrics(values: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in values.items():
+        metric, _, filt = key.partition(",")
+        base = metric.removesuffix("_stderr")
+        if base in _HEADLINE_METRICS and isinstance(value, (int, float)):
+            found[metric if filt in ("none", "") else f"{metric}[{filt}]"] = float(value)
+    return found
+
+
+def _source(raw: dict[str, Any], members: list[str]) -> str:
+    sources = set()
+    for member in members:
+        config = raw.get("configs", {}).get(member, {})
+        files = (config.get("dataset_kwargs") or {}).get("data_files")
+        sources.update(files.values() if files else [f"hf://{config.get('dataset_path')}"])
+    return ", ".join(sorted(sources))

@@ -1,0 +1,288 @@
+"""File safety: the one module that decides where surgery may write and how a write lands.
+
+Rules every command follows:
+- Outputs are checked before any slow work: never inside (or around) a source model, never over
+  a non-empty folder or an existing file without --force, always under a writable folder.
+- Writes are atomic: a file is written beside its destination and renamed into place; a folder
+  is built in a hidden staging folder and moved into place (an old folder is replaced only once
+  the new one is complete). A failure removes the partial copy and leaves the destination as it was.
+- One process at a time per output: a second process writing the same path fails at once with
+  one line (`output_lock`). Staging folders left by killed processes are removed by the next
+  writer of the same output.
+- Everything written gets the permissions the user's umask allows (temporary files start private).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import SurgeryError
+
+STAGING_MARK = ".staging-"
+
+
+# ------------------------------------------------------------------ checks before work starts
+
+
+def check_output_folder(out: Path, *, force: bool, protected: list[Path] = (), option: str = "--out") -> Path:
+    """Fail before any work if folder `out` cannot be written safely; return it absolute."""
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise SurgeryError(f"{option} {out} is a file: give a folder path")
+    check_apart(out, protected, option)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise SurgeryError(f"{option} {out} exists and is not empty: choose a new folder or pass --force to replace it")
+    check_writable_parent(out, option)
+    return out
+
+
+def check_output_file(out: Path, *, force: bool, protected: list[Path] = (), option: str = "--out") -> Path:
+    """The same checks for a single file: never inside a source model, never an existing file
+    without force, and a parent that is a folder we can write to."""
+    out = Path(out).expanduser().absolute()
+    if out.is_dir():
+        raise SurgeryError(f"{option} {out} is a folder: give a file name such as results.json")
+    check_apart(out, protected, option)
+    if out.exists() and not force:
+        raise SurgeryError(f"{option} {out} already exists: choose another name or pass --force to replace it")
+    check_writable_parent(out, option)
+    return out
+
+
+def check_resumable_folder(out: Path, marker: str, *, force: bool, protected: list[Path] = (), option: str = "--out",
+                           kind: str = "an analysis folder") -> Path:
+    """A folder a command resumes (an analysis): it may hold that command's `marker` file, but
+    must not be, hold or lie in a protected folder, and must not be some other non-empty folder."""
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise SurgeryError(f"{option} {out} is a file: give a folder for the analysis")
+    check_apart(out, protected, option)
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists() and not force:
+        raise SurgeryError(f"{option} {out} exists and is not {kind}: choose a new folder or pass --force")
+    check_writable_parent(out, option)
+    return out
+
+
+def check_apart(path: Path, protected: list[Path], option: str = "--out") -> None:
+    """Refuse a path that is, holds or lies inside a folder that must not change (a source model)."""
+    target = Path(path).expanduser().resolve()
+    for source in protected:
+        source = Path(source).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise SurgeryError(f"{option} {path} overlaps {source}: choose a separate folder (a source model is never written to)")
+
+
+def check_writable_parent(path: Path, option: str) -> None:
+    parent = nearest_existing(Path(path).parent)
+    if not parent.is_dir():
+        raise SurgeryError(f"{option} {path} lies under {parent}, which is a file: choose a path in a folder")
+    if not os.access(parent, os.W_OK):
+        raise SurgeryError(f"cannot write to {parent}: choose an {option} you can write to")
+
+
+def check_free_space(path: Path, need: int, what: str, option: str = "--out") -> None:
+    """Refuse to start a write of about `need` bytes that the disk under `path` cannot hold."""
+    free = shutil.disk_usage(nearest_existing(Path(path).parent)).free
+    if free < need * 1.05 + (64 << 20):
+        raise SurgeryError(f"not enough disk space for {what} at {path}: it needs about {need / 2**30:.1f} GiB, "
+                           f"{free / 2**30:.1f} GiB is free; free some space or choose another {option}")
+
+
+def nearest_existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def is_full_disk(error: BaseException) -> bool:
+    """ENOSPC or EDQUOT, raised as an OSError or inside another library's error (safetensors' own)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
+
+
+def full_disk(error: BaseException, path: Path, option: str = "--out") -> SurgeryError:
+    return SurgeryError(f"no space left on the device while writing {path}: free some space or choose another {option}")
+
+
+# ------------------------------------------------------------------ atomic writes
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def public_permissions(path: Path) -> None:
+    """What the umask allows: temporary files and folders are created private (0600 / 0700)."""
+    umask = current_umask()
+    path = Path(path)
+    if path.is_dir():
+        path.chmod(0o777 & ~umask)
+        for child in path.rglob("*"):
+            child.chmod((0o777 if child.is_dir() else 0o666) & ~umask)
+    else:
+        path.chmod(0o666 & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path`; renamed onto it when the block succeeds, removed if it fails.
+    A reader never sees half a file and a failure leaves the old file as it was."""
+    path = Path(path)
+    if path.is_dir():
+        raise SurgeryError(f"{path} is a folder: give a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        public_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if is_full_disk(error):
+            raise full_disk(error, path) from None
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """JSON, atomically (see atomic_file)."""
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line durably. A line cut short by an earlier kill (no final newline) is dropped
+    first, so the new line never joins a broken one."""
+    path = Path(path)
+    with open(path, "rb+") if path.exists() else open(path, "wb+") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        if size:
+            handle.seek(max(0, size - 1))
+            if handle.read(1) != b"\n":
+                handle.seek(0)
+                content = handle.read()
+                handle.truncate(content.rfind(b"\n") + 1)
+        handle.seek(0, os.SEEK_END)
+        handle.write(line.rstrip("\n").encode() + b"\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A hidden staging folder beside `out`, moved into place when the block succeeds (replacing
+    an old `out` only then), removed when it fails. Hold `output_lock(out)` around it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_MARK}{os.getpid()}-", dir=out.parent))
+    try:
+        yield staging
+        public_permissions(staging)
+        _move_into_place(staging, out)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_full_disk(error):
+            raise full_disk(error, out) from None
+        raise
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Staging folders of `out` whose process is gone (killed mid-write): nothing else removes them."""
+    removed = []
+    for folder in Path(out).parent.glob(f".{Path(out).name}{STAGING_MARK}*"):
+        pid = folder.name[len(f".{Path(out).name}{STAGING_MARK}"):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+    os.replace(out, backup / "old")
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(backup / "old", out)
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ one writer per output
+
+
+def lock_path(path: Path) -> Path:
+    path = Path(path).expanduser().absolute()
+    return path.parent / f".{path.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(path: Path, *, wait: bool = False, what: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on `path` (a hidden `.NAME.lock` beside it) for the block.
+
+    wait=False: a second process fails at once with one line (outputs: two runs writing one
+    folder would replace each other's work). wait=True: it waits its turn (a shared cache entry
+    that the first process fills). The lock file is removed on release.
+    """
+    lock = lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(lock, "a+")  # noqa: SIM115 (held open for the whole block)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise SurgeryError(f"{what or path} is being written by another surgery process (pid {holder}): "
+                               "wait for it to finish or choose another output") from None
+        try:
+            same = os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()  # the holder removed the file as we opened it: lock the new one
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still held: a waiting process then locks a fresh file
+        handle.close()

@@ -1,0 +1,120 @@
+"""Loading: a resolved model folder -> a model, its tokenizer and its Architecture, on a device or a device map.
+
+Every command loads through `load_model`, so dtypes, devices, pickle and remote-code refusals and
+the registration of sublayer-pruned checkpoints behave the same everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from surgery.arch import Architecture, architecture_of
+from surgery.errors import SurgeryError
+from surgery.hf_modeling import register_classes
+from surgery.source import ModelSource, resolve
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    arch: Architecture
+    source: ModelSource
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_dtype(name: str) -> Any:
+    import torch
+
+    if name not in DTYPES:
+        raise SurgeryError(f"unknown dtype '{name}': use one of {', '.join(DTYPES)}")
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def resolve_device(name: str | None) -> str:
+    """A device torch can place weights on, checked before anything loads."""
+    import torch
+
+    if name in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SurgeryError(f"unknown device '{name}': use cpu, cuda or cuda:N") from None
+    if device.type == "meta":
+        raise SurgeryError("device 'meta' holds no weights: use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SurgeryError(f"device '{name}' asked for but no CUDA GPU is visible: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SurgeryError(f"device '{name}' asked for but only {torch.cuda.device_count()} GPU(s) are visible: use cuda:0")
+    return name
+
+
+def check_device_options(device: str | None, device_map: str | None) -> None:
+    """--device and --device-map are checked together, before any weights load."""
+    if device_map and device not in (None, "", "auto"):
+        raise SurgeryError("give --device or --device-map, not both (--device-map places the model itself)")
+    if isinstance(device_map, str) and device_map not in _DEVICE_MAPS:  # a dict is a placement made by the code
+        try:
+            resolve_device(device_map)  # one device named as a map ("cpu", "cuda:1") is fine
+        except SurgeryError:
+            raise SurgeryError(f"unknown --device-map '{device_map}': use one of {', '.join(_DEVICE_MAPS)}, "
+                               "or --device for one device") from None
+    if not device_map:
+        resolve_device(device)
+
+
+def load_model(
+    spec: str | ModelSource,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    device_map: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    quantization_config: Any = None,
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    """Resolve and load a model in eval mode, with its tokenizer and architecture entry."""
+    check_device_options(device, device_map)
+    source = spec if isinstance(spec, ModelSource) else resolve(spec, allow_pickle=allow_pickle)
+    config_dict = json.loads((source.path / "config.json").read_text())
+    architecture_of(config_dict)  # unsupported families fail before any weights load
+    register_classes(config_dict)
+
+    from surgery.console import quiet_transformers
+
+    quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if device_map:
+        kwargs["device_map"] = device_map
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if not any(source.path.glob("*.safetensors")):
+        kwargs["use_safetensors"] = False  # pickle weights, allowed explicitly in check_folder
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(source.path), **kwargs)
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise SurgeryError(f"{source.spec} needs its own modeling code: pass --trust-remote-code if you trust its author") from None
+        raise
+    if not device_map and quantization_config is None:
+        model.to(resolve_device(device))
+    model.eval()
+    tokenizer = None
+    if with_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None  # commands that need text say so when they need it
+    options = {"dtype": dtype, "device": str(next(model.parameters()).device), "device_map": device_map}
+    return LoadedModel(model, tokenizer, architecture_of(model.config), source, options)

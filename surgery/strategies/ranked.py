@@ -1,0 +1,77 @@
+"""Strategies that rank units by one score and take the least valuable first (see plan.RankingStrategy)."""
+
+from __future__ import annotations
+
+import random
+
+from surgery.errors import SurgeryError
+from surgery.strategies.plan import Problem, RankingStrategy, Unit, register, score_order
+
+
+@register
+class ByShapley(RankingStrategy):
+    """Lowest Shapley value first (a block: the sum of its two sublayers')."""
+
+    name = "shapley"
+    needs = ("shapley", "ablation")
+
+    def rank(self, problem: Problem) -> list[Unit]:
+        values = problem.analysis.section("shapley").values
+        if any(v is None for v in values.values()):
+            raise SurgeryError("the analysis is partial (some Shapley values unknown): finish it with surgery analyze first")
+        return score_order(problem.removable, lambda u: sum(values[str(s)] for s in u))
+
+
+@register
+class ByAblation(RankingStrategy):
+    """Smallest drop when removed alone: a block's own ablation at block granularity."""
+
+    name = "ablation"
+    needs = ("ablation",)
+
+    def rank(self, problem: Problem) -> list[Unit]:
+        scores = problem.analysis.section("ablation")
+        if problem.granularity == "block":
+            if not scores.blocks:
+                raise SurgeryError("the analysis has no block ablation scores: rerun surgery analyze with --method ablation")
+            return score_order(problem.removable, lambda u: scores.blocks[f"L{u[0].layer}"]["drop"])
+        drops = scores.drops()
+        return score_order(problem.removable, lambda u: drops[str(u[0])])
+
+
+@register
+class ByBlockInfluence(RankingStrategy):
+    """ShortGPT: lowest Block Influence first (the unit's input and output most alike)."""
+
+    name = "bi"
+    needs = ("bi",)
+
+    def rank(self, problem: Problem) -> list[Unit]:
+        scores = problem.analysis.section("bi")
+        if problem.granularity == "block":
+            return score_order(problem.removable, lambda u: scores.blocks[f"L{u[0].layer}"])
+        return score_order(problem.removable, lambda u: scores.sublayers[str(u[0])])
+
+
+@register
+class ByDepth(RankingStrategy):
+    """Gromov's simple heuristic: the deepest units first, never the final block."""
+
+    name = "last"
+    limits = "or the final block"
+
+    def rank(self, problem: Problem) -> list[Unit]:
+        last_layer = max(u[0].layer for u in problem.all_units)
+        return sorted((u for u in problem.removable if u[0].layer != last_layer), key=lambda u: -u[-1].position)
+
+
+@register
+class AtRandom(RankingStrategy):
+    """A seeded random order: the floor any score must beat."""
+
+    name = "random"
+
+    def rank(self, problem: Problem) -> list[Unit]:
+        order = list(problem.removable)
+        random.Random(problem.seed).shuffle(order)
+        return order

@@ -1,0 +1,39 @@
+"""Removal without surgery's code: forward hooks on an uncut model that skip whole blocks (their
+output is their input) or zero one sublayer's output. Tests compare surgery's physical cuts,
+stand-ins and value functions against this."""
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from surgery.arch import architecture_of, decoder_layers
+from surgery.sublayers import Sublayer, full_blocks
+
+
+def _zero(module, args, output):
+    import torch
+
+    return (torch.zeros_like(output[0]), *output[1:]) if isinstance(output, tuple) else torch.zeros_like(output)
+
+
+def _identity(module, args, kwargs, output):
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+@contextmanager
+def skipped(model, units: Iterable[Sublayer]) -> Iterator[None]:
+    """`model` runs as if `units` were removed (use_cache=False forwards), by hooks alone."""
+    units = set(units)
+    arch = architecture_of(model.config)
+    layers = decoder_layers(model, arch)
+    blocks = set(full_blocks(units))
+    hooks = [layers[i].register_forward_hook(_identity, with_kwargs=True) for i in blocks]
+    for unit in units:
+        if unit.layer not in blocks:
+            module = getattr(layers[unit.layer], arch.attention if unit.kind == "attn" else arch.mlp)
+            hooks.append(module.register_forward_hook(_zero))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()

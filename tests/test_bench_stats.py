@@ -1,0 +1,71 @@
+"""The statistics behind the published verdicts (bench/stats.py), against values worked out by hand."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from stats import (
+    above_chance_tasks,
+    join_parts,
+    log_ratio_stderr,
+    normalised,
+    paired_difference,
+    shared_items,
+)
+
+# Dense model: task a at 0.75 with chance 0.5 (margin 0.25); task b at 0.45 with chance 0.25 (margin 0.2).
+DENSE = {"tasks": {"a": {"acc": 0.75, "chance": 0.5}, "b": {"acc": 0.45, "chance": 0.25}}}
+
+
+def result(a_items, b_items, ppl=10.0):
+    return {"tasks": {"a": {"items": a_items, "n": len(a_items), "acc": sum(a_items) / len(a_items)},
+                      "b": {"items": b_items, "n": len(b_items), "acc": sum(b_items) / len(b_items)}},
+            "perplexity": {"wikitext2": {"perplexity": ppl}}}
+
+
+def test_normalised_accuracy_and_its_item_standard_error():
+    # a: 3 of 4 right -> acc 0.75 -> (0.75 - 0.5) / 0.25 = 1.0; b: 1 of 4 -> 0.25 -> 0.0; mean 0.5 -> 50 points
+    model = result([1, 1, 1, 0], [1, 0, 0, 0])
+    score, stderr = normalised(model, DENSE, ["a", "b"])
+    assert score == pytest.approx(50.0)
+    # variances of the accuracies p(1-p)/(n-1): a 0.1875/3 = 0.0625, b 0.1875/3 = 0.0625, divided by
+    # the squared margins (0.0625 and 0.04): 1.0 and 1.5625; sqrt(2.5625) / 2 tasks = 0.8004 -> 80.04 points
+    assert stderr == pytest.approx(100 * math.sqrt(0.0625 / 0.0625 + 0.0625 / 0.04) / 2)
+
+
+def test_paired_difference_over_the_same_items():
+    x = result([1, 1, 0, 0], [1, 1, 1, 0])
+    y = result([1, 0, 0, 1], [1, 0, 1, 0])
+    diff, stderr = paired_difference(x, y, DENSE, ["a", "b"])
+    # a: item differences [0, 1, 0, -1] / 0.25 = [0, 4, 0, -4], mean 0, sample variance 32/3, se^2 8/3
+    # b: [0, 1, 0, 0] / 0.2 = [0, 5, 0, 0], mean 1.25, sample variance (3 * 1.5625 + 14.0625) / 3 = 6.25, se^2 1.5625
+    assert diff == pytest.approx(100 * (0 + 1.25) / 2)
+    assert stderr == pytest.approx(100 * math.sqrt(8 / 3 + 1.5625) / 2)
+
+
+def test_log_ratio_standard_error_is_paired_over_windows_when_both_have_them():
+    a = {"window_nll": [3.0, 3.5, 4.0], "nll_stderr": 0.3}
+    b = {"window_nll": [2.5, 3.5, 3.0], "nll_stderr": 0.2}
+    # differences [0.5, 0, 1.0], mean 0.5, sample variance 0.25, se sqrt(0.25 / 3)
+    assert log_ratio_stderr(a, b) == pytest.approx(math.sqrt(0.25 / 3))
+    assert log_ratio_stderr({"nll_stderr": 0.3}, {"nll_stderr": 0.4}) == pytest.approx(0.5)  # independent: sqrt(0.09 + 0.16)
+
+
+def test_above_chance_needs_three_standard_errors():
+    wide = {"tasks": {"piqa": {"acc": 0.65, "chance": 0.5, "acc_stderr": 0.04},  # 0.15 > 0.12
+                      "boolq": {"acc": 0.62, "chance": 0.62, "acc_stderr": 0.01},
+                      "arc": {"acc": 0.30, "chance": 0.25, "acc_stderr": 0.02}}}  # 0.05 < 0.06
+    assert above_chance_tasks(wide) == ["piqa"]
+
+
+def test_results_scored_in_parts_join_and_cut_to_shared_items():
+    first, later = result([1, 0], [0, 1]), result([1, 1], [0, 0])
+    joined = join_parts([first, later])
+    assert joined["tasks"]["a"]["items"] == [1, 0, 1, 1] and joined["tasks"]["a"]["acc"] == 0.75
+    with pytest.raises(SystemExit, match="different model"):
+        join_parts([first, result([1], [1], ppl=11.0)])
+    short, long_ = shared_items(first, joined)
+    assert long_["tasks"]["a"]["items"] == [1, 0] and long_["tasks"]["a"]["n"] == 2 and short["tasks"]["b"]["acc"] == 0.5
