@@ -31,8 +31,6 @@ from stats import above_chance_tasks, normalised
 from surgery.settings import DEFAULT_TASKS, PruneSettings
 
 OUT = RESULTS / "strategies"  # --out changes it (smoke runs)
-# The grid's order (every strategy of `surgery prune`; the registry has no other order to give).
-STRATEGIES = ("last", "angular", "bi", "random", "ablation", "shapley", "iterative")
 # Plan strategy plus a linear bridge folded in before the cut (surgery.bridge): `surgery prune`'s
 # default method, and angular + bridge, which is ReplaceMe's recipe in closed form.
 BRIDGED = ("bi+bridge", "angular+bridge")
@@ -48,17 +46,15 @@ def default_strategy() -> tuple[str, str]:
 
 
 def configurations() -> list[tuple[str, str, float]]:
-    from surgery.strategies import STRATEGIES as REGISTERED
+    """Every registered strategy at each granularity it works at, and the bridged cells, at each budget."""
+    from surgery.strategies import GRANULARITIES, STRATEGIES
 
-    missing = set(REGISTERED) - set(STRATEGIES)
-    if missing:
-        raise SystemExit(f"strategies {sorted(missing)} are registered but not in the grid: add them to STRATEGIES")
     configs = []
     for fraction in FRACTIONS:
-        for granularity in ("block", "sublayer"):
-            for strategy in STRATEGIES:
-                if granularity in REGISTERED[strategy].granularities:
-                    configs.append((strategy, granularity, fraction))
+        for granularity in GRANULARITIES:
+            for name, strategy in STRATEGIES.items():
+                if granularity in strategy.granularities:
+                    configs.append((name, granularity, fraction))
         configs += [(label, "block", fraction) for label in BRIDGED]
     return configs
 

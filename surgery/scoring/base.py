@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from surgery.errors import SurgeryError
+from surgery.registry import Registry
 
 
 class Section:
@@ -97,19 +98,9 @@ class Scorer:
         return {}
 
 
-SCORERS: dict[str, Scorer] = {}
-
-
-def register(cls: type[Scorer]) -> type[Scorer]:
-    """Class decorator: make a scorer available to `surgery analyze --method` and everything that reads analyses."""
-    SCORERS[cls.name] = cls()
-    return cls
-
-
-def scorer(name: str) -> Scorer:
-    if name not in SCORERS:
-        raise SurgeryError(f"unknown method '{name}': use one or more of {', '.join(SCORERS)}")
-    return SCORERS[name]
+SCORERS = Registry("method", "one or more of")
+register = SCORERS.register  # class decorator: available to `surgery analyze --method` and all that reads analyses
+scorer = SCORERS.pick
 
 
 def with_requirements(methods: Iterable[str]) -> tuple[str, ...]:

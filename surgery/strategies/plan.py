@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from surgery.errors import SurgeryError
+from surgery.registry import Registry
 from surgery.sublayers import Sublayer, all_sublayers, format_sublayers, full_blocks, parse_sublayers
 
 GRANULARITIES = ("block", "sublayer")
@@ -171,19 +172,9 @@ def closest_prefix(sizes: list[int], goal: float) -> int:
     return best
 
 
-STRATEGIES: dict[str, Strategy] = {}
-
-
-def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: make a strategy available to `surgery prune --strategy`, recipes and benchmarks."""
-    STRATEGIES[cls.name] = cls()
-    return cls
-
-
-def strategy(name: str) -> Strategy:
-    if name not in STRATEGIES:
-        raise SurgeryError(f"unknown strategy '{name}': use one of {', '.join(STRATEGIES)}")
-    return STRATEGIES[name]
+STRATEGIES = Registry("strategy")
+register = STRATEGIES.register  # class decorator: available to `surgery prune --strategy`, recipes and benchmarks
+strategy = STRATEGIES.pick
 
 
 def check_choice(name: str, granularity: str) -> Strategy:
