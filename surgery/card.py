@@ -11,20 +11,19 @@ import yaml
 from surgery.report import stage_table
 from surgery.source import BUILTIN_MODELS
 
-_BUILTIN_CARDS = {  # what the built-in models' cards would say on the Hub
-    "smollm2-135m": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
-}
+_BUILTIN_LICENCES = {"smollm2-135m": {"license": "apache-2.0"}}  # as the built-in models' own cards say
 
 
-def source_card_metadata(source: dict[str, Any]) -> dict[str, Any]:
-    """base_model and license of the source: from its own card, a Hub id, or the built-in table."""
+def source_card_metadata(source: dict[str, Any], folder: Path | None = None) -> dict[str, Any]:
+    """base_model and license of the source: from its own card (in its local `folder`), a Hub id,
+    or the built-in table."""
     if source.get("spec") in BUILTIN_MODELS:
-        return dict(_BUILTIN_CARDS[source["spec"]])
+        return {"base_model": BUILTIN_MODELS[source["spec"]][3], **_BUILTIN_LICENCES[source["spec"]]}
     found: dict[str, Any] = {}
     if source.get("kind") == "hub":
         found["base_model"] = source["spec"].split("@")[0]
-    readme = Path(source.get("path", "")) / "README.md"
-    if readme.is_file():
+    readme = Path(folder) / "README.md" if folder else None
+    if readme is not None and readme.is_file():
         match = re.match(r"^---\n(.*?)\n---", readme.read_text(errors="replace"), re.S)
         if match:
             try:
@@ -38,22 +37,25 @@ def source_card_metadata(source: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def model_card(report: dict[str, Any], repo_id: str | None = None) -> str:
-    """README.md text: YAML metadata for the Hub, then what was done and how it scores."""
+def model_card(report: dict[str, Any], repo_id: str | None = None, source_folder: Path | None = None) -> str:
+    """README.md text: YAML metadata for the Hub, then what was done and how it scores. `report` is
+    the published one (no local paths); `source_folder` is where the source's own card may be."""
     source = report["source"]
-    meta = source_card_metadata(source)
+    meta = source_card_metadata(source, source_folder)
     plan = report["plan"]
     healing = report.get("healing")
     metadata = {
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "license": meta.get("license", "other"),
-        "tags": ["pruned", "layer-pruning", "surgery"] + (["qlora-healed"] if healing else []),
+        "tags": ["pruned", "layer-pruning", "surgery"] + ([f"{'qlora' if healing['settings']['quantize'] else 'lora'}-healed"]
+                                                           if healing else []),
     }
     if meta.get("base_model"):
         metadata["base_model"] = meta["base_model"]
-    if healing and "c4" in healing["data_source"]:
-        metadata["datasets"] = ["allenai/c4"]
+    datasets = re.findall(r"hf://([\w.-]+/[\w.-]+)", healing["data_source"]) if healing else []
+    if datasets:
+        metadata["datasets"] = sorted(set(datasets))
     sublayer_checkpoint = any(not _is_block(plan, unit) for unit in plan["removed"])
     name = repo_id or Path(report.get("settings", {}).get("out") or f"{source['spec']}-pruned").name
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "", f"# {name}", ""]

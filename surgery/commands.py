@@ -38,14 +38,14 @@ def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, 
     """`surgery cut`: remove sublayers physically and write a verified checkpoint."""
     from surgery.cut import cut, validate_removal
     from surgery.export.checkpoint import export_checkpoint
-    from surgery.files import check_output_folder, output_lock
+    from surgery.files import check_output_folder, claimed_folder
     from surgery.loading import load_model
     from surgery.sublayers import format_sublayers, parse_sublayers
 
     units = parse_sublayers(remove)
     source = resolve_with_output_check(model_spec, lambda protected: check_output_folder(out, force=force, protected=protected), load)
     validate_removal(units, _config_layers(source.path))
-    with output_lock(out, what=f"--out {out}"):
+    with claimed_folder(out, force=force, protected=[source.path]):
         loaded = load_model(source, **load.kwargs())
         result = cut(loaded.model, units)
         record = {
@@ -56,8 +56,13 @@ def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, 
             "parameters": {"before": result.parameters_before, "after": result.parameters_after,
                            "removed": result.parameters_before - result.parameters_after},
         }
-        return export_checkpoint(loaded.model, loaded.tokenizer, out, record=record, force=force,
-                                 protected=[source.path], copy_from=source.path)
+        from surgery.publish import LOCAL_RECORD, published
+        from surgery.source import cache_dir
+
+        labels = {str(source.path): source.public_id(), str(cache_dir()): "<surgery cache>"}
+        return export_checkpoint(loaded.model, loaded.tokenizer, out, record=published(record, labels), force=force,
+                                 protected=[source.path], copy_from=source.path, unpublished=(LOCAL_RECORD,),
+                                 extra_files={LOCAL_RECORD: json.dumps(record, indent=2) + "\n"})
 
 
 def describe_model(model_spec: str, load: LoadSettings) -> None:
@@ -129,6 +134,7 @@ def analyze_and_save(model_spec: str, settings: AnalysisSettings, out: Path, loa
     check = lambda protected: check_resumable_folder(out, EVALUATIONS_FILE, force=force, protected=protected)  # noqa: E731
     source = resolve_with_output_check(model_spec, check, load)
     with output_lock(out, what=f"the analysis folder {out}"):
+        check([source.path])  # again, now that it is held: a run that waited may find it changed
         loaded = load_model(source, **load.kwargs())
         analysis = analyze(loaded.model, loaded.tokenizer, settings, out, model_info=loaded.source.describe(), force=force)
         write_analysis_report(analysis, Path(out), command)

@@ -81,8 +81,12 @@ def task(description: str, total: float | None = None) -> Iterator[Task]:
 def quiet_transformers() -> None:
     """Silence transformers' own tqdm bars and chatty warnings: surgery shows rich progress instead."""
     offline_defaults()
+    import logging
     import warnings
 
+    # bitsandbytes' CPU backend logs that it found no Hub kernels package whenever peft imports it,
+    # 4-bit or not; it then uses its own kernels (docs/pruning.md, Healing).
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import transformers
 
     warnings.filterwarnings("ignore", category=FutureWarning)

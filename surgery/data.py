@@ -132,7 +132,7 @@ def load_texts(source: str, *, role: str = "heldout", data_dir: Path | None = No
     local = find_file(data_dir, stem)
     if local is not None:
         texts = [row[text_field] for row in read_jsonl(local)][window]
-        origin = f"{local} [{window.start or 0}:{window.stop or 'end'}]"
+        origin = f"{local} [{window.start or 0}:{window.stop or 'end'}] ({hub_name(hub)})"
     else:
         split, window = HUB_ROLE_OVERRIDES.get((source, role), (hub[2], window))
         texts, origin = _hub_texts(source, stem, (hub[0], hub[1], split), text_field, window, data_dir)
@@ -141,6 +141,12 @@ def load_texts(source: str, *, role: str = "heldout", data_dir: Path | None = No
     if not texts:
         raise SurgeryError(f"no {source} documents for {role} in {origin}")
     return texts, origin
+
+
+def hub_name(hub: tuple[str, str | None, str]) -> str:
+    """A Hub dataset as one name: hf://path/config/split."""
+    path, name, split = hub
+    return f"hf://{path}/{name + '/' if name else ''}{split}"
 
 
 def _hub_texts(source: str, stem: str, hub: tuple[str, str | None, str], field: str, window: slice,

@@ -286,3 +286,11 @@ def output_lock(path: Path, *, wait: bool = False, what: str = "") -> Iterator[N
     finally:
         lock.unlink(missing_ok=True)  # while still held: a waiting process then locks a fresh file
         handle.close()
+
+
+@contextlib.contextmanager
+def claimed_folder(out: Path, *, force: bool, protected: list[Path] = (), option: str = "--out") -> Iterator[Path]:
+    """Hold `out` for this process and check it again once held: a run that waited out another
+    one's finished export finds --out no longer empty (instead of replacing it without --force)."""
+    with output_lock(out, what=f"{option} {out}"):
+        yield check_output_folder(out, force=force, protected=protected, option=option)

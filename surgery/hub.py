@@ -1,18 +1,21 @@
 """`surgery push`: publish a verified export to the Hugging Face Hub.
 
 Only a folder whose surgery.json verifies (every file present and unchanged since export) is
-pushed. The token comes from huggingface_hub's usual places (HF_TOKEN, `hf auth login`) and is
+pushed, without the files it lists as unpublished (local.json, the local record), and only if
+what is pushed names no local path (surgery.publish). The token comes from huggingface_hub's usual places (HF_TOKEN, `hf auth login`) and is
 never printed. `dry_run` lists exactly what would be uploaded and talks to no one.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.errors import SurgeryError
 from surgery.export.checkpoint import MANIFEST, read_manifest
+from surgery.publish import RECORDS, local_paths
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -23,6 +26,7 @@ class PushPlan:
     repo_id: str
     private: bool
     files: list[tuple[str, int]]  # (name, bytes), exactly what upload_folder sends
+    kept_back: tuple[str, ...] = ()  # files of the export that stay on this machine (local paths)
 
     @property
     def total_bytes(self) -> int:
@@ -49,10 +53,17 @@ def plan_push(folder: Path, repo_id: str, private: bool, *, needs_hub: bool = Fa
         raise SurgeryError(f"{folder} holds files that are not part of the verified export ({', '.join(extra)}): remove them first")
     if any(p.is_dir() for p in folder.iterdir()):
         raise SurgeryError(f"{folder} holds sub-folders that are not part of the export: remove them first")
-    files = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file())
+    unpublished = set(manifest.get("unpublished", []))
+    files = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file() and p.name not in unpublished)
+    for name, _ in files:
+        if name in RECORDS:
+            leaked = local_paths(json.loads((folder / name).read_text()) if name.endswith(".json") else (folder / name).read_text())
+            if leaked:
+                raise SurgeryError(f"{folder}/{name} names a local path ({leaked[0]}): it was exported by an older surgery; "
+                                   "export the model again before publishing it")
     if needs_hub:
         _check_hub()
-    return PushPlan(folder, repo_id, private, files)
+    return PushPlan(folder, repo_id, private, files, tuple(sorted(unpublished)))
 
 
 def _check_hub() -> None:
@@ -71,7 +82,8 @@ def push(plan: PushPlan, commit_message: str = "Upload pruned model made with su
     api = HfApi()
     try:
         url = api.create_repo(plan.repo_id, private=plan.private, exist_ok=True, repo_type="model")
-        api.upload_folder(folder_path=str(plan.folder), repo_id=plan.repo_id, repo_type="model", commit_message=commit_message)
+        api.upload_folder(folder_path=str(plan.folder), repo_id=plan.repo_id, repo_type="model", commit_message=commit_message,
+                          ignore_patterns=list(plan.kept_back) or None)
     except HfHubHTTPError as error:
         status = getattr(getattr(error, "response", None), "status_code", None)
         hint = " (log in with `hf auth login` or set HF_TOKEN)" if status in (401, 403) else ""

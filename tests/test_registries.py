@@ -87,4 +87,4 @@ def test_a_scorer_and_a_strategy_registered_anywhere_work_from_the_cli(registere
     weakest_seam = min(range(3), key=lambda layer: drops[f"L{layer}.mlp"])  # never the last block, which has no seam
     report = json.loads((pruned / "report.json").read_text())
     assert report["plan"]["strategy"] == "seams" and report["plan"]["removed_compact"] == f"L{weakest_seam}"
-    assert report["analysis"]["folder"] == str(tmp_path / "for-prune")
+    assert json.loads((pruned / "local.json").read_text())["analysis"]["folder"] == str(tmp_path / "for-prune")

@@ -142,9 +142,14 @@ def _metrics(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _source(raw: dict[str, Any], members: list[str]) -> str:
+    """Where the items came from: the local file and the Hub dataset it copies, or the Hub dataset."""
     sources = set()
     for member in members:
         config = raw.get("configs", {}).get(member, {})
         files = (config.get("dataset_kwargs") or {}).get("data_files")
-        sources.update(files.values() if files else [f"hf://{config.get('dataset_path')}"])
+        hub = (config.get("metadata") or {}).get("surgery_hub_dataset")
+        if files:
+            sources.update(f"{path} ({hub}, {split})" if hub else str(path) for split, path in files.items())
+        else:
+            sources.add(f"hf://{config.get('dataset_path')}")
     return ", ".join(sorted(sources))

@@ -86,12 +86,17 @@ def use_local_files(cfg: dict[str, Any], data_dir: Path | None, online: bool) ->
     for key in SPLIT_KEYS:
         if cfg.get(key) and cfg[key] not in found:
             cfg[key] = None  # a split without a file must not be read (lm-eval would go to the Hub)
+    for path in found.values():
+        for _ in read_jsonl(path):  # a cut-short or corrupt file is one line naming it, not lm-eval's traceback
+            pass
+    hub = f"hf://{cfg.get('dataset_path')}" + (f"/{subset}" if subset else "")
     cfg["dataset_path"] = "json"
     cfg["dataset_name"] = None
     cfg["dataset_kwargs"] = {"data_files": {split: str(path) for split, path in found.items()}}
     if filter_column is not None:
         cfg["process_docs"] = _filtered(filter_column, subset, cfg.get("process_docs"))
     cfg.setdefault("metadata", {})["surgery_data_files"] = {s: str(p) for s, p in found.items()}
+    cfg["metadata"]["surgery_hub_dataset"] = hub
     return cfg
 
 

@@ -50,14 +50,16 @@ def export_checkpoint(
     extra_files: dict[str, str] | None = None,
     copy_from: Path | None = None,
     finalize: Callable[[Path], None] | None = None,
+    unpublished: tuple[str, ...] = (),
 ) -> ExportResult:
     """Write `model` (a pruned model in memory) to `out`, verified and atomically.
 
     record: what goes into surgery.json beside the fields written here (removed units, source,
-    parameter counts, healing, ...). extra_files: name -> text written into the folder (model
-    card). copy_from: the source folder, whose licence files are carried over. finalize(folder):
-    called after verification, before the manifest, to add files (report, card) that may need
-    the written checkpoint; they are covered by the manifest's checksums.
+    parameter counts, healing, ...), as published (surgery.publish). extra_files: name -> text
+    written into the folder. copy_from: the source folder, whose licence files are carried over.
+    finalize(folder): called after verification, before the manifest, to add files (report,
+    card) that may need the written checkpoint; they are covered by the manifest's checksums.
+    unpublished: files of the folder that `surgery push` never uploads (the local record).
     """
     from surgery.files import check_free_space, check_output_folder, staged_folder
 
@@ -69,7 +71,7 @@ def export_checkpoint(
         diff, loader = verify_checkpoint(model, tokenizer, staging)
         if finalize is not None:
             finalize(staging)
-        manifest = _manifest(staging, record, diff, loader)
+        manifest = _manifest(staging, {**record, "unpublished": list(unpublished)}, diff, loader)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return ExportResult(out, diff, loader, manifest)
 

@@ -1,0 +1,69 @@
+"""What leaves the machine: the files of an export that `surgery push` uploads name models by id and
+data by Hub dataset and slice, never by a path of the machine that made them.
+
+The export keeps the full local record in `local.json` (paths of the data directory, the cache,
+the working folder, the source), which the manifest lists as unpublished and push never uploads.
+Everything else (report.json, report.md, README.md, surgery.json) is made from `published(...)`:
+known local roots become labels (the source model's folder becomes its id) and any other absolute
+path becomes its file name, which for the data directory's files sits beside the Hub id and slice
+the data came from (data.load_texts and the task sources say both).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+LOCAL_RECORD = "local.json"
+RECORDS = ("README.md", "report.json", "report.md", "surgery.json")  # what surgery writes into an export for people
+# An absolute path inside text: two or more parts after a slash that no scheme (hf://), word or tag precedes.
+_ABSOLUTE = re.compile(r"(?<![\w:/.~<>])/(?:[^\s/\[\]()'\",;<>]+/)+[^\s/\[\]()'\",;<>]*")
+
+
+def published(data: Any, labels: dict[str, str]) -> Any:
+    """A copy of JSON-like `data` with local paths replaced: under a `labels` root by its label, any
+    other absolute path by its last part."""
+    roots = {**{str(Path.home()): "~"}, **{str(Path(sys.prefix)): "<python environment>"},
+             **{str(Path(k).expanduser().absolute()): v for k, v in labels.items() if k}}
+    ordered = sorted(roots.items(), key=lambda kv: -len(kv[0]))
+
+    def path(match: re.Match) -> str:
+        found = match.group(0)
+        for root, label in ordered:
+            if found == root or found.startswith(root + "/"):
+                return label + found[len(root):]
+        return Path(found).name or found
+
+    def text(value: str) -> str:
+        return _ABSOLUTE.sub(path, value)
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, str):
+            return text(value)
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v) for v in value]
+        return value
+
+    return walk(data)
+
+
+def local_paths(value: Any) -> list[str]:
+    """Absolute paths left in `value` (what a published file must not hold)."""
+    found: list[str] = []
+
+    def walk(item: Any) -> None:
+        if isinstance(item, str):
+            found.extend(m.group(0) for m in _ABSOLUTE.finditer(item))
+        elif isinstance(item, dict):
+            for v in item.values():
+                walk(v)
+        elif isinstance(item, (list, tuple)):
+            for v in item:
+                walk(v)
+
+    walk(value)
+    return found

@@ -1,0 +1,213 @@
+"""Nothing wrong, nothing lost: corrupt and inconsistent inputs, a full disk, two processes on one
+output, and what an export publishes. Every case is one line on stderr, exit code 2, nothing left
+half-written."""
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from surgery.cli import main
+from surgery.publish import LOCAL_RECORD, RECORDS, local_paths
+
+FAST = ["--strategy", "last", "--remove", "1", "--eval-tasks", "none", "--no-eval-speed", "--device", "cpu", "--samples", "2",
+        "--seq-len", "32", "--bridge-samples", "2"]
+FAST_PRUNE = [*FAST, "--eval-ppl", "none"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line(result):
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+
+
+def test_a_config_that_disagrees_with_the_weights_is_an_error(tiny_folder, tmp_path):
+    """num_hidden_layers above the weights' count used to add random layers; below it, to drop trained ones."""
+    source, _ = tiny_folder("llama", num_layers=4)
+    config = json.loads((source / "config.json").read_text())
+    for layers, message in ((6, "weights the config expects are missing from the files"),
+                            (3, "weights in the files have no place in the config")):
+        (source / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+        line = one_line(run("cut", source, "--remove", "L0", "--out", tmp_path / "out", "--device", "cpu"))
+        assert "config.json and the weights disagree" in line and message in line
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_that_does_not_load_is_named(tiny_folder, tmp_path, data_dir):
+    source, _ = tiny_folder("llama")
+    (source / "tokenizer.json").write_text("this is no tokenizer {")
+    for args in (["cut", source, "--remove", "L0", "--out", tmp_path / "out", "--device", "cpu"],
+                 ["analyze", source, "--out", tmp_path / "an", "--data-dir", data_dir, "--device", "cpu"]):
+        line = one_line(run(*args))
+        assert "tokenizer.json" in line and "does not load" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_cut_inside_its_header_is_one_line_and_leaves_no_lock(tmp_path, smollm2_folder):
+    from surgery.source import builtin_gguf_path
+
+    cut_short = tmp_path / "short.gguf"
+    cut_short.write_bytes(builtin_gguf_path("smollm2-135m").read_bytes()[:100])
+    line = one_line(run("info", cut_short))
+    assert "could not be read as a GGUF model" in line
+    assert not list((tmp_path / "cache").rglob("*.lock"))  # a failed conversion leaves no lock file
+
+
+def test_a_truncated_data_file_is_named(tiny_folder, tmp_path, data_dir):
+    source, _ = tiny_folder("llama")
+    broken = tmp_path / "data"
+    broken.mkdir()
+    for name in ("c4_validation_2k.jsonl.gz", "piqa_validation.jsonl.gz"):
+        whole = (data_dir / name).read_bytes()
+        (broken / name).write_bytes(whole[: len(whole) // 3])
+    line = one_line(run("analyze", source, "--out", tmp_path / "an", "--data-dir", broken, "--device", "cpu"))
+    assert "c4_validation_2k.jsonl.gz is cut short" in line
+    line = one_line(run("eval", source, "--tasks", "piqa", "--ppl", "none", "--no-speed", "--data-dir", broken, "--device", "cpu"))
+    assert "piqa_validation.jsonl.gz is cut short" in line
+
+
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tiny_folder, tmp_path, monkeypatch):
+    """safetensors reports a full disk with its own exception type, not an OSError."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    source, _ = tiny_folder("llama")
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)  # the writer save_pretrained calls
+    line = one_line(run("cut", source, "--remove", "L1", "--out", tmp_path / "out", "--device", "cpu"))
+    assert "no space left on the device" in line and "out" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "llama-src"]  # no staging folder, no lock
+
+
+def test_gguf_checks_free_space_before_writing(tiny_folder, tmp_path, monkeypatch):
+    import surgery.files as files
+
+    source, _ = tiny_folder("llama")
+    free = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: free._replace(free=1024))
+    line = one_line(run("gguf", source, "--out", tmp_path / "m.gguf"))
+    assert "not enough disk space for the GGUF file" in line and not (tmp_path / "m.gguf").exists()
+
+
+def test_a_second_writer_of_one_output_fails_at_once(tiny_folder, tmp_path, data_dir):
+    """Another process holds --out (or the analysis folder): the second run says so in one line, in
+    a real process, and does not touch what the first is writing."""
+    source, _ = tiny_folder("llama")
+    out, analysis = tmp_path / "out", tmp_path / "analysis"
+    env = {**os.environ, "SURGERY_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom pathlib import Path\nfrom surgery.files import output_lock\n"
+        f"with output_lock(Path({str(out)!r})), output_lock(Path({str(analysis)!r})):\n"
+        "    print('held', flush=True)\n    time.sleep(60)\n")], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for args in (["cut", source, "--remove", "L1", "--out", out, "--device", "cpu"],
+                     ["analyze", source, "--out", analysis, "--data-dir", data_dir, "--samples", "2", "--seq-len", "32",
+                      "--device", "cpu"]):
+            second = subprocess.run([sys.executable, "-m", "surgery", *map(str, args)], capture_output=True, text=True, env=env)
+            assert second.returncode == 2 and "is being written by another surgery process" in second.stderr, second.stderr
+            assert len(second.stderr.strip().splitlines()) == 1
+        assert not out.exists() and not analysis.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_cuts_to_one_output_at_once_never_replace_each_other(tiny_folder, tmp_path):
+    """Started together: one writes the export, the other fails with one line (at the lock, or on
+    finding --out no longer empty once it holds it); the export that stays is whole."""
+    from surgery.export.checkpoint import read_manifest
+
+    source, _ = tiny_folder("llama")
+    out = tmp_path / "out"
+    env = {**os.environ, "SURGERY_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "surgery", "cut", str(source), "--remove", "L1", "--out", str(out), "--device", "cpu"]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.communicate()[1]) for p in runs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    failed = next(err for code, err in results if code == 2)
+    assert "being written by another surgery process" in failed or "exists and is not empty" in failed
+    assert read_manifest(out)["removed_compact"] == "L1"
+
+
+def test_a_killed_writers_staging_folder_is_removed_by_the_next_writer(tiny_folder, tmp_path):
+    source, _ = tiny_folder("llama")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process id that is no longer running, as after kill -9
+    stale = tmp_path / f".out.staging-{dead.pid}-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1000)
+    live = tmp_path / f".out.staging-{os.getpid()}-def456"  # a live process's: left alone
+    live.mkdir()
+    assert run("cut", source, "--remove", "L1", "--out", tmp_path / "out", "--device", "cpu").exit_code == 0
+    assert not stale.exists() and live.exists()
+
+
+def test_what_push_uploads_names_no_local_path(tiny_folder, tmp_path, data_dir):
+    """report.json, report.md, README.md and surgery.json name data by Hub dataset and slice and the
+    model by its name; the local record (data directory, cache, working folder) stays in local.json,
+    which push leaves out."""
+    source, _ = tiny_folder("llama", num_layers=4)
+    out = tmp_path / "pruned"
+    result = run("prune", source, "--out", out, "--heal", "--heal-steps", "2", "--heal-seq-len", "32", "--heal-batch-size", "2",
+                 "--no-quantize", "--eval-ppl", "wikitext2", "--eval-ppl-windows", "1", "--data-dir", data_dir, *FAST)
+    assert result.exit_code == 0, result.output
+    for name in RECORDS:
+        text = (out / name).read_text()
+        assert local_paths(json.loads(text) if name.endswith(".json") else text) == [], name
+        assert str(data_dir) not in text and str(tmp_path) not in text and sys.prefix not in text
+    report = json.loads((out / "report.json").read_text())
+    assert "hf://allenai/c4/en/validation" in report["healing"]["data_source"]
+    assert "hf://EleutherAI/wikitext_document_level" in report["evaluations"]["source"]["perplexity"]["wikitext2"]["source"]
+    assert report["source"]["path"] == "llama-src" and report["source"]["id"] == "llama-src"
+    local = json.loads((out / LOCAL_RECORD).read_text())
+    assert local["source"]["path"] == str(source) and str(data_dir) in local["healing"]["data_source"]
+    card = (out / "README.md").read_text()
+    assert "lora-healed" in card and "qlora-healed" not in card  # a full-precision base, as the card says
+    listed = run("push", out, "--repo-id", "someone/x", "--dry-run").output
+    assert "report.json" in listed and LOCAL_RECORD not in listed
+
+
+def test_an_old_export_with_local_paths_is_not_pushed(tiny_folder, tmp_path):
+    from surgery.export.checkpoint import MANIFEST
+    from surgery.provenance import file_sha256
+
+    source, _ = tiny_folder("llama")
+    out = tmp_path / "cut"
+    assert run("cut", source, "--remove", "L1", "--out", out, "--device", "cpu").exit_code == 0
+    (out / "README.md").write_text(f"# cut\nfrom {source}\n")  # as older versions wrote paths into published files
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"]["README.md"] = file_sha256(out / "README.md")
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    line = one_line(run("push", out, "--repo-id", "someone/x", "--dry-run"))
+    assert "names a local path" in line and "export the model again" in line
+
+
+def test_interrupted_and_resumed_runs_print_no_library_noise(tiny_folder, tmp_path, data_dir):
+    """bitsandbytes' note about Hub kernels is not shown (with or without --quantize)."""
+    source, _ = tiny_folder("llama")
+    env = {**os.environ, "SURGERY_CACHE": str(tmp_path / "cache"), "SURGERY_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "surgery", "prune", str(source), "--out", str(tmp_path / "o"), "--heal",
+                           "--heal-steps", "1", "--heal-seq-len", "32", "--heal-batch-size", "2", *FAST_PRUNE],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "kernels-community" not in done.stderr and time.monotonic() - start < 600
