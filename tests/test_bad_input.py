@@ -2,7 +2,6 @@
 output, and what an export publishes. Every case is one line on stderr, exit code 2, nothing left
 half-written."""
 
-import gzip
 import json
 import os
 import shutil
