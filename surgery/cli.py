@@ -106,11 +106,13 @@ def info(model: str, **options: Any) -> None:
 @click.argument("model")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the results JSON here.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--reference", "reference", default=None,
+              help="A model (the dense source) whose greedy continuations MODEL's are compared with (--generation).")
 @click_options(EvalSettings)
 @click_options(LoadSettings)
 @click.pass_context
 @handle_errors
-def eval_command(ctx: click.Context, model: str, out: Path | None, force: bool, **options: Any) -> None:
+def eval_command(ctx: click.Context, model: str, out: Path | None, force: bool, reference: str | None, **options: Any) -> None:
     """Task accuracy (lm-eval), perplexity, speed and memory of a model."""
     from surgery.commands import evaluate_and_save
     from surgery.console import console
@@ -118,7 +120,8 @@ def eval_command(ctx: click.Context, model: str, out: Path | None, force: bool, 
 
     default_window = ctx.get_parameter_source("ppl_context") == click.core.ParameterSource.DEFAULT
     load = from_options(LoadSettings, options)
-    results = evaluate_and_save(model, from_options(EvalSettings, options), out, load, force=force, fit_context=default_window)
+    results = evaluate_and_save(model, from_options(EvalSettings, options), out, load, force=force, fit_context=default_window,
+                                reference_spec=reference)
     console.print(comparison_table({model: results}, title=f"surgery eval {model}"))
     if out:
         console.print(f"[green]wrote[/] {out}")

@@ -90,16 +90,18 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
 
 
 def evaluate_and_save(model_spec: str, settings: EvalSettings, out: Path | None, load: LoadSettings, *, force: bool = False,
-                      fit_context: bool = False) -> dict[str, Any]:
+                      fit_context: bool = False, reference_spec: str | None = None) -> dict[str, Any]:
     """`surgery eval`: load, evaluate, write the results JSON. fit_context: the perplexity window
-    is the default one, which a model with a shorter context gets shortened."""
+    is the default one, which a model with a shorter context gets shortened. reference_spec: a
+    model (the dense source) whose greedy continuations this one's are compared with."""
     from surgery.evaluate import evaluate_model, fit_context_to_model
     from surgery.evaluate.tasks import check_task_names
     from surgery.files import check_output_file, write_json
     from surgery.loading import load_model
 
-    if not settings.tasks and not settings.perplexity and not settings.speed:
-        raise SurgeryError("nothing to evaluate: give --tasks, --ppl or --speed")
+    compared = settings.generation and reference_spec is not None
+    if not settings.tasks and not settings.perplexity and not settings.speed and not compared:
+        raise SurgeryError("nothing to evaluate: give --tasks, --ppl, --speed or --reference")
     check_task_names(settings.tasks)
 
     def check_out(protected: list[Path]) -> None:
@@ -107,14 +109,28 @@ def evaluate_and_save(model_spec: str, settings: EvalSettings, out: Path | None,
             check_output_file(out, force=force, protected=protected)
 
     source = resolve_with_output_check(model_spec, check_out, load)
+    continuations = _reference_continuations(reference_spec, settings, load) if compared else None
     loaded = load_model(source, **load.kwargs())
     if fit_context:
         settings = fit_context_to_model(settings, loaded.model.config)
     results = evaluate_model(loaded.model, loaded.tokenizer, settings, model_info=loaded.source.describe(),
-                             folder=loaded.source.path)
+                             folder=loaded.source.path, reference=continuations)
     if out is not None:
         write_json(out, results)
     return results
+
+
+def _reference_continuations(reference_spec: str, settings: EvalSettings, load: LoadSettings) -> Any:
+    """The reference model's continuations, computed and then released before the model under test loads."""
+    from surgery.evaluate.continuations import reference
+    from surgery.loading import load_model
+
+    loaded = load_model(reference_spec, **load.kwargs())
+    if loaded.tokenizer is None:
+        raise SurgeryError(f"--reference {reference_spec} has no tokenizer: give the model folder that holds one")
+    found = reference(loaded.model, loaded.tokenizer, settings.generation_protocol, settings.data_dir, settings.text_field)
+    del loaded
+    return found
 
 
 def analyze_and_save(model_spec: str, settings: AnalysisSettings, out: Path, load: LoadSettings, *, force: bool = False,

@@ -174,14 +174,29 @@ def heal(settings: PruneSettings, loaded: Any, model: Any, plan: Any, work: Path
                       teacher=loaded.source.path, job=job)
 
 
-def evaluate(settings: PruneSettings, stage: str, model: Any, tokenizer: Any, folder: Path | None = None) -> dict[str, Any]:
+def reference(settings: PruneSettings, loaded: Any) -> Any:
+    """The source model's greedy continuations, which the pruned and healed models are compared with
+    (evaluate.continuations); None when the generation measure is off. Taken before the bridges
+    change any weight."""
+    if not settings.evaluation.generation:
+        return None
+    from surgery.console import task
+    from surgery.evaluate.continuations import reference as continuations
+
+    with task("the source model's continuations"):
+        return continuations(loaded.model, loaded.tokenizer, settings.evaluation.generation_protocol, settings.analysis.data_dir,
+                             settings.analysis.text_field)
+
+
+def evaluate(settings: PruneSettings, stage: str, model: Any, tokenizer: Any, folder: Path | None = None,
+             reference: Any = None) -> dict[str, Any]:
     """Every measure of the evaluation settings, on one stage's model (source, pruned or healed)."""
     from surgery.console import task
     from surgery.evaluate import evaluate_model, fit_context_to_model
 
     evaluation = fit_context_to_model(settings.evaluation, model.config)  # prune has no --ppl-context
     with task(f"evaluating the {stage} model"):
-        return evaluate_model(model, tokenizer, evaluation, model_info={"stage": stage}, folder=folder)
+        return evaluate_model(model, tokenizer, evaluation, model_info={"stage": stage}, folder=folder, reference=reference)
 
 
 def export(settings: PruneSettings, loaded: Any, model: Any, out: Path, record: dict[str, Any], report: dict[str, Any],
@@ -244,6 +259,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
             step(f"plan: remove {plan.describe()['removed_compact']} ({100 * plan.fraction:.1f}% of decoder parameters)")
             step(f"evaluating the source model ({layers} blocks)")
             with timed("evaluate_source"):
+                source_continuations = reference(settings, loaded)
                 report["evaluations"]["source"] = evaluate(settings, "source", loaded.model, loaded.tokenizer, loaded.source.path)
             if settings.bridge:
                 step(f"fitting linear bridges across the cut ({settings.bridge_samples} calibration sequences)")
@@ -253,7 +269,7 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
             cut_result = cut(loaded, plan)
             model = loaded.model
             step("evaluating the pruned model")
-            report["evaluations"]["pruned"] = evaluate(settings, "pruned", model, loaded.tokenizer)
+            report["evaluations"]["pruned"] = evaluate(settings, "pruned", model, loaded.tokenizer, reference=source_continuations)
             if settings.heal:
                 distill = f", distilling from the source model (weight {settings.healing.distill:g})" if settings.healing.distill else ""
                 step(f"healing: {'QLoRA' if settings.healing.quantize else 'LoRA'}, {settings.healing.steps} steps{distill}")
@@ -264,7 +280,8 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
                                      "loss_before": healed.loss_before, "loss_after": healed.loss_after,
                                      "seconds": healed.seconds, "log": healed.log, "resumed_from": healed.resumed_from}
                 step(f"held-out loss {healed.loss_before:.4f} -> {healed.loss_after:.4f}; evaluating the healed model")
-                report["evaluations"]["healed"] = evaluate(settings, "healed", model, loaded.tokenizer)
+                report["evaluations"]["healed"] = evaluate(settings, "healed", model, loaded.tokenizer,
+                                                           reference=source_continuations)
             report["versions"] = versions()
             report["timings"]["total_seconds"] = time.perf_counter() - started
             record = {"removed": [str(u) for u in plan.units], "removed_compact": report["plan"]["removed_compact"],
@@ -334,6 +351,8 @@ def _check_data(settings: PruneSettings, needs_calibration: bool) -> None:
     if settings.heal:
         wanted.append((settings.healing.data, "healing"))
     wanted += [(corpus, "perplexity") for corpus in settings.evaluation.perplexity]
+    if settings.evaluation.generation:
+        wanted.append((settings.evaluation.generation_protocol.corpus, "generation prompts"))
     for source, role in wanted:
         if source in CORPORA:
             stem = CORPORA[source][0]

@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
+from surgery.evaluate.table import generation_rows, task_metrics
 from surgery.scoring import SCORERS
 
 
@@ -143,9 +144,7 @@ def stage_table(report: dict[str, Any]) -> list[str]:
     rows = ["| measure | chance | " + " | ".join(stages) + " |", "|---|---|" + "---|" * len(stages)]
     first = evaluations[stages[0]]
     for task, entry in first.get("tasks", {}).items():
-        for metric in ("acc", "acc_norm"):
-            if metric not in entry:
-                continue
+        for metric in task_metrics(entry):
             cells = []
             for stage in stages:
                 value = evaluations[stage]["tasks"].get(task, {})
@@ -159,6 +158,7 @@ def stage_table(report: dict[str, Any]) -> list[str]:
             cells.append("-" if not value else f"{value['perplexity']:.2f} [{value['perplexity_interval_95'][0]:.1f}, "
                                                  f"{value['perplexity_interval_95'][1]:.1f}]")
         rows.append(f"| {corpus} perplexity | | " + " | ".join(cells) + " |")
+    rows += [f"| {label} | | " + " | ".join(cells) + " |" for label, cells in generation_rows([evaluations[s] for s in stages])]
     speeds = [evaluations[s].get("speed") or {} for s in stages]
     if all(speeds):
         def mib(value: Any) -> str:

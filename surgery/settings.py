@@ -325,6 +325,20 @@ class SpeedProtocol:
 
 
 @dataclass(frozen=True)
+class GenerationProtocol:
+    """Greedy continuations compared with the source model's (surgery/evaluate/continuations.py)."""
+
+    prompts: int = setting(16, "--generation-prompts", "Held-out prompts whose continuations are compared.",
+                           type=_int_at_least(1))
+    prompt_tokens: int = setting(32, "--generation-prompt-tokens", "Tokens per prompt.", type=_int_at_least(1))
+    new_tokens: int = setting(32, "--generation-tokens", "Greedy tokens compared after each prompt.", type=_int_at_least(1))
+    corpus: str = "c4"
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class EvalSettings:
     """What to measure and how; stored verbatim in the results as the protocol."""
 
@@ -340,6 +354,9 @@ class EvalSettings:
     perplexity_protocol: PerplexityProtocol = setting(factory=PerplexityProtocol, nested=True)
     speed: bool = setting(True, "--speed", "Measure prefill/decode speed and memory.")
     speed_protocol: SpeedProtocol = field(default_factory=SpeedProtocol)
+    generation: bool = setting(True, "--generation", "Compare greedy continuations and next-token distributions with the "
+                               "source model's (prune; eval with --reference).")
+    generation_protocol: GenerationProtocol = setting(factory=GenerationProtocol, nested=True)
     data_dir: Path | None = setting(None, "--data-dir", "Folder of <task>_<split>.jsonl[.gz] files (default: $SURGERY_DATA_DIR).",
                                     parse=_data_dir)
     text_field: str | None = setting(None, "--text-field", "Field holding the text in .jsonl/.parquet files.")
@@ -352,6 +369,7 @@ class EvalSettings:
             "batch_size": self.batch_size, "seed": self.seed, "data_dir": str(self.data_dir) if self.data_dir else None,
             "perplexity": {"corpora": list(self.perplexity), **self.perplexity_protocol.describe()},
             "speed": asdict(self.speed_protocol) if self.speed else None,
+            "generation": self.generation_protocol.describe() if self.generation else None,
         }
 
 
@@ -467,6 +485,6 @@ def describe_values(data: dict[str, Any]) -> dict[str, Any]:
 
 
 # The evaluation options `surgery prune` offers (with the prefix eval-); the rest follow the run's.
-PRUNE_EVAL_OPTIONS = ("tasks", "limit", "perplexity", "windows", "speed")
+PRUNE_EVAL_OPTIONS = ("tasks", "limit", "perplexity", "windows", "speed", "generation")
 # The analysis options only `surgery analyze` has: prune derives the methods from its strategy.
 ANALYZE_ONLY_OPTIONS = ("methods",)

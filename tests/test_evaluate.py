@@ -265,3 +265,66 @@ def test_cli_eval_writes_the_results_schema(tiny_folder, tmp_path, data_dir):
     assert "piqa acc" in result.output and "chance" in result.output
     folder_out = CliRunner().invoke(main, ["eval", str(folder), "--out", str(tmp_path), "--tasks", "none", "--ppl", "none"])
     assert folder_out.exit_code == 2 and "is a folder" in folder_out.output
+
+
+@torch.no_grad()
+def test_continuations_against_the_source_model(data_dir, tokenizer):
+    """The reference is the source's greedy text (checked against greedy decoding by full recompute,
+    no cache); a model compared with itself agrees everywhere; a cut model's KL at a position is
+    the KL of the two models' next-token distributions computed here."""
+    from surgery.cut import cut
+    from surgery.evaluate.continuations import compare, reference
+    from surgery.settings import GenerationProtocol
+    from surgery.sublayers import parse_sublayers
+
+    protocol = GenerationProtocol(prompts=3, prompt_tokens=12, new_tokens=6)
+    source = tiny_model("llama")
+    ref = reference(source, tokenizer, protocol, data_dir)
+    assert ref.prompts.shape == (3, 12) and ref.tokens.shape == (3, 6) and "[1500:2000]" in ref.origin
+    ids = ref.prompts
+    for _ in range(6):
+        ids = torch.cat([ids, source(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(ids[:, 12:], ref.tokens)
+    same = compare(source, ref)
+    assert same["token_agreement"] == 1.0 and same["top1_agreement"] == 1.0 and same["kl_mean"] == pytest.approx(0, abs=1e-3)
+
+    pruned = tiny_model("llama")
+    cut(pruned, parse_sublayers("L1,L2.mlp"))
+    other = compare(pruned, ref)
+    full = torch.cat([ref.prompts, ref.tokens], dim=1)
+    p = source(full).logits[:, 12 - 1:-1].log_softmax(-1)
+    q = pruned(full).logits[:, 12 - 1:-1].log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1)  # [prompts, positions]
+    assert other["kl_by_position"] == pytest.approx(kl.mean(0).tolist(), abs=2e-3)  # the reference is kept in float16
+    assert other["kl_mean"] > 1e-4 and len(other["agreement_by_position"]) == 6
+    assert other["top1_agreement"] == pytest.approx(float((p.argmax(-1) == q.argmax(-1)).float().mean()))
+
+
+def test_gsm8k_generates_from_the_local_files(data_dir, tokenizer, no_network):
+    """A generate_until task (GSM8K: gsm8k_test for items, gsm8k_train for its few-shot split),
+    scored once per item even though lm-eval logs every item under each of its filters."""
+    settings = EvalSettings(tasks=("gsm8k",), limit=2, perplexity=(), speed=False, data_dir=data_dir, keep_items=True)
+    entry = evaluate_model(tiny_model("llama", max_position_embeddings=4096), tokenizer, settings)["tasks"]["gsm8k"]
+    assert entry["n"] == 2 and len(entry["items"]) == 2 and entry["chance"] is None
+    assert {"exact_match[strict-match]", "exact_match[flexible-extract]"} <= set(entry)
+    assert "hf://openai/gsm8k/main, test" in entry["source"]
+
+
+def test_cli_eval_compares_continuations_with_a_reference_model(tiny_folder, tmp_path, data_dir):
+    from click.testing import CliRunner
+
+    from surgery.cli import main
+
+    source, _ = tiny_folder("llama")
+    cut_folder = tmp_path / "cut"
+    assert CliRunner().invoke(main, ["cut", str(source), "--remove", "L1", "--out", str(cut_folder), "--device", "cpu"]).exit_code == 0
+    out = tmp_path / "results.json"
+    args = ["eval", str(cut_folder), "--tasks", "none", "--ppl", "none", "--no-speed", "--data-dir", str(data_dir),
+            "--generation-prompts", "2", "--generation-tokens", "4", "--device", "cpu"]
+    result = CliRunner().invoke(main, [*args, "--reference", str(source), "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    generation = json.loads(out.read_text())["generation"]
+    assert generation["prompts"] == 2 and generation["new_tokens"] == 4 and len(generation["kl_by_position"]) == 4
+    assert "next-token KL to the source" in result.output
+    nothing = CliRunner().invoke(main, args)  # no --reference and nothing else to measure
+    assert nothing.exit_code == 2 and "nothing to evaluate" in nothing.output

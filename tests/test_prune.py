@@ -42,6 +42,11 @@ def test_prune_heal_export_report(source, tmp_path, data_dir):
     assert set(report["evaluations"]) == {"source", "pruned", "healed"}
     # the default 512-token window, fitted to the tiny model's 256 positions and recorded as used
     assert report["evaluations"]["source"]["protocol"]["perplexity"]["context"] == 256
+    # continuations compared with the source's (none for the source itself)
+    assert report["evaluations"]["source"]["generation"] is None
+    for stage in ("pruned", "healed"):
+        generation = report["evaluations"][stage]["generation"]
+        assert 0 <= generation["token_agreement"] <= 1 and generation["kl_mean"] > 0 and generation["prompts"] == 16
     plan = report["plan"]
     assert "L5.attn" in plan["protected"] and "L5.attn" not in plan["removed"]
     for cornerstone in report["analysis"]["cornerstones"]:
@@ -60,7 +65,7 @@ def test_prune_heal_export_report(source, tmp_path, data_dir):
     assert any(note.startswith("linear bridges") for note in plan["notes"])
     assert {"source", "plan", "timings", "versions"} <= set(report)
     markdown = (out / "report.md").read_text()
-    for section in ("## Plan", "## Healing", "## Before and after", "## Plots", "removal_map.png"):
+    for section in ("## Plan", "## Healing", "## Before and after", "## Plots", "removal_map.png", "next-token KL to the source"):
         assert section in markdown
     card = (out / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])

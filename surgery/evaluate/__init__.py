@@ -35,8 +35,9 @@ def _context_overrun(settings: EvalSettings, config: Any) -> int | None:
 
 
 def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, model_info: dict[str, Any] | None = None,
-                   folder: Path | None = None) -> dict[str, Any]:
-    """Evaluate an in-memory model; returns a results dict in the documented schema."""
+                   folder: Path | None = None, reference: Any = None) -> dict[str, Any]:
+    """Evaluate an in-memory model; returns a results dict in the documented schema. `reference`:
+    the source model's continuations (evaluate.continuations), compared when generation is on."""
     import torch
 
     from surgery.arch import unwrap
@@ -64,6 +65,7 @@ def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, model_
         "tasks": {},
         "perplexity": {},
         "speed": None,
+        "generation": None,
     }
     try:
         with progress_bar():
@@ -73,6 +75,11 @@ def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, model_
                 results["tasks"] = run_tasks(model, tokenizer, settings)
             for corpus in settings.perplexity:
                 results["perplexity"][_corpus_key(corpus)] = run_perplexity(model, tokenizer, corpus, settings)
+            if settings.generation and reference is not None:
+                from surgery.evaluate.continuations import compare
+
+                with task("continuations against the source model"):
+                    results["generation"] = compare(model, reference)
             if settings.speed:
                 from surgery.evaluate.speed import measure_speed
 

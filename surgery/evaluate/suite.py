@@ -7,9 +7,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from surgery.evaluate.table import HEADLINE_METRICS
 from surgery.settings import EvalSettings
-
-_HEADLINE_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mcc")
 
 
 def run_tasks(model: Any, tokenizer: Any, settings: EvalSettings) -> dict[str, Any]:
@@ -120,7 +119,9 @@ def summarise_tasks(raw: dict[str, Any], settings: EvalSettings) -> dict[str, An
             entry["subtasks"] = {m: {**_metrics(raw["results"].get(m, {})), "n": raw["n-samples"].get(m, {}).get("effective", 0)}
                                  for m in members}
         if settings.keep_items and members == [name]:
-            entry["items"] = [float(s.get("acc", s.get("exact_match", 0.0))) for s in sorted(samples, key=lambda s: int(s["doc_id"]))]
+            first_filter = samples[0].get("filter") if samples else None  # generative tasks log each item once per filter
+            kept = [s for s in samples if s.get("filter") == first_filter]
+            entry["items"] = [float(s.get("acc", s.get("exact_match", 0.0))) for s in sorted(kept, key=lambda s: int(s["doc_id"]))]
         summary[name] = entry
     return summary
 
@@ -136,7 +137,7 @@ def _metrics(values: dict[str, Any]) -> dict[str, Any]:
     for key, value in values.items():
         metric, _, filt = key.partition(",")
         base = metric.removesuffix("_stderr")
-        if base in _HEADLINE_METRICS and isinstance(value, (int, float)):
+        if base in HEADLINE_METRICS and isinstance(value, (int, float)):
             found[metric if filt in ("none", "") else f"{metric}[{filt}]"] = float(value)
     return found
 
