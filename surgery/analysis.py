@@ -132,39 +132,81 @@ def saved_methods(folder: Path) -> list[str]:
 
 
 class EvaluationStore:
-    """Each evaluated coalition appended to DIR/evaluations.jsonl as soon as it is known."""
+    """Each evaluated coalition appended to DIR/evaluations.jsonl as soon as it is known. Under
+    several processes each appends to its own `evaluations.rank<R>.jsonl` (one writer per file);
+    process 0 merges them into the main file when all are done, and a resumed run reads them all."""
 
-    def __init__(self, folder: Path, key: str, header: dict[str, Any], *, force: bool) -> None:
-        self.path = folder / EVALUATIONS_FILE
+    def __init__(self, folder: Path, key: str, header: dict[str, Any], *, force: bool, rank: int = 0, shared: bool = False) -> None:
+        from surgery.distributed import barrier
+
+        self.folder, self.path = folder, folder / EVALUATIONS_FILE
+        self.own = folder / f"evaluations.rank{rank}.jsonl" if shared else self.path
         self.records: list[dict[str, Any]] = []
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and not force:
-            lines = self.path.read_text().splitlines()
-            try:
-                first = json.loads(lines[0]) if lines else {}
-            except ValueError:
-                first = {}
-            if first.get("key") != key:
-                raise SurgeryError(
-                    f"{folder} holds an analysis of another model, data or metric: choose another --out or pass --force to start over"
-                )
-            for line in lines[1:]:
-                try:
-                    self.records.append(json.loads(line))
-                except ValueError:
-                    continue  # a line cut short by a kill: recomputed, and dropped before the next append
-        else:
-            from surgery.files import write_text
+        self.in_main: set[tuple[int, ...]] = set()  # coalitions the main file holds
+        if rank == 0:
+            self._open(key, header, force)
+        barrier()  # the others read only once process 0 has checked or started the folder
+        if rank != 0:
+            self._read(key)
 
-            write_text(self.path, json.dumps({"key": key, **header}) + "\n")
-            (folder / ANALYSIS_FILE).unlink(missing_ok=True)
+    def _open(self, key: str, header: dict[str, Any], force: bool) -> None:
+        from surgery.files import write_text
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and not force:
+            self._read(key)
+            return
+        for part in self._parts():
+            part.unlink()
+        write_text(self.path, json.dumps({"key": key, **header}) + "\n")
+        (self.folder / ANALYSIS_FILE).unlink(missing_ok=True)
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.folder.glob("evaluations.rank*.jsonl"))
+
+    def _read(self, key: str) -> None:
+        lines = self.path.read_text().splitlines()
+        try:
+            first = json.loads(lines[0]) if lines else {}
+        except ValueError:
+            first = {}
+        if first.get("key") != key:
+            raise SurgeryError(
+                f"{self.folder} holds an analysis of another model, data or metric: choose another --out or pass --force to start over"
+            )
+        for line in [*lines[1:], *(line for part in self._parts() for line in part.read_text().splitlines())]:
+            try:
+                self.records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut short by a kill: recomputed, and dropped before the next append
+        self.in_main = {tuple(json.loads(line)["removed"]) for line in lines[1:] if _parses(line)}
 
     def add(self, removed: frozenset[int], value: float, detail: dict[str, Any] | None = None) -> None:
         from surgery.files import append_line
 
         record = {"removed": sorted(removed), "value": value, **({"detail": detail} if detail else {})}
-        append_line(self.path, json.dumps(record))
+        append_line(self.own, json.dumps(record))
         self.records.append(record)
+
+    def merge(self, records: list[dict[str, Any]]) -> None:
+        """Process 0, once every process is done: the others' records into the main file, their files gone."""
+        from surgery.files import append_line
+
+        parts = [json.loads(line) for part in self._parts() for line in part.read_text().splitlines() if _parses(line)]
+        for record in [*parts, *records]:  # earlier runs' leftovers too, had one been killed before merging
+            if tuple(record["removed"]) not in self.in_main:
+                append_line(self.path, json.dumps(record))
+                self.in_main.add(tuple(record["removed"]))
+        for part in self._parts():
+            part.unlink()
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
 
 
 # ------------------------------------------------------------------ running
@@ -202,8 +244,10 @@ def check_dropped_methods(out: Path, methods: tuple[str, ...]) -> None:
 
 
 def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | None, *, model_info: dict[str, Any],
-            force: bool = False) -> Analysis:
-    """Run the analysis; returns (and, with `out`, writes) it."""
+            force: bool = False) -> Analysis | None:
+    """Run the analysis; returns (and, with `out`, writes) it. Under several processes (torchrun,
+    accelerate launch) each evaluates its share of the coalitions and process 0 alone assembles,
+    writes and returns the analysis (the others return None)."""
     from dataclasses import replace
 
     import torch
@@ -211,6 +255,7 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
     from surgery.arch import num_layers, unwrap
     from surgery.console import task
     from surgery.data import calibration_batches
+    from surgery.distributed import gather, start
     from surgery.provenance import machine, now, versions
     from surgery.scoring.residual import ResidualLoss
 
@@ -219,6 +264,7 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
     settings = replace(settings, methods=with_requirements(settings.methods))
     if out is not None and not force:
         check_dropped_methods(out, settings.methods)
+    here = start()
     base = unwrap(model)
     base.eval()
     layers = num_layers(base)
@@ -244,12 +290,24 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
         store = None
         if out is not None:
             header = {"schema": ANALYSIS_SCHEMA, "model": model_info, "metric": settings.metric, "calibration": origin}
-            store = EvaluationStore(Path(out), key, header, force=force)
+            store = EvaluationStore(Path(out), key, header, force=force, rank=here.rank, shared=here.several)
             for record in store.records:
                 value_function.remember(frozenset(record["removed"]), record["value"], record.get("detail"))
-        complete, evaluated = _evaluate_all(value_function, settings, wanted, store)
-        cost["evaluation_seconds"] = value_function.seconds
-        cost["evaluations"] = value_function.evaluations
+        complete, evaluated, mine = _evaluate_all(value_function, settings, wanted, store)
+        every = gather({"records": mine, "complete": complete, "seconds": value_function.seconds,
+                        "evaluations": value_function.evaluations})
+        if not here.main:
+            return None
+        for part in every:
+            for record in part["records"]:
+                value_function.remember(frozenset(record["removed"]), record["value"], record.get("detail"))
+        if store is not None and here.several:
+            store.merge([record for part in every for record in part["records"]])
+        complete = all(part["complete"] for part in every)
+        evaluated = sum(value_function.known(c) is not None for c in wanted)
+        cost["evaluation_seconds"] = sum(part["seconds"] for part in every)
+        cost["evaluations"] = sum(part["evaluations"] for part in every)
+        cost["processes"] = here.world
         ids = [str(u) for u in all_sublayers(layers)]
         baseline = _baseline(value_function, settings)
         details = getattr(value_function, "details", {})
@@ -286,22 +344,28 @@ def _baseline(value_function: Any, settings: AnalysisSettings) -> dict[str, Any]
 
 
 def _evaluate_all(value_function: Any, settings: AnalysisSettings, wanted: list[frozenset[int]],
-                  store: EvaluationStore | None) -> tuple[bool, int]:
-    """Evaluate every wanted coalition (skipping known ones) until done or out of budget; returns
-    (complete, how many are known)."""
+                  store: EvaluationStore | None) -> tuple[bool, int, list[dict[str, Any]]]:
+    """Evaluate this process's share of the wanted coalitions (all of them in one process),
+    skipping known ones, until done or out of budget (shared out alike); returns (complete, how
+    many of its share are known, the records it added)."""
     from surgery.console import task
+    from surgery.distributed import ranks, share
     from surgery.scoring.residual import group_key
 
     batch = settings.coalition_batch or _default_coalition_batch(value_function)
-    order = wanted
+    order = [c for c in wanted if value_function.known(c) is None]
     if batch > 1:  # ablations first, then runs grouped by where they resume, so groups fill batches
-        singles = [c for c in wanted if len(c) <= 1]
-        rest = sorted((c for c in wanted if len(c) > 1), key=lambda c: (group_key(c)[0], sorted(group_key(c)[1]), min(c)))
+        singles = [c for c in order if len(c) <= 1]
+        rest = sorted((c for c in order if len(c) > 1), key=lambda c: (group_key(c)[0], sorted(group_key(c)[1]), min(c)))
         order = singles + rest
-    budget_evaluations, budget_seconds = settings.budget_evaluations, settings.budget_seconds
+    order = share(order)
+    world = ranks().world
+    budget_evaluations = -(-settings.budget_evaluations // world) if settings.budget_evaluations is not None else None
+    budget_seconds = settings.budget_seconds
     start = time.perf_counter()
     new = done = position = 0
-    with task(f"{settings.metric} of {len(wanted)} coalitions", total=len(wanted)) as progress:
+    added: list[dict[str, Any]] = []
+    with task(f"{settings.metric} of {len(order)} coalitions", total=len(order)) as progress:
         while position < len(order):
             chunk = []
             while position < len(order) and len(chunk) < batch:
@@ -316,14 +380,16 @@ def _evaluate_all(value_function: Any, settings: AnalysisSettings, wanted: list[
             out_of_evaluations = budget_evaluations is not None and new + len(chunk) > budget_evaluations
             out_of_time = budget_seconds is not None and time.perf_counter() - start >= budget_seconds
             if out_of_evaluations or out_of_time:
-                return False, done
+                return False, done, added
             for removed, value in zip(chunk, value_function.values(chunk, batch)):
                 new += 1
                 done += 1
+                detail = getattr(value_function, "details", {}).get(removed)
+                added.append({"removed": sorted(removed), "value": value, **({"detail": detail} if detail else {})})
                 if store is not None:
-                    store.add(removed, value, getattr(value_function, "details", {}).get(removed))
+                    store.add(removed, value, detail)
                 progress.advance()
-    return True, len(wanted)
+    return True, len(order), added
 
 
 def _default_coalition_batch(value_function: Any) -> int:

@@ -143,6 +143,8 @@ def analyze(model: str, out: Path, force: bool, **options: Any) -> None:
 
     load = from_options(LoadSettings, options)
     analysis = analyze_and_save(model, from_options(AnalysisSettings, options), out, load, force=force, command=_command_line())
+    if analysis is None:  # one of several processes, not the first: the first reports
+        return
     for table in analysis_tables(analysis):
         console.print(table)
     state = "complete" if analysis.complete else "[yellow]partial (budget reached; rerun to continue)[/]"
@@ -171,6 +173,8 @@ def prune(ctx: click.Context, **options: Any) -> None:
 
         options.update(apply_recipe(ctx, options["recipe"]))
     report = run_prune(prune_settings(options))
+    if report is None:  # one of several processes, not the first: the first reports
+        return
     console.print(comparison_table(report["evaluations"], title="before and after"))
     if "healing" in report:
         healing = report["healing"]
@@ -188,6 +192,36 @@ def prune_settings(options: dict[str, Any]) -> PruneSettings:
                         load=from_options(LoadSettings, options), analysis=from_options(AnalysisSettings, options),
                         evaluation=from_options(EvalSettings, options, prefix="eval-"),
                         healing=from_options(HealSettings, options), command=_command_line())
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("folder")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the healed checkpoint.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Default: $SURGERY_DATA_DIR.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click.option("--keep-work", is_flag=True, help="Keep the working folder (healing checkpoints, adapter).")
+@click_options(HealSettings)
+@click_options(EvalSettings, prefix="eval-", only=PRUNE_EVAL_OPTIONS, skip=("generation",))
+@click_options(LoadSettings)
+@handle_errors
+def heal(folder: str, out: Path, data_dir: Path | None, force: bool, keep_work: bool, **options: Any) -> None:
+    """Heal a cut checkpoint (surgery cut, prune --no-heal) with (Q)LoRA and export it; runs under
+    accelerate launch / torchrun on several processes (DDP, or FSDP + QLoRA with an FSDP config)."""
+    from surgery.commands import heal_and_export
+    from surgery.console import console
+    from surgery.data import resolve_data_dir
+    from surgery.evaluate.table import comparison_table
+
+    data = resolve_data_dir(data_dir)
+    result = heal_and_export(folder, out, from_options(HealSettings, options),
+                             from_options(EvalSettings, options, prefix="eval-", data_dir=data, generation=False),
+                             from_options(LoadSettings, options), data_dir=data, force=force, keep_work=keep_work)
+    if result is None:
+        return
+    console.print(comparison_table({"healed": result["evaluation"]}, title="after healing"))
+    healing = result["healing"]
+    console.print(f"healing: held-out loss {healing['loss_before']:.4f} -> {healing['loss_after']:.4f}")
+    console.print(f"[green]wrote[/] {result['export']['path']} (verified; surgery.json, local.json)")
 
 
 @main.command()

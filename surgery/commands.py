@@ -6,13 +6,14 @@ Everything checkable before loading is checked first, so bad input fails in seco
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
-from surgery.settings import AnalysisSettings, EvalSettings, LoadSettings
+from surgery.settings import AnalysisSettings, EvalSettings, HealSettings, LoadSettings
 
 
 def resolve_with_output_check(model_spec: str, check_output: Callable[[list[Path]], Any], load: LoadSettings) -> Any:
@@ -139,6 +140,7 @@ def analyze_and_save(model_spec: str, settings: AnalysisSettings, out: Path, loa
     from dataclasses import replace
 
     from surgery.analysis import EVALUATIONS_FILE, analyze, check_dropped_methods
+    from surgery.distributed import start
     from surgery.files import check_resumable_folder, output_lock
     from surgery.loading import load_model
     from surgery.report import write_analysis_report
@@ -149,9 +151,54 @@ def analyze_and_save(model_spec: str, settings: AnalysisSettings, out: Path, loa
         check_dropped_methods(out, settings.methods)
     check = lambda protected: check_resumable_folder(out, EVALUATIONS_FILE, force=force, protected=protected)  # noqa: E731
     source = resolve_with_output_check(model_spec, check, load)
-    with output_lock(out, what=f"the analysis folder {out}"):
-        check([source.path])  # again, now that it is held: a run that waited may find it changed
+    here = start()  # under torchrun / accelerate launch: every process scores its share, process 0 writes
+    with output_lock(out, what=f"the analysis folder {out}") if here.main else contextlib.nullcontext():
+        if here.main:
+            check([source.path])  # again, now that it is held: a run that waited may find it changed
         loaded = load_model(source, **load.kwargs())
         analysis = analyze(loaded.model, loaded.tokenizer, settings, out, model_info=loaded.source.describe(), force=force)
-        write_analysis_report(analysis, Path(out), command)
+        if analysis is not None:
+            write_analysis_report(analysis, Path(out), command)
     return analysis
+
+
+def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluation: EvalSettings, load: LoadSettings, *,
+                    data_dir: Path | None = None, force: bool = False, keep_work: bool = False) -> dict[str, Any] | None:
+    """`surgery heal`: (Q)LoRA on a cut checkpoint folder, merged and exported with the evaluation.
+
+    For models too large to cut and heal in one process: the folder written by `surgery cut` (or
+    `surgery prune --no-heal`) is healed under `accelerate launch` (DDP, or FSDP + QLoRA) without
+    loading it in full precision anywhere but for the merge on process 0.
+    """
+    from surgery.distributed import start
+    from surgery.evaluate import evaluate_model, fit_context_to_model
+    from surgery.export.checkpoint import export_checkpoint
+    from surgery.files import check_output_folder, claimed_folder, work_folder, working_folder
+    from surgery.heal import heal
+    from surgery.loading import check_device_options, load_tokenizer, resolve_device
+    from surgery.publish import LOCAL_RECORD, published
+    from surgery.source import cache_dir
+
+    check_device_options(load.device, load.device_map)
+    source = resolve_with_output_check(folder_spec, lambda protected: check_output_folder(out, force=force, protected=protected), load)
+    tokenizer = load_tokenizer(source.path)
+    if tokenizer is None:
+        raise SurgeryError(f"{source.path} has no tokenizer: healing needs one; export the cut with its tokenizer")
+    here = start()
+    work = work_folder(Path(out).expanduser().absolute())
+    with claimed_folder(out, force=force, protected=[source.path]) if here.main else contextlib.nullcontext(), \
+            working_folder(work, keep=keep_work or not here.main):
+        healed = heal(source.path, tokenizer, healing, work, data_dir=data_dir, device=resolve_device(load.device),
+                      job={"source": source.describe()["fingerprint"]})
+        if healed is None:
+            return None  # one of several processes, not the first
+        results = evaluate_model(healed.model, tokenizer, fit_context_to_model(evaluation, healed.model.config),
+                                 model_info={"stage": "healed"})
+        record = {"healed_from": source.describe(), "healing": {**healed.settings, "data_source": healed.data_source,
+                  "loss_before": healed.loss_before, "loss_after": healed.loss_after, "log": healed.log,
+                  "resumed_from": healed.resumed_from}, "evaluation": results}
+        labels = {str(source.path): source.public_id(), str(cache_dir()): "<surgery cache>", str(work): "<working folder>"}
+        exported = export_checkpoint(healed.model, tokenizer, out, record=published(record, labels), force=force,
+                                     protected=[source.path], copy_from=source.path, unpublished=(LOCAL_RECORD,),
+                                     extra_files={LOCAL_RECORD: json.dumps(record, indent=2, default=str) + "\n"})
+    return {**record, "export": {"path": str(exported.path), "max_logit_diff": exported.max_logit_diff}}

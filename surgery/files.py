@@ -294,3 +294,27 @@ def claimed_folder(out: Path, *, force: bool, protected: list[Path] = (), option
     one's finished export finds --out no longer empty (instead of replacing it without --force)."""
     with output_lock(out, what=f"{option} {out}"):
         yield check_output_folder(out, force=force, protected=protected, option=option)
+
+
+def work_folder(out: Path) -> Path:
+    """Where a job writing `out` keeps what it resumes from (healing checkpoints), beside `out`."""
+    return out.parent / f".{out.name}.surgery-work"
+
+
+@contextlib.contextmanager
+def working_folder(work: Path, *, keep: bool) -> Iterator[Path]:
+    """Removed when the job ends, unless asked to keep it, or a failure leaves healing checkpoints
+    that the same command resumes from (said on the terminal, with how to start over)."""
+    try:
+        yield work
+    except BaseException:
+        if any((work / "checkpoints").glob("checkpoint-*")):
+            from surgery.console import console
+
+            console.print(f"[yellow]kept {work}: the same command resumes healing from its last checkpoint "
+                          "(delete the folder to start over)[/]", soft_wrap=True)
+        elif not keep:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -71,6 +72,11 @@ def check_lora_targets(model: Any, targets: Any) -> None:
                            f"such as {', '.join(sorted(n for n in names if n.endswith('proj'))[:6]) or 'its linear layers'}")
 
 
+def under_fsdp() -> bool:
+    """Launched by `accelerate launch` with an FSDP config (accelerate sets this for every process)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
 def load_4bit(folder: Path, device: str, device_map: str | None = None) -> Any:
     """The pruned model from `folder` in 4-bit NF4, guarded against the CPU repack."""
     import torch
@@ -79,11 +85,15 @@ def load_4bit(folder: Path, device: str, device_map: str | None = None) -> Any:
     from surgery.loading import load_model
 
     on_gpu = device.startswith("cuda")
+    compute = torch.bfloat16 if on_gpu else torch.float32
+    # FSDP shards flat tensors of one dtype: the 4-bit weights must be stored in the compute dtype
+    # (bitsandbytes' and peft's FSDP-QLoRA guides); accelerate launch with an FSDP config says so.
+    fsdp = under_fsdp()
     config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if on_gpu else torch.float32,
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute if fsdp else torch.uint8,
     )
-    placement = device_map or ({"": device} if on_gpu else None)
+    placement = None if fsdp else device_map or ({"": device} if on_gpu else None)  # FSDP places the shards itself
     model = load_model(str(folder), quantization_config=config, device_map=placement, with_tokenizer=False).model
     disable_cpu_repack(model)
     return model
@@ -112,24 +122,32 @@ def heldout_loss(model: Any, batches: list[Any]) -> float:
 
 
 def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data_dir: Path | None = None,
-         device: str = "cpu", teacher: Path | None = None, job: dict[str, Any] | None = None) -> HealResult:
+         device: str = "cpu", teacher: Path | None = None, job: dict[str, Any] | None = None) -> HealResult | None:
     """Train LoRA adapters on the pruned `model` and return the merged full-precision model.
 
-    `teacher` is the dense model's folder, needed when `settings.distill > 0`. `job`: what the
-    caller knows about where the model came from (source, plan, bridge), named when a working
-    folder of another job is set aside.
+    `model` is a model in memory or a model folder (`surgery heal`: nothing is loaded in full
+    precision but the merge, on process 0). `teacher` is the dense model's folder, needed when
+    `settings.distill > 0`. `job`: what the caller knows about where the model came from
+    (source, plan, bridge), named when a working folder of another job is set aside.
 
-    The given model is consumed: it is saved into `work` and its weights are released, so a large
+    A model in memory is consumed: it is saved into `work` and its weights are released, so a large
     model is never held twice next to its training copy. `work` holds the pruned base, the
     trainer's checkpoints and the adapter. A rerun resumes from the last checkpoint only when
     everything that decides the result is the same (`resume_identity`: the weights, the settings,
     the training tokens, the teacher); otherwise it says so and starts fresh.
+
+    Under several processes (torchrun, accelerate launch) every process trains its share of each
+    global batch (`batch_size` x processes x `grad_accum` sequences a step) through the Trainer's
+    DDP (or FSDP, from accelerate's config); process 0 alone writes the base, merges and returns
+    the result (the others return None).
     """
 
     from surgery.arch import architecture_of, unwrap
     from surgery.console import quiet_transformers
     from surgery.data import pack_tokens
+    from surgery.distributed import barrier, start
     from surgery.export.checkpoint import write_model_folder
+    from surgery.provenance import weights_sha256
 
     quiet_transformers()
     if tokenizer is None:
@@ -139,45 +157,75 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     teacher = Path(teacher) if settings.distill > 0 else None
     started = time.perf_counter()
     work = Path(work)
-    base_folder = work / "base"
+    given_folder = isinstance(model, (str, Path))
+    base_folder = Path(model) if given_folder else work / "base"
 
     texts, heldout_texts, source = healing_texts(settings.data, data_dir)
-    per_step = settings.batch_size * settings.grad_accum
+    here = start()  # under torchrun / accelerate launch: DDP over the processes, process 0 merges
+    per_step = settings.batch_size * settings.grad_accum * here.world
     train_ids = _pack_available(tokenizer, texts, settings.steps * per_step, settings.seq_len, source, minimum=per_step)
     heldout = list(pack_tokens(tokenizer, heldout_texts, settings.heldout_samples, settings.seq_len, "held-out text").split(4))
-    identity = resume_identity(model, settings, train_ids, teacher, job)
-    _claim_working_folder(work, identity)
-    if not (base_folder / "config.json").is_file():
-        staging = work / "base.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        write_model_folder(model, tokenizer, staging)
-        staging.rename(base_folder)
-    (work / JOB_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")  # after the base it vouches for
+    if here.main:
+        weights = _folder_weights(base_folder) if given_folder else weights_sha256(model)
+        identity = resume_identity(weights, settings, train_ids, teacher, {**(job or {}), "processes": here.world})
+        _claim_working_folder(work, identity)
+        if not (base_folder / "config.json").is_file():
+            staging = work / "base.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            write_model_folder(model, tokenizer, staging)
+            staging.rename(base_folder)
+        (work / JOB_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")  # after the base it vouches for
+    barrier()  # the base and the checkpoints to resume from are in place for every process
 
-    loss_before = heldout_loss(model, heldout)
-    arch = architecture_of(unwrap(model).config)
-    dtype = next(unwrap(model).parameters()).dtype
-    _release(model)  # from here on the saved base is the model; a large one must not stay in memory twice
+    if given_folder:
+        config = _folder_config(base_folder)
+        arch, dtype = architecture_of(config), _config_dtype(config)
+        loss_before = heldout_loss(merge_adapter(base_folder, None, dtype=dtype, device=device), heldout) if here.main else None
+    else:
+        loss_before = heldout_loss(model, heldout) if here.main else None
+        arch = architecture_of(unwrap(model).config)
+        dtype = next(unwrap(model).parameters()).dtype
+        _release(model)  # from here on the saved base is the model; a large one must not stay in memory twice
     adapter, log, resumed = _train(base_folder, tokenizer, train_ids, settings, arch, work, device, teacher)
+    described = {**settings.describe(), "processes": here.world,
+                 "training_tokens": settings.steps * per_step * settings.seq_len}
+    if not here.main:
+        return None
     merged = merge_adapter(base_folder, adapter, dtype=dtype, device=device)
     loss_after = heldout_loss(merged, heldout)
-    return HealResult(merged, loss_before, loss_after, settings.describe(), source, time.perf_counter() - started, log, resumed)
+    return HealResult(merged, loss_before, loss_after, described, source, time.perf_counter() - started, log, resumed)
 
 
 JOB_FILE = "heal-job.json"
 _PARTS = {"weights": "the weights of the model to heal", "data": "the training tokens", "teacher": "the distillation teacher"}
 
 
-def resume_identity(model: Any, settings: HealSettings, train_ids: Any, teacher: Path | None,
+def resume_identity(weights: str, settings: HealSettings, train_ids: Any, teacher: Path | None,
                     job: dict[str, Any] | None) -> dict[str, Any]:
     """Everything that decides what a heal produces; checkpoints are reused only when all of it matches."""
-    from surgery.provenance import weights_sha256
     from surgery.source import fingerprint
 
-    identity = {"weights": weights_sha256(model), "settings": {k: v for k, v in settings.describe().items() if k != "save_steps"},
+    identity = {"weights": weights, "settings": {k: v for k, v in settings.describe().items() if k != "save_steps"},
                 "data": hashlib.sha256(train_ids.numpy().tobytes()).hexdigest(),
                 "teacher": fingerprint(teacher) if teacher else None, "job": job or {}}
     return json.loads(json.dumps(identity, default=str))  # as it reads back from the working folder
+
+
+def _folder_weights(folder: Path) -> str:
+    from surgery.source import fingerprint
+
+    return fingerprint(folder)
+
+
+def _folder_config(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / "config.json").read_text())
+
+
+def _config_dtype(config: dict[str, Any]) -> Any:
+    import torch
+
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name, torch.float32)
 
 
 def _claim_working_folder(work: Path, identity: dict[str, Any]) -> None:
@@ -306,7 +354,9 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
         lr_scheduler_type="cosine", warmup_steps=math.ceil(settings.warmup_ratio * settings.steps), logging_steps=1, save_steps=settings.save_steps,
         save_total_limit=2, report_to="none", seed=settings.run_seed, use_cpu=not on_gpu,
         bf16=on_gpu and torch.cuda.is_bf16_supported(), gradient_checkpointing=checkpointing, max_length=settings.seq_len,
+        gradient_checkpointing_kwargs={"use_reentrant": True} if checkpointing and under_fsdp() else None,
         packing=False, disable_tqdm=True, dataloader_num_workers=0, eval_strategy="no", remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
     )
     dataset = datasets.Dataset.from_dict({"input_ids": train_ids.tolist()})
     trainer_class = SFTTrainer
@@ -320,7 +370,9 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
     # The trainer's state, restored from a checkpoint on resume: the whole run's losses, not only the resumed steps'.
     log = [{"step": entry["step"], "loss": float(entry["loss"])} for entry in trainer.state.log_history if "loss" in entry]
     adapter = work / "adapter"
-    model.save_pretrained(adapter)
+    if trainer.is_fsdp_enabled:  # the adapter's shards gathered into one state dict (peft's FSDP-QLoRA guide)
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(adapter))  # the adapter alone, written by process 0
     del trainer, model
     return adapter, log, resumed
 
@@ -375,8 +427,9 @@ def _distilling(base: type, teacher: Any, weight: float) -> type:
     return DistillingTrainer
 
 
-def merge_adapter(base_folder: Path, adapter: Path, *, dtype: Any, device: str) -> Any:
-    """Merge LoRA adapters into a freshly loaded full-precision copy of the pruned model."""
+def merge_adapter(base_folder: Path, adapter: Path | None, *, dtype: Any, device: str) -> Any:
+    """Merge LoRA adapters into a freshly loaded full-precision copy of the pruned model (no
+    adapter: that copy as it is)."""
     from peft import PeftModel
 
     from surgery.loading import load_model
@@ -384,5 +437,7 @@ def merge_adapter(base_folder: Path, adapter: Path, *, dtype: Any, device: str) 
     dtype_name = str(dtype).removeprefix("torch.")
     base = load_model(str(base_folder), dtype=dtype_name if dtype_name in ("float32", "bfloat16", "float16") else "auto",
                       device=device, with_tokenizer=False).model
+    if adapter is None:
+        return base.eval()
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     return merged.eval()

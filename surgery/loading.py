@@ -42,8 +42,10 @@ def resolve_device(name: str | None) -> str:
     """A device torch can place weights on, checked before anything loads."""
     import torch
 
-    if name in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name in (None, "", "auto"):  # under a launcher, each process its own GPU
+        from surgery.distributed import ranks
+
+        return f"cuda:{ranks().local_rank}" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):

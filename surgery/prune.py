@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -81,9 +81,11 @@ def load(settings: PruneSettings, source: Any) -> Any:
 
 
 def score(settings: PruneSettings, loaded: Any, methods: tuple[str, ...]) -> Any:
-    """A saved analysis with these methods and settings (reused), or a new one written beside it."""
+    """A saved analysis with these methods and settings (reused), or a new one written beside it
+    (under several processes: scored by all, returned by process 0, None elsewhere)."""
     from surgery.analysis import analysis_key, analyze, load_analysis, saved_methods
     from surgery.data import calibration_batches
+    from surgery.distributed import ranks
     from surgery.files import output_lock
     from surgery.report import write_analysis_report
     from surgery.source import cache_dir
@@ -95,7 +97,8 @@ def score(settings: PruneSettings, loaded: Any, methods: tuple[str, ...]) -> Any
     folder = Path(settings.analysis_dir) if settings.analysis_dir else cache_dir() / "analyses" / key[:24]
     earlier = [m for m in saved_methods(folder) if m not in methods]
     chosen = replace(chosen, methods=(*methods, *earlier))  # a rerun adds to the folder, never drops what it held
-    with output_lock(folder, what=f"the analysis folder {folder}"):
+    main = ranks().main  # under a launcher, process 0 holds the folder and writes what it shows
+    with output_lock(folder, what=f"the analysis folder {folder}") if main else nullcontext():
         try:
             saved = load_analysis(folder)
             ignored = ("methods", "budget", "data_dir")
@@ -107,8 +110,9 @@ def score(settings: PruneSettings, loaded: Any, methods: tuple[str, ...]) -> Any
         except SurgeryError:
             pass
         analysis = analyze(loaded.model, loaded.tokenizer, chosen, folder, model_info=info)
-        write_analysis_report(analysis, folder)
-    if not analysis.complete:
+        if analysis is not None:
+            write_analysis_report(analysis, folder)
+    if analysis is not None and not analysis.complete:
         raise SurgeryError(f"the analysis in {folder} is partial (budget reached): run surgery prune again to finish it")
     return analysis
 
@@ -216,16 +220,19 @@ def export(settings: PruneSettings, loaded: Any, model: Any, out: Path, record: 
 # ------------------------------------------------------------------ the job
 
 
-def prune(settings: PruneSettings) -> dict[str, Any]:
-    """Run the stages in order; returns the report (also written into the exported folder)."""
+def prune(settings: PruneSettings) -> dict[str, Any] | None:
+    """Run the stages in order; returns the report (also written into the exported folder). Under
+    several processes, process 0 evaluates and exports (the others return None)."""
     from surgery.arch import num_layers
     from surgery.console import console, progress_bar
-    from surgery.files import claimed_folder
+    from surgery.distributed import broadcast, start
+    from surgery.files import claimed_folder, work_folder, working_folder
     from surgery.provenance import now, versions
 
     started = time.perf_counter()
     checked = check(settings)
-    with claimed_folder(checked.out, force=settings.force, protected=[checked.source.path]):
+    here = start()  # under torchrun / accelerate launch: every process cuts alike and heals its share (DDP)
+    with claimed_folder(checked.out, force=settings.force, protected=[checked.source.path]) if here.main else nullcontext():
         loaded = load(settings, checked.source)
         layers = num_layers(loaded.model)
         settings = replace(settings, evaluation=_fitted(settings, loaded.model.config))
@@ -234,7 +241,8 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
                                   "source": loaded.source.describe(), "evaluations": {}, "timings": {}}
 
         def step(text: str) -> None:  # a line per stage: visible in logs too, where live bars are not drawn
-            console.print(f"[bold cyan][{time.perf_counter() - started:6.0f}s][/] {text}")
+            if here.main:
+                console.print(f"[bold cyan][{time.perf_counter() - started:6.0f}s][/] {text}")
 
         @contextmanager
         def timed(name: str) -> Iterator[None]:
@@ -242,12 +250,12 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
             yield
             report["timings"][f"{name}_seconds"] = time.perf_counter() - clock
 
-        with _working_folder(_work_folder(checked.out), keep=settings.keep_work) as work, progress_bar():
+        with working_folder(work_folder(checked.out), keep=settings.keep_work or not here.main) as work, progress_bar():
             analysis = None
             if checked.methods:
                 step(f"analysis: {', '.join(checked.methods)}")
                 with timed("analysis"):
-                    analysis = score(settings, loaded, checked.methods)
+                    analysis = broadcast(score(settings, loaded, checked.methods))  # every process plans from it
                 report["analysis"] = {"folder": str(analysis.folder), "reused": analysis.reused, "key": analysis.key,
                                       "cornerstones": analysis.cornerstones}
             from surgery.strategies import Target
@@ -258,9 +266,11 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
                 plan = choose(settings, loaded, analysis)
             step(f"plan: remove {plan.describe()['removed_compact']} ({100 * plan.fraction:.1f}% of decoder parameters)")
             step(f"evaluating the source model ({layers} blocks)")
+            source_continuations = None
             with timed("evaluate_source"):
-                source_continuations = reference(settings, loaded)
-                report["evaluations"]["source"] = evaluate(settings, "source", loaded.model, loaded.tokenizer, loaded.source.path)
+                if here.main:
+                    source_continuations = reference(settings, loaded)
+                    report["evaluations"]["source"] = evaluate(settings, "source", loaded.model, loaded.tokenizer, loaded.source.path)
             if settings.bridge:
                 step(f"fitting linear bridges across the cut ({settings.bridge_samples} calibration sequences)")
                 with timed("bridge"):
@@ -269,12 +279,16 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
             cut_result = cut(loaded, plan)
             model = loaded.model
             step("evaluating the pruned model")
-            report["evaluations"]["pruned"] = evaluate(settings, "pruned", model, loaded.tokenizer, reference=source_continuations)
+            if here.main:
+                report["evaluations"]["pruned"] = evaluate(settings, "pruned", model, loaded.tokenizer, reference=source_continuations)
             if settings.heal:
                 distill = f", distilling from the source model (weight {settings.healing.distill:g})" if settings.healing.distill else ""
-                step(f"healing: {'QLoRA' if settings.healing.quantize else 'LoRA'}, {settings.healing.steps} steps{distill}")
+                processes = f" on {here.world} processes" if here.several else ""
+                step(f"healing: {'QLoRA' if settings.healing.quantize else 'LoRA'}, {settings.healing.steps} steps{distill}{processes}")
                 with timed("heal"):
                     healed = heal(settings, loaded, model, plan, work)
+                if not here.main:
+                    return None  # process 0 evaluates and exports the merged model
                 model = healed.model
                 report["healing"] = {"settings": healed.settings, "data_source": healed.data_source,
                                      "loss_before": healed.loss_before, "loss_after": healed.loss_after,
@@ -282,6 +296,8 @@ def prune(settings: PruneSettings) -> dict[str, Any]:
                 step(f"held-out loss {healed.loss_before:.4f} -> {healed.loss_after:.4f}; evaluating the healed model")
                 report["evaluations"]["healed"] = evaluate(settings, "healed", model, loaded.tokenizer,
                                                            reference=source_continuations)
+            if not here.main:
+                return None
             report["versions"] = versions()
             report["timings"]["total_seconds"] = time.perf_counter() - started
             record = {"removed": [str(u) for u in plan.units], "removed_compact": report["plan"]["removed_compact"],
@@ -313,29 +329,6 @@ def _fitted(settings: PruneSettings, config: Any) -> Any:
     from surgery.evaluate import fit_context_to_model
 
     return fit_context_to_model(settings.evaluation, config)
-
-
-def _work_folder(out: Path) -> Path:
-    return out.parent / f".{out.name}.surgery-work"
-
-
-@contextmanager
-def _working_folder(work: Path, *, keep: bool) -> Iterator[Path]:
-    """Removed when the job ends, unless asked to keep it, or a failure leaves healing checkpoints
-    that the same command resumes from (said on the terminal, with how to start over)."""
-    try:
-        yield work
-    except BaseException:
-        if any((work / "checkpoints").glob("checkpoint-*")):
-            from surgery.console import console
-
-            console.print(f"[yellow]kept {work}: the same command resumes healing from its last checkpoint "
-                          "(delete the folder to start over)[/]", soft_wrap=True)
-        elif not keep:
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-    if not keep:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _check_data(settings: PruneSettings, needs_calibration: bool) -> None:
@@ -384,10 +377,11 @@ def calibration_value(loaded: Any, settings: PruneSettings) -> Any:
 
 def _publication_labels(source: Any, out: Path) -> dict[str, str]:
     """Local roots that published files name by a label instead (see surgery.publish)."""
+    from surgery.files import work_folder
     from surgery.source import cache_dir
 
     return {str(source.path): source.public_id(), str(cache_dir()): "<surgery cache>",
-            str(_work_folder(out)): "<working folder>"}
+            str(work_folder(out)): "<working folder>"}
 
 
 def _write_report(folder: Path, report: dict[str, Any], analysis: Any, layers: int, labels: dict[str, str]) -> None:

@@ -227,7 +227,7 @@ def test_a_full_disk_while_exporting_leaves_no_folder(source, tmp_path, data_dir
 def test_a_failed_heal_leaves_no_working_folder_unless_it_can_resume(source, tmp_path, data_dir, monkeypatch, capsys):
     from transformers import PreTrainedModel
 
-    from surgery.prune import _working_folder
+    from surgery.files import working_folder
 
     original = PreTrainedModel.save_pretrained
 
@@ -245,7 +245,7 @@ def test_a_failed_heal_leaves_no_working_folder_unless_it_can_resume(source, tmp
 
     work = tmp_path / ".resumable.surgery-work"
     (work / "checkpoints" / "checkpoint-50").mkdir(parents=True)
-    with pytest.raises(KeyboardInterrupt), _working_folder(work, keep=False):
+    with pytest.raises(KeyboardInterrupt), working_folder(work, keep=False):
         raise KeyboardInterrupt
     assert (work / "checkpoints" / "checkpoint-50").is_dir() and "resumes healing" in capsys.readouterr().err
 

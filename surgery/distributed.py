@@ -1,0 +1,87 @@
+"""Several processes on existing engines: `torchrun` or `accelerate launch` start them and
+torch.distributed joins them; this module only says which process this is and wraps the few
+collectives the tool uses (no scheduler or RPC of its own).
+
+Under a launcher every process runs the same command: each loads the model on its own device
+(`cuda:LOCAL_RANK`, or the CPU), `analyze` shares the coalitions out (each process evaluates every
+world-th one and keeps its own resumable record), healing trains with DDP through the Trainer, and
+process 0 alone assembles, evaluates and writes what the user reads. Gloo serves CPUs, NCCL GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+# Process 0 evaluates and exports while the others wait at a barrier: allow for a long wait.
+WAIT = timedelta(hours=12)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def several(self) -> bool:
+        return self.world > 1
+
+
+def ranks() -> Ranks:
+    """This process's place, from the launcher's environment (one process: rank 0 of 1)."""
+    return Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def start() -> Ranks:
+    """Join the launcher's process group (once); a single process has nothing to join."""
+    here = ranks()
+    if here.several:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=WAIT)
+    return here
+
+
+def share(items: list[Any]) -> list[Any]:
+    """This process's part of `items`: every world-th one, so each part mixes cheap and costly items alike."""
+    here = ranks()
+    return items[here.rank::here.world]
+
+
+def gather(value: Any) -> list[Any] | None:
+    """Every process's `value`, in rank order, on process 0 (None elsewhere)."""
+    here = ranks()
+    if not here.several:
+        return [value]
+    import torch.distributed as dist
+
+    found: list[Any] | None = [None] * here.world if here.main else None
+    dist.gather_object(value, found, dst=0)
+    return found
+
+
+def broadcast(value: Any) -> Any:
+    """Process 0's `value`, on every process."""
+    if not ranks().several:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if ranks().several:
+        import torch.distributed as dist
+
+        dist.barrier()
