@@ -39,7 +39,31 @@ RIDGE = 1e-4  # times the mean diagonal of the normal matrix: keeps the solve st
 class Bridge:
     run: str  # the removed run, e.g. "L12-L17"
     into: str  # the kept sublayer whose output projection carries the bridge
-    explained: float  # share of the squared gap the bridge closes on the calibration tokens
+    explained: float  # share of the squared gap the least-squares bridge closes on the calibration tokens
+    cosine_distance: list[float] | None = None  # cosine fit: mean 1 - cos(bridged, dense stream), before and after it
+
+
+def _cosine_refine(delta: Any, tokens: list[tuple[Any, Any, Any]], steps: int = 300, lr: float = 1e-4) -> tuple[Any, list[float]]:
+    """D refined by Adam (full batch) on the mean cosine distance of s[k+1] + c D to s[q+1]."""
+    import torch
+
+    c, start, goal = (torch.cat(part) for part in zip(*tokens))
+    weights = delta.float().cpu().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([weights], lr=lr)
+
+    def distance() -> Any:
+        return (1 - torch.nn.functional.cosine_similarity(start + c @ weights, goal, dim=-1)).mean()
+
+    with torch.enable_grad():
+        before = float(distance())
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = distance()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        after = float(distance())
+    return weights.detach().double(), [before, after]
 
 
 @dataclass
@@ -115,8 +139,15 @@ def output_weights(layer: Any, arch: Any, kind: str) -> tuple[list[OutputWeight]
     return targets, None
 
 
-def fit_and_fold(model: Any, units: Iterable[Sublayer], batches: list[Any]) -> BridgeResult:
-    """Fit a bridge for every run of `units` on the dense stream and fold it in; call before the cut."""
+FITS = ("lstsq", "cosine")
+
+
+def fit_and_fold(model: Any, units: Iterable[Sublayer], batches: list[Any], fit: str = "lstsq") -> BridgeResult:
+    """Fit a bridge for every run of `units` on the dense stream and fold it in; call before the cut.
+
+    fit="lstsq": the closed-form least-squares D above. fit="cosine": ReplaceMe's cosine variant,
+    D refined from the least-squares one by Adam on the mean cosine distance between the bridged
+    stream s[k+1] + c D and the dense stream s[q+1] (the tokens are kept in memory for it)."""
     import torch
 
     from surgery.forward import capture_stream
@@ -135,6 +166,7 @@ def fit_and_fold(model: Any, units: Iterable[Sublayer], batches: list[Any]) -> B
     normal = [torch.zeros(size, size, dtype=torch.float64, device=d) for d in devices]
     cross = [torch.zeros(size, size, dtype=torch.float64, device=d) for d in devices]
     gap_norm = [0.0 for _ in plans]
+    kept_tokens: list[list[tuple[Any, Any, Any]]] = [[] for _ in plans]  # (c, s[k+1], s[q+1]) for the cosine fit
     embed_device = base.get_input_embeddings().weight.device
     with torch.no_grad():
         for ids in batches:
@@ -147,6 +179,9 @@ def fit_and_fold(model: Any, units: Iterable[Sublayer], batches: list[Any]) -> B
                 normal[index] += contribution.T @ contribution
                 cross[index] += contribution.T @ gap
                 gap_norm[index] += float((gap * gap).sum())
+                if fit == "cosine":
+                    kept_tokens[index].append((contribution.float().cpu(), stream[kept.position + 1].float().cpu(),
+                                               stream[run[-1].position + 1].float().cpu()))
             result.tokens += int(ids.numel())
         for index, (kept, run) in enumerate(plans):
             eye = torch.eye(size, dtype=torch.float64, device=devices[index])
@@ -154,10 +189,12 @@ def fit_and_fold(model: Any, units: Iterable[Sublayer], batches: list[Any]) -> B
             solution = torch.linalg.solve(normal[index] + ridge * eye, cross[index])
             # |c D - g|^2 = |g|^2 - 2 tr(D^T c^T g) + tr(D^T c^T c D)
             residual = gap_norm[index] - 2 * float((solution * cross[index]).sum()) + float((solution * (normal[index] @ solution)).sum())
+            bridge = Bridge(run=format_sublayers(run), into=str(kept), explained=1 - residual / gap_norm[index] if gap_norm[index] else 0.0)
+            if fit == "cosine":
+                solution, bridge.cosine_distance = _cosine_refine(solution, kept_tokens[index])
             for target in targets[index]:
-                _fold(target, solution)
-            result.bridges.append(Bridge(run=format_sublayers(run), into=str(kept),
-                                         explained=1 - residual / gap_norm[index] if gap_norm[index] else 0.0))
+                _fold(target, solution.to(devices[index]))
+            result.bridges.append(bridge)
     return result
 
 

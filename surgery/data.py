@@ -26,11 +26,14 @@ TEXT_FIELDS = ("text", "page", "content", "document")
 CORPORA: dict[str, tuple[str, str, tuple[str, str | None, str]]] = {
     "c4": ("c4_validation_2k", "text", ("allenai/c4", "en", "validation")),
     "wikitext2": ("wikitext2_test", "page", ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test")),
+    "wikitext2-validation": ("wikitext2_validation", "page",
+                             ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "validation")),
 }
 # Which documents of a named corpus each role reads (local files; the Hub stream is sliced alike).
 ROLES: dict[str, dict[str, slice]] = {
     "c4": {"calibration": slice(0, 500), "healing": slice(500, 1500), "heldout": slice(1500, 2000)},
     "wikitext2": {"heldout": slice(None)},
+    "wikitext2-validation": {"calibration": slice(None), "heldout": slice(None)},  # dev data: calibration or dev perplexity
 }
 # Online, healing streams C4's training split (as in Gromov et al.), not validation documents.
 HUB_ROLE_OVERRIDES: dict[tuple[str, str], tuple[str, slice]] = {("c4", "healing"): ("train", slice(0, 20000))}
@@ -200,11 +203,18 @@ def pack_tokens(tokenizer: Any, texts: list[str], samples: int, seq_len: int, or
 
 
 def calibration_batches(tokenizer: Any, settings: Any) -> tuple[list[Any], str, str]:
-    """The calibration token batches of an AnalysisSettings (source, samples, seq_len, batch size),
-    where they came from, and a digest of the exact tokens."""
+    """The calibration token batches of an AnalysisSettings (source, draw, samples, seq_len, batch
+    size), where they came from, and a digest of the exact tokens. Draw 0 reads the calibration
+    documents in order; draw k > 0 a shuffle of them seeded by k (the same documents, others first)."""
     import hashlib
+    import random
 
     texts, origin = load_texts(settings.calibration, role="calibration", data_dir=settings.data_dir, field=settings.text_field)
+    draw = getattr(settings, "calibration_draw", 0)
+    if draw:
+        texts = list(texts)
+        random.Random(draw).shuffle(texts)
+        origin = f"{origin}, draw {draw}"
     ids = pack_tokens(tokenizer, texts, settings.samples, settings.seq_len, origin)
     digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
     return list(ids.split(settings.batch_size)), origin, digest

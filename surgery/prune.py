@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
-from surgery.settings import PruneSettings
+from surgery.settings import AnalysisSettings, PruneSettings
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,9 @@ def score(settings: PruneSettings, loaded: Any, methods: tuple[str, ...]) -> Any
             saved = load_analysis(folder)
             ignored = ("methods", "budget", "data_dir")
             wanted = {k: v for k, v in chosen.describe().items() if k not in ignored}
+            defaults = AnalysisSettings().describe()  # a setting an older analysis did not record had its default
             if saved.key == key and saved.complete and set(methods) <= set(saved.methods) \
-                    and {k: saved.settings.get(k) for k in wanted} == wanted:
+                    and {k: saved.settings.get(k, defaults[k]) for k in wanted} == wanted:
                 saved.reused = True
                 return saved
         except SurgeryError:
@@ -152,10 +153,11 @@ def bridge(settings: PruneSettings, loaded: Any, plan: Any) -> dict[str, Any]:
     from surgery.data import calibration_batches
 
     batches, origin, _ = calibration_batches(loaded.tokenizer, replace(settings.analysis, samples=settings.bridge_samples))
-    result = fit_and_fold(loaded.model, plan.units, batches)
+    result = fit_and_fold(loaded.model, plan.units, batches, fit=settings.bridge_fit)
     if result.bridges:
         fits = ", ".join(f"{b.run} into {b.into} (closes {100 * b.explained:.0f}% of the stream gap)" for b in result.bridges)
-        plan.notes.append(f"linear bridges (least squares on {result.tokens:,} calibration tokens): {fits}")
+        how = "least squares" if settings.bridge_fit == "lstsq" else "least squares refined on cosine distance"
+        plan.notes.append(f"linear bridges ({how} on {result.tokens:,} calibration tokens): {fits}")
     plan.notes += [f"no bridge for {line}" for line in result.skipped]
     return {**result.describe(), "calibration": origin}
 
@@ -172,7 +174,7 @@ def heal(settings: PruneSettings, loaded: Any, model: Any, plan: Any, work: Path
     from surgery.heal import heal as heal_model
 
     job = {"source": loaded.source.describe()["fingerprint"], "removed": plan.describe()["removed_compact"],
-           "bridge": f"{settings.bridge_samples} sequences" if settings.bridge else "off"}
+           "bridge": f"{settings.bridge_fit} on {settings.bridge_samples} sequences" if settings.bridge else "off"}
     device = str(next(model.parameters()).device)
     return heal_model(model, loaded.tokenizer, settings.healing, work, data_dir=settings.analysis.data_dir, device=device,
                       teacher=loaded.source.path, job=job)

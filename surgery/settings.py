@@ -250,7 +250,9 @@ class AnalysisSettings:
                           type=_choice("loss", "acc"))
     task: str | None = setting(None, "--task", "lm-eval task for --metric acc.", name="metric_task")
     limit: int | None = setting(None, "--task-limit", "Items of --task per evaluation.", type=_int_at_least(1))
-    calibration: str = setting("c4", "--calibration", "c4, or a .txt/.jsonl/.parquet file.")
+    calibration: str = setting("c4", "--calibration", "c4, wikitext2-validation, or a .txt/.jsonl/.parquet file.")
+    calibration_draw: int = setting(0, "--calibration-draw", "0: the calibration documents in order; k > 0: a shuffle "
+                                    "of them seeded by k (another draw of the same data).", type=_int_at_least(0))
     samples: int = setting(8, "--samples", "Calibration sequences.", type=_int_at_least(1))
     seq_len: int = setting(256, "--seq-len", "Tokens per calibration sequence.", type=_int_at_least(8))
     batch_size: int = setting(8, "--batch-size", "Sequences per forward pass.", type=_int_at_least(1))
@@ -446,6 +448,8 @@ class PruneSettings:
     bridge: bool = setting(True, "--bridge", "Fold a least-squares linear map across each cut into the layer before it "
                            "(docs/pruning.md).")
     bridge_samples: int = setting(128, "--bridge-samples", "Calibration sequences for the bridges.", type=_int_at_least(1))
+    bridge_fit: str = setting("lstsq", "--bridge-fit", "lstsq: closed-form least squares; cosine: refined on the cosine "
+                              "distance to the dense stream (ReplaceMe's two variants).", type=_choice("lstsq", "cosine"))
     iterative_candidates: int = setting(16, "--iterative-candidates",
                                         "iterative: units re-scored after each removal (the best of the previous step).",
                                         type=_int_at_least(1))

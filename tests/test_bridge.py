@@ -151,3 +151,19 @@ def test_runs_removed_by_an_earlier_cut_are_not_bridged_again():
     plans, skipped = plan_bridges(model, [Sublayer(1, "mlp")])
     assert [(str(kept), [str(u) for u in run]) for kept, run in plans] == [("L1.attn", ["L1.mlp"])]
     assert skipped == []
+
+
+def test_the_cosine_fit_lowers_the_cosine_distance_it_starts_from(tokenizer):
+    """ReplaceMe's cosine variant: starting from the least-squares bridge, the mean cosine distance
+    between the bridged and the dense stream on the calibration tokens goes down, and the fold
+    still changes only the kept sublayer's output projection."""
+    from surgery.tiny import tiny_model
+
+    model = tiny_model("llama", num_layers=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    result = fit_and_fold(model, parse_sublayers("L1-L2"), batches, fit="cosine")
+    (bridge,) = result.bridges
+    assert bridge.cosine_distance[1] < bridge.cosine_distance[0]
+    changed = sorted(k for k, v in model.state_dict().items() if not torch.equal(v, before[k]))
+    assert changed == ["model.layers.0.mlp.down_proj.weight"]

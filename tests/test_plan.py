@@ -49,8 +49,8 @@ def plan(strategy, granularity="block", remove="25%", **kwargs):
                      value_after=value_after, **kwargs)
 
 
-@pytest.mark.parametrize("granularity", ["block", "sublayer"])
-@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "angular"])
+@pytest.mark.parametrize("strategy, granularity", [(name, g) for name, s in STRATEGIES.items() for g in s.granularities
+                                                   if name != "angular"])
 def test_every_strategy_meets_the_budget_at_both_granularities(strategy, granularity):
     result = plan(strategy, granularity)
     assert within_one_unit(result, granularity), result.parameters_removed
@@ -100,6 +100,26 @@ def test_iterative_rescoring_changes_with_what_was_removed():
 
     result = plan("iterative", remove="2", value_after=value_after)
     assert result.units == parse_sublayers("L2,L6")
+
+
+def test_sleb_rescores_every_block_at_every_step():
+    """SLEB's greedy search written out here: at each step the block whose removal (with the earlier
+    ones) keeps the value highest; iterative with one candidate keeps re-scoring only its first pick."""
+    def value_after(removed):
+        layers = {s.layer for s in removed}
+        cost = sum({2: 1.0, 5: 1.5, 6: 2.0, 3: 2.5}.get(l, 5.0) for l in layers)
+        return -(cost + (10 if {2, 5} <= layers else 0) + (4 if {2, 6} <= layers else 0))
+
+    chosen = []
+    for _ in range(2):
+        options = [l for l in range(LAYERS) if l not in chosen]
+        chosen.append(max(options, key=lambda l: value_after([Sublayer(x, k) for x in [*chosen, l] for k in ("attn", "mlp")])))
+    result = plan("sleb", remove="2", value_after=value_after)
+    assert result.units == sorted(Sublayer(l, k) for l in chosen for k in ("attn", "mlp"))
+    assert result.units == parse_sublayers("L2-L3")  # not L6, which a one-candidate rescoring keeps
+    assert plan("iterative", remove="2", value_after=value_after, candidates=1).units != result.units
+    with pytest.raises(SurgeryError, match="--granularity block"):
+        plan("sleb", "sublayer")
 
 
 def test_protected_units_are_never_removed_and_impossible_targets_say_how_much_is_removable():

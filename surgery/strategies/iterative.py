@@ -40,3 +40,17 @@ class Iterative(Strategy):
             if problem.progress:
                 problem.progress(len(chosen), problem.goal_count or 0)
         return chosen, chosen + sorted(remaining, key=lambda u: -scores.get(u, float("-inf")))
+
+
+@register
+class Sleb(Iterative):
+    """SLEB (Song et al. 2024): whole blocks removed one at a time, each step re-scoring every block
+    still there by the calibration loss (perplexity's logarithm) of the model without it."""
+
+    name = "sleb"
+    granularities = ("block",)
+
+    def choose(self, problem: Problem) -> tuple[list[Unit], list[Unit]]:
+        from dataclasses import replace
+
+        return super().choose(replace(problem, candidates=len(problem.removable)))
