@@ -55,7 +55,7 @@ def _cosine_refine(delta: Any, tokens: list[tuple[Any, Any, Any]], steps: int = 
         return (1 - torch.nn.functional.cosine_similarity(start + c @ weights, goal, dim=-1)).mean()
 
     with torch.enable_grad():
-        before = float(distance())
+        before = float(distance().detach())
         for _ in range(steps):
             optimizer.zero_grad()
             loss = distance()

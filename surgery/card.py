@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from surgery.heal import method, method_line
 from surgery.report import stage_table
 from surgery.source import BUILTIN_MODELS
 
@@ -48,7 +49,7 @@ def model_card(report: dict[str, Any], repo_id: str | None = None, source_folder
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "license": meta.get("license", "other"),
-        "tags": ["pruned", "layer-pruning", "surgery"] + ([f"{'qlora' if healing['settings']['quantize'] else 'lora'}-healed"]
+        "tags": ["pruned", "layer-pruning", "surgery"] + ([f"{method(healing['settings'], short=True).lower()}-healed"]
                                                            if healing else []),
     }
     if meta.get("base_model"):
@@ -64,7 +65,7 @@ def model_card(report: dict[str, Any], repo_id: str | None = None, source_folder
         f"surgery: {len(plan['removed'])} sublayers removed physically "
         f"({plan['removed_compact']}), {100 * plan['fraction_of_decoder_parameters']:.1f}% of the decoder parameters, "
         f"chosen by the `{plan['strategy']}` strategy at {plan['granularity']} granularity"
-        + (", then healed with " + ("QLoRA" if healing["settings"]["quantize"] else "LoRA") + f" on {healing['data_source']}" if healing else "")
+        + (f", then healed by {method(healing['settings'])} on {healing['data_source']}" if healing else "")
         + ".", "",
         "## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f"model = AutoModelForCausalLM.from_pretrained(\"{name}\"" + (", trust_remote_code=True" if sublayer_checkpoint else "") + ")",
@@ -83,8 +84,7 @@ def model_card(report: dict[str, Any], repo_id: str | None = None, source_folder
     if healing:
         settings = healing["settings"]
         lines += ["", "## Healing", "",
-                  f"- {'QLoRA (4-bit NF4 base)' if settings['quantize'] else 'LoRA on a full-precision base'}, rank {settings['lora_r']}, "
-                  f"alpha {settings['lora_alpha']}, dropout {settings['lora_dropout']}, learning rate {settings['learning_rate']}",
+                  f"- {method_line(settings)}",
                   f"- {settings['steps']} steps of {settings['batch_size']} x {settings['seq_len']} tokens "
                   f"(x{settings['grad_accum']} accumulation), {settings['training_tokens']:,} tokens from {healing['data_source']}",
                   f"- held-out loss: {healing['loss_before']:.4f} before, {healing['loss_after']:.4f} after"]

@@ -72,6 +72,22 @@ def check_lora_targets(model: Any, targets: Any) -> None:
                            f"such as {', '.join(sorted(n for n in names if n.endswith('proj'))[:6]) or 'its linear layers'}")
 
 
+def method(settings: dict[str, Any], short: bool = False) -> str:
+    """How a heal trained, in words, from its described settings (report, card, terminal)."""
+    if settings.get("mode", "lora") == "partial":
+        return "partial" if short else f"partial-layer fine-tuning (the output layer and the last {settings['partial_blocks']} blocks)"
+    if settings["quantize"]:
+        return "QLoRA" if short else "QLoRA (4-bit NF4 base)"
+    return "LoRA" if short else "LoRA on a full-precision base"
+
+
+def method_line(settings: dict[str, Any]) -> str:
+    """The method with the settings that shaped it: adapters' rank, alpha and dropout only for LoRA."""
+    lora = f", rank {settings['lora_r']}, alpha {settings['lora_alpha']}, dropout {settings['lora_dropout']}" \
+        if settings.get("mode", "lora") == "lora" else ""
+    return f"{method(settings)}{lora}, learning rate {settings['learning_rate']}"
+
+
 def under_fsdp() -> bool:
     """Launched by `accelerate launch` with an FSDP config (accelerate sets this for every process)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
@@ -191,7 +207,8 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
                  "training_tokens": settings.steps * per_step * settings.seq_len}
     if not here.main:
         return None
-    merged = merge_adapter(base_folder, adapter, dtype=dtype, device=device)
+    merged = merge_adapter(base_folder, adapter, dtype=dtype, device=device) if settings.mode == "lora" else \
+        merge_adapter(adapter, None, dtype=dtype, device=device)  # partial: the trained model is the result
     loss_after = heldout_loss(merged, heldout)
     return HealResult(merged, loss_before, loss_after, described, source, time.perf_counter() - started, log, resumed)
 
@@ -325,20 +342,24 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
 
     on_gpu = device.startswith("cuda")
     checkpointing = settings.gradient_checkpointing if settings.gradient_checkpointing is not None else on_gpu
-    if settings.quantize:
+    partial = settings.mode == "partial"
+    if settings.quantize and not partial:
         model = load_4bit(base_folder, device, settings.device_map)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     else:
         model = load_model(str(base_folder), device=device, with_tokenizer=False).model
         if checkpointing:
             model.gradient_checkpointing_enable()
-    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, bias="none",
-                      target_modules=list(settings.target_modules or arch.lora_targets), task_type="CAUSAL_LM")
     set_seed(settings.run_seed)  # the adapters' initialisation too, not only the trainer's data order
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as error:
-        raise SurgeryError(f"LoRA target modules {lora.target_modules} not found in the model: {error}") from None
+    if partial:
+        trainable_tail(model, arch, settings.partial_blocks)
+    else:
+        lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, bias="none",
+                          target_modules=list(settings.target_modules or arch.lora_targets), task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as error:
+            raise SurgeryError(f"LoRA target modules {lora.target_modules} not found in the model: {error}") from None
 
     class Progress(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -369,12 +390,25 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
         trainer.train(resume_from_checkpoint=resumed)
     # The trainer's state, restored from a checkpoint on resume: the whole run's losses, not only the resumed steps'.
     log = [{"step": entry["step"], "loss": float(entry["loss"])} for entry in trainer.state.log_history if "loss" in entry]
-    adapter = work / "adapter"
+    adapter = work / ("trained" if partial else "adapter")
     if trainer.is_fsdp_enabled:  # the adapter's shards gathered into one state dict (peft's FSDP-QLoRA guide)
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(adapter))  # the adapter alone, written by process 0
+    trainer.save_model(str(adapter))  # the adapter alone (partial: the whole trained model), written by process 0
     del trainer, model
     return adapter, log, resumed
+
+
+def trainable_tail(model: Any, arch: Any, blocks: int) -> list[str]:
+    """Partial-layer healing (Lu et al., "Reassessing Layer Pruning", 2024): every weight frozen but
+    the output layer and the last `blocks` decoder blocks, which train in full. Returns their names."""
+    from surgery.arch import decoder_layers, get_module
+
+    model.requires_grad_(False)
+    layers = decoder_layers(model, arch)
+    tail = [get_module(model, arch.lm_head), *list(layers)[-blocks:]]
+    for module in tail:
+        module.requires_grad_(True)
+    return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
 def _load_teacher(folder: Path, settings: HealSettings, device: str) -> Any:

@@ -286,7 +286,9 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
             if settings.heal:
                 distill = f", distilling from the source model (weight {settings.healing.distill:g})" if settings.healing.distill else ""
                 processes = f" on {here.world} processes" if here.several else ""
-                step(f"healing: {'QLoRA' if settings.healing.quantize else 'LoRA'}, {settings.healing.steps} steps{distill}{processes}")
+                from surgery.heal import method
+
+                step(f"healing: {method(settings.healing.describe(), short=True)}, {settings.healing.steps} steps{distill}{processes}")
                 with timed("heal"):
                     healed = heal(settings, loaded, model, plan, work)
                 if not here.main:

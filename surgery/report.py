@@ -9,6 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from surgery.evaluate.table import generation_rows, task_metrics
+from surgery.heal import method_line
 from surgery.scoring import SCORERS
 
 
@@ -196,9 +197,8 @@ def prune_markdown(report: dict[str, Any]) -> str:
     if healing:
         settings = healing["settings"]
         lines += ["", "## Healing", "",
-                  f"- {'QLoRA, 4-bit NF4 base' if settings['quantize'] else 'LoRA, full-precision base'}; rank {settings['lora_r']}, "
-                  f"alpha {settings['lora_alpha']}, dropout {settings['lora_dropout']}, lr {settings['learning_rate']}, "
-                  f"{settings['steps']} steps x {settings['batch_size']} x {settings['seq_len']} tokens on {healing['data_source']}",
+                  f"- {method_line(settings)}; {settings['steps']} steps x {settings['batch_size']} x {settings['seq_len']} "
+                  f"tokens on {healing['data_source']}",
                   f"- held-out loss {healing['loss_before']:.4f} -> {healing['loss_after']:.4f} "
                   f"({'lower' if healing['loss_after'] < healing['loss_before'] else 'NOT lower'}) in {healing['seconds']:.0f} s"
                   + (f" (resumed from {healing['resumed_from']})" if healing.get("resumed_from") else "")]

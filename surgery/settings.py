@@ -380,6 +380,10 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class HealSettings:
+    mode: str = setting("lora", "--heal-mode", "lora: (Q)LoRA adapters on every projection, merged; partial: the output layer "
+                        "and the last --heal-blocks blocks trained in full (Lu et al. 2024).", type=_choice("lora", "partial"))
+    partial_blocks: int = setting(3, "--heal-blocks", "--heal-mode partial: decoder blocks trained, counted from the last.",
+                                  type=_int_at_least(1))
     steps: int = setting(100, "--heal-steps", "Optimizer steps.", type=_int_at_least(1))
     tokens: int | None = setting(None, "--heal-tokens", "Training tokens instead of --heal-steps.", type=_int_at_least(1))
     seq_len: int = setting(256, "--heal-seq-len", "Tokens per training sequence.", type=_int_at_least(8))

@@ -234,3 +234,18 @@ def test_healing_is_reproducible_whatever_the_random_state_before_it(tmp_path, t
         result = heal(model, tokenizer, c4_settings(steps=3, quantize=False), tmp_path / f"w{state}", data_dir=data_dir)
         merged.append(result.model.state_dict())
     assert all(torch.equal(merged[0][name], merged[1][name]) for name in merged[0])
+
+
+def test_partial_layer_healing_trains_only_the_output_layer_and_the_last_blocks(tmp_path, tokenizer, data_dir):
+    """Reassessing Layer Pruning's healing: no adapters; the last two blocks and the (untied) output
+    layer change, every other weight is exactly the base's; the held-out loss falls."""
+    model = tiny_model("llama", num_layers=4)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    result = heal(model, tokenizer, c4_settings(quantize=False, mode="partial", partial_blocks=2, learning_rate=1e-3),
+                  tmp_path / "work", data_dir=data_dir)
+    after = result.model.state_dict()
+    changed = {k for k in base if not torch.equal(base[k], after[k])}
+    assert changed and all(k.startswith(("model.layers.2.", "model.layers.3.", "lm_head.")) for k in changed)
+    assert any(k.startswith("lm_head.") for k in changed) and any(k.startswith("model.layers.2.") for k in changed)
+    assert result.loss_after < result.loss_before and result.settings["mode"] == "partial"
+    assert not any("lora" in name for name in after)
