@@ -362,12 +362,15 @@ class EvalSettings:
     data_dir: Path | None = setting(None, "--data-dir", "Folder of <task>_<split>.jsonl[.gz] files (default: $SURGERY_DATA_DIR).",
                                     parse=_data_dir)
     text_field: str | None = setting(None, "--text-field", "Field holding the text in .jsonl/.parquet files.")
+    split: str | None = setting(None, "--split", "validation: score each task's validation split (dev data) instead of "
+                                "its test split.", type=_choice("validation"))
     keep_items: bool = False  # store per-item correctness (for paired comparisons)
     items_offset: int = 0  # evaluate items [offset, offset + limit) instead of the first `limit`
 
     def describe(self) -> dict[str, Any]:
         return {
             "tasks": list(self.tasks), "limit": self.limit, "items_offset": self.items_offset, "num_fewshot": self.num_fewshot,
+            "split": self.split or "test (validation where a task has no test split)",
             "batch_size": self.batch_size, "seed": self.seed, "data_dir": str(self.data_dir) if self.data_dir else None,
             "perplexity": {"corpora": list(self.perplexity), **self.perplexity_protocol.describe()},
             "speed": asdict(self.speed_protocol) if self.speed else None,

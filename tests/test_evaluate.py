@@ -328,3 +328,13 @@ def test_cli_eval_compares_continuations_with_a_reference_model(tiny_folder, tmp
     assert "next-token KL to the source" in result.output
     nothing = CliRunner().invoke(main, args)  # no --reference and nothing else to measure
     assert nothing.exit_code == 2 and "nothing to evaluate" in nothing.output
+
+
+def test_the_validation_split_is_scored_for_dev_data(data_dir, tokenizer, no_network):
+    """--split validation: tasks with a test split score their validation split instead (choosing
+    defaults on dev data), tasks with only a validation split are unchanged."""
+    settings = EvalSettings(tasks=("arc_easy", "piqa"), limit=3, perplexity=(), speed=False, generation=False, split="validation",
+                            data_dir=data_dir)
+    tasks = evaluate_model(tiny_model("llama"), tokenizer, settings)["tasks"]
+    assert tasks["arc_easy"]["source"].startswith(str(data_dir / "arc_easy_validation.jsonl.gz"))
+    assert "test" not in tasks["arc_easy"]["source"] and tasks["piqa"]["n"] == 3

@@ -29,7 +29,7 @@ class TaskSuite:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         self.settings = settings
         online = not hub_offline() and hub_reachable()
-        self.loaded = load_tasks(list(settings.tasks), settings.data_dir, online)
+        self.loaded = load_tasks(list(settings.tasks), settings.data_dir, online, settings.split)
         for task in self.loaded["tasks"].values():
             if task.get_config("num_fewshot") != 0 or settings.num_fewshot == 0:
                 task.set_config(key="num_fewshot", value=settings.num_fewshot)

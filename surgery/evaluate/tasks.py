@@ -139,7 +139,7 @@ def check_task_names(names: tuple[str, ...]) -> dict[str, str]:
     return directories
 
 
-def task_manager(names: tuple[str, ...], data_dir: Path | None, online: bool) -> Any:
+def task_manager(names: tuple[str, ...], data_dir: Path | None, online: bool, split: str | None = None) -> Any:
     """An lm-eval TaskManager that knows `names` and reads their data from local files."""
     from lm_eval.tasks import TaskManager
     from lm_eval.tasks._factory import TaskFactory
@@ -148,6 +148,8 @@ def task_manager(names: tuple[str, ...], data_dir: Path | None, online: bool) ->
         def _load_full_config(self, entry, overrides=None):
             cfg = super()._load_full_config(entry, overrides)
             if isinstance(cfg.get("task"), str) and cfg.get("dataset_path") and "group" not in cfg:
+                if split == "validation" and cfg.get("validation_split"):
+                    cfg["test_split"] = None  # score the validation split (dev data), never the test split
                 cfg = use_local_files(cfg, data_dir, online)
             return cfg
 
@@ -160,9 +162,9 @@ def task_manager(names: tuple[str, ...], data_dir: Path | None, online: bool) ->
     return manager
 
 
-def load_tasks(names: list[str], data_dir: Path | None, online: bool) -> dict[str, Any]:
+def load_tasks(names: list[str], data_dir: Path | None, online: bool, split: str | None = None) -> dict[str, Any]:
     """lm-eval's `{"tasks": {name: Task}, "groups": {...}, "group_map": {...}}` for `names`."""
-    manager = task_manager(tuple(names), data_dir, online)
+    manager = task_manager(tuple(names), data_dir, online, split)
     try:
         return manager.load(list(names))
     except SurgeryError:
