@@ -69,3 +69,31 @@ def test_results_scored_in_parts_join_and_cut_to_shared_items():
         join_parts([first, result([1], [1], ppl=11.0)])
     short, long_ = shared_items(first, joined)
     assert long_["tasks"]["a"]["items"] == [1, 0] and long_["tasks"]["a"]["n"] == 2 and short["tasks"]["b"]["acc"] == 0.5
+
+
+def test_the_protocols_rule_combines_seed_and_item_noise():
+    """bench/protocol.compare on three seeds of two methods, worked out by hand."""
+    from protocol import compare
+
+    def healed(ppl, window_nll, a_items, b_items):
+        return {**result(a_items, b_items), "perplexity": {"wikitext2": {"perplexity": ppl, "window_nll": window_nll, "nll_stderr": 0.1}}}
+
+    default = [healed(40.0, [3.0, 4.0], [1, 1, 1, 0], [1, 1, 0, 0]), healed(42.0, [3.1, 4.1], [1, 1, 1, 0], [1, 1, 0, 0]),
+               healed(41.0, [3.0, 4.2], [1, 1, 1, 0], [1, 1, 0, 0])]
+    peer = [healed(60.0, [3.5, 4.5], [1, 0, 0, 0], [1, 0, 0, 0]), healed(58.0, [3.4, 4.6], [1, 0, 0, 0], [1, 0, 0, 0]),
+            healed(62.0, [3.6, 4.4], [1, 0, 0, 0], [1, 0, 0, 0])]
+    verdict = compare(default, peer, DENSE, ["a", "b"])
+    diffs = [math.log(40 / 60), math.log(42 / 58), math.log(41 / 62)]
+    mean = sum(diffs) / 3
+    seed_se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2 / 3)
+    # paired window errors: differences [-0.5, -0.5] -> 0; [-0.3, -0.5] -> sd 0.1414/sqrt 2 = 0.1; [-0.6, -0.2] -> 0.2; mean / sqrt(3)
+    item_se = (0.0 + 0.1 + 0.2) / 3 / math.sqrt(3)
+    ppl = verdict["log_ppl"]
+    assert ppl["difference"] == pytest.approx(mean) and ppl["seed_se"] == pytest.approx(seed_se)
+    assert ppl["item_se"] == pytest.approx(item_se) and ppl["se"] == pytest.approx(math.hypot(seed_se, item_se))
+    assert ppl["default_beats_peer"] == (-mean > 2.50 * math.hypot(seed_se, item_se))
+    # accuracy: a: 0.75 vs 0.25 on every seed -> (1.0 - (-1.0)) = 2.0; b: 0.5 vs 0.25 -> (1.25 - 0) = 1.25; mean 1.625 -> 162.5 points
+    accuracy = verdict["accuracy_points"]
+    assert accuracy["difference"] == pytest.approx(162.5) and accuracy["seed_se"] == pytest.approx(0.0)
+    # items: a differences [0, 1, 1, 0] / 0.25 -> [0, 4, 4, 0], var 16/3 / 4; b [0, 1, 0, 0] / 0.2 -> [0, 5, 0, 0], var 6.25 / 4
+    assert accuracy["item_se"] == pytest.approx(100 * math.sqrt(16 / 3 / 4 + 6.25 / 4) / 2)
