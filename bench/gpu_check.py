@@ -1,0 +1,176 @@
+"""What only a GPU shows, in one short script (under 8 minutes on one H200), tried on the CPU first:
+
+    python bench/gpu_check.py                  # on a CUDA machine: a random-init ~1.1B Llama (TinyLlama's shape)
+    python bench/gpu_check.py --small --cpu    # the same checks on a small model, on this CPU
+
+1. QLoRA gradients on CUDA: LoRA gradients through the 4-bit NF4 model equal those of a model
+   holding the dequantised weights in the compute dtype (bf16 on a GPU).
+2. Analysis timings in bf16: the prefix-cached loss of every run of up to 3 sublayers, one
+   coalition at a time and 4 at a time (coalition batching), with the values of both.
+3. Layer-by-layer analysis against in-memory: the same coalitions' values from a model streamed
+   one block at a time from its saved checkpoint.
+
+No download is possible there: the model is built from a config. Packages the GPU image lacks
+(bitsandbytes, trl) travel as wheels (docs/scale.md, "On a GPU"); a check whose package is
+missing says so and the others run. Writes $OUT/gpu_check.json (or bench/results/gpu_check.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def config(small: bool) -> dict:
+    if small:
+        return dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
+                    vocab_size=4096, max_position_embeddings=1024)
+    return dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                vocab_size=32000, max_position_embeddings=2048)  # TinyLlama-1.1B's shape
+
+
+def build(small: bool, dtype, device: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config(small), tie_word_embeddings=False)).to(dtype)
+    return model.to(device).eval()
+
+
+def qlora_gradients(small: bool, device: str, folder: Path) -> dict:
+    """Check 1; needs bitsandbytes with CUDA (or its CPU backend)."""
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except ImportError as error:
+        return {"ran": False, "why": f"bitsandbytes missing: {error}"}
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from surgery.heal import load_4bit
+
+    model = build(small, torch.bfloat16 if device.startswith("cuda") else torch.float32, "cpu")
+    model.save_pretrained(folder)
+    quantized = load_4bit(folder, device)
+    reference = build(small, torch.bfloat16 if device.startswith("cuda") else torch.float32, device)
+    state = reference.state_dict()
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state[name + ".weight"] = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).to(state[name + ".weight"].dtype)
+    reference.load_state_dict(state)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    adapted, expected = get_peft_model(quantized, lora), get_peft_model(reference, lora)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for (na, a), (_, b) in zip(adapted.named_parameters(), expected.named_parameters()):
+            if "lora_" in na:
+                a.copy_(torch.randn(a.shape, generator=generator) * 0.02)
+                b.copy_(a)
+    ids = torch.randint(3, 1000, (2, 64), generator=generator).to(device)
+    adapted.train(), expected.train()
+    adapted(ids, labels=ids).loss.backward()
+    expected(ids, labels=ids).loss.backward()
+    worst = 0.0
+    for (na, a), (_, b) in zip(adapted.named_parameters(), expected.named_parameters()):
+        if "lora_" in na:
+            worst = max(worst, float((a.grad.float() - b.grad.float()).norm() / b.grad.float().norm().clamp(min=1e-12)))
+    return {"ran": True, "max_relative_gradient_difference": worst, "ok": worst < 0.05}
+
+
+def batching_timings(small: bool, device: str) -> dict:
+    """Check 2: the prefix-cached loss of the runs of up to 3 sublayers, batched 1 and 4 at a time."""
+    import torch
+
+    from surgery.scoring.residual import ResidualLoss
+    from surgery.scoring.shapley import neighbourhood_windows
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = build(small, dtype, device)
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(3, 1000, (8, 256), generator=generator) for _ in range(2)]
+    windows = [w for w in neighbourhood_windows(2 * model.config.num_hidden_layers, 3) if w]
+    result = {"coalitions": len(windows), "dtype": str(dtype)}
+    values = {}
+    for batch in (1, 4):
+        residual = ResidualLoss(model, batches)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        values[batch] = residual.values(windows, batch=batch)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        result[f"seconds_batch_{batch}"] = time.perf_counter() - start
+    result["speedup_batch_4"] = result["seconds_batch_1"] / result["seconds_batch_4"]
+    result["max_value_difference"] = max(abs(a - b) for a, b in zip(values[1], values[4]))
+    return result
+
+
+def layerwise_against_memory(small: bool, device: str, folder: Path) -> dict:
+    """Check 3: values from a model streamed block by block against the model in memory."""
+    try:
+        from surgery.scoring.layerwise import LayerwiseResidualLoss
+    except ImportError as error:
+        return {"ran": False, "why": f"layer-by-layer analysis missing: {error}"}
+    import torch
+
+    from surgery.layerwise import LayerwiseModel
+    from surgery.scoring.residual import ResidualLoss
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = build(small, dtype, "cpu")
+    model.save_pretrained(folder / "model")
+    generator = torch.Generator().manual_seed(2)
+    batches = [torch.randint(3, 1000, (2, 128), generator=generator)]
+    players = 2 * model.config.num_hidden_layers
+    coalitions = [frozenset({p}) for p in range(players)] + [frozenset({p, p + 1}) for p in range(0, players, 2)]
+    start = time.perf_counter()
+    memory = ResidualLoss(model.to(device), batches).values(coalitions)
+    in_memory_seconds = time.perf_counter() - start
+    del model
+    start = time.perf_counter()
+    streamed = LayerwiseResidualLoss(LayerwiseModel(folder / "model", device=device), batches).values(coalitions)
+    return {"ran": True, "coalitions": len(coalitions), "max_value_difference": max(abs(a - b) for a, b in zip(memory, streamed)),
+            "in_memory_seconds": in_memory_seconds, "layerwise_seconds": time.perf_counter() - start}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--small", action="store_true", help="a small model (to try the script on a CPU)")
+    parser.add_argument("--cpu", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
+    report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "small": args.small,
+              "torch": torch.__version__}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        for name, check in (("qlora_gradients", lambda: qlora_gradients(args.small, device, Path(work) / "q")),
+                            ("coalition_batching", lambda: batching_timings(args.small, device)),
+                            ("layerwise", lambda: layerwise_against_memory(args.small, device, Path(work)))):
+            clock = time.perf_counter()
+            try:
+                report[name] = {**check(), "seconds": time.perf_counter() - clock}
+            except Exception as error:  # one failed check must not hide the others' results
+                report[name] = {"ran": False, "error": f"{type(error).__name__}: {error}"}
+            print(name, json.dumps(report[name])[:400], flush=True)
+    report["seconds"] = time.perf_counter() - started
+    out = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    name = "gpu_check.json" if device == "cuda" else "gpu_check_cpu_trial.json"
+    (out / name).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out / name}")
+
+
+if __name__ == "__main__":
+    main()
