@@ -202,7 +202,11 @@ def strategies_section(summary: dict) -> list[str]:
                          f"{fmt(diff, 1)} ± {fmt(se, 1)} |{items} {'yes' if ppl_better and acc_better else 'no'} |")
     lines.append("")
     if wins and all(w[0] and w[1] for w in wins):
-        lines.append("**The project's strategy beats every peer rule on both headline measures by more than the measured spread.**")
+        lines.append("On these cells the project's strategy beats every peer rule on both headline measures by more than the item "
+                     "spread. This is not evidence a reviewer should accept: the default was chosen on these same test windows "
+                     "and items, and the spread counts item noise only (seed variance is larger, see Spread). The comparison "
+                     "that chooses on dev data and reports on held-out test data with seeds is the protocol's (docs/protocol.md, "
+                     "section \"Protocol comparison\" below).")
     elif wins:
         ppl_lost = [peer for peer, w in zip(peers, wins) if not w[0]]
         acc_lost = [peer for peer, w in zip(peers, wins) if not w[1]]
@@ -374,9 +378,19 @@ def analysis_cost_section(data: dict) -> list[str]:
                      ". On this CPU larger batches run slower per token, so `--coalition-batch` defaults to 1 on CPUs and 4 "
                      "on GPUs, where batching fills the device.")]
     if data.get("vocabulary_sweep"):
-        lines += ["", "The same body with smaller output layers (random weights; speed does not depend on them):", "",
-                  "| vocabulary | output layer share | prefix-cache speed-up |", "|---|---|---|"]
-        lines += [f"| {r['vocab_size']:,} | {100 * r['output_layer_share']:.0f}% | {r['speedup']:.2f}x |" for r in data["vocabulary_sweep"]]
+        fraction = speed.get("mean_blocks_run_fraction")
+        lines += ["", "The same body with smaller output layers (random weights; speed does not depend on them), each row "
+                  "against the bound its own measured output-layer share implies:", "",
+                  "| vocabulary | output layer share | prefix-cache speed-up | bound |", "|---|---|---|---|"]
+        lines += [f"| {r['vocab_size']:,} | {100 * r['output_layer_share']:.0f}% | {r['speedup']:.2f}x | "
+                  + (f"{1 / ((1 - r['output_layer_share']) * fraction + r['output_layer_share']):.2f}x |" if fraction else "- |")
+                  for r in data["vocabulary_sweep"]]
+        if speed.get("output_layer_share") and data["vocabulary_sweep"][0]["vocab_size"] == 49_152:
+            lines += ["", f"The two measurements of the output layer's share at SmolLM2's own shapes disagree "
+                      f"({100 * speed['output_layer_share']:.0f}% in the speed-up run, "
+                      f"{100 * data['vocabulary_sweep'][0]['output_layer_share']:.0f}% in this sweep, on other coalitions and "
+                      "random weights); each speed-up is held against the bound from its own run's share, and the headline "
+                      "bound above uses the speed-up run's."]
         lines += ["", llama3_bound()]
     scaling = data if data.get("scaling") else load("analysis_scaling")
     if scaling:
@@ -385,9 +399,48 @@ def analysis_cost_section(data: dict) -> list[str]:
                   "| layers | calibration tokens | coalitions | seconds | stream cache |", "|---|---|---|---|---|"]
         lines += [f"| {r['layers']} | {r['tokens']:,} | {r['evaluations']} | {r['seconds']:.1f} | {r['state_cache_bytes'] / 2**20:.1f} MiB |"
                   for r in scaling["scaling"]]
-        lines += ["", "Coalitions grow linearly with layers (about 4 x 2L), each costs about half a forward pass, so the "
-                  "time grows with layers squared times tokens; the cache grows with layers times tokens."]
+        lines += ["", growth_sentence(scaling["scaling"])]
     return lines + [""]
+
+
+def growth_sentence(rows: list[dict]) -> str:
+    """What the scaling table shows, read from it (no model of the cost stated as fact)."""
+    by = {(r["layers"], r["tokens"]): r for r in rows}
+    layers = sorted({r["layers"] for r in rows})
+    tokens = sorted({r["tokens"] for r in rows})
+    token_ratios = [by[(n, tokens[-1])]["seconds"] / by[(n, tokens[0])]["seconds"] for n in layers if (n, tokens[0]) in by]
+    layer_ratios = [by[(b, t)]["seconds"] / by[(a, t)]["seconds"] for t in tokens for a, b in zip(layers, layers[1:])
+                    if (a, t) in by and (b, t) in by]
+    return (f"Read from the table: the coalitions grow linearly with layers (about 4 x 2L); {tokens[-1] // tokens[0]}x the "
+            f"calibration tokens multiplied the time by {min(token_ratios):.1f} to {max(token_ratios):.1f}, and doubling "
+            f"the layers by {min(layer_ratios):.1f} to {max(layer_ratios):.1f} (more than the linear share of each: small "
+            "models on a shared 2-core machine time noisily, and longer sequences add attention's quadratic part); the "
+            "cache grows with layers times tokens.")
+
+
+def spread_section(spread: dict, summary: dict) -> list[str]:
+    """The spread rerun, placed among today's configurations at 25% (the statement stored with it
+    counted the rows there were when it ran)."""
+    rows = [r for r in summary["rows"] if r["target"] == 0.25]
+    strategy, granularity = spread["cell"].split("-")[0], spread["cell"].split("-")[1]
+    cell = next(r for r in rows if (r["strategy"], r["granularity"]) == (strategy, granularity))
+    others = [r for r in rows if r is not cell]
+
+    def place(value: float, key: str, lower_is_better: bool) -> int:
+        return 1 + sum((r["healed"][key] < value) if lower_is_better else (r["healed"][key] > value) for r in others)
+
+    rerun = spread["rerun"]
+    before = (place(cell["healed"]["wikitext2_ppl"], "wikitext2_ppl", True), place(cell["healed"]["normalised_accuracy"], "normalised_accuracy", False))
+    after = (place(rerun["wikitext2_ppl"], "wikitext2_ppl", True), place(rerun["normalised_accuracy"], "normalised_accuracy", False))
+    return ["### Spread", "", "Source: bench/results/strategies_spread.json and bench/results/strategies.json.", "",
+            f"The noisiest cell, {strategy} ({granularity}) at 25% after healing (normalised accuracy "
+            f"{cell['healed']['normalised_accuracy']:.1f} ± {cell['healed']['normalised_stderr']:.1f}, WikiText-2 "
+            f"{cell['healed']['wikitext2_ppl']:.2f}), rerun with another healing seed and item slice: normalised accuracy "
+            f"{rerun['normalised_accuracy']:.1f} ± {rerun['normalised_stderr']:.1f}, WikiText-2 {rerun['wikitext2_ppl']:.2f}. "
+            f"Its place among the {len(rows)} configurations at 25% is {before[0]} by perplexity and {before[1]} by accuracy "
+            f"in the main run, {after[0]} and {after[1]} with the rerun's numbers: the ranking "
+            f"{'holds' if before == after else 'does not hold'}. Seed variance is larger than the item error bars above: "
+            "the protocol below measures it (docs/protocol.md).", ""]
 
 
 def llama3_bound() -> str:
@@ -504,7 +557,7 @@ def main() -> None:
         lines += strategies_section(summary) + raw_tasks_section(summary)
         spread = load("strategies_spread")
         if spread:
-            lines += ["### Spread", "", spread["statement"], ""]
+            lines += spread_section(spread, summary)
     for name, section in (("analysis_cost", analysis_cost_section), ("model_speed", model_speed_section), ("findings", findings_section),
                           ("gguf_llamacpp", gguf_section)):
         data = load(name)
