@@ -443,6 +443,68 @@ def spread_section(spread: dict, summary: dict) -> list[str]:
             "the protocol below measures it (docs/protocol.md).", ""]
 
 
+def protocol_section(data: dict) -> list[str]:
+    """docs/protocol.md's comparison: the dev decision, the test table with seeds, the verdicts, the targets."""
+    lines = ["## Protocol comparison (choose on dev, report on test)", "",
+             "Source: bench/results/protocol.json (`python bench/protocol.py dev|test|calibration`), following docs/protocol.md, "
+             "which was committed before its first run.", ""]
+    dev = data.get("dev")
+    if not dev:
+        return lines + ["The dev table has not finished: `python bench/protocol.py dev` (it resumes).", ""]
+    lines += ["**Dev (choosing the default)**, healed, seed 0:", "", "| candidate | WikiText-2 validation ppl | dev accuracy (% of dense margin) |",
+              "|---|---|---|"]
+    lines += [f"| {name} | {s['ppl']:.2f} | {s['accuracy']:.1f} |" for name, s in dev["scores"].items()]
+    lines += ["", f"By the protocol's rule the default is **{dev['default']}**; Reassessing's learning rate: "
+              f"{dev['reassessing_lr']:g} (dev WikiText-2 " + ", ".join(f"{k:g}: {v:.2f}" for k, v in dev["reassessing_dev_ppl"].items())
+              + ").", ""]
+    rows = data.get("rows") or {}
+    if not rows:
+        return lines + ["The test table has not finished: `python bench/protocol.py test` (it resumes).", ""]
+    dense = data["dense"]
+    lines += [f"**Test**, 25% of decoder parameters, mean over healing seeds {', '.join(map(str, data['seeds']))} "
+              f"(± the seeds' standard deviation); dense: WikiText-2 {dense['wikitext2_ppl']:.2f}, C4 {dense['c4_ppl']:.2f}; "
+              f"accuracy on {', '.join(dense['above_chance'])}.", "",
+              "| method | removed (seed 0) | WikiText-2 ppl: pruned -> healed | C4 healed | accuracy: pruned -> healed | greedy tokens as dense's |",
+              "|---|---|---|---|---|---|"]
+
+    def mean_sd(values: list[float]) -> tuple[float, float]:
+        mean = sum(values) / len(values)
+        return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+
+    for name, r in rows.items():
+        ppl, ppl_sd = mean_sd(r["healed_wikitext2_ppl"])
+        acc, acc_sd = mean_sd(r["healed_accuracy"])
+        lines.append(f"| {name} | {r['removed'][0]} | {mean_sd(r['pruned_wikitext2_ppl'])[0]:,.2f} -> **{ppl:.2f}** ± {ppl_sd:.2f} | "
+                     f"{mean_sd(r['healed_c4_ppl'])[0]:.2f} | {mean_sd(r['pruned_accuracy'])[0]:.1f} -> **{acc:.1f}** ± {acc_sd:.1f} | "
+                     f"{mean_sd(r['token_agreement'])[0]:.2f} |")
+    comparisons = data.get("comparisons") or {}
+    if comparisons:
+        lines += ["", "**The default against each peer** (difference of seed means; SE from seed variance and paired items; "
+                  "beats when favourable by more than 2.50 SE, Bonferroni over the peers):", "",
+                  "| peer | log-ppl difference ± SE | beats? | accuracy difference (points) ± SE | beats? |", "|---|---|---|---|---|"]
+        for peer, c in comparisons.items():
+            p, a = c["log_ppl"], c["accuracy_points"]
+            lines.append(f"| {peer} | {p['difference']:+.3f} ± {p['se']:.3f} | {'yes' if p['default_beats_peer'] else 'no'} | "
+                         f"{a['difference']:+.1f} ± {a['se']:.1f} | {'yes' if a['default_beats_peer'] else 'no'} |")
+        beaten = [p for p, c in comparisons.items() if c["log_ppl"]["default_beats_peer"] and c["accuracy_points"]["default_beats_peer"]]
+        lines += ["", "The default beats " + (", ".join(beaten) if beaten else "no peer") + " on both measures under the rule"
+                  + ("." if len(beaten) == len(comparisons) else "; it does not beat " + ", ".join(p for p in comparisons if p not in beaten)
+                     + " on both (the table gives by how much).")]
+    targets = data.get("targets")
+    if targets:
+        lines += ["", f"Targets: healed WikiText-2 perplexity {targets['ppl_ratio']:.2f}x dense (target at most 2.0x: "
+                  f"{'met' if targets['ppl_target_met'] else '**not met**'}); normalised accuracy "
+                  f"{100 * targets['accuracy_share_of_dense']:.0f}% of dense (target at least 90%: "
+                  f"{'met' if targets['accuracy_target_met'] else '**not met**'})."]
+    if data.get("calibration"):
+        lines += ["", "**Calibration draws and sources** (healing seed 0):", "", "| run | removed | WikiText-2 healed | accuracy |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {c['removed']} | {c['healed_wikitext2_ppl']:.2f} | {c['healed_accuracy']:.1f} |" for name, c in data["calibration"].items()]
+    lines += ["", f"Compute so far: {data.get('worker_minutes', 0):.0f} worker-minutes ({data.get('worker_minutes', 0) / 120:.1f} hours "
+              "on 2 workers).", ""]
+    return lines
+
+
 def llama3_bound() -> str:
     """The same bound for Llama-3-8B, from its shapes: output-layer multiply-adds against the blocks'."""
     from analysis_cost import mean_suffix_fraction
@@ -564,6 +626,7 @@ def main() -> None:
         lines += section(data) if data else [f"## {name}", "", f"Not run yet: `python bench/{name}.py`.", ""]
     if summary:
         lines += ["**Healing**:", ""] + healing_finding(summary) + [""]
+    lines += protocol_section(load("protocol") or {})
     lines += ["## GPU path", "", "No GPU was lent to the sessions that produced these numbers; the scripts run on CPU. On a GPU "
               "the same scripts take `--threads` as given and QLoRA uses bitsandbytes' CUDA 4-bit kernels.", ""]
     (DOCS / "results.md").write_text("\n".join(lines))
