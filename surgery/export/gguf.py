@@ -203,10 +203,10 @@ def _gguf_architecture(config: dict[str, Any]) -> str:
     if any(removed.values()):
         raise SurgeryError("GGUF has no way to write a block without its attention or its FFN: this checkpoint had "
                            "sublayers removed; prune with --granularity block for a GGUF, or serve this folder with transformers")
-    if _has_sliding_window(config):
+    if has_sliding_window(config):
         raise SurgeryError(f"{family} checkpoints with sliding-window layers are not written as GGUF (llama.cpp's {target} "
                            "has full attention only): serve this folder with transformers")
-    scaling = _rope(config)[1]
+    scaling = rope_settings(config)[1]
     supported = ("default", "llama3") if target == "llama" else ("default",)
     if scaling and scaling.get("rope_type", "default") not in supported:
         raise SurgeryError(f"rope scaling '{scaling.get('rope_type')}' is not written as GGUF yet: convert the exported "
@@ -214,7 +214,7 @@ def _gguf_architecture(config: dict[str, Any]) -> str:
     return target
 
 
-def _has_sliding_window(config: dict[str, Any]) -> bool:
+def has_sliding_window(config: dict[str, Any]) -> bool:
     """Per-layer types where the family lists them (Qwen2/3), else one window for every layer (Mistral)."""
     layer_types = config.get("layer_types")
     if layer_types:
@@ -240,7 +240,7 @@ def _check_out(out: Path, folder: Path, source: Path | None, force: bool) -> Pat
 # ------------------------------------------------------------------ writing
 
 
-def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def rope_settings(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(rope theta, rope scaling) from either the transformers 5 `rope_parameters` or the older keys."""
     params = config.get("rope_parameters") or {}
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
@@ -277,7 +277,7 @@ def _add_hyperparameters(writer: Any, config: dict[str, Any], target: str, dtype
 
     heads = config["num_attention_heads"]
     head_dim = _head_dim(config)
-    theta, _ = _rope(config)
+    theta, _ = rope_settings(config)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -351,7 +351,7 @@ def rope_factors(config: dict[str, Any]) -> Any:
     rope_freqs tensor), following transformers' llama3 rule; None without that scaling."""
     import numpy as np
 
-    theta, scaling = _rope(config)
+    theta, scaling = rope_settings(config)
     if not scaling or scaling.get("rope_type") != "llama3":
         return None
     dim = _head_dim(config)
