@@ -202,13 +202,17 @@ def prune_settings(options: dict[str, Any]) -> PruneSettings:
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @handle_errors
 def gguf(folder: Path, out: Path, dtype: str, tokenizer_pre: str | None, force: bool) -> None:
-    """Write a block-pruned checkpoint (or any Llama/Mistral/Qwen2/Qwen3 folder) as one GGUF file for llama.cpp."""
+    """Write a pruned checkpoint (or any Llama/Mistral/Qwen2/Qwen3 folder) as one GGUF file for llama.cpp.
+
+    Block-pruned models keep their family's layout; a Llama or Mistral with attention or FFN
+    sublayers removed (either --format) is written in llama.cpp's deci layout (docs/serving.md).
+    """
     from surgery.console import console
     from surgery.export.gguf import export_gguf
 
     result = export_gguf(folder, out, dtype=dtype, tokenizer_pre=tokenizer_pre, force=force)
     console.print(f"[green]wrote[/] {result.path}  ({result.architecture}, {result.tensors} tensors, {result.bytes / 2**20:.1f} MiB; "
-                  f"verified with transformers' GGUF reader: max |Δlogit| {result.max_abs_logit_diff:.2g}, "
+                  f"verified with {result.verified_by}: max |Δlogit| {result.max_abs_logit_diff:.2g}, "
                   f"max KL {result.max_kl:.2g}; "
                   f"tokenizer from {result.tokenizer_from})")
 
