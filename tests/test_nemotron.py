@@ -183,3 +183,21 @@ def test_a_folder_that_does_not_compute_the_cut_model_is_never_written(tmp_path,
     with pytest.raises(SurgeryError, match="export check failed"):
         export_checkpoint(model, tokenizer, tmp_path / "out", record={}, layout="nemotron-nas")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_exports_the_layout_its_recipe_names(tiny_folder, tmp_path, monkeypatch):
+    """The prune stages end in the same verified export, report and model card sealed into it."""
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    source, _ = tiny_folder("llama", num_layers=6)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {source}\nremove: L0.attn,L3.mlp\nformat: nemotron-nas\nbridge: false\n"
+                      "eval_tasks: none\neval_ppl: none\neval_speed: false\ndevice: cpu\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["prune", "--recipe", str(recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert manifest["layout"] == "nemotron-nas" and manifest["nemotron"]["null_attention_blocks"] == [0]
+    assert {"README.md", "report.json", "modeling_decilm.py"} <= set(manifest["files"])
+    assert json.loads((out / "report.json").read_text())["settings"]["export"] == {"format": "nemotron-nas"}
+    blocks = json.loads((out / "config.json").read_text())["block_configs"]
+    assert [b["ffn"]["no_op"] for b in blocks] == [False, False, False, True, False, False]
