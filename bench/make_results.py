@@ -566,7 +566,30 @@ def gguf_section(data: dict) -> list[str]:
                   "transformers' GGUF reader ignores llama.cpp's rope_freqs tensor, so only llama.cpp can check it: the file "
                   f"without the tensor is {rope['control_without_rope_freqs']['max_kl'] / rope['max_kl']:.0f} times further "
                   "from the model (largest KL) than the file `surgery gguf` writes."]
+    if data.get("sublayers"):
+        lines += gguf_sublayer_lines(data["sublayers"])
     return lines + [""]
+
+
+def gguf_sublayer_lines(sub: dict) -> list[str]:
+    """The sublayer cut: both checkpoint layouts as llama.cpp deci files, and the FFN-width-0 control."""
+    lines = ["", f"Sublayers: SmolLM2-135M with `{sub['removed']}` removed, written by `surgery cut` in each checkpoint layout "
+             "and by `surgery gguf` in llama.cpp's deci layout (removed FFNs as 256 zero channels), same prompt and comparison:", "",
+             "| checkpoint layout, file | size | same prompt tokens | largest KL per position | top-1 agreement | same greedy tokens |",
+             "|---|---|---|---|---|---|"]
+    rows = [(f"{layout}, {dtype}", r) for layout in ("hf", "nemotron-nas") for dtype, r in sub[layout].items()]
+    control = sub["control_ffn_width_0"]
+    rows.append(("hf, f16, removed FFNs as width 0 (control)", control))
+    for label, r in rows:
+        lines.append(f"| {label} | {r['bytes'] / 2**20:.0f} MiB | {'yes' if r['tokens_equal'] else 'no'} | {r['max_kl']:.2g} | "
+                     f"{100 * r['argmax_agreement']:.0f}% | {'yes' if r['greedy_equal'] else 'no'} |")
+    same = all(sub["hf"][d]["max_kl"] == sub["nemotron-nas"][d]["max_kl"] for d in sub["hf"])
+    lines += ["", ("The two layouts give the same numbers in llama.cpp" if same else "The two layouts differ in llama.cpp") + ". "
+              "The control is the f16 file with the removed FFNs written as llama.cpp's own converter writes a no-op FFN "
+              f"(feed_forward_length 0, no tensors): llama.cpp then drops those blocks' attention output, and the file is "
+              f"{control['max_kl'] / sub['hf']['f16']['max_kl']:.0f} times further from the model (largest KL) than the one "
+              "`surgery gguf` writes."]
+    return lines
 
 
 def findings_section(data: dict) -> list[str]:

@@ -129,6 +129,11 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+# Model types whose models are, in memory, another family's modules: surgery's Nemotron-NAS (DeciLM)
+# classes are transformers' Llama with stand-ins (surgery.hf_modeling.decilm_classes).
+MODULE_ALIASES = {"nemotron-nas": "llama"}
+
+
 def base_model_type(config: Any) -> str:
     """The family of a config (object or config.json dict); a surgery checkpoint reports the
     family it was cut from."""
@@ -141,6 +146,7 @@ def base_model_type(config: Any) -> str:
 def architecture_of(config: Any) -> Architecture:
     """The table entry for `config`, or a clear error naming the supported families."""
     model_type = base_model_type(config)
+    model_type = MODULE_ALIASES.get(model_type, model_type)
     if model_type not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise SurgeryError(

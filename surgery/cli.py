@@ -23,6 +23,7 @@ from surgery.settings import (
     PRUNE_EVAL_OPTIONS,
     AnalysisSettings,
     EvalSettings,
+    ExportSettings,
     HealSettings,
     LoadSettings,
     PruneSettings,
@@ -80,6 +81,7 @@ def main() -> None:
 @click.option("--remove", "remove", required=True, help="Sublayers to remove, e.g. 'L20-L23,L5.attn'.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the new checkpoint.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click_options(ExportSettings)
 @click_options(LoadSettings)
 @handle_errors
 def cut(model: str, remove: str, out: Path, force: bool, **options: Any) -> None:
@@ -87,7 +89,8 @@ def cut(model: str, remove: str, out: Path, force: bool, **options: Any) -> None
     from surgery.commands import cut_and_export
     from surgery.console import console
 
-    result = cut_and_export(model, remove, out, from_options(LoadSettings, options), force=force)
+    export = from_options(ExportSettings, options)
+    result = cut_and_export(model, remove, out, from_options(LoadSettings, options), force=force, export=export)
     console.print(f"[green]wrote[/] {result.path}  (verified: max |Δlogit| {result.max_logit_diff:.2g}, loads via {result.loader})")
 
 
@@ -159,6 +162,7 @@ def analyze(model: str, out: Path, force: bool, **options: Any) -> None:
 @click_options(EvalSettings, prefix="eval-", only=PRUNE_EVAL_OPTIONS)
 @click_options(HealSettings)
 @click_options(AnalysisSettings, skip=ANALYZE_ONLY_OPTIONS)
+@click_options(ExportSettings)
 @click_options(LoadSettings)
 @click.pass_context
 @handle_errors
@@ -191,7 +195,8 @@ def prune_settings(options: dict[str, Any]) -> PruneSettings:
     return from_options(PruneSettings, options, model=options["model"], out=Path(options["out"]),
                         load=from_options(LoadSettings, options), analysis=from_options(AnalysisSettings, options),
                         evaluation=from_options(EvalSettings, options, prefix="eval-"),
-                        healing=from_options(HealSettings, options), command=_command_line())
+                        healing=from_options(HealSettings, options), export=from_options(ExportSettings, options),
+                        command=_command_line())
 
 
 @main.command(context_settings={"show_default": True})
@@ -234,13 +239,17 @@ def heal(folder: str, out: Path, data_dir: Path | None, force: bool, keep_work: 
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @handle_errors
 def gguf(folder: Path, out: Path, dtype: str, tokenizer_pre: str | None, force: bool) -> None:
-    """Write a block-pruned checkpoint (or any Llama/Mistral/Qwen2/Qwen3 folder) as one GGUF file for llama.cpp."""
+    """Write a pruned checkpoint (or any Llama/Mistral/Qwen2/Qwen3 folder) as one GGUF file for llama.cpp.
+
+    Block-pruned models keep their family's layout; a Llama or Mistral with attention or FFN
+    sublayers removed (either --format) is written in llama.cpp's deci layout (docs/serving.md).
+    """
     from surgery.console import console
     from surgery.export.gguf import export_gguf
 
     result = export_gguf(folder, out, dtype=dtype, tokenizer_pre=tokenizer_pre, force=force)
     console.print(f"[green]wrote[/] {result.path}  ({result.architecture}, {result.tensors} tensors, {result.bytes / 2**20:.1f} MiB; "
-                  f"verified with transformers' GGUF reader: max |Δlogit| {result.max_abs_logit_diff:.2g}, "
+                  f"verified with {result.verified_by}: max |Δlogit| {result.max_abs_logit_diff:.2g}, "
                   f"max KL {result.max_kl:.2g}; "
                   f"tokenizer from {result.tokenizer_from})")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
-from surgery.settings import AnalysisSettings, EvalSettings, HealSettings, LoadSettings
+from surgery.settings import AnalysisSettings, EvalSettings, ExportSettings, HealSettings, LoadSettings
 
 
 def resolve_with_output_check(model_spec: str, check_output: Callable[[list[Path]], Any], load: LoadSettings) -> Any:
@@ -35,10 +35,12 @@ def _config_layers(folder: Path) -> int:
     return int(config["num_hidden_layers"])
 
 
-def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, *, force: bool = False) -> Any:
-    """`surgery cut`: remove sublayers physically and write a verified checkpoint."""
+def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, *, force: bool = False,
+                   export: ExportSettings = ExportSettings()) -> Any:
+    """`surgery cut`: remove sublayers physically and write a verified checkpoint in `export.format`."""
     from surgery.cut import cut, validate_removal
     from surgery.export.checkpoint import export_checkpoint
+    from surgery.export.nemotron import check_export_source
     from surgery.files import check_output_folder, claimed_folder
     from surgery.loading import load_model
     from surgery.sublayers import format_sublayers, parse_sublayers
@@ -46,6 +48,7 @@ def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, 
     units = parse_sublayers(remove)
     source = resolve_with_output_check(model_spec, lambda protected: check_output_folder(out, force=force, protected=protected), load)
     validate_removal(units, _config_layers(source.path))
+    check_export_source(source.path, export.format)
     with claimed_folder(out, force=force, protected=[source.path]):
         loaded = load_model(source, **load.kwargs())
         result = cut(loaded.model, units)
@@ -63,7 +66,7 @@ def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, 
         labels = {str(source.path): source.public_id(), str(cache_dir()): "<surgery cache>"}
         return export_checkpoint(loaded.model, loaded.tokenizer, out, record=published(record, labels), force=force,
                                  protected=[source.path], copy_from=source.path, unpublished=(LOCAL_RECORD,),
-                                 extra_files={LOCAL_RECORD: json.dumps(record, indent=2) + "\n"})
+                                 extra_files={LOCAL_RECORD: json.dumps(record, indent=2) + "\n"}, layout=export.format)
 
 
 def describe_model(model_spec: str, load: LoadSettings) -> None:

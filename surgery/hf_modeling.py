@@ -12,6 +12,10 @@ The checkpoint's config carries a `surgery` entry:
      "removed": {"attn": [3], "mlp": [7]},          # block indices in this checkpoint
      "modules": {"attn": ["self_attn", "input_layernorm"], "mlp": ["mlp", "post_attention_layernorm"]},
      "mlp_extra_outputs": 0}                           # values the FFN returns beside its output
+
+The same file, shipped as `modeling_decilm.py`, is the configuration and model code of the
+Nemotron-NAS (DeciLM) export (`decilm_classes`): NVIDIA's own files do not load under
+transformers 5, and vLLM reads the layout through whatever config class `auto_map` names.
 """
 
 from __future__ import annotations
@@ -163,13 +167,124 @@ def _share_weight_conversions(base_model_type: str, model_type: str) -> None:
 
 
 def register_classes(config_dict: dict) -> None:
-    """Let plain `AutoModelForCausalLM` load a sublayer-pruned checkpoint without remote code
-    (inside surgery; a checkpoint's users load it through its auto_map)."""
+    """Let plain `AutoModelForCausalLM` load a sublayer-pruned checkpoint (ours or a Nemotron-NAS
+    one) without remote code (inside surgery; a checkpoint's users load it through its auto_map)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type = config_dict.get("model_type", "")
-    if not model_type.startswith(SURGERY_MODEL_TYPE_PREFIX):
+    if model_type == NEMOTRON_MODEL_TYPE:
+        config_class, model_class = decilm_classes()
+    elif model_type.startswith(SURGERY_MODEL_TYPE_PREFIX):
+        config_class, model_class = surgery_classes(model_type[len(SURGERY_MODEL_TYPE_PREFIX):])
+    else:
         return
-    config_class, model_class = surgery_classes(model_type[len(SURGERY_MODEL_TYPE_PREFIX):])
     AutoConfig.register(model_type, config_class, exist_ok=True)
     AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+
+
+# ------------------------------------------------------------------ Nemotron-NAS (DeciLM)
+
+NEMOTRON_MODEL_TYPE = "nemotron-nas"
+ATTENTION_MODULES = ["self_attn", "input_layernorm"]  # a Llama block's attention sublayer and its pre-norm
+FFN_MODULES = ["mlp", "post_attention_layernorm"]
+
+
+def find_multiple(n: int, k: int) -> int:
+    """n rounded up to a multiple of k (DeciLM's `_find_multiple`)."""
+    return n if n % k == 0 else n + k - n % k
+
+
+def ffn_width(ffn, hidden_size: int) -> int:
+    """A kept FFN's width as vLLM's nemotron_nas.py reads it: from `ffn_mult` whenever the block
+    config has that key (2/3 of mult x hidden, rounded up to a multiple of 256), else `intermediate_size`."""
+    if hasattr(ffn, "ffn_mult"):
+        return find_multiple(int(2 * ffn.ffn_mult * hidden_size / 3), 256)
+    return int(ffn.intermediate_size)
+
+
+def block_namespace(block):
+    """A block_configs entry with attribute access (`block.attention.no_op`), as vLLM reads it."""
+    from types import SimpleNamespace
+
+    if isinstance(block, dict):
+        return SimpleNamespace(attention=SimpleNamespace(**block["attention"]), ffn=SimpleNamespace(**block["ffn"]))
+    return block
+
+
+def apply_block_configs(model: nn.Module, config) -> None:
+    """Make each decoder block what its block config says: a no-op sublayer becomes the stand-in
+    (its norm too), a kept attention gets its own KV-head count, a kept FFN its own width."""
+    layers = model.model.layers
+    blocks = config.block_configs
+    if blocks is None or len(blocks) != len(layers):
+        raise ValueError(f"block_configs has {0 if blocks is None else len(blocks)} entries for {len(layers)} layers")
+    for index, (layer, block) in enumerate(zip(layers, blocks)):
+        _shape_attention(layer, block.attention, config, index)
+        _shape_ffn(layer, block.ffn, config, index)
+
+
+def _shape_attention(layer: nn.Module, attention, config, index: int) -> None:
+    if attention.no_op:
+        remove_sublayer(layer, "attn", ATTENTION_MODULES, index)
+        return
+    if getattr(attention, "replace_with_linear", False) or attention.n_heads_in_group is None:
+        raise ValueError(f"block {index}: linear attention (replace_with_linear) is not supported by this code")
+    module = layer.self_attn
+    kv_heads = config.num_attention_heads // attention.n_heads_in_group
+    if kv_heads * module.head_dim != module.k_proj.out_features:
+        module.num_key_value_groups = attention.n_heads_in_group
+        module.k_proj = nn.Linear(config.hidden_size, kv_heads * module.head_dim, bias=config.attention_bias)
+        module.v_proj = nn.Linear(config.hidden_size, kv_heads * module.head_dim, bias=config.attention_bias)
+
+
+def _shape_ffn(layer: nn.Module, ffn, config, index: int) -> None:
+    if ffn.no_op:
+        remove_sublayer(layer, "mlp", FFN_MODULES, index)
+        return
+    if getattr(ffn, "replace_with_linear", False):
+        raise ValueError(f"block {index}: a linear FFN (replace_with_linear) is not supported by this code")
+    module = layer.mlp
+    width = ffn_width(ffn, config.hidden_size)
+    if width != module.intermediate_size:
+        module.intermediate_size = width
+        module.gate_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
+        module.up_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
+        module.down_proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
+
+
+def decilm_classes() -> tuple[type, type]:
+    """(DeciLMConfig, DeciLMForCausalLM) for model type `nemotron-nas`, written for transformers 5.
+
+    The config is Llama's plus `block_configs` (objects with attribute access, as vLLM's reader
+    needs; plain dicts again in config.json). The model is transformers' own Llama with each block
+    shaped by its block config, so the weights, the KV cache and generation are Llama's code; a
+    no-op sublayer is the same stand-in the analysis measured and `surgery cut` leaves.
+    """
+    if NEMOTRON_MODEL_TYPE not in _CLASSES:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        class DeciLMConfig(LlamaConfig):
+            model_type = NEMOTRON_MODEL_TYPE
+
+            def __init__(self, block_configs=None, **kwargs):
+                super().__init__(**kwargs)
+                self.block_configs = None if block_configs is None else [block_namespace(b) for b in block_configs]
+
+            def to_dict(self):
+                data = super().to_dict()
+                if self.block_configs is not None:
+                    data["block_configs"] = [{"attention": dict(vars(b.attention)), "ffn": dict(vars(b.ffn))}
+                                             for b in self.block_configs]
+                return data
+
+        class DeciLMForCausalLM(LlamaForCausalLM):
+            config_class = DeciLMConfig
+
+            def __init__(self, config):
+                super().__init__(config)
+                apply_block_configs(self, config)
+
+        for cls in (DeciLMConfig, DeciLMForCausalLM):  # module-level names: pickling (vLLM's workers) and auto_map
+            cls.__qualname__ = cls.__name__
+        _CLASSES[NEMOTRON_MODEL_TYPE] = (DeciLMConfig, DeciLMForCausalLM)
+    return _CLASSES[NEMOTRON_MODEL_TYPE]

@@ -53,6 +53,9 @@ def check(settings: PruneSettings) -> Checked:
     _check_data(settings, needs_calibration)
     source = resolve(settings.model, allow_pickle=settings.load.allow_pickle)
     check_output_folder(out, force=settings.force, protected=[source.path])
+    from surgery.export.nemotron import check_export_source
+
+    check_export_source(source.path, settings.export.format)
     if settings.analysis_dir:  # an analysis inside --out would be replaced by the export
         from surgery.analysis import EVALUATIONS_FILE
 
@@ -216,7 +219,8 @@ def export(settings: PruneSettings, loaded: Any, model: Any, out: Path, record: 
     with task("exporting and verifying"):
         return export_checkpoint(model, loaded.tokenizer, out, record=published(record, labels), force=settings.force,
                                  protected=[loaded.source.path], copy_from=loaded.source.path, unpublished=(LOCAL_RECORD,),
-                                 finalize=lambda folder: _write_report(folder, report, analysis, record["layers_before"], labels))
+                                 finalize=lambda folder: _write_report(folder, report, analysis, record["layers_before"], labels),
+                                 layout=settings.export.format)
 
 
 # ------------------------------------------------------------------ the job

@@ -434,6 +434,27 @@ class HealSettings:
         return data
 
 
+# ------------------------------------------------------------------ export
+
+# The checkpoint layouts surgery.export.checkpoint writes: the source family's own, or NVIDIA's
+# Nemotron-NAS (DeciLM) for Llama-family sublayer cuts (surgery/export/nemotron.py).
+CHECKPOINT_FORMATS = ("hf", "nemotron-nas")
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How `surgery cut` and `surgery prune` write the checkpoint."""
+
+    format: str = setting("hf", "--format", "hf: the source family's layout (sublayer cuts load with trust_remote_code); "
+                          "nemotron-nas: NVIDIA's DeciLM layout, served by vLLM (--trust-remote-code) and written as "
+                          "llama.cpp's deci by surgery gguf (Llama and Mistral only; docs/serving.md).",
+                          type=_choice(*CHECKPOINT_FORMATS))
+
+    def __post_init__(self) -> None:
+        if self.format not in CHECKPOINT_FORMATS:
+            raise SurgeryError(f"unknown --format '{self.format}': use one of {', '.join(CHECKPOINT_FORMATS)}")
+
+
 # ------------------------------------------------------------------ pruning
 
 
@@ -467,6 +488,7 @@ class PruneSettings:
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     healing: HealSettings = field(default_factory=HealSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
     command: str | None = None
 
     def __post_init__(self) -> None:
@@ -481,13 +503,15 @@ class PruneSettings:
         return self.analysis.seed
 
     def describe(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("analysis", "evaluation", "healing", "load")}
+        data = {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("analysis", "evaluation", "healing", "load", "export")}
         data = describe_values(data)
         data["seed"] = self.seed
         data["load"] = self.load.kwargs()
         data["analysis"] = self.analysis.describe()
         data["evaluation"] = self.evaluation.describe()
         data["healing"] = self.healing.describe() if self.heal else None
+        data["export"] = describe(self.export)
         return data
 
 

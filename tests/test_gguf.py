@@ -1,4 +1,5 @@
-"""GGUF export: block-pruned checkpoints written for llama.cpp, read back with transformers' GGUF reader."""
+"""GGUF export: block-pruned checkpoints written for llama.cpp, read back with transformers' GGUF reader;
+sublayer-pruned ones in llama.cpp's deci layout, run here as llama.cpp's deci graph runs them."""
 
 import gguf
 import pytest
@@ -114,8 +115,8 @@ def test_types_sizes_and_tied_embeddings(tmp_path, tokenizer):
 
 
 def test_refusals_name_the_fix_and_leave_nothing(tmp_path, tokenizer):
-    folder, _ = pruned_folder(tmp_path, tokenizer, remove="L1.attn,L3")
-    with pytest.raises(SurgeryError, match="--granularity block"):
+    folder, _ = pruned_folder(tmp_path, tokenizer, family="qwen2", remove="L1.attn,L3")
+    with pytest.raises(SurgeryError, match="deci layout.*--granularity block"):
         export_gguf(folder, tmp_path / "sub.gguf")
     gemma, _ = pruned_folder(tmp_path, tokenizer, family="gemma")
     with pytest.raises(SurgeryError, match="convert_hf_to_gguf"):
@@ -174,3 +175,117 @@ def test_llama3_rope_factors_match_transformers(tmp_path, tokenizer):
     path = export_gguf(folder, tmp_path / "llama3.gguf", dtype="f32").path
     written = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "rope_freqs.weight").data
     assert written == pytest.approx(expected, rel=1e-5)
+
+
+# ------------------------------------------------------------------ sublayer-pruned: llama.cpp's deci layout
+
+
+def llama_cpp_deci_logits(path, tokens, feed_forward_length=None):
+    """llama.cpp's deci graph (src/models/deci.cpp), written out in torch on the file's tensors as
+    stored: rotary pairs of neighbouring values (its "normal" rope, hence the writer's permutation),
+    a layer with 0 heads passes its input to the FFN, and a layer with FFN width 0 `continue`s, which
+    drops its attention output. feed_forward_length: replaces the file's array (a what-if)."""
+    reader = gguf.GGUFReader(str(path))
+    meta = {name: field.contents() for name, field in reader.fields.items() if name.startswith("deci.")}
+    weights = {t.name: torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist()))).copy())
+               for t in reader.tensors}
+    heads, kv_heads = meta["deci.attention.head_count"], meta["deci.attention.head_count_kv"]
+    widths = feed_forward_length or meta["deci.feed_forward_length"]
+    eps, dim, base = meta["deci.attention.layer_norm_rms_epsilon"], meta["deci.attention.key_length"], meta["deci.rope.freq_base"]
+    length = len(tokens)
+    frequencies = base ** (-torch.arange(0, dim, 2) / dim) / weights.get("rope_freqs.weight", 1.0)  # Llama 3.1's divisors
+    angles = torch.arange(length)[:, None] * frequencies
+
+    def norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def rope(x):  # (heads, T, dim): each pair (x[2i], x[2i+1]) turned by position * base^(-2i/dim)
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return torch.stack([even * angles.cos() - odd * angles.sin(), even * angles.sin() + odd * angles.cos()], -1).flatten(-2)
+
+    x = weights["token_embd.weight"][torch.tensor(tokens)]
+    for il in range(meta["deci.block_count"]):
+        w = {name.split(".", 2)[2].removesuffix(".weight"): t for name, t in weights.items() if name.startswith(f"blk.{il}.")}
+        residual, cur = x, x
+        if heads[il]:
+            h = norm(x, w["attn_norm"])
+            q = rope((h @ w["attn_q"].T).view(length, heads[il], dim).transpose(0, 1))
+            k = rope((h @ w["attn_k"].T).view(length, kv_heads[il], dim).transpose(0, 1))
+            v = (h @ w["attn_v"].T).view(length, kv_heads[il], dim).transpose(0, 1)
+            group = heads[il] // kv_heads[il]
+            scores = q @ k.repeat_interleave(group, 0).transpose(1, 2) / dim ** 0.5
+            scores = scores.masked_fill(torch.ones(length, length).triu(1).bool(), float("-inf"))
+            cur = (scores.softmax(-1) @ v.repeat_interleave(group, 0)).transpose(0, 1).reshape(length, -1) @ w["attn_output"].T
+        if widths[il] == 0:
+            continue
+        ffn_in = cur + residual if heads[il] else cur
+        h = norm(ffn_in, w["ffn_norm"])
+        x = (torch.nn.functional.silu(h @ w["ffn_gate"].T) * (h @ w["ffn_up"].T)) @ w["ffn_down"].T + ffn_in
+    x = norm(x, weights["output_norm.weight"])
+    return x @ weights.get("output.weight", weights["token_embd.weight"]).T
+
+
+@pytest.mark.parametrize("layout", ["hf", "nemotron-nas"])
+@torch.no_grad()
+def test_a_sublayer_cut_is_written_as_deci_and_runs_as_llama_cpp_runs_it(layout, tmp_path, tokenizer):
+    # 5 blocks, L3 whole: the file's blocks are old 0, 1, 2, 4; block 1 lacks attention, block 2 its FFN.
+    model = tiny_model("llama", num_layers=5)
+    cut(model, parse_sublayers("L1.attn,L2.mlp,L3"))
+    folder = export_checkpoint(model, tokenizer, tmp_path / layout, record={}, layout=layout).path
+    result = export_gguf(folder, tmp_path / "deci.gguf", dtype="f32")
+    assert result.architecture == "deci" and result.max_kl <= 1e-6
+
+    reader, values = fields(result.path)
+    assert values["general.architecture"] == "deci" and values["deci.block_count"] == 4
+    assert values["deci.attention.head_count"] == [4, 0, 4, 4] and values["deci.attention.head_count_kv"] == [2, 0, 2, 2]
+    # Block 2's FFN is 256 zero channels, never width 0; the Nemotron-NAS folder's FFNs are padded to 256 already.
+    assert values["deci.feed_forward_length"] == ([96, 96, 256, 96] if layout == "hf" else [256] * 4)
+    tensors = {t.name: t for t in reader.tensors}
+    assert not any(name.startswith("blk.1.attn_") for name in tensors)
+    assert not any(tensors[f"blk.2.ffn_{part}.weight"].data.any() for part in ("gate", "up", "down"))
+
+    tokens = ids(1, 12)[0].tolist()
+    expected = model(torch.tensor([tokens])).logits[0]
+    assert torch.allclose(llama_cpp_deci_logits(result.path, tokens), expected, atol=1e-4)
+    # Written with width 0 instead, llama.cpp would drop block 2's attention output:
+    dropped = llama_cpp_deci_logits(result.path, tokens, feed_forward_length=[96, 96, 0, 96] if layout == "hf" else [256, 256, 0, 256])
+    assert (dropped - expected).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_a_first_block_without_attention_gets_a_null_attention_and_quantises(tmp_path, tokenizer):
+    """llama.cpp takes the head size from layer 0: it keeps heads there, with every projection zero.
+    With Llama 3.1's rope scaling, which llama.cpp reads from the rope_freqs tensor."""
+    scaling = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    model = tiny_model("llama", num_layers=4, rope_parameters=scaling)
+    cut(model, parse_sublayers("L0.attn,L2.mlp"))
+    folder = export_checkpoint(model, tokenizer, tmp_path / "hf", record={}).path
+    path = export_gguf(folder, tmp_path / "f32.gguf", dtype="f32").path
+    reader, values = fields(path)
+    assert values["deci.attention.head_count"] == [4, 4, 4, 4] and values["deci.feed_forward_length"] == [96, 96, 256, 96]
+    tensors = {t.name: t for t in reader.tensors}
+    assert not any(tensors[f"blk.0.attn_{part}.weight"].data.any() for part in ("q", "k", "v", "output"))
+    tokens = ids(1, 10)[0].tolist()
+    assert torch.allclose(llama_cpp_deci_logits(path, tokens), model(torch.tensor([tokens])).logits[0], atol=1e-4)
+
+    quantised = export_gguf(folder, tmp_path / "q8.gguf", dtype="q8_0")
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(quantised.path)).tensors}
+    assert kinds["blk.2.ffn_down.weight"] == "Q8_0" and kinds["blk.0.attn_output.weight"] == "Q8_0"
+    assert 0 < quantised.max_kl <= 5e-2
+    cli = CliRunner().invoke(main, ["gguf", str(folder), "--out", str(tmp_path / "f16.gguf")])
+    assert cli.exit_code == 0 and "deci" in cli.output and "read back" in cli.output, cli.output
+
+
+def test_a_deci_file_that_does_not_match_the_folder_is_never_written(tmp_path, tokenizer, monkeypatch):
+    """Written without llama.cpp's rotary permutation the file would load and run, wrongly; the
+    read-back check finds the query and key rows out of place and leaves nothing."""
+    import surgery.export.gguf as writer
+
+    model = tiny_model("llama", num_layers=4)
+    cut(model, parse_sublayers("L1.attn,L2.mlp"))
+    folder = export_checkpoint(model, tokenizer, tmp_path / "hf", record={}).path
+    monkeypatch.setattr(writer, "_permute_rotary", lambda weights, heads: weights)
+    with pytest.raises(SurgeryError, match=r"blk\.0\.attn_[qk]\.weight differs"):
+        export_gguf(folder, tmp_path / "bad.gguf", dtype="f32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

@@ -1,7 +1,9 @@
 """Safe, verified, atomic checkpoint export; the one module that writes model folders.
 
-A checkpoint is written into a hidden staging folder next to `out`, reloaded the way its users
-will load it (plain `from_pretrained`; `trust_remote_code=True` for sublayer-pruned ones),
+A checkpoint is written into a hidden staging folder next to `out`, in one of two layouts (`hf`:
+the source family's own, `nemotron-nas`: NVIDIA's DeciLM, written by surgery.export.nemotron),
+reloaded the way its users will load it (plain `from_pretrained`; `trust_remote_code=True` for
+sublayer-pruned ones and Nemotron-NAS),
 checked against the in-memory model (logits on a fixed prompt and greedy generation with the KV
 cache), and only then moved into place. On any failure the staging folder is deleted and `out`
 is left as it was. The folder carries `surgery.json`, which records what was removed, from what,
@@ -21,6 +23,7 @@ from typing import Any
 
 from surgery.arch import SURGERY_MODEL_TYPE_PREFIX, base_model_type, unwrap
 from surgery.errors import SurgeryError
+from surgery.export.nemotron import LAYOUT as NEMOTRON_MODEL_TYPE
 from surgery.forward import VERIFY_PROMPT
 from surgery.provenance import file_sha256, now, versions
 
@@ -51,6 +54,7 @@ def export_checkpoint(
     copy_from: Path | None = None,
     finalize: Callable[[Path], None] | None = None,
     unpublished: tuple[str, ...] = (),
+    layout: str = "hf",
 ) -> ExportResult:
     """Write `model` (a pruned model in memory) to `out`, verified and atomically.
 
@@ -60,6 +64,7 @@ def export_checkpoint(
     finalize(folder): called after verification, before the manifest, to add files (report,
     card) that may need the written checkpoint; they are covered by the manifest's checksums.
     unpublished: files of the folder that `surgery push` never uploads (the local record).
+    layout: "hf" (the source family's own classes) or "nemotron-nas" (settings.ExportSettings.format).
     """
     from surgery.files import check_free_space, check_output_folder, staged_folder
 
@@ -67,11 +72,11 @@ def export_checkpoint(
     model = unwrap(model)
     check_free_space(out, weights_bytes(model), "the checkpoint")
     with staged_folder(out) as staging:
-        _write(model, tokenizer, staging, copy_from, extra_files or {})
+        written = _write(model, tokenizer, staging, copy_from, extra_files or {}, layout)
         diff, loader = verify_checkpoint(model, tokenizer, staging)
         if finalize is not None:
             finalize(staging)
-        manifest = _manifest(staging, {**record, "unpublished": list(unpublished)}, diff, loader)
+        manifest = _manifest(staging, {**record, **written, "unpublished": list(unpublished)}, diff, loader)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return ExportResult(out, diff, loader, manifest)
 
@@ -91,13 +96,22 @@ def write_model_folder(model: Any, tokenizer: Any, folder: Path) -> None:
         _make_self_describing(folder, model.config)
 
 
-def _write(model: Any, tokenizer: Any, folder: Path, copy_from: Path | None, extra_files: dict[str, str]) -> None:
-    write_model_folder(model, tokenizer, folder)
+def _write(model: Any, tokenizer: Any, folder: Path, copy_from: Path | None, extra_files: dict[str, str],
+           layout: str = "hf") -> dict[str, Any]:
+    """Write the folder; returns what the manifest records about the layout."""
+    if layout == "nemotron-nas":
+        from surgery.export.nemotron import write_folder
+
+        written = {"layout": layout, "nemotron": write_folder(model, tokenizer, folder)}
+    else:
+        write_model_folder(model, tokenizer, folder)
+        written = {"layout": "hf"}
     if copy_from is not None:
         for licence in sorted(Path(copy_from).glob("LICEN[CS]E*")):
             shutil.copy2(licence, folder / licence.name)
     for name, text in extra_files.items():
         (folder / name).write_text(text)
+    return written
 
 
 def modeling_file_text(base_type: str) -> str:
@@ -140,16 +154,21 @@ def load_exported(folder: Path, *, dtype: Any = None, device: str = "cpu", via: 
     from transformers import AutoModelForCausalLM
 
     data = json.loads((Path(folder) / "config.json").read_text())
-    is_surgery = data.get("model_type", "").startswith(SURGERY_MODEL_TYPE_PREFIX)
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
-    if is_surgery and via == "package":
+    if ships_own_code(data) and via == "package":
         from surgery.hf_modeling import register_classes
 
         register_classes(data)
-    elif is_surgery:
+    elif ships_own_code(data):
         kwargs["trust_remote_code"] = True
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     return model.to(device).eval()
+
+
+def ships_own_code(config: dict[str, Any]) -> bool:
+    """A checkpoint written with its own modeling file (sublayer-pruned, or Nemotron-NAS)."""
+    model_type = config.get("model_type", "")
+    return model_type.startswith(SURGERY_MODEL_TYPE_PREFIX) or model_type == NEMOTRON_MODEL_TYPE
 
 
 def verify_checkpoint(model: Any, tokenizer: Any, folder: Path) -> tuple[float, str]:
@@ -163,7 +182,7 @@ def verify_checkpoint(model: Any, tokenizer: Any, folder: Path) -> tuple[float, 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     reloaded = load_exported(folder, dtype=dtype, device=str(device))
-    loader = "trust_remote_code" if getattr(reloaded.config, "surgery", None) else "transformers"
+    loader = "trust_remote_code" if ships_own_code(json.loads((folder / "config.json").read_text())) else "transformers"
     ids = verification_ids(tokenizer, model.config.vocab_size).to(device)
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits.float()

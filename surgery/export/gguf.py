@@ -17,8 +17,13 @@ is one: removing layers never changes it, and the copy keeps llama.cpp's own nam
 pre-tokenizer (SmolLM2's `smollm`). Otherwise it is built from tokenizer.json (byte-level BPE),
 as llama.cpp's converter builds it.
 
-The file is written beside its destination, read back by transformers' GGUF loader and compared
-with the folder's own model (logits on a fixed prompt), and only then moved into place.
+A sublayer-pruned Llama-family checkpoint (our sublayer export or the Nemotron-NAS one) is
+written in llama.cpp's `deci` layout, with per-layer head counts and FFN widths
+(surgery.export.gguf_deci); a block-pruned one keeps its family's layout.
+
+The file is written beside its destination, read back (by transformers' GGUF loader; a deci file,
+which transformers cannot read, by gguf_deci's own check) and compared with the folder's own model
+(next-token distributions on a fixed prompt), and only then moved into place.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ _CHECKED_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_a
                  "max_position_embeddings", "vocab_size", "rms_norm_eps", "rope_theta")
 # Largest KL divergence (nats) of any position's next-token distribution from the model's: a
 # rounding check for the float types, a sanity bound for 8-bit.
-_KL_TOLERANCE = {"f32": 1e-6, "f16": 1e-3, "bf16": 1e-2, "q8_0": 5e-2}
+KL_TOLERANCE = {"f32": 1e-6, "f16": 1e-3, "bf16": 1e-2, "q8_0": 5e-2}
 
 
 def convert_gguf(gguf: Path, cache: Path, *, label: str | None = None) -> Path:
@@ -160,26 +165,42 @@ class GgufResult:
     tokenizer_from: str
     max_abs_logit_diff: float
     max_kl: float
+    verified_by: str = "transformers' GGUF reader"
 
 
 def export_gguf(folder: Path, out: Path, *, dtype: str = "f16", tokenizer_pre: str | None = None,
                 force: bool = False) -> GgufResult:
     """Write the model in `folder` (a surgery export or any model folder of a supported family) to `out`."""
     from surgery.files import atomic_file, check_free_space, output_lock
+    from surgery.hf_modeling import register_classes
 
     folder, out = Path(folder), Path(out)
     config = _read_config(folder)
     target = _gguf_architecture(config)
+    register_classes(config)  # the folder's own classes, so that reading its config or tokenizer runs no remote code
     if dtype not in DTYPES:
         raise SurgeryError(f"unknown GGUF type '{dtype}': choose one of {', '.join(DTYPES)}")
     source = source_gguf(folder)
     out = _check_out(out, folder, source, force)
-    plan = _tensor_plan(folder, config, target, dtype)
+    blocks = _deci_blocks(config) if target == "deci" else None
+    plan = _tensor_plan(folder, config, target, dtype, blocks)
     check_free_space(out, sum(t.nbytes for t in plan), "the GGUF file")
     with output_lock(out), atomic_file(out) as staging:
-        size, tokenizer_from = _write(folder, config, target, dtype, plan, staging, tokenizer_pre, source)
-        diff, kl = _verify(folder, staging, dtype)
-    return GgufResult(out, target, len(plan), size, tokenizer_from, diff, kl)
+        size, tokenizer_from = _write(folder, config, target, dtype, plan, staging, tokenizer_pre, source, blocks)
+        if blocks is None:
+            diff, kl = _verify(folder, staging, dtype)
+        else:
+            from surgery.export.gguf_deci import verify
+
+            diff, kl = verify(folder, staging, dtype, config)
+    verified_by = "its own tensors read back, in a Llama shaped by its per-layer keys" if blocks else GgufResult.verified_by
+    return GgufResult(out, target, len(plan), size, tokenizer_from, diff, kl, verified_by)
+
+
+def _deci_blocks(config: dict[str, Any]) -> Any:
+    from surgery.export.gguf_deci import deci_blocks
+
+    return deci_blocks(config)
 
 
 # ------------------------------------------------------------------ checks
@@ -193,28 +214,33 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 
 def _gguf_architecture(config: dict[str, Any]) -> str:
-    """llama.cpp's architecture name for this checkpoint, or a clear error saying what to do instead."""
+    """llama.cpp's architecture name for this checkpoint, or a clear error saying what to do instead:
+    the family's own, or `deci` (per-layer heads and FFN widths) for a sublayer-pruned Llama-family one."""
+    from surgery.export.gguf_deci import is_sublayer_pruned
+
     family = base_model_type(config)
     target = architecture_of(config).gguf_arch
     if target is None:
         raise SurgeryError(f"GGUF export does not cover {family} yet: convert the exported folder with llama.cpp's "
                            "convert_hf_to_gguf.py, or add the family's gguf_arch in surgery/arch.py")
-    removed = config.get("surgery", {}).get("removed", {})
-    if any(removed.values()):
-        raise SurgeryError("GGUF has no way to write a block without its attention or its FFN: this checkpoint had "
-                           "sublayers removed; prune with --granularity block for a GGUF, or serve this folder with transformers")
-    if _has_sliding_window(config):
+    if is_sublayer_pruned(config):
+        if target != "llama":
+            raise SurgeryError(f"llama.cpp writes blocks without their attention or FFN only in its deci layout, whose block is "
+                               f"Llama's, and {family}'s is not: prune with --granularity block for a GGUF, or serve this "
+                               "folder with transformers")
+        target = "deci"
+    if has_sliding_window(config):
         raise SurgeryError(f"{family} checkpoints with sliding-window layers are not written as GGUF (llama.cpp's {target} "
                            "has full attention only): serve this folder with transformers")
-    scaling = _rope(config)[1]
-    supported = ("default", "llama3") if target == "llama" else ("default",)
+    scaling = rope_settings(config)[1]
+    supported = ("default", "llama3") if target in ("llama", "deci") else ("default",)
     if scaling and scaling.get("rope_type", "default") not in supported:
         raise SurgeryError(f"rope scaling '{scaling.get('rope_type')}' is not written as GGUF yet: convert the exported "
                            "folder with llama.cpp's convert_hf_to_gguf.py")
     return target
 
 
-def _has_sliding_window(config: dict[str, Any]) -> bool:
+def has_sliding_window(config: dict[str, Any]) -> bool:
     """Per-layer types where the family lists them (Qwen2/3), else one window for every layer (Mistral)."""
     layer_types = config.get("layer_types")
     if layer_types:
@@ -240,7 +266,7 @@ def _check_out(out: Path, folder: Path, source: Path | None, force: bool) -> Pat
 # ------------------------------------------------------------------ writing
 
 
-def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def rope_settings(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(rope theta, rope scaling) from either the transformers 5 `rope_parameters` or the older keys."""
     params = config.get("rope_parameters") or {}
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
@@ -253,13 +279,13 @@ def _head_dim(config: dict[str, Any]) -> int:
 
 
 def _write(folder: Path, config: dict[str, Any], target: str, dtype: str, plan: list[_Tensor], path: Path,
-           tokenizer_pre: str | None, source: Path | None) -> tuple[int, str]:
+           tokenizer_pre: str | None, source: Path | None, blocks: Any = None) -> tuple[int, str]:
     import gguf
 
     writer = gguf.GGUFWriter(None, target)
     # transformers' GGUF reader takes a Llama file named exactly "mistral" for a layout it lacks.
     writer.add_name(folder.name if folder.name != "mistral" else "mistral-pruned")
-    _add_hyperparameters(writer, config, target, dtype)
+    _add_hyperparameters(writer, config, target, dtype, blocks)
     tokenizer_from = _add_tokenizer(writer, folder, config, tokenizer_pre, source)
     for tensor in plan:
         writer.add_tensor_info(tensor.name, tensor.shape, _numpy_dtype(tensor.qtype), tensor.nbytes, raw_dtype=tensor.qtype)
@@ -272,18 +298,24 @@ def _write(folder: Path, config: dict[str, Any], target: str, dtype: str, plan: 
     return path.stat().st_size, tokenizer_from
 
 
-def _add_hyperparameters(writer: Any, config: dict[str, Any], target: str, dtype: str) -> None:
+def _add_hyperparameters(writer: Any, config: dict[str, Any], target: str, dtype: str, blocks: Any = None) -> None:
+    """blocks: the deci layout's per-layer heads and widths (surgery.export.gguf_deci); None: one value for all."""
     import gguf
 
     heads = config["num_attention_heads"]
     head_dim = _head_dim(config)
-    theta, _ = _rope(config)
+    theta, _ = rope_settings(config)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    if blocks is not None:
+        from surgery.export.gguf_deci import add_block_arrays
+
+        add_block_arrays(writer, blocks)
+    else:
+        writer.add_feed_forward_length(config["intermediate_size"])
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
@@ -307,8 +339,9 @@ class _Tensor:
     read: Callable[[], Any]
 
 
-def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str) -> list[_Tensor]:
-    """Every tensor of the file, from the safetensors headers alone (values are read when written)."""
+def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str, blocks: Any = None) -> list[_Tensor]:
+    """Every tensor of the file, from the safetensors headers alone (values are read when written),
+    and for the deci layout the ones the folder lacks (zero FFNs, null attentions)."""
     import functools
 
     import gguf
@@ -321,7 +354,7 @@ def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str) 
     factors = rope_factors(config)
     if factors is not None:
         plan.append(_planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape, "f32", lambda: factors))
-    for file in _weight_files(folder):
+    for file in weight_files(folder):
         with safe_open(str(folder / file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 if tied and key.endswith("lm_head.weight"):
@@ -330,9 +363,32 @@ def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str) 
                 if name is None:
                     raise SurgeryError(f"{folder}: tensor {key} has no GGUF name for llama.cpp's {target}: "
                                        "convert the folder with llama.cpp's convert_hf_to_gguf.py")
-                read = functools.partial(_read_weight, folder / file, key, config, target)
+                read = functools.partial(_read_weight, folder / file, key, _rotary_heads(key, config, target, blocks))
                 plan.append(_planned(name, tuple(handle.get_slice(key).get_shape()), dtype, read))
+    if blocks is not None:
+        from surgery.export.gguf_deci import synthetic_tensors
+
+        for name, shape, value in synthetic_tensors(config, blocks):
+            plan.append(_planned(name, shape, dtype, functools.partial(_filled, shape, value)))
     return plan
+
+
+def _filled(shape: tuple[int, ...], value: float) -> Any:
+    import numpy as np
+
+    return np.full(shape, value, dtype=np.float32)
+
+
+def _rotary_heads(key: str, config: dict[str, Any], target: str, blocks: Any) -> int | None:
+    """The heads whose rows llama.cpp's rotary layout permutes in this weight (Llama's q and k), else None."""
+    if target == "deci":
+        from surgery.export.gguf_deci import rotary_heads
+
+        return rotary_heads(key, config, blocks)
+    if target != "llama" or not key.endswith(("q_proj.weight", "k_proj.weight")):
+        return None
+    heads = config["num_attention_heads"]
+    return heads if key.endswith("q_proj.weight") else (config.get("num_key_value_heads") or heads)
 
 
 def _planned(name: str, shape: tuple[int, ...], dtype: str, read: Callable[[], Any]) -> _Tensor:
@@ -351,7 +407,7 @@ def rope_factors(config: dict[str, Any]) -> Any:
     rope_freqs tensor), following transformers' llama3 rule; None without that scaling."""
     import numpy as np
 
-    theta, scaling = _rope(config)
+    theta, scaling = rope_settings(config)
     if not scaling or scaling.get("rope_type") != "llama3":
         return None
     dim = _head_dim(config)
@@ -363,7 +419,7 @@ def rope_factors(config: dict[str, Any]) -> Any:
     return factors.astype(np.float32)
 
 
-def _weight_files(folder: Path) -> list[str]:
+def weight_files(folder: Path) -> list[str]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -393,18 +449,13 @@ def _numpy_dtype(qtype: Any) -> Any:
     return {types.F32: np.float32, types.F16: np.float16}.get(qtype, np.uint8)
 
 
-def _read_weight(path: Path, key: str, config: dict[str, Any], target: str) -> Any:
-    """A weight as float32 numpy, query and key rows permuted into llama.cpp's rotary layout for Llama."""
+def _read_weight(path: Path, key: str, rotary_heads: int | None) -> Any:
+    """A weight as float32 numpy, its rows permuted into llama.cpp's rotary layout where `rotary_heads` is given."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         data = handle.get_tensor(key).float().numpy()
-    if target == "llama" and (key.endswith("q_proj.weight") or key.endswith("k_proj.weight")):
-        heads = config["num_attention_heads"]
-        if key.endswith("k_proj.weight"):
-            heads = config.get("num_key_value_heads") or heads
-        data = _permute_rotary(data, heads)
-    return data
+    return data if rotary_heads is None else _permute_rotary(data, rotary_heads)
 
 
 def _permute_rotary(weights: Any, heads: int) -> Any:
@@ -511,7 +562,7 @@ def _verify(folder: Path, gguf_path: Path, dtype: str) -> tuple[float, float]:
     """Read the GGUF back with transformers' own GGUF reader: its hyperparameters must match the
     folder's config, and its weights (under that config) the folder's logits."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     from surgery.console import quiet_transformers
@@ -532,16 +583,50 @@ def _verify(folder: Path, gguf_path: Path, dtype: str) -> tuple[float, float]:
         config = AutoConfig.for_model(target, **{k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")})
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, config=config,
                                                   dtype=torch.float32).eval()
+    tokenizer = check_tokenizer_file(gguf_path, folder)
+    ids = verification_ids(tokenizer, config.vocab_size)
+    with torch.no_grad():
+        expected, got = reference(ids).logits.float(), loaded(ids).logits.float()
+    kl = next_token_kl(expected, got)
+    if not kl <= KL_TOLERANCE[dtype]:
+        raise SurgeryError(f"the GGUF file's next-token distributions differ from the model's (KL {kl:.3g}, tolerance "
+                           f"{KL_TOLERANCE[dtype]} for {dtype}): nothing was written; please report this")
+    return (expected - got).abs().max().item(), kl
+
+
+def next_token_kl(expected: Any, got: Any) -> float:
+    """The largest KL divergence (nats) of any position's next-token distribution from the expected one."""
+    import torch
+
+    return torch.nn.functional.kl_div(got.log_softmax(-1), expected.log_softmax(-1), log_target=True,
+                                      reduction="none").sum(-1).max().item()
+
+
+def check_tokenizer_file(gguf_path: Path, folder: Path) -> Any:
+    """The GGUF's tokenizer, read as llama.cpp splits text, must encode the check text as the folder's
+    does; returns the folder's tokenizer."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if gguf_tokenizer(gguf_path)(_TOKENIZER_CHECK).input_ids != tokenizer(_TOKENIZER_CHECK).input_ids:
         raise SurgeryError("the GGUF file's tokenizer encodes the check text differently from the model's: nothing was "
                            "written; if you gave --tokenizer-pre, give llama.cpp's name for this tokenizer's family")
-    ids = verification_ids(tokenizer, config.vocab_size)
-    with torch.no_grad():
-        expected, got = reference(ids).logits.float(), loaded(ids).logits.float()
-    kl = torch.nn.functional.kl_div(got.log_softmax(-1), expected.log_softmax(-1), log_target=True,
-                                    reduction="none").sum(-1).max().item()
-    if not kl <= _KL_TOLERANCE[dtype]:
-        raise SurgeryError(f"the GGUF file's next-token distributions differ from the model's (KL {kl:.3g}, tolerance "
-                           f"{_KL_TOLERANCE[dtype]} for {dtype}): nothing was written; please report this")
-    return (expected - got).abs().max().item(), kl
+    return tokenizer
+
+
+def tokenizer_only_copy(gguf_path: Path, work: Path) -> Path:
+    """A tensor-free Llama GGUF in `work` holding `gguf_path`'s tokenizer fields: what transformers'
+    GGUF reader reads where it does not know the file's architecture (deci)."""
+    import gguf
+
+    vocab = len(gguf.GGUFReader(str(gguf_path)).get_field("tokenizer.ggml.tokens").data)
+    path = work / "tokenizer.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_vocab_size(vocab)
+    _copy_tokenizer(writer, gguf_path, vocab)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    return path
