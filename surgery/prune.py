@@ -101,7 +101,9 @@ def score(settings: PruneSettings, loaded: Any, methods: tuple[str, ...]) -> Any
     earlier = [m for m in saved_methods(folder) if m not in methods]
     chosen = replace(chosen, methods=(*methods, *earlier))  # a rerun adds to the folder, never drops what it held
     main = ranks().main  # under a launcher, process 0 holds the folder and writes what it shows
-    with output_lock(folder, what=f"the analysis folder {folder}") if main else nullcontext():
+    # A cached analysis is shared: a second job that needs it waits for the first and reuses it.
+    waits = not settings.analysis_dir
+    with output_lock(folder, wait=waits, what=f"the analysis folder {folder}") if main else nullcontext():
         try:
             saved = load_analysis(folder)
             ignored = ("methods", "budget", "data_dir")
