@@ -2,9 +2,9 @@
 one thread against torchrun's two processes with one thread each, on the same machine in the same
 run, back to back; the values must be identical and the speed-up is the ratio of wall times.
 
-    python bench/multiprocess.py [--method ablation]
+    python bench/several_processes.py [--method ablation]
 
-Writes bench/results/multiprocess.json. Each command is timed as a user runs it (imports, loading,
+Writes bench/results/several_processes.json. Each command is timed as a user runs it (imports, loading,
 the reference pass each process makes, scoring, writing), and its analysis' own clock is recorded
 beside it (the scoring alone).
 """
@@ -61,7 +61,7 @@ def main() -> None:
               "threads_per_process": 1, "protocol": protocol()}
     print(f"{args.method}: 1 process {one['seconds']:.0f} s, 2 processes {two['seconds']:.0f} s, speed-up {result['speedup']:.2f}x "
           f"(scoring alone {result['scoring_speedup']:.2f}x), identical values: {result['identical_values']}")
-    save("multiprocess", result)
+    save("several_processes", result)
 
 
 if __name__ == "__main__":
