@@ -22,6 +22,7 @@ from surgery.settings import (
     ANALYZE_ONLY_OPTIONS,
     PRUNE_EVAL_OPTIONS,
     AnalysisSettings,
+    CutSettings,
     EvalSettings,
     HealSettings,
     LoadSettings,
@@ -80,6 +81,7 @@ def main() -> None:
 @click.option("--remove", "remove", required=True, help="Sublayers to remove, e.g. 'L20-L23,L5.attn'.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the new checkpoint.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click_options(CutSettings)
 @click_options(LoadSettings)
 @handle_errors
 def cut(model: str, remove: str, out: Path, force: bool, **options: Any) -> None:
@@ -87,8 +89,10 @@ def cut(model: str, remove: str, out: Path, force: bool, **options: Any) -> None
     from surgery.commands import cut_and_export
     from surgery.console import console
 
-    result = cut_and_export(model, remove, out, from_options(LoadSettings, options), force=force)
-    console.print(f"[green]wrote[/] {result.path}  (verified: max |Δlogit| {result.max_logit_diff:.2g}, loads via {result.loader})")
+    settings = from_options(CutSettings, options)
+    result = cut_and_export(model, remove, out, from_options(LoadSettings, options), settings, force=force)
+    how = "streamed, checked block by block" if result.manifest["verified"].get("method") == "streamed" else "verified"
+    console.print(f"[green]wrote[/] {result.path}  ({how}: max |Δlogit| {result.max_logit_diff:.2g}, loads via {result.loader})")
 
 
 @main.command()

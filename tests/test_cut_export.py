@@ -210,8 +210,8 @@ def test_export_refuses_non_empty_out_and_force_replaces(tmp_path, tokenizer):
 def test_failed_verification_leaves_nothing(tmp_path, tokenizer, monkeypatch):
     import surgery.export.checkpoint as export
 
-    def corrupt(model, tokenizer, folder, copy_from, extra_files):
-        original_write(model, tokenizer, folder, copy_from, extra_files)
+    def corrupt(model, tokenizer, folder, *args):
+        original_write(model, tokenizer, folder, *args)
         config = json.loads((folder / "config.json").read_text())
         config["num_hidden_layers"] += 1  # the classic silent failure: a random layer appended on reload
         (folder / "config.json").write_text(json.dumps(config))
