@@ -13,7 +13,9 @@ Torch is needed only to hand tensors to a model (`SafetensorsFolder.tensor`, `.r
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
 import json
 import os
 import struct
@@ -120,7 +122,6 @@ class SafetensorsFolder:
                                    "does not list: download or export the model again")
         self._buffer = bytearray(CHUNK_BYTES)
         self._descriptors: dict[Path, int] = {}
-        self._handles: dict[Path, Any] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.info
@@ -145,24 +146,25 @@ class SafetensorsFolder:
         return read_range(self._descriptors[info.file], info.start, info.nbytes, self._buffer, info.file)
 
     def tensor(self, name: str) -> Any:
-        return self._handle(name).get_tensor(name)
+        with self._opened(name) as handle:
+            return handle.get_tensor(name)
 
     def rows(self, name: str, start: int, stop: int) -> Any:
-        return self._handle(name).get_slice(name)[start:stop]
+        with self._opened(name) as handle:
+            return handle.get_slice(name)[start:stop]
 
-    def _handle(self, name: str) -> Any:
+    def _opened(self, name: str) -> Any:
+        """A safetensors handle for one read. Its file mapping then lives only as long as the tensor
+        read from it, so the pages it touched leave the process's memory with the tensor; a handle
+        kept open would keep every page it ever touched resident, in time the whole model."""
         from safetensors import safe_open
 
-        file = self.info[name].file
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-        return self._handles[file]
+        return safe_open(str(self.info[name].file), framework="pt", device="cpu")
 
     def close(self) -> None:
         for descriptor in self._descriptors.values():
             os.close(descriptor)
         self._descriptors.clear()
-        self._handles.clear()
 
 
 def read_range(descriptor: int, start: int, length: int, buffer: bytearray, file: Path) -> Iterator[memoryview]:
@@ -209,24 +211,66 @@ class WrittenShard:
 
 
 def write_shard(path: Path, tensors: list[TensorInfo], chunks: Callable[[TensorInfo], Iterable[bytes | memoryview]],
-                metadata: dict[str, str] | None = None) -> WrittenShard:
-    """Write one safetensors file, tensor by tensor, from `chunks(tensor)` (its bytes, in pieces)."""
+                lies_in: Callable[[TensorInfo], TensorInfo] | None = None, metadata: dict[str, str] | None = None) -> WrittenShard:
+    """Write one safetensors file, tensor by tensor, from `chunks(tensor)` (its bytes in pieces; a
+    piece may be reused once the next is asked for), taking each tensor's CRC-32 and the file's SHA-256.
+
+    lies_in(tensor): the source tensor holding the same bytes in a file. They are then copied file
+    to file by the kernel, as shutil.copyfile copies, and the pieces only feed the checksums; the
+    copy, the CRC and the SHA-256 run in three threads (all release the GIL). A tensor read back
+    with check_shard thus proves both the layout and the copy.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     header, order = encode_header(tensors, {"format": "pt"} if metadata is None else metadata)
     digest = hashlib.sha256(header)
     checksums = {}
-    with open(path, "wb") as handle:
+    with open(path, "wb") as handle, ThreadPoolExecutor(1) as disk, ThreadPoolExecutor(1) as hashing:
         handle.write(header)
+        handle.flush()
+        offsets = dict(zip((t.name for t in order), itertools.accumulate((t.nbytes for t in order), initial=len(header))))
+        copied = disk.submit(_copy_ranges, handle.fileno(), [(lies_in(t), offsets[t.name]) for t in order]) if lies_in else None
         for info in order:
-            crc, written = 0, 0
+            crc, seen = 0, 0
             for chunk in chunks(info):
+                pending = [hashing.submit(digest.update, chunk)] + ([] if copied else [disk.submit(handle.write, chunk)])
                 crc = zlib.crc32(chunk, crc)
-                digest.update(chunk)
-                handle.write(chunk)
-                written += len(chunk)
-            if written != info.nbytes:
-                raise SurgeryError(f"{info.name} gave {written} bytes where its dtype and shape need {info.nbytes}")
+                seen += len(chunk)
+                for job in pending:
+                    job.result()
+            if seen != info.nbytes:
+                raise SurgeryError(f"{info.name} gave {seen} bytes where its dtype and shape need {info.nbytes}")
             checksums[info.name] = crc
+        if copied:
+            copied.result()
     return WrittenShard(checksums, digest.hexdigest())
+
+
+def _copy_ranges(target: int, ranges: list[tuple[TensorInfo, int]]) -> None:
+    """Copy each source tensor's bytes to its offset in file descriptor `target`, inside the kernel
+    (read and write where a filesystem cannot copy between files)."""
+    descriptors: dict[Path, int] = {}
+    try:
+        for source, offset in ranges:
+            if source.file not in descriptors:
+                descriptors[source.file] = os.open(source.file, os.O_RDONLY)
+            _copy_range(descriptors[source.file], source.start, target, offset, source.nbytes)
+    finally:
+        for descriptor in descriptors.values():
+            os.close(descriptor)
+
+
+def _copy_range(source: int, start: int, target: int, offset: int, length: int) -> None:
+    while length:
+        try:
+            done = os.copy_file_range(source, target, min(length, 1 << 30), start, offset)
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            done = os.pwrite(target, os.pread(source, min(length, CHUNK_BYTES), start), offset)
+        if done == 0:
+            raise SurgeryError("a source file ended early while copying it: download or export it again")
+        start, offset, length = start + done, offset + done, length - done
 
 
 def check_shard(path: Path, expected: dict[str, TensorInfo], checksums: dict[str, int]) -> None:

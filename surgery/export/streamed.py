@@ -136,7 +136,8 @@ def _write_weights(cut: StreamedCut, folder: Path, max_shard_size: int) -> dict[
             for file, names in shards.items():
                 planned = {name: TensorInfo(name, cut.tensors[name].dtype, cut.tensors[name].shape, cut.tensors[name].nbytes)
                            for name in names}
-                written = write_shard(folder / file, list(planned.values()), lambda info: source.read(cut.tensors[info.name].name))
+                written = write_shard(folder / file, list(planned.values()), lambda info: source.read(cut.tensors[info.name].name),
+                                      lies_in=lambda info: cut.tensors[info.name])
                 check_shard(folder / file, planned, written.checksums)
                 digests[file] = written.sha256
                 progress.advance()
