@@ -54,19 +54,17 @@ def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, 
 
 def _streams(folder: Path, settings: CutSettings, load: LoadSettings) -> bool:
     """--stream / --no-stream as given; otherwise stream a safetensors model that does not fit in memory."""
-    from surgery.export.streamed import available_memory, fits_in_memory
+    from surgery.export.streamed import NOT_SAFETENSORS, available_memory, fits_in_memory
+    from surgery.shards import weight_files
 
     if settings.stream:
-        from surgery.export.streamed import NOT_SAFETENSORS
-        from surgery.shards import weight_files
-
         if load.device_map:
             raise SurgeryError("--device-map places a whole model in memory; the streamed cut runs block by block: "
                                "drop --device-map, or pass --no-stream")
         weight_files(folder, NOT_SAFETENSORS)  # safetensors or a one-line error, before --out is claimed
     if settings.stream is not None:
         return settings.stream
-    weights = [p for p in folder.glob("*.safetensors")]
+    weights = list(folder.glob("*.safetensors"))
     if load.device_map or not weights:
         return False
     size, available = sum(p.stat().st_size for p in weights), available_memory()

@@ -164,6 +164,7 @@ def _write_config(cut: StreamedCut, folder: Path) -> None:
 
 def _check_folder(cut: StreamedCut, folder: Path, tokenizer: Any, device: str) -> float:
     """Checks (b) and (c) of the module docstring; returns the largest logit difference."""
+    from surgery.console import task
     from surgery.forward import verification_ids
     from surgery.layerwise import LayerwiseModel, checkpoint_shapes
 
@@ -177,8 +178,9 @@ def _check_folder(cut: StreamedCut, folder: Path, tokenizer: Any, device: str) -
     ids = verification_ids(tokenizer, written.config.vocab_size)
     source = LayerwiseModel(cut.source, device=device)
     try:
-        want = source.forward(ids, skip=cut.plan.removed)
-        got = written.forward(ids)
+        with task("comparing the cut with its source, block by block"):
+            want = source.forward(ids, skip=cut.plan.removed)
+            got = written.forward(ids)
     finally:
         source.close()
         written.close()
