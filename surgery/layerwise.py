@@ -59,6 +59,7 @@ def skeleton(config: Any, dtype: Any = None) -> Any:
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    model.tie_weights()  # init_empty_weights leaves a tied output layer a separate meta tensor
     surgery = getattr(config, "surgery", None)
     if surgery and not str(config.model_type).startswith(SURGERY_MODEL_TYPE_PREFIX):
         apply_removals(model, surgery)  # a family's own config carrying a cut (the in-memory cut's record)

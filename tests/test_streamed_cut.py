@@ -21,6 +21,7 @@ from tests.hooks import skipped
 DENSE = ["llama", "qwen2", "gemma2"]
 MOE = ["qwen2_moe", "mixtral"]
 SLIDING = {"qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)}  # layer_types that differ
+OVERRIDES = {**SLIDING, "llama": dict(tie_word_embeddings=True)}  # the output layer is the embedding, as in SmolLM2
 
 
 def run(*args):
@@ -109,7 +110,7 @@ def test_shards_are_written_as_safetensors_writes_them(tmp_path):
 
 
 def cut_both_ways(tiny_folder, tmp_path, family, remove, num_layers=5):
-    source, model = tiny_folder(family, num_layers=num_layers, **SLIDING.get(family, {}))
+    source, model = tiny_folder(family, num_layers=num_layers, **OVERRIDES.get(family, {}))
     for mode in ("no-stream", "stream"):
         result = run("cut", source, "--remove", remove, "--out", tmp_path / mode, f"--{mode}", "--max-shard-size", "20KB",
                      "--device", "cpu")
