@@ -231,3 +231,20 @@ def test_a_streamed_cut_that_fails_its_checks_leaves_nothing(fault, message, tin
     line = one_line(run("cut", source, "--remove", "L1", "--out", tmp_path / "out", "--stream", "--device", "cpu"))
     assert "export check failed" in line and message in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma2-src"]
+
+
+def test_a_full_disk_during_the_streamed_copy_is_one_line_and_leaves_nothing(tiny_folder, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import surgery.shards as shards
+
+    source, _ = tiny_folder("llama", num_layers=3)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shards.os, "copy_file_range", full)  # the kernel copy of the tensors' bytes
+    line = one_line(run("cut", source, "--remove", "L1", "--out", tmp_path / "out", "--stream", "--device", "cpu"))
+    assert "no space left on the device" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-src"]
