@@ -22,6 +22,7 @@ from surgery.settings import (
     ANALYZE_ONLY_OPTIONS,
     PRUNE_EVAL_OPTIONS,
     AnalysisSettings,
+    CutSettings,
     EvalSettings,
     ExportSettings,
     HealSettings,
@@ -82,6 +83,7 @@ def main() -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the new checkpoint.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @click_options(ExportSettings)
+@click_options(CutSettings)
 @click_options(LoadSettings)
 @handle_errors
 def cut(model: str, remove: str, out: Path, force: bool, **options: Any) -> None:
@@ -89,9 +91,10 @@ def cut(model: str, remove: str, out: Path, force: bool, **options: Any) -> None
     from surgery.commands import cut_and_export
     from surgery.console import console
 
-    export = from_options(ExportSettings, options)
-    result = cut_and_export(model, remove, out, from_options(LoadSettings, options), force=force, export=export)
-    console.print(f"[green]wrote[/] {result.path}  (verified: max |Δlogit| {result.max_logit_diff:.2g}, loads via {result.loader})")
+    result = cut_and_export(model, remove, out, from_options(LoadSettings, options), from_options(CutSettings, options), force=force,
+                            export=from_options(ExportSettings, options))
+    how = "streamed, checked block by block" if result.manifest["verified"].get("method") == "streamed" else "verified"
+    console.print(f"[green]wrote[/] {result.path}  ({how}: max |Δlogit| {result.max_logit_diff:.2g}, loads via {result.loader})")
 
 
 @main.command()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
-from surgery.settings import AnalysisSettings, EvalSettings, ExportSettings, HealSettings, LoadSettings
+from surgery.settings import AnalysisSettings, CutSettings, EvalSettings, ExportSettings, HealSettings, LoadSettings
 
 
 def resolve_with_output_check(model_spec: str, check_output: Callable[[list[Path]], Any], load: LoadSettings) -> Any:
@@ -35,38 +35,96 @@ def _config_layers(folder: Path) -> int:
     return int(config["num_hidden_layers"])
 
 
-def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, *, force: bool = False,
-                   export: ExportSettings = ExportSettings()) -> Any:
-    """`surgery cut`: remove sublayers physically and write a verified checkpoint in `export.format`."""
-    from surgery.cut import cut, validate_removal
-    from surgery.export.checkpoint import export_checkpoint
+def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, settings: CutSettings | None = None, *,
+                   force: bool = False, export: ExportSettings = ExportSettings()) -> Any:
+    """`surgery cut`: remove sublayers physically and write a verified checkpoint in `export.format`,
+    in memory or, for a model that does not fit (or with --stream), streamed file to file
+    (surgery.export.streamed; the Hugging Face layout only)."""
+    from surgery.cut import validate_removal
     from surgery.export.nemotron import check_export_source
     from surgery.files import check_output_folder, claimed_folder
-    from surgery.loading import load_model
-    from surgery.sublayers import format_sublayers, parse_sublayers
+    from surgery.sublayers import parse_sublayers
 
+    settings = settings or CutSettings()
     units = parse_sublayers(remove)
     source = resolve_with_output_check(model_spec, lambda protected: check_output_folder(out, force=force, protected=protected), load)
     validate_removal(units, _config_layers(source.path))
     check_export_source(source.path, export.format)
+    streamed = _streams(source.path, settings, load)
+    if streamed and export.format != "hf":
+        raise SurgeryError(f"the streamed cut writes the Hugging Face layout only: drop --format {export.format} "
+                           "(or pass --no-stream to cut in memory)")
     with claimed_folder(out, force=force, protected=[source.path]):
-        loaded = load_model(source, **load.kwargs())
-        result = cut(loaded.model, units)
-        record = {
-            "removed": [str(u) for u in result.removed],
-            "removed_compact": format_sublayers(result.removed),
-            "kept_layers": result.kept_layers,
-            "source": source.describe(),
-            "parameters": {"before": result.parameters_before, "after": result.parameters_after,
-                           "removed": result.parameters_before - result.parameters_after},
-        }
-        from surgery.publish import LOCAL_RECORD, published
-        from surgery.source import cache_dir
+        if streamed:
+            return _cut_streamed(source, units, out, load, settings, force)
+        return _cut_in_memory(source, units, out, load, settings, force, export.format)
 
-        labels = {str(source.path): source.public_id(), str(cache_dir()): "<surgery cache>"}
-        return export_checkpoint(loaded.model, loaded.tokenizer, out, record=published(record, labels), force=force,
-                                 protected=[source.path], copy_from=source.path, unpublished=(LOCAL_RECORD,),
-                                 extra_files={LOCAL_RECORD: json.dumps(record, indent=2) + "\n"}, layout=export.format)
+
+def _streams(folder: Path, settings: CutSettings, load: LoadSettings) -> bool:
+    """--stream / --no-stream as given; otherwise stream a safetensors model that does not fit in memory."""
+    from surgery.export.streamed import NOT_SAFETENSORS, available_memory, fits_in_memory
+    from surgery.shards import weight_files
+
+    if settings.stream:
+        if load.device_map:
+            raise SurgeryError("--device-map places a whole model in memory; the streamed cut runs block by block: "
+                               "drop --device-map, or pass --no-stream")
+        weight_files(folder, NOT_SAFETENSORS)  # safetensors or a one-line error, before --out is claimed
+    if settings.stream is not None:
+        return settings.stream
+    weights = list(folder.glob("*.safetensors"))
+    if load.device_map or not weights:
+        return False
+    size, available = sum(p.stat().st_size for p in weights), available_memory()
+    if fits_in_memory(size, available):
+        return False
+    from surgery.console import console
+
+    console.print(f"streaming the cut file to file: the model ({size / 2**30:.1f} GiB) does not fit in memory "
+                  f"({available / 2**30:.1f} GiB available); --no-stream to cut it in memory anyway")
+    return True
+
+
+def _cut_in_memory(source: Any, units: list, out: Path, load: LoadSettings, settings: CutSettings, force: bool,
+                   layout: str = "hf") -> Any:
+    from surgery.cut import cut
+    from surgery.export.checkpoint import export_checkpoint
+    from surgery.loading import load_model
+
+    loaded = load_model(source, **load.kwargs())
+    result = cut(loaded.model, units)
+    return export_checkpoint(loaded.model, loaded.tokenizer, out, force=force, protected=[source.path], copy_from=source.path,
+                             max_shard_size=settings.max_shard_bytes, layout=layout, **_cut_record(result, source))
+
+
+def _cut_streamed(source: Any, units: list, out: Path, load: LoadSettings, settings: CutSettings, force: bool) -> Any:
+    from surgery.export.streamed import export_streamed_cut, prepare_streamed_cut
+    from surgery.loading import load_tokenizer, resolve_device
+
+    device = resolve_device(load.device)
+    prepared = prepare_streamed_cut(source.path, units, load.dtype)
+    tokenizer = load_tokenizer(source.path, load.trust_remote_code)
+    return export_streamed_cut(prepared, tokenizer, out, force=force, protected=[source.path], copy_from=source.path,
+                               max_shard_size=settings.max_shard_bytes, device=device, **_cut_record(prepared.result, source))
+
+
+def _cut_record(result: Any, source: Any) -> dict[str, Any]:
+    """surgery.json's record of a cut (as published) and the full local record beside it."""
+    from surgery.publish import LOCAL_RECORD, published
+    from surgery.source import cache_dir
+    from surgery.sublayers import format_sublayers
+
+    record = {
+        "removed": [str(u) for u in result.removed],
+        "removed_compact": format_sublayers(result.removed),
+        "kept_layers": result.kept_layers,
+        "source": source.describe(),
+        "parameters": {"before": result.parameters_before, "after": result.parameters_after,
+                       "removed": result.parameters_before - result.parameters_after},
+    }
+    labels = {str(source.path): source.public_id(), str(cache_dir()): "<surgery cache>"}
+    return {"record": published(record, labels), "unpublished": (LOCAL_RECORD,),
+            "extra_files": {LOCAL_RECORD: json.dumps(record, indent=2) + "\n"}}
 
 
 def describe_model(model_spec: str, load: LoadSettings) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from surgery.arch import Architecture, architecture_of, base_model_type, decoder_layers, unwrap
+from surgery.arch import SURGERY_MODEL_TYPE_PREFIX, Architecture, architecture_of, base_model_type, decoder_layers, unwrap
 from surgery.errors import SurgeryError
 from surgery.forward import count_parameters
 from surgery.hf_modeling import RemovedAttention, RemovedMLP, remove_sublayer
@@ -74,26 +74,71 @@ def validate_removal(units: Iterable[Sublayer], num_layers: int, already_removed
     return units
 
 
+@dataclass(frozen=True)
+class CutPlan:
+    """What a cut does to a model of `num_layers` blocks, decided from ids alone, before any weights
+    are touched: the in-memory cut and the streamed one (surgery.export.streamed) both follow it."""
+
+    num_layers: int
+    removed: tuple[Sublayer, ...]  # what this cut removes, sorted (numbering of the model that is cut)
+    previous: tuple[Sublayer, ...] = ()  # stand-ins the model already has
+
+    @property
+    def blocks(self) -> list[int]:
+        """Blocks deleted whole: both halves gone, now or before."""
+        return full_blocks(set(self.removed) | set(self.previous))
+
+    @property
+    def kept(self) -> list[int]:
+        """New block i is old block kept[i]."""
+        gone = set(self.blocks)
+        return [i for i in range(self.num_layers) if i not in gone]
+
+    @property
+    def new_stand_ins(self) -> list[Sublayer]:
+        """Sublayers this cut replaces by stand-ins (their block stays), in the old numbering."""
+        gone = set(self.blocks)
+        return [u for u in self.removed if u.layer not in gone]
+
+    @property
+    def stand_ins(self) -> list[Sublayer]:
+        """Every stand-in of the cut model, in its new numbering."""
+        renumber = {old: new for new, old in enumerate(self.kept)}
+        units = set(self.removed) | set(self.previous)
+        return sorted(Sublayer(renumber[u.layer], u.kind) for u in units if u.layer in renumber)
+
+    def source_key(self, key: str, layers: str) -> str:
+        """The name in the uncut checkpoint of the cut checkpoint's tensor `key` (`layers`: the
+        block list's dotted path, e.g. model.layers)."""
+        prefix = layers + "."
+        if not key.startswith(prefix):
+            return key
+        index, _, rest = key[len(prefix):].partition(".")
+        return f"{prefix}{self.kept[int(index)]}.{rest}"
+
+
+def plan_cut(num_layers: int, units: Iterable[Sublayer], previous: Iterable[Sublayer] = ()) -> CutPlan:
+    """A checked plan (see validate_removal for what is refused)."""
+    previous = tuple(sorted(set(previous)))
+    return CutPlan(num_layers, tuple(validate_removal(units, num_layers, previous)), previous)
+
+
 def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
     """Remove `units` from `model` in place (the object is modified; files on disk never are)."""
     base = unwrap(model)
     arch = architecture_of(base.config)
     layers = decoder_layers(base, arch)
-    previous = removed_sublayers(base)
-    units = validate_removal(units, len(layers), previous)
+    plan = plan_cut(len(layers), units, removed_sublayers(base))
     before = count_parameters(base)
-
-    blocks = set(full_blocks(set(units) | set(previous)))
-    for unit in units:
-        if unit.layer not in blocks:
-            remove_sublayer(layers[unit.layer], unit.kind, list(arch.sublayer_modules(unit.kind)), unit.layer,
-                            arch.mlp_extra_outputs)
-
-    kept = [i for i in range(len(layers)) if i not in blocks]
-    if blocks:
-        _delete_blocks(base, arch, kept)
-    _record_sublayer_removals(base, arch)
-    return CutResult(units, kept, before, count_parameters(base))
+    for unit in plan.new_stand_ins:
+        remove_sublayer(layers[unit.layer], unit.kind, list(arch.sublayer_modules(unit.kind)), unit.layer,
+                        arch.mlp_extra_outputs)
+    if plan.blocks:
+        _delete_blocks(base, arch, plan.kept)
+    cut_config(base.config, arch, plan)
+    if not isinstance(base.config, type(base).config_class):  # no stand-ins left: the family's own model again
+        base.__class__ = type(base).__mro__[1]
+    return CutResult(list(plan.removed), plan.kept, before, count_parameters(base))
 
 
 def _delete_blocks(model: Any, arch: Architecture, kept: list[int]) -> None:
@@ -107,7 +152,15 @@ def _delete_blocks(model: Any, arch: Architecture, kept: list[int]) -> None:
                 module.layer_idx = new_index
     parent_path, _, attr = arch.layers.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, attr, survivors)
-    _slice_config(model.config, arch, kept, len(layers))
+
+
+def cut_config(config: Any, arch: Architecture, plan: CutPlan) -> None:
+    """Make `config` describe the cut model: the one home of config slicing, for the in-memory cut
+    and the streamed one. Per-layer entries describe the surviving blocks; `config.surgery`
+    describes the stand-ins, so that a saved checkpoint can rebuild them."""
+    if plan.blocks:
+        _slice_config(config, arch, plan.kept, plan.num_layers)
+    _record_stand_ins(config, arch, plan.stand_ins)
 
 
 def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: int) -> None:
@@ -141,17 +194,20 @@ def _materialise_sparse_step(config: Any, arch: Architecture, old_count: int) ->
     setattr(config, arch.sparse_step_config, 1)
 
 
-def _record_sublayer_removals(model: Any, arch: Architecture) -> None:
-    """Describe the stand-ins in `config.surgery` so that a saved checkpoint can rebuild them."""
-    removed = removed_sublayers(model)
-    if not removed:
-        if "surgery" in vars(model.config):
-            del model.config.surgery
+def _record_stand_ins(config: Any, arch: Architecture, stand_ins: list[Sublayer]) -> None:
+    """Describe the stand-ins in `config.surgery`. With none left (their blocks went whole), there
+    is no entry, and a sublayer-pruned checkpoint's config is its family's own again."""
+    if not stand_ins:
+        if "surgery" in vars(config):
+            del config.surgery
+        if str(config.model_type).startswith(SURGERY_MODEL_TYPE_PREFIX):
+            config.__class__ = type(config).__mro__[1]  # the family's class (hf_modeling.surgery_classes subclasses it)
+            vars(config).pop("auto_map", None)  # it named the modeling file, which is not shipped now
         return
-    model.config.surgery = {
-        "base_model_type": base_model_type(model.config),
+    config.surgery = {
+        "base_model_type": base_model_type(config),
         "layers": arch.layers,
-        "removed": {kind: [u.layer for u in removed if u.kind == kind] for kind in KINDS},
+        "removed": {kind: [u.layer for u in stand_ins if u.kind == kind] for kind in KINDS},
         "modules": {kind: list(arch.sublayer_modules(kind)) for kind in KINDS},
         "mlp_extra_outputs": arch.mlp_extra_outputs,
     }

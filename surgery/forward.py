@@ -29,10 +29,16 @@ def output_logits(model: Any, hidden: Any) -> Any:
     """Logits from final hidden states, with the family's post-processing, in float32."""
     base = unwrap(model)
     arch = architecture_of(base.config)
-    logits = get_module(base, arch.lm_head)(hidden).float()
-    if arch.logit_divisor_config and getattr(base.config, arch.logit_divisor_config, None):
-        logits = logits / getattr(base.config, arch.logit_divisor_config)
-    cap = getattr(base.config, arch.logit_softcap_config, None) if arch.logit_softcap_config else None
+    return finish_logits(base.config, get_module(base, arch.lm_head)(hidden).float())
+
+
+def finish_logits(config: Any, logits: Any) -> Any:
+    """The family's post-processing of the output layer's result (Granite's divisor, Gemma's
+    soft-cap); elementwise, so it applies to any slice of the vocabulary as well."""
+    arch = architecture_of(config)
+    if arch.logit_divisor_config and getattr(config, arch.logit_divisor_config, None):
+        logits = logits / getattr(config, arch.logit_divisor_config)
+    cap = getattr(config, arch.logit_softcap_config, None) if arch.logit_softcap_config else None
     if cap:
         logits = (logits / cap).tanh() * cap
     return logits

@@ -50,7 +50,6 @@ def check(settings: PruneSettings) -> Checked:
         parse_sublayers(settings.protect)
     methods = () if target.ids else needed_methods(settings)
     needs_calibration = bool(methods) or (chosen.needs_calibration and not target.ids) or settings.bridge
-    _check_data(settings, needs_calibration)
     source = resolve(settings.model, allow_pickle=settings.load.allow_pickle)
     check_output_folder(out, force=settings.force, protected=[source.path])
     from surgery.export.nemotron import check_export_source
@@ -61,6 +60,7 @@ def check(settings: PruneSettings) -> Checked:
 
         check_resumable_folder(Path(settings.analysis_dir), EVALUATIONS_FILE, force=True, protected=[source.path, out],
                                option="--analysis")
+    _check_data(settings, needs_calibration)
     return Checked(source, out, methods)
 
 

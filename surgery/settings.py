@@ -128,10 +128,10 @@ def click_options(cls: type, *, prefix: str = "", only: tuple[str, ...] | None =
         flag = "--" + prefix + option.flag.lstrip("-")
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
         kind = hints[spec.name]
-        if kind is bool and option.parse is None:
+        if kind in (bool, bool | None) and option.parse is None:  # None: neither flag given, the code decides
             declared = flag if option.switch else f"{flag}/--no-{flag[2:]}"
             decorators.append(click.option(declared, _param_name(option, prefix), default=default, help=option.help,
-                                           is_flag=option.switch or None, show_default=not option.switch))
+                                           is_flag=option.switch or None, show_default=not option.switch and default is not None))
             continue
         shown = option.show(default) if option.show else default
         kind = LiveChoice(choices[spec.name]) if choices and spec.name in choices else option.type or _click_type(kind)
@@ -234,6 +234,44 @@ class LoadSettings:
 
     def kwargs(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# ------------------------------------------------------------------ cutting and writing checkpoints
+
+_SIZE_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3}
+
+
+def parse_size(text: str | int, option: str = "--max-shard-size") -> int:
+    """'5GB', '500MB', '30KB' (decimal units, as transformers and the Hub count) or bytes -> bytes."""
+    value = str(text).strip()
+    unit = value[-2:].upper()
+    try:
+        size = int(float(value[:-2]) * _SIZE_UNITS[unit]) if unit in _SIZE_UNITS else int(value)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise SurgeryError(f"{option} '{text}' is not a size: give bytes or a number with KB, MB, GB or TB (e.g. 5GB)")
+    return size
+
+
+@dataclass(frozen=True)
+class CutSettings:
+    """How `surgery cut` writes its checkpoint. The streamed cut copies tensors from the source's
+    safetensors files to the new shards without building the model (docs/scale.md)."""
+
+    stream: bool | None = setting(None, "--stream",
+                                  "Cut out of core: stream tensors file to file and check the result layer by layer "
+                                  "(default: only when the model does not fit in memory).")
+    max_shard_size: str = setting("50GB", "--max-shard-size",
+                                  "Largest weight file (5GB, 500MB: decimal units); bigger checkpoints are sharded "
+                                  "as transformers shards them.")
+
+    def __post_init__(self) -> None:
+        parse_size(self.max_shard_size)
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
 
 
 # ------------------------------------------------------------------ analysis

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import socket
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,20 +141,9 @@ def check_folder(path: Path, *, allow_pickle: bool) -> None:
 
 def check_safetensors(file: Path) -> None:
     """Read the header and check the file is as long as it says (catches truncated downloads)."""
-    size = file.stat().st_size
-    try:
-        with open(file, "rb") as handle:
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-            if header_len <= 0 or 8 + header_len > size:
-                raise ValueError("header longer than file")
-            header = json.loads(handle.read(header_len))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise SurgeryError(f"{file} is not a valid safetensors file ({error}): download or export it again") from None
-    if 8 + header_len + end != size:
-        raise SurgeryError(
-            f"{file} is truncated or corrupt ({size} bytes, header says {8 + header_len + end}): download or export it again"
-        )
+    from surgery.shards import read_header
+
+    read_header(file)
 
 
 def hub_offline() -> bool:

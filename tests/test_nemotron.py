@@ -191,7 +191,7 @@ def test_prune_exports_the_layout_its_recipe_names(tiny_folder, tmp_path, monkey
     source, _ = tiny_folder("llama", num_layers=6)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"model: {source}\nremove: L0.attn,L3.mlp\nformat: nemotron-nas\nbridge: false\n"
-                      "eval_tasks: none\neval_ppl: none\neval_speed: false\ndevice: cpu\n")
+                      "eval_tasks: none\neval_ppl: none\neval_speed: false\neval_generation: false\ndevice: cpu\n")
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["prune", "--recipe", str(recipe), "--out", str(out)])
     assert result.exit_code == 0, result.output

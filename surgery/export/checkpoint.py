@@ -31,7 +31,7 @@ MANIFEST = "surgery.json"
 MODELING_FILE = "modeling_surgery.py"
 EXPORT_FORMAT = "surgery-export"
 EXPORT_VERSION = 1
-_LOGIT_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
+LOGIT_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ def export_checkpoint(
     finalize: Callable[[Path], None] | None = None,
     unpublished: tuple[str, ...] = (),
     layout: str = "hf",
+    max_shard_size: int | str | None = None,
 ) -> ExportResult:
     """Write `model` (a pruned model in memory) to `out`, verified and atomically.
 
@@ -65,6 +66,7 @@ def export_checkpoint(
     card) that may need the written checkpoint; they are covered by the manifest's checksums.
     unpublished: files of the folder that `surgery push` never uploads (the local record).
     layout: "hf" (the source family's own classes) or "nemotron-nas" (settings.ExportSettings.format).
+    max_shard_size: the largest weight file (bytes or '5GB'); default: transformers' own.
     """
     from surgery.files import check_free_space, check_output_folder, staged_folder
 
@@ -72,12 +74,13 @@ def export_checkpoint(
     model = unwrap(model)
     check_free_space(out, weights_bytes(model), "the checkpoint")
     with staged_folder(out) as staging:
-        written = _write(model, tokenizer, staging, copy_from, extra_files or {}, layout)
+        written = _write(model, tokenizer, staging, copy_from, extra_files or {}, layout, max_shard_size)
         diff, loader = verify_checkpoint(model, tokenizer, staging)
         if finalize is not None:
             finalize(staging)
-        manifest = _manifest(staging, {**record, **written, "unpublished": list(unpublished)}, diff, loader)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        verified = {"max_abs_logit_diff": diff, "loader": loader, "method": "reload", "prompt": VERIFY_PROMPT,
+                    "cached_generation": True}
+        manifest = write_manifest(staging, {**record, **written, "unpublished": list(unpublished)}, verified)
     return ExportResult(out, diff, loader, manifest)
 
 
@@ -86,32 +89,37 @@ def weights_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def write_model_folder(model: Any, tokenizer: Any, folder: Path) -> None:
+def write_model_folder(model: Any, tokenizer: Any, folder: Path, max_shard_size: int | str | None = None) -> None:
     """Save a (possibly sublayer-pruned) in-memory model so that it loads back as itself."""
     model = unwrap(model)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size is not None else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if getattr(model.config, "surgery", None):
-        _make_self_describing(folder, model.config)
+        make_self_describing(folder, model.config)
 
 
 def _write(model: Any, tokenizer: Any, folder: Path, copy_from: Path | None, extra_files: dict[str, str],
-           layout: str = "hf") -> dict[str, Any]:
+           layout: str = "hf", max_shard_size: int | str | None = None) -> dict[str, Any]:
     """Write the folder; returns what the manifest records about the layout."""
     if layout == "nemotron-nas":
         from surgery.export.nemotron import write_folder
 
         written = {"layout": layout, "nemotron": write_folder(model, tokenizer, folder)}
     else:
-        write_model_folder(model, tokenizer, folder)
+        write_model_folder(model, tokenizer, folder, max_shard_size)
         written = {"layout": "hf"}
+    add_files(folder, copy_from, extra_files)
+    return written
+
+
+def add_files(folder: Path, copy_from: Path | None, extra_files: dict[str, str]) -> None:
+    """The source's licence files and the export's own files (the local record)."""
     if copy_from is not None:
         for licence in sorted(Path(copy_from).glob("LICEN[CS]E*")):
             shutil.copy2(licence, folder / licence.name)
     for name, text in extra_files.items():
         (folder / name).write_text(text)
-    return written
 
 
 def modeling_file_text(base_type: str) -> str:
@@ -128,7 +136,7 @@ def modeling_file_text(base_type: str) -> str:
     return inspect.getsource(hf_modeling) + footer
 
 
-def _make_self_describing(folder: Path, config: Any) -> None:
+def make_self_describing(folder: Path, config: Any) -> None:
     """Mark a sublayer-pruned checkpoint with its own model type and ship the code that builds it."""
     base_type = base_model_type(config)
     config_path = folder / "config.json"
@@ -188,7 +196,7 @@ def verify_checkpoint(model: Any, tokenizer: Any, folder: Path) -> tuple[float, 
         expected = model(ids, use_cache=False).logits.float()
         actual = reloaded(ids, use_cache=False).logits.float()
         diff = (expected - actual).abs().max().item()
-        tolerance = _LOGIT_TOLERANCE.get(str(dtype).removeprefix("torch."), 5e-2)
+        tolerance = LOGIT_TOLERANCE.get(str(dtype).removeprefix("torch."), 5e-2)
         if not diff <= tolerance:
             raise SurgeryError(f"export check failed: the reloaded checkpoint's logits differ by {diff:.3g} (> {tolerance}); nothing was written")
         settings = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=_pad_id(model))
@@ -211,17 +219,23 @@ def _pad_id(model: Any) -> int:
     return 0
 
 
-def _manifest(folder: Path, record: dict[str, Any], diff: float, loader: str) -> dict[str, Any]:
-    files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    return {
+def write_manifest(folder: Path, record: dict[str, Any], verified: dict[str, Any],
+                   digests: dict[str, str] | None = None) -> dict[str, Any]:
+    """surgery.json: the record, how the export was verified, versions and every file's SHA-256
+    (`digests`: those already computed while writing, so large shards are not read again)."""
+    digests = digests or {}
+    files = {p.name: digests.get(p.name) or file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    manifest = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
         "created": now(),
         **record,
-        "verified": {"max_abs_logit_diff": diff, "loader": loader, "prompt": VERIFY_PROMPT, "cached_generation": True},
+        "verified": verified,
         "versions": versions(),
         "files": files,
     }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

@@ -1,0 +1,217 @@
+"""Out-of-core cut: a synthetic Llama-shaped checkpoint of over 6 GiB (bf16, random weights), cut by
+`surgery cut --stream` in a child process, against copying the same bytes in the same run.
+
+    python bench/out_of_core.py [--work DIR] [--keep | --source DIR] [--remove L3,L7]
+
+Targets (issue 16): the cut's peak RSS under 1.5 GiB (os.wait4's ru_maxrss of the child: the most
+resident memory at any moment, file-mapped pages included) and its wall time within 2x of
+shutil.copyfile of the source shards (the faster of a copy before and one after the cut). The cut
+runs with an empty cache, as a first cut of a model does. Recorded beside the targets, from the same
+run: both times until the data is on disk (os.sync) rather than in the page cache; the same command
+on a checkpoint of a few MiB (what does not grow with size: imports, planning, the checks' fixed
+part); the time of the source's fingerprint (SHA-256 of every source file, part of a first cut);
+and this CPU's SHA-256 and CRC-32 rates.
+
+The checkpoint is written shard by shard, a tensor piece at a time, so the generator stays small.
+Needs about 13 GiB free under --work (checked first: the source, then one copy or one cut at a
+time); everything written is removed at the end, the source too unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common import ROOT, protocol, save
+
+SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=10, vocab_size=128256, num_attention_heads=32,
+             num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, max_position_embeddings=8192, rms_norm_eps=1e-5)
+NEEDS_FREE = 13 << 30
+RSS_TARGET = 1.5 * 2**30
+TIME_TARGET = 2.0
+SMALL = {**SHAPE, "hidden_size": 256, "intermediate_size": 512, "vocab_size": 4096, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "head_dim": 64}  # the same command on a few MiB: what does not grow with size
+PIECE = 1 << 24  # elements generated at once
+
+
+def write_checkpoint(folder: Path, shape: dict, shard_size: str = "5GB") -> None:
+    """A Llama-shaped bf16 checkpoint with random weights (norms 1), written shard by shard."""
+    import torch
+    from transformers import LlamaConfig
+
+    from surgery.layerwise import checkpoint_shapes, skeleton
+    from surgery.settings import parse_size
+    from surgery.shards import TensorInfo, plan_shards, write_index, write_shard
+
+    config = LlamaConfig(**shape, dtype="bfloat16")
+    config.save_pretrained(folder)
+    shapes = checkpoint_shapes(skeleton(config, torch.bfloat16))
+    sizes = {name: torch.Size(shape).numel() * 2 for name, shape in shapes.items()}
+    shards = plan_shards(sizes, parse_size(shard_size))
+    generator = torch.Generator().manual_seed(0)
+
+    def pieces(info: TensorInfo):
+        count = torch.Size(info.shape).numel()
+        for start in range(0, count, PIECE):
+            n = min(PIECE, count - start)
+            values = torch.ones(n) if info.name.endswith("norm.weight") else torch.randn(n, generator=generator) * 0.02
+            yield values.to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+
+    for file, names in shards.items():
+        write_shard(folder / file, [TensorInfo(n, "BF16", shapes[n], sizes[n]) for n in names], pieces)
+    if len(shards) > 1:
+        write_index(folder, shards, sum(sizes.values()), sum(sizes.values()) // 2)
+
+
+def copy_seconds(source: Path, target: Path, durable: bool = False) -> float:
+    """Wall time of shutil.copyfile over every weight file of `source` (then removed); durable:
+    until the copy is on disk (os.sync), not only in the page cache."""
+    target.mkdir()
+    os.sync()  # each timed phase starts with no writeback pending from the one before
+    start = time.perf_counter()
+    for file in sorted(source.glob("*.safetensors")):
+        shutil.copyfile(file, target / file.name)
+    if durable:
+        os.sync()
+    seconds = time.perf_counter() - start
+    shutil.rmtree(target)
+    return seconds
+
+
+def sampled_peaks(pid: int, peaks: dict[str, int], done: threading.Event) -> None:
+    """The largest RssAnon (heap, copies) and RssFile (mapped file pages) seen while the child runs."""
+    while not done.wait(0.1):
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile") and value.strip():
+                peaks[key] = max(peaks.get(key, 0), int(value.split()[0]) * 1024)
+
+
+def run_cut(source: Path, out: Path, remove: str, threads: int, cache: Path, durable: bool = False) -> dict:
+    """`surgery cut --stream` in a child process with an empty cache (as a first cut of this model
+    runs: the source's fingerprint is computed): wall time (durable: until the cut is on disk),
+    ru_maxrss and sampled RSS parts. The cut is removed afterwards."""
+    command = [sys.executable, "-m", "surgery", "cut", str(source), "--remove", remove, "--out", str(out), "--stream",
+               "--device", "cpu", "--max-shard-size", "5GB"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "SURGERY_CACHE": str(cache)}
+    shutil.rmtree(cache, ignore_errors=True)
+    os.sync()
+    start = time.perf_counter()
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peaks: dict[str, int] = {}
+    done = threading.Event()
+    sampler = threading.Thread(target=sampled_peaks, args=(child.pid, peaks, done))
+    sampler.start()
+    _, status, usage = os.wait4(child.pid, 0)
+    if durable:
+        os.sync()
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    child.returncode = os.waitstatus_to_exitcode(status)
+    output = child.stdout.read()
+    if child.returncode:
+        sys.exit(f"surgery cut failed ({child.returncode}):\n{output}")
+    manifest = json.loads((out / "surgery.json").read_text())
+    out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    shutil.rmtree(out)
+    return {"command": " ".join(["surgery", *command[3:]]), "seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024,
+            "peak_rss_anon_sampled_bytes": peaks.get("RssAnon"), "peak_rss_file_sampled_bytes": peaks.get("RssFile"),
+            "output_bytes": out_bytes, "verified": manifest["verified"]}
+
+
+def hash_rates() -> dict[str, float]:
+    """Bytes per second of SHA-256 and CRC-32 on this CPU, one thread: what the checksums cost."""
+    import hashlib
+    import zlib
+
+    data = os.urandom(1 << 28)
+    rates = {}
+    for name, digest in (("sha256", lambda: hashlib.sha256(data).digest()), ("crc32", lambda: zlib.crc32(data))):
+        start = time.perf_counter()
+        digest()
+        rates[name] = len(data) / (time.perf_counter() - start)
+    return rates
+
+
+def fingerprint_seconds(source: Path, cache: Path) -> float:
+    """The part of a first cut spent on the source's fingerprint (SHA-256 of every file; cached after)."""
+    os.environ["SURGERY_CACHE"] = str(cache)
+    from surgery.source import fingerprint
+
+    start = time.perf_counter()
+    fingerprint(source)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="where the checkpoints are written")
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint (for --source)")
+    parser.add_argument("--source", type=Path, help="a checkpoint an earlier --keep run wrote (not removed)")
+    parser.add_argument("--remove", default="L3,L7", help="blocks to cut")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="a small model, to try the script (prints, saves nothing)")
+    args = parser.parse_args()
+    if args.smoke:
+        SHAPE.update(SMALL)
+    free = shutil.disk_usage(args.work).free
+    if free < NEEDS_FREE and not args.smoke:
+        sys.exit(f"{args.work} has {free / 2**30:.1f} GiB free; the benchmark needs {NEEDS_FREE / 2**30:.0f} GiB: pass --work")
+    work = Path(tempfile.mkdtemp(prefix="surgery-out-of-core-", dir=args.work))
+    try:
+        result = measure(work, args)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    if not args.smoke:
+        save("out_of_core", result)
+
+
+def measure(work: Path, args: argparse.Namespace) -> dict:
+    source, out, cache = args.source or work / "source", work / "cut", work / "cache"
+    if args.source is None:
+        start = time.perf_counter()
+        write_checkpoint(source, SHAPE)
+        print(f"wrote a checkpoint in {time.perf_counter() - start:.0f} s")
+    source_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+    copies = [copy_seconds(source, work / "copy")]
+    cut = run_cut(source, out, args.remove, args.threads, cache)
+    copies.append(copy_seconds(source, work / "copy"))
+    copy = min(copies)  # the faster copy: the conservative ratio
+    ratio = cut["seconds"] / copy
+    print(f"cut {cut['seconds']:.1f} s, copy {copy:.1f} s ({ratio:.2f}x; target {TIME_TARGET}x); "
+          f"peak RSS {cut['peak_rss_bytes'] / 2**30:.2f} GiB (target {RSS_TARGET / 2**30} GiB)")
+    durable = {"copy_seconds": copy_seconds(source, work / "copy", durable=True),
+               "cut_seconds": run_cut(source, out, args.remove, args.threads, cache, durable=True)["seconds"]}
+    write_checkpoint(work / "small", SMALL)
+    small = run_cut(work / "small", out, args.remove, args.threads, cache)
+    return {"shape": SHAPE, "dtype": "bfloat16", "removed": args.remove, "source_bytes": source_bytes, "cut": cut,
+            "copy_seconds": copies, "time_ratio": ratio, "rss_target_bytes": RSS_TARGET, "time_target_ratio": TIME_TARGET,
+            "rss_met": cut["peak_rss_bytes"] < RSS_TARGET, "time_met": ratio <= TIME_TARGET,
+            "until_on_disk": {**durable, "ratio": durable["cut_seconds"] / durable["copy_seconds"]},
+            "small_model": {"shape": SMALL, "source_bytes": sum(p.stat().st_size for p in (work / "small").glob("*.safetensors")),
+                            "seconds": small["seconds"], "peak_rss_bytes": small["peak_rss_bytes"]},
+            "fingerprint_seconds": fingerprint_seconds(source, work / "fingerprint-cache"), "hash_bytes_per_second": hash_rates(),
+            "threads": args.threads, "memory_total_bytes": _memory_total(), "protocol": protocol()}
+
+
+def _memory_total() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The out-of-core cut: a checkpoint cut file to file, its tensors streamed from the source's
+safetensors files into new shards, without ever building the model (docs/scale.md).
+
+It follows the in-memory cut's plan and config function (surgery.cut: plan_cut, cut_config) and
+writes the same checkpoint format: shards and index as transformers writes them, a
+`surgery_<family>` model type with its modeling file for sublayer cuts, surgery.json. What is
+written is decided by the cut config itself: a skeleton of the cut model (surgery.layerwise) names
+every tensor a save_pretrained of it would hold, and each is copied from the source under its old
+block number. Before the folder moves into place, the result is checked in ways that scale:
+(a) every tensor read back from disk has the CRC-32 of the source bytes it was copied from;
+(b) its names and shapes are those a skeleton built from the written config.json implies;
+(c) its logits, run block by block from the written files, equal the source's, run block by block
+    with the same sublayers skipped.
+Memory holds one block at a time (in the check) and a 16 MiB copy buffer (in the copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surgery.arch import architecture_of
+from surgery.cut import CutPlan, CutResult, cut_config, plan_cut, removed_sublayers
+from surgery.errors import SurgeryError
+from surgery.export.checkpoint import LOGIT_TOLERANCE, ExportResult, add_files, make_self_describing, write_manifest
+from surgery.forward import VERIFY_PROMPT, count_parameters
+from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo, check_shard, plan_shards, write_index, write_shard
+from surgery.sublayers import Sublayer
+
+IN_MEMORY_FACTOR = 2  # the in-memory cut holds the model and, to verify it, its reloaded copy
+LIBRARY_BYTES = 1 << 30  # torch, transformers and the forward passes beside the weights
+NOT_SAFETENSORS = "the streamed cut reads safetensors weights only: convert them, or cut in memory with --no-stream"
+
+
+def available_memory() -> int:
+    """Bytes of memory the system can give without swapping (MemAvailable)."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def fits_in_memory(weight_bytes: int, available: int) -> bool:
+    """Whether the in-memory cut of a checkpoint of `weight_bytes` fits in `available` bytes."""
+    return IN_MEMORY_FACTOR * weight_bytes + LIBRARY_BYTES <= available
+
+
+@dataclass
+class StreamedCut:
+    """A streamed cut, decided and checked against the source's files before anything is written."""
+
+    source: Path
+    plan: CutPlan
+    config: Any  # the cut model's config
+    tensors: dict[str, TensorInfo]  # name in the cut checkpoint -> the source tensor it is copied from
+    result: CutResult
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto") -> StreamedCut:
+    """Plan the cut, slice the config and map every tensor of the cut checkpoint to its source tensor."""
+    import torch
+
+    from surgery.layerwise import checkpoint_shapes, load_config, skeleton
+
+    weights = SafetensorsFolder(folder, NOT_SAFETENSORS)
+    stored = TORCH_DTYPES[weights.main_dtype()]
+    if dtype not in ("auto", stored):
+        raise SurgeryError(f"the streamed cut copies the weights as stored ({stored}): drop --dtype {dtype}, "
+                           "or cut in memory with --no-stream")
+    config = load_config(folder)
+    arch = architecture_of(config)
+    before = skeleton(config, getattr(torch, stored))
+    plan = plan_cut(config.num_hidden_layers, units, removed_sublayers(before))
+    cut_config(config, arch, plan)
+    after = skeleton(config, getattr(torch, stored))
+    config.dtype, config.architectures = stored, [type(after).__name__]  # as save_pretrained records them
+    tensors = {}
+    for name, shape in checkpoint_shapes(after).items():
+        source_name = plan.source_key(name, arch.layers)
+        info = weights.info.get(source_name)
+        if info is None:
+            raise SurgeryError(f"{folder} has no tensor {source_name}, which the cut model needs (its names differ from "
+                               "those transformers writes): cut in memory with --no-stream")
+        if info.shape != shape:
+            raise SurgeryError(f"{folder}: {source_name} is {list(info.shape)} but config.json implies {list(shape)}: "
+                               "fix config.json or download the model again")
+        tensors[name] = info
+    result = CutResult(list(plan.removed), plan.kept, count_parameters(before), count_parameters(after))
+    return StreamedCut(Path(folder), plan, config, tensors, result)
+
+
+def export_streamed_cut(cut: StreamedCut, tokenizer: Any, out: Path, *, record: dict[str, Any], max_shard_size: int,
+                        force: bool = False, protected: list[Path] = (), extra_files: dict[str, str] | None = None,
+                        copy_from: Path | None = None, unpublished: tuple[str, ...] = (), device: str = "cpu") -> ExportResult:
+    """Write the cut checkpoint to `out`, checked as the module docstring says, atomically
+    (arguments as surgery.export.checkpoint.export_checkpoint's)."""
+    from surgery.files import check_free_space, check_output_folder, staged_folder
+
+    out = check_output_folder(out, force=force, protected=list(protected))
+    check_free_space(out, cut.nbytes, "the checkpoint")
+    with staged_folder(out) as staging:
+        digests = _write_weights(cut, staging, max_shard_size)
+        _write_config(cut, staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        add_files(staging, copy_from, extra_files or {})
+        diff = _check_folder(cut, staging, tokenizer, device)
+        loader = "trust_remote_code" if getattr(cut.config, "surgery", None) else "transformers"
+        verified = {"max_abs_logit_diff": diff, "loader": loader, "method": "streamed", "prompt": VERIFY_PROMPT,
+                    "cached_generation": False, "tensors_checked": len(cut.tensors)}
+        manifest = write_manifest(staging, {**record, "layout": "hf", "unpublished": list(unpublished)}, verified, digests)
+    return ExportResult(out, diff, loader, manifest)
+
+
+def _write_weights(cut: StreamedCut, folder: Path, max_shard_size: int) -> dict[str, str]:
+    """Copy every tensor into shards planned as transformers plans them, reading each shard back
+    (check a); returns the SHA-256 of each shard as written."""
+    from surgery.console import task
+
+    shards = plan_shards({name: info.nbytes for name, info in cut.tensors.items()}, max_shard_size)
+    source = SafetensorsFolder(cut.source)
+    digests = {}
+    try:
+        with task("writing shards", total=len(shards)) as progress:
+            for file, names in shards.items():
+                planned = {name: TensorInfo(name, cut.tensors[name].dtype, cut.tensors[name].shape, cut.tensors[name].nbytes)
+                           for name in names}
+                written = write_shard(folder / file, list(planned.values()), lambda info: source.read(cut.tensors[info.name].name),
+                                      lies_in=lambda info: cut.tensors[info.name])
+                check_shard(folder / file, planned, written.checksums)
+                digests[file] = written.sha256
+                progress.advance()
+    finally:
+        source.close()
+    if len(shards) > 1:
+        write_index(folder, shards, cut.nbytes, cut.result.parameters_after)
+    return digests
+
+
+def _write_config(cut: StreamedCut, folder: Path) -> None:
+    """config.json and generation_config.json as save_pretrained writes them for the cut model."""
+    from transformers import GenerationConfig
+
+    cut.config.save_pretrained(folder)
+    if (cut.source / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(str(cut.source))
+    else:
+        generation = GenerationConfig.from_model_config(cut.config)
+    generation.save_pretrained(folder)
+    if getattr(cut.config, "surgery", None):
+        make_self_describing(folder, cut.config)
+
+
+def _check_folder(cut: StreamedCut, folder: Path, tokenizer: Any, device: str) -> float:
+    """Checks (b) and (c) of the module docstring; returns the largest logit difference."""
+    from surgery.console import task
+    from surgery.forward import verification_ids
+    from surgery.layerwise import LayerwiseModel, checkpoint_shapes
+
+    written = LayerwiseModel(folder, device=device)
+    expected = checkpoint_shapes(written.model)
+    found = {name: info.shape for name, info in SafetensorsFolder(folder, strict=True).info.items()}
+    if found != expected:
+        odd = sorted(set(found) ^ set(expected)) or sorted(n for n in found if found[n] != expected[n])
+        raise SurgeryError(f"export check failed: the written tensors are not those config.json implies ({odd[0]}); "
+                           "nothing was written")
+    ids = verification_ids(tokenizer, written.config.vocab_size)
+    source = LayerwiseModel(cut.source, device=device)
+    try:
+        with task("comparing the cut with its source, block by block"):
+            want = source.forward(ids, skip=cut.plan.removed)
+            got = written.forward(ids)
+    finally:
+        source.close()
+        written.close()
+    diff = (want - got).abs().max().item()
+    tolerance = LOGIT_TOLERANCE.get(str(written.dtype).removeprefix("torch."), 5e-2)
+    if not diff <= tolerance:
+        raise SurgeryError(f"export check failed: the written checkpoint's logits, run block by block, differ from the "
+                           f"source's with the same sublayers skipped by {diff:.3g} (> {tolerance}); nothing was written")
+    return diff

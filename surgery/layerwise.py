@@ -1,0 +1,314 @@
+"""Run a checkpoint one decoder block at a time, straight from its files, without building the model.
+
+    model = LayerwiseModel(folder)
+    stream = model.embed(input_ids)            # the residual stream (on CPU) and each block's call arguments
+    for index, block in model.blocks():        # one block's weights in memory at a time
+        stream.hidden = model.run(block, index, stream)
+    logits = model.logits(model.final_norm(stream.hidden))
+
+or `model.forward(input_ids, skip=...)` for all of it. With several batches, embed each one, then
+run every batch through a block before the next block loads (layer-major): each block is read once.
+
+How: the model is built on the meta device (`skeleton`: no weights, while non-persistent buffers
+such as rotary frequencies stay real). A block's weights are assigned from the files when it is
+used and released after; `load_state_dict(assign=True)` takes the file-mapped tensors without
+copying them, and MoE experts go through transformers' own checkpoint-to-model conversions. The
+blocks' call arguments (rotary embeddings, masks per layer type) are captured by running the
+family's own model forward with every block recording its arguments instead of computing, so
+masks, scaling and per-layer patterns come from transformers itself. This assumes nothing between
+blocks depends on the hidden states, which holds for every family in surgery.arch. The output
+layer runs on slices of the vocabulary. Memory: the skeleton, one block, one vocabulary slice
+and the residual stream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surgery.arch import SURGERY_MODEL_TYPE_PREFIX, architecture_of, decoder_layers, get_module
+from surgery.errors import SurgeryError
+from surgery.forward import block_output, finish_logits
+from surgery.hf_modeling import apply_removals, register_classes, remove_sublayer
+from surgery.shards import TORCH_DTYPES, SafetensorsFolder
+from surgery.sublayers import Sublayer, check_in_range, full_blocks
+
+HEAD_ROWS = 8192  # vocabulary rows of the output layer in memory at once
+
+
+def load_config(folder: Path) -> Any:
+    """A folder's config as transformers reads it (sublayer-pruned ones through surgery's classes)."""
+    from transformers import AutoConfig
+
+    data = json.loads((Path(folder) / "config.json").read_text())
+    architecture_of(data)  # an unsupported family fails here, with the list of supported ones
+    register_classes(data)
+    return AutoConfig.from_pretrained(str(folder))
+
+
+def skeleton(config: Any, dtype: Any = None) -> Any:
+    """The model of `config` with its weights on the meta device (no memory), with stand-ins where
+    `config.surgery` names removed sublayers."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    model.tie_weights()  # init_empty_weights leaves a tied output layer a separate meta tensor
+    surgery = getattr(config, "surgery", None)
+    if surgery and not str(config.model_type).startswith(SURGERY_MODEL_TYPE_PREFIX):
+        apply_removals(model, surgery)  # a family's own config carrying a cut (the in-memory cut's record)
+    return model.eval()
+
+
+def checkpoint_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor save_pretrained writes for `model` (tied weights once, MoE
+    experts one by one as stored), in the order it writes them for a model from from_pretrained,
+    as every cut model is: from a skeleton, so nothing is allocated."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    if getattr(model, "_weight_conversions", None) is None:  # what from_pretrained attaches; saving then sorts by name
+        model._weight_conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                                     if not isinstance(c, PrefixChange)]
+    state = model.state_dict()
+    for name in getattr(model, "_keys_to_ignore_on_save", None) or ():
+        state.pop(name, None)
+    state = remove_tied_weights_from_state_dict(state, model)
+    return {name: tuple(tensor.shape) for name, tensor in revert_weight_conversion(model, state).items()}
+
+
+def to_model_keys(model: Any, tensors: dict[str, Any], conversions: list[Any] | None = None) -> dict[str, Any]:
+    """Checkpoint tensors under the model's names and layout (MoE experts fused as transformers
+    loads them). All tensors of one fused weight (every expert of a layer) must be given together."""
+    from copy import deepcopy
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        apply_converters,
+        apply_renamings,
+        dot_natural_key,
+    )
+
+    conversions = get_model_conversion_mapping(model) if conversions is None else conversions
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    out, pending = {}, {}
+    for key in sorted(tensors, key=dot_natural_key):  # experts 0, 1, ..., 10 in order
+        name, pattern = apply_converters(apply_renamings(key, renamings), converters)
+        if pattern is None:
+            out[name] = tensors[key]
+            continue
+        converter = pending.setdefault(name, deepcopy(next(c for c in converters if pattern in c.source_patterns)))
+        converter.add_tensor(name, key, pattern, tensors[key])
+    for name, converter in pending.items():
+        for target, value in converter.convert(name, model=model, config=model.config).items():
+            out[target] = value[0] if isinstance(value, list) else value
+    return out
+
+
+@dataclass
+class Stream:
+    """One batch between blocks: the residual stream (kept on CPU) and every block's call
+    arguments after the hidden state (position embeddings, masks), as the family's forward passes them."""
+
+    hidden: Any
+    calls: list[tuple[tuple, dict]]
+
+
+class _Recorded(Exception):
+    """Raised by the last block's recorder: the family's forward has given every block its arguments."""
+
+
+class LayerwiseModel:
+    """A model folder run block by block from its files (see the module docstring).
+
+    device: where blocks and the output layer compute; the residual stream stays on CPU between blocks.
+    """
+
+    def __init__(self, folder: Path, *, device: str = "cpu") -> None:
+        import torch
+
+        self.folder = Path(folder)
+        self.weights = SafetensorsFolder(self.folder)
+        self.config = load_config(self.folder)
+        self.arch = architecture_of(self.config)
+        self.dtype = getattr(torch, TORCH_DTYPES[self.weights.main_dtype()])
+        self.model = skeleton(self.config, self.dtype)
+        self.device = device
+        self._conversions: list[Any] | None = None
+
+    @property
+    def layers(self) -> Any:
+        return decoder_layers(self.model, self.arch)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def forward(self, input_ids: Any, attention_mask: Any = None, skip: Iterable[Sublayer] = ()) -> Any:
+        """Float32 logits, computed block by block; `skip`: sublayers (or whole blocks) to leave out,
+        as if they were removed (stand-ins that add nothing; whole blocks are not even read)."""
+        stream = self.embed(input_ids, attention_mask)
+        for index, block in self.blocks(skip):
+            stream.hidden = self.run(block, index, stream)
+        return self.logits(self.final_norm(stream.hidden))
+
+    def embed(self, input_ids: Any, attention_mask: Any = None) -> Stream:
+        """The first block's input for one batch and the arguments every block is called with."""
+        import torch
+
+        layers, first, calls = self.layers, [], [((), {})] * self.num_layers
+
+        def recorder(index: int) -> Any:
+            def forward(hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+                if index == 0:
+                    first.append(hidden_states)
+                calls[index] = (args, kwargs)
+                if index == len(layers) - 1:
+                    raise _Recorded
+                return hidden_states  # later blocks only need their arguments
+
+            return forward
+
+        for index, layer in enumerate(layers):
+            layer.forward = recorder(index)  # an instance attribute: the block keeps its own attributes
+        embedding = self.model.get_input_embeddings()
+        try:
+            with self._loaded(embedding, self._path_of(embedding)), torch.no_grad():
+                self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Recorded:
+            pass
+        finally:
+            for layer in layers:
+                vars(layer).pop("forward", None)
+        return Stream(first[0], list(calls))
+
+    def blocks(self, skip: Iterable[Sublayer] = ()) -> Iterator[tuple[int, Any]]:
+        """(index, block with its weights) for every block `skip` leaves, one at a time: a block's
+        weights are released when the loop moves on. Sublayers in `skip` are stand-ins."""
+        skip = set(skip)
+        check_in_range(skip, self.num_layers)
+        whole = set(full_blocks(skip))
+        for index in range(self.num_layers):
+            if index not in whole:
+                with self.block(index, [u.kind for u in sorted(skip) if u.layer == index]) as block:
+                    yield index, block
+
+    @contextmanager
+    def block(self, index: int, skip_kinds: Iterable[str] = ()) -> Iterator[Any]:
+        """Block `index` with its weights (on the device) for the duration of the `with`; the
+        sublayer kinds in `skip_kinds` ("attn", "mlp") are stand-ins and their weights are not read."""
+        layer = self.layers[index]
+        originals: dict[str, Any] = {}
+        for kind in skip_kinds:
+            originals.update(remove_sublayer(layer, kind, list(self.arch.sublayer_modules(kind)), index,
+                                             self.arch.mlp_extra_outputs))
+        try:
+            with self._loaded(layer, f"{self.arch.layers}.{index}.", self.device):
+                yield layer
+        finally:
+            for name, module in originals.items():
+                setattr(layer, name, module)
+
+    def run(self, block: Any, index: int, stream: Stream) -> Any:
+        """Block `index`'s output for one batch (back on CPU)."""
+        import torch
+
+        args, kwargs = _moved(stream.calls[index], self.device)
+        with torch.no_grad():
+            return block_output(block(stream.hidden.to(self.device), *args, **kwargs)).to("cpu")
+
+    def final_norm(self, hidden: Any) -> Any:
+        import torch
+
+        norm = get_module(self.model, self.arch.final_norm)
+        with self._loaded(norm, self.arch.final_norm + ".", self.device), torch.no_grad():
+            return norm(hidden.to(self.device)).to("cpu")
+
+    def logits(self, hidden: Any, rows: int = HEAD_ROWS) -> Any:
+        """Float32 logits from final hidden states, HEAD_ROWS vocabulary rows of the output layer at
+        a time, with the family's post-processing (Gemma's soft-cap, Granite's divisor)."""
+        import torch
+        import torch.nn.functional as F
+
+        name = f"{self.arch.lm_head}.weight"
+        if name not in self.weights:  # tied to the input embedding
+            name = self._path_of(self.model.get_input_embeddings()) + "weight"
+        bias = f"{self.arch.lm_head}.bias"
+        vocabulary = self.weights.info[name].shape[0]
+        hidden = hidden.to(self.device)
+        parts = []
+        with torch.no_grad():
+            for start in range(0, vocabulary, rows):
+                stop = min(start + rows, vocabulary)
+                weight = self.weights.rows(name, start, stop).to(self.device)
+                part = F.linear(hidden, weight, self.weights.rows(bias, start, stop).to(self.device) if bias in self.weights else None)
+                parts.append(part.float().cpu())
+        return finish_logits(self.config, torch.cat(parts, dim=-1))
+
+    def close(self) -> None:
+        self.weights.close()
+
+    def _path_of(self, module: Any) -> str:
+        return next(name for name, m in self.model.named_modules() if m is module) + "."
+
+    @contextmanager
+    def _loaded(self, module: Any, prefix: str, device: str = "cpu") -> Iterator[Any]:
+        """`module` (at `prefix` in the model) with its weights from the files, released on exit."""
+        import torch
+        from transformers.core_model_loading import revert_weight_conversion
+
+        wanted = {prefix + name: t for name, t in module.state_dict().items() if t.is_meta}
+        names = list(revert_weight_conversion(self.model, wanted)) if wanted else []
+        absent = [name for name in names if name not in self.weights]
+        if absent:
+            raise SurgeryError(f"{self.folder} lacks {absent[0]}, which its config.json implies: "
+                               "export the model again or fix config.json")
+        if self._conversions is None:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+
+            self._conversions = get_model_conversion_mapping(self.model)
+        state = to_model_keys(self.model, {name: self.weights.tensor(name) for name in names}, self._conversions)
+        state = {name[len(prefix):]: tensor for name, tensor in state.items()}
+        missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+        if set(missing) & {name[len(prefix):] for name in wanted} or unexpected:
+            raise SurgeryError(f"{self.folder}: the weights under {prefix} do not fit the model its config.json describes "
+                               f"({(list(missing) + list(unexpected))[0]}): export the model again")
+        if device != "cpu":
+            module.to(device)
+        try:
+            yield module
+        finally:
+            for name in state:
+                _to_meta(module, name, torch)
+
+
+def _to_meta(module: Any, name: str, torch: Any) -> None:
+    """Put one weight back on the meta device, dropping the file mapping or copy behind it."""
+    owner_path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    meta = torch.empty_like(getattr(owner, leaf), device="meta")
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = torch.nn.Parameter(meta, requires_grad=False)
+    else:
+        owner._buffers[leaf] = meta
+
+
+def _moved(value: Any, device: str) -> Any:
+    """Tensors inside nested tuples, lists and dicts, on `device`."""
+    if hasattr(value, "to") and hasattr(value, "device"):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value

@@ -1,0 +1,306 @@
+"""Safetensors folders tensor by tensor: the one home of reading their headers, of splitting a
+checkpoint into shards as transformers does, and of writing and checking shard files by streaming
+bytes.
+
+A checkpoint larger than memory is cut by copying byte ranges from the source's files into new
+shards (`write_shard`), one buffer at a time, so memory never holds a whole tensor, let alone a
+shard; the copy is then checked by reading the written files back (`check_shard`). The split, the
+file names and the index are transformers' own (`plan_shards` calls huggingface_hub's splitter as
+save_pretrained does, `write_index` writes what it writes), so loaders cannot tell a streamed
+checkpoint from a saved one. Files are written in the byte layout of safetensors' own writer.
+Torch is needed only to hand tensors to a model (`SafetensorsFolder.tensor`, `.rows`).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import itertools
+import json
+import os
+import struct
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import SurgeryError
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+FILENAME_PATTERN = "model{suffix}.safetensors"
+CHUNK_BYTES = 16 << 20
+# safetensors' dtype order: its writer lays tensors out by descending dtype, then by name.
+_DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
+                "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+TORCH_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors file, or one to be written: where its bytes are, not the bytes."""
+
+    name: str
+    dtype: str  # safetensors' name: F32, BF16, ...
+    shape: tuple[int, ...]
+    nbytes: int
+    file: Path | None = None
+    start: int = 0  # offset of its first byte in `file`
+
+
+def read_header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the data, header) of a safetensors file; a one-line error for a file that is not
+    one or is shorter or longer than its header says (a truncated download)."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length <= 0 or 8 + length > size:
+                raise ValueError("header longer than file")
+            header = json.loads(handle.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as error:
+        raise SurgeryError(f"{file} is not a valid safetensors file ({error}): download or export it again") from None
+    if 8 + length + end != size:
+        raise SurgeryError(f"{file} is truncated or corrupt ({size} bytes, header says {8 + length + end}): "
+                           "download or export it again")
+    return 8 + length, header
+
+
+def file_tensors(file: Path) -> dict[str, TensorInfo]:
+    """The tensors a safetensors file holds, by name."""
+    start, header = read_header(file)
+    return {name: TensorInfo(name, entry["dtype"], tuple(entry["shape"]), entry["data_offsets"][1] - entry["data_offsets"][0],
+                             file, start + entry["data_offsets"][0])
+            for name, entry in header.items() if name != "__metadata__"}
+
+
+def weight_files(folder: Path, hint: str = "convert the weights to safetensors") -> tuple[list[str], dict[str, str] | None]:
+    """The weight files a loader reads in `folder` (model.safetensors, or the shards its index
+    names) and the index's weight map; a one-line error naming what the folder holds instead."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise SurgeryError(f"{index} is not a safetensors index ({error}): download or export the model again") from None
+        return files, weight_map
+    if (folder / WEIGHTS_NAME).is_file():
+        return [WEIGHTS_NAME], None
+    others = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".safetensors"))
+    holds = f" (it holds {', '.join(others[:3])})" if others else ""
+    raise SurgeryError(f"{folder} has no {WEIGHTS_NAME} or {INDEX_NAME}{holds}: {hint}")
+
+
+class SafetensorsFolder:
+    """The tensors of a model folder by name, read lazily: the headers at once, bytes when asked.
+
+    `read` yields a tensor's raw bytes a buffer at a time (for copying); `tensor` returns it as a
+    torch tensor mapped from the file (no copy until written to), `rows` a copied slice of rows.
+    hint: the fix named when the folder has no safetensors weights; strict: refuse shard tensors
+    the index does not list (loaders ignore them; an export must not hold them).
+    """
+
+    def __init__(self, folder: Path, hint: str = "convert the weights to safetensors", *, strict: bool = False) -> None:
+        self.folder = Path(folder)
+        files, weight_map = weight_files(self.folder, hint)
+        self.info: dict[str, TensorInfo] = {}
+        for name in files:
+            if not (self.folder / name).is_file():
+                raise SurgeryError(f"{self.folder}/{INDEX_NAME} names {name}, which is missing: download or export the model again")
+            self.info.update(file_tensors(self.folder / name))
+        if weight_map is not None:
+            lost = [k for k, f in weight_map.items() if k not in self.info or self.info[k].file.name != f]
+            if lost:
+                raise SurgeryError(f"{self.folder}/{INDEX_NAME} puts {lost[0]} in {weight_map[lost[0]]}, which does not hold it: "
+                                   "download or export the model again")
+            unlisted = sorted(set(self.info) - set(weight_map)) if strict else []
+            if unlisted:  # loaders read only what the index lists
+                raise SurgeryError(f"{self.folder}/{self.info[unlisted[0]].file.name} holds {unlisted[0]}, which {INDEX_NAME} "
+                                   "does not list: download or export the model again")
+        self._buffer = bytearray(CHUNK_BYTES)
+        self._descriptors: dict[Path, int] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.info
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.info.values())
+
+    def main_dtype(self) -> str:
+        """The floating dtype holding most bytes (the one the model was saved in)."""
+        sizes: dict[str, int] = {}
+        for t in self.info.values():
+            if t.dtype in TORCH_DTYPES:
+                sizes[t.dtype] = sizes.get(t.dtype, 0) + t.nbytes
+        return max(sizes, key=sizes.get) if sizes else "F32"
+
+    def read(self, name: str) -> Iterator[memoryview]:
+        """A tensor's bytes, CHUNK_BYTES at a time, in one reused buffer (use each chunk before the next)."""
+        info = self.info[name]
+        if info.file not in self._descriptors:
+            self._descriptors[info.file] = os.open(info.file, os.O_RDONLY)
+        return read_range(self._descriptors[info.file], info.start, info.nbytes, self._buffer, info.file)
+
+    def tensor(self, name: str) -> Any:
+        with self._opened(name) as handle:
+            return handle.get_tensor(name)
+
+    def rows(self, name: str, start: int, stop: int) -> Any:
+        with self._opened(name) as handle:
+            return handle.get_slice(name)[start:stop]
+
+    def _opened(self, name: str) -> Any:
+        """A safetensors handle for one read. Its file mapping then lives only as long as the tensor
+        read from it, so the pages it touched leave the process's memory with the tensor; a handle
+        kept open would keep every page it ever touched resident, in time the whole model."""
+        from safetensors import safe_open
+
+        return safe_open(str(self.info[name].file), framework="pt", device="cpu")
+
+    def close(self) -> None:
+        for descriptor in self._descriptors.values():
+            os.close(descriptor)
+        self._descriptors.clear()
+
+
+def read_range(descriptor: int, start: int, length: int, buffer: bytearray, file: Path) -> Iterator[memoryview]:
+    view = memoryview(buffer)
+    while length:
+        got = os.preadv(descriptor, [view[: min(length, len(view))]], start)
+        if got == 0:
+            raise SurgeryError(f"{file} ended early while reading it: download or export it again")
+        yield view[:got]
+        start += got
+        length -= got
+
+
+# ------------------------------------------------------------------ writing
+
+
+def plan_shards(sizes: dict[str, int], max_shard_size: int) -> dict[str, list[str]]:
+    """File name -> tensor names: the split save_pretrained makes of tensors of these byte sizes
+    (in this order), with its file names (model.safetensors alone, else model-0000i-of-0000n)."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    split = split_state_dict_into_shards_factory(sizes, get_storage_size=lambda size: size, filename_pattern=FILENAME_PATTERN,
+                                                 max_shard_size=max_shard_size)
+    return split.filename_to_tensors
+
+
+def encode_header(tensors: Iterable[TensorInfo], metadata: dict[str, str] | None) -> tuple[bytes, list[TensorInfo]]:
+    """The header safetensors' writer makes for these tensors, and the order their bytes follow it."""
+    order = sorted(tensors, key=lambda t: (-_DTYPE_ORDER.index(t.dtype), t.name))
+    entries: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for t in order:
+        entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, order
+
+
+@dataclass(frozen=True)
+class WrittenShard:
+    checksums: dict[str, int]  # tensor -> CRC-32 of the bytes it was given
+    sha256: str  # of the file as written
+
+
+def write_shard(path: Path, tensors: list[TensorInfo], chunks: Callable[[TensorInfo], Iterable[bytes | memoryview]],
+                lies_in: Callable[[TensorInfo], TensorInfo] | None = None, metadata: dict[str, str] | None = None) -> WrittenShard:
+    """Write one safetensors file, tensor by tensor, from `chunks(tensor)` (its bytes in pieces; a
+    piece may be reused once the next is asked for), taking each tensor's CRC-32 and the file's SHA-256.
+
+    lies_in(tensor): the source tensor holding the same bytes in a file. They are then copied file
+    to file by the kernel, as shutil.copyfile copies, and the pieces only feed the checksums; the
+    copy, the CRC and the SHA-256 run in three threads (all release the GIL). A tensor read back
+    with check_shard thus proves both the layout and the copy.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    header, order = encode_header(tensors, {"format": "pt"} if metadata is None else metadata)
+    digest = hashlib.sha256(header)
+    checksums = {}
+    with open(path, "wb") as handle, ThreadPoolExecutor(1) as disk, ThreadPoolExecutor(1) as hashing:
+        handle.write(header)
+        handle.flush()
+        offsets = dict(zip((t.name for t in order), itertools.accumulate((t.nbytes for t in order), initial=len(header))))
+        copied = disk.submit(_copy_ranges, handle.fileno(), [(lies_in(t), offsets[t.name]) for t in order]) if lies_in else None
+        for info in order:
+            crc, seen = 0, 0
+            for chunk in chunks(info):
+                pending = [hashing.submit(digest.update, chunk)] + ([] if copied else [disk.submit(handle.write, chunk)])
+                crc = zlib.crc32(chunk, crc)
+                seen += len(chunk)
+                for job in pending:
+                    job.result()
+            if seen != info.nbytes:
+                raise SurgeryError(f"{info.name} gave {seen} bytes where its dtype and shape need {info.nbytes}")
+            checksums[info.name] = crc
+        if copied:
+            copied.result()
+    return WrittenShard(checksums, digest.hexdigest())
+
+
+def _copy_ranges(target: int, ranges: list[tuple[TensorInfo, int]]) -> None:
+    """Copy each source tensor's bytes to its offset in file descriptor `target`, inside the kernel
+    (read and write where a filesystem cannot copy between files)."""
+    descriptors: dict[Path, int] = {}
+    try:
+        for source, offset in ranges:
+            if source.file not in descriptors:
+                descriptors[source.file] = os.open(source.file, os.O_RDONLY)
+            _copy_range(descriptors[source.file], source.start, target, offset, source.nbytes)
+    finally:
+        for descriptor in descriptors.values():
+            os.close(descriptor)
+
+
+def _copy_range(source: int, start: int, target: int, offset: int, length: int) -> None:
+    while length:
+        try:
+            done = os.copy_file_range(source, target, min(length, 1 << 30), start, offset)
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            done = os.pwrite(target, os.pread(source, min(length, CHUNK_BYTES), start), offset)
+        if done == 0:
+            raise SurgeryError("a source file ended early while copying it: download or export it again")
+        start, offset, length = start + done, offset + done, length - done
+
+
+def check_shard(path: Path, expected: dict[str, TensorInfo], checksums: dict[str, int]) -> None:
+    """Read a written shard back: its header must list exactly the expected tensors with their
+    dtypes and shapes, and every tensor's bytes must have the CRC-32 of the bytes it was written from."""
+    found = file_tensors(path)
+    if set(found) != set(expected):
+        odd = sorted(set(found) ^ set(expected))
+        raise SurgeryError(f"export check failed: {path.name} does not hold the tensors planned for it ({odd[0]}); nothing was written")
+    buffer = bytearray(CHUNK_BYTES)
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        for name, info in found.items():
+            want = expected[name]
+            if (info.dtype, info.shape) != (want.dtype, want.shape):
+                raise SurgeryError(f"export check failed: {path.name} holds {name} as {info.dtype} {list(info.shape)}, "
+                                   f"not {want.dtype} {list(want.shape)}; nothing was written")
+            crc = 0
+            for chunk in read_range(descriptor, info.start, info.nbytes, buffer, path):
+                crc = zlib.crc32(chunk, crc)
+            if crc != checksums[name]:
+                raise SurgeryError(f"export check failed: {name} in {path.name} differs from its source tensor "
+                                   "(checksum); nothing was written")
+    finally:
+        os.close(descriptor)
+
+
+def write_index(folder: Path, shards: dict[str, list[str]], total_size: int, total_parameters: int) -> None:
+    """model.safetensors.index.json as transformers writes it (only for more than one shard)."""
+    index = {"metadata": {"total_parameters": total_parameters, "total_size": total_size},
+             "weight_map": {name: file for file, names in shards.items() for name in names}}
+    with open(folder / INDEX_NAME, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
