@@ -256,8 +256,8 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
     from surgery.console import task
     from surgery.data import calibration_batches
     from surgery.distributed import gather, start
+    from surgery.layerwise import LayerwiseModel
     from surgery.provenance import machine, now, versions
-    from surgery.scoring.residual import ResidualLoss
 
     if tokenizer is None:
         raise SurgeryError("this model has no tokenizer: analyze a folder that holds one (tokenizer.json)")
@@ -265,9 +265,14 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
     if out is not None and not force:
         check_dropped_methods(out, settings.methods)
     here = start()
-    base = unwrap(model)
-    base.eval()
-    layers = num_layers(base)
+    settings = replace(settings, layerwise=isinstance(model, LayerwiseModel))  # as run, in analysis.json
+    if settings.layerwise:
+        check_layerwise(settings)
+        base, layers = model, model.num_layers
+    else:
+        base = unwrap(model)
+        base.eval()
+        layers = num_layers(base)
     players = 2 * layers
     wanted = list(coalitions_to_evaluate(settings.methods, settings, players))
     started = time.perf_counter()
@@ -277,7 +282,7 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
         batches, origin, digest = calibration_batches(tokenizer, settings) if needs_stream else ([], None, None)
         clock = time.perf_counter()
         with task("caching the residual stream"):
-            residual = ResidualLoss(base, batches, prefix_cache=settings.prefix_cache) if needs_stream else None
+            residual = residual_loss(base, batches, settings, out) if needs_stream else None
         cost["reference_pass_seconds"] = time.perf_counter() - clock
         if settings.metric == "loss":
             value_function = residual
@@ -331,6 +336,31 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
         write_json(Path(out) / ANALYSIS_FILE, analysis.to_json())
         analysis.folder = Path(out)
     return analysis
+
+
+def check_layerwise(settings: AnalysisSettings) -> None:
+    """What the layer-by-layer analysis cannot do, refused before anything is read."""
+    if settings.metric != "loss":
+        raise SurgeryError("--metric acc runs lm-eval on the whole model, which --layerwise never builds: "
+                           "use --metric loss, or pass --no-layerwise")
+    if not settings.prefix_cache:
+        raise SurgeryError("the layer-by-layer analysis always resumes from the cached residual stream: "
+                           "drop --no-prefix-cache, or pass --no-layerwise")
+
+
+def residual_loss(model: Any, batches: list[Any], settings: AnalysisSettings, out: Path | None) -> Any:
+    """The loss value function for a model in memory, or for a LayerwiseModel read block by block
+    (whose cached stream may spill to a file beside the analysis folder)."""
+    from surgery.layerwise import LayerwiseModel
+
+    if isinstance(model, LayerwiseModel):
+        from surgery.files import nearest_existing
+        from surgery.scoring.layerwise import LayerwiseResidualLoss
+
+        return LayerwiseResidualLoss(model, batches, spill_dir=nearest_existing(Path(out)) if out is not None else None)
+    from surgery.scoring.residual import ResidualLoss
+
+    return ResidualLoss(model, batches, prefix_cache=settings.prefix_cache)
 
 
 def _baseline(value_function: Any, settings: AnalysisSettings) -> dict[str, Any]:
@@ -393,9 +423,9 @@ def _evaluate_all(value_function: Any, settings: AnalysisSettings, wanted: list[
 
 
 def _default_coalition_batch(value_function: Any) -> int:
-    base = getattr(value_function, "base", None)
-    on_gpu = base is not None and next(base.parameters()).device.type == "cuda"
-    return 4 if on_gpu else 1
+    """What the value function runs best at (ResidualLoss: 4 on a GPU; the layer-by-layer one: a
+    group per read of the blocks); 1 for one that cannot batch."""
+    return getattr(value_function, "default_batch", 1)
 
 
 def find_cornerstones(analysis: Analysis, settings: AnalysisSettings) -> list[dict[str, Any]]:

@@ -61,8 +61,11 @@ def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, 
 
 
 def _streams(folder: Path, settings: CutSettings, load: LoadSettings) -> bool:
-    """--stream / --no-stream as given; otherwise stream a safetensors model that does not fit in memory."""
-    from surgery.export.streamed import NOT_SAFETENSORS, available_memory, fits_in_memory
+    """--stream / --no-stream as given; otherwise stream a safetensors model that does not fit in
+    memory twice (the in-memory cut verifies against a reloaded copy)."""
+    from surgery.export.streamed import NOT_SAFETENSORS
+    from surgery.loading import resolve_device
+    from surgery.memory import out_of_core
     from surgery.shards import weight_files
 
     if settings.stream:
@@ -70,19 +73,8 @@ def _streams(folder: Path, settings: CutSettings, load: LoadSettings) -> bool:
             raise SurgeryError("--device-map places a whole model in memory; the streamed cut runs block by block: "
                                "drop --device-map, or pass --no-stream")
         weight_files(folder, NOT_SAFETENSORS)  # safetensors or a one-line error, before --out is claimed
-    if settings.stream is not None:
-        return settings.stream
-    weights = list(folder.glob("*.safetensors"))
-    if load.device_map or not weights:
-        return False
-    size, available = sum(p.stat().st_size for p in weights), available_memory()
-    if fits_in_memory(size, available):
-        return False
-    from surgery.console import console
-
-    console.print(f"streaming the cut file to file: the model ({size / 2**30:.1f} GiB) does not fit in memory "
-                  f"({available / 2**30:.1f} GiB available); --no-stream to cut it in memory anyway")
-    return True
+    return out_of_core(folder, settings.stream, device=resolve_device(load.device), device_map=load.device_map, copies=2,
+                       doing="streaming the cut file to file", instead="--no-stream")
 
 
 def _cut_in_memory(source: Any, units: list, out: Path, load: LoadSettings, settings: CutSettings, force: bool,
@@ -203,7 +195,6 @@ def analyze_and_save(model_spec: str, settings: AnalysisSettings, out: Path, loa
     from surgery.analysis import EVALUATIONS_FILE, analyze, check_dropped_methods
     from surgery.distributed import start
     from surgery.files import check_resumable_folder, output_lock
-    from surgery.loading import load_model
     from surgery.report import write_analysis_report
     from surgery.scoring import with_requirements
 
@@ -216,11 +207,44 @@ def analyze_and_save(model_spec: str, settings: AnalysisSettings, out: Path, loa
     with output_lock(out, what=f"the analysis folder {out}") if here.main else contextlib.nullcontext():
         if here.main:
             check([source.path])  # again, now that it is held: a run that waited may find it changed
-        loaded = load_model(source, **load.kwargs())
-        analysis = analyze(loaded.model, loaded.tokenizer, settings, out, model_info=loaded.source.describe(), force=force)
+        model, tokenizer = _analysis_model(source, settings, load)
+        analysis = analyze(model, tokenizer, settings, out, model_info=source.describe(), force=force)
         if analysis is not None:
             write_analysis_report(analysis, Path(out), command)
     return analysis
+
+
+def _analysis_model(source: Any, settings: AnalysisSettings, load: LoadSettings) -> tuple[Any, Any]:
+    """(model, tokenizer) for the analysis: loaded whole, or, for a model that does not fit in
+    memory (or with --layerwise), a LayerwiseModel that reads one block at a time."""
+    from surgery.loading import load_model, load_tokenizer, resolve_device
+    from surgery.memory import out_of_core
+
+    device = resolve_device(load.device)
+    if settings.layerwise:
+        from surgery.analysis import check_layerwise
+        from surgery.shards import weight_files
+
+        check_layerwise(settings)
+        if load.device_map:
+            raise SurgeryError("--device-map places a whole model in memory; --layerwise reads one block at a time: "
+                               "drop one of them")
+        weight_files(source.path, "the layer-by-layer analysis reads safetensors weights only: convert them, "
+                                  "or pass --no-layerwise")
+    layerwise = settings.metric == "loss" and out_of_core(
+        source.path, settings.layerwise, device=device, device_map=load.device_map, copies=1,
+        doing="analyzing layer by layer", instead="--no-layerwise")
+    if not layerwise:
+        loaded = load_model(source, **load.kwargs())
+        return loaded.model, loaded.tokenizer
+    from surgery.layerwise import LayerwiseModel
+
+    model = LayerwiseModel(source.path, device=device)
+    stored = str(model.dtype).removeprefix("torch.")
+    if load.dtype not in ("auto", stored):
+        raise SurgeryError(f"the layer-by-layer analysis computes in the stored dtype ({stored}): drop --dtype "
+                           f"{load.dtype}, or pass --no-layerwise")
+    return model, load_tokenizer(source.path, load.trust_remote_code)
 
 
 def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluation: EvalSettings, load: LoadSettings, *,

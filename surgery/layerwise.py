@@ -144,6 +144,7 @@ class LayerwiseModel:
         self.dtype = getattr(torch, TORCH_DTYPES[self.weights.main_dtype()])
         self.model = skeleton(self.config, self.dtype)
         self.device = device
+        self.head_rows = HEAD_ROWS  # vocabulary rows of the output layer per slice
         self._conversions: list[Any] | None = None
 
     @property
@@ -234,26 +235,32 @@ class LayerwiseModel:
         with self._loaded(norm, self.arch.final_norm + ".", self.device), torch.no_grad():
             return norm(hidden.to(self.device)).to("cpu")
 
-    def logits(self, hidden: Any, rows: int = HEAD_ROWS) -> Any:
-        """Float32 logits from final hidden states, HEAD_ROWS vocabulary rows of the output layer at
-        a time, with the family's post-processing (Gemma's soft-cap, Granite's divisor)."""
+    def logits(self, hidden: Any, rows: int | None = None) -> Any:
+        """Float32 logits from final hidden states, `rows` vocabulary rows of the output layer at a
+        time, with the family's post-processing (Gemma's soft-cap, Granite's divisor)."""
         import torch
+
+        with torch.no_grad():
+            return torch.cat([next(part) for _, part in self.logit_slices([hidden], rows)], dim=-1)
+
+    def logit_slices(self, hiddens: list[Any], rows: int | None = None) -> Iterator[tuple[int, Iterator[Any]]]:
+        """(first vocabulary row, the float32 logits of that slice for each of `hiddens` in turn),
+        slice by slice: each slice of the output layer is read once for all of them, and only one
+        slice of one matrix of logits is ever computed at a time (consume a slice's logits before
+        asking for the next slice). Post-processed as the family does (finish_logits is elementwise)."""
         import torch.nn.functional as F
 
         name = f"{self.arch.lm_head}.weight"
         if name not in self.weights:  # tied to the input embedding
             name = self._path_of(self.model.get_input_embeddings()) + "weight"
         bias = f"{self.arch.lm_head}.bias"
-        vocabulary = self.weights.info[name].shape[0]
-        hidden = hidden.to(self.device)
-        parts = []
-        with torch.no_grad():
-            for start in range(0, vocabulary, rows):
-                stop = min(start + rows, vocabulary)
-                weight = self.weights.rows(name, start, stop).to(self.device)
-                part = F.linear(hidden, weight, self.weights.rows(bias, start, stop).to(self.device) if bias in self.weights else None)
-                parts.append(part.float().cpu())
-        return finish_logits(self.config, torch.cat(parts, dim=-1))
+        vocabulary, rows = self.weights.info[name].shape[0], rows or self.head_rows
+        hiddens = [hidden.to(self.device, self.dtype) for hidden in hiddens]
+        for start in range(0, vocabulary, rows):
+            stop = min(start + rows, vocabulary)
+            weight = self.weights.rows(name, start, stop).to(self.device, self.dtype)
+            offset = self.weights.rows(bias, start, stop).to(self.device, self.dtype) if bias in self.weights else None
+            yield start, (finish_logits(self.config, F.linear(h, weight, offset).float()).cpu() for h in hiddens)
 
     def close(self) -> None:
         self.weights.close()

@@ -106,7 +106,7 @@ def score(settings: PruneSettings, loaded: Any, methods: tuple[str, ...]) -> Any
     with output_lock(folder, wait=waits, what=f"the analysis folder {folder}") if main else nullcontext():
         try:
             saved = load_analysis(folder)
-            ignored = ("methods", "budget", "data_dir")
+            ignored = ("methods", "budget", "data_dir", "layerwise", "prefix_cache", "coalition_batch")  # how, not what
             wanted = {k: v for k, v in chosen.describe().items() if k not in ignored}
             defaults = AnalysisSettings().describe()  # a setting an older analysis did not record had its default
             if saved.key == key and saved.complete and set(methods) <= set(saved.methods) \

@@ -305,7 +305,11 @@ class AnalysisSettings:
     prefix_cache: bool = setting(True, "--prefix-cache", "Resume each coalition from the cached residual stream "
                                  "(--no-prefix-cache: every coalition from the embeddings, for comparison).")
     coalition_batch: int = setting(0, "--coalition-batch", "Coalitions that resume at the same sublayer run as one batch, "
-                                   "up to this many (0: 4 on a GPU, 1 on a CPU).", type=_int_at_least(0))
+                                   "up to this many (0: 4 on a GPU, 1 on a CPU; up to 64 with --layerwise).",
+                                   type=_int_at_least(0))
+    layerwise: bool | None = setting(None, "--layerwise", "Read the model one decoder block at a time from its "
+                                     "safetensors files, never whole (default: only when it does not fit in memory; "
+                                     "--metric loss only).")
     data_dir: Path | None = setting(None, "--data-dir", "Folder of <name>_<split>.jsonl[.gz] files (default: $SURGERY_DATA_DIR).",
                                     parse=_data_dir)
     text_field: str | None = setting(None, "--text-field", "Field holding the text in .jsonl/.parquet files.")

@@ -28,28 +28,7 @@ from surgery.forward import VERIFY_PROMPT, count_parameters
 from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo, check_shard, plan_shards, write_index, write_shard
 from surgery.sublayers import Sublayer
 
-IN_MEMORY_FACTOR = 2  # the in-memory cut holds the model and, to verify it, its reloaded copy
-LIBRARY_BYTES = 1 << 30  # torch, transformers and the forward passes beside the weights
 NOT_SAFETENSORS = "the streamed cut reads safetensors weights only: convert them, or cut in memory with --no-stream"
-
-
-def available_memory() -> int:
-    """Bytes of memory the system can give without swapping (MemAvailable)."""
-    import os
-
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def fits_in_memory(weight_bytes: int, available: int) -> bool:
-    """Whether the in-memory cut of a checkpoint of `weight_bytes` fits in `available` bytes."""
-    return IN_MEMORY_FACTOR * weight_bytes + LIBRARY_BYTES <= available
 
 
 @dataclass

@@ -2,8 +2,9 @@
 checkpoint is read one decoder block at a time (surgery.layerwise) and every pass runs layer-major,
 so each block is read once per pass whatever the number of batches and coalitions.
 
-The reference pass caches the residual stream before every sublayer position (on CPU, or in a
-disk-backed file with `spill`), exactly as the in-memory prefix cache does; a group of coalitions
+The reference pass caches the residual stream before every sublayer position (on CPU, or, when
+it would take more than half the free memory, in an unnamed file in `spill_dir` that vanishes
+with the process), exactly as the in-memory prefix cache does; a group of coalitions
 then starts each from the cached state at its first removal and runs the blocks after it, the block
 read once for the whole group; the output layer is read once per group too, a slice of the
 vocabulary at a time, with a running log-sum-exp. Values equal the in-memory ones up to float
@@ -21,13 +22,15 @@ from typing import Any
 from surgery.scoring.residual import resume_point
 from surgery.sublayers import Sublayer
 
-GROUP = 64  # coalitions run through the blocks together (their states live on CPU meanwhile)
+GROUP = 64  # coalitions run through the blocks together (their states live on CPU meanwhile), at most
 
 
 class LayerwiseResidualLoss:
     """v(S) = -(mean token loss) on the calibration batches, for a LayerwiseModel."""
 
-    def __init__(self, model: Any, batches: list[Any], *, spill: Path | None = None) -> None:
+    def __init__(self, model: Any, batches: list[Any], *, spill_dir: Path | None = None) -> None:
+        from surgery.memory import available_memory
+
         self.model = model
         self.base = model  # what the analysis reads the vocabulary size from
         self.device = model.device
@@ -38,7 +41,11 @@ class LayerwiseResidualLoss:
         self.seconds = 0.0
         self._values: dict[frozenset[int], float] = {}
         self._streams = [model.embed(ids) for ids in batches]  # each batch's block arguments (rotary embeddings, masks)
-        self._states = _States(len(batches), self.num_players + 1, self._streams[0].hidden, spill)
+        one = sum(s.hidden.numel() * s.hidden.element_size() for s in self._streams)  # one position, every batch
+        free = available_memory("cpu")
+        spill = spill_dir if spill_dir is not None and one * (self.num_players + 1) > free // 2 else None
+        self._states = _States([s.hidden for s in self._streams], self.num_players + 1, spill)
+        self.default_batch = max(1, min(GROUP, free // 4 // one))  # a group's states take at most a quarter
         self._reference_pass()
 
     # ------------------------------------------------------------ the value function's interface
@@ -58,8 +65,8 @@ class LayerwiseResidualLoss:
 
     def values(self, coalitions: list[frozenset[int]], batch: int = 1) -> list[float]:
         todo = [c for c in dict.fromkeys(coalitions) if c not in self._values]
-        for start in range(0, len(todo), GROUP):
-            group = todo[start:start + GROUP]
+        for start in range(0, len(todo), max(batch, 1)):
+            group = todo[start:start + max(batch, 1)]
             clock = time.perf_counter()
             self._values.update(zip(group, self._group_values(group)))
             self.seconds += time.perf_counter() - clock
@@ -167,27 +174,46 @@ def _without(block: Any, arch: Any, index: int, kinds: set[str]) -> Iterator[Any
 
 
 class _States:
-    """The cached stream, [batch][position] -> [B, T, H] on CPU, or in one disk-backed file (`spill`)."""
+    """The cached stream, [batch][position] -> that batch's [B, T, H] tensor, on CPU or in one unnamed
+    file in `spill` (deleted by the system when the process ends, however it ends), bit for bit."""
 
-    def __init__(self, batches: int, positions: int, like: Any, spill: Path | None) -> None:
-        self.shape, self.dtype = tuple(like.shape), like.dtype
+    def __init__(self, like: list[Any], positions: int, spill: Path | None) -> None:
+        self.like = like
         self.memory: dict[tuple[int, int], Any] = {}
         self.file = None
         if spill is not None:
+            import tempfile
+
             import numpy as np
 
-            spill.parent.mkdir(parents=True, exist_ok=True)
-            self.file = np.lib.format.open_memmap(spill, mode="w+", dtype=np.float32, shape=(batches, positions, *self.shape))
+            from surgery.files import check_free_space
+
+            width = max(t.numel() for t in like)
+            check_free_space(spill / ".surgery-stream", len(like) * positions * width * like[0].element_size(),
+                             "the cached residual stream")
+            self.handle = tempfile.TemporaryFile(dir=spill, prefix=".surgery-stream-")  # noqa: SIM115 (lives with the states)
+            bits = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[like[0].element_size()]
+            self.file = np.memmap(self.handle, dtype=bits, mode="w+", shape=(len(like), positions, width))
 
     def put(self, batch: int, position: int, value: Any) -> None:
         if self.file is None:
             self.memory[(batch, position)] = value.detach().cpu()
         else:
-            self.file[batch, position] = value.detach().float().cpu().numpy()
+            flat = value.detach().cpu().reshape(-1)
+            self.file[batch, position, :flat.numel()] = flat.view(_bits(flat)).numpy()
 
     def get(self, batch: int, position: int) -> Any:
         import torch
 
         if self.file is None:
             return self.memory[(batch, position)]
-        return torch.from_numpy(self.file[batch, position]).to(self.dtype)  # numpy has no bfloat16: kept as float32
+        like = self.like[batch]
+        raw = torch.from_numpy(self.file[batch, position, :like.numel()])
+        return raw.view(like.dtype).view(like.shape)
+
+
+def _bits(tensor: Any) -> Any:
+    """The integer dtype of the same width as `tensor`'s (numpy has no bfloat16: states are kept as bits)."""
+    import torch
+
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]

@@ -90,6 +90,11 @@ class ResidualLoss:
                 self._values.update(zip(chunk, results))
         return [self._values[c] for c in coalitions]
 
+    @property
+    def default_batch(self) -> int:
+        """Coalitions per batch when --coalition-batch is not given: batching helps on a GPU only."""
+        return 4 if self.device.type == "cuda" else 1
+
     def states_at(self, position: int) -> list[Any]:
         """Cached residual stream before `position` (2L = after the last block), one tensor per batch."""
         return [states[position] for states in self._states]

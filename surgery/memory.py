@@ -1,0 +1,60 @@
+"""Whether a model fits where it would be loaded: the one decision between the in-memory path and
+the out-of-core one (`surgery cut --stream`, `surgery analyze --layerwise`).
+
+The measure is the weights on disk against the memory free on the device the model would live on
+(MemAvailable for the CPU, the free memory of a GPU), with room for the libraries and the passes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+LIBRARY_BYTES = 1 << 30  # torch, transformers and the forward passes beside the weights
+
+
+def available_memory(device: str = "cpu") -> int:
+    """Bytes the device can give now: MemAvailable (without swapping) or a GPU's free memory."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def fits_in_memory(weight_bytes: int, available: int, copies: int = 1) -> bool:
+    """Whether `copies` of a checkpoint of `weight_bytes` (and the libraries) fit in `available` bytes."""
+    return copies * weight_bytes + LIBRARY_BYTES <= available
+
+
+def safetensors_bytes(folder: Path) -> int:
+    """Bytes of a folder's safetensors weights (0 when it has none: nothing out of core can read it)."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def out_of_core(folder: Path, wanted: bool | None, *, device: str, device_map: str | None, copies: int,
+                doing: str, instead: str) -> bool:
+    """`wanted` as given (--stream/--layerwise or their --no- forms); otherwise True for a
+    safetensors model that does not fit on `device`, said in one line. `doing`: what runs out of
+    core ('streaming the cut file to file'); `instead`: the option that overrides ('--no-stream')."""
+    if wanted is not None:
+        return wanted
+    size = safetensors_bytes(folder)
+    if device_map or not size:
+        return False
+    available = available_memory(device)
+    if fits_in_memory(size, available, copies):
+        return False
+    from surgery.console import console
+
+    where = "memory" if device == "cpu" else f"{device}'s free memory"
+    console.print(f"{doing}: the model ({size / 2**30:.1f} GiB{f', {copies} copies' if copies > 1 else ''}) does not "
+                  f"fit in {where} ({available / 2**30:.1f} GiB available); {instead} to load it whole anyway")
+    return True
