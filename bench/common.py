@@ -60,6 +60,47 @@ class Timer:
         self.peak = peak_rss()
 
 
+def sampled_peaks(pid: int, peaks: dict[str, int], done) -> None:
+    """The largest RssAnon (heap, copies) and RssFile (mapped file pages) seen while `pid` runs."""
+    while not done.wait(0.1):
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile") and value.strip():
+                peaks[key] = max(peaks.get(key, 0), int(value.split()[0]) * 1024)
+
+
+def measured_child(command: list[str], env: dict[str, str], durable: bool = False) -> dict:
+    """Run `command`: wall time (durable: until its writes are on disk, os.sync), ru_maxrss (the
+    most resident memory at any moment, file-mapped pages included), sampled RSS parts, output.
+    Exits with the output if it fails."""
+    import subprocess
+    import threading
+
+    os.sync()  # no writeback pending from what ran before
+    start = time.perf_counter()
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peaks: dict[str, int] = {}
+    done = threading.Event()
+    sampler = threading.Thread(target=sampled_peaks, args=(child.pid, peaks, done))
+    sampler.start()
+    output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    if durable:
+        os.sync()
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        sys.exit(f"{' '.join(command)} failed ({code}):\n{output}")
+    return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024, "peak_rss_anon_sampled_bytes": peaks.get("RssAnon"),
+            "peak_rss_file_sampled_bytes": peaks.get("RssFile"), "output": output}
+
+
 def protocol(**extra) -> dict:
     from surgery.provenance import machine, now, versions
 

@@ -137,7 +137,8 @@ def layerwise_against_memory(small: bool, device: str, folder: Path) -> dict:
     in_memory_seconds = time.perf_counter() - start
     del model
     start = time.perf_counter()
-    streamed = LayerwiseResidualLoss(LayerwiseModel(folder / "model", device=device), batches).values(coalitions)
+    layerwise = LayerwiseResidualLoss(LayerwiseModel(folder / "model", device=device), batches)
+    streamed = layerwise.values(coalitions, batch=layerwise.default_batch)  # a group per read of the blocks
     return {"ran": True, "coalitions": len(coalitions), "max_value_difference": max(abs(a - b) for a, b in zip(memory, streamed)),
             "in_memory_seconds": in_memory_seconds, "layerwise_seconds": time.perf_counter() - start}
 

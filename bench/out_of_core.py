@@ -23,14 +23,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from common import ROOT, protocol, save
+from common import ROOT, measured_child, protocol, save
 
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=10, vocab_size=128256, num_attention_heads=32,
              num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, max_position_embeddings=8192, rms_norm_eps=1e-5)
@@ -86,19 +84,6 @@ def copy_seconds(source: Path, target: Path, durable: bool = False) -> float:
     return seconds
 
 
-def sampled_peaks(pid: int, peaks: dict[str, int], done: threading.Event) -> None:
-    """The largest RssAnon (heap, copies) and RssFile (mapped file pages) seen while the child runs."""
-    while not done.wait(0.1):
-        try:
-            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-        except OSError:
-            return
-        for line in lines:
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssFile") and value.strip():
-                peaks[key] = max(peaks.get(key, 0), int(value.split()[0]) * 1024)
-
-
 def run_cut(source: Path, out: Path, remove: str, threads: int, cache: Path, durable: bool = False) -> dict:
     """`surgery cut --stream` in a child process with an empty cache (as a first cut of this model
     runs: the source's fingerprint is computed): wall time (durable: until the cut is on disk),
@@ -108,29 +93,13 @@ def run_cut(source: Path, out: Path, remove: str, threads: int, cache: Path, dur
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
            "SURGERY_CACHE": str(cache)}
     shutil.rmtree(cache, ignore_errors=True)
-    os.sync()
-    start = time.perf_counter()
-    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peaks: dict[str, int] = {}
-    done = threading.Event()
-    sampler = threading.Thread(target=sampled_peaks, args=(child.pid, peaks, done))
-    sampler.start()
-    _, status, usage = os.wait4(child.pid, 0)
-    if durable:
-        os.sync()
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    child.returncode = os.waitstatus_to_exitcode(status)
-    output = child.stdout.read()
-    if child.returncode:
-        sys.exit(f"surgery cut failed ({child.returncode}):\n{output}")
+    measured = measured_child(command, env, durable)
     manifest = json.loads((out / "surgery.json").read_text())
     out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     shutil.rmtree(out)
-    return {"command": " ".join(["surgery", *command[3:]]), "seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "peak_rss_anon_sampled_bytes": peaks.get("RssAnon"), "peak_rss_file_sampled_bytes": peaks.get("RssFile"),
-            "output_bytes": out_bytes, "verified": manifest["verified"]}
+    measured.pop("output")
+    return {"command": " ".join(["surgery", *command[3:]]), **measured, "output_bytes": out_bytes,
+            "verified": manifest["verified"]}
 
 
 def hash_rates() -> dict[str, float]:
