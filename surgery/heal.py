@@ -467,8 +467,10 @@ def merge_adapter(base_folder: Path, adapter: Path | None, *, dtype: Any, device
     from peft import PeftModel
 
     from surgery.loading import load_model
+    from surgery.memory import device_that_fits
 
     dtype_name = str(dtype).removeprefix("torch.")
+    device = device_that_fits(Path(base_folder), device, "loading the model in full precision")
     base = load_model(str(base_folder), dtype=dtype_name if dtype_name in ("float32", "bfloat16", "float16") else "auto",
                       device=device, with_tokenizer=False).model
     if adapter is None:

@@ -58,3 +58,16 @@ def out_of_core(folder: Path, wanted: bool | None, *, device: str, device_map: s
     console.print(f"{doing}: the model ({size / 2**30:.1f} GiB{f', {copies} copies' if copies > 1 else ''}) does not "
                   f"fit in {where} ({available / 2**30:.1f} GiB available); {instead} to load it whole anyway")
     return True
+
+
+def device_that_fits(folder: Path, device: str, what: str) -> str:
+    """`device` when a folder's weights fit in its free memory, else the CPU (said in one line):
+    for a whole model loaded once on one process (healing's merge), where a GPU that held the
+    4-bit model may not hold the full-precision one."""
+    if device == "cpu" or fits_in_memory(safetensors_bytes(folder), available_memory(device)):
+        return device
+    from surgery.console import console
+
+    console.print(f"{what} on the CPU: the model ({safetensors_bytes(folder) / 2**30:.1f} GiB) does not fit in "
+                  f"{device}'s free memory")
+    return "cpu"
