@@ -47,7 +47,8 @@ def run_analysis(source: Path, out: Path, mode: str, threads: int) -> dict:
     analysis = json.loads((out / "analysis.json").read_text())
     shutil.rmtree(out)
     measured.pop("output")
-    return {"command": " ".join(["surgery", *command[3:]]), **measured, "analysis": analysis}
+    shown = " ".join(["surgery", *command[3:]]).replace(f"{source.parent}/", "").replace(str(data_dir()), "DATA")
+    return {"command": shown, **measured, "analysis": analysis}
 
 
 def scores(analysis: dict) -> dict[str, float]:
