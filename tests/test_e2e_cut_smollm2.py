@@ -95,3 +95,27 @@ def test_block_cut_smollm2_as_gguf_keeps_the_source_tokenizer(smollm2_folder, tm
     prompt = source.tokenizer("The capital of France is", return_tensors="pt").input_ids
     settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=source.tokenizer.pad_token_id)
     assert torch.equal(loaded.generate(prompt, **settings), pruned.generate(prompt, **settings))
+
+
+@torch.no_grad()
+def test_sublayer_cut_smollm2_as_nemotron_nas_computes_the_sublayer_export(smollm2_folder, tmp_path):
+    """The layout vLLM and llama.cpp's `deci` serve (docs/serving.md), on the real model: attention
+    gone from two blocks and an FFN from one, the same logits and cached greedy tokens as the
+    family-layout export of the same cut."""
+    from surgery.settings import ExportSettings
+
+    remove = "L5.attn,L9.attn,L12.mlp"
+    hf = cut_and_export("smollm2-135m", remove, tmp_path / "hf", LoadSettings(device="cpu"))
+    nas = cut_and_export("smollm2-135m", remove, tmp_path / "nas", LoadSettings(device="cpu"),
+                         export=ExportSettings(format="nemotron-nas"))
+    assert nas.manifest["layout"] == "nemotron-nas" and nas.max_logit_diff <= 1e-3
+    import json
+
+    blocks = json.loads((nas.path / "config.json").read_text())["block_configs"]
+    assert [i for i, b in enumerate(blocks) if b["attention"]["no_op"]] == [5, 9]
+    assert [i for i, b in enumerate(blocks) if b["ffn"]["no_op"]] == [12]
+    a, b = load_exported(hf.path), load_exported(nas.path)
+    prompt = torch.tensor([[1, 504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767]])
+    assert torch.allclose(a(prompt).logits, b(prompt).logits, atol=1e-4)
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(a.generate(prompt, **settings), b.generate(prompt, **settings))

@@ -33,6 +33,11 @@ def test_prune_smollm2_quarter_with_cornerstones_and_healing(smollm2_folder, dat
     assert set(report["evaluations"]) == {"source", "pruned", "healed"}
     ppl = {stage: report["evaluations"][stage]["perplexity"]["wikitext2"]["perplexity"] for stage in report["evaluations"]}
     assert ppl["source"] < ppl["pruned"] and ppl["healed"] < ppl["pruned"]
+    generation = {stage: report["evaluations"][stage]["generation"] for stage in ("pruned", "healed")}
+    assert report["evaluations"]["source"]["generation"] is None  # the source is the reference
+    for measures in generation.values():  # a quarter of the blocks gone: continuations drift from the source's
+        assert 0 < measures["token_agreement"] < 1 and measures["kl_mean"] > 0 and measures["prompts"] == 16
+        assert measures["agreement_by_position"][0] >= measures["token_agreement"]  # first tokens agree most
     for section in ("## Plan", "## Healing", "## Before and after", "## Plots"):
         assert section in (out / "report.md").read_text()
 
