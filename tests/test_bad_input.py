@@ -10,24 +10,13 @@ import sys
 import time
 
 import pytest
-from click.testing import CliRunner
 
-from surgery.cli import main
 from surgery.publish import LOCAL_RECORD, RECORDS, local_paths
+from tests.cli import one_line, run
 
 FAST = ["--strategy", "last", "--remove", "1", "--eval-tasks", "none", "--no-eval-speed", "--device", "cpu", "--samples", "2",
         "--seq-len", "32", "--bridge-samples", "2"]
 FAST_PRUNE = [*FAST, "--eval-ppl", "none"]
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line(result):
-    lines = result.output.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
-    return lines[0]
 
 
 @pytest.fixture(autouse=True)

@@ -11,18 +11,12 @@ from click.testing import CliRunner
 
 from surgery.cli import main
 from surgery.export.checkpoint import read_manifest
+from tests.cli import error_line
 
 
 def run(*args):
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     return result
-
-
-def error_line(result):
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def test_help_does_not_import_heavy_libraries():

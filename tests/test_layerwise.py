@@ -11,13 +11,12 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from surgery.cli import main
 from surgery.layerwise import LayerwiseModel
 from surgery.scoring.layerwise import LayerwiseResidualLoss
 from surgery.scoring.residual import ResidualLoss
 from surgery.tiny import tiny_model
+from tests.cli import one_line, run
 
 TOLERANCE = 1e-5
 FAMILIES = {  # the output layer tied (SmolLM2), per-layer masks, a soft-cap, experts, a logit divisor
@@ -85,10 +84,6 @@ def test_a_stream_too_large_for_memory_spills_to_a_file_bit_for_bit(tmp_path, mo
     assert any(link.startswith(str(spill)) for link in opened)  # the file lives on the analysis folder's disk
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 def test_analyze_layerwise_writes_the_in_memory_analysis(tiny_folder, tmp_path, data_dir):
     folder, _ = tiny_folder("qwen2", num_layers=3)
     common = ["--data-dir", data_dir, "--samples", "3", "--seq-len", "16", "--batch-size", "2", "--device", "cpu",
@@ -123,12 +118,6 @@ def test_a_model_that_does_not_fit_is_analyzed_layer_by_layer(tiny_folder, tmp_p
     assert result.exit_code == 0, result.output
     assert "analyzing layer by layer" in result.output and "--no-layerwise" in result.output
     assert json.loads((tmp_path / "an" / "analysis.json").read_text())["settings"]["layerwise"] is True
-
-
-def one_line(result):
-    lines = result.output.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
-    return lines[0]
 
 
 def test_what_the_layer_by_layer_analysis_cannot_do_is_one_line(tiny_folder, tmp_path, data_dir):

@@ -17,6 +17,7 @@ from surgery.export.checkpoint import export_checkpoint, load_exported, read_man
 from surgery.export.nemotron import ffn_mult
 from surgery.sublayers import parse_sublayers
 from surgery.tiny import tiny_model
+from tests.cli import error_line
 from tests.test_ablation import assert_cache_consistent, ids
 from tests.test_cut_export import weight_names
 
@@ -124,12 +125,6 @@ def test_ffn_mult_gives_back_the_width_in_vllm(hidden, width, mult):
     """Llama-3-8B and Nemotron-Super-49B's own blocks (5.25, 2.625 in NVIDIA's config), Llama-2, SmolLM2, TinyLlama."""
     assert ffn_mult(width, hidden) == mult
     assert vllm_width(mult, hidden) == width
-
-
-def error_line(result):
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 def test_the_cli_writes_it_and_refuses_what_it_cannot_write(tiny_folder, tmp_path):

@@ -8,30 +8,19 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 
 from surgery.arch import ARCHITECTURES
-from surgery.cli import main
 from surgery.export.checkpoint import load_exported, read_manifest
 from surgery.sublayers import parse_sublayers
 from surgery.tiny import tiny_model
+from tests.cli import one_line, run
 from tests.hooks import skipped
 
 DENSE = ["llama", "qwen2", "gemma2"]
 MOE = ["qwen2_moe", "mixtral"]
 SLIDING = {"qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)}  # layer_types that differ
 OVERRIDES = {**SLIDING, "llama": dict(tie_word_embeddings=True)}  # the output layer is the embedding, as in SmolLM2
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line(result):
-    lines = result.output.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
-    return lines[0]
 
 
 def tensors(folder):

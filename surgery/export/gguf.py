@@ -584,9 +584,16 @@ def _verify(folder: Path, gguf_path: Path, dtype: str) -> tuple[float, float]:
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, config=config,
                                                   dtype=torch.float32).eval()
     tokenizer = check_tokenizer_file(gguf_path, folder)
-    ids = verification_ids(tokenizer, config.vocab_size)
+    return compare_with_file(reference, loaded, verification_ids(tokenizer, config.vocab_size), dtype)
+
+
+def compare_with_file(reference: Any, rebuilt: Any, ids: Any, dtype: str) -> tuple[float, float]:
+    """(largest logit difference, largest next-token KL) of the model rebuilt from a GGUF file against
+    the exported model; a KL past the tolerance for `dtype` refuses the file."""
+    import torch
+
     with torch.no_grad():
-        expected, got = reference(ids).logits.float(), loaded(ids).logits.float()
+        expected, got = reference(ids).logits.float(), rebuilt(ids).logits.float()
     kl = next_token_kl(expected, got)
     if not kl <= KL_TOLERANCE[dtype]:
         raise SurgeryError(f"the GGUF file's next-token distributions differ from the model's (KL {kl:.3g}, tolerance "

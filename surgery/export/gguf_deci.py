@@ -278,20 +278,14 @@ def _compare_forward(folder: Path, reader: Any, layout: _FileLayout, state: dict
     from transformers import AutoTokenizer
 
     from surgery.export.checkpoint import load_exported
-    from surgery.export.gguf import KL_TOLERANCE, next_token_kl
+    from surgery.export.gguf import compare_with_file
     from surgery.forward import verification_ids
 
     reference = load_exported(folder, dtype=torch.float32, via="package")
     _check_rope_freqs(reader, reference, layout)
     rebuilt = _model_from_file(layout, state, config)
     ids = verification_ids(AutoTokenizer.from_pretrained(str(folder)), int(layout.scalars["vocab_size"]))
-    with torch.no_grad():
-        expected, got = reference(ids).logits.float(), rebuilt(ids).logits.float()
-    kl = next_token_kl(expected, got)
-    if not kl <= KL_TOLERANCE[dtype]:
-        raise SurgeryError(f"the GGUF file's next-token distributions differ from the model's (KL {kl:.3g}, tolerance "
-                           f"{KL_TOLERANCE[dtype]} for {dtype}): {_NOTHING_WRITTEN}")
-    return (expected - got).abs().max().item(), kl
+    return compare_with_file(reference, rebuilt, ids, dtype)
 
 
 def _check_rope_freqs(reader: Any, reference: Any, layout: _FileLayout) -> None:

@@ -7,10 +7,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from surgery.scoring.base import ValueFunction
 from surgery.sublayers import Sublayer
 
 
-class TaskAccuracy:
+class TaskAccuracy(ValueFunction):
     """v(S) = accuracy on an lm-eval task with the removed sublayers ablated (no prefix cache:
     lm-eval drives the forward passes)."""
 
@@ -18,21 +19,13 @@ class TaskAccuracy:
         from surgery.evaluate.suite import TaskSuite
         from surgery.settings import EvalSettings
 
+        super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.suite = TaskSuite(EvalSettings(tasks=(settings.task,), limit=settings.limit, perplexity=(), speed=False,
                                             data_dir=settings.data_dir, seed=settings.seed, batch_size=settings.batch_size))
         self.task = settings.task
-        self.evaluations, self.seconds = 0, 0.0
-        self._values: dict[frozenset[int], float] = {}
         self.details: dict[frozenset[int], dict[str, Any]] = {}
         self.value(frozenset())
-
-    @property
-    def full_value(self) -> float:
-        return self._values[frozenset()]
-
-    def known(self, removed: Iterable[int]) -> float | None:
-        return self._values.get(frozenset(removed))
 
     def remember(self, removed: Iterable[int], value: float, detail: dict[str, Any] | None = None) -> None:
         self._values[frozenset(removed)] = value

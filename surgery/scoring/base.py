@@ -55,6 +55,36 @@ class ScoringContext:
         return found
 
 
+class ValueFunction:
+    """v(S) for coalitions given as the set of removed sublayer positions, memoized: what the
+    analysis asks of one (ResidualLoss, LayerwiseResidualLoss, TaskAccuracy). Subclasses compute
+    `values`, storing into `_values` and counting `evaluations` and `seconds`."""
+
+    default_batch = 1  # coalitions per call of `values` when --coalition-batch is not given
+
+    def __init__(self) -> None:
+        self._values: dict[frozenset[int], float] = {}
+        self.evaluations = 0
+        self.seconds = 0.0
+
+    @property
+    def full_value(self) -> float:
+        return self._values[frozenset()]
+
+    def known(self, removed: Iterable[int]) -> float | None:
+        return self._values.get(frozenset(removed))
+
+    def remember(self, removed: Iterable[int], value: float, detail: dict[str, Any] | None = None) -> None:
+        """Accept a value computed earlier (a resumed run, or another process's)."""
+        self._values[frozenset(removed)] = value
+
+    def value(self, removed: Iterable[int]) -> float:
+        return self.values([frozenset(removed)])[0]
+
+    def values(self, coalitions: list[frozenset[int]], batch: int = 1) -> list[float]:
+        raise NotImplementedError
+
+
 class Scorer:
     """Base class: override what the method has; the defaults contribute nothing."""
 

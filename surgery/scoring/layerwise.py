@@ -14,32 +14,31 @@ rounding (tests/test_layerwise.py states the tolerance).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from surgery.scoring.base import ValueFunction
 from surgery.scoring.residual import resume_point
 from surgery.sublayers import Sublayer
 
 GROUP = 64  # coalitions run through the blocks together (their states live on CPU meanwhile), at most
 
 
-class LayerwiseResidualLoss:
+class LayerwiseResidualLoss(ValueFunction):
     """v(S) = -(mean token loss) on the calibration batches, for a LayerwiseModel."""
 
     def __init__(self, model: Any, batches: list[Any], *, spill_dir: Path | None = None) -> None:
         from surgery.memory import available_memory
 
+        super().__init__()
         self.model = model
         self.base = model  # what the analysis reads the vocabulary size from
         self.device = model.device
         self.batches = batches
         self.num_players = 2 * model.num_layers
         self.tokens = sum(int(b[:, 1:].numel()) for b in batches)
-        self.evaluations = 0
-        self.seconds = 0.0
-        self._values: dict[frozenset[int], float] = {}
         self._streams = [model.embed(ids) for ids in batches]  # each batch's block arguments (rotary embeddings, masks)
         one = sum(s.hidden.numel() * s.hidden.element_size() for s in self._streams)  # one position, every batch
         free = available_memory("cpu")
@@ -47,21 +46,6 @@ class LayerwiseResidualLoss:
         self._states = _States([s.hidden for s in self._streams], self.num_players + 1, spill)
         self.default_batch = max(1, min(GROUP, free // 4 // one))  # a group's states take at most a quarter
         self._reference_pass()
-
-    # ------------------------------------------------------------ the value function's interface
-
-    @property
-    def full_value(self) -> float:
-        return self._values[frozenset()]
-
-    def known(self, removed: Iterable[int]) -> float | None:
-        return self._values.get(frozenset(removed))
-
-    def remember(self, removed: Iterable[int], value: float, detail: dict | None = None) -> None:
-        self._values[frozenset(removed)] = value
-
-    def value(self, removed: Iterable[int]) -> float:
-        return self.values([frozenset(removed)])[0]
 
     def values(self, coalitions: list[frozenset[int]], batch: int = 1) -> list[float]:
         todo = [c for c in dict.fromkeys(coalitions) if c not in self._values]

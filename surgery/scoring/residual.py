@@ -15,21 +15,22 @@ The value is v(S) = -(mean token loss) on the calibration tokens, S = all player
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from surgery.ablation import ablated
 from surgery.arch import architecture_of, decoder_layers, get_module, unwrap
 from surgery.forward import block_output, capture_stream, final_hidden, token_nll
+from surgery.scoring.base import ValueFunction
 from surgery.sublayers import Sublayer
 
 
-class ResidualLoss:
+class ResidualLoss(ValueFunction):
     """v(S) for coalitions given as the set of removed positions; caches every value it computes."""
 
     def __init__(self, model: Any, batches: list[Any], *, prefix_cache: bool = True, state_device: str | None = None) -> None:
         import torch
 
+        super().__init__()
         self.model = model
         self.base = unwrap(model)
         self.arch = architecture_of(self.base.config)
@@ -42,9 +43,6 @@ class ResidualLoss:
         self.device = next(self.base.parameters()).device
         self.state_device = state_device or "cpu"
         self.tokens = sum(int(b[:, 1:].numel()) for b in batches)
-        self.evaluations = 0
-        self.seconds = 0.0
-        self._values: dict[frozenset[int], float] = {}
         self._states: list[list[Any]] = []
         self._calls: list[list[tuple[tuple, dict]]] = []
         with torch.no_grad():
@@ -53,20 +51,6 @@ class ResidualLoss:
             self._values[frozenset()] = self._compute(frozenset())
 
     # ------------------------------------------------------------ public
-
-    @property
-    def full_value(self) -> float:
-        return self._values[frozenset()]
-
-    def known(self, removed: Iterable[int]) -> float | None:
-        return self._values.get(frozenset(removed))
-
-    def remember(self, removed: Iterable[int], value: float, detail: dict | None = None) -> None:
-        """Accept a value computed earlier (a resumed run)."""
-        self._values[frozenset(removed)] = value
-
-    def value(self, removed: Iterable[int]) -> float:
-        return self.values([frozenset(removed)])[0]
 
     def values(self, coalitions: list[frozenset[int]], batch: int = 1) -> list[float]:
         """Values of several coalitions. With batch > 1, coalitions that resume at the same position
