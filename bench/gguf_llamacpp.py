@@ -123,7 +123,7 @@ def with_ffn_width_zero(path: Path, out: Path) -> Path:
 def sublayer_rows(python: str, work: Path) -> dict:
     """The sublayer cut in both checkpoint layouts, as deci GGUF files in llama.cpp, and the width-0 control."""
     from surgery.commands import cut_and_export
-    from surgery.export.gguf import export_gguf
+    from surgery.export.gguf_write import export_gguf
     from surgery.settings import ExportSettings, LoadSettings
 
     rows: dict = {"removed": SUBLAYERS}
@@ -148,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     setup(2)
     from surgery.commands import cut_and_export
-    from surgery.export.gguf import export_gguf
+    from surgery.export.gguf_write import export_gguf
     from surgery.settings import LoadSettings
 
     work = Path(tempfile.mkdtemp(prefix="gguf-bench-"))

@@ -36,7 +36,7 @@ class Architecture:
     the stream: the experts' stacked down projections, shared experts, the FFN of dense layers.
     The routing weights scale each expert's output, so a bridge folds into all of them; those a
     layer lacks (a dense layer has no experts) are skipped.
-    gguf_arch: llama.cpp's architecture name, for families surgery.export.gguf writes.
+    gguf_arch: llama.cpp's architecture name, for families surgery.export.gguf_write writes.
     """
 
     layers: str = "model.layers"
@@ -179,3 +179,23 @@ def decoder_layers(model: Any, arch: Architecture | None = None) -> Any:
 
 def num_layers(model: Any) -> int:
     return len(decoder_layers(model))
+
+
+# ------------------------------------------------------------------ facts read from a config.json
+
+
+def has_sliding_window(config: dict[str, Any]) -> bool:
+    """Per-layer types where the family lists them (Qwen2/3), else one window for every layer (Mistral)."""
+    layer_types = config.get("layer_types")
+    if layer_types:
+        return any(kind != "full_attention" for kind in layer_types)
+    window = config.get("sliding_window")
+    return bool(window) and config.get("use_sliding_window", True) and window < config.get("max_position_embeddings", window + 1)
+
+
+def rope_settings(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope theta, rope scaling) from either the transformers 5 `rope_parameters` or the older keys."""
+    params = config.get("rope_parameters") or {}
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling") or ({k: v for k, v in params.items() if k != "rope_theta"} or None)
+    return float(theta), scaling

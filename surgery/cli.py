@@ -17,7 +17,7 @@ import click
 
 from surgery import __version__
 from surgery.errors import SurgeryError
-from surgery.export.gguf import DTYPES as GGUF_TYPES
+from surgery.export.gguf_write import DTYPES as GGUF_TYPES
 from surgery.settings import (
     ANALYZE_ONLY_OPTIONS,
     PRUNE_EVAL_OPTIONS,
@@ -248,7 +248,7 @@ def gguf(folder: Path, out: Path, dtype: str, tokenizer_pre: str | None, force: 
     sublayers removed (either --format) is written in llama.cpp's deci layout (docs/serving.md).
     """
     from surgery.console import console
-    from surgery.export.gguf import export_gguf
+    from surgery.export.gguf_write import export_gguf
 
     result = export_gguf(folder, out, dtype=dtype, tokenizer_pre=tokenizer_pre, force=force)
     console.print(f"[green]wrote[/] {result.path}  ({result.architecture}, {result.tensors} tensors, {result.bytes / 2**20:.1f} MiB; "

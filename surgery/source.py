@@ -6,7 +6,7 @@ A MODEL is one of
 - a local Hugging Face folder (safetensors; pickle `.bin` only with allow_pickle),
 - a Hub id `org/name[@revision]` (downloaded once into the Hub cache; offline, the cache only).
 GGUF files, the alias included, are converted once into a safetensors folder in the user's cache
-directory (surgery.export.gguf), so later loads take seconds. Everything downstream sees a local
+directory (surgery.export.gguf_read), so later loads take seconds. Everything downstream sees a local
 folder, identified by its fingerprint. Loading the folder is surgery.loading's job.
 """
 
@@ -70,7 +70,7 @@ class ModelSource:
 
 def resolve(spec: str, *, allow_pickle: bool = False) -> ModelSource:
     """Turn a MODEL argument into a local folder, converting or downloading at most once."""
-    from surgery.export.gguf import convert_gguf
+    from surgery.export.gguf_read import convert_gguf
 
     spec = spec.strip()
     if not spec:

@@ -74,7 +74,7 @@ def test_block_cut_smollm2_as_gguf_keeps_the_source_tokenizer(smollm2_folder, tm
     import gguf
     from transformers import AutoModelForCausalLM
 
-    from surgery.export.gguf import export_gguf
+    from surgery.export.gguf_write import export_gguf
 
     folder = tmp_path / "smollm2-blocks"
     cut_and_export("smollm2-135m", "L20-L23", folder, LoadSettings(device="cpu"))

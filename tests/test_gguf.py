@@ -12,7 +12,8 @@ from surgery.cli import main
 from surgery.cut import cut
 from surgery.errors import SurgeryError
 from surgery.export.checkpoint import export_checkpoint
-from surgery.export.gguf import export_gguf, gguf_tokenizer
+from surgery.export.gguf_read import gguf_tokenizer
+from surgery.export.gguf_write import export_gguf
 from surgery.sublayers import parse_sublayers
 from surgery.tiny import tiny_model, tiny_tokenizer
 from tests.test_ablation import ids
@@ -280,7 +281,7 @@ def test_a_first_block_without_attention_gets_a_null_attention_and_quantises(tmp
 def test_a_deci_file_that_does_not_match_the_folder_is_never_written(tmp_path, tokenizer, monkeypatch):
     """Written without llama.cpp's rotary permutation the file would load and run, wrongly; the
     read-back check finds the query and key rows out of place and leaves nothing."""
-    import surgery.export.gguf as writer
+    import surgery.export.gguf_write as writer
 
     model = tiny_model("llama", num_layers=4)
     cut(model, parse_sublayers("L1.attn,L2.mlp"))

@@ -1,4 +1,4 @@
-"""llama.cpp's `deci` layout for sublayer-pruned Llama-family checkpoints (surgery.export.gguf writes
+"""llama.cpp's `deci` layout for sublayer-pruned Llama-family checkpoints (surgery.export.gguf_write writes
 the file; this module says what goes into it and checks it on the way back).
 
 llama.cpp's `deci` architecture (NVIDIA's Nemotron-NAS) has per-layer head counts and FFN widths.
@@ -200,10 +200,11 @@ def _read_back(reader: Any, layout: _FileLayout, folder: Path) -> dict[str, Any]
     import torch
     from safetensors import safe_open
 
-    from surgery.export.gguf import weight_files
+    from surgery.export.gguf_read import WEIGHTS_HINT
+    from surgery.shards import weight_files
 
     stored = {}
-    for file in weight_files(folder):
+    for file in weight_files(folder, WEIGHTS_HINT)[0]:
         with safe_open(str(folder / file), framework="pt") as handle:
             stored.update({key: (folder / file) for key in handle.keys()})  # noqa: SIM118 (a safetensors handle)
     state = {}
@@ -266,7 +267,7 @@ def _check_tokenizer(path: Path, folder: Path) -> None:
     GGUF beside it, read back as llama.cpp splits text, and must encode as the folder's tokenizer."""
     import tempfile
 
-    from surgery.export.gguf import check_tokenizer_file, tokenizer_only_copy
+    from surgery.export.gguf_read import check_tokenizer_file, tokenizer_only_copy
 
     with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=path.parent) as work:
         check_tokenizer_file(tokenizer_only_copy(path, Path(work)), folder)
@@ -278,7 +279,7 @@ def _compare_forward(folder: Path, reader: Any, layout: _FileLayout, state: dict
     from transformers import AutoTokenizer
 
     from surgery.export.checkpoint import load_exported
-    from surgery.export.gguf import compare_with_file
+    from surgery.export.gguf_read import compare_with_file
     from surgery.forward import verification_ids
 
     reference = load_exported(folder, dtype=torch.float32, via="package")
@@ -308,7 +309,7 @@ def _model_from_file(layout: _FileLayout, state: dict[str, Any], config: dict[st
     frequency is the folder's (checked against rope_freqs above)."""
     import torch
 
-    from surgery.export.gguf import rope_settings
+    from surgery.arch import rope_settings
     from surgery.hf_modeling import decilm_classes
 
     config_class, model_class = decilm_classes()

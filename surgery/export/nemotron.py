@@ -52,7 +52,7 @@ def check_source(config: dict[str, Any]) -> None:
     if family not in FAMILIES:
         raise SurgeryError(f"--format nemotron-nas writes Llama's block (q/k/v/o and gate/up/down projections, RMS "
                            f"pre-norms) and {family or 'this model'}'s block is not one: use --format hf (the default)")
-    from surgery.export.gguf import has_sliding_window
+    from surgery.arch import has_sliding_window
 
     if has_sliding_window(config):
         raise SurgeryError(f"this {family} model uses sliding-window attention, which Nemotron-NAS cannot describe: "
@@ -193,7 +193,7 @@ def _config_json(config: Any, blocks: list[Block], width: int, dtype: Any) -> di
     vLLM and llama.cpp's converter all read), written by hand: save_pretrained would rename them."""
     import transformers
 
-    from surgery.export.gguf import rope_settings
+    from surgery.arch import rope_settings
     from surgery.hf_modeling import decilm_classes
 
     source = config.to_dict()

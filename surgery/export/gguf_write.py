@@ -1,10 +1,5 @@
-"""GGUF, both ways: reading a GGUF file into a cached safetensors folder (a GGUF MODEL), and
-writing a checkpoint folder as one GGUF file for llama.cpp, Ollama and LM Studio (`surgery gguf`).
-
-Reading: transformers' GGUF reader dequantises the tensors; the model is rebuilt as a plain one
-and saved once into the cache (keyed by the file's SHA-256 and `CONVERSION_VERSION`). Its
-tokenizer splits text as llama.cpp does: transformers builds every byte-level GGUF tokenizer with
-GPT-2's split, so the digit-by-digit step of the pre-tokenizers that have one is restored.
+"""Writing a checkpoint folder as one GGUF file for llama.cpp, Ollama and LM Studio (`surgery gguf`);
+reading GGUF files is surgery.export.gguf_read.
 
 Writing follows llama.cpp's convert_hf_to_gguf.py, so its runtimes read the file as they read
 their own conversions: tensor names from gguf-py's TensorNameMap; query and key rows permuted
@@ -30,23 +25,22 @@ from __future__ import annotations
 
 import json
 import math
-import struct
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from surgery.arch import architecture_of, base_model_type
+from surgery.arch import architecture_of, base_model_type, has_sliding_window, rope_settings
 from surgery.errors import SurgeryError
-from surgery.provenance import file_sha256
-
-# Bumped when a conversion's output changes for the same GGUF file (2: digit-splitting pre-tokenizers).
-CONVERSION_VERSION = 2
-# llama.cpp pre-tokenizers that split off every digit before GPT-2's regex (one case in
-# llama-vocab.cpp). transformers' GGUF reader builds them as plain GPT-2, which merges "2024"
-# into tokens the model never saw in training; the original tokenizer.json is Digits + ByteLevel.
-_DIGIT_SPLIT_PRE = frozenset({"starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"})
+from surgery.export.gguf_read import (
+    WEIGHTS_HINT,
+    check_tokenizer_file,
+    compare_with_file,
+    copy_tokenizer,
+    is_digits_then_gpt2,
+    is_gpt2_split,
+)
+from surgery.shards import weight_files
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 # llama.cpp's name for a pre-tokenizer that is exactly GPT-2's (tokenizer.json: ByteLevel with its regex),
@@ -54,106 +48,8 @@ DTYPES = ("f32", "f16", "bf16", "q8_0")
 # llama.cpp runs "starcoder", "smollm" and the others of that group with one regex.
 _GPT2_PRE = "gpt-2"
 _DIGITS_THEN_GPT2_PRE = "starcoder"
-# Text the read-back tokenizer must encode exactly as the folder's: digits, a fraction and a run of
-# spaces before a number are where pre-tokenizers that agree on plain words part ways.
-_TOKENIZER_CHECK = "The capital of France is Paris. In 2024,  1,234 people paid $56.78 for ½ of a 3rd-floor seat."
 _CHECKED_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                  "max_position_embeddings", "vocab_size", "rms_norm_eps", "rope_theta")
-# Largest KL divergence (nats) of any position's next-token distribution from the model's: a
-# rounding check for the float types, a sanity bound for 8-bit.
-KL_TOLERANCE = {"f32": 1e-6, "f16": 1e-3, "bf16": 1e-2, "q8_0": 5e-2}
-
-
-def convert_gguf(gguf: Path, cache: Path, *, label: str | None = None) -> Path:
-    """Convert a GGUF file once into a safetensors folder under `cache`; return the folder."""
-    from surgery.files import output_lock
-
-    gguf = gguf.resolve()
-    target = cache / f"{gguf.stem}-{file_sha256(gguf)[:16]}-v{CONVERSION_VERSION}"
-    if (target / "config.json").is_file():
-        return target
-    with output_lock(target, wait=True):
-        if not (target / "config.json").is_file():  # another process may have converted it meanwhile
-            _convert_gguf_locked(gguf, target, label or gguf.name)
-    return target
-
-
-def _convert_gguf_locked(gguf: Path, target: Path, label: str) -> None:
-    from surgery.console import quiet_transformers, task
-    from surgery.files import staged_folder
-
-    with task(f"converting {label} from GGUF (once; cached in {target.parent})", total=3) as progress:
-        quiet_transformers()
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        progress.update(description=f"{label}: dequantising GGUF tensors")
-        with _no_tqdm():
-            try:
-                loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-                tokenizer = gguf_tokenizer(gguf)
-            except (ValueError, KeyError, OSError, NotImplementedError, IndexError, struct.error) as error:
-                message = str(error).splitlines()[0] if str(error) else type(error).__name__
-                raise SurgeryError(f"{gguf} could not be read as a GGUF model ({message}): check the file is "
-                                   "complete, or convert the original checkpoint instead") from None
-        progress.advance()
-        # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config.
-        config_dict = loaded.config.to_dict()
-        config_dict.pop("quantization_config", None)
-        config_dict.pop("_name_or_path", None)
-        config = AutoConfig.for_model(**config_dict)
-        progress.update(description=f"{label}: rebuilding a plain model")
-        plain = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype)
-        plain.load_state_dict(loaded.state_dict())
-        plain.generation_config = loaded.generation_config
-        progress.advance()
-        progress.update(description=f"{label}: writing safetensors")
-        with staged_folder(target) as staging:
-            plain.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            (staging / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}, indent=2))
-        progress.advance()
-
-
-def gguf_tokenizer(gguf: Path) -> Any:
-    """The tokenizer a GGUF file describes, splitting text as llama.cpp does: transformers' reader,
-    with the digit split restored for the pre-tokenizers that have one."""
-    import gguf as gguf_py
-    from tokenizers import pre_tokenizers
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    field = gguf_py.GGUFReader(str(gguf)).get_field("tokenizer.ggml.pre")
-    backend = tokenizer.backend_tokenizer
-    if field is not None and field.contents() in _DIGIT_SPLIT_PRE and is_gpt2_split(json.loads(backend.to_str()).get("pre_tokenizer")):
-        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    return tokenizer
-
-
-def is_gpt2_split(step: dict[str, Any] | None) -> bool:
-    """A tokenizer.json pre-tokenizer that is exactly GPT-2's: ByteLevel with its own regex."""
-    step = step or {}
-    return step.get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space")
-
-
-def is_digits_then_gpt2(step: dict[str, Any] | None) -> bool:
-    """Every digit split off first, then GPT-2's split (StarCoder, SmolLM): what gguf_tokenizer restores."""
-    steps = (step or {}).get("pretokenizers", []) if (step or {}).get("type") == "Sequence" else []
-    return len(steps) == 2 and steps[0] == {"type": "Digits", "individual_digits": True} and is_gpt2_split(steps[1])
-
-
-@contextmanager
-def _no_tqdm() -> Iterator[None]:
-    """transformers' GGUF reader draws a tqdm bar of its own, which would fight with ours."""
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-
-    original = gguf_utils.tqdm
-    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = original
-
 
 
 @dataclass
@@ -240,15 +136,6 @@ def _gguf_architecture(config: dict[str, Any]) -> str:
     return target
 
 
-def has_sliding_window(config: dict[str, Any]) -> bool:
-    """Per-layer types where the family lists them (Qwen2/3), else one window for every layer (Mistral)."""
-    layer_types = config.get("layer_types")
-    if layer_types:
-        return any(kind != "full_attention" for kind in layer_types)
-    window = config.get("sliding_window")
-    return bool(window) and config.get("use_sliding_window", True) and window < config.get("max_position_embeddings", window + 1)
-
-
 def _check_out(out: Path, folder: Path, source: Path | None, force: bool) -> Path:
     from surgery.files import check_output_file
 
@@ -264,14 +151,6 @@ def _check_out(out: Path, folder: Path, source: Path | None, force: bool) -> Pat
 
 
 # ------------------------------------------------------------------ writing
-
-
-def rope_settings(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(rope theta, rope scaling) from either the transformers 5 `rope_parameters` or the older keys."""
-    params = config.get("rope_parameters") or {}
-    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
-    scaling = config.get("rope_scaling") or ({k: v for k, v in params.items() if k != "rope_theta"} or None)
-    return float(theta), scaling
 
 
 def _head_dim(config: dict[str, Any]) -> int:
@@ -354,7 +233,7 @@ def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str, 
     factors = rope_factors(config)
     if factors is not None:
         plan.append(_planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape, "f32", lambda: factors))
-    for file in weight_files(folder):
+    for file in weight_files(folder, WEIGHTS_HINT)[0]:
         with safe_open(str(folder / file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 if tied and key.endswith("lm_head.weight"):
@@ -419,15 +298,6 @@ def rope_factors(config: dict[str, Any]) -> Any:
     return factors.astype(np.float32)
 
 
-def weight_files(folder: Path) -> list[str]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    if (folder / "model.safetensors").is_file():
-        return ["model.safetensors"]
-    raise SurgeryError(f"{folder} has no safetensors weights: export the model with surgery cut or surgery prune first")
-
-
 def _ggml_type(shape: tuple[int, ...], dtype: str) -> Any:
     """1-D tensors stay float32 (llama.cpp's rule); q8_0 only where rows split into whole blocks."""
     import gguf
@@ -469,7 +339,7 @@ def _permute_rotary(weights: Any, heads: int) -> Any:
 
 def _add_tokenizer(writer: Any, folder: Path, config: dict[str, Any], pre: str | None, source: Path | None) -> str:
     """Copy the tokenizer from the source GGUF if there is one, else build it; returns where it came from."""
-    if source is not None and pre is None and _copy_tokenizer(writer, source, config["vocab_size"]):
+    if source is not None and pre is None and copy_tokenizer(writer, source, config["vocab_size"]):
         return str(source)
     _build_tokenizer(writer, folder, config, pre)
     return f"{folder / 'tokenizer.json'}"
@@ -489,21 +359,6 @@ def source_gguf(folder: Path) -> Path | None:
         if candidate and candidate.endswith(".gguf") and Path(candidate).is_file():
             return Path(candidate)
     return None
-
-
-def _copy_tokenizer(writer: Any, source: Path, vocab_size: int) -> bool:
-    import gguf
-
-    reader = gguf.GGUFReader(str(source))
-    tokens = reader.get_field("tokenizer.ggml.tokens")
-    if tokens is None or len(tokens.data) != vocab_size:
-        return False
-    for field in reader.fields.values():
-        if not field.name.startswith("tokenizer."):
-            continue
-        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
-    return True
 
 
 def _build_tokenizer(writer: Any, folder: Path, config: dict[str, Any], pre: str | None) -> None:
@@ -587,53 +442,3 @@ def _verify(folder: Path, gguf_path: Path, dtype: str) -> tuple[float, float]:
     return compare_with_file(reference, loaded, verification_ids(tokenizer, config.vocab_size), dtype)
 
 
-def compare_with_file(reference: Any, rebuilt: Any, ids: Any, dtype: str) -> tuple[float, float]:
-    """(largest logit difference, largest next-token KL) of the model rebuilt from a GGUF file against
-    the exported model; a KL past the tolerance for `dtype` refuses the file."""
-    import torch
-
-    with torch.no_grad():
-        expected, got = reference(ids).logits.float(), rebuilt(ids).logits.float()
-    kl = next_token_kl(expected, got)
-    if not kl <= KL_TOLERANCE[dtype]:
-        raise SurgeryError(f"the GGUF file's next-token distributions differ from the model's (KL {kl:.3g}, tolerance "
-                           f"{KL_TOLERANCE[dtype]} for {dtype}): nothing was written; please report this")
-    return (expected - got).abs().max().item(), kl
-
-
-def next_token_kl(expected: Any, got: Any) -> float:
-    """The largest KL divergence (nats) of any position's next-token distribution from the expected one."""
-    import torch
-
-    return torch.nn.functional.kl_div(got.log_softmax(-1), expected.log_softmax(-1), log_target=True,
-                                      reduction="none").sum(-1).max().item()
-
-
-def check_tokenizer_file(gguf_path: Path, folder: Path) -> Any:
-    """The GGUF's tokenizer, read as llama.cpp splits text, must encode the check text as the folder's
-    does; returns the folder's tokenizer."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if gguf_tokenizer(gguf_path)(_TOKENIZER_CHECK).input_ids != tokenizer(_TOKENIZER_CHECK).input_ids:
-        raise SurgeryError("the GGUF file's tokenizer encodes the check text differently from the model's: nothing was "
-                           "written; if you gave --tokenizer-pre, give llama.cpp's name for this tokenizer's family")
-    return tokenizer
-
-
-def tokenizer_only_copy(gguf_path: Path, work: Path) -> Path:
-    """A tensor-free Llama GGUF in `work` holding `gguf_path`'s tokenizer fields: what transformers'
-    GGUF reader reads where it does not know the file's architecture (deci)."""
-    import gguf
-
-    vocab = len(gguf.GGUFReader(str(gguf_path)).get_field("tokenizer.ggml.tokens").data)
-    path = work / "tokenizer.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(1)
-    writer.add_vocab_size(vocab)
-    _copy_tokenizer(writer, gguf_path, vocab)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    writer.close()
-    return path
