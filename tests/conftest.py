@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("SURGERY_DATA_DIR", REPO.parent / "shared" / "datasets"))
+SHARED_DATA = Path(os.environ.get("SURGERY_DATA_DIR", REPO.parent / "shared" / "datasets")).resolve()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -347,11 +347,16 @@ def _add_tokenizer(writer: Any, folder: Path, config: dict[str, Any], pre: str |
 
 def source_gguf(folder: Path) -> Path | None:
     """The GGUF file this folder's model was converted from, if it is still on disk: named by a
-    surgery export's manifest or by the cached conversion's SOURCE.json."""
+    surgery export's local record (the published surgery.json names no local path) or by the
+    cached conversion's SOURCE.json."""
+    from surgery.publish import LOCAL_RECORD
+
     candidates = []
-    manifest = folder / "surgery.json"
-    if manifest.is_file():
-        candidates.append(json.loads(manifest.read_text()).get("source", {}).get("origin", ""))
+    for record_file in (folder / LOCAL_RECORD, folder / "surgery.json"):
+        if record_file.is_file():
+            record = json.loads(record_file.read_text())
+            source = record.get("source") or record.get("healed_from") or {}
+            candidates.append(source.get("origin", "") if isinstance(source, dict) else "")
     record = folder / "SOURCE.json"
     if record.is_file():
         candidates.append(json.loads(record.read_text()).get("gguf", ""))
