@@ -456,7 +456,7 @@ def protocol_section(data: dict) -> list[str]:
               "|---|---|---|"]
     lines += [f"| {name} | {s['ppl']:.2f} | {s['accuracy']:.1f} |" for name, s in dev["scores"].items()]
     lines += ["", f"By the protocol's rule the default is **{dev['default']}**; Reassessing's learning rate: "
-              f"{dev['reassessing_lr']:g} (dev WikiText-2 " + ", ".join(f"{k:g}: {v:.2f}" for k, v in dev["reassessing_dev_ppl"].items())
+              f"{dev['reassessing_lr']:g} (dev WikiText-2 " + ", ".join(f"{float(k):g}: {v:.2f}" for k, v in dev["reassessing_dev_ppl"].items())
               + ").", ""]
     rows = data.get("rows") or {}
     if not rows:

@@ -507,7 +507,8 @@ class PruneSettings:
 
     model: str
     out: Path
-    strategy: str = setting("bi", "--strategy", "How to choose what to remove (docs/pruning.md).")
+    strategy: str = setting("sleb", "--strategy", "How to choose what to remove (docs/pruning.md); the default, "
+                            "sleb with the bridge, was chosen on dev data by docs/protocol.md's rule.")
     granularity: str = setting("block", "--granularity", "Remove whole blocks, or attention and FFN sublayers separately.",
                                type=_choice("block", "sublayer"))
     remove: str = setting("25%", "--remove", "A count of units (8), a share of decoder parameters (25%) or ids (L20-L23).")

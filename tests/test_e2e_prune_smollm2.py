@@ -24,7 +24,7 @@ def test_prune_smollm2_quarter_with_cornerstones_and_healing(smollm2_folder, dat
 
     report = json.loads((out / "report.json").read_text())
     plan = report["plan"]
-    assert (plan["strategy"], plan["granularity"]) == ("bi", "block")  # the defaults, as the README's demo runs them
+    assert (plan["strategy"], plan["granularity"]) == ("sleb", "block")  # the defaults, as the README's demo runs them
     cornerstones = {c["id"] for c in report["analysis"]["cornerstones"]}
     assert "L0.mlp" in cornerstones  # removing it alone takes the loss past a uniform guess
     assert not cornerstones & set(plan["removed"])

@@ -256,13 +256,14 @@ def test_a_failed_heal_leaves_no_working_folder_unless_it_can_resume(source, tmp
 def test_every_shipped_recipe_is_valid():
     from surgery.cli import prune
     from surgery.recipe import apply_recipe
+    from surgery.strategies import STRATEGIES
 
     recipes = sorted((REPO / "recipes").glob("*.yaml"))
     assert len(recipes) >= 4
     for path in recipes:
         ctx = prune.make_context("prune", [], resilient_parsing=True)
         values = apply_recipe(ctx, path)
-        assert values["model"] and values["strategy"] in ("shapley", "angular", "iterative", "ablation", "bi", "last", "random")
+        assert values["model"] and values["strategy"] in STRATEGIES, path
 
 
 def test_recipe_errors_and_command_line_overrides(source, tmp_path, data_dir):
