@@ -217,7 +217,8 @@ def aggregate(args: argparse.Namespace) -> dict:
                          "c4_ppl": dense["perplexity"]["c4"]["perplexity"],
                          "tasks": _task_table(dense),
                          "wide_tasks": _task_table(wide)},
-               "above_chance_tasks": tasks, "rows": rows, "analysis_seconds": analysis["cost"]["total_seconds"]}
+               "above_chance_tasks": tasks, "rows": rows, "analysis_seconds": analysis["cost"]["total_seconds"],
+               "default": list(default_strategy())}  # the default this grid compared (it changes: docs/protocol.md)
     return summary
 
 
