@@ -298,7 +298,7 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
             store = EvaluationStore(Path(out), key, header, force=force, rank=here.rank, shared=here.several)
             for record in store.records:
                 value_function.remember(frozenset(record["removed"]), record["value"], record.get("detail"))
-        complete, evaluated, mine = _evaluate_all(value_function, settings, wanted, store)
+        complete, mine = _evaluate_all(value_function, settings, wanted, store)
         every = gather({"records": mine, "complete": complete, "seconds": value_function.seconds,
                         "evaluations": value_function.evaluations})
         if not here.main:
@@ -318,8 +318,7 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
         details = getattr(value_function, "details", {})
         context = ScoringContext(settings=settings, players=ids, baseline=baseline, known=value_function.known,
                                  details=lambda removed: details.get(removed, {}),
-                                 stream=(lambda: [[residual.states_at(p)[b] for p in range(players + 1)]
-                                                  for b in range(len(residual.batches))]) if residual else None)
+                                 stream=(lambda: _stream_by_batch(residual, players)) if residual else None)
         sections = {name: SCORERS[name].assemble(context) for name in settings.methods}
     cost["total_seconds"] = time.perf_counter() - started
     analysis = Analysis(
@@ -336,6 +335,12 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
         write_json(Path(out) / ANALYSIS_FILE, analysis.to_json())
         analysis.folder = Path(out)
     return analysis
+
+
+def _stream_by_batch(residual: Any, players: int) -> list[list[Any]]:
+    """The cached stream as [batch][position], as scorers read it."""
+    by_position = [residual.states_at(p) for p in range(players + 1)]
+    return [[states[b] for states in by_position] for b in range(len(residual.batches))]
 
 
 def check_layerwise(settings: AnalysisSettings) -> None:
@@ -374,10 +379,10 @@ def _baseline(value_function: Any, settings: AnalysisSettings) -> dict[str, Any]
 
 
 def _evaluate_all(value_function: Any, settings: AnalysisSettings, wanted: list[frozenset[int]],
-                  store: EvaluationStore | None) -> tuple[bool, int, list[dict[str, Any]]]:
+                  store: EvaluationStore | None) -> tuple[bool, list[dict[str, Any]]]:
     """Evaluate this process's share of the wanted coalitions (all of them in one process),
-    skipping known ones, until done or out of budget (shared out alike); returns (complete, how
-    many of its share are known, the records it added)."""
+    skipping known ones, until done or out of budget (shared out alike); returns (complete, the
+    records it added)."""
     from surgery.console import task
     from surgery.distributed import ranks, share
     from surgery.scoring.residual import group_key
@@ -393,7 +398,7 @@ def _evaluate_all(value_function: Any, settings: AnalysisSettings, wanted: list[
     budget_evaluations = -(-settings.budget_evaluations // world) if settings.budget_evaluations is not None else None
     budget_seconds = settings.budget_seconds
     start = time.perf_counter()
-    new = done = position = 0
+    new = position = 0
     added: list[dict[str, Any]] = []
     with task(f"{settings.metric} of {len(order)} coalitions", total=len(order)) as progress:
         while position < len(order):
@@ -402,24 +407,26 @@ def _evaluate_all(value_function: Any, settings: AnalysisSettings, wanted: list[
                 if value_function.known(order[position]) is None:
                     chunk.append(order[position])
                 else:
-                    done += 1
                     progress.advance()
                 position += 1
             if not chunk:
                 continue
-            out_of_evaluations = budget_evaluations is not None and new + len(chunk) > budget_evaluations
+            left = None if budget_evaluations is None else max(budget_evaluations - new, 0)
+            cut_short = left is not None and len(chunk) > left  # evaluate what the budget allows, then stop
+            chunk = chunk[:left] if cut_short else chunk
             out_of_time = budget_seconds is not None and time.perf_counter() - start >= budget_seconds
-            if out_of_evaluations or out_of_time:
-                return False, done, added
+            if not chunk or out_of_time:
+                return False, added
             for removed, value in zip(chunk, value_function.values(chunk, batch)):
                 new += 1
-                done += 1
                 detail = getattr(value_function, "details", {}).get(removed)
                 added.append({"removed": sorted(removed), "value": value, **({"detail": detail} if detail else {})})
                 if store is not None:
                     store.add(removed, value, detail)
                 progress.advance()
-    return True, len(order), added
+            if cut_short:
+                return False, added
+    return True, added
 
 
 def _default_coalition_batch(value_function: Any) -> int:

@@ -231,20 +231,22 @@ def _analysis_model(source: Any, settings: AnalysisSettings, load: LoadSettings)
                                "drop one of them")
         weight_files(source.path, "the layer-by-layer analysis reads safetensors weights only: convert them, "
                                   "or pass --no-layerwise")
-    layerwise = settings.metric == "loss" and out_of_core(
-        source.path, settings.layerwise, device=device, device_map=load.device_map, copies=1,
-        doing="analyzing layer by layer", instead="--no-layerwise")
+    automatic = None if settings.metric == "loss" and settings.prefix_cache else False  # what the layer-by-layer path serves
+    layerwise = out_of_core(source.path, automatic if settings.layerwise is None else settings.layerwise, device=device,
+                            device_map=load.device_map, copies=1, doing="analyzing layer by layer", instead="--no-layerwise")
     if not layerwise:
         loaded = load_model(source, **load.kwargs())
         return loaded.model, loaded.tokenizer
     from surgery.layerwise import LayerwiseModel
+    from surgery.shards import TORCH_DTYPES, SafetensorsFolder
 
-    model = LayerwiseModel(source.path, device=device)
-    stored = str(model.dtype).removeprefix("torch.")
+    weights = SafetensorsFolder(source.path)
+    stored = TORCH_DTYPES[weights.main_dtype()]
+    weights.close()
     if load.dtype not in ("auto", stored):
         raise SurgeryError(f"the layer-by-layer analysis computes in the stored dtype ({stored}): drop --dtype "
                            f"{load.dtype}, or pass --no-layerwise")
-    return model, load_tokenizer(source.path, load.trust_remote_code)
+    return LayerwiseModel(source.path, device=device), load_tokenizer(source.path, load.trust_remote_code)
 
 
 def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluation: EvalSettings, load: LoadSettings, *,
@@ -252,8 +254,8 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
     """`surgery heal`: (Q)LoRA on a cut checkpoint folder, merged and exported with the evaluation.
 
     For models too large to cut and heal in one process: the folder written by `surgery cut` (or
-    `surgery prune --no-heal`) is healed under `accelerate launch` (DDP, or FSDP + QLoRA) without
-    loading it in full precision anywhere but for the merge on process 0.
+    `surgery prune --no-heal`) is healed under `accelerate launch` (DDP, or FSDP + QLoRA); it is
+    loaded in full precision only on process 0, for the held-out loss before training and the merge.
     """
     from surgery.distributed import start
     from surgery.evaluate import evaluate_model, fit_context_to_model

@@ -24,6 +24,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # processes on this machine, which share its memory and disks
 
     @property
     def main(self) -> bool:
@@ -36,7 +37,8 @@ class Ranks:
 
 def ranks() -> Ranks:
     """This process's place, from the launcher's environment (one process: rank 0 of 1)."""
-    return Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    return Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)),
+                 int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def start() -> Ranks:
@@ -47,6 +49,8 @@ def start() -> Ranks:
         import torch.distributed as dist
 
         if not dist.is_initialized():
+            if torch.cuda.is_available():  # NCCL's collectives use the current device: this process's own GPU
+                torch.cuda.set_device(here.local_rank)
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=WAIT)
     return here
 

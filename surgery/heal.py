@@ -207,6 +207,7 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
                  "training_tokens": settings.steps * per_step * settings.seq_len}
     if not here.main:
         return None
+    _free_device_memory()  # what training held (trainer, optimizer, the teacher) before the full-precision load
     merged = merge_adapter(base_folder, adapter, dtype=dtype, device=device) if settings.mode == "lora" else \
         merge_adapter(adapter, None, dtype=dtype, device=device)  # partial: the trained model is the result
     loss_after = heldout_loss(merged, heldout)
@@ -251,7 +252,7 @@ def _claim_working_folder(work: Path, identity: dict[str, Any]) -> None:
     from surgery.console import console
 
     work.mkdir(parents=True, exist_ok=True)
-    left = [p for p in ("base", "base.partial", "checkpoints", "adapter", JOB_FILE) if (work / p).exists()]
+    left = [p for p in ("base", "base.partial", "checkpoints", "adapter", "trained", JOB_FILE) if (work / p).exists()]
     try:
         earlier = json.loads((work / JOB_FILE).read_text())
     except (OSError, ValueError):
@@ -282,7 +283,6 @@ def _differences(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def _release(model: Any) -> None:
     """Free the weights of the model being healed (it is saved in the working folder)."""
-    import torch
 
     from surgery.arch import unwrap
 
@@ -290,6 +290,17 @@ def _release(model: Any) -> None:
         unwrap(model).to("meta")
     except (RuntimeError, NotImplementedError, ValueError):
         return  # dispatched or quantized models refuse; they are then only released by the caller
+    _free_device_memory()
+
+
+def _free_device_memory() -> None:
+    """Collect what is no longer referenced (reference cycles included) and return the GPU's cached
+    blocks, so that the free memory measured next is what is really free."""
+    import gc
+
+    import torch
+
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

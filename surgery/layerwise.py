@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from surgery.ablation import ablated
 from surgery.arch import SURGERY_MODEL_TYPE_PREFIX, architecture_of, decoder_layers, get_module
 from surgery.errors import SurgeryError
 from surgery.forward import block_output, finish_logits
-from surgery.hf_modeling import apply_removals, register_classes, remove_sublayer
+from surgery.hf_modeling import apply_removals, register_classes
 from surgery.shards import TORCH_DTYPES, SafetensorsFolder
 from surgery.sublayers import Sublayer, check_in_range, full_blocks
 
@@ -209,16 +210,9 @@ class LayerwiseModel:
         """Block `index` with its weights (on the device) for the duration of the `with`; the
         sublayer kinds in `skip_kinds` ("attn", "mlp") are stand-ins and their weights are not read."""
         layer = self.layers[index]
-        originals: dict[str, Any] = {}
-        for kind in skip_kinds:
-            originals.update(remove_sublayer(layer, kind, list(self.arch.sublayer_modules(kind)), index,
-                                             self.arch.mlp_extra_outputs))
-        try:
-            with self._loaded(layer, f"{self.arch.layers}.{index}.", self.device):
-                yield layer
-        finally:
-            for name, module in originals.items():
-                setattr(layer, name, module)
+        with ablated(self.model, [Sublayer(index, kind) for kind in skip_kinds]), \
+                self._loaded(layer, f"{self.arch.layers}.{index}.", self.device):
+            yield layer
 
     def run(self, block: Any, index: int, stream: Stream) -> Any:
         """Block `index`'s output for one batch (back on CPU)."""
@@ -229,11 +223,15 @@ class LayerwiseModel:
             return block_output(block(stream.hidden.to(self.device), *args, **kwargs)).to("cpu")
 
     def final_norm(self, hidden: Any) -> Any:
+        return self.final_norms([hidden])[0]
+
+    def final_norms(self, hiddens: list[Any]) -> list[Any]:
+        """The final norm of each hidden state (back on CPU), its weights read once."""
         import torch
 
         norm = get_module(self.model, self.arch.final_norm)
         with self._loaded(norm, self.arch.final_norm + ".", self.device), torch.no_grad():
-            return norm(hidden.to(self.device)).to("cpu")
+            return [norm(hidden.to(self.device)).to("cpu") for hidden in hiddens]
 
     def logits(self, hidden: Any, rows: int | None = None) -> Any:
         """Float32 logits from final hidden states, `rows` vocabulary rows of the output layer at a
@@ -243,11 +241,14 @@ class LayerwiseModel:
         with torch.no_grad():
             return torch.cat([next(part) for _, part in self.logit_slices([hidden], rows)], dim=-1)
 
-    def logit_slices(self, hiddens: list[Any], rows: int | None = None) -> Iterator[tuple[int, Iterator[Any]]]:
+    def logit_slices(self, hiddens: list[Any], rows: int | None = None, *,
+                     to_cpu: bool = True) -> Iterator[tuple[int, Iterator[Any]]]:
         """(first vocabulary row, the float32 logits of that slice for each of `hiddens` in turn),
         slice by slice: each slice of the output layer is read once for all of them, and only one
-        slice of one matrix of logits is ever computed at a time (consume a slice's logits before
-        asking for the next slice). Post-processed as the family does (finish_logits is elementwise)."""
+        slice of one matrix of logits is computed at a time (consume a slice's logits before asking
+        for the next slice). On the device with to_cpu=False. Post-processed as the family does
+        (finish_logits is elementwise)."""
+        import torch
         import torch.nn.functional as F
 
         name = f"{self.arch.lm_head}.weight"
@@ -260,7 +261,14 @@ class LayerwiseModel:
             stop = min(start + rows, vocabulary)
             weight = self.weights.rows(name, start, stop).to(self.device, self.dtype)
             offset = self.weights.rows(bias, start, stop).to(self.device, self.dtype) if bias in self.weights else None
-            yield start, (finish_logits(self.config, F.linear(h, weight, offset).float()).cpu() for h in hiddens)
+
+            def part(weight: Any = weight, offset: Any = offset) -> Iterator[Any]:
+                for hidden in hiddens:
+                    with torch.no_grad():
+                        logits = finish_logits(self.config, F.linear(hidden, weight, offset).float())
+                    yield logits.cpu() if to_cpu else logits
+
+            yield start, part()
 
     def close(self) -> None:
         self.weights.close()

@@ -14,11 +14,19 @@ LIBRARY_BYTES = 1 << 30  # torch, transformers and the forward passes beside the
 
 
 def available_memory(device: str = "cpu") -> int:
-    """Bytes the device can give now: MemAvailable (without swapping) or a GPU's free memory."""
+    """Bytes this process may take on the device now: a GPU's free memory (each process has its
+    own GPU), or MemAvailable (without swapping) shared evenly by the launcher's processes on this
+    machine, which decide alike at the same time."""
     if device.startswith("cuda"):
         import torch
 
         return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    from surgery.distributed import ranks
+
+    return _mem_available() // ranks().local_world
+
+
+def _mem_available() -> int:
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
@@ -35,8 +43,17 @@ def fits_in_memory(weight_bytes: int, available: int, copies: int = 1) -> bool:
 
 
 def safetensors_bytes(folder: Path) -> int:
-    """Bytes of a folder's safetensors weights (0 when it has none: nothing out of core can read it)."""
-    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+    """Bytes of the safetensors weights a loader reads in `folder` (the indexed shards, not stray
+    copies such as Mistral's consolidated.safetensors); 0 when it has none: nothing out of core
+    can read it."""
+    from surgery.errors import SurgeryError
+    from surgery.shards import weight_files
+
+    try:
+        files, _ = weight_files(Path(folder))
+    except SurgeryError:
+        return 0
+    return sum((Path(folder) / name).stat().st_size for name in files)
 
 
 def out_of_core(folder: Path, wanted: bool | None, *, device: str, device_map: str | None, copies: int,

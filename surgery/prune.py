@@ -64,6 +64,25 @@ def check(settings: PruneSettings) -> Checked:
     return Checked(source, out, methods)
 
 
+def reusable_analysis(folder: Path, key: str, methods: tuple[str, ...], chosen: AnalysisSettings) -> Any:
+    """The complete analysis in `folder` if it answers this run (same key, the methods, the same
+    settings but for how it ran), else None."""
+    from surgery.analysis import load_analysis
+
+    try:
+        saved = load_analysis(folder)
+    except SurgeryError:
+        return None
+    ignored = ("methods", "budget", "data_dir", "layerwise", "prefix_cache", "coalition_batch")  # how, not what
+    wanted = {k: v for k, v in chosen.describe().items() if k not in ignored}
+    defaults = AnalysisSettings().describe()  # a setting an older analysis did not record had its default
+    if saved.key == key and saved.complete and set(methods) <= set(saved.methods) \
+            and {k: saved.settings.get(k, defaults[k]) for k in wanted} == wanted:
+        saved.reused = True
+        return saved
+    return None
+
+
 def load(settings: PruneSettings, source: Any) -> Any:
     """The source model, with what must hold before the first slow step checked against it."""
     from surgery.arch import num_layers
@@ -86,9 +105,9 @@ def load(settings: PruneSettings, source: Any) -> Any:
 def score(settings: PruneSettings, loaded: Any, methods: tuple[str, ...]) -> Any:
     """A saved analysis with these methods and settings (reused), or a new one written beside it
     (under several processes: scored by all, returned by process 0, None elsewhere)."""
-    from surgery.analysis import analysis_key, analyze, load_analysis, saved_methods
+    from surgery.analysis import analysis_key, analyze, saved_methods
     from surgery.data import calibration_batches
-    from surgery.distributed import ranks
+    from surgery.distributed import broadcast, ranks
     from surgery.files import output_lock
     from surgery.report import write_analysis_report
     from surgery.source import cache_dir
@@ -100,21 +119,13 @@ def score(settings: PruneSettings, loaded: Any, methods: tuple[str, ...]) -> Any
     folder = Path(settings.analysis_dir) if settings.analysis_dir else cache_dir() / "analyses" / key[:24]
     earlier = [m for m in saved_methods(folder) if m not in methods]
     chosen = replace(chosen, methods=(*methods, *earlier))  # a rerun adds to the folder, never drops what it held
-    main = ranks().main  # under a launcher, process 0 holds the folder and writes what it shows
+    main = ranks().main  # under a launcher, process 0 holds the folder, decides, and writes what it shows
     # A cached analysis is shared: a second job that needs it waits for the first and reuses it.
     waits = not settings.analysis_dir
     with output_lock(folder, wait=waits, what=f"the analysis folder {folder}") if main else nullcontext():
-        try:
-            saved = load_analysis(folder)
-            ignored = ("methods", "budget", "data_dir", "layerwise", "prefix_cache", "coalition_batch")  # how, not what
-            wanted = {k: v for k, v in chosen.describe().items() if k not in ignored}
-            defaults = AnalysisSettings().describe()  # a setting an older analysis did not record had its default
-            if saved.key == key and saved.complete and set(methods) <= set(saved.methods) \
-                    and {k: saved.settings.get(k, defaults[k]) for k in wanted} == wanted:
-                saved.reused = True
-                return saved
-        except SurgeryError:
-            pass
+        saved = reusable_analysis(folder, key, methods, chosen) if main else None
+        if broadcast(saved is not None):  # every process follows process 0: reuse, or all score together
+            return saved
         analysis = analyze(loaded.model, loaded.tokenizer, chosen, folder, model_info=info)
         if analysis is not None:
             write_analysis_report(analysis, folder)

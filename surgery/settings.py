@@ -304,8 +304,9 @@ class AnalysisSettings:
                                  "Stop after this many evaluations (200) or this long (30m); partial results are marked.")
     prefix_cache: bool = setting(True, "--prefix-cache", "Resume each coalition from the cached residual stream "
                                  "(--no-prefix-cache: every coalition from the embeddings, for comparison).")
-    coalition_batch: int = setting(0, "--coalition-batch", "Coalitions that resume at the same sublayer run as one batch, "
-                                   "up to this many (0: 4 on a GPU, 1 on a CPU; up to 64 with --layerwise).",
+    coalition_batch: int = setting(0, "--coalition-batch", "Coalitions valued together, up to this many: in memory those "
+                                   "that resume at the same sublayer run as one batch (0: 4 on a GPU, 1 on a CPU); "
+                                   "layer by layer a group shares each read of the blocks (0: up to 64, as memory allows).",
                                    type=_int_at_least(0))
     layerwise: bool | None = setting(None, "--layerwise", "Read the model one decoder block at a time from its "
                                      "safetensors files, never whole (default: only when it does not fit in memory; "

@@ -136,3 +136,17 @@ def test_what_the_layer_by_layer_analysis_cannot_do_is_one_line(tiny_folder, tmp
     assert "safetensors" in one_line(run("analyze", pickled, "--out", out, "--data-dir", data_dir, "--layerwise",
                                          "--allow-pickle", "--device", "cpu"))
     assert not out.exists()
+
+
+def test_a_budget_smaller_than_a_group_is_spent_not_skipped(tiny_folder, tmp_path, data_dir):
+    """Layer by layer, coalitions go in groups of up to 64: --budget 5 still values 5 of them (the
+    single ablations first), marks the analysis partial, and a rerun finishes it."""
+    folder, _ = tiny_folder("llama", num_layers=3)
+    args = ["analyze", folder, "--out", tmp_path / "an", "--layerwise", "--data-dir", data_dir, "--samples", "2",
+            "--seq-len", "16", "--device", "cpu", "--method", "ablation"]
+    assert run(*args, "--budget", "5").exit_code == 0
+    partial = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert not partial["complete"] and partial["coalitions"]["evaluated"] == 5 < partial["coalitions"]["wanted"]
+    assert run(*args).exit_code == 0
+    finished = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert finished["complete"] and finished["coalitions"]["evaluated"] == finished["coalitions"]["wanted"]

@@ -43,9 +43,12 @@ def weights_bytes(model: Any) -> int:
 
 
 def files_bytes(folder: Path | None) -> int | None:
+    """The weight files' size on disk (what a loader reads), None without a folder."""
     if folder is None or not Path(folder).is_dir():
         return None
-    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+    from surgery.memory import safetensors_bytes
+
+    return safetensors_bytes(Path(folder))
 
 
 def _cache_bytes(cache: Any) -> int:

@@ -41,16 +41,17 @@ def convert_gguf(gguf: Path, cache: Path, *, label: str | None = None) -> Path:
     from surgery.files import output_lock
 
     gguf = gguf.resolve()
-    target = cache / f"{gguf.stem}-{file_sha256(gguf)[:16]}-v{CONVERSION_VERSION}"
+    digest = file_sha256(gguf)
+    target = cache / f"{gguf.stem}-{digest[:16]}-v{CONVERSION_VERSION}"
     if (target / "config.json").is_file():
         return target
     with output_lock(target, wait=True):
         if not (target / "config.json").is_file():  # another process may have converted it meanwhile
-            _convert_gguf_locked(gguf, target, label or gguf.name)
+            _convert_gguf_locked(gguf, target, label or gguf.name, digest)
     return target
 
 
-def _convert_gguf_locked(gguf: Path, target: Path, label: str) -> None:
+def _convert_gguf_locked(gguf: Path, target: Path, label: str, digest: str) -> None:
     from surgery.console import quiet_transformers, task
     from surgery.files import staged_folder
 
@@ -82,7 +83,7 @@ def _convert_gguf_locked(gguf: Path, target: Path, label: str) -> None:
         with staged_folder(target) as staging:
             plain.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-            (staging / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}, indent=2))
+            (staging / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}, indent=2))
         progress.advance()
 
 
@@ -172,10 +173,12 @@ def tokenizer_only_copy(gguf_path: Path, work: Path) -> Path:
     writer.add_block_count(1)
     writer.add_vocab_size(vocab)
     copy_tokenizer(writer, gguf_path, vocab)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+    finally:
+        writer.close()
     return path
 
 

@@ -168,12 +168,14 @@ def _write(folder: Path, config: dict[str, Any], target: str, dtype: str, plan: 
     tokenizer_from = _add_tokenizer(writer, folder, config, tokenizer_pre, source)
     for tensor in plan:
         writer.add_tensor_info(tensor.name, tensor.shape, _numpy_dtype(tensor.qtype), tensor.nbytes, raw_dtype=tensor.qtype)
-    writer.write_header_to_file(path)
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for tensor in plan:
-        writer.write_tensor_data(gguf.quants.quantize(tensor.read(), tensor.qtype))
-    writer.close()
+    try:  # the file handle is closed however writing ends (a full disk above all)
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor in plan:
+            writer.write_tensor_data(gguf.quants.quantize(tensor.read(), tensor.qtype))
+    finally:
+        writer.close()
     return path.stat().st_size, tokenizer_from
 
 

@@ -3,27 +3,28 @@ checkpoint is read one decoder block at a time (surgery.layerwise) and every pas
 so each block is read once per pass whatever the number of batches and coalitions.
 
 The reference pass caches the residual stream before every sublayer position (on CPU, or, when
-it would take more than half the free memory, in an unnamed file in `spill_dir` that vanishes
-with the process), exactly as the in-memory prefix cache does; a group of coalitions
-then starts each from the cached state at its first removal and runs the blocks after it, the block
-read once for the whole group; the output layer is read once per group too, a slice of the
-vocabulary at a time, with a running log-sum-exp. Values equal the in-memory ones up to float
-rounding (tests/test_layerwise.py states the tolerance).
+it would take more than half this process's share of the free memory, in an unnamed file in
+`spill_dir` that vanishes with the process), exactly as the in-memory prefix cache does. A group of
+coalitions then starts each from the cached state at its first removal and runs the blocks after
+it, each block read once for the whole group; the final norm and the output layer are read once
+per group too, the output layer a slice of the vocabulary at a time: each slice's logits, for every
+coalition and batch in turn, are reduced on the device to a running log-sum-exp and the target's
+logit, so only per-token vectors come back. Values equal the in-memory ones up to float rounding
+(tests/test_layerwise.py states the tolerance).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from surgery.ablation import ablated
 from surgery.scoring.base import ValueFunction
 from surgery.scoring.residual import resume_point
 from surgery.sublayers import Sublayer
 
-GROUP = 64  # coalitions run through the blocks together (their states live on CPU meanwhile), at most
+GROUP = 64  # coalitions run through the blocks together, at most (their states live on CPU meanwhile)
 
 
 class LayerwiseResidualLoss(ValueFunction):
@@ -35,7 +36,6 @@ class LayerwiseResidualLoss(ValueFunction):
         super().__init__()
         self.model = model
         self.base = model  # what the analysis reads the vocabulary size from
-        self.device = model.device
         self.batches = batches
         self.num_players = 2 * model.num_layers
         self.tokens = sum(int(b[:, 1:].numel()) for b in batches)
@@ -44,7 +44,12 @@ class LayerwiseResidualLoss(ValueFunction):
         free = available_memory("cpu")
         spill = spill_dir if spill_dir is not None and one * (self.num_players + 1) > free // 2 else None
         self._states = _States([s.hidden for s in self._streams], self.num_players + 1, spill)
-        self.default_batch = max(1, min(GROUP, free // 4 // one))  # a group's states take at most a quarter
+        # A group holds, per coalition, its running states and their normed copies (2 x one) on CPU, and
+        # the normed ones on the device while the output layer runs: at most a quarter of each memory.
+        room = free // 4 // (2 * one)
+        if str(model.device).startswith("cuda"):
+            room = min(room, available_memory(str(model.device)) // 4 // one)
+        self.default_batch = max(1, min(GROUP, room))
         self._reference_pass()
 
     def values(self, coalitions: list[frozenset[int]], batch: int = 1) -> list[float]:
@@ -63,16 +68,19 @@ class LayerwiseResidualLoss(ValueFunction):
     # ------------------------------------------------------------ passes
 
     def _reference_pass(self) -> None:
-        """The stream before every position, block by block: a block's input, its output with the
-        FFN left out (the mid-block stream), its output."""
+        """The stream before every position, block by block: a block's input; the block run with its
+        FFN left out (the mid-block stream); that stream run through the block with its attention left
+        out (the block's output: the same sum, attention not computed twice)."""
         hidden = [stream.hidden for stream in self._streams]
         for index in range(self.model.num_layers):
             with self.model.block(index) as block:
-                for b, stream in enumerate(self._streams):
+                for b in range(len(self._streams)):
                     self._states.put(b, 2 * index, hidden[b])
-                    with _without(block, self.model.arch, index, {"mlp"}):
-                        self._states.put(b, 2 * index + 1, self._run(block, index, stream, hidden[b]))
-                    hidden[b] = self._run(block, index, stream, hidden[b])
+                    with self._without(index, {"mlp"}):
+                        hidden[b] = self._run(block, index, b, hidden[b])
+                    self._states.put(b, 2 * index + 1, hidden[b])
+                    with self._without(index, {"attn"}):
+                        hidden[b] = self._run(block, index, b, hidden[b])
         for b in range(len(self._streams)):
             self._states.put(b, self.num_players, hidden[b])
         self._values[frozenset()] = self._losses([hidden])[0]
@@ -82,57 +90,62 @@ class LayerwiseResidualLoss(ValueFunction):
         plans = []
         for removed in group:
             resume, skip = resume_point(removed) if removed else (self.num_players, [])
-            plans.append((resume // 2, _kinds_by_layer(skip), [self._states.get(b, min(removed) if removed else self.num_players)
-                                                               for b in range(len(self.batches))]))
+            start = min(removed) if removed else self.num_players
+            plans.append((resume // 2, _kinds_by_layer(skip), self.states_at(start)))
         for index in range(min((p[0] for p in plans), default=self.model.num_layers), self.model.num_layers):
             active = [p for p in plans if p[0] <= index and p[1].get(index) != {"attn", "mlp"}]
             if not active:
                 continue
             with self.model.block(index) as block:
                 for _, kinds, hidden in active:
-                    with _without(block, self.model.arch, index, kinds.get(index, set())):
-                        for b, stream in enumerate(self._streams):
-                            hidden[b] = self._run(block, index, stream, hidden[b])
+                    with self._without(index, kinds.get(index, set())):
+                        for b in range(len(self._streams)):
+                            hidden[b] = self._run(block, index, b, hidden[b])
         return self._losses([p[2] for p in plans])
 
-    def _run(self, block: Any, index: int, stream: Any, hidden: Any) -> Any:
+    def _run(self, block: Any, index: int, batch: int, hidden: Any) -> Any:
         from surgery.layerwise import Stream
 
-        return self.model.run(block, index, Stream(hidden, stream.calls))
+        return self.model.run(block, index, Stream(hidden, self._streams[batch].calls))
+
+    def _without(self, index: int, kinds: set[str]) -> Any:
+        """The loaded block `index` with the sublayers of `kinds` as stand-ins (weights kept)."""
+        return ablated(self.model.model, [Sublayer(index, kind) for kind in sorted(kinds)])
 
     def _losses(self, hiddens: list[list[Any]]) -> list[float]:
-        """Mean token loss of each coalition's last block outputs (one list of batches each), with
-        the final norm and the output layer read once, the vocabulary a slice at a time."""
-        finals = [[self.model.final_norm(h) for h in batches] for batches in hiddens]
-        totals = [0.0] * len(hiddens)
-        for b, ids in enumerate(self.batches):
-            targets = ids[:, 1:].reshape(-1)
-            rows = [f[b][:, :-1].reshape(-1, f[b].shape[-1]) for f in finals]
-            for c, nll in enumerate(self._nll(rows, targets)):
-                totals[c] += float(nll.sum())
-            del rows
-        return [-total / self.tokens for total in totals]
-
-    def _nll(self, rows: list[Any], targets: Any) -> Iterator[Any]:
-        """Per-token negative log-likelihood of `targets` for each matrix of final hidden rows."""
+        """Mean token loss of each coalition's last block outputs (one list of batches each, emptied
+        as they are normed): the final norm read once, the output layer once, a slice at a time."""
         import torch
 
-        running = [None] * len(rows)  # (max, sum of exp, target logit) per matrix
-        for start, part in self.model.logit_slices(rows):
-            for c, logits in enumerate(part):
-                peak = logits.max(-1).values
-                inside = (targets >= start) & (targets < start + logits.shape[-1])
-                picked = torch.zeros_like(peak)
-                picked[inside] = logits[inside, (targets[inside] - start)]
-                if running[c] is None:
-                    running[c] = [peak, (logits - peak[:, None]).exp().sum(-1), picked]
-                else:
-                    old, total, target = running[c]
-                    new = torch.maximum(old, peak)
-                    total = total * (old - new).exp() + (logits - new[:, None]).exp().sum(-1)
-                    running[c] = [new, total, target + picked]
-        for peak, total, target in running:
-            yield peak + total.log() - target
+        count = len(self.batches)
+        normed = self.model.final_norms([h for batches in hiddens for h in batches])
+        for batches in hiddens:
+            batches.clear()  # the normed copies replace them
+        # Targets: the next token at every position but each sequence's last, which is not scored (-1).
+        targets = [torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -1)], dim=1).reshape(-1) for ids in self.batches]
+        rows = [h.reshape(-1, h.shape[-1]) for h in normed]
+        totals = [0.0] * len(hiddens)
+        for r, losses in enumerate(_token_nll(self.model, rows, [targets[r % count] for r in range(len(rows))])):
+            totals[r // count] += float(losses[targets[r % count] >= 0].sum())
+        return [-total / self.tokens for total in totals]
+
+
+def _token_nll(model: Any, rows: list[Any], targets: list[Any]) -> list[Any]:
+    """Per-token negative log-likelihood of `targets[r]` for each matrix of final hidden rows, over
+    the output layer's vocabulary slices: a running log-sum-exp and the target's logit, kept on the
+    device. Positions whose target is -1 are not meaningful; the caller masks them."""
+    import torch
+
+    goals = [t.to(model.device) for t in targets]
+    lse: list[Any] = [None] * len(rows)
+    picked = [torch.zeros(len(goal), device=model.device) for goal in goals]
+    for start, part in model.logit_slices(rows, to_cpu=False):
+        for r, logits in enumerate(part):
+            inside = (goals[r] >= start) & (goals[r] < start + logits.shape[-1])
+            picked[r][inside] = logits[inside, goals[r][inside] - start]
+            here = logits.logsumexp(-1)
+            lse[r] = here if lse[r] is None else torch.logaddexp(lse[r], here)
+    return [(total - target).cpu() for total, target in zip(lse, picked)]
 
 
 def _kinds_by_layer(skip: list[Sublayer]) -> dict[int, set[str]]:
@@ -140,21 +153,6 @@ def _kinds_by_layer(skip: list[Sublayer]) -> dict[int, set[str]]:
     for unit in skip:
         found.setdefault(unit.layer, set()).add(unit.kind)
     return found
-
-
-@contextmanager
-def _without(block: Any, arch: Any, index: int, kinds: set[str]) -> Iterator[Any]:
-    """The loaded block with the sublayers of `kinds` as stand-ins for the `with` (weights kept)."""
-    from surgery.hf_modeling import remove_sublayer
-
-    originals: dict[str, Any] = {}
-    for kind in sorted(kinds):
-        originals.update(remove_sublayer(block, kind, list(arch.sublayer_modules(kind)), index, arch.mlp_extra_outputs))
-    try:
-        yield block
-    finally:
-        for name, module in originals.items():
-            setattr(block, name, module)
 
 
 class _States:
@@ -173,8 +171,11 @@ class _States:
             from surgery.files import check_free_space
 
             width = max(t.numel() for t in like)
-            check_free_space(spill / ".surgery-stream", len(like) * positions * width * like[0].element_size(),
-                             "the cached residual stream")
+            from surgery.distributed import ranks
+
+            # Every launcher process on this machine spills its own stream, at the same time, to the same disk.
+            need = len(like) * positions * width * like[0].element_size() * ranks().local_world
+            check_free_space(spill / ".surgery-stream", need, "the cached residual stream")
             self.handle = tempfile.TemporaryFile(dir=spill, prefix=".surgery-stream-")  # noqa: SIM115 (lives with the states)
             bits = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[like[0].element_size()]
             self.file = np.memmap(self.handle, dtype=bits, mode="w+", shape=(len(like), positions, width))
