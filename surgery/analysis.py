@@ -137,7 +137,7 @@ class EvaluationStore:
     process 0 merges them into the main file when all are done, and a resumed run reads them all."""
 
     def __init__(self, folder: Path, key: str, header: dict[str, Any], *, force: bool, rank: int = 0, shared: bool = False) -> None:
-        from surgery.distributed import barrier
+        from surgery.distributed import broadcast
 
         self.folder, self.path = folder, folder / EVALUATIONS_FILE
         self.own = folder / f"evaluations.rank{rank}.jsonl" if shared else self.path
@@ -145,9 +145,10 @@ class EvaluationStore:
         self.in_main: set[tuple[int, ...]] = set()  # coalitions the main file holds
         if rank == 0:
             self._open(key, header, force)
-        barrier()  # the others read only once process 0 has checked or started the folder
-        if rank != 0:
-            self._read(key)
+        # Process 0 alone reads, and every process starts from what it read: each shares out the
+        # coalitions still unknown, so all must hold the same records. (Reading the files in each
+        # process raced with process 0's first appends, and coalitions fell between the shares.)
+        self.records = broadcast(self.records)
 
     def _open(self, key: str, header: dict[str, Any], force: bool) -> None:
         from surgery.files import write_text
@@ -308,8 +309,8 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
                 value_function.remember(frozenset(record["removed"]), record["value"], record.get("detail"))
         if store is not None and here.several:
             store.merge([record for part in every for record in part["records"]])
-        complete = all(part["complete"] for part in every)
         evaluated = sum(value_function.known(c) is not None for c in wanted)
+        complete = all(part["complete"] for part in every) and evaluated == len(wanted)
         cost["evaluation_seconds"] = sum(part["seconds"] for part in every)
         cost["evaluations"] = sum(part["evaluations"] for part in every)
         cost["processes"] = here.world
