@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from common import ROOT, data_dir, measured_child, protocol, save
-from out_of_core import SHAPE, SMALL, write_checkpoint
+from out_of_core import SHAPE, SMALL, prepare, synthetic_parser, write_checkpoint
 
 RSS_TARGET = 3 * 2**30
 NEEDS_FREE = 7 << 30
@@ -59,17 +59,8 @@ def scores(analysis: dict) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="where the checkpoint is written")
-    parser.add_argument("--source", type=Path, help="a checkpoint bench/out_of_core.py --keep wrote (not removed)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--smoke", action="store_true", help="a small model, to try the script (prints, saves nothing)")
-    args = parser.parse_args()
-    if args.smoke:
-        SHAPE.update(SMALL)
-    free = shutil.disk_usage(args.work).free
-    if free < NEEDS_FREE and not args.smoke and args.source is None:
-        sys.exit(f"{args.work} has {free / 2**30:.1f} GiB free; the benchmark needs {NEEDS_FREE / 2**30:.0f} GiB: pass --work")
+    args = synthetic_parser().parse_args()
+    prepare(args, 0 if args.source else NEEDS_FREE)
     work = Path(tempfile.mkdtemp(prefix="surgery-layerwise-", dir=args.work))
     try:
         result = measure(work, args)

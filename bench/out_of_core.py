@@ -126,20 +126,32 @@ def fingerprint_seconds(source: Path, cache: Path) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def synthetic_parser() -> argparse.ArgumentParser:
+    """The options of the benchmarks on the synthetic checkpoint (this one and bench/layerwise_analysis.py)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="where the checkpoints are written")
-    parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint (for --source)")
-    parser.add_argument("--source", type=Path, help="a checkpoint an earlier --keep run wrote (not removed)")
-    parser.add_argument("--remove", default="L3,L7", help="blocks to cut")
+    parser.add_argument("--source", type=Path, help="a checkpoint an earlier bench/out_of_core.py --keep wrote (not removed)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="a small model, to try the script (prints, saves nothing)")
-    args = parser.parse_args()
+    return parser
+
+
+def prepare(args: argparse.Namespace, needs_free: int) -> None:
+    """--smoke shrinks the shape to SMALL; otherwise the work folder must have `needs_free` bytes free."""
     if args.smoke:
         SHAPE.update(SMALL)
+        return
     free = shutil.disk_usage(args.work).free
-    if free < NEEDS_FREE and not args.smoke:
-        sys.exit(f"{args.work} has {free / 2**30:.1f} GiB free; the benchmark needs {NEEDS_FREE / 2**30:.0f} GiB: pass --work")
+    if free < needs_free:
+        sys.exit(f"{args.work} has {free / 2**30:.1f} GiB free; the benchmark needs {needs_free / 2**30:.0f} GiB: pass --work")
+
+
+def main() -> None:
+    parser = synthetic_parser()
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint (for --source)")
+    parser.add_argument("--remove", default="L3,L7", help="blocks to cut")
+    args = parser.parse_args()
+    prepare(args, NEEDS_FREE)
     work = Path(tempfile.mkdtemp(prefix="surgery-out-of-core-", dir=args.work))
     try:
         result = measure(work, args)
