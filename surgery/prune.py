@@ -281,8 +281,8 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
 
             step(f"planning: strategy {settings.strategy}, {settings.granularity} granularity, "
                  f"target {Target.parse(settings.remove).describe()}")
-            with timed("plan"):
-                plan = choose(settings, loaded, analysis)
+            with timed("plan"):  # process 0 chooses: a strategy that measures as it goes must not differ by a rounding
+                plan = broadcast(choose(settings, loaded, analysis) if here.main else None)
             step(f"plan: remove {plan.describe()['removed_compact']} ({100 * plan.fraction:.1f}% of decoder parameters)")
             step(f"evaluating the source model ({layers} blocks)")
             source_continuations = None
