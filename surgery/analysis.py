@@ -394,7 +394,7 @@ def _evaluate_all(value_function: Any, settings: AnalysisSettings, wanted: list[
         singles = [c for c in order if len(c) <= 1]
         rest = sorted((c for c in order if len(c) > 1), key=lambda c: (group_key(c)[0], sorted(group_key(c)[1]), min(c)))
         order = singles + rest
-    order = share(order)
+    order = share(order, value_function.cost)  # about equal time per process, not equal counts
     world = ranks().world
     budget_evaluations = -(-settings.budget_evaluations // world) if settings.budget_evaluations is not None else None
     budget_seconds = settings.budget_seconds

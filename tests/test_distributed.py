@@ -100,3 +100,31 @@ def test_surgery_heal_heals_a_cut_folder_on_one_or_two_processes(tiny_folder, tm
     wa, wb = (load_file(tmp_path / name / "model.safetensors") for name in ("one", "two"))
     assert all(float((wa[k] - wb[k]).abs().max()) < 1e-4 for k in wa)
     assert {p.name: file_sha256(p) for p in cut.iterdir()} == before  # the source folder is never written
+
+
+def test_coalitions_are_shared_out_longest_first_to_the_least_loaded_process(monkeypatch):
+    """By hand, costs 5, 4, 3, 3, 3 on two processes: 5 -> 0, 4 -> 1, 3 -> 1 (load 7), 3 -> 0 (8),
+    3 -> 1 (10); each part keeps the given order. Without costs: every second item."""
+    from surgery.distributed import share
+
+    items = ["a", "b", "c", "d", "e"]
+    costs = dict(zip(items, [5, 4, 3, 3, 3]))
+    parts, plain = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        parts.append(share(items, costs.__getitem__))
+        plain.append(share(items))
+    assert parts == [["a", "d"], ["b", "c", "e"]]
+    assert plain == [["a", "c", "e"], ["b", "d"]]
+
+
+def test_a_coalition_costs_the_blocks_run_after_its_resume_point():
+    """4 blocks, positions 2k (attention) and 2k+1 (FFN); plus one for the output layer."""
+    from surgery.scoring.residual import evaluation_cost
+
+    assert evaluation_cost(frozenset(), 4) == 5  # the full model: every block
+    assert evaluation_cost(frozenset({0}), 4) == 5  # resumes at block 0's FFN
+    assert evaluation_cost(frozenset({1}), 4) == 4  # resumes at block 1
+    assert evaluation_cost(frozenset({2, 5}), 4) == 4  # resumes at block 1's FFN; position 5 stays ablated
+    assert evaluation_cost(frozenset({6, 7}), 4) == 1  # the output layer only

@@ -84,6 +84,11 @@ class ValueFunction:
     def values(self, coalitions: list[frozenset[int]], batch: int = 1) -> list[float]:
         raise NotImplementedError
 
+    def cost(self, removed: frozenset[int]) -> float:
+        """About how long evaluating `removed` takes, relative to other coalitions: what several
+        processes share the work out by. Alike by default."""
+        return 1.0
+
 
 class Scorer:
     """Base class: override what the method has; the defaults contribute nothing."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from surgery.ablation import ablated
 from surgery.scoring.base import ValueFunction
-from surgery.scoring.residual import resume_point
+from surgery.scoring.residual import evaluation_cost, resume_point
 from surgery.sublayers import Sublayer
 
 GROUP = 64  # coalitions run through the blocks together, at most (their states live on CPU meanwhile)
@@ -61,6 +61,9 @@ class LayerwiseResidualLoss(ValueFunction):
             self.seconds += time.perf_counter() - clock
             self.evaluations += len(group)
         return [self._values[c] for c in coalitions]
+
+    def cost(self, removed: frozenset[int]) -> float:
+        return evaluation_cost(removed, self.model.num_layers)
 
     def states_at(self, position: int) -> list[Any]:
         return [self._states.get(b, position) for b in range(len(self.batches))]

@@ -79,6 +79,9 @@ class ResidualLoss(ValueFunction):
         """Coalitions per batch when --coalition-batch is not given: batching helps on a GPU only."""
         return 4 if self.device.type == "cuda" else 1
 
+    def cost(self, removed: frozenset[int]) -> float:
+        return evaluation_cost(removed, len(self.layers)) if self.prefix_cache else len(self.layers) + 1
+
     def states_at(self, position: int) -> list[Any]:
         """Cached residual stream before `position` (2L = after the last block), one tensor per batch."""
         return [states[position] for states in self._states]
@@ -141,6 +144,13 @@ def resume_point(removed: frozenset[int]) -> tuple[int, list[Sublayer]]:
     if resume % 2 == 1:  # resuming at an MLP: this block's attention is already in the cached state
         skip.append(Sublayer(resume // 2, "attn"))
     return resume, skip
+
+
+def evaluation_cost(removed: frozenset[int], layers: int) -> int:
+    """About how long a coalition's evaluation from the cached stream takes, in blocks: those run
+    from its resume point on, plus one for the output layer (the full model runs every block)."""
+    resume = resume_point(removed)[0] if removed else 0
+    return layers - resume // 2 + 1
 
 
 def group_key(removed: frozenset[int]) -> tuple[int, frozenset[int]] | None:
