@@ -3,8 +3,8 @@ torch.distributed joins them; this module only says which process this is and wr
 collectives the tool uses (no scheduler or RPC of its own).
 
 Under a launcher every process runs the same command: each loads the model on its own device
-(`cuda:LOCAL_RANK`, or the CPU), `analyze` shares the coalitions out (each process evaluates every
-world-th one and keeps its own resumable record), healing trains with DDP through the Trainer, and
+(`cuda:LOCAL_RANK`, or the CPU), `analyze` shares the coalitions out (balanced by their cost; each
+process keeps its own resumable record), healing trains with DDP through the Trainer, and
 process 0 alone assembles, evaluates and writes what the user reads. Gloo serves CPUs, NCCL GPUs.
 """
 
