@@ -137,30 +137,30 @@ class EvaluationStore:
     process 0 merges them into the main file when all are done, and a resumed run reads them all."""
 
     def __init__(self, folder: Path, key: str, header: dict[str, Any], *, force: bool, rank: int = 0, shared: bool = False) -> None:
-        from surgery.distributed import broadcast
+        from surgery.distributed import from_main
 
         self.folder, self.path = folder, folder / EVALUATIONS_FILE
         self.own = folder / f"evaluations.rank{rank}.jsonl" if shared else self.path
         self.records: list[dict[str, Any]] = []
         self.in_main: set[tuple[int, ...]] = set()  # coalitions the main file holds
-        if rank == 0:
-            self._open(key, header, force)
         # Process 0 alone reads, and every process starts from what it read: each shares out the
         # coalitions still unknown, so all must hold the same records. (Reading the files in each
         # process raced with process 0's first appends, and coalitions fell between the shares.)
-        self.records = broadcast(self.records)
+        self.records = from_main(lambda: self._open(key, header, force))
 
-    def _open(self, key: str, header: dict[str, Any], force: bool) -> None:
+    def _open(self, key: str, header: dict[str, Any], force: bool) -> list[dict[str, Any]]:
+        """Resume the record in the folder, or start one; returns the records it holds."""
         from surgery.files import write_text
 
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and not force:
             self._read(key)
-            return
+            return self.records
         for part in self._parts():
             part.unlink()
         write_text(self.path, json.dumps({"key": key, **header}) + "\n")
         (self.folder / ANALYSIS_FILE).unlink(missing_ok=True)
+        return self.records
 
     def _parts(self) -> list[Path]:
         return sorted(self.folder.glob("evaluations.rank*.jsonl"))
@@ -188,6 +188,8 @@ class EvaluationStore:
         record = {"removed": sorted(removed), "value": value, **({"detail": detail} if detail else {})}
         append_line(self.own, json.dumps(record))
         self.records.append(record)
+        if self.own == self.path:
+            self.in_main.add(tuple(record["removed"]))
 
     def merge(self, records: list[dict[str, Any]]) -> None:
         """Process 0, once every process is done: the others' records into the main file, their files gone."""
@@ -265,7 +267,7 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
     settings = replace(settings, methods=with_requirements(settings.methods))
     if out is not None and not force:
         check_dropped_methods(out, settings.methods)
-    here = start()
+    here = start(str(getattr(model, "device", "")) or None)
     settings = replace(settings, layerwise=isinstance(model, LayerwiseModel))  # as run, in analysis.json
     if settings.layerwise:
         check_layerwise(settings)
@@ -307,7 +309,7 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
         for part in every:
             for record in part["records"]:
                 value_function.remember(frozenset(record["removed"]), record["value"], record.get("detail"))
-        if store is not None and here.several:
+        if store is not None:  # the others' files, or those an interrupted run on several processes left
             store.merge([record for part in every for record in part["records"]])
         evaluated = sum(value_function.known(c) is not None for c in wanted)
         complete = all(part["complete"] for part in every) and evaluated == len(wanted)
@@ -385,10 +387,11 @@ def _evaluate_all(value_function: Any, settings: AnalysisSettings, wanted: list[
     skipping known ones, until done or out of budget (shared out alike); returns (complete, the
     records it added)."""
     from surgery.console import task
-    from surgery.distributed import ranks, share
+    from surgery.distributed import broadcast, ranks, share
     from surgery.scoring.residual import group_key
 
-    batch = settings.coalition_batch or _default_coalition_batch(value_function)
+    # Process 0's: the batch orders the list every process shares out, so all must order it alike.
+    batch = broadcast(settings.coalition_batch or _default_coalition_batch(value_function))
     order = [c for c in wanted if value_function.known(c) is None]
     if batch > 1:  # ablations first, then runs grouped by where they resume, so groups fill batches
         singles = [c for c in order if len(c) <= 1]

@@ -195,6 +195,7 @@ def analyze_and_save(model_spec: str, settings: AnalysisSettings, out: Path, loa
     from surgery.analysis import EVALUATIONS_FILE, analyze, check_dropped_methods
     from surgery.distributed import start
     from surgery.files import check_resumable_folder, output_lock
+    from surgery.loading import resolve_device
     from surgery.report import write_analysis_report
     from surgery.scoring import with_requirements
 
@@ -203,7 +204,7 @@ def analyze_and_save(model_spec: str, settings: AnalysisSettings, out: Path, loa
         check_dropped_methods(out, settings.methods)
     check = lambda protected: check_resumable_folder(out, EVALUATIONS_FILE, force=force, protected=protected)  # noqa: E731
     source = resolve_with_output_check(model_spec, check, load)
-    here = start()  # under torchrun / accelerate launch: every process scores its share, process 0 writes
+    here = start(resolve_device(load.device))  # under torchrun / accelerate launch: every process scores its share, process 0 writes
     with output_lock(out, what=f"the analysis folder {out}") if here.main else contextlib.nullcontext():
         if here.main:
             check([source.path])  # again, now that it is held: a run that waited may find it changed
@@ -217,6 +218,7 @@ def analyze_and_save(model_spec: str, settings: AnalysisSettings, out: Path, loa
 def _analysis_model(source: Any, settings: AnalysisSettings, load: LoadSettings) -> tuple[Any, Any]:
     """(model, tokenizer) for the analysis: loaded whole, or, for a model that does not fit in
     memory (or with --layerwise), a LayerwiseModel that reads one block at a time."""
+    from surgery.distributed import from_main
     from surgery.loading import load_model, load_tokenizer, resolve_device
     from surgery.memory import out_of_core
 
@@ -232,8 +234,9 @@ def _analysis_model(source: Any, settings: AnalysisSettings, load: LoadSettings)
         weight_files(source.path, "the layer-by-layer analysis reads safetensors weights only: convert them, "
                                   "or pass --no-layerwise")
     automatic = None if settings.metric == "loss" and settings.prefix_cache else False  # what the layer-by-layer path serves
-    layerwise = out_of_core(source.path, automatic if settings.layerwise is None else settings.layerwise, device=device,
-                            device_map=load.device_map, copies=1, doing="analyzing layer by layer", instead="--no-layerwise")
+    layerwise = from_main(lambda: out_of_core(  # process 0's choice: every process must run the same value function
+        source.path, automatic if settings.layerwise is None else settings.layerwise, device=device, device_map=load.device_map,
+        copies=1, doing="analyzing layer by layer", instead="--no-layerwise"))
     if not layerwise:
         loaded = load_model(source, **load.kwargs())
         return loaded.model, loaded.tokenizer
@@ -271,7 +274,7 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
     tokenizer = load_tokenizer(source.path)
     if tokenizer is None:
         raise SurgeryError(f"{source.path} has no tokenizer: healing needs one; export the cut with its tokenizer")
-    here = start()
+    here = start(resolve_device(load.device))
     work = work_folder(Path(out).expanduser().absolute())
     with claimed_folder(out, force=force, protected=[source.path]) if here.main else contextlib.nullcontext(), \
             working_folder(work, keep=keep_work or not here.main):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from surgery.errors import SurgeryError
+
 # Process 0 evaluates and exports while the others wait at a barrier: allow for a long wait.
 WAIT = timedelta(hours=12)
 
@@ -42,17 +44,22 @@ def ranks() -> Ranks:
                  int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def start() -> Ranks:
-    """Join the launcher's process group (once); a single process has nothing to join."""
+def start(device: str | None = None) -> Ranks:
+    """Join the launcher's process group (once); a single process has nothing to join. NCCL where the
+    processes compute on GPUs (`device`: what --device resolved to; None: a GPU if there is one), else gloo."""
     here = ranks()
     if here.several:
         import torch
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            if torch.cuda.is_available():  # NCCL's collectives use the current device: this process's own GPU
+            on_gpu = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+            if on_gpu:  # NCCL's collectives use the current device: this process's own GPU
+                if here.local_rank >= torch.cuda.device_count():
+                    raise SurgeryError(f"process {here.local_rank} on this machine has no GPU of its own ({torch.cuda.device_count()} "
+                                       "visible): start at most one process per GPU, or pass --device cpu")
                 torch.cuda.set_device(here.local_rank)
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=WAIT)
+            dist.init_process_group("nccl" if on_gpu else "gloo", timeout=WAIT)
     return here
 
 
@@ -92,6 +99,23 @@ def broadcast(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def from_main(compute: Callable[[], Any]) -> Any:
+    """`compute()` run by process 0 alone, its result on every process. A SurgeryError it raises is
+    raised on every process (one line each), so none is left waiting in a collective for it."""
+    if not ranks().several:
+        return compute()
+    result, error = None, None
+    if ranks().main:
+        try:
+            result = compute()
+        except SurgeryError as failure:
+            error = str(failure)
+    result, error = broadcast((result, error))
+    if error is not None:
+        raise SurgeryError(error)
+    return result
 
 
 def barrier() -> None:

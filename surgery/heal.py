@@ -161,8 +161,9 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     from surgery.arch import architecture_of, unwrap
     from surgery.console import quiet_transformers
     from surgery.data import pack_tokens
-    from surgery.distributed import barrier, start
+    from surgery.distributed import from_main, start
     from surgery.export.checkpoint import write_model_folder
+    from surgery.files import write_json
     from surgery.provenance import weights_sha256
 
     quiet_transformers()
@@ -177,11 +178,12 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     base_folder = Path(model) if given_folder else work / "base"
 
     texts, heldout_texts, source = healing_texts(settings.data, data_dir)
-    here = start()  # under torchrun / accelerate launch: DDP over the processes, process 0 merges
+    here = start(device)  # under torchrun / accelerate launch: DDP over the processes, process 0 merges
     per_step = settings.batch_size * settings.grad_accum * here.world
     train_ids = _pack_available(tokenizer, texts, settings.steps * per_step, settings.seq_len, source, minimum=per_step)
     heldout = list(pack_tokens(tokenizer, heldout_texts, settings.heldout_samples, settings.seq_len, "held-out text").split(4))
-    if here.main:
+
+    def prepare() -> None:
         weights = _folder_weights(base_folder) if given_folder else weights_sha256(model)
         identity = resume_identity(weights, settings, train_ids, teacher, {**(job or {}), "processes": here.world})
         _claim_working_folder(work, identity)
@@ -190,8 +192,9 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
             shutil.rmtree(staging, ignore_errors=True)
             write_model_folder(model, tokenizer, staging)
             staging.rename(base_folder)
-        (work / JOB_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")  # after the base it vouches for
-    barrier()  # the base and the checkpoints to resume from are in place for every process
+        write_json(work / JOB_FILE, identity)  # after the base it vouches for
+
+    from_main(prepare)  # by process 0; then the base and the checkpoints to resume from are in place for every process
 
     if given_folder:
         config = _folder_config(base_folder)
@@ -244,6 +247,13 @@ def _config_dtype(config: dict[str, Any]) -> Any:
 
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return getattr(torch, name, torch.float32)
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The last complete `checkpoint-N` in the folder. The trainer writes trainer_state.json last, so
+    one without it was cut short by a kill while saving: the one before it is resumed from instead."""
+    complete = [p for p in Path(checkpoints).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
 def _claim_working_folder(work: Path, identity: dict[str, Any]) -> None:
@@ -349,7 +359,7 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
     from surgery.loading import load_model
 
     checkpoints = work / "checkpoints"
-    resume = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if checkpoints.is_dir() else []
+    resume = latest_checkpoint(checkpoints)
 
     on_gpu = device.startswith("cuda")
     checkpointing = settings.gradient_checkpointing if settings.gradient_checkpointing is not None else on_gpu
@@ -396,7 +406,7 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
         trainer_class = _distilling(SFTTrainer, _load_teacher(teacher, settings, device), settings.distill)
     trainer = trainer_class(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Progress()])
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the loss
-    resumed = str(resume[-1]) if resume else None
+    resumed = str(resume) if resume else None
     with task("healing", total=settings.steps) as progress:
         trainer.train(resume_from_checkpoint=resumed)
     # The trainer's state, restored from a checkpoint on resume: the whole run's losses, not only the resumed steps'.

@@ -129,7 +129,7 @@ def score(settings: PruneSettings, loaded: Any, methods: tuple[str, ...]) -> Any
         analysis = analyze(loaded.model, loaded.tokenizer, chosen, folder, model_info=info)
         if analysis is not None:
             write_analysis_report(analysis, folder)
-    if analysis is not None and not analysis.complete:
+    if broadcast(analysis is not None and not analysis.complete):  # process 0's answer, raised on every process
         raise SurgeryError(f"the analysis in {folder} is partial (budget reached): run surgery prune again to finish it")
     return analysis
 
@@ -244,13 +244,14 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
     several processes, process 0 evaluates and exports (the others return None)."""
     from surgery.arch import num_layers
     from surgery.console import console, progress_bar
-    from surgery.distributed import broadcast, start
+    from surgery.distributed import broadcast, from_main, start
     from surgery.files import claimed_folder, work_folder, working_folder
+    from surgery.loading import resolve_device
     from surgery.provenance import now, versions
 
     started = time.perf_counter()
     checked = check(settings)
-    here = start()  # under torchrun / accelerate launch: every process cuts alike and heals its share (DDP)
+    here = start(resolve_device(settings.load.device))  # under torchrun / accelerate launch: every process cuts alike and heals its share (DDP)
     with claimed_folder(checked.out, force=settings.force, protected=[checked.source.path]) if here.main else nullcontext():
         loaded = load(settings, checked.source)
         layers = num_layers(loaded.model)
@@ -282,7 +283,7 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
             step(f"planning: strategy {settings.strategy}, {settings.granularity} granularity, "
                  f"target {Target.parse(settings.remove).describe()}")
             with timed("plan"):  # process 0 chooses: a strategy that measures as it goes must not differ by a rounding
-                plan = broadcast(choose(settings, loaded, analysis) if here.main else None)
+                plan = from_main(lambda: choose(settings, loaded, analysis))
             step(f"plan: remove {plan.describe()['removed_compact']} ({100 * plan.fraction:.1f}% of decoder parameters)")
             step(f"evaluating the source model ({layers} blocks)")
             source_continuations = None
@@ -290,7 +291,7 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
                 if here.main:
                     source_continuations = reference(settings, loaded)
                     report["evaluations"]["source"] = evaluate(settings, "source", loaded.model, loaded.tokenizer, loaded.source.path)
-            if settings.bridge:
+            if settings.bridge and here.main:  # the others heal from process 0's saved model, or stop here
                 step(f"fitting linear bridges across the cut ({settings.bridge_samples} calibration sequences)")
                 with timed("bridge"):
                     report["bridge"] = bridge(settings, loaded, plan)

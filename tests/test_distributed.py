@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -128,3 +129,40 @@ def test_a_coalition_costs_the_blocks_run_after_its_resume_point():
     assert evaluation_cost(frozenset({1}), 4) == 4  # resumes at block 1
     assert evaluation_cost(frozenset({2, 5}), 4) == 4  # resumes at block 1's FFN; position 5 stays ablated
     assert evaluation_cost(frozenset({6, 7}), 4) == 1  # the output layer only
+
+
+def test_a_refusal_by_process_0_is_one_line_on_every_process(tiny_folder, tmp_path, env):
+    """Process 0 alone reads the analysis folder: when it refuses one made for another model, the
+    other process raises the same line instead of waiting for it in a collective."""
+    llama, _ = tiny_folder("llama", num_layers=2)
+    qwen, _ = tiny_folder("qwen2", num_layers=2)
+    common = ["--samples", "2", "--seq-len", "16", "--method", "ablation", "--device", "cpu"]
+    assert surgery("analyze", llama, "--out", tmp_path / "a", *common, env=env).returncode == 0
+    refused = surgery("analyze", qwen, "--out", tmp_path / "a", *common, env=env, processes=2)
+    assert refused.returncode != 0
+    lines = [line for line in refused.stderr.splitlines() if "holds an analysis of another model" in line]
+    assert len(lines) == 2, refused.stderr  # one from each process
+    assert len(re.findall(r"exitcode\s*:\s*2\b", refused.stderr)) == 2  # both exited as the CLI exits on bad input
+
+
+def test_one_process_finishes_what_an_interrupted_run_on_two_left_in_its_own_files(tiny_folder, tmp_path, env):
+    """A run on two processes killed before process 0 merged the records leaves evaluations.rank<R>.jsonl:
+    a resumed run on one process reads them, merges them into the main record and removes them."""
+    source, _ = tiny_folder("llama", num_layers=3)
+    common = ["--samples", "2", "--seq-len", "16", "--method", "ablation", "--device", "cpu"]
+    whole = surgery("analyze", source, "--out", tmp_path / "whole", *common, env=env)
+    assert whole.returncode == 0, whole.stderr
+    partial = surgery("analyze", source, "--out", tmp_path / "part", *common, "--budget", "6", env=env)
+    assert partial.returncode == 0, partial.stderr
+    main = tmp_path / "part" / "evaluations.jsonl"
+    lines = main.read_text().splitlines()
+    main.write_text("\n".join(lines[:4]) + "\n")  # three records stay in the main file, three in process 1's
+    (tmp_path / "part" / "evaluations.rank1.jsonl").write_text("\n".join(lines[4:]) + "\n")
+    done = surgery("analyze", source, "--out", tmp_path / "part", *common, env=env)
+    assert done.returncode == 0, done.stderr
+    assert not list((tmp_path / "part").glob("evaluations.rank*.jsonl"))
+    records = [json.loads(line)["removed"] for line in main.read_text().splitlines()[1:]]
+    assert len(records) == len({tuple(r) for r in records}) == 9  # 6 sublayers and 3 blocks, each once
+    a, b = (json.loads((tmp_path / name / "analysis.json").read_text()) for name in ("whole", "part"))
+    assert b["complete"] and a["sections"] == b["sections"]
+    assert b["cost"]["evaluations"] == 3  # the three the budget left, nothing recomputed

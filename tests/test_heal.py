@@ -1,11 +1,13 @@
 """Healing: the 4-bit CPU path gives correct LoRA gradients, adapters merge into full precision,
 the held-out loss falls, an interrupted run resumes from its checkpoint."""
 
+import shutil
+
 import pytest
 import torch
 
 from surgery.errors import SurgeryError
-from surgery.heal import disable_cpu_repack, heal, load_4bit
+from surgery.heal import disable_cpu_repack, heal, latest_checkpoint, load_4bit
 from surgery.settings import HealSettings
 from surgery.tiny import tiny_model
 
@@ -111,12 +113,25 @@ def test_interrupted_healing_resumes_from_its_last_checkpoint(tmp_path, tokenize
     with pytest.raises(KeyboardInterrupt):
         heal(model, tokenizer, c4_settings(steps=8), tmp_path / "work", data_dir=data_dir)
     assert (tmp_path / "work" / "checkpoints" / "checkpoint-4").is_dir()
+    half = tmp_path / "work" / "checkpoints" / "checkpoint-6"  # a later save cut short by a kill: no trainer state yet
+    shutil.copytree(tmp_path / "work" / "checkpoints" / "checkpoint-4", half)
+    (half / "trainer_state.json").unlink()
     monkeypatch.setattr(Trainer, "training_step", original)
     assert next(model.parameters()).device.type == "meta"  # heal consumed the model it was given
     model = tiny_model("llama", num_layers=2)  # a rerun starts from a freshly loaded model, as prune does
     result = heal(model, tokenizer, c4_settings(steps=8), tmp_path / "work", data_dir=data_dir)
     assert result.resumed_from.endswith("checkpoint-4")
     assert [entry["step"] for entry in result.log] == list(range(1, 9))  # the restored steps' losses too
+
+
+def test_the_last_complete_checkpoint_is_resumed_from(tmp_path):
+    """By number, not by name (10 after 2); one without trainer_state.json (written last) is skipped."""
+    for step, complete in ((2, True), (10, True), (12, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / ("trainer_state.json" if complete else "adapter_model.safetensors")).write_text("{}")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert latest_checkpoint(tmp_path / "none") is None
 
 
 def test_checkpoints_of_another_model_or_settings_are_never_resumed(tmp_path, tokenizer, data_dir, monkeypatch):

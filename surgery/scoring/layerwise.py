@@ -15,6 +15,7 @@ logit, so only per-token vectors come back. Values equal the in-memory ones up t
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,8 @@ class _States:
             check_free_space(spill / ".surgery-stream", need, "the cached residual stream")
             self.handle = tempfile.TemporaryFile(dir=spill, prefix=".surgery-stream-")  # noqa: SIM115 (lives with the states)
             bits = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[like[0].element_size()]
+            # The space taken now: a sparse file filled through the mapping would end in SIGBUS on a full disk.
+            os.posix_fallocate(self.handle.fileno(), 0, len(like) * positions * width * like[0].element_size())
             self.file = np.memmap(self.handle, dtype=bits, mode="w+", shape=(len(like), positions, width))
 
     def put(self, batch: int, position: int, value: Any) -> None:
