@@ -465,8 +465,15 @@ def protocol_section(data: dict) -> list[str]:
               f"{dev['reassessing_lr']:g} (dev WikiText-2 " + ", ".join(f"{float(k):g}: {v:.2f}" for k, v in dev["reassessing_dev_ppl"].items())
               + ").", ""]
     rows = data.get("rows") or {}
+    pending = data.get("pending") or {}
+    unfinished = []
+    if pending:
+        unfinished = ["", "Not finished (a row needs all seeds; `python bench/protocol.py test` resumes): "
+                      + "; ".join(f"{name} ({len(done)} of {len(data['seeds'])} seeds"
+                                  + (": healed WikiText-2 " + ", ".join(f"{s} {v:.2f}" for s, v in done.items()) if done else "") + ")"
+                                  for name, done in pending.items()) + ".", ""]
     if not rows:
-        return lines + ["The test table has not finished: `python bench/protocol.py test` (it resumes).", ""]
+        return lines + ["The test table has no complete row yet."] + unfinished
     dense = data["dense"]
     lines += [f"**Test**, 25% of decoder parameters, mean over healing seeds {', '.join(map(str, data['seeds']))} "
               f"(± the seeds' standard deviation); dense: WikiText-2 {dense['wikitext2_ppl']:.2f}, C4 {dense['c4_ppl']:.2f}; "
@@ -497,6 +504,7 @@ def protocol_section(data: dict) -> list[str]:
         lines += ["", "The default beats " + (", ".join(beaten) if beaten else "no peer") + " on both measures under the rule"
                   + ("." if len(beaten) == len(comparisons) else "; it does not beat " + ", ".join(p for p in comparisons if p not in beaten)
                      + " on both (the table gives by how much).")]
+    lines += unfinished
     targets = data.get("targets")
     if targets:
         lines += ["", f"Targets: healed WikiText-2 perplexity {targets['ppl_ratio']:.2f}x dense (target at most 2.0x: "

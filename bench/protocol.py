@@ -317,6 +317,9 @@ def aggregate() -> dict:
                       "token_agreement": [r["healed"]["generation"]["token_agreement"] for r in runs],
                       "seconds": [r["seconds"] for r in runs]}
     summary["rows"] = rows
+    summary["pending"] = {name: {f"s{seed}": run["healed"]["perplexity"]["wikitext2"]["perplexity"]
+                                 for seed in SEEDS if (run := _load(f"test-{name}-s{seed}"))}
+                          for name in ["default", *PEERS] if name not in rows}  # healed WikiText-2 of the seeds done
     if "default" in rows:
         default = [_load(f"test-default-s{seed}")["healed"] for seed in SEEDS]
         summary["comparisons"] = {p: compare(default, [_load(f"test-{p}-s{seed}")["healed"] for seed in SEEDS], margins, tasks)
