@@ -292,7 +292,7 @@ class LayerwiseModel:
             from transformers.conversion_mapping import get_model_conversion_mapping
 
             self._conversions = get_model_conversion_mapping(self.model)
-        state = to_model_keys(self.model, {name: self.weights.tensor(name) for name in names}, self._conversions)
+        state = to_model_keys(self.model, self.weights.tensors(names), self._conversions)
         state = {name[len(prefix):]: tensor for name, tensor in state.items()}
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
         if set(missing) & {name[len(prefix):] for name in wanted} or unexpected:

@@ -146,8 +146,20 @@ class SafetensorsFolder:
         return read_range(self._descriptors[info.file], info.start, info.nbytes, self._buffer, info.file)
 
     def tensor(self, name: str) -> Any:
-        with self._opened(name) as handle:
-            return handle.get_tensor(name)
+        return self.tensors([name])[name]
+
+    def tensors(self, names: Iterable[str]) -> dict[str, Any]:
+        """Several tensors, in the order named, each file opened once for all it holds of them (an MoE
+        block has hundreds)."""
+        names = list(names)
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.info[name].file, []).append(name)
+        found = {}
+        for group in by_file.values():
+            with self._opened(group[0]) as handle:
+                found |= {name: handle.get_tensor(name) for name in group}
+        return {name: found[name] for name in names}
 
     def rows(self, name: str, start: int, stop: int) -> Any:
         with self._opened(name) as handle:
