@@ -741,13 +741,12 @@ def main() -> None:
         spread = load("strategies_spread")
         if spread:
             lines += spread_section(spread, summary)
+        lines += ["**Healing** (the grid above):", ""] + healing_finding(summary) + [""]
     for name, section in (("analysis_cost", analysis_cost_section), ("model_speed", model_speed_section), ("findings", findings_section),
                           ("gguf_llamacpp", gguf_section), ("out_of_core", out_of_core_section),
                           ("layerwise_analysis", layerwise_analysis_section), ("several_processes", several_processes_section)):
         data = load(name)
         lines += section(data) if data else [f"## {name}", "", f"Not run yet: `python bench/{name}.py`.", ""]
-    if summary:
-        lines += ["**Healing**:", ""] + healing_finding(summary) + [""]
     lines += protocol_section(load("protocol") or {})
     lines += ["## GPU path", "", "No GPU was lent to the sessions that produced these numbers; the scripts run on CPU. On a GPU "
               "the same scripts take `--threads` as given and QLoRA uses bitsandbytes' CUDA 4-bit kernels.", ""]
