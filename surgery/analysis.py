@@ -391,7 +391,7 @@ def _evaluate_all(value_function: Any, settings: AnalysisSettings, wanted: list[
     from surgery.scoring.residual import group_key
 
     # Process 0's: the batch orders the list every process shares out, so all must order it alike.
-    batch = broadcast(settings.coalition_batch or _default_coalition_batch(value_function))
+    batch = broadcast(settings.coalition_batch or value_function.default_batch)
     order = [c for c in wanted if value_function.known(c) is None]
     if batch > 1:  # ablations first, then runs grouped by where they resume, so groups fill batches
         singles = [c for c in order if len(c) <= 1]
@@ -431,12 +431,6 @@ def _evaluate_all(value_function: Any, settings: AnalysisSettings, wanted: list[
             if cut_short:
                 return False, added
     return True, added
-
-
-def _default_coalition_batch(value_function: Any) -> int:
-    """What the value function runs best at (ResidualLoss: 4 on a GPU; the layer-by-layer one: a
-    group per read of the blocks); 1 for one that cannot batch."""
-    return getattr(value_function, "default_batch", 1)
 
 
 def find_cornerstones(analysis: Analysis, settings: AnalysisSettings) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from surgery.errors import SurgeryError
 
-# Process 0 evaluates and exports while the others wait at a barrier: allow for a long wait.
+# Process 0 evaluates and exports while the others wait in a collective: allow for a long wait.
 WAIT = timedelta(hours=12)
 
 
@@ -116,10 +116,3 @@ def from_main(compute: Callable[[], Any]) -> Any:
     if error is not None:
         raise SurgeryError(error)
     return result
-
-
-def barrier() -> None:
-    if ranks().several:
-        import torch.distributed as dist
-
-        dist.barrier()
