@@ -22,6 +22,7 @@ from common import RESULTS, data_dir, protocol, save, setup
 from stats import log_ratio_stderr
 
 OUT = RESULTS / "protocol"
+PLANS = OUT / "plans"  # plans of the strategies that search on calibration text, one per (strategy, source, draw)
 SEEDS = (0, 1, 2)
 SAMPLES = 16  # 16 x 256 calibration tokens for every data-driven method (scores and bridges alike)
 ITEMS = 300
@@ -113,9 +114,11 @@ def run_job(job: dict) -> str:
     loaded = stages.load(settings, resolve(settings.model))
     reference = stages.reference(replace(settings, evaluation=evaluations[0]), loaded) if job["split"] == "test" else None
     analysis = stages.score(settings, loaded, stages.needed_methods(settings)) if stages.needed_methods(settings) else None
-    plan = stages.choose(settings, loaded, analysis)
+    plan, plan_from = choose_once(settings, loaded, analysis, job["name"])
     result = {"job": job["name"], "method": job["method"], "seed": job.get("seed", 0), "draw": job.get("draw", 0),
               "source": job.get("source", "c4"), "heal_lr": settings.healing.learning_rate, "plan": plan.describe()}
+    if plan_from:
+        result["plan_from"] = plan_from
     if settings.bridge:
         result["bridge"] = stages.bridge(settings, loaded, plan)
         result["plan"] = plan.describe()
@@ -137,6 +140,28 @@ def run_job(job: dict) -> str:
 
     shutil.rmtree(work, ignore_errors=True)
     return job["name"]
+
+
+def choose_once(settings, loaded, analysis, name: str) -> tuple:
+    """The removal plan, and the file it was read from. A strategy that scores on calibration text
+    itself (SLEB) depends on the model and the calibration draw, not on the healing seed or the
+    bridge, and its search takes about 30 worker-minutes here; it is chosen once per (strategy,
+    source, draw) and kept in plans/, and later runs cut that plan. (dev-sleb+lstsq, test-default-s0
+    and -s1 each searched afresh and chose the same order.) The time of the search counts in the
+    run that made it."""
+    from surgery import prune as stages
+    from surgery.files import write_json
+    from surgery.strategies import strategy
+    from surgery.strategies.plan import RemovalPlan
+
+    if not strategy(settings.strategy).needs_calibration:
+        return stages.choose(settings, loaded, analysis), None
+    path = PLANS / f"{settings.strategy}-{settings.analysis.calibration}-d{settings.analysis.calibration_draw}.json"
+    if path.is_file():
+        return RemovalPlan.from_record(json.loads(path.read_text())["plan"]), f"{path.parent.name}/{path.name}"
+    plan = stages.choose(settings, loaded, analysis)
+    write_json(path, {"plan": plan.describe(), "chosen_by": name})
+    return plan, None
 
 
 def dense_job(job: dict) -> str:

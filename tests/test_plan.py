@@ -122,6 +122,16 @@ def test_sleb_rescores_every_block_at_every_step():
         plan("sleb", "sublayer")
 
 
+def test_a_written_plan_reads_back_as_the_same_plan():
+    """bench/protocol.py chooses SLEB's plan once and cuts it again for every healing seed."""
+    from surgery.strategies.plan import RemovalPlan
+
+    for chosen in (plan("sleb", protected=parse_sublayers("L0.mlp")), plan("bi", "sublayer", remove="3")):
+        chosen.notes.append("a note")
+        assert chosen.units and chosen.order
+        assert RemovalPlan.from_record(chosen.describe()) == chosen  # units, protected, order, notes, counts
+
+
 def test_protected_units_are_never_removed_and_impossible_targets_say_how_much_is_removable():
     protected = parse_sublayers("L3,L4.attn")
     result = plan("shapley", remove="2", protected=protected)

@@ -91,6 +91,14 @@ class RemovalPlan:
             "order": self.order, "notes": self.notes,
         }
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> RemovalPlan:
+        """The plan `describe()` wrote: a plan chosen once (SLEB's search is the costly one) can be
+        read back and cut again without choosing afresh."""
+        return cls(record["strategy"], record["granularity"], record["target"], parse_sublayers(record["removed"]),
+                   parse_sublayers(record["protected"]) if record["protected"] else [], record["parameters_removed"],
+                   record["decoder_parameters"], list(record["order"]), list(record["notes"]))
+
 
 @dataclass
 class Problem:
