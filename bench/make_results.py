@@ -516,7 +516,12 @@ def protocol_section(data: dict) -> list[str]:
                   "|---|---|---|---|"]
         lines += [f"| {name} | {c['removed']} | {c['healed_wikitext2_ppl']:.2f} | {c['healed_accuracy']:.1f} |" for name, c in data["calibration"].items()]
     lines += ["", f"Compute so far: {data.get('worker_minutes', 0):.0f} worker-minutes ({data.get('worker_minutes', 0) / 120:.1f} hours "
-              "on 2 workers).", ""]
+              "on 2 workers)."]
+    if data.get("plans_read"):
+        lines += ["", "SLEB's search depends on the calibration draw alone, so it runs once per draw and later runs cut the "
+                  "plan it wrote (bench/results/protocol/plans/; the search's time counts in the run that made it): "
+                  + ", ".join(f"{run} read {plan}" for run, plan in sorted(data["plans_read"].items())) + "."]
+    lines += [""]
     return lines
 
 

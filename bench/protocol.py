@@ -360,6 +360,7 @@ def aggregate() -> dict:
                               for path in sorted(OUT.glob("cal-*.json")) if (data := json.loads(path.read_text()))}
     all_runs = [json.loads(p.read_text()) for p in OUT.glob("*.json")]
     summary["worker_minutes"] = sum(r.get("seconds", 0) for r in all_runs) / 60
+    summary["plans_read"] = {r["job"]: r["plan_from"] for r in all_runs if r.get("plan_from")}  # their search ran elsewhere
     return summary
 
 

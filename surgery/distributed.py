@@ -63,13 +63,13 @@ def start(device: str | None = None) -> Ranks:
     return here
 
 
-def share(items: list[Any], cost: Callable[[Any], float] | None = None) -> list[Any]:
-    """This process's part of `items`, in their order. Without `cost`, every world-th item; with
-    `cost(item)`, an estimate of each item's time, items go longest first to the least loaded process
-    (LPT), so the parts take about equal time. Every process computes the same parts from the same items."""
+def share(items: list[Any], cost: Callable[[Any], float]) -> list[Any]:
+    """This process's part of `items`, in their order: with `cost(item)` an estimate of each item's
+    time, items go longest first to the least loaded process (LPT), so the parts take about equal
+    time. Every process computes the same parts from the same items."""
     here = ranks()
-    if not here.several or cost is None:
-        return items[here.rank::here.world]
+    if not here.several:
+        return items
     loads, owner = [0.0] * here.world, {}
     for index in sorted(range(len(items)), key=lambda i: -cost(items[i])):  # a stable sort: equal costs keep their order
         rank = min(range(here.world), key=loads.__getitem__)
