@@ -29,6 +29,7 @@ ITEMS = 300
 PIQA_TEST_OFFSET = 600  # PIQA has one split: items 0-299 are dev, 600-899 test
 OTHER_TASKS = ("boolq", "winogrande", "arc_challenge", "openbookqa")  # test tasks only where dense is above chance
 BONFERRONI_Z = 2.50  # one-sided 5% over the 8 peers
+ESTIMATED_WORKER_MINUTES = 520  # docs/protocol.md, section Compute
 
 # name -> prune settings that differ from the protocol's common ones (docs/protocol.md, the table)
 PEERS = {
@@ -144,11 +145,11 @@ def run_job(job: dict) -> str:
 
 def choose_once(settings, loaded, analysis, name: str) -> tuple:
     """The removal plan, and the file it was read from. A strategy that scores on calibration text
-    itself (SLEB) depends on the model and the calibration draw, not on the healing seed or the
-    bridge, and its search takes about 30 worker-minutes here; it is chosen once per (strategy,
-    source, draw) and kept in plans/, and later runs cut that plan. (dev-sleb+lstsq, test-default-s0
-    and -s1 each searched afresh and chose the same order.) The time of the search counts in the
-    run that made it."""
+    itself (SLEB) depends on the model, the target and the calibration text (source, draw, size), not
+    on the healing seed or the bridge (it chooses on the unbridged model), and its search takes about
+    30 worker-minutes here: it is chosen once per (strategy, source, draw), kept in plans/ with what
+    it was chosen on, and later runs cut that plan. (dev-sleb+lstsq, test-default-s0 and -s1 each
+    searched afresh and chose the same order.) The search's time counts in the run that made it."""
     from surgery import prune as stages
     from surgery.files import write_json
     from surgery.strategies import strategy
@@ -157,10 +158,16 @@ def choose_once(settings, loaded, analysis, name: str) -> tuple:
     if not strategy(settings.strategy).needs_calibration:
         return stages.choose(settings, loaded, analysis), None
     path = PLANS / f"{settings.strategy}-{settings.analysis.calibration}-d{settings.analysis.calibration_draw}.json"
+    chosen_on = {"model": settings.model, "remove": settings.remove, "granularity": settings.granularity,
+                 "calibration": settings.analysis.calibration, "draw": settings.analysis.calibration_draw,
+                 "samples": settings.analysis.samples, "seq_len": settings.analysis.seq_len}
     if path.is_file():
-        return RemovalPlan.from_record(json.loads(path.read_text())["plan"]), f"{path.parent.name}/{path.name}"
+        record = json.loads(path.read_text())
+        if record["chosen_on"] != chosen_on:
+            raise SystemExit(f"{path} was chosen on {record['chosen_on']}, not {chosen_on}: move it away to search again")
+        return RemovalPlan.from_record(record["plan"]), f"{path.parent.name}/{path.name}"
     plan = stages.choose(settings, loaded, analysis)
-    write_json(path, {"plan": plan.describe(), "chosen_by": name})
+    write_json(path, {"plan": plan.describe(), "chosen_by": name, "chosen_on": chosen_on})
     return plan, None
 
 
@@ -268,9 +275,20 @@ def calibration_jobs(decision: dict, closest: list[str]) -> list[dict]:
     return jobs
 
 
+def reads_calibration(method: dict) -> bool:
+    """Whether the method's cut depends on the calibration text: its strategy scores on it, or a bridge is fitted on it."""
+    from surgery.strategies import strategy
+
+    chosen = strategy(method["strategy"])
+    return bool(method["bridge"] or chosen.needs or chosen.needs_calibration)
+
+
 def closest_peers(n: int = 2) -> list[str]:
+    """The n peers closest to the default on test WikiText-2 (seed 0), among those a calibration draw can
+    change (docs/protocol.md, amendment 1): another draw of last-n, Reassessing or random cuts the same blocks."""
     default = _load("test-default-s0")["healed"]["perplexity"]["wikitext2"]["perplexity"]
-    gaps = {p: abs(math.log(_load(f"test-{p}-s0")["healed"]["perplexity"]["wikitext2"]["perplexity"] / default)) for p in PEERS}
+    gaps = {p: abs(math.log(_load(f"test-{p}-s0")["healed"]["perplexity"]["wikitext2"]["perplexity"] / default))
+            for p, method in PEERS.items() if reads_calibration(method)}
     return sorted(gaps, key=gaps.get)[:n]
 
 
@@ -287,8 +305,7 @@ def compare(default: list[dict], peer: list[dict], margins: dict, tasks: list[st
     seeds = len(default)
     ppl_diffs = [log_ppl(a) - log_ppl(b) for a, b in zip(default, peer)]
     acc_diffs = [normalised(a, margins, tasks)[0] - normalised(b, margins, tasks)[0] for a, b in zip(default, peer)]
-    ppl_item_se = sum(log_ratio_stderr(a["perplexity"]["wikitext2"], b["perplexity"]["wikitext2"])
-                      for a, b in zip(default, peer)) / seeds / math.sqrt(seeds)
+    ppl_item_se = log_ratio_stderr(seed_averaged_windows(default), seed_averaged_windows(peer))
     acc_item_se = _paired_item_se(default, peer, margins, tasks)
 
     def verdict(diffs: list[float], item_se: float, lower_is_better: bool) -> dict:
@@ -300,6 +317,13 @@ def compare(default: list[dict], peer: list[dict], margins: dict, tasks: list[st
                 "default_beats_peer": bool(se and favour > BONFERRONI_Z * se)}
 
     return {"log_ppl": verdict(ppl_diffs, ppl_item_se, True), "accuracy_points": verdict(acc_diffs, acc_item_se, False)}
+
+
+def seed_averaged_windows(runs: list[dict]) -> dict:
+    """Each WikiText-2 window's loss averaged over the seeds (they read the same windows), so that the
+    paired error is that of the seed-averaged per-window differences (docs/protocol.md's rule)."""
+    losses = [r["perplexity"]["wikitext2"]["window_nll"] for r in runs]
+    return {"window_nll": [sum(window) / len(window) for window in zip(*losses)]}
 
 
 def _paired_item_se(default: list[dict], peer: list[dict], margins: dict, tasks: list[str]) -> float:
@@ -338,6 +362,8 @@ def aggregate() -> dict:
                       "pruned_wikitext2_ppl": [r["pruned"]["perplexity"]["wikitext2"]["perplexity"] for r in runs],
                       "healed_c4_ppl": [r["healed"]["perplexity"]["c4"]["perplexity"] for r in runs],
                       "healed_accuracy": [normalised(r["healed"], margins, tasks)[0] for r in runs],
+                      "healed_wikitext2_log_se": [r["healed"]["perplexity"]["wikitext2"]["nll_stderr"] for r in runs],
+                      "healed_accuracy_se": [normalised(r["healed"], margins, tasks)[1] for r in runs],
                       "pruned_accuracy": [normalised(r["pruned"], margins, tasks)[0] for r in runs],
                       "token_agreement": [r["healed"]["generation"]["token_agreement"] for r in runs],
                       "seconds": [r["seconds"] for r in runs]}
@@ -354,12 +380,15 @@ def aggregate() -> dict:
         dense_acc = normalised(dense["dense"], margins, tasks)[0]
         summary["targets"] = {"ppl_ratio": mean_ppl / dense_ppl, "ppl_target_met": mean_ppl / dense_ppl <= 2.0,
                               "accuracy_share_of_dense": mean_acc / dense_acc, "accuracy_target_met": mean_acc >= 0.9 * dense_acc}
-    summary["calibration"] = {path.stem: {"removed": data["plan"]["removed_compact"],
-                                          "healed_wikitext2_ppl": data["healed"]["perplexity"]["wikitext2"]["perplexity"],
-                                          "healed_accuracy": normalised(data["healed"], margins, tasks)[0]}
-                              for path in sorted(OUT.glob("cal-*.json")) if (data := json.loads(path.read_text()))}
+    calibration = {"cal-default-c4-d0 (test-default-s0)": _load("test-default-s0")}
+    calibration |= {path.stem: json.loads(path.read_text()) for path in sorted(OUT.glob("cal-*.json"))}
+    summary["calibration"] = {name: {"removed": data["plan"]["removed_compact"],
+                                     "healed_wikitext2_ppl": data["healed"]["perplexity"]["wikitext2"]["perplexity"],
+                                     "healed_accuracy": normalised(data["healed"], margins, tasks)[0]}
+                              for name, data in calibration.items() if data}
     all_runs = [json.loads(p.read_text()) for p in OUT.glob("*.json")]
     summary["worker_minutes"] = sum(r.get("seconds", 0) for r in all_runs) / 60
+    summary["estimated_worker_minutes"] = ESTIMATED_WORKER_MINUTES
     summary["plans_read"] = {r["job"]: r["plan_from"] for r in all_runs if r.get("plan_from")}  # their search ran elsewhere
     return summary
 

@@ -86,8 +86,9 @@ def test_the_protocols_rule_combines_seed_and_item_noise():
     diffs = [math.log(40 / 60), math.log(42 / 58), math.log(41 / 62)]
     mean = sum(diffs) / 3
     seed_se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2 / 3)
-    # paired window errors: differences [-0.5, -0.5] -> 0; [-0.3, -0.5] -> sd 0.1414/sqrt 2 = 0.1; [-0.6, -0.2] -> 0.2; mean / sqrt(3)
-    item_se = (0.0 + 0.1 + 0.2) / 3 / math.sqrt(3)
+    # window differences [-0.5, -0.5], [-0.3, -0.5], [-0.6, -0.2], averaged over the seeds: [-1.4/3, -1.2/3];
+    # their paired standard error, sd / sqrt(2) of two values, is half their gap: 0.2/3 / 2
+    item_se = 1 / 30
     ppl = verdict["log_ppl"]
     assert ppl["difference"] == pytest.approx(mean) and ppl["seed_se"] == pytest.approx(seed_se)
     assert ppl["item_se"] == pytest.approx(item_se) and ppl["se"] == pytest.approx(math.hypot(seed_se, item_se))
