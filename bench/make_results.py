@@ -454,7 +454,7 @@ def protocol_section(data: dict) -> list[str]:
     """docs/protocol.md's comparison: the dev decision, the test table with seeds, the verdicts, the targets."""
     lines = ["## Protocol comparison (choose on dev, report on test)", "",
              "Source: bench/results/protocol.json (`python bench/protocol.py dev|test|calibration`), following docs/protocol.md, "
-             "which was committed before its first run.", ""]
+             "which was committed before its first run, and its dated amendments (docs/protocol-amendments.md).", ""]
     dev = data.get("dev")
     if not dev:
         return lines + ["The dev table has not finished: `python bench/protocol.py dev` (it resumes).", ""]
@@ -463,7 +463,9 @@ def protocol_section(data: dict) -> list[str]:
     lines += [f"| {name} | {s['ppl']:.2f} | {s['accuracy']:.1f} |" for name, s in dev["scores"].items()]
     lines += ["", f"By the protocol's rule the default is **{dev['default']}**; Reassessing's learning rate: "
               f"{dev['reassessing_lr']:g} (dev WikiText-2 " + ", ".join(f"{float(k):g}: {v:.2f}" for k, v in dev["reassessing_dev_ppl"].items())
-              + ").", ""]
+              + "). SmolLM2 ties its output layer to the input embeddings, so Reassessing's partial healing (the output "
+              "layer and the last 3 blocks, trained in full) moves the input embeddings too; the paper's Llama models have "
+              "an untied output layer.", ""]
     rows = data.get("rows") or {}
     pending = data.get("pending") or {}
     unfinished = []
@@ -476,10 +478,12 @@ def protocol_section(data: dict) -> list[str]:
         return lines + ["The test table has no complete row yet."] + unfinished
     dense = data["dense"]
     lines += [f"**Test**, 25% of decoder parameters, mean over healing seeds {', '.join(map(str, data['seeds']))} "
-              f"(± the seeds' standard deviation); dense: WikiText-2 {dense['wikitext2_ppl']:.2f}, C4 {dense['c4_ppl']:.2f}; "
-              f"accuracy on {', '.join(dense['above_chance'])}.", "",
-              "| method | removed (seed 0) | WikiText-2 ppl: pruned -> healed | C4 healed | accuracy: pruned -> healed | greedy tokens as dense's |",
-              "|---|---|---|---|---|---|"]
+              f"(± the seeds' standard deviation; item SE: the mean over seeds of one run's standard error from its windows "
+              f"or items); dense: WikiText-2 {dense['wikitext2_ppl']:.2f}, C4 {dense['c4_ppl']:.2f}; "
+              f"accuracy on {', '.join(dense['above_chance'])}, in % of the dense model's margin over chance.", "",
+              "| method | removed (seed 0) | WikiText-2 ppl: pruned -> healed | item SE of healed log-ppl | C4 healed | "
+              "accuracy: pruned -> healed | item SE (points) | greedy tokens as dense's |",
+              "|---|---|---|---|---|---|---|---|"]
 
     def mean_sd(values: list[float]) -> tuple[float, float]:
         mean = sum(values) / len(values)
@@ -489,17 +493,21 @@ def protocol_section(data: dict) -> list[str]:
         ppl, ppl_sd = mean_sd(r["healed_wikitext2_ppl"])
         acc, acc_sd = mean_sd(r["healed_accuracy"])
         lines.append(f"| {name} | {r['removed'][0]} | {mean_sd(r['pruned_wikitext2_ppl'])[0]:,.2f} -> **{ppl:.2f}** ± {ppl_sd:.2f} | "
-                     f"{mean_sd(r['healed_c4_ppl'])[0]:.2f} | {mean_sd(r['pruned_accuracy'])[0]:.1f} -> **{acc:.1f}** ± {acc_sd:.1f} | "
+                     f"{mean_sd(r['healed_wikitext2_log_se'])[0]:.3f} | {mean_sd(r['healed_c4_ppl'])[0]:.2f} | "
+                     f"{mean_sd(r['pruned_accuracy'])[0]:.1f} -> **{acc:.1f}** ± {acc_sd:.1f} | {mean_sd(r['healed_accuracy_se'])[0]:.1f} | "
                      f"{mean_sd(r['token_agreement'])[0]:.2f} |")
     comparisons = data.get("comparisons") or {}
     if comparisons:
-        lines += ["", "**The default against each peer** (difference of seed means; SE from seed variance and paired items; "
-                  "beats when favourable by more than 2.50 SE, Bonferroni over the peers):", "",
-                  "| peer | log-ppl difference ± SE | beats? | accuracy difference (points) ± SE | beats? |", "|---|---|---|---|---|"]
+        lines += ["", "**The default against each peer** (default minus peer, difference of seed means; SE combines the seed SE "
+                  "and the paired item SE of the seed-averaged window or item differences; beats when favourable by more than "
+                  "2.50 SE, Bonferroni over the 8 peers):", "",
+                  "| peer | log-ppl difference | seed SE | item SE | beats? | accuracy difference (points) | seed SE | item SE | beats? |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for peer, c in comparisons.items():
             p, a = c["log_ppl"], c["accuracy_points"]
-            lines.append(f"| {peer} | {p['difference']:+.3f} ± {p['se']:.3f} | {'yes' if p['default_beats_peer'] else 'no'} | "
-                         f"{a['difference']:+.1f} ± {a['se']:.1f} | {'yes' if a['default_beats_peer'] else 'no'} |")
+            lines.append(f"| {peer} | {p['difference']:+.3f} | {p['seed_se']:.3f} | {p['item_se']:.3f} | "
+                         f"{'yes' if p['default_beats_peer'] else 'no'} | {a['difference']:+.1f} | {a['seed_se']:.1f} | "
+                         f"{a['item_se']:.1f} | {'yes' if a['default_beats_peer'] else 'no'} |")
         beaten = [p for p, c in comparisons.items() if c["log_ppl"]["default_beats_peer"] and c["accuracy_points"]["default_beats_peer"]]
         lines += ["", "The default beats " + (", ".join(beaten) if beaten else "no peer") + " on both measures under the rule"
                   + ("." if len(beaten) == len(comparisons) else "; it does not beat " + ", ".join(p for p in comparisons if p not in beaten)
@@ -515,11 +523,13 @@ def protocol_section(data: dict) -> list[str]:
         lines += ["", "**Calibration draws and sources** (healing seed 0):", "", "| run | removed | WikiText-2 healed | accuracy |",
                   "|---|---|---|---|"]
         lines += [f"| {name} | {c['removed']} | {c['healed_wikitext2_ppl']:.2f} | {c['healed_accuracy']:.1f} |" for name, c in data["calibration"].items()]
-    lines += ["", f"Compute so far: {data.get('worker_minutes', 0):.0f} worker-minutes ({data.get('worker_minutes', 0) / 120:.1f} hours "
-              "on 2 workers)."]
+    minutes = data.get("worker_minutes", 0)
+    lines += ["", f"Compute so far: {minutes:.0f} worker-minutes, the sum of the finished runs' measured times ({minutes / 120:.1f} "
+              f"hours on 2 workers); docs/protocol.md estimated {data.get('estimated_worker_minutes', 520)} for the whole protocol."]
     if data.get("plans_read"):
-        lines += ["", "SLEB's search depends on the calibration draw alone, so it runs once per draw and later runs cut the "
-                  "plan it wrote (bench/results/protocol/plans/; the search's time counts in the run that made it): "
+        lines += ["", "SLEB's search depends on the model, the target and the calibration text (source, draw), not on the "
+                  "healing seed or the bridge, so it runs once per draw and later runs cut the plan it wrote "
+                  "(bench/results/protocol/plans/; the search's time counts in the run that made it): "
                   + ", ".join(f"{run} read {plan}" for run, plan in sorted(data["plans_read"].items())) + "."]
     lines += [""]
     return lines
