@@ -520,18 +520,81 @@ def protocol_section(data: dict) -> list[str]:
                   f"{100 * targets['accuracy_share_of_dense']:.0f}% of dense (target at least 90%: "
                   f"{'met' if targets['accuracy_target_met'] else '**not met**'})."]
     if data.get("calibration"):
-        lines += ["", "**Calibration draws and sources** (healing seed 0):", "", "| run | removed | WikiText-2 healed | accuracy |",
-                  "|---|---|---|---|"]
-        lines += [f"| {name} | {c['removed']} | {c['healed_wikitext2_ppl']:.2f} | {c['healed_accuracy']:.1f} |" for name, c in data["calibration"].items()]
+        lines += ["", "**Calibration draws and sources** (healing seed 0):", "",
+                  "| run | removed | WikiText-2 healed | C4 healed | accuracy |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {c['removed']} | {c['healed_wikitext2_ppl']:.2f} | {c.get('healed_c4_ppl', float('nan')):.2f} | "
+                  f"{c['healed_accuracy']:.1f} |" for name, c in data["calibration"].items()]
+        lines += calibration_summary(data["calibration"], rows)
     minutes = data.get("worker_minutes", 0)
-    lines += ["", f"Compute so far: {minutes:.0f} worker-minutes, the sum of the finished runs' measured times ({minutes / 120:.1f} "
-              f"hours on 2 workers); docs/protocol.md estimated {data.get('estimated_worker_minutes', 520)} for the whole protocol."]
+    estimate = data.get("estimated_worker_minutes", 520)
+    if data.get("unfinished") == []:
+        lines += ["", f"Compute of the whole protocol: {minutes:.0f} worker-minutes, the sum of its runs' measured times "
+                  f"({minutes / 120:.1f} hours on 2 workers), against the {estimate} docs/protocol.md estimated"
+                  + (f"; SLEB's {search['searches']} searches account for about {search['minutes']:.0f} of them (each searching run's time "
+                     "less the median of the runs that cut a stored plan; docs/protocol-amendments.md, amendment 2)."
+                     if (search := data.get("search_minutes")) and minutes > estimate else ".")]
+    else:
+        lines += ["", f"Compute so far: {minutes:.0f} worker-minutes, the sum of the finished runs' measured times ({minutes / 120:.1f} "
+                  f"hours on 2 workers); docs/protocol.md estimated {estimate} for the whole protocol. Not finished: "
+                  + (", ".join(data["unfinished"]) if data.get("unfinished") else "the test table") + "."]
     if data.get("plans_read"):
         lines += ["", "SLEB's search depends on the model, the target and the calibration text (source, draw), not on the "
                   "healing seed or the bridge, so it runs once per draw and later runs cut the plan it wrote "
                   "(bench/results/protocol/plans/; the search's time counts in the run that made it): "
                   + ", ".join(f"{run} read {plan}" for run, plan in sorted(data["plans_read"].items())) + "."]
     lines += [""]
+    return lines
+
+
+def calibration_summary(calibration: dict, rows: dict) -> list[str]:
+    """What the calibration table shows, in words computed from it: how the default's cut and quality move
+    with the calibration draw and source, and whether the draw-1 peers keep their order."""
+    default = {name.split(" ")[0]: c for name, c in calibration.items() if name.startswith("cal-default-")}
+    if len(default) < 2 or "blocks" not in next(iter(default.values())):
+        return []
+
+    def span(runs: list[dict], key: str, digits: int) -> str:
+        values = [c[key] for c in runs]
+        return f"{min(values):.{digits}f} to {max(values):.{digits}f}"
+
+    def mean(runs: list[dict], key: str) -> float:
+        return sum(c[key] for c in runs) / len(runs)
+
+    cuts: dict[str, int] = {}
+    for c in default.values():
+        cuts[c["removed"]] = cuts.get(c["removed"], 0) + 1
+    common = set.intersection(*(set(c["blocks"]) for c in default.values()))
+    lines = ["", f"Source: bench/results/protocol.json (`calibration`). Over its {len(default)} calibration runs the default cut "
+             f"{len(cuts)} different block sets (" + ", ".join(f"{cut} in {n}" for cut, n in sorted(cuts.items(), key=lambda kv: -kv[1]))
+             + f"); {len(common)} {'block is' if len(common) == 1 else 'blocks are'} in every one ({', '.join(sorted(common, key=lambda b: int(b[1:])))})."]
+    c4 = [c for name, c in default.items() if "-c4-" in name]
+    wiki = [c for name, c in default.items() if "-wikitext2-" in name]
+    if c4 and wiki:
+        seeds = rows.get("default", {}).get("healed_wikitext2_ppl", [])
+        seed_span = f"; the {len(seeds)} healing seeds of draw 0 span {min(seeds):.2f} to {max(seeds):.2f}" if seeds else ""
+        lines += ["", f"C4 draws: healed WikiText-2 {span(c4, 'healed_wikitext2_ppl', 2)}{seed_span}; held-out C4 "
+                  f"{span(c4, 'healed_c4_ppl', 2)}; accuracy {span(c4, 'healed_accuracy', 1)}. WikiText-2 validation draws: "
+                  f"WikiText-2 {span(wiki, 'healed_wikitext2_ppl', 2)}, C4 {span(wiki, 'healed_c4_ppl', 2)}, accuracy "
+                  f"{span(wiki, 'healed_accuracy', 1)}."]
+        shift = (mean(wiki, "healed_wikitext2_ppl") < mean(c4, "healed_wikitext2_ppl")) and (mean(wiki, "healed_c4_ppl") > mean(c4, "healed_c4_ppl"))
+        lines += ["", f"Calibrating on WikiText-2 validation, the domain of the WikiText-2 test windows, moved the mean healed "
+                  f"WikiText-2 perplexity from {mean(c4, 'healed_wikitext2_ppl'):.2f} to {mean(wiki, 'healed_wikitext2_ppl'):.2f} and "
+                  f"the held-out C4 perplexity from {mean(c4, 'healed_c4_ppl'):.2f} to {mean(wiki, 'healed_c4_ppl'):.2f}"
+                  + (": the cut and its bridge follow the calibration domain, so a lower WikiText-2 perplexity here is not a better "
+                     "model on other text." if shift else ".")]
+    peers = {name.removeprefix("cal-").removesuffix("-c4-d1"): c for name, c in calibration.items()
+             if name.endswith("-c4-d1") and not name.startswith("cal-default-")}
+    if "cal-default-c4-d1" in default and peers and all(p in rows for p in peers):
+        at_d1 = {"default": default["cal-default-c4-d1"]["healed_wikitext2_ppl"]} | {p: c["healed_wikitext2_ppl"] for p, c in peers.items()}
+        at_d0 = {name: rows[name]["healed_wikitext2_ppl"][0] for name in at_d1}
+        order = (sorted(at_d1, key=at_d1.get), sorted(at_d0, key=at_d0.get))
+        lines += ["", "Calibration draw 1 of the default and its closest peers (healing seed 0), healed WikiText-2: "
+                  + ", ".join(f"{n} {at_d1[n]:.2f} (draw 0: {at_d0[n]:.2f})" for n in at_d1) + "; accuracy: "
+                  + ", ".join(f"{n} {c['healed_accuracy']:.1f} (draw 0: {rows[n]['healed_accuracy'][0]:.1f})"
+                              for n, c in {"default": default["cal-default-c4-d1"], **peers}.items())
+                  + f". By perplexity the order is {' < '.join(order[0])} at draw 1"
+                  + (", the same as at draw 0." if order[0] == order[1] else f" and {' < '.join(order[1])} at draw 0.")
+                  + " These runs are reported, not tested (docs/protocol-amendments.md, amendment 1)."]
     return lines
 
 

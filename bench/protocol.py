@@ -338,6 +338,18 @@ def _paired_item_se(default: list[dict], peer: list[dict], margins: dict, tasks:
     return 100 * math.sqrt(sum(variances)) / len(tasks)
 
 
+def search_minutes(runs: list[dict]) -> dict | None:
+    """SLEB's searches in worker-minutes: each searching run's time less the median time of the runs that
+    cut a stored plan (the same run without the search)."""
+    sleb = [r for r in runs if (r.get("method") or {}).get("strategy") == "sleb"]
+    reading = sorted(r["seconds"] / 60 for r in sleb if r.get("plan_from"))
+    searching = [r["seconds"] / 60 for r in sleb if not r.get("plan_from")]
+    if not reading or not searching:
+        return None
+    median = reading[len(reading) // 2] if len(reading) % 2 else sum(reading[len(reading) // 2 - 1:len(reading) // 2 + 1]) / 2
+    return {"searches": len(searching), "minutes": sum(m - median for m in searching)}
+
+
 def aggregate() -> dict:
     from stats import normalised
 
@@ -383,13 +395,20 @@ def aggregate() -> dict:
     calibration = {"cal-default-c4-d0 (test-default-s0)": _load("test-default-s0")}
     calibration |= {path.stem: json.loads(path.read_text()) for path in sorted(OUT.glob("cal-*.json"))}
     summary["calibration"] = {name: {"removed": data["plan"]["removed_compact"],
+                                     "blocks": sorted({address.split(".")[0] for address in data["plan"]["removed"]}),
                                      "healed_wikitext2_ppl": data["healed"]["perplexity"]["wikitext2"]["perplexity"],
+                                     "healed_c4_ppl": data["healed"]["perplexity"]["c4"]["perplexity"],
                                      "healed_accuracy": normalised(data["healed"], margins, tasks)[0]}
                               for name, data in calibration.items() if data}
     all_runs = [json.loads(p.read_text()) for p in OUT.glob("*.json")]
     summary["worker_minutes"] = sum(r.get("seconds", 0) for r in all_runs) / 60
     summary["estimated_worker_minutes"] = ESTIMATED_WORKER_MINUTES
     summary["plans_read"] = {r["job"]: r["plan_from"] for r in all_runs if r.get("plan_from")}  # their search ran elsewhere
+    summary["search_minutes"] = search_minutes(all_runs)
+    jobs = test_jobs(decision)
+    if all(_load(j["name"]) for j in jobs):  # the calibration jobs name the closest peers, known once the test table is done
+        jobs += calibration_jobs(decision, closest_peers())
+    summary["unfinished"] = [j["name"] for j in jobs if not _load(j["name"])]
     return summary
 
 

@@ -98,3 +98,40 @@ def test_the_protocols_rule_combines_seed_and_item_noise():
     assert accuracy["difference"] == pytest.approx(162.5) and accuracy["seed_se"] == pytest.approx(0.0)
     # items: a differences [0, 1, 1, 0] / 0.25 -> [0, 4, 4, 0], var 16/3 / 4; b [0, 1, 0, 0] / 0.2 -> [0, 5, 0, 0], var 6.25 / 4
     assert accuracy["item_se"] == pytest.approx(100 * math.sqrt(16 / 3 / 4 + 6.25 / 4) / 2)
+
+
+def test_sleb_search_minutes_subtract_the_median_run_that_cut_a_stored_plan():
+    """Three plan-reading SLEB runs of 8, 9 and 30 minutes have median 9; two searches of 30 and 40 minutes
+    therefore cost 21 + 31 = 52 minutes of search. Other strategies do not count."""
+    from protocol import search_minutes
+
+    def run(minutes, strategy="sleb", plan_from=None):
+        return {"seconds": 60 * minutes, "method": {"strategy": strategy}, **({"plan_from": plan_from} if plan_from else {})}
+
+    runs = [run(8, plan_from="p"), run(9, plan_from="p"), run(30, plan_from="p"), run(30), run(40), run(100, "bi"), {"seconds": 60}]
+    assert search_minutes(runs) == {"searches": 2, "minutes": pytest.approx(52.0)}
+    assert search_minutes([run(30), run(40)]) is None  # no run read a plan: nothing to subtract
+
+
+def test_calibration_summary_reads_the_cut_core_the_domain_shift_and_the_peer_order():
+    """make_results' calibration sentences from a small table worked out by hand."""
+    from make_results import calibration_summary
+
+    def cal(removed, blocks, wiki, c4, acc):
+        return {"removed": removed, "blocks": blocks, "healed_wikitext2_ppl": wiki, "healed_c4_ppl": c4, "healed_accuracy": acc}
+
+    table = {"cal-default-c4-d0 (test-default-s0)": cal("L1-L2", ["L1", "L2"], 90.0, 70.0, 60.0),
+             "cal-default-c4-d1": cal("L2-L3", ["L2", "L3"], 88.0, 72.0, 62.0),
+             "cal-default-wikitext2-validation-d0": cal("L2,L5", ["L2", "L5"], 70.0, 90.0, 61.0),
+             "cal-peer-c4-d1": cal("L7-L8", ["L7", "L8"], 85.0, 80.0, 50.0)}
+    rows = {"default": {"healed_wikitext2_ppl": [90.0, 91.0, 92.0], "healed_accuracy": [60.0, 61.0, 62.0]},
+            "peer": {"healed_wikitext2_ppl": [95.0, 96.0, 97.0], "healed_accuracy": [55.0, 55.0, 55.0]}}
+    text = " ".join(calibration_summary(table, rows))
+    assert "the default cut 3 different block sets" in text and "1 block is in every one (L2)" in text
+    assert "healed WikiText-2 88.00 to 90.00; the 3 healing seeds of draw 0 span 90.00 to 92.00" in text
+    # C4 draws: mean WikiText-2 89, C4 71; WikiText-2 draw: 70 and 90 -> the shift sentence
+    assert "from 89.00 to 70.00 and the held-out C4 perplexity from 71.00 to 90.00: the cut and its bridge follow" in text
+    # draw 1: peer 85 < default 88; draw 0 (seed 0): default 90 < peer 95
+    assert "the order is peer < default at draw 1 and default < peer at draw 0" in text
+    rows["peer"]["healed_wikitext2_ppl"] = [80.0, 80.0, 80.0]
+    assert "the same as at draw 0" in " ".join(calibration_summary(table, rows))
