@@ -75,15 +75,18 @@ def test_a_killed_heal_resumes_the_same_job_to_the_same_model(tmp_path, tiny_fol
     source, _ = tiny_folder("llama", num_layers=4)
     out, fresh = tmp_path / "pruned", tmp_path / "fresh"
     work = tmp_path / ".pruned.surgery-work"
-    command = surgery("prune", source, "--out", out, "--remove", "L1", *HEAL)
+    # 240 steps rather than HEAL's 80: after the first checkpoint ~10 s of healing are left, not
+    # ~3 s, so a loaded machine still kills it mid-heal; both runs must be the same command.
+    longer = [*HEAL, "--heal-steps", "240"]
+    command = surgery("prune", source, "--out", out, "--remove", "L1", *longer)
     killed = interrupt_after_checkpoint(command, work, env, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
     resumed = subprocess.run(command, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads((out / "report.json").read_text())
     assert "checkpoint-" in report["healing"]["resumed_from"]
-    assert [entry["step"] for entry in report["healing"]["log"]] == list(range(1, 81))
-    whole = subprocess.run(surgery("prune", source, "--out", fresh, "--remove", "L1", *HEAL), env=env, capture_output=True, text=True)
+    assert [entry["step"] for entry in report["healing"]["log"]] == list(range(1, 241))
+    whole = subprocess.run(surgery("prune", source, "--out", fresh, "--remove", "L1", *longer), env=env, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
     got, want = load_file(out / "model.safetensors"), load_file(fresh / "model.safetensors")
     assert all(((got[name] - want[name]).abs().max() < 1e-5) for name in want)
