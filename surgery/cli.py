@@ -22,12 +22,12 @@ from surgery.settings import (
     ANALYZE_ONLY_OPTIONS,
     PRUNE_EVAL_OPTIONS,
     AnalysisSettings,
-    CutSettings,
     EvalSettings,
     ExportSettings,
     HealSettings,
     LoadSettings,
     PruneSettings,
+    StreamSettings,
     click_options,
     from_options,
 )
@@ -83,7 +83,7 @@ def main() -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the new checkpoint.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @click_options(ExportSettings)
-@click_options(CutSettings)
+@click_options(StreamSettings)
 @click_options(LoadSettings)
 @handle_errors
 def cut(model: str, remove: str, out: Path, force: bool, **options: Any) -> None:
@@ -91,7 +91,7 @@ def cut(model: str, remove: str, out: Path, force: bool, **options: Any) -> None
     from surgery.commands import cut_and_export
     from surgery.console import console
 
-    result = cut_and_export(model, remove, out, from_options(LoadSettings, options), from_options(CutSettings, options), force=force,
+    result = cut_and_export(model, remove, out, from_options(LoadSettings, options), from_options(StreamSettings, options), force=force,
                             export=from_options(ExportSettings, options))
     how = "streamed, checked block by block" if result.manifest["verified"].get("method") == "streamed" else "verified"
     console.print(f"[green]wrote[/] {result.path}  ({how}: max |Δlogit| {result.max_logit_diff:.2g}, loads via {result.loader})")
@@ -210,6 +210,7 @@ def prune_settings(options: dict[str, Any]) -> PruneSettings:
 @click.option("--keep-work", is_flag=True, help="Keep the working folder (healing checkpoints, adapter).")
 @click_options(HealSettings)
 @click_options(EvalSettings, prefix="eval-", only=PRUNE_EVAL_OPTIONS, skip=("generation",))
+@click_options(StreamSettings)
 @click_options(LoadSettings)
 @handle_errors
 def heal(folder: str, out: Path, data_dir: Path | None, force: bool, keep_work: bool, **options: Any) -> None:
@@ -223,13 +224,17 @@ def heal(folder: str, out: Path, data_dir: Path | None, force: bool, keep_work: 
     data = resolve_data_dir(data_dir)
     result = heal_and_export(folder, out, from_options(HealSettings, options),
                              from_options(EvalSettings, options, prefix="eval-", data_dir=data, generation=False),
-                             from_options(LoadSettings, options), data_dir=data, force=force, keep_work=keep_work)
+                             from_options(LoadSettings, options), data_dir=data, force=force, keep_work=keep_work,
+                             writing=from_options(StreamSettings, options))
     if result is None:
         return
     console.print(comparison_table({"healed": result["evaluation"]}, title="after healing"))
+    for name, why in result["evaluation"]["not_run"].items():
+        console.print(f"not run: {name}: {why}")
     healing = result["healing"]
     console.print(f"healing: held-out loss {healing['loss_before']:.4f} -> {healing['loss_after']:.4f}")
-    console.print(f"[green]wrote[/] {result['export']['path']} (verified; surgery.json, local.json)")
+    how = "merged file to file, checked block by block" if "streamed" in result["export"]["method"] else "verified"
+    console.print(f"[green]wrote[/] {result['export']['path']} ({how}; surgery.json, local.json)")
 
 
 @main.command()

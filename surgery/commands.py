@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
-from surgery.settings import AnalysisSettings, CutSettings, EvalSettings, ExportSettings, HealSettings, LoadSettings
+from surgery.settings import AnalysisSettings, EvalSettings, ExportSettings, HealSettings, LoadSettings, StreamSettings
 
 
 def resolve_with_output_check(model_spec: str, check_output: Callable[[list[Path]], Any], load: LoadSettings) -> Any:
@@ -35,7 +35,7 @@ def _config_layers(folder: Path) -> int:
     return int(config["num_hidden_layers"])
 
 
-def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, settings: CutSettings | None = None, *,
+def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, settings: StreamSettings | None = None, *,
                    force: bool = False, export: ExportSettings = ExportSettings()) -> Any:
     """`surgery cut`: remove sublayers physically and write a verified checkpoint in `export.format`,
     in memory or, for a model that does not fit (or with --stream), streamed file to file
@@ -45,7 +45,7 @@ def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, 
     from surgery.files import check_output_folder, claimed_folder
     from surgery.sublayers import parse_sublayers
 
-    settings = settings or CutSettings()
+    settings = settings or StreamSettings()
     units = parse_sublayers(remove)
     source = resolve_with_output_check(model_spec, lambda protected: check_output_folder(out, force=force, protected=protected), load)
     validate_removal(units, _config_layers(source.path))
@@ -60,24 +60,24 @@ def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, 
         return _cut_in_memory(source, units, out, load, settings, force, export.format)
 
 
-def _streams(folder: Path, settings: CutSettings, load: LoadSettings) -> bool:
+def _streams(folder: Path, settings: StreamSettings, load: LoadSettings, doing: str = "streaming the cut file to file",
+             what: str = "the streamed cut") -> bool:
     """--stream / --no-stream as given; otherwise stream a safetensors model that does not fit in
-    memory twice (the in-memory cut verifies against a reloaded copy)."""
-    from surgery.export.streamed import NOT_SAFETENSORS
+    memory twice (the in-memory cut and merge verify against a reloaded copy)."""
     from surgery.loading import resolve_device
     from surgery.memory import out_of_core
     from surgery.shards import weight_files
 
     if settings.stream:
         if load.device_map:
-            raise SurgeryError("--device-map places a whole model in memory; the streamed cut runs block by block: "
+            raise SurgeryError(f"--device-map places a whole model in memory; {what} runs block by block: "
                                "drop --device-map, or pass --no-stream")
-        weight_files(folder, NOT_SAFETENSORS)  # safetensors or a one-line error, before --out is claimed
+        weight_files(folder, f"{what} reads safetensors weights only: convert them, or pass --no-stream")  # before --out is claimed
     return out_of_core(folder, settings.stream, device=resolve_device(load.device), device_map=load.device_map, copies=2,
-                       doing="streaming the cut file to file", instead="--no-stream")
+                       doing=doing, instead="--no-stream")
 
 
-def _cut_in_memory(source: Any, units: list, out: Path, load: LoadSettings, settings: CutSettings, force: bool,
+def _cut_in_memory(source: Any, units: list, out: Path, load: LoadSettings, settings: StreamSettings, force: bool,
                    layout: str = "hf") -> Any:
     from surgery.cut import cut
     from surgery.export.checkpoint import export_checkpoint
@@ -89,7 +89,7 @@ def _cut_in_memory(source: Any, units: list, out: Path, load: LoadSettings, sett
                              max_shard_size=settings.max_shard_bytes, layout=layout, **_cut_record(result, source))
 
 
-def _cut_streamed(source: Any, units: list, out: Path, load: LoadSettings, settings: CutSettings, force: bool) -> Any:
+def _cut_streamed(source: Any, units: list, out: Path, load: LoadSettings, settings: StreamSettings, force: bool) -> Any:
     from surgery.export.streamed import export_streamed_cut, prepare_streamed_cut
     from surgery.loading import load_tokenizer, resolve_device
 
@@ -253,18 +253,22 @@ def _analysis_model(source: Any, settings: AnalysisSettings, load: LoadSettings)
 
 
 def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluation: EvalSettings, load: LoadSettings, *,
-                    data_dir: Path | None = None, force: bool = False, keep_work: bool = False) -> dict[str, Any] | None:
+                    data_dir: Path | None = None, force: bool = False, keep_work: bool = False,
+                    writing: StreamSettings = StreamSettings()) -> dict[str, Any] | None:
     """`surgery heal`: (Q)LoRA on a cut checkpoint folder, merged and exported with the evaluation.
 
     For models too large to cut and heal in one process: the folder written by `surgery cut` (or
-    `surgery prune --no-heal`) is healed under `accelerate launch` (DDP, or FSDP + QLoRA); it is
-    loaded in full precision only on process 0, for the held-out loss before training and the merge.
+    `surgery prune --no-heal`) is healed under `accelerate launch` (DDP, or FSDP + QLoRA). Process 0
+    alone merges: in memory, or, when the model does not fit there twice (or with --stream),
+    streamed file to file (surgery.export.merged) and measured block by block, so the
+    full-precision model is never built.
     """
-    from surgery.distributed import start
+    from surgery.distributed import from_main, start
     from surgery.evaluate import evaluate_model, fit_context_to_model
     from surgery.export.checkpoint import export_checkpoint
     from surgery.files import check_output_folder, claimed_folder, work_folder, working_folder
-    from surgery.heal import heal
+    from surgery.heal import heal, heldout_loss
+    from surgery.layerwise import LayerwiseModel
     from surgery.loading import check_device_options, load_tokenizer, resolve_device
     from surgery.publish import LOCAL_RECORD, published
     from surgery.source import cache_dir
@@ -274,21 +278,52 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
     tokenizer = load_tokenizer(source.path)
     if tokenizer is None:
         raise SurgeryError(f"{source.path} has no tokenizer: healing needs one; export the cut with its tokenizer")
-    here = start(resolve_device(load.device))
+    device = resolve_device(load.device)
+    here = start(device)
+    streamed = from_main(lambda: _streams(source.path, writing, load, "merging the adapter file to file and evaluating "
+                                          "block by block", "the streamed merge"))
     work = work_folder(Path(out).expanduser().absolute())
+    labels = {str(source.path): source.public_id(), str(cache_dir()): "<surgery cache>", str(work): "<working folder>"}
+
+    def finish(results: dict[str, Any], loss_after: float) -> tuple[dict[str, Any], dict[str, str]]:
+        record = {"healed_from": source.describe(), "healing": {**healed.settings, "data_source": healed.data_source,
+                  "loss_before": healed.loss_before, "loss_after": loss_after, "log": healed.log,
+                  "resumed_from": healed.resumed_from}, "evaluation": results}
+        return record, {LOCAL_RECORD: json.dumps(record, indent=2, default=str) + "\n"}
+
+    kept: dict[str, Any] = {}  # the streamed export's record, as measured on the written folder
+
+    def measured(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
+        """The written, merged checkpoint's held-out loss and evaluation, block by block."""
+        model = LayerwiseModel(folder, device=device)
+        try:
+            loss_after = heldout_loss(model, healed.heldout)
+            results = evaluate_model(model, tokenizer, fit_context_to_model(evaluation, model.config), model_info={"stage": "healed"})
+        finally:
+            model.close()
+        record, extra = finish(results, loss_after)
+        kept.update(record)
+        return published(record, labels), extra
+
     with claimed_folder(out, force=force, protected=[source.path]) if here.main else contextlib.nullcontext(), \
             working_folder(work, keep=keep_work or not here.main):
-        healed = heal(source.path, tokenizer, healing, work, data_dir=data_dir, device=resolve_device(load.device),
-                      job={"source": source.describe()["fingerprint"]})
+        healed = heal(source.path, tokenizer, healing, work, data_dir=data_dir, device=device,
+                      job={"source": source.describe()["fingerprint"]}, streamed=streamed)
         if healed is None:
             return None  # one of several processes, not the first
+        if streamed:
+            from surgery.export.merged import export_merged
+
+            exported = export_merged(*healed.merge, tokenizer, out, describe=measured, max_shard_size=writing.max_shard_bytes,
+                                     force=force, protected=[source.path], copy_from=source.path,
+                                     unpublished=(LOCAL_RECORD,), device=device)
+            return {**kept, "export": {"path": str(exported.path), "max_logit_diff": exported.max_logit_diff,
+                                        "method": exported.manifest["verified"]["method"]}}
         results = evaluate_model(healed.model, tokenizer, fit_context_to_model(evaluation, healed.model.config),
                                  model_info={"stage": "healed"})
-        record = {"healed_from": source.describe(), "healing": {**healed.settings, "data_source": healed.data_source,
-                  "loss_before": healed.loss_before, "loss_after": healed.loss_after, "log": healed.log,
-                  "resumed_from": healed.resumed_from}, "evaluation": results}
-        labels = {str(source.path): source.public_id(), str(cache_dir()): "<surgery cache>", str(work): "<working folder>"}
+        record, extra = finish(results, healed.loss_after)
         exported = export_checkpoint(healed.model, tokenizer, out, record=published(record, labels), force=force,
                                      protected=[source.path], copy_from=source.path, unpublished=(LOCAL_RECORD,),
-                                     extra_files={LOCAL_RECORD: json.dumps(record, indent=2, default=str) + "\n"})
-    return {**record, "export": {"path": str(exported.path), "max_logit_diff": exported.max_logit_diff}}
+                                     extra_files=extra)
+    return {**record, "export": {"path": str(exported.path), "max_logit_diff": exported.max_logit_diff,
+                                 "method": exported.manifest["verified"]["method"]}}

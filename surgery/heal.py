@@ -27,7 +27,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,16 @@ from surgery.settings import HealSettings
 
 @dataclass
 class HealResult:
-    model: Any  # the merged, full-precision model
+    model: Any  # the merged, full-precision model; None when healed with streamed=True (see `merge`)
     loss_before: float
-    loss_after: float
+    loss_after: float | None  # None until a streamed merge is measured (`heldout`)
     settings: dict[str, Any]
     data_source: str
     seconds: float
     log: list[dict[str, float]]
     resumed_from: str | None
+    merge: tuple[Path, Path | None] | None = None  # streamed: (base folder, adapter folder; None: the base is the result)
+    heldout: list[Any] = field(default_factory=list)  # the held-out batches, for the loss after a streamed merge
 
 
 def disable_cpu_repack(model: Any) -> int:
@@ -116,29 +118,25 @@ def load_4bit(folder: Path, device: str, device_map: str | None = None) -> Any:
 
 
 def heldout_loss(model: Any, batches: list[Any]) -> float:
-    """Mean token loss of a full-precision model on held-out batches."""
-    import torch
-
+    """Mean token loss of a full-precision model (in memory, or a LayerwiseModel read block by
+    block) on held-out batches."""
     from surgery.arch import unwrap
-    from surgery.forward import final_hidden, token_nll
+    from surgery.evaluate.perplexity import batch_nll
+    from surgery.layerwise import LayerwiseModel
 
-    base = unwrap(model)
-    was_training = base.training
-    base.eval()
-    device = next(base.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ids in batches:
-            ids = ids.to(device)
-            nll = token_nll(base, final_hidden(base, ids), ids)
-            total += float(nll.sum())
-            count += nll.numel()
-    base.train(was_training)
-    return total / count
+    base = None if isinstance(model, LayerwiseModel) else unwrap(model)
+    was_training = base is not None and base.training
+    if base is not None:
+        base.eval()
+    losses = batch_nll(model, batches)
+    if base is not None:
+        base.train(was_training)
+    return float(sum(nll.sum() for nll in losses)) / sum(nll.numel() for nll in losses)
 
 
 def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data_dir: Path | None = None,
-         device: str = "cpu", teacher: Path | None = None, job: dict[str, Any] | None = None) -> HealResult | None:
+         device: str = "cpu", teacher: Path | None = None, job: dict[str, Any] | None = None,
+         streamed: bool = False) -> HealResult | None:
     """Train LoRA adapters on the pruned `model` and return the merged full-precision model.
 
     `model` is a model in memory or a model folder (`surgery heal`: nothing is loaded in full
@@ -152,6 +150,10 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     everything that decides the result is the same (`resume_identity`: the weights, the settings,
     the training tokens, the teacher); otherwise it says so and starts fresh.
 
+    streamed (a model folder too large for memory twice): the held-out loss before training is
+    measured block by block and nothing is merged; the result names the base and adapter for
+    surgery.export.merged, and its held-out batches for the loss after.
+
     Under several processes (torchrun, accelerate launch) every process trains its share of each
     global batch (`batch_size` x processes x `grad_accum` sequences a step) through the Trainer's
     DDP (or FSDP, from accelerate's config); process 0 alone writes the base, merges and returns
@@ -164,6 +166,7 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     from surgery.distributed import from_main, start
     from surgery.export.checkpoint import write_model_folder
     from surgery.files import write_json
+    from surgery.layerwise import LayerwiseModel
     from surgery.provenance import weights_sha256
 
     quiet_transformers()
@@ -196,10 +199,14 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
 
     from_main(prepare)  # by process 0; then the base and the checkpoints to resume from are in place for every process
 
+    if streamed and not given_folder:
+        raise ValueError("a streamed heal starts from a model folder")
     if given_folder:
         config = _folder_config(base_folder)
         arch, dtype = architecture_of(config), _config_dtype(config)
-        loss_before = heldout_loss(merge_adapter(base_folder, None, dtype=dtype, device=device), heldout) if here.main else None
+        full = (lambda: LayerwiseModel(base_folder, device=device)) if streamed else \
+            (lambda: merge_adapter(base_folder, None, dtype=dtype, device=device))
+        loss_before = heldout_loss(full(), heldout) if here.main else None
     else:
         loss_before = heldout_loss(model, heldout) if here.main else None
         arch = architecture_of(unwrap(model).config)
@@ -211,6 +218,10 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     if not here.main:
         return None
     _free_device_memory()  # what training held (trainer, optimizer, the teacher) before the full-precision load
+    if streamed:
+        merge = (base_folder, adapter) if settings.mode == "lora" else (adapter, None)
+        return HealResult(None, loss_before, None, described, source, time.perf_counter() - started, log, resumed,
+                          merge, heldout)
     merged = merge_adapter(base_folder, adapter, dtype=dtype, device=device) if settings.mode == "lora" else \
         merge_adapter(adapter, None, dtype=dtype, device=device)  # partial: the trained model is the result
     loss_after = heldout_loss(merged, heldout)

@@ -233,6 +233,19 @@ class LayerwiseModel:
         with self._loaded(norm, self.arch.final_norm + ".", self.device), torch.no_grad():
             return [norm(hidden.to(self.device)).to("cpu") for hidden in hiddens]
 
+    def token_nll(self, batches: list[Any]) -> list[Any]:
+        """Per-token negative log-likelihood [B, T-1] of each batch of token ids (unpadded) under the
+        whole model, layer-major: every block, the final norm and each slice of the output layer are
+        read once for all batches, and logits never exist beyond one vocabulary slice."""
+        streams = [self.embed(ids) for ids in batches]
+        for index, block in self.blocks():
+            for stream in streams:
+                stream.hidden = self.run(block, index, stream)
+        normed = self.final_norms([stream.hidden for stream in streams])
+        rows = [hidden[:, :-1].reshape(-1, hidden.shape[-1]) for hidden in normed]
+        targets = [ids[:, 1:].reshape(-1) for ids in batches]
+        return [nll.view(ids.shape[0], -1) for nll, ids in zip(vocabulary_nll(self, rows, targets), batches)]
+
     def logits(self, hidden: Any, rows: int | None = None) -> Any:
         """Float32 logits from final hidden states, `rows` vocabulary rows of the output layer at a
         time, with the family's post-processing (Gemma's soft-cap, Granite's divisor)."""
@@ -305,6 +318,24 @@ class LayerwiseModel:
         finally:
             for name in state:
                 _to_meta(module, name, torch)
+
+
+def vocabulary_nll(model: LayerwiseModel, rows: list[Any], targets: list[Any]) -> list[Any]:
+    """Per-token negative log-likelihood of `targets[r]` for each matrix of final hidden rows, over
+    the output layer's vocabulary slices: a running log-sum-exp and the target's logit, kept on the
+    device. Positions whose target is -1 are not meaningful; the caller masks them."""
+    import torch
+
+    goals = [t.to(model.device) for t in targets]
+    lse: list[Any] = [None] * len(rows)
+    picked = [torch.zeros(len(goal), device=model.device) for goal in goals]
+    for start, part in model.logit_slices(rows, to_cpu=False):
+        for r, logits in enumerate(part):
+            inside = (goals[r] >= start) & (goals[r] < start + logits.shape[-1])
+            picked[r][inside] = logits[inside, goals[r][inside] - start]
+            here = logits.logsumexp(-1)
+            lse[r] = here if lse[r] is None else torch.logaddexp(lse[r], here)
+    return [(total - target).cpu() for total, target in zip(lse, picked)]
 
 
 def _to_meta(module: Any, name: str, torch: Any) -> None:

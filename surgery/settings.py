@@ -255,13 +255,15 @@ def parse_size(text: str | int, option: str = "--max-shard-size") -> int:
 
 
 @dataclass(frozen=True)
-class CutSettings:
-    """How `surgery cut` writes its checkpoint. The streamed cut copies tensors from the source's
-    safetensors files to the new shards without building the model (docs/scale.md)."""
+class StreamSettings:
+    """How `surgery cut` and `surgery heal` write a checkpoint that may not fit in memory: streamed,
+    its tensors go file to file (copied by the cut, merged with the adapter by heal) and the
+    result is checked, and heal's evaluated, block by block, never building the model (docs/scale.md)."""
 
     stream: bool | None = setting(None, "--stream",
-                                  "Cut out of core: stream tensors file to file and check the result layer by layer "
-                                  "(default: only when the model does not fit in memory).")
+                                  "Work out of core: stream tensors file to file (cut: copied; heal: merged with the "
+                                  "adapter), then check and evaluate the result block by block "
+                                  "(default: only when the model does not fit in memory twice).")
     max_shard_size: str = setting("50GB", "--max-shard-size",
                                   "Largest weight file (5GB, 500MB: decimal units); bigger checkpoints are sharded "
                                   "as transformers shards them.")

@@ -10,7 +10,7 @@ from surgery.errors import SurgeryError
 from surgery.export.checkpoint import load_exported, read_manifest
 from surgery.forward import count_parameters
 from surgery.loading import load_model
-from surgery.settings import CutSettings, LoadSettings
+from surgery.settings import LoadSettings, StreamSettings
 
 pytestmark = pytest.mark.slow
 
@@ -58,10 +58,10 @@ def test_cut_smollm2_blocks_and_an_attention(smollm2_folder, tmp_path):
 
     # The same cut streamed file to file (docs/scale.md): the same folder, byte for byte, but the manifest.
     streamed = cut_and_export("smollm2-135m", "L20-L23,L5.attn", tmp_path / "streamed", LoadSettings(device="cpu"),
-                              CutSettings(stream=True, max_shard_size="100MB"))
+                              StreamSettings(stream=True, max_shard_size="100MB"))
     assert streamed.manifest["verified"]["method"] == "streamed" and streamed.max_logit_diff <= 1e-3
     in_memory = cut_and_export("smollm2-135m", "L20-L23,L5.attn", tmp_path / "in-memory", LoadSettings(device="cpu"),
-                               CutSettings(stream=False, max_shard_size="100MB"))
+                               StreamSettings(stream=False, max_shard_size="100MB"))
     names = sorted(p.name for p in in_memory.path.iterdir())
     assert len([n for n in names if n.startswith("model-")]) > 1 and names == sorted(p.name for p in streamed.path.iterdir())
     assert all((in_memory.path / n).read_bytes() == (streamed.path / n).read_bytes() for n in names if n != "surgery.json")

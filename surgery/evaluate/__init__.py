@@ -7,6 +7,7 @@ with the protocol that produced it; the schema is documented in docs/evaluation.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,13 @@ from surgery.settings import EvalSettings
 
 RESULTS_SCHEMA = "surgery-eval"
 RESULTS_VERSION = 1
+WHOLE_MODEL = ("needs the whole model in memory, and it was evaluated block by block: run surgery eval on the "
+               "folder where it fits (--device-map auto spreads it over GPUs)")
 
 
 def fit_context_to_model(settings: EvalSettings, config: Any) -> EvalSettings:
     """The default perplexity window shortened to a model trained on fewer positions; the results
     record the length used. A window the user chose is never changed: evaluate_model refuses it."""
-    from dataclasses import replace
-
     trained = _context_overrun(settings, config)
     if trained is None:
         return settings
@@ -37,17 +38,23 @@ def _context_overrun(settings: EvalSettings, config: Any) -> int | None:
 def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, model_info: dict[str, Any] | None = None,
                    folder: Path | None = None, reference: Any = None) -> dict[str, Any]:
     """Evaluate an in-memory model; returns a results dict in the documented schema. `reference`:
-    the source model's continuations (evaluate.continuations), compared when generation is on."""
+    the source model's continuations (evaluate.continuations), compared when generation is on.
+
+    `model` may also be a surgery.layerwise.LayerwiseModel (a model too large for memory, read
+    block by block): perplexities are measured; tasks, continuations and speed need the whole
+    model and are listed under "not_run" with the reason."""
     import torch
 
     from surgery.arch import unwrap
     from surgery.console import progress_bar, task
     from surgery.forward import count_parameters
+    from surgery.layerwise import LayerwiseModel
     from surgery.provenance import machine, now, versions
 
     if tokenizer is None and (settings.tasks or settings.perplexity):
         raise SurgeryError("this model has no tokenizer: evaluate a folder that holds one (tokenizer.json)")
-    base = unwrap(model)
+    layerwise = isinstance(model, LayerwiseModel)
+    base = model.model if layerwise else unwrap(model)  # a layerwise model's skeleton: config and shapes
     trained = _context_overrun(settings, base.config)
     if settings.perplexity and trained:
         raise SurgeryError(f"--ppl-context {settings.perplexity_protocol.context} is longer than the model's context "
@@ -60,13 +67,18 @@ def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, model_
         "version": RESULTS_VERSION,
         "created": now(),
         "model": {**(model_info or {}), "parameters": count_parameters(base), "dtype": str(base.dtype).removeprefix("torch."),
-                  "device": str(next(base.parameters()).device)},
+                  "device": str(model.device) if layerwise else str(next(base.parameters()).device)},
         "protocol": settings.describe(),
         "tasks": {},
         "perplexity": {},
         "speed": None,
         "generation": None,
+        "not_run": {},
     }
+    if layerwise:
+        wanted = {"tasks": bool(settings.tasks), "speed": settings.speed, "generation": settings.generation and reference is not None}
+        results["not_run"] = {name: WHOLE_MODEL for name, asked in wanted.items() if asked}
+        settings = replace(settings, tasks=(), speed=False, generation=False)
     try:
         with progress_bar():
             if settings.tasks:

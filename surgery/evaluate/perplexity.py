@@ -48,22 +48,38 @@ def make_windows(tokenizer: Any, texts: list[str], protocol: PerplexityProtocol)
     return torch.tensor(windows), torch.tensor(masks)
 
 
+def batch_nll(model: Any, batches: list[Any], advance: Callable[[int], None] | None = None) -> list[Any]:
+    """Per-token losses [B, T-1] (on CPU) of each batch of unpadded token ids under an in-memory
+    model, or under a surgery.layerwise.LayerwiseModel (a model too large for memory, read from its
+    files once for all batches). `advance(n)` is called as batches finish."""
+    import torch
+
+    from surgery.layerwise import LayerwiseModel
+
+    if isinstance(model, LayerwiseModel):
+        losses = model.token_nll(batches)
+        if advance:
+            advance(sum(len(ids) for ids in batches))
+        return losses
+    device = next(unwrap(model).parameters()).device
+    losses = []
+    with torch.no_grad():
+        for ids in batches:
+            ids = ids.to(device)
+            losses.append(token_nll(model, final_hidden(model, ids), ids).cpu())
+            if advance:
+                advance(len(ids))
+    return losses
+
+
 def perplexity(model: Any, tokenizer: Any, texts: list[str], protocol: PerplexityProtocol,
                advance: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Perplexity of `texts` under the protocol; `advance(n)` is called as windows finish."""
-    import torch
-
     windows, masks = make_windows(tokenizer, texts, protocol)
-    device = next(unwrap(model).parameters()).device
+    batches = list(windows.split(protocol.batch_size))
     per_window = []
-    with torch.no_grad():
-        for start in range(0, len(windows), protocol.batch_size):
-            ids = windows[start:start + protocol.batch_size].to(device)
-            mask = masks[start:start + protocol.batch_size, 1:].to(device)
-            nll = token_nll(model, final_hidden(model, ids), ids)
-            per_window += list(zip((nll * mask).sum(1).tolist(), mask.sum(1).tolist()))
-            if advance:
-                advance(len(ids))
+    for nll, mask in zip(batch_nll(model, batches, advance), masks[:, 1:].split(protocol.batch_size)):
+        per_window += list(zip((nll * mask).sum(1).tolist(), mask.sum(1).tolist()))
     total = sum(n for n, _ in per_window)
     count = sum(c for _, c in per_window)
     mean = total / count

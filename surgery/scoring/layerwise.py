@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.ablation import ablated
+from surgery.layerwise import vocabulary_nll
 from surgery.scoring.base import ValueFunction
 from surgery.scoring.residual import evaluation_cost, resume_point
 from surgery.sublayers import Sublayer
@@ -129,27 +130,9 @@ class LayerwiseResidualLoss(ValueFunction):
         targets = [torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -1)], dim=1).reshape(-1) for ids in self.batches]
         rows = [h.reshape(-1, h.shape[-1]) for h in normed]
         totals = [0.0] * len(hiddens)
-        for r, losses in enumerate(_token_nll(self.model, rows, [targets[r % count] for r in range(len(rows))])):
+        for r, losses in enumerate(vocabulary_nll(self.model, rows, [targets[r % count] for r in range(len(rows))])):
             totals[r // count] += float(losses[targets[r % count] >= 0].sum())
         return [-total / self.tokens for total in totals]
-
-
-def _token_nll(model: Any, rows: list[Any], targets: list[Any]) -> list[Any]:
-    """Per-token negative log-likelihood of `targets[r]` for each matrix of final hidden rows, over
-    the output layer's vocabulary slices: a running log-sum-exp and the target's logit, kept on the
-    device. Positions whose target is -1 are not meaningful; the caller masks them."""
-    import torch
-
-    goals = [t.to(model.device) for t in targets]
-    lse: list[Any] = [None] * len(rows)
-    picked = [torch.zeros(len(goal), device=model.device) for goal in goals]
-    for start, part in model.logit_slices(rows, to_cpu=False):
-        for r, logits in enumerate(part):
-            inside = (goals[r] >= start) & (goals[r] < start + logits.shape[-1])
-            picked[r][inside] = logits[inside, goals[r][inside] - start]
-            here = logits.logsumexp(-1)
-            lse[r] = here if lse[r] is None else torch.logaddexp(lse[r], here)
-    return [(total - target).cpu() for total, target in zip(lse, picked)]
 
 
 def _kinds_by_layer(skip: list[Sublayer]) -> dict[int, set[str]]:

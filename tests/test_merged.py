@@ -1,0 +1,195 @@
+"""The out-of-core merge (surgery heal --stream): LoRA adapters folded in file to file.
+
+Expectations come from peft itself (merge_and_unload of the same adapter on the model in memory)
+and from transformers loading the written folder; tiny models are built from configs."""
+
+import json
+
+import pytest
+import torch
+
+from surgery.errors import SurgeryError
+from surgery.export.checkpoint import load_exported, read_manifest
+from surgery.export.merged import export_merged
+from surgery.tiny import tiny_model
+
+
+def trained_adapter(folder, adapter_folder, seed=0, **lora):
+    """A peft adapter on the model in `folder` with every LoRA weight random (as after training),
+    saved as the trainer saves it; returns peft's own merge of it, in memory."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False, **lora)
+    torch.manual_seed(seed)
+    get_peft_model(model, config).save_pretrained(adapter_folder)
+    fresh = AutoModelForCausalLM.from_pretrained(folder)
+    return PeftModel.from_pretrained(fresh, str(adapter_folder)).merge_and_unload().eval()
+
+
+def merge(base, adapter, out, tokenizer, **options):
+    return export_merged(base, adapter, tokenizer, out, describe=lambda folder: ({"healed_from": str(base)}, {}),
+                         max_shard_size=options.pop("max_shard_size", 10**12), **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_streamed_merge_writes_what_peft_merges_in_memory(tmp_path, tokenizer, dtype):
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    tiny_model("llama", 3).to(dtype).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    expected = trained_adapter(base, tmp_path / "adapter")
+    merge(base, tmp_path / "adapter", tmp_path / "out", tokenizer, max_shard_size=60_000)
+
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1  # sharded as transformers shards
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert loaded.dtype == dtype
+    want, got = expected.state_dict(), loaded.state_dict()
+    assert set(want) == set(got)
+    for name in want:  # bit for bit in float32; within one rounding of the stored dtype otherwise
+        assert torch.allclose(got[name].float(), want[name].float(), rtol=0, atol=0 if dtype == torch.float32 else 1e-2), name
+    changed = [n for n in want if not torch.equal(got[n], AutoModelForCausalLM.from_pretrained(base).state_dict()[n])]
+    assert len(changed) == 3 * 3  # q, v and down in each of 3 blocks: the adapter was applied
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["verified"]["method"] == "streamed merge" and manifest["verified"]["weights_merged"] == 9
+    assert manifest["verified"]["max_abs_logit_diff"] <= (1e-3 if dtype == torch.float32 else 5e-2)
+
+
+def test_the_merged_model_computes_what_the_unmerged_adapter_computes(tmp_path, tokenizer):
+    """Float32: the written checkpoint's logits equal peft's unmerged forward of base + adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    tiny_model("qwen2", 2).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    trained_adapter(base, tmp_path / "adapter", seed=3)
+    merge(base, tmp_path / "adapter", tmp_path / "out", tokenizer)
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "adapter")).eval()
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = unmerged(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(ids).logits
+    assert (want - got).abs().max().item() < 1e-4
+
+
+def test_without_an_adapter_the_checkpoint_is_copied(tmp_path, tokenizer):
+    from safetensors.torch import load_file
+
+    base = tmp_path / "base"
+    tiny_model("llama", 2).save_pretrained(base)
+    merge(base, None, tmp_path / "out", tokenizer)
+    assert load_file(base / "model.safetensors").keys() == load_file(tmp_path / "out" / "model.safetensors").keys()
+    assert all(torch.equal(t, load_file(tmp_path / "out" / "model.safetensors")[n])
+               for n, t in load_file(base / "model.safetensors").items())
+
+
+@pytest.mark.parametrize("lora, says", [(dict(use_dora=True), "use_dora"), (dict(use_rslora=False, bias="all"), "bias")])
+def test_adapters_the_streamed_merge_does_not_apply_are_refused_before_anything_is_written(tmp_path, tokenizer, lora, says):
+    base = tmp_path / "base"
+    tiny_model("llama", 2).save_pretrained(base)
+    trained_adapter(base, tmp_path / "adapter", **lora)
+    with pytest.raises(SurgeryError, match=f"sets {says}: merge in memory with --no-stream"):
+        merge(base, tmp_path / "adapter", tmp_path / "out", tokenizer)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_an_adapter_of_another_model_is_refused(tmp_path, tokenizer):
+    base, other = tmp_path / "base", tmp_path / "other"
+    tiny_model("llama", 2).save_pretrained(base)
+    tiny_model("llama", 2, intermediate_size=48).save_pretrained(other)
+    trained_adapter(other, tmp_path / "adapter")
+    with pytest.raises(SurgeryError, match="down_proj is .* but the weight is .*: heal this checkpoint again"):
+        merge(base, tmp_path / "adapter", tmp_path / "out", tokenizer)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4  # the adapter itself is left as it was
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ surgery heal --stream
+
+HEAL = ["--heal-steps", "3", "--heal-seq-len", "32", "--heal-batch-size", "2", "--no-quantize", "--lora-dropout", "0",
+        "--heal-lr", "1e-3", "--eval-ppl", "wikitext2", "--eval-ppl-windows", "2", "--device", "cpu"]
+
+
+def test_surgery_heal_streamed_exports_the_model_the_in_memory_heal_exports(tiny_folder, tmp_path, data_dir):
+    """The same cut healed twice with the same seed: merged in memory and merged file to file,
+    measured block by block. The checkpoints, held-out losses and perplexity agree; what needs
+    the whole model (tasks, speed) is reported as not run, not silently dropped."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.cli import run
+
+    source, _ = tiny_folder("llama", num_layers=4)
+    cut = tmp_path / "cut"
+    assert run("cut", source, "--remove", "L1", "--out", cut, "--device", "cpu").exit_code == 0
+    memory = run("heal", cut, "--out", tmp_path / "memory", "--no-stream", "--eval-tasks", "none", "--no-eval-speed",
+                 "--data-dir", data_dir, *HEAL, catch=False)
+    assert memory.exit_code == 0, memory.output
+    streamed = run("heal", cut, "--out", tmp_path / "streamed", "--stream", "--eval-tasks", "arc_easy", "--max-shard-size", "100KB",
+                   "--data-dir", data_dir, *HEAL, catch=False)
+    assert streamed.exit_code == 0, streamed.output
+    assert "merged file to file, checked block by block" in streamed.output and "not run: tasks" in streamed.output
+
+    one, two = read_manifest(tmp_path / "memory"), read_manifest(tmp_path / "streamed")
+    assert two["verified"]["method"] == "streamed merge" and two["verified"]["weights_merged"] == 3 * 7
+    assert len(list((tmp_path / "streamed").glob("model-*.safetensors"))) > 1
+    for key in ("loss_before", "loss_after"):
+        assert two["healing"][key] == pytest.approx(one["healing"][key], rel=1e-4)
+    assert two["healing"]["loss_after"] < two["healing"]["loss_before"]
+    ppl = [m["evaluation"]["perplexity"]["wikitext2"]["perplexity"] for m in (one, two)]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-4)
+    assert set(two["evaluation"]["not_run"]) == {"tasks", "speed"} and one["evaluation"]["not_run"] == {}
+    assert two["evaluation"]["tasks"] == {} and two["evaluation"]["speed"] is None
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").state_dict()
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").state_dict()
+    assert set(want) == set(got) and all(torch.allclose(want[n], got[n], atol=1e-6) for n in want)
+    assert not list(tmp_path.glob(".streamed*"))  # the working and staging folders are gone
+
+
+@pytest.mark.parametrize("mode", [[], ["--heal-mode", "partial", "--heal-blocks", "1"]], ids=["lora", "partial"])
+def test_surgery_heal_merges_file_to_file_when_the_model_does_not_fit_twice(tiny_folder, tmp_path, data_dir, monkeypatch, mode):
+    """Partial-layer healing has no adapter: its trained model is copied file to file the same way."""
+    import surgery.memory
+    from surgery.memory import safetensors_bytes
+    from tests.cli import run
+
+    source, _ = tiny_folder("qwen2", num_layers=3)
+    cut = tmp_path / "cut"
+    assert run("cut", source, "--remove", "L2.attn", "--out", cut, "--device", "cpu").exit_code == 0
+    room = int(safetensors_bytes(cut) * 1.5)  # one copy fits, two do not
+    monkeypatch.setattr(surgery.memory, "available_memory", lambda device="cpu": room)
+    result = run("heal", cut, "--out", tmp_path / "healed", "--eval-tasks", "none", "--no-eval-speed", "--data-dir", data_dir,
+                 *HEAL, *mode, catch=False)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert "merging the adapter file to file and evaluating block by block: the model" in said
+    assert "2 copies) does not fit in memory" in said and "--no-stream to load it whole anyway" in said
+    manifest = read_manifest(tmp_path / "healed")
+    assert manifest["verified"]["method"] == "streamed merge" and manifest["healing"]["mode"] == (mode[1] if mode else "lora")
+    assert manifest["verified"]["weights_merged"] == (0 if mode else 2 * 7 + 3)  # block 2 kept only its FFN
+    # A sublayer cut ships its modeling file: the healed folder loads as the cut did, by itself.
+    assert manifest["verified"]["loader"] == "trust_remote_code" and (tmp_path / "healed" / "modeling_surgery.py").is_file()
+    model = load_exported(tmp_path / "healed")
+    assert model.config.num_hidden_layers == 3 and manifest["evaluation"]["perplexity"]["wikitext2"]["perplexity"] > 1
+
+
+def test_bad_input_for_the_streamed_heal_is_one_line_before_any_training(tiny_folder, tmp_path, data_dir, tokenizer):
+    from tests.cli import one_line, run
+
+    source, model = tiny_folder("llama", num_layers=2)
+    pickled = tmp_path / "pickled"
+    model.config.save_pretrained(pickled)
+    tokenizer.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    out = tmp_path / "out"
+    cases = [((pickled, "--stream", "--allow-pickle"), "the streamed merge reads safetensors weights only"),
+             ((source, "--stream", "--device-map", "auto"), "the streamed merge runs block by block: drop --device-map"),
+             ((source, "--max-shard-size", "10XB"), "--max-shard-size '10XB' is not a size")]
+    for (folder, *args), message in cases:
+        options = HEAL[:-2] if "--device-map" in args else HEAL  # HEAL ends with --device cpu
+        line = one_line(run("heal", folder, "--out", out, "--data-dir", data_dir, *options, *args))
+        assert message in line, line
+        assert not out.exists() and not list(tmp_path.glob(".out*"))  # no staging or working folder
