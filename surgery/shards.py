@@ -310,6 +310,29 @@ def check_shard(path: Path, expected: dict[str, TensorInfo], checksums: dict[str
         os.close(descriptor)
 
 
+def write_checkpoint_shards(folder: Path, tensors: dict[str, TensorInfo], chunks: Callable[[TensorInfo], Iterable[bytes | memoryview]],
+                            *, max_shard_size: int, parameters: int, label: str,
+                            lies_in: Callable[[TensorInfo], TensorInfo] | None = None) -> dict[str, str]:
+    """A whole checkpoint's weights: `tensors` (name -> dtype, shape, size) in shards planned as
+    transformers plans them, each written by `write_shard` (`chunks`, `lies_in` as there; the
+    TensorInfo given to them is the planned one, by name) and read back by `check_shard`, and the
+    index for more than one shard. Returns the SHA-256 of each shard as written."""
+    from surgery.console import task
+
+    shards = plan_shards({name: info.nbytes for name, info in tensors.items()}, max_shard_size)
+    digests = {}
+    with task(label, total=len(shards)) as progress:
+        for file, names in shards.items():
+            planned = {name: TensorInfo(name, tensors[name].dtype, tensors[name].shape, tensors[name].nbytes) for name in names}
+            written = write_shard(folder / file, list(planned.values()), chunks, lies_in)
+            check_shard(folder / file, planned, written.checksums)
+            digests[file] = written.sha256
+            progress.advance()
+    if len(shards) > 1:
+        write_index(folder, shards, sum(info.nbytes for info in tensors.values()), parameters)
+    return digests
+
+
 def write_index(folder: Path, shards: dict[str, list[str]], total_size: int, total_parameters: int) -> None:
     """model.safetensors.index.json as transformers writes it (only for more than one shard)."""
     index = {"metadata": {"total_parameters": total_parameters, "total_size": total_size},

@@ -193,3 +193,38 @@ def test_bad_input_for_the_streamed_heal_is_one_line_before_any_training(tiny_fo
         line = one_line(run("heal", folder, "--out", out, "--data-dir", data_dir, *options, *args))
         assert message in line, line
         assert not out.exists() and not list(tmp_path.glob(".out*"))  # no staging or working folder
+
+
+def test_a_merge_that_fails_its_checks_leaves_nothing(tmp_path, tokenizer, monkeypatch):
+    """A flipped byte in a written shard (check a) and a written config.json that differs from the
+    base's (check c: the logits) are caught before --out exists; the base and adapter are untouched."""
+    import surgery.export.merged as merged
+    import surgery.shards as shards
+    from surgery.provenance import file_sha256
+
+    base = tmp_path / "base"
+    tiny_model("llama", 2).save_pretrained(base)
+    trained_adapter(base, tmp_path / "adapter")
+    before = {p: file_sha256(p) for p in [*base.iterdir(), *(tmp_path / "adapter").iterdir()]}
+    real_write_shard, real_copy = shards.write_shard, merged._copy_model_files
+
+    def flip_a_byte(path, *args, **kwargs):
+        written = real_write_shard(path, *args, **kwargs)
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+        return written
+
+    def another_norm(base, config, folder):
+        real_copy(base, config, folder)
+        written = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**written, "rms_norm_eps": 0.5}))
+
+    for patch, message in [((shards, "write_shard", flip_a_byte), "differs from its source tensor"),
+                           ((merged, "_copy_model_files", another_norm), "differ from the base's with the adapter merged")]:
+        with monkeypatch.context() as context:
+            context.setattr(*patch)
+            with pytest.raises(SurgeryError, match=message):
+                merge(base, tmp_path / "adapter", tmp_path / "out", tokenizer)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+    assert before == {p: file_sha256(p) for p in before}

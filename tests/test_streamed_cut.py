@@ -196,9 +196,10 @@ def test_a_streamed_cut_that_fails_its_checks_leaves_nothing(fault, message, tin
     """A flipped byte in a shard (check a) and a config that swaps two blocks' attention patterns
     (check c: gemma2's sliding and global layers mask differently) are caught before --out exists."""
     import surgery.export.streamed as streamed
+    import surgery.shards as shards
 
     source, _ = tiny_folder("gemma2", num_layers=4)
-    real_write_shard, real_write_config = streamed.write_shard, streamed._write_config
+    real_write_shard, real_write_config = shards.write_shard, streamed._write_config
 
     def flip_a_byte(path, *args, **kwargs):
         written = real_write_shard(path, *args, **kwargs)
@@ -214,7 +215,7 @@ def test_a_streamed_cut_that_fails_its_checks_leaves_nothing(fault, message, tin
         (folder / "config.json").write_text(json.dumps(config))
 
     if fault == "bytes":
-        monkeypatch.setattr(streamed, "write_shard", flip_a_byte)
+        monkeypatch.setattr(shards, "write_shard", flip_a_byte)
     else:
         monkeypatch.setattr(streamed, "_write_config", swap_layer_types)
     line = one_line(run("cut", source, "--remove", "L1", "--out", tmp_path / "out", "--stream", "--device", "cpu"))

@@ -17,6 +17,7 @@ Memory holds the adapter, one tensor and its merged copy (the merge), or one blo
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 from surgery.errors import SurgeryError
 from surgery.export.checkpoint import LOGIT_TOLERANCE, ExportResult, add_files, write_manifest
 from surgery.forward import VERIFY_PROMPT
-from surgery.shards import SafetensorsFolder, TensorInfo, check_shard, plan_shards, write_index, write_shard
+from surgery.shards import SafetensorsFolder, TensorInfo, write_checkpoint_shards
 
 IN_MEMORY = "merge in memory with --no-stream"
 # adapter_config.json entries whose non-default values change what merging means; surgery's own
@@ -118,11 +119,9 @@ def export_merged(base: Path, adapter: Path | None, tokenizer: Any, out: Path, *
 
 
 def _write_weights(weights: SafetensorsFolder, lora: Adapter, folder: Path, max_shard_size: int) -> dict[str, str]:
-    """Every tensor of the base, merged where adapted, into shards planned as transformers plans
-    them, each shard read back (check a); returns the SHA-256 of each shard as written."""
+    """Every tensor of the base, merged where adapted, into shards, each read back (check a); the
+    SHA-256 of each shard."""
     import torch
-
-    from surgery.console import task
 
     def chunks(info: TensorInfo) -> Any:
         if info.name not in lora.pairs:
@@ -130,26 +129,9 @@ def _write_weights(weights: SafetensorsFolder, lora: Adapter, folder: Path, max_
         merged = lora.merged(info.name, weights.tensor(info.name))
         return [memoryview(merged.contiguous().view(-1).view(torch.uint8).numpy())]
 
-    shards = plan_shards({name: info.nbytes for name, info in weights.info.items()}, max_shard_size)
-    digests = {}
-    with task("merging the adapter into the shards", total=len(shards)) as progress:
-        for file, names in shards.items():
-            planned = {name: TensorInfo(name, weights.info[name].dtype, weights.info[name].shape, weights.info[name].nbytes)
-                       for name in names}
-            written = write_shard(folder / file, list(planned.values()), chunks)
-            check_shard(folder / file, planned, written.checksums)
-            digests[file] = written.sha256
-            progress.advance()
-    if len(shards) > 1:
-        write_index(folder, shards, weights.nbytes, sum(_numel(info.shape) for info in weights.info.values()))
-    return digests
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
+    parameters = sum(math.prod(info.shape) for info in weights.info.values())
+    return write_checkpoint_shards(folder, weights.info, chunks, max_shard_size=max_shard_size, parameters=parameters,
+                                   label="merging the adapter into the shards")
 
 
 def _copy_model_files(base: Path, config: Any, folder: Path) -> None:

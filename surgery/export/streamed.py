@@ -25,7 +25,7 @@ from surgery.cut import CutPlan, CutResult, cut_config, plan_cut, removed_sublay
 from surgery.errors import SurgeryError
 from surgery.export.checkpoint import LOGIT_TOLERANCE, ExportResult, add_files, make_self_describing, write_manifest
 from surgery.forward import VERIFY_PROMPT, count_parameters
-from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo, check_shard, plan_shards, write_index, write_shard
+from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo, write_checkpoint_shards
 from surgery.sublayers import Sublayer
 
 NOT_SAFETENSORS = "the streamed cut reads safetensors weights only: convert them, or cut in memory with --no-stream"
@@ -103,28 +103,14 @@ def export_streamed_cut(cut: StreamedCut, tokenizer: Any, out: Path, *, record: 
 
 
 def _write_weights(cut: StreamedCut, folder: Path, max_shard_size: int) -> dict[str, str]:
-    """Copy every tensor into shards planned as transformers plans them, reading each shard back
-    (check a); returns the SHA-256 of each shard as written."""
-    from surgery.console import task
-
-    shards = plan_shards({name: info.nbytes for name, info in cut.tensors.items()}, max_shard_size)
+    """Copy every tensor into shards, each read back (check a); the SHA-256 of each shard."""
     source = SafetensorsFolder(cut.source)
-    digests = {}
     try:
-        with task("writing shards", total=len(shards)) as progress:
-            for file, names in shards.items():
-                planned = {name: TensorInfo(name, cut.tensors[name].dtype, cut.tensors[name].shape, cut.tensors[name].nbytes)
-                           for name in names}
-                written = write_shard(folder / file, list(planned.values()), lambda info: source.read(cut.tensors[info.name].name),
-                                      lies_in=lambda info: cut.tensors[info.name])
-                check_shard(folder / file, planned, written.checksums)
-                digests[file] = written.sha256
-                progress.advance()
+        return write_checkpoint_shards(folder, cut.tensors, lambda info: source.read(cut.tensors[info.name].name),
+                                       lies_in=lambda info: cut.tensors[info.name], max_shard_size=max_shard_size,
+                                       parameters=cut.result.parameters_after, label="writing shards")
     finally:
         source.close()
-    if len(shards) > 1:
-        write_index(folder, shards, cut.nbytes, cut.result.parameters_after)
-    return digests
 
 
 def _write_config(cut: StreamedCut, folder: Path) -> None:
