@@ -12,6 +12,7 @@ from surgery.errors import SurgeryError
 from surgery.export.checkpoint import load_exported, read_manifest
 from surgery.export.merged import export_merged
 from surgery.tiny import tiny_model
+from tests.faults import flipping_last_byte
 
 
 def trained_adapter(folder, adapter_folder, seed=0, **lora):
@@ -206,21 +207,14 @@ def test_a_merge_that_fails_its_checks_leaves_nothing(tmp_path, tokenizer, monke
     tiny_model("llama", 2).save_pretrained(base)
     trained_adapter(base, tmp_path / "adapter")
     before = {p: file_sha256(p) for p in [*base.iterdir(), *(tmp_path / "adapter").iterdir()]}
-    real_write_shard, real_copy = shards.write_shard, merged._copy_model_files
-
-    def flip_a_byte(path, *args, **kwargs):
-        written = real_write_shard(path, *args, **kwargs)
-        data = bytearray(path.read_bytes())
-        data[-1] ^= 0xFF
-        path.write_bytes(bytes(data))
-        return written
+    real_copy = merged._copy_model_files
 
     def another_norm(base, config, folder):
         real_copy(base, config, folder)
         written = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**written, "rms_norm_eps": 0.5}))
 
-    for patch, message in [((shards, "write_shard", flip_a_byte), "differs from its source tensor"),
+    for patch, message in [((shards, "write_shard", flipping_last_byte(shards.write_shard)), "differs from its source tensor"),
                            ((merged, "_copy_model_files", another_norm), "differ from the base's with the adapter merged")]:
         with monkeypatch.context() as context:
             context.setattr(*patch)

@@ -15,6 +15,7 @@ from surgery.export.checkpoint import load_exported, read_manifest
 from surgery.sublayers import parse_sublayers
 from surgery.tiny import tiny_model
 from tests.cli import one_line, run
+from tests.faults import flipping_last_byte
 from tests.hooks import skipped
 
 DENSE = ["llama", "qwen2", "gemma2"]
@@ -199,14 +200,7 @@ def test_a_streamed_cut_that_fails_its_checks_leaves_nothing(fault, message, tin
     import surgery.shards as shards
 
     source, _ = tiny_folder("gemma2", num_layers=4)
-    real_write_shard, real_write_config = shards.write_shard, streamed._write_config
-
-    def flip_a_byte(path, *args, **kwargs):
-        written = real_write_shard(path, *args, **kwargs)
-        data = bytearray(path.read_bytes())
-        data[-1] ^= 0xFF
-        path.write_bytes(bytes(data))
-        return written
+    real_write_config = streamed._write_config
 
     def swap_layer_types(cut, folder):
         real_write_config(cut, folder)
@@ -215,7 +209,7 @@ def test_a_streamed_cut_that_fails_its_checks_leaves_nothing(fault, message, tin
         (folder / "config.json").write_text(json.dumps(config))
 
     if fault == "bytes":
-        monkeypatch.setattr(shards, "write_shard", flip_a_byte)
+        monkeypatch.setattr(shards, "write_shard", flipping_last_byte(shards.write_shard))
     else:
         monkeypatch.setattr(streamed, "_write_config", swap_layer_types)
     line = one_line(run("cut", source, "--remove", "L1", "--out", tmp_path / "out", "--stream", "--device", "cpu"))

@@ -195,10 +195,7 @@ def verify_checkpoint(model: Any, tokenizer: Any, folder: Path) -> tuple[float, 
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits.float()
         actual = reloaded(ids, use_cache=False).logits.float()
-        diff = (expected - actual).abs().max().item()
-        tolerance = LOGIT_TOLERANCE.get(str(dtype).removeprefix("torch."), 5e-2)
-        if not diff <= tolerance:
-            raise SurgeryError(f"export check failed: the reloaded checkpoint's logits differ by {diff:.3g} (> {tolerance}); nothing was written")
+        diff = logit_diff_within_tolerance(expected, actual, dtype, "the reloaded checkpoint's logits differ")
         settings = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=_pad_id(model))
         want = model.generate(ids, attention_mask=torch.ones_like(ids), **settings)
         got = reloaded.generate(ids, attention_mask=torch.ones_like(ids), **settings)
@@ -206,6 +203,16 @@ def verify_checkpoint(model: Any, tokenizer: Any, folder: Path) -> tuple[float, 
         raise SurgeryError("export check failed: the reloaded checkpoint generates differently with its KV cache; nothing was written")
     del reloaded
     return diff, loader
+
+
+def logit_diff_within_tolerance(want: Any, got: Any, dtype: Any, mismatch: str) -> float:
+    """The largest absolute difference of two logit tensors, refused above the tolerance of the
+    checkpoint's dtype; `mismatch` says what differs from what ("the reloaded checkpoint's logits differ")."""
+    diff = (want - got).abs().max().item()
+    tolerance = LOGIT_TOLERANCE.get(str(dtype).removeprefix("torch."), 5e-2)
+    if not diff <= tolerance:
+        raise SurgeryError(f"export check failed: {mismatch} by {diff:.3g} (> {tolerance}); nothing was written")
+    return diff
 
 
 def _pad_id(model: Any) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
-from surgery.export.checkpoint import LOGIT_TOLERANCE, ExportResult, add_files, write_manifest
+from surgery.export.checkpoint import ExportResult, add_files, logit_diff_within_tolerance, write_manifest
 from surgery.forward import VERIFY_PROMPT
 from surgery.shards import SafetensorsFolder, TensorInfo, write_checkpoint_shards
 
@@ -178,9 +178,5 @@ def _check_folder(base: Path, lora: Adapter, folder: Path, tokenizer: Any, devic
     finally:
         source.close()
         written.close()
-    diff = (want - got).abs().max().item()
-    tolerance = LOGIT_TOLERANCE.get(str(written.dtype).removeprefix("torch."), 5e-2)
-    if not diff <= tolerance:
-        raise SurgeryError(f"export check failed: the merged checkpoint's logits, run block by block, differ from the base's "
-                           f"with the adapter merged in memory by {diff:.3g} (> {tolerance}); nothing was written")
-    return diff
+    return logit_diff_within_tolerance(want, got, written.dtype, "the merged checkpoint's logits, run block by block, "
+                                       "differ from the base's with the adapter merged in memory")

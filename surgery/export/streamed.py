@@ -23,7 +23,7 @@ from typing import Any
 from surgery.arch import architecture_of
 from surgery.cut import CutPlan, CutResult, cut_config, plan_cut, removed_sublayers
 from surgery.errors import SurgeryError
-from surgery.export.checkpoint import LOGIT_TOLERANCE, ExportResult, add_files, make_self_describing, write_manifest
+from surgery.export.checkpoint import ExportResult, add_files, logit_diff_within_tolerance, make_self_describing, write_manifest
 from surgery.forward import VERIFY_PROMPT, count_parameters
 from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo, write_checkpoint_shards
 from surgery.sublayers import Sublayer
@@ -149,9 +149,5 @@ def _check_folder(cut: StreamedCut, folder: Path, tokenizer: Any, device: str) -
     finally:
         source.close()
         written.close()
-    diff = (want - got).abs().max().item()
-    tolerance = LOGIT_TOLERANCE.get(str(written.dtype).removeprefix("torch."), 5e-2)
-    if not diff <= tolerance:
-        raise SurgeryError(f"export check failed: the written checkpoint's logits, run block by block, differ from the "
-                           f"source's with the same sublayers skipped by {diff:.3g} (> {tolerance}); nothing was written")
-    return diff
+    return logit_diff_within_tolerance(want, got, written.dtype, "the written checkpoint's logits, run block by block, "
+                                       "differ from the source's with the same sublayers skipped")
