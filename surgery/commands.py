@@ -280,8 +280,17 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
         raise SurgeryError(f"{source.path} has no tokenizer: healing needs one; export the cut with its tokenizer")
     device = resolve_device(load.device)
     here = start(device)
-    streamed = from_main(lambda: _streams(source.path, writing, load, "merging the adapter file to file and evaluating "
-                                          "block by block", "the streamed merge"))
+    def decide() -> bool:
+        """Process 0's choice of the streamed merge, with what it refuses checked before training."""
+        streams = _streams(source.path, writing, load, "merging the adapter file to file and evaluating block by block",
+                           "the streamed merge")
+        if streams and evaluation.tasks:
+            from surgery.evaluate.suite import TaskSuite
+
+            TaskSuite(evaluation).check_block_by_block()
+        return streams
+
+    streamed = from_main(decide)
     work = work_folder(Path(out).expanduser().absolute())
     labels = {str(source.path): source.public_id(), str(cache_dir()): "<surgery cache>", str(work): "<working folder>"}
 

@@ -338,3 +338,34 @@ def test_the_validation_split_is_scored_for_dev_data(data_dir, tokenizer, no_net
     tasks = evaluate_model(tiny_model("llama"), tokenizer, settings)["tasks"]
     assert tasks["arc_easy"]["source"].startswith(str(data_dir / "arc_easy_validation.jsonl.gz"))
     assert "test" not in tasks["arc_easy"]["source"] and tasks["piqa"]["n"] == 3
+
+
+# ------------------------------------------------------------------ a model read block by block
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_model_read_block_by_block_is_evaluated_as_in_memory(tiny_folder, tokenizer, data_dir, family):
+    """lm-eval's requests and the perplexity protocol on a LayerwiseModel give the in-memory model's
+    log-likelihoods, greedy flags and perplexity; what needs the whole model is named as not run."""
+    from lm_eval.api.instance import Instance
+
+    from surgery.evaluate.suite import _layerwise_causal_lm, _progress_lm
+    from surgery.layerwise import LayerwiseModel
+
+    folder, model = tiny_folder(family, num_layers=3)
+    model.eval()
+    layerwise = LayerwiseModel(folder)
+    requests = [Instance("loglikelihood", {}, (context, continuation), i)
+                for i, (context, continuation) in enumerate([("The cat sat on", " the mat"), ("1 2 3", " 4 5"),
+                                                             ("Question: why? Answer:", " because it is long enough")])]
+    want = _progress_lm(model, tokenizer, 2).loglikelihood(requests)
+    got = _progress_lm(_layerwise_causal_lm(layerwise), tokenizer, 2).loglikelihood(requests)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], rel=1e-5)
+
+    settings = EvalSettings(tasks=(), perplexity=("wikitext2",), speed=True, generation=False, data_dir=data_dir,
+                            perplexity_protocol=PerplexityProtocol(context=64, windows=3, batch_size=2))
+    in_memory, block_by_block = evaluate_model(model, tokenizer, settings), evaluate_model(layerwise, tokenizer, settings)
+    assert block_by_block["perplexity"]["wikitext2"]["window_nll"] == pytest.approx(in_memory["perplexity"]["wikitext2"]["window_nll"], rel=1e-5)
+    assert block_by_block["model"]["parameters"] == in_memory["model"]["parameters"]
+    assert set(block_by_block["not_run"]) == {"speed"} and in_memory["not_run"] == {} and block_by_block["speed"] is None

@@ -117,8 +117,9 @@ HEAL = ["--heal-steps", "3", "--heal-seq-len", "32", "--heal-batch-size", "2", "
 
 def test_surgery_heal_streamed_exports_the_model_the_in_memory_heal_exports(tiny_folder, tmp_path, data_dir):
     """The same cut healed twice with the same seed: merged in memory and merged file to file,
-    measured block by block. The checkpoints, held-out losses and perplexity agree; what needs
-    the whole model (tasks, speed) is reported as not run, not silently dropped."""
+    measured block by block. The checkpoints, held-out losses, perplexity and task scores agree; what needs
+    the whole model (speed) is reported as not run, not silently dropped; lm-eval's tasks run block
+    by block and score every item as in memory."""
     from transformers import AutoModelForCausalLM
 
     from tests.cli import run
@@ -126,13 +127,14 @@ def test_surgery_heal_streamed_exports_the_model_the_in_memory_heal_exports(tiny
     source, _ = tiny_folder("llama", num_layers=4)
     cut = tmp_path / "cut"
     assert run("cut", source, "--remove", "L1", "--out", cut, "--device", "cpu").exit_code == 0
-    memory = run("heal", cut, "--out", tmp_path / "memory", "--no-stream", "--eval-tasks", "none", "--no-eval-speed",
+    tasks = ["--eval-tasks", "arc_easy,piqa", "--eval-limit", "12"]
+    memory = run("heal", cut, "--out", tmp_path / "memory", "--no-stream", *tasks, "--no-eval-speed",
                  "--data-dir", data_dir, *HEAL, catch=False)
     assert memory.exit_code == 0, memory.output
-    streamed = run("heal", cut, "--out", tmp_path / "streamed", "--stream", "--eval-tasks", "arc_easy", "--max-shard-size", "100KB",
+    streamed = run("heal", cut, "--out", tmp_path / "streamed", "--stream", *tasks, "--max-shard-size", "100KB",
                    "--data-dir", data_dir, *HEAL, catch=False)
     assert streamed.exit_code == 0, streamed.output
-    assert "merged file to file, checked block by block" in streamed.output and "not run: tasks" in streamed.output
+    assert "merged file to file, checked block by block" in streamed.output and "not run: speed" in streamed.output
 
     one, two = read_manifest(tmp_path / "memory"), read_manifest(tmp_path / "streamed")
     assert two["verified"]["method"] == "streamed merge" and two["verified"]["weights_merged"] == 3 * 7
@@ -142,8 +144,12 @@ def test_surgery_heal_streamed_exports_the_model_the_in_memory_heal_exports(tiny
     assert two["healing"]["loss_after"] < two["healing"]["loss_before"]
     ppl = [m["evaluation"]["perplexity"]["wikitext2"]["perplexity"] for m in (one, two)]
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-4)
-    assert set(two["evaluation"]["not_run"]) == {"tasks", "speed"} and one["evaluation"]["not_run"] == {}
-    assert two["evaluation"]["tasks"] == {} and two["evaluation"]["speed"] is None
+    for task in ("arc_easy", "piqa"):  # lm-eval run block by block scores the items as in memory
+        scores = [m["evaluation"]["tasks"][task] for m in (one, two)]
+        assert scores[0]["n"] == scores[1]["n"] == 12
+        assert scores[1]["acc"] == scores[0]["acc"] and scores[1]["acc_norm"] == scores[0]["acc_norm"]
+    assert set(two["evaluation"]["not_run"]) == {"speed"} and one["evaluation"]["not_run"] == {}
+    assert two["evaluation"]["speed"] is None
     want = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").state_dict()
     got = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").state_dict()
     assert set(want) == set(got) and all(torch.allclose(want[n], got[n], atol=1e-6) for n in want)
@@ -188,7 +194,8 @@ def test_bad_input_for_the_streamed_heal_is_one_line_before_any_training(tiny_fo
     out = tmp_path / "out"
     cases = [((pickled, "--stream", "--allow-pickle"), "the streamed merge reads safetensors weights only"),
              ((source, "--stream", "--device-map", "auto"), "the streamed merge runs block by block: drop --device-map"),
-             ((source, "--max-shard-size", "10XB"), "--max-shard-size '10XB' is not a size")]
+             ((source, "--max-shard-size", "10XB"), "--max-shard-size '10XB' is not a size"),
+             ((source, "--stream", "--eval-tasks", "arc_easy,gsm8k"), "gsm8k generates text, which a model evaluated block by block")]
     for (folder, *args), message in cases:
         options = HEAL[:-2] if "--device-map" in args else HEAL  # HEAL ends with --device cpu
         line = one_line(run("heal", folder, "--out", out, "--data-dir", data_dir, *options, *args))

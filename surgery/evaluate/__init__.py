@@ -41,8 +41,9 @@ def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, model_
     the source model's continuations (evaluate.continuations), compared when generation is on.
 
     `model` may also be a surgery.layerwise.LayerwiseModel (a model too large for memory, read
-    block by block): perplexities are measured; tasks, continuations and speed need the whole
-    model and are listed under "not_run" with the reason."""
+    block by block): perplexities and lm-eval's loglikelihood tasks are measured (text-generating
+    tasks are refused); continuations and speed need the whole model and are listed under
+    "not_run" with the reason."""
     import torch
 
     from surgery.arch import unwrap
@@ -76,9 +77,9 @@ def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, model_
         "not_run": {},
     }
     if layerwise:
-        wanted = {"tasks": bool(settings.tasks), "speed": settings.speed, "generation": settings.generation and reference is not None}
+        wanted = {"speed": settings.speed, "generation": settings.generation and reference is not None}
         results["not_run"] = {name: WHOLE_MODEL for name, asked in wanted.items() if asked}
-        settings = replace(settings, tasks=(), speed=False, generation=False)
+        settings = replace(settings, speed=False, generation=False)
     try:
         with progress_bar():
             if settings.tasks:

@@ -35,9 +35,26 @@ class TaskSuite:
                 task.set_config(key="num_fewshot", value=settings.num_fewshot)
             task.set_fewshot_seed(seed=settings.seed)
 
+    def check_block_by_block(self) -> None:
+        """Refuse tasks that generate text (GSM8K): a model read block by block would read the whole
+        checkpoint once per generated token."""
+        from surgery.errors import SurgeryError
+
+        generative = [name for name, task in self.loaded["tasks"].items() if task.OUTPUT_TYPE == "generate_until"]
+        if generative:
+            raise SurgeryError(f"{generative[0]} generates text, which a model evaluated block by block cannot do at a "
+                               "usable speed: drop it from the tasks, or evaluate in memory (--no-stream)")
+
     def run(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+        """lm-eval's results on `model`: in memory, or a surgery.layerwise.LayerwiseModel, whose
+        every batch of --batch-size requests reads the checkpoint once, block by block."""
         import lm_eval
 
+        from surgery.layerwise import LayerwiseModel
+
+        if isinstance(model, LayerwiseModel):
+            self.check_block_by_block()
+            model = _layerwise_causal_lm(model)
         lm = _progress_lm(model, tokenizer, self.settings.batch_size)
         limit, samples = self.settings.limit, None
         if self.settings.items_offset:
@@ -96,10 +113,38 @@ def _progress_lm(model: Any, tokenizer: Any, batch_size: int) -> Any:
         def generate_until(self, requests, disable_tqdm=False):
             return self._run(super().generate_until, "generation requests", requests)
 
-    device = str(next(model.parameters()).device)
+    weight = next(model.parameters(), None)
+    device = str(weight.device) if weight is not None else "cpu"  # a layerwise model's logits come back on CPU
     lm = ProgressHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     lm.set_cache_hook(hook)
     return lm
+
+
+def _layerwise_causal_lm(model: Any) -> Any:
+    """A LayerwiseModel as the causal LM lm-eval's HFLM drives: a module without weights whose
+    forward returns the float32 logits computed block by block from the files (on CPU, where HFLM
+    then takes log-softmaxes, exactly as for a model in memory)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    class LayerwiseCausalLM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = model.config
+            self.name_or_path = str(model.folder)
+
+        @property
+        def device(self) -> Any:
+            return torch.device("cpu")
+
+        def tie_weights(self) -> None:  # HFLM ties a model's weights; these live in the files
+            pass
+
+        def forward(self, input_ids: Any, **_: Any) -> Any:
+            return SimpleNamespace(logits=model.forward(input_ids))
+
+    return LayerwiseCausalLM()
 
 
 def summarise_tasks(raw: dict[str, Any], settings: EvalSettings) -> dict[str, Any]:
