@@ -280,6 +280,7 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
         raise SurgeryError(f"{source.path} has no tokenizer: healing needs one; export the cut with its tokenizer")
     device = resolve_device(load.device)
     here = start(device)
+
     def decide() -> bool:
         """Process 0's choice of the streamed merge, with what it refuses checked before training."""
         streams = _streams(source.path, writing, load, "merging the adapter file to file and evaluating block by block",

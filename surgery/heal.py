@@ -166,7 +166,6 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     from surgery.distributed import from_main, start
     from surgery.export.checkpoint import write_model_folder
     from surgery.files import write_json
-    from surgery.layerwise import LayerwiseModel
     from surgery.provenance import weights_sha256
 
     quiet_transformers()
@@ -178,6 +177,8 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     started = time.perf_counter()
     work = Path(work)
     given_folder = isinstance(model, (str, Path))
+    if streamed and not given_folder:
+        raise ValueError("a streamed heal starts from a model folder")
     base_folder = Path(model) if given_folder else work / "base"
 
     texts, heldout_texts, source = healing_texts(settings.data, data_dir)
@@ -199,14 +200,10 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
 
     from_main(prepare)  # by process 0; then the base and the checkpoints to resume from are in place for every process
 
-    if streamed and not given_folder:
-        raise ValueError("a streamed heal starts from a model folder")
     if given_folder:
         config = _folder_config(base_folder)
         arch, dtype = architecture_of(config), _config_dtype(config)
-        full = (lambda: LayerwiseModel(base_folder, device=device)) if streamed else \
-            (lambda: merge_adapter(base_folder, None, dtype=dtype, device=device))
-        loss_before = heldout_loss(full(), heldout) if here.main else None
+        loss_before = _folder_loss(base_folder, heldout, dtype, device, streamed) if here.main else None
     else:
         loss_before = heldout_loss(model, heldout) if here.main else None
         arch = architecture_of(unwrap(model).config)
@@ -226,6 +223,20 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
         merge_adapter(adapter, None, dtype=dtype, device=device)  # partial: the trained model is the result
     loss_after = heldout_loss(merged, heldout)
     return HealResult(merged, loss_before, loss_after, described, source, time.perf_counter() - started, log, resumed)
+
+
+def _folder_loss(folder: Path, heldout: list[Any], dtype: Any, device: str, streamed: bool) -> float:
+    """The held-out loss of a model folder before training: block by block from its files when
+    streamed, else on a full-precision copy loaded for the purpose."""
+    from surgery.layerwise import LayerwiseModel
+
+    if not streamed:
+        return heldout_loss(merge_adapter(folder, None, dtype=dtype, device=device), heldout)
+    model = LayerwiseModel(folder, device=device)
+    try:
+        return heldout_loss(model, heldout)
+    finally:
+        model.close()
 
 
 JOB_FILE = "heal-job.json"
