@@ -129,6 +129,8 @@ def eval_command(ctx: click.Context, model: str, out: Path | None, force: bool, 
     results = evaluate_and_save(model, from_options(EvalSettings, options), out, load, force=force, fit_context=default_window,
                                 reference_spec=reference)
     console.print(comparison_table({model: results}, title=f"surgery eval {model}"))
+    for name, why in results["not_run"].items():
+        console.print(f"not run: {name}: {why}")
     if out:
         console.print(f"[green]wrote[/] {out}")
 

@@ -151,7 +151,6 @@ def evaluate_and_save(model_spec: str, settings: EvalSettings, out: Path | None,
     from surgery.evaluate import evaluate_model, fit_context_to_model
     from surgery.evaluate.tasks import check_task_names
     from surgery.files import check_output_file, write_json
-    from surgery.loading import load_model
 
     compared = settings.generation and reference_spec is not None
     if not settings.tasks and not settings.perplexity and not settings.speed and not compared:
@@ -163,12 +162,20 @@ def evaluate_and_save(model_spec: str, settings: EvalSettings, out: Path | None,
             check_output_file(out, force=force, protected=protected)
 
     source = resolve_with_output_check(model_spec, check_out, load)
+    what = "the layer-by-layer evaluation"
+    layerwise = _block_by_block(source, settings.layerwise, load, what, "evaluating block by block")
+    if layerwise and compared:
+        raise SurgeryError("--reference compares greedy continuations, which a model read block by block cannot generate "
+                           "at a usable speed: drop --reference, or pass --no-layerwise where the model fits")
+    if layerwise and settings.tasks:
+        from surgery.evaluate.suite import TaskSuite
+
+        TaskSuite(settings).check_block_by_block("--no-layerwise")  # before any model is read
     continuations = _reference_continuations(reference_spec, settings, load) if compared else None
-    loaded = load_model(source, **load.kwargs())
+    model, tokenizer = _whole_or_layerwise(source, layerwise, load, what)
     if fit_context:
-        settings = fit_context_to_model(settings, loaded.model.config)
-    results = evaluate_model(loaded.model, loaded.tokenizer, settings, model_info=loaded.source.describe(),
-                             folder=loaded.source.path, reference=continuations)
+        settings = fit_context_to_model(settings, model.config)
+    results = evaluate_model(model, tokenizer, settings, model_info=source.describe(), folder=source.path, reference=continuations)
     if out is not None:
         write_json(out, results)
     return results
@@ -218,25 +225,41 @@ def analyze_and_save(model_spec: str, settings: AnalysisSettings, out: Path, loa
 def _analysis_model(source: Any, settings: AnalysisSettings, load: LoadSettings) -> tuple[Any, Any]:
     """(model, tokenizer) for the analysis: loaded whole, or, for a model that does not fit in
     memory (or with --layerwise), a LayerwiseModel that reads one block at a time."""
-    from surgery.distributed import from_main
-    from surgery.loading import load_model, load_tokenizer, resolve_device
-    from surgery.memory import out_of_core
-
-    device = resolve_device(load.device)
     if settings.layerwise:
         from surgery.analysis import check_layerwise
-        from surgery.shards import weight_files
 
         check_layerwise(settings)
+    automatic = None if settings.metric == "loss" and settings.prefix_cache else False  # what the layer-by-layer path serves
+    what = "the layer-by-layer analysis"
+    layerwise = _block_by_block(source, automatic if settings.layerwise is None else settings.layerwise, load, what,
+                                "analyzing layer by layer")
+    return _whole_or_layerwise(source, layerwise, load, what)
+
+
+def _block_by_block(source: Any, wanted: bool | None, load: LoadSettings, what: str, doing: str) -> bool:
+    """Whether to read the model one block at a time: `wanted` (--layerwise / --no-layerwise) as
+    given, checked; None: only when it does not fit in memory (process 0's choice, so that every
+    process runs the same way). `what` names the command's layer-by-layer path in refusals;
+    `doing`, in the line saying it was chosen."""
+    from surgery.distributed import from_main
+    from surgery.loading import resolve_device
+    from surgery.memory import out_of_core
+
+    if wanted:
+        from surgery.shards import weight_files
+
         if load.device_map:
             raise SurgeryError("--device-map places a whole model in memory; --layerwise reads one block at a time: "
                                "drop one of them")
-        weight_files(source.path, "the layer-by-layer analysis reads safetensors weights only: convert them, "
-                                  "or pass --no-layerwise")
-    automatic = None if settings.metric == "loss" and settings.prefix_cache else False  # what the layer-by-layer path serves
-    layerwise = from_main(lambda: out_of_core(  # process 0's choice: every process must run the same value function
-        source.path, automatic if settings.layerwise is None else settings.layerwise, device=device, device_map=load.device_map,
-        copies=1, doing="analyzing layer by layer", instead="--no-layerwise"))
+        weight_files(source.path, f"{what} reads safetensors weights only: convert them, or pass --no-layerwise")
+    return from_main(lambda: out_of_core(source.path, wanted, device=resolve_device(load.device), device_map=load.device_map,
+                                         copies=1, doing=doing, instead="--no-layerwise"))
+
+
+def _whole_or_layerwise(source: Any, layerwise: bool, load: LoadSettings, what: str) -> tuple[Any, Any]:
+    """(model, tokenizer): the model loaded whole, or a LayerwiseModel of its files (in their dtype)."""
+    from surgery.loading import load_model, load_tokenizer, resolve_device
+
     if not layerwise:
         loaded = load_model(source, **load.kwargs())
         return loaded.model, loaded.tokenizer
@@ -247,9 +270,8 @@ def _analysis_model(source: Any, settings: AnalysisSettings, load: LoadSettings)
     stored = TORCH_DTYPES[weights.main_dtype()]
     weights.close()
     if load.dtype not in ("auto", stored):
-        raise SurgeryError(f"the layer-by-layer analysis computes in the stored dtype ({stored}): drop --dtype "
-                           f"{load.dtype}, or pass --no-layerwise")
-    return LayerwiseModel(source.path, device=device), load_tokenizer(source.path, load.trust_remote_code)
+        raise SurgeryError(f"{what} computes in the stored dtype ({stored}): drop --dtype {load.dtype}, or pass --no-layerwise")
+    return LayerwiseModel(source.path, device=resolve_device(load.device)), load_tokenizer(source.path, load.trust_remote_code)
 
 
 def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluation: EvalSettings, load: LoadSettings, *,
@@ -288,7 +310,7 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
         if streams and evaluation.tasks:
             from surgery.evaluate.suite import TaskSuite
 
-            TaskSuite(evaluation).check_block_by_block()
+            TaskSuite(evaluation).check_block_by_block("--no-stream")
         return streams
 
     streamed = from_main(decide)

@@ -409,6 +409,9 @@ class EvalSettings:
     text_field: str | None = setting(None, "--text-field", "Field holding the text in .jsonl/.parquet files.")
     split: str | None = setting(None, "--split", "validation: score each task's validation split (dev data) instead of "
                                 "its test split.", type=_choice("validation"))
+    layerwise: bool | None = setting(None, "--layerwise", "Read the model one decoder block at a time from its safetensors "
+                                     "files, never whole: perplexity and loglikelihood tasks, each batch of requests reading "
+                                     "the files once (default: only when it does not fit in memory).")
     keep_items: bool = False  # store per-item correctness (for paired comparisons)
     items_offset: int = 0  # evaluate items [offset, offset + limit) instead of the first `limit`
 

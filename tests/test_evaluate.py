@@ -369,3 +369,36 @@ def test_a_model_read_block_by_block_is_evaluated_as_in_memory(tiny_folder, toke
     assert block_by_block["perplexity"]["wikitext2"]["window_nll"] == pytest.approx(in_memory["perplexity"]["wikitext2"]["window_nll"], rel=1e-5)
     assert block_by_block["model"]["parameters"] == in_memory["model"]["parameters"]
     assert set(block_by_block["not_run"]) == {"speed"} and in_memory["not_run"] == {} and block_by_block["speed"] is None
+
+
+def test_cli_eval_reads_a_model_too_large_for_memory_block_by_block(tiny_folder, tmp_path, data_dir, monkeypatch):
+    """surgery eval chooses the block-by-block path by itself when the model does not fit (or with
+    --layerwise) and reports the scores and perplexity of the in-memory path; speed is named as not
+    run; what it cannot do (text generation, --reference) is refused before any model is read."""
+    import surgery.memory
+    from tests.cli import one_line, run
+
+    folder, _ = tiny_folder("qwen2")
+    common = ["--tasks", "arc_easy,piqa", "--limit", "8", "--ppl", "wikitext2", "--ppl-windows", "2", "--ppl-context", "64",
+              "--data-dir", data_dir, "--device", "cpu"]
+    whole = run("eval", folder, *common, "--no-speed", "--no-layerwise", "--out", tmp_path / "whole.json", catch=False)
+    assert whole.exit_code == 0, whole.output
+    monkeypatch.setattr(surgery.memory, "available_memory", lambda device="cpu": 1 << 10)  # nothing fits
+    blocks = run("eval", folder, *common, "--out", tmp_path / "blocks.json", catch=False)
+    assert blocks.exit_code == 0, blocks.output
+    said = " ".join(blocks.output.split())
+    assert "evaluating block by block: the model" in said and "not run: speed: needs the whole model" in said
+    want, got = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("whole", "blocks"))
+    assert got["model"]["read"] == "block by block from its files" and "read" not in want["model"]
+    for task in ("arc_easy", "piqa"):
+        assert got["tasks"][task]["acc"] == want["tasks"][task]["acc"] and got["tasks"][task]["n"] == 8
+    assert got["perplexity"]["wikitext2"]["perplexity"] == pytest.approx(want["perplexity"]["wikitext2"]["perplexity"], rel=1e-5)
+    assert set(got["not_run"]) == {"speed"} and got["speed"] is None
+    monkeypatch.undo()
+    refused = [(["--tasks", "gsm8k", "--ppl", "none"], "gsm8k generates text, which a model evaluated block by block"),
+               (["--reference", folder, "--tasks", "none", "--ppl", "none"], "--reference compares greedy continuations"),
+               (["--dtype", "bfloat16", "--tasks", "none"], "computes in the stored dtype (float32)")]
+    for options, message in refused:
+        line = one_line(run("eval", folder, "--layerwise", *options, "--data-dir", data_dir, "--out", tmp_path / "refused.json"))
+        assert message in line, line
+    assert not (tmp_path / "refused.json").exists()

@@ -77,6 +77,7 @@ def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, model_
         "not_run": {},
     }
     if layerwise:
+        results["model"]["read"] = "block by block from its files"
         wanted = {"speed": settings.speed, "generation": settings.generation and reference is not None}
         results["not_run"] = {name: WHOLE_MODEL for name, asked in wanted.items() if asked}
         settings = replace(settings, speed=False, generation=False)

@@ -35,15 +35,15 @@ class TaskSuite:
                 task.set_config(key="num_fewshot", value=settings.num_fewshot)
             task.set_fewshot_seed(seed=settings.seed)
 
-    def check_block_by_block(self) -> None:
+    def check_block_by_block(self, instead: str = "evaluate in memory") -> None:
         """Refuse tasks that generate text (GSM8K): a model read block by block would read the whole
-        checkpoint once per generated token."""
+        checkpoint once per generated token. `instead`: the command's option that evaluates in memory."""
         from surgery.errors import SurgeryError
 
         generative = [name for name, task in self.loaded["tasks"].items() if task.OUTPUT_TYPE == "generate_until"]
         if generative:
             raise SurgeryError(f"{generative[0]} generates text, which a model evaluated block by block cannot do at a "
-                               "usable speed: drop it from the tasks, or evaluate in memory (--no-stream)")
+                               f"usable speed: drop it from the tasks, or pass {instead} where the model fits")
 
     def run(self, model: Any, tokenizer: Any) -> dict[str, Any]:
         """lm-eval's results on `model`: in memory, or a surgery.layerwise.LayerwiseModel, whose
