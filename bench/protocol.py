@@ -321,9 +321,9 @@ def budget_summary(decision: dict) -> dict:
             continue
         healed = run["healed"]
         ppl = healed["perplexity"]["wikitext2-validation"]["perplexity"]
-        accuracy = normalised(healed, margins, list(margins["tasks"]))[0]
+        accuracy, accuracy_se = normalised(healed, margins, list(margins["tasks"]))
         rows[name] = {"steps": steps, "training_tokens": steps * 4 * 256, "distill": distill, "healed_dev_wikitext2_ppl": ppl,
-                      "ppl_ratio": ppl / dense_ppl, "normalised_dev_accuracy": accuracy,
+                      "ppl_ratio": ppl / dense_ppl, "normalised_dev_accuracy": accuracy, "normalised_dev_accuracy_se": accuracy_se,
                       "reaches_targets": ppl / dense_ppl <= 2.0 and accuracy >= 90.0,
                       "loss_after": run["healing"]["loss_after"], "healing_minutes": run["healing"]["seconds"] / 60,
                       "minutes": run["seconds"] / 60}
