@@ -167,15 +167,18 @@ def evaluate_and_save(model_spec: str, settings: EvalSettings, out: Path | None,
     if layerwise and compared:
         raise SurgeryError("--reference compares greedy continuations, which a model read block by block cannot generate "
                            "at a usable speed: drop --reference, or pass --no-layerwise where the model fits")
+    suite = None
     if layerwise and settings.tasks:
         from surgery.evaluate.suite import TaskSuite
 
-        TaskSuite(settings).check_block_by_block("--no-layerwise")  # before any model is read
+        suite = TaskSuite(settings)
+        suite.check_block_by_block("--no-layerwise")  # before any model is read
     continuations = _reference_continuations(reference_spec, settings, load) if compared else None
     model, tokenizer = _whole_or_layerwise(source, layerwise, load, what)
     if fit_context:
         settings = fit_context_to_model(settings, model.config)
-    results = evaluate_model(model, tokenizer, settings, model_info=source.describe(), folder=source.path, reference=continuations)
+    results = evaluate_model(model, tokenizer, settings, model_info=source.describe(), folder=source.path, reference=continuations,
+                             suite=suite)
     if out is not None:
         write_json(out, results)
     return results
@@ -303,6 +306,8 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
     device = resolve_device(load.device)
     here = start(device)
 
+    suites: list[Any] = []  # process 0's tasks, loaded and checked before training, run on the merged folder
+
     def decide() -> bool:
         """Process 0's choice of the streamed merge, with what it refuses checked before training."""
         streams = _streams(source.path, writing, load, "merging the adapter file to file and evaluating block by block",
@@ -310,7 +315,8 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
         if streams and evaluation.tasks:
             from surgery.evaluate.suite import TaskSuite
 
-            TaskSuite(evaluation).check_block_by_block("--no-stream")
+            suites.append(TaskSuite(evaluation))
+            suites[0].check_block_by_block("--no-stream")
         return streams
 
     streamed = from_main(decide)
@@ -330,7 +336,8 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
         model = LayerwiseModel(folder, device=device)
         try:
             loss_after = heldout_loss(model, healed.heldout)
-            results = evaluate_model(model, tokenizer, fit_context_to_model(evaluation, model.config), model_info={"stage": "healed"})
+            results = evaluate_model(model, tokenizer, fit_context_to_model(evaluation, model.config), model_info={"stage": "healed"},
+                                     suite=suites[0] if suites else None)
         finally:
             model.close()
         record, extra = finish(results, loss_after)

@@ -124,12 +124,13 @@ def heldout_loss(model: Any, batches: list[Any]) -> float:
     from surgery.evaluate.perplexity import batch_nll
     from surgery.layerwise import LayerwiseModel
 
-    base = None if isinstance(model, LayerwiseModel) else unwrap(model)
-    was_training = base is not None and base.training
-    if base is not None:
+    if isinstance(model, LayerwiseModel):
+        losses = batch_nll(model, batches)
+    else:
+        base = unwrap(model)
+        was_training = base.training
         base.eval()
-    losses = batch_nll(model, batches)
-    if base is not None:
+        losses = batch_nll(base, batches)
         base.train(was_training)
     return float(sum(nll.sum() for nll in losses)) / sum(nll.numel() for nll in losses)
 

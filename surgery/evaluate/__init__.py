@@ -36,9 +36,10 @@ def _context_overrun(settings: EvalSettings, config: Any) -> int | None:
 
 
 def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, model_info: dict[str, Any] | None = None,
-                   folder: Path | None = None, reference: Any = None) -> dict[str, Any]:
+                   folder: Path | None = None, reference: Any = None, suite: Any = None) -> dict[str, Any]:
     """Evaluate an in-memory model; returns a results dict in the documented schema. `reference`:
     the source model's continuations (evaluate.continuations), compared when generation is on.
+    `suite`: the tasks of `settings` already loaded (an evaluate.suite.TaskSuite), else loaded here.
 
     `model` may also be a surgery.layerwise.LayerwiseModel (a model too large for memory, read
     block by block): perplexities and lm-eval's loglikelihood tasks are measured (text-generating
@@ -84,9 +85,9 @@ def evaluate_model(model: Any, tokenizer: Any, settings: EvalSettings, *, model_
     try:
         with progress_bar():
             if settings.tasks:
-                from surgery.evaluate.suite import run_tasks
+                from surgery.evaluate.suite import TaskSuite
 
-                results["tasks"] = run_tasks(model, tokenizer, settings)
+                results["tasks"] = (suite or TaskSuite(settings)).run(model, tokenizer)
             for corpus in settings.perplexity:
                 results["perplexity"][_corpus_key(corpus)] = run_perplexity(model, tokenizer, corpus, settings)
             if settings.generation and reference is not None:

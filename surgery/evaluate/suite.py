@@ -11,12 +11,6 @@ from surgery.evaluate.table import HEADLINE_METRICS
 from surgery.settings import EvalSettings
 
 
-def run_tasks(model: Any, tokenizer: Any, settings: EvalSettings) -> dict[str, Any]:
-    """lm-eval on the in-memory model; per task the headline metrics, their standard errors,
-    the number of items, the chance level and the data source."""
-    return TaskSuite(settings).run(model, tokenizer)
-
-
 class TaskSuite:
     """lm-eval tasks loaded once (data read, configs fixed) and run on any number of models or
     ablations of one model: the accuracy value function of `surgery analyze` reuses one suite."""
