@@ -233,18 +233,69 @@ class LayerwiseModel:
         with self._loaded(norm, self.arch.final_norm + ".", self.device), torch.no_grad():
             return [norm(hidden.to(self.device)).to("cpu") for hidden in hiddens]
 
+    def final_hiddens(self, batches: list[Any]) -> list[Any]:
+        """The final-normed hidden states [B, T, H] (on CPU) of each batch of token ids, layer-major:
+        every block and the final norm are read once for all batches."""
+        return self._finished([self.embed(ids) for ids in batches])
+
+    def _finished(self, streams: list[Stream]) -> list[Any]:
+        """final_hiddens of embedded batches. Batches padded on the right are fine (causal attention:
+        a position never sees the padding after it)."""
+        for index, block in self.blocks():
+            for stream in streams:
+                stream.hidden = self.run(block, index, stream)
+        return self.final_norms([stream.hidden for stream in streams])
+
     def token_nll(self, batches: list[Any]) -> list[Any]:
         """Per-token negative log-likelihood [B, T-1] of each batch of token ids (unpadded) under the
         whole model, layer-major: every block, the final norm and each slice of the output layer are
         read once for all batches, and logits never exist beyond one vocabulary slice."""
-        streams = [self.embed(ids) for ids in batches]
-        for index, block in self.blocks():
-            for stream in streams:
-                stream.hidden = self.run(block, index, stream)
-        normed = self.final_norms([stream.hidden for stream in streams])
+        normed = self.final_hiddens(batches)
         rows = [hidden[:, :-1].reshape(-1, hidden.shape[-1]) for hidden in normed]
         targets = [ids[:, 1:].reshape(-1) for ids in batches]
         return [nll.view(ids.shape[0], -1) for nll, ids in zip(vocabulary_nll(self, rows, targets), batches)]
+
+    def score_continuations(self, sequences: list[list[int]], continuations: list[int], *, batch_size: int,
+                            wave_bytes: int, advance: Any = None) -> list[tuple[float, bool]]:
+        """For each token sequence, the log-probability of its last `continuations[i]` tokens given
+        the tokens before them, and whether greedy decoding picks every one of them (lm-eval's
+        loglikelihood answer). Sequences run in length-sorted batches of `batch_size`, and batches in
+        waves whose streams (residual stream and the blocks' call arguments, such as masks) fit in
+        `wave_bytes`: the checkpoint is read once per wave, not once per batch. `advance(n)` is
+        called as each wave's n sequences finish."""
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        answers: list[tuple[float, bool]] = [(0.0, False)] * len(sequences)
+        wave: list[tuple[list[int], Stream]] = []
+        used = 0
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            stream = self.embed(_right_padded([sequences[i][:-1] for i in batch]))
+            if wave and used + _stream_bytes(stream) > wave_bytes:
+                self._score_wave(wave, sequences, continuations, answers, advance)
+                wave, used = [], 0
+            wave.append((batch, stream))
+            used += _stream_bytes(stream)
+        if wave:
+            self._score_wave(wave, sequences, continuations, answers, advance)
+        return answers
+
+    def _score_wave(self, wave: list[tuple[list[int], Stream]], sequences: list[list[int]], continuations: list[int],
+                    answers: list[tuple[float, bool]], advance: Any) -> None:
+        """score_continuations for one wave of (batch of sequence indices, its embedded stream)."""
+        import torch
+
+        rows, targets = [], []
+        for hidden, (batch, _) in zip(self._finished([stream for _, stream in wave]), wave):
+            positions = [(r, p) for r, i in enumerate(batch)
+                         for p in range(len(sequences[i]) - 1 - continuations[i], len(sequences[i]) - 1)]
+            rows.append(hidden[[r for r, _ in positions], [p for _, p in positions]])
+            targets.append(torch.tensor([t for i in batch for t in sequences[i][-continuations[i]:]]))
+        for (nll, greedy), goal, (batch, _) in zip(vocabulary_scores(self, rows, targets), targets, wave):
+            counts = [continuations[i] for i in batch]
+            for i, losses, picks, wanted in zip(batch, nll.split(counts), greedy.split(counts), goal.split(counts)):
+                answers[i] = (-float(losses.sum()), bool((picks == wanted).all()))
+        if advance:
+            advance(sum(len(batch) for batch, _ in wave))
 
     def logits(self, hidden: Any, rows: int | None = None) -> Any:
         """Float32 logits from final hidden states, `rows` vocabulary rows of the output layer at a
@@ -321,21 +372,62 @@ class LayerwiseModel:
 
 
 def vocabulary_nll(model: LayerwiseModel, rows: list[Any], targets: list[Any]) -> list[Any]:
-    """Per-token negative log-likelihood of `targets[r]` for each matrix of final hidden rows, over
-    the output layer's vocabulary slices: a running log-sum-exp and the target's logit, kept on the
-    device. Positions whose target is -1 are not meaningful; the caller masks them."""
+    """Per-token negative log-likelihood of `targets[r]` for each matrix of final hidden rows (see
+    vocabulary_scores). Positions whose target is -1 are not meaningful; the caller masks them."""
+    return [nll for nll, _ in vocabulary_scores(model, rows, targets)]
+
+
+def vocabulary_scores(model: LayerwiseModel, rows: list[Any], targets: list[Any]) -> list[tuple[Any, Any]]:
+    """(negative log-likelihood of `targets[r]`, the greedy token) at each row of each matrix of
+    final hidden rows, over the output layer's vocabulary slices: a running log-sum-exp, the
+    target's logit and the running maximum, kept on the device (on CPU when returned). The greedy
+    token is the first of equal maxima, as argmax over the whole vocabulary gives."""
     import torch
 
     goals = [t.to(model.device) for t in targets]
     lse: list[Any] = [None] * len(rows)
     picked = [torch.zeros(len(goal), device=model.device) for goal in goals]
+    best: list[Any] = [None] * len(rows)
+    greedy = [torch.zeros(len(goal), dtype=torch.long, device=model.device) for goal in goals]
     for start, part in model.logit_slices(rows, to_cpu=False):
         for r, logits in enumerate(part):
             inside = (goals[r] >= start) & (goals[r] < start + logits.shape[-1])
             picked[r][inside] = logits[inside, goals[r][inside] - start]
             here = logits.logsumexp(-1)
             lse[r] = here if lse[r] is None else torch.logaddexp(lse[r], here)
-    return [(total - target).cpu() for total, target in zip(lse, picked)]
+            top, where = logits.max(-1)
+            better = top > best[r] if best[r] is not None else torch.ones_like(top, dtype=torch.bool)
+            best[r] = top if best[r] is None else torch.maximum(best[r], top)
+            greedy[r][better] = where[better] + start
+    return [((total - target).cpu(), token.cpu()) for total, target, token in zip(lse, picked, greedy)]
+
+
+def _stream_bytes(stream: Stream) -> int:
+    """CPU bytes a batch holds while its wave runs: the residual stream three times (between blocks,
+    a block's output beside it, the final norm's copy) and the blocks' call arguments (position
+    embeddings, masks; each tensor once, however many blocks share it)."""
+    found: dict[int, int] = {}
+
+    def visit(value: Any) -> None:
+        if hasattr(value, "nbytes") and hasattr(value, "data_ptr"):
+            found[id(value)] = value.nbytes
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    visit(stream.calls)
+    return 3 * stream.hidden.nbytes + sum(found.values())
+
+
+def _right_padded(sequences: list[list[int]]) -> Any:
+    """Token ids [B, longest], padded with token 0 on the right."""
+    import torch
+
+    longest = max(len(s) for s in sequences)
+    return torch.tensor([s + [0] * (longest - len(s)) for s in sequences], dtype=torch.long)
 
 
 def _to_meta(module: Any, name: str, torch: Any) -> None:

@@ -343,13 +343,14 @@ def test_the_validation_split_is_scored_for_dev_data(data_dir, tokenizer, no_net
 # ------------------------------------------------------------------ a model read block by block
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_moe"])
 def test_a_model_read_block_by_block_is_evaluated_as_in_memory(tiny_folder, tokenizer, data_dir, family):
     """lm-eval's requests and the perplexity protocol on a LayerwiseModel give the in-memory model's
-    log-likelihoods, greedy flags and perplexity; what needs the whole model is named as not run."""
+    log-likelihoods, greedy flags, rolling log-likelihoods (texts longer than the model's context)
+    and perplexity; what needs the whole model is named as not run."""
     from lm_eval.api.instance import Instance
 
-    from surgery.evaluate.suite import _layerwise_causal_lm, _progress_lm
+    from surgery.evaluate.suite import _progress_lm
     from surgery.layerwise import LayerwiseModel
 
     folder, model = tiny_folder(family, num_layers=3)
@@ -357,11 +358,15 @@ def test_a_model_read_block_by_block_is_evaluated_as_in_memory(tiny_folder, toke
     layerwise = LayerwiseModel(folder)
     requests = [Instance("loglikelihood", {}, (context, continuation), i)
                 for i, (context, continuation) in enumerate([("The cat sat on", " the mat"), ("1 2 3", " 4 5"),
-                                                             ("Question: why? Answer:", " because it is long enough")])]
+                                                             ("Question: why? Answer:", " because it is long enough"),
+                                                             ("", "no context at all"), ("a " * 300, " b")])]
     want = _progress_lm(model, tokenizer, 2).loglikelihood(requests)
-    got = _progress_lm(_layerwise_causal_lm(layerwise), tokenizer, 2).loglikelihood(requests)
+    got = _progress_lm(layerwise, tokenizer, 2).loglikelihood(requests)
     assert [g for _, g in got] == [g for _, g in want]
     assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], rel=1e-5)
+    texts = [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(["short text.", "word " * 700])]
+    rolling = _progress_lm(layerwise, tokenizer, 2).loglikelihood_rolling(texts)
+    assert rolling == pytest.approx(_progress_lm(model, tokenizer, 2).loglikelihood_rolling(texts), rel=1e-5)
 
     settings = EvalSettings(tasks=(), perplexity=("wikitext2",), speed=True, generation=False, data_dir=data_dir,
                             perplexity_protocol=PerplexityProtocol(context=64, windows=3, batch_size=2))
@@ -369,6 +374,37 @@ def test_a_model_read_block_by_block_is_evaluated_as_in_memory(tiny_folder, toke
     assert block_by_block["perplexity"]["wikitext2"]["window_nll"] == pytest.approx(in_memory["perplexity"]["wikitext2"]["window_nll"], rel=1e-5)
     assert block_by_block["model"]["parameters"] == in_memory["model"]["parameters"]
     assert set(block_by_block["not_run"]) == {"speed"} and in_memory["not_run"] == {} and block_by_block["speed"] is None
+
+
+def test_a_block_by_block_task_suite_reads_each_block_once_per_wave(tiny_folder, tokenizer, data_dir, monkeypatch):
+    """lm-eval's requests of every task are scored in waves: with room for all of them each block is
+    read once, however many batches they make; with room for one batch at a time, once per batch;
+    the scores are the same either way and equal the in-memory model's."""
+    import surgery.evaluate.suite
+    from surgery.evaluate.suite import TaskSuite
+    from surgery.layerwise import LayerwiseModel
+
+    folder, model = tiny_folder("llama", num_layers=2)
+    settings = EvalSettings(tasks=("arc_easy", "piqa"), limit=3, perplexity=(), speed=False, generation=False,
+                            data_dir=data_dir, batch_size=2, keep_items=True)
+    suite = TaskSuite(settings)
+    requests = 3 * 4 + 3 * 2  # ARC-Easy's 4 choices and PIQA's 2 per item
+
+    def scored_and_read() -> tuple[dict, list[int]]:
+        layerwise, reads = LayerwiseModel(folder), []
+        original = layerwise.block
+        layerwise.block = lambda index, skip_kinds=(): reads.append(index) or original(index, skip_kinds)
+        return suite.run(layerwise, tokenizer), reads
+
+    one_wave, reads = scored_and_read()
+    assert reads == [0, 1]
+    monkeypatch.setattr(surgery.evaluate.suite, "_wave_bytes", lambda: 1)  # one batch per wave
+    per_batch, reads = scored_and_read()
+    assert reads == [0, 1] * (requests // 2)
+    in_memory = suite.run(model, tokenizer)
+    for name in settings.tasks:
+        assert one_wave[name]["items"] == per_batch[name]["items"] == in_memory[name]["items"]
+        assert one_wave[name]["acc"] == in_memory[name]["acc"] and one_wave[name]["n"] == 3
 
 
 def test_cli_eval_reads_a_model_too_large_for_memory_block_by_block(tiny_folder, tmp_path, data_dir, monkeypatch):

@@ -40,15 +40,14 @@ class TaskSuite:
                                f"usable speed: drop it from the tasks, or pass {instead} where the model fits")
 
     def run(self, model: Any, tokenizer: Any) -> dict[str, Any]:
-        """lm-eval's results on `model`: in memory, or a surgery.layerwise.LayerwiseModel, whose
-        every batch of --batch-size requests reads the checkpoint once, block by block."""
+        """lm-eval's results on `model`: in memory, or a surgery.layerwise.LayerwiseModel, which
+        scores lm-eval's requests in waves that each read the checkpoint once, block by block."""
         import lm_eval
 
         from surgery.layerwise import LayerwiseModel
 
         if isinstance(model, LayerwiseModel):
             self.check_block_by_block()
-            model = _layerwise_causal_lm(model)
         lm = _progress_lm(model, tokenizer, self.settings.batch_size)
         limit, samples = self.settings.limit, None
         if self.settings.items_offset:
@@ -75,11 +74,18 @@ class TaskSuite:
 
 
 def _progress_lm(model: Any, tokenizer: Any, batch_size: int) -> Any:
-    """lm-eval's HFLM on the in-memory model, reporting its requests to our progress display."""
+    """lm-eval's HFLM on `model`, reporting its requests to our progress display. A
+    surgery.layerwise.LayerwiseModel gets an HFLM whose loglikelihoods (rolling ones included) are
+    computed by LayerwiseModel.score_continuations: requests tokenized and truncated as HFLM does,
+    then scored layer-major in waves, so a checkpoint too large for memory is read once per wave
+    rather than once per batch of requests (thousands of times for a full task suite)."""
+    import sys
+
     from lm_eval.api.model import CacheHook
     from lm_eval.models.huggingface import HFLM
 
     from surgery.console import task
+    from surgery.layerwise import LayerwiseModel
 
     class ProgressHook(CacheHook):
         def __init__(self) -> None:
@@ -107,17 +113,43 @@ def _progress_lm(model: Any, tokenizer: Any, batch_size: int) -> Any:
         def generate_until(self, requests, disable_tqdm=False):
             return self._run(super().generate_until, "generation requests", requests)
 
-    weight = next(model.parameters(), None)
-    device = str(weight.device) if weight is not None else "cpu"  # a layerwise model's logits come back on CPU
-    lm = ProgressHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    class LayerwiseHFLM(ProgressHFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            sequences = [(context + continuation)[-(self.max_length + 1):] for _, context, continuation in requests]
+            return model.score_continuations(sequences, [len(continuation) for _, _, continuation in requests],
+                                             batch_size=batch_size, wave_bytes=_wave_bytes(),
+                                             advance=lambda n: hook.task.advance(n) if hook.task else None)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            # HFLM hands its rolling windows to _loglikelihood_tokens a batch at a time: one batch
+            # of all of them lets the waves above decide how often the checkpoint is read.
+            kept, self.batch_size_per_gpu = self.batch_size_per_gpu, sys.maxsize
+            try:
+                return super().loglikelihood_rolling(requests, disable_tqdm)
+            finally:
+                self.batch_size_per_gpu = kept
+
+    if isinstance(model, LayerwiseModel):
+        lm = LayerwiseHFLM(pretrained=_weightless_causal_lm(model), tokenizer=tokenizer, batch_size=batch_size, device="cpu")
+    else:
+        device = str(next(model.parameters()).device)
+        lm = ProgressHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     lm.set_cache_hook(hook)
     return lm
 
 
-def _layerwise_causal_lm(model: Any) -> Any:
-    """A LayerwiseModel as the causal LM lm-eval's HFLM drives: a module without weights whose
-    forward returns the float32 logits computed block by block from the files (on CPU, where HFLM
-    then takes log-softmaxes, exactly as for a model in memory)."""
+def _wave_bytes() -> int:
+    """Residual-stream bytes one wave of a block-by-block evaluation may hold: a quarter of the
+    memory free now, leaving the rest to the block being read, lm-eval and the output layer's slices."""
+    from surgery.memory import available_memory
+
+    return available_memory("cpu") // 4
+
+
+def _weightless_causal_lm(model: Any) -> Any:
+    """A LayerwiseModel as the module HFLM wraps: its config and name, and no weights (they live in
+    the files). HFLM's scoring is replaced (LayerwiseHFLM above); its forward still gives the
+    float32 logits computed block by block, should any other HFLM path call the model."""
     from types import SimpleNamespace
 
     import torch
