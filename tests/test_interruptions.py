@@ -22,7 +22,8 @@ def surgery(*args: object) -> list[str]:
 
 @pytest.fixture
 def env(tmp_path, data_dir):
-    return {**os.environ, "SURGERY_CACHE": str(tmp_path / "cache"), "SURGERY_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "SURGERY_CACHE": str(tmp_path / "cache"), "SURGERY_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1",
+            "PYTHONFAULTHANDLER": "1"}  # SIGABRT then prints every thread's stack (a process that hangs, below)
 
 
 def interrupt_after_checkpoint(command: list[str], work: Path, env: dict, sig: int = signal.SIGINT) -> subprocess.CompletedProcess:
@@ -35,7 +36,11 @@ def interrupt_after_checkpoint(command: list[str], work: Path, env: dict, sig: i
             pytest.fail(f"the heal ended before its first checkpoint could be interrupted: {process.communicate()[0]}")
         time.sleep(0.02)
     process.send_signal(sig)
-    output, _ = process.communicate(timeout=120)
+    try:
+        output, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # seen once in a full local run: say where it hangs
+        process.send_signal(signal.SIGABRT)
+        pytest.fail(f"the process did not exit within 120 s of signal {sig}; its threads:\n{process.communicate()[0]}")
     return subprocess.CompletedProcess(command, process.returncode, output)
 
 
