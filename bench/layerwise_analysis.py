@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from common import ROOT, data_dir, measured_child, protocol, save
@@ -59,19 +60,26 @@ def scores(analysis: dict) -> dict[str, float]:
 
 
 def main() -> None:
+    run_on_synthetic("layerwise_analysis", measure, hidden=("protocol", "large"))
+
+
+def run_on_synthetic(name: str, measure: Callable[[Path, argparse.Namespace], dict], hidden: tuple[str, ...]) -> None:
+    """A benchmark on the synthetic checkpoint: options, a work folder removed at the end, the
+    result printed (less `hidden`) and saved as bench/results/NAME.json (not with --smoke)."""
     args = synthetic_parser().parse_args()
     prepare(args, 0 if args.source else NEEDS_FREE)
-    work = Path(tempfile.mkdtemp(prefix="surgery-layerwise-", dir=args.work))
+    work = Path(tempfile.mkdtemp(prefix=f"surgery-{name}-", dir=args.work))
     try:
         result = measure(work, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("protocol", "large")}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in hidden}, indent=1))
     if not args.smoke:
-        save("layerwise_analysis", result)
+        save(name, result)
 
 
-def measure(work: Path, args: argparse.Namespace) -> dict:
+def synthetic_source(work: Path, args: argparse.Namespace) -> Path:
+    """--source, or the synthetic checkpoint written under `work`; with surgery's tiny tokenizer."""
     source = args.source
     if source is None:
         source = work / "source"
@@ -80,6 +88,11 @@ def measure(work: Path, args: argparse.Namespace) -> dict:
         print(f"wrote a checkpoint in {time.perf_counter() - start:.0f} s")
     if not (source / "tokenizer.json").exists():
         with_tokenizer(source)
+    return source
+
+
+def measure(work: Path, args: argparse.Namespace) -> dict:
+    source = synthetic_source(work, args)
     large = run_analysis(source, work / "large", "--layerwise", args.threads)
     print(f"layer by layer: {large['seconds']:.0f} s, peak RSS {large['peak_rss_bytes'] / 2**30:.2f} GiB "
           f"(target {RSS_TARGET / 2**30:.0f} GiB)")

@@ -14,17 +14,15 @@ and random weights: the scores mean nothing, the time and reads are what is meas
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from common import ROOT, data_dir, measured_child, protocol, save
-from layerwise_analysis import NEEDS_FREE, with_tokenizer
-from out_of_core import SHAPE, prepare, synthetic_parser, write_checkpoint
+from common import ROOT, data_dir, measured_child, protocol
+from layerwise_analysis import run_on_synthetic, synthetic_source
+from out_of_core import SHAPE
 
 TASKS = ["--tasks", "arc_easy,piqa", "--limit", "4", "--batch-size", "4"]
 EVAL = [*TASKS, "--ppl", "none", "--no-speed", "--layerwise", "--device", "cpu"]
@@ -61,27 +59,11 @@ def run_eval(source: Path, out: Path, waves: str, threads: int) -> dict:
 
 
 def main() -> None:
-    args = synthetic_parser().parse_args()
-    prepare(args, 0 if args.source else NEEDS_FREE)
-    work = Path(tempfile.mkdtemp(prefix="surgery-layerwise-eval-", dir=args.work))
-    try:
-        result = measure(work, args)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("protocol", "runs")}, indent=1))
-    if not args.smoke:
-        save("layerwise_eval", result)
+    run_on_synthetic("layerwise_eval", measure, hidden=("protocol", "runs"))
 
 
-def measure(work: Path, args) -> dict:
-    source = args.source
-    if source is None:
-        source = work / "source"
-        start = time.perf_counter()
-        write_checkpoint(source, SHAPE)
-        print(f"wrote a checkpoint in {time.perf_counter() - start:.0f} s")
-    if not (source / "tokenizer.json").exists():
-        with_tokenizer(source)
+def measure(work: Path, args: argparse.Namespace) -> dict:
+    source = synthetic_source(work, args)
     runs = {waves: run_eval(source, work / f"{waves}.json", waves, args.threads) for waves in ("waves", "one-batch")}
     for waves, run in runs.items():
         print(f"{waves}: {run['seconds']:.0f} s, first block read {run['first_block_reads']} times, "

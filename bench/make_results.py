@@ -764,7 +764,7 @@ def layerwise_analysis_section(data: dict) -> list[str]:
     """`surgery analyze --layerwise` on the out-of-core checkpoint: memory and time; agreement with in memory."""
     gib, shape, small = 2**30, data["shape"], data["small_model"]
     source = "(bench/results/layerwise_analysis.json)"
-    shown = re.sub(r"/\S*/surgery-layerwise-[^/]+/", "", data["command"])  # the run's temporary folder
+    shown = re.sub(r"/\S*/surgery-layerwise[^/]*/", "", data["command"])  # the run's temporary folder
     return ["## Layer-by-layer analysis", "", protocol_line(data), "",
             f"`{shown}` on the synthetic checkpoint of the out-of-core cut ({data['source_bytes'] / gib:.2f} GiB, "
             f"{shape['num_hidden_layers']} blocks, bf16), in a child process {source}; docs/scale.md says what it holds.", "",
