@@ -19,6 +19,7 @@ from typing import Any
 
 from surgery.errors import SurgeryError
 from surgery.settings import AnalysisSettings, PruneSettings
+from surgery.sublayers import Sublayer
 
 
 @dataclass(frozen=True)
@@ -380,21 +381,35 @@ def _check_data(settings: PruneSettings, needs_calibration: bool) -> None:
     check_task_names(settings.evaluation.tasks)
 
 
-def calibration_value(loaded: Any, settings: PruneSettings) -> Any:
-    """v(removed sublayers) on the calibration set through the prefix-cached evaluator on the
-    unpruned model, built on first use (only strategies that score as they go call it)."""
-    cache: list[Any] = []
+def calibration_value(loaded: Any, settings: PruneSettings) -> CalibrationValue:
+    """v(removed sublayers) on the calibration set (see CalibrationValue)."""
+    return CalibrationValue(loaded, settings)
 
-    def value_after(removed: list[Any]) -> float:
-        if not cache:
+
+class CalibrationValue:
+    """v(removed sublayers) on the calibration set through the prefix-cached evaluator on the
+    unpruned model, built on first use (only strategies that score as they go call it). `rebase`
+    tells it what every later call removes (a greedy search's choices so far), so each removal
+    tried on top of them runs only the blocks from itself on."""
+
+    def __init__(self, loaded: Any, settings: PruneSettings) -> None:
+        self.loaded, self.settings = loaded, settings
+        self._loss: Any = None
+
+    def __call__(self, removed: list[Sublayer]) -> float:
+        return self._evaluator().value(frozenset(s.position for s in removed))
+
+    def rebase(self, removed: list[Sublayer]) -> None:
+        self._evaluator().rebase(frozenset(s.position for s in removed))
+
+    def _evaluator(self) -> Any:
+        if self._loss is None:
             from surgery.data import calibration_batches
             from surgery.scoring.residual import ResidualLoss
 
-            batches, _, _ = calibration_batches(loaded.tokenizer, settings.analysis)
-            cache.append(ResidualLoss(loaded.model, batches))
-        return cache[0].value(frozenset(s.position for s in removed))
-
-    return value_after
+            batches, _, _ = calibration_batches(self.loaded.tokenizer, self.settings.analysis)
+            self._loss = ResidualLoss(self.loaded.model, batches)
+        return self._loss
 
 
 def _publication_labels(source: Any, out: Path) -> dict[str, str]:

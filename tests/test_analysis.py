@@ -47,6 +47,78 @@ def test_prefix_cached_values_equal_full_forward_values(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_moe"])
+def test_a_rebased_cache_gives_the_full_forward_values(family):
+    """After rebase(B) the cached stream is the model's without B: coalitions that contain B resume
+    at their first other removal (before or after B's positions, half blocks included) and give the
+    values of a full forward; one without B and values computed before stay right."""
+    model = tiny_model(family, num_layers=4)
+    batches = [torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    rebased, slow = ResidualLoss(model, batches), ResidualLoss(model, batches, prefix_cache=False)
+    before = rebased.value(frozenset({1, 4}))
+    base = frozenset({4, 5})  # block 2
+    rebased.rebase(base)
+    assert rebased.value(base) == pytest.approx(slow.value(base), abs=1e-6)
+    for extra in ({0}, {1}, {2, 3}, {3}, {6}, {7}, {0, 7}, {1, 6, 7}):
+        coalition = base | extra
+        assert rebased.value(coalition) == pytest.approx(slow.value(coalition), abs=1e-6), sorted(coalition)
+    assert rebased.value(frozenset({2})) == pytest.approx(slow.value(frozenset({2})), abs=1e-6)  # not over the base
+    assert rebased.value(frozenset({1, 4})) == before
+    for grown in ({1, 4, 5}, {1, 4, 5, 7}):  # a greedy step adds to the base: re-run from its first new removal
+        rebased.rebase(frozenset(grown))
+        for extra in ({0}, {2}, {3}, {6}, set()):
+            coalition = frozenset(grown | extra)
+            assert rebased.value(coalition) == pytest.approx(slow.value(coalition), abs=1e-6), sorted(coalition)
+    rebased.rebase(frozenset({1}))  # a base that drops earlier choices: recaptured from the embeddings
+    for extra in ({0}, {2}, {3, 4}, {7}):
+        coalition = frozenset({1}) | extra
+        assert rebased.value(coalition) == pytest.approx(slow.value(coalition), abs=1e-6), sorted(coalition)
+    batched = ResidualLoss(model, batches)  # coalitions stacked by where they resume over the base
+    batched.rebase(frozenset({6, 7}))
+    group = [frozenset({2, 3, 4, 5, 6, 7}), frozenset({3, 4, 5, 6, 7}), frozenset({4, 5, 6, 7}), frozenset({0, 6, 7})]
+    assert batched.values(group, batch=4) == pytest.approx([slow.value(c) for c in group], abs=1e-6)
+
+
+def test_sleb_told_its_choices_so_far_chooses_and_ranks_as_without(tokenizer, calibration, tmp_path):
+    """prune's calibration value hands SLEB's search a cache of the model without the blocks chosen
+    so far; the plan, its order and the values are those of the dense-prefix cache alone, and
+    fewer blocks are run."""
+    from types import SimpleNamespace
+
+    from surgery.cut import sublayer_parameters
+    from surgery.prune import CalibrationValue
+    from surgery.settings import PruneSettings
+    from surgery.strategies import Target, make_plan
+
+    model = tiny_model("llama", num_layers=6)
+    job = PruneSettings(model="tiny", out=tmp_path / "unused", analysis=settings(calibration))
+    blocks_run: dict[str, int] = {}
+
+    def counted(name: str, rebase: bool):
+        value = CalibrationValue(SimpleNamespace(model=model, tokenizer=tokenizer), job)
+        blocks_run[name] = 0
+
+        def value_after(removed):
+            loss, coalition = value._evaluator(), frozenset(s.position for s in removed)
+            if coalition not in loss._values:
+                blocks_run[name] += loss.cost(coalition)
+            return value(removed)
+        if rebase:
+            value_after.rebase = value.rebase
+        return value_after, value
+
+    searches = [counted("plain", False), counted("told", True)]
+    plans = [make_plan("sleb", "block", Target.parse("3"), 6, sublayer_parameters(model), value_after=value_after)
+             for value_after, _ in searches]
+    assert plans[0].units == plans[1].units and plans[0].order == plans[1].order
+    plain, told = (value._evaluator()._values for _, value in searches)
+    assert plain.keys() == told.keys()
+    assert all(told[c] == pytest.approx(plain[c], abs=1e-6) for c in plain)
+    last_base = searches[1][1]._evaluator()._base  # the last step's: two of the three blocks chosen
+    assert len(last_base) == 4 and last_base < {s.position for s in plans[1].units}
+    assert blocks_run["told"] < blocks_run["plain"], blocks_run
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_moe"])
 def test_batched_coalitions_give_the_same_values(family):
     """Runs that resume at the same sublayer, stacked into one batch (sliding-window masks included)."""
     from surgery.scoring.shapley import neighbourhood_windows

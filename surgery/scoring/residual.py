@@ -7,7 +7,8 @@ before every position (and each block's call arguments), and a coalition is eval
 only the blocks from its first kept position after min(R), starting from the cached state at
 min(R). The result equals a full forward with R ablated (tests check every family); only the
 blocks after the removal are computed. With prefix_cache=False every coalition runs from the
-embeddings instead: the baseline the benchmark compares against.
+embeddings instead: the baseline the benchmark compares against. A greedy search, whose later
+coalitions all contain its choices so far, can `rebase` the cache on them.
 
 The value is v(S) = -(mean token loss) on the calibration tokens, S = all players minus R.
 """
@@ -45,6 +46,7 @@ class ResidualLoss(ValueFunction):
         self.tokens = sum(int(b[:, 1:].numel()) for b in batches)
         self._states: list[list[Any]] = []
         self._calls: list[list[tuple[tuple, dict]]] = []
+        self._base: frozenset[int] = frozenset()  # the removals the cached stream is taken without (rebase)
         with torch.no_grad():
             if prefix_cache:
                 self._build_cache()
@@ -61,7 +63,7 @@ class ResidualLoss(ValueFunction):
         todo = [c for c in dict.fromkeys(coalitions) if c not in self._values]
         groups: dict[Any, list[frozenset[int]]] = {}
         for coalition in todo:
-            key = group_key(coalition) if batch > 1 and self.prefix_cache else None
+            key = group_key(coalition, self._base) if batch > 1 and self.prefix_cache else None
             groups.setdefault(key if key is not None else coalition, []).append(coalition)
         for members in groups.values():
             for start in range(0, len(members), batch):
@@ -80,11 +82,40 @@ class ResidualLoss(ValueFunction):
         return 4 if self.device.type == "cuda" else 1
 
     def cost(self, removed: frozenset[int]) -> float:
-        return evaluation_cost(removed, len(self.layers)) if self.prefix_cache else len(self.layers) + 1
+        return evaluation_cost(removed, len(self.layers), self._base) if self.prefix_cache else len(self.layers) + 1
 
     def states_at(self, position: int) -> list[Any]:
         """Cached residual stream before `position` (2L = after the last block), one tensor per batch."""
         return [states[position] for states in self._states]
+
+    def rebase(self, removed: frozenset[int]) -> None:
+        """Later coalitions all contain `removed` (a greedy search's choices so far): hold the stream
+        of the model without them in place of the current one, so that each coalition resumes at
+        its first other removal instead of at the earliest choice. A step that adds to the current
+        base re-runs only the blocks from its first new removal on. Values already computed stay; a
+        coalition without `removed` runs from the embeddings. If the rebuild fails part-way, the
+        cache is dropped and every later coalition runs from the embeddings: slower, never wrong."""
+        import torch
+
+        removed = frozenset(removed)
+        if not self.prefix_cache or removed == self._base:
+            return
+        try:
+            with torch.no_grad():
+                if self._base <= removed:
+                    first = min(removed - self._base)
+                    resume, skip = resume_point(removed, first)
+                    with ablated(self.base, skip):
+                        for index in range(len(self.batches)):
+                            self._restream(index, first, resume)
+                else:
+                    self._states, self._calls = [], []
+                    with ablated(self.base, [Sublayer.at(p) for p in sorted(removed)]):
+                        self._build_cache()
+        except BaseException:
+            self._states, self._calls, self.prefix_cache = [], [], False
+            raise
+        self._base = removed
 
     # ------------------------------------------------------------ internals
 
@@ -94,6 +125,22 @@ class ResidualLoss(ValueFunction):
             states, calls = capture_stream(self.base, ids, state_device=self.state_device)
             self._states.append([states[p] for p in range(self.num_players + 1)])
             self._calls.append(calls)
+
+    def _restream(self, index: int, first: int, resume: int) -> None:
+        """Batch `index`'s cached stream from position `first` on, under the ablation in force: the
+        stream before `first` is unchanged, the removed run first..resume-1 passes it on as it is,
+        and each later block is run (and again without its FFN, for the stream after attention)."""
+        states, calls = self._states[index], self._calls[index]
+        for position in range(first, resume + 1):
+            states[position] = states[first]
+        hidden = states[first].to(self.device)
+        for layer_index in range(resume // 2, len(self.layers)):
+            layer, (args, kwargs) = self.layers[layer_index], calls[layer_index]
+            states[2 * layer_index] = hidden.to(self.state_device)
+            with ablated(self.base, [Sublayer(layer_index, "mlp")]):
+                states[2 * layer_index + 1] = block_output(layer(hidden, *args, **kwargs)).to(self.state_device)
+            hidden = block_output(layer(hidden, *args, **kwargs))
+        states[-1] = hidden.to(self.state_device)
 
     def _compute(self, removed: frozenset[int]) -> float:
         return self._compute_group([removed])[0]
@@ -115,16 +162,16 @@ class ResidualLoss(ValueFunction):
         stacked along the batch dimension."""
         import torch
 
-        removed = group[0]
+        removed, base = group[0], self._base
         units = [Sublayer.at(p) for p in removed]
-        if not self.prefix_cache:
+        if not self.prefix_cache or not base <= removed:
             with ablated(self.base, units):
                 return final_hidden(self.base, ids)
-        if not removed:
+        if removed == base:
             return get_module(self.base, self.arch.final_norm)(self._states[index][-1].to(self.device))
-        resume, skip = resume_point(removed)
+        resume, skip = resume_point(removed, min(removed - base))
         start_layer = resume // 2
-        hidden = torch.cat([self._states[index][min(coalition)] for coalition in group]).to(self.device)
+        hidden = torch.cat([self._states[index][min(coalition - base)] for coalition in group]).to(self.device)
         with ablated(self.base, skip):
             for layer_index in range(start_layer, len(self.layers)):
                 args, kwargs = self._calls[index][layer_index]
@@ -134,10 +181,11 @@ class ResidualLoss(ValueFunction):
         return get_module(self.base, self.arch.final_norm)(hidden)
 
 
-def resume_point(removed: frozenset[int]) -> tuple[int, list[Sublayer]]:
+def resume_point(removed: frozenset[int], first: int | None = None) -> tuple[int, list[Sublayer]]:
     """Where a coalition's computation resumes (the first kept position after its first removed
-    run) and what stays ablated from there (including a half-run block's attention)."""
-    resume = min(removed)
+    run, or after the run from `first`: the first removal the cached stream still holds) and what
+    stays ablated from there (including a half-run block's attention)."""
+    resume = min(removed) if first is None else first
     while resume in removed:
         resume += 1
     skip = [Sublayer.at(p) for p in removed if p >= resume]
@@ -146,18 +194,22 @@ def resume_point(removed: frozenset[int]) -> tuple[int, list[Sublayer]]:
     return resume, skip
 
 
-def evaluation_cost(removed: frozenset[int], layers: int) -> int:
-    """About how long a coalition's evaluation from the cached stream takes, in blocks: those run
-    from its resume point on, plus one for the output layer (the full model runs every block)."""
-    resume = resume_point(removed)[0] if removed else 0
+def evaluation_cost(removed: frozenset[int], layers: int, base: frozenset[int] = frozenset()) -> int:
+    """About how long a coalition's evaluation from the cached stream (taken without `base`) takes,
+    in blocks: those run from its resume point on, plus one for the output layer (the full model,
+    or a coalition without `base`, runs every block)."""
+    if not base <= removed:
+        return layers + 1
+    resume = resume_point(removed, min(removed - base))[0] if removed != base else 0
     return layers - resume // 2 + 1
 
 
-def group_key(removed: frozenset[int]) -> tuple[int, frozenset[int]] | None:
-    """Coalitions with equal keys can run as one batch (None: the full model, or a prefix-less run)."""
-    if not removed:
+def group_key(removed: frozenset[int], base: frozenset[int] = frozenset()) -> tuple[int, frozenset[int]] | None:
+    """Coalitions with equal keys can run as one batch from the cached stream taken without `base`
+    (None: the cached end of the stream, or a run from the embeddings)."""
+    if removed == base or not base <= removed:
         return None
-    resume, _ = resume_point(removed)
+    resume, _ = resume_point(removed, min(removed - base))
     return resume, frozenset(p for p in removed if p >= resume)
 
 

@@ -22,11 +22,14 @@ class Iterative(Strategy):
         scores: dict[Unit, float] = {}
         goal = problem.goal_parameters
         removed_parameters = 0
+        rebase = getattr(problem.value_after, "rebase", None)
         while remaining:
             if problem.goal_count is not None and len(chosen) >= problem.goal_count:
                 break
             pool = remaining if not scores else sorted(remaining, key=lambda u: -scores[u])[:problem.candidates]
             base = [s for u in chosen for s in u]
+            if rebase is not None and base:
+                rebase(base)  # every unit of the pool is tried on top of the units chosen so far
             for unit in pool:
                 scores[unit] = problem.value_after(base + list(unit))
             best = max(pool, key=lambda u: (scores[u], -u[0].position))

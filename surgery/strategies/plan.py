@@ -114,7 +114,9 @@ class Problem:
     goal_count: int | None  # a count target; None for a share of parameters
     analysis: Any = None  # surgery.analysis.Analysis, when the strategy needs one
     seed: int = 0
-    value_after: Callable[[list[Sublayer]], float] | None = None  # v(removed sublayers) on calibration text
+    # v(removed sublayers) on calibration text; it may have a rebase(removed sublayers) method, told
+    # what every later call removes (a cache hint: prune.CalibrationValue)
+    value_after: Callable[[list[Sublayer]], float] | None = None
     candidates: int = 16
     progress: Callable[[int, int], None] | None = None
 
