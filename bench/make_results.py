@@ -779,6 +779,29 @@ def layerwise_analysis_section(data: dict) -> list[str]:
             f"{small['max_abs_difference']:.1g} {source}.", ""]
 
 
+def search_cost_section(data: dict) -> list[str]:
+    """The default strategy's search with the calibration cache rebased on its choices, and without."""
+    source = "(bench/results/search_cost.json)"
+    rebased, plain = data["runs"]["rebased"], data["runs"]["from the earliest choice"]
+    same = (f"the same blocks ({rebased['removed']}) through the same coalitions with the same values (largest "
+            f"difference {data['max_value_difference']:.1g})" if data["same_plan"] else "**different** plans")
+    faster = data["speedup"] > 1
+    return ["## Search cost", "", protocol_line(data), "",
+            f"The default strategy's search (`{data['strategy']}`, {data['granularity']}s, `--remove {data['remove']}`) on "
+            f"SmolLM2-135M, {data['samples']} x {data['seq_len']} calibration tokens, {data['threads']} threads, twice in one "
+            "run: with the calibration cache rebased on the blocks chosen so far (each candidate resumes at itself) and "
+            f"without (each candidate resumes at the earliest block chosen so far) {source}.", "",
+            "| search | wall time | of which rebasing | decoder block calls | evaluations |", "|---|---|---|---|---|",
+            f"| from the earliest choice | {plain['seconds']:.0f} s | - | {plain['block_calls']} | {plain['evaluations']} |",
+            f"| rebased (as it runs) | {rebased['seconds']:.0f} s | {rebased['rebase_seconds']:.0f} s | "
+            f"{rebased['block_calls']} | {rebased['evaluations']} |", "",
+            f"Both chose {same}. Rebasing made {data['block_calls_ratio']:.2f}x fewer block calls (cache builds and "
+            f"rebases included) and the search took {1 / data['speedup']:.2f} of the time {source}"
+            + (": each evaluation also runs the output layer, which no cache skips, so the time falls by less than the "
+               "block calls." if faster else ": **no faster here**; each evaluation's output layer, which no cache "
+               "skips, outweighs the blocks saved."), ""]
+
+
 def layerwise_eval_section(data: dict) -> list[str]:
     """`surgery eval --layerwise` on the out-of-core checkpoint: requests in waves against a read per batch."""
     gib, shape = 2**30, data["shape"]
@@ -869,6 +892,7 @@ def main() -> None:
              "python bench/layerwise_analysis.py   # surgery analyze --layerwise on that checkpoint: peak memory, time",
              "python bench/layerwise_eval.py   # surgery eval --layerwise on that checkpoint: reads and time, waves against a read per batch",
              "python bench/several_processes.py    # analysis on 2 torchrun processes against 1",
+             "python bench/search_cost.py       # the default strategy's search, its cache rebased on its choices or not",
              "python bench/protocol.py dev|test|calibration   # docs/protocol.md's comparison (resumes)",
              "python bench/protocol.py budget   # amendment 4: the default at larger healing budgets, on dev",
              "python bench/make_results.py      # this page", "```", ""]
@@ -879,7 +903,8 @@ def main() -> None:
         if spread:
             lines += spread_section(spread, summary)
         lines += ["**Healing** (the grid above):", ""] + healing_finding(summary) + [""]
-    for name, section in (("analysis_cost", analysis_cost_section), ("model_speed", model_speed_section), ("findings", findings_section),
+    for name, section in (("analysis_cost", analysis_cost_section), ("search_cost", search_cost_section),
+                          ("model_speed", model_speed_section), ("findings", findings_section),
                           ("gguf_llamacpp", gguf_section), ("out_of_core", out_of_core_section),
                           ("layerwise_analysis", layerwise_analysis_section), ("layerwise_eval", layerwise_eval_section),
                           ("several_processes", several_processes_section)):
