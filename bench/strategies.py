@@ -102,7 +102,7 @@ def run_job(job: dict) -> str:
     loaded = stages.load(settings, resolve(settings.model))
     value_after = None
     if settings.strategy == "iterative":
-        value_after = _shared_values(stages.calibration_value(loaded, settings), OUT / f"iterative-values-{settings.granularity}.jsonl")
+        value_after = _shared_values(stages.CalibrationValue(loaded, settings), OUT / f"iterative-values-{settings.granularity}.jsonl")
     plan = stages.choose(settings, loaded, load_analysis(OUT / "analysis"), value_after=value_after)
     result = {"job": job["name"], "plan": plan.describe(), "plan_seconds": time.perf_counter() - start}
     if settings.bridge:

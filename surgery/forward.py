@@ -95,13 +95,19 @@ def capture_stream(model: Any, ids: Any, positions: Iterable[int] | None = None,
             states[2 * index] = block_input.to(state_device or block_input.device)
         if 2 * index + 1 in wanted:
             args, kwargs = calls[index]
-            with ablated(base, [Sublayer(index, "mlp")]):
-                after_attention = block_output(layers[index](block_input, *args, **kwargs))
-            states[2 * index + 1] = after_attention.to(state_device or block_input.device)
+            states[2 * index + 1] = after_attention(base, index, block_input, args, kwargs).to(state_device or block_input.device)
     if 2 * len(layers) in wanted:
         last = block_output(outputs[0])
         states[2 * len(layers)] = last.to(state_device or last.device)
     return states, calls
+
+
+def after_attention(model: Any, index: int, hidden: Any, args: tuple, kwargs: dict) -> Any:
+    """The stream between block `index`'s attention and its MLP, from the block's input `hidden` and
+    call arguments: the block re-run with its MLP ablated (exact whatever the family's norms)."""
+    base = unwrap(model)
+    with ablated(base, [Sublayer(index, "mlp")]):
+        return block_output(decoder_layers(base)[index](hidden, *args, **kwargs))
 
 
 def block_output(output: Any) -> Any:

@@ -151,7 +151,7 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
     with task("planning") as progress:
         plan = make_plan(settings.strategy, settings.granularity, Target.parse(settings.remove), num_layers(loaded.model),
                          sublayer_parameters(loaded.model), analysis=analysis, protected=protected, seed=settings.seed,
-                         value_after=value_after or calibration_value(loaded, settings), candidates=settings.iterative_candidates,
+                         value_after=value_after or CalibrationValue(loaded, settings), candidates=settings.iterative_candidates,
                          progress=lambda done, total: progress.update(description=f"planning: {done} units chosen"))
     if analysis is not None and analysis.cornerstones:
         plan.notes.append("cornerstones found by the analysis: " + ", ".join(c["id"] for c in analysis.cornerstones))
@@ -381,11 +381,6 @@ def _check_data(settings: PruneSettings, needs_calibration: bool) -> None:
     check_task_names(settings.evaluation.tasks)
 
 
-def calibration_value(loaded: Any, settings: PruneSettings) -> CalibrationValue:
-    """v(removed sublayers) on the calibration set (see CalibrationValue)."""
-    return CalibrationValue(loaded, settings)
-
-
 class CalibrationValue:
     """v(removed sublayers) on the calibration set through the prefix-cached evaluator on the
     unpruned model, built on first use (only strategies that score as they go call it). `rebase`
@@ -397,10 +392,10 @@ class CalibrationValue:
         self._loss: Any = None
 
     def __call__(self, removed: list[Sublayer]) -> float:
-        return self._evaluator().value(frozenset(s.position for s in removed))
+        return self._evaluator().value(_positions(removed))
 
     def rebase(self, removed: list[Sublayer]) -> None:
-        self._evaluator().rebase(frozenset(s.position for s in removed))
+        self._evaluator().rebase(_positions(removed))
 
     def _evaluator(self) -> Any:
         if self._loss is None:
@@ -410,6 +405,10 @@ class CalibrationValue:
             batches, _, _ = calibration_batches(self.loaded.tokenizer, self.settings.analysis)
             self._loss = ResidualLoss(self.loaded.model, batches)
         return self._loss
+
+
+def _positions(removed: list[Sublayer]) -> frozenset[int]:
+    return frozenset(s.position for s in removed)
 
 
 def _publication_labels(source: Any, out: Path) -> dict[str, str]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from surgery.ablation import ablated
 from surgery.arch import architecture_of, decoder_layers, get_module, unwrap
-from surgery.forward import block_output, capture_stream, final_hidden, token_nll
+from surgery.forward import after_attention, block_output, capture_stream, final_hidden, token_nll
 from surgery.scoring.base import ValueFunction
 from surgery.sublayers import Sublayer
 
@@ -137,8 +137,7 @@ class ResidualLoss(ValueFunction):
         for layer_index in range(resume // 2, len(self.layers)):
             layer, (args, kwargs) = self.layers[layer_index], calls[layer_index]
             states[2 * layer_index] = hidden.to(self.state_device)
-            with ablated(self.base, [Sublayer(layer_index, "mlp")]):
-                states[2 * layer_index + 1] = block_output(layer(hidden, *args, **kwargs)).to(self.state_device)
+            states[2 * layer_index + 1] = after_attention(self.base, layer_index, hidden, args, kwargs).to(self.state_device)
             hidden = block_output(layer(hidden, *args, **kwargs))
         states[-1] = hidden.to(self.state_device)
 
