@@ -9,6 +9,7 @@ Distillation (`distill > 0`): the loss mixes the usual next-token cross-entropy 
 divergence from the dense teacher's next-token distribution, `distill * KL + (1 - distill) * CE`.
 The teacher is the source model before the cut, so the student learns what it lost rather than
 C4's statistics only (docs/pruning.md, Healing; the effect is measured in bench/strategies.py).
+`text="teacher"` trains on text the teacher wrote instead (surgery/teacher_text.py).
 
 The CPU trap (see docs/pruning.md, Healing): on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights
 in place on the first eval-mode forward, after which LoRA gradients are silently wrong. Every
@@ -87,7 +88,8 @@ def method_line(settings: dict[str, Any]) -> str:
     """The method with the settings that shaped it: adapters' rank, alpha and dropout only for LoRA."""
     lora = f", rank {settings['lora_r']}, alpha {settings['lora_alpha']}, dropout {settings['lora_dropout']}" \
         if settings.get("mode", "lora") == "lora" else ""
-    return f"{method(settings)}{lora}, learning rate {settings['learning_rate']}"
+    distill = f", distilled from the source model (KL weight {settings['distill']:g})" if settings.get("distill") else ""
+    return f"{method(settings)}{lora}, learning rate {settings['learning_rate']}{distill}"
 
 
 def under_fsdp() -> bool:
@@ -172,8 +174,12 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     quiet_transformers()
     if tokenizer is None:
         raise SurgeryError("healing needs the model's tokenizer: use a model folder that holds one")
-    if settings.distill > 0 and not (teacher and (Path(teacher) / "config.json").is_file()):
-        raise SurgeryError(f"distillation needs the dense teacher's model folder, got {teacher}: pass it or set distill to 0")
+    writes_text = settings.text == "teacher"
+    if (settings.distill > 0 or writes_text) and not (teacher and (Path(teacher) / "config.json").is_file()):
+        needs = "distillation" if settings.distill > 0 else "--heal-text teacher"
+        raise SurgeryError(f"{needs} needs the dense teacher's model folder, got {teacher}: pass it, or set distill to 0 "
+                           "and --heal-text documents")
+    writer = Path(teacher) if writes_text else None
     teacher = Path(teacher) if settings.distill > 0 else None
     started = time.perf_counter()
     work = Path(work)
@@ -186,6 +192,11 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     here = start(device)  # under torchrun / accelerate launch: DDP over the processes, process 0 merges
     per_step = settings.batch_size * settings.grad_accum * here.world
     train_ids = _pack_available(tokenizer, texts, settings.steps * per_step, settings.seq_len, source, minimum=per_step)
+    if writer is not None:  # process 0 samples (or reads back) the teacher's text; every process trains on it
+        from surgery.teacher_text import teacher_text
+
+        train_ids = from_main(lambda: teacher_text(writer, train_ids, settings.prompt_tokens, settings.run_seed, device, work))
+        source = f"{source}, continued by the dense model after {settings.prompt_tokens} tokens"
     heldout = list(pack_tokens(tokenizer, heldout_texts, settings.heldout_samples, settings.seq_len, "held-out text").split(4))
 
     def prepare() -> None:

@@ -304,6 +304,7 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
                 report["evaluations"]["pruned"] = evaluate(settings, "pruned", model, loaded.tokenizer, reference=source_continuations)
             if settings.heal:
                 distill = f", distilling from the source model (weight {settings.healing.distill:g})" if settings.healing.distill else ""
+                distill += ", on text the source model writes" if settings.healing.text == "teacher" else ""
                 processes = f" on {here.world} processes" if here.several else ""
                 from surgery.heal import method
 

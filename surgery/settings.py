@@ -450,6 +450,11 @@ class HealSettings:
                                                      parse=lambda v: names(v) or None)
     quantize: bool = setting(True, "--quantize", "QLoRA on a 4-bit NF4 base, or LoRA on full precision (--no-quantize).")
     data: str = setting("c4", "--heal-data", "c4 (data directory, or the Hub online) or a text file.")
+    text: str = setting("documents", "--heal-text", "documents: train on --heal-data as it is; teacher: on the dense model's "
+                        "continuations of each sequence's first --heal-prompt-tokens tokens, sampled from its full "
+                        "distribution (self-data distillation, Thangarasa et al. 2024).", type=_choice("documents", "teacher"))
+    prompt_tokens: int = setting(32, "--heal-prompt-tokens", "--heal-text teacher: tokens of real text kept at the start "
+                                 "of each sequence; the teacher writes the rest.", type=_int_at_least(1))
     heldout_samples: int = 16
     save_steps: int = setting(50, "--heal-save-steps", "Steps between healing checkpoints (an interrupted run resumes "
                               "from the last one).", type=_int_at_least(1))
@@ -468,6 +473,9 @@ class HealSettings:
         if not (isinstance(self.lora_dropout, (int, float)) and not isinstance(self.lora_dropout, bool)
                 and 0.0 <= self.lora_dropout < 1.0):
             raise SurgeryError(f"--lora-dropout {self.lora_dropout!r} is outside [0, 1): give a probability such as 0.05")
+        if self.text == "teacher" and self.prompt_tokens >= self.seq_len:
+            raise SurgeryError(f"--heal-prompt-tokens {self.prompt_tokens} leaves the teacher nothing to write in sequences of "
+                               f"{self.seq_len} tokens: give fewer prompt tokens or a longer --heal-seq-len")
         if not (isinstance(self.distill, (int, float)) and not isinstance(self.distill, bool) and 0.0 <= self.distill <= 1.0):
             raise SurgeryError(f"distillation weight {self.distill} is outside [0, 1]: use 0 (plain LM loss) to 1 (pure distillation)")
 

@@ -239,6 +239,107 @@ def test_distillation_needs_the_teacher_and_a_weight_in_range(tmp_path, tokenize
         heal(tiny_model("llama", num_layers=1), tokenizer, c4_settings(distill=0.5), tmp_path / "work", data_dir=data_dir)
 
 
+def test_the_teacher_samples_from_its_full_next_token_distribution():
+    """Sampled first tokens follow the teacher's softmax: no temperature, top-k or top-p changes it
+    (which `generate` would take from a model's generation_config.json)."""
+    from surgery.teacher_text import sample_continuations
+
+    teacher = tiny_model("llama", num_layers=1, vocab_size=16)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(12)  # peaked: a temperature of 0.8 would move it by 0.076 in total variation
+    prompt = torch.tensor([[3, 7, 5, 9]])
+    probabilities = teacher(prompt).logits[0, -1].float().softmax(-1).detach()
+    assert probabilities.max() > 0.2 and (probabilities > 0.01).sum() >= 4
+    draws = sample_continuations(teacher, prompt.repeat(20000, 1), 5, seed=0, batch=20000)
+    assert torch.equal(draws[:, :4], prompt.repeat(20000, 1))
+    frequencies = torch.bincount(draws[:, 4], minlength=16).float() / 20000
+    assert 0.5 * float((frequencies - probabilities).abs().sum()) < 0.02  # total variation; sampling noise is under 0.01
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_moe"])
+def test_teacher_continuations_through_the_cache_equal_full_forwards(family):
+    """The cached sampling loop draws what full forwards over the growing text would (the same
+    generator), across families with sliding windows and experts; the same seed writes the same text."""
+    from surgery.teacher_text import sample_continuations
+
+    teacher = tiny_model(family, num_layers=2)
+    prompts = torch.randint(3, 300, (3, 6), generator=torch.Generator().manual_seed(2))
+    written = sample_continuations(teacher, prompts, 20, seed=5, batch=2)
+    generator = torch.Generator().manual_seed(5)
+    expected = []
+    for chunk in prompts.split(2):
+        ids = chunk
+        with torch.no_grad():
+            while ids.shape[1] < 20:
+                probabilities = teacher(ids).logits[:, -1].float().softmax(-1)
+                ids = torch.cat([ids, torch.multinomial(probabilities, 1, generator=generator)], dim=1)
+        expected.append(ids)
+    assert written.shape == (3, 20) and torch.equal(written, torch.cat(expected))
+    assert torch.equal(sample_continuations(teacher, prompts, 20, seed=5, batch=2), written)
+    assert not torch.equal(sample_continuations(teacher, prompts, 20, seed=6, batch=2), written)
+
+
+def test_healing_on_the_teachers_text_moves_the_student_toward_it(tmp_path, tokenizer, data_dir):
+    """--heal-text teacher: the sequences keep their real openings, the rest is the dense model's,
+    kept in the working folder for a resumed run; the healed student ends nearer the teacher than
+    one healed on the documents themselves."""
+    from safetensors.torch import load_file
+
+    from surgery.cut import cut
+    from surgery.sublayers import parse_sublayers
+    from surgery.teacher_text import CACHE_FILE
+
+    teacher = tiny_model("llama", num_layers=4)
+    folder = tmp_path / "dense"
+    teacher.save_pretrained(folder)
+    ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+
+    def kl_to_teacher(student):
+        with torch.no_grad():
+            dense, cut_model = torch.log_softmax(teacher(ids).logits, -1), torch.log_softmax(student(ids).logits, -1)
+        return float((dense.exp() * (dense - cut_model)).sum(-1).mean())
+
+    after, results = {}, {}
+    for text in ("documents", "teacher"):
+        student = tiny_model("llama", num_layers=4)
+        cut(student, parse_sublayers("L2"))
+        results[text] = heal(student, tokenizer, c4_settings(quantize=False, text=text, prompt_tokens=8), tmp_path / text,
+                             data_dir=data_dir, teacher=folder)
+        after[text] = kl_to_teacher(results[text].model)
+    assert after["teacher"] < after["documents"]
+    assert "continued by the dense model after 8 tokens" in results["teacher"].data_source
+    assert results["teacher"].settings["text"] == "teacher" and results["teacher"].settings["prompt_tokens"] == 8
+    written = load_file(str(tmp_path / "teacher" / CACHE_FILE))["ids"]
+    assert written.shape == (12 * 4, 48)
+    from surgery.data import pack_tokens
+    from surgery.heal import healing_texts
+
+    documents = pack_tokens(tokenizer, healing_texts("c4", data_dir)[0], 12 * 4, 48)
+    assert torch.equal(written[:, :8], documents[:, :8]) and not torch.equal(written[:, 8:], documents[:, 8:])
+
+
+def test_teacher_text_is_read_back_for_the_same_prompts_and_seed_only(tmp_path):
+    from surgery.teacher_text import CACHE_FILE, teacher_text
+
+    folder = tmp_path / "dense"
+    tiny_model("llama", num_layers=1).save_pretrained(folder)
+    sequences = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    first = teacher_text(folder, sequences, 4, 0, "cpu", tmp_path / "work")
+    stamp = (tmp_path / "work" / CACHE_FILE).stat().st_mtime_ns
+    assert torch.equal(teacher_text(folder, sequences, 4, 0, "cpu", tmp_path / "work"), first)
+    assert (tmp_path / "work" / CACHE_FILE).stat().st_mtime_ns == stamp  # read, not written again
+    other = teacher_text(folder, sequences, 4, 1, "cpu", tmp_path / "work")  # another seed: written afresh
+    assert not torch.equal(other, first) and torch.equal(other[:, :4], sequences[:, :4])
+    assert not list((tmp_path / "work").glob("*.partial"))
+
+
+def test_teacher_text_needs_the_teacher_and_room_to_write(tmp_path, tokenizer, data_dir):
+    with pytest.raises(SurgeryError, match="leaves the teacher nothing to write"):
+        c4_settings(text="teacher", prompt_tokens=48)
+    with pytest.raises(SurgeryError, match="--heal-text teacher needs the dense teacher's model folder"):
+        heal(tiny_model("llama", num_layers=1), tokenizer, c4_settings(text="teacher"), tmp_path / "work", data_dir=data_dir)
+
+
 def test_healing_is_reproducible_whatever_the_random_state_before_it(tmp_path, tokenizer, data_dir):
     """The LoRA initialisation is seeded too: two runs started from different global random states
     (as two benchmark processes are) merge into the same weights."""

@@ -76,18 +76,26 @@ def test_prune_heal_export_report(source, tmp_path, data_dir):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the working folder is gone
 
 
-def test_prune_heals_by_distilling_from_the_source_model(source, tmp_path, data_dir):
+def test_prune_heals_by_distilling_from_the_source_model_on_its_own_text(source, tmp_path, data_dir):
     out = tmp_path / "distilled"
     result = run("prune", source, "--out", out, "--strategy", "last", "--remove", "2", "--no-bridge", "--heal",
                  "--heal-steps", "2", "--heal-seq-len", "32", "--heal-batch-size", "2", "--heal-distill", "0.5",
+                 "--heal-text", "teacher", "--heal-prompt-tokens", "8",
                  "--no-quantize", "--data-dir", data_dir, "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed",
                  "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert "distilling from the source model (weight 0.5)" in result.output
+    assert "distilling from the source model (weight 0.5), on text the source model writes" in " ".join(result.output.split())
     report = json.loads((out / "report.json").read_text())
-    assert report["healing"]["settings"]["distill"] == 0.5
+    assert report["healing"]["settings"]["distill"] == 0.5 and report["healing"]["settings"]["text"] == "teacher"
+    assert "continued by the dense model after 8 tokens" in report["healing"]["data_source"]
+    assert "distilled from the source model (KL weight 0.5)" in (out / "report.md").read_text()
+    assert "continued by the dense model after 8 tokens" in (out / "README.md").read_text()
     assert read_manifest(out)["healing"]["distill"] == 0.5
     assert run("prune", source, "--out", tmp_path / "bad", "--heal", "--heal-distill", "2").exit_code == 2  # outside [0, 1]
+    crowded = run("prune", source, "--out", tmp_path / "bad", "--heal", "--heal-text", "teacher", "--heal-seq-len", "32",
+                  "--heal-prompt-tokens", "32")
+    assert crowded.exit_code == 2 and "leaves the teacher nothing to write" in crowded.output
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("strategy", ["last", "random", "angular", "ablation", "bi", "iterative"])

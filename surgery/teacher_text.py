@@ -1,0 +1,75 @@
+"""Healing text written by the dense teacher (self-data distillation, `--heal-text teacher`).
+
+Healing on raw documents pulls the pruned model towards their statistics, which are not the
+statistics the source model was tuned to; for an instruct model that can cost accuracy even as
+perplexity on the documents falls. Thangarasa et al. (2024, arXiv 2410.09982) heal on the dense
+model's own outputs instead, so the student is trained back towards its teacher. Here each healing
+sequence keeps its first `prompt_tokens` tokens of real text, for topic and variety, and the dense
+model writes the rest.
+
+The continuation is sampled from the teacher's full next-token distribution (temperature 1, no
+top-k, top-p, repetition penalty or end-of-text stop): its samples then follow the distribution the
+student should match. This is why the loop below samples itself rather than calling `generate`,
+which fills every unset option from the model's own generation_config.json (Qwen's ships
+top-k 20, top-p 0.8, temperature 0.7).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+CACHE_FILE = "teacher-text.safetensors"
+
+
+def sample_continuations(teacher: Any, prompts: Any, length: int, seed: int, batch: int = 32) -> Any:
+    """[N, length] token ids: each row of `prompts` [N, P] continued by `teacher` to `length` tokens,
+    each new token drawn from the teacher's softmax with a generator seeded by `seed`."""
+    import torch
+
+    device = next(teacher.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    rows = []
+    with torch.inference_mode():
+        for chunk in prompts.split(batch):
+            ids = chunk.to(device)
+            out = teacher(input_ids=ids, use_cache=True)
+            while ids.shape[1] < length:
+                probabilities = out.logits[:, -1].float().softmax(-1)
+                token = torch.multinomial(probabilities, 1, generator=generator)
+                ids = torch.cat([ids, token], dim=1)
+                if ids.shape[1] < length:
+                    out = teacher(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            rows.append(ids.cpu())
+    return torch.cat(rows)
+
+
+def teacher_text(folder: Path, sequences: Any, prompt_tokens: int, seed: int, device: str, work: Path) -> Any:
+    """`sequences` [N, L] with everything after each row's first `prompt_tokens` tokens rewritten by
+    the dense model in `folder`. Kept in `work` under a key of the teacher's files, the prompts and
+    the seed, so a resumed heal reads the same text instead of sampling it again."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from surgery.loading import load_model
+    from surgery.source import fingerprint
+
+    prompts = sequences[:, :prompt_tokens].contiguous()
+    key = hashlib.sha256(f"{fingerprint(folder)}|{seed}|{sequences.shape[1]}|".encode() + prompts.numpy().tobytes()).hexdigest()
+    cached = Path(work) / CACHE_FILE
+    if cached.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cached), "pt") as handle:
+            if (handle.metadata() or {}).get("key") == key:
+                return load_file(str(cached))["ids"]
+    teacher = load_model(str(folder), device=device, with_tokenizer=False).model
+    teacher.eval().requires_grad_(False)
+    ids = sample_continuations(teacher, prompts, sequences.shape[1], seed)
+    del teacher
+    Path(work).mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(".partial")
+    save_file({"ids": ids.to(torch.int64).contiguous()}, str(partial), metadata={"key": key})
+    partial.replace(cached)
+    return ids
