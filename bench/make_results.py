@@ -840,36 +840,47 @@ def several_processes_section(data: dict) -> list[str]:
 
 
 def budget_section(data: dict | None) -> list[str]:
-    """docs/protocol-amendments.md, amendment 4: the default on dev at larger healing budgets."""
-    lines = ["### Larger healing budgets, on dev only (amendment 4)", "",
-             "Source: bench/results/protocol_budget.json (`python bench/protocol.py budget`), following amendment 4 of "
-             "docs/protocol-amendments.md, committed before these runs. The default's cut, healing seed 0, dev data only; "
-             "x1 is the dev table's run. These figures change no test verdict above.", ""]
+    """docs/protocol-amendments.md, amendments 4 and 5: the default on dev at other healing budgets and texts."""
+    lines = ["### Other healing budgets and texts, on dev only (amendments 4 and 5)", "",
+             "Source: bench/results/protocol_budget.json (`python bench/protocol.py budget`), following amendments 4 and 5 "
+             "of docs/protocol-amendments.md, each committed before its runs. The default's cut, healing seed 0, dev data "
+             "only; x1 is the dev table's run. Text: the C4 healing documents as they are, or the dense model's "
+             "continuations of each sequence's first 32 tokens (`--heal-text teacher`, docs/pruning.md). These figures "
+             "change no test verdict above.", ""]
     if not data or not data.get("rows"):
         return lines + ["Not run yet: `python bench/protocol.py budget` (it resumes).", ""]
+    rows = data["rows"]
     lines += [f"Dense dev WikiText-2 validation perplexity: {data['dense_dev_wikitext2_ppl']:.2f}.", "",
-              "| budget | steps | training tokens | distillation | healed held-out loss | dev WikiText-2 ppl | x dense | "
+              "| budget | steps | training tokens | text | distillation | healed held-out loss | dev WikiText-2 ppl | x dense | "
               "dev accuracy (% of dense margin, ± item SE) | reaches both targets on dev | healing minutes |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {r['steps']} | {r['training_tokens']:,} | {r['distill']:g} | {r['loss_after']:.3f} | "
-              f"{r['healed_dev_wikitext2_ppl']:.2f} | {r['ppl_ratio']:.2f} | {r['normalised_dev_accuracy']:.1f} ± "
-              f"{r['normalised_dev_accuracy_se']:.1f} | "
-              f"{'yes' if r['reaches_targets'] else 'no'} | {r['healing_minutes']:.1f} |" for name, r in data["rows"].items()]
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['steps']} | {r['training_tokens']:,} | {r.get('text', 'documents')} | {r['distill']:g} | "
+              f"{r['loss_after']:.3f} | {r['healed_dev_wikitext2_ppl']:.2f} | {r['ppl_ratio']:.2f} | "
+              f"{r['normalised_dev_accuracy']:.1f} ± {r['normalised_dev_accuracy_se']:.1f} | "
+              f"{'yes' if r['reaches_targets'] else 'no'} | {r['healing_minutes']:.1f} |" for name, r in rows.items()]
     first = data.get("first_reaching")
-    lines += ["", (f"By the amendment's rule the smallest budget that reaches both targets on dev is **{first}**; a next test "
-                   "table would give it to every method, with 3 seeds." if first else
+    lines += ["", (f"By the amendments' rule the smallest budget that reaches both targets on dev is **{first}**; a next "
+                   "test table would give it to every method, with 3 seeds." if first else
                    "**No budget tried reaches both targets on dev** (at most 2.0x dense perplexity and at least 90% of the "
                    "dense margin); the table shows how far each is.")]
-    rows = data["rows"]
+    documents = {n: r for n, r in rows.items() if r.get("text", "documents") == "documents"}
     ppl_only = [n for n, r in rows.items() if r["ppl_ratio"] <= 2.0 and not r["reaches_targets"]]
     if ppl_only:
-        lines += ["", f"{', '.join(ppl_only)} {'reaches' if len(ppl_only) == 1 else 'reach'} the perplexity target alone; "
-                  "the accuracy target is missed at every budget, and no larger budget's dev accuracy is above the x1 run's "
-                  f"{rows['x1']['normalised_dev_accuracy']:.1f} (item SE {rows['x1']['normalised_dev_accuracy_se']:.1f}; one "
-                  "healing seed each, and an item SE this size cannot separate them): more C4 tokens lower perplexity and show "
-                  "no accuracy gain."
-                  if "x1" in rows and all(r["normalised_dev_accuracy"] <= rows["x1"]["normalised_dev_accuracy"] for r in rows.values())
-                  else f"{', '.join(ppl_only)} {'reaches' if len(ppl_only) == 1 else 'reach'} the perplexity target alone."]
+        lines += ["", f"{', '.join(ppl_only)} {'reaches' if len(ppl_only) == 1 else 'reach'} the perplexity target alone."]
+    if "x1" in documents and len(documents) > 1 and all(r["normalised_dev_accuracy"] <= documents["x1"]["normalised_dev_accuracy"]
+                                                        for r in documents.values()):
+        lines += ["", "On the documents, no larger budget's dev accuracy is above the x1 run's "
+                  f"{documents['x1']['normalised_dev_accuracy']:.1f} (item SE {documents['x1']['normalised_dev_accuracy_se']:.1f}; "
+                  "one healing seed each, and an item SE this size cannot separate them): more C4 tokens lower perplexity and "
+                  "show no accuracy gain."]
+    pairs = [(n, d) for n, r in rows.items() if r.get("text") == "teacher"
+             for d, q in documents.items() if (q["steps"], q["distill"]) == (r["steps"], r["distill"])]
+    if pairs:
+        lines += ["", "The teacher's text against the documents at the same steps and distillation weight (dev WikiText-2 "
+                  "perplexity; dev accuracy in % of the dense margin): " + "; ".join(
+                      f"{n} {rows[n]['healed_dev_wikitext2_ppl']:.2f} against {d} {rows[d]['healed_dev_wikitext2_ppl']:.2f}, "
+                      f"accuracy {rows[n]['normalised_dev_accuracy']:.1f} against {rows[d]['normalised_dev_accuracy']:.1f}"
+                      for n, d in pairs) + ". One healing seed each; the accuracies' item SE is in the table."]
     if data.get("unfinished"):
         lines += ["", "Not finished: " + ", ".join(data["unfinished"]) + " (`python bench/protocol.py budget` resumes)."]
     return lines + [""]
@@ -894,7 +905,7 @@ def main() -> None:
              "python bench/several_processes.py    # analysis on 2 torchrun processes against 1",
              "python bench/search_cost.py       # the default strategy's search, its cache rebased on its choices or not",
              "python bench/protocol.py dev|test|calibration   # docs/protocol.md's comparison (resumes)",
-             "python bench/protocol.py budget   # amendment 4: the default at larger healing budgets, on dev",
+             "python bench/protocol.py budget   # amendments 4 and 5: the default at other healing budgets and texts, on dev",
              "python bench/make_results.py      # this page", "```", ""]
     summary = load("strategies")
     if summary:

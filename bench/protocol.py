@@ -4,7 +4,7 @@
     python bench/protocol.py test           # the dense model, the default and every peer x 3 healing seeds, on test data
     python bench/protocol.py calibration    # calibration draws and sources for the default (and the closest peers)
     python bench/protocol.py aggregate      # bench/results/protocol.json, read by make_results.py
-    python bench/protocol.py budget         # amendment 4: the default at larger healing budgets, on dev only
+    python bench/protocol.py budget         # amendments 4 and 5: the default at other healing budgets and texts, on dev only
 
 Every run goes through `surgery prune`'s own stages (surgery.prune) with the protocol's settings
 and writes bench/results/protocol/<name>.json as it finishes; a stopped command resumes.
@@ -50,22 +50,25 @@ CANDIDATES = {
     "sleb+lstsq": {"strategy": "sleb", "bridge": True, "bridge_fit": "lstsq"},
 }
 REASSESSING_RATES = (1e-4, 2e-5)
-# docs/protocol-amendments.md, 4: name -> (healing steps, distillation weight); x1 is the dev table's own run
-BUDGETS = {"x4": (96, 0.0), "x4-distill": (96, 0.5), "x16": (384, 0.0)}
+# docs/protocol-amendments.md, 4 and 5: name -> (healing steps, distillation weight, healing text); x1 is the dev
+# table's own run; "teacher": the dense model's continuations of the documents' first 32 tokens
+BUDGETS = {"x4": (96, 0.0, "documents"), "x4-distill": (96, 0.5, "documents"), "x16": (384, 0.0, "documents"),
+           "teacher-x1": (24, 0.0, "teacher"), "teacher-x4": (96, 0.0, "teacher"), "teacher-x4-distill": (96, 0.5, "teacher")}
 
 
 # ------------------------------------------------------------------ settings
 
 
 def settings_for(method: dict, *, seed: int = 0, draw: int = 0, source: str = "c4", heal_lr: float | None = None,
-                 steps: int = 24, distill: float = 0.0):
-    """`surgery prune` settings: the protocol's common budget (amendment 4: other steps, distillation), then the method's own."""
+                 steps: int = 24, distill: float = 0.0, text: str = "documents"):
+    """`surgery prune` settings: the protocol's common budget (amendments 4 and 5: other steps, distillation, the
+    teacher's text), then the method's own."""
     from surgery.settings import AnalysisSettings, HealSettings, LoadSettings, PerplexityProtocol, PruneSettings
 
     partial = method.get("heal_mode") == "partial"
     healing = HealSettings(steps=steps, seq_len=256, batch_size=4, learning_rate=heal_lr or 5e-4, lora_r=32, lora_alpha=32,
                            quantize=False, mode="partial" if partial else "lora", partial_blocks=3, save_steps=10**6, seed=seed,
-                           distill=distill)
+                           distill=distill, text=text, prompt_tokens=32)
     analysis = AnalysisSettings(data_dir=data_dir(), samples=SAMPLES, seq_len=256, calibration=source, calibration_draw=draw,
                                 seed=seed if method["strategy"] == "random" else 0)
     from surgery.settings import EvalSettings
@@ -114,7 +117,8 @@ def run_job(job: dict) -> str:
     from surgery.source import resolve
 
     settings = settings_for(job["method"], seed=job.get("seed", 0), draw=job.get("draw", 0), source=job.get("source", "c4"),
-                            heal_lr=job.get("heal_lr"), steps=job.get("steps", 24), distill=job.get("distill", 0.0))
+                            heal_lr=job.get("heal_lr"), steps=job.get("steps", 24), distill=job.get("distill", 0.0),
+                            text=job.get("text", "documents"))
     evaluations = dev_evaluations() if job["split"] == "dev" else test_evaluations(tuple(job.get("extra_tasks", ())))
     start = time.perf_counter()
     loaded = stages.load(settings, resolve(settings.model))
@@ -299,36 +303,40 @@ def closest_peers(n: int = 2) -> list[str]:
 
 
 def budget_jobs(decision: dict) -> list[dict]:
-    """Amendment 4: the default on dev at larger healing budgets (kept in budget/, apart from the protocol's runs)."""
+    """Amendments 4 and 5: the default on dev at other healing budgets and texts (kept in budget/, apart from the
+    protocol's runs)."""
     jobs = [{"name": f"budget/dev-default-{name}", "method": CANDIDATES[decision["default"]], "split": "dev",
-             "steps": steps, "distill": distill} for name, (steps, distill) in BUDGETS.items()]
+             "steps": steps, "distill": distill, "text": text} for name, (steps, distill, text) in BUDGETS.items()]
     return sorted(jobs, key=lambda job: -job["steps"])  # the longest first: two workers finish together
 
 
 def budget_summary(decision: dict) -> dict:
     """Each budget's healed dev WikiText-2 against the dense model's and its normalised dev accuracy, with
-    amendment 4's rule; x1 is the dev table's run of the default."""
+    the rule of amendments 4 and 5; x1 is the dev table's run of the default."""
     from stats import normalised
 
     dense = _load("dev-dense")["dense"]
     margins = {"tasks": {t: {"acc": e["acc"], "chance": e["chance"]} for t, e in dense["tasks"].items()}}
     dense_ppl = dense["perplexity"]["wikitext2-validation"]["perplexity"]
-    runs = {"x1": (24, 0.0, _load(f"dev-{decision['default']}"))}
-    runs |= {name: (steps, distill, _load(f"budget/dev-default-{name}")) for name, (steps, distill) in BUDGETS.items()}
+    runs = {"x1": (24, 0.0, "documents", _load(f"dev-{decision['default']}"))}
+    runs |= {name: (*budget, _load(f"budget/dev-default-{name}")) for name, budget in BUDGETS.items()}
     rows = {}
-    for name, (steps, distill, run) in runs.items():
+    for name, (steps, distill, text, run) in runs.items():
         if run is None:
             continue
         healed = run["healed"]
         ppl = healed["perplexity"]["wikitext2-validation"]["perplexity"]
         accuracy, accuracy_se = normalised(healed, margins, list(margins["tasks"]))
-        rows[name] = {"steps": steps, "training_tokens": steps * 4 * 256, "distill": distill, "healed_dev_wikitext2_ppl": ppl,
+        rows[name] = {"steps": steps, "training_tokens": steps * 4 * 256, "distill": distill, "text": text,
+                      "healed_dev_wikitext2_ppl": ppl,
                       "ppl_ratio": ppl / dense_ppl, "normalised_dev_accuracy": accuracy, "normalised_dev_accuracy_se": accuracy_se,
                       "reaches_targets": ppl / dense_ppl <= 2.0 and accuracy >= 90.0,
                       "loss_after": run["healing"]["loss_after"], "healing_minutes": run["healing"]["seconds"] / 60,
                       "minutes": run["seconds"] / 60}
-    reaching = [name for name in runs if name in rows and rows[name]["reaches_targets"]]
-    return {"protocol": "docs/protocol-amendments.md, 4", "default": decision["default"], "dense_dev_wikitext2_ppl": dense_ppl,
+    # amendment 5: the smallest budget by steps; at equal steps the documents before the teacher's text, plain before distilled
+    reaching = sorted((name for name in rows if rows[name]["reaches_targets"]),
+                      key=lambda n: (rows[n]["steps"], rows[n]["text"] == "teacher", rows[n]["distill"] > 0))
+    return {"protocol": "docs/protocol-amendments.md, 4 and 5", "default": decision["default"], "dense_dev_wikitext2_ppl": dense_ppl,
             "rows": rows, "first_reaching": reaching[0] if reaching else None,
             "unfinished": [name for name in runs if name not in rows]}
 
