@@ -873,14 +873,21 @@ def budget_section(data: dict | None) -> list[str]:
                   f"{documents['x1']['normalised_dev_accuracy']:.1f} (item SE {documents['x1']['normalised_dev_accuracy_se']:.1f}; "
                   "one healing seed each, and an item SE this size cannot separate them): more C4 tokens lower perplexity and "
                   "show no accuracy gain."]
-    pairs = [(n, d) for n, r in rows.items() if r.get("text") == "teacher"
-             for d, q in documents.items() if (q["steps"], q["distill"]) == (r["steps"], r["distill"])]
+    pairs = {n: r["against_documents"] for n, r in rows.items() if r.get("against_documents")}
     if pairs:
-        lines += ["", "The teacher's text against the documents at the same steps and distillation weight (dev WikiText-2 "
-                  "perplexity; dev accuracy in % of the dense margin): " + "; ".join(
-                      f"{n} {rows[n]['healed_dev_wikitext2_ppl']:.2f} against {d} {rows[d]['healed_dev_wikitext2_ppl']:.2f}, "
-                      f"accuracy {rows[n]['normalised_dev_accuracy']:.1f} against {rows[d]['normalised_dev_accuracy']:.1f}"
-                      for n, d in pairs) + ". One healing seed each; the accuracies' item SE is in the table."]
+        lines += ["", "The teacher's text against the documents at the same steps and distillation weight, on the same dev "
+                  "windows and items (one healing seed each, so the SE is the paired item SE alone and seed variance is not "
+                  "in it):", "",
+                  "| teacher's text | documents | dev WikiText-2 ppl ratio | log-ratio item SE | accuracy difference "
+                  "(points) | paired item SE |", "|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {p['against']} | {math.exp(p['log_ppl_difference']):.3f} | {p['log_ppl_item_se']:.3f} | "
+                  f"{p['accuracy_difference']:+.1f} | {p['accuracy_item_se']:.1f} |" for n, p in pairs.items()]
+        higher = [n for n, p in pairs.items() if p["log_ppl_difference"] > 1.96 * p["log_ppl_item_se"]]
+        apart = [n for n, p in pairs.items() if abs(p["accuracy_difference"]) > 1.96 * p["accuracy_item_se"]]
+        lines += ["", f"The teacher's text leaves a higher dev perplexity by more than 1.96 item SE in {len(higher)} of "
+                  f"{len(pairs)} pairs; its accuracy differs from the documents' by more than 1.96 paired item SE in "
+                  f"{len(apart)} of {len(pairs)}" + (f" ({', '.join(apart)})." if apart else ".") +
+                  " Its healing minutes include writing the text."]
     if data.get("unfinished"):
         lines += ["", "Not finished: " + ", ".join(data["unfinished"]) + " (`python bench/protocol.py budget` resumes)."]
     return lines + [""]

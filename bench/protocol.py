@@ -333,12 +333,31 @@ def budget_summary(decision: dict) -> dict:
                       "reaches_targets": ppl / dense_ppl <= 2.0 and accuracy >= 90.0,
                       "loss_after": run["healing"]["loss_after"], "healing_minutes": run["healing"]["seconds"] / 60,
                       "minutes": run["seconds"] / 60}
+    for name, row in rows.items():  # amendment 5: each teacher's-text run against the documents' run of its budget
+        twin = next((d for d, r in rows.items() if r["text"] == "documents" and (r["steps"], r["distill"]) ==
+                     (row["steps"], row["distill"])), None) if row["text"] == "teacher" else None
+        if twin:
+            row["against_documents"] = paired_dev_difference(runs[name][-1]["healed"], runs[twin][-1]["healed"], margins, twin)
     # amendment 5: the smallest budget by steps; at equal steps the documents before the teacher's text, plain before distilled
     reaching = sorted((name for name in rows if rows[name]["reaches_targets"]),
                       key=lambda n: (rows[n]["steps"], rows[n]["text"] == "teacher", rows[n]["distill"] > 0))
     return {"protocol": "docs/protocol-amendments.md, 4 and 5", "default": decision["default"], "dense_dev_wikitext2_ppl": dense_ppl,
             "rows": rows, "first_reaching": reaching[0] if reaching else None,
             "unfinished": [name for name in runs if name not in rows]}
+
+
+def paired_dev_difference(one: dict, other: dict, margins: dict, other_name: str) -> dict:
+    """`one` minus `other` on the same dev windows and items: log-perplexity and normalised accuracy
+    points, each with its paired item SE (one healing seed each, so no seed variance is in it)."""
+    from stats import normalised
+
+    tasks = list(margins["tasks"])
+    windows = [r["perplexity"]["wikitext2-validation"] for r in (one, other)]
+    return {"against": other_name,
+            "log_ppl_difference": math.log(windows[0]["perplexity"] / windows[1]["perplexity"]),
+            "log_ppl_item_se": log_ratio_stderr(*windows),
+            "accuracy_difference": normalised(one, margins, tasks)[0] - normalised(other, margins, tasks)[0],
+            "accuracy_item_se": _paired_item_se([one], [other], margins, tasks)}
 
 
 # ------------------------------------------------------------------ aggregation
