@@ -210,12 +210,15 @@ def prune_settings(options: dict[str, Any]) -> PruneSettings:
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Default: $SURGERY_DATA_DIR.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @click.option("--keep-work", is_flag=True, help="Keep the working folder (healing checkpoints, adapter).")
+@click.option("--teacher", default=None, help="The dense model the cut came from (folder, Hub id or built-in name), "
+              "for --heal-distill and --heal-text teacher.")
 @click_options(HealSettings)
 @click_options(EvalSettings, prefix="eval-", only=PRUNE_EVAL_OPTIONS, skip=("generation",))
 @click_options(StreamSettings)
 @click_options(LoadSettings)
 @handle_errors
-def heal(folder: str, out: Path, data_dir: Path | None, force: bool, keep_work: bool, **options: Any) -> None:
+def heal(folder: str, out: Path, data_dir: Path | None, force: bool, keep_work: bool, teacher: str | None,
+         **options: Any) -> None:
     """Heal a cut checkpoint (surgery cut, prune --no-heal) with (Q)LoRA and export it; runs under
     accelerate launch / torchrun on several processes (DDP, or FSDP + QLoRA with an FSDP config)."""
     from surgery.commands import heal_and_export
@@ -227,7 +230,7 @@ def heal(folder: str, out: Path, data_dir: Path | None, force: bool, keep_work: 
     result = heal_and_export(folder, out, from_options(HealSettings, options),
                              from_options(EvalSettings, options, prefix="eval-", data_dir=data, generation=False),
                              from_options(LoadSettings, options), data_dir=data, force=force, keep_work=keep_work,
-                             writing=from_options(StreamSettings, options))
+                             writing=from_options(StreamSettings, options), teacher=teacher)
     if result is None:
         return
     console.print(comparison_table({"healed": result["evaluation"]}, title="after healing"))

@@ -16,6 +16,35 @@ from surgery.errors import SurgeryError
 from surgery.settings import AnalysisSettings, EvalSettings, ExportSettings, HealSettings, LoadSettings, StreamSettings
 
 
+def _teacher_for(folder: Path, spec: str | None, healing: HealSettings, load: LoadSettings) -> Path | None:
+    """The dense model `surgery heal` distils from or lets write the healing text, when the settings
+    need one: resolved like any model, with the cut's vocabulary (its logits are compared token for token)."""
+    needs = [what for what, used in (("--heal-distill", healing.distill > 0), ("--heal-text teacher", healing.text == "teacher"))
+             if used]
+    if not needs:
+        return None
+    if spec is None:
+        try:
+            recorded = json.loads((folder / "surgery.json").read_text())["source"]["id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = "MODEL"
+        verb = "needs" if len(needs) == 1 else "need"
+        raise SurgeryError(f"{' and '.join(needs)} {verb} the dense model the cut came from: pass --teacher {recorded}")
+    from surgery.source import resolve
+
+    path = resolve(spec, allow_pickle=load.allow_pickle).path
+    sizes = [_config_vocab(f) for f in (path, folder)]
+    if sizes[0] != sizes[1]:
+        raise SurgeryError(f"--teacher {spec} has a vocabulary of {sizes[0]} tokens and {folder} one of {sizes[1]}: "
+                           "give the model the cut came from")
+    return path
+
+
+def _config_vocab(folder: Path) -> Any:
+    config = json.loads((folder / "config.json").read_text())
+    return config.get("text_config", config).get("vocab_size")
+
+
 def resolve_with_output_check(model_spec: str, check_output: Callable[[list[Path]], Any], load: LoadSettings) -> Any:
     """Resolve MODEL, with the command's output check run against the folder MODEL names before
     resolving (which may convert or download) and against the resolved folder after."""
@@ -279,14 +308,15 @@ def _whole_or_layerwise(source: Any, layerwise: bool, load: LoadSettings, what: 
 
 def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluation: EvalSettings, load: LoadSettings, *,
                     data_dir: Path | None = None, force: bool = False, keep_work: bool = False,
-                    writing: StreamSettings = StreamSettings()) -> dict[str, Any] | None:
+                    writing: StreamSettings = StreamSettings(), teacher: str | None = None) -> dict[str, Any] | None:
     """`surgery heal`: (Q)LoRA on a cut checkpoint folder, merged and exported with the evaluation.
 
     For models too large to cut and heal in one process: the folder written by `surgery cut` (or
     `surgery prune --no-heal`) is healed under `accelerate launch` (DDP, or FSDP + QLoRA). Process 0
     alone merges: in memory, or, when the model does not fit there twice (or with --stream),
     streamed file to file (surgery.export.merged) and measured block by block, so the
-    full-precision model is never built.
+    full-precision model is never built. `teacher`: the dense model the cut came from, for
+    distillation and the teacher's text.
     """
     from surgery.distributed import from_main, start
     from surgery.evaluate import evaluate_model, fit_context_to_model
@@ -303,6 +333,7 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
     tokenizer = load_tokenizer(source.path)
     if tokenizer is None:
         raise SurgeryError(f"{source.path} has no tokenizer: healing needs one; export the cut with its tokenizer")
+    teacher_path = _teacher_for(source.path, teacher, healing, load)
     device = resolve_device(load.device)
     here = start(device)
 
@@ -344,9 +375,10 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
         kept.update(record)
         return published(record, labels), extra
 
-    with claimed_folder(out, force=force, protected=[source.path]) if here.main else contextlib.nullcontext(), \
+    protected = [source.path, *([teacher_path] if teacher_path else [])]
+    with claimed_folder(out, force=force, protected=protected) if here.main else contextlib.nullcontext(), \
             working_folder(work, keep=keep_work or not here.main):
-        healed = heal(source.path, tokenizer, healing, work, data_dir=data_dir, device=device,
+        healed = heal(source.path, tokenizer, healing, work, data_dir=data_dir, device=device, teacher=teacher_path,
                       job={"source": source.describe()["fingerprint"]}, streamed=streamed)
         if healed is None:
             return None  # one of several processes, not the first

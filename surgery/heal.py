@@ -174,13 +174,11 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     quiet_transformers()
     if tokenizer is None:
         raise SurgeryError("healing needs the model's tokenizer: use a model folder that holds one")
-    writes_text = settings.text == "teacher"
-    if (settings.distill > 0 or writes_text) and not (teacher and (Path(teacher) / "config.json").is_file()):
+    if (settings.distill > 0 or settings.text == "teacher") and not (teacher and (Path(teacher) / "config.json").is_file()):
         needs = "distillation" if settings.distill > 0 else "--heal-text teacher"
         raise SurgeryError(f"{needs} needs the dense teacher's model folder, got {teacher}: pass it, or set distill to 0 "
                            "and --heal-text documents")
-    writer = Path(teacher) if writes_text else None
-    teacher = Path(teacher) if settings.distill > 0 else None
+    teacher = Path(teacher) if settings.distill > 0 or settings.text == "teacher" else None
     started = time.perf_counter()
     work = Path(work)
     given_folder = isinstance(model, (str, Path))
@@ -191,12 +189,8 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     texts, heldout_texts, source = healing_texts(settings.data, data_dir)
     here = start(device)  # under torchrun / accelerate launch: DDP over the processes, process 0 merges
     per_step = settings.batch_size * settings.grad_accum * here.world
+    # the documents' tokens; with the teacher's text, its prompts (the text follows from them, the teacher and the seed)
     train_ids = _pack_available(tokenizer, texts, settings.steps * per_step, settings.seq_len, source, minimum=per_step)
-    if writer is not None:  # process 0 samples (or reads back) the teacher's text; every process trains on it
-        from surgery.teacher_text import teacher_text
-
-        train_ids = from_main(lambda: teacher_text(writer, train_ids, settings.prompt_tokens, settings.run_seed, device, work))
-        source = f"{source}, continued by the dense model after {settings.prompt_tokens} tokens"
     heldout = list(pack_tokens(tokenizer, heldout_texts, settings.heldout_samples, settings.seq_len, "held-out text").split(4))
 
     def prepare() -> None:
@@ -221,7 +215,14 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
         arch = architecture_of(unwrap(model).config)
         dtype = next(unwrap(model).parameters()).dtype
         _release(model)  # from here on the saved base is the model; a large one must not stay in memory twice
-    adapter, log, resumed = _train(base_folder, tokenizer, train_ids, settings, arch, work, device, teacher)
+    if settings.text == "teacher":  # process 0 samples (or reads back) the teacher's text; every process trains on it
+        from surgery.teacher_text import teacher_text
+
+        train_ids = from_main(lambda: teacher_text(train_ids, settings.prompt_tokens, settings.run_seed, work, teacher,
+                                                   lambda: _load_teacher(teacher, settings, device)))
+        source = f"{source}, continued by the dense model after {settings.prompt_tokens} tokens"
+    adapter, log, resumed = _train(base_folder, tokenizer, train_ids, settings, arch, work, device,
+                                   teacher if settings.distill > 0 else None)
     described = {**settings.describe(), "processes": here.world,
                  "training_tokens": settings.steps * per_step * settings.seq_len}
     if not here.main:
@@ -252,7 +253,7 @@ def _folder_loss(folder: Path, heldout: list[Any], dtype: Any, device: str, stre
 
 
 JOB_FILE = "heal-job.json"
-_PARTS = {"weights": "the weights of the model to heal", "data": "the training tokens", "teacher": "the distillation teacher"}
+_PARTS = {"weights": "the weights of the model to heal", "data": "the training tokens", "teacher": "the teacher (distillation, or the text it writes)"}
 
 
 def resume_identity(weights: str, settings: HealSettings, train_ids: Any, teacher: Path | None,

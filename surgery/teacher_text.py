@@ -17,6 +17,7 @@ top-k 20, top-p 0.8, temperature 0.7).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,27 +46,24 @@ def sample_continuations(teacher: Any, prompts: Any, length: int, seed: int, bat
     return torch.cat(rows)
 
 
-def teacher_text(folder: Path, sequences: Any, prompt_tokens: int, seed: int, device: str, work: Path) -> Any:
+def teacher_text(sequences: Any, prompt_tokens: int, seed: int, work: Path, folder: Path, load: Callable[[], Any]) -> Any:
     """`sequences` [N, L] with everything after each row's first `prompt_tokens` tokens rewritten by
-    the dense model in `folder`. Kept in `work` under a key of the teacher's files, the prompts and
-    the seed, so a resumed heal reads the same text instead of sampling it again."""
+    the dense model in `folder`, loaded by `load()` only when the text is not already kept in `work`
+    under a key of the teacher's files, the prompts and the seed (a resumed heal reads it back)."""
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from surgery.loading import load_model
     from surgery.source import fingerprint
 
     prompts = sequences[:, :prompt_tokens].contiguous()
     key = hashlib.sha256(f"{fingerprint(folder)}|{seed}|{sequences.shape[1]}|".encode() + prompts.numpy().tobytes()).hexdigest()
     cached = Path(work) / CACHE_FILE
     if cached.is_file():
-        from safetensors import safe_open
-
         with safe_open(str(cached), "pt") as handle:
             if (handle.metadata() or {}).get("key") == key:
                 return load_file(str(cached))["ids"]
-    teacher = load_model(str(folder), device=device, with_tokenizer=False).model
-    teacher.eval().requires_grad_(False)
+    teacher = load()
     ids = sample_continuations(teacher, prompts, sequences.shape[1], seed)
     del teacher
     Path(work).mkdir(parents=True, exist_ok=True)

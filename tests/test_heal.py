@@ -316,6 +316,11 @@ def test_healing_on_the_teachers_text_moves_the_student_toward_it(tmp_path, toke
 
     documents = pack_tokens(tokenizer, healing_texts("c4", data_dir)[0], 12 * 4, 48)
     assert torch.equal(written[:, :8], documents[:, :8]) and not torch.equal(written[:, 8:], documents[:, 8:])
+    student = tiny_model("llama", num_layers=4)  # the same cut again: the run resumes, on the same text
+    cut(student, parse_sublayers("L2"))
+    again = heal(student, tokenizer, c4_settings(quantize=False, text="teacher", prompt_tokens=8), tmp_path / "teacher",
+                 data_dir=data_dir, teacher=folder)
+    assert again.resumed_from is not None and again.loss_after == pytest.approx(results["teacher"].loss_after, rel=1e-5)
 
 
 def test_teacher_text_is_read_back_for_the_same_prompts_and_seed_only(tmp_path):
@@ -323,12 +328,18 @@ def test_teacher_text_is_read_back_for_the_same_prompts_and_seed_only(tmp_path):
 
     folder = tmp_path / "dense"
     tiny_model("llama", num_layers=1).save_pretrained(folder)
+    loads = []
+
+    def load():
+        loads.append(1)
+        return tiny_model("llama", num_layers=1)
+
     sequences = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0))
-    first = teacher_text(folder, sequences, 4, 0, "cpu", tmp_path / "work")
+    first = teacher_text(sequences, 4, 0, tmp_path / "work", folder, load)
     stamp = (tmp_path / "work" / CACHE_FILE).stat().st_mtime_ns
-    assert torch.equal(teacher_text(folder, sequences, 4, 0, "cpu", tmp_path / "work"), first)
-    assert (tmp_path / "work" / CACHE_FILE).stat().st_mtime_ns == stamp  # read, not written again
-    other = teacher_text(folder, sequences, 4, 1, "cpu", tmp_path / "work")  # another seed: written afresh
+    assert torch.equal(teacher_text(sequences, 4, 0, tmp_path / "work", folder, load), first)
+    assert (tmp_path / "work" / CACHE_FILE).stat().st_mtime_ns == stamp and len(loads) == 1  # read back, the teacher not loaded
+    other = teacher_text(sequences, 4, 1, tmp_path / "work", folder, load)  # another seed: written afresh
     assert not torch.equal(other, first) and torch.equal(other[:, :4], sequences[:, :4])
     assert not list((tmp_path / "work").glob("*.partial"))
 

@@ -156,6 +156,31 @@ def test_surgery_heal_streamed_exports_the_model_the_in_memory_heal_exports(tiny
     assert not list(tmp_path.glob(".streamed*"))  # the working and staging folders are gone
 
 
+def test_surgery_heal_distils_from_the_teacher_it_is_given(tiny_folder, tmp_path, data_dir):
+    """`surgery heal --teacher`: distillation and the teacher's text need the dense model, which a cut
+    folder does not hold; without it, or with a model of another vocabulary, the refusal names the fix."""
+    from tests.cli import one_line, run
+
+    source, _ = tiny_folder("llama", num_layers=3)
+    cut = tmp_path / "cut"
+    assert run("cut", source, "--remove", "L1", "--out", cut, "--device", "cpu").exit_code == 0
+    out = tmp_path / "healed"
+    teach = ["--heal-distill", "0.5", "--heal-text", "teacher", "--heal-prompt-tokens", "8"]
+    line = one_line(run("heal", cut, "--out", out, "--data-dir", data_dir, *HEAL, *teach))
+    assert "--heal-distill and --heal-text teacher need the dense model the cut came from: pass --teacher " in line, line
+    other, _ = tiny_folder("qwen2", num_layers=1, vocab_size=300)
+    line = one_line(run("heal", cut, "--out", out, "--data-dir", data_dir, *HEAL, "--heal-distill", "0.5", "--teacher", other))
+    assert "has a vocabulary of 300 tokens" in line and "give the model the cut came from" in line
+    assert not out.exists() and not list(tmp_path.glob(".healed*"))
+    result = run("heal", cut, "--out", out, "--data-dir", data_dir, "--eval-tasks", "none", "--no-eval-speed", *HEAL, *teach,
+                 "--teacher", source, catch=False)
+    assert result.exit_code == 0, result.output
+    healing = read_manifest(out)["healing"]
+    assert healing["distill"] == 0.5 and healing["text"] == "teacher" and healing["prompt_tokens"] == 8
+    assert "continued by the dense model after 8 tokens" in healing["data_source"]
+    assert healing["loss_after"] < healing["loss_before"]
+
+
 @pytest.mark.parametrize("mode", [[], ["--heal-mode", "partial", "--heal-blocks", "1"]], ids=["lora", "partial"])
 def test_surgery_heal_merges_file_to_file_when_the_model_does_not_fit_twice(tiny_folder, tmp_path, data_dir, monkeypatch, mode):
     """Partial-layer healing has no adapter: its trained model is copied file to file the same way."""
