@@ -205,10 +205,8 @@ def test_distillation_loss_is_cross_entropy_at_zero_and_kl_at_one():
         distillation_loss(student, teacher[..., :7], labels, 1.0)
 
 
-def test_distilled_healing_moves_the_student_toward_the_dense_teacher(tmp_path, tokenizer, data_dir):
-    from surgery.cut import cut
-    from surgery.sublayers import parse_sublayers
-
+def dense_teacher(tmp_path):
+    """A tiny dense model saved as the teacher's folder, and a student's mean next-token KL to it."""
     teacher = tiny_model("llama", num_layers=4)
     folder = tmp_path / "dense"
     teacher.save_pretrained(folder)
@@ -219,10 +217,25 @@ def test_distilled_healing_moves_the_student_toward_the_dense_teacher(tmp_path, 
             dense, cut_model = torch.log_softmax(teacher(ids).logits, -1), torch.log_softmax(student(ids).logits, -1)
         return float((dense.exp() * (dense - cut_model)).sum(-1).mean())
 
+    return folder, kl_to_teacher
+
+
+def cut_student():
+    """The teacher's model with block 2 removed: what a heal starts from."""
+    from surgery.cut import cut
+    from surgery.sublayers import parse_sublayers
+
+    student = tiny_model("llama", num_layers=4)
+    cut(student, parse_sublayers("L2"))
+    return student
+
+
+def test_distilled_healing_moves_the_student_toward_the_dense_teacher(tmp_path, tokenizer, data_dir):
+    folder, kl_to_teacher = dense_teacher(tmp_path)
+
     after = {}
     for weight in (0.0, 1.0):
-        student = tiny_model("llama", num_layers=4)
-        cut(student, parse_sublayers("L2"))
+        student = cut_student()
         before = kl_to_teacher(student)
         result = heal(student, tokenizer, c4_settings(quantize=False, distill=weight), tmp_path / f"work{weight}",
                       data_dir=data_dir, teacher=folder)
@@ -285,24 +298,13 @@ def test_healing_on_the_teachers_text_moves_the_student_toward_it(tmp_path, toke
     one healed on the documents themselves."""
     from safetensors.torch import load_file
 
-    from surgery.cut import cut
-    from surgery.sublayers import parse_sublayers
     from surgery.teacher_text import CACHE_FILE
 
-    teacher = tiny_model("llama", num_layers=4)
-    folder = tmp_path / "dense"
-    teacher.save_pretrained(folder)
-    ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(1))
-
-    def kl_to_teacher(student):
-        with torch.no_grad():
-            dense, cut_model = torch.log_softmax(teacher(ids).logits, -1), torch.log_softmax(student(ids).logits, -1)
-        return float((dense.exp() * (dense - cut_model)).sum(-1).mean())
+    folder, kl_to_teacher = dense_teacher(tmp_path)
 
     after, results = {}, {}
     for text in ("documents", "teacher"):
-        student = tiny_model("llama", num_layers=4)
-        cut(student, parse_sublayers("L2"))
+        student = cut_student()
         results[text] = heal(student, tokenizer, c4_settings(quantize=False, text=text, prompt_tokens=8), tmp_path / text,
                              data_dir=data_dir, teacher=folder)
         after[text] = kl_to_teacher(results[text].model)
@@ -316,8 +318,7 @@ def test_healing_on_the_teachers_text_moves_the_student_toward_it(tmp_path, toke
 
     documents = pack_tokens(tokenizer, healing_texts("c4", data_dir)[0], 12 * 4, 48)
     assert torch.equal(written[:, :8], documents[:, :8]) and not torch.equal(written[:, 8:], documents[:, 8:])
-    student = tiny_model("llama", num_layers=4)  # the same cut again: the run resumes, on the same text
-    cut(student, parse_sublayers("L2"))
+    student = cut_student()  # the same cut again: the run resumes, on the same text
     again = heal(student, tokenizer, c4_settings(quantize=False, text="teacher", prompt_tokens=8), tmp_path / "teacher",
                  data_dir=data_dir, teacher=folder)
     assert again.resumed_from is not None and again.loss_after == pytest.approx(results["teacher"].loss_after, rel=1e-5)
