@@ -33,16 +33,17 @@ def _teacher_for(folder: Path, spec: str | None, healing: HealSettings, load: Lo
     from surgery.source import resolve
 
     path = resolve(spec, allow_pickle=load.allow_pickle).path
-    sizes = [_config_vocab(f) for f in (path, folder)]
+    sizes = [_text_config(f).get("vocab_size") for f in (path, folder)]
     if sizes[0] != sizes[1]:
         raise SurgeryError(f"--teacher {spec} has a vocabulary of {sizes[0]} tokens and {folder} one of {sizes[1]}: "
                            "give the model the cut came from")
     return path
 
 
-def _config_vocab(folder: Path) -> Any:
+def _text_config(folder: Path) -> dict[str, Any]:
+    """config.json's decoder settings (a multimodal config nests them under text_config)."""
     config = json.loads((folder / "config.json").read_text())
-    return config.get("text_config", config).get("vocab_size")
+    return config.get("text_config", config)
 
 
 def resolve_with_output_check(model_spec: str, check_output: Callable[[list[Path]], Any], load: LoadSettings) -> Any:
@@ -57,8 +58,7 @@ def resolve_with_output_check(model_spec: str, check_output: Callable[[list[Path
 
 
 def _config_layers(folder: Path) -> int:
-    config = json.loads((folder / "config.json").read_text())
-    config = config.get("text_config", config)
+    config = _text_config(folder)
     if "num_hidden_layers" not in config:
         raise SurgeryError(f"{folder}/config.json has no num_hidden_layers: is it a decoder-only LLM?")
     return int(config["num_hidden_layers"])
