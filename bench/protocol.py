@@ -333,9 +333,9 @@ def budget_summary(decision: dict) -> dict:
                       "reaches_targets": ppl / dense_ppl <= 2.0 and accuracy >= 90.0,
                       "loss_after": run["healing"]["loss_after"], "healing_minutes": run["healing"]["seconds"] / 60,
                       "minutes": run["seconds"] / 60}
+    documents = {(r["steps"], r["distill"]): name for name, r in rows.items() if r["text"] == "documents"}
     for name, row in rows.items():  # amendment 5: each teacher's-text run against the documents' run of its budget
-        twin = next((d for d, r in rows.items() if r["text"] == "documents" and (r["steps"], r["distill"]) ==
-                     (row["steps"], row["distill"])), None) if row["text"] == "teacher" else None
+        twin = documents.get((row["steps"], row["distill"])) if row["text"] == "teacher" else None
         if twin:
             row["against_documents"] = paired_dev_difference(runs[name][-1]["healed"], runs[twin][-1]["healed"], margins, twin)
     # amendment 5: the smallest budget by steps; at equal steps the documents before the teacher's text, plain before distilled
