@@ -854,7 +854,7 @@ def budget_section(data: dict | None) -> list[str]:
               "| budget | steps | training tokens | text | distillation | healed held-out loss | dev WikiText-2 ppl | x dense | "
               "dev accuracy (% of dense margin, ± item SE) | reaches both targets on dev | healing minutes |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {r['steps']} | {r['training_tokens']:,} | {r.get('text', 'documents')} | {r['distill']:g} | "
+    lines += [f"| {name} | {r['steps']} | {r['training_tokens']:,} | {r['text']} | {r['distill']:g} | "
               f"{r['loss_after']:.3f} | {r['healed_dev_wikitext2_ppl']:.2f} | {r['ppl_ratio']:.2f} | "
               f"{r['normalised_dev_accuracy']:.1f} ± {r['normalised_dev_accuracy_se']:.1f} | "
               f"{'yes' if r['reaches_targets'] else 'no'} | {r['healing_minutes']:.1f} |" for name, r in rows.items()]
@@ -863,7 +863,7 @@ def budget_section(data: dict | None) -> list[str]:
                    "test table would give it to every method, with 3 seeds." if first else
                    "**No budget tried reaches both targets on dev** (at most 2.0x dense perplexity and at least 90% of the "
                    "dense margin); the table shows how far each is.")]
-    documents = {n: r for n, r in rows.items() if r.get("text", "documents") == "documents"}
+    documents = {n: r for n, r in rows.items() if r["text"] == "documents"}
     ppl_only = [n for n, r in rows.items() if r["ppl_ratio"] <= 2.0 and not r["reaches_targets"]]
     if ppl_only:
         lines += ["", f"{', '.join(ppl_only)} {'reaches' if len(ppl_only) == 1 else 'reach'} the perplexity target alone."]
