@@ -19,8 +19,7 @@ from surgery.settings import AnalysisSettings, EvalSettings, ExportSettings, Hea
 def _teacher_for(folder: Path, spec: str | None, healing: HealSettings, load: LoadSettings) -> Path | None:
     """The dense model `surgery heal` distils from or lets write the healing text, when the settings
     need one: resolved like any model, with the cut's vocabulary (its logits are compared token for token)."""
-    needs = [what for what, used in (("--heal-distill", healing.distill > 0), ("--heal-text teacher", healing.text == "teacher"))
-             if used]
+    needs = healing.teacher_needed_by
     if not needs:
         return None
     if spec is None:

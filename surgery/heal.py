@@ -174,11 +174,11 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     quiet_transformers()
     if tokenizer is None:
         raise SurgeryError("healing needs the model's tokenizer: use a model folder that holds one")
-    if (settings.distill > 0 or settings.text == "teacher") and not (teacher and (Path(teacher) / "config.json").is_file()):
-        needs = "distillation" if settings.distill > 0 else "--heal-text teacher"
-        raise SurgeryError(f"{needs} needs the dense teacher's model folder, got {teacher}: pass it, or set distill to 0 "
-                           "and --heal-text documents")
-    teacher = Path(teacher) if settings.distill > 0 or settings.text == "teacher" else None
+    needs = settings.teacher_needed_by
+    if needs and not (teacher and (Path(teacher) / "config.json").is_file()):
+        raise SurgeryError(f"{' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} the dense teacher's model folder, "
+                           f"got {teacher}: pass it, or set distill to 0 and --heal-text documents")
+    teacher = Path(teacher) if needs else None
     started = time.perf_counter()
     work = Path(work)
     given_folder = isinstance(model, (str, Path))

@@ -480,6 +480,12 @@ class HealSettings:
             raise SurgeryError(f"distillation weight {self.distill} is outside [0, 1]: use 0 (plain LM loss) to 1 (pure distillation)")
 
     @property
+    def teacher_needed_by(self) -> list[str]:
+        """The options set that need the dense teacher's model (none: healing runs without it)."""
+        return [option for option, used in (("--heal-distill", self.distill > 0), ("--heal-text teacher", self.text == "teacher"))
+                if used]
+
+    @property
     def run_seed(self) -> int:
         return 0 if self.seed is None else self.seed
 
