@@ -4,7 +4,7 @@
     python bench/protocol.py test           # the dense model, the default and every peer x 3 healing seeds, on test data
     python bench/protocol.py calibration    # calibration draws and sources for the default (and the closest peers)
     python bench/protocol.py aggregate      # bench/results/protocol.json, read by make_results.py
-    python bench/protocol.py budget         # amendments 4 and 5: the default at other healing budgets and texts, on dev only
+    python bench/protocol.py budget         # amendments 4 to 6: the default at other healing budgets and texts, on dev only
 
 Every run goes through `surgery prune`'s own stages (surgery.prune) with the protocol's settings
 and writes bench/results/protocol/<name>.json as it finishes; a stopped command resumes.
@@ -50,10 +50,11 @@ CANDIDATES = {
     "sleb+lstsq": {"strategy": "sleb", "bridge": True, "bridge_fit": "lstsq"},
 }
 REASSESSING_RATES = (1e-4, 2e-5)
-# docs/protocol-amendments.md, 4 and 5: name -> (healing steps, distillation weight, healing text); x1 is the dev
+# docs/protocol-amendments.md, 4 to 6: name -> (healing steps, distillation weight, healing text); x1 is the dev
 # table's own run; "teacher": the dense model's continuations of the documents' first 32 tokens
 BUDGETS = {"x4": (96, 0.0, "documents"), "x4-distill": (96, 0.5, "documents"), "x16": (384, 0.0, "documents"),
-           "teacher-x1": (24, 0.0, "teacher"), "teacher-x4": (96, 0.0, "teacher"), "teacher-x4-distill": (96, 0.5, "teacher")}
+           "teacher-x1": (24, 0.0, "teacher"), "teacher-x4": (96, 0.0, "teacher"), "teacher-x4-distill": (96, 0.5, "teacher"),
+           "x16-distill": (384, 0.5, "documents")}
 
 
 # ------------------------------------------------------------------ settings
@@ -61,7 +62,7 @@ BUDGETS = {"x4": (96, 0.0, "documents"), "x4-distill": (96, 0.5, "documents"), "
 
 def settings_for(method: dict, *, seed: int = 0, draw: int = 0, source: str = "c4", heal_lr: float | None = None,
                  steps: int = 24, distill: float = 0.0, text: str = "documents"):
-    """`surgery prune` settings: the protocol's common budget (amendments 4 and 5: other steps, distillation, the
+    """`surgery prune` settings: the protocol's common budget (amendments 4 to 6: other steps, distillation, the
     teacher's text), then the method's own."""
     from surgery.settings import AnalysisSettings, HealSettings, LoadSettings, PerplexityProtocol, PruneSettings
 
@@ -303,7 +304,7 @@ def closest_peers(n: int = 2) -> list[str]:
 
 
 def budget_jobs(decision: dict) -> list[dict]:
-    """Amendments 4 and 5: the default on dev at other healing budgets and texts (kept in budget/, apart from the
+    """Amendments 4 to 6: the default on dev at other healing budgets and texts (kept in budget/, apart from the
     protocol's runs)."""
     jobs = [{"name": f"budget/dev-default-{name}", "method": CANDIDATES[decision["default"]], "split": "dev",
              "steps": steps, "distill": distill, "text": text} for name, (steps, distill, text) in BUDGETS.items()]
@@ -312,7 +313,7 @@ def budget_jobs(decision: dict) -> list[dict]:
 
 def budget_summary(decision: dict) -> dict:
     """Each budget's healed dev WikiText-2 against the dense model's and its normalised dev accuracy, with
-    the rule of amendments 4 and 5; x1 is the dev table's run of the default."""
+    the rule of amendments 4 to 6; x1 is the dev table's run of the default."""
     from stats import normalised
 
     dense = _load("dev-dense")["dense"]
@@ -333,15 +334,17 @@ def budget_summary(decision: dict) -> dict:
                       "reaches_targets": ppl / dense_ppl <= 2.0 and accuracy >= 90.0,
                       "loss_after": run["healing"]["loss_after"], "healing_minutes": run["healing"]["seconds"] / 60,
                       "minutes": run["seconds"] / 60}
-    documents = {(r["steps"], r["distill"]): name for name, r in rows.items() if r["text"] == "documents"}
-    for name, row in rows.items():  # amendment 5: each teacher's-text run against the documents' run of its budget
-        twin = documents.get((row["steps"], row["distill"])) if row["text"] == "teacher" else None
-        if twin:
-            row["against_documents"] = paired_dev_difference(runs[name][-1]["healed"], runs[twin][-1]["healed"], margins, twin)
+    named = {(r["steps"], r["distill"], r["text"]): name for name, r in rows.items()}
+    for name, row in rows.items():
+        twins = {"against_documents": named.get((row["steps"], row["distill"], "documents")) if row["text"] == "teacher" else None,
+                 "against_plain": named.get((row["steps"], 0.0, row["text"])) if row["distill"] else None}
+        for key, twin in twins.items():  # amendment 5: the teacher's text against the documents; 6: distilled against plain
+            if twin:
+                row[key] = paired_dev_difference(runs[name][-1]["healed"], runs[twin][-1]["healed"], margins, twin)
     # amendment 5: the smallest budget by steps; at equal steps the documents before the teacher's text, plain before distilled
     reaching = sorted((name for name in rows if rows[name]["reaches_targets"]),
                       key=lambda n: (rows[n]["steps"], rows[n]["text"] == "teacher", rows[n]["distill"] > 0))
-    return {"protocol": "docs/protocol-amendments.md, 4 and 5", "default": decision["default"], "dense_dev_wikitext2_ppl": dense_ppl,
+    return {"protocol": "docs/protocol-amendments.md, 4 to 6", "default": decision["default"], "dense_dev_wikitext2_ppl": dense_ppl,
             "rows": rows, "first_reaching": reaching[0] if reaching else None,
             "unfinished": [name for name in runs if name not in rows]}
 
