@@ -840,9 +840,9 @@ def several_processes_section(data: dict) -> list[str]:
 
 
 def budget_section(data: dict | None) -> list[str]:
-    """docs/protocol-amendments.md, amendments 4 and 5: the default on dev at other healing budgets and texts."""
-    lines = ["### Other healing budgets and texts, on dev only (amendments 4 and 5)", "",
-             "Source: bench/results/protocol_budget.json (`python bench/protocol.py budget`), following amendments 4 and 5 "
+    """docs/protocol-amendments.md, amendments 4 to 6: the default on dev at other healing budgets and texts."""
+    lines = ["### Other healing budgets and texts, on dev only (amendments 4 to 6)", "",
+             "Source: bench/results/protocol_budget.json (`python bench/protocol.py budget`), following amendments 4 to 6 "
              "of docs/protocol-amendments.md, each committed before its runs. The default's cut, healing seed 0, dev data "
              "only; x1 is the dev table's run. Text: the C4 healing documents as they are, or the dense model's "
              "continuations of each sequence's first 32 tokens (`--heal-text teacher`, docs/pruning.md). These figures "
@@ -888,6 +888,19 @@ def budget_section(data: dict | None) -> list[str]:
                   f"{len(pairs)} pairs; its accuracy differs from the documents' by more than 1.96 paired item SE in "
                   f"{len(apart)} of {len(pairs)}" + (f" ({', '.join(apart)})." if apart else ".") +
                   " Its healing minutes include writing the text."]
+    distilled = {n: r["against_plain"] for n, r in rows.items() if r.get("against_plain")}
+    if distilled:
+        lines += ["", "Each distilled run against the plain run of its steps and text, on the same dev windows and items "
+                  "(amendment 6; a description, no choice rests on it; one healing seed each, paired item SE only):", "",
+                  "| distilled | plain | dev WikiText-2 ppl ratio | log-ratio item SE | accuracy difference (points) | "
+                  "paired item SE |", "|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {p['against']} | {math.exp(p['log_ppl_difference']):.3f} | {p['log_ppl_item_se']:.3f} | "
+                  f"{p['accuracy_difference']:+.1f} | {p['accuracy_item_se']:.1f} |" for n, p in distilled.items()]
+        lower = [n for n, p in distilled.items() if -p["log_ppl_difference"] > 1.96 * p["log_ppl_item_se"]]
+        apart = [n for n, p in distilled.items() if abs(p["accuracy_difference"]) > 1.96 * p["accuracy_item_se"]]
+        lines += ["", f"Distillation leaves a lower dev perplexity by more than 1.96 item SE in {len(lower)} of {len(distilled)} "
+                  f"pairs; its accuracy differs from the plain loss's by more than 1.96 paired item SE in {len(apart)} of "
+                  f"{len(distilled)}" + (f" ({', '.join(apart)})." if apart else ".")]
     if data.get("unfinished"):
         lines += ["", "Not finished: " + ", ".join(data["unfinished"]) + " (`python bench/protocol.py budget` resumes)."]
     return lines + [""]
@@ -912,7 +925,7 @@ def main() -> None:
              "python bench/several_processes.py    # analysis on 2 torchrun processes against 1",
              "python bench/search_cost.py       # the default strategy's search, its cache rebased on its choices or not",
              "python bench/protocol.py dev|test|calibration   # docs/protocol.md's comparison (resumes)",
-             "python bench/protocol.py budget   # amendments 4 and 5: the default at other healing budgets and texts, on dev",
+             "python bench/protocol.py budget   # amendments 4 to 6: the default at other healing budgets and texts, on dev",
              "python bench/make_results.py      # this page", "```", ""]
     summary = load("strategies")
     if summary:
