@@ -35,7 +35,7 @@ def sample_continuations(teacher: Any, prompts: Any, length: int, seed: int, bat
     with torch.inference_mode():
         for chunk in prompts.split(batch):
             ids = chunk.to(device)
-            out = teacher(input_ids=ids, use_cache=True)
+            out = teacher(input_ids=ids, use_cache=True, logits_to_keep=1)  # the prompt's last position only
             while ids.shape[1] < length:
                 probabilities = out.logits[:, -1].float().softmax(-1)
                 token = torch.multinomial(probabilities, 1, generator=generator)
@@ -54,6 +54,7 @@ def teacher_text(sequences: Any, prompt_tokens: int, seed: int, work: Path, fold
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from surgery.files import atomic_file
     from surgery.source import fingerprint
 
     prompts = sequences[:, :prompt_tokens].contiguous()
@@ -66,8 +67,6 @@ def teacher_text(sequences: Any, prompt_tokens: int, seed: int, work: Path, fold
     teacher = load()
     ids = sample_continuations(teacher, prompts, sequences.shape[1], seed)
     del teacher
-    Path(work).mkdir(parents=True, exist_ok=True)
-    partial = cached.with_suffix(".partial")
-    save_file({"ids": ids.to(torch.int64).contiguous()}, str(partial), metadata={"key": key})
-    partial.replace(cached)
+    with atomic_file(cached) as partial:
+        save_file({"ids": ids.to(torch.int64).contiguous()}, str(partial), metadata={"key": key})
     return ids
