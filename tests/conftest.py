@@ -39,7 +39,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # The slowest files, longest first (a --junitxml run on one worker, 2026-12-04: the SmolLM2 prune
 # about a third of the suite's time, then the interruptions, the torchrun tests and the other two
-# SmolLM2 files, each more than the next largest file twice over). `make test` runs
+# SmolLM2 files, 70 s or more each; no other file took 50 s). `make test` runs
 # `--dist loadfile --no-loadscope-reorder`, so the two workers start on these; xdist's default order
 # (files with the most tests first) left the 380 s file for last, with one worker idle meanwhile.
 LONGEST_FIRST = ("test_e2e_prune_smollm2.py", "test_interruptions.py", "test_distributed.py", "test_e2e_eval_smollm2.py",
