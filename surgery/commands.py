@@ -350,7 +350,7 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
     from surgery.evaluate import evaluate_model, fit_context_to_model
     from surgery.export.checkpoint import export_checkpoint
     from surgery.files import check_output_folder, claimed_folder, work_folder, working_folder
-    from surgery.heal import heal, heldout_loss
+    from surgery.heal import heal, heldout_loss, resumable
     from surgery.layerwise import LayerwiseModel
     from surgery.loading import check_device_options, load_tokenizer, resolve_device
     from surgery.publish import LOCAL_RECORD, published
@@ -407,7 +407,7 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
 
     protected = [source.path, *([dense.path] if dense else [])]
     with claimed_folder(out, force=force, protected=protected) if here.main else contextlib.nullcontext(), \
-            working_folder(work, keep=keep_work or not here.main):
+            working_folder(work, keep=keep_work or not here.main, resumes=resumable):
         healed = heal(source.path, tokenizer, healing, work, data_dir=data_dir, device=device, teacher=dense.path if dense else None,
                       job={"source": source.describe()["fingerprint"]}, streamed=streamed)
         if healed is None:
