@@ -219,7 +219,7 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
         from surgery.teacher_text import teacher_text
 
         train_ids = from_main(lambda: teacher_text(train_ids, settings.prompt_tokens, settings.run_seed, work, teacher,
-                                                   lambda: _load_teacher(teacher, settings, device)))
+                                                   lambda: _load_teacher(teacher, settings, device), settings.batch_size))
         source = f"{source}, continued by the dense model after {settings.prompt_tokens} tokens"
     adapter, log, resumed = _train(base_folder, tokenizer, train_ids, settings, arch, work, device,
                                    teacher if settings.distill > 0 else None)

@@ -272,24 +272,25 @@ def test_the_teacher_samples_from_its_full_next_token_distribution():
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_moe"])
 def test_teacher_continuations_through_the_cache_equal_full_forwards(family):
-    """The cached sampling loop draws what full forwards over the growing text would (the same
-    generator), across families with sliding windows and experts; the same seed writes the same text."""
-    from surgery.teacher_text import sample_continuations
+    """The cached sampling loop draws what full forwards over the growing text would (each row with
+    its generator), across families with sliding windows and experts; the text is the same however
+    many rows are sampled at once, the same seed writes the same text and another seed other text."""
+    from surgery.teacher_text import row_generator, sample_continuations
 
     teacher = tiny_model(family, num_layers=2)
     prompts = torch.randint(3, 300, (3, 6), generator=torch.Generator().manual_seed(2))
     written = sample_continuations(teacher, prompts, 20, seed=5, batch=2)
-    generator = torch.Generator().manual_seed(5)
     expected = []
-    for chunk in prompts.split(2):
-        ids = chunk
+    for row, ids in enumerate(prompts.split(1)):
+        generator = row_generator(5, row)
         with torch.no_grad():
             while ids.shape[1] < 20:
                 probabilities = teacher(ids).logits[:, -1].float().softmax(-1)
                 ids = torch.cat([ids, torch.multinomial(probabilities, 1, generator=generator)], dim=1)
         expected.append(ids)
     assert written.shape == (3, 20) and torch.equal(written, torch.cat(expected))
-    assert torch.equal(sample_continuations(teacher, prompts, 20, seed=5, batch=2), written)
+    for batch in (1, 3):
+        assert torch.equal(sample_continuations(teacher, prompts, 20, seed=5, batch=batch), written)
     assert not torch.equal(sample_continuations(teacher, prompts, 20, seed=6, batch=2), written)
 
 
