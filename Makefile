@@ -26,11 +26,11 @@ demo: setup
 # The whole test suite, offline, two workers with one torch thread each.
 test: setup
 	SURGERY_DATA_DIR=$(DATA) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 \
-		$(BIN)/python -m pytest -n 2 --dist loadfile -q
+		$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q
 
 test-fast: setup
 	SURGERY_DATA_DIR=$(DATA) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 \
-		$(BIN)/python -m pytest -n 2 --dist loadfile -q -m "not slow"
+		$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

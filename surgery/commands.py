@@ -16,27 +16,56 @@ from surgery.errors import SurgeryError
 from surgery.settings import AnalysisSettings, EvalSettings, ExportSettings, HealSettings, LoadSettings, StreamSettings
 
 
-def _teacher_for(folder: Path, spec: str | None, healing: HealSettings, load: LoadSettings) -> Path | None:
-    """The dense model `surgery heal` distils from or lets write the healing text, when the settings
-    need one: resolved like any model, with the cut's vocabulary (its logits are compared token for token)."""
+def _teacher_for(folder: Path, spec: str | None, healing: HealSettings, load: LoadSettings) -> Any:
+    """The dense model (a ModelSource) `surgery heal` distils from or lets write the healing text, when
+    the settings need one: resolved like any model, with the cut's vocabulary (its logits are compared
+    token for token). A teacher whose files differ from the model the cut records is said, not refused:
+    the same model in another precision or format is a fair teacher."""
     needs = healing.teacher_needed_by
     if not needs:
+        if spec is not None:
+            raise SurgeryError("--teacher is used only with --heal-distill W or --heal-text teacher: add one, or drop --teacher")
         return None
+    recorded = _recorded_source(folder)
     if spec is None:
-        try:
-            recorded = json.loads((folder / "surgery.json").read_text())["source"]["id"]
-        except (OSError, ValueError, KeyError, TypeError):
-            recorded = "MODEL"
         verb = "needs" if len(needs) == 1 else "need"
-        raise SurgeryError(f"{' and '.join(needs)} {verb} the dense model the cut came from: pass --teacher {recorded}")
-    from surgery.source import resolve
+        raise SurgeryError(f"{' and '.join(needs)} {verb} the dense model the cut came from: pass --teacher {_model_to_pass(recorded)}")
+    from surgery.source import fingerprint, resolve
 
-    path = resolve(spec, allow_pickle=load.allow_pickle).path
-    sizes = [_text_config(f).get("vocab_size") for f in (path, folder)]
+    teacher = resolve(spec, allow_pickle=load.allow_pickle)
+    sizes = [_text_config(f).get("vocab_size") for f in (teacher.path, folder)]
     if sizes[0] != sizes[1]:
         raise SurgeryError(f"--teacher {spec} has a vocabulary of {sizes[0]} tokens and {folder} one of {sizes[1]}: "
                            "give the model the cut came from")
-    return path
+    if recorded.get("fingerprint") not in (None, fingerprint(teacher.path)):
+        from surgery.console import console
+
+        console.print(f"[yellow]--teacher {spec}: its files differ from those of the model the cut came from "
+                      f"({_model_to_pass(recorded)}); distilling from it as given[/]", soft_wrap=True)
+    return teacher
+
+
+def _recorded_source(folder: Path) -> dict[str, Any]:
+    """The source model a cut records: local.json's full record, else surgery.json's published one."""
+    from surgery.publish import LOCAL_RECORD
+
+    for name in (LOCAL_RECORD, "surgery.json"):
+        try:
+            source = json.loads((folder / name).read_text())["source"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(source, dict):
+            return source
+    return {}
+
+
+def _model_to_pass(source: dict[str, Any]) -> str:
+    """What to type to get the recorded source again: the alias or Hub id as typed, the .gguf file
+    or folder by its full path (the name typed may have been relative to another directory)."""
+    kind = source.get("kind")
+    if kind in ("alias", "hub") and source.get("spec"):
+        return source["spec"]
+    return {"gguf": source.get("origin"), "folder": source.get("path")}.get(kind) or "MODEL"
 
 
 def _text_config(folder: Path) -> dict[str, Any]:
@@ -321,7 +350,7 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
     from surgery.evaluate import evaluate_model, fit_context_to_model
     from surgery.export.checkpoint import export_checkpoint
     from surgery.files import check_output_folder, claimed_folder, work_folder, working_folder
-    from surgery.heal import heal, heldout_loss
+    from surgery.heal import heal, heldout_loss, resumable
     from surgery.layerwise import LayerwiseModel
     from surgery.loading import check_device_options, load_tokenizer, resolve_device
     from surgery.publish import LOCAL_RECORD, published
@@ -332,7 +361,7 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
     tokenizer = load_tokenizer(source.path)
     if tokenizer is None:
         raise SurgeryError(f"{source.path} has no tokenizer: healing needs one; export the cut with its tokenizer")
-    teacher_path = _teacher_for(source.path, teacher, healing, load)
+    dense = _teacher_for(source.path, teacher, healing, load)
     device = resolve_device(load.device)
     here = start(device)
 
@@ -351,12 +380,14 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
 
     streamed = from_main(decide)
     work = work_folder(Path(out).expanduser().absolute())
-    labels = {str(source.path): source.public_id(), str(cache_dir()): "<surgery cache>", str(work): "<working folder>"}
+    labels = {str(source.path): source.public_id(), str(cache_dir()): "<surgery cache>", str(work): "<working folder>",
+              **({str(dense.path): dense.public_id()} if dense else {})}
 
     def finish(results: dict[str, Any], loss_after: float) -> tuple[dict[str, Any], dict[str, str]]:
-        record = {"healed_from": source.describe(), "healing": {**healed.settings, "data_source": healed.data_source,
-                  "loss_before": healed.loss_before, "loss_after": loss_after, "log": healed.log,
-                  "resumed_from": healed.resumed_from}, "evaluation": results}
+        record = {"healed_from": source.describe(), **({"teacher": dense.describe()} if dense else {}),
+                  "healing": {**healed.settings, "data_source": healed.data_source,
+                              "loss_before": healed.loss_before, "loss_after": loss_after, "log": healed.log,
+                              "resumed_from": healed.resumed_from}, "evaluation": results}
         return record, {LOCAL_RECORD: json.dumps(record, indent=2, default=str) + "\n"}
 
     kept: dict[str, Any] = {}  # the streamed export's record, as measured on the written folder
@@ -374,10 +405,10 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
         kept.update(record)
         return published(record, labels), extra
 
-    protected = [source.path, *([teacher_path] if teacher_path else [])]
+    protected = [source.path, *([dense.path] if dense else [])]
     with claimed_folder(out, force=force, protected=protected) if here.main else contextlib.nullcontext(), \
-            working_folder(work, keep=keep_work or not here.main):
-        healed = heal(source.path, tokenizer, healing, work, data_dir=data_dir, device=device, teacher=teacher_path,
+            working_folder(work, keep=keep_work or not here.main, resumes=resumable):
+        healed = heal(source.path, tokenizer, healing, work, data_dir=data_dir, device=device, teacher=dense.path if dense else None,
                       job={"source": source.describe()["fingerprint"]}, streamed=streamed)
         if healed is None:
             return None  # one of several processes, not the first

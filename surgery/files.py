@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -302,17 +302,18 @@ def work_folder(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def working_folder(work: Path, *, keep: bool) -> Iterator[Path]:
-    """Removed when the job ends, unless asked to keep it, or a failure leaves healing checkpoints
-    that the same command resumes from (said on the terminal, with how to start over)."""
+def working_folder(work: Path, *, keep: bool, resumes: Callable[[Path], str | None] = lambda work: None) -> Iterator[Path]:
+    """Removed when the job ends, unless asked to keep it, or a failure leaves in it what the same
+    command picks up again: `resumes(work)` says what, in words (said on the terminal, with how to
+    start over), or None."""
     try:
         yield work
     except BaseException:
-        if any((work / "checkpoints").glob("checkpoint-*")):
+        what = resumes(work)
+        if what:
             from surgery.console import console
 
-            console.print(f"[yellow]kept {work}: the same command resumes healing from its last checkpoint "
-                          "(delete the folder to start over)[/]", soft_wrap=True)
+            console.print(f"[yellow]kept {work}: the same command {what} (delete the folder to start over)[/]", soft_wrap=True)
         elif not keep:
             shutil.rmtree(work, ignore_errors=True)
         raise

@@ -144,7 +144,7 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
 
     `model` is a model in memory or a model folder (`surgery heal`: nothing is loaded in full
     precision but the merge, on process 0). `teacher` is the dense model's folder, needed when
-    `settings.distill > 0`. `job`: what the caller knows about where the model came from
+    `settings.teacher_needed_by` names an option. `job`: what the caller knows about where the model came from
     (source, plan, bridge), named when a working folder of another job is set aside.
 
     A model in memory is consumed: it is saved into `work` and its weights are released, so a large
@@ -219,7 +219,7 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
         from surgery.teacher_text import teacher_text
 
         train_ids = from_main(lambda: teacher_text(train_ids, settings.prompt_tokens, settings.run_seed, work, teacher,
-                                                   lambda: _load_teacher(teacher, settings, device)))
+                                                   lambda: _load_teacher(teacher, settings, device), settings.batch_size))
         source = f"{source}, continued by the dense model after {settings.prompt_tokens} tokens"
     adapter, log, resumed = _train(base_folder, tokenizer, train_ids, settings, arch, work, device,
                                    teacher if settings.distill > 0 else None)
@@ -291,13 +291,28 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+def resumable(work: Path) -> str | None:
+    """What a failed heal leaves in `work` that the same command picks up again, in words (for
+    files.working_folder): its checkpoints, or the teacher's text (sampling it can take longer than
+    training on it)."""
+    from surgery.teacher_text import CACHE_FILE
+
+    if any((Path(work) / "checkpoints").glob("checkpoint-*")):
+        return "resumes healing from its last checkpoint"
+    if (Path(work) / CACHE_FILE).is_file():
+        return "trains on the teacher's text kept there"
+    return None
+
+
 def _claim_working_folder(work: Path, identity: dict[str, Any]) -> None:
     """Keep what `work` holds only if it was made for `identity`; otherwise say what differs and
     clear it, so that a rerun with another plan never resumes, or merges into, another model."""
     from surgery.console import console
 
     work.mkdir(parents=True, exist_ok=True)
-    left = [p for p in ("base", "base.partial", "checkpoints", "adapter", "trained", JOB_FILE) if (work / p).exists()]
+    from surgery.teacher_text import CACHE_FILE
+
+    left = [p for p in ("base", "base.partial", "checkpoints", "adapter", "trained", CACHE_FILE, JOB_FILE) if (work / p).exists()]
     try:
         earlier = json.loads((work / JOB_FILE).read_text())
     except (OSError, ValueError):

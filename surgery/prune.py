@@ -247,6 +247,7 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
     from surgery.console import console, progress_bar
     from surgery.distributed import broadcast, from_main, start
     from surgery.files import claimed_folder, work_folder, working_folder
+    from surgery.heal import resumable
     from surgery.loading import resolve_device
     from surgery.provenance import now, versions
 
@@ -271,7 +272,8 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
             yield
             report["timings"][f"{name}_seconds"] = time.perf_counter() - clock
 
-        with working_folder(work_folder(checked.out), keep=settings.keep_work or not here.main) as work, progress_bar():
+        with working_folder(work_folder(checked.out), keep=settings.keep_work or not here.main, resumes=resumable) as work, \
+                progress_bar():
             analysis = None
             if checked.methods:
                 step(f"analysis: {', '.join(checked.methods)}")

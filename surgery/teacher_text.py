@@ -26,19 +26,21 @@ CACHE_FILE = "teacher-text.safetensors"
 
 def sample_continuations(teacher: Any, prompts: Any, length: int, seed: int, batch: int = 32) -> Any:
     """[N, length] token ids: each row of `prompts` [N, P] continued by `teacher` to `length` tokens,
-    each new token drawn from the teacher's softmax with a generator seeded by `seed`."""
+    each new token drawn from the teacher's softmax. Row i draws with its own generator
+    (`row_generator(seed, i)`), so the text does not depend on `batch`, the rows sampled at once:
+    that can follow the memory at hand without changing what is written."""
     import torch
 
     device = next(teacher.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
     rows = []
     with torch.inference_mode():
-        for chunk in prompts.split(batch):
-            ids = chunk.to(device)
-            out = teacher(input_ids=ids, use_cache=True)
+        for first in range(0, len(prompts), batch):
+            ids = prompts[first:first + batch].to(device)
+            generators = [row_generator(seed, row, device) for row in range(first, first + len(ids))]
+            out = teacher(input_ids=ids, use_cache=True, logits_to_keep=1)  # the prompt's last position only
             while ids.shape[1] < length:
                 probabilities = out.logits[:, -1].float().softmax(-1)
-                token = torch.multinomial(probabilities, 1, generator=generator)
+                token = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probabilities, generators)])
                 ids = torch.cat([ids, token], dim=1)
                 if ids.shape[1] < length:
                     out = teacher(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
@@ -46,14 +48,25 @@ def sample_continuations(teacher: Any, prompts: Any, length: int, seed: int, bat
     return torch.cat(rows)
 
 
-def teacher_text(sequences: Any, prompt_tokens: int, seed: int, work: Path, folder: Path, load: Callable[[], Any]) -> Any:
+def row_generator(seed: int, row: int, device: Any = "cpu") -> Any:
+    """The random generator of one row of the teacher's text: seeded by (seed, row), any size of seed."""
+    import torch
+
+    digest = hashlib.sha256(f"surgery-teacher-text|{seed}|{row}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def teacher_text(sequences: Any, prompt_tokens: int, seed: int, work: Path, folder: Path, load: Callable[[], Any],
+                 batch: int = 32) -> Any:
     """`sequences` [N, L] with everything after each row's first `prompt_tokens` tokens rewritten by
     the dense model in `folder`, loaded by `load()` only when the text is not already kept in `work`
-    under a key of the teacher's files, the prompts and the seed (a resumed heal reads it back)."""
+    under a key of the teacher's files, the prompts and the seed (a resumed heal reads it back).
+    `batch` rows are sampled at once (the healing micro-batch: what fits beside the model)."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from surgery.files import atomic_file
     from surgery.source import fingerprint
 
     prompts = sequences[:, :prompt_tokens].contiguous()
@@ -64,10 +77,8 @@ def teacher_text(sequences: Any, prompt_tokens: int, seed: int, work: Path, fold
             if (handle.metadata() or {}).get("key") == key:
                 return load_file(str(cached))["ids"]
     teacher = load()
-    ids = sample_continuations(teacher, prompts, sequences.shape[1], seed)
+    ids = sample_continuations(teacher, prompts, sequences.shape[1], seed, batch)
     del teacher
-    Path(work).mkdir(parents=True, exist_ok=True)
-    partial = cached.with_suffix(".partial")
-    save_file({"ids": ids.to(torch.int64).contiguous()}, str(partial), metadata={"key": key})
-    partial.replace(cached)
+    with atomic_file(cached) as partial:
+        save_file({"ids": ids.to(torch.int64).contiguous()}, str(partial), metadata={"key": key})
     return ids

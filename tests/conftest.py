@@ -37,6 +37,20 @@ def pytest_configure(config: pytest.Config) -> None:
     quiet_transformers()
 
 
+# The slowest files, longest first (a --junitxml run on one worker, 2026-12-04: the SmolLM2 prune
+# about a third of the suite's time, then the interruptions, the torchrun tests and the other two
+# SmolLM2 files, 70 s or more each; no other file took 50 s). `make test` runs
+# `--dist loadfile --no-loadscope-reorder`, so the two workers start on these; xdist's default order
+# (files with the most tests first) left the 380 s file for last, with one worker idle meanwhile.
+LONGEST_FIRST = ("test_e2e_prune_smollm2.py", "test_interruptions.py", "test_distributed.py", "test_e2e_eval_smollm2.py",
+                 "test_e2e_cut_smollm2.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from surgery.tiny import tiny_tokenizer

@@ -192,6 +192,25 @@ def test_mmlu_from_one_file_reports_every_subject_and_overall(tmp_path, tokenize
     assert entry["source"].startswith(f"{tmp_path / 'mmlu_test.jsonl.gz'} (hf://cais/mmlu/")
 
 
+def test_task_index_is_kept_whole_and_read_back(tmp_path, monkeypatch):
+    """lm-eval's task folders are indexed once per version (about 9 s) and kept in the cache folder;
+    the file appears whole, leaves nothing beside it, and the next process reads it instead of indexing."""
+    from surgery.evaluate.tasks import _task_directories
+
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path))
+    _task_directories.cache_clear()
+    try:
+        index = _task_directories()
+        assert "arc_easy" in index and Path(index["arc_easy"]).is_dir()
+        [kept] = list(tmp_path.iterdir())  # no temporary file left beside it
+        assert kept.name.startswith("lm-eval-") and json.loads(kept.read_text()) == index
+        kept.write_text(json.dumps({**index, "probe_task": str(tmp_path)}))
+        _task_directories.cache_clear()  # as a new process would
+        assert _task_directories()["probe_task"] == str(tmp_path)
+    finally:
+        _task_directories.cache_clear()
+
+
 def test_missing_task_file_offline_is_a_fast_clear_error(tmp_path, tokenizer, no_network):
     settings = EvalSettings(tasks=("arc_easy",), limit=2, perplexity=(), speed=False, data_dir=tmp_path)
     start = time.monotonic()

@@ -1,6 +1,7 @@
 """Healing: the 4-bit CPU path gives correct LoRA gradients, adapters merge into full precision,
 the held-out loss falls, an interrupted run resumes from its checkpoint."""
 
+import json
 import shutil
 
 import pytest
@@ -271,24 +272,25 @@ def test_the_teacher_samples_from_its_full_next_token_distribution():
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_moe"])
 def test_teacher_continuations_through_the_cache_equal_full_forwards(family):
-    """The cached sampling loop draws what full forwards over the growing text would (the same
-    generator), across families with sliding windows and experts; the same seed writes the same text."""
-    from surgery.teacher_text import sample_continuations
+    """The cached sampling loop draws what full forwards over the growing text would (each row with
+    its generator), across families with sliding windows and experts; the text is the same however
+    many rows are sampled at once, the same seed writes the same text and another seed other text."""
+    from surgery.teacher_text import row_generator, sample_continuations
 
     teacher = tiny_model(family, num_layers=2)
     prompts = torch.randint(3, 300, (3, 6), generator=torch.Generator().manual_seed(2))
     written = sample_continuations(teacher, prompts, 20, seed=5, batch=2)
-    generator = torch.Generator().manual_seed(5)
     expected = []
-    for chunk in prompts.split(2):
-        ids = chunk
+    for row, ids in enumerate(prompts.split(1)):
+        generator = row_generator(5, row)
         with torch.no_grad():
             while ids.shape[1] < 20:
                 probabilities = teacher(ids).logits[:, -1].float().softmax(-1)
                 ids = torch.cat([ids, torch.multinomial(probabilities, 1, generator=generator)], dim=1)
         expected.append(ids)
     assert written.shape == (3, 20) and torch.equal(written, torch.cat(expected))
-    assert torch.equal(sample_continuations(teacher, prompts, 20, seed=5, batch=2), written)
+    for batch in (1, 3):
+        assert torch.equal(sample_continuations(teacher, prompts, 20, seed=5, batch=batch), written)
     assert not torch.equal(sample_continuations(teacher, prompts, 20, seed=6, batch=2), written)
 
 
@@ -318,13 +320,19 @@ def test_healing_on_the_teachers_text_moves_the_student_toward_it(tmp_path, toke
 
     documents = pack_tokens(tokenizer, healing_texts("c4", data_dir)[0], 12 * 4, 48)
     assert torch.equal(written[:, :8], documents[:, :8]) and not torch.equal(written[:, 8:], documents[:, 8:])
-    student = cut_student()  # the same cut again: the run resumes, on the same text
-    again = heal(student, tokenizer, c4_settings(quantize=False, text="teacher", prompt_tokens=8), tmp_path / "teacher",
+    # The same cut again, its last checkpoint gone (as if interrupted after step 8): the rerun trains
+    # steps 9-12 on the kept text, read back and not written again, and ends where the whole run did.
+    work = tmp_path / "teacher"
+    [shutil.rmtree(p) for p in (work / "checkpoints").glob("checkpoint-12")]
+    stamp = (work / CACHE_FILE).stat().st_mtime_ns
+    again = heal(cut_student(), tokenizer, c4_settings(quantize=False, text="teacher", prompt_tokens=8), work,
                  data_dir=data_dir, teacher=folder)
-    assert again.resumed_from is not None and again.loss_after == pytest.approx(results["teacher"].loss_after, rel=1e-5)
+    assert again.resumed_from is not None and again.resumed_from.endswith("checkpoint-8")
+    assert (work / CACHE_FILE).stat().st_mtime_ns == stamp
+    assert again.loss_after == pytest.approx(results["teacher"].loss_after, rel=1e-5)
 
 
-def test_teacher_text_is_read_back_for_the_same_prompts_and_seed_only(tmp_path):
+def test_teacher_text_is_read_back_for_the_same_teacher_prompts_and_seed_only(tmp_path):
     from surgery.teacher_text import CACHE_FILE, teacher_text
 
     folder = tmp_path / "dense"
@@ -341,8 +349,37 @@ def test_teacher_text_is_read_back_for_the_same_prompts_and_seed_only(tmp_path):
     assert torch.equal(teacher_text(sequences, 4, 0, tmp_path / "work", folder, load), first)
     assert (tmp_path / "work" / CACHE_FILE).stat().st_mtime_ns == stamp and len(loads) == 1  # read back, the teacher not loaded
     other = teacher_text(sequences, 4, 1, tmp_path / "work", folder, load)  # another seed: written afresh
-    assert not torch.equal(other, first) and torch.equal(other[:, :4], sequences[:, :4])
-    assert not list((tmp_path / "work").glob("*.partial"))
+    assert not torch.equal(other, first) and torch.equal(other[:, :4], sequences[:, :4]) and len(loads) == 2
+    shifted = sequences.clone()
+    shifted[0, 3] += 1  # other prompts (the last prompt token of one row): written afresh
+    teacher_text(shifted, 4, 1, tmp_path / "work", folder, load)
+    assert len(loads) == 3
+    teacher_text(shifted, 4, 1, tmp_path / "work", folder, load)
+    assert len(loads) == 3
+    retrained = tmp_path / "dense-retrained"  # another teacher: written afresh
+    tiny_model("llama", num_layers=1, seed=1).save_pretrained(retrained)
+    teacher_text(shifted, 4, 1, tmp_path / "work", retrained, load)
+    assert len(loads) == 4
+    assert [p.name for p in (tmp_path / "work").iterdir()] == [CACHE_FILE]  # nothing half-written beside it
+
+
+def test_a_working_folder_of_another_job_keeps_nothing_of_it(tmp_path):
+    """A new job (other weights, settings or text) clears what an earlier one left, the teacher's
+    text included: it was written under the earlier job's loading of the teacher (4-bit on a GPU or
+    not), which its key does not hold. The same job keeps it all."""
+    from surgery.heal import JOB_FILE, _claim_working_folder
+    from surgery.teacher_text import CACHE_FILE
+
+    work = tmp_path / "work"
+    work.mkdir()
+    earlier = {"job": {}, "settings": {"quantize": True}, "weights": "w", "data": "d", "teacher": "t"}
+    (work / JOB_FILE).write_text(json.dumps(earlier))
+    (work / CACHE_FILE).write_bytes(b"ids")
+    (work / "checkpoints" / "checkpoint-50").mkdir(parents=True)
+    _claim_working_folder(work, earlier)
+    assert (work / CACHE_FILE).is_file() and (work / "checkpoints").is_dir()
+    _claim_working_folder(work, {**earlier, "settings": {"quantize": False}})
+    assert list(work.iterdir()) == []
 
 
 def test_teacher_text_needs_the_teacher_and_room_to_write(tmp_path, tokenizer, data_dir):

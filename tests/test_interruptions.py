@@ -27,8 +27,12 @@ def env(tmp_path, data_dir):
 
 
 def interrupt_after_checkpoint(command: list[str], work: Path, env: dict, sig: int = signal.SIGINT) -> subprocess.CompletedProcess:
-    """Start `command`, wait until a healing checkpoint is complete in `work`, then send `sig`."""
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """Start `command`, wait until a healing checkpoint is complete in `work`, then send `sig`.
+    The child gets Ctrl-C's default action back: a shell starts background jobs with SIGINT ignored,
+    a process inherits that, and Python then never raises KeyboardInterrupt (so a suite run with `&`
+    saw this heal train on through the signal)."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not list((work / "checkpoints").glob("checkpoint-*/trainer_state.json")):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -38,7 +42,7 @@ def interrupt_after_checkpoint(command: list[str], work: Path, env: dict, sig: i
     process.send_signal(sig)
     try:
         output, _ = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:  # seen once in a full local run: say where it hangs
+    except subprocess.TimeoutExpired:  # say where it hangs
         process.send_signal(signal.SIGABRT)
         pytest.fail(f"the process did not exit within 120 s of signal {sig}; its threads:\n{process.communicate()[0]}")
     return subprocess.CompletedProcess(command, process.returncode, output)

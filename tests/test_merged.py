@@ -167,18 +167,46 @@ def test_surgery_heal_distils_from_the_teacher_it_is_given(tiny_folder, tmp_path
     out = tmp_path / "healed"
     teach = ["--heal-distill", "0.5", "--heal-text", "teacher", "--heal-prompt-tokens", "8"]
     line = one_line(run("heal", cut, "--out", out, "--data-dir", data_dir, *HEAL, *teach))
-    assert "--heal-distill and --heal-text teacher need the dense model the cut came from: pass --teacher " in line, line
+    assert line.endswith(f"--heal-distill and --heal-text teacher need the dense model the cut came from: pass --teacher "
+                         f"{source.resolve()}"), line  # the folder it was cut from, by its full path
     other, _ = tiny_folder("qwen2", num_layers=1, vocab_size=300)
     line = one_line(run("heal", cut, "--out", out, "--data-dir", data_dir, *HEAL, "--heal-distill", "0.5", "--teacher", other))
     assert "has a vocabulary of 300 tokens" in line and "give the model the cut came from" in line
+    line = one_line(run("heal", cut, "--out", out, "--data-dir", data_dir, *HEAL, "--teacher", source))
+    assert "--teacher is used only with --heal-distill W or --heal-text teacher" in line, line
     assert not out.exists() and not list(tmp_path.glob(".healed*"))
     result = run("heal", cut, "--out", out, "--data-dir", data_dir, "--eval-tasks", "none", "--no-eval-speed", *HEAL, *teach,
                  "--teacher", source, catch=False)
     assert result.exit_code == 0, result.output
-    healing = read_manifest(out)["healing"]
+    assert "differ from those of the model the cut came from" not in result.output
+    record = read_manifest(out)
+    healing = record["healing"]
     assert healing["distill"] == 0.5 and healing["text"] == "teacher" and healing["prompt_tokens"] == 8
     assert "continued by the dense model after 8 tokens" in healing["data_source"]
     assert healing["loss_after"] < healing["loss_before"]
+    local = json.loads((out / "local.json").read_text())
+    assert local["teacher"]["path"] == str(source.resolve()) and record["teacher"]["path"] == source.name  # published: no path
+
+
+def test_a_teacher_other_than_the_recorded_source_is_said(tiny_folder, tmp_path, tokenizer, capsys):
+    """The same vocabulary but other files (another copy, precision or model): said on one line, used as given."""
+    from surgery.commands import _teacher_for
+    from surgery.settings import HealSettings, LoadSettings
+    from tests.cli import run
+
+    source, _ = tiny_folder("llama", num_layers=3)
+    cut = tmp_path / "cut"
+    assert run("cut", source, "--remove", "L1", "--out", cut, "--device", "cpu").exit_code == 0
+    retrained = tmp_path / "retrained"  # the same architecture and vocabulary, other weights
+    tiny_model("llama", 3, seed=1).save_pretrained(retrained)
+    tokenizer.save_pretrained(retrained)
+    capsys.readouterr()
+    teacher = _teacher_for(cut, str(retrained), HealSettings(distill=0.5), LoadSettings())
+    assert teacher.path == retrained.resolve()
+    said = " ".join(capsys.readouterr().err.split())  # the console writes to stderr
+    assert f"--teacher {retrained}: its files differ from those of the model the cut came from ({source.resolve()})" in said
+    assert _teacher_for(cut, str(source), HealSettings(distill=0.5), LoadSettings()).path == source.resolve()
+    assert "differ" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", [[], ["--heal-mode", "partial", "--heal-blocks", "1"]], ids=["lora", "partial"])

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -251,11 +252,23 @@ def test_a_failed_heal_leaves_no_working_folder_unless_it_can_resume(source, tmp
     assert result.exit_code == 2 and "no space left on the device" in result.output
     assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == [source.name]  # no --out, no working folder
 
+    from surgery.heal import resumable
+    from surgery.teacher_text import CACHE_FILE
+
     work = tmp_path / ".resumable.surgery-work"
     (work / "checkpoints" / "checkpoint-50").mkdir(parents=True)
-    with pytest.raises(KeyboardInterrupt), working_folder(work, keep=False):
+    with pytest.raises(KeyboardInterrupt), working_folder(work, keep=False, resumes=resumable):
         raise KeyboardInterrupt
     assert (work / "checkpoints" / "checkpoint-50").is_dir() and "resumes healing" in capsys.readouterr().err
+    shutil.rmtree(work / "checkpoints")
+    (work / CACHE_FILE).write_bytes(b"ids")  # the teacher's text alone, written before the first checkpoint
+    with pytest.raises(KeyboardInterrupt), working_folder(work, keep=False, resumes=resumable):
+        raise KeyboardInterrupt
+    assert (work / CACHE_FILE).is_file() and "trains on the teacher's text kept there" in capsys.readouterr().err
+    (work / CACHE_FILE).unlink()
+    with pytest.raises(KeyboardInterrupt), working_folder(work, keep=False, resumes=resumable):
+        raise KeyboardInterrupt
+    assert not work.exists() and "kept" not in capsys.readouterr().err  # nothing to resume from: removed
 
 
 # ------------------------------------------------------------------ recipes

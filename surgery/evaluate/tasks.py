@@ -107,6 +107,7 @@ def _task_directories() -> dict[str, str]:
     are indexed again."""
     import importlib.metadata as metadata
 
+    from surgery.files import atomic_file
     from surgery.source import cache_dir
 
     version = metadata.version("lm_eval")
@@ -118,12 +119,10 @@ def _task_directories() -> dict[str, str]:
     from lm_eval.tasks import TaskManager
 
     index = {name: str(entry.yaml_path.parent) for name, entry in TaskManager().task_index.items() if entry.yaml_path}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(index))
-        tmp.replace(path)
-    except OSError:
+    try:  # a cache: a write that fails costs the next run its 9 s, nothing else
+        with atomic_file(path) as tmp:  # a unique name: two processes may index at once
+            tmp.write_text(json.dumps(index))
+    except (OSError, SurgeryError):
         pass
     return index
 
