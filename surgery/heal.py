@@ -297,9 +297,9 @@ def resumable(work: Path) -> str | None:
     training on it)."""
     from surgery.teacher_text import CACHE_FILE
 
-    if any((Path(work) / "checkpoints").glob("checkpoint-*")):
+    if any((work / "checkpoints").glob("checkpoint-*")):
         return "resumes healing from its last checkpoint"
-    if (Path(work) / CACHE_FILE).is_file():
+    if (work / CACHE_FILE).is_file():
         return "trains on the teacher's text kept there"
     return None
 
@@ -308,10 +308,9 @@ def _claim_working_folder(work: Path, identity: dict[str, Any]) -> None:
     """Keep what `work` holds only if it was made for `identity`; otherwise say what differs and
     clear it, so that a rerun with another plan never resumes, or merges into, another model."""
     from surgery.console import console
-
-    work.mkdir(parents=True, exist_ok=True)
     from surgery.teacher_text import CACHE_FILE
 
+    work.mkdir(parents=True, exist_ok=True)
     left = [p for p in ("base", "base.partial", "checkpoints", "adapter", "trained", CACHE_FILE, JOB_FILE) if (work / p).exists()]
     try:
         earlier = json.loads((work / JOB_FILE).read_text())
