@@ -839,6 +839,22 @@ def several_processes_section(data: dict) -> list[str]:
     return lines + [""]
 
 
+def _paired_table(pairs: dict, run: str, against: str) -> list[str]:
+    """Paired dev differences (bench/protocol.py's paired_dev_difference), one row per run."""
+    return [f"| {run} | {against} | dev WikiText-2 ppl ratio | log-ratio item SE | accuracy difference (points) | "
+            "paired item SE |", "|---|---|---|---|---|---|"] + \
+        [f"| {n} | {p['against']} | {math.exp(p['log_ppl_difference']):.3f} | {p['log_ppl_item_se']:.3f} | "
+         f"{p['accuracy_difference']:+.1f} | {p['accuracy_item_se']:.1f} |" for n, p in pairs.items()]
+
+
+def _beyond_item_se(pairs: dict, sign: int) -> tuple[list[str], list[str]]:
+    """The runs whose perplexity moved in `sign`'s direction, and those whose accuracy moved either way,
+    by more than 1.96 paired item SE."""
+    ppl = [n for n, p in pairs.items() if sign * p["log_ppl_difference"] > 1.96 * p["log_ppl_item_se"]]
+    accuracy = [n for n, p in pairs.items() if abs(p["accuracy_difference"]) > 1.96 * p["accuracy_item_se"]]
+    return ppl, accuracy
+
+
 def budget_section(data: dict | None) -> list[str]:
     """docs/protocol-amendments.md, amendments 4 to 6: the default on dev at other healing budgets and texts."""
     lines = ["### Other healing budgets and texts, on dev only (amendments 4 to 6)", "",
@@ -875,30 +891,21 @@ def budget_section(data: dict | None) -> list[str]:
                   "show no accuracy gain."]
     pairs = {n: r["against_documents"] for n, r in rows.items() if r.get("against_documents")}
     if pairs:
+        higher, apart = _beyond_item_se(pairs, sign=1)
         lines += ["", "The teacher's text against the documents at the same steps and distillation weight, on the same dev "
                   "windows and items (one healing seed each, so the SE is the paired item SE alone and seed variance is not "
-                  "in it):", "",
-                  "| teacher's text | documents | dev WikiText-2 ppl ratio | log-ratio item SE | accuracy difference "
-                  "(points) | paired item SE |", "|---|---|---|---|---|---|"]
-        lines += [f"| {n} | {p['against']} | {math.exp(p['log_ppl_difference']):.3f} | {p['log_ppl_item_se']:.3f} | "
-                  f"{p['accuracy_difference']:+.1f} | {p['accuracy_item_se']:.1f} |" for n, p in pairs.items()]
-        higher = [n for n, p in pairs.items() if p["log_ppl_difference"] > 1.96 * p["log_ppl_item_se"]]
-        apart = [n for n, p in pairs.items() if abs(p["accuracy_difference"]) > 1.96 * p["accuracy_item_se"]]
-        lines += ["", f"The teacher's text leaves a higher dev perplexity by more than 1.96 item SE in {len(higher)} of "
+                  "in it):", "", *_paired_table(pairs, "teacher's text", "documents"),
+                  "", f"The teacher's text leaves a higher dev perplexity by more than 1.96 item SE in {len(higher)} of "
                   f"{len(pairs)} pairs; its accuracy differs from the documents' by more than 1.96 paired item SE in "
                   f"{len(apart)} of {len(pairs)}" + (f" ({', '.join(apart)})." if apart else ".") +
                   " Its healing minutes include writing the text."]
     distilled = {n: r["against_plain"] for n, r in rows.items() if r.get("against_plain")}
     if distilled:
+        lower, apart = _beyond_item_se(distilled, sign=-1)
         lines += ["", "Each distilled run against the plain run of its steps and text, on the same dev windows and items "
                   "(amendment 6; a description, no choice rests on it; one healing seed each, paired item SE only):", "",
-                  "| distilled | plain | dev WikiText-2 ppl ratio | log-ratio item SE | accuracy difference (points) | "
-                  "paired item SE |", "|---|---|---|---|---|---|"]
-        lines += [f"| {n} | {p['against']} | {math.exp(p['log_ppl_difference']):.3f} | {p['log_ppl_item_se']:.3f} | "
-                  f"{p['accuracy_difference']:+.1f} | {p['accuracy_item_se']:.1f} |" for n, p in distilled.items()]
-        lower = [n for n, p in distilled.items() if -p["log_ppl_difference"] > 1.96 * p["log_ppl_item_se"]]
-        apart = [n for n, p in distilled.items() if abs(p["accuracy_difference"]) > 1.96 * p["accuracy_item_se"]]
-        lines += ["", f"Distillation leaves a lower dev perplexity by more than 1.96 item SE in {len(lower)} of {len(distilled)} "
+                  *_paired_table(distilled, "distilled", "plain"),
+                  "", f"Distillation leaves a lower dev perplexity by more than 1.96 item SE in {len(lower)} of {len(distilled)} "
                   f"pairs; its accuracy differs from the plain loss's by more than 1.96 paired item SE in {len(apart)} of "
                   f"{len(distilled)}" + (f" ({', '.join(apart)})." if apart else ".")]
     if data.get("unfinished"):
