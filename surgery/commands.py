@@ -47,9 +47,10 @@ def _teacher_for(folder: Path, spec: str | None, healing: HealSettings, load: Lo
 
 def _recorded_source(folder: Path) -> dict[str, Any]:
     """The source model a cut records: local.json's full record, else surgery.json's published one."""
+    from surgery.export.checkpoint import MANIFEST
     from surgery.publish import LOCAL_RECORD
 
-    for name in (LOCAL_RECORD, "surgery.json"):
+    for name in (LOCAL_RECORD, MANIFEST):
         try:
             source = json.loads((folder / name).read_text())["source"]
         except (OSError, ValueError, KeyError, TypeError):

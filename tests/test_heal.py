@@ -323,7 +323,7 @@ def test_healing_on_the_teachers_text_moves_the_student_toward_it(tmp_path, toke
     # The same cut again, its last checkpoint gone (as if interrupted after step 8): the rerun trains
     # steps 9-12 on the kept text, read back and not written again, and ends where the whole run did.
     work = tmp_path / "teacher"
-    [shutil.rmtree(p) for p in (work / "checkpoints").glob("checkpoint-12")]
+    shutil.rmtree(work / "checkpoints" / "checkpoint-12")
     stamp = (work / CACHE_FILE).stat().st_mtime_ns
     again = heal(cut_student(), tokenizer, c4_settings(quantize=False, text="teacher", prompt_tokens=8), work,
                  data_dir=data_dir, teacher=folder)
