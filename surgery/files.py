@@ -9,6 +9,8 @@ Rules every command follows:
 - One process at a time per output: a second process writing the same path fails at once with
   one line (`output_lock`). Staging folders left by killed processes are removed by the next
   writer of the same output.
+- A folder being removed (a replaced output, a finished job's working folder) goes whole: Ctrl-C
+  takes effect once it is gone.
 - Everything written gets the permissions the user's umask allows (temporary files start private).
 """
 
@@ -200,7 +202,7 @@ def staged_folder(out: Path) -> Iterator[Path]:
         public_permissions(staging)
         _move_into_place(staging, out)
     except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_folder(staging)
         if is_full_disk(error):
             raise full_disk(error, out) from None
         raise
@@ -212,7 +214,7 @@ def remove_stale_staging(out: Path) -> list[Path]:
     for folder in Path(out).parent.glob(f".{Path(out).name}{STAGING_MARK}*"):
         pid = folder.name[len(f".{Path(out).name}{STAGING_MARK}"):].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_folder(folder)
             removed.append(folder)
     return removed
 
@@ -227,6 +229,35 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def remove_folder(folder: Path) -> None:
+    """Remove `folder` whole. Ctrl-C is held back until the removal ends and then takes effect as
+    it would have: an interrupt half-way would leave a partial folder that no later run removes (a
+    replaced old output, a finished job's working folder)."""
+    with _interrupts_held():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """SIGINT is recorded during the block and sent again after it, to the handler that was there
+    before (KeyboardInterrupt, ignored, or another's). Signals reach only the main thread: elsewhere
+    nothing is held; nor where the handler was not set from Python (it could not be put back)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
+
+
 def _move_into_place(staging: Path, out: Path) -> None:
     if not out.exists():
         os.replace(staging, out)
@@ -239,7 +270,7 @@ def _move_into_place(staging: Path, out: Path) -> None:
         os.replace(backup / "old", out)
         raise
     finally:
-        shutil.rmtree(backup, ignore_errors=True)
+        remove_folder(backup)
 
 
 # ------------------------------------------------------------------ one writer per output
@@ -315,7 +346,7 @@ def working_folder(work: Path, *, keep: bool, resumes: Callable[[Path], str | No
 
             console.print(f"[yellow]kept {work}: the same command {what} (delete the folder to start over)[/]", soft_wrap=True)
         elif not keep:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_folder(work)
         raise
     if not keep:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_folder(work)

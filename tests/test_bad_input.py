@@ -5,6 +5,7 @@ half-written."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -147,6 +148,72 @@ def test_a_killed_writers_staging_folder_is_removed_by_the_next_writer(tiny_fold
     live.mkdir()
     assert run("cut", source, "--remove", "L1", "--out", tmp_path / "out", "--device", "cpu").exit_code == 0
     assert not stale.exists() and live.exists()
+
+
+_CTRL_C_AT = {"armed": False, "removed": 0, "at": 0}
+
+
+def _ctrl_c_after_removals(event: str, args: tuple) -> None:
+    """An audit hook: a real SIGINT when the `at`-th piece file of a removal is unlinked (hooks
+    cannot be removed, so it acts only while armed)."""
+    if _CTRL_C_AT["armed"] and event == "os.remove" and str(args[0]).startswith("piece-"):
+        _CTRL_C_AT["removed"] += 1
+        if _CTRL_C_AT["removed"] == _CTRL_C_AT["at"]:
+            signal.raise_signal(signal.SIGINT)
+
+
+sys.addaudithook(_ctrl_c_after_removals)
+
+
+@pytest.fixture
+def ctrl_c_during_removal():
+    """Ctrl-C after the 5th of a removal's piece files, counting the files removed."""
+    _CTRL_C_AT.update(armed=True, removed=0, at=5)
+    yield _CTRL_C_AT
+    _CTRL_C_AT["armed"] = False
+
+
+def _pieces(folder, count=20):
+    for index in range(count):
+        (folder / f"sub-{index % 3}").mkdir(parents=True, exist_ok=True)
+        (folder / f"sub-{index % 3}" / f"piece-{index}").write_bytes(b"\0" * 100)
+    return folder
+
+
+def test_ctrl_c_during_a_removal_takes_effect_once_the_folder_is_gone(tmp_path, ctrl_c_during_removal):
+    """A finished job's working folder half-removed by Ctrl-C was left for good: it now goes whole, then the interrupt acts."""
+    from surgery.files import working_folder
+
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt), working_folder(work, keep=False):
+        _pieces(work)
+    assert ctrl_c_during_removal["removed"] == 20 and not work.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_while_an_old_output_is_removed_leaves_the_new_one_and_no_copy_of_the_old(tmp_path, ctrl_c_during_removal):
+    """Replacing an output (--force) moves the old one into a hidden folder and removes it: a Ctrl-C
+    there used to leave that hidden copy, which no later run removes (as large as the model)."""
+    from surgery.files import staged_folder
+
+    out = _pieces(tmp_path / "out")
+    with pytest.raises(KeyboardInterrupt), staged_folder(out) as staging:
+        (staging / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in out.iterdir()] == ["new.txt"]
+    assert ctrl_c_during_removal["removed"] == 20
+
+
+def test_a_removal_with_ctrl_c_ignored_runs_on_and_keeps_it_ignored(tmp_path, ctrl_c_during_removal):
+    """A job started in the background ignores SIGINT: holding it back must not turn it into an interrupt."""
+    from surgery.files import remove_folder
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        remove_folder(_pieces(tmp_path / "work"))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert ctrl_c_during_removal["removed"] == 20 and not (tmp_path / "work").exists()
 
 
 def test_what_push_uploads_names_no_local_path(tiny_folder, tmp_path, data_dir):
