@@ -12,43 +12,46 @@ from surgery.heal import method, method_line
 from surgery.report import stage_table
 from surgery.source import BUILTIN_MODELS
 
-_BUILTIN_LICENCES = {"smollm2-135m": {"license": "apache-2.0"}}  # as the built-in models' own cards say
+_LICENSE_KEYS = ("license", "license_name", "license_link")  # license: other comes with a name and a link
 
 
 def source_card_metadata(source: dict[str, Any], folder: Path | None = None) -> dict[str, Any]:
-    """base_model and license of the source: from its own card (in its local `folder`), a Hub id,
-    or the built-in table."""
-    if source.get("spec") in BUILTIN_MODELS:
-        return {"base_model": BUILTIN_MODELS[source["spec"]][3], **_BUILTIN_LICENCES[source["spec"]]}
+    """base_model and license of the source, recorded at export for every later rendering of the card.
+
+    base_model is a Hub id known for sure: a built-in model's or a Hub source's. A local folder's own
+    card names *its* base model (for a fine-tune, the model it was tuned from), not this source, so
+    it is not copied. The license keys are copied from the source's card (its local `folder`; a Hub
+    source's snapshot holds README.md); unknown, they are left out rather than guessed."""
+    builtin = BUILTIN_MODELS.get(source.get("spec", ""))
+    if builtin is not None:
+        return {"base_model": builtin.hub_id, "license": builtin.license}
     found: dict[str, Any] = {}
     if source.get("kind") == "hub":
         found["base_model"] = source["spec"].split("@")[0]
     readme = Path(folder) / "README.md" if folder else None
     if readme is not None and readme.is_file():
         match = re.match(r"^---\n(.*?)\n---", readme.read_text(errors="replace"), re.S)
-        if match:
-            try:
-                meta = yaml.safe_load(match.group(1)) or {}
-            except yaml.YAMLError:
-                meta = {}
-            if meta.get("license"):
-                found["license"] = meta["license"]
-            if "base_model" not in found and isinstance(meta.get("base_model"), str):
-                found.setdefault("base_model", meta["base_model"])
+        try:
+            meta = (yaml.safe_load(match.group(1)) if match else None) or {}
+        except yaml.YAMLError:
+            meta = {}
+        if isinstance(meta, dict) and meta.get("license"):
+            found.update({key: meta[key] for key in _LICENSE_KEYS if isinstance(meta.get(key), str)})
     return found
 
 
-def model_card(report: dict[str, Any], repo_id: str | None = None, source_folder: Path | None = None) -> str:
+def model_card(report: dict[str, Any], repo_id: str | None = None) -> str:
     """README.md text: YAML metadata for the Hub, then what was done and how it scores. `report` is
-    the published one (no local paths); `source_folder` is where the source's own card may be."""
+    the published one (no local paths), with the source's card metadata (`source_card_metadata`)
+    recorded under "card_metadata"; `repo_id` names the repository it is pushed to, else the folder."""
     source = report["source"]
-    meta = source_card_metadata(source, source_folder)
+    meta = report.get("card_metadata") or source_card_metadata(source)
     plan = report["plan"]
     healing = report.get("healing")
     metadata = {
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
-        "license": meta.get("license", "other"),
+        **{key: meta[key] for key in _LICENSE_KEYS if key in meta},
         "tags": ["pruned", "layer-pruning", "surgery"] + ([f"{method(healing['settings'], short=True).lower()}-healed"]
                                                            if healing else []),
     }
@@ -57,7 +60,7 @@ def model_card(report: dict[str, Any], repo_id: str | None = None, source_folder
     datasets = re.findall(r"hf://([\w.-]+/[\w.-]+)", healing["data_source"]) if healing else []
     if datasets:
         metadata["datasets"] = sorted(set(datasets))
-    sublayer_checkpoint = any(not _is_block(plan, unit) for unit in plan["removed"])
+    remote_code = _remote_code(report)
     name = repo_id or Path(report.get("settings", {}).get("out") or f"{source['spec']}-pruned").name
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "", f"# {name}", ""]
     lines += [
@@ -68,13 +71,11 @@ def model_card(report: dict[str, Any], repo_id: str | None = None, source_folder
         + (f", then healed by {method(healing['settings'])} on {healing['data_source']}" if healing else "")
         + ".", "",
         "## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"model = AutoModelForCausalLM.from_pretrained(\"{name}\"" + (", trust_remote_code=True" if sublayer_checkpoint else "") + ")",
+        f"model = AutoModelForCausalLM.from_pretrained(\"{name}\"" + (", trust_remote_code=True" if remote_code else "") + ")",
         f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")", "```", "",
     ]
-    if sublayer_checkpoint:
-        lines += ["Some blocks lost only their attention or only their FFN. The checkpoint ships `modeling_surgery.py`, "
-                  "which rebuilds those blocks with parameter-free stand-ins, hence `trust_remote_code=True`; "
-                  "plain loading refuses the checkpoint rather than filling the removed parts with random weights.", ""]
+    if remote_code:
+        lines += [remote_code, ""]
     lines += ["## What was removed and why", "", f"- target: {plan['target']}; strategy: `{plan['strategy']}`; granularity: {plan['granularity']}",
               f"- removed: `{plan['removed_compact']}`"]
     if plan.get("protected"):
@@ -89,16 +90,36 @@ def model_card(report: dict[str, Any], repo_id: str | None = None, source_folder
                   f"(x{settings['grad_accum']} accumulation), {settings['training_tokens']:,} tokens from {healing['data_source']}",
                   f"- held-out loss: {healing['loss_before']:.4f} before, {healing['loss_after']:.4f} after"]
     table = stage_table(report) if report.get("evaluations") else []
-    if table:
-        lines += ["", "## Evaluation", "", "Zero-shot accuracy through lm-eval with the chance level beside it; perplexity by "
-                  "surgery's documented protocol. Small models sit near chance on several tasks: compare against the chance column.", ""]
+    if len(table) > 2:  # more than the header rows
+        lines += ["", "## Evaluation", "", _measures(report["evaluations"]), ""]
         lines += table
     lines += ["", "## Reproduce", "", "`surgery.json` records the source fingerprint, versions and the exact removal; "
               "`report.json` every number above with its protocol.", ""]
     return "\n".join(lines)
 
 
-def _is_block(plan: dict[str, Any], unit: str) -> bool:
-    layer, _, kind = unit.partition(".")
-    other = f"{layer}.{'mlp' if kind == 'attn' else 'attn'}"
-    return other in plan["removed"]
+def _remote_code(report: dict[str, Any]) -> str | None:
+    """Why the checkpoint needs trust_remote_code, naming the file it ships, or None."""
+    from surgery.sublayers import Sublayer, parse_sublayers
+
+    if report.get("settings", {}).get("export", {}).get("format") == "nemotron-nas":
+        return ("The checkpoint is in NVIDIA's Nemotron-NAS (DeciLM) layout, in which a block may lack its attention or "
+                "its FFN, and ships `modeling_decilm.py`, hence `trust_remote_code=True`.")
+    removed = set(parse_sublayers(report["plan"]["removed"]))
+    if all(Sublayer(unit.layer, other) in removed for unit in removed for other in ("attn", "mlp")):
+        return None
+    return ("Some blocks lost only their attention or only their FFN. The checkpoint ships `modeling_surgery.py`, "
+            "which rebuilds those blocks with parameter-free stand-ins, hence `trust_remote_code=True`; "
+            "plain loading refuses the checkpoint rather than filling the removed parts with random weights.")
+
+
+def _measures(evaluations: dict[str, Any]) -> str:
+    """What the evaluation table holds, in words: only the measures it has."""
+    has = {key for stage in evaluations.values() for key in ("tasks", "perplexity") if stage.get(key)}
+    words = (["Zero-shot accuracy through lm-eval with the chance level beside it"] if "tasks" in has else []) + \
+        (["perplexity by surgery's documented protocol"] if "perplexity" in has else [])
+    sentence = "; ".join(words) or "The measures surgery took (report.json gives each one's protocol)"
+    sentence = sentence[0].upper() + sentence[1:] + "."
+    if "tasks" in has:
+        sentence += " Small models sit near chance on several tasks: compare against the chance column."
+    return sentence

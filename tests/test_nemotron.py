@@ -193,6 +193,9 @@ def test_prune_exports_the_layout_its_recipe_names(tiny_folder, tmp_path, monkey
     manifest = read_manifest(out)
     assert manifest["layout"] == "nemotron-nas" and manifest["nemotron"]["null_attention_blocks"] == [0]
     assert {"README.md", "report.json", "modeling_decilm.py"} <= set(manifest["files"])
+    card = (out / "README.md").read_text()  # names the file the folder ships, and no evaluation it did not run
+    assert "modeling_decilm.py" in card and "modeling_surgery.py" not in card and "trust_remote_code=True" in card
+    assert "## Evaluation" not in card
     assert json.loads((out / "report.json").read_text())["settings"]["export"] == {"format": "nemotron-nas"}
     blocks = json.loads((out / "config.json").read_text())["block_configs"]
     assert [b["ffn"]["no_op"] for b in blocks] == [False, False, False, True, False, False]
