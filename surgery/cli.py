@@ -270,26 +270,36 @@ def gguf(folder: Path, out: Path, dtype: str, tokenizer_pre: str | None, force: 
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--repo-id", required=True, help="USER/NAME on the Hugging Face Hub.")
-@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--private", is_flag=True, help="Create the repository as private (an existing public one is refused).")
+@click.option("--replace", is_flag=True, help="Delete the files an existing repository holds that this export does not "
+              "have, in the same commit (without it, such a repository is refused).")
 @click.option("--dry-run", is_flag=True, help="List exactly what would be uploaded; send nothing.")
 @handle_errors
-def push(folder: Path, repo_id: str, private: bool, dry_run: bool) -> None:
-    """Publish a verified export (with its model card) to the Hugging Face Hub."""
+def push(folder: Path, repo_id: str, private: bool, replace: bool, dry_run: bool) -> None:
+    """Publish a verified export (with its model card) to the Hugging Face Hub, in one commit."""
     from rich.table import Table
 
     from surgery.console import console
     from surgery.hub import plan_push
     from surgery.hub import push as upload
 
-    plan = plan_push(folder, repo_id, private, needs_hub=not dry_run)
-    table = Table(title=f"{'would upload' if dry_run else 'uploading'} to {repo_id} ({'private' if private else 'public'})")
-    table.add_column("file")
-    table.add_column("bytes", justify="right")
-    for name, size in plan.files:
-        table.add_row(name, f"{size:,}")
-    table.add_row("total", f"{plan.total_bytes:,}")
-    console.print(table)
+    plan = plan_push(folder, repo_id, private, replace=replace, needs_hub=not dry_run)
+
+    def announce() -> None:
+        table = Table(title=f"{'would upload' if dry_run else 'uploading'} to {repo_id}")
+        table.add_column("file")
+        table.add_column("bytes", justify="right")
+        for name, size in plan.files:
+            table.add_row(name, f"{size:,}")
+        table.add_row("total", f"{plan.total_bytes:,}")
+        console.print(table)
+        console.print(f"README.md: {plan.card_note}", soft_wrap=True)
+
     if dry_run:
+        announce()
         click.echo("\n".join(name for name, _ in plan.files))
         return
-    console.print(f"[green]uploaded[/] {upload(plan)}")
+    pushed = upload(plan, announce)
+    visibility = {True: "private", False: "public"}.get(pushed.private, "visibility not reported")
+    deleted = f"; deleted {len(pushed.deleted)} files of an earlier upload" if pushed.deleted else ""
+    console.print(f"[green]uploaded[/] {pushed.url} ({visibility}{deleted})", soft_wrap=True)

@@ -167,10 +167,13 @@ sys.addaudithook(_ctrl_c_after_removals)
 
 @pytest.fixture
 def ctrl_c_during_removal():
-    """Ctrl-C after the 5th of a removal's piece files, counting the files removed."""
+    """Ctrl-C after the 5th of a removal's piece files, counting the files removed; SIGINT raises
+    KeyboardInterrupt meanwhile, as in a terminal (a shell's background job inherits it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     _CTRL_C_AT.update(armed=True, removed=0, at=5)
     yield _CTRL_C_AT
     _CTRL_C_AT["armed"] = False
+    signal.signal(signal.SIGINT, previous)
 
 
 def _pieces(folder, count=20):

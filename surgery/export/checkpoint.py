@@ -29,6 +29,7 @@ from surgery.provenance import file_sha256, now, versions
 
 MANIFEST = "surgery.json"
 MODELING_FILE = "modeling_surgery.py"
+CARD = "README.md"  # the model card: its checksum is not enforced (surgery push renders it again for the repository)
 EXPORT_FORMAT = "surgery-export"
 EXPORT_VERSION = 1
 LOGIT_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
@@ -246,7 +247,8 @@ def write_manifest(folder: Path, record: dict[str, Any], verified: dict[str, Any
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of a verified export, or a clear error if the folder is not one (or was changed)."""
+    """The manifest of a verified export, or a clear error if the folder is not one (or was changed).
+    The model card may be edited and the local record may be missing (a copy of what was pushed)."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -260,10 +262,13 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT or "verified" not in manifest \
             or not isinstance(manifest.get("files", {}), dict):
         raise SurgeryError(f"{path} does not describe a verified surgery export: export the model again")
+    unpublished = set(manifest.get("unpublished", []))
     for name, digest in manifest.get("files", {}).items():
         file = folder / name
         if not file.is_file():
+            if name in unpublished:  # the local record: never uploaded, so absent from a copy of the Hub's
+                continue
             raise SurgeryError(f"{folder} is incomplete: {name} is missing; export the model again")
-        if file_sha256(file) != digest:
+        if name != CARD and file_sha256(file) != digest:
             raise SurgeryError(f"{folder}/{name} changed after export (checksum differs): export the model again")
     return manifest
