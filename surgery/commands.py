@@ -30,10 +30,10 @@ def _teacher_for(folder: Path, spec: str | None, healing: HealSettings, load: Lo
     if spec is None:
         verb = "needs" if len(needs) == 1 else "need"
         raise SurgeryError(f"{' and '.join(needs)} {verb} the dense model the cut came from: pass --teacher {_model_to_pass(recorded)}")
-    from surgery.source import fingerprint, resolve
+    from surgery.source import fingerprint, resolve, text_config
 
     teacher = resolve(spec, allow_pickle=load.allow_pickle)
-    sizes = [_text_config(f).get("vocab_size") for f in (teacher.path, folder)]
+    sizes = [text_config(f).get("vocab_size") for f in (teacher.path, folder)]
     if sizes[0] != sizes[1]:
         raise SurgeryError(f"--teacher {spec} has a vocabulary of {sizes[0]} tokens and {folder} one of {sizes[1]}: "
                            "give the model the cut came from")
@@ -69,12 +69,6 @@ def _model_to_pass(source: dict[str, Any]) -> str:
     return {"gguf": source.get("origin"), "folder": source.get("path")}.get(kind) or "MODEL"
 
 
-def _text_config(folder: Path) -> dict[str, Any]:
-    """config.json's decoder settings (a multimodal config nests them under text_config)."""
-    config = json.loads((folder / "config.json").read_text())
-    return config.get("text_config", config)
-
-
 def resolve_with_output_check(model_spec: str, check_output: Callable[[list[Path]], Any], load: LoadSettings) -> Any:
     """Resolve MODEL, with the command's output check run against the folder MODEL names before
     resolving (which may convert or download) and against the resolved folder after."""
@@ -86,13 +80,6 @@ def resolve_with_output_check(model_spec: str, check_output: Callable[[list[Path
     return source
 
 
-def _config_layers(folder: Path) -> int:
-    config = _text_config(folder)
-    if "num_hidden_layers" not in config:
-        raise SurgeryError(f"{folder}/config.json has no num_hidden_layers: is it a decoder-only LLM?")
-    return int(config["num_hidden_layers"])
-
-
 def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, settings: StreamSettings | None = None, *,
                    force: bool = False, export: ExportSettings = ExportSettings()) -> Any:
     """`surgery cut`: remove sublayers physically and write a verified checkpoint in `export.format`,
@@ -101,12 +88,13 @@ def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, 
     from surgery.cut import validate_removal
     from surgery.export.nemotron import check_export_source
     from surgery.files import check_output_folder, claimed_folder
+    from surgery.source import config_layers
     from surgery.sublayers import parse_sublayers
 
     settings = settings or StreamSettings()
     units = parse_sublayers(remove)
     source = resolve_with_output_check(model_spec, lambda protected: check_output_folder(out, force=force, protected=protected), load)
-    validate_removal(units, _config_layers(source.path))
+    validate_removal(units, config_layers(source.path))
     check_export_source(source.path, export.format)
     streamed = _streams(source.path, settings, load)
     if streamed and export.format != "hf":
@@ -210,6 +198,9 @@ def evaluate_and_save(model_spec: str, settings: EvalSettings, out: Path | None,
     from surgery.evaluate.tasks import check_task_names
     from surgery.files import check_output_file, write_json
 
+    if reference_spec is not None and not settings.generation:
+        raise SurgeryError("--reference is compared through greedy continuations, which --no-generation turns off: "
+                           "drop one of them")
     compared = settings.generation and reference_spec is not None
     if not settings.tasks and not settings.perplexity and not settings.speed and not compared:
         raise SurgeryError("nothing to evaluate: give --tasks, --ppl, --speed or --reference")

@@ -109,6 +109,12 @@ def load_model(
         if "trust_remote_code" in str(error):
             raise SurgeryError(f"{source.spec} needs its own modeling code: pass --trust-remote-code if you trust its author") from None
         raise
+    except RuntimeError as error:  # transformers raises for a weight of another shape than config.json says
+        if "mismatched_sizes" not in str(error) and "size mismatch" not in str(error):
+            raise
+        raise SurgeryError(f"{source.path}: config.json and the weights disagree: weights have another shape than the config "
+                           "says; fix the sizes in config.json (hidden_size, intermediate_size, heads), or download the model "
+                           "again") from None
     check_loading_info(source.path, info)
     if not device_map and quantization_config is None:
         model.to(resolve_device(device))

@@ -38,7 +38,7 @@ def check(settings: PruneSettings) -> Checked:
     """Fail now on anything knowable before loading: names, output folders, devices, ids, data."""
     from surgery.files import check_output_folder, check_resumable_folder
     from surgery.loading import check_device_options
-    from surgery.source import named_folder, resolve
+    from surgery.source import config_layers, named_folder, resolve
     from surgery.strategies import Target, check_choice
     from surgery.sublayers import parse_sublayers
 
@@ -47,6 +47,9 @@ def check(settings: PruneSettings) -> Checked:
     check_device_options(settings.load.device, settings.load.device_map)
     check_device_options(None, settings.healing.device_map)
     target = Target.parse(settings.remove)
+    if target.ids and settings.keep_cornerstones:
+        raise SurgeryError("--keep-cornerstones protects what a strategy may choose; --remove names the ids itself: drop "
+                           "--keep-cornerstones, or give a count or a share (25%)")
     if settings.protect:
         parse_sublayers(settings.protect)
     methods = () if target.ids else needed_methods(settings)
@@ -56,13 +59,27 @@ def check(settings: PruneSettings) -> Checked:
     from surgery.export.nemotron import check_export_source
 
     check_export_source(source.path, settings.export.format)
+    _check_target(settings, target, config_layers(source.path))
     if settings.analysis_dir:  # an analysis inside --out would be replaced by the export
         from surgery.analysis import EVALUATIONS_FILE
 
-        check_resumable_folder(Path(settings.analysis_dir), EVALUATIONS_FILE, force=True, protected=[source.path, out],
+        check_resumable_folder(Path(settings.analysis_dir), EVALUATIONS_FILE, force=settings.force, protected=[source.path, out],
                                option="--analysis")
     _check_data(settings, needs_calibration)
     return Checked(source, out, methods)
+
+
+def _check_target(settings: PruneSettings, target: Any, layers: int) -> None:
+    """Sublayer ids in range and a count the model can give, from config.json: before the model
+    loads and before an analysis that can take hours."""
+    from surgery.sublayers import check_in_range, parse_sublayers
+
+    manual = parse_sublayers(settings.protect) if settings.protect else []
+    check_in_range([*manual, *target.ids], layers)
+    units = layers if settings.granularity == "block" else 2 * layers
+    if target.count is not None and target.count >= units:
+        raise SurgeryError(f"--remove {target.count} asks for {target.count} of the model's {units} {settings.granularity}s: "
+                           "at least one must stay; give fewer")
 
 
 def reusable_analysis(folder: Path, key: str, methods: tuple[str, ...], chosen: AnalysisSettings) -> Any:

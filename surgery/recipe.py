@@ -1,13 +1,14 @@
 """Recipes: YAML files of `surgery prune` settings. The schema is the command's own options.
 
-Each key is a `surgery prune` option name (`strategy`, `heal_steps`, `lora_r`, ...; dashes or
-underscores) or `model`; values are checked and converted by the same click types as on the
+Each key is a `surgery prune` option's long flag (`strategy`, `heal_steps`, `lora_r`, `analysis`,
+...; dashes or underscores), its parameter name, or `model`; values are checked and converted by the same click types as on the
 command line, so a recipe can hold exactly what the command accepts. Options given on the
 command line override the recipe.
 """
 
 from __future__ import annotations
 
+import datetime
 import difflib
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ class _UniqueKeys(yaml.SafeLoader):
 def apply_recipe(ctx: click.Context, path: Path) -> dict[str, Any]:
     """Recipe values for the options the user did not give on the command line, validated."""
     recipe = read_recipe(path)
-    params = {p.name: p for p in ctx.command.params if p.name not in ("recipe",)}
+    params = _params_by_key(ctx.command)
     values: dict[str, Any] = {}
     for key, raw in recipe.items():
         if key not in params:
@@ -72,14 +73,35 @@ def apply_recipe(ctx: click.Context, path: Path) -> dict[str, Any]:
         _check_kind(path, key, param, raw)
         if isinstance(raw, list):
             raw = ",".join(str(v) for v in raw)
+        elif isinstance(raw, (int, float)) and not isinstance(raw, bool) and not isinstance(param.type, _NUMBERS):
+            raw = str(raw)  # `out: 123` names a folder; `remove: 8` reads as text
         try:
             value = param.type_cast_value(ctx, raw)
         except click.BadParameter as error:
             raise SurgeryError(f"recipe {path}: {key}: {error.format_message()}") from None
-        source = ctx.get_parameter_source(key)
+        if param.name in values:
+            raise SurgeryError(f"recipe {path}: '{key}' sets {param.opts[-1]} a second time: keep one")
+        source = ctx.get_parameter_source(param.name)
         if source in (click.core.ParameterSource.DEFAULT, None):
-            values[key] = value
+            values[param.name] = value
     return values
+
+
+def _params_by_key(command: click.Command) -> dict[str, Any]:
+    """Each option under its long flag's name (--analysis: `analysis`) and its parameter's
+    (`analysis_dir`), the MODEL argument as `model`."""
+    params: dict[str, Any] = {}
+    for param in command.params:
+        if param.name == "recipe":
+            continue
+        params[param.name] = param
+        for flag in param.opts:
+            if flag.startswith("--"):
+                params.setdefault(flag[2:].replace("-", "_"), param)
+    return params
+
+
+_NUMBERS = (click.types.IntParamType, click.types.FloatParamType)
 
 
 def _check_kind(path: Path, key: str, param: Any, raw: Any) -> None:
@@ -93,3 +115,7 @@ def _check_kind(path: Path, key: str, param: Any, raw: Any) -> None:
         whole = isinstance(kind, click.types.IntParamType)
         if isinstance(raw, (bool, list, dict)) or (whole and isinstance(raw, float) and not raw.is_integer()):
             raise SurgeryError(f"recipe {path}: {key}: {raw!r} is not a {'whole number' if whole else 'number'}")
+    elif isinstance(raw, (datetime.date, datetime.time)):  # a folder named 2024-01-01 reads as a date
+        raise SurgeryError(f"recipe {path}: {key}: YAML reads {raw} as a date: quote it ('{raw}')")
+    elif isinstance(raw, (bool, dict)):
+        raise SurgeryError(f"recipe {path}: {key}: {raw!r} is not a value of this option: give text")

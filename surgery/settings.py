@@ -73,6 +73,22 @@ def _option_fields(cls: type) -> list[tuple[dataclasses.Field, Option]]:
     return [(f, f.metadata["option"]) for f in fields(cls) if "option" in f.metadata]
 
 
+def _changed(value: Any, names: tuple[str, ...] | None = None) -> list[str]:
+    """The flags of `value`'s options (those in `names`, or all) set away from their defaults."""
+    def default(f: dataclasses.Field) -> Any:
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+    return [option.flag for f, option in _option_fields(type(value))
+            if (names is None or f.name in names) and getattr(value, f.name) != default(f)]
+
+
+def _unused(flags: list[str], why: str, instead: str) -> None:
+    """One line for options given where nothing uses them (they would be recorded, yet have no effect)."""
+    if flags:
+        one = len(flags) == 1
+        raise SurgeryError(f"{', '.join(flags)} {'is' if one else 'are'} {why}: {instead}, or drop {'it' if one else 'them'}")
+
+
 def _param_name(option: Option, prefix: str) -> str:
     return option.name or (prefix + option.flag.lstrip("-")).replace("-", "_")
 
@@ -323,6 +339,10 @@ class AnalysisSettings:
     def __post_init__(self) -> None:
         if self.metric == "acc" and not self.task:
             raise SurgeryError("--metric acc needs --task NAME (an lm-eval task, e.g. arc_easy)")
+        if self.metric != "acc":
+            _unused(_changed(self, ("task", "limit")), "used only with --metric acc", "add --metric acc")
+        if self.estimator != "permutation":
+            _unused(_changed(self, ("permutations",)), "used only with --estimator permutation", "add --estimator permutation")
         if self.max_removed < 1:
             raise SurgeryError("--max-removed must be at least 1")
         if not self.collapse_fraction > 0 or not self.share_factor > 0:
@@ -429,13 +449,16 @@ class EvalSettings:
 # ------------------------------------------------------------------ healing
 
 
+DEFAULT_HEAL_STEPS = 100
+
+
 @dataclass(frozen=True)
 class HealSettings:
     mode: str = setting("lora", "--heal-mode", "lora: (Q)LoRA adapters on every projection, merged; partial: the output layer "
                         "and the last --heal-blocks blocks trained in full (Lu et al. 2024).", type=_choice("lora", "partial"))
     partial_blocks: int = setting(3, "--heal-blocks", "--heal-mode partial: decoder blocks trained, counted from the last.",
                                   type=_int_at_least(1))
-    steps: int = setting(100, "--heal-steps", "Optimizer steps.", type=_int_at_least(1))
+    steps: int = setting(DEFAULT_HEAL_STEPS, "--heal-steps", "Optimizer steps.", type=_int_at_least(1))
     tokens: int | None = setting(None, "--heal-tokens", "Training tokens instead of --heal-steps.", type=_int_at_least(1))
     seq_len: int = setting(256, "--heal-seq-len", "Tokens per training sequence.", type=_int_at_least(8))
     batch_size: int = setting(4, "--heal-batch-size", "Sequences per step on each device.", type=_int_at_least(1))
@@ -466,7 +489,11 @@ class HealSettings:
 
     def __post_init__(self) -> None:
         if self.tokens is not None:
-            object.__setattr__(self, "steps", max(1, math.ceil(self.tokens / (self.seq_len * self.batch_size * self.grad_accum))))
+            derived = max(1, math.ceil(self.tokens / (self.seq_len * self.batch_size * self.grad_accum)))
+            if self.steps not in (DEFAULT_HEAL_STEPS, derived):
+                raise SurgeryError(f"--heal-steps {self.steps} and --heal-tokens {self.tokens} both set how long healing "
+                                   "runs: give one")
+            object.__setattr__(self, "steps", derived)
         if self.steps < 1 or self.lora_r < 1 or self.batch_size < 1:
             raise SurgeryError("healing needs at least one step, a LoRA rank of at least 1 and a batch of at least 1")
         _positive("--heal-lr", self.learning_rate)
@@ -556,6 +583,9 @@ class PruneSettings:
 
     def __post_init__(self) -> None:
         shared = self.analysis
+        if not self.heal:  # (a healing seed equal to --seed is the one this method gave it)
+            healing = replace(self.healing, seed=None) if self.healing.seed == shared.seed else self.healing
+            _unused(_changed(healing), "used only with --heal", "add --heal")
         object.__setattr__(self, "evaluation", replace(self.evaluation, seed=shared.seed, batch_size=shared.batch_size,
                                                        data_dir=shared.data_dir, text_field=shared.text_field))
         if self.healing.seed is None:

@@ -37,6 +37,71 @@ def test_a_config_that_disagrees_with_the_weights_is_an_error(tiny_folder, tmp_p
         assert not (tmp_path / "out").exists()
 
 
+def test_weights_of_another_shape_than_the_config_says_are_one_line(tiny_folder, tmp_path):
+    """transformers raises a RuntimeError for it, which used to end in a traceback."""
+    source, _ = tiny_folder("llama", num_layers=4)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] + 32}))
+    for args in (["cut", source, "--remove", "L0", "--out", tmp_path / "out", "--device", "cpu"], ["info", source, "--device", "cpu"]):
+        line = one_line(run(*args))
+        assert "config.json and the weights disagree" in line and "another shape" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_prune_checks_its_target_against_the_config_before_loading_or_analysing(tiny_folder, tmp_path, data_dir):
+    """The weights here do not load (another shape than config.json says): each refusal names the
+    target, so it came before the load; a count the model cannot give is refused before an analysis."""
+    source, _ = tiny_folder("llama", num_layers=4)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] + 32}))
+    for extra, message in ((["--remove", "L99"], "L99 is out of range: the model has 4 layers"),
+                           (["--remove", "1", "--protect", "L9.attn"], "L9 is out of range"),
+                           (["--remove", "4", "--strategy", "shapley"], "--remove 4 asks for 4 of the model's 4 blocks"),
+                           (["--remove", "8", "--granularity", "sublayer", "--strategy", "shapley"], "of the model's 8 sublayers")):
+        line = one_line(run("prune", source, "--out", tmp_path / "out", "--data-dir", data_dir, *extra, "--device", "cpu"))
+        assert message in line, (extra, line)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache" / "analyses").exists()
+
+
+def test_an_analysis_folder_that_holds_other_files_is_refused_without_force(tiny_folder, tmp_path, data_dir):
+    """prune --analysis wrote its analysis.md over a user's own file in any folder."""
+    source, _ = tiny_folder("llama", num_layers=4)
+    mine = tmp_path / "mydocs"
+    mine.mkdir()
+    (mine / "analysis.md").write_text("my notes")
+    line = one_line(run("prune", source, "--out", tmp_path / "out", "--analysis", mine, *FAST_PRUNE, "--strategy", "bi",
+                        "--data-dir", data_dir))
+    assert "--analysis" in line and "is not an analysis folder" in line and "--force" in line
+    assert (mine / "analysis.md").read_text() == "my notes" and not (tmp_path / "out").exists()
+
+
+def test_gguf_of_a_folder_whose_config_is_not_json_is_one_line(tiny_folder, tmp_path):
+    source, _ = tiny_folder("llama", num_layers=4)
+    (source / "config.json").write_text("{bad")
+    assert "config.json is not valid JSON" in one_line(run("gguf", source, "--out", tmp_path / "m.gguf"))
+    (source / "config.json").write_text("[]")
+    assert "config.json is not a model configuration" in one_line(run("gguf", source, "--out", tmp_path / "m.gguf"))
+    assert not list(tmp_path.glob("m.gguf*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prune", "--remove", "1", "--heal-steps", "5", "--lora-r", "4"], "--heal-steps, --lora-r are used only with --heal: add --heal"),
+    (["prune", "--remove", "1", "--heal", "--heal-steps", "3", "--heal-tokens", "64"], "both set how long healing runs"),
+    (["prune", "--remove", "L0", "--keep-cornerstones"], "--keep-cornerstones protects what a strategy may choose"),
+    (["eval", "--reference", "nowhere", "--no-generation", "--tasks", "none", "--ppl", "none", "--speed"],
+     "--reference is compared through greedy continuations"),
+    (["analyze", "--task", "arc_easy", "--task-limit", "3"], "--task, --task-limit are used only with --metric acc"),
+    (["analyze", "--permutations", "3"], "--permutations is used only with --estimator permutation"),
+])
+def test_an_option_that_would_have_no_effect_is_refused(tiny_folder, tmp_path, args, message):
+    """Each was recorded in the run's settings as if it had been used."""
+    source, _ = tiny_folder("llama", num_layers=4)
+    command, *rest = args
+    out = [] if command == "eval" else ["--out", tmp_path / "out"]
+    line = one_line(run(command, source, *out, *rest))
+    assert message in line and not (tmp_path / "out").exists()
+
+
 def test_a_tokenizer_that_does_not_load_is_named(tiny_folder, tmp_path, data_dir):
     source, _ = tiny_folder("llama")
     (source / "tokenizer.json").write_text("this is no tokenizer {")

@@ -165,7 +165,8 @@ def test_report_copies_only_the_plots_of_the_analysis_it_used(source, tmp_path, 
     (folder / "shapley.png").write_bytes(b"a plot from an older analysis in the same folder")
     args = ["--strategy", "bi", "--remove", "1", "--analysis", folder, "--data-dir", data_dir,
             "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed", *FAST[:6], "--device", "cpu"]
-    assert run("prune", source, "--out", tmp_path / "out", *args).exit_code == 0
+    result = run("prune", source, "--out", tmp_path / "out", *args, "--force")  # --force: the folder is no analysis's
+    assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "analysis_block_influence.png").is_file()
     assert not (tmp_path / "out" / "analysis_shapley.png").exists()
     assert not (folder / "shapley.png").exists()  # the rewritten analysis folder drops it too
@@ -176,7 +177,8 @@ def test_report_copies_only_the_plots_of_the_analysis_it_used(source, tmp_path, 
     [
         (["--remove", "0"], "removes nothing"),
         (["--remove", "100%"], "below 100%"),
-        (["--remove", "6"], "asks for more blocks than are removable"),
+        (["--remove", "6"], "asks for 6 of the model's 6 blocks"),
+        (["--protect", "L0-L1", "--remove", "5"], "asks for more blocks than are removable"),
         (["--remove", "L9"], "out of range"),
         (["--protect", "L0-L5", "--remove", "10%"], "cannot be met"),
     ],
@@ -287,6 +289,18 @@ def test_every_shipped_recipe_is_valid():
         assert values["model"] and values["strategy"] in STRATEGIES, path
 
 
+def test_a_recipe_takes_every_option_under_its_flag_and_numbers_as_text_where_text_is_meant(tmp_path):
+    """--analysis and --task are the two prune options whose parameter names differ from their flags."""
+    from surgery.cli import prune
+    from surgery.recipe import apply_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: m\nout: 123\nanalysis: runs/an\ntask: arc_easy\nmetric: acc\nremove: 8\nseed: 3\n")
+    values = apply_recipe(prune.make_context("prune", [], resilient_parsing=True), recipe)
+    assert values["analysis_dir"] == Path("runs/an") and values["metric_task"] == "arc_easy"
+    assert values["out"] == Path("123") and values["remove"] == "8" and values["seed"] == 3
+
+
 def test_recipe_errors_and_command_line_overrides(source, tmp_path, data_dir):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"model": str(source), "out": str(tmp_path / "from-recipe"), "strategy": "last",
@@ -309,7 +323,10 @@ def test_recipe_errors_and_command_line_overrides(source, tmp_path, data_dir):
                           ("heal: 2\n", "heal: 2 is not true or false"), ("heal_lr: true\n", "heal_lr: True is not a number"),
                           ("lora_dropout: yes\n", "lora_dropout: True is not a number"),
                           ("heal_steps: 3\nheal-steps: 4\n", "'heal_steps' is given twice"),
-                          ("heal_lr: .nan\n", "--heal-lr must be a positive number")):
+                          ("heal_lr: .nan\n", "--heal-lr must be a positive number"),
+                          ("out: 2024-01-01\n", "YAML reads 2024-01-01 as a date: quote it"),
+                          ("out: {a: 1}\n", "is not a value of this option"),
+                          ("analysis: a\nanalysis_dir: b\n", "sets --analysis a second time")):
         recipe.write_text(text)
         result = run("prune", "--recipe", recipe, str(source), "--out", tmp_path / "never")
         assert result.exit_code == 2 and message in result.output, (text, result.output)

@@ -103,10 +103,9 @@ def _deci_blocks(config: dict[str, Any]) -> Any:
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise SurgeryError(f"{folder} has no config.json: give a model folder (the one surgery cut or surgery prune wrote)")
-    return json.loads(path.read_text())
+    from surgery.source import read_config
+
+    return read_config(folder, "give a model folder (the one surgery cut or surgery prune wrote)")
 
 
 def _gguf_architecture(config: dict[str, Any]) -> str:
