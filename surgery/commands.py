@@ -194,6 +194,7 @@ def evaluate_and_save(model_spec: str, settings: EvalSettings, out: Path | None,
     """`surgery eval`: load, evaluate, write the results JSON. fit_context: the perplexity window
     is the default one, which a model with a shorter context gets shortened. reference_spec: a
     model (the dense source) whose greedy continuations this one's are compared with."""
+    from surgery.data import check_available
     from surgery.evaluate import evaluate_model, fit_context_to_model
     from surgery.evaluate.tasks import check_task_names
     from surgery.files import check_output_file, write_json
@@ -205,6 +206,9 @@ def evaluate_and_save(model_spec: str, settings: EvalSettings, out: Path | None,
     if not settings.tasks and not settings.perplexity and not settings.speed and not compared:
         raise SurgeryError("nothing to evaluate: give --tasks, --ppl, --speed or --reference")
     check_task_names(settings.tasks)
+    wanted = [(corpus, "perplexity") for corpus in settings.perplexity]
+    check_available(wanted + ([(settings.generation_protocol.corpus, "generation prompts")] if compared else []),
+                    settings.data_dir)
 
     def check_out(protected: list[Path]) -> None:
         if out is not None:
@@ -217,11 +221,12 @@ def evaluate_and_save(model_spec: str, settings: EvalSettings, out: Path | None,
         raise SurgeryError("--reference compares greedy continuations, which a model read block by block cannot generate "
                            "at a usable speed: drop --reference, or pass --no-layerwise where the model fits")
     suite = None
-    if layerwise and settings.tasks:
+    if settings.tasks:  # the tasks' data read and checked before any model is
         from surgery.evaluate.suite import TaskSuite
 
         suite = TaskSuite(settings)
-        suite.check_block_by_block("--no-layerwise")  # before any model is read
+        if layerwise:
+            suite.check_block_by_block("--no-layerwise")
     continuations = _reference_continuations(reference_spec, settings, load) if compared else None
     model, tokenizer = _whole_or_layerwise(source, layerwise, load, what)
     if fit_context:
@@ -261,6 +266,7 @@ def analyze_and_save(model_spec: str, settings: AnalysisSettings, out: Path, loa
     settings = replace(settings, methods=with_requirements(settings.methods))
     if not force:
         check_dropped_methods(out, settings.methods)
+    _check_analysis_data(settings)
     check = lambda protected: check_resumable_folder(out, EVALUATIONS_FILE, force=force, protected=protected)  # noqa: E731
     source = resolve_with_output_check(model_spec, check, load)
     here = start(resolve_device(load.device))  # under torchrun / accelerate launch: every process scores its share, process 0 writes
@@ -272,6 +278,23 @@ def analyze_and_save(model_spec: str, settings: AnalysisSettings, out: Path, loa
         if analysis is not None:
             write_analysis_report(analysis, Path(out), command)
     return analysis
+
+
+def _check_analysis_data(settings: AnalysisSettings) -> None:
+    """The calibration text, or --metric acc's task and its data, before any model loads."""
+    from dataclasses import replace
+
+    from surgery.data import check_available
+    from surgery.scoring import SCORERS
+
+    if settings.metric == "loss" or any(SCORERS[m].needs_stream for m in settings.methods):
+        check_available([(settings.calibration, "calibration")], settings.data_dir)
+    if settings.metric == "acc":
+        from surgery.evaluate.suite import TaskSuite
+        from surgery.evaluate.tasks import check_task_names
+
+        check_task_names([settings.task])
+        TaskSuite(replace(EvalSettings(), tasks=(settings.task,), data_dir=settings.data_dir))  # reads and checks its files
 
 
 def _analysis_model(source: Any, settings: AnalysisSettings, load: LoadSettings) -> tuple[Any, Any]:

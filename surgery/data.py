@@ -65,6 +65,23 @@ def find_file(data_dir: Path | None, stem: str) -> Path | None:
     return None
 
 
+def check_available(wanted: list[tuple[str, str]], data_dir: Path | None) -> None:
+    """Each (source, role) text can be read: a built-in corpus from the data directory (or the Hub,
+    online), else an existing file. Called before any model loads: missing data is an error now,
+    not after an hour of work."""
+    from surgery.source import hub_reachable
+
+    for source, role in wanted:
+        if source in CORPORA:
+            stem = CORPORA[source][0]
+            if find_file(data_dir, stem) is None and not hub_reachable():
+                where = f"not in {data_dir}" if data_dir else "not found: no data directory given (pass --data-dir or set SURGERY_DATA_DIR)"
+                raise SurgeryError(f"no {source} text for {role}: {stem}.jsonl.gz {where}, and the Hub is offline")
+        elif not Path(source).expanduser().is_file():
+            problem = "is a folder" if Path(source).expanduser().is_dir() else "not found"
+            raise SurgeryError(f"{role} file {source} {problem}: give a .txt/.jsonl/.parquet file or one of {', '.join(CORPORA)}")
+
+
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Rows of a .jsonl or .jsonl.gz file; a cut-short, corrupt or non-UTF-8 file is one line naming it."""
     opener = gzip.open if path.suffix == ".gz" else open

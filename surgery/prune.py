@@ -376,11 +376,9 @@ def _fitted(settings: PruneSettings, config: Any) -> Any:
 
 def _check_data(settings: PruneSettings, needs_calibration: bool) -> None:
     """Missing calibration, healing or evaluation data (or an unknown task) is an error now, not after an hour of work."""
-    from surgery.data import CORPORA, find_file
+    from surgery.data import check_available
     from surgery.evaluate.tasks import check_task_names
-    from surgery.source import hub_reachable
 
-    data_dir = settings.analysis.data_dir
     wanted = []
     if needs_calibration:
         wanted.append((settings.analysis.calibration, "calibration"))
@@ -389,15 +387,7 @@ def _check_data(settings: PruneSettings, needs_calibration: bool) -> None:
     wanted += [(corpus, "perplexity") for corpus in settings.evaluation.perplexity]
     if settings.evaluation.generation:
         wanted.append((settings.evaluation.generation_protocol.corpus, "generation prompts"))
-    for source, role in wanted:
-        if source in CORPORA:
-            stem = CORPORA[source][0]
-            if find_file(data_dir, stem) is None and not hub_reachable():
-                where = data_dir or "no data directory (pass --data-dir or set SURGERY_DATA_DIR)"
-                raise SurgeryError(f"no {source} text for {role}: {stem}.jsonl.gz not in {where}, and the Hub is offline")
-        elif not Path(source).expanduser().is_file():
-            problem = "is a folder" if Path(source).expanduser().is_dir() else "not found"
-            raise SurgeryError(f"{role} file {source} {problem}: give a .txt/.jsonl/.parquet file or one of {', '.join(CORPORA)}")
+    check_available(wanted, settings.analysis.data_dir)
     check_task_names(settings.evaluation.tasks)
 
 

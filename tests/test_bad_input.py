@@ -63,6 +63,24 @@ def test_prune_checks_its_target_against_the_config_before_loading_or_analysing(
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache" / "analyses").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--ppl", "{tmp}/nowhere.txt", "--tasks", "none", "--no-speed"], "perplexity file {tmp}/nowhere.txt not found"),
+    (["eval", "--tasks", "arc_easy", "--ppl", "none", "--no-speed", "--data-dir", "{tmp}/empty"], "no data for task arc_easy"),
+    (["analyze", "--out", "{tmp}/an", "--method", "bi", "--data-dir", "{tmp}/empty"], "no c4 text for calibration"),
+    (["analyze", "--out", "{tmp}/an", "--method", "ablation", "--metric", "acc", "--task", "bogus_task"], "bogus_task"),
+])
+def test_eval_and_analyze_check_their_data_before_loading(tiny_folder, tmp_path, args, message):
+    """The weights here do not load (another shape than config.json says), so a refusal that names
+    the data came first; on a large model the load alone takes minutes."""
+    source, _ = tiny_folder("llama", num_layers=4)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] + 32}))
+    (tmp_path / "empty").mkdir()
+    command, *rest = args
+    line = one_line(run(command, source, *(a.format(tmp=tmp_path) for a in rest), "--device", "cpu"))
+    assert message.format(tmp=tmp_path) in line and not (tmp_path / "an").exists()
+
+
 def test_an_analysis_folder_that_holds_other_files_is_refused_without_force(tiny_folder, tmp_path, data_dir):
     """prune --analysis wrote its analysis.md over a user's own file in any folder."""
     source, _ = tiny_folder("llama", num_layers=4)
