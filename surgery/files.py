@@ -290,6 +290,7 @@ def output_lock(path: Path, *, wait: bool = False, what: str = "") -> Iterator[N
     that the first process fills). The lock file is removed on release.
     """
     lock = lock_path(path)
+    created = _missing_ancestors(lock.parent)
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         handle = open(lock, "a+")  # noqa: SIM115 (held open for the whole block)
@@ -317,6 +318,19 @@ def output_lock(path: Path, *, wait: bool = False, what: str = "") -> Iterator[N
     finally:
         lock.unlink(missing_ok=True)  # while still held: a waiting process then locks a fresh file
         handle.close()
+        if not Path(path).exists():  # nothing was written: the folders made for it go too, if still empty
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def _missing_ancestors(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 @contextlib.contextmanager

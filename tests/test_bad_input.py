@@ -123,11 +123,11 @@ def test_an_option_that_would_have_no_effect_is_refused(tiny_folder, tmp_path, a
 def test_a_tokenizer_that_does_not_load_is_named(tiny_folder, tmp_path, data_dir):
     source, _ = tiny_folder("llama")
     (source / "tokenizer.json").write_text("this is no tokenizer {")
-    for args in (["cut", source, "--remove", "L0", "--out", tmp_path / "out", "--device", "cpu"],
+    for args in (["cut", source, "--remove", "L0", "--out", tmp_path / "new" / "deep" / "out", "--device", "cpu"],
                  ["analyze", source, "--out", tmp_path / "an", "--data-dir", data_dir, "--device", "cpu"]):
         line = one_line(run(*args))
         assert "tokenizer.json" in line and "does not load" in line, line
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "new").exists()  # nor the folders made for --out
 
 
 def test_a_gguf_cut_inside_its_header_is_one_line_and_leaves_no_lock(tmp_path, smollm2_folder):
