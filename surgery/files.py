@@ -2,7 +2,9 @@
 
 Rules every command follows:
 - Outputs are checked before any slow work: never inside (or around) a source model, never over
-  a non-empty folder or an existing file without --force, always under a writable folder.
+  a non-empty folder or an existing file without --force, always under a writable folder; --force
+  never replaces the current folder, one around it or the home folder. Folders made for an output
+  that was never written are removed again.
 - Writes are atomic: a file is written beside its destination and renamed into place; a folder
   is built in a hidden staging folder and moved into place (an old folder is replaced only once
   the new one is complete). A failure removes the partial copy and leaves the destination as it was.
@@ -43,6 +45,10 @@ def check_output_folder(out: Path, *, force: bool, protected: list[Path] = (), o
     check_apart(out, protected, option)
     if out.is_dir() and any(out.iterdir()) and not force:
         raise SurgeryError(f"{option} {out} exists and is not empty: choose a new folder or pass --force to replace it")
+    resolved = out.resolve()
+    if force and (resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents or resolved == Path.home().resolve()):
+        raise SurgeryError(f"{option} {out} is the current folder, one around it or the home folder, which --force would "
+                           "replace with everything in it: give a folder of its own, such as runs/pruned")
     check_writable_parent(out, option)
     return out
 

@@ -120,6 +120,20 @@ def test_an_option_that_would_have_no_effect_is_refused(tiny_folder, tmp_path, a
     assert message in line and not (tmp_path / "out").exists()
 
 
+def test_force_never_replaces_the_current_folder_or_one_around_it(tiny_folder, tmp_path, monkeypatch):
+    """`--out . --force` replaced the folder the user stood in, with every file in it."""
+    source, _ = tiny_folder("llama")
+    work = tmp_path / "project" / "sub"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("important")
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(tmp_path / "project")):
+        line = one_line(run("cut", source, "--remove", "L1", "--out", out, "--force", "--device", "cpu"))
+        assert "the current folder, one around it or the home folder" in line
+    assert (work / "notes.txt").read_text() == "important"
+    assert run("cut", source, "--remove", "L1", "--out", "pruned", "--force", "--device", "cpu").exit_code == 0
+
+
 def test_a_tokenizer_that_does_not_load_is_named(tiny_folder, tmp_path, data_dir):
     source, _ = tiny_folder("llama")
     (source / "tokenizer.json").write_text("this is no tokenizer {")
