@@ -66,7 +66,32 @@ def _command_line() -> str | None:
     return "surgery " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("surgery") else None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class OneLineErrors(click.Group):
+    """Click's own refusals (a missing option, a value out of range, an unknown flag) as one line
+    and exit code 2, like every other refusal, instead of a usage block."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as error:  # `surgery` alone: the help, as click shows it
+            error.show()
+            sys.exit(error.exit_code)
+        except click.UsageError as error:
+            where = error.ctx.command_path if error.ctx else "surgery"
+            click.echo(f"error: {error.format_message()} (see {where} --help)", err=True)
+            sys.exit(2)
+        except click.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)  # --help and --version end as Exit(0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="surgery")
 def main() -> None:
     """Score, remove and heal the sublayers of decoder-only LLMs; export checkpoints that load anywhere.

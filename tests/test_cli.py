@@ -200,3 +200,21 @@ def test_errors_from_a_real_process_use_exit_code_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert run_.returncode == 2
     assert run_.stderr.strip().startswith("error:") and len(run_.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prune", "m", "--heal-steps", "0"], "Invalid value for '--heal-steps'"),
+    (["cut", "m"], "Missing option '--remove'"),
+    (["prune", "m", "--no-such-flag"], "No such option '--no-such-flag'"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_clicks_own_refusals_are_one_line_too(args, message):
+    """Click answered these with a usage block and 'Error: ...' on the last of four lines."""
+    line = error_line(result := run(*args))
+    assert result.exit_code == 2 and message in line and "--help" in line
+
+
+def test_help_and_version_still_end_well():
+    assert run("--version").exit_code == 0 and run("prune", "--help").exit_code == 0
+    bare = run()
+    assert bare.exit_code == 2 and bare.output.startswith("Usage:")  # `surgery` alone shows the help, as before
