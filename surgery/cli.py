@@ -17,6 +17,7 @@ import click
 
 from surgery import __version__
 from surgery.errors import SurgeryError
+from surgery.export.gguf_write import DEFAULT_DTYPE as GGUF_DEFAULT_TYPE
 from surgery.export.gguf_write import DTYPES as GGUF_TYPES
 from surgery.settings import (
     ANALYZE_ONLY_OPTIONS,
@@ -270,7 +271,7 @@ def heal(folder: str, out: Path, data_dir: Path | None, force: bool, keep_work: 
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The .gguf file to write.")
-@click.option("--type", "dtype", type=click.Choice(GGUF_TYPES), default="f16", show_default=True,
+@click.option("--type", "dtype", type=click.Choice(GGUF_TYPES), default=GGUF_DEFAULT_TYPE, show_default=True,
               help="Tensor type of the weight matrices (norms and biases stay f32).")
 @click.option("--tokenizer-pre", default=None,
               help="llama.cpp's pre-tokenizer name (llama-bpe, qwen2, ...), where tokenizer.json does not tell it.")

@@ -43,6 +43,7 @@ from surgery.export.gguf_read import (
 from surgery.shards import weight_files
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
+DEFAULT_DTYPE = "f16"  # llama.cpp's own converter's default: lossless enough, half the size of f32
 # llama.cpp's name for a pre-tokenizer that is exactly GPT-2's (tokenizer.json: ByteLevel with its regex),
 # and for GPT-2's split after every digit is split off (Digits, then ByteLevel: StarCoder, SmolLM);
 # llama.cpp runs "starcoder", "smollm" and the others of that group with one regex.
@@ -64,7 +65,7 @@ class GgufResult:
     verified_by: str = "transformers' GGUF reader"
 
 
-def export_gguf(folder: Path, out: Path, *, dtype: str = "f16", tokenizer_pre: str | None = None,
+def export_gguf(folder: Path, out: Path, *, dtype: str = DEFAULT_DTYPE, tokenizer_pre: str | None = None,
                 force: bool = False) -> GgufResult:
     """Write the model in `folder` (a surgery export or any model folder of a supported family) to `out`."""
     from surgery.files import atomic_file, check_free_space, output_lock
