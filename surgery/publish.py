@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,34 +37,27 @@ def published(data: Any, labels: dict[str, str]) -> Any:
                 return label + found[len(root):]
         return Path(found).name or found
 
-    def text(value: str) -> str:
-        return _ABSOLUTE.sub(path, value)
-
-    def walk(value: Any) -> Any:
-        if isinstance(value, str):
-            return text(value)
-        if isinstance(value, dict):
-            return {k: walk(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [walk(v) for v in value]
-        return value
-
-    return walk(data)
+    return _map_strings(data, lambda value: _ABSOLUTE.sub(path, value))
 
 
 def local_paths(value: Any) -> list[str]:
     """Absolute paths left in `value` (what a published file must not hold)."""
     found: list[str] = []
 
-    def walk(item: Any) -> None:
-        if isinstance(item, str):
-            found.extend(m.group(0) for m in _ABSOLUTE.finditer(item))
-        elif isinstance(item, dict):
-            for v in item.values():
-                walk(v)
-        elif isinstance(item, (list, tuple)):
-            for v in item:
-                walk(v)
+    def collect(text: str) -> str:
+        found.extend(m.group(0) for m in _ABSOLUTE.finditer(text))
+        return text
 
-    walk(value)
+    _map_strings(value, collect)
     return found
+
+
+def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """A copy of JSON-like `value` with `change` applied to every string in it."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {k: _map_strings(v, change) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(v, change) for v in value]
+    return value
