@@ -277,7 +277,7 @@ def test_a_failed_heal_leaves_no_working_folder_unless_it_can_resume(source, tmp
 
 
 def test_every_shipped_recipe_is_valid():
-    from surgery.cli import prune
+    from surgery.cli import prune, prune_settings
     from surgery.recipe import apply_recipe
     from surgery.strategies import STRATEGIES
 
@@ -287,6 +287,8 @@ def test_every_shipped_recipe_is_valid():
         ctx = prune.make_context("prune", [], resilient_parsing=True)
         values = apply_recipe(ctx, path)
         assert values["model"] and values["strategy"] in STRATEGIES, path
+        settings = prune_settings({**ctx.params, **values})  # every check of the settings passes (none refuses a shipped recipe)
+        assert settings.strategy == values["strategy"] and settings.heal == values.get("heal", False), path
 
 
 def test_a_recipe_takes_every_option_under_its_flag_and_numbers_as_text_where_text_is_meant(tmp_path):
