@@ -188,6 +188,7 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
 
     texts, heldout_texts, source = healing_texts(settings.data, data_dir)
     here = start(device)  # under torchrun / accelerate launch: DDP over the processes, process 0 merges
+    settings = settings.on(here.world)
     per_step = settings.batch_size * settings.grad_accum * here.world
     # the documents' tokens; with the teacher's text, its prompts (the text follows from them, the teacher and the seed)
     train_ids = _pack_available(tokenizer, texts, settings.steps * per_step, settings.seq_len, source, minimum=per_step)
@@ -223,8 +224,7 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
         source = f"{source}, continued by the dense model after {settings.prompt_tokens} tokens"
     adapter, log, resumed = _train(base_folder, tokenizer, train_ids, settings, arch, work, device,
                                    teacher if settings.distill > 0 else None)
-    described = {**settings.describe(), "processes": here.world,
-                 "training_tokens": settings.steps * per_step * settings.seq_len}
+    described = settings.describe()
     if not here.main:
         return None
     _free_device_memory()  # what training held (trainer, optimizer, the teacher) before the full-precision load
@@ -526,6 +526,9 @@ def _distilling(base: type, teacher: Any, weight: float) -> type:
                 target = teacher(**{k: v.to(teacher_device) for k, v in forward.items()}, use_cache=False).logits
             loss = distillation_loss(outputs.logits, target, inputs["labels"], weight, num_items_in_batch)
             self.loss_is_scaled_for_ga = num_items_in_batch is not None  # divided by the count over accumulated batches
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # the count is every process's and DDP averages the gradients: undo the 1/N, as trl's and the Trainer's losses do
+                loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
 
     return DistillingTrainer

@@ -486,10 +486,11 @@ class HealSettings:
     seed: int | None = setting(None, "--heal-seed", "Healing's seed (LoRA initialisation, data order); default: --seed, or 0.")
     distill: float = setting(0.0, "--heal-distill",
                              "Weight of the KL to the dense model's next-token distribution in the healing loss (0: plain LM loss).")
+    processes: int = 1  # the processes that train (torchrun, accelerate launch): each takes its share of every step
 
     def __post_init__(self) -> None:
-        if self.tokens is not None:
-            derived = max(1, math.ceil(self.tokens / (self.seq_len * self.batch_size * self.grad_accum)))
+        if self.tokens is not None:  # the whole run's tokens, over every process
+            derived = max(1, math.ceil(self.tokens / (self.seq_len * self.batch_size * self.grad_accum * self.processes)))
             if self.steps not in (DEFAULT_HEAL_STEPS, derived):
                 raise SurgeryError(f"--heal-steps {self.steps} and --heal-tokens {self.tokens} both set how long healing "
                                    "runs: give one")
@@ -516,10 +517,16 @@ class HealSettings:
     def run_seed(self) -> int:
         return 0 if self.seed is None else self.seed
 
+    def on(self, processes: int) -> HealSettings:
+        """These settings trained by `processes` processes (steps derived again from --heal-tokens)."""
+        if processes == self.processes:
+            return self
+        return replace(self, processes=processes, **({"steps": DEFAULT_HEAL_STEPS} if self.tokens is not None else {}))
+
     def describe(self) -> dict[str, Any]:
         data = describe(self)
         data["seed"] = self.run_seed
-        data["training_tokens"] = self.steps * self.seq_len * self.batch_size * self.grad_accum
+        data["training_tokens"] = self.steps * self.seq_len * self.batch_size * self.grad_accum * self.processes
         return data
 
 

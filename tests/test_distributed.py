@@ -46,18 +46,22 @@ def test_analysis_on_two_processes_gives_the_values_of_one_and_resumes(tiny_fold
     assert a["cost"]["evaluations"] == b["cost"]["evaluations"] + 10  # the resumed run computed only the rest
 
 
-def test_healing_on_two_processes_matches_one_with_the_same_global_batch(tiny_folder, tmp_path, env):
+@pytest.mark.parametrize("length", [["--heal-steps", "6"], ["--heal-tokens", "384", "--heal-distill", "0.5"]],
+                         ids=["steps", "tokens-distilled"])
+def test_healing_on_two_processes_matches_one_with_the_same_global_batch(tiny_folder, tmp_path, env, length):
     """`surgery prune --heal` under torchrun: every process cuts alike and trains half of each
     global batch (DDP, gloo); process 0 alone evaluates and exports. Against one process with the
     same global batch by gradient accumulation (2 x 1 sequences), the losses agree to 1e-4
     relative and the exported weights to 1e-4 (seen here: equal to six decimals). LoRA dropout is
     off: its masks come from each process's own random stream, which no two layouts share.
     (Against one process with batch 2 the gradients differ by float noise in trl's loop, about
-    4e-5 relative, so a process count is compared with gradient accumulation.)"""
+    4e-5 relative, so a process count is compared with gradient accumulation.) With distillation
+    the loss is surgery's own: on two processes it was half the one-process loss (the token count
+    is every process's); --heal-tokens counts the whole run's tokens (two processes trained twice them)."""
     from safetensors.torch import load_file
 
     source, _ = tiny_folder("llama", num_layers=4)
-    common = ["--strategy", "last", "--remove", "1", "--heal", "--heal-steps", "6", "--heal-seq-len", "32", "--no-quantize",
+    common = ["--strategy", "last", "--remove", "1", "--heal", *length, "--heal-seq-len", "32", "--no-quantize",
               "--heal-lr", "1e-3", "--heal-save-steps", "3", "--lora-dropout", "0", "--no-bridge", "--eval-tasks", "none", "--eval-ppl", "none",
               "--no-eval-speed", "--no-eval-generation", "--device", "cpu"]
     one = surgery("prune", source, "--out", tmp_path / "one", *common, "--heal-batch-size", "1", "--heal-grad-accum", "2", env=env)
@@ -65,7 +69,7 @@ def test_healing_on_two_processes_matches_one_with_the_same_global_batch(tiny_fo
     two = surgery("prune", source, "--out", tmp_path / "two", *common, "--heal-batch-size", "1", env=env, processes=2)
     assert two.returncode == 0, two.stderr
     a, b = (json.loads((tmp_path / name / "report.json").read_text())["healing"] for name in ("one", "two"))
-    assert b["settings"]["processes"] == 2 and a["settings"]["training_tokens"] == b["settings"]["training_tokens"]
+    assert b["settings"]["processes"] == 2 and a["settings"]["training_tokens"] == b["settings"]["training_tokens"] == 384
     assert [entry["step"] for entry in b["log"]] == list(range(1, 7))
     for x, y in zip(a["log"], b["log"]):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
