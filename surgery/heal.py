@@ -256,6 +256,12 @@ JOB_FILE = "heal-job.json"
 _PARTS = {"weights": "the weights of the model to heal", "data": "the training tokens", "teacher": "the teacher (distillation, or the text it writes)"}
 
 
+def warmup_steps(settings: HealSettings) -> int:
+    """The warm-up's steps: its share of the run, but never every step (the schedule's first step
+    has learning rate 0, so a one-step run would train nothing)."""
+    return min(math.ceil(settings.warmup_ratio * settings.steps), settings.steps - 1)
+
+
 def resume_identity(weights: str, settings: HealSettings, train_ids: Any, teacher: Path | None,
                     job: dict[str, Any] | None) -> dict[str, Any]:
     """Everything that decides what a heal produces; checkpoints are reused only when all of it matches."""
@@ -416,8 +422,8 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
     if settings.quantize and not partial:
         model = load_4bit(base_folder, device, settings.device_map)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    else:
-        model = load_model(str(base_folder), device=device, with_tokenizer=False).model
+    else:  # partial: the trained blocks in float32, rounded once when saved (bf16 weights would lose small updates)
+        model = load_model(str(base_folder), dtype="float32" if partial else "auto", device=device, with_tokenizer=False).model
         if checkpointing:
             model.gradient_checkpointing_enable()
     set_seed(settings.run_seed)  # the adapters' initialisation too, not only the trainer's data order
@@ -442,7 +448,7 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
     config = SFTConfig(
         output_dir=str(checkpoints), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=math.ceil(settings.warmup_ratio * settings.steps), logging_steps=1, save_steps=settings.save_steps,
+        lr_scheduler_type="cosine", warmup_steps=warmup_steps(settings), logging_steps=1, save_steps=settings.save_steps,
         save_total_limit=2, report_to="none", seed=settings.run_seed, use_cpu=not on_gpu,
         bf16=on_gpu and torch.cuda.is_bf16_supported(), gradient_checkpointing=checkpointing, max_length=settings.seq_len,
         gradient_checkpointing_kwargs={"use_reentrant": True} if checkpointing and under_fsdp() else None,
@@ -463,6 +469,8 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
     adapter = work / ("trained" if partial else "adapter")
     if trainer.is_fsdp_enabled:  # the adapter's shards gathered into one state dict (peft's FSDP-QLoRA guide)
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    elif partial:  # the trained model is the result: in the checkpoint's own dtype
+        model.to(_config_dtype(json.loads((base_folder / "config.json").read_text())))
     trainer.save_model(str(adapter))  # the adapter alone (partial: the whole trained model), written by process 0
     del trainer, model
     return adapter, log, resumed

@@ -97,6 +97,20 @@ def test_healing_lowers_held_out_loss_and_merges_into_full_precision(tmp_path, t
         assert torch.allclose(merged(ids).logits, with_adapter(ids).logits, atol=1e-4)
 
 
+def test_one_healing_step_trains(tmp_path, tokenizer, data_dir):
+    """Its warm-up was the whole run, at learning rate 0: the model came back unchanged."""
+    model = tiny_model("llama", num_layers=2)
+    result = heal(model, tokenizer, c4_settings(steps=1, quantize=False), tmp_path / "work", data_dir=data_dir)
+    assert result.loss_after < result.loss_before and len(result.log) == 1
+
+
+def test_evaluation_text_is_refused_as_healing_data():
+    """Its documents are the held-out loss's (and WikiText-2's those of the reported perplexity)."""
+    for corpus in ("wikitext2", "wikitext2-validation"):
+        with pytest.raises(SurgeryError, match=f"--heal-data {corpus} is evaluation text"):
+            c4_settings(data=corpus)
+
+
 def test_interrupted_healing_resumes_from_its_last_checkpoint(tmp_path, tokenizer, data_dir, monkeypatch):
     from transformers import Trainer
 
@@ -399,6 +413,20 @@ def test_healing_is_reproducible_whatever_the_random_state_before_it(tmp_path, t
         result = heal(model, tokenizer, c4_settings(steps=3, quantize=False), tmp_path / f"w{state}", data_dir=data_dir)
         merged.append(result.model.state_dict())
     assert all(torch.equal(merged[0][name], merged[1][name]) for name in merged[0])
+
+
+def test_partial_layer_healing_of_a_bf16_model_trains_in_float32_and_rounds_once(tmp_path, tokenizer, data_dir):
+    """Trained in bf16, updates below half a unit in the last place were lost (here 76% of the
+    block's weights changed at all, against 87%): the result is now the float32 run's, rounded once."""
+    model = tiny_model("llama", num_layers=2).to(torch.bfloat16)
+    same_in_float32 = tiny_model("llama", num_layers=2)
+    same_in_float32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    settings = c4_settings(quantize=False, mode="partial", partial_blocks=1, learning_rate=1e-4, steps=6)
+    result = heal(model, tokenizer, settings, tmp_path / "bf16", data_dir=data_dir)
+    reference = heal(same_in_float32, tokenizer, settings, tmp_path / "fp32", data_dir=data_dir)
+    got, want = result.model.state_dict(), reference.model.state_dict()
+    assert all(v.dtype == torch.bfloat16 for v in got.values())
+    assert all(torch.equal(got[k], want[k].to(torch.bfloat16)) for k in want)
 
 
 def test_partial_layer_healing_trains_only_the_output_layer_and_the_last_blocks(tmp_path, tokenizer, data_dir):
