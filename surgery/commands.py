@@ -107,7 +107,7 @@ def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, 
 
 
 def _streams(folder: Path, settings: StreamSettings, load: LoadSettings, doing: str = "streaming the cut file to file",
-             what: str = "the streamed cut") -> bool:
+             what: str = "the streamed cut", alone: bool = False) -> bool:
     """--stream / --no-stream as given; otherwise stream a safetensors model that does not fit in
     memory twice (the in-memory cut and merge verify against a reloaded copy)."""
     from surgery.loading import resolve_device
@@ -120,7 +120,7 @@ def _streams(folder: Path, settings: StreamSettings, load: LoadSettings, doing: 
                                "drop --device-map, or pass --no-stream")
         weight_files(folder, f"{what} reads safetensors weights only: convert them, or pass --no-stream")  # before --out is claimed
     return out_of_core(folder, settings.stream, device=resolve_device(load.device), device_map=load.device_map, copies=2,
-                       doing=doing, instead="--no-stream")
+                       doing=doing, instead="--no-stream", alone=alone)
 
 
 def _cut_in_memory(source: Any, units: list, out: Path, load: LoadSettings, settings: StreamSettings, force: bool,
@@ -385,7 +385,7 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
     def decide() -> bool:
         """Process 0's choice of the streamed merge, with what it refuses checked before training."""
         streams = _streams(source.path, writing, load, "merging the adapter file to file and evaluating block by block",
-                           "the streamed merge")
+                           "the streamed merge", alone=True)  # process 0 merges once the others have stopped
         if streams and evaluation.tasks:
             from surgery.evaluate.suite import TaskSuite
 

@@ -13,17 +13,18 @@ from pathlib import Path
 LIBRARY_BYTES = 1 << 30  # torch, transformers and the forward passes beside the weights
 
 
-def available_memory(device: str = "cpu") -> int:
+def available_memory(device: str = "cpu", alone: bool = False) -> int:
     """Bytes this process may take on the device now: a GPU's free memory (each process has its
     own GPU), or MemAvailable (without swapping) shared evenly by the launcher's processes on this
-    machine, which decide alike at the same time."""
+    machine, which decide alike at the same time; `alone`: for a step process 0 runs after the
+    others have stopped (healing's merge), all of it."""
     if device.startswith("cuda"):
         import torch
 
         return int(torch.cuda.mem_get_info(torch.device(device))[0])
     from surgery.distributed import ranks
 
-    return _mem_available() // ranks().local_world
+    return _mem_available() // (1 if alone else ranks().local_world)
 
 
 def _mem_available() -> int:
@@ -57,7 +58,7 @@ def safetensors_bytes(folder: Path) -> int:
 
 
 def out_of_core(folder: Path, wanted: bool | None, *, device: str, device_map: str | None, copies: int,
-                doing: str, instead: str) -> bool:
+                doing: str, instead: str, alone: bool = False) -> bool:
     """`wanted` as given (--stream/--layerwise or their --no- forms); otherwise True for a
     safetensors model that does not fit on `device`, said in one line. `doing`: what runs out of
     core ('streaming the cut file to file'); `instead`: the option that overrides ('--no-stream')."""
@@ -66,7 +67,7 @@ def out_of_core(folder: Path, wanted: bool | None, *, device: str, device_map: s
     size = safetensors_bytes(folder)
     if device_map or not size:
         return False
-    available = available_memory(device)
+    available = available_memory(device, alone=alone)
     if fits_in_memory(size, available, copies):
         return False
     from surgery.console import console

@@ -178,3 +178,14 @@ def test_one_process_finishes_what_an_interrupted_run_on_two_left_in_its_own_fil
     a, b = (json.loads((tmp_path / name / "analysis.json").read_text()) for name in ("whole", "part"))
     assert b["complete"] and a["sections"] == b["sections"]
     assert b["cost"]["evaluations"] == 3  # the three the budget left, nothing recomputed
+
+
+def test_the_merge_process_0_runs_alone_counts_all_free_memory(monkeypatch):
+    """Under a launcher the processes share the machine's memory while they run alike; the merge
+    runs on process 0 after the others stopped, and divided it by their count (8x too little on 8)."""
+    import surgery.memory
+    from surgery.memory import available_memory
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(surgery.memory, "_mem_available", lambda: 64 << 30)  # the machine's free memory, held still
+    assert available_memory("cpu") == 8 << 30 and available_memory("cpu", alone=True) == 64 << 30

@@ -71,7 +71,7 @@ def test_a_stream_too_large_for_memory_spills_to_a_file_bit_for_bit(tmp_path, mo
     data = batches(count=3)
     in_memory = LayerwiseResidualLoss(LayerwiseModel(model_folder), data, spill_dir=spill)
     assert in_memory._states.file is None
-    monkeypatch.setattr(surgery.memory, "available_memory", lambda device="cpu": 1 << 10)  # a machine with 1 KiB free
+    monkeypatch.setattr(surgery.memory, "available_memory", lambda device="cpu", alone=False: 1 << 10)  # a machine with 1 KiB free
     spilled = LayerwiseResidualLoss(LayerwiseModel(model_folder), data, spill_dir=spill)
     assert spilled._states.file is not None and spilled.default_batch == 1
     for position in range(9):
@@ -112,7 +112,7 @@ def test_a_model_that_does_not_fit_is_analyzed_layer_by_layer(tiny_folder, tmp_p
     import surgery.memory
 
     folder, _ = tiny_folder("llama", num_layers=2)
-    monkeypatch.setattr(surgery.memory, "available_memory", lambda device="cpu": 1 << 20)
+    monkeypatch.setattr(surgery.memory, "available_memory", lambda device="cpu", alone=False: 1 << 20)
     result = run("analyze", folder, "--out", tmp_path / "an", "--data-dir", data_dir, "--samples", "2", "--seq-len", "16",
                  "--device", "cpu", "--method", "ablation")
     assert result.exit_code == 0, result.output

@@ -220,7 +220,7 @@ def test_surgery_heal_merges_file_to_file_when_the_model_does_not_fit_twice(tiny
     cut = tmp_path / "cut"
     assert run("cut", source, "--remove", "L2.attn", "--out", cut, "--device", "cpu").exit_code == 0
     room = int(safetensors_bytes(cut) * 1.5)  # one copy fits, two do not
-    monkeypatch.setattr(surgery.memory, "available_memory", lambda device="cpu": room)
+    monkeypatch.setattr(surgery.memory, "available_memory", lambda device="cpu", alone=False: room)
     result = run("heal", cut, "--out", tmp_path / "healed", "--eval-tasks", "none", "--no-eval-speed", "--data-dir", data_dir,
                  *HEAL, *mode, catch=False)
     assert result.exit_code == 0, result.output
