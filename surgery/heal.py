@@ -196,7 +196,9 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
 
     def prepare() -> None:
         weights = _folder_weights(base_folder) if given_folder else weights_sha256(model)
-        identity = resume_identity(weights, settings, train_ids, teacher, {**(job or {}), "processes": here.world})
+        # the device decides precision (bf16 autocast, a 4-bit teacher on a GPU) and FSDP the checkpoints' layout
+        identity = resume_identity(weights, settings, train_ids, teacher, {**(job or {}), "processes": here.world,
+                                                                          "device": device.split(":")[0], "fsdp": under_fsdp()})
         _claim_working_folder(work, identity)
         if not (base_folder / "config.json").is_file():
             staging = work / "base.partial"

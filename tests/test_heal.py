@@ -102,6 +102,10 @@ def test_one_healing_step_trains(tmp_path, tokenizer, data_dir):
     model = tiny_model("llama", num_layers=2)
     result = heal(model, tokenizer, c4_settings(steps=1, quantize=False), tmp_path / "work", data_dir=data_dir)
     assert result.loss_after < result.loss_before and len(result.log) == 1
+    from surgery.heal import JOB_FILE
+
+    job = json.loads((tmp_path / "work" / JOB_FILE).read_text())["job"]  # what a resume must match beside the settings
+    assert job == {"processes": 1, "device": "cpu", "fsdp": False}
 
 
 def test_evaluation_text_is_refused_as_healing_data():
