@@ -198,4 +198,6 @@ def rope_settings(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]
     params = config.get("rope_parameters") or {}
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     scaling = config.get("rope_scaling") or ({k: v for k, v in params.items() if k != "rope_theta"} or None)
+    if scaling and "rope_type" not in scaling and "type" in scaling:  # the older spelling, which transformers still reads
+        scaling = {**scaling, "rope_type": scaling["type"]}
     return float(theta), scaling

@@ -290,3 +290,69 @@ def test_a_deci_file_that_does_not_match_the_folder_is_never_written(tmp_path, t
     with pytest.raises(SurgeryError, match=r"blk\.0\.attn_[qk]\.weight differs"):
         export_gguf(folder, tmp_path / "bad.gguf", dtype="f32")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@torch.no_grad()
+def test_a_head_size_other_than_hidden_over_heads_is_written_block_or_sublayer_cut(tmp_path, tokenizer):
+    """Mistral-NeMo's shape (head_dim 128, hidden 5120, 32 heads): llama.cpp reads the head size from
+    attention.key_length. The deci writer refused it, blaming llama.cpp, and sized block 0's null
+    attention by hidden / heads."""
+    for remove, arch in (("L1", "llama"), ("L0.attn,L2.mlp", "deci")):
+        model = tiny_model("llama", num_layers=4, head_dim=32)  # hidden 64, 4 heads of 32
+        cut(model, parse_sublayers(remove))
+        folder = export_checkpoint(model, tokenizer, tmp_path / arch, record={}).path
+        result = export_gguf(folder, tmp_path / f"{arch}.gguf", dtype="f32")
+        _, values = fields(result.path)
+        assert result.architecture == arch and result.max_kl <= 1e-6
+        assert values[f"{arch}.attention.key_length"] == values[f"{arch}.rope.dimension_count"] == 32
+    tokens = ids(1, 10)[0].tolist()
+    assert torch.allclose(llama_cpp_deci_logits(result.path, tokens), model(torch.tensor([tokens])).logits[0], atol=1e-4)
+
+
+@torch.no_grad()
+def test_query_and_key_biases_are_permuted_like_their_weights(tmp_path, tokenizer):
+    """llama.cpp's converter permutes them into its rotary layout; unpermuted, the file was refused."""
+    model = tiny_model("llama", num_layers=4, attention_bias=True)
+    for name, parameter in model.named_parameters():
+        if name.endswith("_proj.bias"):
+            parameter.normal_(0, 2.0)
+    cut(model, parse_sublayers("L1"))
+    folder = export_checkpoint(model, tokenizer, tmp_path / "biased", record={}).path
+    result = export_gguf(folder, tmp_path / "biased.gguf", dtype="f32")
+    assert result.max_kl <= 1e-9 and "blk.0.attn_q.bias" in {t.name for t in gguf.GGUFReader(str(result.path)).tensors}
+
+
+def test_an_older_rope_scaling_spelling_is_read_not_dropped(tmp_path, tokenizer):
+    """`rope_scaling: {"type": ...}` passed as no scaling: the file ran without it (and the check,
+    loading it with the folder's config, could not see it)."""
+    import json
+
+    folder, _ = pruned_folder(tmp_path, tokenizer)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config["rope_scaling"] = {"type": "linear", "factor": 4.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SurgeryError, match="rope scaling 'linear' is not written as GGUF yet"):
+        export_gguf(folder, tmp_path / "scaled.gguf")
+    assert not (tmp_path / "scaled.gguf").exists()
+
+
+def test_linear_attention_blocks_are_refused_in_one_line():
+    from surgery.export.gguf_deci import deci_blocks
+
+    linear = {"attention": {"no_op": False, "replace_with_linear": True, "n_heads_in_group": None},
+              "ffn": {"no_op": False, "replace_with_linear": False, "ffn_mult": 2.0}}
+    config = {"num_attention_heads": 4, "hidden_size": 64, "num_key_value_heads": 2, "block_configs": [linear]}
+    with pytest.raises(SurgeryError, match="linear-attention or linear-FFN blocks"):
+        deci_blocks(config)
+
+
+def test_a_file_with_another_head_size_than_the_model_is_never_written(tmp_path, tokenizer, monkeypatch):
+    """The read-back loads the weights under the folder's config, so a wrong attention.key_length
+    (which makes llama.cpp refuse the tensor shapes) passed it with KL 0: the keys are compared now."""
+    folder, _ = pruned_folder(tmp_path, tokenizer, "qwen3", head_dim=32)
+    written = gguf.GGUFWriter.add_key_length
+    monkeypatch.setattr(gguf.GGUFWriter, "add_key_length", lambda self, length: written(self, length // 2))
+    with pytest.raises(SurgeryError, match="attention.key_length = 16, the model's head size is 32"):
+        export_gguf(folder, tmp_path / "wrong.gguf")
+    assert not (tmp_path / "wrong.gguf").exists()

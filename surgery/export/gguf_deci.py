@@ -82,6 +82,9 @@ def _from_block_config(block: dict[str, Any], config: dict[str, Any]) -> tuple[i
     from surgery.hf_modeling import block_namespace, ffn_width
 
     block = block_namespace(block)
+    if getattr(block.attention, "replace_with_linear", False) or getattr(block.ffn, "replace_with_linear", False):
+        raise SurgeryError("this Nemotron-NAS checkpoint has linear-attention or linear-FFN blocks, which llama.cpp's deci "
+                           "layout does not hold: serve it with vLLM or transformers")
     kv_heads = 0 if block.attention.no_op else config["num_attention_heads"] // block.attention.n_heads_in_group
     width = 0 if block.ffn.no_op else ffn_width(block.ffn, config["hidden_size"])
     return kv_heads, width
@@ -89,7 +92,7 @@ def _from_block_config(block: dict[str, Any], config: dict[str, Any]) -> tuple[i
 
 def rotary_heads(key: str, config: dict[str, Any], blocks: list[DeciBlock]) -> int | None:
     """The head count whose rows a query or key projection is permuted by (the block's own), else None."""
-    match = re.match(r"model\.layers\.(\d+)\.self_attn\.([qk])_proj\.weight$", key)
+    match = re.match(r"model\.layers\.(\d+)\.self_attn\.([qk])_proj\.(weight|bias)$", key)
     if match is None:
         return None
     block = blocks[int(match.group(1))]
@@ -98,7 +101,7 @@ def rotary_heads(key: str, config: dict[str, Any], blocks: list[DeciBlock]) -> i
 
 def synthetic_tensors(config: dict[str, Any], blocks: list[DeciBlock]) -> list[tuple[str, tuple[int, ...], Any]]:
     """(GGUF name, numpy shape, value) of the tensors the folder lacks: zero FFNs and null attentions."""
-    hidden, head_dim = config["hidden_size"], config["hidden_size"] // config["num_attention_heads"]
+    hidden, head_dim = config["hidden_size"], config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     tensors = []
     for index, block in enumerate(blocks):
         prefix = f"blk.{index}."
@@ -161,9 +164,9 @@ def _read_layout(reader: Any) -> _FileLayout:
                "vocab_size": value("vocab_size")}
     head_dims = {value("attention.key_length"), value("attention.value_length"), value("rope.dimension_count")}
     hidden = value("embedding_length")
-    if len(head_dims) != 1 or not heads or not heads[0] or head_dims != {hidden // heads[0]}:
-        raise SurgeryError(f"the GGUF file's head sizes {sorted(head_dims)} are not embedding_length / layer 0's heads, which "
-                           f"llama.cpp requires: {_NOTHING_WRITTEN}")
+    if len(head_dims) != 1 or not heads or not heads[0]:  # llama.cpp reads the head size from key_length when layer 0 has heads
+        raise SurgeryError(f"the GGUF file's key, value and rotary head sizes {sorted(head_dims)} differ, or layer 0 has no "
+                           f"heads, which llama.cpp's deci loader requires: {_NOTHING_WRITTEN}")
     return _FileLayout(heads, list(value("attention.head_count_kv")), list(value("feed_forward_length")), hidden,
                        head_dims.pop(), scalars)
 
@@ -187,6 +190,7 @@ def _check_llama_cpp_rules(reader: Any, layout: _FileLayout, config: dict[str, A
     for index, heads in enumerate(layout.heads):
         parts = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output"] if heads else []
         wanted |= {f"blk.{index}.{part}.weight" for part in [*parts, "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]}
+        wanted |= {f"blk.{index}.{part}.bias" for part in parts[1:]} & names  # optional (attention_bias models)
     if names - wanted or wanted - names:
         odd = sorted(names ^ wanted)[:3]
         raise SurgeryError(f"the GGUF file's tensors are not the ones llama.cpp creates for its layers (e.g. {', '.join(odd)}): "
@@ -237,7 +241,7 @@ def _hf_name(name: str) -> str:
 
 def _unpermute(values: Any, name: str, layout: _FileLayout) -> Any:
     """Undo llama.cpp's rotary row order (pairs) back to transformers' (halves), with the layer's own head counts."""
-    match = re.match(r"blk\.(\d+)\.attn_([qk])\.weight$", name)
+    match = re.match(r"blk\.(\d+)\.attn_([qk])\.(weight|bias)$", name)
     if match is None:
         return values
     index = int(match.group(1))

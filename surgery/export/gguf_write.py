@@ -260,16 +260,19 @@ def _filled(shape: tuple[int, ...], value: float) -> Any:
     return np.full(shape, value, dtype=np.float32)
 
 
+_ROTARY_TENSORS = ("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")
+
+
 def _rotary_heads(key: str, config: dict[str, Any], target: str, blocks: Any) -> int | None:
     """The heads whose rows llama.cpp's rotary layout permutes in this weight (Llama's q and k), else None."""
     if target == "deci":
         from surgery.export.gguf_deci import rotary_heads
 
         return rotary_heads(key, config, blocks)
-    if target != "llama" or not key.endswith(("q_proj.weight", "k_proj.weight")):
+    if target != "llama" or not key.endswith(_ROTARY_TENSORS):  # biases too, as llama.cpp's converter permutes them
         return None
     heads = config["num_attention_heads"]
-    return heads if key.endswith("q_proj.weight") else (config.get("num_key_value_heads") or heads)
+    return heads if ".q_proj." in key else (config.get("num_key_value_heads") or heads)
 
 
 def _planned(name: str, shape: tuple[int, ...], dtype: str, read: Callable[[], Any]) -> _Tensor:
@@ -420,6 +423,26 @@ def _pre_tokenizer_name(spec: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ verification
 
 
+def _check_head_and_rope(gguf_path: Path, config: dict[str, Any]) -> None:
+    """What llama.cpp sizes attention and turns positions by, which the read-back below cannot see
+    (it loads the weights under the folder's config): the head sizes, and Llama 3.1's frequency factors."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    arch = reader.get_field("general.architecture").contents()
+    for key in ("attention.key_length", "attention.value_length", "rope.dimension_count"):
+        field = reader.get_field(f"{arch}.{key}")
+        if field is None or field.contents() != _head_dim(config):
+            found = None if field is None else field.contents()
+            raise SurgeryError(f"the GGUF file says {arch}.{key} = {found}, the model's head size is {_head_dim(config)}: "
+                               "nothing was written; please report this")
+    scaling = rope_settings(config)[1]
+    wants_factors = bool(scaling) and scaling.get("rope_type") == "llama3"
+    if wants_factors != any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise SurgeryError("the GGUF file's rope frequency factors do not match the model's rope scaling: nothing was "
+                           "written; please report this")
+
+
 def _verify(folder: Path, gguf_path: Path, dtype: str) -> tuple[float, float]:
     """Read the GGUF back with transformers' own GGUF reader: its hyperparameters must match the
     folder's config, and its weights (under that config) the folder's logits."""
@@ -431,6 +454,7 @@ def _verify(folder: Path, gguf_path: Path, dtype: str) -> tuple[float, float]:
     from surgery.forward import verification_ids
 
     quiet_transformers()
+    _check_head_and_rope(gguf_path, json.loads((folder / "config.json").read_text()))
     config = AutoConfig.from_pretrained(str(folder))
     parsed = load_gguf_checkpoint(str(gguf_path))["config"]
     for key, value in parsed.items():

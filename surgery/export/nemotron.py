@@ -62,7 +62,7 @@ def check_source(config: dict[str, Any]) -> None:
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
     if config.get("head_dim") not in (None, hidden // heads):
         raise SurgeryError(f"head_dim {config['head_dim']} is not hidden_size / num_attention_heads ({hidden // heads}), which "
-                           "NVIDIA's DeciLM code and llama.cpp's deci graph assume: use --format hf")
+                           "NVIDIA's DeciLM code and llama.cpp's converter assume: use --format hf (surgery gguf writes such a cut as deci)")
 
 
 def check_export_source(folder: Path, layout: str) -> None:
