@@ -16,19 +16,19 @@ from tests.fake_hub import FakeHub, Repo
 TOKEN = "hf_secret_token_value"
 
 
-@pytest.fixture
-def source(tiny_folder):
-    folder, _ = tiny_folder("qwen2", num_layers=6)
-    return folder
-
-
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture
+def source(tiny_folder):
+    return tiny_folder("qwen2", num_layers=6)[0]
+
+
+@pytest.fixture
 def export(source, tmp_path, data_dir):
+    """A tiny prune's export: what push publishes."""
     out = tmp_path / "export"
     assert run("prune", source, "--out", out, "--strategy", "last", "--remove", "1", "--data-dir", data_dir,
                "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed", "--device", "cpu").exit_code == 0
