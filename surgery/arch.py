@@ -4,11 +4,15 @@ A new model family needs one entry in `ARCHITECTURES`, no new code, when its dec
 the shape `h = h + f(attn_part(h)); h = h + g(mlp_part(h))`: name the modules of each part (the
 sublayer itself and the norms that only serve it) and the config entries that are per-layer.
 Everything else in the package (ablation, cutting, scoring, healing, export) reads this table.
+A folder's config.json, the architecture as stored, is read here too (`read_config`): the checks
+made before any weight loads start from it.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
@@ -201,3 +205,33 @@ def rope_settings(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]
     if scaling and "rope_type" not in scaling and "type" in scaling:  # the older spelling, which transformers still reads
         scaling = {**scaling, "rope_type": scaling["type"]}
     return float(theta), scaling
+
+
+# ------------------------------------------------------------------ config.json of a model folder
+
+
+def read_config(path: Path, missing: str = "it is not a Hugging Face model folder") -> dict[str, Any]:
+    """A model folder's config.json, or one line saying why it cannot be read (`missing`: what to do without one)."""
+    if not (Path(path) / "config.json").is_file():
+        raise SurgeryError(f"{path} has no config.json: {missing}")
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SurgeryError(f"{path}/config.json is not valid JSON ({error}): download or export the model again") from None
+    if not isinstance(config, dict):
+        raise SurgeryError(f"{path}/config.json is not a model configuration: download or export the model again")
+    return config
+
+
+def text_config(path: Path) -> dict[str, Any]:
+    """config.json's decoder settings (a multimodal config nests them under text_config)."""
+    config = read_config(path)
+    return config.get("text_config", config)
+
+
+def config_layers(path: Path) -> int:
+    """The decoder's block count as config.json states it: for checks before any weight loads."""
+    config = text_config(path)
+    if not isinstance(config.get("num_hidden_layers"), int):
+        raise SurgeryError(f"{path}/config.json has no num_hidden_layers: is it a decoder-only LLM?")
+    return config["num_hidden_layers"]

@@ -30,7 +30,8 @@ def _teacher_for(folder: Path, spec: str | None, healing: HealSettings, load: Lo
     if spec is None:
         verb = "needs" if len(needs) == 1 else "need"
         raise SurgeryError(f"{' and '.join(needs)} {verb} the dense model the cut came from: pass --teacher {_model_to_pass(recorded)}")
-    from surgery.source import fingerprint, resolve, text_config
+    from surgery.arch import text_config
+    from surgery.source import fingerprint, resolve
 
     teacher = resolve(spec, allow_pickle=load.allow_pickle)
     sizes = [text_config(f).get("vocab_size") for f in (teacher.path, folder)]
@@ -85,10 +86,10 @@ def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, 
     """`surgery cut`: remove sublayers physically and write a verified checkpoint in `export.format`,
     in memory or, for a model that does not fit (or with --stream), streamed file to file
     (surgery.export.streamed; the Hugging Face layout only)."""
+    from surgery.arch import config_layers
     from surgery.cut import validate_removal
     from surgery.export.nemotron import check_export_source
     from surgery.files import check_output_folder, claimed_folder
-    from surgery.source import config_layers
     from surgery.sublayers import parse_sublayers
 
     settings = settings or StreamSettings()

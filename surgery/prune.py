@@ -36,9 +36,10 @@ class Checked:
 
 def check(settings: PruneSettings) -> Checked:
     """Fail now on anything knowable before loading: names, output folders, devices, ids, data."""
+    from surgery.arch import config_layers
     from surgery.files import check_output_folder, check_resumable_folder
     from surgery.loading import check_device_options
-    from surgery.source import config_layers, named_folder, resolve
+    from surgery.source import named_folder, resolve
     from surgery.strategies import Target, check_choice
     from surgery.sublayers import parse_sublayers
 

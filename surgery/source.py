@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from surgery.arch import read_config
 from surgery.errors import SurgeryError
 from surgery.provenance import file_sha256
 
@@ -139,33 +140,6 @@ def check_folder(path: Path, *, allow_pickle: bool) -> None:
         raise SurgeryError(f"{path} has no weights (*.safetensors): the folder is incomplete")
     for file in safetensors:
         check_safetensors(file)
-
-
-def read_config(path: Path, missing: str = "it is not a Hugging Face model folder") -> dict[str, Any]:
-    """A model folder's config.json, or one line saying why it cannot be read (`missing`: what to do without one)."""
-    if not (Path(path) / "config.json").is_file():
-        raise SurgeryError(f"{path} has no config.json: {missing}")
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise SurgeryError(f"{path}/config.json is not valid JSON ({error}): download or export the model again") from None
-    if not isinstance(config, dict):
-        raise SurgeryError(f"{path}/config.json is not a model configuration: download or export the model again")
-    return config
-
-
-def text_config(path: Path) -> dict[str, Any]:
-    """config.json's decoder settings (a multimodal config nests them under text_config)."""
-    config = read_config(path)
-    return config.get("text_config", config)
-
-
-def config_layers(path: Path) -> int:
-    """The decoder's block count as config.json states it: for checks before any weight loads."""
-    config = text_config(path)
-    if not isinstance(config.get("num_hidden_layers"), int):
-        raise SurgeryError(f"{path}/config.json has no num_hidden_layers: is it a decoder-only LLM?")
-    return config["num_hidden_layers"]
 
 
 def check_safetensors(file: Path) -> None:

@@ -104,7 +104,7 @@ def _deci_blocks(config: dict[str, Any]) -> Any:
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    from surgery.source import read_config
+    from surgery.arch import read_config
 
     return read_config(folder, "give a model folder (the one surgery cut or surgery prune wrote)")
 
