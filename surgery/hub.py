@@ -38,7 +38,6 @@ class PushPlan:
     card: str  # README.md as it is committed
     card_note: str  # how the card was made, for the terminal
     replace: bool = False
-    kept_back: tuple[str, ...] = ()  # files of the export that stay on this machine (local paths)
     summary: str = "Upload pruned model made with surgery"
 
     @property
@@ -80,7 +79,7 @@ def plan_push(folder: Path, repo_id: str, private: bool, *, replace: bool = Fals
         _check_hub()
     removed = manifest.get("removed_compact")
     summary = f"Upload pruned model made with surgery ({removed} removed)" if removed else PushPlan.summary
-    return PushPlan(folder, repo_id, private, files, card, note, replace, tuple(sorted(unpublished)), summary)
+    return PushPlan(folder, repo_id, private, files, card, note, replace, summary)
 
 
 def _card(folder: Path, repo_id: str) -> tuple[str, str]:
