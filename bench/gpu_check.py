@@ -9,6 +9,12 @@
    coalition at a time and 4 at a time (coalition batching), with the values of both.
 3. Layer-by-layer analysis against in-memory: the same coalitions' values from a model streamed
    one block at a time from its saved checkpoint.
+4. The CLI on the device, with --cli: `surgery prune --heal` end to end (analysis, bridge, QLoRA
+   healing through bitsandbytes on CUDA, merge, export, evaluation with lm-eval), `surgery heal`
+   of a cut under `accelerate launch` with FSDP + QLoRA (peft's config, one process), and
+   `surgery analyze` under torchrun (NCCL, one process) against the same analysis without it.
+   The model is a random-init Llama of SmolLM2-135M's shape with its tokenizer (--tokenizer: a
+   folder with tokenizer.json and config.json); its scores are meaningless, the run is the check.
 
 No download is possible there: the model is built from a config. Packages the GPU image lacks
 (bitsandbytes, trl) travel as wheels (docs/scale.md, "On a GPU"); a check whose package is
@@ -55,13 +61,14 @@ def qlora_gradients(small: bool, device: str, folder: Path) -> dict:
         return {"ran": False, "why": f"bitsandbytes missing: {error}"}
     import torch
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
     from surgery.heal import load_4bit
 
-    model = build(small, torch.bfloat16 if device.startswith("cuda") else torch.float32, "cpu")
-    model.save_pretrained(folder)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    build(small, dtype, "cpu").save_pretrained(folder)
     quantized = load_4bit(folder, device)
-    reference = build(small, torch.bfloat16 if device.startswith("cuda") else torch.float32, device)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)  # the same embeddings and norms
     state = reference.state_dict()
     for name, module in quantized.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -143,10 +150,109 @@ def layerwise_against_memory(small: bool, device: str, folder: Path) -> dict:
             "in_memory_seconds": in_memory_seconds, "layerwise_seconds": time.perf_counter() - start}
 
 
+def _run(command: list[str], log: Path, timeout: float, env: dict) -> dict:
+    """One CLI command, its output appended to `log`; the result says how it ended."""
+    import subprocess
+
+    start = time.perf_counter()
+    with log.open("a") as sink:
+        sink.write(f"\n$ {' '.join(command)}\n")
+        sink.flush()
+        try:
+            code = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout, env=env).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    return {"exit": code, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _report(folder: Path) -> dict:
+    """An export's record: prune's report.json, or heal's surgery.json."""
+    for name in ("report.json", "surgery.json"):
+        if (folder / name).exists():
+            return json.loads((folder / name).read_text())
+    return {}
+
+
+def cli_model(small: bool, tokenizer: Path, folder: Path, dtype) -> Path:
+    """A random-init Llama of the tokenizer folder's config (SmolLM2-135M's) saved with its tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(tokenizer)
+    if small:
+        config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.config.dtype = dtype
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (tokenizer / name).exists():
+            shutil.copy(tokenizer / name, folder / name)
+    return folder
+
+
+def cli_checks(small: bool, device: str, work: Path, tokenizer: Path, data: Path, out: Path) -> dict:
+    """Check 4: prune --heal end to end, heal under FSDP, analyze under torchrun, on the device."""
+    import torch
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = cli_model(small, tokenizer, work / "model", dtype)
+    env = {**os.environ, "SURGERY_DATA_DIR": str(data), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "SURGERY_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    log = out / "gpu_check_cli.log"
+    python = sys.executable
+    on = ["--device", device]
+    result: dict = {}
+
+    pruned = work / "pruned"
+    result["prune_heal"] = _run([python, "-m", "surgery", "prune", str(model), "--out", str(pruned), "--heal", "--heal-steps", "20",
+                                 "--eval-tasks", "arc_easy,piqa", "--eval-limit", "100", "--eval-ppl", "wikitext2",
+                                 "--eval-ppl-windows", "16", *on], log, 240, env)
+    report = _report(pruned)
+    if report:
+        (out / "gpu_check_prune_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    result["prune_heal"]["exported"] = bool(report)
+
+    cut, healed = work / "cut", work / "healed"
+    layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    remove = f"L{layers - 3}-L{layers - 2}"
+    result["cut"] = _run([python, "-m", "surgery", "cut", str(model), "--remove", remove, "--out", str(cut), *on],
+                         log, 90, env)
+    fsdp = work / "fsdp-1process.yaml"
+    recipe = (ROOT / "recipes" / "accelerate" / "fsdp-qlora-2gpu.yaml").read_text()
+    fsdp.write_text(recipe.replace("num_processes: 2", "num_processes: 1"))
+    result["heal_fsdp"] = _run([python, "-m", "accelerate.commands.launch", "--config_file", str(fsdp), "-m", "surgery", "heal",
+                                str(cut), "--out", str(healed), "--heal-steps", "10", "--eval-tasks", "none",
+                                "--eval-ppl", "wikitext2", "--eval-ppl-windows", "4", "--no-eval-speed"], log, 180, env)
+    report = _report(healed)
+    if report:
+        (out / "gpu_check_heal_fsdp_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    result["heal_fsdp"]["exported"] = bool(report)
+
+    alone, launched = work / "analysis-alone", work / "analysis-torchrun"
+    analyze = ["analyze", str(model), "--method", "ablation,bi", "--samples", "8"]
+    result["analyze_alone"] = _run([python, "-m", "surgery", *analyze, "--out", str(alone), *on], log, 90, env)
+    result["analyze_torchrun"] = _run([python, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "surgery", *analyze,
+                                       "--out", str(launched)], log, 90, env)
+    try:
+        values = [json.loads((folder / "analysis.json").read_text()) for folder in (alone, launched)]
+        result["analyze_torchrun"]["same_analysis_json_scores"] = values[0].get("scores") == values[1].get("scores")
+    except (OSError, ValueError) as error:
+        result["analyze_torchrun"]["compare"] = f"{type(error).__name__}: {error}"
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", action="store_true", help="a small model (to try the script on a CPU)")
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--cli", action="store_true", help="check 4: the CLI end to end on the device")
+    parser.add_argument("--only-cli", action="store_true", help="check 4 alone")
+    parser.add_argument("--tokenizer", type=Path, help="folder with SmolLM2's tokenizer.json and config.json (check 4)")
+    parser.add_argument("--data-dir", type=Path, default=os.environ.get("SURGERY_DATA_DIR"), help="the shared datasets (check 4)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -155,21 +261,26 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "small": args.small,
               "torch": torch.__version__}
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as work:
-        for name, check in (("qlora_gradients", lambda: qlora_gradients(args.small, device, Path(work) / "q")),
-                            ("coalition_batching", lambda: batching_timings(args.small, device)),
-                            ("layerwise", lambda: layerwise_against_memory(args.small, device, Path(work)))):
-            clock = time.perf_counter()
-            try:
-                report[name] = {**check(), "seconds": time.perf_counter() - clock}
-            except Exception as error:  # one failed check must not hide the others' results
-                report[name] = {"ran": False, "error": f"{type(error).__name__}: {error}"}
-            print(name, json.dumps(report[name])[:400], flush=True)
-    report["seconds"] = time.perf_counter() - started
     out = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out.mkdir(parents=True, exist_ok=True)
-    name = "gpu_check.json" if device == "cuda" else "gpu_check_cpu_trial.json"
-    (out / name).write_text(json.dumps(report, indent=2) + "\n")
+    with tempfile.TemporaryDirectory() as work:
+        checks = [("qlora_gradients", lambda: qlora_gradients(args.small, device, Path(work) / "q")),
+                  ("coalition_batching", lambda: batching_timings(args.small, device)),
+                  ("layerwise", lambda: layerwise_against_memory(args.small, device, Path(work)))]
+        if args.only_cli:
+            checks = []
+        if args.cli or args.only_cli:  # second: the device's time may run out before the timings
+            checks.insert(1, ("cli", lambda: cli_checks(args.small, device, Path(work) / "cli", args.tokenizer, args.data_dir, out)))
+        name = "gpu_check.json" if device == "cuda" else "gpu_check_cpu_trial.json"
+        for check_name, check in checks:
+            clock = time.perf_counter()
+            try:
+                report[check_name] = {**check(), "seconds": time.perf_counter() - clock}
+            except Exception as error:  # one failed check must not hide the others' results
+                report[check_name] = {"ran": False, "error": f"{type(error).__name__}: {error}"}
+            print(check_name, json.dumps(report[check_name])[:400], flush=True)
+            report["seconds"] = time.perf_counter() - started
+            (out / name).write_text(json.dumps(report, indent=2) + "\n")  # after each check: a run cut short keeps the rest
     print(f"wrote {out / name}")
 
 
