@@ -40,6 +40,17 @@ def source_card_metadata(source: dict[str, Any], folder: Path | None = None) -> 
     return found
 
 
+def shipped_modeling_file(folder: Path) -> str | None:
+    """The modeling file an exported checkpoint ships, as its config.json's auto_map names it, or None.
+
+    Read from the export itself: a cut of whole blocks still needs it when the source already had
+    blocks without their attention or FFN (a model surgery cut before)."""
+    from surgery.arch import read_config
+
+    target = (read_config(folder).get("auto_map") or {}).get("AutoModelForCausalLM")
+    return f"{target.split('.')[0]}.py" if isinstance(target, str) else None
+
+
 def model_card(report: dict[str, Any], repo_id: str | None = None) -> str:
     """README.md text: YAML metadata for the Hub, then what was done and how it scores. `report` is
     the published one (no local paths), with the source's card metadata (`source_card_metadata`)
@@ -60,7 +71,7 @@ def model_card(report: dict[str, Any], repo_id: str | None = None) -> str:
     datasets = re.findall(r"hf://([\w.-]+/[\w.-]+)", healing["data_source"]) if healing else []
     if datasets:
         metadata["datasets"] = sorted(set(datasets))
-    remote_code = _remote_code(report)
+    remote_code = _remote_code(meta.get("modeling_file"))
     name = repo_id or Path(report.get("settings", {}).get("out") or f"{source['spec']}-pruned").name
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "", f"# {name}", ""]
     lines += [
@@ -98,17 +109,14 @@ def model_card(report: dict[str, Any], repo_id: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def _remote_code(report: dict[str, Any]) -> str | None:
+def _remote_code(modeling_file: str | None) -> str | None:
     """Why the checkpoint needs trust_remote_code, naming the file it ships, or None."""
-    from surgery.sublayers import Sublayer, parse_sublayers
-
-    if report.get("settings", {}).get("export", {}).get("format") == "nemotron-nas":
+    if modeling_file is None:
+        return None
+    if modeling_file == "modeling_decilm.py":
         return ("The checkpoint is in NVIDIA's Nemotron-NAS (DeciLM) layout, in which a block may lack its attention or "
                 "its FFN, and ships `modeling_decilm.py`, hence `trust_remote_code=True`.")
-    removed = set(parse_sublayers(report["plan"]["removed"]))
-    if all(Sublayer(unit.layer, other) in removed for unit in removed for other in ("attn", "mlp")):
-        return None
-    return ("Some blocks lost only their attention or only their FFN. The checkpoint ships `modeling_surgery.py`, "
+    return (f"Some blocks lost only their attention or only their FFN. The checkpoint ships `{modeling_file}`, "
             "which rebuilds those blocks with parameter-free stand-ins, hence `trust_remote_code=True`; "
             "plain loading refuses the checkpoint rather than filling the removed parts with random weights.")
 

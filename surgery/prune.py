@@ -434,7 +434,7 @@ def _publication_labels(source: Any, out: Path) -> dict[str, str]:
 def _write_report(folder: Path, report: dict[str, Any], analysis: Any, layers: int, labels: dict[str, str]) -> None:
     """report.json, report.md, plots and the model card, written into the export before it is sealed:
     as published (no local paths), and the whole local record in local.json, which push never uploads."""
-    from surgery.card import model_card, source_card_metadata
+    from surgery.card import model_card, shipped_modeling_file, source_card_metadata
     from surgery.evaluate.speed import files_bytes
     from surgery.files import write_json
     from surgery.plots import plot_removal_map
@@ -454,7 +454,8 @@ def _write_report(folder: Path, report: dict[str, Any], analysis: Any, layers: i
             shutil.copy2(analysis.folder / name, folder / f"analysis_{name}")
             plots[name.removesuffix(".png")] = f"analysis_{name}"
     report["plots"] = plots
-    report["card_metadata"] = source_card_metadata(report["source"], Path(report["source"]["path"]))  # for every rendering of the card
+    report["card_metadata"] = {**source_card_metadata(report["source"], Path(report["source"]["path"])),  # for every rendering of the card
+                               "modeling_file": shipped_modeling_file(folder)}
     write_json(folder / LOCAL_RECORD, report)
     public = published(report, labels)
     write_json(folder / "report.json", public)

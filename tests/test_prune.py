@@ -112,6 +112,33 @@ def test_each_strategy_runs_through_the_command(source, tmp_path, data_dir, stra
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4  # plain transformers
 
 
+def _load_as_the_card_says(folder: Path):
+    """Run the model card's "How to load" lines, with the folder for the repository name."""
+    import re
+
+    card = (folder / "README.md").read_text()
+    code = re.search(r"## How to load\n\n```python\n(.*?)```", card, re.S).group(1)
+    scope: dict = {}
+    exec(code.replace(f'"{folder.name}"', repr(str(folder))), scope)  # the card's own lines, run as a user would
+    return card, scope["model"]
+
+
+def test_the_model_cards_load_lines_load_the_checkpoint(source, tmp_path, data_dir):
+    """Whole blocks need no remote code; a block that keeps one half does, and still does when a later
+    prune of that checkpoint removes only whole blocks (the stand-ins come from the source)."""
+    fast = ["--no-bridge", "--data-dir", data_dir, "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed",
+            "--no-eval-generation", "--device", "cpu"]
+    assert run("prune", source, "--out", tmp_path / "blocks", "--remove", "L2", *fast).exit_code == 0
+    assert run("prune", source, "--out", tmp_path / "halves", "--remove", "L1.attn,L3.mlp", *fast).exit_code == 0
+    assert run("prune", tmp_path / "halves", "--out", tmp_path / "again", "--remove", "L4", *fast).exit_code == 0
+    card, model = _load_as_the_card_says(tmp_path / "blocks")
+    assert "trust_remote_code" not in card and model.config.num_hidden_layers == 5
+    for name, layers in (("halves", 6), ("again", 5)):
+        card, model = _load_as_the_card_says(tmp_path / name)
+        assert "trust_remote_code=True" in card and "`modeling_surgery.py`" in card
+        assert model.config.num_hidden_layers == layers and model.config.surgery["removed"]
+
+
 @pytest.mark.parametrize("bridge", ["--bridge", "--no-bridge"])
 def test_the_bridge_changes_only_the_layer_before_the_cut(source, tmp_path, data_dir, bridge):
     """L2-L3 go: with a bridge the old L1's down projection changes, every other kept weight is the
