@@ -530,7 +530,8 @@ def _distilling(base: type, teacher: Any, weight: float) -> type:
     class DistillingTrainer(base):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             forward = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
-            outputs = model(**forward, use_cache=False)
+            balancing = getattr(self, "aux_loss_enabled", False)  # trl's SFTTrainer: an MoE model's router balancing loss
+            outputs = model(**forward, use_cache=False, **({"output_router_logits": True} if balancing else {}))
             teacher_device = next(teacher.parameters()).device
             with torch.no_grad():
                 target = teacher(**{k: v.to(teacher_device) for k, v in forward.items()}, use_cache=False).logits
@@ -539,6 +540,10 @@ def _distilling(base: type, teacher: Any, weight: float) -> type:
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # the count is every process's and DDP averages the gradients: undo the 1/N, as trl's and the Trainer's losses do
                 loss = loss * self.accelerator.num_processes
+            if balancing and outputs.aux_loss is not None:
+                # as trl adds it: a mean per micro-batch, averaged over the accumulated ones when the loss is scaled for them
+                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+                loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
             return (loss, outputs) if return_outputs else loss
 
     return DistillingTrainer

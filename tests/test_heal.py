@@ -249,6 +249,27 @@ def cut_student():
     return student
 
 
+def test_distillation_keeps_an_moe_models_router_balancing_loss(tmp_path, tokenizer):
+    """trl's own loss adds the router's load-balancing term for MoE models; the distilling loss does too."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from surgery.heal import _distilling, distillation_loss
+    from surgery.tiny import tiny_model
+
+    student, teacher = tiny_model("mixtral", 2).train(), tiny_model("mixtral", 2, seed=1).eval()
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    config = SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_length=16, per_device_train_batch_size=2)
+    trainer = _distilling(SFTTrainer, teacher, 0.5)(model=student, args=config, processing_class=tokenizer,
+                                                    train_dataset=datasets.Dataset.from_dict({"input_ids": ids.tolist()}))
+    loss = trainer.compute_loss(student, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    outputs = student(input_ids=ids, output_router_logits=True, use_cache=False)
+    with torch.no_grad():
+        distilled = distillation_loss(outputs.logits, teacher(input_ids=ids).logits, ids, 0.5)
+    assert float(outputs.aux_loss.detach()) > 0 and student.config.router_aux_loss_coef > 0
+    assert torch.allclose(loss, distilled + student.config.router_aux_loss_coef * outputs.aux_loss)
+
+
 def test_distilled_healing_moves_the_student_toward_the_dense_teacher(tmp_path, tokenizer, data_dir):
     folder, kl_to_teacher = dense_teacher(tmp_path)
 
