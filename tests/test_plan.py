@@ -49,8 +49,7 @@ def plan(strategy, granularity="block", remove="25%", **kwargs):
                      value_after=value_after, **kwargs)
 
 
-@pytest.mark.parametrize("strategy, granularity", [(name, g) for name, s in STRATEGIES.items() for g in s.granularities
-                                                   if name != "angular"])
+@pytest.mark.parametrize("strategy, granularity", [(name, g) for name, s in STRATEGIES.items() for g in s.granularities])
 def test_every_strategy_meets_the_budget_at_both_granularities(strategy, granularity):
     result = plan(strategy, granularity)
     assert within_one_unit(result, granularity), result.parameters_removed
@@ -79,6 +78,27 @@ def test_angular_takes_the_most_similar_contiguous_run():
     assert result.units == parse_sublayers("L4-L6")  # the fake distances are lowest for runs starting at L4
     with pytest.raises(SurgeryError, match="--granularity block"):
         plan("angular", "sublayer")
+
+
+def test_angular_meets_a_share_when_blocks_differ_in_size():
+    """Dense blocks first, MoE blocks after (DeepSeek-V3's layout): the run's own blocks size it, so
+    the plan lands within half a block of the share wherever the most similar run lies."""
+    from surgery.strategies.angular import runs_near_target
+
+    def sizes(unit):
+        return sum((30 if s.kind == "attn" else 270) if s.layer < 2 else (30 if s.kind == "attn" else 400) for s in unit)
+
+    total = sum(sizes(u) for u in units_of(LAYERS, "block"))
+    for share, protect in ((0.25, []), (0.4, [Sublayer(0, "attn")]), (0.4, [])):
+        result = make_plan("angular", "block", Target.parse(f"{share:.0%}"), LAYERS, sizes, analysis=fake_analysis(),
+                           protected=protect)
+        assert abs(result.parameters_removed - share * total) <= 430 / 2, (share, result.units)
+    assert runs_near_target([300, 300, 430], None, 100) == []  # removing nothing is closer
+    assert runs_near_target([300] * 4, None, 450) == [(0, 2), (1, 2), (2, 2)]  # a tie between 1 and 2 blocks: the longer
+
+
+def test_angular_below_half_a_block_chooses_nothing():
+    assert plan("angular", remove="5%").units == []  # prune then says the target is less than one block
 
 
 def test_random_is_seeded():
