@@ -173,7 +173,7 @@ class EvaluationStore:
             first = {}
         if first.get("key") != key:
             raise SurgeryError(
-                f"{self.folder} holds an analysis of another model, data or metric: choose another --out or pass --force to start over"
+                f"{self.folder} holds an analysis of another model, data, precision or metric: choose another --out or pass --force to start over"
             )
         for line in [*lines[1:], *(line for part in self._parts() for line in part.read_text().splitlines())]:
             try:
@@ -228,14 +228,19 @@ def coalitions_to_evaluate(methods: Iterable[str], settings: AnalysisSettings, p
             yield coalition
 
 
-def analysis_key(model_fingerprint: str, settings: AnalysisSettings, calibration_digest: str | None) -> str:
-    """What a coalition's value depends on; nothing else."""
-    basis: dict[str, Any] = {"model": model_fingerprint, "metric": settings.metric}
+def analysis_key(model_fingerprint: str, settings: AnalysisSettings, calibration_digest: str | None, dtype: Any) -> str:
+    """What a coalition's value depends on; nothing else (`dtype`: the weights' as loaded, --dtype)."""
+    basis: dict[str, Any] = {"model": model_fingerprint, "metric": settings.metric, "dtype": weights_dtype(dtype)}
     if settings.metric == "loss":
         basis["calibration"] = calibration_digest
     else:
         basis |= {"task": settings.task, "limit": settings.limit, "data_dir": str(settings.data_dir), "seed": settings.seed}
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
+
+
+def weights_dtype(dtype: Any) -> str:
+    """torch.bfloat16 -> "bfloat16": how the key and analysis.json name the precision values were computed in."""
+    return str(dtype).removeprefix("torch.")
 
 
 def check_dropped_methods(out: Path, methods: tuple[str, ...]) -> None:
@@ -294,7 +299,7 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
 
             value_function = TaskAccuracy(base, tokenizer, settings)
 
-        key = analysis_key(model_info.get("fingerprint", "in-memory"), settings, digest)
+        key = analysis_key(model_info.get("fingerprint", "in-memory"), settings, digest, base.dtype)
         store = None
         if out is not None:
             header = {"schema": ANALYSIS_SCHEMA, "model": model_info, "metric": settings.metric, "calibration": origin}
@@ -325,7 +330,8 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
         sections = {name: SCORERS[name].assemble(context) for name in settings.methods}
     cost["total_seconds"] = time.perf_counter() - started
     analysis = Analysis(
-        key=key, model={**model_info, "layers": layers, "players": players}, settings=settings.describe(), players=ids,
+        key=key, model={**model_info, "layers": layers, "players": players, "dtype": weights_dtype(base.dtype)},
+        settings=settings.describe(), players=ids,
         baseline=baseline, sections={k: v for k, v in sections.items() if v is not None}, cornerstones=[],
         complete=complete, coalitions={"evaluated": evaluated, "wanted": len(wanted)},
         calibration={"source": origin, "tokens": residual.tokens if residual else None, "digest": digest},

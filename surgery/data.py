@@ -233,5 +233,6 @@ def calibration_batches(tokenizer: Any, settings: Any) -> tuple[list[Any], str, 
         random.Random(draw).shuffle(texts)
         origin = f"{origin}, draw {draw}"
     ids = pack_tokens(tokenizer, texts, settings.samples, settings.seq_len, origin)
-    digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+    # the shape too: 8 x 256 and 16 x 128 tokens of one stream are the same bytes but other sequences
+    digest = hashlib.sha256(f"{tuple(ids.shape)}:{ids.dtype}:".encode() + ids.numpy().tobytes()).hexdigest()
     return list(ids.split(settings.batch_size)), origin, digest

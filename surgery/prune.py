@@ -134,7 +134,7 @@ def score(settings: PruneSettings, loaded: Any, methods: tuple[str, ...]) -> Any
     chosen = replace(settings.analysis, methods=methods)
     _, _, digest = calibration_batches(loaded.tokenizer, chosen)
     info = loaded.source.describe()
-    key = analysis_key(info["fingerprint"], chosen, digest)
+    key = analysis_key(info["fingerprint"], chosen, digest, loaded.model.dtype)
     folder = Path(settings.analysis_dir) if settings.analysis_dir else cache_dir() / "analyses" / key[:24]
     earlier = [m for m in saved_methods(folder) if m not in methods]
     chosen = replace(chosen, methods=(*methods, *earlier))  # a rerun adds to the folder, never drops what it held

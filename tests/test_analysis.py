@@ -2,6 +2,7 @@
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -288,11 +289,29 @@ def test_budget_stops_cleanly_and_a_rerun_resumes_without_recomputing(tmp_path, 
 def test_an_analysis_folder_of_another_model_is_refused(tmp_path, tokenizer, calibration):
     out = tmp_path / "run"
     analyze(tiny_model("llama"), tokenizer, settings(calibration, methods=("ablation",)), out, model_info={"fingerprint": "a"})
-    with pytest.raises(SurgeryError, match="another model, data or metric.*--force"):
+    with pytest.raises(SurgeryError, match="another model, data, precision or metric.*--force"):
         analyze(tiny_model("llama"), tokenizer, settings(calibration, methods=("ablation",)), out, model_info={"fingerprint": "b"})
     result = analyze(tiny_model("llama"), tokenizer, settings(calibration, methods=("ablation",)), out,
                      model_info={"fingerprint": "b"}, force=True)
     assert result.complete
+
+
+def test_values_of_other_sequences_or_another_precision_are_never_resumed(tmp_path, tokenizer, calibration):
+    """8 x 12 and 4 x 24 tokens packed from one stream are the same bytes but other sequences; a
+    bf16 model's values are not a float32 model's. Either rerun is refused, not resumed."""
+    from surgery.data import calibration_batches
+
+    short, long = settings(calibration, samples=8, seq_len=12), settings(calibration, samples=4, seq_len=24)
+    (first, *_), _, short_digest = calibration_batches(tokenizer, short)
+    (second, *_), _, long_digest = calibration_batches(tokenizer, long)
+    assert torch.equal(first.flatten()[:24], second[0]) and short_digest != long_digest  # the same stream, another digest
+    model, out = tiny_model("llama", num_layers=2), tmp_path / "run"
+    analyze(model, tokenizer, replace(short, methods=("ablation",)), out, model_info={"fingerprint": "m"})
+    with pytest.raises(SurgeryError, match="another model, data, precision or metric"):
+        analyze(model, tokenizer, replace(long, methods=("ablation",)), out, model_info={"fingerprint": "m"})
+    with pytest.raises(SurgeryError, match="another model, data, precision or metric"):
+        analyze(model.to(torch.bfloat16), tokenizer, replace(short, methods=("ablation",)), out, model_info={"fingerprint": "m"})
+    assert json.loads((out / "analysis.json").read_text())["model"]["dtype"] == "float32"
 
 
 def test_a_rerun_never_drops_the_methods_a_folder_holds(tmp_path, tokenizer, calibration):
