@@ -439,15 +439,17 @@ def _evaluate_all(value_function: Any, settings: AnalysisSettings, wanted: list[
     return True, added
 
 
-def find_cornerstones(analysis: Analysis, settings: AnalysisSettings) -> list[dict[str, Any]]:
-    """Every sublayer for which a scorer gives a reason (see the module docstring), with the evidence."""
+def find_cornerstones(analysis: Analysis, settings: AnalysisSettings, methods: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Every sublayer for which a scorer gives a reason (see the module docstring), with the evidence;
+    `methods`: only these scorers' reasons (a shared folder may hold sections other runs added)."""
     context = {"settings": settings, "baseline": analysis.baseline}
+    asked = set(analysis.sections if methods is None else methods)
     cornerstones = []
     for name in analysis.players:
         reasons: list[str] = []
         evidence: dict[str, Any] = {}
         for method, section in analysis.sections.items():
-            if method in SCORERS and isinstance(section, Section):
+            if method in asked and method in SCORERS and isinstance(section, Section):
                 found, facts = SCORERS[method].cornerstone(section, name, context)
                 reasons += found
                 evidence |= facts

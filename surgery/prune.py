@@ -164,15 +164,16 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
     from surgery.sublayers import parse_sublayers
 
     protected = parse_sublayers(settings.protect) if settings.protect else []
-    if settings.keep_cornerstones and analysis is not None:
-        protected += [s for c in analysis.cornerstones for s in parse_sublayers(c["id"]) if s not in protected]
+    found = cornerstones(settings, analysis)
+    if settings.keep_cornerstones:
+        protected += [s for c in found for s in parse_sublayers(c["id"]) if s not in protected]
     with task("planning") as progress:
         plan = make_plan(settings.strategy, settings.granularity, Target.parse(settings.remove), num_layers(loaded.model),
                          sublayer_parameters(loaded.model), analysis=analysis, protected=protected, seed=settings.seed,
                          value_after=value_after or CalibrationValue(loaded, settings), candidates=settings.iterative_candidates,
                          progress=lambda done, total: progress.update(description=f"planning: {done} units chosen"))
-    if analysis is not None and analysis.cornerstones:
-        plan.notes.append("cornerstones found by the analysis: " + ", ".join(c["id"] for c in analysis.cornerstones))
+    if found:
+        plan.notes.append("cornerstones found by the analysis: " + ", ".join(c["id"] for c in found))
     if not plan.units:
         raise SurgeryError(f"--remove {settings.remove} is less than one {settings.granularity} of this model: "
                            "give a larger share, or a count such as --remove 1")
@@ -298,7 +299,7 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
                 with timed("analysis"):
                     analysis = broadcast(score(settings, loaded, checked.methods))  # every process plans from it
                 report["analysis"] = {"folder": str(analysis.folder), "reused": analysis.reused, "key": analysis.key,
-                                      "cornerstones": analysis.cornerstones}
+                                      "cornerstones": cornerstones(settings, analysis)}
             from surgery.strategies import Target
 
             step(f"planning: strategy {settings.strategy}, {settings.granularity} granularity, "
@@ -354,6 +355,14 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
             exported = export(settings, loaded, model, checked.out, record, report, analysis)
     report["export"] = {"path": str(exported.path), "max_logit_diff": exported.max_logit_diff, "loader": exported.loader}
     return report
+
+
+def cornerstones(settings: PruneSettings, analysis: Any) -> list[dict[str, Any]]:
+    """The analysis' cornerstones by the rules of the scorers this run needs: a cached analysis
+    that an earlier run of another strategy extended (Shapley values, say) must not change them."""
+    from surgery.analysis import find_cornerstones
+
+    return [] if analysis is None else find_cornerstones(analysis, settings.analysis, needed_methods(settings))
 
 
 def needed_methods(settings: PruneSettings) -> tuple[str, ...]:

@@ -139,6 +139,27 @@ def test_the_model_cards_load_lines_load_the_checkpoint(source, tmp_path, data_d
         assert model.config.num_hidden_layers == layers and model.config.surgery["removed"]
 
 
+def test_kept_cornerstones_do_not_depend_on_what_the_cache_held(source, tmp_path, data_dir, monkeypatch):
+    """An earlier shapley prune leaves Shapley values in the shared analysis folder; an ablation prune
+    that reuses it keeps the cornerstones its own rule finds, as it does with an empty cache."""
+    rule = ["--keep-cornerstones", "--share-factor", "1.5", "--collapse-fraction", "0.9", "--remove", "1", "--no-bridge",
+            "--data-dir", data_dir, *FAST[:6], "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed",
+            "--no-eval-generation", "--device", "cpu"]
+
+    def prune(strategy, out):
+        assert run("prune", source, "--out", tmp_path / out, "--strategy", strategy, *rule).exit_code == 0
+        report = json.loads((tmp_path / out / "report.json").read_text())
+        return report["analysis"], report["plan"]["protected"]
+
+    with_shapley, _ = prune("shapley", "shapley")
+    reused, protected = prune("ablation", "after-shapley")
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "empty-cache"))
+    fresh, protected_fresh = prune("ablation", "fresh")
+    assert reused["reused"] and not fresh["reused"]
+    assert reused["cornerstones"] == fresh["cornerstones"] and protected == protected_fresh
+    assert len(with_shapley["cornerstones"]) > len(fresh["cornerstones"])  # the Shapley rule did find more
+
+
 @pytest.mark.parametrize("bridge", ["--bridge", "--no-bridge"])
 def test_the_bridge_changes_only_the_layer_before_the_cut(source, tmp_path, data_dir, bridge):
     """L2-L3 go: with a bridge the old L1's down projection changes, every other kept weight is the
