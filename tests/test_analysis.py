@@ -365,6 +365,11 @@ def test_no_collapse_is_claimed_for_a_model_no_better_than_a_uniform_guess(token
     assert result.baseline["loss"] == pytest.approx(result.baseline["uniform_loss"], abs=1e-5)
     assert all(entry["collapse"] is None for entry in result.section("ablation").sublayers.values())
     assert result.cornerstones == []
+    random = analyze(tiny_model("llama", num_layers=3), tokenizer, settings(calibration, methods=("ablation",)), None,
+                     model_info={"fingerprint": "r"})  # random weights: a few thousandths of a nat below ln V, by chance
+    assert 0 < random.baseline["uniform_loss"] - random.baseline["loss"] < 0.05 * random.baseline["uniform_loss"]
+    assert all(entry["collapse"] is None for entry in random.section("ablation").sublayers.values())
+    assert random.cornerstones == []
 
 
 def test_angular_distance_and_block_influence_on_known_geometry():

@@ -15,6 +15,8 @@ from typing import Any
 
 from surgery.scoring.base import Scorer, ScoringContext, Section, register
 
+MIN_HEADROOM = 0.05  # collapse is defined for a model whose loss is at least 5% of ln V below a uniform guess
+
 
 @dataclass
 class AblationScores(Section):
@@ -46,10 +48,11 @@ class Ablation(Scorer):
             entry: dict[str, Any] = {"drop": full - known, "value": known}
             if context.settings.metric == "loss":
                 entry["loss"] = -known
-                # How far towards a uniform guess; undefined for a model no better than one (random
-                # weights), whose loss sits at ln V or above it, up to rounding.
+                # How far towards a uniform guess; undefined for a model hardly better than one (random
+                # weights sit within a few hundredths of a nat of ln V, by chance either side), where a
+                # drop of thousandths of a nat would read as a collapse.
                 headroom = baseline["uniform_loss"] - baseline["loss"]
-                entry["collapse"] = (full - known) / headroom if headroom > 1e-6 * baseline["uniform_loss"] else None
+                entry["collapse"] = (full - known) / headroom if headroom > MIN_HEADROOM * baseline["uniform_loss"] else None
             else:
                 detail = context.details(frozenset({position}))
                 entry |= {k: detail[k] for k in ("acc_stderr", "chance") if k in detail}
