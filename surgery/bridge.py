@@ -6,11 +6,8 @@ missing change too: its contribution c (the output it adds to the stream) become
 
     D = argmin sum_t |c_t D - g_t|^2 + ridge |D|^2,   g = s[q+1] - s[k+1]
 
-over the calibration tokens t (s[p] is the dense stream before position p). (Weighting tokens by
-1/|s[q+1]_t|^2, a relative error, fitted worse on SmolLM2: WikiText-2 perplexity 105 vs 104. Fitting
-each later run on the stream of the model with the earlier runs already cut and bridged, one pass
-per run, changed nothing that matters: WikiText-2 103.2 vs 103.9, C4 87.7 vs 87.2, for the default
-25% cut; so all runs share one pass over the dense stream.)
+over the calibration tokens t (s[p] is the dense stream before position p). All runs share one
+pass over the dense stream (docs/pruning.md says which variants were tried instead and dropped).
 Because c is linear in the sublayer's output projection,
 D folds into it exactly (W <- (I + D)^T W, b <- b (I + D)): the checkpoint keeps its architecture and
 loads with plain `from_pretrained`. This is the closed-form variant of ReplaceMe (Shopkhoev et al.
@@ -39,7 +36,7 @@ RIDGE = 1e-4  # times the mean diagonal of the normal matrix: keeps the solve st
 class Bridge:
     run: str  # the removed run, e.g. "L12-L17"
     into: str  # the kept sublayer whose output projection carries the bridge
-    explained: float  # share of the squared gap the least-squares bridge closes on the calibration tokens
+    explained: float = 0.0  # share of the squared gap the bridge folded in closes on the calibration tokens
     cosine_distance: list[float] | None = None  # cosine fit: mean 1 - cos(bridged, dense stream), before and after it
 
 
@@ -187,11 +184,13 @@ def fit_and_fold(model: Any, units: Iterable[Sublayer], batches: list[Any], fit:
             eye = torch.eye(size, dtype=torch.float64, device=devices[index])
             ridge = RIDGE * float(normal[index].diagonal().mean()) + 1e-12
             solution = torch.linalg.solve(normal[index] + ridge * eye, cross[index])
-            # |c D - g|^2 = |g|^2 - 2 tr(D^T c^T g) + tr(D^T c^T c D)
-            residual = gap_norm[index] - 2 * float((solution * cross[index]).sum()) + float((solution * (normal[index] @ solution)).sum())
-            bridge = Bridge(run=format_sublayers(run), into=str(kept), explained=1 - residual / gap_norm[index] if gap_norm[index] else 0.0)
+            bridge = Bridge(run=format_sublayers(run), into=str(kept))
             if fit == "cosine":
                 solution, bridge.cosine_distance = _cosine_refine(solution, kept_tokens[index])
+                solution = solution.to(normal[index])
+            # of the matrix folded in: |c D - g|^2 = |g|^2 - 2 tr(D^T c^T g) + tr(D^T c^T c D)
+            residual = gap_norm[index] - 2 * float((solution * cross[index]).sum()) + float((solution * (normal[index] @ solution)).sum())
+            bridge.explained = 1 - residual / gap_norm[index] if gap_norm[index] else 0.0
             for target in targets[index]:
                 _fold(target, solution.to(devices[index]))
             result.bridges.append(bridge)
