@@ -412,7 +412,8 @@ class EvalSettings:
     tasks: tuple[str, ...] = setting(DEFAULT_TASKS, "--tasks", "lm-eval task or group names, comma-separated; 'none' to skip.",
                                      parse=names, show=joined)
     limit: int | None = setting(None, "--limit", "Items per task (the first N; default all).", type=_int_at_least(1))
-    num_fewshot: int = setting(0, "--num-fewshot", "Examples before each item.", type=_int_at_least(0))
+    num_fewshot: int | None = setting(None, "--num-fewshot", "Examples before each item (default: each task's own, as lm-eval "
+                                      "runs it: 0 for the multiple-choice tasks, 5 for GSM8K).", type=_int_at_least(0))
     batch_size: int = setting(8, "--batch-size", "Sequences per forward pass.", type=_int_at_least(1))
     seed: int = setting(1234, "--seed", "lm-eval's few-shot seed and torch's.")
     perplexity: tuple[str, ...] = setting(DEFAULT_PERPLEXITY, "--ppl",
@@ -437,7 +438,7 @@ class EvalSettings:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "tasks": list(self.tasks), "limit": self.limit, "items_offset": self.items_offset, "num_fewshot": self.num_fewshot,
+            "tasks": list(self.tasks), "limit": self.limit, "items_offset": self.items_offset, "num_fewshot": self.num_fewshot if self.num_fewshot is not None else "each task's own",
             "split": self.split or "test (validation where a task has no test split)",
             "batch_size": self.batch_size, "seed": self.seed, "data_dir": str(self.data_dir) if self.data_dir else None,
             "perplexity": {"corpora": list(self.perplexity), **self.perplexity_protocol.describe()},

@@ -14,7 +14,7 @@ from surgery.errors import SurgeryError
 from surgery.evaluate import evaluate_model
 from surgery.evaluate.perplexity import make_windows, perplexity
 from surgery.forward import final_hidden, token_nll
-from surgery.settings import EvalSettings, PerplexityProtocol
+from surgery.settings import EvalSettings, GenerationProtocol, PerplexityProtocol
 from surgery.tiny import tiny_model
 
 FAMILIES = sorted(ARCHITECTURES)
@@ -62,7 +62,7 @@ def test_windows_follow_the_protocol(tokenizer):
     assert overlap_masks[1].sum() == 16  # only tokens no earlier window scored
 
 
-def test_bos_is_prepended_when_the_tokenizer_adds_one():
+def test_bos_is_prepended_when_the_tokenizer_adds_one(data_dir):
     from tokenizers import processors
 
     from surgery.tiny import tiny_tokenizer
@@ -71,6 +71,11 @@ def test_bos_is_prepended_when_the_tokenizer_adds_one():
     with_bos._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     windows, masks = make_windows(with_bos, ["word " * 200], PerplexityProtocol(context=16, windows=2))
     assert (windows[:, 0] == 1).all() and not masks[:, 0].any() and masks[:, 1:].all()
+    from surgery.evaluate.continuations import prompts
+
+    starts, _ = prompts(with_bos, GenerationProtocol(prompts=3, prompt_tokens=8), data_dir)  # the continuations' prompts too
+    plain, _ = prompts(tiny_tokenizer(), GenerationProtocol(prompts=3, prompt_tokens=8), data_dir)
+    assert starts.shape == plain.shape == (3, 8) and (starts[:, 0] == 1).all() and (starts[:, 1:] == plain[:, :7]).all()
 
 
 @torch.no_grad()
@@ -327,6 +332,20 @@ def test_gsm8k_generates_from_the_local_files(data_dir, tokenizer, no_network):
     assert entry["n"] == 2 and len(entry["items"]) == 2 and entry["chance"] is None
     assert {"exact_match[strict-match]", "exact_match[flexible-extract]"} <= set(entry)
     assert "hf://openai/gsm8k/main, test" in entry["source"]
+    assert entry["num_fewshot"] == 5  # the task's own shots, as lm-eval's CLI runs it
+
+
+def test_shots_are_each_tasks_own_unless_given_and_dev_runs_refuse_tasks_without_dev_items(data_dir):
+    from surgery.evaluate.suite import TaskSuite
+
+    def shots(**given):
+        suite = TaskSuite(EvalSettings(tasks=("gsm8k", "arc_easy"), limit=2, data_dir=data_dir, **given))
+        return {name: task.get_config("num_fewshot") for name, task in suite.loaded["tasks"].items()}
+
+    assert shots() == {"gsm8k": 5, "arc_easy": None}  # lm-eval's configs: arc_easy sets none (zero-shot)
+    assert shots(num_fewshot=0) == {"gsm8k": 0, "arc_easy": 0}
+    with pytest.raises(SurgeryError, match="gsm8k has no validation split .*drop it from the tasks"):
+        TaskSuite(EvalSettings(tasks=("gsm8k",), split="validation", data_dir=data_dir))
 
 
 def test_cli_eval_compares_continuations_with_a_reference_model(tiny_folder, tmp_path, data_dir):

@@ -38,15 +38,16 @@ def prompts(tokenizer: Any, protocol: GenerationProtocol, data_dir: Any, text_fi
     """[K, P] prompt token ids from the last documents of the held-out slice, and where they came from."""
     import torch
 
-    from surgery.data import load_texts
+    from surgery.data import adds_bos, load_texts
     from surgery.errors import SurgeryError
 
     texts, origin = load_texts(protocol.corpus, role="heldout", data_dir=data_dir, field=text_field)
+    start = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []  # as a user's tokenizer(prompt) starts, and perplexity's windows
     rows = []
     for text in reversed(texts):
         ids = tokenizer(text, add_special_tokens=False).input_ids
-        if len(ids) >= protocol.prompt_tokens:
-            rows.append(ids[:protocol.prompt_tokens])
+        if len(ids) >= protocol.prompt_tokens - len(start):
+            rows.append(start + ids[:protocol.prompt_tokens - len(start)])
         if len(rows) == protocol.prompts:
             break
     if len(rows) < protocol.prompts:

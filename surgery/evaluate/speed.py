@@ -78,7 +78,7 @@ def measure_speed(model: Any, protocol: SpeedProtocol = SpeedProtocol(), folder:
     def run_once() -> tuple[float, float, Any]:
         sync()
         start = time.perf_counter()
-        out = base(prompt, use_cache=True)
+        out = base(prompt, use_cache=True, logits_to_keep=1)  # as generate() and servers prefill: the last position's logits
         sync()
         prefill = time.perf_counter() - start
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)

@@ -25,7 +25,8 @@ class TaskSuite:
         online = not hub_offline() and hub_reachable()
         self.loaded = load_tasks(list(settings.tasks), settings.data_dir, online, settings.split)
         for task in self.loaded["tasks"].values():
-            if task.get_config("num_fewshot") != 0 or settings.num_fewshot == 0:
+            # as lm-eval's simple_evaluate: a given count replaces a task's own, except for a task fixed at zero shots
+            if settings.num_fewshot is not None and task.get_config("num_fewshot") != 0:
                 task.set_config(key="num_fewshot", value=settings.num_fewshot)
             task.set_fewshot_seed(seed=settings.seed)
 
@@ -186,6 +187,8 @@ def summarise_tasks(raw: dict[str, Any], settings: EvalSettings) -> dict[str, An
         entry["n"] = sum(raw["n-samples"].get(m, {}).get("effective", 0) for m in members)
         entry["chance"], entry["chance_kind"] = chance_level_from_samples(samples)
         entry["source"] = _source(raw, members)
+        shots = {raw.get("n-shot", {}).get(m) for m in members}
+        entry["num_fewshot"] = shots.pop() if len(shots) == 1 else sorted(shots, key=str)  # as run, the task's own or --num-fewshot
         if members != [name]:
             entry["subtasks"] = {m: {**_metrics(raw["results"].get(m, {})), "n": raw["n-samples"].get(m, {}).get("effective", 0)}
                                  for m in members}

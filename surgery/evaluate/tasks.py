@@ -147,8 +147,11 @@ def task_manager(names: tuple[str, ...], data_dir: Path | None, online: bool, sp
         def _load_full_config(self, entry, overrides=None):
             cfg = super()._load_full_config(entry, overrides)
             if isinstance(cfg.get("task"), str) and cfg.get("dataset_path") and "group" not in cfg:
-                if split == "validation" and cfg.get("validation_split"):
-                    cfg["test_split"] = None  # score the validation split (dev data), never the test split
+                if split == "validation":  # score the validation split (dev data), never the test split
+                    if not cfg.get("validation_split"):
+                        raise SurgeryError(f"{cfg['task']} has no validation split (lm-eval scores it on {cfg.get('test_split')}): "
+                                           "drop it from the tasks of a --split validation run")
+                    cfg["test_split"] = None
                 cfg = use_local_files(cfg, data_dir, online)
             return cfg
 
