@@ -335,6 +335,14 @@ def test_gsm8k_generates_from_the_local_files(data_dir, tokenizer, no_network):
     assert entry["num_fewshot"] == 5  # the task's own shots, as lm-eval's CLI runs it
 
 
+def test_lm_evals_wikitext_task_reads_the_wikitext2_files(data_dir, tokenizer, no_network):
+    """lm-eval's `wikitext` is WikiText-2: the data directory's wikitext2_test file, the one perplexity reads."""
+    settings = EvalSettings(tasks=("wikitext",), limit=2, perplexity=(), speed=False, data_dir=data_dir)
+    entry = evaluate_model(tiny_model("llama", max_position_embeddings=4096), tokenizer, settings)["tasks"]["wikitext"]
+    assert entry["n"] == 2 and "wikitext2_test.jsonl.gz" in entry["source"]
+    assert entry["word_perplexity"] > 1 and entry["bits_per_byte"] > 0
+
+
 def test_shots_are_each_tasks_own_unless_given_and_dev_runs_refuse_tasks_without_dev_items(data_dir):
     from surgery.evaluate.suite import TaskSuite
 

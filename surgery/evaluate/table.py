@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-HEADLINE_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mcc")
+HEADLINE_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mcc", "word_perplexity", "bits_per_byte")  # the last two: lm-eval's wikitext
 
 
 def _score(value: dict[str, Any], metric: str) -> str:

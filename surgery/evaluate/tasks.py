@@ -26,6 +26,9 @@ from surgery.errors import SurgeryError
 
 SPLIT_KEYS = ("test_split", "validation_split", "training_split", "fewshot_split")
 SUBSET_COLUMNS = ("subject", "subset", "config")
+# Tasks whose files are named after their corpus: lm-eval's `wikitext` is WikiText-2, the data
+# directory's wikitext2_<split> (the file perplexity reads too).
+FILE_STEMS = {"wikitext": "wikitext2"}
 
 
 def _first_row(path: Path) -> dict[str, Any]:
@@ -38,7 +41,7 @@ def locate_task_file(data_dir: Path | None, task: str, split: str, subset: str |
     `<task>_<split>` first; then, for a task with a subset (`dataset_name`), the files of its name
     prefixes (`mmlu_abstract_algebra` -> `mmlu_abstract`, `mmlu`) if their rows have a subset column.
     """
-    exact = find_file(data_dir, f"{task}_{split}")
+    exact = find_file(data_dir, f"{FILE_STEMS.get(task, task)}_{split}")
     if exact is not None:
         return exact, None
     if subset is None:
@@ -81,7 +84,8 @@ def use_local_files(cfg: dict[str, Any], data_dir: Path | None, online: bool) ->
             return cfg
         where = str(data_dir) if data_dir else "a data directory (none given: pass --data-dir or set SURGERY_DATA_DIR)"
         raise SurgeryError(
-            f"no data for task {task}: {task}_{eval_split}.jsonl.gz not found in {where}, and the Hugging Face Hub is offline"
+            f"no data for task {task}: {FILE_STEMS.get(task, task)}_{eval_split}.jsonl.gz not found in {where}, "
+            "and the Hugging Face Hub is offline"
         )
     for key in SPLIT_KEYS:
         if cfg.get(key) and cfg[key] not in found:
