@@ -73,9 +73,9 @@ def _model_to_pass(source: dict[str, Any]) -> str:
 def resolve_with_output_check(model_spec: str, check_output: Callable[[list[Path]], Any], load: LoadSettings) -> Any:
     """Resolve MODEL, with the command's output check run against the folder MODEL names before
     resolving (which may convert or download) and against the resolved folder after."""
-    from surgery.source import named_folder, resolve
+    from surgery.source import named_paths, resolve
 
-    check_output(named_folder(model_spec))
+    check_output(named_paths(model_spec))
     source = resolve(model_spec, allow_pickle=load.allow_pickle)
     check_output([source.path])
     return source

@@ -39,12 +39,12 @@ def check(settings: PruneSettings) -> Checked:
     from surgery.arch import config_layers
     from surgery.files import check_output_folder, check_resumable_folder
     from surgery.loading import check_device_options
-    from surgery.source import named_folder, resolve
+    from surgery.source import named_paths, resolve
     from surgery.strategies import Target, check_choice
     from surgery.sublayers import parse_sublayers
 
     chosen = check_choice(settings.strategy, settings.granularity)
-    out = check_output_folder(settings.out, force=settings.force, protected=named_folder(settings.model))
+    out = check_output_folder(settings.out, force=settings.force, protected=named_paths(settings.model))
     check_device_options(settings.load.device, settings.load.device_map)
     check_device_options(None, settings.healing.device_map)
     target = Target.parse(settings.remove)

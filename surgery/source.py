@@ -104,11 +104,18 @@ def resolve(spec: str, *, allow_pickle: bool = False) -> ModelSource:
     )
 
 
-def named_folder(spec: str) -> list[Path]:
-    """The folder a MODEL argument names directly, if it does: output checks made before the
-    (possibly slow) resolving already know not to write into it."""
-    path = Path(spec.strip()).expanduser() if spec.strip() else None
-    return [path] if path is not None and path.is_dir() else []
+def named_paths(spec: str) -> list[Path]:
+    """What a MODEL argument names on disk, if anything: its folder, its .gguf file, or the
+    built-in model's packaged .gguf. Output checks made before the (possibly slow) resolving
+    already know not to write into, over or around it."""
+    spec = spec.strip()
+    if spec in BUILTIN_MODELS:
+        try:
+            return [builtin_gguf_path(spec)]
+        except SurgeryError:
+            return []  # not installed: resolving says so
+    path = Path(spec).expanduser() if spec else None
+    return [path] if path is not None and path.exists() else []
 
 
 def builtin_gguf_path(alias: str) -> Path:

@@ -37,6 +37,23 @@ def test_a_config_that_disagrees_with_the_weights_is_an_error(tiny_folder, tmp_p
         assert not (tmp_path / "out").exists()
 
 
+def test_a_gguf_source_and_its_folder_are_never_written_to(tiny_folder, tmp_path, monkeypatch):
+    """--force replaces an output: never a .gguf source or the folder it lies in, whatever the command."""
+    from surgery.export.gguf_write import export_gguf
+
+    source, _ = tiny_folder("llama", num_layers=4)
+    models = tmp_path / "models"
+    models.mkdir()
+    gguf = export_gguf(source, models / "tiny.gguf", dtype="f32").path
+    (models / "notes.txt").write_text("the user's other files")
+    monkeypatch.chdir(tmp_path)
+    for command in (["cut", gguf, "--remove", "L1", "--out", models, "--force", "--device", "cpu"],
+                    ["prune", gguf, "--out", models, "--force", *FAST_PRUNE],
+                    ["eval", gguf, "--out", gguf, "--force", "--tasks", "none", "--ppl-windows", "1", "--no-speed", "--device", "cpu"]):
+        assert "overlaps" in one_line(run(*command))
+    assert sorted(p.name for p in models.iterdir()) == ["notes.txt", "tiny.gguf"]
+
+
 def test_weights_of_another_shape_than_the_config_says_are_one_line(tiny_folder, tmp_path):
     """transformers raises a RuntimeError for it, which used to end in a traceback."""
     source, _ = tiny_folder("llama", num_layers=4)
