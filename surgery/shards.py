@@ -86,6 +86,9 @@ def weight_files(folder: Path, hint: str = "convert the weights to safetensors")
             files = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise SurgeryError(f"{index} is not a safetensors index ({error}): download or export the model again") from None
+        missing = [name for name in files if not (folder / name).is_file()]
+        if missing:  # an interrupted download or copy: loaders would fail late with a traceback
+            raise SurgeryError(f"{index} names {missing[0]}, which is missing: download or export the model again")
         return files, weight_map
     if (folder / WEIGHTS_NAME).is_file():
         return [WEIGHTS_NAME], None
@@ -107,9 +110,7 @@ class SafetensorsFolder:
         self.folder = Path(folder)
         files, weight_map = weight_files(self.folder, hint)
         self.info: dict[str, TensorInfo] = {}
-        for name in files:
-            if not (self.folder / name).is_file():
-                raise SurgeryError(f"{self.folder}/{INDEX_NAME} names {name}, which is missing: download or export the model again")
+        for name in files:  # weight_files refused a missing shard
             self.info.update(file_tensors(self.folder / name))
         if weight_map is not None:
             lost = [k for k, f in weight_map.items() if k not in self.info or self.info[k].file.name != f]

@@ -145,6 +145,10 @@ def check_folder(path: Path, *, allow_pickle: bool) -> None:
         )
     if not safetensors and not pickles:
         raise SurgeryError(f"{path} has no weights (*.safetensors): the folder is incomplete")
+    if safetensors:
+        from surgery.shards import weight_files
+
+        weight_files(path)  # every shard the index names is there
     for file in safetensors:
         check_safetensors(file)
 
