@@ -51,6 +51,13 @@ def load_config(folder: Path) -> Any:
     return AutoConfig.from_pretrained(str(folder))
 
 
+def _as(tensor: Any, like: Any) -> Any:
+    """`tensor` in the dtype of the skeleton's parameter `like` (floating tensors only)."""
+    if like is None or not tensor.is_floating_point() or tensor.dtype == like.dtype:
+        return tensor
+    return tensor.to(like.dtype)
+
+
 def skeleton(config: Any, dtype: Any = None) -> Any:
     """The model of `config` with its weights on the meta device (no memory), with stand-ins where
     `config.surgery` names removed sublayers."""
@@ -142,7 +149,8 @@ class LayerwiseModel:
         self.weights = SafetensorsFolder(self.folder)
         self.config = load_config(self.folder)
         self.arch = architecture_of(self.config)
-        self.dtype = getattr(torch, TORCH_DTYPES[self.weights.main_dtype()])
+        stored = getattr(self.config, "dtype", None)  # as from_pretrained(dtype="auto"): config.json's, else the weights'
+        self.dtype = stored if isinstance(stored, torch.dtype) else getattr(torch, TORCH_DTYPES[self.weights.main_dtype()])
         self.model = skeleton(self.config, self.dtype)
         self.device = device
         self.head_rows = HEAD_ROWS  # vocabulary rows of the output layer per slice
@@ -357,7 +365,8 @@ class LayerwiseModel:
 
             self._conversions = get_model_conversion_mapping(self.model)
         state = to_model_keys(self.model, self.weights.tensors(names), self._conversions)
-        state = {name[len(prefix):]: tensor for name, tensor in state.items()}
+        # in the skeleton's dtypes, as from_pretrained casts: a bf16 checkpoint may store its norms or router biases in F32
+        state = {name[len(prefix):]: _as(tensor, wanted.get(name)) for name, tensor in state.items()}
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
         if set(missing) & {name[len(prefix):] for name in wanted} or unexpected:
             raise SurgeryError(f"{self.folder}: the weights under {prefix} do not fit the model its config.json describes "

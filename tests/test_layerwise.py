@@ -60,6 +60,30 @@ def test_layer_by_layer_values_and_stream_are_the_in_memory_ones(family, tmp_pat
 
 
 @torch.no_grad()
+def test_a_bf16_checkpoint_with_float32_norms_reads_as_from_pretrained_loads_it(tmp_path):
+    """Checkpoints keep some tensors in F32 (DeepSeek-V3's router biases, some exporters' norms):
+    read block by block they take the model's dtype as from_pretrained gives them, and the streamed
+    cut that checks itself with this reader goes through."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from surgery.tiny import tiny_tokenizer
+
+    source = tmp_path / "mixed"
+    tiny_model("llama", num_layers=4).to(torch.bfloat16).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    weights = load_file(source / "model.safetensors")
+    save_file({k: v.float() if "norm" in k else v for k, v in weights.items()}, source / "model.safetensors",
+              metadata={"format": "pt"})
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(source).eval()(ids).logits
+    assert expected.dtype == torch.bfloat16
+    assert torch.equal(LayerwiseModel(source).forward(ids), expected)
+    result = run("cut", source, "--remove", "L1", "--out", tmp_path / "cut", "--stream", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+
+
 def test_a_stream_too_large_for_memory_spills_to_a_file_bit_for_bit(tmp_path, monkeypatch):
     """bfloat16 states, which numpy cannot hold, come back from the file exactly; the file has no
     name in the folder (it vanishes with the process, however it ends)."""
