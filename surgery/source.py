@@ -44,7 +44,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Files that decide what text becomes: part of a model's identity as much as its weights.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                    "special_tokens_map.json", "added_tokens.json")
 
 
 def cache_dir() -> Path:
@@ -182,11 +183,20 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub_patterns(allow_pickle: bool) -> list[str]:
+# Second copies of the weights some repositories hold beside the transformers layout (Mistral's
+# consolidated.safetensors, Llama 3's original/ folder): no loader here reads them.
+_HUB_IGNORED = ["consolidated*", "original/*"]
+
+
+def _hub_patterns(allow_pickle: bool, files: list[str] | None = None) -> list[str]:
     """The files a Hub source's download takes: weights, config, tokenizer, remote code, and its card
-    and license (small; the pruned model's card and folder pass the license on)."""
+    and license (small; the pruned model's card and folder pass the license on). Pickle weights
+    only with `allow_pickle` and, where the repository's `files` are known, only if it has no
+    safetensors (transformers would load those; the pickles would be a second copy)."""
+    has_safetensors = files is not None and any(f.endswith(".safetensors") and not f.startswith("consolidated") for f in files)
+    pickles = allow_pickle and not has_safetensors
     return ["*.json", *_WEIGHT_PATTERNS, "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py", "README.md", "LICEN[CS]E*",
-            *(["*.bin"] if allow_pickle else [])]
+            *(["*.bin"] if pickles else [])]
 
 
 def _resolve_hub(spec: str, *, allow_pickle: bool) -> ModelSource:
@@ -194,11 +204,15 @@ def _resolve_hub(spec: str, *, allow_pickle: bool) -> ModelSource:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     repo_id, _, revision = spec.partition("@")
-    patterns = _hub_patterns(allow_pickle)
     online = hub_reachable()
     try:
-        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns,
-                                   local_files_only=not online)
+        files = None
+        if online and allow_pickle:  # which weights the repository has decides whether its pickles are wanted
+            from huggingface_hub import HfApi
+
+            files = HfApi().list_repo_files(repo_id, revision=revision or None)
+        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=_hub_patterns(allow_pickle, files),
+                                   ignore_patterns=_HUB_IGNORED, local_files_only=not online)
     except LocalEntryNotFoundError:
         raise SurgeryError(
             f"'{spec}' is not a local folder, the Hugging Face Hub is not reachable (offline) and it is not in "
@@ -220,7 +234,10 @@ def fingerprint(folder: Path) -> str:
     It identifies a model in analysis keys and export records; large models are hashed once.
     """
     folder = Path(folder).resolve()
-    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix in (".safetensors", *PICKLE_SUFFIXES) or p.name in ("config.json", *_TOKENIZER_FILES)))
+    present = [p for p in folder.iterdir() if p.is_file()]
+    # the weights a loader reads: safetensors where there are any (a trainer's optimizer.pt beside them is not the model)
+    weights = [p for p in present if p.suffix == ".safetensors"] or [p for p in present if p.suffix in PICKLE_SUFFIXES]
+    files = sorted([*weights, *(p for p in present if p.name in ("config.json", *_TOKENIZER_FILES) or p.suffix == ".tiktoken")])
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     index_file = cache_dir() / "fingerprints.json"
     try:

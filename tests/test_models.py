@@ -56,7 +56,14 @@ def test_fingerprint_is_cached_and_notices_changes(tiny_folder, monkeypatch, tmp
     assert second != first
     tokenizer = folder / "tokenizer.json"  # the tokenizer decides what the model sees: part of its identity
     tokenizer.write_text(tokenizer.read_text().replace('"use_regex": true', '"use_regex": false', 1))
-    assert fingerprint(folder) != second
+    third = fingerprint(folder)
+    assert third != second
+    (folder / "added_tokens.json").write_text('{"<extra>": 384}')  # changes what text becomes too
+    fourth = fingerprint(folder)
+    assert fourth != third
+    (folder / "optimizer.pt").write_bytes(b"a trainer's state")  # beside safetensors: no loader reads it
+    (folder / "rng_state.pth").write_bytes(b"more of it")
+    assert fingerprint(folder) == fourth
 
 
 def test_hub_id_resolves_from_the_cache_offline(tiny_folder, tmp_path, monkeypatch):

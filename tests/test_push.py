@@ -215,8 +215,13 @@ def test_a_hub_source_brings_its_card_and_license():
 
     import surgery.source as source
 
-    patterns = source._hub_patterns(allow_pickle=False)
-    kept = list(filter_repo_objects(["README.md", "LICENSE", "LICENSE.txt", "model.safetensors", "pytorch_model.bin",
-                                     "config.json", "original/consolidated.pth"], allow_patterns=patterns))
-    assert {"README.md", "LICENSE", "LICENSE.txt", "model.safetensors", "config.json"} <= set(kept)
-    assert "pytorch_model.bin" not in kept
+    repository = ["README.md", "LICENSE", "LICENSE.txt", "model.safetensors", "pytorch_model.bin", "config.json",
+                  "original/consolidated.00.pth", "original/params.json", "consolidated.safetensors"]
+    kept = list(filter_repo_objects(repository, allow_patterns=source._hub_patterns(allow_pickle=False),
+                                    ignore_patterns=source._HUB_IGNORED))
+    assert sorted(kept) == ["LICENSE", "LICENSE.txt", "README.md", "config.json", "model.safetensors"]  # no second copy
+    with_pickles = list(filter_repo_objects(repository, allow_patterns=source._hub_patterns(True, repository),
+                                            ignore_patterns=source._HUB_IGNORED))
+    assert "pytorch_model.bin" not in with_pickles  # --allow-pickle takes pickles only where no safetensors are
+    pickles_only = ["config.json", "pytorch_model.bin", "tokenizer.json"]
+    assert list(filter_repo_objects(pickles_only, allow_patterns=source._hub_patterns(True, pickles_only))) == pickles_only
