@@ -121,7 +121,7 @@ def _streams(folder: Path, settings: StreamSettings, load: LoadSettings, doing: 
                                "drop --device-map, or pass --no-stream")
         weight_files(folder, f"{what} reads safetensors weights only: convert them, or pass --no-stream")  # before --out is claimed
     return out_of_core(folder, settings.stream, device=resolve_device(load.device), device_map=load.device_map, copies=2,
-                       doing=doing, instead="--no-stream", alone=alone)
+                       doing=doing, instead="--no-stream", alone=alone, dtype=load.dtype)
 
 
 def _cut_in_memory(source: Any, units: list, out: Path, load: LoadSettings, settings: StreamSettings, force: bool,
@@ -329,7 +329,7 @@ def _block_by_block(source: Any, wanted: bool | None, load: LoadSettings, what: 
                                "drop one of them")
         weight_files(source.path, f"{what} reads safetensors weights only: convert them, or pass --no-layerwise")
     return from_main(lambda: out_of_core(source.path, wanted, device=resolve_device(load.device), device_map=load.device_map,
-                                         copies=1, doing=doing, instead="--no-layerwise"))
+                                         copies=1, doing=doing, instead="--no-layerwise", dtype=load.dtype))
 
 
 def _whole_or_layerwise(source: Any, layerwise: bool, load: LoadSettings, what: str) -> tuple[Any, Any]:

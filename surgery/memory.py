@@ -57,14 +57,30 @@ def safetensors_bytes(folder: Path) -> int:
     return sum((Path(folder) / name).stat().st_size for name in files)
 
 
+_WIDTHS = {"float32": 4, "bfloat16": 2, "float16": 2, "F32": 4, "BF16": 2, "F16": 2}
+
+
+def loaded_bytes(folder: Path, dtype: str | None = None) -> int:
+    """The safetensors weights' bytes once loaded: as stored, or converted to `dtype` (--dtype
+    float32 doubles a bf16 checkpoint in memory; bfloat16 halves a float32 one)."""
+    size = safetensors_bytes(folder)
+    if not size or dtype in (None, "auto"):
+        return size
+    from surgery.shards import SafetensorsFolder
+
+    stored = _WIDTHS.get(SafetensorsFolder(Path(folder)).main_dtype())
+    return size * _WIDTHS[dtype] // stored if stored else size
+
+
 def out_of_core(folder: Path, wanted: bool | None, *, device: str, device_map: str | None, copies: int,
-                doing: str, instead: str, alone: bool = False) -> bool:
+                doing: str, instead: str, alone: bool = False, dtype: str | None = None) -> bool:
     """`wanted` as given (--stream/--layerwise or their --no- forms); otherwise True for a
     safetensors model that does not fit on `device`, said in one line. `doing`: what runs out of
-    core ('streaming the cut file to file'); `instead`: the option that overrides ('--no-stream')."""
+    core ('streaming the cut file to file'); `instead`: the option that overrides ('--no-stream');
+    `dtype`: --dtype, which sizes the copies in memory."""
     if wanted is not None:
         return wanted
-    size = safetensors_bytes(folder)
+    size = loaded_bytes(folder, dtype)
     if device_map or not size:
         return False
     available = available_memory(device, alone=alone)

@@ -233,3 +233,20 @@ def test_a_full_disk_during_the_streamed_copy_is_one_line_and_leaves_nothing(tin
     line = one_line(run("cut", source, "--remove", "L1", "--out", tmp_path / "out", "--stream", "--device", "cpu"))
     assert "no space left on the device" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-src"]
+
+
+def test_the_memory_plan_sizes_the_copies_in_the_dtype_asked_for(tiny_folder, monkeypatch):
+    """--dtype bfloat16 halves a float32 checkpoint in memory and float32 doubles a bf16 one: the
+    choice between the in-memory and the streamed path counts the copies as they will be."""
+    from functools import partial
+
+    import surgery.memory as memory
+
+    source, _ = tiny_folder("llama")  # float32
+    size = memory.safetensors_bytes(source)
+    monkeypatch.setattr(memory, "LIBRARY_BYTES", 0)
+    monkeypatch.setattr(memory, "available_memory", lambda device="cpu", alone=False: int(1.5 * size))
+    streams = partial(memory.out_of_core, source, None, device="cpu", device_map=None, copies=2, doing="cutting", instead="-")
+    assert streams() and streams(dtype="float32")  # two float32 copies do not fit
+    assert not streams(dtype="bfloat16")  # two bf16 copies do
+    assert memory.loaded_bytes(source, "bfloat16") == size // 2
