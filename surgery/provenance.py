@@ -40,8 +40,30 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 16 MiB chunks (checkpoints are large)."""
+def file_sha256(path: Path, cache: Path | None = None) -> str:
+    """SHA-256 of a file, read in 16 MiB chunks (checkpoints are large). With a `cache` folder, kept
+    there by (path, size, mtime) so that a large file unchanged since is not read again."""
+    if cache is not None:
+        import json
+
+        from surgery.files import write_json
+
+        path, index_file = Path(path).resolve(), Path(cache) / "digests.json"
+        stamp = [path.stat().st_size, path.stat().st_mtime_ns]
+        try:
+            index = json.loads(index_file.read_text())
+        except (OSError, ValueError):
+            index = {}
+        entry = index.get(str(path))
+        if isinstance(entry, dict) and entry.get("stamp") == stamp:
+            return entry["sha256"]
+        index[str(path)] = {"stamp": stamp, "sha256": file_sha256(path)}
+        try:
+            Path(cache).mkdir(parents=True, exist_ok=True)
+            write_json(index_file, index)
+        except OSError:
+            pass  # a read-only cache only costs a re-read next time
+        return index[str(path)]["sha256"]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 24), b""):

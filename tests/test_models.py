@@ -20,6 +20,22 @@ def test_gguf_file_and_alias_share_one_cached_conversion(smollm2_folder):
     assert (smollm2_folder / "model.safetensors").is_file() and (smollm2_folder / "tokenizer.json").is_file()
 
 
+def test_a_gguf_file_is_read_once_for_its_digest_until_it_changes(tmp_path):
+    """Finding a cached conversion hashed the whole .gguf on every command (minutes for 40 GB)."""
+    from surgery.provenance import file_sha256
+
+    gguf, cache = tmp_path / "model.gguf", tmp_path / "cache"
+    gguf.write_bytes(b"a" * 1000)
+    stamp = gguf.stat().st_mtime_ns
+    first = file_sha256(gguf, cache=cache)
+    assert first == file_sha256(gguf)
+    gguf.write_bytes(b"b" * 1000)
+    os.utime(gguf, ns=(stamp, stamp))  # same size and time: the recorded digest, the file not read again
+    assert file_sha256(gguf, cache=cache) == first
+    os.utime(gguf, ns=(stamp + 10**9, stamp + 10**9))  # touched: read again
+    assert file_sha256(gguf, cache=cache) == file_sha256(gguf) != first
+
+
 def test_builtin_tokenizer_splits_text_as_llama_cpp_does(smollm2_folder):
     """SmolLM2's GGUF names the `smollm` pre-tokenizer: every \\p{N} on its own, then GPT-2's regex
     (llama.cpp's llama-vocab.cpp, both patterns verbatim). transformers' own GGUF reading drops the

@@ -41,7 +41,7 @@ def convert_gguf(gguf: Path, cache: Path, *, label: str | None = None) -> Path:
     from surgery.files import output_lock
 
     gguf = gguf.resolve()
-    digest = file_sha256(gguf)
+    digest = file_sha256(gguf, cache=cache)  # read once: later commands find the conversion without re-reading the file
     target = cache / f"{gguf.stem}-{digest[:16]}-v{CONVERSION_VERSION}"
     if (target / "config.json").is_file():
         return target
