@@ -250,3 +250,21 @@ def test_the_memory_plan_sizes_the_copies_in_the_dtype_asked_for(tiny_folder, mo
     assert streams() and streams(dtype="float32")  # two float32 copies do not fit
     assert not streams(dtype="bfloat16")  # two bf16 copies do
     assert memory.loaded_bytes(source, "bfloat16") == size // 2
+
+
+def test_a_tied_config_over_a_different_stored_head_is_refused_in_one_line(tiny_folder, tmp_path):
+    """transformers unties an output layer the files store apart from the embeddings; a streamed copy
+    that follows config.json would drop it, so it is refused before anything is written."""
+    from safetensors.torch import load_file, save_file
+
+    source, _ = tiny_folder("llama", tie_word_embeddings=True)
+    weights = load_file(source / "model.safetensors")
+    same = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"].clone()}  # some exporters store both
+    save_file(same, source / "model.safetensors", metadata={"format": "pt"})
+    assert run("cut", source, "--remove", "L1", "--out", tmp_path / "same", "--stream").exit_code == 0
+    other = {**weights, "lm_head.weight": torch.randn_like(weights["model.embed_tokens.weight"])}
+    save_file(other, source / "model.safetensors", metadata={"format": "pt"})
+    line = one_line(run("cut", source, "--remove", "L1", "--out", tmp_path / "other", "--stream"))
+    assert "ties the output layer to the embeddings, but the files store a different lm_head.weight" in line
+    assert not (tmp_path / "other").exists()
+

@@ -59,6 +59,7 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
                            "or cut in memory with --no-stream")
     config = load_config(folder)
     arch = architecture_of(config)
+    _check_tied_head(weights, config, arch)
     before = skeleton(config, getattr(torch, stored))
     plan = plan_cut(config.num_hidden_layers, units, removed_sublayers(before))
     cut_config(config, arch, plan)
@@ -77,6 +78,20 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
         tensors[name] = info
     result = CutResult(list(plan.removed), plan.kept, count_parameters(before), count_parameters(after))
     return StreamedCut(Path(folder), plan, config, tensors, result)
+
+
+def _check_tied_head(weights: SafetensorsFolder, config: Any, arch: Any) -> None:
+    """A config that ties the output layer to the embeddings over files that store a different one:
+    transformers unties them when loading, a copy that follows the config would drop the head."""
+    import torch
+
+    head, embeddings = f"{arch.lm_head}.weight", f"{arch.layers.rpartition('.')[0]}.embed_tokens.weight"
+    if not getattr(config.get_text_config(), "tie_word_embeddings", False) or head not in weights.info \
+            or embeddings not in weights.info:
+        return
+    if not torch.equal(*weights.tensors([head, embeddings]).values()):
+        raise SurgeryError(f"{weights.folder}: config.json ties the output layer to the embeddings, but the files store a "
+                           f"different {head} (transformers unties them when loading): cut in memory with --no-stream")
 
 
 def export_streamed_cut(cut: StreamedCut, tokenizer: Any, out: Path, *, record: dict[str, Any], max_shard_size: int,
