@@ -387,11 +387,12 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
         """Process 0's choice of the streamed merge, with what it refuses checked before training."""
         streams = _streams(source.path, writing, load, "merging the adapter file to file and evaluating block by block",
                            "the streamed merge", alone=True)  # process 0 merges once the others have stopped
-        if streams and evaluation.tasks:
+        if evaluation.tasks:  # every task's data read and checked now, not after the training
             from surgery.evaluate.suite import TaskSuite
 
             suites.append(TaskSuite(evaluation))
-            suites[0].check_block_by_block("--no-stream")
+            if streams:
+                suites[0].check_block_by_block("--no-stream")
         return streams
 
     streamed = from_main(decide)
@@ -437,7 +438,7 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
             return {**kept, "export": {"path": str(exported.path), "max_logit_diff": exported.max_logit_diff,
                                         "method": exported.manifest["verified"]["method"]}}
         results = evaluate_model(healed.model, tokenizer, fit_context_to_model(evaluation, healed.model.config),
-                                 model_info={"stage": "healed"})
+                                 model_info={"stage": "healed"}, suite=suites[0] if suites else None)
         record, extra = finish(results, healed.loss_after)
         exported = export_checkpoint(healed.model, tokenizer, out, record=published(record, labels), force=force,
                                      protected=[source.path], copy_from=source.path, unpublished=(LOCAL_RECORD,),

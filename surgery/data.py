@@ -79,7 +79,8 @@ def check_available(wanted: list[tuple[str, str]], data_dir: Path | None) -> Non
                 raise SurgeryError(f"no {source} text for {role}: {stem}.jsonl.gz {where}, and the Hub is offline")
         elif not Path(source).expanduser().is_file():
             problem = "is a folder" if Path(source).expanduser().is_dir() else "not found"
-            raise SurgeryError(f"{role} file {source} {problem}: give a .txt/.jsonl/.parquet file or one of {', '.join(CORPORA)}")
+            named = [name for name in CORPORA if role in ROLES[name]] or list(CORPORA)  # those with a share for the role
+            raise SurgeryError(f"{role} file {source} {problem}: give a .txt/.jsonl/.parquet file or one of {', '.join(named)}")
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:

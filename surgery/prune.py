@@ -387,7 +387,6 @@ def _fitted(settings: PruneSettings, config: Any) -> Any:
 def _check_data(settings: PruneSettings, needs_calibration: bool) -> None:
     """Missing calibration, healing or evaluation data (or an unknown task) is an error now, not after an hour of work."""
     from surgery.data import check_available
-    from surgery.evaluate.tasks import check_task_names
 
     wanted = []
     if needs_calibration:
@@ -398,7 +397,10 @@ def _check_data(settings: PruneSettings, needs_calibration: bool) -> None:
     if settings.evaluation.generation:
         wanted.append((settings.evaluation.generation_protocol.corpus, "generation prompts"))
     check_available(wanted, settings.analysis.data_dir)
-    check_task_names(settings.evaluation.tasks)
+    if settings.evaluation.tasks:  # every task's data read and checked (a missing file fails now, not after the analysis)
+        from surgery.evaluate.suite import TaskSuite
+
+        TaskSuite(settings.evaluation)
 
 
 class CalibrationValue:

@@ -85,17 +85,24 @@ def test_prune_checks_its_target_against_the_config_before_loading_or_analysing(
     (["eval", "--tasks", "arc_easy", "--ppl", "none", "--no-speed", "--data-dir", "{tmp}/empty"], "no data for task arc_easy"),
     (["analyze", "--out", "{tmp}/an", "--method", "bi", "--data-dir", "{tmp}/empty"], "no c4 text for calibration"),
     (["analyze", "--out", "{tmp}/an", "--method", "ablation", "--metric", "acc", "--task", "bogus_task"], "bogus_task"),
+    (["prune", "--out", "{tmp}/an", "--strategy", "last", "--remove", "1", "--no-bridge", "--eval-tasks", "arc_easy",
+      "--eval-ppl", "none", "--no-eval-generation", "--data-dir", "{tmp}/empty"], "no data for task arc_easy"),
+    (["heal", "--out", "{tmp}/an", "--eval-tasks", "arc_easy", "--heal-data", "{tmp}/text.txt", "--data-dir", "{tmp}/empty"],
+     "no data for task arc_easy"),  # before the training, which used to come first
+    (["prune", "--out", "{tmp}/an", "--heal", "--heal-data", "{tmp}/nofile.txt"],
+     "healing file {tmp}/nofile.txt not found: give a .txt/.jsonl/.parquet file or one of c4\n"),  # only what healing takes
 ])
-def test_eval_and_analyze_check_their_data_before_loading(tiny_folder, tmp_path, args, message):
+def test_every_command_checks_its_data_before_loading(tiny_folder, tmp_path, args, message):
     """The weights here do not load (another shape than config.json says), so a refusal that names
     the data came first; on a large model the load alone takes minutes."""
     source, _ = tiny_folder("llama", num_layers=4)
     config = json.loads((source / "config.json").read_text())
     (source / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] + 32}))
     (tmp_path / "empty").mkdir()
+    (tmp_path / "text.txt").write_text("Some healing text. " * 2000)
     command, *rest = args
     line = one_line(run(command, source, *(a.format(tmp=tmp_path) for a in rest), "--device", "cpu"))
-    assert message.format(tmp=tmp_path) in line and not (tmp_path / "an").exists()
+    assert message.format(tmp=tmp_path) in line + "\n" and not (tmp_path / "an").exists()
 
 
 def test_an_analysis_folder_that_holds_other_files_is_refused_without_force(tiny_folder, tmp_path, data_dir):

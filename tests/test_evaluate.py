@@ -343,6 +343,19 @@ def test_lm_evals_wikitext_task_reads_the_wikitext2_files(data_dir, tokenizer, n
     assert entry["word_perplexity"] > 1 and entry["bits_per_byte"] > 0
 
 
+def test_the_table_keeps_gsm8ks_answer_filters_apart():
+    """rich read `[strict-match]` as markup and printed two rows named `gsm8k exact_match`."""
+    from rich.console import Console
+
+    from surgery.evaluate.table import comparison_table
+
+    results = {"model": {"tasks": {"gsm8k": {"exact_match[strict-match]": 0.25, "exact_match[flexible-extract]": 0.5, "n": 4}}}}
+    console = Console(record=True, width=200)
+    console.print(comparison_table(results))
+    text = console.export_text()
+    assert "gsm8k exact_match[strict-match] (n=4)" in text and "gsm8k exact_match[flexible-extract] (n=4)" in text
+
+
 def test_shots_are_each_tasks_own_unless_given_and_dev_runs_refuse_tasks_without_dev_items(data_dir):
     from surgery.evaluate.suite import TaskSuite
 

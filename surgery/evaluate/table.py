@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 HEADLINE_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mcc", "word_perplexity", "bits_per_byte")  # the last two: lm-eval's wikitext
@@ -50,13 +51,13 @@ def comparison_table(results: dict[str, dict[str, Any]], title: str = "evaluatio
                 chance = entry.get("chance")
                 chance_text = f"{chance:.3f}" + (" (majority)" if entry.get("chance_kind") == "majority class" else "") if chance is not None else "-"
                 row = [_score(r.get("tasks", {}).get(task, {}), metric) for r in results.values()]
-                table.add_row(f"{task} {metric} (n={entry.get('n', '?')})", chance_text, *row)
+                table.add_row(escape(f"{task} {metric} (n={entry.get('n', '?')})"), chance_text, *row)  # GSM8K's [strict-match]
     for corpus in first.get("perplexity", {}):
         row = []
         for r in results.values():
             value = r.get("perplexity", {}).get(corpus)
             row.append("-" if not value else f"{value['perplexity']:.2f} [{value['perplexity_interval_95'][0]:.1f}, {value['perplexity_interval_95'][1]:.1f}]")
-        table.add_row(f"{corpus} perplexity", "", *row)
+        table.add_row(escape(f"{corpus} perplexity"), "", *row)
     for label, cells in generation_rows(list(results.values())):
         table.add_row(label, "", *cells)
     speeds = [r.get("speed") or {} for r in results.values()]
