@@ -37,7 +37,7 @@ def test_a_config_that_disagrees_with_the_weights_is_an_error(tiny_folder, tmp_p
         assert not (tmp_path / "out").exists()
 
 
-def test_a_gguf_source_and_its_folder_are_never_written_to(tiny_folder, tmp_path, monkeypatch):
+def test_a_gguf_source_and_its_folder_are_never_written_to(tiny_folder, tmp_path):
     """--force replaces an output: never a .gguf source or the folder it lies in, whatever the command."""
     from surgery.export.gguf_write import export_gguf
 
@@ -46,7 +46,6 @@ def test_a_gguf_source_and_its_folder_are_never_written_to(tiny_folder, tmp_path
     models.mkdir()
     gguf = export_gguf(source, models / "tiny.gguf", dtype="f32").path
     (models / "notes.txt").write_text("the user's other files")
-    monkeypatch.chdir(tmp_path)
     for command in (["cut", gguf, "--remove", "L1", "--out", models, "--force", "--device", "cpu"],
                     ["prune", gguf, "--out", models, "--force", *FAST_PRUNE],
                     ["eval", gguf, "--out", gguf, "--force", "--tasks", "none", "--ppl-windows", "1", "--no-speed", "--device", "cpu"]):
