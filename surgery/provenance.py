@@ -7,6 +7,7 @@ import hashlib
 import importlib.metadata as _metadata
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 _PACKAGES = ("surgery", "torch", "transformers", "peft", "trl", "lm_eval", "datasets", "bitsandbytes", "accelerate", "safetensors")
@@ -40,30 +41,37 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def cached_digest(index_file: Path, key: str, stamp: list, compute: Callable[[], str]) -> str:
+    """`compute()`, kept in the JSON `index_file` under `key` for as long as `stamp` (the files' sizes
+    and times) holds: large checkpoints are hashed once, not on every command."""
+    import json
+
+    from surgery.files import write_json
+
+    try:
+        index = json.loads(Path(index_file).read_text())
+    except (OSError, ValueError):
+        index = {}
+    entry = index.get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+        return entry["sha256"]
+    value = compute()
+    index[key] = {"stamp": stamp, "sha256": value}
+    try:
+        Path(index_file).parent.mkdir(parents=True, exist_ok=True)
+        write_json(index_file, index)
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return value
+
+
 def file_sha256(path: Path, cache: Path | None = None) -> str:
-    """SHA-256 of a file, read in 16 MiB chunks (checkpoints are large). With a `cache` folder, kept
-    there by (path, size, mtime) so that a large file unchanged since is not read again."""
+    """SHA-256 of a file, read in 16 MiB chunks (checkpoints are large); with a `cache` folder, kept
+    there while the file's size and time hold."""
     if cache is not None:
-        import json
-
-        from surgery.files import write_json
-
-        path, index_file = Path(path).resolve(), Path(cache) / "digests.json"
+        path = Path(path).resolve()
         stamp = [path.stat().st_size, path.stat().st_mtime_ns]
-        try:
-            index = json.loads(index_file.read_text())
-        except (OSError, ValueError):
-            index = {}
-        entry = index.get(str(path))
-        if isinstance(entry, dict) and entry.get("stamp") == stamp:
-            return entry["sha256"]
-        index[str(path)] = {"stamp": stamp, "sha256": file_sha256(path)}
-        try:
-            Path(cache).mkdir(parents=True, exist_ok=True)
-            write_json(index_file, index)
-        except OSError:
-            pass  # a read-only cache only costs a re-read next time
-        return index[str(path)]["sha256"]
+        return cached_digest(Path(cache) / "digests.json", str(path), stamp, lambda: file_sha256(path))
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 24), b""):

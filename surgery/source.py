@@ -13,7 +13,6 @@ folder, identified by its fingerprint. Loading the folder is surgery.loading's j
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import socket
@@ -23,7 +22,7 @@ from typing import Any, NamedTuple
 
 from surgery.arch import read_config
 from surgery.errors import SurgeryError
-from surgery.provenance import file_sha256
+from surgery.provenance import cached_digest, file_sha256
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -239,24 +238,11 @@ def fingerprint(folder: Path) -> str:
     weights = [p for p in present if p.suffix == ".safetensors"] or [p for p in present if p.suffix in PICKLE_SUFFIXES]
     files = sorted([*weights, *(p for p in present if p.name in ("config.json", *_TOKENIZER_FILES) or p.suffix == ".tiktoken")])
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    index_file = cache_dir() / "fingerprints.json"
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, ValueError):
-        index = {}
-    entry = index.get(str(folder))
-    if entry and entry.get("stamp") == stamp:
-        return entry["sha256"]
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
-    value = digest.hexdigest()
-    from surgery.files import write_json
 
-    index[str(folder)] = {"stamp": stamp, "sha256": value}
-    try:
-        index_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json(index_file, index)
-    except OSError:
-        pass  # a read-only cache only costs a re-hash next time
-    return value
+    def digest() -> str:
+        whole = hashlib.sha256()
+        for path in files:
+            whole.update(path.name.encode() + b"\0" + file_sha256(path).encode())
+        return whole.hexdigest()
+
+    return cached_digest(cache_dir() / "fingerprints.json", str(folder), stamp, digest)
