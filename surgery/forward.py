@@ -50,7 +50,7 @@ def token_nll(model: Any, hidden: Any, input_ids: Any, chunk_tokens: int = 2048)
     import torch.nn.functional as F
 
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    targets = input_ids[:, 1:].reshape(-1)
+    targets = input_ids[:, 1:].reshape(-1).to(hidden.device)  # the output layer may sit on another GPU than the ids
     losses = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, targets.shape[0], chunk_tokens):
         end = start + chunk_tokens

@@ -37,7 +37,10 @@ class ResidualLoss(ValueFunction):
         self.arch = architecture_of(self.base.config)
         self.layers = decoder_layers(self.base, self.arch)
         self.num_players = 2 * len(self.layers)
-        self.batches = batches
+        # Token ids come from the data as CPU tensors; they enter the model at its embeddings, which
+        # may live on a GPU (or on the first of several).
+        embed_device = self.base.get_input_embeddings().weight.device
+        self.batches = [ids.to(embed_device) for ids in batches]
         self.prefix_cache = prefix_cache
         # The cached streams (2L + 1 per batch) would crowd a GPU holding a large model; they live in
         # host memory by default and only the state a coalition starts from is copied back.
