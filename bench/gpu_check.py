@@ -3,8 +3,8 @@
     python bench/gpu_check.py                  # on a CUDA machine: a random-init ~1.1B Llama (TinyLlama's shape)
     python bench/gpu_check.py --small --cpu    # the same checks on a small model, on this CPU
 
-1. QLoRA gradients on CUDA: LoRA gradients through the 4-bit NF4 model equal those of a model
-   holding the dequantised weights in the compute dtype (bf16 on a GPU).
+1. QLoRA gradients on CUDA: LoRA gradients through the 4-bit NF4 model, against those of a float32
+   model holding the dequantised weights, are no further off than a bf16 model's with those weights.
 2. Analysis timings in bf16: the prefix-cached loss of every run of up to 3 sublayers, one
    coalition at a time and 4 at a time (coalition batching), with the values of both.
 3. Layer-by-layer analysis against in-memory: the same coalitions' values from a model streamed
@@ -53,7 +53,10 @@ def build(small: bool, dtype, device: str):
 
 
 def qlora_gradients(small: bool, device: str, folder: Path) -> dict:
-    """Check 1; needs bitsandbytes with CUDA (or its CPU backend)."""
+    """Check 1; needs bitsandbytes with CUDA (or its CPU backend). The exact gradient is that of a
+    float32 model holding the dequantised weights; the 4-bit model computes in bf16 on a GPU, so it
+    is judged against what bf16 itself costs: a bf16 model holding the same weights. It passes when
+    the 4-bit gradients are no further from the exact ones than twice the bf16 model's distance."""
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnbf
@@ -68,29 +71,41 @@ def qlora_gradients(small: bool, device: str, folder: Path) -> dict:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     build(small, dtype, "cpu").save_pretrained(folder)
     quantized = load_4bit(folder, device)
-    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)  # the same embeddings and norms
-    state = reference.state_dict()
-    for name, module in quantized.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            state[name + ".weight"] = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).to(state[name + ".weight"].dtype)
-    reference.load_state_dict(state)
+    dequantised = {name + ".weight": bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                   for name, module in quantized.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+
+    def reference(precision):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=precision).to(device)  # the same embeddings and norms
+        state = model.state_dict()
+        state.update({name: weight.to(precision) for name, weight in dequantised.items()})
+        model.load_state_dict(state)
+        return model
+
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
-    adapted, expected = get_peft_model(quantized, lora), get_peft_model(reference, lora)
+    models = {"4bit": get_peft_model(quantized, lora), "bf16": get_peft_model(reference(dtype), lora),
+              "float32": get_peft_model(reference(torch.float32), lora)}
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for (na, a), (_, b) in zip(adapted.named_parameters(), expected.named_parameters()):
-            if "lora_" in na:
+        for (name, a), *others in zip(*(m.named_parameters() for m in models.values())):
+            if "lora_" in name:
                 a.copy_(torch.randn(a.shape, generator=generator) * 0.02)
-                b.copy_(a)
+                for _, b in others:
+                    b.copy_(a)
     ids = torch.randint(3, 1000, (2, 64), generator=generator).to(device)
-    adapted.train(), expected.train()
-    adapted(ids, labels=ids).loss.backward()
-    expected(ids, labels=ids).loss.backward()
-    worst = 0.0
-    for (na, a), (_, b) in zip(adapted.named_parameters(), expected.named_parameters()):
-        if "lora_" in na:
-            worst = max(worst, float((a.grad.float() - b.grad.float()).norm() / b.grad.float().norm().clamp(min=1e-12)))
-    return {"ran": True, "max_relative_gradient_difference": worst, "ok": worst < 0.05}
+    grads = {}
+    for key, model in models.items():
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        grads[key] = [p.grad.float() for n, p in model.named_parameters() if "lora_" in n]
+
+    def distance(key: str) -> float:
+        return max(float((a - b).norm() / b.norm().clamp(min=1e-12)) for a, b in zip(grads[key], grads["float32"]))
+
+    four_bit, floor = distance("4bit"), distance("bf16")
+    return {"ran": True, "compute_dtype": str(dtype),
+            "embedding_dtype_4bit": str(quantized.get_input_embeddings().weight.dtype),
+            "max_relative_gradient_difference_4bit": four_bit, "max_relative_gradient_difference_bf16": floor,
+            "ok": four_bit <= max(2 * floor, 1e-3)}
 
 
 def batching_timings(small: bool, device: str) -> dict:
