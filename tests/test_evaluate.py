@@ -335,6 +335,18 @@ def test_gsm8k_generates_from_the_local_files(data_dir, tokenizer, no_network):
     assert entry["num_fewshot"] == 5  # the task's own shots, as lm-eval's CLI runs it
 
 
+def test_tasks_a_short_context_model_cannot_run_are_refused_in_one_line(data_dir, tokenizer, no_network):
+    """lm-eval asserts mid-run when GSM8K's 256 generated tokens leave no room for a prompt, or when
+    an answer is longer than the model's positions: each is refused as bad input before it runs."""
+    generating = EvalSettings(tasks=("arc_easy", "gsm8k"), limit=2, perplexity=(), speed=False, data_dir=data_dir)
+    with pytest.raises(SurgeryError, match="gsm8k generates up to 256 tokens.*48 positions: drop gsm8k"):
+        evaluate_model(tiny_model("llama", max_position_embeddings=48), tokenizer, generating)
+    scoring = EvalSettings(tasks=("piqa",), limit=5, perplexity=(), speed=False, data_dir=data_dir)
+    with pytest.raises(SurgeryError, match=r"an answer in these tasks is \d+ tokens, more than the model's 16 positions"):
+        evaluate_model(tiny_model("llama", max_position_embeddings=16), tokenizer, scoring)
+    assert evaluate_model(tiny_model("llama", max_position_embeddings=256), tokenizer, scoring)["tasks"]["piqa"]["n"] == 5
+
+
 def test_lm_evals_wikitext_task_reads_the_wikitext2_files(data_dir, tokenizer, no_network):
     """lm-eval's `wikitext` is WikiText-2: the data directory's wikitext2_test file, the one perplexity reads."""
     settings = EvalSettings(tasks=("wikitext",), limit=2, perplexity=(), speed=False, data_dir=data_dir)

@@ -50,12 +50,29 @@ class TaskSuite:
         if isinstance(model, LayerwiseModel):
             self.check_block_by_block()
         lm = _progress_lm(model, tokenizer, self.settings.batch_size)
+        self._check_generation_room(lm)
         limit, samples = self.settings.limit, None
         if self.settings.items_offset:
             limit, samples = None, self._item_windows()
         raw = lm_eval.evaluate(lm=lm, task_dict=self.loaded, limit=limit, samples=samples, bootstrap_iters=1000,
                                log_samples=True, verbosity="ERROR")
         return summarise_tasks(raw, self.settings)
+
+    def _check_generation_room(self, lm: Any) -> None:
+        """lm-eval asserts, when it reaches a generating task, that the tokens it may generate leave
+        room for a prompt within the model's positions (GSM8K asks for 256): refuse such a task before
+        any other task has run."""
+        from lm_eval.models.utils import normalize_gen_kwargs
+
+        from surgery.errors import SurgeryError
+
+        for name, task in self.loaded["tasks"].items():
+            if task.OUTPUT_TYPE != "generate_until":
+                continue
+            wanted = normalize_gen_kwargs(dict(task.config.generation_kwargs or {}), lm.max_gen_toks)["max_gen_toks"]
+            if wanted >= lm.max_length:
+                raise SurgeryError(f"{name} generates up to {wanted} tokens, which leaves no room for its prompt in the "
+                                   f"model's {lm.max_length} positions: drop {name} from the tasks")
 
     def _item_windows(self) -> dict[str, list[int]]:
         """Items [offset, offset + limit) of each task, clipped to the items the task has, so one
@@ -100,6 +117,10 @@ def _progress_lm(model: Any, tokenizer: Any, batch_size: int) -> Any:
     hook = ProgressHook()
 
     class ProgressHFLM(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            check_answers_fit(requests, self.max_length)
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+
         def _run(self, method: Any, label: str, requests: list) -> Any:
             with task(f"lm-eval {label}", total=len(requests)) as progress:
                 hook.task = progress
@@ -116,6 +137,7 @@ def _progress_lm(model: Any, tokenizer: Any, batch_size: int) -> Any:
 
     class LayerwiseHFLM(ProgressHFLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            check_answers_fit(requests, self.max_length)
             sequences = [(context + continuation)[-(self.max_length + 1):] for _, context, continuation in requests]
             return model.score_continuations(sequences, [len(continuation) for _, _, continuation in requests],
                                              batch_size=batch_size, wave_bytes=_wave_bytes(),
@@ -137,6 +159,19 @@ def _progress_lm(model: Any, tokenizer: Any, batch_size: int) -> Any:
         lm = ProgressHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     lm.set_cache_hook(hook)
     return lm
+
+
+def check_answers_fit(requests: list, max_length: int) -> None:
+    """A continuation (an answer lm-eval scores) longer than the model's positions cannot be scored:
+    lm-eval asserts, which would end the run with a bare traceback, and a shorter window would
+    silently score a truncated answer. Requests are ((context, continuation), context ids,
+    continuation ids), every task's together, so the line names the length, not the task."""
+    from surgery.errors import SurgeryError
+
+    longest = max((len(continuation) for _, _, continuation in requests), default=0)
+    if longest > max_length:
+        raise SurgeryError(f"an answer in these tasks is {longest} tokens, more than the model's {max_length} positions: "
+                           "evaluate it on tasks with shorter answers (a model this short cannot score them)")
 
 
 def _wave_bytes() -> int:
