@@ -88,6 +88,17 @@ def test_digit_splitting_tokenizer_is_named_for_llama_cpp_and_a_wrong_name_is_ca
     assert not [p.name for p in tmp_path.iterdir() if "wrong" in p.name]
 
 
+def test_a_pre_tokenizer_name_llama_cpp_does_not_know_is_refused_with_the_closest(tmp_path, tokenizer):
+    """llama.cpp loads a file whose pre-tokenizer it does not know and splits text with its default
+    regex; transformers' GGUF reader (the check) ignores the name, so it is refused by name."""
+    folder, _ = pruned_folder(tmp_path, tokenizer)
+    with pytest.raises(SurgeryError, match="no pre-tokenizer named 'llama3-bpe'.*did you mean llama-bpe"):
+        export_gguf(folder, tmp_path / "typo.gguf", dtype="f32", tokenizer_pre="llama3-bpe")
+    assert not [p.name for p in tmp_path.iterdir() if "typo" in p.name]
+    result = export_gguf(folder, tmp_path / "named.gguf", dtype="f32", tokenizer_pre="gpt-2")
+    assert gguf.GGUFReader(str(result.path)).get_field("tokenizer.ggml.pre").contents() == "gpt-2"
+
+
 @torch.no_grad()
 def test_rotary_rows_are_permuted_for_llama(tmp_path, tokenizer):
     """Written without llama.cpp's permutation the file would still load; the logits would not match."""

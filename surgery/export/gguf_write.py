@@ -49,6 +49,18 @@ DEFAULT_DTYPE = "f16"  # llama.cpp's own converter's default: lossless enough, h
 # llama.cpp runs "starcoder", "smollm" and the others of that group with one regex.
 _GPT2_PRE = "gpt-2"
 _DIGITS_THEN_GPT2_PRE = "starcoder"
+# Every pre-tokenizer name llama.cpp knows (src/llama-vocab.cpp, llama_vocab::impl::load, at commit
+# eb6a99c). A name outside it is not refused there: llama.cpp warns and splits text with its default
+# regex, so the file would load and tokenize differently from the model's own tokenizer.
+LLAMA_CPP_PRE_TOKENIZERS = (
+    "default", "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "deepseek-llm",
+    "deepseek-coder", "deepseek-v3", "falcon", "mpt", "starcoder", "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat",
+    "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum", "jina-v1-en", "jina-v2-code", "roberta-bpe", "refact", "command-r",
+    "qwen2", "deepseek-r1-qwen", "kormo", "stablelm2", "olmo", "dbrx", "smaug-bpe", "poro-chat", "glm4", "chatglm-bpe",
+    "viking", "jais", "tekken", "smollm", "codeshell", "bloom", "gpt3-finnish", "exaone", "exaone4", "chameleon",
+    "minerva-7b", "megrez", "gpt-4o", "llama4", "superbpe", "trillion", "granite-docling", "bailingmoe", "bailingmoe2",
+    "llada-moe", "seed-coder", "hunyuan", "hunyuan-dense", "kimi-k2", "grok-2", "afmoe", "minimax-m2",
+)
 _CHECKED_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                  "max_position_embeddings", "vocab_size", "rms_norm_eps", "rope_theta")
 
@@ -77,6 +89,8 @@ def export_gguf(folder: Path, out: Path, *, dtype: str = DEFAULT_DTYPE, tokenize
     register_classes(config)  # the folder's own classes, so that reading its config or tokenizer runs no remote code
     if dtype not in DTYPES:
         raise SurgeryError(f"unknown GGUF type '{dtype}': choose one of {', '.join(DTYPES)}")
+    if tokenizer_pre is not None:
+        check_pre_tokenizer(tokenizer_pre)
     source = source_gguf(folder)
     out = _check_out(out, folder, source, force)
     blocks = _deci_blocks(config) if target == "deci" else None
@@ -92,6 +106,17 @@ def export_gguf(folder: Path, out: Path, *, dtype: str = DEFAULT_DTYPE, tokenize
             diff, kl = verify(folder, staging, dtype, config)
     verified_by = "its own tensors read back, in a Llama shaped by its per-layer keys" if blocks else GgufResult.verified_by
     return GgufResult(out, target, len(plan), size, tokenizer_from, diff, kl, verified_by)
+
+
+def check_pre_tokenizer(name: str) -> None:
+    """Refuse a --tokenizer-pre llama.cpp does not know (it would tokenize with its default split)."""
+    import difflib
+
+    if name not in LLAMA_CPP_PRE_TOKENIZERS:
+        close = difflib.get_close_matches(name, LLAMA_CPP_PRE_TOKENIZERS, n=3)
+        hint = f"did you mean {' or '.join(close)}?" if close else "llama.cpp's src/llama-vocab.cpp lists them"
+        raise SurgeryError(f"llama.cpp knows no pre-tokenizer named '{name}' and would split text with its default "
+                           f"instead: {hint} (llama-bpe for Llama 3, qwen2 for Qwen2/Qwen3, smollm for SmolLM)")
 
 
 def _deci_blocks(config: dict[str, Any]) -> Any:
