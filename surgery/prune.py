@@ -274,12 +274,14 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
     checked = check(settings)
     here = start(resolve_device(settings.load.device))  # under torchrun / accelerate launch: every process cuts alike and heals its share (DDP)
     with claimed_folder(checked.out, force=settings.force, protected=[checked.source.path]) if here.main else nullcontext():
+        loading = time.perf_counter()
         loaded = load(settings, checked.source)
         layers = num_layers(loaded.model)
         settings = replace(settings, evaluation=_fitted(settings, loaded.model.config))
         report: dict[str, Any] = {"schema": "surgery-prune-report", "version": 1, "created": now(),
                                   "command": settings.command, "settings": settings.describe(),
-                                  "source": loaded.source.describe(), "evaluations": {}, "timings": {}}
+                                  "source": loaded.source.describe(), "evaluations": {},
+                                  "timings": {"load_seconds": time.perf_counter() - loading}}
 
         def step(text: str) -> None:  # a line per stage: visible in logs too, where live bars are not drawn
             if here.main:
@@ -318,11 +320,14 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
                 with timed("bridge"):
                     report["bridge"] = bridge(settings, loaded, plan)
             report["plan"] = plan.describe()  # after the bridges, whose notes it carries
-            cut_result = cut(loaded, plan)
+            with timed("cut"):
+                cut_result = cut(loaded, plan)
             model = loaded.model
             step("evaluating the pruned model")
-            if here.main:
-                report["evaluations"]["pruned"] = evaluate(settings, "pruned", model, loaded.tokenizer, reference=source_continuations)
+            with timed("evaluate_pruned"):
+                if here.main:
+                    report["evaluations"]["pruned"] = evaluate(settings, "pruned", model, loaded.tokenizer,
+                                                               reference=source_continuations)
             if settings.heal:
                 distill = f", distilling from the source model (weight {settings.healing.distill:g})" if settings.healing.distill else ""
                 distill += ", on text the source model writes" if settings.healing.text == "teacher" else ""
@@ -339,8 +344,9 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
                                      "loss_before": healed.loss_before, "loss_after": healed.loss_after,
                                      "seconds": healed.seconds, "log": healed.log, "resumed_from": healed.resumed_from}
                 step(f"held-out loss {healed.loss_before:.4f} -> {healed.loss_after:.4f}; evaluating the healed model")
-                report["evaluations"]["healed"] = evaluate(settings, "healed", model, loaded.tokenizer,
-                                                           reference=source_continuations)
+                with timed("evaluate_healed"):
+                    report["evaluations"]["healed"] = evaluate(settings, "healed", model, loaded.tokenizer,
+                                                               reference=source_continuations)
             if not here.main:
                 return None
             report["versions"] = versions()

@@ -65,6 +65,10 @@ def test_prune_heal_export_report(source, tmp_path, data_dir):
     assert bridges and all(b["into"] not in plan["removed"] for b in bridges)
     assert any(note.startswith("linear bridges") for note in plan["notes"])
     assert {"source", "plan", "timings", "versions"} <= set(report)
+    stages = {"load", "analysis", "plan", "evaluate_source", "bridge", "cut", "evaluate_pruned", "heal", "evaluate_healed"}
+    timings = report["timings"]
+    assert set(timings) == {f"{stage}_seconds" for stage in stages} | {"total_seconds"}
+    assert sum(timings[f"{stage}_seconds"] for stage in stages) <= timings["total_seconds"]
     markdown = (out / "report.md").read_text()
     for section in ("## Plan", "## Healing", "## Before and after", "## Plots", "removal_map.png", "next-token KL to the source"):
         assert section in markdown
