@@ -57,19 +57,18 @@ def safetensors_bytes(folder: Path) -> int:
     return sum((Path(folder) / name).stat().st_size for name in files)
 
 
-_WIDTHS = {"float32": 4, "bfloat16": 2, "float16": 2, "F32": 4, "BF16": 2, "F16": 2}
-
-
 def loaded_bytes(folder: Path, dtype: str | None = None) -> int:
     """The safetensors weights' bytes once loaded: as stored, or converted to `dtype` (--dtype
     float32 doubles a bf16 checkpoint in memory; bfloat16 halves a float32 one)."""
     size = safetensors_bytes(folder)
     if not size or dtype in (None, "auto"):
         return size
-    from surgery.shards import SafetensorsFolder
+    import torch
 
-    stored = _WIDTHS.get(SafetensorsFolder(Path(folder)).main_dtype())
-    return size * _WIDTHS[dtype] // stored if stored else size
+    from surgery.shards import TORCH_DTYPES, SafetensorsFolder
+
+    stored = TORCH_DTYPES[SafetensorsFolder(Path(folder)).main_dtype()]
+    return size * getattr(torch, dtype).itemsize // getattr(torch, stored).itemsize
 
 
 def out_of_core(folder: Path, wanted: bool | None, *, device: str, device_map: str | None, copies: int,
