@@ -29,6 +29,7 @@ class Checked:
     source: Any  # surgery.source.ModelSource
     out: Path
     methods: tuple[str, ...]  # scorers the plan needs from an analysis (none for explicit ids)
+    suite: Any = None  # the evaluation tasks, loaded and checked (a surgery.evaluate.suite.TaskSuite), for every stage
 
 
 # ------------------------------------------------------------------ the stages
@@ -66,8 +67,7 @@ def check(settings: PruneSettings) -> Checked:
 
         check_resumable_folder(Path(settings.analysis_dir), EVALUATIONS_FILE, force=settings.force, protected=[source.path, out],
                                option="--analysis")
-    _check_data(settings, needs_calibration)
-    return Checked(source, out, methods)
+    return Checked(source, out, methods, _check_data(settings, needs_calibration))
 
 
 def _check_target(settings: PruneSettings, target: Any, layers: int) -> None:
@@ -231,14 +231,16 @@ def reference(settings: PruneSettings, loaded: Any) -> Any:
 
 
 def evaluate(settings: PruneSettings, stage: str, model: Any, tokenizer: Any, folder: Path | None = None,
-             reference: Any = None) -> dict[str, Any]:
-    """Every measure of the evaluation settings, on one stage's model (source, pruned or healed)."""
+             reference: Any = None, suite: Any = None) -> dict[str, Any]:
+    """Every measure of the evaluation settings, on one stage's model (source, pruned or healed);
+    `suite`: its tasks already loaded (else loaded here)."""
     from surgery.console import task
     from surgery.evaluate import evaluate_model, fit_context_to_model
 
     evaluation = fit_context_to_model(settings.evaluation, model.config)  # prune has no --ppl-context
     with task(f"evaluating the {stage} model"):
-        return evaluate_model(model, tokenizer, evaluation, model_info={"stage": stage}, folder=folder, reference=reference)
+        return evaluate_model(model, tokenizer, evaluation, model_info={"stage": stage}, folder=folder, reference=reference,
+                              suite=suite)
 
 
 def export(settings: PruneSettings, loaded: Any, model: Any, out: Path, record: dict[str, Any], report: dict[str, Any],
@@ -314,7 +316,8 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
             with timed("evaluate_source"):
                 if here.main:
                     source_continuations = reference(settings, loaded)
-                    report["evaluations"]["source"] = evaluate(settings, "source", loaded.model, loaded.tokenizer, loaded.source.path)
+                    report["evaluations"]["source"] = evaluate(settings, "source", loaded.model, loaded.tokenizer, loaded.source.path,
+                                                                suite=checked.suite)
             if settings.bridge and here.main:  # the others heal from process 0's saved model, or stop here
                 step(f"fitting linear bridges across the cut ({settings.bridge_samples} calibration sequences)")
                 with timed("bridge"):
@@ -327,7 +330,7 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
             with timed("evaluate_pruned"):
                 if here.main:
                     report["evaluations"]["pruned"] = evaluate(settings, "pruned", model, loaded.tokenizer,
-                                                               reference=source_continuations)
+                                                               reference=source_continuations, suite=checked.suite)
             if settings.heal:
                 distill = f", distilling from the source model (weight {settings.healing.distill:g})" if settings.healing.distill else ""
                 distill += ", on text the source model writes" if settings.healing.text == "teacher" else ""
@@ -346,7 +349,7 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
                 step(f"held-out loss {healed.loss_before:.4f} -> {healed.loss_after:.4f}; evaluating the healed model")
                 with timed("evaluate_healed"):
                     report["evaluations"]["healed"] = evaluate(settings, "healed", model, loaded.tokenizer,
-                                                               reference=source_continuations)
+                                                               reference=source_continuations, suite=checked.suite)
             if not here.main:
                 return None
             report["versions"] = versions()
@@ -390,8 +393,9 @@ def _fitted(settings: PruneSettings, config: Any) -> Any:
     return fit_context_to_model(settings.evaluation, config)
 
 
-def _check_data(settings: PruneSettings, needs_calibration: bool) -> None:
-    """Missing calibration, healing or evaluation data (or an unknown task) is an error now, not after an hour of work."""
+def _check_data(settings: PruneSettings, needs_calibration: bool) -> Any:
+    """Missing calibration, healing or evaluation data (or an unknown task) is an error now, not after
+    an hour of work. Returns the evaluation tasks, loaded once for the three stages (or None)."""
     from surgery.data import check_available
 
     wanted = []
@@ -406,7 +410,8 @@ def _check_data(settings: PruneSettings, needs_calibration: bool) -> None:
     if settings.evaluation.tasks:  # every task's data read and checked (a missing file fails now, not after the analysis)
         from surgery.evaluate.suite import TaskSuite
 
-        TaskSuite(settings.evaluation)
+        return TaskSuite(settings.evaluation)
+    return None
 
 
 class CalibrationValue:

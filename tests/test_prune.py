@@ -33,14 +33,18 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
 
 
-def test_prune_heal_export_report(source, tmp_path, data_dir):
+def test_prune_heal_export_report(source, tmp_path, data_dir, monkeypatch):
+    import surgery.evaluate.tasks as tasks
+
+    reads = []  # the evaluation tasks are read once, when the run is checked, for the three stages
+    monkeypatch.setattr(tasks, "load_tasks", lambda *args, real=tasks.load_tasks: reads.append(args[0]) or real(*args))
     out = tmp_path / "pruned"
     result = run("prune", source, "--out", out, "--strategy", "shapley", "--granularity", "sublayer", "--remove", "25%",
                  "--keep-cornerstones", "--protect", "L5.attn", "--heal", "--heal-steps", "4", "--heal-seq-len", "32",
                  "--heal-batch-size", "2", "--data-dir", data_dir, *FAST)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    assert set(report["evaluations"]) == {"source", "pruned", "healed"}
+    assert set(report["evaluations"]) == {"source", "pruned", "healed"} and reads == [["piqa"]]
     # the default 512-token window, fitted to the tiny model's 256 positions and recorded as used
     assert report["evaluations"]["source"]["protocol"]["perplexity"]["context"] == 256
     # continuations compared with the source's (none for the source itself)
