@@ -974,6 +974,7 @@ def main() -> None:
              "python bench/layerwise_analysis.py   # surgery analyze --layerwise on that checkpoint: peak memory, time",
              "python bench/layerwise_eval.py   # surgery eval --layerwise on that checkpoint: reads and time, waves against a read per batch",
              "python bench/several_processes.py    # analysis on 2 torchrun processes against 1",
+             "python bench/window_correlation.py   # how much consecutive perplexity windows correlate (the protocol's results)",
              "python bench/gpu_check.py --cli  # on a GPU: QLoRA gradients, bf16 batching, layer by layer, the CLI (docs/scale.md)",
              "python bench/gpu_speed.py        # on a GPU: bf16 speed of a Llama-3-8B-shaped model, dense and cut",
              "python bench/search_cost.py       # the default strategy's search, its cache rebased on its choices or not",
