@@ -89,12 +89,32 @@ def check_apart(path: Path, protected: list[Path], option: str = "--out") -> Non
             raise SurgeryError(f"{option} {path} overlaps {source}: choose a separate folder (a source model is never written to)")
 
 
+# The longest hidden name made beside an output, over the output's own name: ".NAME.staging-PID-XXXXXXXX".
+_DERIVED_NAME_BYTES = 32
+
+
 def check_writable_parent(path: Path, option: str) -> None:
-    parent = nearest_existing(Path(path).parent)
+    """The folders to create under the nearest existing one, and the output's own hidden working
+    names, fit the file system's name limit; and a file can really be made there (permission bits
+    say yes to root in /proc or on some read-only mounts)."""
+    path = Path(path).expanduser().absolute()
+    parent = nearest_existing(path.parent)
     if not parent.is_dir():
         raise SurgeryError(f"{option} {path} lies under {parent}, which is a file: choose a path in a folder")
-    if not os.access(parent, os.W_OK):
-        raise SurgeryError(f"cannot write to {parent}: choose an {option} you can write to")
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in path.relative_to(parent).parts:
+        extra = _DERIVED_NAME_BYTES if part == path.name else 0
+        if len(part.encode()) + extra > limit:
+            raise SurgeryError(f"{option} has a name of {len(part.encode())} bytes, and names here hold at most {limit}"
+                               f"{f' (surgery adds up to {extra} for its working files)' if extra else ''}: choose a shorter name")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as error:
+        raise SurgeryError(f"cannot create a file in {parent} ({(error.strerror or 'refused').lower()}): "
+                           f"choose an {option} you can write to") from None
 
 
 def check_free_space(path: Path, need: int, what: str, option: str = "--out") -> None:
@@ -297,9 +317,14 @@ def output_lock(path: Path, *, wait: bool = False, what: str = "") -> Iterator[N
     """
     lock = lock_path(path)
     created = _missing_ancestors(lock.parent)
-    lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        handle = open(lock, "a+")  # noqa: SIM115 (held open for the whole block)
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock, "a+")  # noqa: SIM115 (held open for the whole block)
+        except OSError as error:  # checked before by check_writable_parent; this is the last word
+            _remove_empty(created)
+            raise SurgeryError(f"cannot write beside {path} ({(error.strerror or 'refused').lower()}): "
+                               "choose an output you can write to") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -325,9 +350,14 @@ def output_lock(path: Path, *, wait: bool = False, what: str = "") -> Iterator[N
         lock.unlink(missing_ok=True)  # while still held: a waiting process then locks a fresh file
         handle.close()
         if not Path(path).exists():  # nothing was written: the folders made for it go too, if still empty
-            for folder in created:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+            _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that are still empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _missing_ancestors(folder: Path) -> list[Path]:

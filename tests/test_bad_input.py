@@ -157,6 +157,28 @@ def test_force_never_replaces_the_current_folder_or_one_around_it(tiny_folder, t
     assert run("cut", source, "--remove", "L1", "--out", "pruned", "--force", "--device", "cpu").exit_code == 0
 
 
+def test_an_output_no_file_can_be_made_under_is_one_line_and_leaves_no_folder(tiny_folder, tmp_path):
+    """A name longer than the file system allows, and /proc (whose permission bits say yes to root),
+    ended in a traceback from the lock file, leaving the folders made for it."""
+    from pathlib import Path
+
+    from surgery.errors import SurgeryError
+    from surgery.files import output_lock
+
+    source, _ = tiny_folder("llama")
+    line = one_line(run("cut", source, "--remove", "L1", "--out", tmp_path / "new" / ("a" * 300), "--device", "cpu"))
+    assert "--out has a name of 300 bytes, and names here hold at most 255" in line
+    line = one_line(run("cut", source, "--remove", "L1", "--out", tmp_path / "new" / ("a" * 240), "--device", "cpu"))
+    assert "surgery adds up to 32 for its working files" in line  # its hidden staging folder's name would not fit
+    assert not (tmp_path / "new").exists()
+    for args in (("cut", source, "--remove", "L1", "--device", "cpu", "--out", "/proc/surgery-out"),
+                 ("gguf", source, "--out", "/proc/model.gguf"),
+                 ("eval", source, "--tasks", "none", "--ppl", "none", "--out", "/proc/results.json")):
+        assert "cannot create a file in /proc" in one_line(run(*args))
+    with pytest.raises(SurgeryError, match="cannot write beside"), output_lock(Path("/proc/surgery/out")):
+        pass
+
+
 def test_a_tokenizer_that_does_not_load_is_named(tiny_folder, tmp_path, data_dir):
     source, _ = tiny_folder("llama")
     (source / "tokenizer.json").write_text("this is no tokenizer {")
