@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from surgery.heal import method, method_line
-from surgery.report import stage_table
+from surgery.report import reproduce_lines, stage_table
 from surgery.source import BUILTIN_MODELS
 
 _LICENSE_KEYS = ("license", "license_name", "license_link")  # license: other comes with a name and a link
@@ -106,6 +106,7 @@ def model_card(report: dict[str, Any], repo_id: str | None = None) -> str:
         lines += table
     lines += ["", "## Reproduce", "", "`surgery.json` records the source fingerprint, versions and the exact removal; "
               "`report.json` every number above with its protocol.", ""]
+    lines += reproduce_lines(report, name)
     return "\n".join(lines)
 
 

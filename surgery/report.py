@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,19 @@ def stage_table(report: dict[str, Any]) -> list[str]:
     return rows
 
 
+def reproduce_lines(report: dict[str, Any], model: str) -> list[str]:
+    """The `surgery eval` command that measures `model` (this checkpoint) as the run measured its
+    last stage, when the report records it."""
+    flags = report.get("reproduce", {}).get("evaluation")
+    if flags is None or not report.get("evaluations"):
+        return []
+    stage = "healed" if "healed" in report["evaluations"] else "pruned"
+    command = " ".join(["surgery", "eval", shlex.quote(model), *map(shlex.quote, flags)])
+    return [f"The {stage} model's accuracy and perplexity above, measured again on this checkpoint (with the same "
+            "data files: `--data-dir`, or `SURGERY_DATA_DIR`; add `--reference` and the source model for the "
+            "continuations):", "", "```bash", command, "```", ""]
+
+
 def prune_markdown(report: dict[str, Any]) -> str:
     """report.md: what was done, before and after, with the plots."""
     plan = report["plan"]
@@ -207,6 +221,7 @@ def prune_markdown(report: dict[str, Any]) -> str:
               "same choices). A model near chance on a task says little about pruning damage there; perplexity is the "
               "sharper signal for small models.", ""]
     lines += stage_table(report)
+    lines += [""] + reproduce_lines(report, Path(report.get("settings", {}).get("out") or ".").name)
     timings = report.get("timings", {})
     if timings:
         lines += ["", "## Time", "", "| step | seconds |", "|---|---|"]

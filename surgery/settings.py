@@ -178,6 +178,29 @@ def from_options(cls: type, values: dict[str, Any], *, prefix: str = "", **fixed
     return cls(**{**kwargs, **fixed})
 
 
+def as_flags(settings: Any, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """The command-line options that turn the defaults into `settings` (from_options' inverse):
+    only the fields that differ from their defaults, nested settings included, those in `skip` left
+    out (local paths, say, in a command written for someone else's machine)."""
+    flags: list[str] = []
+    for spec, option in _option_fields(type(settings)):
+        if spec.name in skip:
+            continue
+        value = getattr(settings, spec.name)
+        if option.nested:
+            flags += as_flags(value, skip=skip)
+            continue
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        if value == default or value is None:
+            continue
+        if isinstance(value, bool) and option.parse is None:
+            if value or not option.switch:  # a one-way switch has no --no- form (and is off by default)
+                flags.append(option.flag if value else f"--no-{option.flag[2:]}")
+        else:
+            flags += [option.flag, str(option.show(value) if option.show else value)]
+    return flags
+
+
 def describe(settings: Any) -> dict[str, Any]:
     """A settings object as plain JSON data (paths as text, tuples as lists)."""
     def plain(value: Any) -> Any:

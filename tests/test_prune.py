@@ -76,6 +76,18 @@ def test_prune_heal_export_report(source, tmp_path, data_dir, monkeypatch):
     markdown = (out / "report.md").read_text()
     for section in ("## Plan", "## Healing", "## Before and after", "## Plots", "removal_map.png", "next-token KL to the source"):
         assert section in markdown
+    # the command the card and report.md print measures the exported checkpoint as the run measured the healed model
+    flags = report["reproduce"]["evaluation"]
+    assert flags == ["--tasks", "piqa", "--limit", "4", "--seed", "0", "--ppl", "wikitext2", "--ppl-context", "256",
+                     "--ppl-windows", "2"]
+    assert f"surgery eval pruned {' '.join(flags)}" in markdown
+    assert f"surgery eval {out.name} {' '.join(flags)}" in (out / "README.md").read_text()
+    again = run("eval", out, *flags, "--data-dir", data_dir, "--no-speed", "--out", tmp_path / "again.json")
+    assert again.exit_code == 0, again.output
+    measured, healed = json.loads((tmp_path / "again.json").read_text()), report["evaluations"]["healed"]
+    assert measured["tasks"]["piqa"]["acc"] == healed["tasks"]["piqa"]["acc"]
+    assert measured["perplexity"]["wikitext2"]["perplexity"] == pytest.approx(healed["perplexity"]["wikitext2"]["perplexity"],
+                                                                              rel=1e-5)
     card = (out / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert "pruned" in meta["tags"] and meta["pipeline_tag"] == "text-generation" and meta["datasets"] == ["allenai/c4"]
