@@ -400,11 +400,12 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
     labels = {str(source.path): source.public_id(), str(cache_dir()): "<surgery cache>", str(work): "<working folder>",
               **({str(dense.path): dense.public_id()} if dense else {})}
 
-    def finish(results: dict[str, Any], loss_after: float) -> tuple[dict[str, Any], dict[str, str]]:
+    def finish(results: dict[str, Any], loss_after: float, fitted: EvalSettings) -> tuple[dict[str, Any], dict[str, str]]:
         record = {"healed_from": source.describe(), **({"teacher": dense.describe()} if dense else {}),
                   "healing": {**healed.settings, "data_source": healed.data_source,
                               "loss_before": healed.loss_before, "loss_after": loss_after, "log": healed.log,
-                              "resumed_from": healed.resumed_from}, "evaluation": results}
+                              "resumed_from": healed.resumed_from}, "evaluation": results,
+                  "reproduce": {"evaluation": fitted.flags()}}
         return record, {LOCAL_RECORD: json.dumps(record, indent=2, default=str) + "\n"}
 
     kept: dict[str, Any] = {}  # the streamed export's record, as measured on the written folder
@@ -414,11 +415,11 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
         model = LayerwiseModel(folder, device=device)
         try:
             loss_after = heldout_loss(model, healed.heldout)
-            results = evaluate_model(model, tokenizer, fit_context_to_model(evaluation, model.config), model_info={"stage": "healed"},
-                                     suite=suites[0] if suites else None)
+            fitted = fit_context_to_model(evaluation, model.config)
+            results = evaluate_model(model, tokenizer, fitted, model_info={"stage": "healed"}, suite=suites[0] if suites else None)
         finally:
             model.close()
-        record, extra = finish(results, loss_after)
+        record, extra = finish(results, loss_after, fitted)
         kept.update(record)
         return published(record, labels), extra
 
@@ -437,9 +438,9 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
                                      unpublished=(LOCAL_RECORD,), device=device)
             return {**kept, "export": {"path": str(exported.path), "max_logit_diff": exported.max_logit_diff,
                                         "method": exported.manifest["verified"]["method"]}}
-        results = evaluate_model(healed.model, tokenizer, fit_context_to_model(evaluation, healed.model.config),
-                                 model_info={"stage": "healed"}, suite=suites[0] if suites else None)
-        record, extra = finish(results, healed.loss_after)
+        fitted = fit_context_to_model(evaluation, healed.model.config)
+        results = evaluate_model(healed.model, tokenizer, fitted, model_info={"stage": "healed"}, suite=suites[0] if suites else None)
+        record, extra = finish(results, healed.loss_after, fitted)
         exported = export_checkpoint(healed.model, tokenizer, out, record=published(record, labels), force=force,
                                      protected=[source.path], copy_from=source.path, unpublished=(LOCAL_RECORD,),
                                      extra_files=extra)

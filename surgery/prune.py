@@ -284,7 +284,7 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
                                   "command": settings.command, "settings": settings.describe(),
                                   "source": loaded.source.describe(), "evaluations": {},
                                   "timings": {"load_seconds": time.perf_counter() - loading},
-                                  "reproduce": {"evaluation": evaluation_flags(settings.evaluation)}}
+                                  "reproduce": {"evaluation": settings.evaluation.flags()}}
 
         def step(text: str) -> None:  # a line per stage: visible in logs too, where live bars are not drawn
             if here.main:
@@ -365,15 +365,6 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
             exported = export(settings, loaded, model, checked.out, record, report, analysis)
     report["export"] = {"path": str(exported.path), "max_logit_diff": exported.max_logit_diff, "loader": exported.loader}
     return report
-
-
-def evaluation_flags(evaluation: Any) -> list[str]:
-    """`surgery eval` options that measure the exported checkpoint as this run measured its stages
-    (tasks, items, shots, seed, perplexity windows): local paths, speed and the comparison with the
-    source (which needs --reference) left out."""
-    from surgery.settings import as_flags
-
-    return as_flags(evaluation, skip=("data_dir", "text_field", "layerwise", "speed", "generation", "generation_protocol"))
 
 
 def cornerstones(settings: PruneSettings, analysis: Any) -> list[dict[str, Any]]:

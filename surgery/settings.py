@@ -459,6 +459,12 @@ class EvalSettings:
     keep_items: bool = False  # store per-item correctness (for paired comparisons)
     items_offset: int = 0  # evaluate items [offset, offset + limit) instead of the first `limit`
 
+    def flags(self) -> list[str]:
+        """`surgery eval` options that measure a model as these settings do (tasks, items, shots,
+        seed, perplexity windows): local paths, speed and the comparison with a source model
+        (which needs --reference) left out."""
+        return as_flags(self, skip=("data_dir", "text_field", "layerwise", "speed", "generation", "generation_protocol"))
+
     def describe(self) -> dict[str, Any]:
         return {
             "tasks": list(self.tasks), "limit": self.limit, "items_offset": self.items_offset, "num_fewshot": self.num_fewshot if self.num_fewshot is not None else "each task's own",

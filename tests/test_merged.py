@@ -148,6 +148,14 @@ def test_surgery_heal_streamed_exports_the_model_the_in_memory_heal_exports(tiny
         scores = [m["evaluation"]["tasks"][task] for m in (one, two)]
         assert scores[0]["n"] == scores[1]["n"] == 12
         assert scores[1]["acc"] == scores[0]["acc"] and scores[1]["acc_norm"] == scores[0]["acc_norm"]
+    flags = one["reproduce"]["evaluation"]  # surgery eval on the export measures what the heal measured
+    assert flags == two["reproduce"]["evaluation"] and flags[:4] == ["--tasks", "arc_easy,piqa", "--limit", "12"]
+    again = run("eval", tmp_path / "memory", *flags, "--no-speed", "--data-dir", data_dir, "--out", tmp_path / "again.json")
+    assert again.exit_code == 0, again.output
+    measured = json.loads((tmp_path / "again.json").read_text())
+    assert {t: measured["tasks"][t]["acc"] for t in ("arc_easy", "piqa")} == {t: one["evaluation"]["tasks"][t]["acc"]
+                                                                              for t in ("arc_easy", "piqa")}
+    assert measured["perplexity"]["wikitext2"]["perplexity"] == pytest.approx(ppl[0], rel=1e-5)
     assert set(two["evaluation"]["not_run"]) == {"speed"} and one["evaluation"]["not_run"] == {}
     assert two["evaluation"]["speed"] is None
     want = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").state_dict()
