@@ -913,6 +913,28 @@ def budget_section(data: dict | None) -> list[str]:
     return lines + [""]
 
 
+def window_sensitivity_section(data: dict | None) -> list[str]:
+    """Amendment 7: the log-perplexity comparisons with the window error by batch means."""
+    if not data:
+        return []
+    peers = data["peers"]
+    changed = [p for p, r in peers.items() if r["batch_means_default_beats_peer"] != r["committed_default_beats_peer"]]
+    runs = next(iter(peers.values()))["batch_means_runs"]
+    lines = ["**Window error by batch means** (docs/protocol-amendments.md, 7; a description, the verdicts above stand): "
+             f"each log-perplexity comparison again, its item error from {runs} runs of consecutive windows of the "
+             f"{data['windows']} (bench/results/protocol_window_sensitivity.json).", "",
+             "| peer | item SE (committed) | item SE (batch means) | z (committed) | z (batch means) | default beats it |",
+             "|---|---|---|---|---|---|"]
+    for peer, r in peers.items():
+        lines.append(f"| {peer} | {r['committed_item_se']:.4f} | {r['batch_means_item_se']:.4f} | {r['committed_z']:.2f} | "
+                     f"{r['batch_means_z']:.2f} | {'yes' if r['committed_default_beats_peer'] else 'no'} / "
+                     f"{'yes' if r['batch_means_default_beats_peer'] else 'no'} |")
+    lines += ["", ("No verdict changes: " if not changed else f"The verdict would change for {', '.join(changed)}: ")
+              + f"the threshold is z > {data['threshold_z']:.2f} under both errors. With {runs} runs the batch-means error is "
+              "itself a rough estimate (smaller than the committed one for some peers).", ""]
+    return lines
+
+
 GPU_CHECK, GPU_SPEED = "gpu/h200_run2", "gpu/h200_speed_llama3_8b"  # the latest device runs (docs/scale.md, "On a GPU")
 
 
@@ -980,6 +1002,7 @@ def main() -> None:
              "python bench/search_cost.py       # the default strategy's search, its cache rebased on its choices or not",
              "python bench/protocol.py dev|test|calibration   # docs/protocol.md's comparison (resumes)",
              "python bench/protocol.py budget   # amendments 4 to 6: the default at other healing budgets and texts, on dev",
+             "python bench/protocol.py window-sensitivity   # amendment 7: the perplexity comparisons' window error by batch means",
              "python bench/make_results.py      # this page", "```", ""]
     summary = load("strategies")
     if summary:
@@ -996,6 +1019,7 @@ def main() -> None:
         data = load(name)
         lines += section(data) if data else [f"## {name}", "", f"Not run yet: `python bench/{name}.py`.", ""]
     lines += protocol_section(load("protocol") or {})
+    lines += window_sensitivity_section(load("protocol_window_sensitivity"))
     lines += budget_section(load("protocol_budget"))
     lines += gpu_section(load(GPU_CHECK), load(GPU_SPEED))
     (DOCS / "results.md").write_text("\n".join(lines))

@@ -5,6 +5,7 @@
     python bench/protocol.py calibration    # calibration draws and sources for the default (and the closest peers)
     python bench/protocol.py aggregate      # bench/results/protocol.json, read by make_results.py
     python bench/protocol.py budget         # amendments 4 to 6: the default at other healing budgets and texts, on dev only
+    python bench/protocol.py window-sensitivity   # amendment 7: the perplexity comparisons' window error by batch means
 
 Every run goes through `surgery prune`'s own stages (surgery.prune) with the protocol's settings
 and writes bench/results/protocol/<name>.json as it finishes; a stopped command resumes.
@@ -483,9 +484,33 @@ def aggregate() -> dict:
     return summary
 
 
+def window_sensitivity() -> dict:
+    """Amendment 7: each peer's log-perplexity comparison with the window error by batch means of
+    the same seed-averaged paired window differences; the committed values beside it, from
+    bench/results/protocol.json. Reads stored results only."""
+    from surgery.evaluate.perplexity import batch_means_stderr
+
+    committed = json.loads((RESULTS / "protocol.json").read_text())["comparisons"]
+    default = seed_averaged_windows([_load(f"test-default-s{seed}")["healed"] for seed in SEEDS])["window_nll"]
+    rows = {}
+    for peer, comparison in committed.items():
+        rule = comparison["log_ppl"]
+        peer_windows = seed_averaged_windows([_load(f"test-{peer}-s{seed}")["healed"] for seed in SEEDS])["window_nll"]
+        item_se, runs = batch_means_stderr([a - b for a, b in zip(default, peer_windows)])
+        se = math.hypot(rule["seed_se"], item_se)
+        z = -rule["difference"] / se if se else None
+        rows[peer] = {"difference": rule["difference"], "seed_se": rule["seed_se"], "committed_item_se": rule["item_se"],
+                      "committed_z": rule["z"], "committed_default_beats_peer": rule["default_beats_peer"],
+                      "batch_means_item_se": item_se, "batch_means_runs": runs, "batch_means_z": z,
+                      "batch_means_default_beats_peer": bool(z is not None and z > BONFERRONI_Z)}
+        print(f"{peer:22s} item SE {rule['item_se']:.4f} -> {item_se:.4f}  z {rule['z']:.2f} -> {z:.2f}  "
+              f"beats: {rule['default_beats_peer']} -> {rows[peer]['batch_means_default_beats_peer']}")
+    return {"amendment": "docs/protocol-amendments.md, 7", "threshold_z": BONFERRONI_Z, "windows": len(default), "peers": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("table", choices=("dev", "test", "calibration", "aggregate", "budget"))
+    parser.add_argument("table", choices=("dev", "test", "calibration", "aggregate", "budget", "window-sensitivity"))
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -496,6 +521,9 @@ def main() -> None:
         run(test_jobs(decide_default()), args.workers)
     elif args.table == "calibration":
         run(calibration_jobs(decide_default(), closest_peers()), args.workers)
+    elif args.table == "window-sensitivity":
+        save("protocol_window_sensitivity", {**window_sensitivity(), "run": protocol(table=args.table)})
+        return
     elif args.table == "budget":
         run(budget_jobs(decide_default()), args.workers)
         save("protocol_budget", {**budget_summary(decide_default()), "run": protocol(workers=args.workers, table=args.table)})
