@@ -39,7 +39,7 @@ STAGING_MARK = ".staging-"
 
 def check_output_folder(out: Path, *, force: bool, protected: list[Path] = (), option: str = "--out") -> Path:
     """Fail before any work if folder `out` cannot be written safely; return it absolute."""
-    out = Path(out).expanduser().absolute()
+    out = output_path(out, option)
     if out.exists() and not out.is_dir():
         raise SurgeryError(f"{option} {out} is a file: give a folder path")
     check_apart(out, protected, option)
@@ -56,7 +56,7 @@ def check_output_folder(out: Path, *, force: bool, protected: list[Path] = (), o
 def check_output_file(out: Path, *, force: bool, protected: list[Path] = (), option: str = "--out") -> Path:
     """The same checks for a single file: never inside a source model, never an existing file
     without force, and a parent that is a folder we can write to."""
-    out = Path(out).expanduser().absolute()
+    out = output_path(out, option)
     if out.is_dir():
         raise SurgeryError(f"{option} {out} is a folder: give a file name such as results.json")
     check_apart(out, protected, option)
@@ -70,7 +70,7 @@ def check_resumable_folder(out: Path, marker: str, *, force: bool, protected: li
                            kind: str = "an analysis folder") -> Path:
     """A folder a command resumes (an analysis): it may hold that command's `marker` file, but
     must not be, hold or lie in a protected folder, and must not be some other non-empty folder."""
-    out = Path(out).expanduser().absolute()
+    out = output_path(out, option)
     if out.exists() and not out.is_dir():
         raise SurgeryError(f"{option} {out} is a file: give a folder for the analysis")
     check_apart(out, protected, option)
@@ -93,23 +93,40 @@ def check_apart(path: Path, protected: list[Path], option: str = "--out") -> Non
 _DERIVED_NAME_BYTES = 32
 
 
+def output_path(out: Path, option: str) -> Path:
+    """`out` made absolute, once its names are known to fit the file system's limit (a longer one
+    makes even asking whether it exists fail), the output's own name with room for the hidden
+    working names surgery makes beside it."""
+    out = Path(out).expanduser().absolute()
+    base = out
+    while not _exists(base):
+        base = base.parent
+    try:
+        limit = os.pathconf(base, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in out.relative_to(base).parts:
+        extra = _DERIVED_NAME_BYTES if part == out.name else 0
+        if len(part.encode()) + extra > limit:
+            raise SurgeryError(f"{option} has a name of {len(part.encode())} bytes, and names here hold at most {limit}"
+                               f"{f' (surgery adds up to {extra} for its working files)' if extra else ''}: choose a shorter name")
+    return out
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system, say: not there
+        return False
+
+
 def check_writable_parent(path: Path, option: str) -> None:
-    """The folders to create under the nearest existing one, and the output's own hidden working
-    names, fit the file system's name limit; and a file can really be made there (permission bits
-    say yes to root in /proc or on some read-only mounts)."""
+    """A file can really be made in the nearest existing folder above `path` (permission bits say
+    yes to root in /proc or on some read-only mounts)."""
     path = Path(path).expanduser().absolute()
     parent = nearest_existing(path.parent)
     if not parent.is_dir():
         raise SurgeryError(f"{option} {path} lies under {parent}, which is a file: choose a path in a folder")
-    try:
-        limit = os.pathconf(parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
-    for part in path.relative_to(parent).parts:
-        extra = _DERIVED_NAME_BYTES if part == path.name else 0
-        if len(part.encode()) + extra > limit:
-            raise SurgeryError(f"{option} has a name of {len(part.encode())} bytes, and names here hold at most {limit}"
-                               f"{f' (surgery adds up to {extra} for its working files)' if extra else ''}: choose a shorter name")
     try:
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as error:

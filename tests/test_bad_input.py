@@ -171,6 +171,10 @@ def test_an_output_no_file_can_be_made_under_is_one_line_and_leaves_no_folder(ti
     line = one_line(run("cut", source, "--remove", "L1", "--out", tmp_path / "new" / ("a" * 240), "--device", "cpu"))
     assert "surgery adds up to 32 for its working files" in line  # its hidden staging folder's name would not fit
     assert not (tmp_path / "new").exists()
+    for args in (("cut", source, "--remove", "L1", "--device", "cpu", "--out", tmp_path / ("b" * 300)),  # its parent exists
+                 ("analyze", source, "--method", "bi", "--out", tmp_path / ("c" * 300)),
+                 ("gguf", source, "--out", tmp_path / ("d" * 300 + ".gguf"))):
+        assert "has a name of" in one_line(run(*args))
     for args in (("cut", source, "--remove", "L1", "--device", "cpu", "--out", "/proc/surgery-out"),
                  ("gguf", source, "--out", "/proc/model.gguf"),
                  ("eval", source, "--tasks", "none", "--ppl", "none", "--out", "/proc/results.json")):

@@ -162,11 +162,11 @@ def _gguf_architecture(config: dict[str, Any]) -> str:
 
 
 def _check_out(out: Path, folder: Path, source: Path | None, force: bool) -> Path:
-    from surgery.files import check_output_file
+    from surgery.files import check_output_file, output_path
 
     if out.suffix != ".gguf":
         raise SurgeryError(f"{out} does not end in .gguf: name the output file like model.gguf")
-    out = out.resolve()
+    out = output_path(out, "--out").resolve()
     if not out.is_dir() and folder.resolve() in out.parents:
         raise SurgeryError(f"{out} is inside the model folder {folder}: write the GGUF beside it, not into it "
                            "(the folder's checksums would no longer match)")
