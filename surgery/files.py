@@ -110,6 +110,9 @@ def output_path(out: Path, option: str) -> Path:
         if len(part.encode()) + extra > limit:
             raise SurgeryError(f"{option} has a name of {len(part.encode())} bytes, and names here hold at most {limit}"
                                f"{f' (surgery adds up to {extra} for its working files)' if extra else ''}: choose a shorter name")
+    if out.is_symlink() and not out.exists():
+        raise SurgeryError(f"{option} {out} is a link to {os.readlink(out)}, which does not exist: "
+                           "remove the link or choose another path")
     return out
 
 

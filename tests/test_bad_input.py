@@ -157,7 +157,7 @@ def test_force_never_replaces_the_current_folder_or_one_around_it(tiny_folder, t
     assert run("cut", source, "--remove", "L1", "--out", "pruned", "--force", "--device", "cpu").exit_code == 0
 
 
-def test_an_output_no_file_can_be_made_under_is_one_line_and_leaves_no_folder(tiny_folder, tmp_path):
+def test_an_output_path_that_cannot_be_made_is_one_line_and_leaves_no_folder(tiny_folder, tmp_path):
     """A name longer than the file system allows, and /proc (whose permission bits say yes to root),
     ended in a traceback from the lock file, leaving the folders made for it."""
     from pathlib import Path
@@ -181,6 +181,11 @@ def test_an_output_no_file_can_be_made_under_is_one_line_and_leaves_no_folder(ti
         assert "cannot create a file in /proc" in one_line(run(*args))
     with pytest.raises(SurgeryError, match="cannot write beside"), output_lock(Path("/proc/surgery/out")):
         pass
+    (tmp_path / "link").symlink_to(tmp_path / "gone")  # a link to nothing: not a folder to create
+    for args in (("cut", source, "--remove", "L1", "--device", "cpu", "--out", tmp_path / "link"),
+                 ("analyze", source, "--method", "bi", "--out", tmp_path / "link")):
+        assert "which does not exist: remove the link" in one_line(run(*args))
+    assert (tmp_path / "link").is_symlink() and not (tmp_path / "gone").exists()
 
 
 def test_a_tokenizer_that_does_not_load_is_named(tiny_folder, tmp_path, data_dir):
