@@ -92,9 +92,13 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             for number, line in enumerate(handle, 1):
                 if line.strip():
                     try:
-                        yield json.loads(line)
+                        row = json.loads(line)
                     except ValueError:
                         raise SurgeryError(f"{path}:{number} is not valid JSON: fix or remove that line") from None
+                    if not isinstance(row, dict):
+                        raise SurgeryError(f"{path}:{number} is a JSON {type(row).__name__}, not an object: each line must "
+                                           'be one record such as {"text": "..."}')
+                    yield row
     except (EOFError, gzip.BadGzipFile, UnicodeDecodeError, zlib.error) as error:
         kind = "cut short" if isinstance(error, EOFError) else f"unreadable ({type(error).__name__})"
         raise SurgeryError(f"{path} is {kind} after line {number}: download or copy the file again") from None
@@ -123,7 +127,11 @@ def read_text_file(path: Path, field: str | None = None) -> list[str]:
         raise SurgeryError(f"text file {path} not found")
     name = path.name.lower()
     if name.endswith(".txt"):
-        return [path.read_text(encoding="utf-8")]
+        try:
+            return [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as error:
+            raise SurgeryError(f"{path} is not UTF-8 text (byte {error.start} is not): save it as UTF-8, "
+                               "or give a .jsonl or .parquet file") from None
     if name.endswith((".jsonl", ".jsonl.gz")):
         rows = list(read_jsonl(path))
         if not rows:
@@ -131,9 +139,14 @@ def read_text_file(path: Path, field: str | None = None) -> list[str]:
         key = _text_field(rows[0], path, field)
         return [str(row.get(key, "")) for row in rows]
     if name.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as error:
+            raise SurgeryError(f"{path} is not a readable Parquet file ({str(error).splitlines()[0]}): "
+                               "write it again or give a .jsonl file") from None
         rows = table.slice(0, 1).to_pylist()
         if not rows:
             raise SurgeryError(f"{path} is empty")

@@ -221,6 +221,26 @@ def test_a_truncated_data_file_is_named(tiny_folder, tmp_path, data_dir):
     assert "piqa_validation.jsonl.gz is cut short" in line
 
 
+def test_a_text_file_that_is_not_what_its_name_says_is_named(tiny_folder, tmp_path, data_dir):
+    """Perplexity, calibration and healing text read a user's file: bytes that are not UTF-8, a
+    .parquet that is not Parquet and JSON lines that are not records were tracebacks."""
+    source, _ = tiny_folder("llama")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)) * 8)
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    (tmp_path / "lists.jsonl").write_text('["a", "b"]\n')
+    cases = {"binary.txt": "is not UTF-8 text", "fake.parquet": "is not a readable Parquet file",
+             "lists.jsonl": "lists.jsonl:1 is a JSON list, not an object"}
+    for name, message in cases.items():
+        text = tmp_path / name
+        assert message in one_line(run("eval", source, "--tasks", "none", "--no-speed", "--ppl", text, "--device", "cpu"))
+        assert message in one_line(run("analyze", source, "--method", "bi", "--calibration", text, "--out", tmp_path / "an",
+                                        "--device", "cpu"))
+        assert message in one_line(run("heal", source, "--out", tmp_path / "healed", "--heal-data", text, "--eval-tasks",
+                                        "none", "--eval-ppl", "none", "--no-eval-speed", "--data-dir", data_dir,
+                                        "--device", "cpu"))
+    assert not (tmp_path / "an").exists() and not (tmp_path / "healed").exists()
+
+
 def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tiny_folder, tmp_path, monkeypatch):
     """safetensors reports a full disk with its own exception type, not an OSError."""
     import transformers.modeling_utils
