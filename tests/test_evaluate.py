@@ -412,6 +412,9 @@ def test_shots_are_each_tasks_own_unless_given_and_dev_runs_refuse_tasks_without
     assert shots(num_fewshot=0) == {"gsm8k": 0, "arc_easy": 0}
     with pytest.raises(SurgeryError, match="gsm8k has no validation split .*drop it from the tasks"):
         TaskSuite(EvalSettings(tasks=("gsm8k",), split="validation", data_dir=data_dir))
+    assert shots(num_fewshot=3) == {"gsm8k": 3, "arc_easy": 3}
+    with pytest.raises(SurgeryError, match="piqa has 1838 examples to draw its shots from, too few for --num-fewshot 1838"):
+        TaskSuite(EvalSettings(tasks=("piqa",), num_fewshot=1838, data_dir=data_dir))  # lm-eval's bare ValueError before
 
 
 def test_cli_eval_compares_continuations_with_a_reference_model(tiny_folder, tmp_path, data_dir):

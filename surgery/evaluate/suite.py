@@ -29,6 +29,20 @@ class TaskSuite:
             if settings.num_fewshot is not None and task.get_config("num_fewshot") != 0:
                 task.set_config(key="num_fewshot", value=settings.num_fewshot)
             task.set_fewshot_seed(seed=settings.seed)
+        self._check_shots()
+
+    def _check_shots(self) -> None:
+        """A task cannot show more examples than its few-shot split holds (lm-eval draws one spare, in
+        case it draws the item being asked): refused now rather than as lm-eval's bare ValueError."""
+        from surgery.errors import SurgeryError
+
+        for name, task in self.loaded["tasks"].items():
+            shots = task.get_config("num_fewshot") or 0
+            if shots:
+                pool = len(task.fewshot_docs() or ())
+                if shots + 1 > pool:
+                    raise SurgeryError(f"{name} has {pool} examples to draw its shots from, too few for --num-fewshot "
+                                       f"{shots}: give at most {max(pool - 1, 0)}")
 
     def check_block_by_block(self, instead: str = "evaluate in memory") -> None:
         """Refuse tasks that generate text (GSM8K): a model read block by block would read the whole
