@@ -10,7 +10,6 @@ made before any weight loads start from it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -214,10 +213,9 @@ def read_config(path: Path, missing: str = "it is not a Hugging Face model folde
     """A model folder's config.json, or one line saying why it cannot be read (`missing`: what to do without one)."""
     if not (Path(path) / "config.json").is_file():
         raise SurgeryError(f"{path} has no config.json: {missing}")
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise SurgeryError(f"{path}/config.json is not valid JSON ({error}): download or export the model again") from None
+    from surgery.files import read_json
+
+    config = read_json(Path(path) / "config.json", "download or export the model again")
     if not isinstance(config, dict):
         raise SurgeryError(f"{path}/config.json is not a model configuration: download or export the model again")
     return config

@@ -211,6 +211,14 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def read_json(path: Path, fix: str = "download or export it again") -> Any:
+    """A JSON file's content, or one line naming the file and `fix` (what the user can do)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SurgeryError(f"{path} is not valid JSON ({error}): {fix}") from None
+
+
 def write_json(path: Path, data: Any) -> None:
     """JSON, atomically (see atomic_file)."""
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")

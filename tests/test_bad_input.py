@@ -241,6 +241,29 @@ def test_a_text_file_that_is_not_what_its_name_says_is_named(tiny_folder, tmp_pa
     assert not (tmp_path / "an").exists() and not (tmp_path / "healed").exists()
 
 
+def test_broken_model_files_are_one_line_for_every_command_that_reads_them(tiny_folder, tmp_path):
+    """A tensor type safetensors does not know, a truncated weight file, and a tokenizer.json or
+    export record that is not JSON: each was a traceback from safetensors or json (gguf read the
+    weights without the checks the loader makes)."""
+    source, _ = tiny_folder("llama")
+    weights = source / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole.replace(b'"dtype":"F32"', b'"dtype":"F99"', 1))
+    for args in (("cut", source, "--remove", "L1", "--out", tmp_path / "cut", "--device", "cpu"),
+                 ("gguf", source, "--out", tmp_path / "model.gguf")):
+        assert "model.safetensors is not a valid safetensors file" in one_line(run(*args))
+    weights.write_bytes(whole[: len(whole) - 100])
+    assert "model.safetensors is truncated or corrupt" in one_line(run("gguf", source, "--out", tmp_path / "model.gguf"))
+    weights.write_bytes(whole)
+    tokenizer = (source / "tokenizer.json").read_text()
+    (source / "tokenizer.json").write_text("{\n")
+    assert "tokenizer.json is not valid JSON" in one_line(run("gguf", source, "--out", tmp_path / "model.gguf"))
+    (source / "tokenizer.json").write_text(tokenizer)
+    (source / "surgery.json").write_text("{\n")
+    assert "surgery.json is not valid JSON" in one_line(run("gguf", source, "--out", tmp_path / "model.gguf"))
+    assert not list(tmp_path.glob("*.gguf*")) and not (tmp_path / "cut").exists()
+
+
 def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tiny_folder, tmp_path, monkeypatch):
     """safetensors reports a full disk with its own exception type, not an OSError."""
     import transformers.modeling_utils

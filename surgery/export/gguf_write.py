@@ -40,6 +40,7 @@ from surgery.export.gguf_read import (
     is_digits_then_gpt2,
     is_gpt2_split,
 )
+from surgery.files import read_json
 from surgery.shards import weight_files
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -260,7 +261,10 @@ def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str, 
     factors = rope_factors(config)
     if factors is not None:
         plan.append(_planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape, "f32", lambda: factors))
+    from surgery.source import check_safetensors
+
     for file in weight_files(folder, WEIGHTS_HINT)[0]:
+        check_safetensors(folder / file)
         with safe_open(str(folder / file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 if tied and key.endswith("lm_head.weight"):
@@ -384,12 +388,12 @@ def source_gguf(folder: Path) -> Path | None:
     candidates = []
     for record_file in (folder / LOCAL_RECORD, folder / "surgery.json"):
         if record_file.is_file():
-            record = json.loads(record_file.read_text())
+            record = read_json(record_file, "export the model again, or remove the file")
             source = record.get("source") or record.get("healed_from") or {}
             candidates.append(source.get("origin", "") if isinstance(source, dict) else "")
     record = folder / "SOURCE.json"
     if record.is_file():
-        candidates.append(json.loads(record.read_text()).get("gguf", ""))
+        candidates.append(read_json(record, "convert the GGUF again").get("gguf", ""))
     for candidate in candidates:
         if candidate and candidate.endswith(".gguf") and Path(candidate).is_file():
             return Path(candidate)
@@ -404,7 +408,7 @@ def _build_tokenizer(writer: Any, folder: Path, config: dict[str, Any], pre: str
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise SurgeryError(f"{folder} has no tokenizer.json: GGUF needs the tokenizer; save it beside the model")
-    spec = json.loads(path.read_text())
+    spec = read_json(path, "save the model's tokenizer again")
     if spec.get("model", {}).get("type") != "BPE" or spec["model"].get("byte_fallback"):
         raise SurgeryError("GGUF export writes byte-level BPE tokenizers only (Llama 3, Qwen, SmolLM); for a "
                            "SentencePiece tokenizer convert the folder with llama.cpp's convert_hf_to_gguf.py")
