@@ -362,6 +362,7 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
     full-precision model is never built. `teacher`: the dense model the cut came from, for
     distillation and the teacher's text.
     """
+    from surgery.data import check_available
     from surgery.distributed import from_main, start
     from surgery.evaluate import evaluate_model, fit_context_to_model
     from surgery.export.checkpoint import export_checkpoint
@@ -374,6 +375,8 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
 
     check_device_options(load.device, load.device_map)
     source = resolve_with_output_check(folder_spec, lambda protected: check_output_folder(out, force=force, protected=protected), load)
+    # the healing text and the perplexity corpora, now: the merged model's evaluation comes after the whole training
+    check_available([(healing.data, "healing"), *[(corpus, "perplexity") for corpus in evaluation.perplexity]], data_dir)
     tokenizer = load_tokenizer(source.path)
     if tokenizer is None:
         raise SurgeryError(f"{source.path} has no tokenizer: healing needs one; export the cut with its tokenizer")

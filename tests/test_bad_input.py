@@ -86,8 +86,11 @@ def test_prune_checks_its_target_against_the_config_before_loading_or_analysing(
     (["analyze", "--out", "{tmp}/an", "--method", "ablation", "--metric", "acc", "--task", "bogus_task"], "bogus_task"),
     (["prune", "--out", "{tmp}/an", "--strategy", "last", "--remove", "1", "--no-bridge", "--eval-tasks", "arc_easy",
       "--eval-ppl", "none", "--no-eval-generation", "--data-dir", "{tmp}/empty"], "no data for task arc_easy"),
-    (["heal", "--out", "{tmp}/an", "--eval-tasks", "arc_easy", "--heal-data", "{tmp}/text.txt", "--data-dir", "{tmp}/empty"],
+    (["heal", "--out", "{tmp}/an", "--eval-tasks", "arc_easy", "--eval-ppl", "none", "--heal-data", "{tmp}/text.txt",
+      "--data-dir", "{tmp}/empty"],
      "no data for task arc_easy"),  # before the training, which used to come first
+    (["heal", "--out", "{tmp}/an", "--eval-tasks", "none", "--eval-ppl", "{tmp}/nowhere.txt", "--heal-data", "{tmp}/text.txt"],
+     "perplexity file {tmp}/nowhere.txt not found"),  # read after the whole training before
     (["prune", "--out", "{tmp}/an", "--heal", "--heal-data", "{tmp}/nofile.txt"],
      "healing file {tmp}/nofile.txt not found: give a .txt/.jsonl/.parquet file or one of c4\n"),  # only what healing takes
 ])
