@@ -99,7 +99,7 @@ def output_path(out: Path, option: str) -> Path:
     working names surgery makes beside it."""
     out = Path(out).expanduser().absolute()
     base = out
-    while not _exists(base):
+    while not exists(base):
         base = base.parent
     try:
         limit = os.pathconf(base, "PC_NAME_MAX")
@@ -116,7 +116,8 @@ def output_path(out: Path, option: str) -> Path:
     return out
 
 
-def _exists(path: Path) -> bool:
+def exists(path: Path) -> bool:
+    """Path.exists that says no, rather than raising, for a name too long for the file system."""
     try:
         return path.exists()
     except OSError:  # a name too long for the file system, say: not there

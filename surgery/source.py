@@ -88,12 +88,15 @@ def resolve(spec: str, *, allow_pickle: bool = False) -> ModelSource:
     if spec in BUILTIN_MODELS:
         gguf = builtin_gguf_path(spec)
         return ModelSource(spec, "alias", convert_gguf(gguf, cache_dir() / "models", label=BUILTIN_MODELS[spec].label), str(gguf))
+    from surgery.files import exists
+
     path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    on_disk = exists(path)  # False, not an error, for a name too long to be a file
+    if on_disk and path.is_file() and path.suffix == ".gguf":
         return ModelSource(spec, "gguf", convert_gguf(path, cache_dir() / "models"), str(path.resolve()))
-    if path.is_file():
+    if on_disk and path.is_file():
         raise SurgeryError(f"{spec} is a file, not a model: give a model folder, a .gguf file, a Hub id or '{DEFAULT_MODEL}'")
-    if path.is_dir():
+    if on_disk and path.is_dir():
         check_folder(path, allow_pickle=allow_pickle)
         return ModelSource(spec, "folder", path.resolve())
     if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
@@ -114,8 +117,10 @@ def named_paths(spec: str) -> list[Path]:
             return [builtin_gguf_path(spec)]
         except SurgeryError:
             return []  # not installed: resolving says so
+    from surgery.files import exists
+
     path = Path(spec).expanduser() if spec else None
-    return [path] if path is not None and path.exists() else []
+    return [path] if path is not None and exists(path) else []
 
 
 def builtin_gguf_path(alias: str) -> Path:

@@ -267,6 +267,20 @@ def test_broken_model_files_are_one_line_for_every_command_that_reads_them(tiny_
     assert not list(tmp_path.glob("*.gguf*")) and not (tmp_path / "cut").exists()
 
 
+def test_a_model_argument_that_names_no_model_is_one_line(tmp_path):
+    """A MODEL longer than any file name made asking whether it exists raise (a traceback); gguf
+    called a missing path or a .gguf file a folder without config.json."""
+    long = "m" * 300
+    for args in (("info", long), ("cut", long, "--remove", "L1", "--out", tmp_path / "out"),
+                 ("eval", long, "--tasks", "none", "--no-speed")):
+        assert f"model '{long}' not found" in one_line(run(*args))
+    assert f"{long} not found: give a model folder" in one_line(run("gguf", long, "--out", tmp_path / "a.gguf"))
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    line = one_line(run("gguf", tmp_path / "model.gguf", "--out", tmp_path / "b.gguf"))
+    assert "model.gguf is a file, not a model folder" in line
+    assert sorted(p.name for p in tmp_path.glob("*.gguf*")) == ["model.gguf"] and not (tmp_path / "out").exists()
+
+
 def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tiny_folder, tmp_path, monkeypatch):
     """safetensors reports a full disk with its own exception type, not an OSError."""
     import transformers.modeling_utils

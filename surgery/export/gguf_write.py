@@ -131,8 +131,14 @@ def _deci_blocks(config: dict[str, Any]) -> Any:
 
 def _read_config(folder: Path) -> dict[str, Any]:
     from surgery.arch import read_config
+    from surgery.files import exists
 
-    return read_config(folder, "give a model folder (the one surgery cut or surgery prune wrote)")
+    wanted = "give a model folder (the one surgery cut or surgery prune wrote)"
+    if not exists(folder):
+        raise SurgeryError(f"{folder} not found: {wanted}")
+    if not folder.is_dir():
+        raise SurgeryError(f"{folder} is a file, not a model folder: {wanted}")
+    return read_config(folder, wanted)
 
 
 def _gguf_architecture(config: dict[str, Any]) -> str:
