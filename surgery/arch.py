@@ -221,6 +221,13 @@ def read_config(path: Path, missing: str = "it is not a Hugging Face model folde
     return config
 
 
+def config_error(folder: Path, error: Exception) -> SurgeryError:
+    """transformers validates a config's fields as it builds it (a layer count given as text, a hidden
+    size the heads do not divide): its multi-line error as one line naming the file."""
+    reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+    return SurgeryError(f"{folder}/config.json is not a valid configuration ({reason}): fix it or download the model again")
+
+
 def text_config(path: Path) -> dict[str, Any]:
     """config.json's decoder settings (a multimodal config nests them under text_config)."""
     config = read_config(path)

@@ -23,7 +23,6 @@ and the residual stream.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,12 +42,18 @@ HEAD_ROWS = 8192  # vocabulary rows of the output layer in memory at once
 
 def load_config(folder: Path) -> Any:
     """A folder's config as transformers reads it (sublayer-pruned ones through surgery's classes)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
-    data = json.loads((Path(folder) / "config.json").read_text())
+    from surgery.arch import config_error, read_config
+
+    data = read_config(folder)
     architecture_of(data)  # an unsupported family fails here, with the list of supported ones
     register_classes(data)
-    return AutoConfig.from_pretrained(str(folder))
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except StrictDataclassError as error:
+        raise config_error(Path(folder), error) from None
 
 
 def _as(tensor: Any, like: Any) -> Any:

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from surgery.arch import Architecture, architecture_of
+from surgery.arch import Architecture, architecture_of, config_error
 from surgery.errors import SurgeryError
 from surgery.hf_modeling import register_classes
 from surgery.source import ModelSource, resolve
@@ -94,6 +94,7 @@ def load_model(
     from surgery.console import quiet_transformers
 
     quiet_transformers()
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
@@ -105,6 +106,8 @@ def load_model(
         kwargs["use_safetensors"] = False  # pickle weights, allowed explicitly in check_folder
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(source.path), output_loading_info=True, **kwargs)
+    except StrictDataclassError as error:
+        raise config_error(source.path, error) from None
     except ValueError as error:
         if "trust_remote_code" in str(error):
             raise SurgeryError(f"{source.spec} needs its own modeling code: pass --trust-remote-code if you trust its author") from None

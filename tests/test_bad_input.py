@@ -281,6 +281,20 @@ def test_a_model_argument_that_names_no_model_is_one_line(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.gguf*")) == ["model.gguf"] and not (tmp_path / "out").exists()
 
 
+def test_a_config_transformers_refuses_is_one_line(tiny_folder, tmp_path, data_dir):
+    """Fields transformers validates as it builds the config (a layer count given as text, a hidden
+    size the heads do not divide) were huggingface_hub tracebacks, in memory and block by block."""
+    source, _ = tiny_folder("llama")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "num_attention_heads": 3}))
+    for args in (("info", source), ("eval", source, "--tasks", "none", "--no-speed", "--ppl", "wikitext2", "--layerwise",
+                                    "--data-dir", data_dir)):
+        line = one_line(run(*args))
+        assert "config.json is not a valid configuration" in line and "not a multiple of the number of attention heads" in line
+    (source / "config.json").write_text(json.dumps({**config, "rms_norm_eps": "small"}))
+    assert "expected float" in one_line(run("info", source))
+
+
 def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tiny_folder, tmp_path, monkeypatch):
     """safetensors reports a full disk with its own exception type, not an OSError."""
     import transformers.modeling_utils
