@@ -43,12 +43,13 @@ def check_output_folder(out: Path, *, force: bool, protected: list[Path] = (), o
     if out.exists() and not out.is_dir():
         raise SurgeryError(f"{option} {out} is a file: give a folder path")
     check_apart(out, protected, option)
+    resolved, here = out.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents or resolved == Path.home().resolve():
+        # an export replaces its folder whole: even empty, the current folder would vanish from under the shell
+        raise SurgeryError(f"{option} {out} is the current folder, one around it or the home folder, which the export "
+                           "would replace with everything in it: give a folder of its own, such as runs/pruned")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise SurgeryError(f"{option} {out} exists and is not empty: choose a new folder or pass --force to replace it")
-    resolved = out.resolve()
-    if force and (resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents or resolved == Path.home().resolve()):
-        raise SurgeryError(f"{option} {out} is the current folder, one around it or the home folder, which --force would "
-                           "replace with everything in it: give a folder of its own, such as runs/pruned")
     check_writable_parent(out, option)
     return out
 

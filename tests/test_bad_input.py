@@ -146,7 +146,7 @@ def test_an_option_that_would_have_no_effect_is_refused(tiny_folder, tmp_path, a
     assert message in line and not (tmp_path / "out").exists()
 
 
-def test_force_never_replaces_the_current_folder_or_one_around_it(tiny_folder, tmp_path, monkeypatch):
+def test_an_export_never_replaces_the_current_folder_or_one_around_it(tiny_folder, tmp_path, monkeypatch):
     """`--out . --force` replaced the folder the user stood in, with every file in it."""
     source, _ = tiny_folder("llama")
     work = tmp_path / "project" / "sub"
@@ -158,6 +158,13 @@ def test_force_never_replaces_the_current_folder_or_one_around_it(tiny_folder, t
         assert "the current folder, one around it or the home folder" in line
     assert (work / "notes.txt").read_text() == "important"
     assert run("cut", source, "--remove", "L1", "--out", "pruned", "--force", "--device", "cpu").exit_code == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)  # without --force too: an empty current folder was replaced, and `--out ""` names it
+    for out in ("", "."):
+        line = one_line(run("cut", source, "--remove", "L1", "--out", out, "--device", "cpu"))
+        assert "the current folder, one around it or the home folder" in line
+    assert empty.is_dir() and not any(empty.iterdir())
 
 
 def test_an_output_path_that_cannot_be_made_is_one_line_and_leaves_no_folder(tiny_folder, tmp_path):
