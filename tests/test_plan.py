@@ -168,6 +168,9 @@ def test_protected_units_are_never_removed_and_impossible_targets_say_how_much_i
 def test_explicit_ids_are_taken_as_given():
     result = plan("shapley", remove="L1,L6.attn")
     assert result.strategy == "explicit" and result.units == parse_sublayers("L1,L6.attn")
+    # the granularity recorded (and on the card) is the ids', whatever --granularity said
+    assert result.granularity == "sublayer" and plan("shapley", "block", remove="L1.attn").granularity == "sublayer"
+    assert plan("shapley", "sublayer", remove="L1,L2").granularity == "block"
 
 
 @pytest.mark.parametrize("text, message", [("0", "removes nothing"), ("0%", "above 0%"), ("100%", "below 100%"),

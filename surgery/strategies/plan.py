@@ -226,7 +226,9 @@ def make_plan(
         blocked = sorted(set(target.ids) & protected_set)
         if blocked:
             raise SurgeryError(f"{format_sublayers(blocked)} is protected (a cornerstone or --protect): drop it from --remove")
-        return _plan("explicit", granularity, target, sorted(target.ids), protected_set, unit_parameters, decoder, [])
+        # named ids are cut as named: the granularity recorded (and printed on the card) is theirs, not --granularity's
+        named = "block" if 2 * len(full_blocks(target.ids)) == len(set(target.ids)) else "sublayer"
+        return _plan("explicit", named, target, sorted(target.ids), protected_set, unit_parameters, decoder, [])
 
     check_choice(strategy_name, granularity)
     problem = Problem(strategy_name, granularity, target, all_units, removable, unit_parameters, decoder,
