@@ -83,6 +83,15 @@ def check_available(wanted: list[tuple[str, str]], data_dir: Path | None) -> Non
             raise SurgeryError(f"{role} file {source} {problem}: give a .txt/.jsonl/.parquet file or one of {', '.join(named)}")
 
 
+def check_role(source: str, role: str, option: str) -> None:
+    """A named corpus read for a role it has no share in would score a model on its own evaluation
+    text, or train on it: refused (a file of the user's own is theirs to choose)."""
+    if source in CORPORA and role not in ROLES[source]:
+        shares = [name for name in CORPORA if role in ROLES[name]]
+        raise SurgeryError(f"{option} {source} is evaluation text with no {role} share (its documents are the held-out "
+                           f"loss's and perplexity's): use {' or '.join(shares)}, or a text file of your own")
+
+
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Rows of a .jsonl or .jsonl.gz file; a cut-short, corrupt or non-UTF-8 file is one line naming it."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -161,8 +170,9 @@ def load_texts(source: str, *, role: str = "heldout", data_dir: Path | None = No
     if source not in CORPORA:
         texts = read_text_file(Path(source), field)
         return texts[:limit] if limit else texts, str(Path(source).expanduser().resolve())
+    check_role(source, role, "the text")
     stem, text_field, hub = CORPORA[source]
-    window = ROLES[source].get(role, slice(None))
+    window = ROLES[source][role]
     local = find_file(data_dir, stem)
     if local is not None:
         texts = [row[text_field] for row in read_jsonl(local)][window]

@@ -371,6 +371,9 @@ class AnalysisSettings:
         if not self.collapse_fraction > 0 or not self.share_factor > 0:
             raise SurgeryError("--collapse-fraction and --share-factor must be above 0 (at 0 every sublayer would be a cornerstone)")
         parse_budget(self.budget)
+        from surgery.data import check_role
+
+        check_role(self.calibration, "calibration", "--calibration")  # scoring on the test text it is then measured on
 
     @property
     def budget_evaluations(self) -> int | None:
@@ -527,11 +530,9 @@ class HealSettings:
             object.__setattr__(self, "steps", derived)
         if self.steps < 1 or self.lora_r < 1 or self.batch_size < 1:
             raise SurgeryError("healing needs at least one step, a LoRA rank of at least 1 and a batch of at least 1")
-        from surgery.data import CORPORA, ROLES
+        from surgery.data import check_role
 
-        if self.data in CORPORA and "healing" not in ROLES[self.data]:  # it would train on its own held-out documents
-            raise SurgeryError(f"--heal-data {self.data} is evaluation text with no healing share (its documents are the "
-                               "held-out loss's and perplexity's): heal on c4 or a text file of your own")
+        check_role(self.data, "healing", "--heal-data")  # it would train on its own held-out documents
         _positive("--heal-lr", self.learning_rate)
         if not (isinstance(self.lora_dropout, (int, float)) and not isinstance(self.lora_dropout, bool)
                 and 0.0 <= self.lora_dropout < 1.0):

@@ -91,6 +91,9 @@ def test_prune_checks_its_target_against_the_config_before_loading_or_analysing(
      "no data for task arc_easy"),  # before the training, which used to come first
     (["heal", "--out", "{tmp}/an", "--eval-tasks", "none", "--eval-ppl", "{tmp}/nowhere.txt", "--heal-data", "{tmp}/text.txt"],
      "perplexity file {tmp}/nowhere.txt not found"),  # read after the whole training before
+    (["analyze", "--out", "{tmp}/an", "--method", "bi", "--calibration", "wikitext2"],
+     "--calibration wikitext2 is evaluation text with no calibration share"),  # it scored on the text it then measured
+    (["prune", "--out", "{tmp}/an", "--calibration", "wikitext2"], "use c4 or wikitext2-validation"),
     (["prune", "--out", "{tmp}/an", "--heal", "--heal-data", "{tmp}/nofile.txt"],
      "healing file {tmp}/nofile.txt not found: give a .txt/.jsonl/.parquet file or one of c4\n"),  # only what healing takes
 ])
