@@ -152,6 +152,10 @@ def load_tokenizer(folder: Any, trust_remote_code: bool = False) -> Any:
     present = [name for name in _TOKENIZER_FILES if (folder / name).is_file()]
     if not present:
         return None
+    if (folder / "config.json").is_file():  # a sublayer-cut folder's own model type, known first (else a warning)
+        from surgery.arch import read_config
+
+        register_classes(read_config(folder))
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as error:  # tokenizers raises its own exception types for a corrupt file

@@ -305,6 +305,20 @@ def test_a_config_transformers_refuses_is_one_line(tiny_folder, tmp_path, data_d
     assert "expected float" in one_line(run("info", source))
 
 
+def test_heal_refuses_a_sublayer_cut_folder_in_one_line(tiny_folder, tmp_path):
+    """Its tokenizer loaded before the folder's own model type was known, so transformers printed a
+    warning line ahead of every refusal that came after it."""
+    source, _ = tiny_folder("llama")
+    cut = tmp_path / "cut"
+    assert run("cut", source, "--remove", "L1.attn", "--out", cut, "--device", "cpu").exit_code == 0
+    env = {**os.environ, "SURGERY_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "surgery", "heal", str(cut), "--out", str(tmp_path / "healed"),  # a fresh process:
+                           "--heal-distill", "0.5", "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]  # no class registered yet
+    assert done.returncode == 2 and len(lines) == 1, lines
+    assert "--heal-distill needs the dense model the cut came from" in lines[0]
+
+
 def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tiny_folder, tmp_path, monkeypatch):
     """safetensors reports a full disk with its own exception type, not an OSError."""
     import transformers.modeling_utils
