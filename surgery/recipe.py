@@ -51,6 +51,9 @@ class _UniqueKeys(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):  # a list or mapping as a key (`[a, b]: 1`)
+                raise yaml.constructor.ConstructorError(None, None, f"a {type(key).__name__} is not an option name",
+                                                        key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"'{key}' is given twice", key_node.start_mark)
             seen.add(key)

@@ -396,7 +396,8 @@ def test_recipe_errors_and_command_line_overrides(source, tmp_path, data_dir):
                           ("heal_lr: .nan\n", "--heal-lr must be a positive number"),
                           ("out: 2024-01-01\n", "YAML reads 2024-01-01 as a date: quote it"),
                           ("out: {a: 1}\n", "is not a value of this option"),
-                          ("analysis: a\nanalysis_dir: b\n", "sets --analysis a second time")):
+                          ("analysis: a\nanalysis_dir: b\n", "sets --analysis a second time"),
+                          ("[a, b]: 1\n", "a list is not an option name")):  # a TypeError (unhashable) before
         recipe.write_text(text)
         result = run("prune", "--recipe", recipe, str(source), "--out", tmp_path / "never")
         assert result.exit_code == 2 and message in result.output, (text, result.output)
