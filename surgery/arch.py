@@ -234,6 +234,15 @@ def text_config(path: Path) -> dict[str, Any]:
     return config.get("text_config", config)
 
 
+def check_sequence_fits(path: Path, length: int, option: str) -> None:
+    """Calibration or training sequences longer than the positions the model was trained on would
+    score or train it where it never learned anything: refused before it loads."""
+    trained = text_config(path).get("max_position_embeddings")
+    if isinstance(trained, int) and length > trained:
+        raise SurgeryError(f"{option} {length} is longer than the model's context ({trained} positions): "
+                           f"give {trained} or less")
+
+
 def config_layers(path: Path) -> int:
     """The decoder's block count as config.json states it: for checks before any weight loads."""
     config = text_config(path)

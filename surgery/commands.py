@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from surgery.arch import check_sequence_fits
 from surgery.errors import SurgeryError
 from surgery.settings import AnalysisSettings, EvalSettings, ExportSettings, HealSettings, LoadSettings, StreamSettings
 
@@ -270,6 +271,7 @@ def analyze_and_save(model_spec: str, settings: AnalysisSettings, out: Path, loa
     _check_analysis_data(settings)
     check = lambda protected: check_resumable_folder(out, EVALUATIONS_FILE, force=force, protected=protected)  # noqa: E731
     source = resolve_with_output_check(model_spec, check, load)
+    check_sequence_fits(source.path, settings.seq_len, "--seq-len")
     here = start(resolve_device(load.device))  # under torchrun / accelerate launch: every process scores its share, process 0 writes
     with output_lock(out, what=f"the analysis folder {out}") if here.main else contextlib.nullcontext():
         if here.main:
@@ -375,6 +377,7 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
 
     check_device_options(load.device, load.device_map)
     source = resolve_with_output_check(folder_spec, lambda protected: check_output_folder(out, force=force, protected=protected), load)
+    check_sequence_fits(source.path, healing.seq_len, "--heal-seq-len")
     # the healing text and the perplexity corpora, now: the merged model's evaluation comes after the whole training
     check_available([(healing.data, "healing"), *[(corpus, "perplexity") for corpus in evaluation.perplexity]], data_dir)
     tokenizer = load_tokenizer(source.path)

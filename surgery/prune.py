@@ -37,7 +37,7 @@ class Checked:
 
 def check(settings: PruneSettings) -> Checked:
     """Fail now on anything knowable before loading: names, output folders, devices, ids, data."""
-    from surgery.arch import config_layers
+    from surgery.arch import check_sequence_fits, config_layers
     from surgery.files import check_output_folder, check_resumable_folder
     from surgery.loading import check_device_options
     from surgery.source import named_paths, resolve
@@ -62,6 +62,10 @@ def check(settings: PruneSettings) -> Checked:
 
     check_export_source(source.path, settings.export.format)
     _check_target(settings, target, config_layers(source.path))
+    if needs_calibration:
+        check_sequence_fits(source.path, settings.analysis.seq_len, "--seq-len")
+    if settings.heal:
+        check_sequence_fits(source.path, settings.healing.seq_len, "--heal-seq-len")
     if settings.analysis_dir:  # an analysis inside --out would be replaced by the export
         from surgery.analysis import EVALUATIONS_FILE
 

@@ -94,6 +94,10 @@ def test_prune_checks_its_target_against_the_config_before_loading_or_analysing(
     (["analyze", "--out", "{tmp}/an", "--method", "bi", "--calibration", "wikitext2"],
      "--calibration wikitext2 is evaluation text with no calibration share"),  # it scored on the text it then measured
     (["prune", "--out", "{tmp}/an", "--calibration", "wikitext2"], "use c4 or wikitext2-validation"),
+    (["analyze", "--out", "{tmp}/an", "--method", "bi", "--seq-len", "1000"],
+     "--seq-len 1000 is longer than the model's context (256 positions)"),  # it scored positions never trained
+    (["prune", "--out", "{tmp}/an", "--heal", "--heal-seq-len", "1000"], "--heal-seq-len 1000 is longer"),
+    (["heal", "--out", "{tmp}/an", "--heal-seq-len", "1000", "--heal-data", "{tmp}/text.txt"], "--heal-seq-len 1000 is longer"),
     (["prune", "--out", "{tmp}/an", "--heal", "--heal-data", "{tmp}/nofile.txt"],
      "healing file {tmp}/nofile.txt not found: give a .txt/.jsonl/.parquet file or one of c4\n"),  # only what healing takes
 ])
