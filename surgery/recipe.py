@@ -21,6 +21,8 @@ from surgery.errors import SurgeryError
 
 def read_recipe(path: Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise SurgeryError(f"recipe {path} is a folder: give a YAML file (the shipped ones are in recipes/)")
     if not path.is_file():
         raise SurgeryError(f"recipe {path} not found (the shipped ones are in recipes/)")
     try:

@@ -174,7 +174,9 @@ def test_explicit_ids_are_taken_as_given():
 
 
 @pytest.mark.parametrize("text, message", [("0", "removes nothing"), ("0%", "above 0%"), ("100%", "below 100%"),
-                                           ("150%", "below 100%"), ("L2-L1", "runs backwards")])
+                                           ("150%", "below 100%"), ("L2-L1", "runs backwards"),
+                                           ("1.5", r"'1\.5' is not a count \(8\), a share"),  # it spoke of ids alone
+                                           ("25 %", "a share of decoder parameters"), ("L2.foo", "is not a sublayer id")])
 def test_bad_targets(text, message):
     with pytest.raises(SurgeryError, match=message):
         Target.parse(text)

@@ -379,6 +379,7 @@ def test_recipe_errors_and_command_line_overrides(source, tmp_path, data_dir):
     assert result.exit_code == 0, result.output
     assert len(read_manifest(tmp_path / "from-recipe")["removed"]) == 4  # --remove 2 beat the recipe's 1
 
+    assert "is a folder: give a YAML file" in run("prune", "--recipe", tmp_path, source, "--out", tmp_path / "never").output
     recipe.write_text("strategi: last\n")
     result = run("prune", "--recipe", recipe)
     assert result.exit_code == 2 and "unknown key 'strategi' (did you mean 'strategy'?)" in result.output

@@ -56,6 +56,9 @@ class Target:
             if not 0 < fraction < 1:
                 raise SurgeryError(f"--remove {text}: the percentage of decoder parameters must be above 0% and below 100%")
             return cls(fraction=fraction)
+        if not re.search(r"[Ll]\d", text):  # neither a number nor ids: say every form --remove takes
+            raise SurgeryError(f"--remove '{text}' is not a count (8), a share of decoder parameters (25%) or sublayer "
+                               "ids (L20-L23, L5.attn)")
         return cls(ids=tuple(parse_sublayers(text)))
 
     def describe(self) -> str:
