@@ -114,10 +114,16 @@ def load_model(
         raise
     except RuntimeError as error:  # transformers raises for a weight of another shape than config.json says
         if "mismatched_sizes" not in str(error) and "size mismatch" not in str(error):
+            if kwargs.get("use_safetensors") is False:
+                raise _pickle_error(source.path, error) from None
             raise
         raise SurgeryError(f"{source.path}: config.json and the weights disagree: weights have another shape than the config "
                            "says; fix the sizes in config.json (hidden_size, intermediate_size, heads), or download the model "
                            "again") from None
+    except Exception as error:
+        if kwargs.get("use_safetensors") is not False:
+            raise
+        raise _pickle_error(source.path, error) from None
     check_loading_info(source.path, info)
     if not device_map and quantization_config is None:
         model.to(resolve_device(device))
@@ -139,6 +145,14 @@ def check_loading_info(folder: Any, info: dict[str, Any]) -> None:
     if problems:
         raise SurgeryError(f"{folder}: config.json and the weights disagree: {'; '.join(problems)}; "
                            "fix num_hidden_layers and the other sizes in config.json, or download the model again")
+
+
+def _pickle_error(folder: Any, error: Exception) -> SurgeryError:
+    """torch.load of a damaged pickle raises whatever its unpickling met (KeyError, EOFError,
+    RuntimeError from the zip reader): one line naming the folder."""
+    first = str(error).splitlines()[0][:120] if str(error) else ""
+    return SurgeryError(f"{folder}: its pickle weights do not load ({type(error).__name__}: {first}): download them "
+                        "again, or better, a safetensors copy")
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")

@@ -165,6 +165,11 @@ def test_pickle_weights_need_allow_pickle(tiny_folder, tmp_path):
     result = run("cut", source, "--remove", "L1", "--out", tmp_path / "out", "--allow-pickle")
     assert result.exit_code == 0, result.output
     assert read_manifest(tmp_path / "out")["parameters"]["after"] > 0
+    whole = (source / "pytorch_model.bin").read_bytes()
+    (source / "pytorch_model.bin").write_bytes(whole[: len(whole) // 2])  # a damaged pickle: unpickling's own errors before
+    result = run("cut", source, "--remove", "L1", "--out", tmp_path / "again", "--allow-pickle")
+    assert result.exit_code == 2 and "its pickle weights do not load" in error_line(result)
+    assert not (tmp_path / "again").exists()
 
 
 def test_remote_code_is_not_run_unless_trusted(tiny_folder, tmp_path):
