@@ -68,7 +68,13 @@ def check(settings: PruneSettings) -> Checked:
         check_sequence_fits(source.path, settings.healing.seq_len, "--heal-seq-len")
     if settings.analysis_dir:  # an analysis inside --out would be replaced by the export
         from surgery.analysis import EVALUATIONS_FILE
+        from surgery.files import check_apart
 
+        try:
+            check_apart(Path(settings.analysis_dir), [out], "--analysis")
+        except SurgeryError:
+            raise SurgeryError(f"--analysis {settings.analysis_dir} overlaps --out {out}, which the export replaces whole: "
+                               "keep the analysis in a folder of its own") from None
         check_resumable_folder(Path(settings.analysis_dir), EVALUATIONS_FILE, force=settings.force, protected=[source.path, out],
                                option="--analysis")
     return Checked(source, out, methods, _check_data(settings, needs_calibration))
