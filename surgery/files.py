@@ -338,12 +338,14 @@ def lock_path(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def output_lock(path: Path, *, wait: bool = False, what: str = "") -> Iterator[None]:
+def output_lock(path: Path, *, wait: bool = False, what: str = "",
+                fix: str = "choose an output you can write to") -> Iterator[None]:
     """Hold an exclusive lock on `path` (a hidden `.NAME.lock` beside it) for the block.
 
     wait=False: a second process fails at once with one line (outputs: two runs writing one
     folder would replace each other's work). wait=True: it waits its turn (a shared cache entry
-    that the first process fills). The lock file is removed on release.
+    that the first process fills). The lock file is removed on release. `fix`: what to do where
+    nothing can be written there (the cache's folder is not one the user named as an output).
     """
     lock = lock_path(path)
     created = _missing_ancestors(lock.parent)
@@ -353,8 +355,7 @@ def output_lock(path: Path, *, wait: bool = False, what: str = "") -> Iterator[N
             handle = open(lock, "a+")  # noqa: SIM115 (held open for the whole block)
         except OSError as error:  # checked before by check_writable_parent; this is the last word
             _remove_empty(created)
-            raise SurgeryError(f"cannot write beside {path} ({(error.strerror or 'refused').lower()}): "
-                               "choose an output you can write to") from None
+            raise SurgeryError(f"cannot write beside {path} ({(error.strerror or 'refused').lower()}): {fix}") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:

@@ -151,7 +151,8 @@ def score(settings: PruneSettings, loaded: Any, methods: tuple[str, ...]) -> Any
     main = ranks().main  # under a launcher, process 0 holds the folder, decides, and writes what it shows
     # A cached analysis is shared: a second job that needs it waits for the first and reuses it.
     waits = not settings.analysis_dir
-    with output_lock(folder, wait=waits, what=f"the analysis folder {folder}") if main else nullcontext():
+    fix = "choose another --analysis" if settings.analysis_dir else "point SURGERY_CACHE at a folder you can write to"
+    with output_lock(folder, wait=waits, what=f"the analysis folder {folder}", fix=fix) if main else nullcontext():
         saved = reusable_analysis(folder, key, methods, chosen) if main else None
         if broadcast(saved is not None):  # every process follows process 0: reuse, or all score together
             return saved

@@ -323,6 +323,20 @@ def test_heal_refuses_a_sublayer_cut_folder_in_one_line(tiny_folder, tmp_path):
     assert "--heal-distill needs the dense model the cut came from" in lines[0]
 
 
+def test_a_cache_nothing_can_be_written_to_names_surgery_cache(tiny_folder, tmp_path, data_dir, monkeypatch):
+    """The built-in model's conversion and prune's cached analysis write to the cache, which is no
+    output the user named: the line said to choose one."""
+    source, _ = tiny_folder("llama")
+    monkeypatch.setenv("SURGERY_CACHE", "/proc/surgery-cache")
+    assert "point SURGERY_CACHE at a folder you can write to" in one_line(run("info", "smollm2-135m"))
+    result = run("prune", source, "--out", tmp_path / "out", "--strategy", "bi", "--remove", "1", "--no-bridge",
+                 "--samples", "2", "--seq-len", "32", "--eval-tasks", "none", "--eval-ppl", "none",
+                 "--no-eval-speed", "--no-eval-generation", "--data-dir", data_dir, "--device", "cpu")
+    last = result.output.strip().splitlines()[-1]  # after prune's stage line
+    assert result.exit_code == 2 and "analyses" in last and "point SURGERY_CACHE at a folder you can write to" in last
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tiny_folder, tmp_path, monkeypatch):
     """safetensors reports a full disk with its own exception type, not an OSError."""
     import transformers.modeling_utils

@@ -45,7 +45,7 @@ def convert_gguf(gguf: Path, cache: Path, *, label: str | None = None) -> Path:
     target = cache / f"{gguf.stem}-{digest[:16]}-v{CONVERSION_VERSION}"
     if (target / "config.json").is_file():
         return target
-    with output_lock(target, wait=True):
+    with output_lock(target, wait=True, fix="point SURGERY_CACHE at a folder you can write to"):
         if not (target / "config.json").is_file():  # another process may have converted it meanwhile
             _convert_gguf_locked(gguf, target, label or gguf.name, digest)
     return target
