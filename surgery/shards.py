@@ -68,6 +68,20 @@ def read_header(file: Path) -> tuple[int, dict[str, Any]]:
     return 8 + length, header
 
 
+def check_safetensors(file: Path) -> None:
+    """Read the header and check the file is as long as it says (catches truncated downloads), then
+    open it as safetensors does, which also checks every tensor's type and place."""
+    from safetensors import SafetensorError, safe_open
+
+    read_header(file)
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except SafetensorError as error:
+        raise SurgeryError(f"{file} is not a valid safetensors file ({str(error).splitlines()[0][:200]}): "
+                           "download or export it again") from None
+
+
 def file_tensors(file: Path) -> dict[str, TensorInfo]:
     """The tensors a safetensors file holds, by name."""
     start, header = read_header(file)

@@ -267,7 +267,7 @@ def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str, 
     factors = rope_factors(config)
     if factors is not None:
         plan.append(_planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape, "f32", lambda: factors))
-    from surgery.source import check_safetensors
+    from surgery.shards import check_safetensors
 
     for file in weight_files(folder, WEIGHTS_HINT)[0]:
         check_safetensors(folder / file)
