@@ -99,9 +99,7 @@ def output_path(out: Path, option: str) -> Path:
     makes even asking whether it exists fail), the output's own name with room for the hidden
     working names surgery makes beside it."""
     out = Path(out).expanduser().absolute()
-    base = out
-    while not exists(base):
-        base = base.parent
+    base = nearest_existing(out)
     try:
         limit = os.pathconf(base, "PC_NAME_MAX")
     except (OSError, ValueError):
@@ -148,7 +146,7 @@ def check_free_space(path: Path, need: int, what: str, option: str = "--out") ->
 
 
 def nearest_existing(path: Path) -> Path:
-    while not path.exists():
+    while not exists(path):
         path = path.parent
     return path
 
