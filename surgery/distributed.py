@@ -10,6 +10,7 @@ process 0 alone assembles, evaluates and writes what the user reads. Gloo serves
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,7 +61,17 @@ def start(device: str | None = None) -> Ranks:
                                        "visible): start at most one process per GPU, or pass --device cpu")
                 torch.cuda.set_device(here.local_rank)
             dist.init_process_group("nccl" if on_gpu else "gloo", timeout=WAIT)
+            atexit.register(_leave)  # a process that exits with the group alive may abort in its threads' teardown
     return here
+
+
+def _leave() -> None:
+    """Leave the process group at exit, as PyTorch asks (a process that returns early, not the
+    first, otherwise ended with SIGABRT now and then: 'terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def share(items: list[Any], cost: Callable[[Any], float]) -> list[Any]:
