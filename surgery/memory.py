@@ -28,6 +28,15 @@ def available_memory(device: str = "cpu", alone: bool = False) -> int:
 
 
 def _mem_available() -> int:
+    """The machine's MemAvailable, or less where this process's memory cgroup (a container's, a
+    Slurm or Kubernetes job's) allows less: the kernel kills a process at its cgroup's limit
+    whatever the machine has free."""
+    available = _meminfo_available()
+    room = cgroup_room()
+    return available if room is None else min(available, room)
+
+
+def _meminfo_available() -> int:
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
@@ -36,6 +45,64 @@ def _mem_available() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as the largest page-aligned 64-bit number
+
+
+def cgroup_room(membership: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process's memory cgroups let it still take, the tightest of its cgroup and every
+    parent with a limit: the limit less the working set (usage less the inactive file cache the
+    kernel reclaims before it kills, as the kubelet and `docker stats` count it); None where no
+    limit applies. cgroup v2 (memory.max) and v1 (memory.limit_in_bytes). Inside a container the
+    mount shows the container's own cgroup as its root, which is then the one read."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        hierarchy, _, path = line.partition(":")[2].partition(":")
+        if hierarchy == "":  # v2: "0::/path"
+            rooms += _rooms(mount, path, "memory.max", "memory.current", "inactive_file")
+        elif "memory" in hierarchy.split(","):  # v1: "4:memory:/path"
+            rooms += _rooms(mount / hierarchy, path, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+    return min(rooms) if rooms else None
+
+
+def _rooms(root: Path, path: str, limit_file: str, usage_file: str, inactive_key: str) -> list[int]:
+    """limit - working set of each cgroup with a limit from `path` up to `root` (the mount's root
+    alone where `path` is not visible, as inside a container)."""
+    folder = root / path.strip("/")
+    if not folder.is_dir():
+        folder = root
+    rooms = []
+    while True:
+        room = _room(folder, limit_file, usage_file, inactive_key)
+        if room is not None:
+            rooms.append(room)
+        if folder == root or root not in folder.parents:
+            return rooms
+        folder = folder.parent
+
+
+def _room(folder: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+    try:
+        limit_text = (folder / limit_file).read_text().strip()
+        if limit_text == "max" or int(limit_text) >= UNLIMITED:
+            return None
+        usage = int((folder / usage_file).read_text())
+    except (OSError, ValueError):
+        return None
+    inactive = 0
+    try:
+        for line in (folder / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == inactive_key:
+                inactive = int(value)
+    except (OSError, ValueError):
+        pass
+    return max(0, int(limit_text) - max(0, usage - inactive))
 
 
 def fits_in_memory(weight_bytes: int, available: int, copies: int = 1) -> bool:
