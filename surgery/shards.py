@@ -17,6 +17,7 @@ import errno
 import hashlib
 import itertools
 import json
+import math
 import os
 import struct
 import zlib
@@ -70,16 +71,42 @@ def read_header(file: Path) -> tuple[int, dict[str, Any]]:
 
 def check_safetensors(file: Path) -> None:
     """Read the header and check the file is as long as it says (catches truncated downloads), then
-    open it as safetensors does, which also checks every tensor's type and place."""
-    from safetensors import SafetensorError, safe_open
+    every tensor's type and place by safetensors' own rules (its `Metadata::validate`: known dtypes,
+    tensors back to back from offset 0, each as long as its shape and dtype make it). From the header
+    alone: opening the file with safetensors maps it copy-on-write, which Linux refuses for a file
+    larger than memory and swap, the very files the out-of-core paths are for."""
+    _, header = read_header(file)
+    tensors = sorted(((name, entry) for name, entry in header.items() if name != "__metadata__"),
+                     key=lambda item: tuple(item[1].get("data_offsets", ())) if isinstance(item[1], dict) else ())
+    end = 0
+    for name, entry in tensors:
+        problem = _tensor_problem(entry, end)
+        if problem:
+            raise SurgeryError(f"{file} is not a valid safetensors file ({name}: {problem}): download or export it again")
+        end = entry["data_offsets"][1]
 
-    read_header(file)
+
+_DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+               "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64,
+               "I64": 64, "U64": 64}
+
+
+def _tensor_problem(entry: Any, start: int) -> str | None:
+    """What is wrong with one header entry whose bytes should begin at `start`; None if nothing."""
     try:
-        with safe_open(str(file), framework="pt"):
-            pass
-    except SafetensorError as error:
-        raise SurgeryError(f"{file} is not a valid safetensors file ({str(error).splitlines()[0][:200]}): "
-                           "download or export it again") from None
+        dtype, shape, (begin, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _DTYPE_BITS:
+            return f"unknown dtype {dtype}"
+        if not all(isinstance(n, int) and n >= 0 for n in shape) or not isinstance(begin, int) or not isinstance(stop, int):
+            return "shape and offsets must be whole numbers"
+    except (KeyError, TypeError, ValueError):
+        return "an entry without dtype, shape and data_offsets"
+    if begin != start or stop < begin:
+        return f"its bytes start at {begin}, not where the one before ends ({start})"
+    bits = _DTYPE_BITS[dtype] * math.prod(shape)
+    if bits % 8 or stop - begin != bits // 8:
+        return f"{stop - begin} bytes for shape {list(shape)} in {dtype}"
+    return None
 
 
 def file_tensors(file: Path) -> dict[str, TensorInfo]:

@@ -271,6 +271,14 @@ def test_broken_model_files_are_one_line_for_every_command_that_reads_them(tiny_
         assert "model.safetensors is not a valid safetensors file" in one_line(run(*args))
     weights.write_bytes(whole[: len(whole) - 100])
     assert "model.safetensors is truncated or corrupt" in one_line(run("gguf", source, "--out", tmp_path / "model.gguf"))
+    length = int.from_bytes(whole[:8], "little")
+    header = json.loads(whole[8:8 + length])
+    header["model.norm.weight"]["shape"] += [2]  # twice the elements its bytes hold
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + whole[8 + length:])
+    line = one_line(run("cut", source, "--remove", "L1", "--out", tmp_path / "cut", "--device", "cpu"))  # safetensors refuses it too
+    assert "not a valid safetensors file (model.norm.weight:" in line and "bytes for shape" in line
     weights.write_bytes(whole)
     tokenizer = (source / "tokenizer.json").read_text()
     (source / "tokenizer.json").write_text("{\n")
