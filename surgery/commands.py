@@ -168,27 +168,59 @@ def _cut_record(result: Any, source: Any) -> dict[str, Any]:
 
 
 def describe_model(model_spec: str, load: LoadSettings) -> None:
-    """`surgery info`: the architecture entry, blocks and parameters of a model."""
+    """`surgery info`: the architecture entry, blocks and parameters of a model, and how each command
+    would hold it on this machine, read from config.json and the weight files' headers: no weights
+    are loaded, so a 70B model is described in seconds on any machine."""
     from rich.table import Table
 
     from surgery.console import console
     from surgery.cut import removed_sublayers
-    from surgery.forward import count_parameters
-    from surgery.loading import load_model
+    from surgery.layerwise import load_config, skeleton
+    from surgery.loading import check_device_options, resolve_device
+    from surgery.memory import plan
+    from surgery.source import resolve
     from surgery.sublayers import format_sublayers
 
-    loaded = load_model(model_spec, with_tokenizer=False, **load.kwargs())
-    config = loaded.model.config
+    check_device_options(load.device, load.device_map)
+    source = resolve(model_spec, allow_pickle=load.allow_pickle)
+    config = load_config(source.path)
+    _check_weight_shapes(source.path, skeleton(config))
+    device = "cuda" if load.device_map else resolve_device(load.device)
+    found, available, steps = plan(source.path, device=device, device_map=load.device_map, dtype=load.dtype)
+    removed = removed_sublayers(skeleton(config))
+    gib = 2**30
     table = Table(title=f"{model_spec}", show_header=False)
-    table.add_row("folder", str(loaded.source.path))
+    table.add_row("folder", str(source.path))
     table.add_row("family", config.model_type)
-    removed = removed_sublayers(loaded.model)
     table.add_row("blocks", f"{config.num_hidden_layers} (L0-L{config.num_hidden_layers - 1}), "
                             f"{2 * config.num_hidden_layers - len(removed)} sublayers")
-    table.add_row("parameters", f"{count_parameters(loaded.model):,}")
+    table.add_row("parameters", f"{found.parameters:,}")
     table.add_row("removed sublayers", format_sublayers(removed) if removed else "none")
-    table.add_row("dtype / device", f"{loaded.model.dtype} / {loaded.options['device']}")
+    table.add_row("weights", f"{found.weights / gib:.2f} GiB in {found.dtype}, largest block {max(found.blocks, default=0) / gib:.2f} GiB")
     console.print(table)
+    where = f"{device}'s free memory" if device.startswith("cuda") else "memory available to this process"
+    steps_table = Table(title=f"memory plan here: {available / gib:.1f} GiB of {where}")
+    for column in ("command", "runs", "holds about", "note"):
+        steps_table.add_column(column)
+    for step in steps:
+        steps_table.add_row(step.command, step.how, f"{step.holds / gib:.2f} GiB", step.note)
+    console.print(steps_table)
+
+
+def _check_weight_shapes(folder: Path, model: Any) -> None:
+    """Every tensor the files hold under a name the config's model writes has the shape that model
+    gives it: the mismatch a load would find, found from the headers."""
+    from surgery.layerwise import checkpoint_shapes
+    from surgery.loading import check_loading_info
+    from surgery.memory import safetensors_bytes
+    from surgery.shards import SafetensorsFolder
+
+    if not safetensors_bytes(folder):
+        return
+    stored = SafetensorsFolder(folder).info
+    expected = checkpoint_shapes(model)
+    check_loading_info(folder, {"mismatched_keys": [name for name, shape in expected.items()
+                                                    if name in stored and tuple(stored[name].shape) != shape]})
 
 
 def evaluate_and_save(model_spec: str, settings: EvalSettings, out: Path | None, load: LoadSettings, *, force: bool = False,

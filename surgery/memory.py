@@ -8,7 +8,9 @@ The measure is the weights on disk against the memory free on the device the mod
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 LIBRARY_BYTES = 1 << 30  # torch, transformers and the forward passes beside the weights
 
@@ -171,3 +173,122 @@ def device_that_fits(folder: Path, device: str, what: str) -> str:
     console.print(f"{what} on the CPU: the model ({safetensors_bytes(folder) / 2**30:.1f} GiB) does not fit in "
                   f"{device}'s free memory")
     return "cpu"
+
+
+# ------------------------------------------------------------------ the plan `surgery info` shows
+
+NF4_BYTES_PER_WEIGHT = 0.516  # 4 bits, plus double-quantised absmax (8 bits per 64 weights, 32 per 256 blocks)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """A model's weights as they would be loaded, read from config.json and the weight files' headers:
+    nothing is loaded, so it works for a 70B model on a laptop."""
+
+    parameters: int
+    weights: int  # bytes as loaded (tied weights once): what the in-memory decisions weigh
+    blocks: tuple[int, ...]  # bytes of each decoder block, as loaded
+    linear: int  # parameters in the decoder blocks' linear layers: what 4-bit QLoRA quantises
+    dtype: str  # as loaded
+    head_slice: int  # bytes of the output layer's rows the block-by-block paths hold at once
+
+
+def footprint(folder: Path, dtype: str | None = None) -> Footprint:
+    """The Footprint of a model folder loaded in `dtype` ('auto' or None: as stored)."""
+    import torch
+
+    from surgery.arch import architecture_of, decoder_layers, get_module
+    from surgery.layerwise import HEAD_ROWS, load_config, skeleton
+    from surgery.shards import TORCH_DTYPES, SafetensorsFolder
+
+    config = load_config(folder)
+    if dtype in (None, "auto"):
+        stored = SafetensorsFolder(folder).main_dtype() if safetensors_bytes(folder) else None
+        loaded = TORCH_DTYPES[stored] if stored else _config_dtype(config)
+    else:
+        loaded = getattr(torch, dtype)
+    model = skeleton(config, dtype=loaded)
+    arch = architecture_of(model.config)
+    unique = {id(p): p for p in model.parameters()}.values()
+    blocks = tuple(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in decoder_layers(model, arch))
+    linear = sum(m.weight.numel() for layer in decoder_layers(model, arch) for m in layer.modules()
+                 if isinstance(m, torch.nn.Linear))
+    head = get_module(model, arch.lm_head).weight
+    return Footprint(parameters=sum(p.numel() for p in unique), weights=sum(p.numel() * p.element_size() for p in unique),
+                     blocks=blocks, linear=linear, dtype=str(loaded).removeprefix("torch."),
+                     head_slice=min(HEAD_ROWS, head.shape[0]) * head.shape[1] * head.element_size())
+
+
+def _config_dtype(config: Any) -> Any:
+    import torch
+
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return value if isinstance(value, torch.dtype) else getattr(torch, str(value or "float32"), torch.float32)
+
+
+@dataclass(frozen=True)
+class Step:
+    """How one command would run a model here, by the decisions the command itself makes."""
+
+    command: str
+    how: str
+    holds: int  # bytes resident for the weights, about (the libraries' 1 GiB included)
+    note: str = ""
+
+
+def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str | None = None,
+         quantize: bool = True) -> tuple[Footprint, int, list[Step]]:
+    """(footprint, bytes available on `device`, the steps): analyze and eval, cut, heal, prune, each
+    as the same decision (`out_of_core`'s copies, `fits_in_memory`) would take it now."""
+    found = footprint(folder, dtype)
+    weights = loaded_bytes(folder, dtype) or found.weights
+    available = available_memory(device)
+    streaming = bool(safetensors_bytes(folder)) and not device_map  # the out-of-core paths read safetensors
+    block = max(found.blocks, default=0) + found.head_slice + LIBRARY_BYTES
+    whole = weights + LIBRARY_BYTES
+    steps = []
+    for command, copies, out_of_core_how, option in (("analyze, eval", 1, "block by block", "--layerwise"),
+                                                      ("cut", 2, "streamed file to file", "--stream")):
+        if fits_in_memory(weights, available, copies) or not streaming:
+            steps.append(Step(command, "in memory" + (", checked against a reloaded copy" if copies == 2 else ""),
+                              copies * weights + LIBRARY_BYTES, f"{option} reads one block at a time" if streaming else ""))
+        else:
+            steps.append(Step(command, out_of_core_how, block, f"about the largest block, chosen because {copies} "
+                              f"cop{'ies' if copies > 1 else 'y'} would not fit"))
+    steps.append(_heal_step(found, weights, device, quantize))
+    if fits_in_memory(weights, available):
+        steps.append(Step("prune", "in memory (choosing and bridging need the whole model)", whole,
+                          "the export reloads the pruned model to compare"))
+    else:
+        steps.append(Step("prune", "does not fit", whole, "run analyze (block by block), cut (streamed) and heal instead, "
+                          "or --device-map auto over several GPUs"))
+    return found, available, steps
+
+
+def _heal_step(found: Footprint, weights: int, device: str, quantize: bool) -> Step:
+    """Healing's training weights (activations, optimiser state of the adapters and the batch come on
+    top): a 4-bit NF4 base of the blocks' linear layers, the rest in the compute dtype."""
+    if not quantize:
+        return Step("heal", "LoRA on the full-precision base", weights + LIBRARY_BYTES, "plus activations and the adapters")
+    compute = 2 if device.startswith("cuda") else 4  # bfloat16 on a GPU, float32 on the CPU (surgery.heal.load_4bit)
+    nf4 = int(found.linear * NF4_BYTES_PER_WEIGHT) + (found.parameters - found.linear) * compute
+    return Step("heal", "QLoRA on a 4-bit NF4 base", nf4 + LIBRARY_BYTES,
+                f"plus activations and the adapters; merging loads the {found.dtype} model on process 0")
+
+
+def check_whole_model_fits(folder: Path, *, device: str, device_map: str | None, dtype: str | None, command: str,
+                           instead: str) -> None:
+    """A one-line refusal, before anything loads, for a command that holds the whole model and has
+    no out-of-core path when the model cannot fit on `device` even once: otherwise the load, or hours
+    later a step, ends in the kernel's OOM killer with nothing said. `instead`: the route that fits."""
+    from surgery.errors import SurgeryError
+
+    size = loaded_bytes(folder, dtype)
+    if device_map or not size:
+        return
+    available = available_memory(device)
+    if not fits_in_memory(size, available):
+        where = "memory" if device == "cpu" else f"{device}'s free memory"
+        raise SurgeryError(f"the model ({size / 2**30:.1f} GiB as loaded, plus about {LIBRARY_BYTES / 2**30:.0f} GiB for the "
+                           f"libraries) does not fit in {where} ({available / 2**30:.1f} GiB available), and {command} holds "
+                           f"it whole: {instead}")

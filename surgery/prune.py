@@ -62,6 +62,7 @@ def check(settings: PruneSettings) -> Checked:
 
     check_export_source(source.path, settings.export.format)
     _check_target(settings, target, config_layers(source.path))
+    _check_fits(settings, source.path)
     if needs_calibration:
         check_sequence_fits(source.path, settings.analysis.seq_len, "--seq-len")
     if settings.heal:
@@ -91,6 +92,18 @@ def _check_target(settings: PruneSettings, target: Any, layers: int) -> None:
     if target.count is not None and target.count >= units:
         raise SurgeryError(f"--remove {target.count} asks for {target.count} of the model's {units} {settings.granularity}s: "
                            "at least one must stay; give fewer")
+
+
+def _check_fits(settings: PruneSettings, folder: Path) -> None:
+    """prune holds the whole model (choosing and bridging have no out-of-core path): a model that
+    cannot fit once is refused now, with the commands that run it a block at a time."""
+    from surgery.loading import resolve_device
+    from surgery.memory import check_whole_model_fits
+
+    check_whole_model_fits(folder, device=resolve_device(settings.load.device), device_map=settings.load.device_map,
+                           dtype=settings.load.dtype, command="prune",
+                           instead="run `surgery analyze --layerwise`, `surgery cut --stream` and `surgery heal` instead "
+                                   "(docs/scale.md), or spread it over GPUs with --device-map auto")
 
 
 def reusable_analysis(folder: Path, key: str, methods: tuple[str, ...], chosen: AnalysisSettings) -> Any:

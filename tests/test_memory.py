@@ -7,6 +7,10 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import pytest
+
+from tests.cli import one_line, run
+
 GIB = 1 << 30
 
 
@@ -73,3 +77,100 @@ def test_a_container_limit_makes_the_cut_stream(tiny_folder, tmp_path, monkeypat
     assert streams()
     _cgroup(mount / "job", str(3 * size), size)  # room for two
     assert not streams()
+
+
+# ------------------------------------------------------------------ the plan, from config and headers alone
+
+LLAMA3_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False,
+                  rms_norm_eps=1e-5, rope_theta=500000.0)
+
+
+def sparse_checkpoint(folder: Path, model_type: str, **config: object) -> Path:
+    """A checkpoint of the shapes `config` gives, in bfloat16, whose weights are all zero and take no
+    disk: a sparse file behind a real safetensors header (a 140 GB model in a few KB)."""
+    import torch
+    from transformers import AutoConfig
+
+    from surgery.layerwise import checkpoint_shapes, skeleton
+    from surgery.shards import TensorInfo, encode_header
+
+    made = AutoConfig.for_model(model_type, **config, dtype="bfloat16")
+    folder.mkdir(parents=True)
+    made.save_pretrained(folder)
+    shapes = checkpoint_shapes(skeleton(made, dtype=torch.bfloat16))
+    tensors = [TensorInfo(name, "BF16", shape, 2 * torch.Size(shape).numel()) for name, shape in shapes.items()]
+    header, order = encode_header(tensors, {"format": "pt"})
+    with open(folder / "model.safetensors", "wb") as handle:
+        handle.write(header)
+        handle.truncate(len(header) + sum(t.nbytes for t in order))
+    return folder
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """This process's free memory, held at what the test says (the machine's own varies)."""
+    import surgery.memory as memory
+
+    def hold(gib: int) -> None:
+        monkeypatch.setattr(memory, "_meminfo_available", lambda: gib * GIB)
+        monkeypatch.setattr(memory, "cgroup_room", lambda: None)
+
+    return hold
+
+
+def test_info_plans_a_70b_model_without_loading_it_and_prune_refuses_it_at_once(tmp_path, machine):
+    import time
+
+    from surgery.memory import footprint
+
+    folder = sparse_checkpoint(tmp_path / "llama3-70b", "llama", **LLAMA3_70B)
+    found = footprint(folder)
+    assert found.parameters == 70_553_706_496 and found.weights == 2 * found.parameters and found.dtype == "bfloat16"
+    assert (folder / "model.safetensors").stat().st_size > found.weights  # the header's few KB on top
+    machine(64)
+    started = time.perf_counter()
+    result = run("info", folder, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "70,553,706,496" in text and "131.42 GiB in bfloat16" in text and "64.0 GiB" in text
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") == 5}
+    assert "block by block" in rows["analyze, eval"] and "streamed file to file" in rows["cut"]
+    assert "does not fit" in rows["prune"] and "QLoRA on a 4-bit" in rows["heal"]
+    line = one_line(run("prune", folder, "--remove", "25%", "--out", tmp_path / "out", "--device", "cpu"))
+    assert "131.4 GiB as loaded" in line and "64.0 GiB available" in line and "surgery cut --stream" in line
+    assert time.perf_counter() - started < 60 and not (tmp_path / "out").exists()
+    machine(512)  # a machine that holds it: the in-memory paths, as each command decides
+    result = run("info", folder, "--device", "cpu")
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") == 5}
+    assert "in memory" in rows["analyze, eval"] and "in memory" in rows["cut"] and "does not fit" not in rows["prune"]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma", "qwen3_moe", "gpt_oss"])
+def test_the_footprint_from_headers_is_what_loads(model_type, tiny_folder):
+    """Parameters and bytes counted on the config's empty model are those of the model loaded from
+    the files (tied weights once, MoE experts as stored)."""
+    from surgery.export.checkpoint import weights_bytes
+    from surgery.forward import count_parameters
+    from surgery.loading import load_model
+    from surgery.memory import footprint
+
+    source, _ = tiny_folder(model_type)
+    model = load_model(str(source), with_tokenizer=False, device="cpu").model
+    for dtype in ("auto", "bfloat16"):
+        found = footprint(source, dtype)
+        assert found.parameters == count_parameters(model)
+        assert found.weights == weights_bytes(model) // (2 if dtype == "bfloat16" else 1)
+        assert len(found.blocks) == model.config.num_hidden_layers
+
+
+def test_info_describes_a_sublayer_cut_from_its_files(tiny_folder, tmp_path):
+    from surgery.export.checkpoint import weights_bytes
+    from surgery.loading import load_model
+    from surgery.memory import footprint
+
+    source, _ = tiny_folder("llama")
+    assert run("cut", source, "--remove", "L1.attn,L2", "--out", tmp_path / "cut").exit_code == 0
+    cut = load_model(str(tmp_path / "cut"), with_tokenizer=False, device="cpu").model
+    found = footprint(tmp_path / "cut")
+    assert found.weights == weights_bytes(cut) and len(found.blocks) == 3 and found.blocks[1] < found.blocks[0]
