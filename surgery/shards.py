@@ -86,6 +86,20 @@ def check_safetensors(file: Path) -> None:
         end = entry["data_offsets"][1]
 
 
+_TORCH_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32", "U32": "uint32",
+                "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+                "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}
+
+
+def _torch_dtype(name: str, file: Path | None) -> Any:
+    import torch
+
+    dtype = getattr(torch, _TORCH_NAMES.get(name, ""), None)
+    if dtype is None:
+        raise SurgeryError(f"{file} holds {name} tensors, which torch cannot hold: convert the weights to a float type")
+    return dtype
+
+
 _DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
                "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64,
                "I64": 64, "U64": 64}
@@ -142,7 +156,7 @@ class SafetensorsFolder:
     """The tensors of a model folder by name, read lazily: the headers at once, bytes when asked.
 
     `read` yields a tensor's raw bytes a buffer at a time (for copying); `tensor` returns it as a
-    torch tensor mapped from the file (no copy until written to), `rows` a copied slice of rows.
+    torch tensor read into memory of its own, `rows` a slice of its rows read alone.
     hint: the fix named when the folder has no safetensors weights; strict: refuse shard tensors
     the index does not list (loaders ignore them; an export must not hold them).
     """
@@ -183,37 +197,49 @@ class SafetensorsFolder:
     def read(self, name: str) -> Iterator[memoryview]:
         """A tensor's bytes, CHUNK_BYTES at a time, in one reused buffer (use each chunk before the next)."""
         info = self.info[name]
-        if info.file not in self._descriptors:
-            self._descriptors[info.file] = os.open(info.file, os.O_RDONLY)
-        return read_range(self._descriptors[info.file], info.start, info.nbytes, self._buffer, info.file)
+        return read_range(self._descriptor(info.file), info.start, info.nbytes, self._buffer, info.file)
 
     def tensor(self, name: str) -> Any:
         return self.tensors([name])[name]
 
     def tensors(self, names: Iterable[str]) -> dict[str, Any]:
-        """Several tensors, in the order named, each file opened once for all it holds of them (an MoE
-        block has hundreds)."""
-        names = list(names)
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.info[name].file, []).append(name)
-        found = {}
-        for group in by_file.values():
-            with self._opened(group[0]) as handle:
-                found |= {name: handle.get_tensor(name) for name in group}
-        return {name: found[name] for name in names}
+        """Several tensors, in the order named, each read into memory of its own."""
+        return {name: self._read_tensor(self.info[name]) for name in names}
 
     def rows(self, name: str, start: int, stop: int) -> Any:
-        with self._opened(name) as handle:
-            return handle.get_slice(name)[start:stop]
+        """Rows start..stop of a tensor (its first dimension), read alone."""
+        info = self.info[name]
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+        stop = max(start, min(stop, info.shape[0]))
+        return self._read_tensor(info, (stop - start, *info.shape[1:]), info.start + start * row_bytes)
 
-    def _opened(self, name: str) -> Any:
-        """A safetensors handle for one read. Its file mapping then lives only as long as the tensor
-        read from it, so the pages it touched leave the process's memory with the tensor; a handle
-        kept open would keep every page it ever touched resident, in time the whole model."""
-        from safetensors import safe_open
+    def _read_tensor(self, info: TensorInfo, shape: tuple[int, ...] | None = None, start: int | None = None) -> Any:
+        """A tensor read with pread into a buffer it owns, not mapped: safetensors maps a whole file
+        copy-on-write, which Linux refuses for a file larger than memory and swap (the files read a
+        block at a time are those), and a mapping kept open keeps every page it touched resident.
+        The tensor's memory leaves the process with the tensor."""
+        import torch
 
-        return safe_open(str(self.info[name].file), framework="pt", device="cpu")
+        shape = tuple(info.shape) if shape is None else shape
+        dtype = _torch_dtype(info.dtype, info.file)
+        count = math.prod(shape) * dtype.itemsize
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(count)
+        view = memoryview(buffer)
+        descriptor = self._descriptor(info.file)
+        offset, done = info.start if start is None else start, 0
+        while done < count:
+            read = os.preadv(descriptor, [view[done:]], offset + done)
+            if read <= 0:
+                raise SurgeryError(f"{info.file} ended inside {info.name}: download or export it again")
+            done += read
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+    def _descriptor(self, file: Path) -> int:
+        if file not in self._descriptors:
+            self._descriptors[file] = os.open(file, os.O_RDONLY)
+        return self._descriptors[file]
 
     def close(self) -> None:
         for descriptor in self._descriptors.values():

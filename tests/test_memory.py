@@ -174,3 +174,39 @@ def test_info_describes_a_sublayer_cut_from_its_files(tiny_folder, tmp_path):
     cut = load_model(str(tmp_path / "cut"), with_tokenizer=False, device="cpu").model
     found = footprint(tmp_path / "cut")
     assert found.weights == weights_bytes(cut) and len(found.blocks) == 3 and found.blocks[1] < found.blocks[0]
+
+
+def test_block_reads_work_in_a_single_file_larger_than_memory_and_swap(tmp_path):
+    """transformers 5 saves up to 50 GB in one file; safetensors maps a file whole, copy-on-write,
+    which Linux refuses beyond memory and swap. The out-of-core paths read tensors and rows alone."""
+    import torch
+
+    from surgery.shards import SafetensorsFolder, check_safetensors
+
+    folder = sparse_checkpoint(tmp_path / "llama3-70b", "llama", **LLAMA3_70B)
+    check_safetensors(folder / "model.safetensors")
+    weights = SafetensorsFolder(folder)
+    norm = weights.tensor("model.layers.79.input_layernorm.weight")
+    assert norm.dtype == torch.bfloat16 and norm.shape == (8192,) and not norm.any()
+    rows = weights.rows("lm_head.weight", 128250, 128260)  # the last 6 rows: a slice past the end stops at it
+    assert rows.shape == (6, 8192) and not rows.any()
+    weights.close()
+
+
+def test_tensors_read_alone_equal_what_safetensors_reads(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from surgery.shards import SafetensorsFolder
+
+    torch.manual_seed(0)
+    tensors = {"f32": torch.randn(5, 3), "bf16": torch.randn(7, 2).bfloat16(), "f16": torch.randn(4).half(),
+               "i64": torch.arange(6).reshape(2, 3), "bool": torch.tensor([True, False, True]),
+               "f8": torch.randn(4, 4).to(torch.float8_e4m3fn), "empty": torch.zeros(0, 3)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    weights = SafetensorsFolder(tmp_path)
+    expected = load_file(tmp_path / "model.safetensors")
+    for name, tensor in weights.tensors(list(tensors)).items():
+        assert tensor.dtype == expected[name].dtype and torch.equal(tensor.view(torch.uint8), expected[name].view(torch.uint8))
+    assert torch.equal(weights.rows("bf16", 2, 5), expected["bf16"][2:5])
+    weights.close()
