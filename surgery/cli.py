@@ -128,7 +128,7 @@ def cut(model: str, remove: str, out: Path, force: bool, **options: Any) -> None
 @click_options(LoadSettings)
 @handle_errors
 def info(model: str, **options: Any) -> None:
-    """Show a model's architecture, blocks and parameter count."""
+    """Show a model's architecture, blocks, parameters and memory plan (nothing loaded)."""
     from surgery.commands import describe_model
 
     describe_model(model, from_options(LoadSettings, options))
