@@ -442,7 +442,8 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
         record = {"healed_from": source.describe(), **({"teacher": dense.describe()} if dense else {}),
                   "healing": {**healed.settings, "data_source": healed.data_source,
                               "loss_before": healed.loss_before, "loss_after": loss_after, "log": healed.log,
-                              "resumed_from": healed.resumed_from}, "evaluation": results,
+                              "resumed_from": healed.resumed_from, "training_peak": healed.training_peak},
+                  "evaluation": results,
                   "reproduce": {"evaluation": fitted.flags()}}
         return record, {LOCAL_RECORD: json.dumps(record, indent=2, default=str) + "\n"}
 

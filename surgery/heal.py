@@ -47,6 +47,7 @@ class HealResult:
     log: list[dict[str, float]]
     resumed_from: str | None
     merge: tuple[Path, Path | None] | None = None  # streamed: (base folder, adapter folder; None: the base is the result)
+    training_peak: dict[str, Any] | None = None  # {"bytes", "kind"}: the most memory training held on process 0, its load included
     heldout: list[Any] = field(default_factory=list)  # the held-out batches, for the loss after a streamed merge
 
 
@@ -169,6 +170,7 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     from surgery.distributed import from_main, start
     from surgery.export.checkpoint import write_model_folder
     from surgery.files import write_json
+    from surgery.memory import PeakMemory
     from surgery.provenance import weights_sha256
 
     quiet_transformers()
@@ -224,8 +226,10 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
         train_ids = from_main(lambda: teacher_text(train_ids, settings.prompt_tokens, settings.run_seed, work, teacher,
                                                    lambda: _load_teacher(teacher, settings, device), settings.batch_size))
         source = f"{source}, continued by the dense model after {settings.prompt_tokens} tokens"
+    meter = PeakMemory(device).start()  # what sizes a job: training, the base's load and the teacher included
     adapter, log, resumed = _train(base_folder, tokenizer, train_ids, settings, arch, work, device,
                                    teacher if settings.distill > 0 else None)
+    peak = {"bytes": meter.read(), "kind": meter.kind}
     described = settings.describe()
     if not here.main:
         return None
@@ -233,11 +237,12 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     if streamed:
         merge = (base_folder, adapter) if settings.mode == "lora" else (adapter, None)
         return HealResult(None, loss_before, None, described, source, time.perf_counter() - started, log, resumed,
-                          merge, heldout)
+                          merge, heldout, training_peak=peak)
     merged = merge_adapter(base_folder, adapter, dtype=dtype, device=device) if settings.mode == "lora" else \
         merge_adapter(adapter, None, dtype=dtype, device=device)  # partial: the trained model is the result
     loss_after = heldout_loss(merged, heldout)
-    return HealResult(merged, loss_before, loss_after, described, source, time.perf_counter() - started, log, resumed)
+    return HealResult(merged, loss_before, loss_after, described, source, time.perf_counter() - started, log, resumed,
+                      training_peak=peak)
 
 
 def _folder_loss(folder: Path, heldout: list[Any], dtype: Any, device: str, streamed: bool) -> float:

@@ -175,6 +175,47 @@ def device_that_fits(folder: Path, device: str, what: str) -> str:
     return "cpu"
 
 
+
+class PeakMemory:
+    """The most memory a stretch of work held, from `start()` to `read()`: the CUDA allocator's
+    peak on a GPU, the process's peak resident set on the CPU (Linux: VmHWM, reset through
+    /proc/self/clear_refs; None where that cannot be reset)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = str(device).startswith("cuda")
+        self.device = device
+        self.kind = "cuda max allocated" if self.cuda else "process peak RSS"
+        self._reset = False
+
+    def start(self) -> PeakMemory:
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._reset = True
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self._reset = True
+            except OSError:
+                self._reset = False
+        return self
+
+    def read(self) -> int | None:
+        if not self._reset:
+            return None
+        if self.cuda:
+            import torch
+
+            return int(torch.cuda.max_memory_allocated(self.device))
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
 # ------------------------------------------------------------------ the plan `surgery info` shows
 
 NF4_BYTES_PER_WEIGHT = 0.516  # 4 bits, plus double-quantised absmax (8 bits per 64 weights, 32 per 256 blocks)
@@ -226,6 +267,16 @@ def _config_dtype(config: Any) -> Any:
     return value if isinstance(value, torch.dtype) else getattr(torch, str(value or "float32"), torch.float32)
 
 
+def in_memory_bytes(weights: int, copies: int = 1) -> int:
+    """What a command holding `copies` of the weights holds, the libraries included (no activations)."""
+    return copies * weights + LIBRARY_BYTES
+
+
+def block_by_block_bytes(found: Footprint) -> int:
+    """What a block-by-block path holds: the largest block, a slice of the output layer, the libraries."""
+    return max(found.blocks, default=0) + found.head_slice + LIBRARY_BYTES
+
+
 @dataclass(frozen=True)
 class Step:
     """How one command would run a model here, by the decisions the command itself makes."""
@@ -244,18 +295,18 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
     weights = loaded_bytes(folder, dtype) or found.weights
     available = available_memory(device)
     streaming = bool(safetensors_bytes(folder)) and not device_map  # the out-of-core paths read safetensors
-    block = max(found.blocks, default=0) + found.head_slice + LIBRARY_BYTES
-    whole = weights + LIBRARY_BYTES
+    block = block_by_block_bytes(found)
+    whole = in_memory_bytes(weights)
     steps = []
     for command, copies, out_of_core_how, option in (("analyze, eval", 1, "block by block", "--layerwise"),
                                                       ("cut", 2, "streamed file to file", "--stream")):
         if fits_in_memory(weights, available, copies) or not streaming:
             steps.append(Step(command, "in memory" + (", checked against a reloaded copy" if copies == 2 else ""),
-                              copies * weights + LIBRARY_BYTES, f"{option} reads one block at a time" if streaming else ""))
+                              in_memory_bytes(weights, copies), f"{option} reads one block at a time" if streaming else ""))
         else:
             steps.append(Step(command, out_of_core_how, block, f"about the largest block, chosen because {copies} "
                               f"cop{'ies' if copies > 1 else 'y'} would not fit"))
-    steps.append(_heal_step(found, weights, device, quantize))
+    steps.append(_heal_step(found, weights, device, quantize, streaming, block))
     if fits_in_memory(weights, available):
         steps.append(Step("prune", "in memory (choosing and bridging need the whole model)", whole,
                           "the export reloads the pruned model to compare"))
@@ -265,15 +316,21 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
     return found, available, steps
 
 
-def _heal_step(found: Footprint, weights: int, device: str, quantize: bool) -> Step:
-    """Healing's training weights (activations, optimiser state of the adapters and the batch come on
-    top): a 4-bit NF4 base of the blocks' linear layers, the rest in the compute dtype."""
-    if not quantize:
-        return Step("heal", "LoRA on the full-precision base", weights + LIBRARY_BYTES, "plus activations and the adapters")
-    compute = 2 if device.startswith("cuda") else 4  # bfloat16 on a GPU, float32 on the CPU (surgery.heal.load_4bit)
-    nf4 = int(found.linear * NF4_BYTES_PER_WEIGHT) + (found.parameters - found.linear) * compute
-    return Step("heal", "QLoRA on a 4-bit NF4 base", nf4 + LIBRARY_BYTES,
-                f"plus activations and the adapters; merging loads the {found.dtype} model on process 0")
+def _heal_step(found: Footprint, weights: int, device: str, quantize: bool, streaming: bool, block: int) -> Step:
+    """Healing: training (a 4-bit NF4 base of the blocks' linear layers, the rest in the compute
+    dtype; activations, the adapters and their optimiser state come on top), then process 0's merge
+    (two copies in memory, as the cut's check, or streamed file to file), whichever holds more."""
+    if quantize:
+        compute = 2 if device.startswith("cuda") else 4  # bfloat16 on a GPU, float32 on the CPU (surgery.heal.load_4bit)
+        training = int(found.linear * NF4_BYTES_PER_WEIGHT) + (found.parameters - found.linear) * compute + LIBRARY_BYTES
+    else:
+        training = weights + LIBRARY_BYTES
+    in_memory = fits_in_memory(weights, available_memory(device, alone=True), copies=2) or not streaming
+    merge = in_memory_bytes(weights, 2) if in_memory else block
+    how = "QLoRA on a 4-bit NF4 base" if quantize else "LoRA on the full-precision base"
+    return Step("heal", f"{how}; merged {'in memory' if in_memory else 'file to file'}", max(training, merge),
+                f"training {training / 2**30:.2f} GiB of weights, plus activations and the adapters; "
+                f"the merge {merge / 2**30:.2f} GiB")
 
 
 def check_whole_model_fits(folder: Path, *, device: str, device_map: str | None, dtype: str | None, command: str,

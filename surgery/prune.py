@@ -370,7 +370,8 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
                 model = healed.model
                 report["healing"] = {"settings": healed.settings, "data_source": healed.data_source,
                                      "loss_before": healed.loss_before, "loss_after": healed.loss_after,
-                                     "seconds": healed.seconds, "log": healed.log, "resumed_from": healed.resumed_from}
+                                     "seconds": healed.seconds, "log": healed.log, "resumed_from": healed.resumed_from,
+                                     "training_peak": healed.training_peak}
                 step(f"held-out loss {healed.loss_before:.4f} -> {healed.loss_after:.4f}; evaluating the healed model")
                 with timed("evaluate_healed"):
                     report["evaluations"]["healed"] = evaluate(settings, "healed", model, loaded.tokenizer,

@@ -216,6 +216,9 @@ def prune_markdown(report: dict[str, Any]) -> str:
                   f"- held-out loss {healing['loss_before']:.4f} -> {healing['loss_after']:.4f} "
                   f"({'lower' if healing['loss_after'] < healing['loss_before'] else 'NOT lower'}) in {healing['seconds']:.0f} s"
                   + (f" (resumed from {healing['resumed_from']})" if healing.get("resumed_from") else "")]
+        peak = healing.get("training_peak") or {}
+        if peak.get("bytes"):
+            lines.append(f"- training held at most {peak['bytes'] / 2**30:.2f} GiB ({peak['kind']}, the base's load included)")
     lines += ["", "## Before and after", "",
               "Accuracy is lm-eval's, with its standard error and the chance level (majority class where every item has the "
               "same choices). A model near chance on a task says little about pruning damage there; perplexity is the "

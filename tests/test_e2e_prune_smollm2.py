@@ -30,6 +30,9 @@ def test_prune_smollm2_quarter_with_cornerstones_and_healing(smollm2_folder, dat
     assert not cornerstones & set(plan["removed"])
     assert plan["fraction_of_decoder_parameters"] == pytest.approx(0.25, abs=0.02)
     assert report["healing"]["loss_after"] < report["healing"]["loss_before"]
+    peak = report["healing"]["training_peak"]  # the 135M model's float32 base alone is 0.5 GiB
+    assert peak["kind"] == "process peak RSS" and peak["bytes"] > 2**29
+    assert f"training held at most {peak['bytes'] / 2**30:.2f} GiB" in (out / "report.md").read_text()
     assert set(report["evaluations"]) == {"source", "pruned", "healed"}
     ppl = {stage: report["evaluations"][stage]["perplexity"]["wikitext2"]["perplexity"] for stage in report["evaluations"]}
     assert ppl["source"] < ppl["pruned"] and ppl["healed"] < ppl["pruned"]

@@ -3,6 +3,7 @@ the held-out loss falls, an interrupted run resumes from its checkpoint."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,8 +79,12 @@ def c4_settings(**overrides):
 @pytest.mark.parametrize("quantize", [True, False])
 def test_healing_lowers_held_out_loss_and_merges_into_full_precision(tmp_path, tokenizer, data_dir, quantize):
     model = tiny_model("qwen2", num_layers=2)
+    resident = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmRSS:"))
     result = heal(model, tokenizer, c4_settings(quantize=quantize), tmp_path / "work", data_dir=data_dir)
     assert result.loss_after < result.loss_before - 0.05, (result.loss_before, result.loss_after)
+    # the libraries stay resident through training: its peak cannot be below what the process held before
+    assert result.training_peak["kind"] == "process peak RSS" and result.training_peak["bytes"] >= 0.9 * resident
     merged = result.model
     assert not any("lora" in name for name, _ in merged.named_parameters())
     assert all(p.dtype == torch.float32 for p in merged.parameters())

@@ -19,24 +19,6 @@ from surgery.forward import count_parameters
 from surgery.settings import SpeedProtocol
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def weights_bytes(model: Any) -> int:
     tensors = {id(t): t for t in [*unwrap(model).parameters(), *unwrap(model).buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -63,6 +45,8 @@ def _cache_bytes(cache: Any) -> int:
 def measure_speed(model: Any, protocol: SpeedProtocol = SpeedProtocol(), folder: Path | None = None) -> dict[str, Any]:
     """Prefill and decode tokens/s, peak memory, parameters and file size."""
     import torch
+
+    from surgery.memory import PeakMemory
 
     base = unwrap(model)
     device = next(base.parameters()).device
@@ -91,18 +75,16 @@ def measure_speed(model: Any, protocol: SpeedProtocol = SpeedProtocol(), folder:
 
     with torch.no_grad():
         run_once()  # warm-up
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        rss_reset = _reset_peak_rss()
+        meter = PeakMemory(str(device)).start()
         runs = [run_once() for _ in range(protocol.repeats)]
-        peak = torch.cuda.max_memory_allocated(device) if cuda else (_peak_rss() if rss_reset else None)
+        peak = meter.read()
     prefill = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
     return {
         "prefill_tokens_per_s": protocol.prompt_tokens / prefill,
         "decode_tokens_per_s": protocol.decode_tokens / decode,
         "peak_memory_bytes": peak,
-        "peak_memory_kind": "cuda max allocated" if cuda else "process peak RSS",
+        "peak_memory_kind": meter.kind,
         "weights_bytes": weights_bytes(base),
         "kv_cache_bytes": _cache_bytes(runs[-1][2]),
         "parameters": count_parameters(base),
