@@ -47,8 +47,8 @@ class HealResult:
     log: list[dict[str, float]]
     resumed_from: str | None
     merge: tuple[Path, Path | None] | None = None  # streamed: (base folder, adapter folder; None: the base is the result)
-    training_peak: dict[str, Any] | None = None  # {"bytes", "kind"}: the most memory training held on process 0, its load included
     heldout: list[Any] = field(default_factory=list)  # the held-out batches, for the loss after a streamed merge
+    training_peak: dict[str, Any] | None = None  # {"bytes", "kind"}: the most memory training held on process 0, its load included
 
 
 def disable_cpu_repack(model: Any) -> int:
