@@ -171,8 +171,24 @@ def load_tokenizer(folder: Any, trust_remote_code: bool = False) -> Any:
 
         register_classes(read_config(folder))
     try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as error:  # tokenizers raises its own exception types for a corrupt file
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise SurgeryError(f"the tokenizer in {folder} ({', '.join(present)}) does not load ({message[:200]}): "
                            "restore those files from the original model") from None
+    _check_vocabulary(folder, tokenizer)
+    return tokenizer
+
+
+def _check_vocabulary(folder: Any, tokenizer: Any) -> None:
+    """A tokenizer whose own vocabulary (added tokens aside) is larger than the model's embeddings
+    writes ids the model has no row for: every text would end in an IndexError mid-run."""
+    if not (folder / "config.json").is_file():
+        return
+    from surgery.arch import text_config
+
+    rows = text_config(folder).get("vocab_size")
+    words = getattr(tokenizer, "vocab_size", None)
+    if isinstance(rows, int) and isinstance(words, int) and words > rows:
+        raise SurgeryError(f"the tokenizer in {folder} has {words:,} tokens but the model only {rows:,} embeddings "
+                           "(vocab_size): it is not this model's tokenizer; put back the one the model was trained with")

@@ -544,3 +544,13 @@ def test_interrupted_and_resumed_runs_print_no_library_noise(tiny_folder, tmp_pa
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "kernels-community" not in done.stderr and time.monotonic() - start < 600
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_one_line(tiny_folder, tmp_path, data_dir):
+    """Its ids past the embeddings were an IndexError from inside the first forward pass."""
+    source, _ = tiny_folder("llama", vocab_size=128)  # the tiny tokenizer has 384 tokens
+    for args in (("eval", source, "--tasks", "none", "--no-speed", "--ppl", "wikitext2", "--ppl-windows", "1", "--data-dir", data_dir),
+                 ("cut", source, "--remove", "L1", "--out", tmp_path / "cut")):
+        line = one_line(run(*args))
+        assert "has 384 tokens but the model only 128 embeddings" in line and "not this model's tokenizer" in line
+    assert not (tmp_path / "cut").exists()
