@@ -316,15 +316,21 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
     return found, available, steps
 
 
+def training_bytes(found: Footprint, weights: int, device: str, quantize: bool = True) -> int:
+    """Healing's weights while training, the libraries included: QLoRA's 4-bit NF4 blocks' linear
+    layers and the rest in the compute dtype (bf16 on a GPU, float32 on the CPU: surgery.heal.load_4bit),
+    or the full-precision base. Activations, the adapters and their optimiser state come on top."""
+    if not quantize:
+        return weights + LIBRARY_BYTES
+    compute = 2 if device.startswith("cuda") else 4
+    return int(found.linear * NF4_BYTES_PER_WEIGHT) + (found.parameters - found.linear) * compute + LIBRARY_BYTES
+
+
 def _heal_step(found: Footprint, weights: int, device: str, quantize: bool, streaming: bool, block: int) -> Step:
     """Healing: training (a 4-bit NF4 base of the blocks' linear layers, the rest in the compute
     dtype; activations, the adapters and their optimiser state come on top), then process 0's merge
     (two copies in memory, as the cut's check, or streamed file to file), whichever holds more."""
-    if quantize:
-        compute = 2 if device.startswith("cuda") else 4  # bfloat16 on a GPU, float32 on the CPU (surgery.heal.load_4bit)
-        training = int(found.linear * NF4_BYTES_PER_WEIGHT) + (found.parameters - found.linear) * compute + LIBRARY_BYTES
-    else:
-        training = weights + LIBRARY_BYTES
+    training = training_bytes(found, weights, device, quantize)
     in_memory = fits_in_memory(weights, available_memory(device, alone=True), copies=2) or not streaming
     merge = in_memory_bytes(weights, 2) if in_memory else block
     how = "QLoRA on a 4-bit NF4 base" if quantize else "LoRA on the full-precision base"
