@@ -119,7 +119,8 @@ def cut(model: str, remove: str, out: Path, force: bool, **options: Any) -> None
 
     result = cut_and_export(model, remove, out, from_options(LoadSettings, options), from_options(StreamSettings, options), force=force,
                             export=from_options(ExportSettings, options))
-    how = "streamed, checked block by block" if result.manifest["verified"].get("method") == "streamed" else "verified"
+    how = {"streamed": "streamed, checked block by block", "block by block": "checked block by block"}.get(
+        result.manifest["verified"].get("method"), "verified")
     console.print(f"[green]wrote[/] {result.path}  ({how}: max |Δlogit| {result.max_logit_diff:.2g}, loads via {result.loader})")
 
 

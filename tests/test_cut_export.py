@@ -238,3 +238,52 @@ def test_manifest_detects_changed_or_missing_files(tmp_path, tokenizer):
     (out / MANIFEST).unlink()
     with pytest.raises(SurgeryError, match="not a surgery export"):
         read_manifest(out)
+
+
+@pytest.fixture
+def room_for_one_copy(monkeypatch):
+    """The memory free beside a model in memory is a little less than a second copy needs."""
+    import surgery.memory as memory
+    from surgery.export.checkpoint import weights_bytes
+
+    def hold(model) -> None:
+        room = weights_bytes(model) + memory.LIBRARY_BYTES - 1
+        monkeypatch.setattr(memory, "available_memory", lambda device="cpu", alone=False: room)
+
+    return hold
+
+
+@pytest.mark.parametrize("family, remove", [("llama", "L1"), ("gemma2", "L1.attn,L2.mlp"), ("qwen3_moe", "L0.mlp")])
+def test_an_export_that_cannot_be_held_twice_is_checked_block_by_block(family, remove, tmp_path, tokenizer, room_for_one_copy):
+    """The pruned model and its reloaded copy would not fit together: the written files are run
+    block by block instead, and what they hold is the model (reloaded here afterwards, to see)."""
+    model = tiny_model(family, num_layers=3)
+    cut(model, parse_sublayers(remove))
+    room_for_one_copy(model)
+    manifest = export_checkpoint(model, tokenizer, tmp_path / "out", record={}).manifest
+    assert manifest["verified"]["method"] == "block by block" and manifest["verified"]["max_abs_logit_diff"] <= 1e-3
+    assert manifest["verified"]["cached_generation"] is False
+    reloaded = load_exported(tmp_path / "out", dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        assert torch.allclose(model(ids(), use_cache=False).logits, reloaded(ids(), use_cache=False).logits, atol=1e-5)
+
+
+def test_a_block_by_block_check_that_fails_leaves_nothing(tmp_path, tokenizer, monkeypatch, room_for_one_copy):
+    import surgery.export.checkpoint as export
+    from safetensors.torch import load_file, save_file
+
+    def corrupt(model, tokenizer, folder, *rest):
+        written = original_write(model, tokenizer, folder, *rest)
+        weights = load_file(folder / "model.safetensors")
+        weights["model.layers.1.post_attention_layernorm.weight"] += 0.5  # a silent change in one tensor of one block
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        return written
+
+    original_write = export._write
+    monkeypatch.setattr(export, "_write", corrupt)
+    model = tiny_model("llama")
+    cut(model, parse_sublayers("L2"))
+    room_for_one_copy(model)
+    with pytest.raises(SurgeryError, match="export check failed: the written checkpoint's logits, run block by block, differ"):
+        export_checkpoint(model, tokenizer, tmp_path / "out", record={})
+    assert list(tmp_path.iterdir()) == []

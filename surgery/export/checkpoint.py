@@ -5,7 +5,8 @@ the source family's own, `nemotron-nas`: NVIDIA's DeciLM, written by surgery.exp
 reloaded the way its users will load it (plain `from_pretrained`; `trust_remote_code=True` for
 sublayer-pruned ones and Nemotron-NAS),
 checked against the in-memory model (logits on a fixed prompt and greedy generation with the KV
-cache), and only then moved into place. On any failure the staging folder is deleted and `out`
+cache; where a second copy would not fit beside the model, the written files run block by block
+against its logits instead), and only then moved into place. On any failure the staging folder is deleted and `out`
 is left as it was. The folder carries `surgery.json`, which records what was removed, from what,
 with which versions, and the SHA-256 of every file, so that `surgery push` can refuse anything
 that is not a complete, verified export.
@@ -76,13 +77,11 @@ def export_checkpoint(
     check_free_space(out, weights_bytes(model), "the checkpoint")
     with staged_folder(out) as staging:
         written = _write(model, tokenizer, staging, copy_from, extra_files or {}, layout, max_shard_size)
-        diff, loader = verify_checkpoint(model, tokenizer, staging)
+        verified = verify_checkpoint(model, tokenizer, staging, layout)
         if finalize is not None:
             finalize(staging)
-        verified = {"max_abs_logit_diff": diff, "loader": loader, "method": "reload", "prompt": VERIFY_PROMPT,
-                    "cached_generation": True}
         manifest = write_manifest(staging, {**record, **written, "unpublished": list(unpublished)}, verified)
-    return ExportResult(out, diff, loader, manifest)
+    return ExportResult(out, verified["max_abs_logit_diff"], verified["loader"], manifest)
 
 
 def weights_bytes(model: Any) -> int:
@@ -180,8 +179,11 @@ def ships_own_code(config: dict[str, Any]) -> bool:
     return model_type.startswith(SURGERY_MODEL_TYPE_PREFIX) or model_type == NEMOTRON_MODEL_TYPE
 
 
-def verify_checkpoint(model: Any, tokenizer: Any, folder: Path) -> tuple[float, str]:
-    """Reload `folder` and compare with `model`: logits on a fixed prompt, then cached greedy decoding."""
+def verify_checkpoint(model: Any, tokenizer: Any, folder: Path, layout: str = "hf") -> dict[str, Any]:
+    """Compare the written `folder` with `model`; the manifest's `verified` record. Reloaded as its
+    users load it (logits on a fixed prompt, then cached greedy decoding) when a second copy fits
+    beside the model; otherwise run block by block from its files (logits), so that exporting never
+    needs the model in memory twice (a pruned 70B model on a machine that holds it once)."""
     import torch
 
     from surgery.console import quiet_transformers
@@ -190,9 +192,11 @@ def verify_checkpoint(model: Any, tokenizer: Any, folder: Path) -> tuple[float, 
     quiet_transformers()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    reloaded = load_exported(folder, dtype=dtype, device=str(device))
     loader = "trust_remote_code" if ships_own_code(json.loads((folder / "config.json").read_text())) else "transformers"
     ids = verification_ids(tokenizer, model.config.vocab_size).to(device)
+    if not _second_copy_fits(model, layout):
+        return _verify_block_by_block(model, folder, ids, dtype, loader)
+    reloaded = load_exported(folder, dtype=dtype, device=str(device))
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits.float()
         actual = reloaded(ids, use_cache=False).logits.float()
@@ -203,7 +207,38 @@ def verify_checkpoint(model: Any, tokenizer: Any, folder: Path) -> tuple[float, 
     if not torch.equal(want, got):
         raise SurgeryError("export check failed: the reloaded checkpoint generates differently with its KV cache; nothing was written")
     del reloaded
-    return diff, loader
+    return {"max_abs_logit_diff": diff, "loader": loader, "method": "reload", "prompt": VERIFY_PROMPT, "cached_generation": True}
+
+
+def _second_copy_fits(model: Any, layout: str) -> bool:
+    """Whether the reload fits beside the model on its device (the memory free now excludes the
+    model itself). A model spread by a device map, and the Nemotron-NAS layout (which the
+    block-by-block executor does not read), are reloaded as before."""
+    from surgery.memory import available_memory, fits_in_memory
+
+    if layout != "hf" or getattr(unwrap(model), "hf_device_map", None):
+        return True
+    device = str(next(model.parameters()).device)
+    return fits_in_memory(weights_bytes(model), available_memory(device, alone=True))
+
+
+def _verify_block_by_block(model: Any, folder: Path, ids: Any, dtype: Any, loader: str) -> dict[str, Any]:
+    import torch
+
+    from surgery.console import console, task
+    from surgery.layerwise import LayerwiseModel
+
+    console.print("checking the export block by block: a second copy of the model does not fit beside it")
+    written = LayerwiseModel(folder, device=str(next(model.parameters()).device))
+    try:
+        with task("comparing the written checkpoint with the model, block by block"), torch.no_grad():
+            expected = model(ids, use_cache=False).logits.float()
+            actual = written.forward(ids.cpu()).to(expected.device)
+    finally:
+        written.close()
+    diff = logit_diff_within_tolerance(expected, actual, dtype, "the written checkpoint's logits, run block by block, differ")
+    return {"max_abs_logit_diff": diff, "loader": loader, "method": "block by block", "prompt": VERIFY_PROMPT,
+            "cached_generation": False}
 
 
 def logit_diff_within_tolerance(want: Any, got: Any, dtype: Any, mismatch: str) -> float:
