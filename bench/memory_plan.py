@@ -4,8 +4,9 @@
 
 Each command the plan describes runs in a child process on MODEL, the path the plan names forced
 with its option (so both paths of a command are measured whatever fits here). Measured: on the CPU
-the child's peak resident memory (os.wait4's ru_maxrss); on a GPU the CUDA caching allocator's peak
-reserved bytes (torch.cuda.max_memory_reserved, read as the child exits), beside its ru_maxrss.
+the child's peak resident memory (VmHWM, read as it exits); on a GPU the CUDA caching allocator's
+peak reserved bytes (torch.cuda.max_memory_reserved, read as it exits), beside its VmHWM. Healing
+also gets a row for its training alone, from the peak its record keeps.
 The plan's figure is the weights it counts plus 1 GiB for the libraries, and leaves out
 activations; the ratio measured / planned says how far that holds. `--model` takes any model
 folder or Hub id; `--make-llama WIDTH,FFN,LAYERS,VOCAB` first writes a random bf16 Llama of that
@@ -26,8 +27,14 @@ from pathlib import Path
 from common import ROOT, data_dir, measured_child, protocol, save
 
 # A child that reports the CUDA allocator's peak as it exits (the parent cannot see a child's GPU memory).
+# Its peak resident set is VmHWM, which belongs to the program it runs: ru_maxrss from os.wait4 would
+# start from the forking parent's resident set, since Linux carries it across exec.
 CHILD = ("import atexit, sys, torch\n"
+         "from surgery.memory import PeakMemory\n"
+         "rss = PeakMemory('cpu')\n"
+         "rss._reset = True  # VmHWM since exec, not reset\n"
          "def report():\n"
+         "    print('PEAK_RSS', rss.read(), file=sys.__stderr__, flush=True)\n"
          "    if torch.cuda.is_available():\n"
          "        print('CUDA_PEAK_RESERVED', torch.cuda.max_memory_reserved(), file=sys.__stderr__, flush=True)\n"
          "atexit.register(report)\n"
@@ -63,7 +70,7 @@ def planned(row: str, path: str, folder: Path, device: str) -> tuple[int, str]:
         return training_bytes(footprint(folder), loaded_bytes(folder), device), "QLoRA on a 4-bit NF4 base"
     found, _, steps = plan(folder, device=device)
     step = next(s for s in steps if s.command == row)
-    if row == "heal":
+    if row in ("heal", "prune"):
         return step.holds, step.how
     if path == "block by block":
         return block_by_block_bytes(found), step.how
@@ -75,8 +82,10 @@ def measure(row: str, path: str, folder: str, command: list[str], env: dict[str,
     from surgery.source import resolve
 
     measured = measured_child([sys.executable, "-c", CHILD, *command], env)
-    cuda = [int(line.split()[1]) for line in measured["output"].splitlines() if line.startswith("CUDA_PEAK_RESERVED")]
-    found = [(path, cuda[-1] if device.startswith("cuda") and cuda else measured["peak_rss_bytes"])]
+    reported = {key: int(value) for key, _, value in (line.partition(" ") for line in measured["output"].splitlines())
+                if key in ("PEAK_RSS", "CUDA_PEAK_RESERVED")}
+    cuda, rss = reported.get("CUDA_PEAK_RESERVED"), reported["PEAK_RSS"]
+    found = [(path, cuda if device.startswith("cuda") else rss)]
     if row == "heal":
         record = json.loads((Path(command[command.index("--out") + 1]) / "local.json").read_text())
         found.append(("training", record["healing"]["training_peak"]["bytes"]))
@@ -85,7 +94,7 @@ def measure(row: str, path: str, folder: str, command: list[str], env: dict[str,
         figure, how = planned(row, name, resolve(folder).path, device)
         rows.append({"row": row, "path": name, "command": " ".join(command[:1] + ["MODEL"] + command[2:]),
                      "planned_bytes": figure, "plan_here": how, "measured_peak_bytes": peak,
-                     "peak_rss_bytes": measured["peak_rss_bytes"], "cuda_peak_reserved_bytes": cuda[-1] if cuda else None,
+                     "peak_rss_bytes": rss, "cuda_peak_reserved_bytes": cuda,
                      "seconds": measured["seconds"]})
         print(f"{row:14} {name:15} planned {figure / 2**30:6.2f} GiB, measured {peak / 2**30:6.2f} GiB: "
               f"{peak / figure:.2f}x  ({measured['seconds']:.0f} s)", flush=True)
@@ -109,6 +118,8 @@ def make_llama(shape: str, tokenizer_from: str, folder: Path) -> str:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
     del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the free memory the plan reads here is then the GPU's
     given = Path(tokenizer_from)
     load_tokenizer(given if (given / "tokenizer_config.json").is_file() else resolve(tokenizer_from).path).save_pretrained(folder)
     return str(folder)

@@ -307,9 +307,12 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
             steps.append(Step(command, out_of_core_how, block, f"about the largest block, chosen because {copies} "
                               f"cop{'ies' if copies > 1 else 'y'} would not fit"))
     steps.append(_heal_step(found, weights, device, quantize, streaming, block))
-    if fits_in_memory(weights, available):
-        steps.append(Step("prune", "in memory (choosing and bridging need the whole model)", whole,
-                          "the export reloads the pruned model to compare"))
+    if fits_in_memory(weights, available, 2):
+        steps.append(Step("prune", "in memory (choosing and bridging need the whole model)", in_memory_bytes(weights, 2),
+                          "at most: the export reloads the pruned model beside it to compare"))
+    elif fits_in_memory(weights, available):
+        steps.append(Step("prune", "in memory (choosing and bridging need the whole model)", whole + block - LIBRARY_BYTES,
+                          "the export is checked block by block: a second copy would not fit"))
     else:
         steps.append(Step("prune", "does not fit", whole, "run analyze (block by block), cut (streamed) and heal instead, "
                           "or --device-map auto over several GPUs"))
