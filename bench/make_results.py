@@ -936,6 +936,43 @@ def window_sensitivity_section(data: dict | None) -> list[str]:
 
 
 GPU_CHECK, GPU_SPEED = "gpu/h200_run2", "gpu/h200_speed_llama3_8b"  # the latest device runs (docs/scale.md, "On a GPU")
+GPU_MEMORY_PLAN = "gpu/memory_plan_h200_llama3_8b"  # bench/memory_plan.py at commit 8d80c28 on the lent H200
+
+
+def memory_plan_section(cpu: dict | None, gpu: dict | None) -> list[str]:
+    """The memory plan `surgery info` shows against each command's measured peak (bench/memory_plan.py)."""
+    lines = ["## Memory plan", ""]
+    if not cpu and not gpu:
+        return lines + ["Not run yet: `python bench/memory_plan.py`.", ""]
+    lines += ["What `surgery info` says each command holds (docs/scale.md, \"The memory plan\"), against the peak each "
+              "command reached in a child process, the path it names forced with its option. The plan counts weights and "
+              "1 GiB for the libraries; activations come on top, so healing's training runs above its figure.", ""]
+    for data, source, kind in ((cpu, "bench/results/memory_plan.json", "peak RSS (VmHWM)"),
+                               (gpu, f"bench/results/{GPU_MEMORY_PLAN}.json", "CUDA allocator's peak reserved")):
+        if not data:
+            continue
+        found, p = data["footprint"], data["protocol"]
+        what = (f"A random Llama of shape {p['shape']} (width, FFN, blocks, vocabulary)" if p.get("shape") else p["model"])
+        lines += [f"{what}: {found['parameters']:,} parameters, {found['weights_bytes'] / 2**30:.2f} GiB in {found['dtype']}, "
+                  f"on {p['device']}; measured: {kind} ({source}).", "",
+                  "| command | path | planned | measured | measured / planned |", "|---|---|---|---|---|"]
+        for row in data["rows"]:
+            lines.append(f"| {row['row']} | {row['path']} | {row['planned_bytes'] / 2**30:.2f} GiB | "
+                         f"{row['measured_peak_bytes'] / 2**30:.2f} GiB | {row['measured_peak_bytes'] / row['planned_bytes']:.2f}x |")
+        lines.append("")
+        if p["device"].startswith("cuda"):
+            lines += ["On the GPU the plan's 1 GiB for the libraries is host memory the allocator never sees, so the "
+                      "block-by-block rows sit well under their figure.", ""]
+    if gpu:
+        prune = next((r for r in gpu["rows"] if r["row"] == "prune"), None)
+        if prune and prune["measured_peak_bytes"] > 1.5 * prune["planned_bytes"]:
+            lines += [f"The GPU run used the plan of commit 8d80c28, whose prune figure was the weights once: prune reached "
+                      f"{prune['measured_peak_bytes'] / prune['planned_bytes']:.2f}x it, because the export reloaded the pruned "
+                      f"model beside itself to compare ({GPU_MEMORY_PLAN}.json). Since then the export checks block by block where "
+                      "a second copy would not fit, and the plan's prune figure is the two copies where they do. No GPU was lent "
+                      "again to rerun it. The run's RSS column counted the parent process's resident set (ru_maxrss survives "
+                      "exec), so only the GPU's peaks are given.", ""]
+    return lines
 
 
 def gpu_section(check: dict | None, speed: dict | None) -> list[str]:
@@ -999,6 +1036,8 @@ def main() -> None:
              "python bench/window_correlation.py   # how much consecutive perplexity windows correlate (the protocol's results)",
              "python bench/gpu_check.py --cli  # on a GPU: QLoRA gradients, bf16 batching, layer by layer, the CLI (docs/scale.md)",
              "python bench/gpu_speed.py        # on a GPU: bf16 speed of a Llama-3-8B-shaped model, dense and cut",
+             "python bench/memory_plan.py      # surgery info's memory plan against each command's peak (--device cuda "
+             "--make-llama 4096,14336,32,128256 on a GPU)",
              "python bench/search_cost.py       # the default strategy's search, its cache rebased on its choices or not",
              "python bench/protocol.py dev|test|calibration   # docs/protocol.md's comparison (resumes)",
              "python bench/protocol.py budget   # amendments 4 to 6: the default at other healing budgets and texts, on dev",
@@ -1021,6 +1060,7 @@ def main() -> None:
     lines += protocol_section(load("protocol") or {})
     lines += window_sensitivity_section(load("protocol_window_sensitivity"))
     lines += budget_section(load("protocol_budget"))
+    lines += memory_plan_section(load("memory_plan"), load(GPU_MEMORY_PLAN))
     lines += gpu_section(load(GPU_CHECK), load(GPU_SPEED))
     (DOCS / "results.md").write_text("\n".join(lines))
     print(f"wrote {DOCS / 'results.md'}")
