@@ -185,7 +185,7 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     source = resolve(model_spec, allow_pickle=load.allow_pickle)
     config = load_config(source.path)
     _check_weight_shapes(source.path, skeleton(config))
-    device = "cuda" if load.device_map else resolve_device(load.device)
+    device = resolve_device(None if load.device_map else load.device)  # a device map starts on the first GPU, if any
     found, available, steps = plan(source.path, device=device, device_map=load.device_map, dtype=load.dtype)
     removed = removed_sublayers(skeleton(config))
     gib = 2**30

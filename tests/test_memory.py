@@ -210,3 +210,13 @@ def test_tensors_read_alone_equal_what_safetensors_reads(tmp_path):
         assert tensor.dtype == expected[name].dtype and torch.equal(tensor.view(torch.uint8), expected[name].view(torch.uint8))
     assert torch.equal(weights.rows("bf16", 2, 5), expected["bf16"][2:5])
     weights.close()
+
+
+def test_info_plans_with_a_device_map_on_any_machine(tiny_folder):
+    """--device-map places a whole model itself: the plan reads the first GPU where there is one,
+    the CPU here (asking CUDA for its free memory without a GPU was a traceback)."""
+    source, _ = tiny_folder("llama")
+    result = run("info", source, "--device-map", "auto")
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") == 5}
+    assert "in memory" in rows["cut"] and "in memory" in rows["analyze, eval"]  # nothing streams under a device map
