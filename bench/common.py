@@ -75,7 +75,9 @@ def sampled_peaks(pid: int, peaks: dict[str, int], done) -> None:
 
 def measured_child(command: list[str], env: dict[str, str], durable: bool = False) -> dict:
     """Run `command`: wall time (durable: until its writes are on disk, os.sync), ru_maxrss (the
-    most resident memory at any moment, file-mapped pages included), sampled RSS parts, output.
+    most resident memory at any moment, file-mapped pages included; an upper bound, since Linux
+    starts it from this forking process's resident set and carries it across exec), sampled RSS
+    parts, output.
     Exits with the output if it fails."""
     import subprocess
     import threading

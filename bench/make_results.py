@@ -732,7 +732,8 @@ def out_of_core_section(data: dict) -> list[str]:
              f"{source}. The copy is shutil.copyfile of the source's shards, the faster of one before and one after the "
              "cut, in the same run; docs/scale.md says what the cut holds and does.", "",
              "| measure | measured | target | met |", "|---|---|---|---|",
-             f"| peak RSS of the cut (ru_maxrss, mapped file pages included) | {cut['peak_rss_bytes'] / gib:.2f} GiB | "
+             f"| peak RSS of the cut (ru_maxrss, mapped file pages included; an upper bound: it starts from the forking "
+             f"bench process's resident set) | {cut['peak_rss_bytes'] / gib:.2f} GiB | "
              f"under {data['rss_target_bytes'] / gib:g} GiB | {'yes' if data['rss_met'] else '**no**'} |",
              f"| wall time against the copy | {cut['seconds']:.1f} s against {copy:.1f} s: {data['time_ratio']:.2f}x | "
              f"within {data['time_target_ratio']:g}x | {'yes' if data['time_met'] else '**no**'} |", "",
@@ -769,7 +770,8 @@ def layerwise_analysis_section(data: dict) -> list[str]:
             f"`{shown}` on the synthetic checkpoint of the out-of-core cut ({data['source_bytes'] / gib:.2f} GiB, "
             f"{shape['num_hidden_layers']} blocks, bf16), in a child process {source}; docs/scale.md says what it holds.", "",
             "| measure | measured | target | met |", "|---|---|---|---|",
-            f"| peak RSS (ru_maxrss, mapped file pages included) | {data['peak_rss_bytes'] / gib:.2f} GiB | under "
+            f"| peak RSS (ru_maxrss, mapped file pages included; an upper bound: it starts from the forking bench "
+            f"process's resident set) | {data['peak_rss_bytes'] / gib:.2f} GiB | under "
             f"{data['rss_target_bytes'] / gib:g} GiB | {'yes' if data['rss_met'] else '**no**'} |",
             f"| wall time, {data['evaluations']} coalitions valued | {data['seconds']:.0f} s | reported | - |", "",
             f"Sampled while it ran, its heap peaked at {data['peak_rss_anon_sampled_bytes'] / gib:.2f} GiB and its mapped file "
