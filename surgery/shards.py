@@ -33,7 +33,8 @@ INDEX_NAME = "model.safetensors.index.json"
 FILENAME_PATTERN = "model{suffix}.safetensors"
 CHUNK_BYTES = 16 << 20
 # safetensors' dtype order: its writer lays tensors out by descending dtype, then by name.
-_DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
+_DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
+                "I16", "U16", "F16",
                 "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
 TORCH_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -76,11 +77,18 @@ def check_safetensors(file: Path) -> None:
     alone: opening the file with safetensors maps it copy-on-write, which Linux refuses for a file
     larger than memory and swap, the very files the out-of-core paths are for."""
     _, header = read_header(file)
-    tensors = sorted(((name, entry) for name, entry in header.items() if name != "__metadata__"),
-                     key=lambda item: tuple(item[1].get("data_offsets", ())) if isinstance(item[1], dict) else ())
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise SurgeryError(f"{file} is not a valid safetensors file (its __metadata__ must map text to text): "
+                           "download or export it again")
+    entries = [(name, entry) for name, entry in header.items() if name != "__metadata__"]
+    for name, entry in entries:
+        problem = _entry_problem(entry)
+        if problem:
+            raise SurgeryError(f"{file} is not a valid safetensors file ({name}: {problem}): download or export it again")
     end = 0
-    for name, entry in tensors:
-        problem = _tensor_problem(entry, end)
+    for name, entry in sorted(entries, key=lambda item: tuple(item[1]["data_offsets"])):
+        problem = _placement_problem(entry, end)
         if problem:
             raise SurgeryError(f"{file} is not a valid safetensors file ({name}: {problem}): download or export it again")
         end = entry["data_offsets"][1]
@@ -88,7 +96,8 @@ def check_safetensors(file: Path) -> None:
 
 _TORCH_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32", "U32": "uint32",
                 "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
-                "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}
+                "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+                "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz"}
 
 
 def _torch_dtype(name: str, file: Path | None) -> Any:
@@ -101,20 +110,31 @@ def _torch_dtype(name: str, file: Path | None) -> Any:
 
 
 _DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+               "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
                "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64,
                "I64": 64, "U64": 64}
 
 
-def _tensor_problem(entry: Any, start: int) -> str | None:
-    """What is wrong with one header entry whose bytes should begin at `start`; None if nothing."""
-    try:
-        dtype, shape, (begin, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in _DTYPE_BITS:
-            return f"unknown dtype {dtype}"
-        if not all(isinstance(n, int) and n >= 0 for n in shape) or not isinstance(begin, int) or not isinstance(stop, int):
-            return "shape and offsets must be whole numbers"
-    except (KeyError, TypeError, ValueError):
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """What is wrong with one header entry's form (safetensors' types); None if nothing."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
         return "an entry without dtype, shape and data_offsets"
+    if entry["dtype"] not in _DTYPE_BITS:
+        return f"unknown dtype {entry['dtype']}"
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(_whole(n) for n in shape) or not isinstance(offsets, list) \
+            or len(offsets) != 2 or not all(_whole(n) for n in offsets):
+        return "shape and data_offsets must be lists of whole numbers"
+    return None
+
+
+def _placement_problem(entry: dict[str, Any], start: int) -> str | None:
+    """Whether a well-formed entry's bytes begin at `start` and are as many as its shape and dtype make."""
+    dtype, shape, (begin, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
     if begin != start or stop < begin:
         return f"its bytes start at {begin}, not where the one before ends ({start})"
     bits = _DTYPE_BITS[dtype] * math.prod(shape)
@@ -214,10 +234,13 @@ class SafetensorsFolder:
         return self._read_tensor(info, (stop - start, *info.shape[1:]), info.start + start * row_bytes)
 
     def _read_tensor(self, info: TensorInfo, shape: tuple[int, ...] | None = None, start: int | None = None) -> Any:
-        """A tensor read with pread into a buffer it owns, not mapped: safetensors maps a whole file
-        copy-on-write, which Linux refuses for a file larger than memory and swap (the files read a
-        block at a time are those), and a mapping kept open keeps every page it touched resident.
-        The tensor's memory leaves the process with the tensor."""
+        """A tensor mapped from its own byte range of the file, copy-on-write: only the pages a
+        computation touches become resident (an embedding lookup reads the prompt's rows), and
+        they leave the process with the tensor. Not the whole file, as safetensors maps it: Linux
+        refuses a copy-on-write mapping larger than memory and swap, and transformers 5 writes up
+        to 50 GB into one file. Where even the tensor cannot be mapped, it is read into memory."""
+        import mmap
+
         import torch
 
         shape = tuple(info.shape) if shape is None else shape
@@ -225,16 +248,30 @@ class SafetensorsFolder:
         count = math.prod(shape) * dtype.itemsize
         if count == 0:
             return torch.empty(shape, dtype=dtype)
+        offset = info.start if start is None else start
+        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            with open(info.file, "rb") as handle:  # the mapping outlives the descriptor
+                mapped = mmap.mmap(handle.fileno(), count + offset - aligned, flags=mmap.MAP_PRIVATE,
+                                   prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+            buffer: Any = mapped
+        except (OSError, ValueError, AttributeError):  # no room to commit, or no MAP_PRIVATE here
+            buffer, aligned = self._pread(info, offset, count), offset
+        return torch.frombuffer(buffer, dtype=dtype, count=count // dtype.itemsize, offset=offset - aligned).reshape(shape)
+
+    def _pread(self, info: TensorInfo, offset: int, count: int) -> bytearray:
         buffer = bytearray(count)
         view = memoryview(buffer)
-        descriptor = self._descriptor(info.file)
-        offset, done = info.start if start is None else start, 0
+        descriptor, done = self._descriptor(info.file), 0
         while done < count:
-            read = os.preadv(descriptor, [view[done:]], offset + done)
+            try:
+                read = os.preadv(descriptor, [view[done:done + (1 << 30)]], offset + done)
+            except OSError as error:
+                raise SurgeryError(f"{info.file} could not be read ({error.strerror}): check the disk, or download it again") from None
             if read <= 0:
                 raise SurgeryError(f"{info.file} ended inside {info.name}: download or export it again")
             done += read
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        return buffer
 
     def _descriptor(self, file: Path) -> int:
         if file not in self._descriptors:

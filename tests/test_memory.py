@@ -32,8 +32,9 @@ def test_cgroup_v2_room_is_the_tightest_limit_on_the_way_up_less_the_working_set
     from surgery.memory import cgroup_room
 
     mount = tmp_path / "sys"
-    # a Slurm job limited to 8 GiB, using 3 GiB of which 1 GiB is inactive file cache; its step has no limit
-    _cgroup(mount / "job", str(8 * GIB), 3 * GIB, f"anon 123\ninactive_file {GIB}\nactive_file 5\n")
+    # a Slurm job limited to 8 GiB, using 3 GiB of which 1 GiB is file cache (a model read earlier, say: the
+    # kernel reclaims it, active or not, before it kills); its step has no limit
+    _cgroup(mount / "job", str(8 * GIB), 3 * GIB, f"anon 123\ninactive_file {GIB // 4}\nactive_file {3 * GIB // 4}\n")
     _cgroup(mount / "job" / "step", "max", 3 * GIB)
     membership = _membership(tmp_path, "0::/job/step\n")
     assert cgroup_room(membership, mount) == 6 * GIB
@@ -47,7 +48,8 @@ def test_cgroup_v1_and_containers(tmp_path):
     from surgery.memory import cgroup_room
 
     mount = tmp_path / "sys"
-    _cgroup(mount / "memory" / "docker" / "abc", str(4 * GIB), GIB, f"cache 7\ntotal_inactive_file {GIB // 2}\n", v1=True)
+    _cgroup(mount / "memory" / "docker" / "abc", str(4 * GIB), GIB,
+            f"cache 7\ntotal_inactive_file {GIB // 4}\ntotal_active_file {GIB // 4}\n", v1=True)
     _cgroup(mount / "memory", "9223372036854771712", 20 * GIB, v1=True)  # the root: no limit
     v1 = "9:pids:/docker/abc\n4:memory:/docker/abc\n1:name=systemd:/docker/abc\n"
     assert cgroup_room(_membership(tmp_path, v1), mount) == 4 * GIB - GIB // 2
@@ -193,11 +195,21 @@ def test_block_reads_work_in_a_single_file_larger_than_memory_and_swap(tmp_path)
     weights.close()
 
 
-def test_tensors_read_alone_equal_what_safetensors_reads(tmp_path):
+@pytest.mark.parametrize("how", ["mapped", "read"])
+def test_tensors_read_alone_equal_what_safetensors_reads(how, tmp_path, monkeypatch):
+    """Mapped from their byte range, or read where a mapping is refused (no room to commit)."""
+    import mmap
+
     import torch
     from safetensors.torch import load_file, save_file
 
     from surgery.shards import SafetensorsFolder
+
+    if how == "read":
+        def refused(*args, **kwargs):
+            raise OSError(12, "Cannot allocate memory")
+
+        monkeypatch.setattr(mmap, "mmap", refused)
 
     torch.manual_seed(0)
     tensors = {"f32": torch.randn(5, 3), "bf16": torch.randn(7, 2).bfloat16(), "f16": torch.randn(4).half(),
@@ -220,3 +232,39 @@ def test_info_plans_with_a_device_map_on_any_machine(tiny_folder):
     assert result.exit_code == 0, result.output
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") == 5}
     assert "in memory" in rows["cut"] and "in memory" in rows["analyze, eval"]  # nothing streams under a device map
+
+
+def test_safetensors_headers_are_checked_as_safetensors_checks_them(tmp_path):
+    """Valid files of every float8 kind pass, laid out as safetensors' writer lays them out; malformed
+    headers are one line, not a TypeError from sorting them."""
+    import json as jsonlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    from surgery.errors import SurgeryError
+    from surgery.shards import TensorInfo, check_safetensors, encode_header, read_header
+
+    tensors = {"e4fnuz": torch.zeros(3).to(torch.float8_e4m3fnuz), "e5fnuz": torch.zeros(2).to(torch.float8_e5m2fnuz),
+               "e4": torch.zeros(2).to(torch.float8_e4m3fn), "i16": torch.zeros(2, dtype=torch.int16), "u8": torch.zeros(1, dtype=torch.uint8)}
+    save_file(tensors, tmp_path / "f8.safetensors")
+    check_safetensors(tmp_path / "f8.safetensors")
+    _, header = read_header(tmp_path / "f8.safetensors")
+    infos = [TensorInfo(k, v["dtype"], tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0])
+             for k, v in header.items() if k != "__metadata__"]
+    _, order = encode_header(infos, None)
+    written = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    assert [t.name for t in order] == written  # the layout safetensors' writer chose
+    for change, message in ((lambda h: h["u8"].update(data_offsets=["x", h["u8"]["data_offsets"][1]]), "lists of whole numbers"),
+                            (lambda h: h["u8"].update(shape=[1.0]), "lists of whole numbers"),
+                            (lambda h: h["u8"].update(shape=[True]), "lists of whole numbers"),
+                            (lambda h: h.update(__metadata__={"format": 1}), "__metadata__ must map text to text")):
+        edited = jsonlib.loads(jsonlib.dumps(header))
+        change(edited)
+        text = jsonlib.dumps(edited).encode()
+        text += b" " * (-len(text) % 8)
+        data = (tmp_path / "f8.safetensors").read_bytes()
+        length = int.from_bytes(data[:8], "little")
+        (tmp_path / "bad.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
+        with pytest.raises(SurgeryError, match=message):
+            check_safetensors(tmp_path / "bad.safetensors")
