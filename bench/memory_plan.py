@@ -67,7 +67,7 @@ def planned(row: str, path: str, folder: Path, device: str) -> tuple[int, str]:
     from surgery.memory import block_by_block_bytes, footprint, in_memory_bytes, loaded_bytes, plan, training_bytes
 
     if path == "training":
-        return training_bytes(footprint(folder), loaded_bytes(folder), device), "QLoRA on a 4-bit NF4 base"
+        return training_bytes(footprint(folder), loaded_bytes(folder)), "QLoRA on a 4-bit NF4 base"
     found, _, steps = plan(folder, device=device)
     step = next(s for s in steps if s.command == row)
     if row in ("heal", "prune"):

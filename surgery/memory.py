@@ -54,9 +54,9 @@ UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as the largest page-aligned 6
 
 def cgroup_room(membership: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Bytes this process's memory cgroups let it still take, the tightest of its cgroup and every
-    parent with a limit: the limit less the working set (usage less the inactive file cache the
-    kernel reclaims before it kills, as the kubelet and `docker stats` count it); None where no
-    limit applies. cgroup v2 (memory.max) and v1 (memory.limit_in_bytes). Inside a container the
+    parent with a limit: the limit less the usage that is not file cache (the kernel reclaims the
+    cache, active or not, before it kills: a model read earlier in the job is charged to it as
+    cache and must not count as used); None where no limit applies. cgroup v2 (memory.max) and v1 (memory.limit_in_bytes). Inside a container the
     mount shows the container's own cgroup as its root, which is then the one read."""
     try:
         lines = membership.read_text().splitlines()
@@ -66,13 +66,14 @@ def cgroup_room(membership: Path = Path("/proc/self/cgroup"), mount: Path = Path
     for line in lines:
         hierarchy, _, path = line.partition(":")[2].partition(":")
         if hierarchy == "":  # v2: "0::/path"
-            rooms += _rooms(mount, path, "memory.max", "memory.current", "inactive_file")
+            rooms += _rooms(mount, path, "memory.max", "memory.current", ("inactive_file", "active_file"))
         elif "memory" in hierarchy.split(","):  # v1: "4:memory:/path"
-            rooms += _rooms(mount / hierarchy, path, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            rooms += _rooms(mount / hierarchy, path, "memory.limit_in_bytes", "memory.usage_in_bytes",
+                            ("total_inactive_file", "total_active_file"))
     return min(rooms) if rooms else None
 
 
-def _rooms(root: Path, path: str, limit_file: str, usage_file: str, inactive_key: str) -> list[int]:
+def _rooms(root: Path, path: str, limit_file: str, usage_file: str, cache_keys: tuple[str, ...]) -> list[int]:
     """limit - working set of each cgroup with a limit from `path` up to `root` (the mount's root
     alone where `path` is not visible, as inside a container)."""
     folder = root / path.strip("/")
@@ -80,7 +81,7 @@ def _rooms(root: Path, path: str, limit_file: str, usage_file: str, inactive_key
         folder = root
     rooms = []
     while True:
-        room = _room(folder, limit_file, usage_file, inactive_key)
+        room = _room(folder, limit_file, usage_file, cache_keys)
         if room is not None:
             rooms.append(room)
         if folder == root or root not in folder.parents:
@@ -88,7 +89,7 @@ def _rooms(root: Path, path: str, limit_file: str, usage_file: str, inactive_key
         folder = folder.parent
 
 
-def _room(folder: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+def _room(folder: Path, limit_file: str, usage_file: str, cache_keys: tuple[str, ...]) -> int | None:
     try:
         limit_text = (folder / limit_file).read_text().strip()
         if limit_text == "max" or int(limit_text) >= UNLIMITED:
@@ -96,15 +97,15 @@ def _room(folder: Path, limit_file: str, usage_file: str, inactive_key: str) -> 
         usage = int((folder / usage_file).read_text())
     except (OSError, ValueError):
         return None
-    inactive = 0
+    cache = 0
     try:
         for line in (folder / "memory.stat").read_text().splitlines():
             key, _, value = line.partition(" ")
-            if key == inactive_key:
-                inactive = int(value)
+            if key in cache_keys:
+                cache += int(value)
     except (OSError, ValueError):
         pass
-    return max(0, int(limit_text) - max(0, usage - inactive))
+    return max(0, int(limit_text) - max(0, usage - cache))
 
 
 def fits_in_memory(weight_bytes: int, available: int, copies: int = 1) -> bool:
@@ -307,7 +308,9 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
             steps.append(Step(command, out_of_core_how, block, f"about the largest block, chosen because {copies} "
                               f"cop{'ies' if copies > 1 else 'y'} would not fit"))
     steps.append(_heal_step(found, weights, device, quantize, streaming, block))
-    if fits_in_memory(weights, available, 2):
+    if device_map:
+        steps.append(Step("prune", f"in memory, placed by --device-map {device_map}", whole, "spread over the devices"))
+    elif fits_in_memory(weights, available, 2):
         steps.append(Step("prune", "in memory (choosing and bridging need the whole model)", in_memory_bytes(weights, 2),
                           "at most: the export reloads the pruned model beside it to compare"))
     elif fits_in_memory(weights, available):
@@ -319,21 +322,22 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
     return found, available, steps
 
 
-def training_bytes(found: Footprint, weights: int, device: str, quantize: bool = True) -> int:
+def training_bytes(found: Footprint, weights: int, quantize: bool = True) -> int:
     """Healing's weights while training, the libraries included: QLoRA's 4-bit NF4 blocks' linear
-    layers and the rest in the compute dtype (bf16 on a GPU, float32 on the CPU: surgery.heal.load_4bit),
-    or the full-precision base. Activations, the adapters and their optimiser state come on top."""
+    layers and the rest in float32 (embeddings, output layer, norms, and MoE experts that transformers
+    fuses into tensors bitsandbytes does not quantise), or the full-precision base. Activations, the
+    adapters and their optimiser state come on top."""
     if not quantize:
         return weights + LIBRARY_BYTES
-    compute = 2 if device.startswith("cuda") else 4
-    return int(found.linear * NF4_BYTES_PER_WEIGHT) + (found.parameters - found.linear) * compute + LIBRARY_BYTES
+    # peft's prepare_model_for_kbit_training casts every weight left unquantised to float32, on any device
+    return int(found.linear * NF4_BYTES_PER_WEIGHT) + (found.parameters - found.linear) * 4 + LIBRARY_BYTES
 
 
 def _heal_step(found: Footprint, weights: int, device: str, quantize: bool, streaming: bool, block: int) -> Step:
     """Healing: training (a 4-bit NF4 base of the blocks' linear layers, the rest in the compute
     dtype; activations, the adapters and their optimiser state come on top), then process 0's merge
     (two copies in memory, as the cut's check, or streamed file to file), whichever holds more."""
-    training = training_bytes(found, weights, device, quantize)
+    training = training_bytes(found, weights, quantize)
     in_memory = fits_in_memory(weights, available_memory(device, alone=True), copies=2) or not streaming
     merge = in_memory_bytes(weights, 2) if in_memory else block
     how = "QLoRA on a 4-bit NF4 base" if quantize else "LoRA on the full-precision base"

@@ -269,8 +269,9 @@ def test_an_export_that_cannot_be_held_twice_is_checked_block_by_block(family, r
 
 
 def test_a_block_by_block_check_that_fails_leaves_nothing(tmp_path, tokenizer, monkeypatch, room_for_one_copy):
-    import surgery.export.checkpoint as export
     from safetensors.torch import load_file, save_file
+
+    import surgery.export.checkpoint as export
 
     def corrupt(model, tokenizer, folder, *rest):
         written = original_write(model, tokenizer, folder, *rest)

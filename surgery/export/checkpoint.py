@@ -219,6 +219,13 @@ def _second_copy_fits(model: Any, layout: str) -> bool:
     if layout != "hf" or getattr(unwrap(model), "hf_device_map", None):
         return True
     device = str(next(model.parameters()).device)
+    if device.startswith("cuda"):  # what the caching allocator keeps from evaluation is free for the reload
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
     return fits_in_memory(weights_bytes(model), available_memory(device, alone=True))
 
 
