@@ -968,12 +968,13 @@ def memory_plan_section(cpu: dict | None, gpu: dict | None) -> list[str]:
     if gpu:
         prune = next((r for r in gpu["rows"] if r["row"] == "prune"), None)
         if prune and prune["measured_peak_bytes"] > 1.5 * prune["planned_bytes"]:
-            lines += [f"The GPU run used the plan of commit 8d80c28, whose prune figure was the weights once: prune reached "
-                      f"{prune['measured_peak_bytes'] / prune['planned_bytes']:.2f}x it, because the export reloaded the pruned "
-                      f"model beside itself to compare ({GPU_MEMORY_PLAN}.json). Since then the export checks block by block where "
-                      "a second copy would not fit, and the plan's prune figure is the two copies where they do. No GPU was lent "
-                      "again to rerun it. The run's RSS column counted the parent process's resident set (ru_maxrss survives "
-                      "exec), so only the GPU's peaks are given.", ""]
+            lines += [f"The GPU run used the plan of commit 8d80c28, in two rows since corrected. Its prune figure was the "
+                      f"weights once: prune reached {prune['measured_peak_bytes'] / prune['planned_bytes']:.2f}x it, because the "
+                      "export reloaded the pruned model beside itself to compare; the export now checks block by block where a "
+                      "second copy would not fit, and the plan's prune figure is the two copies where they do. Its training "
+                      "figure counted the unquantised weights in bf16, which peft casts to float32; the plan now counts them so. "
+                      f"No GPU was lent again to rerun it ({GPU_MEMORY_PLAN}.json). Its RSS column counted the parent process's "
+                      "resident set (ru_maxrss survives exec), so only the GPU's peaks are given.", ""]
     return lines
 
 
