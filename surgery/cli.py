@@ -265,7 +265,9 @@ def heal(folder: str, out: Path, data_dir: Path | None, force: bool, keep_work: 
         console.print(f"not run: {name}: {why}")
     healing = result["healing"]
     console.print(f"healing: held-out loss {healing['loss_before']:.4f} -> {healing['loss_after']:.4f}")
-    how = "merged file to file, checked block by block" if "streamed" in result["export"]["method"] else "verified"
+    method = result["export"]["method"]
+    how = "merged file to file, checked block by block" if "streamed" in method else \
+        "checked block by block" if method == "block by block" else "verified"
     console.print(f"[green]wrote[/] {result['export']['path']} ({how}; surgery.json, local.json)")
 
 
