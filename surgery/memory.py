@@ -306,7 +306,7 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
                               in_memory_bytes(weights, copies), f"{option} reads one block at a time" if streaming else ""))
         else:
             steps.append(Step(command, out_of_core_how, block, f"about the largest block, chosen because {copies} "
-                              f"cop{'ies' if copies > 1 else 'y'} would not fit"))
+                              f"cop{'ies' if copies > 1 else 'y'} would not fit" + _stored_dtype_note(folder, dtype)))
     steps.append(_heal_step(found, weights, device, quantize, streaming, block))
     if device_map:
         steps.append(Step("prune", f"in memory, placed by --device-map {device_map}", whole, "spread over the devices"))
@@ -331,6 +331,14 @@ def training_bytes(found: Footprint, weights: int, quantize: bool = True) -> int
         return weights + LIBRARY_BYTES
     # peft's prepare_model_for_kbit_training casts every weight left unquantised to float32, on any device
     return int(found.linear * NF4_BYTES_PER_WEIGHT) + (found.parameters - found.linear) * 4 + LIBRARY_BYTES
+
+
+def _stored_dtype_note(folder: Path, dtype: str | None) -> str:
+    """The block-by-block paths compute in the stored dtype and refuse another --dtype: say so."""
+    from surgery.shards import TORCH_DTYPES, SafetensorsFolder
+
+    stored = TORCH_DTYPES[SafetensorsFolder(folder).main_dtype()]
+    return "" if dtype in (None, "auto", stored) else f"; it computes in the stored {stored}: drop --dtype {dtype}"
 
 
 def _heal_step(found: Footprint, weights: int, device: str, quantize: bool, streaming: bool, block: int) -> Step:

@@ -142,6 +142,8 @@ def test_info_plans_a_70b_model_without_loading_it_and_prune_refuses_it_at_once(
     line = one_line(run("prune", folder, "--remove", "25%", "--out", tmp_path / "out", "--device", "cpu"))
     assert "131.4 GiB as loaded" in line and "64.0 GiB available" in line and "surgery cut --stream" in line
     assert time.perf_counter() - started < 60 and not (tmp_path / "out").exists()
+    result = run("info", folder, "--device", "cpu", "--dtype", "float32")  # the route named is one the commands take
+    assert "drop --dtype float32" in " ".join(result.output.split())
     machine(512)  # a machine that holds it: the in-memory paths, as each command decides
     result = run("info", folder, "--device", "cpu")
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") == 5}
