@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 LIBRARY_BYTES = 1 << 30  # torch, transformers and the forward passes beside the weights
+OUT_OF_CORE_ROUTE = ("run `surgery analyze --layerwise`, `surgery cut --stream` and `surgery heal` instead (docs/scale.md), "
+                     "or spread it over GPUs with --device-map auto")  # for a model too large to hold whole
 
 
 def available_memory(device: str = "cpu", alone: bool = False) -> int:
@@ -317,8 +319,7 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
         steps.append(Step("prune", "in memory (choosing and bridging need the whole model)", whole + block - LIBRARY_BYTES,
                           "the export is checked block by block: a second copy would not fit"))
     else:
-        steps.append(Step("prune", "does not fit", whole, "run analyze (block by block), cut (streamed) and heal instead, "
-                          "or --device-map auto over several GPUs"))
+        steps.append(Step("prune", "does not fit", whole, OUT_OF_CORE_ROUTE))
     return found, available, steps
 
 
@@ -342,9 +343,8 @@ def _stored_dtype_note(folder: Path, dtype: str | None) -> str:
 
 
 def _heal_step(found: Footprint, weights: int, device: str, quantize: bool, streaming: bool, block: int) -> Step:
-    """Healing: training (a 4-bit NF4 base of the blocks' linear layers, the rest in the compute
-    dtype; activations, the adapters and their optimiser state come on top), then process 0's merge
-    (two copies in memory, as the cut's check, or streamed file to file), whichever holds more."""
+    """Healing: training (`training_bytes`), then process 0's merge (two copies in memory, as the
+    cut's check, or streamed file to file), whichever holds more."""
     training = training_bytes(found, weights, quantize)
     in_memory = fits_in_memory(weights, available_memory(device, alone=True), copies=2) or not streaming
     merge = in_memory_bytes(weights, 2) if in_memory else block

@@ -98,12 +98,10 @@ def _check_fits(settings: PruneSettings, folder: Path) -> None:
     """prune holds the whole model (choosing and bridging have no out-of-core path): a model that
     cannot fit once is refused now, with the commands that run it a block at a time."""
     from surgery.loading import resolve_device
-    from surgery.memory import check_whole_model_fits
+    from surgery.memory import OUT_OF_CORE_ROUTE, check_whole_model_fits
 
     check_whole_model_fits(folder, device=resolve_device(settings.load.device), device_map=settings.load.device_map,
-                           dtype=settings.load.dtype, command="prune",
-                           instead="run `surgery analyze --layerwise`, `surgery cut --stream` and `surgery heal` instead "
-                                   "(docs/scale.md), or spread it over GPUs with --device-map auto")
+                           dtype=settings.load.dtype, command="prune", instead=OUT_OF_CORE_ROUTE)
 
 
 def reusable_analysis(folder: Path, key: str, methods: tuple[str, ...], chosen: AnalysisSettings) -> Any:
