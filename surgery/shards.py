@@ -36,7 +36,6 @@ CHUNK_BYTES = 16 << 20
 _DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
                 "I16", "U16", "F16",
                 "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
-TORCH_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -98,6 +97,9 @@ _TORCH_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U1
                 "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
                 "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
                 "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz"}
+
+
+TORCH_DTYPES = {name: _TORCH_NAMES[name] for name in ("F64", "F32", "BF16", "F16")}  # the floating ones a model is saved in
 
 
 def _torch_dtype(name: str, file: Path | None) -> Any:
@@ -176,7 +178,7 @@ class SafetensorsFolder:
     """The tensors of a model folder by name, read lazily: the headers at once, bytes when asked.
 
     `read` yields a tensor's raw bytes a buffer at a time (for copying); `tensor` returns it as a
-    torch tensor read into memory of its own, `rows` a slice of its rows read alone.
+    torch tensor mapped from its own byte range of the file, `rows` a slice of its rows alone.
     hint: the fix named when the folder has no safetensors weights; strict: refuse shard tensors
     the index does not list (loaders ignore them; an export must not hold them).
     """
@@ -223,11 +225,11 @@ class SafetensorsFolder:
         return self.tensors([name])[name]
 
     def tensors(self, names: Iterable[str]) -> dict[str, Any]:
-        """Several tensors, in the order named, each read into memory of its own."""
+        """Several tensors, in the order named, each mapped from its own byte range (`_read_tensor`)."""
         return {name: self._read_tensor(self.info[name]) for name in names}
 
     def rows(self, name: str, start: int, stop: int) -> Any:
-        """Rows start..stop of a tensor (its first dimension), read alone."""
+        """Rows start..stop of a tensor (its first dimension), mapped alone."""
         info = self.info[name]
         row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
         stop = max(start, min(stop, info.shape[0]))
