@@ -184,10 +184,11 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     check_device_options(load.device, load.device_map)
     source = resolve(model_spec, allow_pickle=load.allow_pickle)
     config = load_config(source.path)
-    _check_weight_shapes(source.path, skeleton(config))
+    empty = skeleton(config)
+    _check_weight_shapes(source.path, empty)
     device = resolve_device(None if load.device_map else load.device)  # a device map starts on the first GPU, if any
     found, available, steps = plan(source.path, device=device, device_map=load.device_map, dtype=load.dtype)
-    removed = removed_sublayers(skeleton(config))
+    removed = removed_sublayers(empty)
     gib = 2**30
     table = Table(title=f"{model_spec}", show_header=False)
     table.add_row("folder", str(source.path))

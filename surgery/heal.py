@@ -170,7 +170,7 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     from surgery.distributed import from_main, start
     from surgery.export.checkpoint import write_model_folder
     from surgery.files import write_json
-    from surgery.memory import PeakMemory
+    from surgery.memory import PeakMemory, free_device_memory
     from surgery.provenance import weights_sha256
 
     quiet_transformers()
@@ -233,7 +233,7 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     described = settings.describe()
     if not here.main:
         return None
-    _free_device_memory()  # what training held (trainer, optimizer, the teacher) before the full-precision load
+    free_device_memory()  # what training held (trainer, optimizer, the teacher) before the full-precision load
     if streamed:
         merge = (base_folder, adapter) if settings.mode == "lora" else (adapter, None)
         return HealResult(None, loss_before, None, described, source, time.perf_counter() - started, log, resumed,
@@ -355,26 +355,14 @@ def _differences(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def _release(model: Any) -> None:
     """Free the weights of the model being healed (it is saved in the working folder)."""
-
     from surgery.arch import unwrap
+    from surgery.memory import free_device_memory
 
     try:
         unwrap(model).to("meta")
     except (RuntimeError, NotImplementedError, ValueError):
         return  # dispatched or quantized models refuse; they are then only released by the caller
-    _free_device_memory()
-
-
-def _free_device_memory() -> None:
-    """Collect what is no longer referenced (reference cycles included) and return the GPU's cached
-    blocks, so that the free memory measured next is what is really free."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_device_memory()
 
 
 def healing_texts(data: str, data_dir: Path | None) -> tuple[list[str], list[str], str]:

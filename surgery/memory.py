@@ -179,6 +179,18 @@ def device_that_fits(folder: Path, device: str, what: str) -> str:
 
 
 
+
+def free_device_memory() -> None:
+    """Collect what is no longer referenced (reference cycles included) and return the GPU's cached
+    blocks, so that the free memory measured next is what is really free."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
 class PeakMemory:
     """The most memory a stretch of work held, from `start()` to `read()`: the CUDA allocator's
     peak on a GPU, the process's peak resident set on the CPU (Linux: VmHWM, reset through

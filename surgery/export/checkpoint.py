@@ -214,18 +214,13 @@ def _second_copy_fits(model: Any, layout: str) -> bool:
     """Whether the reload fits beside the model on its device (the memory free now excludes the
     model itself). A model spread by a device map, and the Nemotron-NAS layout (which the
     block-by-block executor does not read), are reloaded as before."""
-    from surgery.memory import available_memory, fits_in_memory
+    from surgery.memory import available_memory, fits_in_memory, free_device_memory
 
     if layout != "hf" or getattr(unwrap(model), "hf_device_map", None):
         return True
     device = str(next(model.parameters()).device)
-    if device.startswith("cuda"):  # what the caching allocator keeps from evaluation is free for the reload
-        import gc
-
-        import torch
-
-        gc.collect()
-        torch.cuda.empty_cache()
+    if device.startswith("cuda"):
+        free_device_memory()  # what the caching allocator keeps from evaluation is free for the reload
     return fits_in_memory(weights_bytes(model), available_memory(device, alone=True))
 
 
