@@ -123,12 +123,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gpt_oss": replace(_MOE, per_layer_config=("layer_types",), mlp_extra_outputs=1),
     "granitemoe": replace(_MOE, mlp="block_sparse_moe", logit_divisor_config="logits_scaling"),
     # DeepSeek-V3 / GLM-4.5: multi-head latent attention (DeepSeek), dense FFNs in the first k
-    # layers, then routed experts beside shared ones; LoRA reaches attention and the dense FFNs.
+    # layers, then routed experts beside shared ones. LoRA heals through attention alone: peft
+    # turns FFN names of these families into the fused experts' parameters, which it cannot train
+    # with dropout (tests/test_heal.py tries every family's targets).
     "deepseek_v3": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
-                           lora_targets=("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
-                                         "gate_proj", "up_proj", "down_proj")),
-    "glm4_moe": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
-                        lora_targets=_LLAMA.lora_targets),
+                           lora_targets=("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),
+    "glm4_moe": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS),
 }
 
 

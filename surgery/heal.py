@@ -396,11 +396,24 @@ def _pack_available(tokenizer: Any, texts: list[str], wanted: int, seq_len: int,
         return pack_tokens(tokenizer, texts, fits, seq_len, source)
 
 
+def add_lora(model: Any, settings: HealSettings, arch: Any) -> Any:
+    """`model` wrapped by peft with LoRA adapters on --lora-targets, or the family's (arch.lora_targets)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(settings.target_modules or arch.lora_targets)
+    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, bias="none",
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:  # peft's own words: a name it did not find, or a target it cannot train
+        raise SurgeryError(f"LoRA on {', '.join(targets)} failed ({error}): name other --lora-targets") from None
+
+
 def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSettings, arch: Any, work: Path,
            device: str, teacher: Path | None) -> tuple[Path, list[dict[str, float]], str | None]:
     import datasets
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import TrainerCallback, set_seed
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
@@ -425,12 +438,7 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
     if partial:
         trainable_tail(model, arch, settings.partial_blocks)
     else:
-        lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, bias="none",
-                          target_modules=list(settings.target_modules or arch.lora_targets), task_type="CAUSAL_LM")
-        try:
-            model = get_peft_model(model, lora)
-        except ValueError as error:
-            raise SurgeryError(f"LoRA target modules {lora.target_modules} not found in the model: {error}") from None
+        model = add_lora(model, settings, arch)
 
     class Progress(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from surgery.arch import ARCHITECTURES
 from surgery.errors import SurgeryError
-from surgery.heal import disable_cpu_repack, heal, latest_checkpoint, load_4bit
+from surgery.heal import add_lora, disable_cpu_repack, heal, latest_checkpoint, load_4bit
 from surgery.settings import HealSettings
 from surgery.tiny import tiny_model
 
@@ -58,6 +59,25 @@ def test_lora_gradients_through_the_4bit_base_match_a_full_precision_reference(t
     for got, want in pairs:
         assert want.grad.abs().sum() > 0
         assert torch.allclose(got.grad, want.grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", sorted(ARCHITECTURES))
+def test_default_lora_puts_an_adapter_on_every_target_the_family_names(family):
+    """peft rewrites some MoE families' FFN names into their fused experts' parameters, which it
+    cannot train with dropout: a family's targets must work with healing's default settings."""
+    from peft.tuners.lora import LoraLayer
+
+    model = add_lora(tiny_model(family, 4), HealSettings(), ARCHITECTURES[family])
+    wrapped = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    assert wrapped == set(ARCHITECTURES[family].lora_targets)
+    model.train()
+    model(torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]])).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_lora_targets_that_peft_cannot_train_are_one_line():
+    with pytest.raises(SurgeryError, match="LoRA on nothing_here failed .*name other --lora-targets"):
+        add_lora(tiny_model("llama", 1), HealSettings(target_modules=("nothing_here",)), ARCHITECTURES["llama"])
 
 
 def test_an_already_repacked_model_is_refused(tmp_path):
