@@ -85,6 +85,7 @@ _SANDWICH_NORMS = dict(  # Gemma 2/3: a norm before and after each sublayer
     mlp_output=None,
 )
 _ATTENTION_ONLY_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
+_UNGATED_LORA = (*_ATTENTION_ONLY_LORA, "up_proj", "down_proj")
 # OLMo 2/3, EXAONE 4: a norm on each sublayer's output instead of its input.
 _POST_NORM = replace(_LLAMA, attention_norms=("post_attention_layernorm",), mlp_norms=("post_feedforward_layernorm",),
                      attention_output=None, mlp_output=None)
@@ -108,6 +109,22 @@ ARCHITECTURES: dict[str, Architecture] = {
     "ministral": replace(_LLAMA, per_layer_config=("layer_types",)),
     "smollm3": replace(_LLAMA, per_layer_config=("layer_types", "no_rope_layers")),
     "starcoder2": replace(_LLAMA, mlp_output="c_proj", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")),
+    # Llama's block under other names: ERNIE 4.5, Seed-OSS, Hunyuan, Helium, Ministral 3.
+    "ernie4_5": _LLAMA,
+    "seed_oss": _LLAMA,
+    "hunyuan_v1_dense": _LLAMA,
+    "helium": _LLAMA,
+    "ministral3": _LLAMA,
+    # Arcee AFM and Apertus: an ungated FFN (up, activation, down); Jais 2 too, with LayerNorms.
+    "arcee": replace(_LLAMA, lora_targets=_UNGATED_LORA),
+    "apertus": replace(_LLAMA, attention_norms=("attention_layernorm",), mlp_norms=("feedforward_layernorm",),
+                       lora_targets=_UNGATED_LORA),
+    "jais2": replace(_LLAMA, lora_targets=_UNGATED_LORA),
+    "nanochat": replace(_LLAMA, mlp_output="fc2", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
+                        logit_softcap_config="final_logit_softcapping"),
+    # VaultGemma: Gemma 2's block with a pre-norm only before each sublayer.
+    "vaultgemma": replace(_LLAMA, mlp_norms=("pre_feedforward_layernorm",), per_layer_config=("layer_types",),
+                          logit_softcap_config="final_logit_softcapping"),
     # GLM-4: a norm after each sublayer as well as before (named differently from Gemma's).
     "glm4": replace(_LLAMA, attention_norms=("input_layernorm", "post_self_attn_layernorm"),
                     mlp_norms=("post_attention_layernorm", "post_mlp_layernorm"), attention_output=None,
@@ -129,6 +146,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "deepseek_v3": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
                            lora_targets=("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),
     "glm4_moe": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS),
+    # dots.llm1: DeepSeek's layout with Qwen's sliding-window prefix; Solar Open: every layer routed.
+    "dots1": replace(_MOE, per_layer_config=("layer_types",), prefix_count_config=("first_k_dense_replace", "max_window_layers"),
+                     moe_outputs=_SHARED_EXPERTS),
+    "solar_open": replace(_MOE, moe_outputs=_SHARED_EXPERTS),
+    "hunyuan_v1_moe": replace(_MOE, moe_outputs=("experts.down_proj", "shared_mlp.down_proj")),
 }
 
 
