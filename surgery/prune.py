@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
-from surgery.settings import AnalysisSettings, PruneSettings
+from surgery.settings import AnalysisSettings, PruneSettings, refuse_unused
 from surgery.sublayers import Sublayer
 
 
@@ -49,9 +49,9 @@ def check(settings: PruneSettings) -> Checked:
     check_device_options(settings.load.device, settings.load.device_map)
     check_device_options(None, settings.healing.device_map)
     target = Target.parse(settings.remove)
-    if target.ids and settings.keep_cornerstones:
-        raise SurgeryError("--keep-cornerstones protects what a strategy may choose; --remove names the ids itself: drop "
-                           "--keep-cornerstones, or give a count or a share (25%)")
+    if target.ids:
+        refuse_unused(settings, ("strategy", "granularity", "iterative_candidates", "keep_cornerstones"),
+                      f"used only to choose what to remove, and --remove {settings.remove} names it", "give a count or a share (25%)")
     if settings.protect:
         parse_sublayers(settings.protect)
     methods = () if target.ids else needed_methods(settings)

@@ -82,8 +82,10 @@ def _changed(value: Any, names: tuple[str, ...] | None = None) -> list[str]:
             if (names is None or f.name in names) and getattr(value, f.name) != default(f)]
 
 
-def _unused(flags: list[str], why: str, instead: str) -> None:
-    """One line for options given where nothing uses them (they would be recorded, yet have no effect)."""
+def refuse_unused(value: Any, names: tuple[str, ...] | None, why: str, instead: str) -> None:
+    """One line for options of `value` (those in `names`, or all) set away from their defaults where
+    nothing uses them: they would be recorded, yet have no effect."""
+    flags = _changed(value, names)
     if flags:
         one = len(flags) == 1
         raise SurgeryError(f"{', '.join(flags)} {'is' if one else 'are'} {why}: {instead}, or drop {'it' if one else 'them'}")
@@ -363,9 +365,9 @@ class AnalysisSettings:
         if self.metric == "acc" and not self.task:
             raise SurgeryError("--metric acc needs --task NAME (an lm-eval task, e.g. arc_easy)")
         if self.metric != "acc":
-            _unused(_changed(self, ("task", "limit")), "used only with --metric acc", "add --metric acc")
+            refuse_unused(self, ("task", "limit"), "used only with --metric acc", "add --metric acc")
         if self.estimator != "permutation":
-            _unused(_changed(self, ("permutations",)), "used only with --estimator permutation", "add --estimator permutation")
+            refuse_unused(self, ("permutations",), "used only with --estimator permutation", "add --estimator permutation")
         if self.max_removed < 1:
             raise SurgeryError("--max-removed must be at least 1")
         if not self.collapse_fraction > 0 or not self.share_factor > 0:
@@ -628,7 +630,7 @@ class PruneSettings:
         shared = self.analysis
         if not self.heal:  # (a healing seed equal to --seed is the one this method gave it)
             healing = replace(self.healing, seed=None) if self.healing.seed == shared.seed else self.healing
-            _unused(_changed(healing), "used only with --heal", "add --heal")
+            refuse_unused(healing, None, "used only with --heal", "add --heal")
         object.__setattr__(self, "evaluation", replace(self.evaluation, seed=shared.seed, batch_size=shared.batch_size,
                                                        data_dir=shared.data_dir, text_field=shared.text_field))
         if self.healing.seed is None:

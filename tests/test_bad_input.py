@@ -138,7 +138,10 @@ def test_gguf_of_a_folder_whose_config_is_not_json_is_one_line(tiny_folder, tmp_
 @pytest.mark.parametrize("args, message", [
     (["prune", "--remove", "1", "--heal-steps", "5", "--lora-r", "4"], "--heal-steps, --lora-r are used only with --heal: add --heal"),
     (["prune", "--remove", "1", "--heal", "--heal-steps", "3", "--heal-tokens", "64"], "both set how long healing runs"),
-    (["prune", "--remove", "L0", "--keep-cornerstones"], "--keep-cornerstones protects what a strategy may choose"),
+    (["prune", "--remove", "L0", "--keep-cornerstones"], "--keep-cornerstones is used only to choose what to remove, and "
+     "--remove L0 names it: give a count or a share (25%), or drop it"),
+    (["prune", "--remove", "L1-L2", "--strategy", "bi", "--granularity", "sublayer"],
+     "--strategy, --granularity are used only to choose what to remove, and --remove L1-L2 names it"),
     (["eval", "--reference", "nowhere", "--no-generation", "--tasks", "none", "--ppl", "none", "--speed"],
      "--reference is compared through greedy continuations"),
     (["analyze", "--task", "arc_easy", "--task-limit", "3"], "--task, --task-limit are used only with --metric acc"),

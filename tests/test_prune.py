@@ -243,16 +243,16 @@ def test_report_copies_only_the_plots_of_the_analysis_it_used(source, tmp_path, 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--remove", "0"], "removes nothing"),
-        (["--remove", "100%"], "below 100%"),
-        (["--remove", "6"], "asks for 6 of the model's 6 blocks"),
-        (["--protect", "L0-L1", "--remove", "5"], "asks for more blocks than are removable"),
+        (["--strategy", "last", "--remove", "0"], "removes nothing"),
+        (["--strategy", "last", "--remove", "100%"], "below 100%"),
+        (["--strategy", "last", "--remove", "6"], "asks for 6 of the model's 6 blocks"),
+        (["--strategy", "last", "--protect", "L0-L1", "--remove", "5"], "asks for more blocks than are removable"),
         (["--remove", "L9"], "out of range"),
-        (["--protect", "L0-L5", "--remove", "10%"], "cannot be met"),
+        (["--strategy", "last", "--protect", "L0-L5", "--remove", "10%"], "cannot be met"),
     ],
 )
 def test_bad_targets_exit_2_and_write_nothing(source, tmp_path, data_dir, args, message):
-    result = run("prune", source, "--out", tmp_path / "out", "--strategy", "last", "--data-dir", data_dir, *args,
+    result = run("prune", source, "--out", tmp_path / "out", "--data-dir", data_dir, *args,
                  "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed", "--device", "cpu")
     assert result.exit_code == 2
     assert message in result.output
@@ -263,14 +263,15 @@ def test_bad_targets_exit_2_and_write_nothing(source, tmp_path, data_dir, args, 
     "args, message",
     [
         (["--remove", "L0-L5"], "removes every one of the 6 blocks"),
-        (["--remove", "1%"], "--remove 1% is less than one block"),
-        (["--remove", "1", "--eval-tasks", "arc_easyy"], "unknown task 'arc_easyy' (did you mean arc_easy"),
-        (["--remove", "1", "--eval-ppl", "missing.txt"], "perplexity file missing.txt not found"),
-        (["--remove", "1", "--heal", "--no-quantize", "--lora-targets", "q_proj,nosuch"], "LoRA target 'nosuch'"),
+        (["--strategy", "last", "--remove", "1%"], "--remove 1% is less than one block"),
+        (["--strategy", "last", "--remove", "1", "--eval-tasks", "arc_easyy"], "unknown task 'arc_easyy' (did you mean arc_easy"),
+        (["--strategy", "last", "--remove", "1", "--eval-ppl", "missing.txt"], "perplexity file missing.txt not found"),
+        (["--strategy", "last", "--remove", "1", "--heal", "--no-quantize", "--lora-targets", "q_proj,nosuch"],
+         "LoRA target 'nosuch'"),
     ],
 )
 def test_bad_plans_and_inputs_fail_before_the_first_evaluation(source, tmp_path, data_dir, args, message):
-    result = run("prune", source, "--out", tmp_path / "out", "--strategy", "last", "--no-bridge", "--data-dir", data_dir,
+    result = run("prune", source, "--out", tmp_path / "out", "--no-bridge", "--data-dir", data_dir,
                  "--eval-limit", "2", "--eval-ppl-windows", "1", "--device", "cpu", *args)
     assert result.exit_code == 2 and message in result.output, result.output
     assert "evaluating the source model" not in result.output
