@@ -256,6 +256,15 @@ def text_config(path: Path) -> dict[str, Any]:
     return config.get("text_config", config)
 
 
+def quantization_method(path: Path) -> str | None:
+    """How config.json says the stored weights are quantised ('bitsandbytes', 'fp8', 'gptq', ...),
+    None for full-precision weights: such files hold packed tensors, not the config's shapes."""
+    quantization = read_config(path).get("quantization_config")
+    if not isinstance(quantization, dict):
+        return None
+    return str(quantization.get("quant_method") or "unknown")
+
+
 def check_sequence_fits(path: Path, length: int, option: str) -> None:
     """Calibration or training sequences longer than the positions the model was trained on would
     score or train it where it never learned anything: refused before it loads."""

@@ -173,11 +173,12 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     are loaded, so a 70B model is described in seconds on any machine."""
     from rich.table import Table
 
+    from surgery.arch import quantization_method
     from surgery.console import console
     from surgery.cut import removed_sublayers
     from surgery.layerwise import load_config, skeleton
     from surgery.loading import check_device_options, resolve_device
-    from surgery.memory import plan
+    from surgery.memory import plan, safetensors_bytes
     from surgery.source import resolve
     from surgery.sublayers import format_sublayers
 
@@ -198,6 +199,10 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     table.add_row("parameters", f"{found.parameters:,}")
     table.add_row("removed sublayers", format_sublayers(removed) if removed else "none")
     table.add_row("weights", f"{found.weights / gib:.2f} GiB in {found.dtype}, largest block {max(found.blocks, default=0) / gib:.2f} GiB")
+    method = quantization_method(source.path)
+    if method:
+        table.add_row("stored", f"{method}-quantised ({safetensors_bytes(source.path) / gib:.2f} GiB of files): turned back "
+                                f"into {found.dtype} when loaded, and exported so")
     console.print(table)
     where = f"{device}'s free memory" if device.startswith("cuda") else "memory available to this process"
     steps_table = Table(title=f"memory plan here: {available / gib:.1f} GiB of {where}")

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from surgery.arch import Architecture, architecture_of, config_error
+from surgery.arch import Architecture, architecture_of, config_error, quantization_method
 from surgery.errors import SurgeryError
 from surgery.hf_modeling import register_classes
 from surgery.source import ModelSource, resolve
@@ -116,21 +116,62 @@ def load_model(
         if "mismatched_sizes" not in str(error) and "size mismatch" not in str(error):
             if kwargs.get("use_safetensors") is False:
                 raise _pickle_error(source.path, error) from None
+            _check_quantized_load(source.path, quantization_config, error)
             raise
         raise SurgeryError(f"{source.path}: config.json and the weights disagree: weights have another shape than the config "
                            "says; fix the sizes in config.json (hidden_size, intermediate_size, heads), or download the model "
                            "again") from None
     except Exception as error:
         if kwargs.get("use_safetensors") is not False:
+            _check_quantized_load(source.path, quantization_config, error)
             raise
         raise _pickle_error(source.path, error) from None
     check_loading_info(source.path, info)
+    method = quantization_method(source.path) if quantization_config is None else None
+    if method:
+        model = _full_precision(model, source, method)
     if not device_map and quantization_config is None:
         model.to(resolve_device(device))
     model.eval()
     tokenizer = load_tokenizer(source.path, trust_remote_code) if with_tokenizer else None
     options = {"dtype": dtype, "device": str(next(model.parameters()).device), "device_map": device_map}
     return LoadedModel(model, tokenizer, architecture_of(model.config), source, options)
+
+
+def _check_quantized_load(folder: Any, asked: Any, error: Exception) -> None:
+    """A quantised checkpoint transformers cannot load here (an FP8 or GPTQ kernel that needs a GPU,
+    a library not installed): one line instead of its traceback."""
+    method = quantization_method(folder)
+    if asked is None and method is not None:
+        first = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise SurgeryError(f"{folder} holds {method}-quantised weights, which transformers cannot load here ({first}): "
+                           "give the full-precision checkpoint (the same model without the quantisation suffix)") from None
+
+
+def _full_precision(model: Any, source: ModelSource, method: str) -> Any:
+    """A pre-quantised checkpoint (a bitsandbytes 4-bit upload, FP8 weights) in full precision:
+    cutting, bridging and healing change weights. transformers turns FP8 back itself on a machine
+    without FP8 kernels; bitsandbytes layers are turned back here. The export is full precision
+    (heal quantises again for training)."""
+    from surgery.console import console
+
+    if getattr(model, "hf_quantizer", None) is not None:
+        try:
+            model = model.dequantize()
+        except Exception as error:  # transformers raises for methods without a dequantisation
+            first = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+            raise SurgeryError(f"{source.spec} holds {method}-quantised weights that cannot be turned back into full "
+                               f"precision ({first}): give the full-precision checkpoint") from None
+    # The quantiser's loading conversions stay recorded on the model, and save_pretrained would run
+    # them backwards: bitsandbytes' have no way back, FP8's would write every weight (embeddings too)
+    # as FP8 under a config that no longer says so.
+    conversions = getattr(model, "_weight_conversions", None) or []
+    model._weight_conversions = [c for c in conversions
+                                 if not any(type(op).__module__.startswith("transformers.integrations.")
+                                            for op in getattr(c, "operations", ()))]
+    console.print(f"{source.spec}: its {method}-quantised weights were turned back into "
+                  f"{str(model.dtype).removeprefix('torch.')}; what is exported is full precision")
+    return model
 
 
 def check_loading_info(folder: Any, info: dict[str, Any]) -> None:

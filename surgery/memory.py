@@ -133,6 +133,8 @@ def loaded_bytes(folder: Path, dtype: str | None = None) -> int:
     """The safetensors weights' bytes once loaded: as stored, or converted to `dtype` (--dtype
     float32 doubles a bf16 checkpoint in memory; bfloat16 halves a float32 one)."""
     size = safetensors_bytes(folder)
+    if size and _quantized(folder):  # packed weights, turned back into full precision when they load
+        return footprint(folder, dtype).weights
     if not size or dtype in (None, "auto"):
         return size
     import torch
@@ -149,6 +151,9 @@ def out_of_core(folder: Path, wanted: bool | None, *, device: str, device_map: s
     safetensors model that does not fit on `device`, said in one line. `doing`: what runs out of
     core ('streaming the cut file to file'); `instead`: the option that overrides ('--no-stream');
     `dtype`: --dtype, which sizes the copies in memory."""
+    if _quantized(folder):
+        _check_quantized_in_memory(folder, wanted, device=device, device_map=device_map, instead=instead, dtype=dtype)
+        return False
     if wanted is not None:
         return wanted
     size = loaded_bytes(folder, dtype)
@@ -163,6 +168,31 @@ def out_of_core(folder: Path, wanted: bool | None, *, device: str, device_map: s
     console.print(f"{doing}: the model ({size / 2**30:.1f} GiB{f', {copies} copies' if copies > 1 else ''}) does not "
                   f"fit in {where} ({available / 2**30:.1f} GiB available); {instead} to load it whole anyway")
     return True
+
+
+def _quantized(folder: Path) -> str | None:
+    """The quantisation method of a folder's stored weights (None: full precision, or no config.json)."""
+    from surgery.arch import quantization_method
+
+    return quantization_method(folder) if (Path(folder) / "config.json").is_file() else None
+
+
+def _check_quantized_in_memory(folder: Path, wanted: bool | None, *, device: str, device_map: str | None, instead: str,
+                               dtype: str | None) -> None:
+    """A quantised checkpoint runs whole, turned back into full precision (`loading`): the block-by-block
+    paths read full-precision tensors of the config's shapes, not packed ones."""
+    from surgery.errors import SurgeryError
+
+    method, flag = _quantized(folder), instead.replace("--no-", "--", 1)
+    if wanted:
+        raise SurgeryError(f"{flag} reads full-precision weights a block at a time and {folder} holds {method}-quantised "
+                           f"ones: drop {flag} (the model is turned back into full precision in memory), or give the "
+                           "full-precision checkpoint")
+    size, available = loaded_bytes(folder, dtype), available_memory(device)
+    if not device_map and not fits_in_memory(size, available):
+        raise SurgeryError(f"{folder} holds {method}-quantised weights, {size / 2**30:.1f} GiB once turned back into full "
+                           f"precision, more than {available / 2**30:.1f} GiB available, and only full-precision files run a "
+                           "block at a time: give the full-precision checkpoint")
 
 
 def device_that_fits(folder: Path, device: str, what: str) -> str:
@@ -309,7 +339,8 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
     found = footprint(folder, dtype)
     weights = loaded_bytes(folder, dtype) or found.weights
     available = available_memory(device)
-    streaming = bool(safetensors_bytes(folder)) and not device_map  # the out-of-core paths read safetensors
+    # the out-of-core paths read full-precision safetensors
+    streaming = bool(safetensors_bytes(folder)) and not device_map and not _quantized(folder)
     block = block_by_block_bytes(found)
     whole = in_memory_bytes(weights)
     steps = []

@@ -1,0 +1,140 @@
+"""Pre-quantised checkpoints as sources (bitsandbytes 4- and 8-bit uploads, FP8 weights): they are
+turned back into full precision when they load, and what is exported is a full-precision
+checkpoint; the block-by-block paths, which read full-precision tensors, refuse them in one line."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from tests.cli import one_line, run
+
+FP8_BLOCK = 32
+
+
+@pytest.fixture(scope="module")
+def full_precision(tmp_path_factory):
+    from surgery.tiny import tiny_model, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("quantized") / "fp"
+    tiny_model("llama", 4, hidden_size=128, intermediate_size=256).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def bitsandbytes_checkpoint(source, folder, bits):
+    """What a '-bnb-4bit' upload is: the model loaded through bitsandbytes and saved so."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4") if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
+    AutoModelForCausalLM.from_pretrained(source, quantization_config=config, device_map="cpu").save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+
+
+def fp8_checkpoint(source, folder):
+    """DeepSeek-V3's layout, written by hand (transformers quantises to FP8 on a GPU only): each
+    decoder projection in float8_e4m3fn with a float32 `weight_scale_inv` per 32x32 block."""
+    from transformers import AutoTokenizer
+
+    folder.mkdir()
+    tensors = {}
+    for name, weight in load_file(source / "model.safetensors").items():
+        if "layers" in name and name.endswith("proj.weight"):
+            rows, columns = weight.shape
+            blocks = weight.reshape(rows // FP8_BLOCK, FP8_BLOCK, columns // FP8_BLOCK, FP8_BLOCK)
+            scale = blocks.abs().amax(dim=(1, 3)) / torch.finfo(torch.float8_e4m3fn).max
+            tensors[name] = (blocks / scale[:, None, :, None]).reshape(rows, columns).to(torch.float8_e4m3fn)
+            tensors[name + "_scale_inv"] = scale.float()
+        else:
+            tensors[name] = weight
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    (folder / "config.json").write_text(json.dumps(config))
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+
+
+@pytest.fixture(scope="module", params=["bnb-4bit", "bnb-8bit", "fp8"])
+def quantized(request, full_precision):
+    folder = full_precision.parent / request.param
+    if not folder.exists():
+        if request.param == "fp8":
+            fp8_checkpoint(full_precision, folder)
+        else:
+            bitsandbytes_checkpoint(full_precision, folder, 4 if request.param == "bnb-4bit" else 8)
+    return folder
+
+
+def full_precision_weights(folder):
+    """The weights transformers gives for a quantised folder, turned back into full precision."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+    if getattr(model, "hf_quantizer", None) is not None:
+        model = model.dequantize()
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def test_a_quantised_source_is_cut_into_a_full_precision_checkpoint(quantized, tmp_path):
+    out = tmp_path / "cut"
+    result = run("cut", quantized, "--remove", "L1", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "quantised weights were turned back into" in " ".join(result.output.split())
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    with safe_open(out / "model.safetensors", "pt") as written:
+        names = set(written.keys())
+        assert all(written.get_slice(name).get_dtype() in ("F32", "BF16", "F16") for name in names)
+        stored = {name: written.get_tensor(name) for name in names}
+    source = full_precision_weights(quantized)
+    renumbered = {name.replace("model.layers.2.", "model.layers.1.").replace("model.layers.3.", "model.layers.2."): tensor
+                  for name, tensor in source.items() if not name.startswith("model.layers.1.")}
+    assert set(renumbered) == names
+    for name, tensor in renumbered.items():
+        assert torch.equal(stored[name], tensor), name
+
+
+@pytest.mark.parametrize("command, flag", [("cut", "--stream"), ("eval", "--layerwise"), ("analyze", "--layerwise")])
+def test_the_block_by_block_paths_refuse_a_quantised_source_in_one_line(quantized, tmp_path, command, flag):
+    out = tmp_path / "out"
+    extra = ["--remove", "L1"] if command == "cut" else ["--tasks", "none", "--ppl", "wikitext2", "--ppl-windows", "1", "--no-speed"] if command == "eval" else []
+    result = run(command, quantized, *extra, "--out", out, flag)
+    assert result.exit_code == 2
+    assert f"{flag} reads full-precision weights a block at a time" in one_line(result)
+    assert not out.exists()
+
+
+def test_the_memory_plan_weighs_a_quantised_source_in_full_precision(tmp_path, full_precision):
+    from surgery.memory import footprint, loaded_bytes, safetensors_bytes
+
+    folder = tmp_path / "bnb-4bit"
+    bitsandbytes_checkpoint(full_precision, folder, 4)
+    expected = sum(t.numel() * t.element_size() for t in full_precision_weights(folder).values())
+    assert loaded_bytes(folder) == footprint(folder).weights == expected > safetensors_bytes(folder)
+    result = run("info", folder)
+    assert result.exit_code == 0 and "bitsandbytes-quantised" in result.output
+
+
+def test_a_quantisation_transformers_cannot_load_here_is_one_line(tmp_path, full_precision):
+    import shutil
+
+    folder = tmp_path / "gptq"
+    shutil.copytree(full_precision, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (folder / "config.json").write_text(json.dumps(config))
+    result = run("cut", folder, "--remove", "L1", "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "holds gptq-quantised weights, which transformers cannot load here" in one_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_quantised_source_too_large_once_turned_back_is_refused_before_it_loads(quantized, tmp_path, monkeypatch):
+    import surgery.memory
+
+    monkeypatch.setattr(surgery.memory, "available_memory", lambda device="cpu", alone=False: 1 << 20)
+    result = run("cut", quantized, "--remove", "L1", "--out", tmp_path / "out")
+    assert "once turned back into full precision, more than 0.0 GiB available" in one_line(result)
+    assert "turned back into float" not in result.output and not (tmp_path / "out").exists()
