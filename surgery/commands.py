@@ -369,15 +369,16 @@ def _block_by_block(source: Any, wanted: bool | None, load: LoadSettings, what: 
                                "drop one of them")
         weight_files(source.path, f"{what} reads safetensors weights only: convert them, or pass --no-layerwise")
     return from_main(lambda: out_of_core(source.path, wanted, device=resolve_device(load.device), device_map=load.device_map,
-                                         copies=1, doing=doing, instead="--no-layerwise", dtype=load.dtype))
+                                         copies=1, doing=doing, instead="--no-layerwise", dtype=load.dtype,
+                                         keep_quantized=True))
 
 
 def _whole_or_layerwise(source: Any, layerwise: bool, load: LoadSettings, what: str) -> tuple[Any, Any]:
     """(model, tokenizer): the model loaded whole, or a LayerwiseModel of its files (in their dtype)."""
     from surgery.loading import load_model, load_tokenizer, resolve_device
 
-    if not layerwise:
-        loaded = load_model(source, **load.kwargs())
+    if not layerwise:  # a quantised model runs as stored: nothing here writes its weights
+        loaded = load_model(source, **load.kwargs(), keep_quantized=True)
         return loaded.model, loaded.tokenizer
     from surgery.layerwise import LayerwiseModel
     from surgery.shards import TORCH_DTYPES, SafetensorsFolder

@@ -83,8 +83,11 @@ def load_model(
     trust_remote_code: bool = False,
     quantization_config: Any = None,
     with_tokenizer: bool = True,
+    keep_quantized: bool = False,
 ) -> LoadedModel:
-    """Resolve and load a model in eval mode, with its tokenizer and architecture entry."""
+    """Resolve and load a model in eval mode, with its tokenizer and architecture entry. A
+    pre-quantised checkpoint is turned back into full precision (`_full_precision`) unless
+    `keep_quantized` (commands that only run it: evaluation, analysis)."""
     check_device_options(device, device_map)
     source = spec if isinstance(spec, ModelSource) else resolve(spec, allow_pickle=allow_pickle)
     config_dict = json.loads((source.path / "config.json").read_text())
@@ -127,7 +130,7 @@ def load_model(
             raise
         raise _pickle_error(source.path, error) from None
     check_loading_info(source.path, info)
-    method = quantization_method(source.path) if quantization_config is None else None
+    method = quantization_method(source.path) if quantization_config is None and not keep_quantized else None
     if method:
         model = _full_precision(model, source, method)
     if not device_map and quantization_config is None:

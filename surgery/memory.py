@@ -129,12 +129,13 @@ def safetensors_bytes(folder: Path) -> int:
     return sum((Path(folder) / name).stat().st_size for name in files)
 
 
-def loaded_bytes(folder: Path, dtype: str | None = None) -> int:
+def loaded_bytes(folder: Path, dtype: str | None = None, keep_quantized: bool = False) -> int:
     """The safetensors weights' bytes once loaded: as stored, or converted to `dtype` (--dtype
-    float32 doubles a bf16 checkpoint in memory; bfloat16 halves a float32 one)."""
+    float32 doubles a bf16 checkpoint in memory; bfloat16 halves a float32 one). Quantised weights
+    are turned back into full precision when they load, unless `keep_quantized` (`loading`)."""
     size = safetensors_bytes(folder)
-    if size and _quantized(folder):  # packed weights, turned back into full precision when they load
-        return footprint(folder, dtype).weights
+    if size and _quantized(folder):
+        return size if keep_quantized else footprint(folder, dtype).weights
     if not size or dtype in (None, "auto"):
         return size
     import torch
@@ -146,13 +147,16 @@ def loaded_bytes(folder: Path, dtype: str | None = None) -> int:
 
 
 def out_of_core(folder: Path, wanted: bool | None, *, device: str, device_map: str | None, copies: int,
-                doing: str, instead: str, alone: bool = False, dtype: str | None = None) -> bool:
+                doing: str, instead: str, alone: bool = False, dtype: str | None = None,
+                keep_quantized: bool = False) -> bool:
     """`wanted` as given (--stream/--layerwise or their --no- forms); otherwise True for a
     safetensors model that does not fit on `device`, said in one line. `doing`: what runs out of
     core ('streaming the cut file to file'); `instead`: the option that overrides ('--no-stream');
-    `dtype`: --dtype, which sizes the copies in memory."""
+    `dtype`: --dtype, which sizes the copies in memory; `keep_quantized`: a quantised model is run
+    as stored, not turned back into full precision."""
     if _quantized(folder):
-        _check_quantized_in_memory(folder, wanted, device=device, device_map=device_map, instead=instead, dtype=dtype)
+        _check_quantized_in_memory(folder, wanted, device=device, device_map=device_map, instead=instead, dtype=dtype,
+                                   keep_quantized=keep_quantized)
         return False
     if wanted is not None:
         return wanted
@@ -178,16 +182,17 @@ def _quantized(folder: Path) -> str | None:
 
 
 def _check_quantized_in_memory(folder: Path, wanted: bool | None, *, device: str, device_map: str | None, instead: str,
-                               dtype: str | None) -> None:
-    """A quantised checkpoint runs whole, turned back into full precision (`loading`): the block-by-block
-    paths read full-precision tensors of the config's shapes, not packed ones."""
+                               dtype: str | None, keep_quantized: bool) -> None:
+    """A quantised checkpoint runs whole, as stored or turned back into full precision (`loading`):
+    the block-by-block paths read full-precision tensors of the config's shapes, not packed ones."""
     from surgery.errors import SurgeryError
 
     method, flag = _quantized(folder), instead.replace("--no-", "--", 1)
     if wanted:
         raise SurgeryError(f"{flag} reads full-precision weights a block at a time and {folder} holds {method}-quantised "
-                           f"ones: drop {flag} (the model is turned back into full precision in memory), or give the "
-                           "full-precision checkpoint")
+                           f"ones: drop {flag} (the model runs whole), or give the full-precision checkpoint")
+    if keep_quantized:
+        return  # as stored: what a load of it holds anyway
     size, available = loaded_bytes(folder, dtype), available_memory(device)
     if not device_map and not fits_in_memory(size, available):
         raise SurgeryError(f"{folder} holds {method}-quantised weights, {size / 2**30:.1f} GiB once turned back into full "
@@ -346,9 +351,13 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
     steps = []
     for command, copies, out_of_core_how, option in (("analyze, eval", 1, "block by block", "--layerwise"),
                                                       ("cut", 2, "streamed file to file", "--stream")):
-        if fits_in_memory(weights, available, copies) or not streaming:
+        if not streaming:  # a quantised model is evaluated and analysed as stored
+            held = loaded_bytes(folder, dtype, keep_quantized=copies == 1) or weights
             steps.append(Step(command, "in memory" + (", checked against a reloaded copy" if copies == 2 else ""),
-                              in_memory_bytes(weights, copies), f"{option} reads one block at a time" if streaming else ""))
+                              in_memory_bytes(held, copies)))
+        elif fits_in_memory(weights, available, copies):
+            steps.append(Step(command, "in memory" + (", checked against a reloaded copy" if copies == 2 else ""),
+                              in_memory_bytes(weights, copies), f"{option} reads one block at a time"))
         else:
             steps.append(Step(command, out_of_core_how, block, f"about the largest block, chosen because {copies} "
                               f"cop{'ies' if copies > 1 else 'y'} would not fit" + _stored_dtype_note(folder, dtype)))

@@ -107,14 +107,30 @@ def test_the_block_by_block_paths_refuse_a_quantised_source_in_one_line(quantize
 
 
 def test_the_memory_plan_weighs_a_quantised_source_in_full_precision(tmp_path, full_precision):
-    from surgery.memory import footprint, loaded_bytes, safetensors_bytes
+    from surgery.memory import footprint, in_memory_bytes, loaded_bytes, plan, safetensors_bytes
 
     folder = tmp_path / "bnb-4bit"
     bitsandbytes_checkpoint(full_precision, folder, 4)
     expected = sum(t.numel() * t.element_size() for t in full_precision_weights(folder).values())
     assert loaded_bytes(folder) == footprint(folder).weights == expected > safetensors_bytes(folder)
+    assert loaded_bytes(folder, keep_quantized=True) == safetensors_bytes(folder)
+    steps = {step.command: step.holds for step in plan(folder, device="cpu")[2]}
+    assert steps["analyze, eval"] == in_memory_bytes(safetensors_bytes(folder))  # run as stored
+    assert steps["cut"] == in_memory_bytes(expected, copies=2)
     result = run("info", folder)
     assert result.exit_code == 0 and "bitsandbytes-quantised" in result.output
+
+
+def test_evaluation_runs_a_quantised_model_as_stored(tmp_path, full_precision):
+    from surgery.loading import load_model
+
+    folder = tmp_path / "bnb-4bit"
+    bitsandbytes_checkpoint(full_precision, folder, 4)
+    assert type(load_model(str(folder), keep_quantized=True).model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    result = run("eval", folder, "--tasks", "none", "--ppl", "wikitext2", "--ppl-windows", "1", "--no-speed", "--out",
+                 tmp_path / "results.json")
+    assert result.exit_code == 0, result.output
+    assert "turned back" not in result.output and (tmp_path / "results.json").is_file()
 
 
 def test_a_quantisation_transformers_cannot_load_here_is_one_line(tmp_path, full_precision):
