@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from surgery.arch import check_sequence_fits
+from surgery.arch import check_sequence_fits, quantization_method
 from surgery.errors import SurgeryError
 from surgery.settings import AnalysisSettings, EvalSettings, ExportSettings, HealSettings, LoadSettings, StreamSettings
 
@@ -173,7 +173,6 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     are loaded, so a 70B model is described in seconds on any machine."""
     from rich.table import Table
 
-    from surgery.arch import quantization_method
     from surgery.console import console
     from surgery.cut import removed_sublayers
     from surgery.layerwise import load_config, skeleton
@@ -201,8 +200,8 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     table.add_row("weights", f"{found.weights / gib:.2f} GiB in {found.dtype}, largest block {max(found.blocks, default=0) / gib:.2f} GiB")
     method = quantization_method(source.path)
     if method:
-        table.add_row("stored", f"{method}-quantised ({safetensors_bytes(source.path) / gib:.2f} GiB of files): turned back "
-                                f"into {found.dtype} when loaded, and exported so")
+        table.add_row("stored", f"{method}-quantised ({safetensors_bytes(source.path) / gib:.2f} GiB of files): cut and "
+                                f"prune turn it back into {found.dtype} and export it so; analyze and eval run it as stored")
     console.print(table)
     where = f"{device}'s free memory" if device.startswith("cuda") else "memory available to this process"
     steps_table = Table(title=f"memory plan here: {available / gib:.1f} GiB of {where}")
@@ -417,6 +416,10 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
     check_device_options(load.device, load.device_map)
     source = resolve_with_output_check(folder_spec, lambda protected: check_output_folder(out, force=force, protected=protected), load)
     check_sequence_fits(source.path, healing.seq_len, "--heal-seq-len")
+    method = quantization_method(source.path)
+    if method:  # transformers would keep its quantisation (8-bit bitsandbytes) or refuse a second one (FP8)
+        raise SurgeryError(f"{source.path} holds {method}-quantised weights; heal trains a 4-bit copy it makes of full-precision "
+                           "ones: cut or prune it first (they write full precision), or give the full-precision checkpoint")
     # the healing text and the perplexity corpora, now: the merged model's evaluation comes after the whole training
     check_available([(healing.data, "healing"), *[(corpus, "perplexity") for corpus in evaluation.perplexity]], data_dir)
     tokenizer = load_tokenizer(source.path)

@@ -103,8 +103,10 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     if device_map:
         kwargs["device_map"] = device_map
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
+    method = quantization_method(source.path) if quantization_config is None and not keep_quantized else None
+    asked = quantization_config or (_dequantizing_config(config_dict["quantization_config"]) if method else None)
+    if asked is not None:  # (None given explicitly would load packed weights as if unquantised)
+        kwargs["quantization_config"] = asked
     if not any(source.path.glob("*.safetensors")):
         kwargs["use_safetensors"] = False  # pickle weights, allowed explicitly in check_folder
     try:
@@ -130,7 +132,6 @@ def load_model(
             raise
         raise _pickle_error(source.path, error) from None
     check_loading_info(source.path, info)
-    method = quantization_method(source.path) if quantization_config is None and not keep_quantized else None
     if method:
         model = _full_precision(model, source, method)
     if not device_map and quantization_config is None:
@@ -144,11 +145,27 @@ def load_model(
 def _check_quantized_load(folder: Any, asked: Any, error: Exception) -> None:
     """A quantised checkpoint transformers cannot load here (an FP8 or GPTQ kernel that needs a GPU,
     a library not installed): one line instead of its traceback."""
+    import torch
+
     method = quantization_method(folder)
-    if asked is None and method is not None:
+    if asked is None and method is not None and not isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         first = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
         raise SurgeryError(f"{folder} holds {method}-quantised weights, which transformers cannot load here ({first}): "
                            "give the full-precision checkpoint (the same model without the quantisation suffix)") from None
+
+
+def _dequantizing_config(stored: dict[str, Any]) -> Any:
+    """The stored quantisation asked to load turned back into full precision, for the methods whose
+    kernels would otherwise keep it packed (FP8 on a GPU of compute capability 8.9 or more, MXFP4
+    with its kernels); None for the others (bitsandbytes is turned back after loading)."""
+    from transformers import FineGrainedFP8Config, Mxfp4Config
+
+    method = stored.get("quant_method")
+    if method == "fp8":
+        return FineGrainedFP8Config(dequantize=True, modules_to_not_convert=stored.get("modules_to_not_convert"))
+    if method == "mxfp4":
+        return Mxfp4Config(dequantize=True)
+    return None
 
 
 def _full_precision(model: Any, source: ModelSource, method: str) -> Any:
@@ -165,16 +182,33 @@ def _full_precision(model: Any, source: ModelSource, method: str) -> Any:
             first = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
             raise SurgeryError(f"{source.spec} holds {method}-quantised weights that cannot be turned back into full "
                                f"precision ({first}): give the full-precision checkpoint") from None
-    # The quantiser's loading conversions stay recorded on the model, and save_pretrained would run
-    # them backwards: bitsandbytes' have no way back, FP8's would write every weight (embeddings too)
-    # as FP8 under a config that no longer says so.
-    conversions = getattr(model, "_weight_conversions", None) or []
-    model._weight_conversions = [c for c in conversions
-                                 if not any(type(op).__module__.startswith("transformers.integrations.")
-                                            for op in getattr(c, "operations", ()))]
+    model._weight_conversions = _without_quantizer(model)
     console.print(f"{source.spec}: its {method}-quantised weights were turned back into "
                   f"{str(model.dtype).removeprefix('torch.')}; what is exported is full precision")
     return model
+
+
+def _without_quantizer(model: Any) -> list[Any]:
+    """The model's loading conversions without the quantiser's. save_pretrained runs them backwards:
+    bitsandbytes' unpacking has no way back, and FP8's would write every weight (embeddings too) as
+    FP8 under a config that no longer says so. A conversion the quantiser only extended (the MoE
+    experts' merge, dequantised first) becomes the family's own again, so experts are written one
+    by one under their stored names."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    def from_quantizer(operation: Any) -> bool:
+        return type(operation).__module__.startswith("transformers.integrations.")
+
+    own = {tuple(c._original_target_patterns): c for c in get_model_conversion_mapping(model, add_legacy=False)
+           if hasattr(c, "operations")}
+    kept = []
+    for conversion in getattr(model, "_weight_conversions", None) or []:
+        operations = getattr(conversion, "operations", ())
+        if not any(from_quantizer(op) for op in operations):
+            kept.append(conversion)
+        elif not all(from_quantizer(op) for op in operations):
+            kept.append(own[tuple(conversion._original_target_patterns)])
+    return kept
 
 
 def check_loading_info(folder: Any, info: dict[str, Any]) -> None:

@@ -134,8 +134,9 @@ def loaded_bytes(folder: Path, dtype: str | None = None, keep_quantized: bool = 
     float32 doubles a bf16 checkpoint in memory; bfloat16 halves a float32 one). Quantised weights
     are turned back into full precision when they load, unless `keep_quantized` (`loading`)."""
     size = safetensors_bytes(folder)
-    if size and _quantized(folder):
-        return size if keep_quantized else footprint(folder, dtype).weights
+    method = _quantized(folder) if size else None
+    if method:  # only bitsandbytes runs packed on any machine; FP8 and MXFP4 turn back without their kernels
+        return size if keep_quantized and method == "bitsandbytes" else footprint(folder, dtype).weights
     if not size or dtype in (None, "auto"):
         return size
     import torch
@@ -191,24 +192,23 @@ def _check_quantized_in_memory(folder: Path, wanted: bool | None, *, device: str
     if wanted:
         raise SurgeryError(f"{flag} reads full-precision weights a block at a time and {folder} holds {method}-quantised "
                            f"ones: drop {flag} (the model runs whole), or give the full-precision checkpoint")
-    if keep_quantized:
-        return  # as stored: what a load of it holds anyway
-    size, available = loaded_bytes(folder, dtype), available_memory(device)
+    size, available = loaded_bytes(folder, dtype, keep_quantized), available_memory(device)
     if not device_map and not fits_in_memory(size, available):
-        raise SurgeryError(f"{folder} holds {method}-quantised weights, {size / 2**30:.1f} GiB once turned back into full "
-                           f"precision, more than {available / 2**30:.1f} GiB available, and only full-precision files run a "
-                           "block at a time: give the full-precision checkpoint")
+        held = "as loaded" if keep_quantized else "once turned back into full precision"
+        raise SurgeryError(f"{folder} holds {method}-quantised weights, {size / 2**30:.1f} GiB {held}, more than "
+                           f"{available / 2**30:.1f} GiB available, and only full-precision files run a block at a time: "
+                           "give the full-precision checkpoint")
 
 
 def device_that_fits(folder: Path, device: str, what: str) -> str:
     """`device` when a folder's weights fit in its free memory, else the CPU (said in one line):
     for a whole model loaded once on one process (healing's merge), where a GPU that held the
     4-bit model may not hold the full-precision one."""
-    if device == "cpu" or fits_in_memory(safetensors_bytes(folder), available_memory(device)):
+    if device == "cpu" or fits_in_memory(loaded_bytes(folder), available_memory(device)):
         return device
     from surgery.console import console
 
-    console.print(f"{what} on the CPU: the model ({safetensors_bytes(folder) / 2**30:.1f} GiB) does not fit in "
+    console.print(f"{what} on the CPU: the model ({loaded_bytes(folder) / 2**30:.1f} GiB) does not fit in "
                   f"{device}'s free memory")
     return "cpu"
 
@@ -344,17 +344,17 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
     found = footprint(folder, dtype)
     weights = loaded_bytes(folder, dtype) or found.weights
     available = available_memory(device)
-    # the out-of-core paths read full-precision safetensors
-    streaming = bool(safetensors_bytes(folder)) and not device_map and not _quantized(folder)
+    streaming = bool(safetensors_bytes(folder)) and not device_map  # the out-of-core paths read safetensors
     block = block_by_block_bytes(found)
     whole = in_memory_bytes(weights)
+    if _quantized(folder) and not device_map:
+        return found, available, _quantized_steps(folder, dtype, weights, available, block)
     steps = []
     for command, copies, out_of_core_how, option in (("analyze, eval", 1, "block by block", "--layerwise"),
                                                       ("cut", 2, "streamed file to file", "--stream")):
-        if not streaming:  # a quantised model is evaluated and analysed as stored
-            held = loaded_bytes(folder, dtype, keep_quantized=copies == 1) or weights
+        if not streaming:
             steps.append(Step(command, "in memory" + (", checked against a reloaded copy" if copies == 2 else ""),
-                              in_memory_bytes(held, copies)))
+                              in_memory_bytes(weights, copies)))
         elif fits_in_memory(weights, available, copies):
             steps.append(Step(command, "in memory" + (", checked against a reloaded copy" if copies == 2 else ""),
                               in_memory_bytes(weights, copies), f"{option} reads one block at a time"))
@@ -373,6 +373,27 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
     else:
         steps.append(Step("prune", "does not fit", whole, OUT_OF_CORE_ROUTE))
     return found, available, steps
+
+
+def _quantized_steps(folder: Path, dtype: str | None, weights: int, available: int, block: int) -> list[Step]:
+    """The plan for a pre-quantised checkpoint: analyze and eval run it whole as stored, cut and prune
+    whole in full precision (`weights`), heal refuses it; no block-by-block path reads packed weights."""
+    instead = "quantised weights run whole: give the full-precision checkpoint, which runs a block at a time"
+    stored = loaded_bytes(folder, dtype, keep_quantized=True)
+    steps = [Step("analyze, eval", "in memory, as stored", in_memory_bytes(stored)) if fits_in_memory(stored, available)
+             else Step("analyze, eval", "does not fit", in_memory_bytes(stored), instead)]
+    for command in ("cut", "prune"):
+        if fits_in_memory(weights, available, 2):
+            steps.append(Step(command, "in memory, turned back into full precision", in_memory_bytes(weights, 2),
+                              "at most: the export reloads the written model beside it to compare"))
+        elif fits_in_memory(weights, available):
+            steps.append(Step(command, "in memory, turned back into full precision", in_memory_bytes(weights) + block - LIBRARY_BYTES,
+                              "the export is checked block by block: a second copy would not fit"))
+        else:
+            steps.append(Step(command, "does not fit", in_memory_bytes(weights), instead))
+    steps.insert(2, Step("heal", "refused", in_memory_bytes(weights), "it trains a 4-bit copy of full-precision weights: "
+                         "cut or prune first (they write full precision)"))
+    return steps
 
 
 def training_bytes(found: Footprint, weights: int, quantize: bool = True) -> int:

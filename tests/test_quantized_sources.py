@@ -89,6 +89,9 @@ def test_a_quantised_source_is_cut_into_a_full_precision_checkpoint(quantized, t
         assert all(written.get_slice(name).get_dtype() in ("F32", "BF16", "F16") for name in names)
         stored = {name: written.get_tensor(name) for name in names}
     source = full_precision_weights(quantized)
+    original = load_file(quantized.parent / "fp" / "model.safetensors")
+    for name, tensor in source.items():  # what was quantised, back near the original weights
+        assert (tensor - original[name]).abs().max() <= 0.2 * original[name].abs().max(), name
     renumbered = {name.replace("model.layers.2.", "model.layers.1.").replace("model.layers.3.", "model.layers.2."): tensor
                   for name, tensor in source.items() if not name.startswith("model.layers.1.")}
     assert set(renumbered) == names
@@ -116,7 +119,8 @@ def test_the_memory_plan_weighs_a_quantised_source_in_full_precision(tmp_path, f
     assert loaded_bytes(folder, keep_quantized=True) == safetensors_bytes(folder)
     steps = {step.command: step.holds for step in plan(folder, device="cpu")[2]}
     assert steps["analyze, eval"] == in_memory_bytes(safetensors_bytes(folder))  # run as stored
-    assert steps["cut"] == in_memory_bytes(expected, copies=2)
+    assert steps["cut"] == steps["prune"] == in_memory_bytes(expected, copies=2)
+    assert [step.how for step in plan(folder, device="cpu")[2] if step.command == "heal"] == ["refused"]
     result = run("info", folder)
     assert result.exit_code == 0 and "bitsandbytes-quantised" in result.output
 
@@ -154,3 +158,56 @@ def test_a_quantised_source_too_large_once_turned_back_is_refused_before_it_load
     result = run("cut", quantized, "--remove", "L1", "--out", tmp_path / "out")
     assert "once turned back into full precision, more than 0.0 GiB available" in one_line(result)
     assert "turned back into float" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_evaluating_a_quantised_source_too_large_as_stored_is_refused(quantized, tmp_path, monkeypatch):
+    import surgery.memory
+
+    monkeypatch.setattr(surgery.memory, "available_memory", lambda device="cpu", alone=False: 1 << 20)
+    result = run("eval", quantized, "--tasks", "none", "--ppl", "wikitext2", "--ppl-windows", "1", "--no-speed")
+    assert "quantised weights" in one_line(result) and "give the full-precision checkpoint" in one_line(result)
+
+
+def test_healing_a_quantised_source_is_refused_before_it_loads(quantized, tmp_path):
+    result = run("heal", quantized, "--out", tmp_path / "healed", "--heal-steps", "1")
+    assert "heal trains a 4-bit copy it makes of full-precision ones: cut or prune it first" in one_line(result)
+    assert not (tmp_path / "healed").exists()
+
+
+def test_an_fp8_moe_source_is_written_with_its_experts_under_their_stored_names(tmp_path):
+    """transformers dequantises FP8 inside the experts' merge; the export splits them back."""
+    from surgery.layerwise import LayerwiseModel
+    from surgery.tiny import tiny_model, tiny_tokenizer
+
+    source = tmp_path / "fp"
+    tiny_model("qwen3_moe", 3, hidden_size=128, intermediate_size=256, moe_intermediate_size=64).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    fp8_checkpoint(source, tmp_path / "fp8")
+    for name in ("fp", "fp8"):
+        assert run("cut", tmp_path / name, "--remove", "L0", "--out", tmp_path / f"cut-{name}").exit_code == 0
+    with safe_open(tmp_path / "cut-fp" / "model.safetensors", "pt") as want, \
+            safe_open(tmp_path / "cut-fp8" / "model.safetensors", "pt") as got:
+        assert set(got.keys()) == set(want.keys())
+    written = LayerwiseModel(tmp_path / "cut-fp8")  # reads the stored names: it failed on the fused ones
+    try:
+        ids = torch.tensor([[5, 6, 7, 8]])
+        with torch.no_grad():
+            from transformers import AutoModelForCausalLM
+
+            assert torch.allclose(written.forward(ids), AutoModelForCausalLM.from_pretrained(tmp_path / "cut-fp8")(ids).logits,
+                                  atol=1e-4)
+    finally:
+        written.close()
+
+
+def test_fp8_is_turned_back_where_its_kernels_would_keep_it_packed(full_precision, tmp_path, monkeypatch):
+    """On a GPU of compute capability 8.9 or more transformers keeps FP8 layers, which have no
+    dequantisation: the load asks for full precision instead. The GPU is simulated here."""
+    from surgery.loading import load_model
+
+    fp8_checkpoint(full_precision, tmp_path / "fp8")
+    quantized = tmp_path / "fp8"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: (9, 0))
+    model = load_model(str(quantized), device="cpu", with_tokenizer=False).model
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
