@@ -150,7 +150,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "dots1": replace(_MOE, per_layer_config=("layer_types",), prefix_count_config=("first_k_dense_replace", "max_window_layers"),
                      moe_outputs=_SHARED_EXPERTS),
     "solar_open": replace(_MOE, moe_outputs=_SHARED_EXPERTS),
-    "hunyuan_v1_moe": replace(_MOE, moe_outputs=("experts.down_proj", "shared_mlp.down_proj")),
+    "hunyuan_v1_moe": replace(_MOE, moe_outputs=("experts.down_proj", "shared_mlp.down_proj"),
+                              per_layer_config=("moe_topk", "num_experts")),  # each an int, or a list per layer
 }
 
 

@@ -173,7 +173,7 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
             setattr(config, key, sum(1 for i in kept if i < count))
     for key in arch.per_layer_config:
         values = getattr(config, key, None)
-        if values is not None:
+        if isinstance(values, (list, tuple)):  # (some keys are one value for every layer, or a list per layer)
             setattr(config, key, [values[i] for i in kept])
     renumber = {old: new for new, old in enumerate(kept)}
     for key in arch.layer_index_config:

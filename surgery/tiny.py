@@ -63,7 +63,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "dots1": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
               "first_k_dense_replace": 1, "sliding_window": 8, "max_window_layers": 2},
     "solar_open": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1},
-    "hunyuan_v1_moe": {"num_experts": 4, "moe_topk": 2, "moe_intermediate_size": 32},
+    # Hunyuan-A13B lists its top-k per layer (a callable: one value per layer of the tiny model)
+    "hunyuan_v1_moe": {"num_experts": 4, "moe_topk": lambda layers: [1 + i % 2 for i in range(layers)]},
     "glm4_moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
                  "first_k_dense_replace": 2, "n_group": 1, "topk_group": 1},
     "qwen2_moe": {
@@ -80,7 +81,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
 def tiny_config(model_type: str, num_layers: int = 4, **overrides: Any) -> Any:
     from transformers import AutoConfig
 
-    values = {**_COMMON, **TINY_OVERRIDES[model_type], "num_hidden_layers": num_layers, **overrides}
+    family = {key: value(num_layers) if callable(value) else value for key, value in TINY_OVERRIDES[model_type].items()}
+    values = {**_COMMON, **family, "num_hidden_layers": num_layers, **overrides}
     return AutoConfig.for_model(model_type, **values)
 
 
