@@ -329,8 +329,9 @@ def prune(settings: PruneSettings) -> dict[str, Any] | None:
                                       "cornerstones": cornerstones(settings, analysis)}
             from surgery.strategies import Target
 
-            step(f"planning: strategy {settings.strategy}, {settings.granularity} granularity, "
-                 f"target {Target.parse(settings.remove).describe()}")
+            target = Target.parse(settings.remove)
+            step(f"planning: the ids {settings.remove}" if target.ids else f"planning: strategy {settings.strategy}, "
+                 f"{settings.granularity} granularity, target {target.describe()}")
             with timed("plan"):  # process 0 chooses: a strategy that measures as it goes must not differ by a rounding
                 plan = from_main(lambda: choose(settings, loaded, analysis))
             step(f"plan: remove {plan.describe()['removed_compact']} ({100 * plan.fraction:.1f}% of decoder parameters)")
