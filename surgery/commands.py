@@ -282,7 +282,7 @@ def _reference_continuations(reference_spec: str, settings: EvalSettings, load: 
     from surgery.evaluate.continuations import reference
     from surgery.loading import load_model
 
-    loaded = load_model(reference_spec, **load.kwargs())
+    loaded = load_model(reference_spec, **load.kwargs(), keep_quantized=True)  # only run
     if loaded.tokenizer is None:
         raise SurgeryError(f"--reference {reference_spec} has no tokenizer: give the model folder that holds one")
     found = reference(loaded.model, loaded.tokenizer, settings.generation_protocol, settings.data_dir, settings.text_field)

@@ -500,7 +500,7 @@ def _load_teacher(folder: Path, settings: HealSettings, device: str) -> Any:
     if settings.quantize and device.startswith("cuda"):
         teacher = load_4bit(folder, device, settings.device_map)
     else:
-        teacher = load_model(str(folder), device=device, with_tokenizer=False).model
+        teacher = load_model(str(folder), device=device, with_tokenizer=False, keep_quantized=True).model
     teacher.eval().requires_grad_(False)
     return teacher
 

@@ -50,7 +50,7 @@ def check(settings: PruneSettings) -> Checked:
     check_device_options(None, settings.healing.device_map)
     target = Target.parse(settings.remove)
     if target.ids:
-        refuse_unused(settings, ("strategy", "granularity", "iterative_candidates", "keep_cornerstones"),
+        refuse_unused(settings, ("strategy", "granularity", "iterative_candidates", "keep_cornerstones", "analysis_dir"),
                       f"used only to choose what to remove, and --remove {settings.remove} names it", "give a count or a share (25%)")
     if settings.protect:
         parse_sublayers(settings.protect)

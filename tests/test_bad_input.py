@@ -142,6 +142,7 @@ def test_gguf_of_a_folder_whose_config_is_not_json_is_one_line(tiny_folder, tmp_
      "--remove L0 names it: give a count or a share (25%), or drop it"),
     (["prune", "--remove", "L1-L2", "--strategy", "bi", "--granularity", "sublayer"],
      "--strategy, --granularity are used only to choose what to remove, and --remove L1-L2 names it"),
+    (["prune", "--remove", "L1", "--analysis", "an-analysis"], "--analysis is used only to choose what to remove"),
     (["eval", "--reference", "nowhere", "--no-generation", "--tasks", "none", "--ppl", "none", "--speed"],
      "--reference is compared through greedy continuations"),
     (["analyze", "--task", "arc_easy", "--task-limit", "3"], "--task, --task-limit are used only with --metric acc"),
