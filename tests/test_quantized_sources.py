@@ -57,6 +57,35 @@ def fp8_checkpoint(source, folder):
     AutoTokenizer.from_pretrained(source).save_pretrained(folder)
 
 
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_checkpoint(source, folder):
+    """gpt-oss's layout, written by hand: each expert tensor ([experts, in, out]) as FP4 (E2M1)
+    values two to a byte (`_blocks`, groups of 32 along `in`) and one power-of-two scale per group
+    (`_scales`, biased by 127); the rest as it was."""
+    from transformers import AutoTokenizer
+
+    values = torch.tensor(FP4_VALUES)
+    folder.mkdir()
+    tensors = {}
+    for name, weight in load_file(source / "model.safetensors").items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name] = weight
+            continue
+        groups = weight.transpose(1, 2).reshape(weight.shape[0], weight.shape[2], weight.shape[1] // 32, 32)
+        exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp_min(1e-12) / 6.0))
+        index = ((groups / torch.exp2(exponent)[..., None])[..., None] - values).abs().argmin(-1).to(torch.uint8)
+        tensors[name + "_blocks"] = index[..., 0::2] | (index[..., 1::2] << 4)
+        tensors[name + "_scales"] = (exponent + 127).to(torch.uint8)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+
+
 @pytest.fixture(scope="module", params=["bnb-4bit", "bnb-8bit", "fp8"])
 def quantized(request, full_precision):
     folder = full_precision.parent / request.param
@@ -211,3 +240,27 @@ def test_fp8_is_turned_back_where_its_kernels_would_keep_it_packed(full_precisio
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: (9, 0))
     model = load_model(str(quantized), device="cpu", with_tokenizer=False).model
     assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+
+
+def test_an_mxfp4_gpt_oss_source_is_cut_into_full_precision_under_its_stored_names(tmp_path):
+    """gpt-oss ships MXFP4 experts; transformers turns them back without its kernels (here) and, with
+    surgery asking for it, where its kernels would keep them packed."""
+    from surgery.tiny import tiny_model, tiny_tokenizer
+
+    source = tmp_path / "fp"
+    tiny_model("gpt_oss", 3).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    mxfp4_checkpoint(source, tmp_path / "mxfp4")
+    for name in ("fp", "mxfp4"):
+        result = run("cut", tmp_path / name, "--remove", "L1", "--out", tmp_path / f"cut-{name}")
+        assert result.exit_code == 0, result.output
+    original = load_file(source / "model.safetensors")
+    with safe_open(tmp_path / "cut-fp" / "model.safetensors", "pt") as want, \
+            safe_open(tmp_path / "cut-mxfp4" / "model.safetensors", "pt") as got:
+        names = got.keys()
+        assert set(names) == set(want.keys())
+        assert {got.get_slice(name).get_dtype() for name in names} == {"F32"}
+        experts = got.get_tensor("model.layers.1.mlp.experts.down_proj")  # was L2
+        reference = original["model.layers.2.mlp.experts.down_proj"]
+        assert not torch.equal(experts, reference)  # FP4, not the original
+        assert (experts - reference).abs().max() <= 0.25 * reference.abs().max()
