@@ -40,6 +40,8 @@ class Architecture:
     The routing weights scale each expert's output, so a bridge folds into all of them; those a
     layer lacks (a dense layer has no experts) are skipped.
     gguf_arch: llama.cpp's architecture name, for families surgery.export.gguf_write writes.
+    refused_configs: (config key, value, why) for variants of a family whose block does not have
+    the shape above (StableLM's parallel residual: attention and FFN read the same input).
     """
 
     layers: str = "model.layers"
@@ -61,6 +63,7 @@ class Architecture:
     moe_outputs: tuple[str, ...] = ()
     mlp_extra_outputs: int = 0
     gguf_arch: str | None = None
+    refused_configs: tuple[tuple[str, Any, str], ...] = ()
 
     def output_projections(self, kind: str) -> tuple[str, ...]:
         """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the stream."""
@@ -120,6 +123,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "apertus": replace(_LLAMA, attention_norms=("attention_layernorm",), mlp_norms=("feedforward_layernorm",),
                        lora_targets=_UNGATED_LORA),
     "jais2": replace(_LLAMA, lora_targets=_UNGATED_LORA),
+    "stablelm": replace(_LLAMA, refused_configs=(("use_parallel_residual", True, "attention and FFN read the same input "
+                                                  "(a parallel residual), so neither is a sublayer of the stream"),)),
     "nanochat": replace(_LLAMA, mlp_output="fc2", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
                         logit_softcap_config="final_logit_softcapping"),
     # VaultGemma: Gemma 2's block with a pre-norm only before each sublayer.
@@ -179,7 +184,11 @@ def architecture_of(config: Any) -> Architecture:
             f"architecture '{model_type or 'unknown'}' is not supported (supported: {supported}); "
             "to add one, describe its modules in ARCHITECTURES in surgery/arch.py"
         )
-    return ARCHITECTURES[model_type]
+    arch = ARCHITECTURES[model_type]
+    for key, value, why in arch.refused_configs:
+        if (config.get(key) if isinstance(config, dict) else getattr(config, key, None)) == value:
+            raise SurgeryError(f"{model_type} with {key}={value} is not supported: {why}; only its sequential variant is")
+    return arch
 
 
 def get_module(root: Any, dotted: str) -> Any:

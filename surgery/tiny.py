@@ -46,6 +46,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "apertus": {},
     "jais2": {},
     "nanochat": {},
+    "stablelm": {"use_parallel_residual": False},  # StableLM 2 1.6B and 3B; the 12B's parallel variant is refused
     "vaultgemma": {"sliding_window": 8, "query_pre_attn_scalar": 16},
     "olmo3": {"sliding_window": 8},
     "exaone4": {"sliding_window": 8},

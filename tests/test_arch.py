@@ -42,6 +42,14 @@ def test_lora_targets_exist(family):
     assert set(ARCHITECTURES[family].lora_targets) <= names
 
 
+def test_a_refused_variant_of_a_family_is_one_line_naming_why():
+    from surgery.errors import SurgeryError
+
+    with pytest.raises(SurgeryError, match="stablelm with use_parallel_residual=True is not supported: attention and FFN"):
+        architecture_of(tiny_config("stablelm", use_parallel_residual=True))
+    assert architecture_of(tiny_config("stablelm")) is ARCHITECTURES["stablelm"]
+
+
 def test_unsupported_family_names_the_supported_ones_and_where_to_add():
     with pytest.raises(SurgeryError) as error:
         architecture_of({"model_type": "gpt2"})
