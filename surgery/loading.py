@@ -206,8 +206,8 @@ def _without_quantizer(model: Any) -> list[Any]:
         operations = getattr(conversion, "operations", ())
         if not any(from_quantizer(op) for op in operations):
             kept.append(conversion)
-        elif not all(from_quantizer(op) for op in operations):
-            kept.append(own[tuple(conversion._original_target_patterns)])
+        elif not all(from_quantizer(op) for op in operations) and tuple(conversion._original_target_patterns) in own:
+            kept.append(own[tuple(conversion._original_target_patterns)])  # (else written as in memory, which reloads)
     return kept
 
 

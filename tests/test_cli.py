@@ -96,9 +96,9 @@ def test_results_and_analyses_never_land_in_the_source_model(tiny_folder, tmp_pa
         (["eval", source, *quick, "--out", as_file / "x.json"], "which is a file"),
         (["analyze", source, "--out", source, "--force"], "overlaps"),
         (["analyze", source, "--out", source / "analysis"], "overlaps"),
-        (["prune", source, "--out", tmp_path / "p1", "--remove", "L1", "--no-bridge", "--eval-ppl", "none", "--analysis", source / "analysis"], "overlaps"),
-        (["prune", source, "--out", tmp_path / "p2", "--remove", "L1", "--no-bridge", "--eval-ppl", "none", "--analysis", tmp_path / "p2" / "analysis"], "overlaps --out"),  # it blamed a source model
-        (["prune", source, "--out", tmp_path / "p3", "--remove", "L1", "--no-bridge", "--eval-ppl", "none", "--analysis", as_file], "is a file"),
+        (["prune", source, "--out", tmp_path / "p1", "--remove", "1", "--strategy", "bi", "--no-bridge", "--eval-ppl", "none", "--analysis", source / "analysis"], "overlaps"),
+        (["prune", source, "--out", tmp_path / "p2", "--remove", "1", "--strategy", "bi", "--no-bridge", "--eval-ppl", "none", "--analysis", tmp_path / "p2" / "analysis"], "overlaps --out"),  # it blamed a source model
+        (["prune", source, "--out", tmp_path / "p3", "--remove", "1", "--strategy", "bi", "--no-bridge", "--eval-ppl", "none", "--analysis", as_file], "is a file"),
     ]
     for args, message in cases:
         result = run(*args)
