@@ -266,10 +266,11 @@ def text_config(path: Path) -> dict[str, Any]:
     return config.get("text_config", config)
 
 
-def quantization_method(path: Path) -> str | None:
-    """How config.json says the stored weights are quantised ('bitsandbytes', 'fp8', 'gptq', ...),
-    None for full-precision weights: such files hold packed tensors, not the config's shapes."""
-    quantization = read_config(path).get("quantization_config")
+def quantization_method(config: Path | dict[str, Any]) -> str | None:
+    """How config.json (a folder's, or the dict read from it) says the stored weights are quantised
+    ('bitsandbytes', 'fp8', 'gptq', ...), None for full-precision weights: such files hold packed
+    tensors, not the config's shapes."""
+    quantization = (config if isinstance(config, dict) else read_config(config)).get("quantization_config")
     if not isinstance(quantization, dict):
         return None
     return str(quantization.get("quant_method") or "unknown")

@@ -103,7 +103,7 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     if device_map:
         kwargs["device_map"] = device_map
-    method = quantization_method(source.path) if quantization_config is None and not keep_quantized else None
+    method = quantization_method(config_dict) if quantization_config is None and not keep_quantized else None
     asked = quantization_config or (_dequantizing_config(config_dict["quantization_config"]) if method else None)
     if asked is not None:  # (None given explicitly would load packed weights as if unquantised)
         kwargs["quantization_config"] = asked
@@ -170,9 +170,9 @@ def _dequantizing_config(stored: dict[str, Any]) -> Any:
 
 def _full_precision(model: Any, source: ModelSource, method: str) -> Any:
     """A pre-quantised checkpoint (a bitsandbytes 4-bit upload, FP8 weights) in full precision:
-    cutting, bridging and healing change weights. transformers turns FP8 back itself on a machine
-    without FP8 kernels; bitsandbytes layers are turned back here. The export is full precision
-    (heal quantises again for training)."""
+    cutting, bridging and healing change weights. FP8 and MXFP4 come back from transformers
+    (`_dequantizing_config`); bitsandbytes layers are turned back here. The export is full
+    precision (prune's healing quantises its own copy for training)."""
     from surgery.console import console
 
     if getattr(model, "hf_quantizer", None) is not None:
