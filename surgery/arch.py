@@ -118,6 +118,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "hunyuan_v1_dense": _LLAMA,
     "helium": _LLAMA,
     "ministral3": _LLAMA,
+    "olmo": _LLAMA,
+    "cwm": replace(_LLAMA, per_layer_config=("layer_types",)),
+    "glm": replace(_LLAMA, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")),
     # Arcee AFM and Apertus: an ungated FFN (up, activation, down); Jais 2 too, with LayerNorms.
     "arcee": replace(_LLAMA, lora_targets=_UNGATED_LORA),
     "apertus": replace(_LLAMA, attention_norms=("attention_layernorm",), mlp_norms=("feedforward_layernorm",),
@@ -155,6 +158,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "dots1": replace(_MOE, per_layer_config=("layer_types",), prefix_count_config=("first_k_dense_replace", "max_window_layers"),
                      moe_outputs=_SHARED_EXPERTS),
     "solar_open": replace(_MOE, moe_outputs=_SHARED_EXPERTS),
+    "minimax_m2": _MOE,
+    # GLM-4.7-Flash (DeepSeek's latent attention) and K-EXAONE: each layer's FFN kind listed per layer.
+    "glm4_moe_lite": replace(_MOE, per_layer_config=("mlp_layer_types",), moe_outputs=_SHARED_EXPERTS,
+                             lora_targets=("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),
+    "exaone_moe": replace(_MOE, per_layer_config=("layer_types", "mlp_layer_types"), prefix_count_config=("first_k_dense_replace",),
+                          moe_outputs=_SHARED_EXPERTS),
     "hunyuan_v1_moe": replace(_MOE, moe_outputs=("experts.down_proj", "shared_mlp.down_proj"),
                               per_layer_config=("moe_topk", "num_experts")),  # each an int, or a list per layer
 }
