@@ -158,11 +158,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "dots1": replace(_MOE, per_layer_config=("layer_types",), prefix_count_config=("first_k_dense_replace", "max_window_layers"),
                      moe_outputs=_SHARED_EXPERTS),
     "solar_open": replace(_MOE, moe_outputs=_SHARED_EXPERTS),
-    "minimax_m2": _MOE,
+    "minimax_m2": replace(_MOE, per_layer_config=("attn_type_list",)),  # the released config lists it; transformers ignores it
     # GLM-4.7-Flash (DeepSeek's latent attention) and K-EXAONE: each layer's FFN kind listed per layer.
-    "glm4_moe_lite": replace(_MOE, per_layer_config=("mlp_layer_types",), moe_outputs=_SHARED_EXPERTS,
+    # (their released configs also carry the keys other loaders read: first_k_dense_replace, is_moe_layer)
+    "glm4_moe_lite": replace(_MOE, per_layer_config=("mlp_layer_types",), prefix_count_config=("first_k_dense_replace",),
+                             moe_outputs=_SHARED_EXPERTS,
                              lora_targets=("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),
-    "exaone_moe": replace(_MOE, per_layer_config=("layer_types", "mlp_layer_types"), prefix_count_config=("first_k_dense_replace",),
+    "exaone_moe": replace(_MOE, per_layer_config=("layer_types", "mlp_layer_types", "is_moe_layer"),
+                          prefix_count_config=("first_k_dense_replace",),
                           moe_outputs=_SHARED_EXPERTS),
     "hunyuan_v1_moe": replace(_MOE, moe_outputs=("experts.down_proj", "shared_mlp.down_proj"),
                               per_layer_config=("moe_topk", "num_experts")),  # each an int, or a list per layer

@@ -69,13 +69,14 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "solar_open": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1},
     # Hunyuan-A13B lists its top-k per layer (a callable: one value per layer of the tiny model)
     "hunyuan_v1_moe": {"num_experts": 4, "moe_topk": lambda layers: [1 + i % 2 for i in range(layers)]},
-    "minimax_m2": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "minimax_m2": {"num_local_experts": 4, "num_experts_per_tok": 2, "attn_type_list": lambda layers: [1] * layers},
     "glm4_moe_lite": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
                       "n_group": 1, "topk_group": 1, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
                       "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8, "num_key_value_heads": 4,
-                      "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1)},
+                      "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1), "first_k_dense_replace": 1},
     "exaone_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "num_shared_experts": 1,
-                   "sliding_window": 8, "first_k_dense_replace": 1},
+                   "sliding_window": 8, "first_k_dense_replace": 1,
+                   "is_moe_layer": lambda layers: [False] + [True] * (layers - 1)},
     "glm4_moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
                  "first_k_dense_replace": 2, "n_group": 1, "topk_group": 1},
     "qwen2_moe": {

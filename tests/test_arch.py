@@ -35,6 +35,20 @@ def test_every_per_layer_config_list_is_known(family):
     assert per_layer <= set(arch.per_layer_config), f"{family}: unlisted per-layer config keys {per_layer}"
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if getattr(tiny_config(f), "first_k_dense_replace", None)])
+def test_a_dense_prefix_count_is_recounted_when_blocks_go(family):
+    """DeepSeek's `first_k_dense_replace` (the first k layers are dense) is read by other loaders
+    even where transformers reads a per-layer list instead: it must describe the kept blocks."""
+    from surgery.cut import cut
+    from surgery.sublayers import parse_sublayers
+
+    model = tiny_model(family, num_layers=4)
+    count = model.config.first_k_dense_replace
+    assert "first_k_dense_replace" in ARCHITECTURES[family].prefix_count_config
+    cut(model, parse_sublayers("L0"))
+    assert model.config.first_k_dense_replace == max(0, min(count, 4) - 1)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_targets_exist(family):
     model = tiny_model(family)
