@@ -155,9 +155,10 @@ def out_of_core(folder: Path, wanted: bool | None, *, device: str, device_map: s
     core ('streaming the cut file to file'); `instead`: the option that overrides ('--no-stream');
     `dtype`: --dtype, which sizes the copies in memory; `keep_quantized`: a quantised model is run
     as stored, not turned back into full precision."""
-    if _quantized(folder):
-        _check_quantized_in_memory(folder, wanted, device=device, device_map=device_map, instead=instead, dtype=dtype,
-                                   keep_quantized=keep_quantized)
+    method = _quantized(folder)
+    if method:
+        _check_quantized_in_memory(folder, method, wanted, device=device, device_map=device_map, instead=instead,
+                                   dtype=dtype, keep_quantized=keep_quantized)
         return False
     if wanted is not None:
         return wanted
@@ -182,13 +183,13 @@ def _quantized(folder: Path) -> str | None:
     return quantization_method(folder) if (Path(folder) / "config.json").is_file() else None
 
 
-def _check_quantized_in_memory(folder: Path, wanted: bool | None, *, device: str, device_map: str | None, instead: str,
-                               dtype: str | None, keep_quantized: bool) -> None:
+def _check_quantized_in_memory(folder: Path, method: str, wanted: bool | None, *, device: str, device_map: str | None,
+                               instead: str, dtype: str | None, keep_quantized: bool) -> None:
     """A quantised checkpoint runs whole, as stored or turned back into full precision (`loading`):
     the block-by-block paths read full-precision tensors of the config's shapes, not packed ones."""
     from surgery.errors import SurgeryError
 
-    method, flag = _quantized(folder), instead.replace("--no-", "--", 1)
+    flag = instead.replace("--no-", "--", 1)
     if wanted:
         raise SurgeryError(f"{flag} reads full-precision weights a block at a time and {folder} holds {method}-quantised "
                            f"ones: drop {flag} (the model runs whole), or give the full-precision checkpoint")
@@ -352,27 +353,31 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
     steps = []
     for command, copies, out_of_core_how, option in (("analyze, eval", 1, "block by block", "--layerwise"),
                                                       ("cut", 2, "streamed file to file", "--stream")):
-        if not streaming:
+        if fits_in_memory(weights, available, copies) or not streaming:
             steps.append(Step(command, "in memory" + (", checked against a reloaded copy" if copies == 2 else ""),
-                              in_memory_bytes(weights, copies)))
-        elif fits_in_memory(weights, available, copies):
-            steps.append(Step(command, "in memory" + (", checked against a reloaded copy" if copies == 2 else ""),
-                              in_memory_bytes(weights, copies), f"{option} reads one block at a time"))
+                              in_memory_bytes(weights, copies), f"{option} reads one block at a time" if streaming else ""))
         else:
             steps.append(Step(command, out_of_core_how, block, f"about the largest block, chosen because {copies} "
                               f"cop{'ies' if copies > 1 else 'y'} would not fit" + _stored_dtype_note(folder, dtype)))
     steps.append(_heal_step(found, weights, device, quantize, streaming, block))
     if device_map:
         steps.append(Step("prune", f"in memory, placed by --device-map {device_map}", whole, "spread over the devices"))
-    elif fits_in_memory(weights, available, 2):
-        steps.append(Step("prune", "in memory (choosing and bridging need the whole model)", in_memory_bytes(weights, 2),
-                          "at most: the export reloads the pruned model beside it to compare"))
-    elif fits_in_memory(weights, available):
-        steps.append(Step("prune", "in memory (choosing and bridging need the whole model)", whole + block - LIBRARY_BYTES,
-                          "the export is checked block by block: a second copy would not fit"))
     else:
-        steps.append(Step("prune", "does not fit", whole, OUT_OF_CORE_ROUTE))
+        steps.append(_whole_model_step("prune", "in memory (choosing and bridging need the whole model)", weights,
+                                       available, block, OUT_OF_CORE_ROUTE))
     return found, available, steps
+
+
+def _whole_model_step(command: str, how: str, weights: int, available: int, block: int, instead: str) -> Step:
+    """A command that holds the whole model and exports it: with the reloaded copy its export check
+    compares with, or, where that would not fit, checked block by block; `instead` where even one
+    copy would not fit."""
+    if fits_in_memory(weights, available, 2):
+        return Step(command, how, in_memory_bytes(weights, 2), "at most: the export reloads the written model beside it to compare")
+    if fits_in_memory(weights, available):
+        return Step(command, how, in_memory_bytes(weights) + block - LIBRARY_BYTES,
+                    "the export is checked block by block: a second copy would not fit")
+    return Step(command, "does not fit", in_memory_bytes(weights), instead)
 
 
 def _quantized_steps(folder: Path, dtype: str | None, weights: int, available: int, block: int) -> list[Step]:
@@ -382,15 +387,8 @@ def _quantized_steps(folder: Path, dtype: str | None, weights: int, available: i
     stored = loaded_bytes(folder, dtype, keep_quantized=True)
     steps = [Step("analyze, eval", "in memory, as stored", in_memory_bytes(stored)) if fits_in_memory(stored, available)
              else Step("analyze, eval", "does not fit", in_memory_bytes(stored), instead)]
-    for command in ("cut", "prune"):
-        if fits_in_memory(weights, available, 2):
-            steps.append(Step(command, "in memory, turned back into full precision", in_memory_bytes(weights, 2),
-                              "at most: the export reloads the written model beside it to compare"))
-        elif fits_in_memory(weights, available):
-            steps.append(Step(command, "in memory, turned back into full precision", in_memory_bytes(weights) + block - LIBRARY_BYTES,
-                              "the export is checked block by block: a second copy would not fit"))
-        else:
-            steps.append(Step(command, "does not fit", in_memory_bytes(weights), instead))
+    steps += [_whole_model_step(command, "in memory, turned back into full precision", weights, available, block, instead)
+              for command in ("cut", "prune")]
     steps.insert(2, Step("heal", "refused", in_memory_bytes(weights), "it trains a 4-bit copy of full-precision weights: "
                          "cut or prune first (they write full precision)"))
     return steps
