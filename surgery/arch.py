@@ -42,6 +42,9 @@ class Architecture:
     gguf_arch: llama.cpp's architecture name, for families surgery.export.gguf_write writes.
     refused_configs: (config key, value, why) for variants of a family whose block does not have
     the shape above (StableLM's parallel residual: attention and FFN read the same input).
+    mtp_prefix: where the checkpoint keeps its multi-token-prediction modules, when the config
+    counts some (`num_nextn_predict_layers`): None for extra blocks numbered on after the last
+    (DeepSeek-V3, GLM-4.5: `model.layers.61`), else the prefix of their names (K-EXAONE: `mtp.`).
     """
 
     layers: str = "model.layers"
@@ -64,6 +67,7 @@ class Architecture:
     mlp_extra_outputs: int = 0
     gguf_arch: str | None = None
     refused_configs: tuple[tuple[str, Any, str], ...] = ()
+    mtp_prefix: str | None = None
 
     def output_projections(self, kind: str) -> tuple[str, ...]:
         """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the stream."""
@@ -166,7 +170,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                              lora_targets=("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),
     "exaone_moe": replace(_MOE, per_layer_config=("layer_types", "mlp_layer_types", "is_moe_layer"),
                           prefix_count_config=("first_k_dense_replace",),
-                          moe_outputs=_SHARED_EXPERTS),
+                          moe_outputs=_SHARED_EXPERTS, mtp_prefix="mtp."),
     "hunyuan_v1_moe": replace(_MOE, moe_outputs=("experts.down_proj", "shared_mlp.down_proj"),
                               per_layer_config=("moe_topk", "num_experts")),  # each an int, or a list per layer
 }
@@ -226,6 +230,52 @@ def decoder_layers(model: Any, arch: Architecture | None = None) -> Any:
 
 def num_layers(model: Any) -> int:
     return len(decoder_layers(model))
+
+
+# ------------------------------------------------------------------ multi-token-prediction modules
+
+MTP_COUNT_CONFIG = "num_nextn_predict_layers"
+
+
+@dataclass(frozen=True)
+class MtpModules:
+    """A checkpoint's multi-token-prediction (MTP) modules: drafting heads that serving engines
+    (vLLM, SGLang, llama.cpp) load beside the model for speculative decoding, and transformers skips
+    when it loads the model. A cut carries them unchanged, since the config still counts them."""
+
+    tensors: dict[str, str]  # name in the checkpoint written -> name in the checkpoint read
+    layers: int  # how many modules those tensors make
+
+
+def mtp_layer_count(config: Any) -> int:
+    """How many MTP modules the config (object or config.json dict) says the checkpoint holds."""
+    value = config.get(MTP_COUNT_CONFIG) if isinstance(config, dict) else getattr(config, MTP_COUNT_CONFIG, 0)
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def mtp_modules(names: Any, config: Any, num_layers: int | None = None) -> MtpModules:
+    """The MTP modules among a checkpoint's tensor `names` (its config: `config`), renamed for a
+    checkpoint of `num_layers` blocks (default: as many). Serving engines read extra blocks at
+    `num_hidden_layers` onwards (vLLM's mtp_start_layer_idx, llama.cpp's block count plus
+    num_nextn_predict_layers), so a cut numbers them on after its last block. Only modules found
+    whole count: from the first, those whose block holds tensors."""
+    count = mtp_layer_count(config)
+    if not count:
+        return MtpModules({}, 0)
+    arch = architecture_of(config)
+    if arch.mtp_prefix:
+        found = {name: name for name in names if name.startswith(arch.mtp_prefix)}
+        return MtpModules(found, count if found else 0)
+    first = config["num_hidden_layers"] if isinstance(config, dict) else config.num_hidden_layers
+    start = first if num_layers is None else num_layers
+    by_block: dict[int, dict[str, str]] = {}
+    prefix = f"{arch.layers}."
+    for name in names:
+        index, dot, rest = name[len(prefix):].partition(".") if name.startswith(prefix) else ("", "", "")
+        if dot and index.isdigit() and first <= int(index) < first + count:
+            by_block.setdefault(int(index) - first, {})[f"{prefix}{start + int(index) - first}.{rest}"] = name
+    layers = next((k for k in range(count) if k not in by_block), count)
+    return MtpModules({new: old for k in range(layers) for new, old in by_block[k].items()}, layers)
 
 
 # ------------------------------------------------------------------ facts read from a config.json

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from surgery.arch import Architecture, architecture_of, config_error, quantization_method
+from surgery.arch import Architecture, architecture_of, config_error, mtp_modules, quantization_method
 from surgery.errors import SurgeryError
 from surgery.hf_modeling import register_classes
 from surgery.source import ModelSource, resolve
@@ -131,7 +131,7 @@ def load_model(
             _check_quantized_load(source.path, quantization_config, error)
             raise
         raise _pickle_error(source.path, error) from None
-    check_loading_info(source.path, info)
+    check_loading_info(source.path, info, model.config)
     if method:
         model = _full_precision(model, source, method)
     if not device_map and quantization_config is None:
@@ -211,10 +211,15 @@ def _without_quantizer(model: Any) -> list[Any]:
     return kept
 
 
-def check_loading_info(folder: Any, info: dict[str, Any]) -> None:
+def check_loading_info(folder: Any, info: dict[str, Any], config: Any = None) -> None:
     """Weights the config expects but the files lack would be random; weights the files hold but the
-    config has no place for would be dropped. Either means config and weights disagree."""
-    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    config has no place for would be dropped. Either means config and weights disagree. The
+    multi-token-prediction modules the config counts are not the model's (arch.mtp_modules):
+    transformers skips them only under the layer number of the released checkpoint."""
+    unexpected = set(info.get("unexpected_keys") or [])
+    if config is not None and unexpected:
+        unexpected -= set(mtp_modules(unexpected, config).tensors.values())
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(unexpected)
     mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info.get("mismatched_keys") or []]
     problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
                 ((missing, "weights the config expects are missing from the files"),

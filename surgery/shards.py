@@ -440,6 +440,33 @@ def write_checkpoint_shards(folder: Path, tensors: dict[str, TensorInfo], chunks
     return digests
 
 
+def add_shards(folder: Path, tensors: dict[str, TensorInfo], chunks: Callable[[TensorInfo], Iterable[bytes | memoryview]],
+               *, max_shard_size: int, label: str, lies_in: Callable[[TensorInfo], TensorInfo] | None = None) -> None:
+    """Add `tensors` to the checkpoint already written in `folder`, as shards after its own (each
+    written and read back as write_checkpoint_shards does): every file then bears the name
+    transformers gives the i-th of n shards, and the index lists them all."""
+    from surgery.console import task
+
+    files, _ = weight_files(folder)
+    held = {file: file_tensors(folder / file) for file in files}
+    extra = list(plan_shards({name: info.nbytes for name, info in tensors.items()}, max_shard_size).values())
+    named = [FILENAME_PATTERN.format(suffix=f"-{i:05d}-of-{len(files) + len(extra):05d}")
+             for i in range(1, len(files) + len(extra) + 1)]
+    shards: dict[str, list[str]] = {}
+    for old, new in zip(files, named):  # the count in the names grows, so no new name is an old one
+        (folder / old).rename(folder / new)
+        shards[new] = list(held[old])
+    with task(label, total=len(extra)) as progress:
+        for file, names in zip(named[len(files):], extra):
+            planned = {name: TensorInfo(name, tensors[name].dtype, tensors[name].shape, tensors[name].nbytes) for name in names}
+            written = write_shard(folder / file, list(planned.values()), chunks, lies_in)
+            check_shard(folder / file, planned, written.checksums)
+            shards[file] = names
+            progress.advance()
+    every = [*(info for infos in held.values() for info in infos.values()), *tensors.values()]
+    write_index(folder, shards, sum(info.nbytes for info in every), sum(math.prod(info.shape) for info in every))
+
+
 def write_index(folder: Path, shards: dict[str, list[str]], total_size: int, total_parameters: int) -> None:
     """model.safetensors.index.json as transformers writes it (only for more than one shard)."""
     index = {"metadata": {"total_parameters": total_parameters, "total_size": total_size},

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,10 +109,90 @@ def _write(model: Any, tokenizer: Any, folder: Path, copy_from: Path | None, ext
 
         written = {"layout": layout, "nemotron": write_folder(model, tokenizer, folder)}
     else:
+        carried = _counted_mtp_modules(model, copy_from)
         write_model_folder(model, tokenizer, folder, max_shard_size)
-        written = {"layout": "hf"}
+        _add_mtp_modules(model, carried, copy_from, folder, max_shard_size)
+        written = {"layout": "hf", **({"mtp_layers_carried": carried.layers} if carried.layers else {})}
     add_files(folder, copy_from, extra_files)
     return written
+
+
+def _counted_mtp_modules(model: Any, source: Path | None) -> Any:
+    """The multi-token-prediction modules of the source (arch.mtp_modules) that the export carries,
+    named for the model's blocks; the model's config is made to count just those. transformers
+    never loads them into the model, so they are copied from the source's files: unless these
+    are quantised (the model was dequantised; its modules would not be) or not safetensors."""
+    from surgery.arch import MtpModules, mtp_layer_count, mtp_modules, quantization_method, read_config
+    from surgery.shards import SafetensorsFolder
+
+    config = unwrap(model).config
+    if not mtp_layer_count(config):
+        return MtpModules({}, 0)
+    found, why = MtpModules({}, 0), "are not in its safetensors files"
+    if source is not None and any(Path(source).glob("*.safetensors")):
+        stored = read_config(Path(source))
+        if quantization_method(stored):
+            why = f"are stored {quantization_method(stored)}-quantised and the model was dequantised"
+        else:
+            found = mtp_modules(SafetensorsFolder(Path(source)).info, stored, config.num_hidden_layers)
+    count_carried_mtp(config, found, why)
+    return found
+
+
+def count_carried_mtp(config: Any, carried: Any, why: str = "are not in its safetensors files") -> None:
+    """Make `config` count the multi-token-prediction modules its checkpoint carries, saying so
+    when that is fewer than the source had (a serving engine would look for the rest)."""
+    from surgery.arch import MTP_COUNT_CONFIG, mtp_layer_count
+    from surgery.console import console
+
+    wanted = mtp_layer_count(config)
+    if carried.layers < wanted:
+        console.print(f"the source's {wanted - carried.layers} multi-token-prediction module(s) {why}: the export "
+                      f"carries {carried.layers} ({MTP_COUNT_CONFIG} = {carried.layers})")
+        setattr(config, MTP_COUNT_CONFIG, carried.layers)
+
+
+def _add_mtp_modules(model: Any, carried: Any, source: Path | None, folder: Path, max_shard_size: int | str | None) -> None:
+    """Copy the carried modules into shards after the model's own (written in `folder`), each in
+    the dtype the model wrote the same tensor of its last block in (routers' float32 biases stay
+    float32), else in the dtype of most of its weights."""
+    if not carried.tensors:
+        return
+    import torch
+
+    from surgery.arch import architecture_of
+    from surgery.settings import parse_size
+    from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo, add_shards
+
+    model = unwrap(model)
+    if max_shard_size is None:
+        max_shard_size = inspect.signature(model.save_pretrained).parameters["max_shard_size"].default
+    written = SafetensorsFolder(folder)
+    last_block = f"{architecture_of(model.config).layers}.{model.config.num_hidden_layers - 1}."
+    weights = SafetensorsFolder(Path(source))
+
+    def as_written(name: str, info: TensorInfo) -> TensorInfo:
+        twin = written.info.get(last_block + re.sub(r"^.*?layers\.\d+\.", "", name))
+        dtype = twin.dtype if twin is not None else written.main_dtype()
+        if info.dtype == dtype or info.dtype not in TORCH_DTYPES:
+            return info
+        return TensorInfo(name, dtype, info.shape, math.prod(info.shape) * getattr(torch, TORCH_DTYPES[dtype]).itemsize)
+
+    def chunks(info: TensorInfo) -> Any:
+        old = carried.tensors[info.name]
+        if info.dtype == weights.info[old].dtype:
+            return weights.read(old)
+        cast = weights.tensor(old).to(getattr(torch, TORCH_DTYPES[info.dtype]))
+        return [memoryview(cast.contiguous().view(-1).view(torch.uint8).numpy())]
+
+    tensors = {new: as_written(new, weights.info[old]) for new, old in carried.tensors.items()}
+    written.close()
+    as_stored = all(info.file is not None for info in tensors.values())  # copied file to file by the kernel
+    try:
+        add_shards(folder, tensors, chunks, label="carrying the multi-token-prediction modules",
+                   max_shard_size=parse_size(max_shard_size), lies_in=(lambda info: tensors[info.name]) if as_stored else None)
+    finally:
+        weights.close()
 
 
 def add_files(folder: Path, copy_from: Path | None, extra_files: dict[str, str]) -> None:

@@ -6,9 +6,12 @@ writes the same checkpoint format: shards and index as transformers writes them,
 `surgery_<family>` model type with its modeling file for sublayer cuts, surgery.json. What is
 written is decided by the cut config itself: a skeleton of the cut model (surgery.layerwise) names
 every tensor a save_pretrained of it would hold, and each is copied from the source under its old
-block number. Before the folder moves into place, the result is checked in ways that scale:
+block number; so are the multi-token-prediction modules the source keeps beside its blocks
+(arch.mtp_modules), numbered on after the last block kept. Before the folder moves into place,
+the result is checked in ways that scale:
 (a) every tensor read back from disk has the CRC-32 of the source bytes it was copied from;
-(b) its names and shapes are those a skeleton built from the written config.json implies;
+(b) its names and shapes are those a skeleton built from the written config.json implies (with
+    the modules carried);
 (c) its logits, run block by block from the written files, equal the source's, run block by block
     with the same sublayers skipped.
 Memory holds one block at a time (in the check) and a 16 MiB copy buffer (in the copy).
@@ -20,10 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from surgery.arch import architecture_of
+from surgery.arch import architecture_of, mtp_modules
 from surgery.cut import CutPlan, CutResult, cut_config, plan_cut, removed_sublayers
 from surgery.errors import SurgeryError
-from surgery.export.checkpoint import ExportResult, add_files, logit_diff_within_tolerance, make_self_describing, write_manifest
+from surgery.export.checkpoint import (
+    ExportResult,
+    add_files,
+    count_carried_mtp,
+    logit_diff_within_tolerance,
+    make_self_describing,
+    write_manifest,
+)
 from surgery.forward import VERIFY_PROMPT, count_parameters
 from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo, write_checkpoint_shards
 from surgery.sublayers import Sublayer
@@ -40,6 +50,7 @@ class StreamedCut:
     config: Any  # the cut model's config
     tensors: dict[str, TensorInfo]  # name in the cut checkpoint -> the source tensor it is copied from
     result: CutResult
+    mtp: list[str]  # the tensors of its multi-token-prediction modules, carried beside the model's (arch.mtp_modules)
 
     @property
     def nbytes(self) -> int:
@@ -62,7 +73,9 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     _check_tied_head(weights, config, arch)
     before = skeleton(config, getattr(torch, stored))
     plan = plan_cut(config.num_hidden_layers, units, removed_sublayers(before))
+    mtp = mtp_modules(weights.info, config, len(plan.kept))
     cut_config(config, arch, plan)
+    count_carried_mtp(config, mtp)
     after = skeleton(config, getattr(torch, stored))
     config.dtype, config.architectures = stored, [type(after).__name__]  # as save_pretrained records them
     tensors = {}
@@ -76,8 +89,9 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
             raise SurgeryError(f"{folder}: {source_name} is {list(info.shape)} but config.json implies {list(shape)}: "
                                "fix config.json or download the model again")
         tensors[name] = info
+    tensors.update({name: weights.info[source_name] for name, source_name in mtp.tensors.items()})
     result = CutResult(list(plan.removed), plan.kept, count_parameters(before), count_parameters(after))
-    return StreamedCut(Path(folder), plan, config, tensors, result)
+    return StreamedCut(Path(folder), plan, config, tensors, result, list(mtp.tensors))
 
 
 def _check_tied_head(weights: SafetensorsFolder, config: Any, arch: Any) -> None:
@@ -149,7 +163,7 @@ def _check_folder(cut: StreamedCut, folder: Path, tokenizer: Any, device: str) -
     from surgery.layerwise import LayerwiseModel, checkpoint_shapes
 
     written = LayerwiseModel(folder, device=device)
-    expected = checkpoint_shapes(written.model)
+    expected = {**checkpoint_shapes(written.model), **{name: cut.tensors[name].shape for name in cut.mtp}}
     found = {name: info.shape for name, info in SafetensorsFolder(folder, strict=True).info.items()}
     if found != expected:
         odd = sorted(set(found) ^ set(expected)) or sorted(n for n in found if found[n] != expected[n])

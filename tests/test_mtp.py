@@ -1,0 +1,161 @@
+"""Multi-token-prediction (MTP) modules: the drafting heads DeepSeek-V3, GLM-4.5, GLM-4.7-Flash and
+K-EXAONE keep beside their blocks, which transformers skips on load and serving engines read for
+speculative decoding. Every way of writing a cut or healed checkpoint carries them, numbered on
+after the last block kept, and its config counts exactly what it carries."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from surgery.arch import MTP_COUNT_CONFIG, architecture_of
+from tests.cli import run
+
+BLOCK_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite"]  # extra blocks: model.layers.{num_hidden_layers + k}
+FAMILIES = [*BLOCK_FAMILIES, "exaone_moe"]  # K-EXAONE: mtp.layers.{k}, mtp.fc, ...
+HEAL = ["--heal-steps", "2", "--heal-seq-len", "32", "--heal-batch-size", "2", "--no-quantize", "--lora-dropout", "0",
+        "--eval-ppl", "wikitext2", "--eval-ppl-windows", "2", "--eval-tasks", "arc_easy", "--eval-limit", "4",
+        "--no-eval-speed", "--device", "cpu"]
+
+
+def all_tensors(folder):
+    found = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        found.update(load_file(file))
+    return found
+
+
+def with_mtp_modules(folder, count=1, stored=None):
+    """Give a saved tiny model the MTP modules a released checkpoint of its family holds: the last
+    block's tensors again, plus the projection and norms of the drafting head (random values), and
+    the config's count. `stored`: how many of the `count` modules the files hold (default: all)."""
+    config = json.loads((folder / "config.json").read_text())
+    layers, last = config["num_hidden_layers"], f"model.layers.{config['num_hidden_layers'] - 1}."
+    weights = load_file(folder / "model.safetensors")
+    hidden = config["hidden_size"]
+    generator = torch.Generator().manual_seed(7)
+    prefix = architecture_of(config).mtp_prefix
+    head = {"fc" if prefix else "eh_proj": (hidden, 2 * hidden), "pre_fc_norm_embedding" if prefix else "enorm": (hidden,),
+            "pre_fc_norm_hidden" if prefix else "hnorm": (hidden,), "norm" if prefix else "shared_head.norm": (hidden,)}
+    block = {name[len(last):]: tensor for name, tensor in weights.items() if name.startswith(last)}
+    for k in range(count if stored is None else stored):
+        at = f"{prefix}layers.{k}." if prefix else f"model.layers.{layers + k}."
+        for name, tensor in block.items():
+            weights[at + name] = torch.randn(tensor.shape, generator=generator).to(tensor.dtype)
+        for name, shape in head.items():
+            weights[f"{prefix}{name}.weight" if prefix else f"{at}{name}.weight"] = torch.randn(shape, generator=generator)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({**config, MTP_COUNT_CONFIG: count}, indent=2))
+    return {name: tensor for name, tensor in weights.items()
+            if name.startswith(prefix or "@") or any(name.startswith(f"model.layers.{layers + k}.") for k in range(count))}
+
+
+def renumbered(modules, source_layers, cut_layers):
+    """The names a checkpoint of `cut_layers` blocks gives modules stored after `source_layers`."""
+    out = {}
+    for name, tensor in modules.items():
+        if name.startswith("model.layers."):
+            index, rest = name[len("model.layers."):].split(".", 1)
+            name = f"model.layers.{int(index) - source_layers + cut_layers}.{rest}"
+        out[name] = tensor
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_a_cut_carries_the_mtp_modules_after_its_last_block_both_ways(family, tiny_folder, tmp_path):
+    """In memory (transformers never loads them: they are copied from the source's files) and
+    streamed: the same tensors, byte for byte, at model.layers.{num_hidden_layers} onwards (where
+    vLLM and llama.cpp read them); the config counts them; the cut loads without a complaint and can
+    be cut again."""
+    from surgery.loading import load_model
+
+    source, _ = tiny_folder(family, num_layers=5)
+    modules = with_mtp_modules(source)
+    for mode, shard in (("no-stream", "50GB"), ("stream", "20KB"), ("no-stream-sharded", "20KB")):
+        result = run("cut", source, "--remove", "L1,L3.attn", "--out", tmp_path / mode, f"--{mode.removesuffix('-sharded')}",
+                     "--max-shard-size", shard, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        config = json.loads((tmp_path / mode / "config.json").read_text())
+        assert config["num_hidden_layers"] == 4 and config[MTP_COUNT_CONFIG] == 1
+        written = all_tensors(tmp_path / mode)
+        for name, tensor in renumbered(modules, 5, 4).items():
+            assert torch.equal(written[name], tensor), (mode, name)
+        index = json.loads((tmp_path / mode / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(written)  # every tensor listed; files named as transformers names shards
+        assert all(file.startswith("model-") and file.endswith(f"-of-{len(set(index['weight_map'].values())):05d}.safetensors")
+                   for file in index["weight_map"].values())
+        assert not (tmp_path / mode / "model.safetensors").exists()
+    assert all_tensors(tmp_path / "stream").keys() == all_tensors(tmp_path / "no-stream").keys()
+    assert load_model(str(tmp_path / "stream"), device="cpu").model.config.num_hidden_layers == 4
+
+    again = run("cut", tmp_path / "stream", "--remove", "L0", "--out", tmp_path / "again", "--device", "cpu")
+    assert again.exit_code == 0, again.output
+    written = all_tensors(tmp_path / "again")
+    assert all(torch.equal(written[name], tensor) for name, tensor in renumbered(modules, 5, 3).items())
+
+
+def test_only_the_modules_the_files_hold_are_counted(tiny_folder, tmp_path):
+    """A config counting two modules over files holding one (an upload that dropped one): the cut
+    carries that one and counts it, and says so; serving engines would look for the other."""
+    source, _ = tiny_folder("deepseek_v3", num_layers=4)
+    modules = with_mtp_modules(source, count=2, stored=1)
+    for mode in ("no-stream", "stream"):
+        result = run("cut", source, "--remove", "L2", "--out", tmp_path / mode, f"--{mode}", "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        assert "1 multi-token-prediction module(s) are not in its safetensors files" in " ".join(result.output.split())
+        assert json.loads((tmp_path / mode / "config.json").read_text())[MTP_COUNT_CONFIG] == 1
+        assert set(renumbered(modules, 4, 3)) <= set(all_tensors(tmp_path / mode))
+
+
+@pytest.mark.parametrize("mode", ["--no-stream", "--stream"])
+def test_healing_keeps_the_mtp_modules_of_the_cut(mode, tiny_folder, tmp_path, data_dir):
+    """LoRA never touches them; the healed checkpoint holds them as the cut had them, merged in
+    memory or file to file."""
+    source, _ = tiny_folder("deepseek_v3", num_layers=4)
+    with_mtp_modules(source)
+    cut = tmp_path / "cut"
+    assert run("cut", source, "--remove", "L1", "--out", cut, "--device", "cpu").exit_code == 0
+    healed = run("heal", cut, "--out", tmp_path / "healed", mode, "--data-dir", data_dir, *HEAL, catch=False)
+    assert healed.exit_code == 0, healed.output
+    before, after = all_tensors(cut), all_tensors(tmp_path / "healed")
+    carried = [name for name in before if name.startswith("model.layers.3.")]
+    assert carried and all(torch.equal(after[name], before[name]) for name in carried)
+    assert json.loads((tmp_path / "healed" / "config.json").read_text())[MTP_COUNT_CONFIG] == 1
+
+
+def test_the_mtp_modules_are_written_in_the_dtypes_the_model_is_exported_in(tiny_folder, tmp_path):
+    """--dtype bfloat16 over float32 files: each carried tensor as the model writes the same tensor
+    of its last block (GLM keeps its routers' score-correction bias in float32), else bfloat16."""
+    source, _ = tiny_folder("glm4_moe", num_layers=4)
+    modules = with_mtp_modules(source)
+    result = run("cut", source, "--remove", "L0", "--out", tmp_path / "bf16", "--no-stream", "--dtype", "bfloat16",
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    written = all_tensors(tmp_path / "bf16")
+    kept_as_stored = {name.split(".", 3)[3] for name, t in written.items() if name.startswith("model.layers.2.")
+                      and t.dtype == torch.float32}
+    assert kept_as_stored == {"mlp.gate.e_score_correction_bias"}
+    for name, tensor in renumbered(modules, 4, 3).items():
+        dtype = torch.float32 if name.split(".", 3)[3] in kept_as_stored else torch.bfloat16
+        assert written[name].dtype == dtype and torch.equal(written[name], tensor.to(dtype)), name
+
+
+def test_the_mtp_modules_of_a_quantised_source_are_not_carried_and_not_counted(tmp_path):
+    """An FP8 source is written in full precision; its MTP modules would stay FP8 under a config
+    that says nothing of it, so the cut carries none, counts none and says why."""
+    from surgery.tiny import tiny_model, tiny_tokenizer
+    from tests.test_quantized_sources import fp8_checkpoint
+
+    source = tmp_path / "fp"
+    tiny_model("glm4_moe", 3, hidden_size=128, intermediate_size=256, moe_intermediate_size=64).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    with_mtp_modules(source)
+    fp8_checkpoint(source, tmp_path / "fp8")
+    assert any(t.dtype == torch.float8_e4m3fn for name, t in all_tensors(tmp_path / "fp8").items() if ".layers.3." in name)
+    result = run("cut", tmp_path / "fp8", "--remove", "L0", "--out", tmp_path / "cut", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "are stored fp8-quantised and the model was dequantised" in " ".join(result.output.split())
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())[MTP_COUNT_CONFIG] == 0
+    assert not [name for name in all_tensors(tmp_path / "cut") if name.startswith("model.layers.2.")]
