@@ -194,6 +194,10 @@ def architecture_of(config: Any) -> Architecture:
     """The table entry for `config`, or a clear error naming the supported families."""
     model_type = base_model_type(config)
     model_type = MODULE_ALIASES.get(model_type, model_type)
+    if model_type not in ARCHITECTURES and text_family(config):
+        raise SurgeryError(f"'{model_type}' is a multimodal checkpoint: surgery works on its text decoder "
+                           f"({text_family(config)}); write that as a text-only checkpoint with "
+                           "`surgery extract-text MODEL --out FOLDER`, then give FOLDER")
     if model_type not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise SurgeryError(
@@ -205,6 +209,16 @@ def architecture_of(config: Any) -> Architecture:
         if (config.get(key) if isinstance(config, dict) else getattr(config, key, None)) == value:
             raise SurgeryError(f"{model_type} with {key}={value} is not supported: {why}; only its sequential variant is")
     return arch
+
+
+def text_family(config: Any) -> str | None:
+    """The supported family of a multimodal config's text decoder (Gemma 3's gemma3_text, Mistral
+    3's mistral), None for any other config."""
+    text = config.get("text_config") if isinstance(config, dict) else getattr(config, "text_config", None)
+    if text is None or base_model_type(config) in ARCHITECTURES:
+        return None
+    family = base_model_type(text)
+    return family if family in ARCHITECTURES else None
 
 
 def get_module(root: Any, dotted: str) -> Any:

@@ -124,6 +124,28 @@ def cut(model: str, remove: str, out: Path, force: bool, **options: Any) -> None
     console.print(f"[green]wrote[/] {result.path}  ({how}: max |Δlogit| {result.max_logit_diff:.2g}, loads via {result.loader})")
 
 
+@main.command(name="extract-text")
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the text-only checkpoint.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click_options(StreamSettings, only=("max_shard_size",))
+@click_options(LoadSettings, only=("device", "trust_remote_code"))
+@handle_errors
+def extract_text(model: str, out: Path, force: bool, **options: Any) -> None:
+    """Write a multimodal checkpoint's text decoder (Gemma 3, Mistral Small 3.1, LLaVA-style) as a
+    text-only checkpoint of its family, which every other command takes; the vision tower stays behind."""
+    from surgery.commands import extract_text_decoder
+    from surgery.console import console
+
+    result = extract_text_decoder(model, out, from_options(LoadSettings, options), from_options(StreamSettings, options),
+                                  force=force)
+    left = ", ".join(f"{prefix} ({count} tensors)" for prefix, count in result.manifest["left_behind"].items())
+    checked = result.manifest["verified"]["method"]
+    diff = result.max_logit_diff
+    console.print(f"[green]wrote[/] {result.path}  ({checked}" + (f": max |Δlogit| {diff:.2g}" if diff is not None else "")
+                  + f"; left behind: {left or 'nothing'})")
+
+
 @main.command()
 @click.argument("model")
 @click_options(LoadSettings)

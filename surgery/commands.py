@@ -148,6 +148,30 @@ def _cut_streamed(source: Any, units: list, out: Path, load: LoadSettings, setti
                                max_shard_size=settings.max_shard_bytes, device=device, **_cut_record(prepared.result, source))
 
 
+def extract_text_decoder(model_spec: str, out: Path, load: LoadSettings, settings: StreamSettings | None = None, *,
+                         force: bool = False) -> Any:
+    """`surgery extract-text`: a multimodal checkpoint's text decoder as a text-only checkpoint of
+    its family, copied file to file (surgery.export.text_decoder), for every other command to take."""
+    from surgery.export.text_decoder import export_text_decoder, prepare_text_decoder
+    from surgery.files import check_output_folder, claimed_folder
+    from surgery.loading import load_tokenizer, resolve_device
+    from surgery.publish import LOCAL_RECORD, published
+    from surgery.source import cache_dir
+
+    settings = settings or StreamSettings()
+    source = resolve_with_output_check(model_spec, lambda protected: check_output_folder(out, force=force, protected=protected), load)
+    decoder = prepare_text_decoder(source.path)
+    tokenizer = load_tokenizer(source.path, load.trust_remote_code)
+    record = {"extracted": "text decoder", "source": source.describe(), "left_behind": decoder.left_behind,
+              "parameters": {"text_decoder": decoder.parameters}}
+    labels = {str(source.path): source.public_id(), str(cache_dir()): "<surgery cache>"}
+    with claimed_folder(out, force=force, protected=[source.path]):
+        return export_text_decoder(decoder, tokenizer, out, record=published(record, labels), force=force,
+                                   protected=[source.path], max_shard_size=settings.max_shard_bytes,
+                                   extra_files={LOCAL_RECORD: json.dumps(record, indent=2) + "\n"},
+                                   unpublished=(LOCAL_RECORD,), device=resolve_device(load.device))
+
+
 def _cut_record(result: Any, source: Any) -> dict[str, Any]:
     """surgery.json's record of a cut (as published) and the full local record beside it."""
     from surgery.publish import LOCAL_RECORD, published

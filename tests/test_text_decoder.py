@@ -1,0 +1,143 @@
+"""`surgery extract-text`: a multimodal checkpoint's text decoder written as a text-only checkpoint
+of its family (tiny Gemma 3 and Mistral 3 built from configs, saved by transformers), which every
+other command then takes; the multimodal checkpoint itself is refused with the way out named."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from surgery.export.checkpoint import read_manifest
+from tests.cli import one_line, run
+
+VOCAB = 384  # the tiny tokenizer's
+
+
+def gemma3(folder, tokenizer):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
+    from transformers.models.siglip.configuration_siglip import SiglipVisionConfig
+
+    text = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, sliding_window=8, max_position_embeddings=256)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                                patch_size=8)
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                          image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
+    return save(Gemma3ForConditionalGeneration(config), folder, tokenizer)
+
+
+def mistral3(folder, tokenizer):
+    """Mistral Small 3.1's layout: an untied output layer, kept at language_model.lm_head."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    text = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                                 patch_size=8, head_dim=16)
+    config = Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=VOCAB - 1,
+                            spatial_merge_size=2, tie_word_embeddings=False)
+    return save(Mistral3ForConditionalGeneration(config), folder, tokenizer)
+
+
+def save(model, folder, tokenizer):
+    torch.manual_seed(0)
+    for parameter in model.parameters():  # not the initialiser's zeros and ones: every tensor counts in the comparison
+        parameter.data.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model.eval()
+
+
+def renamed_to_the_newer_layout(folder):
+    """The names transformers' own classes give the parts (model.language_model., model.vision_tower.,
+    lm_head.), which some uploads store instead of the legacy ones."""
+    weights = load_file(folder / "model.safetensors")
+    moved = {}
+    for name, tensor in weights.items():
+        for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                         ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")):
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        moved[name] = tensor
+    save_file(moved, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("make, family, layout", [(gemma3, "gemma3_text", "legacy"), (gemma3, "gemma3_text", "newer"),
+                                                  (mistral3, "mistral", "legacy"), (mistral3, "mistral", "newer")])
+@torch.no_grad()
+def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(make, family, layout, tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    source = tmp_path / "multimodal"
+    model = make(source, tokenizer)
+    if layout == "newer":
+        renamed_to_the_newer_layout(source)
+    result = run("extract-text", source, "--out", tmp_path / "text", "--max-shard-size", "100KB", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "text")
+    assert manifest["verified"]["method"] == "copied, compared with the multimodal model"
+    assert {prefix.removeprefix("model.") for prefix in manifest["left_behind"]} == {"vision_tower", "multi_modal_projector"}
+
+    config = json.loads((tmp_path / "text" / "config.json").read_text())
+    assert config["model_type"] == family and config["tie_word_embeddings"] == (family == "gemma3_text")
+    text = AutoModelForCausalLM.from_pretrained(tmp_path / "text").eval()  # as users load it: the family's own class
+    assert type(text).__name__ == {"gemma3_text": "Gemma3ForCausalLM", "mistral": "MistralForCausalLM"}[family]
+    ids = torch.randint(3, VOCAB - 4, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(text(ids).logits, model(input_ids=ids).logits, atol=1e-5)
+    sources = {name for name in load_file(source / "model.safetensors") if "vision" not in name and "projector" not in name}
+    written = {name for file in (tmp_path / "text").glob("model-*.safetensors") for name in load_file(file)}
+    assert len(written) == len(sources) and len(list((tmp_path / "text").glob("model-*.safetensors"))) > 1
+
+    cut = run("cut", tmp_path / "text", "--remove", "L1", "--out", tmp_path / "cut", "--device", "cpu")  # the pipeline goes on
+    assert cut.exit_code == 0, cut.output
+
+
+@pytest.mark.parametrize("command", [["cut", "--remove", "L1", "--out", "cut"], ["analyze", "--out", "analysis"],
+                                     ["eval", "--ppl", "wikitext2"]])
+def test_a_multimodal_checkpoint_given_to_another_command_names_the_way_out(command, tmp_path, tokenizer):
+    source = tmp_path / "multimodal"
+    gemma3(source, tokenizer)
+    args = [command[0], source, *[tmp_path / a if a in ("cut", "analysis") else a for a in command[1:]]]
+    line = one_line(run(*args))
+    assert "'gemma3' is a multimodal checkpoint" in line and "surgery extract-text MODEL --out FOLDER" in line
+    assert not (tmp_path / "cut").exists() and not (tmp_path / "analysis").exists()
+
+
+def test_where_the_multimodal_model_does_not_fit_every_tensor_is_still_checked(tmp_path, tokenizer, monkeypatch):
+    import surgery.memory
+
+    source = tmp_path / "multimodal"
+    mistral3(source, tokenizer)
+    monkeypatch.setattr(surgery.memory, "fits_in_memory", lambda *args, **kwargs: False)
+    result = run("extract-text", source, "--out", tmp_path / "text", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "does not fit in memory: its logits were not compared" in " ".join(result.output.split())
+    verified = read_manifest(tmp_path / "text")["verified"]
+    assert verified["method"] == "copied, names and shapes checked" and verified["max_abs_logit_diff"] is None
+
+
+def test_bad_input_for_extract_text_is_one_line_and_writes_nothing(tmp_path, tokenizer, tiny_folder):
+    text_only, _ = tiny_folder("llama")
+    assert "is not a multimodal checkpoint" in one_line(run("extract-text", text_only, "--out", tmp_path / "out"))
+
+    source = tmp_path / "multimodal"
+    gemma3(source, tokenizer)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    assert "a source model is never written to" in one_line(run("extract-text", source, "--out", source, "--force"))
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "text_config": {**config["text_config"], "model_type": "cohere2"}}))
+    assert "its text decoder is 'cohere2', which surgery does not support" in one_line(
+        run("extract-text", source, "--out", tmp_path / "out"))
+    (source / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    assert "is stored fp8-quantised" in one_line(run("extract-text", source, "--out", tmp_path / "out"))
+    (source / "config.json").write_text(json.dumps(config))
+    weights = load_file(source / "model.safetensors")
+    del weights["language_model.model.layers.2.mlp.up_proj.weight"]
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    assert "has no tensor for the text decoder's model.layers.2.mlp.up_proj.weight" in one_line(
+        run("extract-text", source, "--out", tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
