@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from surgery.arch import check_sequence_fits, quantization_method
+from surgery.arch import check_sequence_fits, mtp_layer_count, mtp_modules, quantization_method
 from surgery.errors import SurgeryError
 from surgery.settings import AnalysisSettings, EvalSettings, ExportSettings, HealSettings, LoadSettings, StreamSettings
 
@@ -223,6 +223,8 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     table.add_row("removed sublayers", format_sublayers(removed) if removed else "none")
     table.add_row("weights", f"{found.weights / gib:.2f} GiB in {found.dtype}, largest block {max(found.blocks, default=0) / gib:.2f} GiB")
     method = quantization_method(source.path)
+    if mtp_layer_count(config):
+        table.add_row("multi-token prediction", _mtp_summary(source.path, config, method))
     if method:
         table.add_row("stored", f"{method}-quantised ({safetensors_bytes(source.path) / gib:.2f} GiB of files): cut and "
                                 f"prune turn it back into {found.dtype} and export it so; analyze and eval run it as stored")
@@ -234,6 +236,19 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     for step in steps:
         steps_table.add_row(step.command, step.how, f"{step.holds / gib:.2f} GiB", step.note)
     console.print(steps_table)
+
+
+def _mtp_summary(folder: Path, config: Any, method: str | None) -> str:
+    """What `surgery info` says of the MTP modules the config counts (arch.mtp_modules)."""
+    from surgery.memory import safetensors_bytes
+    from surgery.shards import SafetensorsFolder
+
+    counted = mtp_layer_count(config)
+    found = mtp_modules(SafetensorsFolder(folder).info, config).layers if safetensors_bytes(folder) else 0
+    if method:
+        return f"{counted} module(s), stored {method}-quantised: a cut or prune carries none and counts none"
+    return (f"{found} of {counted} module(s) in the files: every export carries "
+            f"{'them' if found == counted else 'those'}, numbered on after its last block")
 
 
 def _check_weight_shapes(folder: Path, model: Any) -> None:

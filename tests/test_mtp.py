@@ -159,3 +159,11 @@ def test_the_mtp_modules_of_a_quantised_source_are_not_carried_and_not_counted(t
     assert "are stored fp8-quantised and the model was dequantised" in " ".join(result.output.split())
     assert json.loads((tmp_path / "cut" / "config.json").read_text())[MTP_COUNT_CONFIG] == 0
     assert not [name for name in all_tensors(tmp_path / "cut") if name.startswith("model.layers.2.")]
+
+
+def test_info_says_what_the_files_hold_and_what_an_export_carries(tiny_folder):
+    source, _ = tiny_folder("deepseek_v3", num_layers=4)
+    with_mtp_modules(source, count=2, stored=1)
+    result = run("info", source, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "1 of 2 module(s) in the files: every export carries those" in " ".join(result.output.replace("│", " ").split())
