@@ -42,6 +42,10 @@ class Architecture:
     gguf_arch: llama.cpp's architecture name, for families surgery.export.gguf_write writes.
     refused_configs: (config key, value, why) for variants of a family whose block does not have
     the shape above (StableLM's parallel residual: attention and FFN read the same input).
+    extra_outputs_flag: a block attribute; where given, only blocks where it is true return
+    mlp_extra_outputs (Llama 4: `is_moe_layer`; its dense FFNs return their output alone).
+    experts_output_last: stacked experts stored [experts, in, out] by a class that does not say so
+    with `is_transposed` (Llama 4).
     mtp_prefix: where the checkpoint keeps its multi-token-prediction modules, when the config
     counts some (`num_nextn_predict_layers`): None for extra blocks numbered on after the last
     (DeepSeek-V3, GLM-4.5: `model.layers.61`), else the prefix of their names (K-EXAONE: `mtp.`).
@@ -67,6 +71,8 @@ class Architecture:
     mlp_extra_outputs: int = 0
     gguf_arch: str | None = None
     refused_configs: tuple[tuple[str, Any, str], ...] = ()
+    extra_outputs_flag: str | None = None
+    experts_output_last: bool = False
     mtp_prefix: str | None = None
 
     def output_projections(self, kind: str) -> tuple[str, ...]:
@@ -171,6 +177,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "exaone_moe": replace(_MOE, per_layer_config=("layer_types", "mlp_layer_types", "is_moe_layer"),
                           prefix_count_config=("first_k_dense_replace",),
                           moe_outputs=_SHARED_EXPERTS, mtp_prefix="mtp."),
+    # Llama 4 (Scout, Maverick; their text decoder, after surgery extract-text): routed and shared
+    # experts, dense FFNs interleaved (Maverick), chunked attention with no-RoPE layers between.
+    "llama4_text": replace(_MOE, mlp="feed_forward", per_layer_config=("no_rope_layers", "layer_types"),
+                           layer_index_config=("moe_layers",), mlp_extra_outputs=1, extra_outputs_flag="is_moe_layer",
+                           moe_outputs=("experts.down_proj", "shared_expert.down_proj", "down_proj"), experts_output_last=True),
     "hunyuan_v1_moe": replace(_MOE, moe_outputs=("experts.down_proj", "shared_mlp.down_proj"),
                               per_layer_config=("moe_topk", "num_experts")),  # each an int, or a list per layer
 }
@@ -240,6 +251,15 @@ def decoder_layers(model: Any, arch: Architecture | None = None) -> Any:
     model = unwrap(model)
     arch = arch or architecture_of(model.config)
     return get_module(model, arch.layers)
+
+
+def decoder_stack(model: Any, arch: Architecture | None = None) -> Any:
+    """The module that embeds, runs the blocks and applies the final norm (`model.model`): the
+    owner of `arch.layers`. Not `base_model`, which some families point elsewhere (Llama 4's
+    text model names the multimodal model's `language_model`)."""
+    model = unwrap(model)
+    arch = arch or architecture_of(model.config)
+    return get_module(model, arch.layers.rpartition(".")[0])
 
 
 def num_layers(model: Any) -> int:

@@ -126,7 +126,7 @@ def output_weights(layer: Any, arch: Any, kind: str) -> tuple[list[OutputWeight]
             if getattr(owner, "has_post_expert_norm", False):
                 return [], "{sublayer}'s experts normalise their outputs; nothing to fold into"
             bias = getattr(owner, f"{name}_bias", None) if getattr(owner, "has_bias", False) else None
-            targets.append(OutputWeight(found, bias, output_last=bool(getattr(owner, "is_transposed", False))))
+            targets.append(OutputWeight(found, bias, output_last=bool(getattr(owner, "is_transposed", arch.experts_output_last))))
         else:
             return [], _QUANTIZED
     if not targets:

@@ -132,7 +132,7 @@ def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
     before = count_parameters(base)
     for unit in plan.new_stand_ins:
         remove_sublayer(layers[unit.layer], unit.kind, list(arch.sublayer_modules(unit.kind)), unit.layer,
-                        arch.mlp_extra_outputs)
+                        arch.mlp_extra_outputs, arch.extra_outputs_flag)
     if plan.blocks:
         _delete_blocks(base, arch, plan.kept)
     cut_config(base.config, arch, plan)
@@ -210,4 +210,5 @@ def _record_stand_ins(config: Any, arch: Architecture, stand_ins: list[Sublayer]
         "removed": {kind: [u.layer for u in stand_ins if u.kind == kind] for kind in KINDS},
         "modules": {kind: list(arch.sublayer_modules(kind)) for kind in KINDS},
         "mlp_extra_outputs": arch.mlp_extra_outputs,
+        **({"extra_outputs_flag": arch.extra_outputs_flag} if arch.extra_outputs_flag else {}),
     }

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from surgery.ablation import ablated
-from surgery.arch import architecture_of, decoder_layers, get_module, unwrap
+from surgery.arch import architecture_of, decoder_layers, decoder_stack, get_module, unwrap
 from surgery.sublayers import Sublayer
 
 VERIFY_PROMPT = "The capital of France is Paris. The capital of Italy is"
@@ -60,8 +60,7 @@ def token_nll(model: Any, hidden: Any, input_ids: Any, chunk_tokens: int = 2048)
 
 def final_hidden(model: Any, input_ids: Any) -> Any:
     """Hidden states after the final norm (the decoder stack's output), no cache, no logits."""
-    base = unwrap(model)
-    return base.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return decoder_stack(model)(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
 def capture_stream(model: Any, ids: Any, positions: Iterable[int] | None = None,

@@ -456,7 +456,7 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
         bf16=on_gpu and torch.cuda.is_bf16_supported(), gradient_checkpointing=checkpointing, max_length=settings.seq_len,
         gradient_checkpointing_kwargs={"use_reentrant": True} if checkpointing and under_fsdp() else None,
         packing=False, disable_tqdm=True, dataloader_num_workers=0, eval_strategy="no", remove_unused_columns=False,
-        ddp_find_unused_parameters=False,
+        ddp_find_unused_parameters=False, router_aux_loss_coef=None if _trl_balances(model) else 0.0,
     )
     dataset = datasets.Dataset.from_dict({"input_ids": train_ids.tolist()})
     trainer_class = SFTTrainer
@@ -522,6 +522,16 @@ def distillation_loss(student_logits: Any, teacher_logits: Any, labels: Any, wei
     cross_entropy = F.nll_loss(student, targets[mask], reduction="sum")
     count = items if items is not None else mask.sum()
     return (weight * kl + (1 - weight) * cross_entropy) / torch.as_tensor(count, device=kl.device).clamp(min=1)
+
+
+def _trl_balances(model: Any) -> bool:
+    """Whether trl can add an MoE model's router load-balancing loss: its fused loss reads the
+    expert count as `config.num_experts`, which Llama 4's config calls `num_local_experts` (it
+    fails at the first step). Such a model heals without it, as dense ones do."""
+    from surgery.arch import unwrap
+
+    config = unwrap(model).config.get_text_config()
+    return not hasattr(config, "output_router_logits") or getattr(config, "num_experts", None) is not None
 
 
 def _distilling(base: type, teacher: Any, weight: float) -> type:

@@ -11,7 +11,8 @@ The checkpoint's config carries a `surgery` entry:
     {"base_model_type": "llama", "layers": "model.layers",
      "removed": {"attn": [3], "mlp": [7]},          # block indices in this checkpoint
      "modules": {"attn": ["self_attn", "input_layernorm"], "mlp": ["mlp", "post_attention_layernorm"]},
-     "mlp_extra_outputs": 0}                           # values the FFN returns beside its output
+     "mlp_extra_outputs": 0,                           # values the FFN returns beside its output
+     "extra_outputs_flag": None}                       # (only in blocks where this attribute is true)
 
 The same file, shipped as `modeling_decilm.py`, is the configuration and model code of the
 Nemotron-NAS (DeciLM) export (`decilm_classes`): NVIDIA's own files do not load under
@@ -89,14 +90,17 @@ def attention_layer_idx(layer: nn.Module, module_names: list[str], default: int)
 
 
 def remove_sublayer(layer: nn.Module, kind: str, module_names: list[str], layer_idx: int,
-                    mlp_extra_outputs: int = 0) -> dict[str, nn.Module]:
+                    mlp_extra_outputs: int = 0, extra_outputs_flag: str | None = None) -> dict[str, nn.Module]:
     """Replace sublayer `kind` of one decoder block by stand-ins; return the originals.
 
-    `module_names[0]` is the sublayer itself, the rest are the norms that only serve it.
+    `module_names[0]` is the sublayer itself, the rest are the norms that only serve it. The FFN's
+    stand-in returns `mlp_extra_outputs` values beside its output, in blocks where the attribute
+    `extra_outputs_flag` (if given) is true.
     """
     originals = {name: getattr(layer, name) for name in module_names}
     cache_slot = getattr(originals[module_names[0]], "layer_idx", layer_idx)
-    stand_in = RemovedAttention(cache_slot) if kind == "attn" else RemovedMLP(mlp_extra_outputs)
+    extra = mlp_extra_outputs if extra_outputs_flag is None or getattr(layer, extra_outputs_flag, False) else 0
+    stand_in = RemovedAttention(cache_slot) if kind == "attn" else RemovedMLP(extra)
     setattr(layer, module_names[0], stand_in)
     for name in module_names[1:]:
         setattr(layer, name, RemovedNorm())
@@ -114,7 +118,8 @@ def apply_removals(model: nn.Module, spec: dict) -> None:
     layers = _get(model, spec["layers"])
     for kind, indices in spec["removed"].items():
         for index in indices:
-            remove_sublayer(layers[index], kind, spec["modules"][kind], index, spec.get("mlp_extra_outputs", 0))
+            remove_sublayer(layers[index], kind, spec["modules"][kind], index, spec.get("mlp_extra_outputs", 0),
+                            spec.get("extra_outputs_flag"))
 
 
 _CLASSES: dict[str, tuple[type, type]] = {}

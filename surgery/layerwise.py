@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.ablation import ablated
-from surgery.arch import SURGERY_MODEL_TYPE_PREFIX, architecture_of, decoder_layers, get_module
+from surgery.arch import SURGERY_MODEL_TYPE_PREFIX, architecture_of, decoder_layers, decoder_stack, get_module
 from surgery.errors import SurgeryError
 from surgery.forward import block_output, finish_logits
 from surgery.hf_modeling import apply_removals, register_classes
@@ -199,7 +199,7 @@ class LayerwiseModel:
         embedding = self.model.get_input_embeddings()
         try:
             with self._loaded(embedding, self._path_of(embedding)), torch.no_grad():
-                self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                decoder_stack(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _Recorded:
             pass
         finally:

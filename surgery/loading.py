@@ -137,9 +137,20 @@ def load_model(
     if not device_map and quantization_config is None:
         model.to(resolve_device(device))
     model.eval()
+    arch = architecture_of(model.config)
+    _own_base_model(model, arch)
     tokenizer = load_tokenizer(source.path, trust_remote_code) if with_tokenizer else None
     options = {"dtype": dtype, "device": str(next(model.parameters()).device), "device_map": device_map}
-    return LoadedModel(model, tokenizer, architecture_of(model.config), source, options)
+    return LoadedModel(model, tokenizer, arch, source, options)
+
+
+def _own_base_model(model: Any, arch: Architecture) -> None:
+    """Llama 4's text-only model names as its base model the multimodal model's `language_model`,
+    which it does not have, so `model.base_model` is the whole model: trl's fused loss, which runs
+    `base_model` for hidden states, then fails. Its base model is the one holding the blocks."""
+    owner = arch.layers.split(".")[0]
+    if getattr(model, model.base_model_prefix, None) is None and hasattr(model, owner):
+        model.base_model_prefix = owner
 
 
 def _check_quantized_load(folder: Any, asked: Any, error: Exception) -> None:

@@ -133,6 +133,20 @@ def test_one_healing_step_trains(tmp_path, tokenizer, data_dir):
     assert job == {"processes": 1, "device": "cpu", "fsdp": False}
 
 
+@pytest.mark.parametrize("family, balanced", [("mixtral", True), ("llama4_text", False), ("llama", True)])
+def test_moe_healing_adds_the_router_balancing_loss_where_trl_can(family, balanced, tmp_path, tokenizer, data_dir):
+    """trl's fused loss adds an MoE model's router balancing term using config.num_experts, which
+    Llama 4's config calls num_local_experts (and trl runs `base_model`, which Llama 4's text model
+    points at a multimodal part it lacks): Llama 4 heals without the term instead of failing at
+    its first step; Mixtral keeps it."""
+    from surgery.heal import _trl_balances
+
+    model = tiny_model(family, num_layers=2)
+    assert _trl_balances(model) == balanced
+    result = heal(model, tokenizer, c4_settings(steps=1, quantize=False), tmp_path / "work", data_dir=data_dir)
+    assert result.loss_after < result.loss_before and len(result.log) == 1
+
+
 def test_evaluation_text_is_refused_as_healing_data():
     """Its documents are the held-out loss's (and WikiText-2's those of the reported perplexity)."""
     for corpus in ("wikitext2", "wikitext2-validation"):

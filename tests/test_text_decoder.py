@@ -41,6 +41,22 @@ def mistral3(folder, tokenizer):
     return save(Mistral3ForConditionalGeneration(config), folder, tokenizer)
 
 
+def llama4(folder, tokenizer):
+    """Llama 4 Scout's layout: routed and shared experts (Maverick's interleaved dense FFNs in the
+    tiny config), chunked attention, an untied output layer."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+    from transformers.models.llama4.configuration_llama4 import Llama4VisionConfig
+
+    from surgery.tiny import tiny_config
+
+    vision = Llama4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                                patch_size=8, vision_output_dim=32, projector_input_dim=32, projector_output_dim=64,
+                                pixel_shuffle_ratio=0.5)
+    config = Llama4Config(text_config=tiny_config("llama4_text", 4).to_dict(), vision_config=vision.to_dict(),
+                          image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
+    return save(Llama4ForConditionalGeneration(config), folder, tokenizer)
+
+
 def save(model, folder, tokenizer):
     torch.manual_seed(0)
     for parameter in model.parameters():  # not the initialiser's zeros and ones: every tensor counts in the comparison
@@ -66,7 +82,8 @@ def renamed_to_the_newer_layout(folder):
 
 
 @pytest.mark.parametrize("make, family, layout", [(gemma3, "gemma3_text", "legacy"), (gemma3, "gemma3_text", "newer"),
-                                                  (mistral3, "mistral", "legacy"), (mistral3, "mistral", "newer")])
+                                                  (mistral3, "mistral", "legacy"), (mistral3, "mistral", "newer"),
+                                                  (llama4, "llama4_text", "legacy")])
 @torch.no_grad()
 def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(make, family, layout, tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
@@ -79,12 +96,14 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path / "text")
     assert manifest["verified"]["method"] == "copied, compared with the multimodal model"
-    assert {prefix.removeprefix("model.") for prefix in manifest["left_behind"]} == {"vision_tower", "multi_modal_projector"}
+    assert {prefix.removeprefix("model.") for prefix in manifest["left_behind"]} == \
+        {"vision_model" if family == "llama4_text" else "vision_tower", "multi_modal_projector"}
 
     config = json.loads((tmp_path / "text" / "config.json").read_text())
     assert config["model_type"] == family and config["tie_word_embeddings"] == (family == "gemma3_text")
     text = AutoModelForCausalLM.from_pretrained(tmp_path / "text").eval()  # as users load it: the family's own class
-    assert type(text).__name__ == {"gemma3_text": "Gemma3ForCausalLM", "mistral": "MistralForCausalLM"}[family]
+    assert type(text).__name__ == {"gemma3_text": "Gemma3ForCausalLM", "mistral": "MistralForCausalLM",
+                                   "llama4_text": "Llama4ForCausalLM"}[family]
     ids = torch.randint(3, VOCAB - 4, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(text(ids).logits, model(input_ids=ids).logits, atol=1e-5)
     sources = {name for name in load_file(source / "model.safetensors") if "vision" not in name and "projector" not in name}
