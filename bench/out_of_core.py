@@ -46,8 +46,7 @@ def write_checkpoint(folder: Path, shape: dict, shard_size: str = "5GB") -> None
     from transformers import LlamaConfig
 
     from surgery.layerwise import checkpoint_shapes, skeleton
-    from surgery.settings import parse_size
-    from surgery.shards import TensorInfo, plan_shards, write_index, write_shard
+    from surgery.shards import TensorInfo, parse_size, plan_shards, write_index, write_shard
 
     config = LlamaConfig(**shape, dtype="bfloat16")
     config.save_pretrained(folder)

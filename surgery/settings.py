@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
+from surgery.shards import parse_size
 
 DEFAULT_TASKS = ("boolq", "piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 DEFAULT_PERPLEXITY = ("wikitext2", "c4")
@@ -278,22 +279,6 @@ class LoadSettings:
 
 
 # ------------------------------------------------------------------ cutting and writing checkpoints
-
-_SIZE_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3}
-
-
-def parse_size(text: str | int, option: str = "--max-shard-size") -> int:
-    """'5GB', '500MB', '30KB' (decimal units, as transformers and the Hub count) or bytes -> bytes."""
-    value = str(text).strip()
-    unit = value[-2:].upper()
-    try:
-        size = int(float(value[:-2]) * _SIZE_UNITS[unit]) if unit in _SIZE_UNITS else int(value)
-    except ValueError:
-        size = 0
-    if size <= 0:
-        raise SurgeryError(f"{option} '{text}' is not a size: give bytes or a number with KB, MB, GB or TB (e.g. 5GB)")
-    return size
-
 
 @dataclass(frozen=True)
 class StreamSettings:

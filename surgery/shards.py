@@ -300,6 +300,22 @@ def read_range(descriptor: int, start: int, length: int, buffer: bytearray, file
 # ------------------------------------------------------------------ writing
 
 
+_SIZE_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3}
+
+
+def parse_size(text: str | int, option: str = "--max-shard-size") -> int:
+    """'5GB', '500MB', '30KB' (decimal units, as transformers and the Hub count) or bytes -> bytes."""
+    value = str(text).strip()
+    unit = value[-2:].upper()
+    try:
+        size = int(float(value[:-2]) * _SIZE_UNITS[unit]) if unit in _SIZE_UNITS else int(value)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise SurgeryError(f"{option} '{text}' is not a size: give bytes or a number with KB, MB, GB or TB (e.g. 5GB)")
+    return size
+
+
 def plan_shards(sizes: dict[str, int], max_shard_size: int) -> dict[str, list[str]]:
     """File name -> tensor names: the split save_pretrained makes of tensors of these byte sizes
     (in this order), with its file names (model.safetensors alone, else model-0000i-of-0000n)."""

@@ -161,8 +161,7 @@ def _add_mtp_modules(model: Any, carried: Any, source: Path | None, folder: Path
     import torch
 
     from surgery.arch import architecture_of
-    from surgery.settings import parse_size
-    from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo, add_shards
+    from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo, add_shards, parse_size
 
     model = unwrap(model)
     if max_shard_size is None:
