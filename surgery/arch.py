@@ -108,6 +108,9 @@ _MOE = replace(_LLAMA, lora_targets=_ATTENTION_ONLY_LORA, mlp_output=None, moe_o
 _QWEN_MOE = replace(_MOE, layer_index_config=("mlp_only_layers",), sparse_step_config="decoder_sparse_step",
                     moe_outputs=("experts.down_proj", "shared_expert.down_proj", "down_proj"))
 _SHARED_EXPERTS = ("experts.down_proj", "shared_experts.down_proj", "down_proj")  # DeepSeek, GLM: dense layers first
+# DeepSeek's latent attention: the query is factored (q_a_proj, q_b_proj) where the config gives a
+# q_lora_rank, one q_proj where it does not (DeepSeek-V2-Lite, Moonlight); peft adapts whichever exists.
+_LATENT_ATTENTION_LORA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": replace(_LLAMA, gguf_arch="llama"),
@@ -157,12 +160,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "phimoe": _MOE,
     "gpt_oss": replace(_MOE, per_layer_config=("layer_types",), mlp_extra_outputs=1),
     "granitemoe": replace(_MOE, mlp="block_sparse_moe", logit_divisor_config="logits_scaling"),
-    # DeepSeek-V3 / GLM-4.5: multi-head latent attention (DeepSeek), dense FFNs in the first k
+    # DeepSeek-V2/V3 / GLM-4.5: multi-head latent attention (DeepSeek), dense FFNs in the first k
     # layers, then routed experts beside shared ones. LoRA heals through attention alone: peft
     # turns FFN names of these families into the fused experts' parameters, which it cannot train
     # with dropout (tests/test_heal.py tries every family's targets).
     "deepseek_v3": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
-                           lora_targets=("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),
+                           lora_targets=_LATENT_ATTENTION_LORA),
+    "deepseek_v2": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
+                           lora_targets=_LATENT_ATTENTION_LORA),
     "glm4_moe": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS),
     # dots.llm1: DeepSeek's layout with Qwen's sliding-window prefix; Solar Open: every layer routed.
     "dots1": replace(_MOE, per_layer_config=("layer_types",), prefix_count_config=("first_k_dense_replace", "max_window_layers"),
@@ -172,8 +177,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     # GLM-4.7-Flash (DeepSeek's latent attention) and K-EXAONE: each layer's FFN kind listed per layer.
     # (their released configs also carry the keys other loaders read: first_k_dense_replace, is_moe_layer)
     "glm4_moe_lite": replace(_MOE, per_layer_config=("mlp_layer_types",), prefix_count_config=("first_k_dense_replace",),
-                             moe_outputs=_SHARED_EXPERTS,
-                             lora_targets=("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),
+                             moe_outputs=_SHARED_EXPERTS, lora_targets=_LATENT_ATTENTION_LORA),
     "exaone_moe": replace(_MOE, per_layer_config=("layer_types", "mlp_layer_types", "is_moe_layer"),
                           prefix_count_config=("first_k_dense_replace",),
                           moe_outputs=_SHARED_EXPERTS, mtp_prefix="mtp."),

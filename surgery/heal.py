@@ -67,11 +67,12 @@ def disable_cpu_repack(model: Any) -> int:
     return guarded
 
 
-def check_lora_targets(model: Any, targets: Any) -> None:
-    """Every LoRA target names a module of the model (peft matches the last part of its path)."""
+def check_lora_targets(model: Any, targets: Any, family_default: bool = False) -> None:
+    """Every LoRA target given names a module of the model (peft matches the last part of its
+    path); of a family's own, at least one must (latent attention names both query layouts)."""
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
-    if missing:
+    if missing and (not family_default or len(missing) == len(targets)):
         raise SurgeryError(f"LoRA target '{missing[0]}' is not a module of this model: use --lora-targets with names "
                            f"such as {', '.join(sorted(n for n in names if n.endswith('proj'))[:6]) or 'its linear layers'}")
 

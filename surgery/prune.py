@@ -138,7 +138,8 @@ def load(settings: PruneSettings, source: Any) -> Any:
     if settings.heal:
         from surgery.heal import check_lora_targets
 
-        check_lora_targets(loaded.model, settings.healing.target_modules or loaded.arch.lora_targets)
+        check_lora_targets(loaded.model, settings.healing.target_modules or loaded.arch.lora_targets,
+                           family_default=not settings.healing.target_modules)
     return loaded
 
 

@@ -67,12 +67,40 @@ def test_default_lora_puts_an_adapter_on_every_target_the_family_names(family):
     cannot train with dropout: a family's targets must work with healing's default settings."""
     from peft.tuners.lora import LoraLayer
 
-    model = add_lora(tiny_model(family, 4), HealSettings(), ARCHITECTURES[family])
+    model = tiny_model(family, 4)
+    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    model = add_lora(model, HealSettings(), ARCHITECTURES[family])
     wrapped = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, LoraLayer)}
-    assert wrapped == set(ARCHITECTURES[family].lora_targets)
+    targets = set(ARCHITECTURES[family].lora_targets)
+    assert wrapped == targets & linear  # only latent attention's query names a variant the model may lack
+    assert targets - wrapped <= ({"q_proj"} if "q_a_proj" in wrapped else {"q_a_proj", "q_b_proj"})
     model.train()
     model(torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]])).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("q_lora_rank, query", [(None, {"q_proj"}), (32, {"q_a_proj", "q_b_proj"})])
+def test_latent_attention_is_adapted_whichever_way_its_query_is_projected(q_lora_rank, query):
+    """DeepSeek-V3 and Kimi-K2 factor the query; Moonlight (a deepseek_v3 config) and DeepSeek-V2-Lite
+    do not: the query gets adapters either way."""
+    from peft.tuners.lora import LoraLayer
+
+    model = add_lora(tiny_model("deepseek_v3", 2, q_lora_rank=q_lora_rank), HealSettings(), ARCHITECTURES["deepseek_v3"])
+    wrapped = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    assert wrapped == query | {"kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+
+
+def test_a_familys_own_targets_need_only_exist_in_one_of_its_layouts():
+    """prune checks targets before it scores: a family's own list may name a query layout the model
+    lacks (DeepSeek-V2-Lite has q_proj, not q_a_proj); a target the user gives must exist."""
+    from surgery.heal import check_lora_targets
+
+    model = tiny_model("deepseek_v2", 2)
+    check_lora_targets(model, ARCHITECTURES["deepseek_v2"].lora_targets, family_default=True)
+    with pytest.raises(SurgeryError, match="LoRA target 'q_a_proj' is not a module of this model"):
+        check_lora_targets(model, ("q_proj", "q_a_proj"))
+    with pytest.raises(SurgeryError, match="LoRA target 'c_attn' is not a module of this model"):
+        check_lora_targets(model, ("c_attn", "c_proj"), family_default=True)
 
 
 def test_lora_targets_that_peft_cannot_train_are_one_line():
