@@ -292,28 +292,32 @@ def mtp_layer_count(config: Any) -> int:
 
 
 def mtp_modules(names: Any, config: Any, num_layers: int | None = None) -> MtpModules:
-    """The MTP modules among a checkpoint's tensor `names` (its config: `config`), renamed for a
-    checkpoint of `num_layers` blocks (default: as many). Serving engines read extra blocks at
+    """The MTP modules among a checkpoint's tensor `names` (its config.json: `config`), renamed for
+    a checkpoint of `num_layers` blocks (default: as many). Serving engines read extra blocks at
     `num_hidden_layers` onwards (vLLM's mtp_start_layer_idx, llama.cpp's block count plus
-    num_nextn_predict_layers), so a cut numbers them on after its last block. Only modules found
-    whole count: from the first, those whose block holds tensors."""
+    num_nextn_predict_layers), so a cut numbers them on after its last block; K-EXAONE's
+    `mtp.layers.{k}` keep their names. Modules count from the first up to the first the files
+    lack; a prefixed family's shared tensors (`mtp.fc`, `mtp.norm`) go with any.
+    `config` is best the dict read from config.json: a config object counts the class's default
+    (1 for DeepSeek-V3) where the file says nothing."""
     count = mtp_layer_count(config)
     if not count:
         return MtpModules({}, 0)
     arch = architecture_of(config)
-    if arch.mtp_prefix:
-        found = {name: name for name in names if name.startswith(arch.mtp_prefix)}
-        return MtpModules(found, count if found else 0)
     first = config["num_hidden_layers"] if isinstance(config, dict) else config.num_hidden_layers
     start = first if num_layers is None else num_layers
-    by_block: dict[int, dict[str, str]] = {}
-    prefix = f"{arch.layers}."
+    blocks, first, start = (f"{arch.mtp_prefix}layers.", 0, 0) if arch.mtp_prefix else (f"{arch.layers}.", first, start)
+    by_module: dict[int, dict[str, str]] = {}
+    shared: dict[str, str] = {}
     for name in names:
-        index, dot, rest = name[len(prefix):].partition(".") if name.startswith(prefix) else ("", "", "")
+        index, dot, rest = name[len(blocks):].partition(".") if name.startswith(blocks) else ("", "", "")
         if dot and index.isdigit() and first <= int(index) < first + count:
-            by_block.setdefault(int(index) - first, {})[f"{prefix}{start + int(index) - first}.{rest}"] = name
-    layers = next((k for k in range(count) if k not in by_block), count)
-    return MtpModules({new: old for k in range(layers) for new, old in by_block[k].items()}, layers)
+            by_module.setdefault(int(index) - first, {})[f"{blocks}{start + int(index) - first}.{rest}"] = name
+        elif arch.mtp_prefix and name.startswith(arch.mtp_prefix) and not name.startswith(blocks):
+            shared[name] = name
+    layers = next((k for k in range(count) if k not in by_module), count)
+    tensors = {new: old for k in range(layers) for new, old in by_module[k].items()}
+    return MtpModules({**tensors, **shared} if layers else {}, layers)
 
 
 # ------------------------------------------------------------------ facts read from a config.json

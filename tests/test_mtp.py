@@ -167,3 +167,58 @@ def test_info_says_what_the_files_hold_and_what_an_export_carries(tiny_folder):
     result = run("info", source, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "1 of 2 module(s) in the files: every export carries those" in " ".join(result.output.replace("│", " ").split())
+
+
+def test_tensors_the_source_keeps_in_another_dtype_stay_as_stored_both_ways(tiny_folder, tmp_path):
+    """A bfloat16 checkpoint whose drafting projection is stored in float32: neither cut rounds it."""
+    source, _ = tiny_folder("glm4_moe", num_layers=4)
+    with_mtp_modules(source)
+    kept = ("correction_bias", "model.layers.4.eh_proj.")  # (transformers keeps the routers' bias in float32)
+    weights = {n: t if any(k in n for k in kept) else t.to(torch.bfloat16)
+               for n, t in load_file(source / "model.safetensors").items()}
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    for mode in ("no-stream", "stream"):
+        assert run("cut", source, "--remove", "L0", "--out", tmp_path / mode, f"--{mode}", "--device", "cpu").exit_code == 0
+    ours, theirs = all_tensors(tmp_path / "stream"), all_tensors(tmp_path / "no-stream")
+    assert ours["model.layers.3.eh_proj.weight"].dtype == torch.float32
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in ours)
+
+
+def test_a_config_that_counts_no_modules_is_not_told_it_lost_one(tiny_folder, tmp_path):
+    """DeepSeek-V3's config class counts one module where config.json is silent: the cut says
+    nothing of modules it never had, and its config counts none."""
+    source, _ = tiny_folder("deepseek_v3", num_layers=3)
+    config = json.loads((source / "config.json").read_text())
+    config.pop(MTP_COUNT_CONFIG, None)
+    (source / "config.json").write_text(json.dumps(config))
+    for mode in ("no-stream", "stream"):
+        result = run("cut", source, "--remove", "L1", "--out", tmp_path / mode, f"--{mode}", "--device", "cpu")
+        assert result.exit_code == 0 and "multi-token-prediction" not in result.output, result.output
+        assert json.loads((tmp_path / mode / "config.json").read_text())[MTP_COUNT_CONFIG] == 0
+
+
+def test_a_prefixed_family_counts_the_modules_its_files_hold(tiny_folder, tmp_path):
+    source, _ = tiny_folder("exaone_moe", num_layers=3)
+    modules = with_mtp_modules(source, count=2, stored=1)
+    result = run("cut", source, "--remove", "L1", "--out", tmp_path / "cut", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())[MTP_COUNT_CONFIG] == 1
+    written = all_tensors(tmp_path / "cut")
+    assert {"mtp.fc.weight", "mtp.norm.weight"} <= set(modules) and all(torch.equal(written[n], modules[n]) for n in modules)
+
+
+def test_the_free_space_check_counts_the_modules_carried(tiny_folder, tmp_path, monkeypatch):
+    import surgery.files
+
+    source, _ = tiny_folder("deepseek_v3", num_layers=3)
+    modules = with_mtp_modules(source)
+    asked = []
+    real = surgery.files.check_free_space
+    monkeypatch.setattr(surgery.files, "check_free_space", lambda out, size, what: asked.append(size) or real(out, size, what))
+    assert run("cut", source, "--remove", "L1", "--out", tmp_path / "cut", "--no-stream", "--device", "cpu").exit_code == 0
+    from surgery.export.checkpoint import load_exported, weights_bytes
+
+    model_bytes = weights_bytes(load_exported(tmp_path / "cut"))  # what the check counted before
+    assert asked == [model_bytes + sum(t.numel() * t.element_size() for t in modules.values())]

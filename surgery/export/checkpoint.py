@@ -76,9 +76,10 @@ def export_checkpoint(
 
     out = check_output_folder(out, force=force, protected=list(protected))
     model = unwrap(model)
-    check_free_space(out, weights_bytes(model), "the checkpoint")
+    carried, carried_bytes = _counted_mtp_modules(model, copy_from) if layout == "hf" else (None, 0)
+    check_free_space(out, weights_bytes(model) + carried_bytes, "the checkpoint")
     with staged_folder(out) as staging:
-        written = _write(model, tokenizer, staging, copy_from, extra_files or {}, layout, max_shard_size)
+        written = _write(model, tokenizer, staging, copy_from, extra_files or {}, layout, max_shard_size, carried)
         verified = verify_checkpoint(model, tokenizer, staging, layout)
         if finalize is not None:
             finalize(staging)
@@ -102,62 +103,67 @@ def write_model_folder(model: Any, tokenizer: Any, folder: Path, max_shard_size:
 
 
 def _write(model: Any, tokenizer: Any, folder: Path, copy_from: Path | None, extra_files: dict[str, str],
-           layout: str = "hf", max_shard_size: int | str | None = None) -> dict[str, Any]:
-    """Write the folder; returns what the manifest records about the layout."""
+           layout: str = "hf", max_shard_size: int | str | None = None, carried: Any = None) -> dict[str, Any]:
+    """Write the folder (with the multi-token-prediction modules `carried` from `copy_from`);
+    returns what the manifest records about the layout."""
     if layout == "nemotron-nas":
         from surgery.export.nemotron import write_folder
 
         written = {"layout": layout, "nemotron": write_folder(model, tokenizer, folder)}
     else:
-        carried = _counted_mtp_modules(model, copy_from)
         write_model_folder(model, tokenizer, folder, max_shard_size)
-        _add_mtp_modules(model, carried, copy_from, folder, max_shard_size)
-        written = {"layout": "hf", **({"mtp_layers_carried": carried.layers} if carried.layers else {})}
+        if carried is not None and carried.tensors:
+            _add_mtp_modules(model, carried, copy_from, folder, max_shard_size)
+        written = {"layout": "hf"}
     add_files(folder, copy_from, extra_files)
     return written
 
 
-def _counted_mtp_modules(model: Any, source: Path | None) -> Any:
+MTP_NOT_STORED = "are not in its safetensors files"
+
+
+def _counted_mtp_modules(model: Any, source: Path | None) -> tuple[Any, int]:
     """The multi-token-prediction modules of the source (arch.mtp_modules) that the export carries,
-    named for the model's blocks; the model's config is made to count just those. transformers
-    never loads them into the model, so they are copied from the source's files: unless these
-    are quantised (the model was dequantised; its modules would not be) or not safetensors."""
+    named for the model's blocks, and their bytes; the model's config is made to count just those.
+    transformers never loads them into the model, so they are copied from the source's files:
+    unless these are quantised (the model was dequantised; its modules would not be) or not
+    safetensors."""
     from surgery.arch import MtpModules, mtp_layer_count, mtp_modules, quantization_method, read_config
     from surgery.shards import SafetensorsFolder
 
-    config = unwrap(model).config
-    if not mtp_layer_count(config):
-        return MtpModules({}, 0)
-    found, why = MtpModules({}, 0), "are not in its safetensors files"
-    if source is not None and any(Path(source).glob("*.safetensors")):
-        stored = read_config(Path(source))
+    found, why = MtpModules({}, 0), MTP_NOT_STORED
+    if source is None or not (Path(source) / "config.json").is_file():
+        return found, 0
+    stored = read_config(Path(source))  # not the config object: it counts its class's default where the file is silent
+    weights = {}
+    if mtp_layer_count(stored) and any(Path(source).glob("*.safetensors")):
         if quantization_method(stored):
             why = f"are stored {quantization_method(stored)}-quantised and the model was dequantised"
         else:
-            found = mtp_modules(SafetensorsFolder(Path(source)).info, stored, config.num_hidden_layers)
-    count_carried_mtp(config, found, why)
-    return found
+            weights = SafetensorsFolder(Path(source)).info
+            found = mtp_modules(weights, stored, unwrap(model).config.num_hidden_layers)
+    count_carried_mtp(unwrap(model).config, found, mtp_layer_count(stored), why)
+    return found, sum(weights[old].nbytes for old in found.tensors.values())
 
 
-def count_carried_mtp(config: Any, carried: Any, why: str = "are not in its safetensors files") -> None:
+def count_carried_mtp(config: Any, carried: Any, declared: int, why: str = MTP_NOT_STORED) -> None:
     """Make `config` count the multi-token-prediction modules its checkpoint carries, saying so
-    when that is fewer than the source had (a serving engine would look for the rest)."""
+    when that is fewer than the source's config.json declared (a serving engine would look for the rest)."""
     from surgery.arch import MTP_COUNT_CONFIG, mtp_layer_count
     from surgery.console import console
 
-    wanted = mtp_layer_count(config)
-    if carried.layers < wanted:
-        console.print(f"the source's {wanted - carried.layers} multi-token-prediction module(s) {why}: the export "
+    if carried.layers < declared:
+        console.print(f"the source's {declared - carried.layers} multi-token-prediction module(s) {why}: the export "
                       f"carries {carried.layers} ({MTP_COUNT_CONFIG} = {carried.layers})")
+    if mtp_layer_count(config) != carried.layers:
         setattr(config, MTP_COUNT_CONFIG, carried.layers)
 
 
 def _add_mtp_modules(model: Any, carried: Any, source: Path | None, folder: Path, max_shard_size: int | str | None) -> None:
-    """Copy the carried modules into shards after the model's own (written in `folder`), each in
-    the dtype the model wrote the same tensor of its last block in (routers' float32 biases stay
-    float32), else in the dtype of most of its weights."""
-    if not carried.tensors:
-        return
+    """Copy the carried modules into shards after the model's own (written in `folder`). A tensor
+    stored in the source's main dtype is written in the dtype the model wrote the same tensor of
+    its last block in (routers' float32 biases stay float32), else in the model's main dtype; one
+    stored otherwise was kept so on purpose and stays as stored, as the streamed cut copies it."""
     import torch
 
     from surgery.arch import architecture_of
@@ -170,10 +176,12 @@ def _add_mtp_modules(model: Any, carried: Any, source: Path | None, folder: Path
     last_block = f"{architecture_of(model.config).layers}.{model.config.num_hidden_layers - 1}."
     weights = SafetensorsFolder(Path(source))
 
+    source_dtype = weights.main_dtype()
+
     def as_written(name: str, info: TensorInfo) -> TensorInfo:
         twin = written.info.get(last_block + re.sub(r"^.*?layers\.\d+\.", "", name))
         dtype = twin.dtype if twin is not None else written.main_dtype()
-        if info.dtype == dtype or info.dtype not in TORCH_DTYPES:
+        if info.dtype == dtype or info.dtype != source_dtype:  # (the main dtype is always a floating one)
             return info
         return TensorInfo(name, dtype, info.shape, math.prod(info.shape) * getattr(torch, TORCH_DTYPES[dtype]).itemsize)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from surgery.arch import architecture_of, mtp_modules
+from surgery.arch import architecture_of, mtp_layer_count, mtp_modules, read_config
 from surgery.cut import CutPlan, CutResult, cut_config, plan_cut, removed_sublayers
 from surgery.errors import SurgeryError
 from surgery.export.checkpoint import (
@@ -73,9 +73,10 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     _check_tied_head(weights, config, arch)
     before = skeleton(config, getattr(torch, stored))
     plan = plan_cut(config.num_hidden_layers, units, removed_sublayers(before))
-    mtp = mtp_modules(weights.info, config, len(plan.kept))
+    as_written = read_config(folder)  # not the config object: it counts its class's default where the file is silent
+    mtp = mtp_modules(weights.info, as_written, len(plan.kept))
     cut_config(config, arch, plan)
-    count_carried_mtp(config, mtp)
+    count_carried_mtp(config, mtp, mtp_layer_count(as_written))
     after = skeleton(config, getattr(torch, stored))
     config.dtype, config.architectures = stored, [type(after).__name__]  # as save_pretrained records them
     tensors = {}
