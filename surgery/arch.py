@@ -209,9 +209,9 @@ def architecture_of(config: Any) -> Architecture:
     """The table entry for `config`, or a clear error naming the supported families."""
     model_type = base_model_type(config)
     model_type = MODULE_ALIASES.get(model_type, model_type)
-    if model_type not in ARCHITECTURES and text_family(config):
+    if model_type not in ARCHITECTURES and (decoder := text_family(config)):
         raise SurgeryError(f"'{model_type}' is a multimodal checkpoint: surgery works on its text decoder "
-                           f"({text_family(config)}); write that as a text-only checkpoint with "
+                           f"({decoder}); write that as a text-only checkpoint with "
                            "`surgery extract-text MODEL --out FOLDER`, then give FOLDER")
     if model_type not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))

@@ -160,7 +160,7 @@ def extract_text_decoder(model_spec: str, out: Path, load: LoadSettings, setting
 
     settings = settings or StreamSettings()
     source = resolve_with_output_check(model_spec, lambda protected: check_output_folder(out, force=force, protected=protected), load)
-    decoder = prepare_text_decoder(source.path)
+    decoder = prepare_text_decoder(source.path, load.trust_remote_code)
     tokenizer = load_tokenizer(source.path, load.trust_remote_code)
     record = {"extracted": "text decoder", "source": source.describe(), "left_behind": decoder.left_behind,
               "parameters": {"text_decoder": decoder.parameters}}
@@ -169,7 +169,8 @@ def extract_text_decoder(model_spec: str, out: Path, load: LoadSettings, setting
         return export_text_decoder(decoder, tokenizer, out, record=published(record, labels), force=force,
                                    protected=[source.path], max_shard_size=settings.max_shard_bytes,
                                    extra_files={LOCAL_RECORD: json.dumps(record, indent=2) + "\n"},
-                                   unpublished=(LOCAL_RECORD,), device=resolve_device(load.device))
+                                   unpublished=(LOCAL_RECORD,), device=resolve_device(load.device),
+                                   trust_remote_code=load.trust_remote_code)
 
 
 def _cut_record(result: Any, source: Any) -> dict[str, Any]:

@@ -201,18 +201,19 @@ def test_a_streamed_cut_that_fails_its_checks_leaves_nothing(fault, message, tin
     import surgery.shards as shards
 
     source, _ = tiny_folder("gemma2", num_layers=4)
-    real_write_config = streamed._write_config
+    real_write = streamed.write_copied_folder
 
-    def swap_layer_types(cut, folder):
-        real_write_config(cut, folder)
+    def swap_layer_types(folder, *args, **kwargs):
+        digests = real_write(folder, *args, **kwargs)
         config = json.loads((folder / "config.json").read_text())
         config["layer_types"] = config["layer_types"][::-1]
         (folder / "config.json").write_text(json.dumps(config))
+        return digests
 
     if fault == "bytes":
         monkeypatch.setattr(shards, "write_shard", flipping_last_byte(shards.write_shard))
     else:
-        monkeypatch.setattr(streamed, "_write_config", swap_layer_types)
+        monkeypatch.setattr(streamed, "write_copied_folder", swap_layer_types)
     line = one_line(run("cut", source, "--remove", "L1", "--out", tmp_path / "out", "--stream", "--device", "cpu"))
     assert "export check failed" in line and message in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma2-src"]

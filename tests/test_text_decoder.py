@@ -160,3 +160,66 @@ def test_bad_input_for_extract_text_is_one_line_and_writes_nothing(tmp_path, tok
     assert "has no tensor for the text decoder's model.layers.2.mlp.up_proj.weight" in one_line(
         run("extract-text", source, "--out", tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_no_auto_class_runs_on_text_is_still_checked_tensor_by_tensor(tmp_path, tokenizer):
+    """Qwen2-Audio: transformers runs it as audio-text-to-text only; its decoder is written, every
+    tensor checked as copied, and the logit comparison is said not to have run."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    from surgery.tiny import tiny_config
+
+    audio = dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=16,
+                 max_source_positions=16)
+    config = Qwen2AudioConfig(text_config=tiny_config("qwen2", 2).to_dict(), audio_config=audio, audio_token_index=VOCAB - 1)
+    save(Qwen2AudioForConditionalGeneration(config), tmp_path / "audio", tokenizer)
+    result = run("extract-text", tmp_path / "audio", "--out", tmp_path / "text", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "no class that runs the multimodal model on text" in " ".join(result.output.split())
+    manifest = read_manifest(tmp_path / "text")
+    assert manifest["verified"]["method"] == "copied, names and shapes checked" and "audio_tower" in manifest["left_behind"]
+    assert json.loads((tmp_path / "text" / "config.json").read_text())["model_type"] == "qwen2"
+
+
+def test_the_special_tokens_of_the_multimodal_config_are_the_decoders(tmp_path, tokenizer):
+    """Gemma 3 ends a turn with token 106 as well as 1: its config says so for the whole model."""
+    source = tmp_path / "multimodal"
+    gemma3(source, tokenizer)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "eos_token_id": [1, 106]}))
+    assert run("extract-text", source, "--out", tmp_path / "text", "--device", "cpu").exit_code == 0
+    assert json.loads((tmp_path / "text" / "config.json").read_text())["eos_token_id"] == [1, 106]
+
+
+def test_a_failed_check_leaves_nothing(tmp_path, tokenizer, monkeypatch):
+    import surgery.shards as shards
+    from tests.faults import flipping_last_byte
+
+    source = tmp_path / "multimodal"
+    mistral3(source, tokenizer)
+    monkeypatch.setattr(shards, "write_shard", flipping_last_byte(shards.write_shard))
+    line = one_line(run("extract-text", source, "--out", tmp_path / "text", "--device", "cpu"))
+    assert "export check failed" in line and "differs from its source tensor" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multimodal"]
+
+
+def test_config_and_files_that_disagree_about_the_decoder_are_one_line(tmp_path, tokenizer):
+    source = tmp_path / "multimodal"
+    mistral3(source, tokenizer)
+    config = json.loads((source / "config.json").read_text())
+    weights = load_file(source / "model.safetensors")
+    head = weights.pop("language_model.lm_head.weight")
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    assert "says the output layer is its own, but the files hold none" in one_line(
+        run("extract-text", source, "--out", tmp_path / "out"))
+
+    weights["language_model.lm_head.weight"] = head
+    weights["language_model.model.layers.3.input_layernorm.weight"] = torch.ones(64)  # a block the config does not count
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    assert "holds language_model.model.layers.3.input_layernorm.weight in its text decoder, which its text_config has no place" \
+        in one_line(run("extract-text", source, "--out", tmp_path / "out"))
+
+    (source / "config.json").write_text(json.dumps({**config, "model_type": "foo_vlm"}))
+    line = one_line(run("extract-text", source, "--out", tmp_path / "out"))
+    assert "transformers cannot read its config.json" in line and "--trust-remote-code" in line
+    assert not (tmp_path / "out").exists()

@@ -119,11 +119,8 @@ def export_streamed_cut(cut: StreamedCut, tokenizer: Any, out: Path, *, record: 
     out = check_output_folder(out, force=force, protected=list(protected))
     check_free_space(out, cut.nbytes, "the checkpoint")
     with staged_folder(out) as staging:
-        digests = _write_weights(cut, staging, max_shard_size)
-        _write_config(cut, staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        add_files(staging, copy_from, extra_files or {})
+        digests = write_copied_folder(staging, cut.source, cut.config, cut.tensors, cut.result.parameters_after, tokenizer,
+                                      max_shard_size=max_shard_size, copy_from=copy_from, extra_files=extra_files)
         diff = _check_folder(cut, staging, tokenizer, device)
         loader = "trust_remote_code" if getattr(cut.config, "surgery", None) else "transformers"
         verified = {"max_abs_logit_diff": diff, "loader": loader, "method": "streamed", "prompt": VERIFY_PROMPT,
@@ -132,47 +129,60 @@ def export_streamed_cut(cut: StreamedCut, tokenizer: Any, out: Path, *, record: 
     return ExportResult(out, diff, loader, manifest)
 
 
-def _write_weights(cut: StreamedCut, folder: Path, max_shard_size: int) -> dict[str, str]:
-    """Copy every tensor into shards, each read back (check a); the SHA-256 of each shard."""
-    source = SafetensorsFolder(cut.source)
-    try:
-        return write_checkpoint_shards(folder, cut.tensors, lambda info: source.read(cut.tensors[info.name].name),
-                                       lies_in=lambda info: cut.tensors[info.name], max_shard_size=max_shard_size,
-                                       parameters=cut.result.parameters_after, label="writing shards")
-    finally:
-        source.close()
-
-
-def _write_config(cut: StreamedCut, folder: Path) -> None:
-    """config.json and generation_config.json as save_pretrained writes them for the cut model."""
+def write_copied_folder(folder: Path, source: Path, config: Any, tensors: dict[str, TensorInfo], parameters: int,
+                        tokenizer: Any, *, max_shard_size: int, copy_from: Path | None = None,
+                        extra_files: dict[str, str] | None = None) -> dict[str, str]:
+    """A checkpoint whose every tensor is copied from `source` (tensors: name written -> source
+    tensor) into shards, each read back (check a), with config.json and generation_config.json as
+    save_pretrained writes them for `config`, the tokenizer and the export's other files; the
+    SHA-256 of each shard. The streamed cut and extract-text write this way."""
     from transformers import GenerationConfig
 
-    cut.config.save_pretrained(folder)
-    if (cut.source / "generation_config.json").is_file():
-        generation = GenerationConfig.from_pretrained(str(cut.source))
+    weights = SafetensorsFolder(source)
+    try:
+        digests = write_checkpoint_shards(folder, tensors, lambda info: weights.read(tensors[info.name].name),
+                                          lies_in=lambda info: tensors[info.name], max_shard_size=max_shard_size,
+                                          parameters=parameters, label="writing shards")
+    finally:
+        weights.close()
+    config.save_pretrained(folder)
+    if (source / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(str(source))
     else:
-        generation = GenerationConfig.from_model_config(cut.config)
+        generation = GenerationConfig.from_model_config(config)
     generation.save_pretrained(folder)
-    if getattr(cut.config, "surgery", None):
-        make_self_describing(folder, cut.config)
+    if getattr(config, "surgery", None):
+        make_self_describing(folder, config)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    add_files(folder, copy_from, extra_files or {})
+    return digests
+
+
+def check_copied_names(folder: Path, written: Any, carried: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Check (b): the tensors written in `folder` are, by name and shape, those a skeleton of its
+    config.json implies (`written`: the folder's LayerwiseModel), beside those `carried` with it."""
+    from surgery.layerwise import checkpoint_shapes
+
+    expected = {**checkpoint_shapes(written.model), **(carried or {})}
+    found = {name: info.shape for name, info in SafetensorsFolder(folder, strict=True).info.items()}
+    if found != expected:
+        odd = sorted(set(found) ^ set(expected)) or sorted(n for n in found if found[n] != expected[n])
+        raise SurgeryError(f"export check failed: the written tensors are not those config.json implies ({odd[0]}); "
+                           "nothing was written")
 
 
 def _check_folder(cut: StreamedCut, folder: Path, tokenizer: Any, device: str) -> float:
     """Checks (b) and (c) of the module docstring; returns the largest logit difference."""
     from surgery.console import task
     from surgery.forward import verification_ids
-    from surgery.layerwise import LayerwiseModel, checkpoint_shapes
+    from surgery.layerwise import LayerwiseModel
 
     written = LayerwiseModel(folder, device=device)
-    expected = {**checkpoint_shapes(written.model), **{name: cut.tensors[name].shape for name in cut.mtp}}
-    found = {name: info.shape for name, info in SafetensorsFolder(folder, strict=True).info.items()}
-    if found != expected:
-        odd = sorted(set(found) ^ set(expected)) or sorted(n for n in found if found[n] != expected[n])
-        raise SurgeryError(f"export check failed: the written tensors are not those config.json implies ({odd[0]}); "
-                           "nothing was written")
-    ids = verification_ids(tokenizer, written.config.vocab_size)
     source = LayerwiseModel(cut.source, device=device)
     try:
+        check_copied_names(folder, written, {name: cut.tensors[name].shape for name in cut.mtp})
+        ids = verification_ids(tokenizer, written.config.vocab_size)
         with task("comparing the cut with its source, block by block"):
             want = source.forward(ids, skip=cut.plan.removed)
             got = written.forward(ids)

@@ -23,9 +23,10 @@ from typing import Any
 
 from surgery.arch import ARCHITECTURES, base_model_type, quantization_method, read_config, text_family
 from surgery.errors import SurgeryError
-from surgery.export.checkpoint import ExportResult, add_files, logit_diff_within_tolerance, write_manifest
+from surgery.export.checkpoint import ExportResult, logit_diff_within_tolerance, write_manifest
+from surgery.export.streamed import check_copied_names, write_copied_folder
 from surgery.forward import VERIFY_PROMPT
-from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo, write_checkpoint_shards
+from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo
 
 # a text model's names -> where multimodal checkpoints keep them, tried in this order
 LANGUAGE_MODEL_NAMES = (("model.", ("language_model.model.", "model.language_model.", "model.text_model.")),
@@ -47,10 +48,9 @@ class TextDecoder:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def prepare_text_decoder(folder: Path) -> TextDecoder:
+def prepare_text_decoder(folder: Path, trust_remote_code: bool = False) -> TextDecoder:
     """Read the source's config and headers; refuse in one line what cannot be extracted."""
     import torch
-    from transformers import AutoConfig
 
     from surgery.forward import count_parameters
     from surgery.layerwise import checkpoint_shapes, skeleton
@@ -69,21 +69,60 @@ def prepare_text_decoder(folder: Path) -> TextDecoder:
                            "full-precision weights; start from the full-precision release")
     weights = SafetensorsFolder(folder, "extract-text reads safetensors weights only: convert them first")
     stored = weights.main_dtype()
-    config = AutoConfig.from_pretrained(str(folder)).get_text_config()
-    config.tie_word_embeddings = not any(name.startswith(where) for _, places in LANGUAGE_MODEL_NAMES[1:]
-                                         for where in places for name in weights.info)
+    config = _text_config(folder, data, trust_remote_code)
+    config.tie_word_embeddings = _tied(folder, data, weights)
     config.dtype = TORCH_DTYPES[stored]
     model = skeleton(config, getattr(torch, TORCH_DTYPES[stored]))
     config.architectures = [type(model).__name__]
     tensors = {name: _source_tensor(weights, folder, name, shape) for name, shape in checkpoint_shapes(model).items()}
+    return TextDecoder(Path(folder), config, tensors, _left_behind(folder, weights, tensors), count_parameters(model))
+
+
+def _text_config(folder: Path, data: dict[str, Any], trust_remote_code: bool) -> Any:
+    """The decoder's config as transformers reads the multimodal one, with the special tokens the
+    multimodal config sets for the whole model (Gemma 3 ends turns with token 106 as well as 1)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code).get_text_config()
+    except ValueError as error:
+        first = str(error).strip().splitlines()[0][:160]
+        raise SurgeryError(f"{folder}: transformers cannot read its config.json ({first}): pass --trust-remote-code if "
+                           "the model ships its own code and you trust it, or update transformers") from None
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if data.get(key) is not None:
+            setattr(config, key, data[key])
+    return config
+
+
+def _tied(folder: Path, data: dict[str, Any], weights: SafetensorsFolder) -> bool:
+    """Whether the decoder's output layer is its embeddings: as the config says (the multimodal
+    config's word, else its text_config's), and where it is silent, as the files show."""
+    stored = any(name.startswith(where) for _, places in LANGUAGE_MODEL_NAMES[1:] for where in places for name in weights.info)
+    said = data.get("tie_word_embeddings", data["text_config"].get("tie_word_embeddings"))
+    if said is False and not stored:
+        raise SurgeryError(f"{folder}: config.json says the output layer is its own, but the files hold none: "
+                           "download the model again")
+    return not stored if said is None else bool(said)
+
+
+def _left_behind(folder: Path, weights: SafetensorsFolder, tensors: dict[str, TensorInfo]) -> dict[str, int]:
+    """What the source holds beside the decoder (vision tower, projector): name prefix -> tensors.
+    A tensor under the decoder's own names that its config has no place for (a layer more than
+    num_hidden_layers says) means config and weights disagree: refused, not left behind."""
     used = {info.name for info in tensors.values()}
-    left_behind: dict[str, int] = {}
+    body = {info.name[: len(info.name) - len(name) + len("model.")] for name, info in tensors.items() if name.startswith("model.")}
+    left: dict[str, int] = {}
     for name in weights.info:
-        if name not in used:
-            parts = name.split(".")
-            prefix = ".".join(parts[:2] if parts[0] == "model" else parts[:1])  # vision_tower, model.vision_tower
-            left_behind[prefix] = left_behind.get(prefix, 0) + 1
-    return TextDecoder(Path(folder), config, tensors, left_behind, count_parameters(model))
+        if name in used or any(name.startswith(where) for _, places in LANGUAGE_MODEL_NAMES[1:] for where in places):
+            continue  # (an output layer the config ties to the embeddings is not the decoder's)
+        if any(name.startswith(prefix) for prefix in body):
+            raise SurgeryError(f"{folder} holds {name} in its text decoder, which its text_config has no place for: "
+                               "fix num_hidden_layers and the sizes in config.json, or download the model again")
+        parts = name.split(".")
+        prefix = ".".join(parts[:2] if parts[0] == "model" else parts[:1])  # vision_tower, model.vision_tower
+        left[prefix] = left.get(prefix, 0) + 1
+    return left
 
 
 def _source_tensor(weights: SafetensorsFolder, folder: Path, name: str, shape: tuple[int, ...]) -> TensorInfo:
@@ -102,59 +141,46 @@ def _source_tensor(weights: SafetensorsFolder, folder: Path, name: str, shape: t
 
 def export_text_decoder(decoder: TextDecoder, tokenizer: Any, out: Path, *, record: dict[str, Any], max_shard_size: int,
                         force: bool = False, protected: list[Path] = (), extra_files: dict[str, str] | None = None,
-                        unpublished: tuple[str, ...] = (), device: str = "cpu") -> ExportResult:
+                        unpublished: tuple[str, ...] = (), device: str = "cpu", trust_remote_code: bool = False) -> ExportResult:
     """Write the text decoder to `out`, checked as the module docstring says, atomically."""
-    from transformers import GenerationConfig
-
     from surgery.files import check_free_space, check_output_folder, staged_folder
 
     out = check_output_folder(out, force=force, protected=list(protected))
     check_free_space(out, decoder.nbytes, "the checkpoint")
     with staged_folder(out) as staging:
-        source = SafetensorsFolder(decoder.source)
-        try:
-            digests = write_checkpoint_shards(staging, decoder.tensors, lambda info: source.read(decoder.tensors[info.name].name),
-                                              lies_in=lambda info: decoder.tensors[info.name], max_shard_size=max_shard_size,
-                                              parameters=decoder.parameters, label="writing the text decoder")
-        finally:
-            source.close()
-        decoder.config.save_pretrained(staging)
-        if (decoder.source / "generation_config.json").is_file():
-            GenerationConfig.from_pretrained(str(decoder.source)).save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        add_files(staging, decoder.source, extra_files or {})
-        verified = _check_folder(decoder, staging, tokenizer, device)
+        digests = write_copied_folder(staging, decoder.source, decoder.config, decoder.tensors, decoder.parameters, tokenizer,
+                                      max_shard_size=max_shard_size, copy_from=decoder.source, extra_files=extra_files)
+        verified = _check_folder(decoder, staging, tokenizer, device, trust_remote_code)
         manifest = write_manifest(staging, {**record, "layout": "hf", "unpublished": list(unpublished)}, verified, digests)
     return ExportResult(out, verified["max_abs_logit_diff"], "transformers", manifest)
 
 
-def _check_folder(decoder: TextDecoder, folder: Path, tokenizer: Any, device: str) -> dict[str, Any]:
+def _check_folder(decoder: TextDecoder, folder: Path, tokenizer: Any, device: str, trust_remote_code: bool) -> dict[str, Any]:
     """Checks (b) and (c) of the module docstring: the manifest's `verified` record."""
     import torch
 
     from surgery.console import console, task
     from surgery.forward import verification_ids
-    from surgery.layerwise import LayerwiseModel, checkpoint_shapes
+    from surgery.layerwise import LayerwiseModel
     from surgery.memory import available_memory, fits_in_memory, safetensors_bytes
 
     written = LayerwiseModel(folder, device=device)
     try:
-        expected = checkpoint_shapes(written.model)
-        found = {name: info.shape for name, info in SafetensorsFolder(folder, strict=True).info.items()}
-        if found != expected:
-            odd = sorted(set(found) ^ set(expected)) or sorted(n for n in found if found[n] != expected[n])
-            raise SurgeryError(f"export check failed: the written tensors are not those config.json implies ({odd[0]}); "
-                               "nothing was written")
+        check_copied_names(folder, written)
         verified = {"max_abs_logit_diff": None, "loader": "transformers", "method": "copied, names and shapes checked",
                     "prompt": VERIFY_PROMPT, "cached_generation": False, "tensors_checked": len(decoder.tensors)}
         if not fits_in_memory(safetensors_bytes(decoder.source), available_memory(device)):
             console.print("the multimodal model does not fit in memory: its logits were not compared with the decoder's "
                           "(every tensor was checked as copied)")
             return verified
+        multimodal = _multimodal_model(decoder.source, written.dtype, device, trust_remote_code)
+        if multimodal is None:
+            console.print("transformers has no class that runs the multimodal model on text: its logits were not compared "
+                          "with the decoder's (every tensor was checked as copied)")
+            return verified
         ids = verification_ids(tokenizer, written.config.vocab_size)
         with task("comparing the text decoder with the multimodal model"), torch.no_grad():
-            want = _multimodal_model(decoder.source, written.dtype, device)(ids.to(device), use_cache=False).logits.float()
+            want = multimodal(input_ids=ids.to(device), use_cache=False).logits.float()
             got = written.forward(ids).to(want.device)
     finally:
         written.close()
@@ -162,12 +188,15 @@ def _check_folder(decoder: TextDecoder, folder: Path, tokenizer: Any, device: st
     return {**verified, "max_abs_logit_diff": diff, "method": "copied, compared with the multimodal model"}
 
 
-def _multimodal_model(folder: Path, dtype: Any, device: str) -> Any:
-    """The source as transformers runs it (image-text-to-text; a few load as causal LMs only)."""
+def _multimodal_model(folder: Path, dtype: Any, device: str, trust_remote_code: bool) -> Any:
+    """The source as transformers runs it (image-text-to-text, else as a causal LM); None where no
+    Auto class takes it (Qwen2-Audio's is audio-text-to-text)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=dtype)
-    except ValueError:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    return model.to(device).eval()
+    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
+        try:
+            model = auto.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
+        except ValueError:
+            continue
+        return model.to(device).eval()
+    return None
