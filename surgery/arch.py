@@ -42,6 +42,10 @@ class Architecture:
     gguf_arch: llama.cpp's architecture name, for families surgery.export.gguf_write writes.
     refused_configs: (config key, value, why) for variants of a family whose block does not have
     the shape above (StableLM's parallel residual: attention and FFN read the same input).
+    index_step_config: (an index list, the step some runtimes read instead of it): vLLM and SGLang
+    place Llama 4's MoE layers by `interleave_moe_layer_step` alone ((i + 1) % step == 0, none for
+    0), transformers by `moe_layers`; a cut sets the step the renumbered list follows, and says so
+    when it follows none.
     extra_outputs_flag: a block attribute; where given, only blocks where it is true return
     mlp_extra_outputs (Llama 4: `is_moe_layer`; its dense FFNs return their output alone).
     experts_output_last: stacked experts stored [experts, in, out] by a class that does not say so
@@ -71,6 +75,7 @@ class Architecture:
     mlp_extra_outputs: int = 0
     gguf_arch: str | None = None
     refused_configs: tuple[tuple[str, Any, str], ...] = ()
+    index_step_config: tuple[str, str] | None = None
     extra_outputs_flag: str | None = None
     experts_output_last: bool = False
     mtp_prefix: str | None = None
@@ -111,6 +116,7 @@ _SHARED_EXPERTS = ("experts.down_proj", "shared_experts.down_proj", "down_proj")
 # DeepSeek's latent attention: the query is factored (q_a_proj, q_b_proj) where the config gives a
 # q_lora_rank, one q_proj where it does not (DeepSeek-V2-Lite, Moonlight); peft adapts whichever exists.
 _LATENT_ATTENTION_LORA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+QUERY_LAYOUTS = (("q_proj",), ("q_a_proj", "q_b_proj"))  # the LoRA targets a latent-attention model has one of
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": replace(_LLAMA, gguf_arch="llama"),
@@ -184,7 +190,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     # Llama 4 (Scout, Maverick; their text decoder, after surgery extract-text): routed and shared
     # experts, dense FFNs interleaved (Maverick), chunked attention with no-RoPE layers between.
     "llama4_text": replace(_MOE, mlp="feed_forward", per_layer_config=("no_rope_layers", "layer_types"),
-                           layer_index_config=("moe_layers",), mlp_extra_outputs=1, extra_outputs_flag="is_moe_layer",
+                           layer_index_config=("moe_layers",), index_step_config=("moe_layers", "interleave_moe_layer_step"),
+                           mlp_extra_outputs=1, extra_outputs_flag="is_moe_layer",
                            moe_outputs=("experts.down_proj", "shared_expert.down_proj", "down_proj"), experts_output_last=True),
     "hunyuan_v1_moe": replace(_MOE, moe_outputs=("experts.down_proj", "shared_mlp.down_proj"),
                               per_layer_config=("moe_topk", "num_experts")),  # each an int, or a list per layer

@@ -181,6 +181,22 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
         if values is not None:
             setattr(config, key, sorted(renumber[i] for i in values if i in renumber))
     config.num_hidden_layers = len(kept)
+    if arch.index_step_config:
+        _set_index_step(config, *arch.index_step_config)
+
+
+def _set_index_step(config: Any, key: str, step_key: str) -> None:
+    """The step that places the layers `key` lists, for runtimes that read only the step
+    (Architecture.index_step_config); a list no step describes is said, with who misreads it."""
+    from surgery.console import console
+
+    listed, count = list(getattr(config, key, None) or []), config.num_hidden_layers
+    step = 0 if not listed else next((s for s in range(1, count + 1) if listed == list(range(s - 1, count, s))), None)
+    if step is not None:
+        setattr(config, step_key, step)
+    else:
+        console.print(f"the cut's {key} {listed} follow no single {step_key}: transformers reads the list, but vLLM and "
+                      f"SGLang place them by {step_key} alone and would load this checkpoint wrongly")
 
 
 def _materialise_sparse_step(config: Any, arch: Architecture, old_count: int) -> None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgery.arch import unwrap
 from surgery.errors import SurgeryError
 from surgery.settings import HealSettings
 
@@ -68,11 +69,15 @@ def disable_cpu_repack(model: Any) -> int:
 
 
 def check_lora_targets(model: Any, targets: Any, family_default: bool = False) -> None:
-    """Every LoRA target given names a module of the model (peft matches the last part of its
-    path); of a family's own, at least one must (latent attention names both query layouts)."""
+    """Every LoRA target names a module of the model (peft matches the last part of its path); a
+    family's own list may name a query layout the model lacks (latent attention: arch.QUERY_LAYOUTS)."""
+    from surgery.arch import QUERY_LAYOUTS
+
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
-    if missing and (not family_default or len(missing) == len(targets)):
+    if missing and not (family_default and any(set(missing) <= set(layout) for layout in QUERY_LAYOUTS)):
+        if family_default:  # name the one no query layout explains
+            missing.sort(key=lambda target: any(target in layout for layout in QUERY_LAYOUTS))
         raise SurgeryError(f"LoRA target '{missing[0]}' is not a module of this model: use --lora-targets with names "
                            f"such as {', '.join(sorted(n for n in names if n.endswith('proj'))[:6]) or 'its linear layers'}")
 
@@ -124,7 +129,6 @@ def load_4bit(folder: Path, device: str, device_map: str | None = None) -> Any:
 def heldout_loss(model: Any, batches: list[Any]) -> float:
     """Mean token loss of a full-precision model (in memory, or a LayerwiseModel read block by
     block) on held-out batches."""
-    from surgery.arch import unwrap
     from surgery.evaluate.perplexity import batch_nll
     from surgery.layerwise import LayerwiseModel
 
@@ -165,7 +169,7 @@ def heal(model: Any, tokenizer: Any, settings: HealSettings, work: Path, *, data
     the result (the others return None).
     """
 
-    from surgery.arch import architecture_of, unwrap
+    from surgery.arch import architecture_of
     from surgery.console import quiet_transformers
     from surgery.data import pack_tokens
     from surgery.distributed import from_main, start
@@ -356,7 +360,6 @@ def _differences(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def _release(model: Any) -> None:
     """Free the weights of the model being healed (it is saved in the working folder)."""
-    from surgery.arch import unwrap
     from surgery.memory import free_device_memory
 
     try:
@@ -463,6 +466,8 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
     trainer_class = SFTTrainer
     if teacher is not None:
         trainer_class = _distilling(SFTTrainer, _load_teacher(teacher, settings, device), settings.distill)
+    text_config = unwrap(model).config.get_text_config()
+    own = {key: getattr(text_config, key) for key in _TRL_WRITES if hasattr(text_config, key)}
     trainer = trainer_class(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Progress()])
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the loss
     resumed = str(resume) if resume else None
@@ -475,6 +480,8 @@ def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSett
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     elif partial:  # the trained model is the result: in the checkpoint's own dtype
         model.to(_config_dtype(json.loads((base_folder / "config.json").read_text())))
+    for key, value in own.items():  # trl set them for its loss; the model saved keeps its own
+        setattr(text_config, key, value)
     trainer.save_model(str(adapter))  # the adapter alone (partial: the whole trained model), written by process 0
     del trainer, model
     return adapter, log, resumed
@@ -525,12 +532,13 @@ def distillation_loss(student_logits: Any, teacher_logits: Any, labels: Any, wei
     return (weight * kl + (1 - weight) * cross_entropy) / torch.as_tensor(count, device=kl.device).clamp(min=1)
 
 
+_TRL_WRITES = ("output_router_logits", "router_aux_loss_coef")  # config keys trl's SFTTrainer sets for its router loss
+
+
 def _trl_balances(model: Any) -> bool:
     """Whether trl can add an MoE model's router load-balancing loss: its fused loss reads the
-    expert count as `config.num_experts`, which Llama 4's config calls `num_local_experts` (it
-    fails at the first step). Such a model heals without it, as dense ones do."""
-    from surgery.arch import unwrap
-
+    expert count as `config.num_experts`, which the configs of Llama 4, PhiMoE and GraniteMoE call
+    `num_local_experts` (it fails at the first step). Such a model heals without it, as dense ones do."""
     config = unwrap(model).config.get_text_config()
     return not hasattr(config, "output_router_logits") or getattr(config, "num_experts", None) is not None
 

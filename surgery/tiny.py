@@ -57,8 +57,9 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
     "phimoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8},
+    # Maverick's dense/MoE interleaving; no-RoPE layers apart from the MoE ones, with their temperature tuning at work
     "llama4_text": {"num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 128, "attention_chunk_size": 8,
-                    "no_rope_layer_interval": 2, "interleave_moe_layer_step": 2},  # Maverick's dense/MoE interleaving
+                    "no_rope_layer_interval": 3, "interleave_moe_layer_step": 2, "floor_scale": 2},
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "logits_scaling": 2.0, "residual_multiplier": 0.5},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 2,
                   "mlp_only_layers": []},

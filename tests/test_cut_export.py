@@ -106,6 +106,37 @@ def test_sublayer_removal_loads_both_ways_without_the_removed_weights(family, tm
     assert torch.allclose(loaded.model(prompt).logits, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama4_text", "gpt_oss"])
+@torch.no_grad()
+def test_a_removed_ffn_that_returned_router_outputs_reloads_both_ways(family, tmp_path, tokenizer):
+    """gpt-oss's MoE blocks return router scores beside their output, Llama 4's only where a block
+    is MoE (L1 here, not L2): each stand-in returns what its block unpacks."""
+    model = tiny_model(family, num_layers=4)
+    assert decoder_layers(model)[1].mlp if family == "gpt_oss" else decoder_layers(model)[1].is_moe_layer
+    prompt = ids(1, 10)
+    cut(model, parse_sublayers("L1.mlp,L2.mlp"))
+    expected = model(prompt).logits
+    export_checkpoint(model, tokenizer, tmp_path / "out", record={})
+    for via in ("package", "remote-code"):
+        reloaded = load_exported(tmp_path / "out", via=via)
+        assert torch.allclose(reloaded(prompt).logits, expected, atol=1e-5), via
+        assert torch.equal(greedy(reloaded, prompt), greedy(model, prompt)), via
+
+
+@pytest.mark.parametrize("remove, moe_layers, step", [("L1", [2], 3), ("L0", [0, 2], 2)])
+def test_llama4s_interleave_step_follows_its_moe_layers(remove, moe_layers, step, tiny_folder, tmp_path):
+    """vLLM and SGLang place Llama 4's MoE layers by interleave_moe_layer_step alone: a cut sets
+    the step its MoE layers follow, and says when they follow none (transformers reads the list)."""
+    from tests.cli import run
+
+    source, _ = tiny_folder("llama4_text", num_layers=4)  # MoE: L1, L3 (step 2)
+    result = run("cut", source, "--remove", remove, "--out", tmp_path / "cut", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert config["moe_layers"] == moe_layers and config["interleave_moe_layer_step"] == step
+    assert ("follow no single interleave_moe_layer_step" in " ".join(result.output.split())) == (remove == "L0")
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
 def test_a_sublayer_checkpoint_saved_again_by_its_users_still_loads(family, tmp_path, tokenizer):
     """Loaded with its own code and saved again (after fine-tuning, a dtype change, push_to_hub),

@@ -101,6 +101,8 @@ def test_a_familys_own_targets_need_only_exist_in_one_of_its_layouts():
         check_lora_targets(model, ("q_proj", "q_a_proj"))
     with pytest.raises(SurgeryError, match="LoRA target 'c_attn' is not a module of this model"):
         check_lora_targets(model, ("c_attn", "c_proj"), family_default=True)
+    with pytest.raises(SurgeryError, match="LoRA target 'out_proj' is not a module of this model"):  # not a query layout
+        check_lora_targets(model, ("q_proj", "q_a_proj", "out_proj"), family_default=True)
 
 
 def test_lora_targets_that_peft_cannot_train_are_one_line():
@@ -161,18 +163,24 @@ def test_one_healing_step_trains(tmp_path, tokenizer, data_dir):
     assert job == {"processes": 1, "device": "cpu", "fsdp": False}
 
 
-@pytest.mark.parametrize("family, balanced", [("mixtral", True), ("llama4_text", False), ("llama", True)])
+@pytest.mark.parametrize("family, balanced", [("mixtral", True), ("llama4_text", False), ("phimoe", False),
+                                              ("granitemoe", False), ("llama", True)])
 def test_moe_healing_adds_the_router_balancing_loss_where_trl_can(family, balanced, tmp_path, tokenizer, data_dir):
     """trl's fused loss adds an MoE model's router balancing term using config.num_experts, which
-    Llama 4's config calls num_local_experts (and trl runs `base_model`, which Llama 4's text model
-    points at a multimodal part it lacks): Llama 4 heals without the term instead of failing at
-    its first step; Mixtral keeps it."""
+    the configs of Llama 4, PhiMoE and GraniteMoE call num_local_experts (and trl runs
+    `base_model`, which Llama 4's text model points at a multimodal part it lacks): they heal
+    without the term instead of failing at their first step; Mixtral keeps it. The config trl
+    changed for its loss is the model's own again afterwards."""
     from surgery.heal import _trl_balances
 
     model = tiny_model(family, num_layers=2)
     assert _trl_balances(model) == balanced
+    own = {key: getattr(model.config, key) for key in ("output_router_logits", "router_aux_loss_coef") if hasattr(model.config, key)}
     result = heal(model, tokenizer, c4_settings(steps=1, quantize=False), tmp_path / "work", data_dir=data_dir)
     assert result.loss_after < result.loss_before and len(result.log) == 1
+    partial = heal(tiny_model(family, num_layers=2), tokenizer, c4_settings(steps=1, quantize=False, mode="partial",
+                                                                            partial_blocks=1), tmp_path / "partial", data_dir=data_dir)
+    assert {key: getattr(partial.model.config, key) for key in own} == own  # trl's changes for its loss are not saved
 
 
 def test_evaluation_text_is_refused_as_healing_data():

@@ -81,10 +81,15 @@ def prepare_text_decoder(folder: Path, trust_remote_code: bool = False) -> TextD
 def _text_config(folder: Path, data: dict[str, Any], trust_remote_code: bool) -> Any:
     """The decoder's config as transformers reads the multimodal one, with the special tokens the
     multimodal config sets for the whole model (Gemma 3 ends turns with token 106 as well as 1)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
+
+    from surgery.arch import config_error
 
     try:
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code).get_text_config()
+    except StrictDataclassError as error:  # a field of the wrong type (a count where a flag belongs)
+        raise config_error(folder, error) from None
     except ValueError as error:
         first = str(error).strip().splitlines()[0][:160]
         raise SurgeryError(f"{folder}: transformers cannot read its config.json ({first}): pass --trust-remote-code if "
