@@ -223,3 +223,16 @@ def test_config_and_files_that_disagree_about_the_decoder_are_one_line(tmp_path,
     line = one_line(run("extract-text", source, "--out", tmp_path / "out"))
     assert "transformers cannot read its config.json" in line and "--trust-remote-code" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_field_of_the_wrong_type_is_one_line(tmp_path, tokenizer):
+    """Copies of Llama 4 Scout's config give attn_temperature_tuning as 4, which transformers 5's
+    strict configs refuse: one line naming the file, not a traceback."""
+    source = tmp_path / "multimodal"
+    llama4(source, tokenizer)
+    config = json.loads((source / "config.json").read_text())
+    config["text_config"]["attn_temperature_tuning"] = 4
+    (source / "config.json").write_text(json.dumps(config))
+    line = one_line(run("extract-text", source, "--out", tmp_path / "out"))
+    assert "config.json is not a valid configuration" in line and "attn_temperature_tuning" in line
+    assert not (tmp_path / "out").exists()
