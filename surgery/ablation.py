@@ -30,8 +30,8 @@ def ablated(model: Any, units: Iterable[Sublayer]) -> Iterator[Any]:
         for unit in units:
             layer = layers[unit.layer]
             names = list(arch.sublayer_modules(unit.kind))
-            restore.append((layer, remove_sublayer(layer, unit.kind, names, unit.layer, arch.mlp_extra_outputs,
-                                                          arch.extra_outputs_flag)))
+            originals = remove_sublayer(layer, unit.kind, names, unit.layer, arch.mlp_extra_outputs, arch.extra_outputs_flag)
+            restore.append((layer, originals))
         yield model
     finally:
         for layer, originals in reversed(restore):

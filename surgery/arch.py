@@ -311,9 +311,11 @@ def mtp_modules(names: Any, config: Any, num_layers: int | None = None) -> MtpMo
     if not count:
         return MtpModules({}, 0)
     arch = architecture_of(config)
-    first = config["num_hidden_layers"] if isinstance(config, dict) else config.num_hidden_layers
-    start = first if num_layers is None else num_layers
-    blocks, first, start = (f"{arch.mtp_prefix}layers.", 0, 0) if arch.mtp_prefix else (f"{arch.layers}.", first, start)
+    if arch.mtp_prefix:  # mtp.layers.{k}: numbered apart from the blocks
+        blocks, first, start = f"{arch.mtp_prefix}layers.", 0, 0
+    else:  # model.layers.{num_hidden_layers + k}
+        blocks, first = f"{arch.layers}.", config["num_hidden_layers"] if isinstance(config, dict) else config.num_hidden_layers
+        start = first if num_layers is None else num_layers
     by_module: dict[int, dict[str, str]] = {}
     shared: dict[str, str] = {}
     for name in names:

@@ -175,7 +175,6 @@ def _add_mtp_modules(model: Any, carried: Any, source: Path | None, folder: Path
     written = SafetensorsFolder(folder)
     last_block = f"{architecture_of(model.config).layers}.{model.config.num_hidden_layers - 1}."
     weights = SafetensorsFolder(Path(source))
-
     source_dtype = weights.main_dtype()
 
     def as_written(name: str, info: TensorInfo) -> TensorInfo:

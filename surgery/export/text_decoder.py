@@ -103,7 +103,7 @@ def _text_config(folder: Path, data: dict[str, Any], trust_remote_code: bool) ->
 def _tied(folder: Path, data: dict[str, Any], weights: SafetensorsFolder) -> bool:
     """Whether the decoder's output layer is its embeddings: as the config says (the multimodal
     config's word, else its text_config's), and where it is silent, as the files show."""
-    stored = any(name.startswith(where) for _, places in LANGUAGE_MODEL_NAMES[1:] for where in places for name in weights.info)
+    stored = any(_is_output_layer(name) for name in weights.info)
     said = data.get("tie_word_embeddings", data["text_config"].get("tie_word_embeddings"))
     if said is False and not stored:
         raise SurgeryError(f"{folder}: config.json says the output layer is its own, but the files hold none: "
@@ -119,7 +119,7 @@ def _left_behind(folder: Path, weights: SafetensorsFolder, tensors: dict[str, Te
     body = {info.name[: len(info.name) - len(name) + len("model.")] for name, info in tensors.items() if name.startswith("model.")}
     left: dict[str, int] = {}
     for name in weights.info:
-        if name in used or any(name.startswith(where) for _, places in LANGUAGE_MODEL_NAMES[1:] for where in places):
+        if name in used or _is_output_layer(name):
             continue  # (an output layer the config ties to the embeddings is not the decoder's)
         if any(name.startswith(prefix) for prefix in body):
             raise SurgeryError(f"{folder} holds {name} in its text decoder, which its text_config has no place for: "
@@ -128,6 +128,10 @@ def _left_behind(folder: Path, weights: SafetensorsFolder, tensors: dict[str, Te
         prefix = ".".join(parts[:2] if parts[0] == "model" else parts[:1])  # vision_tower, model.vision_tower
         left[prefix] = left.get(prefix, 0) + 1
     return left
+
+
+def _is_output_layer(name: str) -> bool:
+    return name.startswith(LANGUAGE_MODEL_NAMES[1][1])
 
 
 def _source_tensor(weights: SafetensorsFolder, folder: Path, name: str, shape: tuple[int, ...]) -> TensorInfo:
