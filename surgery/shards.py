@@ -440,17 +440,8 @@ def write_checkpoint_shards(folder: Path, tensors: dict[str, TensorInfo], chunks
     transformers plans them, each written by `write_shard` (`chunks`, `lies_in` as there; the
     TensorInfo given to them is the planned one, by name) and read back by `check_shard`, and the
     index for more than one shard. Returns the SHA-256 of each shard as written."""
-    from surgery.console import task
-
     shards = plan_shards({name: info.nbytes for name, info in tensors.items()}, max_shard_size)
-    digests = {}
-    with task(label, total=len(shards)) as progress:
-        for file, names in shards.items():
-            planned = {name: TensorInfo(name, tensors[name].dtype, tensors[name].shape, tensors[name].nbytes) for name in names}
-            written = write_shard(folder / file, list(planned.values()), chunks, lies_in)
-            check_shard(folder / file, planned, written.checksums)
-            digests[file] = written.sha256
-            progress.advance()
+    digests = _write_shards(folder, shards, tensors, chunks, lies_in, label)
     if len(shards) > 1:
         write_index(folder, shards, sum(info.nbytes for info in tensors.values()), parameters)
     return digests
@@ -461,8 +452,6 @@ def add_shards(folder: Path, tensors: dict[str, TensorInfo], chunks: Callable[[T
     """Add `tensors` to the checkpoint already written in `folder`, as shards after its own (each
     written and read back as write_checkpoint_shards does): every file then bears the name
     transformers gives the i-th of n shards, and the index lists them all."""
-    from surgery.console import task
-
     files, _ = weight_files(folder)
     held = {file: file_tensors(folder / file) for file in files}
     extra = list(plan_shards({name: info.nbytes for name, info in tensors.items()}, max_shard_size).values())
@@ -472,15 +461,30 @@ def add_shards(folder: Path, tensors: dict[str, TensorInfo], chunks: Callable[[T
     for old, new in zip(files, named):  # the count in the names grows, so no new name is an old one
         (folder / old).rename(folder / new)
         shards[new] = list(held[old])
-    with task(label, total=len(extra)) as progress:
-        for file, names in zip(named[len(files):], extra):
+    added = dict(zip(named[len(files):], extra))
+    _write_shards(folder, added, tensors, chunks, lies_in, label)
+    shards.update(added)
+    every = [*(info for infos in held.values() for info in infos.values()), *tensors.values()]
+    write_index(folder, shards, sum(info.nbytes for info in every), sum(math.prod(info.shape) for info in every))
+
+
+def _write_shards(folder: Path, shards: dict[str, list[str]], tensors: dict[str, TensorInfo],
+                  chunks: Callable[[TensorInfo], Iterable[bytes | memoryview]],
+                  lies_in: Callable[[TensorInfo], TensorInfo] | None, label: str) -> dict[str, str]:
+    """Each planned shard (file -> tensor names) written by `write_shard` (the TensorInfo given to
+    `chunks` and `lies_in` is the planned one, by name) and read back by `check_shard`; the
+    SHA-256 of each."""
+    from surgery.console import task
+
+    digests = {}
+    with task(label, total=len(shards)) as progress:
+        for file, names in shards.items():
             planned = {name: TensorInfo(name, tensors[name].dtype, tensors[name].shape, tensors[name].nbytes) for name in names}
             written = write_shard(folder / file, list(planned.values()), chunks, lies_in)
             check_shard(folder / file, planned, written.checksums)
-            shards[file] = names
+            digests[file] = written.sha256
             progress.advance()
-    every = [*(info for infos in held.values() for info in infos.values()), *tensors.values()]
-    write_index(folder, shards, sum(info.nbytes for info in every), sum(math.prod(info.shape) for info in every))
+    return digests
 
 
 def write_index(folder: Path, shards: dict[str, list[str]], total_size: int, total_parameters: int) -> None:
