@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from surgery.arch import check_sequence_fits, mtp_layer_count, mtp_modules, quantization_method
+from surgery.arch import check_sequence_fits, mtp_layer_count, mtp_modules, quantization_method, read_config
 from surgery.errors import SurgeryError
 from surgery.settings import AnalysisSettings, EvalSettings, ExportSettings, HealSettings, LoadSettings, StreamSettings
 
@@ -224,8 +224,9 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     table.add_row("removed sublayers", format_sublayers(removed) if removed else "none")
     table.add_row("weights", f"{found.weights / gib:.2f} GiB in {found.dtype}, largest block {max(found.blocks, default=0) / gib:.2f} GiB")
     method = quantization_method(source.path)
-    if mtp_layer_count(config):
-        table.add_row("multi-token prediction", _mtp_summary(source.path, config, method))
+    stored = read_config(source.path)  # not the config object: it counts its class's default where the file is silent
+    if mtp_layer_count(stored):
+        table.add_row("multi-token prediction", _mtp_summary(source.path, stored, method))
     if method:
         table.add_row("stored", f"{method}-quantised ({safetensors_bytes(source.path) / gib:.2f} GiB of files): cut and "
                                 f"prune turn it back into {found.dtype} and export it so; analyze and eval run it as stored")
@@ -239,8 +240,8 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     console.print(steps_table)
 
 
-def _mtp_summary(folder: Path, config: Any, method: str | None) -> str:
-    """What `surgery info` says of the MTP modules the config counts (arch.mtp_modules)."""
+def _mtp_summary(folder: Path, config: dict[str, Any], method: str | None) -> str:
+    """What `surgery info` says of the MTP modules config.json counts (arch.mtp_modules)."""
     from surgery.memory import safetensors_bytes
     from surgery.shards import SafetensorsFolder
 

@@ -197,6 +197,8 @@ def test_a_config_that_counts_no_modules_is_not_told_it_lost_one(tiny_folder, tm
         result = run("cut", source, "--remove", "L1", "--out", tmp_path / mode, f"--{mode}", "--device", "cpu")
         assert result.exit_code == 0 and "multi-token-prediction" not in result.output, result.output
         assert json.loads((tmp_path / mode / "config.json").read_text())[MTP_COUNT_CONFIG] == 0
+    info = run("info", source, "--device", "cpu")
+    assert info.exit_code == 0 and "multi-token prediction" not in info.output, info.output
 
 
 def test_a_prefixed_family_counts_the_modules_its_files_hold(tiny_folder, tmp_path):
