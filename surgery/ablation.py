@@ -29,9 +29,7 @@ def ablated(model: Any, units: Iterable[Sublayer]) -> Iterator[Any]:
     try:
         for unit in units:
             layer = layers[unit.layer]
-            names = list(arch.sublayer_modules(unit.kind))
-            originals = remove_sublayer(layer, unit.kind, names, unit.layer, arch.mlp_extra_outputs, arch.extra_outputs_flag)
-            restore.append((layer, originals))
+            restore.append((layer, remove_sublayer(layer, unit.kind, unit.layer, arch.stand_in_spec())))
         yield model
     finally:
         for layer, originals in reversed(restore):

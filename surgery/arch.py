@@ -51,8 +51,16 @@ class Architecture:
     experts_output_last: stacked experts stored [experts, in, out] by a class that does not say so
     with `is_transposed` (Llama 4).
     mtp_prefix: where the checkpoint keeps its multi-token-prediction modules, when the config
-    counts some (`num_nextn_predict_layers`): None for extra blocks numbered on after the last
-    (DeepSeek-V3, GLM-4.5: `model.layers.61`), else the prefix of their names (K-EXAONE: `mtp.`).
+    counts some (`mtp_count_config`): None for extra blocks numbered on after the last
+    (DeepSeek-V3, GLM-4.5: `model.layers.61`), else the prefix of their names (K-EXAONE, Qwen3-Next:
+    `mtp.`).
+    mtp_count_config: the config key that counts them.
+    linear_attention / linear_attention_output: hybrid families (Qwen3-Next, Qwen3.5): the module
+    that takes the attention's place in blocks whose layer type is linear attention, and its output
+    projection. It keeps a recurrent state instead of a KV cache and returns its output alone, so
+    its stand-in differs (hf_modeling.RemovedLinearAttention); it is the block's "attn" sublayer.
+    lora_may_lack: groups of LoRA targets a model of the family may lack, one group at a time (the
+    query layout latent attention does not use; a hybrid cut that kept no block of one layer type).
     """
 
     layers: str = "model.layers"
@@ -79,18 +87,40 @@ class Architecture:
     extra_outputs_flag: str | None = None
     experts_output_last: bool = False
     mtp_prefix: str | None = None
+    mtp_count_config: str = "num_nextn_predict_layers"
+    linear_attention: str | None = None
+    linear_attention_output: str | None = None
+    lora_may_lack: tuple[tuple[str, ...], ...] = ()
 
     def output_projections(self, kind: str) -> tuple[str, ...]:
-        """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the stream."""
+        """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the
+        stream (a block has some of them: a hybrid block one of its two attentions)."""
         if kind == "attn":
-            return (f"{self.attention}.{self.attention_output}",) if self.attention_output else ()
+            pairs = ((self.attention, self.attention_output), (self.linear_attention, self.linear_attention_output))
+            return tuple(f"{module}.{output}" for module, output in pairs if module and output)
         inner = ((self.mlp_output,) if self.mlp_output else ()) + self.moe_outputs
         return tuple(f"{self.mlp}.{name}" for name in inner)
 
-    def sublayer_modules(self, kind: str) -> tuple[str, ...]:
-        """The module names inside a decoder block that make up sublayer `kind` ("attn"/"mlp")."""
+    def stand_in_spec(self) -> dict[str, Any]:
+        """What hf_modeling.remove_sublayer needs to put stand-ins in this family's blocks; a
+        sublayer-pruned checkpoint records it in its config (`surgery`) to rebuild them."""
+        return {"layers": self.layers, "modules": {kind: list(self.sublayer_modules(kind)) for kind in ("attn", "mlp")},
+                "mlp_extra_outputs": self.mlp_extra_outputs,
+                **({"extra_outputs_flag": self.extra_outputs_flag} if self.extra_outputs_flag else {}),
+                **({"linear_attention": self.linear_attention} if self.linear_attention else {})}
+
+    def attention_in(self, layer: Any) -> str:
+        """The name of `layer`'s attention sublayer: a hybrid family's linear attention in the
+        blocks that have it instead of the attention."""
+        if self.linear_attention and not hasattr(layer, self.attention) and hasattr(layer, self.linear_attention):
+            return self.linear_attention
+        return self.attention
+
+    def sublayer_modules(self, kind: str, layer: Any = None) -> tuple[str, ...]:
+        """The module names inside decoder block `layer` that make up sublayer `kind` ("attn"/"mlp");
+        without a block, the family's usual ones (a hybrid block may name its linear attention instead)."""
         if kind == "attn":
-            return (self.attention, *self.attention_norms)
+            return (self.attention if layer is None else self.attention_in(layer), *self.attention_norms)
         return (self.mlp, *self.mlp_norms)
 
 
@@ -117,6 +147,12 @@ _SHARED_EXPERTS = ("experts.down_proj", "shared_experts.down_proj", "down_proj")
 # q_lora_rank, one q_proj where it does not (DeepSeek-V2-Lite, Moonlight); peft adapts whichever exists.
 _LATENT_ATTENTION_LORA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 QUERY_LAYOUTS = (("q_proj",), ("q_a_proj", "q_b_proj"))  # the LoRA targets a latent-attention model has one of
+# Hybrid attention (Qwen3-Next, Qwen3.5): Gated DeltaNet blocks between the attention ones; their
+# projections differ between the two generations. A cut may keep no block of one of the two types.
+_HYBRID = dict(linear_attention="linear_attn", linear_attention_output="out_proj", per_layer_config=("layer_types",),
+               mtp_prefix="mtp.", mtp_count_config="mtp_num_hidden_layers")
+_NEXT_LINEAR_LORA = ("in_proj_qkvz", "in_proj_ba", "out_proj")
+_QWEN35_LINEAR_LORA = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": replace(_LLAMA, gguf_arch="llama"),
@@ -171,9 +207,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     # turns FFN names of these families into the fused experts' parameters, which it cannot train
     # with dropout (tests/test_heal.py tries every family's targets).
     "deepseek_v3": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
-                           lora_targets=_LATENT_ATTENTION_LORA),
+                           lora_targets=_LATENT_ATTENTION_LORA, lora_may_lack=QUERY_LAYOUTS),
     "deepseek_v2": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
-                           lora_targets=_LATENT_ATTENTION_LORA),
+                           lora_targets=_LATENT_ATTENTION_LORA, lora_may_lack=QUERY_LAYOUTS),
     "glm4_moe": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS),
     # dots.llm1: DeepSeek's layout with Qwen's sliding-window prefix; Solar Open: every layer routed.
     "dots1": replace(_MOE, per_layer_config=("layer_types",), prefix_count_config=("first_k_dense_replace", "max_window_layers"),
@@ -183,7 +219,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     # GLM-4.7-Flash (DeepSeek's latent attention) and K-EXAONE: each layer's FFN kind listed per layer.
     # (their released configs also carry the keys other loaders read: first_k_dense_replace, is_moe_layer)
     "glm4_moe_lite": replace(_MOE, per_layer_config=("mlp_layer_types",), prefix_count_config=("first_k_dense_replace",),
-                             moe_outputs=_SHARED_EXPERTS, lora_targets=_LATENT_ATTENTION_LORA),
+                             moe_outputs=_SHARED_EXPERTS, lora_targets=_LATENT_ATTENTION_LORA,
+                             lora_may_lack=QUERY_LAYOUTS),
     "exaone_moe": replace(_MOE, per_layer_config=("layer_types", "mlp_layer_types", "is_moe_layer"),
                           prefix_count_config=("first_k_dense_replace",),
                           moe_outputs=_SHARED_EXPERTS, mtp_prefix="mtp."),
@@ -195,6 +232,17 @@ ARCHITECTURES: dict[str, Architecture] = {
                            moe_outputs=("experts.down_proj", "shared_expert.down_proj", "down_proj"), experts_output_last=True),
     "hunyuan_v1_moe": replace(_MOE, moe_outputs=("experts.down_proj", "shared_mlp.down_proj"),
                               per_layer_config=("moe_topk", "num_experts")),  # each an int, or a list per layer
+    # Hybrid attention: three Gated DeltaNet blocks to each attention block (layer_types), MTP under
+    # `mtp.`. Qwen3-Next routes Qwen-MoE style; Qwen3.5 (its text decoder, after extract-text) is
+    # dense or routes in every block.
+    "qwen3_next": replace(_QWEN_MOE, **_HYBRID, lora_targets=(*_ATTENTION_ONLY_LORA, *_NEXT_LINEAR_LORA),
+                          lora_may_lack=(_ATTENTION_ONLY_LORA, _NEXT_LINEAR_LORA)),
+    "qwen3_5_text": replace(_LLAMA, **_HYBRID, lora_targets=(*_ATTENTION_ONLY_LORA, *_QWEN35_LINEAR_LORA, "gate_proj", "up_proj",
+                                                             "down_proj"),
+                            lora_may_lack=(_ATTENTION_ONLY_LORA, _QWEN35_LINEAR_LORA)),
+    "qwen3_5_moe_text": replace(_MOE, **_HYBRID, moe_outputs=("experts.down_proj", "shared_expert.down_proj"),
+                                lora_targets=(*_ATTENTION_ONLY_LORA, *_QWEN35_LINEAR_LORA),
+                                lora_may_lack=(_ATTENTION_ONLY_LORA, _QWEN35_LINEAR_LORA)),
 }
 
 
@@ -279,9 +327,6 @@ def num_layers(model: Any) -> int:
 
 # ------------------------------------------------------------------ multi-token-prediction modules
 
-MTP_COUNT_CONFIG = "num_nextn_predict_layers"
-
-
 @dataclass(frozen=True)
 class MtpModules:
     """A checkpoint's multi-token-prediction (MTP) modules: drafting heads that serving engines
@@ -292,9 +337,16 @@ class MtpModules:
     layers: int  # how many modules those tensors make
 
 
+def mtp_count_key(config: Any) -> str:
+    """The config key that counts a checkpoint's MTP modules (Architecture.mtp_count_config)."""
+    family = MODULE_ALIASES.get(base_model_type(config), base_model_type(config))
+    return ARCHITECTURES.get(family, _LLAMA).mtp_count_config
+
+
 def mtp_layer_count(config: Any) -> int:
     """How many MTP modules the config (object or config.json dict) says the checkpoint holds."""
-    value = config.get(MTP_COUNT_CONFIG) if isinstance(config, dict) else getattr(config, MTP_COUNT_CONFIG, 0)
+    key = mtp_count_key(config)
+    value = config.get(key) if isinstance(config, dict) else getattr(config, key, 0)
     return value if isinstance(value, int) and value > 0 else 0
 
 

@@ -12,7 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from surgery.arch import check_sequence_fits, mtp_layer_count, mtp_modules, quantization_method, read_config
+from surgery.arch import (
+    architecture_of,
+    check_sequence_fits,
+    mtp_layer_count,
+    mtp_modules,
+    quantization_method,
+    read_config,
+)
 from surgery.errors import SurgeryError
 from surgery.settings import AnalysisSettings, EvalSettings, ExportSettings, HealSettings, LoadSettings, StreamSettings
 
@@ -249,8 +256,8 @@ def _mtp_summary(folder: Path, config: dict[str, Any], method: str | None) -> st
     found = mtp_modules(SafetensorsFolder(folder).info, config).layers if safetensors_bytes(folder) else 0
     if method:
         return f"{counted} module(s), stored {method}-quantised: a cut or prune carries none and counts none"
-    return (f"{found} of {counted} module(s) in the files: every export carries "
-            f"{'them' if found == counted else 'those'}, numbered on after its last block")
+    where = "under their own names" if architecture_of(config).mtp_prefix else "numbered on after its last block"
+    return f"{found} of {counted} module(s) in the files: every export carries {'them' if found == counted else 'those'}, {where}"
 
 
 def _check_weight_shapes(folder: Path, model: Any) -> None:

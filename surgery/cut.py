@@ -16,7 +16,7 @@ from typing import Any
 from surgery.arch import SURGERY_MODEL_TYPE_PREFIX, Architecture, architecture_of, base_model_type, decoder_layers, unwrap
 from surgery.errors import SurgeryError
 from surgery.forward import count_parameters
-from surgery.hf_modeling import RemovedAttention, RemovedMLP, remove_sublayer
+from surgery.hf_modeling import RemovedAttention, RemovedLinearAttention, RemovedMLP, remove_sublayer
 from surgery.sublayers import KINDS, Sublayer, check_in_range, format_sublayers, full_blocks
 
 
@@ -40,7 +40,7 @@ def sublayer_parameters(model: Any) -> Callable[[Iterable[Sublayer]], int]:
 
     def sublayer(layer: int, kind: str) -> int:
         if (layer, kind) not in cache:
-            modules = [getattr(layers[layer], name) for name in arch.sublayer_modules(kind)]
+            modules = [getattr(layers[layer], name) for name in arch.sublayer_modules(kind, layers[layer])]
             cache[(layer, kind)] = sum(p.numel() for m in modules for p in m.parameters())
         return cache[(layer, kind)]
 
@@ -52,7 +52,7 @@ def removed_sublayers(model: Any) -> list[Sublayer]:
     arch = architecture_of(unwrap(model).config)
     found = []
     for index, layer in enumerate(decoder_layers(model, arch)):
-        if isinstance(getattr(layer, arch.attention), RemovedAttention):
+        if isinstance(getattr(layer, arch.attention_in(layer)), (RemovedAttention, RemovedLinearAttention)):
             found.append(Sublayer(index, "attn"))
         if isinstance(getattr(layer, arch.mlp), RemovedMLP):
             found.append(Sublayer(index, "mlp"))
@@ -117,10 +117,18 @@ class CutPlan:
         return f"{prefix}{self.kept[int(index)]}.{rest}"
 
 
-def plan_cut(num_layers: int, units: Iterable[Sublayer], previous: Iterable[Sublayer] = ()) -> CutPlan:
-    """A checked plan (see validate_removal for what is refused)."""
+def plan_cut(num_layers: int, units: Iterable[Sublayer], previous: Iterable[Sublayer] = (),
+             layer_types: list[str] | None = None) -> CutPlan:
+    """A checked plan (see validate_removal for what is refused). A hybrid model (`layer_types`
+    with linear attention) must keep an attention block: transformers reads the cache's length there."""
     previous = tuple(sorted(set(previous)))
-    return CutPlan(num_layers, tuple(validate_removal(units, num_layers, previous)), previous)
+    plan = CutPlan(num_layers, tuple(validate_removal(units, num_layers, previous)), previous)
+    hybrid = isinstance(layer_types, list) and "linear_attention" in layer_types and len(layer_types) == num_layers
+    if hybrid and all(layer_types[i] == "linear_attention" for i in plan.kept):
+        attention = ",".join(f"L{i}" for i, kind in enumerate(layer_types) if kind != "linear_attention")
+        raise SurgeryError(f"that removes every attention block ({attention}) of a hybrid model, which transformers cannot "
+                           "run with a cache: keep at least one of them")
+    return plan
 
 
 def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
@@ -128,11 +136,10 @@ def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
     base = unwrap(model)
     arch = architecture_of(base.config)
     layers = decoder_layers(base, arch)
-    plan = plan_cut(len(layers), units, removed_sublayers(base))
+    plan = plan_cut(len(layers), units, removed_sublayers(base), getattr(base.config, "layer_types", None))
     before = count_parameters(base)
     for unit in plan.new_stand_ins:
-        remove_sublayer(layers[unit.layer], unit.kind, list(arch.sublayer_modules(unit.kind)), unit.layer,
-                        arch.mlp_extra_outputs, arch.extra_outputs_flag)
+        remove_sublayer(layers[unit.layer], unit.kind, unit.layer, arch.stand_in_spec())
     if plan.blocks:
         _delete_blocks(base, arch, plan.kept)
     cut_config(base.config, arch, plan)
@@ -222,9 +229,6 @@ def _record_stand_ins(config: Any, arch: Architecture, stand_ins: list[Sublayer]
         return
     config.surgery = {
         "base_model_type": base_model_type(config),
-        "layers": arch.layers,
         "removed": {kind: [u.layer for u in stand_ins if u.kind == kind] for kind in KINDS},
-        "modules": {kind: list(arch.sublayer_modules(kind)) for kind in KINDS},
-        "mlp_extra_outputs": arch.mlp_extra_outputs,
-        **({"extra_outputs_flag": arch.extra_outputs_flag} if arch.extra_outputs_flag else {}),
+        **arch.stand_in_spec(),
     }

@@ -68,16 +68,14 @@ def disable_cpu_repack(model: Any) -> int:
     return guarded
 
 
-def check_lora_targets(model: Any, targets: Any, family_default: bool = False) -> None:
-    """Every LoRA target names a module of the model (peft matches the last part of its path); a
-    family's own list may name a query layout the model lacks (latent attention: arch.QUERY_LAYOUTS)."""
-    from surgery.arch import QUERY_LAYOUTS
-
+def check_lora_targets(model: Any, targets: Any, may_lack: tuple[tuple[str, ...], ...] = ()) -> None:
+    """Every LoRA target names a module of the model (peft matches the last part of its path),
+    except that the model may lack one group of `may_lack` (a family's own list:
+    Architecture.lora_may_lack, such as the query layout latent attention does not use)."""
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
-    if missing and not (family_default and any(set(missing) <= set(layout) for layout in QUERY_LAYOUTS)):
-        if family_default:  # name the one no query layout explains
-            missing.sort(key=lambda target: any(target in layout for layout in QUERY_LAYOUTS))
+    if missing and not any(set(missing) <= set(group) for group in may_lack):
+        missing.sort(key=lambda target: any(target in group for group in may_lack))  # name one no group explains
         raise SurgeryError(f"LoRA target '{missing[0]}' is not a module of this model: use --lora-targets with names "
                            f"such as {', '.join(sorted(n for n in names if n.endswith('proj'))[:6]) or 'its linear layers'}")
 

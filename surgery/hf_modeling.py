@@ -12,7 +12,8 @@ The checkpoint's config carries a `surgery` entry:
      "removed": {"attn": [3], "mlp": [7]},          # block indices in this checkpoint
      "modules": {"attn": ["self_attn", "input_layernorm"], "mlp": ["mlp", "post_attention_layernorm"]},
      "mlp_extra_outputs": 0,                           # values the FFN returns beside its output
-     "extra_outputs_flag": None}                       # (only in blocks where this attribute is true)
+     "extra_outputs_flag": None,                       # (only in blocks where this attribute is true)
+     "linear_attention": "linear_attn"}                # hybrid families: the attention's place in some blocks
 
 The same file, shipped as `modeling_decilm.py`, is the configuration and model code of the
 Nemotron-NAS (DeciLM) export (`decilm_classes`): NVIDIA's own files do not load under
@@ -84,25 +85,44 @@ class RemovedBlock(nn.Module):
         return hidden_states
 
 
-def attention_layer_idx(layer: nn.Module, module_names: list[str], default: int) -> int:
-    """The KV-cache slot a block's attention writes to."""
-    return getattr(getattr(layer, module_names[0], None), "layer_idx", default)
+class RemovedLinearAttention(nn.Module):
+    """A hybrid family's linear attention (Qwen3-Next's Gated DeltaNet) that adds nothing: it returns
+    its output alone, as the module it replaces does, and keeps no recurrent state, which no other
+    block reads (the cache's length comes from attention layers)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
 
 
-def remove_sublayer(layer: nn.Module, kind: str, module_names: list[str], layer_idx: int,
-                    mlp_extra_outputs: int = 0, extra_outputs_flag: str | None = None) -> dict[str, nn.Module]:
+def sublayer_names(layer: nn.Module, kind: str, spec: dict) -> list[str]:
+    """The module names in decoder block `layer` that make up sublayer `kind`: the spec's, with a
+    hybrid block's linear attention where the block has it instead of the attention."""
+    names = list(spec["modules"][kind])
+    linear = spec.get("linear_attention")
+    if kind == "attn" and linear and not hasattr(layer, names[0]) and hasattr(layer, linear):
+        names[0] = linear
+    return names
+
+
+def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> dict[str, nn.Module]:
     """Replace sublayer `kind` of one decoder block by stand-ins; return the originals.
 
-    `module_names[0]` is the sublayer itself, the rest are the norms that only serve it. The FFN's
-    stand-in returns `mlp_extra_outputs` values beside its output, in blocks where the attribute
-    `extra_outputs_flag` (if given) is true.
+    `spec` is what a checkpoint's `surgery` entry records beside the removals: the module names of
+    each kind (the sublayer itself, then the norms that only serve it), a hybrid family's
+    `linear_attention`, and `mlp_extra_outputs`, the values the FFN's stand-in returns beside its
+    output in blocks where the attribute `extra_outputs_flag` (if given) is true.
     """
-    originals = {name: getattr(layer, name) for name in module_names}
-    cache_slot = getattr(originals[module_names[0]], "layer_idx", layer_idx)
-    extra = mlp_extra_outputs if extra_outputs_flag is None or getattr(layer, extra_outputs_flag, False) else 0
-    stand_in = RemovedAttention(cache_slot) if kind == "attn" else RemovedMLP(extra)
-    setattr(layer, module_names[0], stand_in)
-    for name in module_names[1:]:
+    names = sublayer_names(layer, kind, spec)
+    originals = {name: getattr(layer, name) for name in names}
+    if kind == "mlp":
+        flag = spec.get("extra_outputs_flag")
+        stand_in = RemovedMLP(spec.get("mlp_extra_outputs", 0) if flag is None or getattr(layer, flag, False) else 0)
+    elif names[0] == spec.get("linear_attention"):
+        stand_in = RemovedLinearAttention()
+    else:
+        stand_in = RemovedAttention(getattr(originals[names[0]], "layer_idx", layer_idx))  # its KV-cache slot
+    setattr(layer, names[0], stand_in)
+    for name in names[1:]:
         setattr(layer, name, RemovedNorm())
     return originals
 
@@ -118,8 +138,7 @@ def apply_removals(model: nn.Module, spec: dict) -> None:
     layers = _get(model, spec["layers"])
     for kind, indices in spec["removed"].items():
         for index in indices:
-            remove_sublayer(layers[index], kind, spec["modules"][kind], index, spec.get("mlp_extra_outputs", 0),
-                            spec.get("extra_outputs_flag"))
+            remove_sublayer(layers[index], kind, index, spec)
 
 
 _CLASSES: dict[str, tuple[type, type]] = {}
@@ -190,8 +209,8 @@ def register_classes(config_dict: dict) -> None:
 # ------------------------------------------------------------------ Nemotron-NAS (DeciLM)
 
 NEMOTRON_MODEL_TYPE = "nemotron-nas"
-ATTENTION_MODULES = ["self_attn", "input_layernorm"]  # a Llama block's attention sublayer and its pre-norm
-FFN_MODULES = ["mlp", "post_attention_layernorm"]
+# A Llama block's sublayers, each with its pre-norm (remove_sublayer's spec)
+DECILM_STAND_INS = {"modules": {"attn": ["self_attn", "input_layernorm"], "mlp": ["mlp", "post_attention_layernorm"]}}
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -230,7 +249,7 @@ def apply_block_configs(model: nn.Module, config) -> None:
 
 def _shape_attention(layer: nn.Module, attention, config, index: int) -> None:
     if attention.no_op:
-        remove_sublayer(layer, "attn", ATTENTION_MODULES, index)
+        remove_sublayer(layer, "attn", index, DECILM_STAND_INS)
         return
     if getattr(attention, "replace_with_linear", False) or attention.n_heads_in_group is None:
         raise ValueError(f"block {index}: linear attention (replace_with_linear) is not supported by this code")
@@ -244,7 +263,7 @@ def _shape_attention(layer: nn.Module, attention, config, index: int) -> None:
 
 def _shape_ffn(layer: nn.Module, ffn, config, index: int) -> None:
     if ffn.no_op:
-        remove_sublayer(layer, "mlp", FFN_MODULES, index)
+        remove_sublayer(layer, "mlp", index, DECILM_STAND_INS)
         return
     if getattr(ffn, "replace_with_linear", False):
         raise ValueError(f"block {index}: a linear FFN (replace_with_linear) is not supported by this code")

@@ -139,7 +139,7 @@ def load(settings: PruneSettings, source: Any) -> Any:
         from surgery.heal import check_lora_targets
 
         check_lora_targets(loaded.model, settings.healing.target_modules or loaded.arch.lora_targets,
-                           family_default=not settings.healing.target_modules)
+                           () if settings.healing.target_modules else loaded.arch.lora_may_lack)
     return loaded
 
 

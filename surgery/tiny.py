@@ -22,6 +22,8 @@ _COMMON = dict(
     eos_token_id=2,
     tie_word_embeddings=False,
 )
+_LINEAR_ATTENTION = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                         linear_conv_kernel_dim=4, full_attention_interval=2)
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "llama": {},
     "mistral": {"sliding_window": None},
@@ -85,6 +87,12 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
                    "is_moe_layer": lambda layers: [False] + [True] * (layers - 1)},
     "glm4_moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
                  "first_k_dense_replace": 2, "n_group": 1, "topk_group": 1},
+    # hybrid attention: linear-attention blocks (Gated DeltaNet) before each attention one
+    "qwen3_next": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+                   "decoder_sparse_step": 2, "mlp_only_layers": [], **_LINEAR_ATTENTION},
+    "qwen3_5_text": {**_LINEAR_ATTENTION},
+    "qwen3_5_moe_text": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                         "shared_expert_intermediate_size": 48, **_LINEAR_ATTENTION},
     "qwen2_moe": {
         "num_experts": 4,
         "num_experts_per_tok": 2,

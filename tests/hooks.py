@@ -30,7 +30,7 @@ def skipped(model, units: Iterable[Sublayer]) -> Iterator[None]:
     hooks = [layers[i].register_forward_hook(_identity, with_kwargs=True) for i in blocks]
     for unit in units:
         if unit.layer not in blocks:
-            module = getattr(layers[unit.layer], arch.attention if unit.kind == "attn" else arch.mlp)
+            module = getattr(layers[unit.layer], arch.attention_in(layers[unit.layer]) if unit.kind == "attn" else arch.mlp)
             hooks.append(module.register_forward_hook(_zero))
     try:
         yield

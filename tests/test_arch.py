@@ -13,17 +13,26 @@ def test_every_family_has_a_tiny_model():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_table_names_every_weighted_module_of_a_block(family):
+    """Every block, as a hybrid family's differ: its linear-attention blocks name that instead."""
     model = tiny_model(family)
     arch = architecture_of(model.config)
-    layer = decoder_layers(model)[0]
-    named = set(arch.sublayer_modules("attn")) | set(arch.sublayer_modules("mlp"))
-    for name in named:
-        assert hasattr(layer, name), f"{family}: block has no '{name}'"
-    weighted = {name for name, child in layer.named_children() if any(True for _ in child.parameters())}
-    assert weighted <= named, f"{family}: modules with weights not in the table: {weighted - named}"
-    assert not set(arch.sublayer_modules("attn")) & set(arch.sublayer_modules("mlp"))
+    for index, layer in enumerate(decoder_layers(model)):
+        named = set(arch.sublayer_modules("attn", layer)) | set(arch.sublayer_modules("mlp", layer))
+        for name in named:
+            assert hasattr(layer, name), f"{family}: block {index} has no '{name}'"
+        weighted = {name for name, child in layer.named_children() if any(True for _ in child.parameters())}
+        assert weighted <= named, f"{family}: modules with weights not in the table: {weighted - named}"
+        assert not set(arch.sublayer_modules("attn", layer)) & set(arch.sublayer_modules("mlp", layer))
     get_module(model, arch.final_norm)
     get_module(model, arch.lm_head)
+
+
+def test_a_hybrid_family_names_each_blocks_own_attention():
+    model = tiny_model("qwen3_next", num_layers=4)
+    arch = architecture_of(model.config)
+    assert model.config.layer_types == ["linear_attention", "full_attention"] * 2
+    assert [arch.sublayer_modules("attn", layer)[0] for layer in decoder_layers(model)] == ["linear_attn", "self_attn"] * 2
+    assert arch.sublayer_modules("attn")[0] == "self_attn"  # without a block: the family's usual name
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -12,6 +12,7 @@ from surgery.arch import ARCHITECTURES
 from surgery.errors import SurgeryError
 from surgery.heal import add_lora, disable_cpu_repack, heal, latest_checkpoint, load_4bit
 from surgery.settings import HealSettings
+from surgery.sublayers import parse_sublayers
 from surgery.tiny import tiny_model
 
 
@@ -92,17 +93,30 @@ def test_latent_attention_is_adapted_whichever_way_its_query_is_projected(q_lora
 
 def test_a_familys_own_targets_need_only_exist_in_one_of_its_layouts():
     """prune checks targets before it scores: a family's own list may name a query layout the model
-    lacks (DeepSeek-V2-Lite has q_proj, not q_a_proj); a target the user gives must exist."""
+    lacks (DeepSeek-V2-Lite has q_proj, not q_a_proj), or the attention of a layer type a hybrid cut
+    kept no block of; a target the user gives must exist."""
+    from surgery.cut import cut
     from surgery.heal import check_lora_targets
 
     model = tiny_model("deepseek_v2", 2)
-    check_lora_targets(model, ARCHITECTURES["deepseek_v2"].lora_targets, family_default=True)
+    deepseek = ARCHITECTURES["deepseek_v2"]
+    check_lora_targets(model, deepseek.lora_targets, deepseek.lora_may_lack)
     with pytest.raises(SurgeryError, match="LoRA target 'q_a_proj' is not a module of this model"):
         check_lora_targets(model, ("q_proj", "q_a_proj"))
     with pytest.raises(SurgeryError, match="LoRA target 'c_attn' is not a module of this model"):
-        check_lora_targets(model, ("c_attn", "c_proj"), family_default=True)
+        check_lora_targets(model, ("c_attn", "c_proj"), deepseek.lora_may_lack)
     with pytest.raises(SurgeryError, match="LoRA target 'out_proj' is not a module of this model"):  # not a query layout
-        check_lora_targets(model, ("q_proj", "q_a_proj", "out_proj"), family_default=True)
+        check_lora_targets(model, ("q_proj", "q_a_proj", "out_proj"), deepseek.lora_may_lack)
+
+    hybrid = ARCHITECTURES["qwen3_5_text"]
+    model = tiny_model("qwen3_5_text", 4)  # linear attention in L0 and L2
+    cut(model, parse_sublayers("L0,L2"))
+    check_lora_targets(model, hybrid.lora_targets, hybrid.lora_may_lack)
+    with pytest.raises(SurgeryError, match="LoRA target 'in_proj_qkv' is not a module of this model"):
+        check_lora_targets(model, hybrid.lora_targets)
+    cut(model, parse_sublayers("L0.mlp,L1.mlp"))  # (the two blocks left)
+    with pytest.raises(SurgeryError, match="LoRA target 'gate_proj' is not a module of this model"):  # in no group
+        check_lora_targets(model, hybrid.lora_targets, hybrid.lora_may_lack)
 
 
 def test_lora_targets_that_peft_cannot_train_are_one_line():
@@ -164,7 +178,8 @@ def test_one_healing_step_trains(tmp_path, tokenizer, data_dir):
 
 
 @pytest.mark.parametrize("family, balanced", [("mixtral", True), ("llama4_text", False), ("phimoe", False),
-                                              ("granitemoe", False), ("llama", True)])
+                                              ("granitemoe", False), ("llama", True), ("qwen3_next", True),
+                                              ("qwen3_5_moe_text", True), ("qwen3_5_text", True)])
 def test_moe_healing_adds_the_router_balancing_loss_where_trl_can(family, balanced, tmp_path, tokenizer, data_dir):
     """trl's fused loss adds an MoE model's router balancing term using config.num_experts, which
     the configs of Llama 4, PhiMoE and GraniteMoE call num_local_experts (and trl runs

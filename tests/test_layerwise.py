@@ -19,8 +19,9 @@ from surgery.tiny import tiny_model
 from tests.cli import one_line, run
 
 TOLERANCE = 1e-5
-FAMILIES = {  # the output layer tied (SmolLM2), per-layer masks, a soft-cap, experts, a logit divisor
+FAMILIES = {  # the output layer tied (SmolLM2), per-layer masks, a soft-cap, experts, a logit divisor, hybrid attention
     "llama": dict(tie_word_embeddings=True),
+    "qwen3_next": {},
     "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),
     "gemma2": {},
     "qwen2_moe": {},

@@ -1,7 +1,8 @@
-"""Multi-token-prediction (MTP) modules: the drafting heads DeepSeek-V3, GLM-4.5, GLM-4.7-Flash and
-K-EXAONE keep beside their blocks, which transformers skips on load and serving engines read for
-speculative decoding. Every way of writing a cut or healed checkpoint carries them, numbered on
-after the last block kept, and its config counts exactly what it carries."""
+"""Multi-token-prediction (MTP) modules: the drafting heads DeepSeek-V3, GLM-4.5, GLM-4.7-Flash,
+K-EXAONE, Qwen3-Next and Qwen3.5 keep beside their blocks, which transformers skips on load and
+serving engines read for speculative decoding. Every way of writing a cut or healed checkpoint
+carries them, numbered on after the last block kept (or under their own `mtp.` names), and its
+config counts exactly what it carries."""
 
 import json
 
@@ -9,11 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from surgery.arch import MTP_COUNT_CONFIG, architecture_of
+from surgery.arch import architecture_of, mtp_count_key
 from tests.cli import run
 
 BLOCK_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite"]  # extra blocks: model.layers.{num_hidden_layers + k}
-FAMILIES = [*BLOCK_FAMILIES, "exaone_moe"]  # K-EXAONE: mtp.layers.{k}, mtp.fc, ...
+# K-EXAONE, Qwen3-Next, Qwen3.5: mtp.layers.{k}, mtp.fc, ... (the Qwens count them in mtp_num_hidden_layers)
+FAMILIES = [*BLOCK_FAMILIES, "exaone_moe", "qwen3_next", "qwen3_5_text"]
+DEEPSEEK_KEY = "num_nextn_predict_layers"
 HEAL = ["--heal-steps", "2", "--heal-seq-len", "32", "--heal-batch-size", "2", "--no-quantize", "--lora-dropout", "0",
         "--eval-ppl", "wikitext2", "--eval-ppl-windows", "2", "--eval-tasks", "arc_easy", "--eval-limit", "4",
         "--no-eval-speed", "--device", "cpu"]
@@ -46,7 +49,7 @@ def with_mtp_modules(folder, count=1, stored=None):
         for name, shape in head.items():
             weights[f"{prefix}{name}.weight" if prefix else f"{at}{name}.weight"] = torch.randn(shape, generator=generator)
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps({**config, MTP_COUNT_CONFIG: count}, indent=2))
+    (folder / "config.json").write_text(json.dumps({**config, mtp_count_key(config): count}, indent=2))
     return {name: tensor for name, tensor in weights.items()
             if name.startswith(prefix or "@") or any(name.startswith(f"model.layers.{layers + k}.") for k in range(count))}
 
@@ -78,7 +81,7 @@ def test_a_cut_carries_the_mtp_modules_after_its_last_block_both_ways(family, ti
                      "--max-shard-size", shard, "--device", "cpu")
         assert result.exit_code == 0, result.output
         config = json.loads((tmp_path / mode / "config.json").read_text())
-        assert config["num_hidden_layers"] == 4 and config[MTP_COUNT_CONFIG] == 1
+        assert config["num_hidden_layers"] == 4 and config[mtp_count_key(config)] == 1
         written = all_tensors(tmp_path / mode)
         for name, tensor in renumbered(modules, 5, 4).items():
             assert torch.equal(written[name], tensor), (mode, name)
@@ -105,7 +108,7 @@ def test_only_the_modules_the_files_hold_are_counted(tiny_folder, tmp_path):
         result = run("cut", source, "--remove", "L2", "--out", tmp_path / mode, f"--{mode}", "--device", "cpu")
         assert result.exit_code == 0, result.output
         assert "1 multi-token-prediction module(s) are not in its safetensors files" in " ".join(result.output.split())
-        assert json.loads((tmp_path / mode / "config.json").read_text())[MTP_COUNT_CONFIG] == 1
+        assert json.loads((tmp_path / mode / "config.json").read_text())[DEEPSEEK_KEY] == 1
         assert set(renumbered(modules, 4, 3)) <= set(all_tensors(tmp_path / mode))
 
 
@@ -122,7 +125,7 @@ def test_healing_keeps_the_mtp_modules_of_the_cut(mode, tiny_folder, tmp_path, d
     before, after = all_tensors(cut), all_tensors(tmp_path / "healed")
     carried = [name for name in before if name.startswith("model.layers.3.")]
     assert carried and all(torch.equal(after[name], before[name]) for name in carried)
-    assert json.loads((tmp_path / "healed" / "config.json").read_text())[MTP_COUNT_CONFIG] == 1
+    assert json.loads((tmp_path / "healed" / "config.json").read_text())[DEEPSEEK_KEY] == 1
 
 
 def test_the_mtp_modules_are_written_in_the_dtypes_the_model_is_exported_in(tiny_folder, tmp_path):
@@ -157,7 +160,7 @@ def test_the_mtp_modules_of_a_quantised_source_are_not_carried_and_not_counted(t
     result = run("cut", tmp_path / "fp8", "--remove", "L0", "--out", tmp_path / "cut", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "are stored fp8-quantised and the model was dequantised" in " ".join(result.output.split())
-    assert json.loads((tmp_path / "cut" / "config.json").read_text())[MTP_COUNT_CONFIG] == 0
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())[DEEPSEEK_KEY] == 0
     assert not [name for name in all_tensors(tmp_path / "cut") if name.startswith("model.layers.2.")]
 
 
@@ -191,12 +194,12 @@ def test_a_config_that_counts_no_modules_is_not_told_it_lost_one(tiny_folder, tm
     nothing of modules it never had, and its config counts none."""
     source, _ = tiny_folder("deepseek_v3", num_layers=3)
     config = json.loads((source / "config.json").read_text())
-    config.pop(MTP_COUNT_CONFIG, None)
+    config.pop(DEEPSEEK_KEY, None)
     (source / "config.json").write_text(json.dumps(config))
     for mode in ("no-stream", "stream"):
         result = run("cut", source, "--remove", "L1", "--out", tmp_path / mode, f"--{mode}", "--device", "cpu")
         assert result.exit_code == 0 and "multi-token-prediction" not in result.output, result.output
-        assert json.loads((tmp_path / mode / "config.json").read_text())[MTP_COUNT_CONFIG] == 0
+        assert json.loads((tmp_path / mode / "config.json").read_text())[DEEPSEEK_KEY] == 0
     info = run("info", source, "--device", "cpu")
     assert info.exit_code == 0 and "multi-token prediction" not in info.output, info.output
 
@@ -206,7 +209,7 @@ def test_a_prefixed_family_counts_the_modules_its_files_hold(tiny_folder, tmp_pa
     modules = with_mtp_modules(source, count=2, stored=1)
     result = run("cut", source, "--remove", "L1", "--out", tmp_path / "cut", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "cut" / "config.json").read_text())[MTP_COUNT_CONFIG] == 1
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())[DEEPSEEK_KEY] == 1
     written = all_tensors(tmp_path / "cut")
     assert {"mtp.fc.weight", "mtp.norm.weight"} <= set(modules) and all(torch.equal(written[n], modules[n]) for n in modules)
 

@@ -1,0 +1,96 @@
+"""Hybrid attention (Qwen3-Next, Qwen3.5): Gated DeltaNet blocks, which keep a recurrent state and
+return their output alone, between attention blocks, which keep a KV cache. Either kind is the
+block's attention sublayer; each has its own stand-in; `layer_types` follows the blocks kept."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from surgery.arch import decoder_layers
+from surgery.cut import cut, removed_sublayers
+from surgery.export.checkpoint import export_checkpoint, load_exported
+from surgery.hf_modeling import RemovedAttention, RemovedLinearAttention
+from surgery.sublayers import parse_sublayers
+from surgery.tiny import tiny_model
+from tests.cli import error_line, run
+from tests.test_ablation import assert_cache_consistent, ids
+
+FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"]
+FAST = ["--samples", "2", "--seq-len", "32", "--max-removed", "2", "--eval-tasks", "piqa", "--eval-limit", "4",
+        "--eval-ppl", "wikitext2", "--eval-ppl-windows", "2", "--no-eval-speed", "--device", "cpu"]
+
+
+def greedy(model, prompt, tokens=8):
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, min_new_tokens=tokens,
+                          do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_each_kind_of_attention_goes_with_its_own_stand_in(family, tmp_path, tokenizer):
+    """A linear attention (L2) and an attention (L3) removed from a 6-block model whose blocks
+    alternate, L1 deleted whole: the checkpoint holds neither's weights, reloads both ways with the
+    right stand-in in each block, decodes token by token as the uncut model with the same units
+    skipped by hooks does, and keeps chunked prefill and padded batches consistent."""
+    from tests.hooks import skipped
+
+    uncut = tiny_model(family, num_layers=6)
+    assert uncut.config.layer_types == ["linear_attention", "full_attention"] * 3
+    units = parse_sublayers("L1,L2.attn,L3.attn")
+    prompt = ids(1, 10)
+    with skipped(uncut, units):
+        expected = uncut(prompt, use_cache=False).logits
+    model = tiny_model(family, num_layers=6)
+    cut(model, units)
+    assert model.config.layer_types == ["linear_attention", "linear_attention", "full_attention", "linear_attention",
+                                         "full_attention"]
+    assert torch.allclose(model(prompt).logits, expected, atol=1e-5)
+    export_checkpoint(model, tokenizer, tmp_path / "out", record={})
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["surgery"]["removed"] == {"attn": [1, 2], "mlp": []}
+    assert config["surgery"]["linear_attention"] == "linear_attn"
+    with safe_open(str(next((tmp_path / "out").glob("*.safetensors"))), "pt") as handle:
+        names = set(handle.keys())
+    assert not any(n.startswith(("model.layers.1.linear_attn.", "model.layers.2.self_attn.")) for n in names)
+    assert any(n.startswith("model.layers.3.linear_attn.") for n in names)
+    for via in ("package", "remote-code"):
+        reloaded = load_exported(tmp_path / "out", via=via)
+        layers = decoder_layers(reloaded)
+        assert isinstance(layers[1].linear_attn, RemovedLinearAttention) and isinstance(layers[2].self_attn, RemovedAttention)
+        assert [str(u) for u in removed_sublayers(reloaded)] == ["L1.attn", "L2.attn"]
+        assert torch.allclose(reloaded(prompt).logits, expected, atol=1e-5), via
+        assert torch.equal(greedy(reloaded, prompt), greedy(model, prompt)), via
+    assert_cache_consistent(reloaded)
+
+
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_a_cut_that_keeps_no_attention_block_is_refused(stream, tiny_folder, tmp_path):
+    """transformers reads a hybrid cache's length from its attention layers and cannot generate
+    without one: the cut says which blocks are the attention ones and writes nothing."""
+    source, _ = tiny_folder("qwen3_5_text", num_layers=4)
+    result = run("cut", source, "--remove", "L1,L3", "--out", tmp_path / "cut", stream, "--device", "cpu")
+    assert result.exit_code == 2
+    assert "removes every attention block (L1,L3) of a hybrid model" in error_line(result)
+    assert not (tmp_path / "cut").exists()
+    kept = run("cut", source, "--remove", "L1,L3.attn", "--out", tmp_path / "ok", stream, "--device", "cpu")
+    assert kept.exit_code == 0, kept.output  # an attention block stays, its attention a stand-in that keeps the length
+
+
+def test_prune_heals_a_hybrid_model_end_to_end(tiny_folder, tmp_path, data_dir, monkeypatch):
+    """Scoring by ablation, the plan, a bridge into linear or full attention, LoRA on both kinds of
+    projections, export and the evaluations before and after, on Qwen3-Next's MoE layout."""
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    source, _ = tiny_folder("qwen3_next", num_layers=6)
+    out = tmp_path / "pruned"
+    result = run("prune", source, "--out", out, "--strategy", "ablation", "--granularity", "sublayer", "--remove", "2",
+                 "--heal", "--heal-steps", "2", "--heal-seq-len", "32", "--heal-batch-size", "2", "--no-quantize",
+                 "--data-dir", data_dir, *FAST, catch=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["evaluations"]) == {"source", "pruned", "healed"}
+    assert report["healing"]["loss_after"] < report["healing"]["loss_before"]
+    reloaded = load_exported(out, via="package")
+    assert len(removed_sublayers(reloaded)) + 2 * (6 - reloaded.config.num_hidden_layers) == 2
+    assert len(reloaded.config.layer_types) == reloaded.config.num_hidden_layers
