@@ -57,6 +57,32 @@ def llama4(folder, tokenizer):
     return save(Llama4ForConditionalGeneration(config), folder, tokenizer)
 
 
+def qwen3_5(folder, tokenizer, mtp=1):
+    """Qwen3.5's layout (hybrid attention, M-RoPE, its vision tower at model.visual.), with the
+    `mtp` multi-token-prediction modules its releases keep at mtp.* and count in text_config."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from surgery.tiny import tiny_config
+
+    text = tiny_config("qwen3_5_text", 4, mtp_num_hidden_layers=mtp)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, out_hidden_size=64,
+                  num_position_embeddings=16)
+    config = Qwen3_5Config(text_config=text.to_dict(), vision_config=vision, image_token_id=VOCAB - 1,
+                           video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 4)
+    model = save(Qwen3_5ForConditionalGeneration(config), folder, tokenizer)
+    weights = load_file(folder / "model.safetensors")
+    block = {name.removeprefix("model.language_model.layers.3."): t for name, t in weights.items()
+             if name.startswith("model.language_model.layers.3.")}  # an attention block, as released MTP layers are
+    generator = torch.Generator().manual_seed(7)
+    for k in range(mtp):
+        weights.update({f"mtp.layers.{k}.{name}": torch.randn(t.shape, generator=generator) for name, t in block.items()})
+    if mtp:
+        weights.update({f"mtp.{name}.weight": torch.randn(shape, generator=generator) for name, shape in
+                        (("fc", (64, 128)), ("norm", (64,)), ("pre_fc_norm_embedding", (64,)), ("pre_fc_norm_hidden", (64,)))})
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return model
+
+
 def save(model, folder, tokenizer):
     torch.manual_seed(0)
     for parameter in model.parameters():  # not the initialiser's zeros and ones: every tensor counts in the comparison
@@ -236,3 +262,33 @@ def test_a_config_field_of_the_wrong_type_is_one_line(tmp_path, tokenizer):
     line = one_line(run("extract-text", source, "--out", tmp_path / "out"))
     assert "config.json is not a valid configuration" in line and "attn_temperature_tuning" in line
     assert not (tmp_path / "out").exists()
+
+
+@torch.no_grad()
+def test_qwen3_5s_decoder_is_extracted_with_its_mtp_modules(tmp_path, tokenizer):
+    """Qwen3.5 (and 3.6) ship only as multimodal checkpoints: the hybrid decoder computes on text
+    what the multimodal model computes (its M-RoPE, given text alone, is RoPE), and the drafting
+    modules vLLM and llama.cpp read at mtp.* come along, counted; the cut that follows carries them."""
+    from transformers import AutoModelForCausalLM
+
+    source = tmp_path / "multimodal"
+    model = qwen3_5(source, tokenizer)
+    result = run("extract-text", source, "--out", tmp_path / "text", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "text")["verified"]["method"] == "copied, compared with the multimodal model"
+    assert set(read_manifest(tmp_path / "text")["left_behind"]) == {"model.visual"}
+    config = json.loads((tmp_path / "text" / "config.json").read_text())
+    assert config["model_type"] == "qwen3_5_text" and config["mtp_num_hidden_layers"] == 1
+    text = AutoModelForCausalLM.from_pretrained(tmp_path / "text").eval()
+    assert type(text).__name__ == "Qwen3_5ForCausalLM"
+    ids = torch.randint(3, VOCAB - 5, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(text(ids).logits, model(input_ids=ids).logits, atol=1e-5)
+    sources = load_file(source / "model.safetensors")
+    written = {name: t for file in (tmp_path / "text").glob("*.safetensors") for name, t in load_file(file).items()}
+    mtp = {name for name in sources if name.startswith("mtp.")}
+    assert len(mtp) > 4 and all(torch.equal(written[name], sources[name]) for name in mtp)
+
+    cut = run("cut", tmp_path / "text", "--remove", "L0", "--out", tmp_path / "cut", "--device", "cpu")
+    assert cut.exit_code == 0, cut.output
+    assert mtp <= {name for file in (tmp_path / "cut").glob("*.safetensors") for name in load_file(file)}
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["mtp_num_hidden_layers"] == 1

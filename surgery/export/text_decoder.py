@@ -21,9 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from surgery.arch import ARCHITECTURES, base_model_type, quantization_method, read_config, text_family
+from surgery.arch import (
+    ARCHITECTURES,
+    base_model_type,
+    mtp_layer_count,
+    mtp_modules,
+    quantization_method,
+    read_config,
+    text_family,
+)
 from surgery.errors import SurgeryError
-from surgery.export.checkpoint import ExportResult, logit_diff_within_tolerance, write_manifest
+from surgery.export.checkpoint import ExportResult, count_carried_mtp, logit_diff_within_tolerance, write_manifest
 from surgery.export.streamed import check_copied_names, write_copied_folder
 from surgery.forward import VERIFY_PROMPT
 from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo
@@ -42,6 +50,7 @@ class TextDecoder:
     tensors: dict[str, TensorInfo]  # name in the text checkpoint -> the source tensor it is copied from
     left_behind: dict[str, int]  # what else the source holds (vision tower, projector): name prefix -> tensors
     parameters: int
+    mtp: tuple[str, ...] = ()  # the decoder's multi-token-prediction tensors among `tensors` (Qwen3.5: mtp.*)
 
     @property
     def nbytes(self) -> int:
@@ -75,7 +84,11 @@ def prepare_text_decoder(folder: Path, trust_remote_code: bool = False) -> TextD
     model = skeleton(config, getattr(torch, TORCH_DTYPES[stored]))
     config.architectures = [type(model).__name__]
     tensors = {name: _source_tensor(weights, folder, name, shape) for name, shape in checkpoint_shapes(model).items()}
-    return TextDecoder(Path(folder), config, tensors, _left_behind(folder, weights, tensors), count_parameters(model))
+    mtp = mtp_modules(weights.info, data["text_config"])  # (the text_config counts them)
+    tensors.update({name: weights.info[where] for name, where in mtp.tensors.items()})
+    count_carried_mtp(config, mtp, mtp_layer_count(data["text_config"]))
+    return TextDecoder(Path(folder), config, tensors, _left_behind(folder, weights, tensors), count_parameters(model),
+                       tuple(mtp.tensors))
 
 
 def _text_config(folder: Path, data: dict[str, Any], trust_remote_code: bool) -> Any:
@@ -175,7 +188,7 @@ def _check_folder(decoder: TextDecoder, folder: Path, tokenizer: Any, device: st
 
     written = LayerwiseModel(folder, device=device)
     try:
-        check_copied_names(folder, written)
+        check_copied_names(folder, written, {name: decoder.tensors[name].shape for name in decoder.mtp})
         verified = {"max_abs_logit_diff": None, "loader": "transformers", "method": "copied, names and shapes checked",
                     "prompt": VERIFY_PROMPT, "cached_generation": False, "tensors_checked": len(decoder.tensors)}
         if not fits_in_memory(safetensors_bytes(decoder.source), available_memory(device)):
