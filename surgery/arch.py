@@ -20,6 +20,24 @@ SURGERY_MODEL_TYPE_PREFIX = "surgery_"
 
 
 @dataclass(frozen=True)
+class StepRule:
+    """Layers some runtimes place by a step alone, layer i when (i + 1) % step == 0 (none for 0),
+    where transformers reads a list: Llama 4's MoE layers (`moe_layers`; vLLM and SGLang read
+    `interleave_moe_layer_step`), a hybrid family's attention blocks (`layer_types`; llama.cpp's
+    converter reads `full_attention_interval`, with 4 where the config is silent)."""
+
+    listed: str  # the config list transformers reads
+    step: str  # the config key the others read instead
+    readers: str  # who they are
+    marker: str | None = None  # `listed` is per layer, and marks these layers so (else it lists their indices)
+
+    def layers(self, config: Any) -> list[int]:
+        """The layers `config` lists."""
+        values = list(getattr(config, self.listed, None) or [])
+        return [i for i, value in enumerate(values) if value == self.marker] if self.marker else values
+
+
+@dataclass(frozen=True)
 class Architecture:
     """Where things live in one family's `*ForCausalLM`, as dotted paths and config keys.
 
@@ -42,10 +60,8 @@ class Architecture:
     gguf_arch: llama.cpp's architecture name, for families surgery.export.gguf_write writes.
     refused_configs: (config key, value, why) for variants of a family whose block does not have
     the shape above (StableLM's parallel residual: attention and FFN read the same input).
-    index_step_config: (an index list, the step some runtimes read instead of it): vLLM and SGLang
-    place Llama 4's MoE layers by `interleave_moe_layer_step` alone ((i + 1) % step == 0, none for
-    0), transformers by `moe_layers`; a cut sets the step the renumbered list follows, and says so
-    when it follows none.
+    step_rule: layers transformers places by a config list and other runtimes by a step alone
+    (StepRule); a cut sets the step the cut's list follows, and says so when it follows none.
     extra_outputs_flag: a block attribute; where given, only blocks where it is true return
     mlp_extra_outputs (Llama 4: `is_moe_layer`; its dense FFNs return their output alone).
     experts_output_last: stacked experts stored [experts, in, out] by a class that does not say so
@@ -83,7 +99,7 @@ class Architecture:
     mlp_extra_outputs: int = 0
     gguf_arch: str | None = None
     refused_configs: tuple[tuple[str, Any, str], ...] = ()
-    index_step_config: tuple[str, str] | None = None
+    step_rule: StepRule | None = None
     extra_outputs_flag: str | None = None
     experts_output_last: bool = False
     mtp_prefix: str | None = None
@@ -150,7 +166,8 @@ QUERY_LAYOUTS = (("q_proj",), ("q_a_proj", "q_b_proj"))  # the LoRA targets a la
 # Hybrid attention (Qwen3-Next, Qwen3.5): Gated DeltaNet blocks between the attention ones; their
 # projections differ between the two generations. A cut may keep no block of one of the two types.
 _HYBRID = dict(linear_attention="linear_attn", linear_attention_output="out_proj", per_layer_config=("layer_types",),
-               mtp_prefix="mtp.", mtp_count_config="mtp_num_hidden_layers")
+               mtp_prefix="mtp.", mtp_count_config="mtp_num_hidden_layers",
+               step_rule=StepRule("layer_types", "full_attention_interval", "llama.cpp's converter", marker="full_attention"))
 _NEXT_LINEAR_LORA = ("in_proj_qkvz", "in_proj_ba", "out_proj")
 _QWEN35_LINEAR_LORA = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 
@@ -227,7 +244,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     # Llama 4 (Scout, Maverick; their text decoder, after surgery extract-text): routed and shared
     # experts, dense FFNs interleaved (Maverick), chunked attention with no-RoPE layers between.
     "llama4_text": replace(_MOE, mlp="feed_forward", per_layer_config=("no_rope_layers", "layer_types"),
-                           layer_index_config=("moe_layers",), index_step_config=("moe_layers", "interleave_moe_layer_step"),
+                           layer_index_config=("moe_layers",),
+                           step_rule=StepRule("moe_layers", "interleave_moe_layer_step", "vLLM and SGLang"),
                            mlp_extra_outputs=1, extra_outputs_flag="is_moe_layer",
                            moe_outputs=("experts.down_proj", "shared_expert.down_proj", "down_proj"), experts_output_last=True),
     "hunyuan_v1_moe": replace(_MOE, moe_outputs=("experts.down_proj", "shared_mlp.down_proj"),

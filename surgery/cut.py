@@ -13,7 +13,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from surgery.arch import SURGERY_MODEL_TYPE_PREFIX, Architecture, architecture_of, base_model_type, decoder_layers, unwrap
+from surgery.arch import (
+    SURGERY_MODEL_TYPE_PREFIX,
+    Architecture,
+    StepRule,
+    architecture_of,
+    base_model_type,
+    decoder_layers,
+    unwrap,
+)
 from surgery.errors import SurgeryError
 from surgery.forward import count_parameters
 from surgery.hf_modeling import RemovedAttention, RemovedLinearAttention, RemovedMLP, remove_sublayer
@@ -188,22 +196,23 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
         if values is not None:
             setattr(config, key, sorted(renumber[i] for i in values if i in renumber))
     config.num_hidden_layers = len(kept)
-    if arch.index_step_config:
-        _set_index_step(config, *arch.index_step_config)
+    if arch.step_rule:
+        _set_step(config, arch.step_rule)
 
 
-def _set_index_step(config: Any, key: str, step_key: str) -> None:
-    """The step that places the layers `key` lists, for runtimes that read only the step
-    (Architecture.index_step_config); a list no step describes is said, with who misreads it."""
+def _set_step(config: Any, rule: StepRule) -> None:
+    """The step that places the layers the cut's config lists, for runtimes that read only the step
+    (Architecture.step_rule); a list no step describes is said, with who misreads it."""
     from surgery.console import console
 
-    listed, count = list(getattr(config, key, None) or []), config.num_hidden_layers
+    listed, count = rule.layers(config), config.num_hidden_layers
     step = 0 if not listed else next((s for s in range(1, count + 1) if listed == list(range(s - 1, count, s))), None)
     if step is not None:
-        setattr(config, step_key, step)
+        setattr(config, rule.step, step)
     else:
-        console.print(f"the cut's {key} {listed} follow no single {step_key}: transformers reads the list, but vLLM and "
-                      f"SGLang place them by {step_key} alone and would load this checkpoint wrongly")
+        what = f"{rule.marker} layers {listed}" if rule.marker else f"{rule.listed} {listed}"
+        console.print(f"the cut's {what} follow no single {rule.step}: transformers reads {rule.listed}, but {rule.readers} "
+                      f"place them by {rule.step} alone and would load this checkpoint wrongly")
 
 
 def _materialise_sparse_step(config: Any, arch: Architecture, old_count: int) -> None:

@@ -94,3 +94,22 @@ def test_prune_heals_a_hybrid_model_end_to_end(tiny_folder, tmp_path, data_dir, 
     reloaded = load_exported(out, via="package")
     assert len(removed_sublayers(reloaded)) + 2 * (6 - reloaded.config.num_hidden_layers) == 2
     assert len(reloaded.config.layer_types) == reloaded.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("remove, interval", [("L4,L5", 2), ("L1,L4,L5", 3), ("L0", None)])
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_a_cut_states_the_attention_interval_its_layer_types_follow(remove, interval, stream, tiny_folder, tmp_path):
+    """llama.cpp's converter places a hybrid model's attention blocks by full_attention_interval
+    alone (4 where config.json is silent, as transformers' own save leaves it), vLLM and
+    transformers by layer_types: the cut writes the interval its list follows, and says so where
+    the list follows none."""
+    source, _ = tiny_folder("qwen3_next", num_layers=6)  # attention in L1, L3, L5
+    result = run("cut", source, "--remove", remove, "--out", tmp_path / "cut", stream, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    warned = "follow no single full_attention_interval" in " ".join(result.output.split())
+    assert warned == (interval is None)
+    if interval:
+        assert config["full_attention_interval"] == interval
+        assert [kind == "full_attention" for kind in config["layer_types"]] == \
+            [(i + 1) % interval == 0 for i in range(config["num_hidden_layers"])]
