@@ -71,10 +71,11 @@ class Architecture:
     (DeepSeek-V3, GLM-4.5: `model.layers.61`), else the prefix of their names (K-EXAONE, Qwen3-Next:
     `mtp.`).
     mtp_count_config: the config key that counts them.
-    linear_attention / linear_attention_output: hybrid families (Qwen3-Next, Qwen3.5): the module
-    that takes the attention's place in blocks whose layer type is linear attention, and its output
-    projection. It keeps a recurrent state instead of a KV cache and returns its output alone, so
-    its stand-in differs (hf_modeling.RemovedLinearAttention); it is the block's "attn" sublayer.
+    linear_attention / linear_attention_output / linear_layer_type: hybrid families (Qwen3-Next,
+    Qwen3.5, LFM2): the module that takes the attention's place in blocks of that `layer_types`
+    entry (Gated DeltaNet, LFM2's short convolution), and its output projection. It keeps a
+    recurrent state instead of a KV cache and returns its output alone, so its stand-in differs
+    (hf_modeling.RemovedLinearAttention); it is the block's "attn" sublayer.
     lora_may_lack: groups of LoRA targets a model of the family may lack, one group at a time (the
     query layout latent attention does not use; a hybrid cut that kept no block of one layer type).
     """
@@ -106,6 +107,7 @@ class Architecture:
     mtp_count_config: str = "num_nextn_predict_layers"
     linear_attention: str | None = None
     linear_attention_output: str | None = None
+    linear_layer_type: str = "linear_attention"
     lora_may_lack: tuple[tuple[str, ...], ...] = ()
 
     def output_projections(self, kind: str) -> tuple[str, ...]:
@@ -124,6 +126,13 @@ class Architecture:
                 "mlp_extra_outputs": self.mlp_extra_outputs,
                 **({"extra_outputs_flag": self.extra_outputs_flag} if self.extra_outputs_flag else {}),
                 **({"linear_attention": self.linear_attention} if self.linear_attention else {})}
+
+    def attention_blocks(self, config: Any) -> list[int] | None:
+        """A hybrid config's attention blocks (the others are linear); None for other families."""
+        types = getattr(config, "layer_types", None)
+        if not self.linear_attention or not isinstance(types, list):
+            return None
+        return [i for i, kind in enumerate(types) if kind != self.linear_layer_type]
 
     def attention_in(self, layer: Any) -> str:
         """The name of `layer`'s attention sublayer: a hybrid family's linear attention in the
@@ -169,6 +178,11 @@ _HYBRID = dict(linear_attention="linear_attn", linear_attention_output="out_proj
                mtp_prefix="mtp.", mtp_count_config="mtp_num_hidden_layers",
                step_rule=StepRule("layer_types", "full_attention_interval", "llama.cpp's converter", marker="full_attention"))
 _NEXT_LINEAR_LORA = ("in_proj_qkvz", "in_proj_ba", "out_proj")
+# LFM2: short-convolution blocks between attention ones; the attention's output is out_proj too
+_LFM2 = dict(linear_attention="conv", linear_attention_output="out_proj", linear_layer_type="conv", attention_output="out_proj",
+             attention_norms=("operator_norm",), mlp="feed_forward", mlp_norms=("ffn_norm",), final_norm="model.embedding_norm",
+             per_layer_config=("layer_types",), layer_index_config=("full_attn_idxs",),
+             lora_may_lack=(("q_proj", "k_proj", "v_proj", "out_proj"), ("in_proj", "out_proj")))
 _QWEN35_LINEAR_LORA = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -258,6 +272,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3_5_text": replace(_LLAMA, **_HYBRID, lora_targets=(*_ATTENTION_ONLY_LORA, *_QWEN35_LINEAR_LORA, "gate_proj", "up_proj",
                                                              "down_proj"),
                             lora_may_lack=(_ATTENTION_ONLY_LORA, _QWEN35_LINEAR_LORA)),
+    "lfm2": replace(_LLAMA, **_LFM2, mlp_output="w2", lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1",
+                                                                    "w2", "w3")),
+    "lfm2_moe": replace(_MOE, **_LFM2, moe_outputs=("experts.down_proj", "w2"), prefix_count_config=("num_dense_layers",),
+                        lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "in_proj")),
     "qwen3_5_moe_text": replace(_MOE, **_HYBRID, moe_outputs=("experts.down_proj", "shared_expert.down_proj"),
                                 lora_targets=(*_ATTENTION_ONLY_LORA, *_QWEN35_LINEAR_LORA),
                                 lora_may_lack=(_ATTENTION_ONLY_LORA, _QWEN35_LINEAR_LORA)),

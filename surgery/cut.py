@@ -126,15 +126,15 @@ class CutPlan:
 
 
 def plan_cut(num_layers: int, units: Iterable[Sublayer], previous: Iterable[Sublayer] = (),
-             layer_types: list[str] | None = None) -> CutPlan:
-    """A checked plan (see validate_removal for what is refused). A hybrid model (`layer_types`
-    with linear attention) must keep an attention block: transformers reads the cache's length there."""
+             attention_blocks: list[int] | None = None) -> CutPlan:
+    """A checked plan (see validate_removal for what is refused). A hybrid model (its
+    `attention_blocks` given: Architecture.attention_blocks) must keep one: transformers reads the
+    cache's length there."""
     previous = tuple(sorted(set(previous)))
     plan = CutPlan(num_layers, tuple(validate_removal(units, num_layers, previous)), previous)
-    hybrid = isinstance(layer_types, list) and "linear_attention" in layer_types and len(layer_types) == num_layers
-    if hybrid and all(layer_types[i] == "linear_attention" for i in plan.kept):
-        attention = ",".join(f"L{i}" for i, kind in enumerate(layer_types) if kind != "linear_attention")
-        raise SurgeryError(f"that removes every attention block ({attention}) of a hybrid model, which transformers cannot "
+    if attention_blocks is not None and not set(attention_blocks) & set(plan.kept):
+        listed = ",".join(f"L{i}" for i in attention_blocks)
+        raise SurgeryError(f"that removes every attention block ({listed}) of a hybrid model, which transformers cannot "
                            "run with a cache: keep at least one of them")
     return plan
 
@@ -144,7 +144,7 @@ def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
     base = unwrap(model)
     arch = architecture_of(base.config)
     layers = decoder_layers(base, arch)
-    plan = plan_cut(len(layers), units, removed_sublayers(base), getattr(base.config, "layer_types", None))
+    plan = plan_cut(len(layers), units, removed_sublayers(base), arch.attention_blocks(base.config))
     before = count_parameters(base)
     for unit in plan.new_stand_ins:
         remove_sublayer(layers[unit.layer], unit.kind, unit.layer, arch.stand_in_spec())

@@ -24,6 +24,14 @@ _COMMON = dict(
 )
 _LINEAR_ATTENTION = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
                          linear_conv_kernel_dim=4, full_attention_interval=2)
+def _lfm2_attention_blocks(layers: int) -> list[int]:
+    return list(range(1, layers, 2))
+
+
+def _lfm2_layer_types(layers: int) -> list[str]:
+    return ["full_attention" if i % 2 else "conv" for i in range(layers)]
+
+
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "llama": {},
     "mistral": {"sliding_window": None},
@@ -91,6 +99,11 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen3_next": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
                    "decoder_sparse_step": 2, "mlp_only_layers": [], **_LINEAR_ATTENTION},
     "qwen3_5_text": {**_LINEAR_ATTENTION},
+    # LFM2 lists its attention blocks twice (layer_types and full_attn_idxs), as its releases do
+    "lfm2": {"norm_eps": 1e-5, "conv_L_cache": 3, "block_auto_adjust_ff_dim": False, "tie_word_embeddings": True,
+             "layer_types": _lfm2_layer_types, "full_attn_idxs": _lfm2_attention_blocks},
+    "lfm2_moe": {"norm_eps": 1e-5, "conv_L_cache": 3, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                 "num_dense_layers": 1, "layer_types": _lfm2_layer_types, "full_attn_idxs": _lfm2_attention_blocks},
     "qwen3_5_moe_text": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                          "shared_expert_intermediate_size": 48, **_LINEAR_ATTENTION},
     "qwen2_moe": {

@@ -1,5 +1,5 @@
-"""Hybrid attention (Qwen3-Next, Qwen3.5): Gated DeltaNet blocks, which keep a recurrent state and
-return their output alone, between attention blocks, which keep a KV cache. Either kind is the
+"""Hybrid attention (Qwen3-Next, Qwen3.5, LFM2): Gated DeltaNet or short-convolution blocks, which
+keep a recurrent state and return their output alone, between attention blocks, which keep a KV cache. Either kind is the
 block's attention sublayer; each has its own stand-in; `layer_types` follows the blocks kept."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from surgery.arch import decoder_layers
+from surgery.arch import architecture_of, decoder_layers
 from surgery.cut import cut, removed_sublayers
 from surgery.export.checkpoint import export_checkpoint, load_exported
 from surgery.hf_modeling import RemovedAttention, RemovedLinearAttention
@@ -17,7 +17,7 @@ from surgery.tiny import tiny_model
 from tests.cli import error_line, run
 from tests.test_ablation import assert_cache_consistent, ids
 
-FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"]
+FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "lfm2", "lfm2_moe"]
 FAST = ["--samples", "2", "--seq-len", "32", "--max-removed", "2", "--eval-tasks", "piqa", "--eval-limit", "4",
         "--eval-ppl", "wikitext2", "--eval-ppl-windows", "2", "--no-eval-speed", "--device", "cpu"]
 
@@ -37,28 +37,31 @@ def test_each_kind_of_attention_goes_with_its_own_stand_in(family, tmp_path, tok
     from tests.hooks import skipped
 
     uncut = tiny_model(family, num_layers=6)
-    assert uncut.config.layer_types == ["linear_attention", "full_attention"] * 3
+    arch = architecture_of(uncut.config)
+    linear, kind = arch.linear_attention, arch.linear_layer_type  # (LFM2: conv, conv)
+    assert uncut.config.layer_types == [kind, "full_attention"] * 3
     units = parse_sublayers("L1,L2.attn,L3.attn")
     prompt = ids(1, 10)
     with skipped(uncut, units):
         expected = uncut(prompt, use_cache=False).logits
     model = tiny_model(family, num_layers=6)
     cut(model, units)
-    assert model.config.layer_types == ["linear_attention", "linear_attention", "full_attention", "linear_attention",
-                                         "full_attention"]
+    assert model.config.layer_types == [kind, kind, "full_attention", kind, "full_attention"]
+    if family.startswith("lfm2"):  # its releases list the attention blocks by index as well
+        assert model.config.full_attn_idxs == [2, 4]
     assert torch.allclose(model(prompt).logits, expected, atol=1e-5)
     export_checkpoint(model, tokenizer, tmp_path / "out", record={})
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["surgery"]["removed"] == {"attn": [1, 2], "mlp": []}
-    assert config["surgery"]["linear_attention"] == "linear_attn"
+    assert config["surgery"]["linear_attention"] == linear
     with safe_open(str(next((tmp_path / "out").glob("*.safetensors"))), "pt") as handle:
         names = set(handle.keys())
-    assert not any(n.startswith(("model.layers.1.linear_attn.", "model.layers.2.self_attn.")) for n in names)
-    assert any(n.startswith("model.layers.3.linear_attn.") for n in names)
+    assert not any(n.startswith((f"model.layers.1.{linear}.", "model.layers.2.self_attn.")) for n in names)
+    assert any(n.startswith(f"model.layers.3.{linear}.") for n in names)
     for via in ("package", "remote-code"):
         reloaded = load_exported(tmp_path / "out", via=via)
         layers = decoder_layers(reloaded)
-        assert isinstance(layers[1].linear_attn, RemovedLinearAttention) and isinstance(layers[2].self_attn, RemovedAttention)
+        assert isinstance(getattr(layers[1], linear), RemovedLinearAttention) and isinstance(layers[2].self_attn, RemovedAttention)
         assert [str(u) for u in removed_sublayers(reloaded)] == ["L1.attn", "L2.attn"]
         assert torch.allclose(reloaded(prompt).logits, expected, atol=1e-5), via
         assert torch.equal(greedy(reloaded, prompt), greedy(model, prompt)), via

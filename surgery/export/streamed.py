@@ -72,7 +72,7 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     arch = architecture_of(config)
     _check_tied_head(weights, config, arch)
     before = skeleton(config, getattr(torch, stored))
-    plan = plan_cut(config.num_hidden_layers, units, removed_sublayers(before), getattr(config, "layer_types", None))
+    plan = plan_cut(config.num_hidden_layers, units, removed_sublayers(before), arch.attention_blocks(config))
     as_written = read_config(folder)  # not the config object: it counts its class's default where the file is silent
     mtp = mtp_modules(weights.info, as_written, len(plan.kept))
     cut_config(config, arch, plan)
