@@ -137,16 +137,17 @@ class Architecture:
     def attention_in(self, layer: Any) -> str:
         """The name of `layer`'s attention sublayer: a hybrid family's linear attention in the
         blocks that have it instead of the attention."""
-        if self.linear_attention and not hasattr(layer, self.attention) and hasattr(layer, self.linear_attention):
-            return self.linear_attention
-        return self.attention
+        return self.sublayer_modules("attn", layer)[0]
 
     def sublayer_modules(self, kind: str, layer: Any = None) -> tuple[str, ...]:
         """The module names inside decoder block `layer` that make up sublayer `kind` ("attn"/"mlp");
-        without a block, the family's usual ones (a hybrid block may name its linear attention instead)."""
-        if kind == "attn":
-            return (self.attention if layer is None else self.attention_in(layer), *self.attention_norms)
-        return (self.mlp, *self.mlp_norms)
+        without a block, the family's usual ones (a hybrid block may name its linear attention
+        instead: hf_modeling.sublayer_names, which a checkpoint's own code runs too)."""
+        if layer is not None:
+            from surgery.hf_modeling import sublayer_names
+
+            return tuple(sublayer_names(layer, kind, self.stand_in_spec()))
+        return (self.attention, *self.attention_norms) if kind == "attn" else (self.mlp, *self.mlp_norms)
 
 
 _LLAMA = Architecture()
@@ -178,12 +179,12 @@ _HYBRID = dict(linear_attention="linear_attn", linear_attention_output="out_proj
                mtp_prefix="mtp.", mtp_count_config="mtp_num_hidden_layers",
                step_rule=StepRule("layer_types", "full_attention_interval", "llama.cpp's converter", marker="full_attention"))
 _NEXT_LINEAR_LORA = ("in_proj_qkvz", "in_proj_ba", "out_proj")
+_QWEN35_LINEAR_LORA = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 # LFM2: short-convolution blocks between attention ones; the attention's output is out_proj too
 _LFM2 = dict(linear_attention="conv", linear_attention_output="out_proj", linear_layer_type="conv", attention_output="out_proj",
              attention_norms=("operator_norm",), mlp="feed_forward", mlp_norms=("ffn_norm",), final_norm="model.embedding_norm",
              per_layer_config=("layer_types",), layer_index_config=("full_attn_idxs",),
              lora_may_lack=(("q_proj", "k_proj", "v_proj", "out_proj"), ("in_proj", "out_proj")))
-_QWEN35_LINEAR_LORA = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": replace(_LLAMA, gguf_arch="llama"),
@@ -272,13 +273,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3_5_text": replace(_LLAMA, **_HYBRID, lora_targets=(*_ATTENTION_ONLY_LORA, *_QWEN35_LINEAR_LORA, "gate_proj", "up_proj",
                                                              "down_proj"),
                             lora_may_lack=(_ATTENTION_ONLY_LORA, _QWEN35_LINEAR_LORA)),
+    "qwen3_5_moe_text": replace(_MOE, **_HYBRID, moe_outputs=("experts.down_proj", "shared_expert.down_proj"),
+                                lora_targets=(*_ATTENTION_ONLY_LORA, *_QWEN35_LINEAR_LORA),
+                                lora_may_lack=(_ATTENTION_ONLY_LORA, _QWEN35_LINEAR_LORA)),
+    # LFM2 (Liquid): short-convolution blocks between attention ones; LFM2-MoE's first blocks dense.
     "lfm2": replace(_LLAMA, **_LFM2, mlp_output="w2", lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1",
                                                                     "w2", "w3")),
     "lfm2_moe": replace(_MOE, **_LFM2, moe_outputs=("experts.down_proj", "w2"), prefix_count_config=("num_dense_layers",),
                         lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "in_proj")),
-    "qwen3_5_moe_text": replace(_MOE, **_HYBRID, moe_outputs=("experts.down_proj", "shared_expert.down_proj"),
-                                lora_targets=(*_ATTENTION_ONLY_LORA, *_QWEN35_LINEAR_LORA),
-                                lora_may_lack=(_ATTENTION_ONLY_LORA, _QWEN35_LINEAR_LORA)),
 }
 
 

@@ -86,7 +86,7 @@ class RemovedBlock(nn.Module):
 
 
 class RemovedLinearAttention(nn.Module):
-    """A hybrid family's linear attention (Qwen3-Next's Gated DeltaNet) that adds nothing: it returns
+    """A hybrid family's linear attention (Gated DeltaNet, LFM2's short convolution) that adds nothing: it returns
     its output alone, as the module it replaces does, and keeps no recurrent state, which no other
     block reads (the cache's length comes from attention layers)."""
 
