@@ -19,6 +19,7 @@ from surgery.arch import (
     mtp_modules,
     quantization_method,
     read_config,
+    text_family,
 )
 from surgery.errors import SurgeryError
 from surgery.settings import AnalysisSettings, EvalSettings, ExportSettings, HealSettings, LoadSettings, StreamSettings
@@ -215,6 +216,8 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
 
     check_device_options(load.device, load.device_map)
     source = resolve(model_spec, allow_pickle=load.allow_pickle)
+    if text_family(read_config(source.path)):
+        return _describe_multimodal(model_spec, source.path, load)
     config = load_config(source.path)
     empty = skeleton(config)
     _check_weight_shapes(source.path, empty)
@@ -245,6 +248,32 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     for step in steps:
         steps_table.add_row(step.command, step.how, f"{step.holds / gib:.2f} GiB", step.note)
     console.print(steps_table)
+
+
+def _describe_multimodal(model_spec: str, folder: Path, load: LoadSettings) -> None:
+    """`surgery info` on a multimodal checkpoint: its text decoder, as extract-text would write it
+    (mapped from the headers, nothing loaded), and what is left behind."""
+    from rich.table import Table
+
+    from surgery.console import console
+    from surgery.export.text_decoder import prepare_text_decoder
+
+    decoder = prepare_text_decoder(folder, load.trust_remote_code)
+    stored, gib = read_config(folder), 2**30
+    layers = decoder.config.num_hidden_layers
+    table = Table(title=f"{model_spec}", show_header=False)
+    table.add_row("folder", str(folder))
+    table.add_row("family", f"{stored.get('model_type')} (multimodal), text decoder {decoder.config.model_type}")
+    table.add_row("decoder blocks", f"{layers} (L0-L{layers - 1}), {2 * layers} sublayers")
+    table.add_row("decoder parameters", f"{decoder.parameters:,}")
+    table.add_row("decoder weights", f"{decoder.nbytes / gib:.2f} GiB in {str(decoder.config.dtype).removeprefix('torch.')}")
+    if decoder.mtp:
+        table.add_row("multi-token prediction", f"{mtp_layer_count(stored['text_config'])} module(s): extract-text carries them")
+    table.add_row("left behind", ", ".join(f"{prefix} ({count} tensors)" for prefix, count in sorted(decoder.left_behind.items()))
+                  or "nothing")
+    table.add_row("next", f"surgery extract-text {model_spec} --out FOLDER copies the decoder file to file (little memory); "
+                          "every other command, and surgery info's memory plan, take that folder")
+    console.print(table)
 
 
 def _mtp_summary(folder: Path, config: dict[str, Any], method: str | None) -> str:

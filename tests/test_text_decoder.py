@@ -292,3 +292,23 @@ def test_qwen3_5s_decoder_is_extracted_with_its_mtp_modules(tmp_path, tokenizer)
     assert cut.exit_code == 0, cut.output
     assert mtp <= {name for file in (tmp_path / "cut").glob("*.safetensors") for name in load_file(file)}
     assert json.loads((tmp_path / "cut" / "config.json").read_text())["mtp_num_hidden_layers"] == 1
+
+
+@pytest.mark.parametrize("make, family, left", [(gemma3, "gemma3_text", {"vision_tower", "multi_modal_projector"}),
+                                                (qwen3_5, "qwen3_5_text", {"model.visual"})])
+def test_info_describes_the_text_decoder_a_multimodal_checkpoint_holds(make, family, left, tmp_path, tokenizer):
+    """From the headers, as extract-text would map them: the decoder's blocks and parameters (those
+    the extracted checkpoint then has), what stays behind, and the next command."""
+    from surgery.loading import load_model
+
+    source = tmp_path / "multimodal"
+    make(source, tokenizer)
+    result = run("info", source, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"text decoder {family}" in text and "decoder blocks │ 4 (L0-L3)" in text
+    assert all(f"{prefix} (" in text for prefix in left)
+    assert "next │ surgery extract-text" in text and "--out FOLDER copies the decoder" in text
+    assert run("extract-text", source, "--out", tmp_path / "text", "--device", "cpu").exit_code == 0
+    parameters = sum(p.numel() for p in load_model(str(tmp_path / "text"), device="cpu").model.parameters())
+    assert f"decoder parameters │ {parameters:,}" in text
