@@ -276,7 +276,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3_5_moe_text": replace(_MOE, **_HYBRID, moe_outputs=("experts.down_proj", "shared_expert.down_proj"),
                                 lora_targets=(*_ATTENTION_ONLY_LORA, *_QWEN35_LINEAR_LORA),
                                 lora_may_lack=(_ATTENTION_ONLY_LORA, _QWEN35_LINEAR_LORA)),
-    # LFM2 (Liquid): short-convolution blocks between attention ones; LFM2-MoE's first blocks dense.
+    # LFM2 and LFM3 (Liquid): short-convolution blocks between attention ones; LFM2-MoE's first
+    # blocks dense; LFM3 norms each sublayer's output as well (no bridge folds through a norm).
+    "lfm3": replace(replace(_LLAMA, **_LFM2), attention_norms=("operator_norm", "post_operator_norm"),
+                    mlp_norms=("ffn_norm", "post_ffn_norm"), attention_output=None, linear_attention_output=None, mlp_output=None,
+                    lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3")),
     "lfm2": replace(_LLAMA, **_LFM2, mlp_output="w2", lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1",
                                                                     "w2", "w3")),
     "lfm2_moe": replace(_MOE, **_LFM2, moe_outputs=("experts.down_proj", "w2"), prefix_count_config=("num_dense_layers",),

@@ -102,6 +102,9 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     # LFM2 lists its attention blocks twice (layer_types and full_attn_idxs), as its releases do
     "lfm2": {"norm_eps": 1e-5, "conv_L_cache": 3, "block_auto_adjust_ff_dim": False, "tie_word_embeddings": True,
              "layer_types": _lfm2_layer_types, "full_attn_idxs": _lfm2_attention_blocks},
+    "lfm3": {"norm_eps": 1e-5, "conv_L_cache": 3, "sliding_window": 4,  # its attention blocks alternate sliding and full
+             "layer_types": lambda layers: ["conv" if i % 2 == 0 else ("sliding_attention", "full_attention")[i // 2 % 2]
+                                            for i in range(layers)]},
     "lfm2_moe": {"norm_eps": 1e-5, "conv_L_cache": 3, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                  "num_dense_layers": 1, "layer_types": _lfm2_layer_types, "full_attn_idxs": _lfm2_attention_blocks},
     "qwen3_5_moe_text": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,

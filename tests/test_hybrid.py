@@ -17,7 +17,7 @@ from surgery.tiny import tiny_model
 from tests.cli import error_line, run
 from tests.test_ablation import assert_cache_consistent, ids
 
-FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "lfm2", "lfm2_moe"]
+FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "lfm2", "lfm2_moe", "lfm3"]
 FAST = ["--samples", "2", "--seq-len", "32", "--max-removed", "2", "--eval-tasks", "piqa", "--eval-limit", "4",
         "--eval-ppl", "wikitext2", "--eval-ppl-windows", "2", "--no-eval-speed", "--device", "cpu"]
 
@@ -39,15 +39,15 @@ def test_each_kind_of_attention_goes_with_its_own_stand_in(family, tmp_path, tok
     uncut = tiny_model(family, num_layers=6)
     arch = architecture_of(uncut.config)
     linear, kind = arch.linear_attention, arch.linear_layer_type  # (LFM2: conv, conv)
-    assert uncut.config.layer_types == [kind, "full_attention"] * 3
+    assert uncut.config.layer_types[::2] == [kind] * 3 and kind not in uncut.config.layer_types[1::2]
     units = parse_sublayers("L1,L2.attn,L3.attn")
     prompt = ids(1, 10)
     with skipped(uncut, units):
         expected = uncut(prompt, use_cache=False).logits
     model = tiny_model(family, num_layers=6)
     cut(model, units)
-    assert model.config.layer_types == [kind, kind, "full_attention", kind, "full_attention"]
-    if family.startswith("lfm2"):  # its releases list the attention blocks by index as well
+    assert model.config.layer_types == [uncut.config.layer_types[i] for i in (0, 2, 3, 4, 5)]
+    if family in ("lfm2", "lfm2_moe"):  # its releases list the attention blocks by index as well
         assert model.config.full_attn_idxs == [2, 4]
     assert torch.allclose(model(prompt).logits, expected, atol=1e-5)
     export_checkpoint(model, tokenizer, tmp_path / "out", record={})
