@@ -70,7 +70,10 @@ class Architecture:
     counts some (`mtp_count_config`): None for extra blocks numbered on after the last
     (DeepSeek-V3, GLM-4.5: `model.layers.61`), else the prefix of their names (K-EXAONE, Qwen3-Next:
     `mtp.`).
-    mtp_count_config: the config key that counts them.
+    mtp_count_config: the config keys that may count them, the one a cut writes first (vLLM reads
+    Qwen3-Next's count as num_nextn_predict_layers, Qwen3.5's as mtp_num_hidden_layers). Where
+    the config names none, a family with an `mtp_prefix` counts what its files hold under it (the
+    names say which modules they are; vLLM assumes one).
     linear_attention / linear_attention_output / linear_layer_type: hybrid families (Qwen3-Next,
     Qwen3.5, LFM2): the module that takes the attention's place in blocks of that `layer_types`
     entry (Gated DeltaNet, LFM2's short convolution), and its output projection. It keeps a
@@ -104,7 +107,7 @@ class Architecture:
     extra_outputs_flag: str | None = None
     experts_output_last: bool = False
     mtp_prefix: str | None = None
-    mtp_count_config: str = "num_nextn_predict_layers"
+    mtp_count_config: tuple[str, ...] = ("num_nextn_predict_layers",)
     linear_attention: str | None = None
     linear_attention_output: str | None = None
     linear_layer_type: str = "linear_attention"
@@ -176,7 +179,7 @@ QUERY_LAYOUTS = (("q_proj",), ("q_a_proj", "q_b_proj"))  # the LoRA targets a la
 # Hybrid attention (Qwen3-Next, Qwen3.5): Gated DeltaNet blocks between the attention ones; their
 # projections differ between the two generations. A cut may keep no block of one of the two types.
 _HYBRID = dict(linear_attention="linear_attn", linear_attention_output="out_proj", per_layer_config=("layer_types",),
-               mtp_prefix="mtp.", mtp_count_config="mtp_num_hidden_layers",
+               mtp_prefix="mtp.", mtp_count_config=("mtp_num_hidden_layers", "num_nextn_predict_layers"),
                step_rule=StepRule("layer_types", "full_attention_interval", "llama.cpp's converter", marker="full_attention"))
 _NEXT_LINEAR_LORA = ("in_proj_qkvz", "in_proj_ba", "out_proj")
 _QWEN35_LINEAR_LORA = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
@@ -268,7 +271,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     # Hybrid attention: three Gated DeltaNet blocks to each attention block (layer_types), MTP under
     # `mtp.`. Qwen3-Next routes Qwen-MoE style; Qwen3.5 (its text decoder, after extract-text) is
     # dense or routes in every block.
-    "qwen3_next": replace(_QWEN_MOE, **_HYBRID, lora_targets=(*_ATTENTION_ONLY_LORA, *_NEXT_LINEAR_LORA),
+    "qwen3_next": replace(_QWEN_MOE, **{**_HYBRID, "mtp_count_config": ("num_nextn_predict_layers", "mtp_num_hidden_layers")},
+                          lora_targets=(*_ATTENTION_ONLY_LORA, *_NEXT_LINEAR_LORA),
                           lora_may_lack=(_ATTENTION_ONLY_LORA, _NEXT_LINEAR_LORA)),
     "qwen3_5_text": replace(_LLAMA, **_HYBRID, lora_targets=(*_ATTENTION_ONLY_LORA, *_QWEN35_LINEAR_LORA, "gate_proj", "up_proj",
                                                              "down_proj"),
@@ -380,15 +384,25 @@ class MtpModules:
 
 
 def mtp_count_key(config: Any) -> str:
-    """The config key that counts a checkpoint's MTP modules (Architecture.mtp_count_config)."""
+    """The config key that counts a checkpoint's MTP modules: the first of the family's keys
+    (Architecture.mtp_count_config) the config has, else the one a count is written under."""
     family = MODULE_ALIASES.get(base_model_type(config), base_model_type(config))
-    return ARCHITECTURES.get(family, _LLAMA).mtp_count_config
+    keys = ARCHITECTURES.get(family, _LLAMA).mtp_count_config
+    has = (lambda key: key in config) if isinstance(config, dict) else (lambda key: key in vars(config))
+    return next((key for key in keys if has(key)), keys[0])
 
 
-def mtp_layer_count(config: Any) -> int:
-    """How many MTP modules the config (object or config.json dict) says the checkpoint holds."""
+def mtp_layer_count(config: Any, names: Any = ()) -> int:
+    """How many MTP modules the config (object or config.json dict) says the checkpoint holds; where
+    it names no count, those a family with an `mtp_prefix` holds under it among tensor `names`."""
     key = mtp_count_key(config)
     value = config.get(key) if isinstance(config, dict) else getattr(config, key, 0)
+    named = key in config if isinstance(config, dict) else key in vars(config)
+    family = ARCHITECTURES.get(MODULE_ALIASES.get(base_model_type(config), base_model_type(config)), _LLAMA)
+    if not named and family.mtp_prefix:
+        held = {name[len(family.mtp_prefix) + len("layers."):].partition(".")[0]
+                for name in names if name.startswith(f"{family.mtp_prefix}layers.")}
+        return next(k for k in range(len(held) + 1) if str(k) not in held)
     return value if isinstance(value, int) and value > 0 else 0
 
 
@@ -401,7 +415,7 @@ def mtp_modules(names: Any, config: Any, num_layers: int | None = None) -> MtpMo
     lack; a prefixed family's shared tensors (`mtp.fc`, `mtp.norm`) go with any.
     `config` is best the dict read from config.json: a config object counts the class's default
     (1 for DeepSeek-V3) where the file says nothing."""
-    count = mtp_layer_count(config)
+    count = mtp_layer_count(config, names)
     if not count:
         return MtpModules({}, 0)
     arch = architecture_of(config)

@@ -211,6 +211,7 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     from surgery.layerwise import load_config, skeleton
     from surgery.loading import check_device_options, resolve_device
     from surgery.memory import plan, safetensors_bytes
+    from surgery.shards import SafetensorsFolder
     from surgery.source import resolve
     from surgery.sublayers import format_sublayers
 
@@ -235,8 +236,9 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     table.add_row("weights", f"{found.weights / gib:.2f} GiB in {found.dtype}, largest block {max(found.blocks, default=0) / gib:.2f} GiB")
     method = quantization_method(source.path)
     stored = read_config(source.path)  # not the config object: it counts its class's default where the file is silent
-    if mtp_layer_count(stored):
-        table.add_row("multi-token prediction", _mtp_summary(source.path, stored, method))
+    names = SafetensorsFolder(source.path).info if safetensors_bytes(source.path) else {}
+    if mtp_layer_count(stored, names):
+        table.add_row("multi-token prediction", _mtp_summary(names, stored, method))
     if method:
         table.add_row("stored", f"{method}-quantised ({safetensors_bytes(source.path) / gib:.2f} GiB of files): cut and "
                                 f"prune turn it back into {found.dtype} and export it so; analyze and eval run it as stored")
@@ -268,7 +270,7 @@ def _describe_multimodal(model_spec: str, folder: Path, load: LoadSettings) -> N
     table.add_row("decoder parameters", f"{decoder.parameters:,}")
     table.add_row("decoder weights", f"{decoder.nbytes / gib:.2f} GiB in {str(decoder.config.dtype).removeprefix('torch.')}")
     if decoder.mtp:
-        table.add_row("multi-token prediction", f"{mtp_layer_count(stored['text_config'])} module(s): extract-text carries them")
+        table.add_row("multi-token prediction", f"{mtp_layer_count(stored['text_config'], decoder.mtp)} module(s): extract-text carries them")
     table.add_row("left behind", ", ".join(f"{prefix} ({count} tensors)" for prefix, count in sorted(decoder.left_behind.items()))
                   or "nothing")
     table.add_row("next", f"surgery extract-text {model_spec} --out FOLDER copies the decoder file to file (little memory); "
@@ -276,13 +278,11 @@ def _describe_multimodal(model_spec: str, folder: Path, load: LoadSettings) -> N
     console.print(table)
 
 
-def _mtp_summary(folder: Path, config: dict[str, Any], method: str | None) -> str:
-    """What `surgery info` says of the MTP modules config.json counts (arch.mtp_modules)."""
-    from surgery.memory import safetensors_bytes
-    from surgery.shards import SafetensorsFolder
-
-    counted = mtp_layer_count(config)
-    found = mtp_modules(SafetensorsFolder(folder).info, config).layers if safetensors_bytes(folder) else 0
+def _mtp_summary(names: Any, config: dict[str, Any], method: str | None) -> str:
+    """What `surgery info` says of the MTP modules config.json counts (arch.mtp_modules) and the
+    files hold (`names`: their tensors)."""
+    counted = mtp_layer_count(config, names)
+    found = mtp_modules(names, config).layers
     if method:
         return f"{counted} module(s), stored {method}-quantised: a cut or prune carries none and counts none"
     where = "under their own names" if architecture_of(config).mtp_prefix else "numbered on after its last block"

@@ -227,3 +227,23 @@ def test_the_free_space_check_counts_the_modules_carried(tiny_folder, tmp_path, 
 
     model_bytes = weights_bytes(load_exported(tmp_path / "cut"))  # what the check counted before
     assert asked == [model_bytes + sum(t.numel() * t.element_size() for t in modules.values())]
+
+
+@pytest.mark.parametrize("family, key", [("qwen3_next", "num_nextn_predict_layers"), ("qwen3_5_text", "mtp_num_hidden_layers")])
+@pytest.mark.parametrize("mode", ["no-stream", "stream"])
+def test_a_prefixed_familys_modules_count_where_the_config_names_no_count(family, key, mode, tiny_folder, tmp_path):
+    """A Qwen3-Next config may name no count (vLLM then assumes one module, under the key it reads
+    for that family): the files' mtp.layers.{k} say how many there are; the cut carries them and
+    writes the count where vLLM reads it; surgery info counts them too."""
+    source, _ = tiny_folder(family, num_layers=4)
+    modules = with_mtp_modules(source)
+    config = json.loads((source / "config.json").read_text())
+    config.pop(mtp_count_key(config))
+    (source / "config.json").write_text(json.dumps(config))
+    result = run("cut", source, "--remove", "L0", "--out", tmp_path / "cut", f"--{mode}", "--device", "cpu")
+    assert result.exit_code == 0 and "multi-token-prediction" not in result.output, result.output
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())[key] == 1
+    written = all_tensors(tmp_path / "cut")
+    assert all(torch.equal(written[name], tensor) for name, tensor in modules.items())
+    info = run("info", source, "--device", "cpu")
+    assert info.exit_code == 0 and "1 of 1 module(s) in the files" in " ".join(info.output.split()), info.output

@@ -135,14 +135,14 @@ def _counted_mtp_modules(model: Any, source: Path | None) -> tuple[Any, int]:
     if source is None or not (Path(source) / "config.json").is_file():
         return found, 0
     stored = read_config(Path(source))  # not the config object: it counts its class's default where the file is silent
-    weights = {}
-    if mtp_layer_count(stored) and any(Path(source).glob("*.safetensors")):
+    weights = SafetensorsFolder(Path(source)).info if any(Path(source).glob("*.safetensors")) else {}
+    declared = mtp_layer_count(stored, weights)
+    if declared and weights:
         if quantization_method(stored):
             why = f"are stored {quantization_method(stored)}-quantised and the model was dequantised"
         else:
-            weights = SafetensorsFolder(Path(source)).info
             found = mtp_modules(weights, stored, unwrap(model).config.num_hidden_layers)
-    count_carried_mtp(unwrap(model).config, found, mtp_layer_count(stored), why)
+    count_carried_mtp(unwrap(model).config, found, declared, why)
     return found, sum(weights[old].nbytes for old in found.tensors.values())
 
 

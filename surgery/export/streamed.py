@@ -76,7 +76,7 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     as_written = read_config(folder)  # not the config object: it counts its class's default where the file is silent
     mtp = mtp_modules(weights.info, as_written, len(plan.kept))
     cut_config(config, arch, plan)
-    count_carried_mtp(config, mtp, mtp_layer_count(as_written))
+    count_carried_mtp(config, mtp, mtp_layer_count(as_written, weights.info))
     after = skeleton(config, getattr(torch, stored))
     config.dtype, config.architectures = stored, [type(after).__name__]  # as save_pretrained records them
     tensors = {}

@@ -86,7 +86,7 @@ def prepare_text_decoder(folder: Path, trust_remote_code: bool = False) -> TextD
     tensors = {name: _source_tensor(weights, folder, name, shape) for name, shape in checkpoint_shapes(model).items()}
     mtp = mtp_modules(weights.info, data["text_config"])  # (the text_config counts them)
     tensors.update({name: weights.info[where] for name, where in mtp.tensors.items()})
-    count_carried_mtp(config, mtp, mtp_layer_count(data["text_config"]))
+    count_carried_mtp(config, mtp, mtp_layer_count(data["text_config"], weights.info))
     return TextDecoder(Path(folder), config, tensors, _left_behind(folder, weights, tensors), count_parameters(model),
                        tuple(mtp.tensors))
 
