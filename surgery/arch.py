@@ -24,7 +24,8 @@ class StepRule:
     """Layers some runtimes place by a step alone, layer i when (i + 1) % step == 0 (none for 0),
     where transformers reads a list: Llama 4's MoE layers (`moe_layers`; vLLM and SGLang read
     `interleave_moe_layer_step`), a hybrid family's attention blocks (`layer_types`; llama.cpp's
-    converter reads `full_attention_interval`, with 4 where the config is silent)."""
+    converter read `full_attention_interval` alone, 4 where the config is silent, until its PR
+    #28208 wrote the list as well)."""
 
     listed: str  # the config list transformers reads
     step: str  # the config key the others read instead
@@ -180,7 +181,8 @@ QUERY_LAYOUTS = (("q_proj",), ("q_a_proj", "q_b_proj"))  # the LoRA targets a la
 # projections differ between the two generations. A cut may keep no block of one of the two types.
 _HYBRID = dict(linear_attention="linear_attn", linear_attention_output="out_proj", per_layer_config=("layer_types",),
                mtp_prefix="mtp.", mtp_count_config=("mtp_num_hidden_layers", "num_nextn_predict_layers"),
-               step_rule=StepRule("layer_types", "full_attention_interval", "llama.cpp's converter", marker="full_attention"))
+               step_rule=StepRule("layer_types", "full_attention_interval", "llama.cpp converters older than its PR #28208 (2026-09)",
+                                  marker="full_attention"))
 _NEXT_LINEAR_LORA = ("in_proj_qkvz", "in_proj_ba", "out_proj")
 _QWEN35_LINEAR_LORA = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 # LFM2: short-convolution blocks between attention ones; the attention's output is out_proj too
