@@ -385,13 +385,23 @@ class MtpModules:
     layers: int  # how many modules those tensors make
 
 
-def mtp_count_key(config: Any) -> str:
-    """The config key that counts a checkpoint's MTP modules: the first of the family's keys
-    (Architecture.mtp_count_config) the config has, else the one a count is written under."""
+def mtp_count_keys(config: Any) -> tuple[str, ...]:
+    """The config keys that may count a checkpoint's MTP modules (Architecture.mtp_count_config):
+    the first is the one serving engines read for the family."""
     family = MODULE_ALIASES.get(base_model_type(config), base_model_type(config))
-    keys = ARCHITECTURES.get(family, _LLAMA).mtp_count_config
-    has = (lambda key: key in config) if isinstance(config, dict) else (lambda key: key in vars(config))
-    return next((key for key in keys if has(key)), keys[0])
+    return ARCHITECTURES.get(family, _LLAMA).mtp_count_config
+
+
+def has_config_key(config: Any, key: str) -> bool:
+    """Whether the config (object or config.json dict) itself holds `key`."""
+    return key in config if isinstance(config, dict) else key in vars(config)
+
+
+def mtp_count_key(config: Any) -> str:
+    """The config key that counts a checkpoint's MTP modules: the first of the family's keys the
+    config has, else the one serving engines read."""
+    keys = mtp_count_keys(config)
+    return next((key for key in keys if has_config_key(config, key)), keys[0])
 
 
 def mtp_layer_count(config: Any, names: Any = ()) -> int:
@@ -399,7 +409,7 @@ def mtp_layer_count(config: Any, names: Any = ()) -> int:
     it names no count, those a family with an `mtp_prefix` holds under it among tensor `names`."""
     key = mtp_count_key(config)
     value = config.get(key) if isinstance(config, dict) else getattr(config, key, 0)
-    named = key in config if isinstance(config, dict) else key in vars(config)
+    named = has_config_key(config, key)
     family = ARCHITECTURES.get(MODULE_ALIASES.get(base_model_type(config), base_model_type(config)), _LLAMA)
     if not named and family.mtp_prefix:
         held = {name[len(family.mtp_prefix) + len("layers."):].partition(".")[0]

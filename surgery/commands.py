@@ -269,8 +269,9 @@ def _describe_multimodal(model_spec: str, folder: Path, load: LoadSettings) -> N
     table.add_row("decoder blocks", f"{layers} (L0-L{layers - 1}), {2 * layers} sublayers")
     table.add_row("decoder parameters", f"{decoder.parameters:,}")
     table.add_row("decoder weights", f"{decoder.nbytes / gib:.2f} GiB in {str(decoder.config.dtype).removeprefix('torch.')}")
-    if decoder.mtp:
-        table.add_row("multi-token prediction", f"{mtp_layer_count(stored['text_config'], decoder.mtp)} module(s): extract-text carries them")
+    if decoder.mtp_declared:
+        table.add_row("multi-token prediction", f"{decoder.mtp_layers} of {decoder.mtp_declared} module(s) in the files: "
+                                                f"extract-text carries {'them' if decoder.mtp_layers == decoder.mtp_declared else 'those'}")
     table.add_row("left behind", ", ".join(f"{prefix} ({count} tensors)" for prefix, count in sorted(decoder.left_behind.items()))
                   or "nothing")
     table.add_row("next", f"surgery extract-text {model_spec} --out FOLDER copies the decoder file to file (little memory); "

@@ -545,3 +545,22 @@ def test_cli_eval_reads_a_model_too_large_for_memory_block_by_block(tiny_folder,
         line = one_line(run("eval", folder, "--layerwise", *options, "--data-dir", data_dir, "--out", tmp_path / "refused.json"))
         assert message in line, line
     assert not (tmp_path / "refused.json").exists()
+
+
+def test_a_hybrid_models_cache_counts_its_linear_layers_states():
+    """A Gated DeltaNet layer keeps a conv state (its q, k and v channels over the kernel) and a
+    recurrent state (a key x value matrix per value head), whatever the length: deleting one such
+    block frees exactly those bytes, and the cache was not counting them before."""
+    from surgery.cut import cut
+    from surgery.evaluate.speed import measure_speed
+    from surgery.settings import SpeedProtocol
+    from surgery.sublayers import parse_sublayers
+
+    protocol = SpeedProtocol(prompt_tokens=16, decode_tokens=2, repeats=1)
+    model = tiny_model("qwen3_next", num_layers=4)  # linear attention in L0 and L2
+    c = model.config
+    channels = 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
+    states = channels * c.linear_conv_kernel_dim + c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim
+    dense = measure_speed(model, protocol)["kv_cache_bytes"]
+    cut(model, parse_sublayers("L0"))
+    assert dense - measure_speed(model, protocol)["kv_cache_bytes"] == 4 * states  # float32, one sequence

@@ -82,8 +82,9 @@ def test_a_cut_that_keeps_no_attention_block_is_refused(stream, tiny_folder, tmp
 
 
 def test_prune_heals_a_hybrid_model_end_to_end(tiny_folder, tmp_path, data_dir, monkeypatch):
-    """Scoring by ablation, the plan, a bridge into linear or full attention, LoRA on both kinds of
-    projections, export and the evaluations before and after, on Qwen3-Next's MoE layout."""
+    """Scoring by ablation, the plan, the bridges, LoRA healing (tests/test_heal.py checks that both
+    kinds of projections get adapters), export and the evaluations before and after, on Qwen3-Next's
+    MoE layout."""
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     source, _ = tiny_folder("qwen3_next", num_layers=6)
     out = tmp_path / "pruned"
@@ -94,6 +95,7 @@ def test_prune_heals_a_hybrid_model_end_to_end(tiny_folder, tmp_path, data_dir, 
     report = json.loads((out / "report.json").read_text())
     assert set(report["evaluations"]) == {"source", "pruned", "healed"}
     assert report["healing"]["loss_after"] < report["healing"]["loss_before"]
+    assert report["bridge"]["bridges"]  # folded into a kept linear or full attention, or an FFN, before each cut run
     reloaded = load_exported(out, via="package")
     assert len(removed_sublayers(reloaded)) + 2 * (6 - reloaded.config.num_hidden_layers) == 2
     assert len(reloaded.config.layer_types) == reloaded.config.num_hidden_layers

@@ -247,3 +247,18 @@ def test_a_prefixed_familys_modules_count_where_the_config_names_no_count(family
     assert all(torch.equal(written[name], tensor) for name, tensor in modules.items())
     info = run("info", source, "--device", "cpu")
     assert info.exit_code == 0 and "1 of 1 module(s) in the files" in " ".join(info.output.split()), info.output
+
+
+@pytest.mark.parametrize("mode", ["no-stream", "stream"])
+def test_every_count_key_the_config_holds_says_what_the_cut_carries(mode, tiny_folder, tmp_path):
+    """A Qwen3-Next config naming its count under both keys, over files holding one of two modules:
+    the key vLLM reads for the family and the other one both count the one carried."""
+    source, _ = tiny_folder("qwen3_next", num_layers=4)
+    with_mtp_modules(source, count=2, stored=1)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 2, "mtp_num_hidden_layers": 2}))
+    result = run("cut", source, "--remove", "L0", "--out", tmp_path / "cut", f"--{mode}", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "(num_nextn_predict_layers = 1)" in " ".join(result.output.split())
+    written = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert written["num_nextn_predict_layers"] == 1 and written["mtp_num_hidden_layers"] == 1

@@ -308,6 +308,7 @@ def test_info_describes_the_text_decoder_a_multimodal_checkpoint_holds(make, fam
     text = " ".join(result.output.split())
     assert f"text decoder {family}" in text and "decoder blocks │ 4 (L0-L3)" in text
     assert all(f"{prefix} (" in text for prefix in left)
+    assert ("multi-token prediction │ 1 of 1 module(s) in the files" in text) == (family == "qwen3_5_text")
     assert "next │ surgery extract-text" in text and "--out FOLDER copies the decoder" in text
     assert run("extract-text", source, "--out", tmp_path / "text", "--device", "cpu").exit_code == 0
     parameters = sum(p.numel() for p in load_model(str(tmp_path / "text"), device="cpu").model.parameters())

@@ -34,11 +34,13 @@ def files_bytes(folder: Path | None) -> int | None:
 
 
 def _cache_bytes(cache: Any) -> int:
+    """What the generation cache holds: keys and values, and a hybrid model's linear layers' conv
+    and recurrent states (one state per sequence, whatever its length)."""
     total = 0
     for layer in getattr(cache, "layers", []):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if tensor is not None and hasattr(tensor, "numel"):
-                total += tensor.numel() * tensor.element_size()
+        states = [*(getattr(layer, name, None) or {} for name in ("conv_states", "recurrent_states"))]
+        tensors = [getattr(layer, "keys", None), getattr(layer, "values", None), *(t for d in states for t in d.values())]
+        total += sum(t.numel() * t.element_size() for t in tensors if t is not None and hasattr(t, "numel"))
     return total
 
 

@@ -149,14 +149,17 @@ def _counted_mtp_modules(model: Any, source: Path | None) -> tuple[Any, int]:
 def count_carried_mtp(config: Any, carried: Any, declared: int, why: str = MTP_NOT_STORED) -> None:
     """Make `config` count the multi-token-prediction modules its checkpoint carries, saying so
     when that is fewer than the source's config.json declared (a serving engine would look for the rest)."""
-    from surgery.arch import mtp_count_key, mtp_layer_count
+    from surgery.arch import has_config_key, mtp_count_keys
     from surgery.console import console
 
+    keys = mtp_count_keys(config)
     if carried.layers < declared:
         console.print(f"the source's {declared - carried.layers} multi-token-prediction module(s) {why}: the export "
-                      f"carries {carried.layers} ({mtp_count_key(config)} = {carried.layers})")
-    if mtp_layer_count(config) != carried.layers:
-        setattr(config, mtp_count_key(config), carried.layers)
+                      f"carries {carried.layers} ({keys[0]} = {carried.layers})")
+    present = [key for key in keys if has_config_key(config, key)]
+    if present or declared or carried.layers:  # the key engines read, and any other the config holds, say what is carried
+        for key in dict.fromkeys([keys[0], *present]):
+            setattr(config, key, carried.layers)
 
 
 def _add_mtp_modules(model: Any, carried: Any, source: Path | None, folder: Path, max_shard_size: int | str | None) -> None:

@@ -51,6 +51,8 @@ class TextDecoder:
     left_behind: dict[str, int]  # what else the source holds (vision tower, projector): name prefix -> tensors
     parameters: int
     mtp: tuple[str, ...] = ()  # the decoder's multi-token-prediction tensors among `tensors` (Qwen3.5: mtp.*)
+    mtp_layers: int = 0  # the MTP modules those tensors make
+    mtp_declared: int = 0  # those the source's text config counts
 
     @property
     def nbytes(self) -> int:
@@ -86,9 +88,10 @@ def prepare_text_decoder(folder: Path, trust_remote_code: bool = False) -> TextD
     tensors = {name: _source_tensor(weights, folder, name, shape) for name, shape in checkpoint_shapes(model).items()}
     mtp = mtp_modules(weights.info, data["text_config"])  # (the text_config counts them)
     tensors.update({name: weights.info[where] for name, where in mtp.tensors.items()})
-    count_carried_mtp(config, mtp, mtp_layer_count(data["text_config"], weights.info))
+    declared = mtp_layer_count(data["text_config"], weights.info)
+    count_carried_mtp(config, mtp, declared)
     return TextDecoder(Path(folder), config, tensors, _left_behind(folder, weights, tensors), count_parameters(model),
-                       tuple(mtp.tensors))
+                       tuple(mtp.tensors), mtp.layers, declared)
 
 
 def _text_config(folder: Path, data: dict[str, Any], trust_remote_code: bool) -> Any:
