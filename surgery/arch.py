@@ -385,11 +385,17 @@ class MtpModules:
     layers: int  # how many modules those tensors make
 
 
+def _entry_or_default(config: Any) -> Architecture:
+    """The table entry for `config`, or Llama's where the family is not supported (what the MTP
+    questions below fall back to, as `surgery info` asks them before anything is refused)."""
+    family = base_model_type(config)
+    return ARCHITECTURES.get(MODULE_ALIASES.get(family, family), _LLAMA)
+
+
 def mtp_count_keys(config: Any) -> tuple[str, ...]:
     """The config keys that may count a checkpoint's MTP modules (Architecture.mtp_count_config):
     the first is the one serving engines read for the family."""
-    family = MODULE_ALIASES.get(base_model_type(config), base_model_type(config))
-    return ARCHITECTURES.get(family, _LLAMA).mtp_count_config
+    return _entry_or_default(config).mtp_count_config
 
 
 def has_config_key(config: Any, key: str) -> bool:
@@ -404,17 +410,22 @@ def mtp_count_key(config: Any) -> str:
     return next((key for key in keys if has_config_key(config, key)), keys[0])
 
 
+def mtp_counted_from_files(config: Any) -> bool:
+    """Whether the files, not the config, say how many MTP modules there are: the config names no
+    count and the family keeps them under a prefix (whose names say which modules they are)."""
+    entry = _entry_or_default(config)
+    return bool(entry.mtp_prefix) and not any(has_config_key(config, key) for key in entry.mtp_count_config)
+
+
 def mtp_layer_count(config: Any, names: Any = ()) -> int:
     """How many MTP modules the config (object or config.json dict) says the checkpoint holds; where
-    it names no count, those a family with an `mtp_prefix` holds under it among tensor `names`."""
+    the files say it (mtp_counted_from_files), those held under the prefix among tensor `names`."""
+    if mtp_counted_from_files(config):
+        prefix = f"{_entry_or_default(config).mtp_prefix}layers."
+        held = {name[len(prefix):].partition(".")[0] for name in names if name.startswith(prefix)}
+        return next(k for k in range(len(held) + 1) if str(k) not in held)
     key = mtp_count_key(config)
     value = config.get(key) if isinstance(config, dict) else getattr(config, key, 0)
-    named = has_config_key(config, key)
-    family = ARCHITECTURES.get(MODULE_ALIASES.get(base_model_type(config), base_model_type(config)), _LLAMA)
-    if not named and family.mtp_prefix:
-        held = {name[len(family.mtp_prefix) + len("layers."):].partition(".")[0]
-                for name in names if name.startswith(f"{family.mtp_prefix}layers.")}
-        return next(k for k in range(len(held) + 1) if str(k) not in held)
     return value if isinstance(value, int) and value > 0 else 0
 
 

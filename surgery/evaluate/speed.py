@@ -38,8 +38,9 @@ def _cache_bytes(cache: Any) -> int:
     and recurrent states (one state per sequence, whatever its length)."""
     total = 0
     for layer in getattr(cache, "layers", []):
-        states = [*(getattr(layer, name, None) or {} for name in ("conv_states", "recurrent_states"))]
-        tensors = [getattr(layer, "keys", None), getattr(layer, "values", None), *(t for d in states for t in d.values())]
+        tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        for name in ("conv_states", "recurrent_states"):  # a hybrid model's linear layers, one dict of states each
+            tensors += list((getattr(layer, name, None) or {}).values())
         total += sum(t.numel() * t.element_size() for t in tensors if t is not None and hasattr(t, "numel"))
     return total
 

@@ -128,14 +128,15 @@ def _counted_mtp_modules(model: Any, source: Path | None) -> tuple[Any, int]:
     transformers never loads them into the model, so they are copied from the source's files:
     unless these are quantised (the model was dequantised; its modules would not be) or not
     safetensors."""
-    from surgery.arch import MtpModules, mtp_layer_count, mtp_modules, quantization_method, read_config
+    from surgery.arch import MtpModules, mtp_counted_from_files, mtp_layer_count, mtp_modules, quantization_method, read_config
     from surgery.shards import SafetensorsFolder
 
     found, why = MtpModules({}, 0), MTP_NOT_STORED
     if source is None or not (Path(source) / "config.json").is_file():
         return found, 0
     stored = read_config(Path(source))  # not the config object: it counts its class's default where the file is silent
-    weights = SafetensorsFolder(Path(source)).info if any(Path(source).glob("*.safetensors")) else {}
+    may_hold = mtp_layer_count(stored) or mtp_counted_from_files(stored)  # (else no header is read)
+    weights = SafetensorsFolder(Path(source)).info if may_hold and any(Path(source).glob("*.safetensors")) else {}
     declared = mtp_layer_count(stored, weights)
     if declared and weights:
         if quantization_method(stored):
