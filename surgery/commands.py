@@ -217,8 +217,9 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
 
     check_device_options(load.device, load.device_map)
     source = resolve(model_spec, allow_pickle=load.allow_pickle)
-    if text_family(read_config(source.path)):
-        return _describe_multimodal(model_spec, source.path, load)
+    stored = read_config(source.path)  # not the config object: it counts its class's default where the file is silent
+    if text_family(stored):
+        return _describe_multimodal(model_spec, source.path, stored, load)
     config = load_config(source.path)
     empty = skeleton(config)
     _check_weight_shapes(source.path, empty)
@@ -235,7 +236,6 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     table.add_row("removed sublayers", format_sublayers(removed) if removed else "none")
     table.add_row("weights", f"{found.weights / gib:.2f} GiB in {found.dtype}, largest block {max(found.blocks, default=0) / gib:.2f} GiB")
     method = quantization_method(source.path)
-    stored = read_config(source.path)  # not the config object: it counts its class's default where the file is silent
     names = SafetensorsFolder(source.path).info if safetensors_bytes(source.path) else {}
     if mtp_layer_count(stored, names):
         table.add_row("multi-token prediction", _mtp_summary(names, stored, method))
@@ -252,7 +252,7 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     console.print(steps_table)
 
 
-def _describe_multimodal(model_spec: str, folder: Path, load: LoadSettings) -> None:
+def _describe_multimodal(model_spec: str, folder: Path, stored: dict[str, Any], load: LoadSettings) -> None:
     """`surgery info` on a multimodal checkpoint: its text decoder, as extract-text would write it
     (mapped from the headers, nothing loaded), and what is left behind."""
     from rich.table import Table
@@ -261,7 +261,7 @@ def _describe_multimodal(model_spec: str, folder: Path, load: LoadSettings) -> N
     from surgery.export.text_decoder import prepare_text_decoder
 
     decoder = prepare_text_decoder(folder, load.trust_remote_code)
-    stored, gib = read_config(folder), 2**30
+    gib = 2**30
     layers = decoder.config.num_hidden_layers
     table = Table(title=f"{model_spec}", show_header=False)
     table.add_row("folder", str(folder))
