@@ -132,8 +132,9 @@ class Architecture:
                 **({"linear_attention": self.linear_attention} if self.linear_attention else {})}
 
     def attention_blocks(self, config: Any) -> list[int] | None:
-        """A hybrid config's attention blocks (the others are linear); None for other families."""
-        types = getattr(config, "layer_types", None)
+        """A hybrid config's (object or config.json dict) attention blocks (the others are linear);
+        None for other families."""
+        types = config_value(config, "layer_types")
         if not self.linear_attention or not isinstance(types, list):
             return None
         return [i for i, kind in enumerate(types) if kind != self.linear_layer_type]
@@ -302,7 +303,7 @@ MODULE_ALIASES = {"nemotron-nas": "llama"}
 def base_model_type(config: Any) -> str:
     """The family of a config (object or config.json dict); a surgery checkpoint reports the
     family it was cut from."""
-    model_type = (config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)) or ""
+    model_type = config_value(config, "model_type") or ""
     if model_type.startswith(SURGERY_MODEL_TYPE_PREFIX):
         return model_type[len(SURGERY_MODEL_TYPE_PREFIX) :]
     return model_type
@@ -324,7 +325,7 @@ def architecture_of(config: Any) -> Architecture:
         )
     arch = ARCHITECTURES[model_type]
     for key, value, why in arch.refused_configs:
-        if (config.get(key) if isinstance(config, dict) else getattr(config, key, None)) == value:
+        if config_value(config, key) == value:
             raise SurgeryError(f"{model_type} with {key}={value} is not supported: {why}; only its sequential variant is")
     return arch
 
@@ -332,7 +333,7 @@ def architecture_of(config: Any) -> Architecture:
 def text_family(config: Any) -> str | None:
     """The supported family of a multimodal config's text decoder (Gemma 3's gemma3_text, Mistral
     3's mistral), None for any other config."""
-    text = config.get("text_config") if isinstance(config, dict) else getattr(config, "text_config", None)
+    text = config_value(config, "text_config")
     if text is None or base_model_type(config) in ARCHITECTURES:
         return None
     family = base_model_type(text)
@@ -398,6 +399,11 @@ def mtp_count_keys(config: Any) -> tuple[str, ...]:
     return _entry_or_default(config).mtp_count_config
 
 
+def config_value(config: Any, key: str, default: Any = None) -> Any:
+    """`key` of a config object or of the dict read from config.json (`default` where it has none)."""
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+
 def has_config_key(config: Any, key: str) -> bool:
     """Whether the config (object or config.json dict) itself holds `key`."""
     return key in config if isinstance(config, dict) else key in vars(config)
@@ -425,7 +431,7 @@ def mtp_layer_count(config: Any, names: Any = ()) -> int:
         held = {name[len(prefix):].partition(".")[0] for name in names if name.startswith(prefix)}
         return next(k for k in range(len(held) + 1) if str(k) not in held)
     key = mtp_count_key(config)
-    value = config.get(key) if isinstance(config, dict) else getattr(config, key, 0)
+    value = config_value(config, key, 0)
     return value if isinstance(value, int) and value > 0 else 0
 
 
@@ -445,7 +451,7 @@ def mtp_modules(names: Any, config: Any, num_layers: int | None = None) -> MtpMo
     if arch.mtp_prefix:  # mtp.layers.{k}: numbered apart from the blocks
         blocks, first, start = f"{arch.mtp_prefix}layers.", 0, 0
     else:  # model.layers.{num_hidden_layers + k}
-        blocks, first = f"{arch.layers}.", config["num_hidden_layers"] if isinstance(config, dict) else config.num_hidden_layers
+        blocks, first = f"{arch.layers}.", config_value(config, "num_hidden_layers")
         start = first if num_layers is None else num_layers
     by_module: dict[int, dict[str, str]] = {}
     shared: dict[str, str] = {}

@@ -95,8 +95,7 @@ def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, 
     """`surgery cut`: remove sublayers physically and write a verified checkpoint in `export.format`,
     in memory or, for a model that does not fit (or with --stream), streamed file to file
     (surgery.export.streamed; the Hugging Face layout only)."""
-    from surgery.arch import config_layers
-    from surgery.cut import validate_removal
+    from surgery.cut import check_named_cut
     from surgery.export.nemotron import check_export_source
     from surgery.files import check_output_folder, claimed_folder
     from surgery.sublayers import parse_sublayers
@@ -104,7 +103,7 @@ def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, 
     settings = settings or StreamSettings()
     units = parse_sublayers(remove)
     source = resolve_with_output_check(model_spec, lambda protected: check_output_folder(out, force=force, protected=protected), load)
-    validate_removal(units, config_layers(source.path))
+    check_named_cut(source.path, units)
     check_export_source(source.path, export.format)
     streamed = _streams(source.path, settings, load)
     if streamed and export.format != "hf":

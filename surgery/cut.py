@@ -139,6 +139,15 @@ def plan_cut(num_layers: int, units: Iterable[Sublayer], previous: Iterable[Subl
     return plan
 
 
+def check_named_cut(folder: Any, units: Iterable[Sublayer]) -> None:
+    """plan_cut's refusals of named ids from config.json alone, before any weight loads (and before
+    an analysis or evaluation that can take hours)."""
+    from surgery.arch import config_layers, text_config
+
+    config = text_config(folder)
+    plan_cut(config_layers(folder), units, attention_blocks=architecture_of(config).attention_blocks(config))
+
+
 def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
     """Remove `units` from `model` in place (the object is modified; files on disk never are)."""
     base = unwrap(model)

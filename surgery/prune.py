@@ -37,7 +37,7 @@ class Checked:
 
 def check(settings: PruneSettings) -> Checked:
     """Fail now on anything knowable before loading: names, output folders, devices, ids, data."""
-    from surgery.arch import check_sequence_fits, config_layers
+    from surgery.arch import check_sequence_fits
     from surgery.files import check_output_folder, check_resumable_folder
     from surgery.loading import check_device_options
     from surgery.source import named_paths, resolve
@@ -58,10 +58,10 @@ def check(settings: PruneSettings) -> Checked:
     needs_calibration = bool(methods) or (chosen.needs_calibration and not target.ids) or settings.bridge
     source = resolve(settings.model, allow_pickle=settings.load.allow_pickle)
     check_output_folder(out, force=settings.force, protected=[source.path])
+    _check_target(settings, target, source.path)
     from surgery.export.nemotron import check_export_source
 
     check_export_source(source.path, settings.export.format)
-    _check_target(settings, target, config_layers(source.path))
     _check_fits(settings, source.path)
     if needs_calibration:
         check_sequence_fits(source.path, settings.analysis.seq_len, "--seq-len")
@@ -81,13 +81,17 @@ def check(settings: PruneSettings) -> Checked:
     return Checked(source, out, methods, _check_data(settings, needs_calibration))
 
 
-def _check_target(settings: PruneSettings, target: Any, layers: int) -> None:
-    """Sublayer ids in range and a count the model can give, from config.json: before the model
-    loads and before an analysis that can take hours."""
+def _check_target(settings: PruneSettings, target: Any, folder: Path) -> None:
+    """Sublayer ids the cut can take and a count the model can give, from config.json: before the
+    model loads and before an analysis that can take hours."""
+    from surgery.arch import config_layers
+    from surgery.cut import check_named_cut
     from surgery.sublayers import check_in_range, parse_sublayers
 
-    manual = parse_sublayers(settings.protect) if settings.protect else []
-    check_in_range([*manual, *target.ids], layers)
+    layers = config_layers(folder)
+    check_in_range(parse_sublayers(settings.protect) if settings.protect else [], layers)
+    if target.ids:
+        check_named_cut(folder, target.ids)
     units = layers if settings.granularity == "block" else 2 * layers
     if target.count is not None and target.count >= units:
         raise SurgeryError(f"--remove {target.count} asks for {target.count} of the model's {units} {settings.granularity}s: "
@@ -180,7 +184,7 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
     """The removal plan: the strategy's choice under the target, never touching protected units
     (--protect, and the analysis' cornerstones with --keep-cornerstones). `value_after`: the
     calibration value function strategies that score as they go read (default: built on first use)."""
-    from surgery.arch import num_layers
+    from surgery.arch import architecture_of, num_layers
     from surgery.console import task
     from surgery.cut import sublayer_parameters
     from surgery.strategies import Target, make_plan
@@ -194,7 +198,8 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
         plan = make_plan(settings.strategy, settings.granularity, Target.parse(settings.remove), num_layers(loaded.model),
                          sublayer_parameters(loaded.model), analysis=analysis, protected=protected, seed=settings.seed,
                          value_after=value_after or CalibrationValue(loaded, settings), candidates=settings.iterative_candidates,
-                         progress=lambda done, total: progress.update(description=f"planning: {done} units chosen"))
+                         progress=lambda done, total: progress.update(description=f"planning: {done} units chosen"),
+                         attention_blocks=architecture_of(loaded.model.config).attention_blocks(loaded.model.config))
     if found:
         plan.notes.append("cornerstones found by the analysis: " + ", ".join(c["id"] for c in found))
     if not plan.units:

@@ -81,6 +81,17 @@ def test_a_cut_that_keeps_no_attention_block_is_refused(stream, tiny_folder, tmp
     assert kept.exit_code == 0, kept.output  # an attention block stays, its attention a stand-in that keeps the length
 
 
+def test_prune_refuses_named_ids_that_take_every_attention_block_before_loading(tiny_folder, tmp_path, data_dir):
+    """Known from config.json alone: refused before the model loads (so before any stage prints its
+    line: planning, evaluating), writing nothing."""
+    source, _ = tiny_folder("qwen3_5_text", num_layers=4)
+    result = run("prune", source, "--remove", "L1,L3", "--out", tmp_path / "pruned", "--data-dir", data_dir, *FAST)
+    assert result.exit_code == 2
+    assert "removes every attention block (L1,L3) of a hybrid model" in error_line(result)
+    assert "planning" not in result.output and "evaluating" not in result.output
+    assert not (tmp_path / "pruned").exists()
+
+
 def test_prune_heals_a_hybrid_model_end_to_end(tiny_folder, tmp_path, data_dir, monkeypatch):
     """Scoring by ablation, the plan, the bridges, LoRA healing (tests/test_heal.py checks that both
     kinds of projections get adapters), export and the evaluations before and after, on Qwen3-Next's

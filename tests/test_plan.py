@@ -4,7 +4,7 @@ import pytest
 
 from surgery.errors import SurgeryError
 from surgery.strategies import STRATEGIES, Target, make_plan, units_of
-from surgery.sublayers import Sublayer, parse_sublayers
+from surgery.sublayers import Sublayer, full_blocks, parse_sublayers
 
 LAYERS = 8
 
@@ -140,6 +140,27 @@ def test_sleb_rescores_every_block_at_every_step():
     assert plan("iterative", remove="2", value_after=value_after, candidates=1).units != result.units
     with pytest.raises(SurgeryError, match="--granularity block"):
         plan("sleb", "sublayer")
+
+
+@pytest.mark.parametrize("strategy, granularity", [(name, g) for name, s in STRATEGIES.items() for g in s.granularities])
+def test_a_hybrid_model_keeps_one_of_its_attention_blocks(strategy, granularity):
+    """Where a strategy would take every attention block of a hybrid model (whose cache transformers
+    measures in them), the plan keeps the one it ranks most valuable and still meets the budget."""
+    free = plan(strategy, granularity, remove="50%")
+    taken = sorted(full_blocks(free.units))
+    assert taken  # the premise: these blocks go whole when nothing constrains the choice
+    kept = plan(strategy, granularity, remove="50%", attention_blocks=taken)
+    assert not set(taken) <= set(full_blocks(kept.units))
+    assert within_one_unit(kept, granularity, 0.5), kept.parameters_removed
+    assert any("had chosen every attention block" in note for note in kept.notes)
+    untouched = plan(strategy, granularity, remove="50%", attention_blocks=[*taken, *(b for b in range(LAYERS) if b not in taken)][-1:])
+    assert untouched.units == free.units and untouched.notes == free.notes
+
+
+def test_the_attention_block_kept_is_the_one_ranked_most_valuable():
+    result = plan("shapley", remove="2", attention_blocks=[3, 4])  # unconstrained: L3, L4 (ties in stream order)
+    assert result.units == parse_sublayers("L2,L3")
+    assert result.notes[0].startswith("kept L4.attn: the shapley strategy had chosen every attention block")
 
 
 def test_a_written_plan_reads_back_as_the_same_plan():

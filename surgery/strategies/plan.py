@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from surgery.errors import SurgeryError
@@ -214,9 +214,11 @@ def make_plan(
     value_after: Callable[[list[Sublayer]], float] | None = None,
     candidates: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    attention_blocks: list[int] | None = None,
 ) -> RemovalPlan:
     """Choose what to remove. `value_after(removed sublayers)` is read by strategies that score on
-    calibration text themselves (iterative)."""
+    calibration text themselves (iterative). `attention_blocks`: a hybrid model's, one of which the
+    cut must keep (Architecture.attention_blocks)."""
     chosen_strategy = strategy(strategy_name)
     if granularity not in GRANULARITIES:
         raise SurgeryError(f"unknown granularity '{granularity}': use block or sublayer")
@@ -238,10 +240,28 @@ def make_plan(
                       _goal_count(target, removable, unit_parameters, decoder, granularity), analysis, seed, value_after,
                       candidates, progress)
     chosen, order = chosen_strategy.choose(problem)
+    notes = []
+    if attention_blocks and set(attention_blocks) <= set(full_blocks([s for u in chosen for s in u])):
+        keep = _most_valuable_attention(order, attention_blocks)
+        removable = [u for u in removable if keep not in u]
+        problem = replace(problem, removable=removable,
+                          goal_count=_goal_count(target, removable, unit_parameters, decoder, granularity))
+        chosen, order = chosen_strategy.choose(problem)
+        notes.append(f"kept {keep}: the {strategy_name} strategy had chosen every attention block of this hybrid model, "
+                     f"whose cache transformers measures there; of them it ranks L{keep.layer} the most valuable")
     units = sorted(s for u in chosen for s in u)
     if len(full_blocks(units)) >= layers:
         raise SurgeryError("that removes every block: choose a smaller target")
-    return _plan(strategy_name, granularity, target, units, protected_set, unit_parameters, decoder, [unit_name(u) for u in order])
+    plan = _plan(strategy_name, granularity, target, units, protected_set, unit_parameters, decoder, [unit_name(u) for u in order])
+    plan.notes += notes
+    return plan
+
+
+def _most_valuable_attention(order: list[Unit], attention_blocks: list[int]) -> Sublayer:
+    """The attention sublayer of the attention block that comes last in a strategy's order (least
+    valuable first): the one to keep when the strategy would take them all."""
+    wanted = {Sublayer(block, "attn") for block in attention_blocks}
+    return next(s for unit in reversed(order) for s in unit if s in wanted)
 
 
 def _goal_count(target: Target, removable: list[Unit], unit_parameters: Callable[[Unit], int], decoder: int,
