@@ -82,6 +82,11 @@ class Architecture:
     (hf_modeling.RemovedLinearAttention); it is the block's "attn" sublayer.
     lora_may_lack: groups of LoRA targets a model of the family may lack, one group at a time (the
     query layout latent attention does not use; a hybrid cut that kept no block of one layer type).
+    mlp_companions: modules beside `mlp` in the block whose outputs the block adds to its output
+    (Granite 4.0-H: the routed experts, `block_sparse_moe`, beside the `shared_mlp` every block has),
+    each with the weight that writes it. They are part of the FFN sublayer: they go with it (their
+    stand-ins add nothing) and a bridge folds into them too. A block may hold None there (Granite's
+    dense models have no experts).
     """
 
     layers: str = "model.layers"
@@ -113,6 +118,7 @@ class Architecture:
     linear_attention_output: str | None = None
     linear_layer_type: str = "linear_attention"
     lora_may_lack: tuple[tuple[str, ...], ...] = ()
+    mlp_companions: tuple[tuple[str, str], ...] = ()
 
     def output_projections(self, kind: str) -> tuple[str, ...]:
         """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the
@@ -121,7 +127,7 @@ class Architecture:
             pairs = ((self.attention, self.attention_output), (self.linear_attention, self.linear_attention_output))
             return tuple(f"{module}.{output}" for module, output in pairs if module and output)
         inner = ((self.mlp_output,) if self.mlp_output else ()) + self.moe_outputs
-        return tuple(f"{self.mlp}.{name}" for name in inner)
+        return tuple(f"{self.mlp}.{name}" for name in inner) + tuple(f"{module}.{output}" for module, output in self.mlp_companions)
 
     def stand_in_spec(self) -> dict[str, Any]:
         """What hf_modeling.remove_sublayer needs to put stand-ins in this family's blocks; a
@@ -129,7 +135,8 @@ class Architecture:
         return {"layers": self.layers, "modules": {kind: list(self.sublayer_modules(kind)) for kind in ("attn", "mlp")},
                 "mlp_extra_outputs": self.mlp_extra_outputs,
                 **({"extra_outputs_flag": self.extra_outputs_flag} if self.extra_outputs_flag else {}),
-                **({"linear_attention": self.linear_attention} if self.linear_attention else {})}
+                **({"linear_attention": self.linear_attention} if self.linear_attention else {}),
+                **({"mlp_companions": [module for module, _ in self.mlp_companions]} if self.mlp_companions else {})}
 
     def attention_blocks(self, config: Any) -> list[int] | None:
         """A hybrid config's (object or config.json dict) attention blocks (the others are linear);
@@ -152,7 +159,9 @@ class Architecture:
             from surgery.hf_modeling import sublayer_names
 
             return tuple(sublayer_names(layer, kind, self.stand_in_spec()))
-        return (self.attention, *self.attention_norms) if kind == "attn" else (self.mlp, *self.mlp_norms)
+        if kind == "attn":
+            return (self.attention, *self.attention_norms)
+        return (self.mlp, *(module for module, _ in self.mlp_companions), *self.mlp_norms)
 
 
 _LLAMA = Architecture()
@@ -186,6 +195,7 @@ _HYBRID = dict(linear_attention="linear_attn", linear_attention_output="out_proj
                                   marker="full_attention"))
 _NEXT_LINEAR_LORA = ("in_proj_qkvz", "in_proj_ba", "out_proj")
 _QWEN35_LINEAR_LORA = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+_MAMBA_LORA = ("in_proj", "out_proj")
 # LFM2: short-convolution blocks between attention ones; the attention's output is out_proj too
 _LFM2 = dict(linear_attention="conv", linear_attention_output="out_proj", linear_layer_type="conv", attention_output="out_proj",
              attention_norms=("operator_norm",), mlp="feed_forward", mlp_norms=("ffn_norm",), final_norm="model.embedding_norm",
@@ -240,6 +250,15 @@ ARCHITECTURES: dict[str, Architecture] = {
     "phimoe": _MOE,
     "gpt_oss": replace(_MOE, per_layer_config=("layer_types",), mlp_extra_outputs=1),
     "granitemoe": replace(_MOE, mlp="block_sparse_moe", logit_divisor_config="logits_scaling"),
+    # Granite 4.0-H: Mamba-2 blocks between attention ones (layer_types; released configs say "mamba"
+    # and "attention", which transformers reads as linear_attention and full_attention); each FFN
+    # is a shared MLP plus, in the MoE sizes, routed experts beside it. LoRA reaches all but the experts.
+    "granitemoehybrid": replace(_LLAMA, linear_attention="mamba", linear_attention_output="out_proj", per_layer_config=("layer_types",),
+                                mlp="shared_mlp", mlp_output="output_linear",
+                                mlp_companions=(("block_sparse_moe", "experts.down_proj"),),
+                                logit_divisor_config="logits_scaling",
+                                lora_targets=(*_ATTENTION_ONLY_LORA, *_MAMBA_LORA, "input_linear", "output_linear"),
+                                lora_may_lack=(_ATTENTION_ONLY_LORA, _MAMBA_LORA)),
     # DeepSeek-V2/V3 / GLM-4.5: multi-head latent attention (DeepSeek), dense FFNs in the first k
     # layers, then routed experts beside shared ones. LoRA heals through attention alone: peft
     # turns FFN names of these families into the fused experts' parameters, which it cannot train

@@ -13,7 +13,8 @@ The checkpoint's config carries a `surgery` entry:
      "modules": {"attn": ["self_attn", "input_layernorm"], "mlp": ["mlp", "post_attention_layernorm"]},
      "mlp_extra_outputs": 0,                           # values the FFN returns beside its output
      "extra_outputs_flag": None,                       # (only in blocks where this attribute is true)
-     "linear_attention": "linear_attn"}                # hybrid families: the attention's place in some blocks
+     "linear_attention": "linear_attn",                # hybrid families: the attention's place in some blocks
+     "mlp_companions": ["block_sparse_moe"]}           # modules beside the FFN whose outputs join it (Granite 4.0-H)
 
 The same file, shipped as `modeling_decilm.py`, is the configuration and model code of the
 Nemotron-NAS (DeciLM) export (`decilm_classes`): NVIDIA's own files do not load under
@@ -96,10 +97,11 @@ class RemovedLinearAttention(nn.Module):
 
 def sublayer_names(layer: nn.Module, kind: str, spec: dict) -> list[str]:
     """The module names in decoder block `layer` that make up sublayer `kind`: the spec's, with a
-    hybrid block's linear attention where the block has it instead of the attention."""
+    hybrid block's linear attention where the block has it instead of the attention (some families
+    set the other one to None)."""
     names = list(spec["modules"][kind])
     linear = spec.get("linear_attention")
-    if kind == "attn" and linear and not hasattr(layer, names[0]) and hasattr(layer, linear):
+    if kind == "attn" and linear and getattr(layer, names[0], None) is None and getattr(layer, linear, None) is not None:
         names[0] = linear
     return names
 
@@ -122,8 +124,12 @@ def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> 
     else:
         stand_in = RemovedAttention(getattr(originals[names[0]], "layer_idx", layer_idx))  # its KV-cache slot
     setattr(layer, names[0], stand_in)
+    companions = spec.get("mlp_companions", []) if kind == "mlp" else []
     for name in names[1:]:
-        setattr(layer, name, RemovedNorm())
+        if name not in companions:
+            setattr(layer, name, RemovedNorm())
+        elif originals[name] is not None:  # a block without experts keeps its None
+            setattr(layer, name, RemovedMLP())
     return originals
 
 

@@ -99,6 +99,12 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen3_next": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
                    "decoder_sparse_step": 2, "mlp_only_layers": [], **_LINEAR_ATTENTION},
     "qwen3_5_text": {**_LINEAR_ATTENTION},
+    # Granite 4.0-H: Mamba-2 blocks before each attention one, named as its releases name them
+    "granitemoehybrid": {"num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 48, "mamba_n_heads": 4,
+                         "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_chunk_size": 16, "position_embedding_type": "rope",
+                         "logits_scaling": 2.0, "residual_multiplier": 0.5, "embedding_multiplier": 2.0,
+                         "attention_multiplier": 0.25,
+                         "layer_types": lambda layers: ["attention" if i % 2 else "mamba" for i in range(layers)]},
     # LFM2 lists its attention blocks twice (layer_types and full_attn_idxs), as its releases do
     "lfm2": {"norm_eps": 1e-5, "conv_L_cache": 3, "block_auto_adjust_ff_dim": False, "tie_word_embeddings": True,
              "layer_types": _lfm2_layer_types, "full_attn_idxs": _lfm2_attention_blocks},

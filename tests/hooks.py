@@ -30,8 +30,9 @@ def skipped(model, units: Iterable[Sublayer]) -> Iterator[None]:
     hooks = [layers[i].register_forward_hook(_identity, with_kwargs=True) for i in blocks]
     for unit in units:
         if unit.layer not in blocks:
-            module = getattr(layers[unit.layer], arch.attention_in(layers[unit.layer]) if unit.kind == "attn" else arch.mlp)
-            hooks.append(module.register_forward_hook(_zero))
+            layer = layers[unit.layer]
+            names = [arch.attention_in(layer)] if unit.kind == "attn" else [arch.mlp, *(m for m, _ in arch.mlp_companions)]
+            hooks += [module.register_forward_hook(_zero) for module in (getattr(layer, n) for n in names) if module is not None]
     try:
         yield
     finally:

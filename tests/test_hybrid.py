@@ -17,7 +17,7 @@ from surgery.tiny import tiny_model
 from tests.cli import error_line, run
 from tests.test_ablation import assert_cache_consistent, ids
 
-FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "lfm2", "lfm2_moe", "lfm3"]
+FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "lfm2", "lfm2_moe", "lfm3", "granitemoehybrid"]
 FAST = ["--samples", "2", "--seq-len", "32", "--max-removed", "2", "--eval-tasks", "piqa", "--eval-limit", "4",
         "--eval-ppl", "wikitext2", "--eval-ppl-windows", "2", "--no-eval-speed", "--device", "cpu"]
 
@@ -129,3 +129,37 @@ def test_a_cut_states_the_attention_interval_its_layer_types_follow(remove, inte
         assert config["full_attention_interval"] == interval
         assert [kind == "full_attention" for kind in config["layer_types"]] == \
             [(i + 1) % interval == 0 for i in range(config["num_hidden_layers"])]
+
+
+@pytest.mark.parametrize("experts", [4, 0])
+@torch.no_grad()
+def test_granite_4_h_ffn_goes_with_its_routed_experts_and_shared_mlp(experts, tmp_path, tokenizer):
+    """Granite 4.0-H's block adds its routed experts' output (the MoE sizes) to its shared MLP's: the
+    FFN sublayer is both. Removing it frees both modules' parameters, as the plan counts them, leaves
+    neither's weights in the checkpoint and computes what zeroing both computes; a dense size (no
+    experts: block_sparse_moe is None) cuts and reloads alike."""
+    from surgery.cut import sublayer_parameters
+    from tests.hooks import skipped
+
+    uncut = tiny_model("granitemoehybrid", num_layers=4, num_local_experts=experts)
+    units = parse_sublayers("L1.mlp,L2")
+    prompt = ids(1, 10)
+    with skipped(uncut, units):
+        expected = uncut(prompt, use_cache=False).logits
+    model = tiny_model("granitemoehybrid", num_layers=4, num_local_experts=experts)
+    planned = sublayer_parameters(model)(units)
+    result = cut(model, units)
+    assert result.parameters_before - result.parameters_after == planned
+    assert torch.allclose(model(prompt).logits, expected, atol=1e-5)
+    export_checkpoint(model, tokenizer, tmp_path / "out", record={})
+    with safe_open(str(next((tmp_path / "out").glob("*.safetensors"))), "pt") as handle:
+        names = set(handle.keys())
+    assert not any(n.startswith(("model.layers.1.shared_mlp.", "model.layers.1.block_sparse_moe.")) for n in names)
+    kept = ("model.layers.0.shared_mlp.", "model.layers.0.block_sparse_moe.") if experts else ("model.layers.0.shared_mlp.",)
+    assert all(any(n.startswith(prefix) for n in names) for prefix in kept)
+    for via in ("package", "remote-code"):
+        reloaded = load_exported(tmp_path / "out", via=via)
+        assert [str(u) for u in removed_sublayers(reloaded)] == ["L1.mlp"]
+        assert torch.allclose(reloaded(prompt).logits, expected, atol=1e-5), via
+        assert torch.equal(greedy(reloaded, prompt), greedy(model, prompt)), via
+    assert_cache_consistent(reloaded)
