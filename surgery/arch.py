@@ -195,7 +195,9 @@ _HYBRID = dict(linear_attention="linear_attn", linear_attention_output="out_proj
                                   marker="full_attention"))
 _NEXT_LINEAR_LORA = ("in_proj_qkvz", "in_proj_ba", "out_proj")
 _QWEN35_LINEAR_LORA = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
-_MAMBA_LORA = ("in_proj", "out_proj")
+# Mamba-2: its fused training kernel (mamba_ssm, on GPUs) reads out_proj's weight directly, past any
+# adapter on it (peft refuses it for the Mamba families it knows), so LoRA adapts in_proj alone.
+_MAMBA_LORA = ("in_proj",)
 # LFM2: short-convolution blocks between attention ones; the attention's output is out_proj too
 _LFM2 = dict(linear_attention="conv", linear_attention_output="out_proj", linear_layer_type="conv", attention_output="out_proj",
              attention_norms=("operator_norm",), mlp="feed_forward", mlp_norms=("ffn_norm",), final_norm="model.embedding_norm",
