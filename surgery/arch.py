@@ -87,6 +87,9 @@ class Architecture:
     each with the weight that writes it. They are part of the FFN sublayer: they go with it (their
     stand-ins add nothing) and a bridge folds into them too. A block may hold None there (Granite's
     dense models have no experts).
+    unquantized: module names (suffixes) 4-bit healing keeps in full precision, beside the output
+    layer: weights a fused kernel reads directly rather than through the module (Mamba-2's out_proj
+    in mamba_ssm's training kernel, which a 4-bit packed weight would break).
     """
 
     layers: str = "model.layers"
@@ -119,6 +122,7 @@ class Architecture:
     linear_layer_type: str = "linear_attention"
     lora_may_lack: tuple[tuple[str, ...], ...] = ()
     mlp_companions: tuple[tuple[str, str], ...] = ()
+    unquantized: tuple[str, ...] = ()
 
     def output_projections(self, kind: str) -> tuple[str, ...]:
         """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the
@@ -196,7 +200,8 @@ _HYBRID = dict(linear_attention="linear_attn", linear_attention_output="out_proj
 _NEXT_LINEAR_LORA = ("in_proj_qkvz", "in_proj_ba", "out_proj")
 _QWEN35_LINEAR_LORA = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 # Mamba-2: its fused training kernel (mamba_ssm, on GPUs) reads out_proj's weight directly, past any
-# adapter on it (peft refuses it for the Mamba families it knows), so LoRA adapts in_proj alone.
+# adapter on it (peft refuses it for the Mamba families it knows), so LoRA adapts in_proj alone and
+# 4-bit healing leaves out_proj unquantized.
 _MAMBA_LORA = ("in_proj",)
 # LFM2: short-convolution blocks between attention ones; the attention's output is out_proj too
 _LFM2 = dict(linear_attention="conv", linear_attention_output="out_proj", linear_layer_type="conv", attention_output="out_proj",
@@ -258,7 +263,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "granitemoehybrid": replace(_LLAMA, linear_attention="mamba", linear_attention_output="out_proj", per_layer_config=("layer_types",),
                                 mlp="shared_mlp", mlp_output="output_linear",
                                 mlp_companions=(("block_sparse_moe", "experts.down_proj"),),
-                                logit_divisor_config="logits_scaling",
+                                logit_divisor_config="logits_scaling", unquantized=("mamba.out_proj",),
                                 lora_targets=(*_ATTENTION_ONLY_LORA, *_MAMBA_LORA, "input_linear", "output_linear"),
                                 lora_may_lack=(_ATTENTION_ONLY_LORA, _MAMBA_LORA)),
     # DeepSeek-V2/V3 / GLM-4.5: multi-head latent attention (DeepSeek), dense FFNs in the first k

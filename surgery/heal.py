@@ -103,11 +103,15 @@ def under_fsdp() -> bool:
 
 
 def load_4bit(folder: Path, device: str, device_map: str | None = None) -> Any:
-    """The pruned model from `folder` in 4-bit NF4, guarded against the CPU repack."""
+    """The pruned model from `folder` in 4-bit NF4, guarded against the CPU repack. The output
+    layer and the family's `unquantized` modules stay in full precision."""
     import torch
     from transformers import BitsAndBytesConfig
 
+    from surgery.arch import architecture_of, text_config
     from surgery.loading import load_model
+
+    arch = architecture_of(text_config(folder))
 
     on_gpu = device.startswith("cuda")
     compute = torch.bfloat16 if on_gpu else torch.float32
@@ -117,6 +121,8 @@ def load_4bit(folder: Path, device: str, device_map: str | None = None) -> Any:
     config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
         bnb_4bit_quant_storage=compute if fsdp else torch.uint8,
+        # given a list, transformers skips only what it names: the output layer is named with the rest
+        llm_int8_skip_modules=[arch.lm_head, *arch.unquantized] if arch.unquantized else None,
     )
     placement = None if fsdp else device_map or ({"": device} if on_gpu else None)  # FSDP places the shards itself
     model = load_model(str(folder), quantization_config=config, device_map=placement, with_tokenizer=False).model

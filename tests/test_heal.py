@@ -124,6 +124,19 @@ def test_lora_targets_that_peft_cannot_train_are_one_line():
         add_lora(tiny_model("llama", 1), HealSettings(target_modules=("nothing_here",)), ARCHITECTURES["llama"])
 
 
+def test_4bit_healing_keeps_the_weights_fused_kernels_read_in_full_precision(tmp_path):
+    """Granite 4.0-H's Mamba-2 out_proj is read as a weight by mamba_ssm's fused training kernel:
+    it stays a plain Linear, as the output layer does, while every other projection is 4-bit."""
+    import bitsandbytes as bnb
+
+    tiny_model("granitemoehybrid", num_layers=2).save_pretrained(tmp_path)
+    quantized = load_4bit(tmp_path, "cpu")
+    mamba, attention = quantized.model.layers[0].mamba, quantized.model.layers[1].self_attn
+    assert type(mamba.out_proj) is torch.nn.Linear and type(quantized.lm_head) is torch.nn.Linear
+    assert isinstance(mamba.in_proj, bnb.nn.Linear4bit) and isinstance(attention.o_proj, bnb.nn.Linear4bit)
+    assert isinstance(quantized.model.layers[0].shared_mlp.output_linear, bnb.nn.Linear4bit)
+
+
 def test_an_already_repacked_model_is_refused(tmp_path):
     tiny_model("llama", num_layers=1).save_pretrained(tmp_path)
     quantized = load_4bit(tmp_path, "cpu")
