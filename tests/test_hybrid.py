@@ -163,3 +163,22 @@ def test_granite_4_h_ffn_goes_with_its_routed_experts_and_shared_mlp(experts, tm
         assert torch.allclose(reloaded(prompt).logits, expected, atol=1e-5), via
         assert torch.equal(greedy(reloaded, prompt), greedy(model, prompt)), via
     assert_cache_consistent(reloaded)
+
+
+@pytest.mark.parametrize("remove", ["L2,L3", "L1.mlp,L2"])
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_a_cut_writes_layer_types_in_the_sources_own_words(remove, stream, tiny_folder, tmp_path):
+    """Granite 4.0-H's releases name their blocks "mamba" and "attention", which transformers 5 reads as
+    linear_attention and full_attention and would save so: a cut writes the released names, which
+    runtimes that read config.json themselves know, and loads as the model it is."""
+    source, model = tiny_folder("granitemoehybrid", num_layers=6)
+    config = json.loads((source / "config.json").read_text())
+    released = ["mamba" if kind == "linear_attention" else "attention" for kind in config["layer_types"]]
+    (source / "config.json").write_text(json.dumps({**config, "layer_types": released}))
+    result = run("cut", source, "--remove", remove, "--out", tmp_path / "cut", stream, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "cut" / "config.json").read_text())
+    blocks = [i for i in range(6) if f"L{i}" not in remove.split(",")]
+    assert written["layer_types"] == [released[i] for i in blocks]
+    reloaded = load_exported(tmp_path / "cut")
+    assert reloaded.config.layer_types == [config["layer_types"][i] for i in blocks]

@@ -112,6 +112,7 @@ def _write(model: Any, tokenizer: Any, folder: Path, copy_from: Path | None, ext
         written = {"layout": layout, "nemotron": write_folder(model, tokenizer, folder)}
     else:
         write_model_folder(model, tokenizer, folder, max_shard_size)
+        keep_layer_type_names(folder, copy_from)
         if carried is not None and carried.tensors:
             _add_mtp_modules(model, carried, copy_from, folder, max_shard_size)
         written = {"layout": "hf"}
@@ -203,6 +204,34 @@ def _add_mtp_modules(model: Any, carried: Any, source: Path | None, folder: Path
                    max_shard_size=parse_size(max_shard_size), lies_in=(lambda info: tensors[info.name]) if as_stored else None)
     finally:
         weights.close()
+
+
+LAYER_TYPE_KEYS = ("layer_types", "mtp_layer_types")  # the per-layer lists transformers renames on load
+
+
+def keep_layer_type_names(folder: Path, source: Path | None) -> None:
+    """Write per-layer type lists in the source config.json's own words. transformers 5 reads older
+    names as its own (Granite 4.0-H's "mamba" and "attention" as "linear_attention" and
+    "full_attention") and saves those, which runtimes that read config.json themselves do not know
+    (mistral.rs parses "mamba" and "attention" only); every name transformers renamed goes back."""
+    if source is None or not (Path(source) / "config.json").is_file():
+        return
+    from transformers.configuration_utils import remap_legacy_layer_types
+
+    source_config = json.loads((Path(source) / "config.json").read_text())
+    path = folder / "config.json"
+    written = json.loads(path.read_text())
+    changed = False
+    for key in LAYER_TYPE_KEYS:
+        released, saved = source_config.get(key), written.get(key)
+        if not (isinstance(released, list) and isinstance(saved, list) and all(isinstance(v, str) for v in released)):
+            continue
+        own_words = {new: old for old, new in zip(released, remap_legacy_layer_types(released)) if new != old}
+        if own_words and any(value in own_words for value in saved):
+            written[key] = [own_words.get(value, value) for value in saved]
+            changed = True
+    if changed:
+        path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
 
 
 def add_files(folder: Path, copy_from: Path | None, extra_files: dict[str, str]) -> None:
