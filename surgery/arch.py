@@ -87,6 +87,10 @@ class Architecture:
     each with the weight that writes it. They are part of the FFN sublayer: they go with it (their
     stand-ins add nothing) and a bridge folds into them too. A block may hold None there (Granite's
     dense models have no experts).
+    linear_block_norms: where a hybrid's linear-attention blocks place their norms unlike its
+    attention blocks, (attention norms, FFN norms) of those blocks: OLMo-Hybrid norms its attention
+    blocks' sublayer outputs (OLMo 2) and its linear blocks' inputs, so one norm name serves the FFN
+    in one kind of block and the attention in the other.
     unquantized: module names (suffixes) 4-bit healing keeps in full precision, beside the output
     layer: weights a fused kernel reads directly rather than through the module (Mamba-2's out_proj
     in mamba_ssm's training kernel, which a 4-bit packed weight would break).
@@ -122,6 +126,7 @@ class Architecture:
     linear_layer_type: str = "linear_attention"
     lora_may_lack: tuple[tuple[str, ...], ...] = ()
     mlp_companions: tuple[tuple[str, str], ...] = ()
+    linear_block_norms: tuple[tuple[str, ...], tuple[str, ...]] | None = None
     unquantized: tuple[str, ...] = ()
 
     def output_projections(self, kind: str) -> tuple[str, ...]:
@@ -140,6 +145,8 @@ class Architecture:
                 "mlp_extra_outputs": self.mlp_extra_outputs,
                 **({"extra_outputs_flag": self.extra_outputs_flag} if self.extra_outputs_flag else {}),
                 **({"linear_attention": self.linear_attention} if self.linear_attention else {}),
+                **({"linear_norms": dict(zip(("attn", "mlp"), map(list, self.linear_block_norms)))}
+                   if self.linear_block_norms else {}),
                 **({"mlp_companions": [module for module, _ in self.mlp_companions]} if self.mlp_companions else {})}
 
     def attention_blocks(self, config: Any) -> list[int] | None:
@@ -203,6 +210,7 @@ _QWEN35_LINEAR_LORA = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "ou
 # adapter on it (peft refuses it for the Mamba families it knows), so LoRA adapts in_proj alone and
 # 4-bit healing leaves out_proj unquantized.
 _MAMBA_LORA = ("in_proj",)
+_OLMO_LINEAR_LORA = ("a_proj", "b_proj", "g_proj")  # beside q/k/v/o_proj, which its attention blocks name alike
 # LFM2: short-convolution blocks between attention ones; the attention's output is out_proj too
 _LFM2 = dict(linear_attention="conv", linear_attention_output="out_proj", linear_layer_type="conv", attention_output="out_proj",
              attention_norms=("operator_norm",), mlp="feed_forward", mlp_norms=("ffn_norm",), final_norm="model.embedding_norm",
@@ -249,6 +257,13 @@ ARCHITECTURES: dict[str, Architecture] = {
                     mlp_output=None, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")),
     "olmo2": _POST_NORM,
     "olmo3": replace(_POST_NORM, per_layer_config=("layer_types",)),
+    # OLMo-Hybrid: OLMo 3's post-norm attention blocks between pre-norm Gated DeltaNet ones, whose
+    # output projection alone is followed by no norm (the only place a bridge folds).
+    "olmo_hybrid": replace(_POST_NORM, linear_attention="linear_attn", linear_attention_output="o_proj",
+                           per_layer_config=("layer_types",),
+                           linear_block_norms=(("input_layernorm",), ("post_attention_layernorm",)),
+                           lora_targets=(*_ATTENTION_ONLY_LORA, *_OLMO_LINEAR_LORA, "gate_proj", "up_proj", "down_proj"),
+                           lora_may_lack=(_OLMO_LINEAR_LORA,)),
     "exaone4": replace(_POST_NORM, per_layer_config=("layer_types",)),
     "mixtral": _MOE,
     "qwen2_moe": replace(_QWEN_MOE, per_layer_config=("layer_types",)),  # its max_window_layers is no prefix count

@@ -14,6 +14,7 @@ The checkpoint's config carries a `surgery` entry:
      "mlp_extra_outputs": 0,                           # values the FFN returns beside its output
      "extra_outputs_flag": None,                       # (only in blocks where this attribute is true)
      "linear_attention": "linear_attn",                # hybrid families: the attention's place in some blocks
+     "linear_norms": {"attn": [...], "mlp": [...]},    # (their norms, where they differ from the others')
      "mlp_companions": ["block_sparse_moe"]}           # modules beside the FFN whose outputs join it (Granite 4.0-H)
 
 The same file, shipped as `modeling_decilm.py`, is the configuration and model code of the
@@ -98,11 +99,15 @@ class RemovedLinearAttention(nn.Module):
 def sublayer_names(layer: nn.Module, kind: str, spec: dict) -> list[str]:
     """The module names in decoder block `layer` that make up sublayer `kind`: the spec's, with a
     hybrid block's linear attention where the block has it instead of the attention (some families
-    set the other one to None)."""
+    set the other one to None), and such a block's own norms where the family places them otherwise."""
     names = list(spec["modules"][kind])
     linear = spec.get("linear_attention")
-    if kind == "attn" and linear and getattr(layer, names[0], None) is None and getattr(layer, linear, None) is not None:
-        names[0] = linear
+    if linear and getattr(layer, spec["modules"]["attn"][0], None) is None and getattr(layer, linear, None) is not None:
+        if kind == "attn":
+            names[0] = linear
+        norms = spec.get("linear_norms", {}).get(kind)
+        if norms is not None:
+            names = names[:1 + len(spec.get("companions", {}).get(kind, []))] + list(norms)
     return names
 
 

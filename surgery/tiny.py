@@ -99,6 +99,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen3_next": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
                    "decoder_sparse_step": 2, "mlp_only_layers": [], **_LINEAR_ATTENTION},
     "qwen3_5_text": {**_LINEAR_ATTENTION},
+    "olmo_hybrid": {**_LINEAR_ATTENTION, "layer_types": lambda layers: ["full_attention" if i % 2 else "linear_attention"
+                                                                         for i in range(layers)]},
     # Granite 4.0-H: Mamba-2 blocks before each attention one, named as its releases name them
     "granitemoehybrid": {"num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 48, "mamba_n_heads": 4,
                          "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_chunk_size": 16, "position_embedding_type": "rope",
