@@ -155,7 +155,10 @@ class Architecture:
         types = config_value(config, "layer_types")
         if not self.linear_attention or not isinstance(types, list):
             return None
-        return [i for i, kind in enumerate(types) if kind != self.linear_layer_type]
+        from transformers.configuration_utils import remap_legacy_layer_types
+
+        # a config.json may use the released names (Granite 4.0-H's "mamba"), which a config object reads as its own
+        return [i for i, kind in enumerate(remap_legacy_layer_types(types)) if kind != self.linear_layer_type]
 
     def attention_in(self, layer: Any) -> str:
         """The name of `layer`'s attention sublayer: a hybrid family's linear attention in the

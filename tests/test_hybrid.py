@@ -81,10 +81,15 @@ def test_a_cut_that_keeps_no_attention_block_is_refused(stream, tiny_folder, tmp
     assert kept.exit_code == 0, kept.output  # an attention block stays, its attention a stand-in that keeps the length
 
 
-def test_prune_refuses_named_ids_that_take_every_attention_block_before_loading(tiny_folder, tmp_path, data_dir):
-    """Known from config.json alone: refused before the model loads (so before any stage prints its
-    line: planning, evaluating), writing nothing."""
-    source, _ = tiny_folder("qwen3_5_text", num_layers=4)
+@pytest.mark.parametrize("family", ["qwen3_5_text", "granitemoehybrid"])
+def test_prune_refuses_named_ids_that_take_every_attention_block_before_loading(family, tiny_folder, tmp_path, data_dir):
+    """Known from config.json alone, in transformers' words or in the released ones (Granite 4.0-H's
+    "mamba" and "attention"): refused before the model loads (so before any stage prints its line:
+    planning, evaluating), writing nothing."""
+    source, _ = tiny_folder(family, num_layers=4)
+    config = json.loads((source / "config.json").read_text())
+    released = {"linear_attention": "mamba", "full_attention": "attention"} if family == "granitemoehybrid" else {}
+    (source / "config.json").write_text(json.dumps({**config, "layer_types": [released.get(k, k) for k in config["layer_types"]]}))
     result = run("prune", source, "--remove", "L1,L3", "--out", tmp_path / "pruned", "--data-dir", data_dir, *FAST)
     assert result.exit_code == 2
     assert "removes every attention block (L1,L3) of a hybrid model" in error_line(result)
@@ -182,3 +187,4 @@ def test_a_cut_writes_layer_types_in_the_sources_own_words(remove, stream, tiny_
     assert written["layer_types"] == [released[i] for i in blocks]
     reloaded = load_exported(tmp_path / "cut")
     assert reloaded.config.layer_types == [config["layer_types"][i] for i in blocks]
+
