@@ -82,15 +82,18 @@ class Architecture:
     (hf_modeling.RemovedLinearAttention); it is the block's "attn" sublayer.
     lora_may_lack: groups of LoRA targets a model of the family may lack, one group at a time (the
     query layout latent attention does not use; a hybrid cut that kept no block of one layer type).
-    mlp_companions: modules beside `mlp` in the block whose outputs the block adds to its output
-    (Granite 4.0-H: the routed experts, `block_sparse_moe`, beside the `shared_mlp` every block has),
-    each with the weight that writes it. They are part of the FFN sublayer: they go with it (their
-    stand-ins add nothing) and a bridge folds into them too. A block may hold None there (Granite's
-    dense models have no experts).
+    attention_companions / mlp_companions: modules beside `attention` / `mlp` in the block whose
+    outputs the block adds to theirs, each with the weight that writes it: Falcon-H1's Mamba-2
+    mixer, which reads the same input as its attention (a parallel hybrid), and Granite 4.0-H's
+    routed experts (`block_sparse_moe`) beside the `shared_mlp` every block has. They are part of
+    that sublayer: they go with it (their stand-ins add nothing and keep no state) and a bridge
+    folds into them too. A block may hold None there (Granite's dense sizes have no experts).
     linear_block_norms: where a hybrid's linear-attention blocks place their norms unlike its
     attention blocks, (attention norms, FFN norms) of those blocks: OLMo-Hybrid norms its attention
     blocks' sublayer outputs (OLMo 2) and its linear blocks' inputs, so one norm name serves the FFN
     in one kind of block and the attention in the other.
+    block_returns_tuple: the family's decoder blocks return (hidden_states,), not the tensor
+    (Falcon-H1), and its forward reads element 0: whatever stands in for a block answers alike.
     unquantized: module names (suffixes) 4-bit healing keeps in full precision, beside the output
     layer: weights a fused kernel reads directly rather than through the module (Mamba-2's out_proj
     in mamba_ssm's training kernel, which a 4-bit packed weight would break).
@@ -109,6 +112,7 @@ class Architecture:
     prefix_count_config: tuple[str, ...] = ()
     logit_softcap_config: str | None = None
     logit_divisor_config: str | None = None
+    logit_multiplier_config: str | None = None
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     attention_output: str | None = "o_proj"
     mlp_output: str | None = "down_proj"
@@ -125,18 +129,25 @@ class Architecture:
     linear_attention_output: str | None = None
     linear_layer_type: str = "linear_attention"
     lora_may_lack: tuple[tuple[str, ...], ...] = ()
+    attention_companions: tuple[tuple[str, str], ...] = ()
     mlp_companions: tuple[tuple[str, str], ...] = ()
     linear_block_norms: tuple[tuple[str, ...], tuple[str, ...]] | None = None
     unquantized: tuple[str, ...] = ()
+    block_returns_tuple: bool = False
 
     def output_projections(self, kind: str) -> tuple[str, ...]:
         """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the
         stream (a block has some of them: a hybrid block one of its two attentions)."""
+        beside = tuple(f"{module}.{output}" for module, output in self.companions(kind))
         if kind == "attn":
             pairs = ((self.attention, self.attention_output), (self.linear_attention, self.linear_attention_output))
-            return tuple(f"{module}.{output}" for module, output in pairs if module and output)
+            return tuple(f"{module}.{output}" for module, output in pairs if module and output) + beside
         inner = ((self.mlp_output,) if self.mlp_output else ()) + self.moe_outputs
-        return tuple(f"{self.mlp}.{name}" for name in inner) + tuple(f"{module}.{output}" for module, output in self.mlp_companions)
+        return tuple(f"{self.mlp}.{name}" for name in inner) + beside
+
+    def companions(self, kind: str) -> tuple[tuple[str, str], ...]:
+        """(module, the weight that writes its output) beside sublayer `kind`'s own module."""
+        return self.attention_companions if kind == "attn" else self.mlp_companions
 
     def stand_in_spec(self) -> dict[str, Any]:
         """What hf_modeling.remove_sublayer needs to put stand-ins in this family's blocks; a
@@ -147,7 +158,8 @@ class Architecture:
                 **({"linear_attention": self.linear_attention} if self.linear_attention else {}),
                 **({"linear_norms": dict(zip(("attn", "mlp"), map(list, self.linear_block_norms)))}
                    if self.linear_block_norms else {}),
-                **({"mlp_companions": [module for module, _ in self.mlp_companions]} if self.mlp_companions else {})}
+                **({"companions": {kind: [module for module, _ in self.companions(kind)] for kind in ("attn", "mlp")
+                                   if self.companions(kind)}} if self.attention_companions or self.mlp_companions else {})}
 
     def attention_blocks(self, config: Any) -> list[int] | None:
         """A hybrid config's (object or config.json dict) attention blocks (the others are linear);
@@ -173,9 +185,8 @@ class Architecture:
             from surgery.hf_modeling import sublayer_names
 
             return tuple(sublayer_names(layer, kind, self.stand_in_spec()))
-        if kind == "attn":
-            return (self.attention, *self.attention_norms)
-        return (self.mlp, *(module for module, _ in self.mlp_companions), *self.mlp_norms)
+        main, norms = (self.attention, self.attention_norms) if kind == "attn" else (self.mlp, self.mlp_norms)
+        return (main, *(module for module, _ in self.companions(kind)), *norms)
 
 
 _LLAMA = Architecture()
@@ -275,6 +286,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "phimoe": _MOE,
     "gpt_oss": replace(_MOE, per_layer_config=("layer_types",), mlp_extra_outputs=1),
     "granitemoe": replace(_MOE, mlp="block_sparse_moe", logit_divisor_config="logits_scaling"),
+    # Falcon-H1: a Mamba-2 mixer beside the attention in every block, both reading the same normed
+    # input: one sublayer. Its muP multipliers scale outputs linearly, so bridges fold.
+    "falcon_h1": replace(_LLAMA, attention_companions=(("mamba", "out_proj"),), mlp="feed_forward",
+                         mlp_norms=("pre_ff_layernorm",), final_norm="model.final_layernorm",
+                         logit_multiplier_config="lm_head_multiplier", unquantized=("mamba.out_proj",), block_returns_tuple=True,
+                         lora_targets=(*_LLAMA.lora_targets, *_MAMBA_LORA)),
     # Granite 4.0-H: Mamba-2 blocks between attention ones (layer_types; released configs say "mamba"
     # and "attention", which transformers reads as linear_attention and full_attention); each FFN
     # is a shared MLP plus, in the MoE sizes, routed experts beside it. LoRA reaches all but the experts.

@@ -33,11 +33,13 @@ def output_logits(model: Any, hidden: Any) -> Any:
 
 
 def finish_logits(config: Any, logits: Any) -> Any:
-    """The family's post-processing of the output layer's result (Granite's divisor, Gemma's
-    soft-cap); elementwise, so it applies to any slice of the vocabulary as well."""
+    """The family's post-processing of the output layer's result (Granite's divisor, Falcon-H1's
+    multiplier, Gemma's soft-cap); elementwise, so it applies to any slice of the vocabulary as well."""
     arch = architecture_of(config)
     if arch.logit_divisor_config and getattr(config, arch.logit_divisor_config, None):
         logits = logits / getattr(config, arch.logit_divisor_config)
+    if arch.logit_multiplier_config and getattr(config, arch.logit_multiplier_config, None) is not None:
+        logits = logits * getattr(config, arch.logit_multiplier_config)
     cap = getattr(config, arch.logit_softcap_config, None) if arch.logit_softcap_config else None
     if cap:
         logits = (logits / cap).tanh() * cap

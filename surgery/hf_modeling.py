@@ -15,7 +15,7 @@ The checkpoint's config carries a `surgery` entry:
      "extra_outputs_flag": None,                       # (only in blocks where this attribute is true)
      "linear_attention": "linear_attn",                # hybrid families: the attention's place in some blocks
      "linear_norms": {"attn": [...], "mlp": [...]},    # (their norms, where they differ from the others')
-     "mlp_companions": ["block_sparse_moe"]}           # modules beside the FFN whose outputs join it (Granite 4.0-H)
+     "companions": {"mlp": ["block_sparse_moe"]}}      # modules beside a sublayer's, their outputs added to its
 
 The same file, shipped as `modeling_decilm.py`, is the configuration and model code of the
 Nemotron-NAS (DeciLM) export (`decilm_classes`): NVIDIA's own files do not load under
@@ -128,14 +128,23 @@ def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> 
         stand_in = RemovedLinearAttention()
     else:
         stand_in = RemovedAttention(getattr(originals[names[0]], "layer_idx", layer_idx))  # its KV-cache slot
-    setattr(layer, names[0], stand_in)
-    companions = spec.get("mlp_companions", []) if kind == "mlp" else []
+    _put(layer, names[0], stand_in, originals[names[0]])
+    companions = spec.get("companions", {}).get(kind, [])
     for name in names[1:]:
         if name not in companions:
             setattr(layer, name, RemovedNorm())
         elif originals[name] is not None:  # a block without experts keeps its None
-            setattr(layer, name, RemovedMLP())
+            _put(layer, name, RemovedMLP() if kind == "mlp" else RemovedLinearAttention(), originals[name])
     return originals
+
+
+def _put(layer: nn.Module, name: str, stand_in: nn.Module, original: nn.Module) -> None:
+    """Put `stand_in` where `original` was, with the original's non-persistent buffers: the family's
+    weight-init code fills them by name in every block as a model loads (Falcon-H1's mup_vector),
+    and a stand-in without them would stop it halfway, leaving later blocks' buffers unset."""
+    for buffer in sorted(getattr(original, "_non_persistent_buffers_set", ())):
+        stand_in.register_buffer(buffer, getattr(original, buffer), persistent=False)
+    setattr(layer, name, stand_in)
 
 
 def _get(root: nn.Module, dotted: str):
@@ -179,10 +188,16 @@ def surgery_classes(base_model_type: str) -> tuple[type, type]:
             base_model.__init__(self, config, *args, **kwargs)
             apply_removals(self, config.surgery)
 
+        def is_custom_code(cls) -> bool:
+            # transformers skips the weight init of composite modules in code defined outside it (Falcon-H1
+            # fills every block's mup_vector buffer from its model's init); the weights here are all the family's
+            return False
+
         model_class = type(
             f"Surgery{base_model.__name__}",
             (base_model,),
-            {"config_class": config_class, "__init__": __init__, "__module__": __name__},
+            {"config_class": config_class, "__init__": __init__, "__module__": __name__,
+             "is_custom_code": classmethod(is_custom_code)},
         )
         _share_weight_conversions(base_model_type, config_class.model_type)
         _CLASSES[base_model_type] = (config_class, model_class)

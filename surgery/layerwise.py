@@ -190,7 +190,8 @@ class LayerwiseModel:
                 calls[index] = (args, kwargs)
                 if index == len(layers) - 1:
                     raise _Recorded
-                return hidden_states  # later blocks only need their arguments
+                # later blocks only need their arguments
+                return (hidden_states,) if self.arch.block_returns_tuple else hidden_states
 
             return forward
 

@@ -101,6 +101,11 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen3_5_text": {**_LINEAR_ATTENTION},
     "olmo_hybrid": {**_LINEAR_ATTENTION, "layer_types": lambda layers: ["full_attention" if i % 2 else "linear_attention"
                                                                          for i in range(layers)]},
+    # Falcon-H1: a Mamba-2 mixer beside each attention, muP multipliers not 1 so that misplaced scales show
+    "falcon_h1": {"mamba_d_ssm": None, "mamba_n_heads": 4, "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_chunk_size": 16,
+                  "mamba_rms_norm": True, "mlp_multipliers": [0.9, 1.1], "ssm_out_multiplier": 0.7, "attention_out_multiplier": 0.8,
+                  "attention_in_multiplier": 1.2, "key_multiplier": 0.9, "embedding_multiplier": 2.0, "lm_head_multiplier": 0.5,
+                  "ssm_multipliers": [1.0, 0.9, 1.1, 1.0, 0.8]},
     # Granite 4.0-H: Mamba-2 blocks before each attention one, named as its releases name them
     "granitemoehybrid": {"num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 48, "mamba_n_heads": 4,
                          "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_chunk_size": 16, "position_embedding_type": "rope",

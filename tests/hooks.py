@@ -31,7 +31,7 @@ def skipped(model, units: Iterable[Sublayer]) -> Iterator[None]:
     for unit in units:
         if unit.layer not in blocks:
             layer = layers[unit.layer]
-            names = [arch.attention_in(layer)] if unit.kind == "attn" else [arch.mlp, *(m for m, _ in arch.mlp_companions)]
+            names = [arch.attention_in(layer) if unit.kind == "attn" else arch.mlp, *(m for m, _ in arch.companions(unit.kind))]
             hooks += [module.register_forward_hook(_zero) for module in (getattr(layer, n) for n in names) if module is not None]
     try:
         yield

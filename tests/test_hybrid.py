@@ -188,3 +188,47 @@ def test_a_cut_writes_layer_types_in_the_sources_own_words(remove, stream, tiny_
     reloaded = load_exported(tmp_path / "cut")
     assert reloaded.config.layer_types == [config["layer_types"][i] for i in blocks]
 
+
+
+@torch.no_grad()
+def test_falcon_h1s_attention_sublayer_is_its_attention_with_the_mamba_mixer_beside_it(tmp_path, tokenizer):
+    """Falcon-H1 runs a Mamba-2 mixer beside each attention on the same normed input and adds both
+    (each scaled by its muP multiplier): removing the attention sublayer removes both, frees both
+    modules' parameters as the plan counts them, leaves neither's weights in the checkpoint and
+    computes what zeroing both computes; the reloaded model fills the mixers' mup_vector buffers
+    (its init walks every block's mixer) and generates with its cache as the cut model does."""
+    from surgery.cut import sublayer_parameters
+    from tests.hooks import skipped
+
+    uncut = tiny_model("falcon_h1", num_layers=4)
+    units = parse_sublayers("L1.attn,L2.mlp,L3")
+    prompt = ids(1, 10)
+    with skipped(uncut, units):
+        expected = uncut(prompt, use_cache=False).logits
+    model = tiny_model("falcon_h1", num_layers=4)
+    planned = sublayer_parameters(model)(units)
+    result = cut(model, units)
+    assert result.parameters_before - result.parameters_after == planned
+    assert torch.allclose(model(prompt).logits, expected, atol=1e-5)
+    export_checkpoint(model, tokenizer, tmp_path / "out", record={})
+    with safe_open(str(next((tmp_path / "out").glob("*.safetensors"))), "pt") as handle:
+        names = set(handle.keys())
+    assert not any(n.startswith(("model.layers.1.self_attn.", "model.layers.1.mamba.", "model.layers.2.feed_forward.")) for n in names)
+    assert any(n.startswith("model.layers.0.mamba.") for n in names)
+    for via in ("package", "remote-code"):
+        reloaded = load_exported(tmp_path / "out", via=via)
+        assert [str(u) for u in removed_sublayers(reloaded)] == ["L1.attn", "L2.mlp"]
+        assert torch.allclose(reloaded(prompt).logits, expected, atol=1e-5), via
+        assert torch.equal(greedy(reloaded, prompt), greedy(model, prompt)), via
+    assert_cache_consistent(reloaded)
+
+
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_falcon_h1_cuts_in_memory_and_block_by_block(stream, tiny_folder, tmp_path):
+    """Its blocks return (hidden_states,), which its forward indexes: read one block at a time (the
+    streamed cut's check runs the source so, one prompt), it computes what the whole model does."""
+    source, _ = tiny_folder("falcon_h1", num_layers=6)
+    result = run("cut", source, "--remove", "L1,L2.attn", "--out", tmp_path / "cut", stream, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "max |Δlogit| 0" in " ".join(result.output.split())
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["num_hidden_layers"] == 5
