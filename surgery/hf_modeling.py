@@ -75,18 +75,6 @@ class RemovedNorm(nn.Identity):
     """A norm that only served a removed sublayer (its input is ignored, or its input is zero)."""
 
 
-class RemovedBlock(nn.Module):
-    """A whole decoder block that passes the residual stream through unchanged."""
-
-    def __init__(self, layer_idx: int | None = None) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs) -> torch.Tensor:
-        keep_cache_length(past_key_values, self.layer_idx, hidden_states)
-        return hidden_states
-
-
 class RemovedLinearAttention(nn.Module):
     """A hybrid family's linear attention (Gated DeltaNet, LFM2's short convolution) that adds nothing: it returns
     its output alone, as the module it replaces does, and keeps no recurrent state, which no other
