@@ -212,8 +212,9 @@ LAYER_TYPE_KEYS = ("layer_types", "mtp_layer_types")  # the per-layer lists tran
 def keep_layer_type_names(folder: Path, source: Path | None) -> None:
     """Write per-layer type lists in the source config.json's own words. transformers 5 reads older
     names as its own (Granite 4.0-H's "mamba" and "attention" as "linear_attention" and
-    "full_attention") and saves those, which runtimes that read config.json themselves do not know
-    (mistral.rs parses "mamba" and "attention" only); every name transformers renamed goes back."""
+    "full_attention") and saves those, which runtimes that build blocks from the released names do
+    not know (vLLM's GraniteMoeHybrid looks each up in {"attention", "mamba"}; docs/serving.md):
+    every name transformers renamed goes back."""
     if source is None or not (Path(source) / "config.json").is_file():
         return
     from transformers.configuration_utils import remap_legacy_layer_types
