@@ -92,6 +92,8 @@ class Architecture:
     attention blocks, (attention norms, FFN norms) of those blocks: OLMo-Hybrid norms its attention
     blocks' sublayer outputs (OLMo 2) and its linear blocks' inputs, so one norm name serves the FFN
     in one kind of block and the attention in the other.
+    linear_block_marker: (block attribute, value) that marks a linear-attention block where both
+    kinds of attention have one name (Kimi-Linear's `self_attn`; its blocks' `block_type`).
     block_returns_tuple: the family's decoder blocks return (hidden_states,), not the tensor
     (Falcon-H1), and its forward reads element 0: whatever stands in for a block answers alike.
     unquantized: module names (suffixes) 4-bit healing keeps in full precision, beside the output
@@ -134,6 +136,7 @@ class Architecture:
     linear_block_norms: tuple[tuple[str, ...], tuple[str, ...]] | None = None
     unquantized: tuple[str, ...] = ()
     block_returns_tuple: bool = False
+    linear_block_marker: tuple[str, str] | None = None
 
     def output_projections(self, kind: str) -> tuple[str, ...]:
         """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the
@@ -141,7 +144,8 @@ class Architecture:
         beside = tuple(f"{module}.{output}" for module, output in self.companions(kind))
         if kind == "attn":
             pairs = ((self.attention, self.attention_output), (self.linear_attention, self.linear_attention_output))
-            return tuple(f"{module}.{output}" for module, output in pairs if module and output) + beside
+            paths = dict.fromkeys(f"{module}.{output}" for module, output in pairs if module and output)  # once each (Kimi-Linear)
+            return tuple(paths) + beside
         inner = ((self.mlp_output,) if self.mlp_output else ()) + self.moe_outputs
         return tuple(f"{self.mlp}.{name}" for name in inner) + beside
 
@@ -158,6 +162,7 @@ class Architecture:
                 **({"linear_attention": self.linear_attention} if self.linear_attention else {}),
                 **({"linear_norms": dict(zip(("attn", "mlp"), map(list, self.linear_block_norms)))}
                    if self.linear_block_norms else {}),
+                **({"linear_block_marker": list(self.linear_block_marker)} if self.linear_block_marker else {}),
                 **({"companions": {kind: [module for module, _ in self.companions(kind)] for kind in ("attn", "mlp")
                                    if self.companions(kind)}} if self.attention_companions or self.mlp_companions else {})}
 
@@ -212,6 +217,9 @@ _SHARED_EXPERTS = ("experts.down_proj", "shared_experts.down_proj", "down_proj")
 # q_lora_rank, one q_proj where it does not (DeepSeek-V2-Lite, Moonlight); peft adapts whichever exists.
 _LATENT_ATTENTION_LORA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 QUERY_LAYOUTS = (("q_proj",), ("q_a_proj", "q_b_proj"))  # the LoRA targets a latent-attention model has one of
+# Kimi-Linear: its MLA blocks' own projections (q_proj, o_proj are also its KDA blocks'), and its KDA ones'
+_MLA_ONLY_LORA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+_KDA_LORA = ("k_proj", "v_proj", "b_proj", "f_a_proj", "f_b_proj", "g_a_proj", "g_b_proj")
 # Hybrid attention (Qwen3-Next, Qwen3.5): Gated DeltaNet blocks between the attention ones; their
 # projections differ between the two generations. A cut may keep no block of one of the two types.
 _HYBRID = dict(linear_attention="linear_attn", linear_attention_output="out_proj", per_layer_config=("layer_types",),
@@ -310,6 +318,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "deepseek_v2": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
                            lora_targets=_LATENT_ATTENTION_LORA, lora_may_lack=QUERY_LAYOUTS),
     "glm4_moe": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS),
+    # Kimi-Linear: Kimi Delta Attention blocks between latent-attention (MLA) ones, both named
+    # self_attn (block_type tells them apart); DeepSeek-style routed and shared experts, dense first.
+    "kimi_linear": replace(_MOE, linear_attention="self_attn", linear_attention_output="o_proj",
+                           linear_block_marker=("block_type", "linear_attention"),
+                           per_layer_config=("layer_types", "mlp_layer_types"), moe_outputs=_SHARED_EXPERTS,
+                           lora_targets=(*_LATENT_ATTENTION_LORA, *_KDA_LORA),
+                           lora_may_lack=(_MLA_ONLY_LORA, _KDA_LORA, ("q_a_proj", "q_b_proj", *_KDA_LORA))),
     # dots.llm1: DeepSeek's layout with Qwen's sliding-window prefix; Solar Open: every layer routed.
     "dots1": replace(_MOE, per_layer_config=("layer_types",), prefix_count_config=("first_k_dense_replace", "max_window_layers"),
                      moe_outputs=_SHARED_EXPERTS),

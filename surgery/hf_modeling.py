@@ -15,6 +15,7 @@ The checkpoint's config carries a `surgery` entry:
      "extra_outputs_flag": None,                       # (only in blocks where this attribute is true)
      "linear_attention": "linear_attn",                # hybrid families: the attention's place in some blocks
      "linear_norms": {"attn": [...], "mlp": [...]},    # (their norms, where they differ from the others')
+     "linear_block_marker": ["block_type", "linear_attention"],  # (which blocks, where both have one name)
      "companions": {"mlp": ["block_sparse_moe"]}}      # modules beside a sublayer's, their outputs added to its
 
 The same file, shipped as `modeling_decilm.py`, is the configuration and model code of the
@@ -89,14 +90,25 @@ def sublayer_names(layer: nn.Module, kind: str, spec: dict) -> list[str]:
     hybrid block's linear attention where the block has it instead of the attention (some families
     set the other one to None), and such a block's own norms where the family places them otherwise."""
     names = list(spec["modules"][kind])
-    linear = spec.get("linear_attention")
-    if linear and getattr(layer, spec["modules"]["attn"][0], None) is None and getattr(layer, linear, None) is not None:
+    if is_linear_block(layer, spec):
         if kind == "attn":
-            names[0] = linear
+            names[0] = spec["linear_attention"]
         norms = spec.get("linear_norms", {}).get(kind)
         if norms is not None:
             names = names[:1 + len(spec.get("companions", {}).get(kind, []))] + list(norms)
     return names
+
+
+def is_linear_block(layer: nn.Module, spec: dict) -> bool:
+    """Whether a hybrid's block holds the linear attention: as its marker attribute says where both
+    kinds share one name, else as the module it has (some families set the other one to None)."""
+    linear = spec.get("linear_attention")
+    if not linear:
+        return False
+    if "linear_block_marker" in spec:
+        attribute, value = spec["linear_block_marker"]
+        return getattr(layer, attribute, None) == value
+    return getattr(layer, spec["modules"]["attn"][0], None) is None and getattr(layer, linear, None) is not None
 
 
 def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> dict[str, nn.Module]:
@@ -112,7 +124,7 @@ def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> 
     if kind == "mlp":
         flag = spec.get("extra_outputs_flag")
         stand_in = RemovedMLP(spec.get("mlp_extra_outputs", 0) if flag is None or getattr(layer, flag, False) else 0)
-    elif names[0] == spec.get("linear_attention"):
+    elif is_linear_block(layer, spec):
         stand_in = RemovedLinearAttention()
     else:
         stand_in = RemovedAttention(getattr(originals[names[0]], "layer_idx", layer_idx))  # its KV-cache slot
