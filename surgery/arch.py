@@ -220,6 +220,7 @@ QUERY_LAYOUTS = (("q_proj",), ("q_a_proj", "q_b_proj"))  # the LoRA targets a la
 # Kimi-Linear: its MLA blocks' own projections (q_proj, o_proj are also its KDA blocks'), and its KDA ones'
 _MLA_ONLY_LORA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 _KDA_LORA = ("k_proj", "v_proj", "b_proj", "f_a_proj", "f_b_proj", "g_a_proj", "g_b_proj")
+_BAILING_KDA_LORA = ("k_proj", "v_proj", "b_proj", "f_proj")  # (its g_proj gates both kinds of attention)
 # Hybrid attention (Qwen3-Next, Qwen3.5): Gated DeltaNet blocks between the attention ones; their
 # projections differ between the two generations. A cut may keep no block of one of the two types.
 _HYBRID = dict(linear_attention="linear_attn", linear_attention_output="out_proj", per_layer_config=("layer_types",),
@@ -325,6 +326,17 @@ ARCHITECTURES: dict[str, Architecture] = {
                            per_layer_config=("layer_types", "mlp_layer_types"), moe_outputs=_SHARED_EXPERTS,
                            lora_targets=(*_LATENT_ATTENTION_LORA, *_KDA_LORA),
                            lora_may_lack=(_MLA_ONLY_LORA, _KDA_LORA, ("q_a_proj", "q_b_proj", *_KDA_LORA))),
+    # Ling/Ring 2.5 (bailing_hybrid): Kimi-Linear's layout in groups of layer_group_size blocks, the
+    # last of each MLA, from which transformers derives layer_types where config.json lists none;
+    # its MTP modules are extra blocks after the last.
+    "bailing_hybrid": replace(_MOE, linear_attention="self_attn", linear_attention_output="o_proj",
+                              linear_block_marker=("block_type", "linear_attention"),
+                              per_layer_config=("layer_types", "mlp_layer_types"), prefix_count_config=("first_k_dense_replace",),
+                              step_rule=StepRule("layer_types", "layer_group_size",
+                                                 "loaders that derive its layer_types from layer_group_size", marker="full_attention"),
+                              moe_outputs=_SHARED_EXPERTS,
+                              lora_targets=("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "g_proj", *_BAILING_KDA_LORA),
+                              lora_may_lack=(("kv_a_proj_with_mqa", "kv_b_proj"), _BAILING_KDA_LORA)),
     # dots.llm1: DeepSeek's layout with Qwen's sliding-window prefix; Solar Open: every layer routed.
     "dots1": replace(_MOE, per_layer_config=("layer_types",), prefix_count_config=("first_k_dense_replace", "max_window_layers"),
                      moe_outputs=_SHARED_EXPERTS),

@@ -98,6 +98,10 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
                     "head_dim": 8, "num_key_value_heads": 4, "linear_head_dim": 16, "linear_num_heads": 4,
                     "layer_types": lambda layers: ["full_attention" if i % 2 else "linear_attention" for i in range(layers)],
                     "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1)},
+    "bailing_hybrid": {"num_local_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                       "n_group": 1, "topk_group": 1, "kv_lora_rank": 16, "q_lora_rank": None, "qk_rope_head_dim": 8,
+                       "qk_nope_head_dim": 8, "v_head_dim": 16, "num_key_value_heads": 4, "layer_group_size": 2,
+                       "first_k_dense_replace": 1, "num_mtp_layers": 0},
     "glm4_moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
                  "first_k_dense_replace": 2, "n_group": 1, "topk_group": 1},
     # hybrid attention: linear-attention blocks (Gated DeltaNet) before each attention one

@@ -232,3 +232,30 @@ def test_falcon_h1_cuts_in_memory_and_block_by_block(stream, tiny_folder, tmp_pa
     assert result.exit_code == 0, result.output
     assert "max |Δlogit| 0" in " ".join(result.output.split())
     assert json.loads((tmp_path / "cut" / "config.json").read_text())["num_hidden_layers"] == 5
+
+
+@torch.no_grad()
+def test_ling_hybrid_blocks_get_their_stand_ins_and_its_group_size_follows_the_cut(tmp_path, tokenizer):
+    """Ling/Ring 2.5 (bailing_hybrid) names both kinds of attention self_attn (and stores them as
+    `attention`): each block's block_type says which stand-in goes where. Its layer_group_size, from
+    which transformers derives layer_types where config.json lists none, follows the blocks kept."""
+    from tests.hooks import skipped
+
+    uncut = tiny_model("bailing_hybrid", num_layers=6)  # groups of 2: full attention in L1, L3, L5
+    units = parse_sublayers("L2.attn,L3.attn")
+    prompt = ids(1, 10)
+    with skipped(uncut, units):
+        expected = uncut(prompt, use_cache=False).logits
+    model = tiny_model("bailing_hybrid", num_layers=6)
+    cut(model, units)
+    export_checkpoint(model, tokenizer, tmp_path / "out", record={})
+    for via in ("package", "remote-code"):
+        reloaded = load_exported(tmp_path / "out", via=via)
+        layers = decoder_layers(reloaded)
+        assert isinstance(layers[2].self_attn, RemovedLinearAttention) and isinstance(layers[3].self_attn, RemovedAttention)
+        assert torch.allclose(reloaded(prompt).logits, expected, atol=1e-5), via
+    assert_cache_consistent(reloaded)
+    regrouped = tiny_model("bailing_hybrid", num_layers=6, layer_group_size=3)  # full attention in L2, L5
+    cut(regrouped, parse_sublayers("L0,L3"))
+    assert regrouped.config.layer_types == ["linear_attention", "full_attention"] * 2
+    assert regrouped.config.layer_group_size == 2
