@@ -27,6 +27,25 @@ def greedy(model, prompt, tokens=8):
                           do_sample=False, pad_token_id=0)
 
 
+def exported_names(model, tokenizer, folder):
+    """Export the cut `model` to `folder`; the tensor names its checkpoint holds."""
+    export_checkpoint(model, tokenizer, folder, record={})
+    with safe_open(str(next(folder.glob("*.safetensors"))), "pt") as handle:
+        return set(handle.keys())
+
+
+def reloaded_both_ways(folder, model, prompt, expected, removed):
+    """The checkpoint loaded with surgery installed and with its own code: each has the stand-ins
+    `removed`, computes `expected` and decodes as the cut `model` does; its cache stays consistent."""
+    loaded = [load_exported(folder, via=via) for via in ("package", "remote-code")]
+    for reloaded in loaded:
+        assert [str(u) for u in removed_sublayers(reloaded)] == removed
+        assert torch.allclose(reloaded(prompt).logits, expected, atol=1e-5)
+        assert torch.equal(greedy(reloaded, prompt), greedy(model, prompt))
+    assert_cache_consistent(loaded[-1])
+    return loaded
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_each_kind_of_attention_goes_with_its_own_stand_in(family, tmp_path, tokenizer):
@@ -50,22 +69,15 @@ def test_each_kind_of_attention_goes_with_its_own_stand_in(family, tmp_path, tok
     if family in ("lfm2", "lfm2_moe"):  # its releases list the attention blocks by index as well
         assert model.config.full_attn_idxs == [2, 4]
     assert torch.allclose(model(prompt).logits, expected, atol=1e-5)
-    export_checkpoint(model, tokenizer, tmp_path / "out", record={})
+    names = exported_names(model, tokenizer, tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["surgery"]["removed"] == {"attn": [1, 2], "mlp": []}
     assert config["surgery"]["linear_attention"] == linear
-    with safe_open(str(next((tmp_path / "out").glob("*.safetensors"))), "pt") as handle:
-        names = set(handle.keys())
     assert not any(n.startswith((f"model.layers.1.{linear}.", "model.layers.2.self_attn.")) for n in names)
     assert any(n.startswith(f"model.layers.3.{linear}.") for n in names)
-    for via in ("package", "remote-code"):
-        reloaded = load_exported(tmp_path / "out", via=via)
+    for reloaded in reloaded_both_ways(tmp_path / "out", model, prompt, expected, ["L1.attn", "L2.attn"]):
         layers = decoder_layers(reloaded)
         assert isinstance(getattr(layers[1], linear), RemovedLinearAttention) and isinstance(layers[2].self_attn, RemovedAttention)
-        assert [str(u) for u in removed_sublayers(reloaded)] == ["L1.attn", "L2.attn"]
-        assert torch.allclose(reloaded(prompt).logits, expected, atol=1e-5), via
-        assert torch.equal(greedy(reloaded, prompt), greedy(model, prompt)), via
-    assert_cache_consistent(reloaded)
 
 
 @pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
@@ -156,18 +168,11 @@ def test_granite_4_h_ffn_goes_with_its_routed_experts_and_shared_mlp(experts, tm
     result = cut(model, units)
     assert result.parameters_before - result.parameters_after == planned
     assert torch.allclose(model(prompt).logits, expected, atol=1e-5)
-    export_checkpoint(model, tokenizer, tmp_path / "out", record={})
-    with safe_open(str(next((tmp_path / "out").glob("*.safetensors"))), "pt") as handle:
-        names = set(handle.keys())
+    names = exported_names(model, tokenizer, tmp_path / "out")
     assert not any(n.startswith(("model.layers.1.shared_mlp.", "model.layers.1.block_sparse_moe.")) for n in names)
     kept = ("model.layers.0.shared_mlp.", "model.layers.0.block_sparse_moe.") if experts else ("model.layers.0.shared_mlp.",)
     assert all(any(n.startswith(prefix) for n in names) for prefix in kept)
-    for via in ("package", "remote-code"):
-        reloaded = load_exported(tmp_path / "out", via=via)
-        assert [str(u) for u in removed_sublayers(reloaded)] == ["L1.mlp"]
-        assert torch.allclose(reloaded(prompt).logits, expected, atol=1e-5), via
-        assert torch.equal(greedy(reloaded, prompt), greedy(model, prompt)), via
-    assert_cache_consistent(reloaded)
+    reloaded_both_ways(tmp_path / "out", model, prompt, expected, ["L1.mlp"])
 
 
 @pytest.mark.parametrize("remove", ["L2,L3", "L1.mlp,L2"])
@@ -210,17 +215,10 @@ def test_falcon_h1s_attention_sublayer_is_its_attention_with_the_mamba_mixer_bes
     result = cut(model, units)
     assert result.parameters_before - result.parameters_after == planned
     assert torch.allclose(model(prompt).logits, expected, atol=1e-5)
-    export_checkpoint(model, tokenizer, tmp_path / "out", record={})
-    with safe_open(str(next((tmp_path / "out").glob("*.safetensors"))), "pt") as handle:
-        names = set(handle.keys())
+    names = exported_names(model, tokenizer, tmp_path / "out")
     assert not any(n.startswith(("model.layers.1.self_attn.", "model.layers.1.mamba.", "model.layers.2.feed_forward.")) for n in names)
     assert any(n.startswith("model.layers.0.mamba.") for n in names)
-    for via in ("package", "remote-code"):
-        reloaded = load_exported(tmp_path / "out", via=via)
-        assert [str(u) for u in removed_sublayers(reloaded)] == ["L1.attn", "L2.mlp"]
-        assert torch.allclose(reloaded(prompt).logits, expected, atol=1e-5), via
-        assert torch.equal(greedy(reloaded, prompt), greedy(model, prompt)), via
-    assert_cache_consistent(reloaded)
+    reloaded_both_ways(tmp_path / "out", model, prompt, expected, ["L1.attn", "L2.mlp"])
 
 
 @pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
@@ -249,12 +247,9 @@ def test_ling_hybrid_blocks_get_their_stand_ins_and_its_group_size_follows_the_c
     model = tiny_model("bailing_hybrid", num_layers=6)
     cut(model, units)
     export_checkpoint(model, tokenizer, tmp_path / "out", record={})
-    for via in ("package", "remote-code"):
-        reloaded = load_exported(tmp_path / "out", via=via)
+    for reloaded in reloaded_both_ways(tmp_path / "out", model, prompt, expected, ["L2.attn", "L3.attn"]):
         layers = decoder_layers(reloaded)
         assert isinstance(layers[2].self_attn, RemovedLinearAttention) and isinstance(layers[3].self_attn, RemovedAttention)
-        assert torch.allclose(reloaded(prompt).logits, expected, atol=1e-5), via
-    assert_cache_consistent(reloaded)
     regrouped = tiny_model("bailing_hybrid", num_layers=6, layer_group_size=3)  # full attention in L2, L5
     cut(regrouped, parse_sublayers("L0,L3"))
     assert regrouped.config.layer_types == ["linear_attention", "full_attention"] * 2
