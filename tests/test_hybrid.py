@@ -109,6 +109,18 @@ def test_prune_refuses_named_ids_that_take_every_attention_block_before_loading(
     assert not (tmp_path / "pruned").exists()
 
 
+def test_info_names_a_hybrid_models_attention_blocks(tiny_folder):
+    """One of them must stay in any cut: surgery info says which they are, from config.json, in the
+    released names too (Granite 4.0-H's "mamba" and "attention")."""
+    source, _ = tiny_folder("granitemoehybrid", num_layers=6)
+    config = json.loads((source / "config.json").read_text())
+    released = ["mamba" if kind == "linear_attention" else "attention" for kind in config["layer_types"]]
+    (source / "config.json").write_text(json.dumps({**config, "layer_types": released}))
+    result = run("info", source, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "L1, L3, L5 (the other 3 hold linear attention)" in " ".join(result.output.split())
+
+
 def test_prune_heals_a_hybrid_model_end_to_end(tiny_folder, tmp_path, data_dir, monkeypatch):
     """Scoring by ablation, the plan, the bridges, LoRA healing (tests/test_heal.py checks that both
     kinds of projections get adapters), export and the evaluations before and after, on Qwen3-Next's
