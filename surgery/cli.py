@@ -147,6 +147,29 @@ def extract_text(model: str, out: Path, force: bool, **options: Any) -> None:
 
 
 @main.command()
+@click.argument("decoder")
+@click.option("--onto", required=True, help="The multimodal checkpoint DECODER's text decoder was extracted from.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the multimodal checkpoint.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click_options(StreamSettings, only=("max_shard_size",))
+@click_options(LoadSettings, only=("device", "trust_remote_code"))
+@handle_errors
+def graft(decoder: str, onto: str, out: Path, force: bool, **options: Any) -> None:
+    """Put a cut text decoder (whole blocks removed, healed or not) back into the multimodal
+    checkpoint `extract-text` took it from: its vision tower, projector and processor stay."""
+    from surgery.commands import graft_decoder
+    from surgery.console import console
+
+    result = graft_decoder(decoder, onto, out, from_options(LoadSettings, options), from_options(StreamSettings, options),
+                           force=force)
+    changed = ", ".join(result.manifest["text_config_changed"]) or "nothing"
+    checked = result.manifest["verified"]["method"]
+    diff = result.max_logit_diff
+    console.print(f"[green]wrote[/] {result.path}  ({checked}" + (f": max |Δlogit| {diff:.2g}" if diff is not None else "")
+                  + f"; text_config changed: {changed})")
+
+
+@main.command()
 @click.argument("model")
 @click_options(LoadSettings)
 @handle_errors

@@ -180,6 +180,36 @@ def extract_text_decoder(model_spec: str, out: Path, load: LoadSettings, setting
                                    trust_remote_code=load.trust_remote_code)
 
 
+def graft_decoder(decoder_spec: str, onto_spec: str, out: Path, load: LoadSettings, settings: StreamSettings | None = None, *,
+                  force: bool = False) -> Any:
+    """`surgery graft`: a cut text decoder put back into the multimodal checkpoint it was extracted
+    from, copied file to file beside the source's vision tower (surgery.export.graft)."""
+    from surgery.export.graft import export_graft, prepare_graft
+    from surgery.files import check_output_folder, claimed_folder
+    from surgery.loading import load_tokenizer, resolve_device
+    from surgery.publish import LOCAL_RECORD, published
+    from surgery.source import cache_dir
+
+    settings = settings or StreamSettings()
+    def check(protected: list[Path]) -> None:
+        check_output_folder(out, force=force, protected=protected)
+
+    decoder = resolve_with_output_check(decoder_spec, check, load)
+    source = resolve_with_output_check(onto_spec, check, load)
+    graft = prepare_graft(decoder.path, source.path, load.trust_remote_code)
+    tokenizer = load_tokenizer(source.path, load.trust_remote_code)
+    record = {"grafted": "text decoder", "source": source.describe(), "decoder": decoder.describe(),
+              "text_config_changed": {key: {"source": before, "decoder": after} for key, (before, after) in graft.changed.items()},
+              "parameters": {"total": graft.parameters}}
+    labels = {str(source.path): source.public_id(), str(decoder.path): decoder.public_id(), str(cache_dir()): "<surgery cache>"}
+    protected = [source.path, decoder.path]
+    with claimed_folder(out, force=force, protected=protected):
+        return export_graft(graft, tokenizer, out, record=published(record, labels), force=force, protected=protected,
+                            max_shard_size=settings.max_shard_bytes,
+                            extra_files={LOCAL_RECORD: json.dumps(record, indent=2) + "\n"}, unpublished=(LOCAL_RECORD,),
+                            device=resolve_device(load.device), trust_remote_code=load.trust_remote_code)
+
+
 def _cut_record(result: Any, source: Any) -> dict[str, Any]:
     """surgery.json's record of a cut (as published) and the full local record beside it."""
     from surgery.publish import LOCAL_RECORD, published

@@ -119,7 +119,7 @@ def _text_config(folder: Path, data: dict[str, Any], trust_remote_code: bool) ->
 def _tied(folder: Path, data: dict[str, Any], weights: SafetensorsFolder) -> bool:
     """Whether the decoder's output layer is its embeddings: as the config says (the multimodal
     config's word, else its text_config's), and where it is silent, as the files show."""
-    stored = any(_is_output_layer(name) for name in weights.info)
+    stored = any(is_output_layer(name) for name in weights.info)
     said = data.get("tie_word_embeddings", data["text_config"].get("tie_word_embeddings"))
     if said is False and not stored:
         raise SurgeryError(f"{folder}: config.json says the output layer is its own, but the files hold none: "
@@ -135,7 +135,7 @@ def _left_behind(folder: Path, weights: SafetensorsFolder, tensors: dict[str, Te
     body = {info.name[: len(info.name) - len(name) + len("model.")] for name, info in tensors.items() if name.startswith("model.")}
     left: dict[str, int] = {}
     for name in weights.info:
-        if name in used or _is_output_layer(name):
+        if name in used or is_output_layer(name):
             continue  # (an output layer the config ties to the embeddings is not the decoder's)
         if any(name.startswith(prefix) for prefix in body):
             raise SurgeryError(f"{folder} holds {name} in its text decoder, which its text_config has no place for: "
@@ -146,7 +146,7 @@ def _left_behind(folder: Path, weights: SafetensorsFolder, tensors: dict[str, Te
     return left
 
 
-def _is_output_layer(name: str) -> bool:
+def is_output_layer(name: str) -> bool:
     return name.startswith(LANGUAGE_MODEL_NAMES[1][1])
 
 
@@ -198,14 +198,14 @@ def _check_folder(decoder: TextDecoder, folder: Path, tokenizer: Any, device: st
             console.print("the multimodal model does not fit in memory: its logits were not compared with the decoder's "
                           "(every tensor was checked as copied)")
             return verified
-        multimodal = _multimodal_model(decoder.source, written.dtype, device, trust_remote_code)
-        if multimodal is None:
+        loaded = multimodal_model(decoder.source, written.dtype, device, trust_remote_code)
+        if loaded is None:
             console.print("transformers has no class that runs the multimodal model on text: its logits were not compared "
                           "with the decoder's (every tensor was checked as copied)")
             return verified
         ids = verification_ids(tokenizer, written.config.vocab_size)
         with task("comparing the text decoder with the multimodal model"), torch.no_grad():
-            want = multimodal(input_ids=ids.to(device), use_cache=False).logits.float()
+            want = loaded[0](input_ids=ids.to(device), use_cache=False).logits.float()
             got = written.forward(ids).to(want.device)
     finally:
         written.close()
@@ -213,15 +213,17 @@ def _check_folder(decoder: TextDecoder, folder: Path, tokenizer: Any, device: st
     return {**verified, "max_abs_logit_diff": diff, "method": "copied, compared with the multimodal model"}
 
 
-def _multimodal_model(folder: Path, dtype: Any, device: str, trust_remote_code: bool) -> Any:
-    """The source as transformers runs it (image-text-to-text, else as a causal LM); None where no
-    Auto class takes it (Qwen2-Audio's is audio-text-to-text)."""
+def multimodal_model(folder: Path, dtype: Any, device: str, trust_remote_code: bool) -> tuple[Any, dict[str, Any]] | None:
+    """A multimodal checkpoint as transformers runs it (image-text-to-text, else as a causal LM),
+    with from_pretrained's loading info (missing and unexpected weights); None where no Auto class
+    takes it (Qwen2-Audio's is audio-text-to-text)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
         try:
-            model = auto.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
+            model, info = auto.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code,
+                                               output_loading_info=True)
         except ValueError:
             continue
-        return model.to(device).eval()
+        return model.to(device).eval(), info
     return None

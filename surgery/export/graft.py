@@ -1,0 +1,277 @@
+"""A cut text decoder put back into the multimodal checkpoint it was extracted from (`surgery graft`),
+the way back from `surgery extract-text`: the source's vision tower, projector, processor and
+tokenizer, with the cut (and healed) decoder in place of its own, so that an image-text model
+stays one after its language model loses blocks.
+
+The decoder must be one surgery can vouch for: its family's own checkpoint (whole blocks cut, so
+the multimodal class builds it; sublayer stand-ins exist only in surgery's text classes), whose
+config differs from the source's text decoder only where a cut changes a config (the block count,
+per-layer lists, layer indices, leading-layer counts, MTP counts: `CUT_KEYS`). Anything else that
+differs (a width, the vocabulary, tied embeddings) means it was not cut from this source, and the
+graft is refused before anything is written.
+
+Tensors are copied file to file from the two folders: the decoder's under the names the source
+gives its language model (whichever layout it uses, as extract-text found them), every other
+tensor of the source unchanged. The config is the source's, with the cut keys of its text_config
+set as the decoder's. Before the folder moves into place:
+(a) every tensor read back has the CRC-32 of the source bytes it was copied from;
+(b) the decoder's tensors, named back, are those a skeleton of the written text_config implies,
+    and the rest are the source's, by name and shape;
+(c) where the grafted model fits in memory and transformers runs it on text, it loads with no
+    missing or unexpected weight, and its logits on the same text equal the decoder's, run block
+    by block.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surgery.arch import (
+    Architecture,
+    architecture_of,
+    base_model_type,
+    mtp_count_keys,
+    mtp_modules,
+    quantization_method,
+    read_config,
+)
+from surgery.errors import SurgeryError
+from surgery.export.checkpoint import MANIFEST, ExportResult, logit_diff_within_tolerance, write_manifest
+from surgery.export.text_decoder import TextDecoder, is_output_layer, multimodal_model, prepare_text_decoder
+from surgery.forward import VERIFY_PROMPT
+from surgery.shards import SafetensorsFolder, TensorInfo
+
+# what differs between two configs without saying anything about the model
+BOOKKEEPING_KEYS = frozenset({"architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "use_cache"})
+# files of the source that are not carried: weights, its config and records, and its model card
+NOT_CARRIED = ("config.json", MANIFEST, "local.json", "README.md")
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".ckpt", ".gguf")
+
+
+@dataclass
+class Graft:
+    """The multimodal checkpoint to write, mapped onto its two sources before anything is written."""
+
+    source: Path  # the multimodal checkpoint
+    decoder: Path  # the cut text decoder
+    config: Any  # the multimodal config to write
+    text_config: Any  # the decoder's config as the written one will give it
+    tensors: dict[str, tuple[Path, TensorInfo]]  # name written -> (folder, tensor read there)
+    decoder_names: dict[str, str]  # name written -> the decoder's name for it
+    mtp: dict[str, tuple[int, ...]]  # the decoder's MTP tensors (its names) -> shape
+    changed: dict[str, tuple[Any, Any]]  # text_config key -> (the source's, the decoder's)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for _, info in self.tensors.values())
+
+    @property
+    def parameters(self) -> int:
+        return sum(math.prod(info.shape) for _, info in self.tensors.values())
+
+
+def cut_keys(arch: Architecture, config: Any) -> set[str]:
+    """The config keys a cut of this family may change (surgery.cut.cut_config's)."""
+    keys = {"num_hidden_layers", *arch.per_layer_config, *arch.layer_index_config, *arch.prefix_count_config,
+            *mtp_count_keys(config)}
+    if arch.sparse_step_config:
+        keys.add(arch.sparse_step_config)
+    if arch.step_rule:
+        keys |= {arch.step_rule.step, arch.step_rule.listed}
+    return keys
+
+
+def prepare_graft(decoder_folder: Path, source_folder: Path, trust_remote_code: bool = False) -> Graft:
+    """Read both configs and every header; refuse in one line a decoder not cut from the source."""
+    extracted = prepare_text_decoder(source_folder, trust_remote_code)
+    family = base_model_type(extracted.config)
+    _check_decoder_kind(decoder_folder, family)
+    cut = _decoder_config(decoder_folder, trust_remote_code)
+    changed = _changed(extracted.config, cut)
+    allowed = cut_keys(architecture_of(cut), cut)
+    odd = sorted(set(changed) - allowed)
+    if odd:
+        before, after = changed[odd[0]]
+        raise SurgeryError(f"{decoder_folder} differs from {source_folder}'s text decoder in {odd[0]} ({after!r} against "
+                           f"{before!r}), which no cut changes: graft a decoder cut from this source's own "
+                           f"(surgery extract-text {source_folder})")
+    config = _multimodal_config(source_folder, trust_remote_code)
+    text = config.get_text_config()
+    for key in changed:
+        setattr(text, key, getattr(cut, key))
+    weights = SafetensorsFolder(decoder_folder, "graft reads safetensors weights only: export the decoder again")
+    mtp = mtp_modules(weights.info, cut)
+    names = _decoder_tensors(decoder_folder, cut, weights, mtp.tensors)
+    tensors, decoder_names = _placed(decoder_folder, extracted, names)
+    source = SafetensorsFolder(source_folder)
+    used = {info.name for info in extracted.tensors.values()}
+    for name, info in source.info.items():
+        if name not in used and not is_output_layer(name):  # (one stored beside tied embeddings is not the decoder's)
+            tensors[name] = (Path(source_folder), info)
+    return Graft(Path(source_folder), Path(decoder_folder), config, cut, tensors, decoder_names,
+                 {name: names[name].shape for name in mtp.tensors}, changed)
+
+
+def _check_decoder_kind(folder: Path, family: str) -> None:
+    """Refuse what no multimodal class can hold: another family, stand-ins, other layouts, quantised weights."""
+    from surgery.arch import SURGERY_MODEL_TYPE_PREFIX
+
+    data = read_config(folder)
+    model_type = str(data.get("model_type", ""))
+    if model_type.startswith(SURGERY_MODEL_TYPE_PREFIX) or data.get("surgery"):
+        raise SurgeryError(f"{folder} has sublayers removed inside its blocks, whose stand-ins only surgery's text classes "
+                           "build: cut whole blocks for a graft (--granularity block, or ids such as L5)")
+    if model_type != family:
+        raise SurgeryError(f"{folder} is a '{model_type or 'unknown'}' checkpoint, but the source's text decoder is "
+                           f"'{family}': graft the decoder cut from that source's `surgery extract-text` output")
+    if quantization_method(data):
+        raise SurgeryError(f"{folder} is stored {quantization_method(data)}-quantised: graft full-precision weights "
+                           "(export the decoder without --quantize)")
+
+
+def _decoder_config(folder: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    from surgery.arch import config_error
+
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        raise config_error(folder, error) from None
+
+
+def _multimodal_config(folder: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+
+
+def _changed(before: Any, after: Any) -> dict[str, tuple[Any, Any]]:
+    """Config keys whose values differ (missing on one side counts as None), bookkeeping aside."""
+    old, new = before.to_dict(), after.to_dict()
+    return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+            if key not in BOOKKEEPING_KEYS and old.get(key) != new.get(key)}
+
+
+def _decoder_tensors(folder: Path, config: Any, weights: SafetensorsFolder, mtp: dict[str, str]) -> dict[str, TensorInfo]:
+    """The decoder's tensors, after checking they are those its config implies (and its MTP modules)."""
+    import torch
+
+    from surgery.layerwise import checkpoint_shapes, skeleton
+
+    expected = checkpoint_shapes(skeleton(config, torch.float32))
+    expected.update({name: weights.info[name].shape for name in mtp})
+    found = {name: info.shape for name, info in weights.info.items()}
+    if found != expected:
+        odd = sorted(set(found) ^ set(expected)) or sorted(n for n in found if found[n] != expected[n])
+        raise SurgeryError(f"{folder}'s tensors are not those its config.json implies ({odd[0]}): export the decoder again")
+    return dict(weights.info)
+
+
+def _placed(folder: Path, extracted: TextDecoder, names: dict[str, TensorInfo]) -> tuple[dict[str, tuple[Path, TensorInfo]], dict[str, str]]:
+    """Each decoder tensor under the name the source gives its language model's: the layout extract-text found."""
+    prefixes = {}
+    for ours in ("model.", "lm_head."):
+        probe = next((name for name in extracted.tensors if name.startswith(ours) and name not in extracted.mtp), None)
+        if probe is not None:
+            where = extracted.tensors[probe].name
+            prefixes[ours] = where[: len(where) - len(probe) + len(ours)]
+    tensors, decoder_names = {}, {}
+    for name, info in names.items():
+        if name in extracted.mtp:
+            written = extracted.tensors[name].name
+        else:
+            ours = next((p for p in prefixes if name.startswith(p)), None)
+            if ours is None:
+                raise SurgeryError(f"{folder} holds {name}, which the source's text decoder has no place for: "
+                                   "graft the decoder cut from that source's `surgery extract-text` output")
+            written = prefixes[ours] + name[len(ours):]
+        tensors[written] = (Path(folder), info)
+        decoder_names[written] = name
+    return tensors, decoder_names
+
+
+def export_graft(graft: Graft, tokenizer: Any, out: Path, *, record: dict[str, Any], max_shard_size: int, force: bool = False,
+                 protected: list[Path] = (), extra_files: dict[str, str] | None = None, unpublished: tuple[str, ...] = (),
+                 device: str = "cpu", trust_remote_code: bool = False) -> ExportResult:
+    """Write the grafted checkpoint to `out`, checked as the module docstring says, atomically."""
+    from surgery.export.checkpoint import add_files
+    from surgery.files import check_free_space, check_output_folder, staged_folder
+
+    out = check_output_folder(out, force=force, protected=list(protected))
+    check_free_space(out, graft.nbytes, "the checkpoint")
+    with staged_folder(out) as staging:
+        digests = _write(graft, staging, max_shard_size)
+        add_files(staging, None, extra_files or {})
+        verified = _check_folder(graft, staging, tokenizer, device, trust_remote_code)
+        manifest = write_manifest(staging, {**record, "layout": "hf", "unpublished": list(unpublished)}, verified, digests)
+    return ExportResult(out, verified["max_abs_logit_diff"], "transformers", manifest)
+
+
+def _write(graft: Graft, folder: Path, max_shard_size: int) -> dict[str, str]:
+    """The shards (check a), the multimodal config, and the source's processor, tokenizer and other files."""
+    from surgery.shards import write_checkpoint_shards
+
+    readers = {graft.source: SafetensorsFolder(graft.source), graft.decoder: SafetensorsFolder(graft.decoder)}
+    planned = {name: TensorInfo(name, info.dtype, info.shape, info.nbytes) for name, (_, info) in graft.tensors.items()}
+    try:
+        digests = write_checkpoint_shards(folder, planned, lambda info: readers[graft.tensors[info.name][0]].read(
+            graft.tensors[info.name][1].name), lies_in=lambda info: graft.tensors[info.name][1],
+            max_shard_size=max_shard_size, parameters=graft.parameters, label="writing shards")
+    finally:
+        for reader in readers.values():
+            reader.close()
+    for file in sorted(graft.source.iterdir()):
+        if file.is_file() and not file.name.startswith(".") and file.name not in NOT_CARRIED and not file.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(file, folder / file.name)
+    graft.config.save_pretrained(folder)
+    return digests
+
+
+def _check_folder(graft: Graft, folder: Path, tokenizer: Any, device: str, trust_remote_code: bool) -> dict[str, Any]:
+    """Checks (b) and (c) of the module docstring: the manifest's `verified` record."""
+    import torch
+
+    from surgery.console import console, task
+    from surgery.forward import verification_ids
+    from surgery.layerwise import LayerwiseModel, checkpoint_shapes, skeleton
+    from surgery.memory import available_memory, fits_in_memory
+
+    text = _multimodal_config(folder, trust_remote_code).get_text_config()
+    text.tie_word_embeddings = graft.text_config.tie_word_embeddings
+    expected = {**checkpoint_shapes(skeleton(text, torch.float32)), **graft.mtp}
+    expected.update({name: info.shape for name, (where, info) in graft.tensors.items() if where == graft.source})
+    found = {graft.decoder_names.get(name, name): info.shape for name, info in SafetensorsFolder(folder, strict=True).info.items()}
+    if found != expected:
+        odd = sorted(set(found) ^ set(expected)) or sorted(n for n in found if found[n] != expected[n])
+        raise SurgeryError(f"export check failed: the written tensors are not those config.json implies ({odd[0]}); "
+                           "nothing was written")
+    verified = {"max_abs_logit_diff": None, "loader": "transformers", "method": "copied, names and shapes checked",
+                "prompt": VERIFY_PROMPT, "cached_generation": False, "tensors_checked": len(graft.tensors)}
+    if not fits_in_memory(graft.nbytes, available_memory(device)):
+        console.print("the grafted model does not fit in memory: its logits were not compared with the decoder's "
+                      "(every tensor was checked as copied)")
+        return verified
+    decoder = LayerwiseModel(graft.decoder, device=device)
+    try:
+        loaded = multimodal_model(folder, decoder.dtype, device, trust_remote_code)
+        if loaded is None:
+            console.print("transformers has no class that runs the grafted model on text: its logits were not compared "
+                          "with the decoder's (every tensor was checked as copied)")
+            return verified
+        model, info = loaded
+        odd = sorted(info.get("missing_keys", ())) + sorted(info.get("unexpected_keys", ()))
+        if odd:
+            raise SurgeryError(f"export check failed: transformers loads the grafted model without {odd[0]}; nothing was written")
+        ids = verification_ids(tokenizer, decoder.config.vocab_size)
+        with task("comparing the grafted model with the decoder on text"), torch.no_grad():
+            want = decoder.forward(ids)
+            got = model(input_ids=ids.to(device), use_cache=False).logits.float().to(want.device)
+    finally:
+        decoder.close()
+    diff = logit_diff_within_tolerance(want, got, decoder.dtype, "the grafted model's logits differ from the decoder's")
+    return {**verified, "max_abs_logit_diff": diff, "method": "copied, loaded, compared with the decoder"}

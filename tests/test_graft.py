@@ -1,0 +1,157 @@
+"""`surgery graft`: a cut text decoder put back into the multimodal checkpoint `extract-text` took it
+from (tiny Gemma 3, Mistral 3, Llama 4 and Qwen3.5 built from configs, saved by transformers), so
+that the image-text model keeps its vision tower; and what is not such a decoder is refused in one
+line before anything is written."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from surgery.export.checkpoint import read_manifest
+from tests.cli import one_line, run
+from tests.test_text_decoder import VOCAB, gemma3, llama4, mistral3, qwen3_5, renamed_to_the_newer_layout
+
+
+def tensors(folder):
+    return {name: t for file in sorted(folder.glob("*.safetensors")) for name, t in load_file(file).items()}
+
+
+def extracted_and_cut(make, tmp_path, tokenizer, remove="L1", layout="legacy"):
+    """The multimodal source, and its text decoder cut by `surgery cut` (the folders)."""
+    source = tmp_path / "multimodal"
+    model = make(source, tokenizer)
+    if layout == "newer":
+        renamed_to_the_newer_layout(source)
+    for args in (("extract-text", source, "--out", tmp_path / "text"), ("cut", tmp_path / "text", "--remove", remove, "--out",
+                                                                       tmp_path / "cut")):
+        result = run(*args, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+    return source, model
+
+
+def with_decoder(model, decoder_folder):
+    """The multimodal model with its language model swapped in memory for the cut decoder's: what
+    the grafted files must compute, reached without them."""
+    from transformers import AutoModelForCausalLM
+
+    decoder = AutoModelForCausalLM.from_pretrained(decoder_folder).eval()
+    inner = model.model
+    inner.language_model = decoder.model
+    model.config.text_config = decoder.config
+    inner.config.text_config = decoder.config
+    if not decoder.config.tie_word_embeddings:
+        model.lm_head = decoder.lm_head
+    return model
+
+
+@pytest.mark.parametrize("make, layout, removed", [(gemma3, "legacy", ["layer_types", "num_hidden_layers"]),
+                                                   (gemma3, "newer", ["layer_types", "num_hidden_layers"]),
+                                                   (mistral3, "legacy", ["num_hidden_layers"]),
+                                                   (mistral3, "newer", ["num_hidden_layers"])])
+@torch.no_grad()
+def test_the_grafted_model_sees_images_with_the_cut_decoder(make, layout, removed, tmp_path, tokenizer):
+    from transformers import AutoModelForImageTextToText
+
+    source, model = extracted_and_cut(make, tmp_path, tokenizer, layout=layout)
+    result = run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft", "--max-shard-size", "100KB",
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "graft")
+    assert manifest["verified"]["method"] == "copied, loaded, compared with the decoder"
+    assert manifest["verified"]["max_abs_logit_diff"] <= 1e-5 and sorted(manifest["text_config_changed"]) == removed
+    config = json.loads((tmp_path / "graft" / "config.json").read_text())
+    assert config["model_type"] == json.loads((source / "config.json").read_text())["model_type"]
+    assert config["text_config"]["num_hidden_layers"] == json.loads((tmp_path / "text" / "config.json").read_text())[
+        "num_hidden_layers"] - 1
+
+    sources, written = tensors(source), tensors(tmp_path / "graft")
+    vision = {name for name in sources if "vision" in name or "projector" in name}
+    assert vision and all(torch.equal(written[name], sources[name]) for name in vision)  # the source's, in its own names
+    prefix = "model.language_model." if layout == "newer" else "language_model.model."
+    decoder = tensors(tmp_path / "cut")
+    assert set(written) - vision == {prefix + name.removeprefix("model.") if name.startswith("model.") else
+                                     ("lm_head." if layout == "newer" else "language_model.lm_head.") + name.removeprefix("lm_head.")
+                                     for name in decoder}
+
+    grafted = AutoModelForImageTextToText.from_pretrained(tmp_path / "graft").eval()
+    expected = with_decoder(model, tmp_path / "cut")
+    ids = torch.randint(3, VOCAB - 4, (1, 16), generator=torch.Generator().manual_seed(3))
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))}
+    if make is gemma3:
+        ids[0, 2:6] = VOCAB - 1  # mm_tokens_per_image image tokens
+    else:
+        ids[0, 2:6] = VOCAB - 1  # (32 / 8)^2 patches merged 2 x 2
+        inputs["image_sizes"] = torch.tensor([[32, 32]])
+    want = expected(**inputs).logits
+    got = grafted(**inputs).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    text_only = grafted(input_ids=ids.clamp(max=VOCAB - 5)).logits
+    assert not torch.allclose(got[:, 6:], text_only[:, 6:], atol=1e-3)  # the image reached the decoder
+    generated = grafted.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 20)
+
+
+@pytest.mark.parametrize("make", [llama4, qwen3_5])
+@torch.no_grad()
+def test_the_families_with_per_layer_lists_and_mtp_modules_graft_back(make, tmp_path, tokenizer):
+    """Llama 4 (MoE and NoPE layers listed per layer) and Qwen3.5 (hybrid layer types, MTP modules
+    at mtp.*): the cut's lists land in text_config, and the drafting modules come along."""
+    source, _ = extracted_and_cut(make, tmp_path, tokenizer, remove="L0")
+    result = run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "graft")
+    assert manifest["verified"]["method"] == "copied, loaded, compared with the decoder"
+    written = json.loads((tmp_path / "graft" / "config.json").read_text())["text_config"]
+    cut = json.loads((tmp_path / "cut" / "config.json").read_text())
+    for key in manifest["text_config_changed"]:
+        assert written[key] == cut[key], key
+    assert written["layer_types"] == cut["layer_types"] and len(written["layer_types"]) == 3
+    sources = tensors(source)
+    mtp = {name for name in sources if name.startswith("mtp.")}
+    assert (make is qwen3_5) == bool(mtp)
+    grafted = tensors(tmp_path / "graft")
+    assert all(torch.equal(grafted[name], sources[name]) for name in mtp)
+
+
+def test_what_is_not_a_cut_of_the_source_is_one_line_and_writes_nothing(tmp_path, tokenizer, tiny_folder):
+    source, _ = extracted_and_cut(gemma3, tmp_path, tokenizer)
+    out = tmp_path / "graft"
+    assert "is not a multimodal checkpoint" in one_line(run("graft", tmp_path / "cut", "--onto", tmp_path / "text", "--out", out))
+
+    sublayer = run("cut", tmp_path / "text", "--remove", "L1.attn", "--out", tmp_path / "sublayer", "--device", "cpu")
+    assert sublayer.exit_code == 0, sublayer.output
+    assert "has sublayers removed inside its blocks" in one_line(run("graft", tmp_path / "sublayer", "--onto", source, "--out", out))
+
+    other, _ = tiny_folder("llama")
+    assert "is a 'llama' checkpoint, but the source's text decoder is 'gemma3_text'" in one_line(
+        run("graft", other, "--onto", source, "--out", out))
+
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    (tmp_path / "cut" / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    line = one_line(run("graft", tmp_path / "cut", "--onto", source, "--out", out))
+    assert "differs from" in line and "in rms_norm_eps" in line and "which no cut changes" in line
+    (tmp_path / "cut" / "config.json").write_text(json.dumps(config))
+
+    weights = load_file(tmp_path / "cut" / "model.safetensors")
+    weights["model.layers.7.input_layernorm.weight"] = torch.ones(64)
+    save_file(weights, tmp_path / "cut" / "model.safetensors", metadata={"format": "pt"})
+    assert "model.layers.7.input_layernorm.weight" in one_line(run("graft", tmp_path / "cut", "--onto", source, "--out", out))
+    assert not out.exists()
+
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    assert "a source model is never written to" in one_line(run("graft", tmp_path / "text", "--onto", source, "--out", source,
+                                                                "--force"))
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+
+def test_a_failed_check_leaves_nothing(tmp_path, tokenizer, monkeypatch):
+    import surgery.shards as shards
+    from tests.faults import flipping_last_byte
+
+    source, _ = extracted_and_cut(mistral3, tmp_path, tokenizer)
+    monkeypatch.setattr(shards, "write_shard", flipping_last_byte(shards.write_shard))
+    line = one_line(run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft", "--device", "cpu"))
+    assert "export check failed" in line and "differs from its source tensor" in line
+    assert not (tmp_path / "graft").exists()
