@@ -94,8 +94,11 @@ class Architecture:
     in one kind of block and the attention in the other.
     linear_block_marker: (block attribute, value) that marks a linear-attention block where both
     kinds of attention have one name (Kimi-Linear's `self_attn`; its blocks' `block_type`).
-    block_returns_tuple: the family's decoder blocks return (hidden_states,), not the tensor
-    (Falcon-H1), and its forward reads element 0: whatever stands in for a block answers alike.
+    block_outputs: how many values the family's decoder blocks return, the stream first, where
+    they return a tuple (Falcon-H1's (hidden_states,), Bamba's (hidden_states, attention weights));
+    0 for the tensor alone. Whatever stands in for a block answers alike.
+    attention_index_config: a config list of a hybrid's attention blocks, where it lists no
+    layer_types in config.json (Bamba's attn_layer_indices; transformers derives layer_types from it).
     unquantized: module names (suffixes) 4-bit healing keeps in full precision, beside the output
     layer: weights a fused kernel reads directly rather than through the module (Mamba-2's out_proj
     in mamba_ssm's training kernel, which a 4-bit packed weight would break).
@@ -135,7 +138,8 @@ class Architecture:
     mlp_companions: tuple[tuple[str, str], ...] = ()
     linear_block_norms: tuple[tuple[str, ...], tuple[str, ...]] | None = None
     unquantized: tuple[str, ...] = ()
-    block_returns_tuple: bool = False
+    block_outputs: int = 0
+    attention_index_config: str | None = None
     linear_block_marker: tuple[str, str] | None = None
 
     def output_projections(self, kind: str) -> tuple[str, ...]:
@@ -170,6 +174,8 @@ class Architecture:
         """A hybrid config's (object or config.json dict) attention blocks (the others are linear);
         None for other families."""
         types = config_value(config, "layer_types")
+        if self.linear_attention and self.attention_index_config and not isinstance(types, list):
+            return sorted(config_value(config, self.attention_index_config) or [])
         if not self.linear_attention or not isinstance(types, list):
             return None
         from transformers.configuration_utils import remap_legacy_layer_types
@@ -299,7 +305,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     # input: one sublayer. Its muP multipliers scale outputs linearly, so bridges fold.
     "falcon_h1": replace(_LLAMA, attention_companions=(("mamba", "out_proj"),), mlp="feed_forward",
                          mlp_norms=("pre_ff_layernorm",), final_norm="model.final_layernorm",
-                         logit_multiplier_config="lm_head_multiplier", unquantized=("mamba.out_proj",), block_returns_tuple=True,
+                         logit_multiplier_config="lm_head_multiplier", unquantized=("mamba.out_proj",), block_outputs=1,
                          lora_targets=(*_LLAMA.lora_targets, *_MAMBA_LORA)),
     # Granite 4.0-H: Mamba-2 blocks between attention ones (layer_types; released configs say "mamba"
     # and "attention", which transformers reads as linear_attention and full_attention); each FFN
@@ -310,6 +316,13 @@ ARCHITECTURES: dict[str, Architecture] = {
                                 logit_divisor_config="logits_scaling", unquantized=("mamba.out_proj",),
                                 lora_targets=(*_ATTENTION_ONLY_LORA, *_MAMBA_LORA, "input_linear", "output_linear"),
                                 lora_may_lack=(_ATTENTION_ONLY_LORA, _MAMBA_LORA)),
+    # Bamba: Mamba-2 blocks between attention ones, placed by attn_layer_indices (transformers derives
+    # layer_types from it); a gated FFN after each, pre-normed by pre_ff_layernorm.
+    "bamba": replace(_LLAMA, linear_attention="mamba", linear_attention_output="out_proj", layer_index_config=("attn_layer_indices",),
+                     attention_index_config="attn_layer_indices", mlp="feed_forward", mlp_norms=("pre_ff_layernorm",),
+                     final_norm="model.final_layernorm", unquantized=("mamba.out_proj",), block_outputs=2,
+                     lora_targets=(*_ATTENTION_ONLY_LORA, *_MAMBA_LORA, "gate_proj", "up_proj", "down_proj"),
+                     lora_may_lack=(_ATTENTION_ONLY_LORA, _MAMBA_LORA)),
     # DeepSeek-V2/V3 / GLM-4.5: multi-head latent attention (DeepSeek), dense FFNs in the first k
     # layers, then routed experts beside shared ones. LoRA heals through attention alone: peft
     # turns FFN names of these families into the fused experts' parameters, which it cannot train

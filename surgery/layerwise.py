@@ -191,7 +191,8 @@ class LayerwiseModel:
                 if index == len(layers) - 1:
                     raise _Recorded
                 # later blocks only need their arguments
-                return (hidden_states,) if self.arch.block_returns_tuple else hidden_states
+                outputs = self.arch.block_outputs
+                return (hidden_states, *[None] * (outputs - 1)) if outputs else hidden_states
 
             return forward
 

@@ -121,6 +121,9 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
                          "logits_scaling": 2.0, "residual_multiplier": 0.5, "embedding_multiplier": 2.0,
                          "attention_multiplier": 0.25,
                          "layer_types": lambda layers: ["attention" if i % 2 else "mamba" for i in range(layers)]},
+    # Bamba: Mamba-2 blocks, the attention ones listed by index
+    "bamba": {"mamba_n_heads": 4, "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_chunk_size": 16,
+              "attn_layer_indices": lambda layers: [i for i in range(layers) if i % 2]},
     # LFM2 lists its attention blocks twice (layer_types and full_attn_idxs), as its releases do
     "lfm2": {"norm_eps": 1e-5, "conv_L_cache": 3, "block_auto_adjust_ff_dim": False, "tie_word_embeddings": True,
              "layer_types": _lfm2_layer_types, "full_attn_idxs": _lfm2_attention_blocks},

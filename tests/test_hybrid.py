@@ -17,7 +17,8 @@ from surgery.tiny import tiny_model
 from tests.cli import error_line, run
 from tests.test_ablation import assert_cache_consistent, ids
 
-FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "lfm2", "lfm2_moe", "lfm3", "granitemoehybrid", "olmo_hybrid", "kimi_linear"]
+FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "lfm2", "lfm2_moe", "lfm3", "granitemoehybrid", "olmo_hybrid", "kimi_linear",
+            "bamba"]
 FAST = ["--samples", "2", "--seq-len", "32", "--max-removed", "2", "--eval-tasks", "piqa", "--eval-limit", "4",
         "--eval-ppl", "wikitext2", "--eval-ppl-windows", "2", "--no-eval-speed", "--device", "cpu"]
 
@@ -93,20 +94,45 @@ def test_a_cut_that_keeps_no_attention_block_is_refused(stream, tiny_folder, tmp
     assert kept.exit_code == 0, kept.output  # an attention block stays, its attention a stand-in that keeps the length
 
 
-@pytest.mark.parametrize("family", ["qwen3_5_text", "granitemoehybrid"])
+@pytest.mark.parametrize("family", ["qwen3_5_text", "granitemoehybrid", "bamba"])
 def test_prune_refuses_named_ids_that_take_every_attention_block_before_loading(family, tiny_folder, tmp_path, data_dir):
-    """Known from config.json alone, in transformers' words or in the released ones (Granite 4.0-H's
-    "mamba" and "attention"): refused before the model loads (so before any stage prints its line:
-    planning, evaluating), writing nothing."""
+    """Known from config.json alone, in transformers' words, in the released ones (Granite 4.0-H's
+    "mamba" and "attention") or as a list of indices (Bamba's attn_layer_indices, with no layer_types):
+    refused before the model loads (so before any stage prints its line: planning, evaluating),
+    writing nothing."""
     source, _ = tiny_folder(family, num_layers=4)
     config = json.loads((source / "config.json").read_text())
-    released = {"linear_attention": "mamba", "full_attention": "attention"} if family == "granitemoehybrid" else {}
-    (source / "config.json").write_text(json.dumps({**config, "layer_types": [released.get(k, k) for k in config["layer_types"]]}))
+    if family == "bamba":
+        assert "layer_types" not in config and config["attn_layer_indices"] == [1, 3]
+    else:
+        released = {"linear_attention": "mamba", "full_attention": "attention"} if family == "granitemoehybrid" else {}
+        config["layer_types"] = [released.get(k, k) for k in config["layer_types"]]
+        (source / "config.json").write_text(json.dumps(config))
     result = run("prune", source, "--remove", "L1,L3", "--out", tmp_path / "pruned", "--data-dir", data_dir, *FAST)
     assert result.exit_code == 2
     assert "removes every attention block (L1,L3) of a hybrid model" in error_line(result)
     assert "planning" not in result.output and "evaluating" not in result.output
     assert not (tmp_path / "pruned").exists()
+
+
+def test_bamba_cut_renumbers_its_attention_indices_and_reloads_with_each_kind_in_place(tiny_folder, tmp_path):
+    """Bamba places its attention blocks by attn_layer_indices (transformers derives layer_types
+    from it): a whole-block cut renumbers the list, and the reloaded checkpoint builds attention and
+    Mamba-2 blocks where the cut model had them, streamed or in memory alike; surgery info reads them."""
+    from transformers import AutoModelForCausalLM
+
+    source, _ = tiny_folder("bamba", num_layers=6)  # attention in L1, L3, L5
+    for stream in ("--stream", "--no-stream"):
+        out = tmp_path / stream
+        result = run("cut", source, "--remove", "L0,L3", "--out", out, stream, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        config = json.loads((out / "config.json").read_text())
+        assert config["attn_layer_indices"] == [0, 3] and config["num_hidden_layers"] == 4  # old L1 and L5
+        reloaded = AutoModelForCausalLM.from_pretrained(out)
+        assert [layer.block_type for layer in reloaded.model.layers] == ["full_attention", "linear_attention",
+                                                                         "linear_attention", "full_attention"]
+    info = run("info", source, "--device", "cpu")
+    assert "L1, L3, L5 (the other 3 hold linear attention)" in " ".join(info.output.split())
 
 
 def test_info_names_a_hybrid_models_attention_blocks(tiny_folder):
