@@ -215,13 +215,16 @@ def _parses(line: str) -> bool:
 # ------------------------------------------------------------------ running
 
 
-def coalitions_to_evaluate(methods: Iterable[str], settings: AnalysisSettings, players: int) -> Iterator[frozenset[int]]:
+def coalitions_to_evaluate(methods: Iterable[str], settings: AnalysisSettings, players: int,
+                           absent: frozenset[int] = frozenset()) -> Iterator[frozenset[int]]:
     """In the order they are evaluated: single-sublayer ablations first (a run cut short by a budget
-    still has them, and the cornerstone rule reads them), then each scorer's, in registry order."""
+    still has them, and the cornerstone rule reads them), then each scorer's, in registry order.
+    `absent`: positions that are no player (sublayers the blocks never had), left out of every one:
+    removing them changes nothing."""
     seen: set[frozenset[int]] = set()
-    wanted = [frozenset({p}) for p in range(players)]
+    wanted = [frozenset({p}) for p in range(players) if p not in absent]
     for name in methods:
-        wanted = [*wanted, *SCORERS[name].coalitions(settings, players)]
+        wanted = [*wanted, *(c - absent for c in SCORERS[name].coalitions(settings, players, absent))]
     for coalition in wanted:
         if coalition not in seen:
             seen.add(coalition)
@@ -260,7 +263,7 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
 
     import torch
 
-    from surgery.arch import num_layers, unwrap
+    from surgery.arch import architecture_of, num_layers, unwrap
     from surgery.console import task
     from surgery.data import calibration_batches
     from surgery.distributed import gather, start
@@ -282,7 +285,10 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
         base.eval()
         layers = num_layers(base)
     players = 2 * layers
-    wanted = list(coalitions_to_evaluate(settings.methods, settings, players))
+    # sublayers the blocks never had (a single-mixer family's): removing one changes nothing, so every
+    # coalition is evaluated without them, once, and they are no player of the analysis written
+    absent = frozenset(u.position for u in architecture_of(base.config).absent_sublayers(base.config))
+    wanted = list(coalitions_to_evaluate(settings.methods, settings, players, absent))
     started = time.perf_counter()
     cost: dict[str, float] = {}
     with torch.no_grad():
@@ -324,14 +330,16 @@ def analyze(model: Any, tokenizer: Any, settings: AnalysisSettings, out: Path | 
         ids = [str(u) for u in all_sublayers(layers)]
         baseline = _baseline(value_function, settings)
         details = getattr(value_function, "details", {})
-        context = ScoringContext(settings=settings, players=ids, baseline=baseline, known=value_function.known,
-                                 details=lambda removed: details.get(removed, {}),
-                                 stream=(lambda: _stream_by_batch(residual, players)) if residual else None)
+        context = ScoringContext(settings=settings, players=ids, baseline=baseline,
+                                 known=lambda removed: value_function.known(removed - absent),
+                                 details=lambda removed: details.get(removed - absent, {}),
+                                 stream=(lambda: _stream_by_batch(residual, players)) if residual else None, absent=absent)
         sections = {name: SCORERS[name].assemble(context) for name in settings.methods}
     cost["total_seconds"] = time.perf_counter() - started
     analysis = Analysis(
-        key=key, model={**model_info, "layers": layers, "players": players, "dtype": weights_dtype(base.dtype)},
-        settings=settings.describe(), players=ids,
+        key=key, model={**model_info, "layers": layers, "players": players - len(absent), "dtype": weights_dtype(base.dtype),
+                        **({"absent": [ids[p] for p in sorted(absent)]} if absent else {})},
+        settings=settings.describe(), players=[name for position, name in enumerate(ids) if position not in absent],
         baseline=baseline, sections={k: v for k, v in sections.items() if v is not None}, cornerstones=[],
         complete=complete, coalitions={"evaluated": evaluated, "wanted": len(wanted)},
         calibration={"source": origin, "tokens": residual.tokens if residual else None, "digest": digest},

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
+from surgery.sublayers import KINDS, Sublayer
 
 SURGERY_MODEL_TYPE_PREFIX = "surgery_"
 
@@ -99,6 +100,13 @@ class Architecture:
     0 for the tensor alone. Whatever stands in for a block answers alike.
     attention_index_config: a config list of a hybrid's attention blocks, where it lists no
     layer_types in config.json (Bamba's attn_layer_indices; transformers derives layer_types from it).
+    single_mixer: (block attribute, ((its value, sublayer kind), ...)) for families whose every
+    block holds one mixer behind one norm (Nemotron-H: a Mamba-2 mixer, an attention, an MLP or an
+    MoE, by `block_type`): the block's one sublayer is of the kind its value maps to, and the other
+    kind is absent (`absent_sublayers`), so removing the mixer deletes the block.
+    pattern_configs / pattern_letters: (string key, list key) pairs of per-block types that released
+    configs write as one string, which vLLM reads, and transformers 5 turns into the list (Nemotron-H's
+    hybrid_override_pattern "M-M*-E" and layers_block_type), with each type's letter.
     unquantized: module names (suffixes) 4-bit healing keeps in full precision, beside the output
     layer: weights a fused kernel reads directly rather than through the module (Mamba-2's out_proj
     in mamba_ssm's training kernel, which a 4-bit packed weight would break).
@@ -140,6 +148,9 @@ class Architecture:
     unquantized: tuple[str, ...] = ()
     block_outputs: int = 0
     attention_index_config: str | None = None
+    single_mixer: tuple[str, tuple[tuple[str, str], ...]] | None = None
+    pattern_configs: tuple[tuple[str, str], ...] = ()
+    pattern_letters: tuple[tuple[str, str], ...] = ()
     linear_block_marker: tuple[str, str] | None = None
 
     def output_projections(self, kind: str) -> tuple[str, ...]:
@@ -167,12 +178,18 @@ class Architecture:
                 **({"linear_norms": dict(zip(("attn", "mlp"), map(list, self.linear_block_norms)))}
                    if self.linear_block_norms else {}),
                 **({"linear_block_marker": list(self.linear_block_marker)} if self.linear_block_marker else {}),
+                **({"single_mixer": {"attribute": self.single_mixer[0], "kinds": dict(self.single_mixer[1])}}
+                   if self.single_mixer else {}),
                 **({"companions": {kind: [module for module, _ in self.companions(kind)] for kind in ("attn", "mlp")
                                    if self.companions(kind)}} if self.attention_companions or self.mlp_companions else {})}
 
     def attention_blocks(self, config: Any) -> list[int] | None:
         """A hybrid config's (object or config.json dict) attention blocks (the others are linear);
         None for other families."""
+        if self.single_mixer:
+            kinds = dict(self.single_mixer[1])
+            return [i for i, kind in enumerate(self.block_types(config) or []) if kinds.get(kind) == "attn"
+                    and kind != self.linear_layer_type]
         types = config_value(config, "layer_types")
         if self.linear_attention and self.attention_index_config and not isinstance(types, list):
             return sorted(config_value(config, self.attention_index_config) or [])
@@ -182,6 +199,31 @@ class Architecture:
 
         # a config.json may use the released names (Granite 4.0-H's "mamba"), which a config object reads as its own
         return [i for i, kind in enumerate(remap_legacy_layer_types(types)) if kind != self.linear_layer_type]
+
+    def block_types(self, config: Any) -> list[str] | None:
+        """A single-mixer family's type of each block, from a config object or a config.json dict
+        (which may give them as a list or, as released ones do, as the `layer_pattern` string)."""
+        if not self.single_mixer:
+            return None
+        from transformers.configuration_utils import remap_legacy_layer_types
+
+        types = config_value(config, "layer_types")
+        if not isinstance(types, list):
+            types = config_value(config, "layers_block_type")  # (Nemotron-H's name for the list, in config.json)
+        if not isinstance(types, list) and self.pattern_configs:
+            pattern = config_value(config, self.pattern_configs[0][0])
+            if isinstance(pattern, str):
+                by_letter = {letter: kind for kind, letter in self.pattern_letters}
+                types = [by_letter.get(letter, letter) for letter in pattern]
+        return remap_legacy_layer_types(list(types)) if isinstance(types, list) else None
+
+    def absent_sublayers(self, config: Any) -> list[Sublayer]:
+        """The sublayers a single-mixer family's blocks do not have (each holds one); none for others."""
+        types = self.block_types(config)
+        if types is None:
+            return []
+        kinds = dict(self.single_mixer[1])
+        return [Sublayer(i, kind) for i, value in enumerate(types) for kind in KINDS if kinds.get(value) != kind]
 
     def attention_in(self, layer: Any) -> str:
         """The name of `layer`'s attention sublayer: a hybrid family's linear attention in the
@@ -323,6 +365,21 @@ ARCHITECTURES: dict[str, Architecture] = {
                      final_norm="model.final_layernorm", unquantized=("mamba.out_proj",), block_outputs=2,
                      lora_targets=(*_ATTENTION_ONLY_LORA, *_MAMBA_LORA, "gate_proj", "up_proj", "down_proj"),
                      lora_may_lack=(_ATTENTION_ONLY_LORA, _MAMBA_LORA)),
+    # Nemotron-H (and Nemotron Nano 2, Nemotron 3): every block is one norm and one mixer, a Mamba-2
+    # mixer, an attention, an MLP or an MoE by its block_type; the mixer is the block's one sublayer.
+    # Released configs give the types as hybrid_override_pattern ("M-M*-"), which vLLM reads.
+    "nemotron_h": replace(_LLAMA, attention="mixer", linear_attention="mixer", mlp="mixer", attention_norms=("norm",),
+                          mlp_norms=("norm",), final_norm="model.norm_f", linear_attention_output="out_proj",
+                          moe_outputs=("experts.down_proj", "shared_experts.down_proj", "fc2_latent_proj"),
+                          linear_block_marker=("block_type", "linear_attention"),
+                          single_mixer=("block_type", (("linear_attention", "attn"), ("full_attention", "attn"), ("mlp", "mlp"),
+                                                       ("moe", "mlp"))),
+                          pattern_configs=(("hybrid_override_pattern", "layers_block_type"),
+                                           ("mtp_hybrid_override_pattern", "mtp_layers_block_type")),
+                          pattern_letters=(("linear_attention", "M"), ("full_attention", "*"), ("mlp", "-"), ("moe", "E")),
+                          per_layer_config=("layers_block_type",), mtp_prefix="mtp.", unquantized=("mixer.out_proj",),
+                          lora_targets=(*_ATTENTION_ONLY_LORA, *_MAMBA_LORA, "up_proj", "down_proj"),
+                          lora_may_lack=(_ATTENTION_ONLY_LORA, _MAMBA_LORA, ("up_proj", "down_proj"))),
     # DeepSeek-V2/V3 / GLM-4.5: multi-head latent attention (DeepSeek), dense FFNs in the first k
     # layers, then routed experts beside shared ones. LoRA heals through attention alone: peft
     # turns FFN names of these families into the fused experts' parameters, which it cannot train
@@ -639,6 +696,9 @@ def check_sequence_fits(path: Path, length: int, option: str) -> None:
 def config_layers(path: Path) -> int:
     """The decoder's block count as config.json states it: for checks before any weight loads."""
     config = text_config(path)
+    types = _entry_or_default(config).block_types(config)
+    if types is not None:  # (Nemotron-H: transformers 5 derives the count from the types and does not save it)
+        return len(types)
     if not isinstance(config.get("num_hidden_layers"), int):
         raise SurgeryError(f"{path}/config.json has no num_hidden_layers: is it a decoder-only LLM?")
     return config["num_hidden_layers"]

@@ -80,22 +80,30 @@ def plan_bridges(model: Any, units: Iterable[Sublayer]) -> tuple[list[tuple[Subl
     base = unwrap(model)
     arch = architecture_of(base.config)
     layers = decoder_layers(base, arch)
-    gone = set(units) | set(removed_sublayers(base))
+    absent = set(arch.absent_sublayers(base.config))  # (sublayers a block never had count as gone)
+    gone = set(units) | set(removed_sublayers(base)) | absent
     plans, skipped = [], []
     for run in contiguous_runs(gone):
         if not set(run) & set(units):
             continue  # removed by an earlier cut: nothing changes there now
-        name = format_sublayers(run)
+        name = run_name(run, absent)
         if run[0].position == 0:
             skipped.append(f"{name}: no kept sublayer before it")
             continue
         before = Sublayer.at(run[0].position - 1)
-        outputs, reason = output_weights(layers[before.layer], arch, before.kind)
+        outputs, reason = output_weights(layers[before.layer], arch, before.kind, base.config.hidden_size)
         if reason:
             skipped.append(f"{name}: {reason.format(family=base.config.model_type, sublayer=before)}")
             continue
         plans.append((before, run))
     return plans, skipped
+
+
+def run_name(run: list[Sublayer], absent: set[Sublayer]) -> str:
+    """A removed run as its blocks are named: sublayers a block never had (`absent`) are left out
+    of it, except beside the one a single-mixer block holds (Nemotron-H's L3, not L2.mlp,L3)."""
+    real = [s for s in run if s not in absent]
+    return format_sublayers(real + [s for s in absent if s.layer in {r.layer for r in real}])
 
 
 @dataclass
@@ -108,8 +116,9 @@ class OutputWeight:
     output_last: bool = False
 
 
-def output_weights(layer: Any, arch: Any, kind: str) -> tuple[list[OutputWeight], str | None]:
-    """The weights a bridge into sublayer `kind` of this block must fold into, or why it cannot."""
+def output_weights(layer: Any, arch: Any, kind: str, width: int | None = None) -> tuple[list[OutputWeight], str | None]:
+    """The weights a bridge into sublayer `kind` of this block must fold into, or why it cannot
+    (`width`: the stream's, which stacked experts that write a latent space lack)."""
     import torch
 
     targets = []
@@ -120,6 +129,10 @@ def output_weights(layer: Any, arch: Any, kind: str) -> tuple[list[OutputWeight]
             found = getattr(owner, name)
         except AttributeError:
             continue  # e.g. the experts of an MoE layout, in one of its dense layers
+        if isinstance(found, torch.nn.Identity):
+            continue  # a projection the family leaves out in this size (Nemotron-H's latent MoE projections)
+        if isinstance(found, torch.nn.Parameter) and found.dim() == 3 and width and width not in found.shape[1:]:
+            continue  # experts writing a latent space a projection after them maps to the stream (that one folds)
         if isinstance(found, torch.nn.Linear):
             targets.append(OutputWeight(found.weight, found.bias))
         elif isinstance(found, torch.nn.Parameter) and found.dim() == 3:
@@ -153,11 +166,12 @@ def fit_and_fold(model: Any, units: Iterable[Sublayer], batches: list[Any], fit:
     arch = architecture_of(base.config)
     layers = decoder_layers(base, arch)
     plans, skipped = plan_bridges(base, units)
+    absent = set(arch.absent_sublayers(base.config))
     result = BridgeResult(skipped=skipped)
     if not plans:
         return result
     positions = {p for kept, run in plans for p in (kept.position, kept.position + 1, run[-1].position + 1)}
-    targets = [output_weights(layers[kept.layer], arch, kept.kind)[0] for kept, _ in plans]
+    targets = [output_weights(layers[kept.layer], arch, kept.kind, base.config.hidden_size)[0] for kept, _ in plans]
     devices = [t[0].weight.device for t in targets]  # each fit runs where its weights live (several GPUs)
     size = base.config.hidden_size
     normal = [torch.zeros(size, size, dtype=torch.float64, device=d) for d in devices]
@@ -184,7 +198,7 @@ def fit_and_fold(model: Any, units: Iterable[Sublayer], batches: list[Any], fit:
             eye = torch.eye(size, dtype=torch.float64, device=devices[index])
             ridge = RIDGE * float(normal[index].diagonal().mean()) + 1e-12
             solution = torch.linalg.solve(normal[index] + ridge * eye, cross[index])
-            bridge = Bridge(run=format_sublayers(run), into=str(kept))
+            bridge = Bridge(run=run_name(run, absent), into=str(kept))
             if fit == "cosine":
                 solution, bridge.cosine_distance = _cosine_refine(solution, kept_tokens[index])
                 solution = solution.to(normal[index])

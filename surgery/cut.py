@@ -25,7 +25,7 @@ from surgery.arch import (
 from surgery.errors import SurgeryError
 from surgery.forward import count_parameters
 from surgery.hf_modeling import RemovedAttention, RemovedLinearAttention, RemovedMLP, remove_sublayer
-from surgery.sublayers import KINDS, Sublayer, check_in_range, format_sublayers, full_blocks
+from surgery.sublayers import KINDS, Sublayer, check_in_range, format_sublayers, full_blocks, present
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,10 @@ def removed_sublayers(model: Any) -> list[Sublayer]:
     arch = architecture_of(unwrap(model).config)
     found = []
     for index, layer in enumerate(decoder_layers(model, arch)):
-        if isinstance(getattr(layer, arch.attention_in(layer)), (RemovedAttention, RemovedLinearAttention)):
-            found.append(Sublayer(index, "attn"))
-        if isinstance(getattr(layer, arch.mlp), RemovedMLP):
-            found.append(Sublayer(index, "mlp"))
+        for kind, stand_ins in (("attn", (RemovedAttention, RemovedLinearAttention)), ("mlp", (RemovedMLP,))):
+            names = arch.sublayer_modules(kind, layer)  # (none for a kind a single-mixer block lacks)
+            if names and isinstance(getattr(layer, names[0]), stand_ins):
+                found.append(Sublayer(index, kind))
     return found
 
 
@@ -90,11 +90,12 @@ class CutPlan:
     num_layers: int
     removed: tuple[Sublayer, ...]  # what this cut removes, sorted (numbering of the model that is cut)
     previous: tuple[Sublayer, ...] = ()  # stand-ins the model already has
+    absent: tuple[Sublayer, ...] = ()  # sublayers its blocks never had (Architecture.absent_sublayers)
 
     @property
     def blocks(self) -> list[int]:
-        """Blocks deleted whole: both halves gone, now or before."""
-        return full_blocks(set(self.removed) | set(self.previous))
+        """Blocks deleted whole: both halves gone, now or before (or never there)."""
+        return full_blocks(set(self.removed) | set(self.previous) | set(self.absent))
 
     @property
     def kept(self) -> list[int]:
@@ -126,12 +127,13 @@ class CutPlan:
 
 
 def plan_cut(num_layers: int, units: Iterable[Sublayer], previous: Iterable[Sublayer] = (),
-             attention_blocks: list[int] | None = None) -> CutPlan:
+             attention_blocks: list[int] | None = None, absent: Iterable[Sublayer] = ()) -> CutPlan:
     """A checked plan (see validate_removal for what is refused). A hybrid model (its
     `attention_blocks` given: Architecture.attention_blocks) must keep one: transformers reads the
-    cache's length there."""
-    previous = tuple(sorted(set(previous)))
-    plan = CutPlan(num_layers, tuple(validate_removal(units, num_layers, previous)), previous)
+    cache's length there. `absent`: sublayers the blocks never had (a named block is its one mixer)."""
+    previous, absent = tuple(sorted(set(previous))), tuple(sorted(set(absent)))
+    units = validate_removal(present(units, absent), num_layers, previous + absent)
+    plan = CutPlan(num_layers, tuple(units), previous, absent)
     if attention_blocks is not None and not set(attention_blocks) & set(plan.kept):
         listed = ",".join(f"L{i}" for i in attention_blocks)
         raise SurgeryError(f"that removes every attention block ({listed}) of a hybrid model, which transformers cannot "
@@ -145,7 +147,8 @@ def check_named_cut(folder: Any, units: Iterable[Sublayer]) -> None:
     from surgery.arch import config_layers, text_config
 
     config = text_config(folder)
-    plan_cut(config_layers(folder), units, attention_blocks=architecture_of(config).attention_blocks(config))
+    arch = architecture_of(config)
+    plan_cut(config_layers(folder), units, attention_blocks=arch.attention_blocks(config), absent=arch.absent_sublayers(config))
 
 
 def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
@@ -153,7 +156,8 @@ def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
     base = unwrap(model)
     arch = architecture_of(base.config)
     layers = decoder_layers(base, arch)
-    plan = plan_cut(len(layers), units, removed_sublayers(base), arch.attention_blocks(base.config))
+    plan = plan_cut(len(layers), units, removed_sublayers(base), arch.attention_blocks(base.config),
+                    arch.absent_sublayers(base.config))
     before = count_parameters(base)
     for unit in plan.new_stand_ins:
         remove_sublayer(layers[unit.layer], unit.kind, unit.layer, arch.stand_in_spec())

@@ -16,6 +16,7 @@ The checkpoint's config carries a `surgery` entry:
      "linear_attention": "linear_attn",                # hybrid families: the attention's place in some blocks
      "linear_norms": {"attn": [...], "mlp": [...]},    # (their norms, where they differ from the others')
      "linear_block_marker": ["block_type", "linear_attention"],  # (which blocks, where both have one name)
+     "single_mixer": {"attribute": "block_type", "kinds": {"moe": "mlp", ...}},  # (one mixer a block: its kind)
      "companions": {"mlp": ["block_sparse_moe"]}}      # modules beside a sublayer's, their outputs added to its
 
 The same file, shipped as `modeling_decilm.py`, is the configuration and model code of the
@@ -89,6 +90,9 @@ def sublayer_names(layer: nn.Module, kind: str, spec: dict) -> list[str]:
     """The module names in decoder block `layer` that make up sublayer `kind`: the spec's, with a
     hybrid block's linear attention where the block has it instead of the attention (some families
     set the other one to None), and such a block's own norms where the family places them otherwise."""
+    single = spec.get("single_mixer")
+    if single is not None and single["kinds"].get(getattr(layer, single["attribute"], None)) != kind:
+        return []  # this block's one mixer is the other kind: it has no such sublayer
     names = list(spec["modules"][kind])
     if is_linear_block(layer, spec):
         if kind == "attn":
@@ -120,6 +124,8 @@ def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> 
     output in blocks where the attribute `extra_outputs_flag` (if given) is true.
     """
     names = sublayer_names(layer, kind, spec)
+    if not names:
+        return {}  # a sublayer the block does not have (a single-mixer block's other kind)
     originals = {name: getattr(layer, name) for name in names}
     if kind == "mlp":
         flag = spec.get("extra_outputs_flag")
@@ -132,7 +138,8 @@ def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> 
     companions = spec.get("companions", {}).get(kind, [])
     for name in names[1:]:
         if name not in companions:
-            setattr(layer, name, RemovedNorm())
+            if "single_mixer" not in spec:  # (a single-mixer block reads its norm's dtype; the stand-in ignores its output)
+                setattr(layer, name, RemovedNorm())
         elif originals[name] is not None:  # a block without experts keeps its None
             _put(layer, name, RemovedMLP() if kind == "mlp" else RemovedLinearAttention(), originals[name])
     return originals

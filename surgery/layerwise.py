@@ -79,6 +79,17 @@ def skeleton(config: Any, dtype: Any = None) -> Any:
     return model.eval()
 
 
+def saved_path(model: Any, dotted: str) -> str:
+    """The name checkpoints give module path `dotted` of `model` (Nemotron-H saves model.layers as
+    backbone.layers): transformers' own renaming, asked about one probe name inside it."""
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    probe = ".0.surgery_probe"
+    renamed = next(iter(revert_weight_conversion(model, {dotted + probe: torch.zeros(1)})))
+    return renamed[: -len(probe)] if renamed.endswith(probe) else dotted
+
+
 def checkpoint_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor save_pretrained writes for `model` (tied weights once, MoE
     experts one by one as stored), in the order it writes them for a model from from_pretrained,

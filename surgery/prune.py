@@ -194,12 +194,14 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
     found = cornerstones(settings, analysis)
     if settings.keep_cornerstones:
         protected += [s for c in found for s in parse_sublayers(c["id"]) if s not in protected]
+    config = loaded.model.config
+    arch = architecture_of(config)
     with task("planning") as progress:
         plan = make_plan(settings.strategy, settings.granularity, Target.parse(settings.remove), num_layers(loaded.model),
                          sublayer_parameters(loaded.model), analysis=analysis, protected=protected, seed=settings.seed,
                          value_after=value_after or CalibrationValue(loaded, settings), candidates=settings.iterative_candidates,
                          progress=lambda done, total: progress.update(description=f"planning: {done} units chosen"),
-                         attention_blocks=architecture_of(loaded.model.config).attention_blocks(loaded.model.config))
+                         attention_blocks=arch.attention_blocks(config), absent=arch.absent_sublayers(config))
     if found:
         plan.notes.append("cornerstones found by the analysis: " + ", ".join(c["id"] for c in found))
     if not plan.units:
@@ -207,7 +209,7 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
                            "give a larger share, or a count such as --remove 1")
     from surgery.cut import validate_removal
 
-    validate_removal(plan.units, num_layers(loaded.model))  # e.g. every block: fails now, not after the first evaluation
+    validate_removal(plan.units, num_layers(loaded.model), arch.absent_sublayers(config))  # e.g. every block: fails now
     return plan
 
 

@@ -23,7 +23,8 @@ def ranked(analysis: Any) -> list[tuple[str, float]]:
         return []
     name = rankers[0][1]
     scores = SCORERS[name].importance(analysis.sections[name])
-    items = [(k, v) for k, v in scores.items() if v is not None and not math.isnan(v)]
+    players = set(analysis.players)  # (not the sublayers a single-mixer family's blocks never had)
+    items = [(k, v) for k, v in scores.items() if k in players and v is not None and not math.isnan(v)]
     return sorted(items, key=lambda kv: kv[1], reverse=True)
 
 

@@ -120,6 +120,19 @@ def full_blocks(units: Iterable[Sublayer]) -> list[int]:
     return sorted(layer for layer, kinds in kinds_by_layer.items() if len(kinds) == 2)
 
 
+def present(units: Iterable[Sublayer], absent: Iterable[Sublayer]) -> list[Sublayer]:
+    """`units` less the sublayers their blocks do not have (`absent`: a single-mixer family's, whose
+    block `L5` is its one mixer, so naming the block names that); naming such a sublayer alone is an
+    error, not a silent no-op."""
+    units, absent = set(units), set(absent)
+    lone = sorted(u for u in units & absent if Sublayer(u.layer, KINDS[1 - KINDS.index(u.kind)]) not in units)
+    if lone:
+        other = KINDS[1 - KINDS.index(lone[0].kind)]
+        raise SurgeryError(f"{lone[0]} does not exist: block L{lone[0].layer} holds one mixer, its {other} sublayer "
+                           f"(this family's blocks hold one each): name L{lone[0].layer}")
+    return sorted(units - absent)
+
+
 def format_sublayers(units: Iterable[Sublayer]) -> str:
     """The shortest exact text for `units`: whole blocks as `L5`, runs of blocks as `L20-L23`."""
     units = sorted(set(units))

@@ -124,6 +124,12 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     # Bamba: Mamba-2 blocks, the attention ones listed by index
     "bamba": {"mamba_n_heads": 4, "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_chunk_size": 16,
               "attn_layer_indices": lambda layers: [i for i in range(layers) if i % 2]},
+    # Nemotron-H: one mixer a block, every kind in turn (Mamba-2, MLP, attention, MoE)
+    "nemotron_h": {"mamba_num_heads": 4, "mamba_head_dim": 32, "ssm_state_size": 16, "n_groups": 1, "chunk_size": 16,
+                   "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "moe_shared_expert_intermediate_size": 48, "use_mamba_kernels": False,
+                   "layers_block_type": lambda layers: [("linear_attention", "mlp", "full_attention", "moe")[i % 4]
+                                                        for i in range(layers)]},
     # LFM2 lists its attention blocks twice (layer_types and full_attn_idxs), as its releases do
     "lfm2": {"norm_eps": 1e-5, "conv_L_cache": 3, "block_auto_adjust_ff_dim": False, "tie_word_embeddings": True,
              "layer_types": _lfm2_layer_types, "full_attn_idxs": _lfm2_attention_blocks},

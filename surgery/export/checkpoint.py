@@ -231,8 +231,29 @@ def keep_layer_type_names(folder: Path, source: Path | None) -> None:
         if own_words and any(value in own_words for value in saved):
             written[key] = [own_words.get(value, value) for value in saved]
             changed = True
+    changed |= _keep_layer_patterns(source_config, written)
     if changed:
         path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+
+
+def _keep_layer_patterns(source_config: dict[str, Any], written: dict[str, Any]) -> bool:
+    """Where the source wrote per-block types as a string (Nemotron-H's hybrid_override_pattern,
+    which vLLM reads), write the saved list that way too, and the block count beside it."""
+    from transformers.configuration_utils import remap_legacy_layer_types
+
+    from surgery.arch import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(base_model_type(written))
+    changed = False
+    for string_key, list_key in arch.pattern_configs if arch else ():
+        saved = written.get(list_key)
+        if isinstance(source_config.get(string_key), str) and isinstance(saved, list):
+            letters = dict(arch.pattern_letters)
+            written[string_key] = "".join(letters[kind] for kind in remap_legacy_layer_types(list(saved)))
+            if list_key == arch.pattern_configs[0][1]:
+                written["num_hidden_layers"] = len(saved)
+            changed = True
+    return changed
 
 
 def add_files(folder: Path, copy_from: Path | None, extra_files: dict[str, str]) -> None:

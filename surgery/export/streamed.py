@@ -62,7 +62,7 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     """Plan the cut, slice the config and map every tensor of the cut checkpoint to its source tensor."""
     import torch
 
-    from surgery.layerwise import checkpoint_shapes, load_config, skeleton
+    from surgery.layerwise import checkpoint_shapes, load_config, saved_path, skeleton
 
     weights = SafetensorsFolder(folder, NOT_SAFETENSORS)
     stored = TORCH_DTYPES[weights.main_dtype()]
@@ -73,7 +73,8 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     arch = architecture_of(config)
     _check_tied_head(weights, config, arch)
     before = skeleton(config, getattr(torch, stored))
-    plan = plan_cut(config.num_hidden_layers, units, removed_sublayers(before), arch.attention_blocks(config))
+    plan = plan_cut(config.num_hidden_layers, units, removed_sublayers(before), arch.attention_blocks(config),
+                    arch.absent_sublayers(config))
     as_written = read_config(folder)  # not the config object: it counts its class's default where the file is silent
     mtp = mtp_modules(weights.info, as_written, len(plan.kept))
     cut_config(config, arch, plan)
@@ -81,8 +82,10 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     after = skeleton(config, getattr(torch, stored))
     config.dtype, config.architectures = stored, [type(after).__name__]  # as save_pretrained records them
     tensors = {}
-    for name, shape in checkpoint_shapes(after).items():
-        source_name = plan.source_key(name, arch.layers)
+    shapes = checkpoint_shapes(after)
+    layers = saved_path(after, arch.layers)
+    for name, shape in shapes.items():
+        source_name = plan.source_key(name, layers)
         info = weights.info.get(source_name)
         if info is None:
             raise SurgeryError(f"{folder} has no tensor {source_name}, which the cut model needs (its names differ from "

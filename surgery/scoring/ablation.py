@@ -35,13 +35,15 @@ class Ablation(Scorer):
     importance_rank = 1
     plot_files = ("ablation.png",)
 
-    def coalitions(self, settings: Any, players: int) -> Iterable[frozenset[int]]:
+    def coalitions(self, settings: Any, players: int, absent: frozenset[int] = frozenset()) -> Iterable[frozenset[int]]:
         return (frozenset({p, p + 1}) for p in range(0, players, 2))  # whole blocks, for block granularity
 
     def assemble(self, context: ScoringContext) -> AblationScores:
         baseline, full = context.baseline, context.baseline["value"]
         scores = AblationScores()
         for position, name in enumerate(context.players):
+            if position in context.absent:
+                continue  # a sublayer its block never had
             known = context.known(frozenset({position}))
             if known is None:
                 continue

@@ -46,6 +46,12 @@ class ScoringContext:
     known: Callable[[frozenset[int]], float | None]  # a coalition's value, None if not evaluated (partial run)
     details: Callable[[frozenset[int]], dict[str, Any]]  # accuracy metric: stderr, chance, n of a coalition
     stream: Callable[[], list[list[Any]]] | None = None  # residual stream before every position, per batch
+    absent: frozenset[int] = frozenset()  # positions of sublayers the blocks never had (no player: single-mixer families)
+
+    @property
+    def present(self) -> list[int]:
+        """The positions of the analysis' players."""
+        return [p for p in range(len(self.players)) if p not in self.absent]
 
     def value(self, removed: frozenset[int]) -> float:
         """A coalition's value, or KeyError where a budget-limited run has none."""
@@ -101,8 +107,9 @@ class Scorer:
     importance_rank: ClassVar[int | None] = None  # ranks sublayers by importance: lower rank preferred
     plot_files: ClassVar[tuple[str, ...]] = ()  # every file `plot` may write (a rerun without it removes them)
 
-    def coalitions(self, settings: Any, players: int) -> Iterable[frozenset[int]]:
-        """Coalitions (removed positions) to evaluate beyond the single-sublayer ablations every run has."""
+    def coalitions(self, settings: Any, players: int, absent: frozenset[int] = frozenset()) -> Iterable[frozenset[int]]:
+        """Coalitions (removed positions) to evaluate beyond the single-sublayer ablations every run has
+        (`absent`: positions that are no player, sublayers the blocks never had)."""
         return ()
 
     def assemble(self, context: ScoringContext) -> Section | None:

@@ -151,7 +151,12 @@ class Shapley(Scorer):
     importance_rank = 0
     plot_files = ("shapley.png", "shapley_share.png")
 
-    def coalitions(self, settings: Any, players: int) -> Iterable[frozenset[int]]:
+    def coalitions(self, settings: Any, players: int, absent: frozenset[int] = frozenset()) -> Iterable[frozenset[int]]:
+        # over the players alone (their runs skip what the blocks never had), as positions
+        present = [p for p in range(players) if p not in absent]
+        return (frozenset(present[i] for i in c) for c in self._coalitions(settings, len(present)))
+
+    def _coalitions(self, settings: Any, players: int) -> Iterable[frozenset[int]]:
         if settings.estimator == "neighbourhood":
             return neighbourhood_windows(players, settings.max_removed)
         if settings.estimator == "permutation":
@@ -163,20 +168,25 @@ class Shapley(Scorer):
         return (frozenset(c) for size in range(players + 1) for c in itertools.combinations(range(players), size))
 
     def assemble(self, context: ScoringContext) -> ShapleyValues:
-        settings, players = context.settings, len(context.players)
+        settings, present = context.settings, context.present
+        players, ids = len(present), [context.players[p] for p in present]
+
+        def value(removed: frozenset[int]) -> float:
+            return context.value(frozenset(present[i] for i in removed))
+
         if settings.estimator == "neighbourhood":
-            phi, support = neighbourhood_shapley(players, context.value, settings.max_removed)
+            phi, support = neighbourhood_shapley(players, value, settings.max_removed)
         elif settings.estimator == "permutation":
-            phi, support = permutation_shapley(players, context.value, settings.permutations, settings.max_removed, settings.seed)
+            phi, support = permutation_shapley(players, value, settings.permutations, settings.max_removed, settings.seed)
         else:
-            phi, support = exact_shapley(players, context.value), [2 ** (players - 1)] * players
+            phi, support = exact_shapley(players, value), [2 ** (players - 1)] * players
         values = [None if math.isnan(p) else p for p in phi]
         total = sum(p for p in values if p is not None)
         return ShapleyValues(
             estimator=settings.estimator, max_removed=settings.max_removed, formula=FORMULAS[settings.estimator],
-            values=dict(zip(context.players, values)),
-            share={i: (p / total if p is not None and total else None) for i, p in zip(context.players, values)},
-            support=dict(zip(context.players, support)),
+            values=dict(zip(ids, values)),
+            share={i: (p / total if p is not None and total else None) for i, p in zip(ids, values)},
+            support=dict(zip(ids, support)),
         )
 
     def columns(self, section: ShapleyValues, metric: str) -> dict[str, dict[str, float | None]]:
@@ -209,7 +219,7 @@ class Shapley(Scorer):
         written = {"Shapley value per sublayer": save(fig, folder / "shapley.png").name}
 
         fig, ax = figure()
-        layers = len(ids) // 2
+        layers = analysis.model["layers"]
         attn = [100 * (section.share.get(f"L{l}.attn") or 0.0) for l in range(layers)]
         mlp = [100 * (section.share.get(f"L{l}.mlp") or 0.0) for l in range(layers)]
         ax.bar(range(layers), attn, color=ATTN_COLOUR, label="attention")

@@ -11,23 +11,26 @@ module never touches torch modules: parameter counts come in as numbers, the cut
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from surgery.errors import SurgeryError
 from surgery.registry import Registry
-from surgery.sublayers import Sublayer, all_sublayers, format_sublayers, full_blocks, parse_sublayers
+from surgery.sublayers import Sublayer, all_sublayers, format_sublayers, full_blocks, parse_sublayers, present
 
 GRANULARITIES = ("block", "sublayer")
 # A unit is what a strategy chooses: a block's two sublayers, or one sublayer.
 Unit = tuple[Sublayer, ...]
 
 
-def units_of(layers: int, granularity: str) -> list[Unit]:
+def units_of(layers: int, granularity: str, absent: Iterable[Sublayer] = ()) -> list[Unit]:
+    """What a strategy chooses from: each block's sublayers, or each sublayer, less those the blocks
+    never had (`absent`: a single-mixer family's block is its one sublayer at either granularity)."""
+    absent = set(absent)
     if granularity == "block":
-        return [(Sublayer(l, "attn"), Sublayer(l, "mlp")) for l in range(layers)]
-    return [(s,) for s in all_sublayers(layers)]
+        return [tuple(s for s in (Sublayer(l, "attn"), Sublayer(l, "mlp")) if s not in absent) for l in range(layers)]
+    return [(s,) for s in all_sublayers(layers) if s not in absent]
 
 
 def unit_name(unit: Unit) -> str:
@@ -215,25 +218,30 @@ def make_plan(
     candidates: int = 16,
     progress: Callable[[int, int], None] | None = None,
     attention_blocks: list[int] | None = None,
+    absent: list[Sublayer] = (),
 ) -> RemovalPlan:
     """Choose what to remove. `value_after(removed sublayers)` is read by strategies that score on
     calibration text themselves (iterative). `attention_blocks`: a hybrid model's, one of which the
-    cut must keep (Architecture.attention_blocks)."""
+    cut must keep (Architecture.attention_blocks). `absent`: sublayers the blocks never had
+    (Architecture.absent_sublayers)."""
     chosen_strategy = strategy(strategy_name)
     if granularity not in GRANULARITIES:
         raise SurgeryError(f"unknown granularity '{granularity}': use block or sublayer")
     protected_set = set(protected)
-    all_units = units_of(layers, granularity)
+    absent = set(absent)
+    all_units = units_of(layers, granularity, absent)
     decoder = sum(unit_parameters(u) for u in all_units)
     removable = [u for u in all_units if not protected_set & set(u)]
 
     if target.ids:
-        blocked = sorted(set(target.ids) & protected_set)
+        ids = present(target.ids, absent)
+        blocked = sorted(set(ids) & protected_set)
         if blocked:
             raise SurgeryError(f"{format_sublayers(blocked)} is protected (a cornerstone or --protect): drop it from --remove")
         # named ids are cut as named: the granularity recorded (and printed on the card) is theirs, not --granularity's
-        named = "block" if 2 * len(full_blocks(target.ids)) == len(set(target.ids)) else "sublayer"
-        return _plan("explicit", named, target, sorted(target.ids), protected_set, unit_parameters, decoder, [])
+        whole = set(ids) | {s for s in absent if s.layer in {u.layer for u in ids}}
+        named = "block" if 2 * len(full_blocks(whole)) == len(whole) else "sublayer"
+        return _plan("explicit", named, target, ids, protected_set, unit_parameters, decoder, [])
 
     check_choice(strategy_name, granularity)
     problem = Problem(strategy_name, granularity, target, all_units, removable, unit_parameters, decoder,
@@ -241,7 +249,7 @@ def make_plan(
                       candidates, progress)
     chosen, order = chosen_strategy.choose(problem)
     notes = []
-    if attention_blocks and set(attention_blocks) <= set(full_blocks([s for u in chosen for s in u])):
+    if attention_blocks and set(attention_blocks) <= set(full_blocks([s for u in chosen for s in u] + list(absent))):
         keep = _most_valuable_attention(order, attention_blocks)
         removable = [u for u in removable if keep not in u]
         problem = replace(problem, removable=removable,
@@ -250,7 +258,7 @@ def make_plan(
         notes.append(f"kept {keep}: the {strategy_name} strategy had chosen every attention block of this hybrid model, "
                      f"whose cache transformers measures there; of them it ranks L{keep.layer} the most valuable")
     units = sorted(s for u in chosen for s in u)
-    if len(full_blocks(units)) >= layers:
+    if len(full_blocks(units + list(absent))) >= layers:
         raise SurgeryError("that removes every block: choose a smaller target")
     plan = _plan(strategy_name, granularity, target, units, protected_set, unit_parameters, decoder, [unit_name(u) for u in order])
     plan.notes += notes
