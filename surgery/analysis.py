@@ -224,7 +224,7 @@ def coalitions_to_evaluate(methods: Iterable[str], settings: AnalysisSettings, p
     seen: set[frozenset[int]] = set()
     wanted = [frozenset({p}) for p in range(players) if p not in absent]
     for name in methods:
-        wanted = [*wanted, *(c - absent for c in SCORERS[name].coalitions(settings, players, absent))]
+        wanted = [*wanted, *(c - absent for c in SCORERS[name].coalitions_of_players(settings, players, absent))]
     for coalition in wanted:
         if coalition not in seen:
             seen.add(coalition)

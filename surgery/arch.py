@@ -104,6 +104,9 @@ class Architecture:
     block holds one mixer behind one norm (Nemotron-H: a Mamba-2 mixer, an attention, an MLP or an
     MoE, by `block_type`): the block's one sublayer is of the kind its value maps to, and the other
     kind is absent (`absent_sublayers`), so removing the mixer deletes the block.
+    mtp_block_config: config keys (a list, or a pattern string) whose length is the number of blocks
+    one MTP module spans, at mtp.layers.{k * length + i} (Nemotron 3's mtp_hybrid_override_pattern
+    "*E": an attention and an MoE block a module); one block a module where none is given.
     pattern_configs / pattern_letters: (string key, list key) pairs of per-block types that released
     configs write as one string, which vLLM reads, and transformers 5 turns into the list (Nemotron-H's
     hybrid_override_pattern "M-M*-E" and layers_block_type), with each type's letter.
@@ -149,6 +152,7 @@ class Architecture:
     block_outputs: int = 0
     attention_index_config: str | None = None
     single_mixer: tuple[str, tuple[tuple[str, str], ...]] | None = None
+    mtp_block_config: tuple[str, ...] = ()
     pattern_configs: tuple[tuple[str, str], ...] = ()
     pattern_letters: tuple[tuple[str, str], ...] = ()
     linear_block_marker: tuple[str, str] | None = None
@@ -378,6 +382,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                                            ("mtp_hybrid_override_pattern", "mtp_layers_block_type")),
                           pattern_letters=(("linear_attention", "M"), ("full_attention", "*"), ("mlp", "-"), ("moe", "E")),
                           per_layer_config=("layers_block_type",), mtp_prefix="mtp.", unquantized=("mixer.out_proj",),
+                          mtp_block_config=("mtp_layers_block_type", "mtp_hybrid_override_pattern"),
                           lora_targets=(*_ATTENTION_ONLY_LORA, *_MAMBA_LORA, "up_proj", "down_proj"),
                           lora_may_lack=(_ATTENTION_ONLY_LORA, _MAMBA_LORA, ("up_proj", "down_proj"))),
     # DeepSeek-V2/V3 / GLM-4.5: multi-head latent attention (DeepSeek), dense FFNs in the first k
@@ -611,15 +616,19 @@ def mtp_modules(names: Any, config: Any, num_layers: int | None = None) -> MtpMo
     else:  # model.layers.{num_hidden_layers + k}
         blocks, first = f"{arch.layers}.", config_value(config, "num_hidden_layers")
         start = first if num_layers is None else num_layers
+    span = next((len(value) for key in arch.mtp_block_config if (value := config_value(config, key))), 1)  # blocks a module
     by_module: dict[int, dict[str, str]] = {}
+    seen: dict[int, set[int]] = {}
     shared: dict[str, str] = {}
     for name in names:
         index, dot, rest = name[len(blocks):].partition(".") if name.startswith(blocks) else ("", "", "")
-        if dot and index.isdigit() and first <= int(index) < first + count:
-            by_module.setdefault(int(index) - first, {})[f"{blocks}{start + int(index) - first}.{rest}"] = name
+        if dot and index.isdigit() and first <= int(index) < first + count * span:
+            module = (int(index) - first) // span
+            by_module.setdefault(module, {})[f"{blocks}{start + int(index) - first}.{rest}"] = name
+            seen.setdefault(module, set()).add(int(index))
         elif arch.mtp_prefix and name.startswith(arch.mtp_prefix) and not name.startswith(blocks):
             shared[name] = name
-    layers = next((k for k in range(count) if k not in by_module), count)
+    layers = next((k for k in range(count) if len(seen.get(k, ())) < span), count)
     tensors = {new: old for k in range(layers) for new, old in by_module[k].items()}
     return MtpModules({**tensors, **shared} if layers else {}, layers)
 

@@ -263,10 +263,12 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
                             f"{2 * config.num_hidden_layers - len(removed)} sublayers")
     table.add_row("parameters", f"{found.parameters:,}")
     table.add_row("removed sublayers", format_sublayers(removed) if removed else "none")
-    attention = architecture_of(stored).attention_blocks(stored)
+    arch = architecture_of(stored)
+    attention = arch.attention_blocks(stored)
     if attention is not None:  # a hybrid: a cut must keep one of these
+        others = "hold another mixer" if arch.single_mixer else "hold linear attention"
         table.add_row("attention blocks", f"{', '.join(f'L{i}' for i in attention) or 'none'} (the other "
-                                          f"{config.num_hidden_layers - len(attention)} hold linear attention)")
+                                          f"{config.num_hidden_layers - len(attention)} {others})")
     table.add_row("weights", f"{found.weights / gib:.2f} GiB in {found.dtype}, largest block {max(found.blocks, default=0) / gib:.2f} GiB")
     method = quantization_method(source.path)
     names = SafetensorsFolder(source.path).info if safetensors_bytes(source.path) else {}

@@ -81,6 +81,8 @@ def test_named_ids_name_the_blocks_mixer_and_nothing_else(tiny_folder, tmp_path,
         result = run("cut", source, "--remove", ids, "--out", tmp_path / out, "--device", "cpu")
         assert result.exit_code == 0, result.output
         assert json.loads((tmp_path / out / "config.json").read_text())["hybrid_override_pattern"] == "M*EM-*E"
+    info = run("info", source, "--device", "cpu")
+    assert "L2, L6 (the other 6 hold another mixer)" in " ".join(info.output.split())
     result = run("prune", source, "--remove", "L2,L6", "--out", tmp_path / "d", "--data-dir", data_dir, *FAST)
     assert result.exit_code == 2 and "removes every attention block (L2,L6) of a hybrid model" in error_line(result)
     assert "planning" not in result.output
@@ -156,3 +158,34 @@ def test_the_analysis_players_are_the_blocks_mixers(tiny_folder, tmp_path, data_
         assert all(c["id"] in analysis["players"] for c in analysis["cornerstones"])
         values.append(shapley)
     assert all(abs(values[0][k] - values[1][k]) < 1e-4 for k in values[0])
+
+
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_a_cut_carries_nemotron_3s_mtp_modules(stream, tiny_folder, tmp_path):
+    """Nemotron 3 keeps drafting modules at mtp.* (transformers skips them), counted by
+    num_nextn_predict_layers, their blocks' types in mtp_hybrid_override_pattern: a cut copies them
+    byte for byte and still counts them, in the source's words."""
+    from safetensors.torch import load_file, save_file
+
+    source, _ = tiny_folder("nemotron_h", num_layers=8)
+    released(source)
+    config = json.loads((source / "config.json").read_text())
+    del config["mtp_layers_block_type"]
+    (source / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1, "mtp_hybrid_override_pattern": "*E"}))
+    weights = load_file(source / "model.safetensors")
+    generator = torch.Generator().manual_seed(5)
+    modules = {f"mtp.layers.{k}.{name}": torch.randn(tensor.shape, generator=generator)
+               for k, block in enumerate((2, 3)) for name, tensor in
+               ((n[len(f"backbone.layers.{block}."):], t) for n, t in weights.items() if n.startswith(f"backbone.layers.{block}."))}
+    modules |= {"mtp.layers.0.enorm.weight": torch.randn(64, generator=generator),
+                "mtp.layers.0.eh_proj.weight": torch.randn(64, 128, generator=generator)}
+    save_file({**weights, **modules}, source / "model.safetensors", metadata={"format": "pt"})
+    result = run("cut", source, "--remove", "L0", "--out", tmp_path / "cut", stream, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    written = {}
+    for file in (tmp_path / "cut").glob("*.safetensors"):
+        written |= load_file(file)
+    assert all(torch.equal(written[name], tensor) for name, tensor in modules.items())
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1 and config["mtp_hybrid_override_pattern"] == "*E"
+    assert config["hybrid_override_pattern"] == PATTERN[1:]

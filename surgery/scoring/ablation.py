@@ -35,7 +35,7 @@ class Ablation(Scorer):
     importance_rank = 1
     plot_files = ("ablation.png",)
 
-    def coalitions(self, settings: Any, players: int, absent: frozenset[int] = frozenset()) -> Iterable[frozenset[int]]:
+    def coalitions(self, settings: Any, players: int) -> Iterable[frozenset[int]]:
         return (frozenset({p, p + 1}) for p in range(0, players, 2))  # whole blocks, for block granularity
 
     def assemble(self, context: ScoringContext) -> AblationScores:

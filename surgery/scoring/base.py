@@ -107,10 +107,15 @@ class Scorer:
     importance_rank: ClassVar[int | None] = None  # ranks sublayers by importance: lower rank preferred
     plot_files: ClassVar[tuple[str, ...]] = ()  # every file `plot` may write (a rerun without it removes them)
 
-    def coalitions(self, settings: Any, players: int, absent: frozenset[int] = frozenset()) -> Iterable[frozenset[int]]:
-        """Coalitions (removed positions) to evaluate beyond the single-sublayer ablations every run has
-        (`absent`: positions that are no player, sublayers the blocks never had)."""
+    def coalitions(self, settings: Any, players: int) -> Iterable[frozenset[int]]:
+        """Coalitions (removed positions) to evaluate beyond the single-sublayer ablations every run has."""
         return ()
+
+    def coalitions_of_players(self, settings: Any, players: int, absent: frozenset[int]) -> Iterable[frozenset[int]]:
+        """`coalitions` where some positions are no player (`absent`: sublayers the blocks never had,
+        whose removal changes nothing): by default the same coalitions without them; a scorer whose
+        coalitions are runs of players makes its runs of the others (Shapley)."""
+        return (c - absent for c in self.coalitions(settings, players))
 
     def assemble(self, context: ScoringContext) -> Section | None:
         raise NotImplementedError

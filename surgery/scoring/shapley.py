@@ -151,12 +151,12 @@ class Shapley(Scorer):
     importance_rank = 0
     plot_files = ("shapley.png", "shapley_share.png")
 
-    def coalitions(self, settings: Any, players: int, absent: frozenset[int] = frozenset()) -> Iterable[frozenset[int]]:
-        # over the players alone (their runs skip what the blocks never had), as positions
+    def coalitions_of_players(self, settings: Any, players: int, absent: frozenset[int]) -> Iterable[frozenset[int]]:
+        # runs of the players alone (skipping what the blocks never had), as positions
         present = [p for p in range(players) if p not in absent]
-        return (frozenset(present[i] for i in c) for c in self._coalitions(settings, len(present)))
+        return (frozenset(present[i] for i in c) for c in self.coalitions(settings, len(present)))
 
-    def _coalitions(self, settings: Any, players: int) -> Iterable[frozenset[int]]:
+    def coalitions(self, settings: Any, players: int) -> Iterable[frozenset[int]]:
         if settings.estimator == "neighbourhood":
             return neighbourhood_windows(players, settings.max_removed)
         if settings.estimator == "permutation":
