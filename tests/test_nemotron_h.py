@@ -89,11 +89,28 @@ def test_named_ids_name_the_blocks_mixer_and_nothing_else(tiny_folder, tmp_path,
     assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
 
 
-@pytest.mark.parametrize("granularity", ["block", "sublayer"])
-def test_prune_heals_and_exports_a_nemotron_h_model(granularity, tiny_folder, tmp_path, data_dir, monkeypatch):
-    """Scoring, planning (either granularity takes whole blocks: each is one sublayer), bridges
-    folded into the mixer before each removed run, LoRA on the attention, Mamba-2 and MLP
-    projections, export and the evaluations before and after."""
+def test_either_granularity_chooses_among_the_mixers():
+    """A block is its one sublayer: both granularities offer the same 8 units, sized alike, and a
+    strategy's choice deletes whole blocks."""
+    from surgery.cut import sublayer_parameters
+    from surgery.strategies import Target, make_plan
+    from surgery.strategies.plan import units_of
+
+    model = tiny_model("nemotron_h", num_layers=8)
+    absent = ARCHITECTURES["nemotron_h"].absent_sublayers(model.config)
+    assert units_of(8, "block", absent) == units_of(8, "sublayer", absent) == [(s,) for s in sorted(
+        set(parse_sublayers("L0-L7")) - set(absent))]
+    plans = [make_plan("last", granularity, Target.parse("3"), 8, sublayer_parameters(model), absent=absent)
+             for granularity in ("block", "sublayer")]
+    assert plans[0].units == plans[1].units == parse_sublayers("L4.attn,L5.mlp,L6.attn")
+    assert plans[0].parameters_removed == plans[1].parameters_removed
+
+
+def test_prune_heals_and_exports_a_nemotron_h_model(tiny_folder, tmp_path, data_dir, monkeypatch):
+    """Scoring, planning (at sublayer granularity too a unit is a whole block), bridges folded into
+    the mixer before each removed run, LoRA on the attention, Mamba-2 and MLP projections, export
+    and the evaluations before and after."""
+    granularity = "sublayer"
     from surgery.export.checkpoint import load_exported
 
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
