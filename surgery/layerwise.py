@@ -79,12 +79,23 @@ def skeleton(config: Any, dtype: Any = None) -> Any:
     return model.eval()
 
 
+def _attach_conversions(model: Any) -> None:
+    """The weight renamings from_pretrained attaches to a model, which saving reverts (a skeleton has none)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+
+    if getattr(model, "_weight_conversions", None) is None:  # what from_pretrained attaches; saving then sorts by name
+        model._weight_conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                                     if not isinstance(c, PrefixChange)]
+
+
 def saved_path(model: Any, dotted: str) -> str:
     """The name checkpoints give module path `dotted` of `model` (Nemotron-H saves model.layers as
     backbone.layers): transformers' own renaming, asked about one probe name inside it."""
     import torch
     from transformers.core_model_loading import revert_weight_conversion
 
+    _attach_conversions(model)
     probe = ".0.surgery_probe"
     renamed = next(iter(revert_weight_conversion(model, {dotted + probe: torch.zeros(1)})))
     return renamed[: -len(probe)] if renamed.endswith(probe) else dotted
@@ -94,13 +105,10 @@ def checkpoint_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor save_pretrained writes for `model` (tied weights once, MoE
     experts one by one as stored), in the order it writes them for a model from from_pretrained,
     as every cut model is: from a skeleton, so nothing is allocated."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange, revert_weight_conversion
+    from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    if getattr(model, "_weight_conversions", None) is None:  # what from_pretrained attaches; saving then sorts by name
-        model._weight_conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
-                                     if not isinstance(c, PrefixChange)]
+    _attach_conversions(model)
     state = model.state_dict()
     for name in getattr(model, "_keys_to_ignore_on_save", None) or ():
         state.pop(name, None)

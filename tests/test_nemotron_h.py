@@ -206,3 +206,27 @@ def test_a_cut_carries_nemotron_3s_mtp_modules(stream, tiny_folder, tmp_path):
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert config["num_nextn_predict_layers"] == 1 and config["mtp_hybrid_override_pattern"] == "*E"
     assert config["hybrid_override_pattern"] == PATTERN[1:]
+
+
+def test_a_streamed_heal_merges_into_the_backbone_names_the_files_use(tiny_folder, tmp_path, data_dir):
+    """peft names the adapted weights model.layers.*, the checkpoint stores them as backbone.layers.*:
+    the file-to-file merge writes what the in-memory merge writes."""
+    from transformers import AutoModelForCausalLM
+
+    source, _ = tiny_folder("nemotron_h", num_layers=8)
+    cut = tmp_path / "cut"
+    assert run("cut", source, "--remove", "L3", "--out", cut, "--device", "cpu").exit_code == 0
+    heal = ["--heal-steps", "2", "--heal-seq-len", "32", "--heal-batch-size", "2", "--no-quantize", "--lora-dropout", "0",
+            "--heal-lr", "1e-3", "--eval-tasks", "none", "--eval-ppl", "wikitext2", "--eval-ppl-windows", "2",
+            "--no-eval-speed", "--device", "cpu", "--data-dir", data_dir]
+    for mode in ("--no-stream", "--stream"):
+        result = run("heal", cut, "--out", tmp_path / mode, mode, *heal, catch=False)
+        assert result.exit_code == 0, result.output
+    from surgery.export.checkpoint import read_manifest
+
+    assert read_manifest(tmp_path / "--stream")["verified"]["weights_merged"] > 0
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "--no-stream").state_dict()
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "--stream").state_dict()
+    before = AutoModelForCausalLM.from_pretrained(cut).state_dict()
+    assert set(want) == set(got) and all(torch.allclose(want[n], got[n], atol=1e-6) for n in want)
+    assert any(not torch.equal(want[n], before[n]) for n in want)

@@ -48,9 +48,11 @@ class Adapter:
         return (weight.float() + (b @ a) * self.scale).to(weight.dtype)
 
 
-def read_adapter(folder: Path, base: SafetensorsFolder, layers_prefix: str) -> Adapter:
+def read_adapter(folder: Path, base: SafetensorsFolder, layers_prefix: str, saved_prefix: str | None = None) -> Adapter:
     """The adapter peft saved in `folder`, checked against the base checkpoint it adapts: plain
-    LoRA on weights inside the decoder blocks, each pair's product shaped as its weight."""
+    LoRA on weights inside the decoder blocks, each pair's product shaped as its weight. Its pairs
+    are named as the checkpoint names the weights (`saved_prefix`: the blocks' path there, where
+    transformers saves them under another, as Nemotron-H's backbone.layers)."""
     from safetensors.torch import load_file
 
     try:
@@ -67,7 +69,8 @@ def read_adapter(folder: Path, base: SafetensorsFolder, layers_prefix: str) -> A
     modules = {key.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for key in tensors if key.endswith(".lora_A.weight")}
     for module in sorted(modules):
         a, b = tensors.get(f"base_model.model.{module}.lora_A.weight"), tensors.get(f"base_model.model.{module}.lora_B.weight")
-        name = f"{module}.weight"
+        stored = (saved_prefix or layers_prefix) + module[len(layers_prefix):] if module.startswith(f"{layers_prefix}.") else module
+        name = f"{stored}.weight"
         info = base.info.get(name)
         if b is None or info is None or not module.startswith(f"{layers_prefix}."):
             raise SurgeryError(f"{folder} adapts {module}, which is not a weight of the checkpoint's decoder blocks "
@@ -93,12 +96,13 @@ def export_merged(base: Path, adapter: Path | None, tokenizer: Any, out: Path, *
     """
     from surgery.arch import architecture_of
     from surgery.files import check_free_space, check_output_folder, staged_folder
-    from surgery.layerwise import load_config
+    from surgery.layerwise import load_config, saved_path, skeleton
 
     out = check_output_folder(out, force=force, protected=list(protected))
     weights = SafetensorsFolder(base, "the streamed merge reads safetensors weights only: " + IN_MEMORY)
     config = load_config(base)
-    lora = read_adapter(adapter, weights, architecture_of(config).layers) if adapter is not None else Adapter(1.0)
+    layers = architecture_of(config).layers
+    lora = read_adapter(adapter, weights, layers, saved_path(skeleton(config), layers)) if adapter is not None else Adapter(1.0)
     check_free_space(out, weights.nbytes, "the checkpoint")
     with staged_folder(out) as staging:
         try:
@@ -155,7 +159,7 @@ def _check_folder(base: Path, lora: Adapter, folder: Path, tokenizer: Any, devic
 
     from surgery.console import task
     from surgery.forward import verification_ids
-    from surgery.layerwise import LayerwiseModel
+    from surgery.layerwise import LayerwiseModel, saved_path
 
     written = LayerwiseModel(folder, device=device)
     source = LayerwiseModel(base, device=device)
@@ -166,8 +170,9 @@ def _check_folder(base: Path, lora: Adapter, folder: Path, tokenizer: Any, devic
         ids = verification_ids(tokenizer, written.config.vocab_size)
         with task("comparing the merged checkpoint with the base and adapter, block by block"):
             stream = source.embed(ids)
+            layers = saved_path(source.model, source.arch.layers)  # (the pairs are named as the files name the weights)
             for index, block in source.blocks():
-                inside = f"{source.arch.layers}.{index}."
+                inside = f"{layers}.{index}."
                 for name in (n for n in lora.pairs if n.startswith(inside)):
                     module = block.get_submodule(name[len(inside):].removesuffix(".weight"))
                     module.weight = torch.nn.Parameter(lora.merged(name, module.weight.detach().cpu()).to(device),
