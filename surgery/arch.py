@@ -93,6 +93,9 @@ class Architecture:
     attention blocks, (attention norms, FFN norms) of those blocks: OLMo-Hybrid norms its attention
     blocks' sublayer outputs (OLMo 2) and its linear blocks' inputs, so one norm name serves the FFN
     in one kind of block and the attention in the other.
+    linear_block_mlp_output: the FFN's output projection in a hybrid's linear-attention blocks where
+    only those blocks let it write the stream (OLMo-Hybrid: its attention blocks norm the FFN's
+    output, its linear blocks norm the FFN's input), so a bridge folds there in those blocks alone.
     linear_block_marker: (block attribute, value) that marks a linear-attention block where both
     kinds of attention have one name (Kimi-Linear's `self_attn`; its blocks' `block_type`).
     block_outputs: how many values the family's decoder blocks return, the stream first, where
@@ -148,6 +151,7 @@ class Architecture:
     attention_companions: tuple[tuple[str, str], ...] = ()
     mlp_companions: tuple[tuple[str, str], ...] = ()
     linear_block_norms: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+    linear_block_mlp_output: str | None = None
     unquantized: tuple[str, ...] = ()
     block_outputs: int = 0
     attention_index_config: str | None = None
@@ -157,15 +161,17 @@ class Architecture:
     pattern_letters: tuple[tuple[str, str], ...] = ()
     linear_block_marker: tuple[str, str] | None = None
 
-    def output_projections(self, kind: str) -> tuple[str, ...]:
+    def output_projections(self, kind: str, linear_block: bool = False) -> tuple[str, ...]:
         """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the
-        stream (a block has some of them: a hybrid block one of its two attentions)."""
+        stream (a block has some of them: a hybrid block one of its two attentions);
+        `linear_block`: in a hybrid's linear-attention block (linear_block_mlp_output)."""
         beside = tuple(f"{module}.{output}" for module, output in self.companions(kind))
         if kind == "attn":
             pairs = ((self.attention, self.attention_output), (self.linear_attention, self.linear_attention_output))
             paths = dict.fromkeys(f"{module}.{output}" for module, output in pairs if module and output)  # once each (Kimi-Linear)
             return tuple(paths) + beside
-        inner = ((self.mlp_output,) if self.mlp_output else ()) + self.moe_outputs
+        mlp_output = self.linear_block_mlp_output if linear_block and self.linear_block_mlp_output else self.mlp_output
+        inner = ((mlp_output,) if mlp_output else ()) + self.moe_outputs
         return tuple(f"{self.mlp}.{name}" for name in inner) + beside
 
     def companions(self, kind: str) -> tuple[tuple[str, str], ...]:
@@ -333,10 +339,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "olmo2": _POST_NORM,
     "olmo3": replace(_POST_NORM, per_layer_config=("layer_types",)),
     # OLMo-Hybrid: OLMo 3's post-norm attention blocks between pre-norm Gated DeltaNet ones, whose
-    # output projection alone is followed by no norm (the only place a bridge folds).
+    # output projections alone (the Gated DeltaNet's and the FFN's) are followed by no norm: a bridge folds there.
     "olmo_hybrid": replace(_POST_NORM, linear_attention="linear_attn", linear_attention_output="o_proj",
                            per_layer_config=("layer_types",),
-                           linear_block_norms=(("input_layernorm",), ("post_attention_layernorm",)),
+                           linear_block_norms=(("input_layernorm",), ("post_attention_layernorm",)), linear_block_mlp_output="down_proj",
                            lora_targets=(*_ATTENTION_ONLY_LORA, *_OLMO_LINEAR_LORA, "gate_proj", "up_proj", "down_proj"),
                            lora_may_lack=(_OLMO_LINEAR_LORA,)),
     "exaone4": replace(_POST_NORM, per_layer_config=("layer_types",)),

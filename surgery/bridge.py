@@ -121,8 +121,10 @@ def output_weights(layer: Any, arch: Any, kind: str, width: int | None = None) -
     (`width`: the stream's, which stacked experts that write a latent space lack)."""
     import torch
 
+    from surgery.hf_modeling import is_linear_block
+
     targets = []
-    for path in arch.output_projections(kind):
+    for path in arch.output_projections(kind, is_linear_block(layer, arch.stand_in_spec())):
         owner_path, _, name = path.rpartition(".")
         try:
             owner = get_module(layer, owner_path)

@@ -292,3 +292,30 @@ def test_ling_hybrid_blocks_get_their_stand_ins_and_its_group_size_follows_the_c
     cut(regrouped, parse_sublayers("L0,L3"))
     assert regrouped.config.layer_types == ["linear_attention", "full_attention"] * 2
     assert regrouped.config.layer_group_size == 2
+
+
+@torch.no_grad()
+def test_olmo_hybrids_linear_blocks_take_a_bridge_after_their_ffn():
+    """OLMo-Hybrid's linear blocks norm the FFN's input, its attention blocks the FFN's output: only in
+    a linear block does down_proj write the stream, so a run removed after one (L3, an attention
+    block) is bridged into its FFN, and the bridged cut's stream is closer to the dense one."""
+    from surgery.bridge import fit_and_fold, output_weights
+    from surgery.forward import capture_stream
+    from tests.test_bridge import batches, stream_error
+
+    model = tiny_model("olmo_hybrid", num_layers=6)  # linear attention in L0, L2, L4
+    arch, layers = architecture_of(model.config), decoder_layers(model)
+    targets, reason = output_weights(layers[2], arch, "mlp")
+    assert reason is None and [t.weight is layers[2].mlp.down_proj.weight for t in targets] == [True]
+    assert output_weights(layers[1], arch, "mlp")[1] is not None  # (post-normed: nothing to fold into)
+
+    data = batches()
+    units = parse_sublayers("L3")
+    dense_states = [capture_stream(tiny_model("olmo_hybrid", num_layers=6), ids, [8])[0] for ids in data]
+    plain = tiny_model("olmo_hybrid", num_layers=6)
+    cut(plain, units)
+    bridged = tiny_model("olmo_hybrid", num_layers=6)
+    result = fit_and_fold(bridged, units, data)
+    cut(bridged, units)
+    assert [(b.run, b.into) for b in result.bridges] == [("L3", "L2.mlp")]
+    assert stream_error(bridged, dense_states, 6, 8, data) < stream_error(plain, dense_states, 6, 8, data)
