@@ -40,6 +40,26 @@ class StepRule:
 
 
 @dataclass(frozen=True)
+class FixedPattern:
+    """Layers a runtime places by a period it fixes in its own code for the family, whatever the
+    checkpoint says: llama.cpp's Gemma 2 and Gemma 3 loaders give full attention to every 2nd and
+    every 6th layer (`set_swa_pattern(2)`, `set_swa_pattern(6)` in llama-model.cpp) and a sliding
+    window to the rest. A cut whose kept layers break the period runs there with its windows on the
+    wrong layers, so the cut says so; removing runs of `period` consecutive blocks keeps it."""
+
+    listed: str  # the per-layer config list transformers reads
+    marker: str  # the entry the runtime gives layer i where (i + 1) % period == 0
+    period: int
+    runtime: str
+
+    def broken(self, config: Any) -> list[int] | None:
+        """The layers `config` marks, where they are not every `period`-th; None where they are (or none are listed)."""
+        values = list(getattr(config, self.listed, None) or [])
+        marked = [i for i, value in enumerate(values) if value == self.marker]
+        return marked if values and marked != [i for i in range(len(values)) if (i + 1) % self.period == 0] else None
+
+
+@dataclass(frozen=True)
 class Architecture:
     """Where things live in one family's `*ForCausalLM`, as dotted paths and config keys.
 
@@ -64,6 +84,8 @@ class Architecture:
     the shape above (StableLM's parallel residual: attention and FFN read the same input).
     step_rule: layers transformers places by a config list and other runtimes by a step alone
     (StepRule); a cut sets the step the cut's list follows, and says so when it follows none.
+    fixed_patterns: layers a runtime places by a period fixed in its code (FixedPattern); a cut says
+    when its layers break it.
     extra_outputs_flag: a block attribute; where given, only blocks where it is true return
     mlp_extra_outputs (Llama 4: `is_moe_layer`; its dense FFNs return their output alone).
     experts_output_last: stacked experts stored [experts, in, out] by a class that does not say so
@@ -140,6 +162,7 @@ class Architecture:
     gguf_arch: str | None = None
     refused_configs: tuple[tuple[str, Any, str], ...] = ()
     step_rule: StepRule | None = None
+    fixed_patterns: tuple[FixedPattern, ...] = ()
     extra_outputs_flag: str | None = None
     experts_output_last: bool = False
     mtp_prefix: str | None = None
@@ -305,8 +328,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma": _LLAMA,
     "qwen2": replace(_LLAMA, per_layer_config=("layer_types",), prefix_count_config=("max_window_layers",), gguf_arch="qwen2"),
     "qwen3": replace(_LLAMA, per_layer_config=("layer_types",), prefix_count_config=("max_window_layers",), gguf_arch="qwen3"),
-    "gemma2": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping"),
-    "gemma3_text": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping"),
+    "gemma2": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping",
+                      fixed_patterns=(FixedPattern("layer_types", "full_attention", 2, "llama.cpp"),)),
+    "gemma3_text": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping",
+                           fixed_patterns=(FixedPattern("layer_types", "full_attention", 6, "llama.cpp"),)),
     "phi3": replace(_LLAMA, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     "ministral": replace(_LLAMA, per_layer_config=("layer_types",)),
     "smollm3": replace(_LLAMA, per_layer_config=("layer_types", "no_rope_layers")),

@@ -16,6 +16,7 @@ from typing import Any
 from surgery.arch import (
     SURGERY_MODEL_TYPE_PREFIX,
     Architecture,
+    FixedPattern,
     StepRule,
     architecture_of,
     base_model_type,
@@ -211,6 +212,20 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
     config.num_hidden_layers = len(kept)
     if arch.step_rule:
         _set_step(config, arch.step_rule)
+    for pattern in arch.fixed_patterns:
+        _say_broken(config, pattern)
+
+
+def _say_broken(config: Any, pattern: FixedPattern) -> None:
+    """Say where the cut's layers break a period a runtime fixes in its code (Architecture.fixed_patterns)."""
+    from surgery.console import console
+
+    marked = pattern.broken(config)
+    if marked is not None:
+        console.print(f"the cut's {pattern.listed} give {pattern.marker} to layers {marked}, not to every {pattern.period}th: "
+                      f"transformers reads {pattern.listed}, but {pattern.runtime} gives it to every {pattern.period}th "
+                      f"layer whatever the checkpoint says, so a GGUF converted from this one would run with its windows on "
+                      f"the wrong layers; removing runs of {pattern.period} consecutive blocks keeps the pattern")
 
 
 def _set_step(config: Any, rule: StepRule) -> None:

@@ -13,6 +13,7 @@ from surgery.forward import count_parameters
 from surgery.loading import load_model
 from surgery.sublayers import parse_sublayers
 from surgery.tiny import tiny_model
+from tests.cli import run
 from tests.test_ablation import assert_cache_consistent, ids
 
 FAMILIES = sorted(ARCHITECTURES)
@@ -323,3 +324,22 @@ def test_a_block_by_block_check_that_fails_leaves_nothing(tmp_path, tokenizer, m
     with pytest.raises(SurgeryError, match="export check failed: the written checkpoint's logits, run block by block, differ"):
         export_checkpoint(model, tokenizer, tmp_path / "out", record={})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("family, remove, warned", [("gemma3_text", "L0", True), ("gemma3_text", "L0-L5", False),
+                                                    ("gemma3_text", "L6-L11", False), ("gemma2", "L1", True),
+                                                    ("gemma2", "L1-L2", False)])
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_a_cut_says_when_its_layers_break_the_pattern_llama_cpp_fixes(family, remove, warned, stream, tiny_folder, tmp_path):
+    """llama.cpp gives Gemma 3 full attention in every 6th layer and Gemma 2 in every 2nd, whatever
+    the checkpoint's layer_types say: a cut that shifts them is written as transformers reads it and
+    said to be wrong there; removing runs of the period keeps the pattern, and nothing is said."""
+    source, _ = tiny_folder(family, num_layers=12)
+    result = run("cut", source, "--remove", remove, "--out", tmp_path / "cut", stream, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    said = "llama.cpp gives it to every" in " ".join(result.output.split())
+    assert said == warned
+    period = 6 if family == "gemma3_text" else 2
+    types = json.loads((tmp_path / "cut" / "config.json").read_text())["layer_types"]
+    follows = [kind == "full_attention" for kind in types] == [(i + 1) % period == 0 for i in range(len(types))]
+    assert follows != warned
