@@ -84,7 +84,7 @@ def check(settings: PruneSettings) -> Checked:
 def _check_target(settings: PruneSettings, target: Any, folder: Path) -> None:
     """Sublayer ids the cut can take and a count the model can give, from config.json: before the
     model loads and before an analysis that can take hours."""
-    from surgery.arch import config_layers
+    from surgery.arch import architecture_of, config_layers, text_config
     from surgery.cut import check_named_cut
     from surgery.sublayers import check_in_range, parse_sublayers
 
@@ -92,7 +92,11 @@ def _check_target(settings: PruneSettings, target: Any, folder: Path) -> None:
     check_in_range(parse_sublayers(settings.protect) if settings.protect else [], layers)
     if target.ids:
         check_named_cut(folder, target.ids)
-    units = layers if settings.granularity == "block" else 2 * layers
+    patterns = architecture_of(text_config(folder)).fixed_patterns
+    if settings.granularity == "period" and not patterns:
+        raise SurgeryError("--granularity period keeps a layer pattern a serving runtime fixes for the family (Gemma 2, "
+                           "Gemma 3 in llama.cpp), and this model's has none: use --granularity block")
+    units = {"block": layers, "sublayer": 2 * layers}.get(settings.granularity) or layers // patterns[0].period
     if target.count is not None and target.count >= units:
         raise SurgeryError(f"--remove {target.count} asks for {target.count} of the model's {units} {settings.granularity}s: "
                            "at least one must stay; give fewer")
@@ -201,7 +205,8 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
                          sublayer_parameters(loaded.model), analysis=analysis, protected=protected, seed=settings.seed,
                          value_after=value_after or CalibrationValue(loaded, settings), candidates=settings.iterative_candidates,
                          progress=lambda done, total: progress.update(description=f"planning: {done} units chosen"),
-                         attention_blocks=arch.attention_blocks(config), absent=arch.absent_sublayers(config))
+                         attention_blocks=arch.attention_blocks(config), absent=arch.absent_sublayers(config),
+                         period=arch.fixed_patterns[0].period if arch.fixed_patterns else None)
     if found:
         plan.notes.append("cornerstones found by the analysis: " + ", ".join(c["id"] for c in found))
     if not plan.units:

@@ -586,8 +586,9 @@ class PruneSettings:
     out: Path
     strategy: str = setting("sleb", "--strategy", "How to choose what to remove (docs/pruning.md); the default, "
                             "sleb with the bridge, was chosen on dev data by docs/protocol.md's rule.")
-    granularity: str = setting("block", "--granularity", "Remove whole blocks, or attention and FFN sublayers separately.",
-                               type=_choice("block", "sublayer"))
+    granularity: str = setting("block", "--granularity", "Remove whole blocks, attention and FFN sublayers separately, or "
+                               "whole periods of the layer pattern llama.cpp fixes for Gemma 2/3 (docs/serving.md).",
+                               type=_choice("block", "sublayer", "period"))
     remove: str = setting("25%", "--remove", "A count of units (8), a share of decoder parameters (25%) or ids (L20-L23).")
     keep_cornerstones: bool = setting(False, "--keep-cornerstones", "Never remove a cornerstone found by the analysis.")
     protect: str | None = setting(None, "--protect", "Sublayers never to remove, e.g. L0.attn,L1.mlp.")

@@ -37,16 +37,19 @@ def fake_analysis():
                     cornerstones=[], complete=True, coalitions={})
 
 
+PERIOD = 2  # --granularity period: the blocks of one period of a pattern a runtime fixes (Gemma 2's in llama.cpp)
+
+
 def within_one_unit(result, granularity, target=0.25):
     """The closest-prefix rule: removed parameters are within half the largest unit of the target."""
-    largest = max(parameters(u) for u in units_of(LAYERS, granularity))
+    largest = max(parameters(u) for u in units_of(LAYERS, granularity, period=PERIOD))
     return abs(result.parameters_removed - target * result.decoder_parameters) <= largest / 2
 
 
 def plan(strategy, granularity="block", remove="25%", **kwargs):
     value_after = kwargs.pop("value_after", lambda removed: -sum(parameters((s,)) for s in removed) / 1000)
     return make_plan(strategy, granularity, Target.parse(remove), LAYERS, parameters, analysis=fake_analysis(),
-                     value_after=value_after, **kwargs)
+                     value_after=value_after, period=kwargs.pop("period", PERIOD), **kwargs)
 
 
 @pytest.mark.parametrize("strategy, granularity", [(name, g) for name, s in STRATEGIES.items() for g in s.granularities])
@@ -213,3 +216,29 @@ def test_unknown_strategy_and_granularity():
 def test_units_of_granularities():
     assert units_of(2, "block") == [(Sublayer(0, "attn"), Sublayer(0, "mlp")), (Sublayer(1, "attn"), Sublayer(1, "mlp"))]
     assert len(units_of(3, "sublayer")) == 6
+
+
+@pytest.mark.parametrize("strategy", [name for name, s in STRATEGIES.items() if "period" in s.granularities])
+def test_a_period_is_removed_whole_so_no_later_layer_moves_in_the_pattern(strategy):
+    """Units of PERIOD consecutive blocks from L0 on: whatever a strategy chooses, every removed block's
+    period goes whole, so each kept block keeps its place modulo the period (llama.cpp's Gemma pattern)."""
+    assert units_of(7, "period", period=3) == [tuple(parse_sublayers("L0-L2")), tuple(parse_sublayers("L3-L5"))]
+    result = plan(strategy, "period", remove="2")
+    blocks = full_blocks(result.units)
+    assert len(result.units) == 2 * len(blocks) == 2 * 2 * PERIOD
+    assert all(block - block % PERIOD + k in blocks for block in blocks for k in range(PERIOD))
+    kept = [layer for layer in range(LAYERS) if layer not in blocks]
+    assert all(old % PERIOD == new % PERIOD for new, old in enumerate(kept))
+
+
+def test_the_deepest_period_goes_first_but_never_the_final_block():
+    """`last` at period granularity: the model's final block stays; a period that holds it is never taken."""
+    assert plan("last", "period", remove="1").units == parse_sublayers("L4-L5")  # L6-L7 holds the final block
+    assert make_plan("last", "period", Target.parse("1"), 9, parameters, period=PERIOD).units == parse_sublayers("L6-L7")
+
+
+def test_period_granularity_needs_a_pattern():
+    with pytest.raises(SurgeryError, match="--granularity period keeps a layer pattern .* use --granularity block"):
+        plan("bi", "period", period=None)
+    with pytest.raises(SurgeryError, match="the angular strategy works at block granularity"):
+        plan("angular", "period")

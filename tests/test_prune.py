@@ -410,3 +410,26 @@ def test_recipe_errors_and_command_line_overrides(source, tmp_path, data_dir):
     for bad in ("nan", "-1", "0"):
         result = run("prune", source, "--out", tmp_path / "never", "--heal", "--heal-lr", bad)
         assert result.exit_code == 2 and "--heal-lr must be a positive number" in result.output, bad
+
+
+def test_prune_by_whole_periods_keeps_the_pattern_llama_cpp_fixes(tiny_folder, tmp_path, data_dir):
+    """Gemma 3 at --granularity period: a strategy chooses among runs of six blocks (full attention
+    last in each, where llama.cpp puts it), so the pruned layer_types follow the pattern and the cut
+    says nothing about it; a family with no such pattern is refused before the model loads."""
+    source, _ = tiny_folder("gemma3_text", num_layers=12)
+    out = tmp_path / "pruned"
+    result = run("prune", source, "--out", out, "--strategy", "bi", "--granularity", "period", "--remove", "1",
+                 "--data-dir", data_dir, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "llama.cpp gives it to every" not in " ".join(result.output.split())
+    report = json.loads((out / "report.json").read_text())
+    assert report["plan"]["granularity"] == "period" and report["plan"]["removed_compact"] in ("L0-L5", "L6-L11")
+    types = json.loads((out / "config.json").read_text())["layer_types"]
+    assert [kind == "full_attention" for kind in types] == [(i + 1) % 6 == 0 for i in range(6)]
+
+    from tests.cli import one_line
+
+    llama, _ = tiny_folder("llama", num_layers=4)
+    line = one_line(run("prune", llama, "--out", tmp_path / "other", "--granularity", "period", "--data-dir", data_dir, *FAST))
+    assert "--granularity period keeps a layer pattern" in line and "use --granularity block" in line
+    assert not (tmp_path / "other").exists()

@@ -51,7 +51,7 @@ class Sleb(Iterative):
     still there by the calibration loss (perplexity's logarithm) of the model without it."""
 
     name = "sleb"
-    granularities = ("block",)
+    granularities = ("block", "period")
 
     def choose(self, problem: Problem) -> tuple[list[Unit], list[Unit]]:
         from dataclasses import replace

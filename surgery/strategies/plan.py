@@ -19,18 +19,32 @@ from surgery.errors import SurgeryError
 from surgery.registry import Registry
 from surgery.sublayers import Sublayer, all_sublayers, format_sublayers, full_blocks, parse_sublayers, present
 
-GRANULARITIES = ("block", "sublayer")
-# A unit is what a strategy chooses: a block's two sublayers, or one sublayer.
+GRANULARITIES = ("block", "sublayer", "period")
+# A unit is what a strategy chooses: a block's two sublayers, one sublayer, or the blocks of one
+# period of a layer pattern a runtime fixes (Architecture.fixed_patterns: Gemma 3's six in llama.cpp),
+# whose removal shifts no later layer's place in it.
 Unit = tuple[Sublayer, ...]
 
 
-def units_of(layers: int, granularity: str, absent: Iterable[Sublayer] = ()) -> list[Unit]:
-    """What a strategy chooses from: each block's sublayers, or each sublayer, less those the blocks
-    never had (`absent`: a single-mixer family's block is its one sublayer at either granularity)."""
+def units_of(layers: int, granularity: str, absent: Iterable[Sublayer] = (), period: int | None = None) -> list[Unit]:
+    """What a strategy chooses from: each block's sublayers, each sublayer, or each whole period of
+    `period` blocks (the blocks after the last whole one are not offered), less the sublayers the
+    blocks never had (`absent`: a single-mixer family's block is its one sublayer at any granularity)."""
     absent = set(absent)
+
+    def block(layer: int) -> tuple[Sublayer, ...]:
+        return tuple(s for s in (Sublayer(layer, "attn"), Sublayer(layer, "mlp")) if s not in absent)
+
     if granularity == "block":
-        return [tuple(s for s in (Sublayer(l, "attn"), Sublayer(l, "mlp")) if s not in absent) for l in range(layers)]
+        return [block(l) for l in range(layers)]
+    if granularity == "period":
+        return [tuple(s for l in range(start, start + period) for s in block(l)) for start in range(0, layers - period + 1, period)]
     return [(s,) for s in all_sublayers(layers) if s not in absent]
+
+
+def unit_layers(unit: Unit) -> list[int]:
+    """The blocks a unit's sublayers are in."""
+    return sorted({s.layer for s in unit})
 
 
 def unit_name(unit: Unit) -> str:
@@ -125,6 +139,7 @@ class Problem:
     value_after: Callable[[list[Sublayer]], float] | None = None
     candidates: int = 16
     progress: Callable[[int, int], None] | None = None
+    layers: int | None = None  # the model's blocks (a period's units may leave the last ones out)
 
     @property
     def goal_parameters(self) -> float | None:
@@ -197,7 +212,7 @@ def check_choice(name: str, granularity: str) -> Strategy:
     """The strategy, after a one-line error for an unknown one or a granularity it cannot work at."""
     chosen = strategy(name)
     if granularity not in GRANULARITIES:
-        raise SurgeryError(f"unknown granularity '{granularity}': use block or sublayer")
+        raise SurgeryError(f"unknown granularity '{granularity}': use block, sublayer or period")
     if granularity not in chosen.granularities:
         raise SurgeryError(f"the {name} strategy works at {' or '.join(chosen.granularities)} granularity: "
                            f"use --granularity {chosen.granularities[0]}")
@@ -219,17 +234,22 @@ def make_plan(
     progress: Callable[[int, int], None] | None = None,
     attention_blocks: list[int] | None = None,
     absent: list[Sublayer] = (),
+    period: int | None = None,
 ) -> RemovalPlan:
     """Choose what to remove. `value_after(removed sublayers)` is read by strategies that score on
     calibration text themselves (iterative). `attention_blocks`: a hybrid model's, one of which the
     cut must keep (Architecture.attention_blocks). `absent`: sublayers the blocks never had
-    (Architecture.absent_sublayers)."""
+    (Architecture.absent_sublayers). `period`: the blocks of one period of a layer pattern a runtime
+    fixes (Architecture.fixed_patterns), for --granularity period."""
     chosen_strategy = strategy(strategy_name)
     if granularity not in GRANULARITIES:
-        raise SurgeryError(f"unknown granularity '{granularity}': use block or sublayer")
+        raise SurgeryError(f"unknown granularity '{granularity}': use block, sublayer or period")
     protected_set = set(protected)
     absent = set(absent)
-    all_units = units_of(layers, granularity, absent)
+    if granularity == "period" and not period:
+        raise SurgeryError("--granularity period keeps a layer pattern a serving runtime fixes for the family (Gemma 2, "
+                           "Gemma 3 in llama.cpp), and this model's has none: use --granularity block")
+    all_units = units_of(layers, granularity, absent, period)
     decoder = sum(unit_parameters(u) for u in all_units)
     removable = [u for u in all_units if not protected_set & set(u)]
 
@@ -246,7 +266,7 @@ def make_plan(
     check_choice(strategy_name, granularity)
     problem = Problem(strategy_name, granularity, target, all_units, removable, unit_parameters, decoder,
                       _goal_count(target, removable, unit_parameters, decoder, granularity), analysis, seed, value_after,
-                      candidates, progress)
+                      candidates, progress, layers)
     chosen, order = chosen_strategy.choose(problem)
     notes = []
     if attention_blocks and set(attention_blocks) <= set(full_blocks([s for u in chosen for s in u] + list(absent))):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from surgery.errors import SurgeryError
-from surgery.strategies.plan import Problem, RankingStrategy, Unit, register, score_order
+from surgery.strategies.plan import Problem, RankingStrategy, Unit, register, score_order, unit_layers
 
 
 @register
@@ -31,10 +31,10 @@ class ByAblation(RankingStrategy):
 
     def rank(self, problem: Problem) -> list[Unit]:
         scores = problem.analysis.section("ablation")
-        if problem.granularity == "block":
+        if problem.granularity != "sublayer":  # (a period: the sum of its blocks')
             if not scores.blocks:
                 raise SurgeryError("the analysis has no block ablation scores: rerun surgery analyze with --method ablation")
-            return score_order(problem.removable, lambda u: scores.blocks[f"L{u[0].layer}"]["drop"])
+            return score_order(problem.removable, lambda u: sum(scores.blocks[f"L{l}"]["drop"] for l in unit_layers(u)))
         drops = scores.drops()
         return score_order(problem.removable, lambda u: drops[str(u[0])])
 
@@ -48,8 +48,8 @@ class ByBlockInfluence(RankingStrategy):
 
     def rank(self, problem: Problem) -> list[Unit]:
         scores = problem.analysis.section("bi")
-        if problem.granularity == "block":
-            return score_order(problem.removable, lambda u: scores.blocks[f"L{u[0].layer}"])
+        if problem.granularity != "sublayer":  # (a period: the sum of its blocks')
+            return score_order(problem.removable, lambda u: sum(scores.blocks[f"L{l}"] for l in unit_layers(u)))
         return score_order(problem.removable, lambda u: scores.sublayers[str(u[0])])
 
 
@@ -61,8 +61,8 @@ class ByDepth(RankingStrategy):
     limits = "or the final block"
 
     def rank(self, problem: Problem) -> list[Unit]:
-        last_layer = max(u[0].layer for u in problem.all_units)
-        return sorted((u for u in problem.removable if u[0].layer != last_layer), key=lambda u: -u[-1].position)
+        last_layer = problem.layers - 1 if problem.layers else max(u[-1].layer for u in problem.all_units)
+        return sorted((u for u in problem.removable if last_layer not in unit_layers(u)), key=lambda u: -u[-1].position)
 
 
 @register
