@@ -140,10 +140,14 @@ def extract_text(model: str, out: Path, force: bool, **options: Any) -> None:
     result = extract_text_decoder(model, out, from_options(LoadSettings, options), from_options(StreamSettings, options),
                                   force=force)
     left = ", ".join(f"{prefix} ({count} tensors)" for prefix, count in result.manifest["left_behind"].items())
-    checked = result.manifest["verified"]["method"]
+    console.print(_copied(result, f"left behind: {left or 'nothing'}"))
+
+
+def _copied(result: Any, what: str) -> str:
+    """The line a file-to-file export ends with: where, how it was checked, and `what` else it did."""
     diff = result.max_logit_diff
-    console.print(f"[green]wrote[/] {result.path}  ({checked}" + (f": max |Δlogit| {diff:.2g}" if diff is not None else "")
-                  + f"; left behind: {left or 'nothing'})")
+    return (f"[green]wrote[/] {result.path}  ({result.manifest['verified']['method']}"
+            + (f": max |Δlogit| {diff:.2g}" if diff is not None else "") + f"; {what})")
 
 
 @main.command()
@@ -163,10 +167,7 @@ def graft(decoder: str, onto: str, out: Path, force: bool, **options: Any) -> No
     result = graft_decoder(decoder, onto, out, from_options(LoadSettings, options), from_options(StreamSettings, options),
                            force=force)
     changed = ", ".join(result.manifest["text_config_changed"]) or "nothing"
-    checked = result.manifest["verified"]["method"]
-    diff = result.max_logit_diff
-    console.print(f"[green]wrote[/] {result.path}  ({checked}" + (f": max |Δlogit| {diff:.2g}" if diff is not None else "")
-                  + f"; text_config changed: {changed})")
+    console.print(_copied(result, f"text_config changed: {changed}"))
 
 
 @main.command()

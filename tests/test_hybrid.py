@@ -147,6 +147,19 @@ def test_info_names_a_hybrid_models_attention_blocks(tiny_folder):
     assert "L1, L3, L5 (the other 3 hold linear attention)" in " ".join(result.output.split())
 
 
+def pruned_and_healed(source, out, strategy, data_dir):
+    """`surgery prune` two sublayers out at sublayer granularity, healed briefly: its report, after
+    checking it evaluated before and after and that healing lowered the loss."""
+    result = run("prune", source, "--out", out, "--strategy", strategy, "--granularity", "sublayer", "--remove", "2",
+                 "--heal", "--heal-steps", "2", "--heal-seq-len", "32", "--heal-batch-size", "2", "--no-quantize",
+                 "--data-dir", data_dir, *FAST, catch=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["evaluations"]) == {"source", "pruned", "healed"}
+    assert report["healing"]["loss_after"] < report["healing"]["loss_before"]
+    return report
+
+
 def test_prune_heals_a_hybrid_model_end_to_end(tiny_folder, tmp_path, data_dir, monkeypatch):
     """Scoring by ablation, the plan, the bridges, LoRA healing (tests/test_heal.py checks that both
     kinds of projections get adapters), export and the evaluations before and after, on Qwen3-Next's
@@ -154,13 +167,7 @@ def test_prune_heals_a_hybrid_model_end_to_end(tiny_folder, tmp_path, data_dir, 
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     source, _ = tiny_folder("qwen3_next", num_layers=6)
     out = tmp_path / "pruned"
-    result = run("prune", source, "--out", out, "--strategy", "ablation", "--granularity", "sublayer", "--remove", "2",
-                 "--heal", "--heal-steps", "2", "--heal-seq-len", "32", "--heal-batch-size", "2", "--no-quantize",
-                 "--data-dir", data_dir, *FAST, catch=False)
-    assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
-    assert set(report["evaluations"]) == {"source", "pruned", "healed"}
-    assert report["healing"]["loss_after"] < report["healing"]["loss_before"]
+    report = pruned_and_healed(source, out, "ablation", data_dir)
     assert report["bridge"]["bridges"]  # folded into a kept linear or full attention, or an FFN, before each cut run
     reloaded = load_exported(out, via="package")
     assert len(removed_sublayers(reloaded)) + 2 * (6 - reloaded.config.num_hidden_layers) == 2

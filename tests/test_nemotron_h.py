@@ -110,19 +110,13 @@ def test_prune_heals_and_exports_a_nemotron_h_model(tiny_folder, tmp_path, data_
     """Scoring, planning (at sublayer granularity too a unit is a whole block), bridges folded into
     the mixer before each removed run, LoRA on the attention, Mamba-2 and MLP projections, export
     and the evaluations before and after."""
-    granularity = "sublayer"
     from surgery.export.checkpoint import load_exported
+    from tests.test_hybrid import pruned_and_healed
 
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     source, _ = tiny_folder("nemotron_h", num_layers=8)
     out = tmp_path / "pruned"
-    result = run("prune", source, "--out", out, "--strategy", "bi", "--granularity", granularity, "--remove", "2",
-                 "--heal", "--heal-steps", "2", "--heal-seq-len", "32", "--heal-batch-size", "2", "--no-quantize",
-                 "--data-dir", data_dir, *FAST, catch=False)
-    assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
-    assert set(report["evaluations"]) == {"source", "pruned", "healed"}
-    assert report["healing"]["loss_after"] < report["healing"]["loss_before"]
+    report = pruned_and_healed(source, out, "bi", data_dir)
     assert report["bridge"]["bridges"] and not report["bridge"]["skipped"]
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "nemotron_h" and len(config["layers_block_type"]) == 6
