@@ -235,7 +235,7 @@ class Architecture:
 
     def block_types(self, config: Any) -> list[str] | None:
         """A single-mixer family's type of each block, from a config object or a config.json dict
-        (which may give them as a list or, as released ones do, as the `layer_pattern` string)."""
+        (which may give them as a list or, as released ones do, as a `pattern_configs` string)."""
         if not self.single_mixer:
             return None
         from transformers.configuration_utils import remap_legacy_layer_types

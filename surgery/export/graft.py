@@ -90,7 +90,7 @@ def prepare_graft(decoder_folder: Path, source_folder: Path, trust_remote_code: 
     extracted = prepare_text_decoder(source_folder, trust_remote_code)
     family = base_model_type(extracted.config)
     _check_decoder_kind(decoder_folder, family)
-    cut = _decoder_config(decoder_folder, trust_remote_code)
+    cut = _config(decoder_folder, trust_remote_code)
     changed = _changed(extracted.config, cut)
     allowed = cut_keys(architecture_of(cut), cut)
     odd = sorted(set(changed) - allowed)
@@ -99,7 +99,7 @@ def prepare_graft(decoder_folder: Path, source_folder: Path, trust_remote_code: 
         raise SurgeryError(f"{decoder_folder} differs from {source_folder}'s text decoder in {odd[0]} ({after!r} against "
                            f"{before!r}), which no cut changes: graft a decoder cut from this source's own "
                            f"(surgery extract-text {source_folder})")
-    config = _multimodal_config(source_folder, trust_remote_code)
+    config = _config(source_folder, trust_remote_code)
     text = config.get_text_config()
     for key in changed:
         setattr(text, key, getattr(cut, key))
@@ -133,7 +133,8 @@ def _check_decoder_kind(folder: Path, family: str) -> None:
                            "(export the decoder without --quantize)")
 
 
-def _decoder_config(folder: Path, trust_remote_code: bool) -> Any:
+def _config(folder: Path, trust_remote_code: bool) -> Any:
+    """A folder's config as transformers reads it, or one line naming the file."""
     from transformers import AutoConfig
 
     from surgery.arch import config_error
@@ -142,12 +143,6 @@ def _decoder_config(folder: Path, trust_remote_code: bool) -> Any:
         return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except ValueError as error:
         raise config_error(folder, error) from None
-
-
-def _multimodal_config(folder: Path, trust_remote_code: bool) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
 
 
 def _changed(before: Any, after: Any) -> dict[str, tuple[Any, Any]]:
@@ -241,7 +236,7 @@ def _check_folder(graft: Graft, folder: Path, tokenizer: Any, device: str, trust
     from surgery.layerwise import LayerwiseModel, checkpoint_shapes, skeleton
     from surgery.memory import available_memory, fits_in_memory
 
-    text = _multimodal_config(folder, trust_remote_code).get_text_config()
+    text = _config(folder, trust_remote_code).get_text_config()
     text.tie_word_embeddings = graft.text_config.tie_word_embeddings
     expected = {**checkpoint_shapes(skeleton(text, torch.float32)), **graft.mtp}
     expected.update({name: info.shape for name, (where, info) in graft.tensors.items() if where == graft.source})
