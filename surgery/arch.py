@@ -53,8 +53,9 @@ class FixedPattern:
     runtime: str
 
     def broken(self, config: Any) -> list[int] | None:
-        """The layers `config` marks, where they are not every `period`-th; None where they are (or none are listed)."""
-        values = list(getattr(config, self.listed, None) or [])
+        """The layers `config` (object or config.json dict) marks, where they are not every `period`-th;
+        None where they are (or none are listed)."""
+        values = list(config_value(config, self.listed) or [])
         marked = [i for i, value in enumerate(values) if value == self.marker]
         return marked if values and marked != [i for i in range(len(values)) if (i + 1) % self.period == 0] else None
 

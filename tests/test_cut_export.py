@@ -343,3 +343,19 @@ def test_a_cut_says_when_its_layers_break_the_pattern_llama_cpp_fixes(family, re
     types = json.loads((tmp_path / "cut" / "config.json").read_text())["layer_types"]
     follows = [kind == "full_attention" for kind in types] == [(i + 1) % period == 0 for i in range(len(types))]
     assert follows != warned
+
+
+def test_gguf_refuses_a_gemma_cut_llama_cpp_would_run_wrongly_and_says_how_to_prune_instead(tiny_folder, tmp_path):
+    """surgery gguf does not write Gemma; where its usual way out (llama.cpp's own converter) would
+    give a GGUF whose windows sit on the wrong layers, the refusal says that and names --granularity
+    period; a cut of whole periods gets the usual way out."""
+    from tests.cli import one_line
+
+    source, _ = tiny_folder("gemma3_text", num_layers=12)
+    for remove, expected in (("L0", "llama.cpp's own converter would not serve this folder right"),
+                             ("L0-L5", "convert the exported folder with llama.cpp's")):
+        assert run("cut", source, "--remove", remove, "--out", tmp_path / remove, "--device", "cpu").exit_code == 0
+        line = one_line(run("gguf", tmp_path / remove, "--out", tmp_path / f"{remove}.gguf"))
+        assert expected in line, line
+        assert ("--granularity period" in line) == (remove == "L0")
+        assert not (tmp_path / f"{remove}.gguf").exists()

@@ -147,7 +147,14 @@ def _gguf_architecture(config: dict[str, Any]) -> str:
     from surgery.export.gguf_deci import is_sublayer_pruned
 
     family = base_model_type(config)
-    target = architecture_of(config).gguf_arch
+    arch = architecture_of(config)
+    target = arch.gguf_arch
+    broken = next((p for p in arch.fixed_patterns if p.broken(config) is not None), None)
+    if target is None and broken is not None:  # the way out below would give a GGUF that runs wrongly
+        raise SurgeryError(f"GGUF export does not cover {family}, and llama.cpp's own converter would not serve this folder "
+                           f"right: its {broken.listed} give {broken.marker} to layers {broken.broken(config)}, where "
+                           f"{broken.runtime} puts it in every {broken.period}th layer whatever the file says; prune again "
+                           "with --granularity period, or serve this folder with transformers or vLLM")
     if target is None:
         raise SurgeryError(f"GGUF export does not cover {family} yet: convert the exported folder with llama.cpp's "
                            "convert_hf_to_gguf.py, or add the family's gguf_arch in surgery/arch.py")
