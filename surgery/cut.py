@@ -192,6 +192,20 @@ def cut_config(config: Any, arch: Architecture, plan: CutPlan) -> None:
     _record_stand_ins(config, arch, plan.stand_ins)
 
 
+def cut_keys(arch: Architecture, config: Any) -> set[str]:
+    """The config keys a cut of this family may change (what cut_config writes), for those who
+    tell a cut checkpoint from another model (surgery graft)."""
+    from surgery.arch import mtp_count_keys
+
+    keys = {"num_hidden_layers", *arch.per_layer_config, *arch.layer_index_config, *arch.prefix_count_config,
+            *mtp_count_keys(config)}
+    if arch.sparse_step_config:
+        keys.add(arch.sparse_step_config)
+    if arch.step_rule:
+        keys |= {arch.step_rule.step, arch.step_rule.listed}
+    return keys
+
+
 def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: int) -> None:
     """Make every per-layer config entry describe the surviving blocks."""
     if arch.sparse_step_config:

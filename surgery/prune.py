@@ -86,6 +86,7 @@ def _check_target(settings: PruneSettings, target: Any, folder: Path) -> None:
     model loads and before an analysis that can take hours."""
     from surgery.arch import architecture_of, config_layers, text_config
     from surgery.cut import check_named_cut
+    from surgery.strategies.plan import check_period
     from surgery.sublayers import check_in_range, parse_sublayers
 
     layers = config_layers(folder)
@@ -93,10 +94,9 @@ def _check_target(settings: PruneSettings, target: Any, folder: Path) -> None:
     if target.ids:
         check_named_cut(folder, target.ids)
     patterns = architecture_of(text_config(folder)).fixed_patterns
-    if settings.granularity == "period" and not patterns:
-        raise SurgeryError("--granularity period keeps a layer pattern a serving runtime fixes for the family (Gemma 2, "
-                           "Gemma 3 in llama.cpp), and this model's has none: use --granularity block")
-    units = {"block": layers, "sublayer": 2 * layers}.get(settings.granularity) or layers // patterns[0].period
+    period = patterns[0].period if patterns else None
+    check_period(settings.granularity, period)
+    units = {"block": layers, "sublayer": 2 * layers}.get(settings.granularity) or layers // period
     if target.count is not None and target.count >= units:
         raise SurgeryError(f"--remove {target.count} asks for {target.count} of the model's {units} {settings.granularity}s: "
                            "at least one must stay; give fewer")

@@ -6,7 +6,7 @@ stays one after its language model loses blocks.
 The decoder must be one surgery can vouch for: its family's own checkpoint (whole blocks cut, so
 the multimodal class builds it; sublayer stand-ins exist only in surgery's text classes), whose
 config differs from the source's text decoder only where a cut changes a config (the block count,
-per-layer lists, layer indices, leading-layer counts, MTP counts: `CUT_KEYS`). Anything else that
+per-layer lists, layer indices, leading-layer counts, MTP counts: surgery.cut.cut_keys). Anything else that
 differs (a width, the vocabulary, tied embeddings) means it was not cut from this source, and the
 graft is refused before anything is written.
 
@@ -30,17 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from surgery.arch import (
-    Architecture,
-    architecture_of,
-    base_model_type,
-    mtp_count_keys,
-    mtp_modules,
-    quantization_method,
-    read_config,
-)
+from surgery.arch import architecture_of, base_model_type, mtp_modules, quantization_method, read_config
 from surgery.errors import SurgeryError
 from surgery.export.checkpoint import MANIFEST, ExportResult, logit_diff_within_tolerance, write_manifest
+from surgery.export.streamed import check_names_written, first_difference
 from surgery.export.text_decoder import TextDecoder, is_output_layer, multimodal_model, prepare_text_decoder
 from surgery.forward import VERIFY_PROMPT
 from surgery.shards import SafetensorsFolder, TensorInfo
@@ -74,17 +67,6 @@ class Graft:
         return sum(math.prod(info.shape) for _, info in self.tensors.values())
 
 
-def cut_keys(arch: Architecture, config: Any) -> set[str]:
-    """The config keys a cut of this family may change (surgery.cut.cut_config's)."""
-    keys = {"num_hidden_layers", *arch.per_layer_config, *arch.layer_index_config, *arch.prefix_count_config,
-            *mtp_count_keys(config)}
-    if arch.sparse_step_config:
-        keys.add(arch.sparse_step_config)
-    if arch.step_rule:
-        keys |= {arch.step_rule.step, arch.step_rule.listed}
-    return keys
-
-
 def prepare_graft(decoder_folder: Path, source_folder: Path, trust_remote_code: bool = False) -> Graft:
     """Read both configs and every header; refuse in one line a decoder not cut from the source."""
     extracted = prepare_text_decoder(source_folder, trust_remote_code)
@@ -92,6 +74,8 @@ def prepare_graft(decoder_folder: Path, source_folder: Path, trust_remote_code: 
     _check_decoder_kind(decoder_folder, family)
     cut = _config(decoder_folder, trust_remote_code)
     changed = _changed(extracted.config, cut)
+    from surgery.cut import cut_keys
+
     allowed = cut_keys(architecture_of(cut), cut)
     odd = sorted(set(changed) - allowed)
     if odd:
@@ -160,10 +144,9 @@ def _decoder_tensors(folder: Path, config: Any, weights: SafetensorsFolder, mtp:
 
     expected = checkpoint_shapes(skeleton(config, torch.float32))
     expected.update({name: weights.info[name].shape for name in mtp})
-    found = {name: info.shape for name, info in weights.info.items()}
-    if found != expected:
-        odd = sorted(set(found) ^ set(expected)) or sorted(n for n in found if found[n] != expected[n])
-        raise SurgeryError(f"{folder}'s tensors are not those its config.json implies ({odd[0]}): export the decoder again")
+    odd = first_difference({name: info.shape for name, info in weights.info.items()}, expected)
+    if odd is not None:
+        raise SurgeryError(f"{folder}'s tensors are not those its config.json implies ({odd}): export the decoder again")
     return dict(weights.info)
 
 
@@ -240,11 +223,8 @@ def _check_folder(graft: Graft, folder: Path, tokenizer: Any, device: str, trust
     text.tie_word_embeddings = graft.text_config.tie_word_embeddings
     expected = {**checkpoint_shapes(skeleton(text, torch.float32)), **graft.mtp}
     expected.update({name: info.shape for name, (where, info) in graft.tensors.items() if where == graft.source})
-    found = {graft.decoder_names.get(name, name): info.shape for name, info in SafetensorsFolder(folder, strict=True).info.items()}
-    if found != expected:
-        odd = sorted(set(found) ^ set(expected)) or sorted(n for n in found if found[n] != expected[n])
-        raise SurgeryError(f"export check failed: the written tensors are not those config.json implies ({odd[0]}); "
-                           "nothing was written")
+    check_names_written({graft.decoder_names.get(name, name): info.shape
+                         for name, info in SafetensorsFolder(folder, strict=True).info.items()}, expected)
     verified = {"max_abs_logit_diff": None, "loader": "transformers", "method": "copied, names and shapes checked",
                 "prompt": VERIFY_PROMPT, "cached_generation": False, "tensors_checked": len(graft.tensors)}
     if not fits_in_memory(graft.nbytes, available_memory(device)):

@@ -170,11 +170,24 @@ def check_copied_names(folder: Path, written: Any, carried: dict[str, tuple[int,
     from surgery.layerwise import checkpoint_shapes
 
     expected = {**checkpoint_shapes(written.model), **(carried or {})}
-    found = {name: info.shape for name, info in SafetensorsFolder(folder, strict=True).info.items()}
-    if found != expected:
-        odd = sorted(set(found) ^ set(expected)) or sorted(n for n in found if found[n] != expected[n])
-        raise SurgeryError(f"export check failed: the written tensors are not those config.json implies ({odd[0]}); "
+    check_names_written({name: info.shape for name, info in SafetensorsFolder(folder, strict=True).info.items()}, expected)
+
+
+def check_names_written(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> None:
+    """Check (b) on name -> shape maps: refused, naming the first tensor that is missing, extra or
+    of another shape."""
+    odd = first_difference(found, expected)
+    if odd is not None:
+        raise SurgeryError(f"export check failed: the written tensors are not those config.json implies ({odd}); "
                            "nothing was written")
+
+
+def first_difference(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str | None:
+    """The first tensor name one map lacks, else the first whose shapes differ; None where they agree."""
+    if found == expected:
+        return None
+    odd = sorted(set(found) ^ set(expected)) or sorted(n for n in found if found[n] != expected[n])
+    return odd[0]
 
 
 def _check_folder(cut: StreamedCut, folder: Path, tokenizer: Any, device: str) -> float:

@@ -219,6 +219,13 @@ def check_choice(name: str, granularity: str) -> Strategy:
     return chosen
 
 
+def check_period(granularity: str, period: int | None) -> None:
+    """--granularity period needs the period of a pattern a runtime fixes (Architecture.fixed_patterns)."""
+    if granularity == "period" and not period:
+        raise SurgeryError("--granularity period keeps a layer pattern a serving runtime fixes for the family (Gemma 2, "
+                           "Gemma 3 in llama.cpp), and this model's has none: use --granularity block")
+
+
 def make_plan(
     strategy_name: str,
     granularity: str,
@@ -246,9 +253,7 @@ def make_plan(
         raise SurgeryError(f"unknown granularity '{granularity}': use block, sublayer or period")
     protected_set = set(protected)
     absent = set(absent)
-    if granularity == "period" and not period:
-        raise SurgeryError("--granularity period keeps a layer pattern a serving runtime fixes for the family (Gemma 2, "
-                           "Gemma 3 in llama.cpp), and this model's has none: use --granularity block")
+    check_period(granularity, period)
     all_units = units_of(layers, granularity, absent, period)
     decoder = sum(unit_parameters(u) for u in all_units)
     removable = [u for u in all_units if not protected_set & set(u)]
