@@ -42,15 +42,17 @@ class StepRule:
 @dataclass(frozen=True)
 class FixedPattern:
     """Layers a runtime places by a period it fixes in its own code for the family, whatever the
-    checkpoint says: llama.cpp's Gemma 2 and Gemma 3 loaders give full attention to every 2nd and
-    every 6th layer (`set_swa_pattern(2)`, `set_swa_pattern(6)` in llama-model.cpp) and a sliding
-    window to the rest. A cut whose kept layers break the period runs there with its windows on the
-    wrong layers, so the cut says so; removing runs of `period` consecutive blocks keeps it."""
+    checkpoint says (read in llama.cpp's loaders and vLLM's gpt_oss.py): full attention in every 2nd
+    layer of Gemma 2 and gpt-oss, every 4th of OLMo 3 and every 6th of Gemma 3 (a sliding window in
+    the others; `set_swa_pattern`), no rotary embedding in every 4th layer of SmolLM3 and Llama 4
+    (`n_no_rope_layer_step`). A cut whose kept layers break the period runs there with those layers
+    misplaced, so the cut says so; removing runs of `period` consecutive blocks keeps it."""
 
     listed: str  # the per-layer config list transformers reads
-    marker: str  # the entry the runtime gives layer i where (i + 1) % period == 0
+    marker: Any  # the entry the runtime gives layer i where (i + 1) % period == 0
     period: int
     runtime: str
+    gives: str  # what those layers get there, in words
 
     def broken(self, config: Any) -> list[int] | None:
         """The layers `config` (object or config.json dict) marks, where they are not every `period`-th;
@@ -58,6 +60,16 @@ class FixedPattern:
         values = list(config_value(config, self.listed) or [])
         marked = [i for i, value in enumerate(values) if value == self.marker]
         return marked if values and marked != [i for i in range(len(values)) if (i + 1) % self.period == 0] else None
+
+    def problem(self, config: Any) -> str | None:
+        """What the runtime would run wrongly in `config`, in words; None where it follows the period."""
+        marked = self.broken(config)
+        if marked is None:
+            return None
+        nth = {1: "st", 2: "nd", 3: "rd"}.get(self.period % 10 if self.period not in (11, 12, 13) else 0, "th")
+        verb = "give" if " and " in self.runtime else "gives"
+        return (f"its {self.listed} give {self.gives} to layers {marked}, where {self.runtime} {verb} it to every "
+                f"{self.period}{nth} layer whatever the checkpoint says")
 
 
 @dataclass(frozen=True)
@@ -217,6 +229,11 @@ class Architecture:
                 **({"companions": {kind: [module for module, _ in self.companions(kind)] for kind in ("attn", "mlp")
                                    if self.companions(kind)}} if self.attention_companions or self.mlp_companions else {})}
 
+    def runtime_period(self, config: Any) -> int | None:
+        """The period of the first pattern a runtime fixes (fixed_patterns) that `config` follows, for
+        --granularity period; None where it follows none (a cut of whole periods would keep nothing)."""
+        return next((p.period for p in self.fixed_patterns if config_value(config, p.listed) and p.broken(config) is None), None)
+
     def attention_blocks(self, config: Any) -> list[int] | None:
         """A hybrid config's (object or config.json dict) attention blocks (the others are linear);
         None for other families."""
@@ -277,6 +294,8 @@ class Architecture:
 
 
 _LLAMA = Architecture()
+_FULL = "full attention (and a sliding window to the others)"  # what a FixedPattern's marked layers get
+_NO_ROPE = "no rotary embedding"
 _SANDWICH_NORMS = dict(  # Gemma 2/3: a norm before and after each sublayer
     attention_norms=("input_layernorm", "post_attention_layernorm"),
     mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
@@ -330,12 +349,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": replace(_LLAMA, per_layer_config=("layer_types",), prefix_count_config=("max_window_layers",), gguf_arch="qwen2"),
     "qwen3": replace(_LLAMA, per_layer_config=("layer_types",), prefix_count_config=("max_window_layers",), gguf_arch="qwen3"),
     "gemma2": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping",
-                      fixed_patterns=(FixedPattern("layer_types", "full_attention", 2, "llama.cpp"),)),
+                      fixed_patterns=(FixedPattern("layer_types", "full_attention", 2, "llama.cpp", _FULL),)),
     "gemma3_text": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping",
-                           fixed_patterns=(FixedPattern("layer_types", "full_attention", 6, "llama.cpp"),)),
+                           fixed_patterns=(FixedPattern("layer_types", "full_attention", 6, "llama.cpp", _FULL),)),
     "phi3": replace(_LLAMA, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     "ministral": replace(_LLAMA, per_layer_config=("layer_types",)),
-    "smollm3": replace(_LLAMA, per_layer_config=("layer_types", "no_rope_layers")),
+    "smollm3": replace(_LLAMA, per_layer_config=("layer_types", "no_rope_layers"),
+                       fixed_patterns=(FixedPattern("no_rope_layers", 0, 4, "llama.cpp", _NO_ROPE),)),
     "starcoder2": replace(_LLAMA, mlp_output="c_proj", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")),
     # Llama's block under other names: ERNIE 4.5, Seed-OSS, Hunyuan, Helium, Ministral 3.
     "ernie4_5": _LLAMA,
@@ -363,7 +383,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                     mlp_norms=("post_attention_layernorm", "post_mlp_layernorm"), attention_output=None,
                     mlp_output=None, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")),
     "olmo2": _POST_NORM,
-    "olmo3": replace(_POST_NORM, per_layer_config=("layer_types",)),
+    "olmo3": replace(_POST_NORM, per_layer_config=("layer_types",),  # llama.cpp runs OLMo 3 as its olmo2
+                     fixed_patterns=(FixedPattern("layer_types", "full_attention", 4, "llama.cpp", _FULL),)),
     # OLMo-Hybrid: OLMo 3's post-norm attention blocks between pre-norm Gated DeltaNet ones, whose
     # output projections alone (the Gated DeltaNet's and the FFN's) are followed by no norm: a bridge folds there.
     "olmo_hybrid": replace(_POST_NORM, linear_attention="linear_attn", linear_attention_output="o_proj",
@@ -377,7 +398,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3_moe": _QWEN_MOE,
     "olmoe": _MOE,
     "phimoe": _MOE,
-    "gpt_oss": replace(_MOE, per_layer_config=("layer_types",), mlp_extra_outputs=1),
+    "gpt_oss": replace(_MOE, per_layer_config=("layer_types",), mlp_extra_outputs=1,
+                       fixed_patterns=(FixedPattern("layer_types", "full_attention", 2, "llama.cpp and vLLM", _FULL),)),
     "granitemoe": replace(_MOE, mlp="block_sparse_moe", logit_divisor_config="logits_scaling"),
     # Falcon-H1: a Mamba-2 mixer beside the attention in every block, both reading the same normed
     # input: one sublayer. Its muP multipliers scale outputs linearly, so bridges fold.
@@ -463,7 +485,9 @@ ARCHITECTURES: dict[str, Architecture] = {
                            layer_index_config=("moe_layers",),
                            step_rule=StepRule("moe_layers", "interleave_moe_layer_step", "vLLM and SGLang"),
                            mlp_extra_outputs=1, extra_outputs_flag="is_moe_layer",
-                           moe_outputs=("experts.down_proj", "shared_expert.down_proj", "down_proj"), experts_output_last=True),
+                           moe_outputs=("experts.down_proj", "shared_expert.down_proj", "down_proj"), experts_output_last=True,
+                           fixed_patterns=(FixedPattern("no_rope_layers", 0, 4, "llama.cpp",
+                                                        _NO_ROPE + " (and full attention where the others are chunked)"),)),
     "hunyuan_v1_moe": replace(_MOE, moe_outputs=("experts.down_proj", "shared_mlp.down_proj"),
                               per_layer_config=("moe_topk", "num_experts")),  # each an int, or a list per layer
     # Hybrid attention: three Gated DeltaNet blocks to each attention block (layer_types), MTP under

@@ -207,7 +207,9 @@ def cut_keys(arch: Architecture, config: Any) -> set[str]:
 
 
 def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: int) -> None:
-    """Make every per-layer config entry describe the surviving blocks."""
+    """Make every per-layer config entry describe the surviving blocks, and say where they break a
+    layer pattern a runtime fixes that the source followed."""
+    followed = [p for p in arch.fixed_patterns if p.broken(config) is None]
     if arch.sparse_step_config:
         _materialise_sparse_step(config, arch, old_count)
     for key in arch.prefix_count_config:
@@ -226,7 +228,7 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
     config.num_hidden_layers = len(kept)
     if arch.step_rule:
         _set_step(config, arch.step_rule)
-    for pattern in arch.fixed_patterns:
+    for pattern in followed:
         _say_broken(config, pattern)
 
 
@@ -234,12 +236,11 @@ def _say_broken(config: Any, pattern: FixedPattern) -> None:
     """Say where the cut's layers break a period a runtime fixes in its code (Architecture.fixed_patterns)."""
     from surgery.console import console
 
-    marked = pattern.broken(config)
-    if marked is not None:
-        console.print(f"the cut's {pattern.listed} give {pattern.marker} to layers {marked}, not to every {pattern.period}th: "
-                      f"transformers reads {pattern.listed}, but {pattern.runtime} gives it to every {pattern.period}th "
-                      f"layer whatever the checkpoint says, so a GGUF converted from this one would run with its windows on "
-                      f"the wrong layers; removing runs of {pattern.period} consecutive blocks keeps the pattern")
+    problem = pattern.problem(config)
+    if problem is not None:
+        console.print(f"the cut breaks a layer pattern {pattern.runtime} fixes: {problem}, so it would run this checkpoint "
+                      f"with those layers misplaced (transformers reads the list and runs it right); removing runs of "
+                      f"{pattern.period} consecutive blocks (prune --granularity period) keeps the pattern")
 
 
 def _set_step(config: Any, rule: StepRule) -> None:

@@ -93,8 +93,8 @@ def _check_target(settings: PruneSettings, target: Any, folder: Path) -> None:
     check_in_range(parse_sublayers(settings.protect) if settings.protect else [], layers)
     if target.ids:
         check_named_cut(folder, target.ids)
-    patterns = architecture_of(text_config(folder)).fixed_patterns
-    period = patterns[0].period if patterns else None
+    config = text_config(folder)
+    period = architecture_of(config).runtime_period(config)
     check_period(settings.granularity, period)
     units = {"block": layers, "sublayer": 2 * layers}.get(settings.granularity) or layers // period
     if target.count is not None and target.count >= units:
@@ -206,7 +206,7 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
                          value_after=value_after or CalibrationValue(loaded, settings), candidates=settings.iterative_candidates,
                          progress=lambda done, total: progress.update(description=f"planning: {done} units chosen"),
                          attention_blocks=arch.attention_blocks(config), absent=arch.absent_sublayers(config),
-                         period=arch.fixed_patterns[0].period if arch.fixed_patterns else None)
+                         period=arch.runtime_period(config))
     if found:
         plan.notes.append("cornerstones found by the analysis: " + ", ".join(c["id"] for c in found))
     if not plan.units:

@@ -326,36 +326,62 @@ def test_a_block_by_block_check_that_fails_leaves_nothing(tmp_path, tokenizer, m
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("family, remove, warned", [("gemma3_text", "L0", True), ("gemma3_text", "L0-L5", False),
-                                                    ("gemma3_text", "L6-L11", False), ("gemma2", "L1", True),
-                                                    ("gemma2", "L1-L2", False)])
-@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
-def test_a_cut_says_when_its_layers_break_the_pattern_llama_cpp_fixes(family, remove, warned, stream, tiny_folder, tmp_path):
-    """llama.cpp gives Gemma 3 full attention in every 6th layer and Gemma 2 in every 2nd, whatever
-    the checkpoint's layer_types say: a cut that shifts them is written as transformers reads it and
-    said to be wrong there; removing runs of the period keeps the pattern, and nothing is said."""
-    source, _ = tiny_folder(family, num_layers=12)
-    result = run("cut", source, "--remove", remove, "--out", tmp_path / "cut", stream, "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    said = "llama.cpp gives it to every" in " ".join(result.output.split())
-    assert said == warned
-    period = 6 if family == "gemma3_text" else 2
-    types = json.loads((tmp_path / "cut" / "config.json").read_text())["layer_types"]
-    follows = [kind == "full_attention" for kind in types] == [(i + 1) % period == 0 for i in range(len(types))]
-    assert follows != warned
+# (family, overrides, the list llama.cpp misreads, the entry it gives every period-th layer, the period),
+# as read in llama.cpp's loaders (set_swa_pattern, n_no_rope_layer_step) and vLLM's gpt_oss.py
+RUNTIME_PATTERNS = [("gemma3_text", {}, "layer_types", "full_attention", 6), ("gemma2", {}, "layer_types", "full_attention", 2),
+                    ("gpt_oss", {}, "layer_types", "full_attention", 2), ("olmo3", {}, "layer_types", "full_attention", 4),
+                    ("smollm3", {"no_rope_layer_interval": 4}, "no_rope_layers", 0, 4),
+                    ("llama4_text", {"no_rope_layer_interval": 4}, "no_rope_layers", 0, 4)]
 
 
-def test_gguf_refuses_a_gemma_cut_llama_cpp_would_run_wrongly_and_says_how_to_prune_instead(tiny_folder, tmp_path):
-    """surgery gguf does not write Gemma; where its usual way out (llama.cpp's own converter) would
-    give a GGUF whose windows sit on the wrong layers, the refusal says that and names --granularity
-    period; a cut of whole periods gets the usual way out."""
+@pytest.mark.parametrize("family, overrides, listed, marker, period", RUNTIME_PATTERNS)
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_cut_says_when_its_layers_break_the_pattern_llama_cpp_fixes(family, overrides, listed, marker, period, whole,
+                                                                     tiny_folder, tmp_path):
+    """llama.cpp gives full attention (Gemma 2 and 3, gpt-oss, OLMo 3) or no rotary embedding
+    (SmolLM3, Llama 4) to every period-th layer whatever the checkpoint's list says: a cut that shifts
+    them is written as transformers reads it and said to be wrong there; removing a whole period keeps
+    the pattern, and nothing is said. The streamed cut says the same."""
+    source, _ = tiny_folder(family, num_layers=2 * period, **overrides)
+    remove = f"L0-L{period - 1}" if whole else "L0"
+    for stream in ("--stream", "--no-stream"):
+        out = tmp_path / f"cut{stream}"
+        result = run("cut", source, "--remove", remove, "--out", out, stream, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        said = "the cut breaks a layer pattern llama.cpp" in " ".join(result.output.split())
+        values = json.loads((out / "config.json").read_text())[listed]
+        follows = [value == marker for value in values] == [(i + 1) % period == 0 for i in range(len(values))]
+        assert said == (not whole) == (not follows), result.output
+
+
+def test_a_cut_of_a_model_that_already_breaks_the_pattern_says_nothing_of_it(tiny_folder, tmp_path):
+    """A source whose own list llama.cpp already misreads (no rotary embedding every 2nd layer where
+    llama.cpp skips it every 4th) is not the cut's doing: the cut is silent, and prune refuses
+    --granularity period, which would keep nothing."""
     from tests.cli import one_line
 
-    source, _ = tiny_folder("gemma3_text", num_layers=12)
+    source, _ = tiny_folder("smollm3", num_layers=8, no_rope_layer_interval=2)
+    result = run("cut", source, "--remove", "L0", "--out", tmp_path / "cut", "--device", "cpu")
+    assert result.exit_code == 0 and "layer pattern" not in result.output, result.output
+    line = one_line(run("prune", source, "--out", tmp_path / "pruned", "--granularity", "period", "--strategy", "last"))
+    assert "this model's layers follow none" in line and "use --granularity block" in line, line
+
+
+@pytest.mark.parametrize("family, period", [("gemma3_text", 6), ("gpt_oss", 2)])
+def test_gguf_refuses_a_cut_llama_cpp_would_run_wrongly_and_says_how_to_prune_instead(family, period, tiny_folder, tmp_path):
+    """surgery gguf does not write Gemma or gpt-oss; where its usual way out (llama.cpp's own
+    converter) would give a GGUF whose windows sit on the wrong layers, the refusal says that and
+    names --granularity period, and vLLM only where vLLM reads the list (not gpt-oss's, which it fixes
+    too); a cut of whole periods gets the usual way out."""
+    from tests.cli import one_line
+
+    source, _ = tiny_folder(family, num_layers=2 * period)
+    whole = f"L0-L{period - 1}"
     for remove, expected in (("L0", "llama.cpp's own converter would not serve this folder right"),
-                             ("L0-L5", "convert the exported folder with llama.cpp's")):
+                             (whole, "convert the exported folder with llama.cpp's")):
         assert run("cut", source, "--remove", remove, "--out", tmp_path / remove, "--device", "cpu").exit_code == 0
         line = one_line(run("gguf", tmp_path / remove, "--out", tmp_path / f"{remove}.gguf"))
         assert expected in line, line
         assert ("--granularity period" in line) == (remove == "L0")
+        assert ("with transformers or vLLM" in line) == (remove == "L0" and family == "gemma3_text"), line
         assert not (tmp_path / f"{remove}.gguf").exists()

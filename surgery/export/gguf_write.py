@@ -149,12 +149,12 @@ def _gguf_architecture(config: dict[str, Any]) -> str:
     family = base_model_type(config)
     arch = architecture_of(config)
     target = arch.gguf_arch
-    broken = next((p for p in arch.fixed_patterns if p.broken(config) is not None), None)
+    broken = next((p for p in arch.fixed_patterns if "llama.cpp" in p.runtime and p.broken(config) is not None), None)
     if target is None and broken is not None:  # the way out below would give a GGUF that runs wrongly
+        servers = "transformers" if "vLLM" in broken.runtime else "transformers or vLLM"
         raise SurgeryError(f"GGUF export does not cover {family}, and llama.cpp's own converter would not serve this folder "
-                           f"right: its {broken.listed} give {broken.marker} to layers {broken.broken(config)}, where "
-                           f"{broken.runtime} puts it in every {broken.period}th layer whatever the file says; prune again "
-                           "with --granularity period, or serve this folder with transformers or vLLM")
+                           f"right: {broken.problem(config)}; prune again with --granularity period, or serve this folder "
+                           f"with {servers}")
     if target is None:
         raise SurgeryError(f"GGUF export does not cover {family} yet: convert the exported folder with llama.cpp's "
                            "convert_hf_to_gguf.py, or add the family's gguf_arch in surgery/arch.py")

@@ -222,8 +222,9 @@ def check_choice(name: str, granularity: str) -> Strategy:
 def check_period(granularity: str, period: int | None) -> None:
     """--granularity period needs the period of a pattern a runtime fixes (Architecture.fixed_patterns)."""
     if granularity == "period" and not period:
-        raise SurgeryError("--granularity period keeps a layer pattern a serving runtime fixes for the family (Gemma 2, "
-                           "Gemma 3 in llama.cpp), and this model's has none: use --granularity block")
+        raise SurgeryError("--granularity period keeps a layer pattern a serving runtime fixes for the family (Gemma 2 and "
+                           "3, gpt-oss, OLMo 3, SmolLM3 and Llama 4 in llama.cpp), and this model's layers follow none: "
+                           "use --granularity block")
 
 
 def make_plan(
