@@ -45,31 +45,42 @@ class FixedPattern:
     checkpoint says (read in llama.cpp's loaders and vLLM's gpt_oss.py): full attention in every 2nd
     layer of Gemma 2 and gpt-oss, every 4th of OLMo 3 and every 6th of Gemma 3 (a sliding window in
     the others; `set_swa_pattern`), no rotary embedding in every 4th layer of SmolLM3 and Llama 4
-    (`n_no_rope_layer_step`). A cut whose kept layers break the period runs there with those layers
-    misplaced, so the cut says so; removing runs of `period` consecutive blocks keeps it."""
+    (`n_no_rope_layer_step`); sliding windows in EXAONE 4 only at 64 layers, its 32B (`only_at`). A
+    cut whose kept layers break the pattern runs there with those layers misplaced, so the cut says
+    so; removing runs of `period` consecutive blocks keeps it, where the period holds at any count."""
 
     listed: str  # the per-layer config list transformers reads
     marker: Any  # the entry the runtime gives layer i where (i + 1) % period == 0
     period: int
     runtime: str
     gives: str  # what those layers get there, in words
+    only_at: int | None = None  # the runtime keeps the period only at this layer count, and marks every layer otherwise
+
+    def expected(self, count: int) -> list[int]:
+        """The layers the runtime marks in a model of `count` layers."""
+        if self.only_at is not None and count != self.only_at:
+            return list(range(count))
+        return [i for i in range(count) if (i + 1) % self.period == 0]
 
     def broken(self, config: Any) -> list[int] | None:
-        """The layers `config` (object or config.json dict) marks, where they are not every `period`-th;
-        None where they are (or none are listed)."""
+        """The layers `config` (object or config.json dict) marks, where the runtime marks others;
+        None where it marks the same (or none are listed)."""
         values = list(config_value(config, self.listed) or [])
         marked = [i for i, value in enumerate(values) if value == self.marker]
-        return marked if values and marked != [i for i in range(len(values)) if (i + 1) % self.period == 0] else None
+        return marked if values and marked != self.expected(len(values)) else None
 
     def problem(self, config: Any) -> str | None:
-        """What the runtime would run wrongly in `config`, in words; None where it follows the period."""
+        """What the runtime would run wrongly in `config`, in words; None where it follows the pattern."""
         marked = self.broken(config)
         if marked is None:
             return None
-        nth = {1: "st", 2: "nd", 3: "rd"}.get(self.period % 10 if self.period not in (11, 12, 13) else 0, "th")
         verb = "give" if " and " in self.runtime else "gives"
-        return (f"its {self.listed} give {self.gives} to layers {marked}, where {self.runtime} {verb} it to every "
-                f"{self.period}{nth} layer whatever the checkpoint says")
+        if self.only_at is not None and len(config_value(config, self.listed)) != self.only_at:
+            where = f"every layer, keeping its period of {self.period} only in a model of {self.only_at} layers"
+        else:
+            nth = {1: "st", 2: "nd", 3: "rd"}.get(self.period % 10 if self.period not in (11, 12, 13) else 0, "th")
+            where = f"every {self.period}{nth} layer"
+        return f"its {self.listed} give {self.gives} to layers {marked}, where {self.runtime} {verb} it to {where}, whatever the checkpoint says"
 
 
 @dataclass(frozen=True)
@@ -232,7 +243,8 @@ class Architecture:
     def runtime_period(self, config: Any) -> int | None:
         """The period of the first pattern a runtime fixes (fixed_patterns) that `config` follows, for
         --granularity period; None where it follows none (a cut of whole periods would keep nothing)."""
-        return next((p.period for p in self.fixed_patterns if config_value(config, p.listed) and p.broken(config) is None), None)
+        return next((p.period for p in self.fixed_patterns
+                     if p.only_at is None and config_value(config, p.listed) and p.broken(config) is None), None)
 
     def attention_blocks(self, config: Any) -> list[int] | None:
         """A hybrid config's (object or config.json dict) attention blocks (the others are linear);
@@ -392,7 +404,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                            linear_block_norms=(("input_layernorm",), ("post_attention_layernorm",)), linear_block_mlp_output="down_proj",
                            lora_targets=(*_ATTENTION_ONLY_LORA, *_OLMO_LINEAR_LORA, "gate_proj", "up_proj", "down_proj"),
                            lora_may_lack=(_OLMO_LINEAR_LORA,)),
-    "exaone4": replace(_POST_NORM, per_layer_config=("layer_types",)),
+    "exaone4": replace(_POST_NORM, per_layer_config=("layer_types",),  # llama.cpp: windows only for the 64-layer 32B
+                       fixed_patterns=(FixedPattern("layer_types", "full_attention", 4, "llama.cpp", _FULL, only_at=64),)),
     "mixtral": _MOE,
     "qwen2_moe": replace(_QWEN_MOE, per_layer_config=("layer_types",)),  # its max_window_layers is no prefix count
     "qwen3_moe": _QWEN_MOE,

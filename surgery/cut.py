@@ -238,9 +238,10 @@ def _say_broken(config: Any, pattern: FixedPattern) -> None:
 
     problem = pattern.problem(config)
     if problem is not None:
+        keep = (f"only the uncut {pattern.only_at} layers keep it" if pattern.only_at else f"removing runs of {pattern.period} "
+                "consecutive blocks (prune --granularity period) keeps it")
         console.print(f"the cut breaks a layer pattern {pattern.runtime} fixes: {problem}, so it would run this checkpoint "
-                      f"with those layers misplaced (transformers reads the list and runs it right); removing runs of "
-                      f"{pattern.period} consecutive blocks (prune --granularity period) keeps the pattern")
+                      f"with those layers misplaced (transformers reads the list and runs it right); {keep}")
 
 
 def _set_step(config: Any, rule: StepRule) -> None:

@@ -354,6 +354,23 @@ def test_a_cut_says_when_its_layers_break_the_pattern_llama_cpp_fixes(family, ov
         assert said == (not whole) == (not follows), result.output
 
 
+def test_any_block_cut_of_a_64_layer_exaone4_loses_its_windows_in_llama_cpp(tiny_folder, tmp_path):
+    """llama.cpp gives EXAONE 4 sliding windows only at 64 layers (its 32B): a cut of whole periods
+    still runs there with full attention everywhere, so even it is said to be wrong, and surgery gguf's
+    refusal names no --granularity period; a source of another count already runs so and is silent."""
+    from tests.cli import one_line
+
+    source, _ = tiny_folder("exaone4", num_layers=64)
+    result = run("cut", source, "--remove", "L0-L3", "--out", tmp_path / "cut", "--device", "cpu")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "llama.cpp gives it to every layer" in text and "only the uncut 64 layers" in text, text
+    line = one_line(run("gguf", tmp_path / "cut", "--out", tmp_path / "cut.gguf"))
+    assert "would not serve this folder right" in line and "--granularity period" not in line, line
+    small, _ = tiny_folder("exaone4", num_layers=8)
+    result = run("cut", small, "--remove", "L0", "--out", tmp_path / "small", "--device", "cpu")
+    assert result.exit_code == 0 and "layer pattern" not in result.output, result.output
+
+
 def test_a_cut_of_a_model_that_already_breaks_the_pattern_says_nothing_of_it(tiny_folder, tmp_path):
     """A source whose own list llama.cpp already misreads (no rotary embedding every 2nd layer where
     llama.cpp skips it every 4th) is not the cut's doing: the cut is silent, and prune refuses

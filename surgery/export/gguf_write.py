@@ -153,8 +153,8 @@ def _gguf_architecture(config: dict[str, Any]) -> str:
     if target is None and broken is not None:  # the way out below would give a GGUF that runs wrongly
         servers = "transformers" if "vLLM" in broken.runtime else "transformers or vLLM"
         raise SurgeryError(f"GGUF export does not cover {family}, and llama.cpp's own converter would not serve this folder "
-                           f"right: {broken.problem(config)}; prune again with --granularity period, or serve this folder "
-                           f"with {servers}")
+                           f"right: {broken.problem(config)}; {'' if broken.only_at else 'prune again with --granularity period, or '}"
+                           f"serve this folder with {servers}")
     if target is None:
         raise SurgeryError(f"GGUF export does not cover {family} yet: convert the exported folder with llama.cpp's "
                            "convert_hf_to_gguf.py, or add the family's gguf_arch in surgery/arch.py")
