@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -56,15 +57,16 @@ def model_card(report: dict[str, Any], repo_id: str | None = None) -> str:
     the published one (no local paths), with the source's card metadata (`source_card_metadata`)
     recorded under "card_metadata"; `repo_id` names the repository it is pushed to, else the folder."""
     source = report["source"]
-    meta = report.get("card_metadata") or source_card_metadata(source)
+    graft = report.get("graft")  # a pruned text decoder put back into its multimodal source (surgery graft)
+    meta = (graft or report).get("card_metadata") or source_card_metadata(graft["source"] if graft else source)
     plan = report["plan"]
     healing = report.get("healing")
     metadata = {
         "library_name": "transformers",
-        "pipeline_tag": "text-generation",
+        "pipeline_tag": "image-text-to-text" if graft else "text-generation",
         **{key: meta[key] for key in _LICENSE_KEYS if key in meta},
-        "tags": ["pruned", "layer-pruning", "surgery"] + ([f"{method(healing['settings'], short=True).lower()}-healed"]
-                                                           if healing else []),
+        "tags": ["pruned", "layer-pruning", "surgery"] + (["grafted"] if graft else [])
+        + ([f"{method(healing['settings'], short=True).lower()}-healed"] if healing else []),
     }
     if meta.get("base_model"):
         metadata["base_model"] = meta["base_model"]
@@ -72,18 +74,18 @@ def model_card(report: dict[str, Any], repo_id: str | None = None) -> str:
     if datasets:
         metadata["datasets"] = sorted(set(datasets))
     remote_code = _remote_code(meta.get("modeling_file"))
-    name = repo_id or Path(report.get("settings", {}).get("out") or f"{source['spec']}-pruned").name
+    name = repo_id or Path((graft or report.get("settings", {})).get("out") or f"{source['spec']}-pruned").name
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "", f"# {name}", ""]
+    base = meta.get("base_model", (graft or report)["source"]["spec"])
+    intro = (f"`{base}` with its text decoder pruned by surgery and grafted back beside the source's own vision tower, "
+             "projector and processor (`surgery graft`). Its decoder:" if graft else f"A pruned version of `{base}` made with surgery:")
     lines += [
-        f"A pruned version of `{meta.get('base_model', source['spec'])}` made with "
-        f"surgery: {len(plan['removed'])} sublayers removed physically "
+        f"{intro} {len(plan['removed'])} sublayers removed physically "
         f"({plan['removed_compact']}), {100 * plan['fraction_of_decoder_parameters']:.1f}% of the decoder parameters, "
         f"chosen by the `{plan['strategy']}` strategy at {plan['granularity']} granularity"
         + (f", then healed by {method(healing['settings'])} on {healing['data_source']}" if healing else "")
         + ".", "",
-        "## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"model = AutoModelForCausalLM.from_pretrained(\"{name}\"" + (", trust_remote_code=True" if remote_code else "") + ")",
-        f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")", "```", "",
+        "## How to load", "", *_load_lines(name, bool(remote_code), bool(graft)), "",
     ]
     if remote_code:
         lines += [remote_code, ""]
@@ -103,11 +105,25 @@ def model_card(report: dict[str, Any], repo_id: str | None = None) -> str:
     table = stage_table(report) if report.get("evaluations") else []
     if len(table) > 2:  # more than the header rows
         lines += ["", "## Evaluation", "", _measures(report["evaluations"]), ""]
+        if graft:
+            lines += ["Measured on the text decoder alone, on text, before the graft; the image path was not evaluated.", ""]
         lines += table
     lines += ["", "## Reproduce", "", "`surgery.json` records the source fingerprint, versions and the exact removal; "
               "`report.json` every number above with its protocol.", ""]
-    lines += reproduce_lines(report, name)
+    if graft:
+        lines += ["The text decoder comes out of this checkpoint again with `surgery extract-text`; the measures above are "
+                  "the decoder's:", "", "```bash", f"surgery extract-text {shlex.quote(name)} --out decoder", "```", ""]
+    lines += reproduce_lines(report, "decoder", "that decoder") if graft else reproduce_lines(report, name)
     return "\n".join(lines)
+
+
+def _load_lines(name: str, remote_code: bool, graft: bool) -> list[str]:
+    """The Python that loads the checkpoint: a causal LM and its tokenizer, or (grafted) the image-text
+    model and its processor."""
+    model, companion = ("AutoModelForImageTextToText", "AutoProcessor") if graft else ("AutoModelForCausalLM", "AutoTokenizer")
+    return ["```python", f"from transformers import {model}, {companion}",
+            f"model = {model}.from_pretrained(\"{name}\"" + (", trust_remote_code=True" if remote_code else "") + ")",
+            f"{'processor' if graft else 'tokenizer'} = {companion}.from_pretrained(\"{name}\")", "```"]
 
 
 def _remote_code(modeling_file: str | None) -> str | None:

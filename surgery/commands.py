@@ -203,11 +203,31 @@ def graft_decoder(decoder_spec: str, onto_spec: str, out: Path, load: LoadSettin
               "parameters": {"total": graft.parameters}}
     labels = {str(source.path): source.public_id(), str(decoder.path): decoder.public_id(), str(cache_dir()): "<surgery cache>"}
     protected = [source.path, decoder.path]
+    extra = {LOCAL_RECORD: json.dumps(record, indent=2) + "\n", **_graft_card(decoder, source, out, labels)}
     with claimed_folder(out, force=force, protected=protected):
         return export_graft(graft, tokenizer, out, record=published(record, labels), force=force, protected=protected,
-                            max_shard_size=settings.max_shard_bytes,
-                            extra_files={LOCAL_RECORD: json.dumps(record, indent=2) + "\n"}, unpublished=(LOCAL_RECORD,),
+                            max_shard_size=settings.max_shard_bytes, extra_files=extra, unpublished=(LOCAL_RECORD,),
                             device=resolve_device(load.device), trust_remote_code=load.trust_remote_code)
+
+
+def _graft_card(decoder: Any, source: Any, out: Path, labels: dict[str, str]) -> dict[str, str]:
+    """report.json and README.md of a grafted checkpoint whose decoder surgery prune exported: the
+    prune's report with the graft beside it, so that its card (and surgery push's rendering of it)
+    describes the image-text model; nothing for a decoder without that report (a bare cut)."""
+    from surgery.card import model_card, source_card_metadata
+    from surgery.publish import published
+
+    path = decoder.path / "report.json"
+    try:
+        report = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        report = None
+    if not isinstance(report, dict) or "plan" not in report:
+        return {}
+    graft = {"source": source.describe(), "decoder": decoder.describe(), "out": out.name,
+             "card_metadata": source_card_metadata(source.describe(), source.path)}
+    report = {**report, "graft": published(graft, labels)}
+    return {"report.json": json.dumps(report, indent=2) + "\n", "README.md": model_card(report)}
 
 
 def _cut_record(result: Any, source: Any) -> dict[str, Any]:

@@ -91,8 +91,9 @@ def _card(folder: Path, repo_id: str) -> tuple[str, str]:
 
     path = folder / CARD
     if not path.is_file():
-        raise SurgeryError(f"{folder} has no model card ({CARD}): surgery prune writes one; for a surgery cut or surgery heal "
-                           f"export, write {CARD} into the folder (what was removed, how it was healed, its license)")
+        raise SurgeryError(f"{folder} has no model card ({CARD}): surgery prune writes one, and surgery graft of a decoder "
+                           f"surgery prune exported; for a surgery cut or surgery heal export (or a graft of one), write "
+                           f"{CARD} into the folder (what was removed, how it was healed, its license)")
     text = path.read_text()
     if (folder / "report.json").is_file():
         report = json.loads((folder / "report.json").read_text())

@@ -178,15 +178,15 @@ def stage_table(report: dict[str, Any]) -> list[str]:
     return rows
 
 
-def reproduce_lines(report: dict[str, Any], model: str) -> list[str]:
-    """The `surgery eval` command that measures `model` (this checkpoint) as the run measured its
-    last stage, when the report records it."""
+def reproduce_lines(report: dict[str, Any], model: str, what: str = "this checkpoint") -> list[str]:
+    """The `surgery eval` command that measures `model` (`what` it is) as the run measured its last
+    stage, when the report records it."""
     flags = report.get("reproduce", {}).get("evaluation")
     if flags is None or not report.get("evaluations"):
         return []
     stage = "healed" if "healed" in report["evaluations"] else "pruned"
     command = " ".join(["surgery", "eval", shlex.quote(model), *map(shlex.quote, flags)])
-    return [f"The {stage} model's accuracy and perplexity above, measured again on this checkpoint (with the same "
+    return [f"The {stage} model's accuracy and perplexity above, measured again on {what} (with the same "
             "data files: `--data-dir`, or `SURGERY_DATA_DIR`; add `--reference` and the source model for the "
             "continuations):", "", "```bash", command, "```", ""]
 

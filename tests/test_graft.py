@@ -93,6 +93,47 @@ def test_the_grafted_model_sees_images_with_the_cut_decoder(make, layout, remove
     assert generated.shape == (1, 20)
 
 
+def test_a_graft_of_a_pruned_decoder_carries_a_card_for_the_image_text_model(tmp_path, tokenizer, data_dir):
+    """A decoder surgery prune exported comes with its report, so the graft writes report.json and a
+    model card for the image-text model: its pipeline, the source's license, the load lines for
+    AutoModelForImageTextToText, the decoder's measures said to be text-only, and the way back to the
+    decoder (extract-text gives it again, tensor for tensor); surgery push renders it for the
+    repository. A bare cut's graft has no card, and push says how to get one."""
+    from surgery.hub import plan_push
+    from tests.test_prune import FAST
+
+    source = tmp_path / "multimodal"
+    gemma3(source, tokenizer)
+    (source / "README.md").write_text("---\nlicense: gemma\n---\n# the source\n")
+    for args in (("extract-text", source, "--out", tmp_path / "text", "--device", "cpu"),
+                 ("prune", tmp_path / "text", "--out", tmp_path / "pruned", "--strategy", "last", "--remove", "1",
+                  "--no-bridge", "--data-dir", data_dir, *FAST),
+                 ("graft", tmp_path / "pruned", "--onto", source, "--out", tmp_path / "graft", "--device", "cpu"),
+                 ("extract-text", tmp_path / "graft", "--out", tmp_path / "back", "--device", "cpu")):
+        result = run(*args)
+        assert result.exit_code == 0, result.output
+
+    card = (tmp_path / "graft" / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and "license: gemma" in card and "- grafted" in card
+    assert "AutoModelForImageTextToText.from_pretrained(\"graft\")" in card and "AutoProcessor" in card
+    assert "Measured on the text decoder alone" in card and "surgery extract-text graft --out decoder" in card
+    report = json.loads((tmp_path / "graft" / "report.json").read_text())
+    assert report["plan"] == json.loads((tmp_path / "pruned" / "report.json").read_text())["plan"]
+    assert str(tmp_path) not in json.dumps(report)  # published: no local path
+    back, pruned = tensors(tmp_path / "back"), tensors(tmp_path / "pruned")
+    assert back.keys() == pruned.keys() and all(torch.equal(back[name], pruned[name]) for name in pruned)
+
+    plan = plan_push(tmp_path / "graft", "someone/gemma-grafted", private=False)
+    assert plan.card_note == "the export's, rendered for the repository"
+    assert "# someone/gemma-grafted" in plan.card and "AutoModelForImageTextToText" in plan.card
+
+    assert run("cut", tmp_path / "text", "--remove", "L1", "--out", tmp_path / "cut", "--device", "cpu").exit_code == 0
+    assert run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "bare", "--device", "cpu").exit_code == 0
+    assert not (tmp_path / "bare" / "README.md").exists()
+    line = one_line(run("push", tmp_path / "bare", "--repo-id", "someone/bare", "--dry-run"))
+    assert "has no model card" in line and "surgery graft" in line, line
+
+
 @pytest.mark.parametrize("make", [llama4, qwen3_5])
 @torch.no_grad()
 def test_the_families_with_per_layer_lists_and_mtp_modules_graft_back(make, tmp_path, tokenizer):
