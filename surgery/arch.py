@@ -139,6 +139,10 @@ class Architecture:
     attention blocks, (attention norms, FFN norms) of those blocks: OLMo-Hybrid norms its attention
     blocks' sublayer outputs (OLMo 2) and its linear blocks' inputs, so one norm name serves the FFN
     in one kind of block and the attention in the other.
+    output_norms: (kind, norm) pairs: a norm the family's config may put between sublayer `kind`'s
+    output projection and the stream (LFM3's post norms, nn.Identity under use_sandwich_norm=False);
+    a bridge folds into the projection only where the block's is nn.Identity, as a linear map does
+    not pass through a norm.
     linear_block_mlp_output: the FFN's output projection in a hybrid's linear-attention blocks where
     only those blocks let it write the stream (OLMo-Hybrid: its attention blocks norm the FFN's
     output, its linear blocks norm the FFN's input), so a bridge folds there in those blocks alone.
@@ -199,6 +203,7 @@ class Architecture:
     mlp_companions: tuple[tuple[str, str], ...] = ()
     linear_block_norms: tuple[tuple[str, ...], tuple[str, ...]] | None = None
     linear_block_mlp_output: str | None = None
+    output_norms: tuple[tuple[str, str], ...] = ()
     unquantized: tuple[str, ...] = ()
     block_outputs: int = 0
     attention_index_config: str | None = None
@@ -518,8 +523,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     # LFM2 and LFM3 (Liquid): short-convolution blocks between attention ones; LFM2-MoE's first
     # blocks dense; LFM3 norms each sublayer's output as well (no bridge folds through a norm).
     "lfm3": replace(replace(_LLAMA, **_LFM2), attention_norms=("operator_norm", "post_operator_norm"),
-                    mlp_norms=("ffn_norm", "post_ffn_norm"), attention_output=None, linear_attention_output=None, mlp_output=None,
-                    lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3")),
+                    mlp_norms=("ffn_norm", "post_ffn_norm"), attention_output="o_proj", mlp_output="w2",
+                    output_norms=(("attn", "post_operator_norm"), ("mlp", "post_ffn_norm")),  # (its attention's is o_proj)
+                    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "in_proj", "w1", "w2", "w3"),
+                    lora_may_lack=(("q_proj", "k_proj", "v_proj", "o_proj"), ("in_proj", "out_proj"))),
     "lfm2": replace(_LLAMA, **_LFM2, mlp_output="w2", lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1",
                                                                     "w2", "w3")),
     "lfm2_moe": replace(_MOE, **_LFM2, moe_outputs=("experts.down_proj", "w2"), prefix_count_config=("num_dense_layers",),

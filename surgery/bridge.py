@@ -123,6 +123,8 @@ def output_weights(layer: Any, arch: Any, kind: str, width: int | None = None) -
 
     from surgery.hf_modeling import is_linear_block
 
+    if any(k == kind and not isinstance(getattr(layer, norm, None), (torch.nn.Identity, type(None))) for k, norm in arch.output_norms):
+        return [], "{sublayer}'s output is normed before the stream; nothing to fold into"
     targets = []
     for path in arch.output_projections(kind, is_linear_block(layer, arch.stand_in_spec())):
         owner_path, _, name = path.rpartition(".")

@@ -40,6 +40,7 @@ def test_fold_makes_the_output_y_times_one_plus_delta():
 
 
 FOLDABLE = sorted(f for f, arch in ARCHITECTURES.items() if arch.output_projections("mlp"))
+FOLDING_CONFIG = {"lfm3": {"use_sandwich_norm": False}}  # (its default norms each output: nothing folds, tests/test_hybrid.py)
 
 
 @pytest.mark.parametrize("family", sorted(ARCHITECTURES))
@@ -49,7 +50,7 @@ def test_a_fold_scales_every_sublayer_output_exactly(family):
     gpt-oss's transposed experts): its contribution to the stream c becomes c (I + D) exactly."""
     torch.manual_seed(0)
     ids = batches(1)[0]
-    model = tiny_model(family, num_layers=4)
+    model = tiny_model(family, num_layers=4, **FOLDING_CONFIG.get(family, {}))
     arch = ARCHITECTURES[family]
     layers = model.model.layers
     foldable = []
@@ -135,6 +136,7 @@ def test_attention_runs_fold_into_the_attention_before_them():
     [
         ("gemma2", "L2", "no plain output projection"),  # post-norms follow the projections
         ("olmo2", "L2", "no plain output projection"),  # a norm follows each sublayer's projection
+        ("lfm3", "L2", "normed before the stream"),  # its sandwich norms (use_sandwich_norm, on by default)
         ("llama", "L0", "no kept sublayer before it"),
     ],
 )

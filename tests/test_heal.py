@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery.arch import ARCHITECTURES
+from surgery.arch import ARCHITECTURES, decoder_layers
 from surgery.errors import SurgeryError
 from surgery.heal import add_lora, disable_cpu_repack, heal, latest_checkpoint, load_4bit
+from surgery.hf_modeling import is_linear_block
 from surgery.settings import HealSettings
 from surgery.sublayers import parse_sublayers
 from surgery.tiny import tiny_model
@@ -75,6 +76,12 @@ def test_default_lora_puts_an_adapter_on_every_target_the_family_names(family):
     targets = set(ARCHITECTURES[family].lora_targets)
     assert wrapped == targets & linear  # only latent attention's query names a variant the model may lack
     assert targets - wrapped <= ({"q_proj"} if "q_a_proj" in wrapped else {"q_a_proj", "q_b_proj"})
+    width = model.config.hidden_size
+    arch = ARCHITECTURES[family]
+    for layer in decoder_layers(model):  # every linear an attention writes the stream with is adapted (LFM3's o_proj was not)
+        attention = None if is_linear_block(layer, arch.stand_in_spec()) else getattr(layer, arch.attention, None)
+        outputs = [n for n, m in (attention.named_children() if attention is not None else []) if getattr(m, "out_features", 0) == width]
+        assert all(isinstance(getattr(attention, n), LoraLayer) for n in outputs), (family, outputs)
     model.train()
     model(torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]])).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)

@@ -302,6 +302,33 @@ def test_ling_hybrid_blocks_get_their_stand_ins_and_its_group_size_follows_the_c
 
 
 @torch.no_grad()
+def test_lfm3_without_sandwich_norms_takes_bridges_into_its_output_projections():
+    """LFM3 norms each sublayer's output before the stream unless use_sandwich_norm is false, where
+    those norms are nn.Identity: then a run removed after a conv block's FFN (L2, after L1.mlp) and
+    one after an attention (L3.mlp) fold into w2 and o_proj, and the bridged cut's stream is closer
+    to the dense one; with the norms, both are skipped."""
+    from surgery.bridge import fit_and_fold
+    from surgery.forward import capture_stream
+    from tests.test_bridge import batches, stream_error
+
+    def lfm3(sandwich):
+        return tiny_model("lfm3", num_layers=6, use_sandwich_norm=sandwich)
+
+    data, units = batches(), parse_sublayers("L2,L3.mlp")
+    dense_states = [capture_stream(lfm3(False), ids, [8])[0] for ids in data]
+    plain, bridged = lfm3(False), lfm3(False)
+    cut(plain, units)
+    before = bridged.model.layers[3].self_attn.o_proj.weight.clone()
+    result = fit_and_fold(bridged, units, data)
+    cut(bridged, units)
+    assert [(b.run, b.into) for b in result.bridges] == [("L2", "L1.mlp"), ("L3.mlp", "L3.attn")]
+    assert not torch.equal(bridged.model.layers[2].self_attn.o_proj.weight, before)  # (L3 is L2 after the cut)
+    assert stream_error(bridged, dense_states, 6, 8, data) < stream_error(plain, dense_states, 6, 8, data)
+    normed = fit_and_fold(lfm3(True), units, data)
+    assert normed.bridges == [] and len(normed.skipped) == 2
+
+
+@torch.no_grad()
 def test_olmo_hybrids_linear_blocks_take_a_bridge_after_their_ffn():
     """OLMo-Hybrid's linear blocks norm the FFN's input, its attention blocks the FFN's output: only in
     a linear block does down_proj write the stream, so a run removed after one (L3, an attention
