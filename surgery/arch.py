@@ -569,13 +569,19 @@ def architecture_of(config: Any) -> Architecture:
     return arch
 
 
+# multimodal text decoders transformers has no causal-LM class for -> the family whose text-only
+# checkpoint computes the same on text: Qwen2-VL's and Qwen2.5-VL's decoder is Qwen2's block, and
+# their M-RoPE is Qwen2's RoPE where the three position ids agree, as they do on text
+TEXT_DECODER_AS = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2"}
+
+
 def text_family(config: Any) -> str | None:
     """The supported family of a multimodal config's text decoder (Gemma 3's gemma3_text, Mistral
-    3's mistral), None for any other config."""
+    3's mistral, Qwen2.5-VL's qwen2: TEXT_DECODER_AS), None for any other config."""
     text = config_value(config, "text_config")
     if text is None or base_model_type(config) in ARCHITECTURES:
         return None
-    family = base_model_type(text)
+    family = TEXT_DECODER_AS.get(base_model_type(text), base_model_type(text))
     return family if family in ARCHITECTURES else None
 
 

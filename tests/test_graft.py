@@ -11,7 +11,16 @@ from safetensors.torch import load_file, save_file
 
 from surgery.export.checkpoint import read_manifest
 from tests.cli import one_line, run
-from tests.test_text_decoder import VOCAB, gemma3, llama4, mistral3, qwen3_5, renamed_to_the_newer_layout
+from tests.test_text_decoder import (
+    VOCAB,
+    gemma3,
+    llama4,
+    mistral3,
+    qwen2_5_vl,
+    qwen3_5,
+    renamed_to_qwen_vl_class_names,
+    renamed_to_the_newer_layout,
+)
 
 
 def tensors(folder):
@@ -132,6 +141,42 @@ def test_a_graft_of_a_pruned_decoder_carries_a_card_for_the_image_text_model(tmp
     assert not (tmp_path / "bare" / "README.md").exists()
     line = one_line(run("push", tmp_path / "bare", "--repo-id", "someone/bare", "--dry-run"))
     assert "has no model card" in line and "surgery graft" in line, line
+
+
+@pytest.mark.parametrize("layout", ["released", "class names"])
+@torch.no_grad()
+def test_a_cut_qwen2_5_vl_decoder_grafts_back_in_its_own_names_and_sees_images(layout, tmp_path, tokenizer):
+    """Qwen2.5-VL's decoder goes out as a Qwen2 checkpoint and comes back in the source's names (its
+    releases' model. and visual., or transformers'), with the multimodal config's text_config cut;
+    an image through the grafted files gives the logits of the source with the cut decoder swapped in."""
+    from transformers import AutoModelForImageTextToText
+
+    source = tmp_path / "multimodal"
+    model = qwen2_5_vl(source, tokenizer)
+    if layout == "class names":
+        renamed_to_qwen_vl_class_names(source)
+    for args in (("extract-text", source, "--out", tmp_path / "text"), ("cut", tmp_path / "text", "--remove", "L1", "--out",
+                                                                       tmp_path / "cut"),
+                 ("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft")):
+        result = run(*args, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["model_type"] == "qwen2"
+    config = json.loads((tmp_path / "graft" / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_vl" and config["text_config"]["num_hidden_layers"] == 3
+    assert config["text_config"]["rope_parameters"]["mrope_section"] == [2, 3, 3]  # the source's, kept
+    sources, written = tensors(source), tensors(tmp_path / "graft")
+    assert set(written) == {name for name in sources if ".layers.3." not in name}  # its names; L3 is L2 now
+    assert all(torch.equal(written[name], sources[name]) for name in sources if "visual" in name)
+
+    grafted = AutoModelForImageTextToText.from_pretrained(tmp_path / "graft").eval()
+    expected = with_decoder(model, tmp_path / "cut")
+    ids = torch.randint(5, VOCAB - 5, (1, 12), generator=torch.Generator().manual_seed(3))
+    ids[0, 2:5] = torch.tensor([VOCAB - 3, VOCAB - 1, VOCAB - 4])  # vision start, one merged image token, vision end
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(4, 3 * 2 * 8 * 8, generator=torch.Generator().manual_seed(4)),
+              "image_grid_thw": torch.tensor([[1, 2, 2]])}
+    want, got = expected(**inputs).logits, grafted(**inputs).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got[:, 5:], grafted(input_ids=ids.clamp(max=VOCAB - 5)).logits[:, 5:], atol=1e-3)  # it saw the image
 
 
 @pytest.mark.parametrize("make", [llama4, qwen3_5])

@@ -83,6 +83,43 @@ def qwen3_5(folder, tokenizer, mtp=1):
     return model
 
 
+def qwen2_5_vl(folder, tokenizer):
+    """Qwen2.5-VL's layout: a Qwen2 decoder with M-RoPE (three position sections), its vision tower at
+    visual., an untied output layer (the 7B's); transformers saves it in the released names, model. and visual."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
+                bos_token_id=1, eos_token_id=2)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, out_hidden_size=64,
+                  fullatt_block_indexes=[0], window_size=32, spatial_merge_size=2, temporal_patch_size=2)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
+                              vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 4, tie_word_embeddings=False)
+    return save(Qwen2_5_VLForConditionalGeneration(config), folder, tokenizer)
+
+
+def qwen2_vl(folder, tokenizer):
+    """Qwen2-VL's layout: Qwen2.5-VL's before it, with another vision tower."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
+                bos_token_id=1, eos_token_id=2)
+    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=8, spatial_merge_size=2, temporal_patch_size=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
+                           vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 4, tie_word_embeddings=True)
+    return save(Qwen2VLForConditionalGeneration(config), folder, tokenizer)
+
+
+def renamed_to_qwen_vl_class_names(folder):
+    """The names transformers' Qwen2.5-VL classes give the parts (model.language_model., model.visual.),
+    which some uploads store instead of the released model. and visual. (transformers saves these)."""
+    weights = load_file(folder / "model.safetensors")
+    moved = {("model." + name if name.startswith("visual.") else name.replace("model.", "model.language_model.", 1)
+              if name.startswith("model.") else name): t for name, t in weights.items()}
+    save_file(moved, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 def save(model, folder, tokenizer):
     torch.manual_seed(0)
     for parameter in model.parameters():  # not the initialiser's zeros and ones: every tensor counts in the comparison
@@ -109,30 +146,36 @@ def renamed_to_the_newer_layout(folder):
 
 @pytest.mark.parametrize("make, family, layout", [(gemma3, "gemma3_text", "legacy"), (gemma3, "gemma3_text", "newer"),
                                                   (mistral3, "mistral", "legacy"), (mistral3, "mistral", "newer"),
-                                                  (llama4, "llama4_text", "legacy")])
+                                                  (llama4, "llama4_text", "legacy"), (qwen2_5_vl, "qwen2", "released"),
+                                                  (qwen2_5_vl, "qwen2", "class names"), (qwen2_vl, "qwen2", "released")])
 @torch.no_grad()
 def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(make, family, layout, tmp_path, tokenizer):
+    """Each family's decoder, in each name layout, written as its text-only family (Qwen2.5-VL's as
+    Qwen2, its M-RoPE sections dropped) computes on text what the multimodal model does."""
     from transformers import AutoModelForCausalLM
 
     source = tmp_path / "multimodal"
     model = make(source, tokenizer)
     if layout == "newer":
         renamed_to_the_newer_layout(source)
+    if layout == "class names":
+        renamed_to_qwen_vl_class_names(source)
     result = run("extract-text", source, "--out", tmp_path / "text", "--max-shard-size", "100KB", "--device", "cpu")
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path / "text")
     assert manifest["verified"]["method"] == "copied, compared with the multimodal model"
     assert {prefix.removeprefix("model.") for prefix in manifest["left_behind"]} == \
-        {"vision_model" if family == "llama4_text" else "vision_tower", "multi_modal_projector"}
+        ({"visual"} if family == "qwen2" else {"vision_model" if family == "llama4_text" else "vision_tower", "multi_modal_projector"})
 
     config = json.loads((tmp_path / "text" / "config.json").read_text())
-    assert config["model_type"] == family and config["tie_word_embeddings"] == (family == "gemma3_text")
+    assert config["model_type"] == family and config["tie_word_embeddings"] == (make in (gemma3, qwen2_vl))
+    assert "mrope_section" not in json.dumps(config)
     text = AutoModelForCausalLM.from_pretrained(tmp_path / "text").eval()  # as users load it: the family's own class
     assert type(text).__name__ == {"gemma3_text": "Gemma3ForCausalLM", "mistral": "MistralForCausalLM",
-                                   "llama4_text": "Llama4ForCausalLM"}[family]
-    ids = torch.randint(3, VOCAB - 4, (2, 12), generator=torch.Generator().manual_seed(1))
+                                   "llama4_text": "Llama4ForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+    ids = torch.randint(3, VOCAB - 5, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(text(ids).logits, model(input_ids=ids).logits, atol=1e-5)
-    sources = {name for name in load_file(source / "model.safetensors") if "vision" not in name and "projector" not in name}
+    sources = {name for name in load_file(source / "model.safetensors") if not any(part in name for part in ("vision", "projector", "visual"))}
     written = {name for file in (tmp_path / "text").glob("model-*.safetensors") for name in load_file(file)}
     assert len(written) == len(sources) and len(list((tmp_path / "text").glob("model-*.safetensors"))) > 1
 
@@ -295,7 +338,7 @@ def test_qwen3_5s_decoder_is_extracted_with_its_mtp_modules(tmp_path, tokenizer)
 
 
 @pytest.mark.parametrize("make, family, left", [(gemma3, "gemma3_text", {"vision_tower", "multi_modal_projector"}),
-                                                (qwen3_5, "qwen3_5_text", {"model.visual"})])
+                                                (qwen3_5, "qwen3_5_text", {"model.visual"}), (qwen2_5_vl, "qwen2", {"visual"})])
 def test_info_describes_the_text_decoder_a_multimodal_checkpoint_holds(make, family, left, tmp_path, tokenizer):
     """From the headers, as extract-text would map them: the decoder's blocks and parameters (those
     the extracted checkpoint then has), what stays behind, and the next command."""

@@ -34,7 +34,7 @@ from surgery.arch import architecture_of, base_model_type, mtp_modules, quantiza
 from surgery.errors import SurgeryError
 from surgery.export.checkpoint import MANIFEST, ExportResult, logit_diff_within_tolerance, write_manifest
 from surgery.export.streamed import check_names_written, first_difference
-from surgery.export.text_decoder import TextDecoder, is_output_layer, multimodal_model, prepare_text_decoder
+from surgery.export.text_decoder import TextDecoder, as_text_family, is_output_layer, multimodal_model, prepare_text_decoder
 from surgery.forward import VERIFY_PROMPT
 from surgery.shards import SafetensorsFolder, TensorInfo
 
@@ -219,7 +219,7 @@ def _check_folder(graft: Graft, folder: Path, tokenizer: Any, device: str, trust
     from surgery.layerwise import LayerwiseModel, checkpoint_shapes, skeleton
     from surgery.memory import available_memory, fits_in_memory
 
-    text = _config(folder, trust_remote_code).get_text_config()
+    text = as_text_family(_config(folder, trust_remote_code).get_text_config(), base_model_type(graft.text_config))
     text.tie_word_embeddings = graft.text_config.tie_word_embeddings
     expected = {**checkpoint_shapes(skeleton(text, torch.float32)), **graft.mtp}
     expected.update({name: info.shape for name, (where, info) in graft.tensors.items() if where == graft.source})

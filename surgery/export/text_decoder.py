@@ -1,6 +1,6 @@
 """The text decoder of a multimodal checkpoint, written as a text-only checkpoint of its family
-(`surgery extract-text`): Gemma 3 as `gemma3_text`, Mistral Small 3.1 as `mistral`, LLaVA-style
-models as their language model's family. Everything surgery does starts from a decoder-only
+(`surgery extract-text`): Gemma 3 as `gemma3_text`, Mistral Small 3.1 as `mistral`, Qwen2-VL and
+Qwen2.5-VL as `qwen2`, LLaVA-style models as their language model's family. Everything surgery does starts from a decoder-only
 checkpoint; the vision tower and projector are left behind (docs/pruning.md, Multimodal
 checkpoints).
 
@@ -37,7 +37,8 @@ from surgery.forward import VERIFY_PROMPT
 from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo
 
 # a text model's names -> where multimodal checkpoints keep them, tried in this order
-LANGUAGE_MODEL_NAMES = (("model.", ("language_model.model.", "model.language_model.", "model.text_model.")),
+# (plain model.: Qwen2-VL's and Qwen2.5-VL's releases, beside visual.)
+LANGUAGE_MODEL_NAMES = (("model.", ("language_model.model.", "model.language_model.", "model.text_model.", "model.")),
                         ("lm_head.", ("language_model.lm_head.", "lm_head.")))
 
 
@@ -80,7 +81,7 @@ def prepare_text_decoder(folder: Path, trust_remote_code: bool = False) -> TextD
                            "full-precision weights; start from the full-precision release")
     weights = SafetensorsFolder(folder, "extract-text reads safetensors weights only: convert them first")
     stored = weights.main_dtype()
-    config = _text_config(folder, data, trust_remote_code)
+    config = as_text_family(_text_config(folder, data, trust_remote_code), family)
     config.tie_word_embeddings = _tied(folder, data, weights)
     config.dtype = TORCH_DTYPES[stored]
     model = skeleton(config, getattr(torch, TORCH_DTYPES[stored]))
@@ -114,6 +115,23 @@ def _text_config(folder: Path, data: dict[str, Any], trust_remote_code: bool) ->
         if data.get(key) is not None:
             setattr(config, key, data[key])
     return config
+
+
+def as_text_family(config: Any, family: str) -> Any:
+    """The decoder's config as its text-only family's, where transformers has no causal-LM class for
+    the multimodal one's text config (arch.TEXT_DECODER_AS): the same fields, and the M-RoPE
+    sections dropped, as text runs all three position ids alike (check (c) compares the logits)."""
+    if base_model_type(config) == family:
+        return config
+    from transformers import AutoConfig
+
+    fields = {key: value for key, value in config.to_dict().items()
+              if key not in ("model_type", "architectures", "_name_or_path", "transformers_version")}
+    rope = {key: value for key, value in (fields.get("rope_parameters") or {}).items() if key not in ("mrope_section", "mrope_interleaved")}
+    if rope.get("rope_type") == "mrope":
+        rope["rope_type"] = "default"
+    fields["rope_parameters"] = rope or None
+    return AutoConfig.for_model(family, **fields)
 
 
 def _tied(folder: Path, data: dict[str, Any], weights: SafetensorsFolder) -> bool:
