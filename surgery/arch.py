@@ -573,12 +573,25 @@ def architecture_of(config: Any) -> Architecture:
 # checkpoint computes the same on text: Qwen2-VL's and Qwen2.5-VL's decoder is Qwen2's block, and
 # their M-RoPE is Qwen2's RoPE where the three position ids agree, as they do on text
 TEXT_DECODER_AS = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2"}
+# multimodal families released with the text decoder's settings at the top of config.json (which
+# transformers builds their text_config from) -> that text config's model type
+FLAT_TEXT_CONFIGS = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text"}
+
+
+def multimodal_text_config(config: Any) -> Any:
+    """A multimodal config's text decoder settings (object or config.json dict): its text_config, or
+    for FLAT_TEXT_CONFIGS the top level as that text config; None for a text-only config."""
+    text = config_value(config, "text_config")
+    kind = FLAT_TEXT_CONFIGS.get(base_model_type(config))
+    if text is None and kind and isinstance(config, dict):
+        return {**config, "model_type": kind}
+    return text
 
 
 def text_family(config: Any) -> str | None:
     """The supported family of a multimodal config's text decoder (Gemma 3's gemma3_text, Mistral
     3's mistral, Qwen2.5-VL's qwen2: TEXT_DECODER_AS), None for any other config."""
-    text = config_value(config, "text_config")
+    text = multimodal_text_config(config)
     if text is None or base_model_type(config) in ARCHITECTURES:
         return None
     family = TEXT_DECODER_AS.get(base_model_type(text), base_model_type(text))
@@ -762,7 +775,7 @@ def config_error(folder: Path, error: Exception) -> SurgeryError:
 def text_config(path: Path) -> dict[str, Any]:
     """config.json's decoder settings (a multimodal config nests them under text_config)."""
     config = read_config(path)
-    return config.get("text_config", config)
+    return multimodal_text_config(config) or config
 
 
 def quantization_method(config: Path | dict[str, Any]) -> str | None:

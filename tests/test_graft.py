@@ -13,6 +13,7 @@ from surgery.export.checkpoint import read_manifest
 from tests.cli import one_line, run
 from tests.test_text_decoder import (
     VOCAB,
+    flattened_as_released,
     gemma3,
     llama4,
     mistral3,
@@ -143,7 +144,7 @@ def test_a_graft_of_a_pruned_decoder_carries_a_card_for_the_image_text_model(tmp
     assert "has no model card" in line and "surgery graft" in line, line
 
 
-@pytest.mark.parametrize("layout", ["released", "class names"])
+@pytest.mark.parametrize("layout", ["released", "class names", "flat config"])
 @torch.no_grad()
 def test_a_cut_qwen2_5_vl_decoder_grafts_back_in_its_own_names_and_sees_images(layout, tmp_path, tokenizer):
     """Qwen2.5-VL's decoder goes out as a Qwen2 checkpoint and comes back in the source's names (its
@@ -155,6 +156,8 @@ def test_a_cut_qwen2_5_vl_decoder_grafts_back_in_its_own_names_and_sees_images(l
     model = qwen2_5_vl(source, tokenizer)
     if layout == "class names":
         renamed_to_qwen_vl_class_names(source)
+    if layout == "flat config":
+        flattened_as_released(source)
     for args in (("extract-text", source, "--out", tmp_path / "text"), ("cut", tmp_path / "text", "--remove", "L1", "--out",
                                                                        tmp_path / "cut"),
                  ("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft")):

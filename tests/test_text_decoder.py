@@ -120,6 +120,17 @@ def renamed_to_qwen_vl_class_names(folder):
     save_file(moved, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def flattened_as_released(folder):
+    """config.json as Qwen2-VL and Qwen2.5-VL are released: the text decoder's settings at the top,
+    no text_config, M-RoPE under rope_scaling (transformers builds the text_config from them)."""
+    data = json.loads((folder / "config.json").read_text())
+    text = data.pop("text_config")
+    rope = text.pop("rope_parameters")
+    data.update({key: value for key, value in text.items() if key not in ("model_type", "architectures", "dtype")})
+    data.update(rope_theta=rope["rope_theta"], rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+    (folder / "config.json").write_text(json.dumps(data, indent=2))
+
+
 def save(model, folder, tokenizer):
     torch.manual_seed(0)
     for parameter in model.parameters():  # not the initialiser's zeros and ones: every tensor counts in the comparison
@@ -147,7 +158,8 @@ def renamed_to_the_newer_layout(folder):
 @pytest.mark.parametrize("make, family, layout", [(gemma3, "gemma3_text", "legacy"), (gemma3, "gemma3_text", "newer"),
                                                   (mistral3, "mistral", "legacy"), (mistral3, "mistral", "newer"),
                                                   (llama4, "llama4_text", "legacy"), (qwen2_5_vl, "qwen2", "released"),
-                                                  (qwen2_5_vl, "qwen2", "class names"), (qwen2_vl, "qwen2", "released")])
+                                                  (qwen2_5_vl, "qwen2", "class names"), (qwen2_vl, "qwen2", "released"),
+                                                  (qwen2_5_vl, "qwen2", "flat config")])
 @torch.no_grad()
 def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(make, family, layout, tmp_path, tokenizer):
     """Each family's decoder, in each name layout, written as its text-only family (Qwen2.5-VL's as
@@ -160,6 +172,9 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
         renamed_to_the_newer_layout(source)
     if layout == "class names":
         renamed_to_qwen_vl_class_names(source)
+    if layout == "flat config":
+        flattened_as_released(source)
+        assert "text_config" not in json.loads((source / "config.json").read_text())
     result = run("extract-text", source, "--out", tmp_path / "text", "--max-shard-size", "100KB", "--device", "cpu")
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path / "text")

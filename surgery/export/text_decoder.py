@@ -26,6 +26,7 @@ from surgery.arch import (
     base_model_type,
     mtp_layer_count,
     mtp_modules,
+    multimodal_text_config,
     quantization_method,
     read_config,
     text_family,
@@ -68,12 +69,13 @@ def prepare_text_decoder(folder: Path, trust_remote_code: bool = False) -> TextD
     from surgery.layerwise import checkpoint_shapes, skeleton
 
     data = read_config(folder)
-    if not isinstance(data.get("text_config"), dict):
+    text = multimodal_text_config(data)
+    if not isinstance(text, dict):
         raise SurgeryError(f"{folder} is not a multimodal checkpoint (its config.json has no text_config): "
                            "give it to surgery's other commands as it is")
     family = text_family(data)
     if family is None:
-        inner = base_model_type(data["text_config"]) or "unknown"
+        inner = base_model_type(text) or "unknown"
         raise SurgeryError(f"{folder}: its text decoder is '{inner}', which surgery does not support "
                            f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     if quantization_method(data):
@@ -87,9 +89,9 @@ def prepare_text_decoder(folder: Path, trust_remote_code: bool = False) -> TextD
     model = skeleton(config, getattr(torch, TORCH_DTYPES[stored]))
     config.architectures = [type(model).__name__]
     tensors = {name: _source_tensor(weights, folder, name, shape) for name, shape in checkpoint_shapes(model).items()}
-    mtp = mtp_modules(weights.info, data["text_config"])  # (the text_config counts them)
+    mtp = mtp_modules(weights.info, text)  # (the text_config counts them)
     tensors.update({name: weights.info[where] for name, where in mtp.tensors.items()})
-    declared = mtp_layer_count(data["text_config"], weights.info)
+    declared = mtp_layer_count(text, weights.info)
     count_carried_mtp(config, mtp, declared)
     return TextDecoder(Path(folder), config, tensors, _left_behind(folder, weights, tensors), count_parameters(model),
                        tuple(mtp.tensors), mtp.layers, declared)
@@ -138,7 +140,7 @@ def _tied(folder: Path, data: dict[str, Any], weights: SafetensorsFolder) -> boo
     """Whether the decoder's output layer is its embeddings: as the config says (the multimodal
     config's word, else its text_config's), and where it is silent, as the files show."""
     stored = any(is_output_layer(name) for name in weights.info)
-    said = data.get("tie_word_embeddings", data["text_config"].get("tie_word_embeddings"))
+    said = data.get("tie_word_embeddings", multimodal_text_config(data).get("tie_word_embeddings"))
     if said is False and not stored:
         raise SurgeryError(f"{folder}: config.json says the output layer is its own, but the files hold none: "
                            "download the model again")
