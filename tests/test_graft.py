@@ -19,6 +19,7 @@ from tests.test_text_decoder import (
     mistral3,
     qwen2_5_vl,
     qwen3_5,
+    qwen3_vl,
     renamed_to_qwen_vl_class_names,
     renamed_to_the_newer_layout,
 )
@@ -178,6 +179,39 @@ def test_a_cut_qwen2_5_vl_decoder_grafts_back_in_its_own_names_and_sees_images(l
     inputs = {"input_ids": ids, "pixel_values": torch.randn(4, 3 * 2 * 8 * 8, generator=torch.Generator().manual_seed(4)),
               "image_grid_thw": torch.tensor([[1, 2, 2]])}
     want, got = expected(**inputs).logits, grafted(**inputs).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got[:, 5:], grafted(input_ids=ids.clamp(max=VOCAB - 5)).logits[:, 5:], atol=1e-3)  # it saw the image
+
+
+@torch.no_grad()
+def test_qwen3_vl_grafts_back_and_a_cut_of_its_deepstack_blocks_is_said(tmp_path, tokenizer):
+    """Qwen3-VL's decoder goes out as Qwen3 and back; an image through the grafted files gives the
+    logits of the source with the same block deleted in memory, DeepStack features included. Its
+    first blocks (two here) take DeepStack features by position: a cut that removes one of them is
+    grafted with a line naming it; a cut after them says nothing."""
+    from transformers import AutoModelForImageTextToText
+
+    source = tmp_path / "multimodal"
+    model = qwen3_vl(source, tokenizer)
+    assert run("extract-text", source, "--out", tmp_path / "text", "--device", "cpu").exit_code == 0
+    said = {}
+    for remove in ("L3", "L1"):
+        for args in (("cut", tmp_path / "text", "--remove", remove, "--out", tmp_path / f"cut{remove}"),
+                     ("graft", tmp_path / f"cut{remove}", "--onto", source, "--out", tmp_path / f"graft{remove}")):
+            result = run(*args, "--device", "cpu")
+            assert result.exit_code == 0, result.output
+        said[remove] = " ".join(result.output.split())
+    assert "DeepStack" not in said["L3"]
+    assert "the cut removed L1 of the first 2 decoder blocks" in said["L1"] and "DeepStack" in said["L1"], said["L1"]
+
+    grafted = AutoModelForImageTextToText.from_pretrained(tmp_path / "graftL3").eval()
+    del model.model.language_model.layers[3]  # the same cut, in memory
+    model.config.text_config.num_hidden_layers = 3
+    ids = torch.randint(5, VOCAB - 5, (1, 12), generator=torch.Generator().manual_seed(3))
+    ids[0, 2:5] = torch.tensor([VOCAB - 3, VOCAB - 1, VOCAB - 4])  # vision start, one merged image token, vision end
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(4, 3 * 2 * 8 * 8, generator=torch.Generator().manual_seed(4)),
+              "image_grid_thw": torch.tensor([[1, 2, 2]]), "mm_token_type_ids": (ids == VOCAB - 1).int(), "use_cache": False}
+    want, got = model(**inputs).logits, grafted(**inputs).logits
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(got[:, 5:], grafted(input_ids=ids.clamp(max=VOCAB - 5)).logits[:, 5:], atol=1e-3)  # it saw the image
 

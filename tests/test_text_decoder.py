@@ -111,6 +111,21 @@ def qwen2_vl(folder, tokenizer):
     return save(Qwen2VLForConditionalGeneration(config), folder, tokenizer)
 
 
+def qwen3_vl(folder, tokenizer):
+    """Qwen3-VL's layout: a Qwen3 decoder with interleaved M-RoPE, whose first blocks also take the
+    vision tower's DeepStack features of image tokens; the tower at model.visual., tied output layer."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True, "rope_theta": 5e5})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, out_hidden_size=64,
+                  num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
+                           vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 4, tie_word_embeddings=True)
+    return save(Qwen3VLForConditionalGeneration(config), folder, tokenizer)
+
+
 def renamed_to_qwen_vl_class_names(folder):
     """The names transformers' Qwen2.5-VL classes give the parts (model.language_model., model.visual.),
     which some uploads store instead of the released model. and visual. (transformers saves these)."""
@@ -159,7 +174,7 @@ def renamed_to_the_newer_layout(folder):
                                                   (mistral3, "mistral", "legacy"), (mistral3, "mistral", "newer"),
                                                   (llama4, "llama4_text", "legacy"), (qwen2_5_vl, "qwen2", "released"),
                                                   (qwen2_5_vl, "qwen2", "class names"), (qwen2_vl, "qwen2", "released"),
-                                                  (qwen2_5_vl, "qwen2", "flat config")])
+                                                  (qwen2_5_vl, "qwen2", "flat config"), (qwen3_vl, "qwen3", "released")])
 @torch.no_grad()
 def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(make, family, layout, tmp_path, tokenizer):
     """Each family's decoder, in each name layout, written as its text-only family (Qwen2.5-VL's as
@@ -180,14 +195,14 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     manifest = read_manifest(tmp_path / "text")
     assert manifest["verified"]["method"] == "copied, compared with the multimodal model"
     assert {prefix.removeprefix("model.") for prefix in manifest["left_behind"]} == \
-        ({"visual"} if family == "qwen2" else {"vision_model" if family == "llama4_text" else "vision_tower", "multi_modal_projector"})
+        ({"visual"} if family in ("qwen2", "qwen3") else {"vision_model" if family == "llama4_text" else "vision_tower", "multi_modal_projector"})
 
     config = json.loads((tmp_path / "text" / "config.json").read_text())
-    assert config["model_type"] == family and config["tie_word_embeddings"] == (make in (gemma3, qwen2_vl))
+    assert config["model_type"] == family and config["tie_word_embeddings"] == (make in (gemma3, qwen2_vl, qwen3_vl))
     assert "mrope_section" not in json.dumps(config)
     text = AutoModelForCausalLM.from_pretrained(tmp_path / "text").eval()  # as users load it: the family's own class
     assert type(text).__name__ == {"gemma3_text": "Gemma3ForCausalLM", "mistral": "MistralForCausalLM",
-                                   "llama4_text": "Llama4ForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+                                   "llama4_text": "Llama4ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
     ids = torch.randint(3, VOCAB - 5, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(text(ids).logits, model(input_ids=ids).logits, atol=1e-5)
     sources = {name for name in load_file(source / "model.safetensors") if not any(part in name for part in ("vision", "projector", "visual"))}

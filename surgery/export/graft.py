@@ -87,6 +87,7 @@ def prepare_graft(decoder_folder: Path, source_folder: Path, trust_remote_code: 
     text = config.get_text_config()
     for key in changed:
         setattr(text, key, getattr(cut, key))
+    _say_moved_deepstack(config, decoder_folder, changed)
     weights = SafetensorsFolder(decoder_folder, "graft reads safetensors weights only: export the decoder again")
     mtp = mtp_modules(weights.info, cut)
     names = _decoder_tensors(decoder_folder, cut, weights, mtp.tensors)
@@ -98,6 +99,30 @@ def prepare_graft(decoder_folder: Path, source_folder: Path, trust_remote_code: 
             tensors[name] = (Path(source_folder), info)
     return Graft(Path(source_folder), Path(decoder_folder), config, cut, tensors, decoder_names,
                  {name: names[name].shape for name in mtp.tensors}, changed)
+
+
+def _say_moved_deepstack(config: Any, decoder_folder: Path, changed: dict[str, tuple[Any, Any]]) -> None:
+    """Qwen3-VL adds its vision tower's DeepStack features to the image tokens after each of the
+    decoder's first blocks, by position: where the cut removed one of them, they now enter after the
+    blocks that took those places, which nothing healed or measured. Said, not refused (the decoder's
+    surgery.json names the blocks kept, where it is the cut's own)."""
+    from surgery.console import console
+    from surgery.export.checkpoint import read_manifest
+
+    count = len(getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", None) or [])
+    if not count or "num_hidden_layers" not in changed:
+        return
+    try:
+        kept = read_manifest(decoder_folder).get("kept_layers")
+    except SurgeryError:
+        kept = None
+    if isinstance(kept, list) and kept[:count] == list(range(count)):
+        return
+    which = (f"the cut removed {', '.join(f'L{i}' for i in range(count) if i not in kept)} of" if isinstance(kept, list)
+             else "if the cut removed any of")
+    console.print(f"{which} the first {count} decoder blocks, after which {base_model_type(config)} adds its vision tower's "
+                  "DeepStack features to the image tokens: they now enter after the blocks that took those places, which "
+                  "no text healing trained or measured; evaluate the model on images before you rely on it")
 
 
 def _check_decoder_kind(folder: Path, family: str) -> None:
