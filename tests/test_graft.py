@@ -11,18 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from surgery.export.checkpoint import read_manifest
 from tests.cli import one_line, run
-from tests.test_text_decoder import (
-    VOCAB,
-    flattened_as_released,
-    gemma3,
-    llama4,
-    mistral3,
-    qwen2_5_vl,
-    qwen3_5,
-    qwen3_vl,
-    renamed_to_qwen_vl_class_names,
-    renamed_to_the_newer_layout,
-)
+from tests.test_text_decoder import VOCAB, gemma3, llama4, mistral3, multimodal_source, qwen2_5_vl, qwen3_5, qwen3_vl
 
 
 def tensors(folder):
@@ -32,9 +21,7 @@ def tensors(folder):
 def extracted_and_cut(make, tmp_path, tokenizer, remove="L1", layout="legacy"):
     """The multimodal source, and its text decoder cut by `surgery cut` (the folders)."""
     source = tmp_path / "multimodal"
-    model = make(source, tokenizer)
-    if layout == "newer":
-        renamed_to_the_newer_layout(source)
+    model = multimodal_source(make, source, tokenizer, layout)
     for args in (("extract-text", source, "--out", tmp_path / "text"), ("cut", tmp_path / "text", "--remove", remove, "--out",
                                                                        tmp_path / "cut")):
         result = run(*args, "--device", "cpu")
@@ -154,11 +141,7 @@ def test_a_cut_qwen2_5_vl_decoder_grafts_back_in_its_own_names_and_sees_images(l
     from transformers import AutoModelForImageTextToText
 
     source = tmp_path / "multimodal"
-    model = qwen2_5_vl(source, tokenizer)
-    if layout == "class names":
-        renamed_to_qwen_vl_class_names(source)
-    if layout == "flat config":
-        flattened_as_released(source)
+    model = multimodal_source(qwen2_5_vl, source, tokenizer, layout)
     for args in (("extract-text", source, "--out", tmp_path / "text"), ("cut", tmp_path / "text", "--remove", "L1", "--out",
                                                                        tmp_path / "cut"),
                  ("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft")):

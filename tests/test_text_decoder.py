@@ -146,6 +146,18 @@ def flattened_as_released(folder):
     (folder / "config.json").write_text(json.dumps(data, indent=2))
 
 
+LAYOUTS = {"newer": lambda folder: renamed_to_the_newer_layout(folder), "class names": lambda folder: renamed_to_qwen_vl_class_names(folder),
+           "flat config": lambda folder: flattened_as_released(folder)}  # (legacy, released: as transformers saves them)
+
+
+def multimodal_source(make, folder, tokenizer, layout=None):
+    """The multimodal model `make` builds, saved to `folder` in the name and config `layout`."""
+    model = make(folder, tokenizer)
+    if layout in LAYOUTS:
+        LAYOUTS[layout](folder)
+    return model
+
+
 def save(model, folder, tokenizer):
     torch.manual_seed(0)
     for parameter in model.parameters():  # not the initialiser's zeros and ones: every tensor counts in the comparison
@@ -182,14 +194,8 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     from transformers import AutoModelForCausalLM
 
     source = tmp_path / "multimodal"
-    model = make(source, tokenizer)
-    if layout == "newer":
-        renamed_to_the_newer_layout(source)
-    if layout == "class names":
-        renamed_to_qwen_vl_class_names(source)
-    if layout == "flat config":
-        flattened_as_released(source)
-        assert "text_config" not in json.loads((source / "config.json").read_text())
+    model = multimodal_source(make, source, tokenizer, layout)
+    assert ("text_config" in json.loads((source / "config.json").read_text())) == (layout != "flat config")
     result = run("extract-text", source, "--out", tmp_path / "text", "--max-shard-size", "100KB", "--device", "cpu")
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path / "text")
