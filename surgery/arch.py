@@ -91,6 +91,9 @@ class Architecture:
     (post-norm) that sublayer's output; they go together with the sublayer.
     per_layer_config: config lists with one entry per layer (sliced when blocks go).
     layer_index_config: config lists of layer indices (renumbered when blocks go).
+    moe_range_config: (start, end, interval) keys where the config places MoE blocks by rule alone,
+    block i when (i + 1) % interval == 0 and start <= i <= end (end -1: the last), with no list to
+    write instead (ERNIE 4.5): a cut sets them for the kept blocks, and refuses a cut no rule describes.
     sparse_step_config: a "every k-th layer is MoE" key; turned into an explicit list of dense
     layers (the first layer_index_config key) before blocks go, so the pattern survives.
     prefix_count_config: counts of leading layers that differ from the rest ("the first k layers
@@ -178,6 +181,7 @@ class Architecture:
     per_layer_config: tuple[str, ...] = ()
     layer_index_config: tuple[str, ...] = ()
     sparse_step_config: str | None = None
+    moe_range_config: tuple[str, str, str] | None = None
     prefix_count_config: tuple[str, ...] = ()
     logit_softcap_config: str | None = None
     logit_divisor_config: str | None = None
@@ -488,6 +492,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "dots1": replace(_MOE, per_layer_config=("layer_types",), prefix_count_config=("first_k_dense_replace", "max_window_layers"),
                      moe_outputs=_SHARED_EXPERTS),
     "solar_open": replace(_MOE, moe_outputs=_SHARED_EXPERTS),
+    "ernie4_5_moe": replace(_MOE, moe_outputs=_SHARED_EXPERTS,
+                            moe_range_config=("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval")),
     "minimax_m2": replace(_MOE, per_layer_config=("attn_type_list",)),  # the released config lists it; transformers ignores it
     # GLM-4.7-Flash (DeepSeek's latent attention) and K-EXAONE: each layer's FFN kind listed per layer.
     # (their released configs also carry the keys other loaders read: first_k_dense_replace, is_moe_layer)

@@ -149,7 +149,10 @@ def check_named_cut(folder: Any, units: Iterable[Sublayer]) -> None:
 
     config = text_config(folder)
     arch = architecture_of(config)
-    plan_cut(config_layers(folder), units, attention_blocks=arch.attention_blocks(config), absent=arch.absent_sublayers(config))
+    plan = plan_cut(config_layers(folder), units, attention_blocks=arch.attention_blocks(config),
+                    absent=arch.absent_sublayers(config))
+    if plan.blocks and arch.moe_range_config:
+        moe_range_after(config, arch.moe_range_config, plan.kept, plan.num_layers)
 
 
 def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
@@ -160,6 +163,8 @@ def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
     plan = plan_cut(len(layers), units, removed_sublayers(base), arch.attention_blocks(base.config),
                     arch.absent_sublayers(base.config))
     before = count_parameters(base)
+    if plan.blocks and arch.moe_range_config:
+        moe_range_after(base.config, arch.moe_range_config, plan.kept, plan.num_layers)  # (refused before anything changes)
     for unit in plan.new_stand_ins:
         remove_sublayer(layers[unit.layer], unit.kind, unit.layer, arch.stand_in_spec())
     if plan.blocks:
@@ -198,7 +203,7 @@ def cut_keys(arch: Architecture, config: Any) -> set[str]:
     from surgery.arch import mtp_count_keys
 
     keys = {"num_hidden_layers", *arch.per_layer_config, *arch.layer_index_config, *arch.prefix_count_config,
-            *mtp_count_keys(config)}
+            *mtp_count_keys(config), *(arch.moe_range_config or ())}
     if arch.sparse_step_config:
         keys.add(arch.sparse_step_config)
     if arch.step_rule:
@@ -212,6 +217,9 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
     followed = [p for p in arch.fixed_patterns if p.broken(config) is None]
     if arch.sparse_step_config:
         _materialise_sparse_step(config, arch, old_count)
+    if arch.moe_range_config:
+        for key, value in moe_range_after(config, arch.moe_range_config, kept, old_count).items():
+            setattr(config, key, value)
     for key in arch.prefix_count_config:
         count = getattr(config, key, None)
         if count is not None:
@@ -257,6 +265,26 @@ def _set_step(config: Any, rule: StepRule) -> None:
         what = f"{rule.marker} layers {listed}" if rule.marker else f"{rule.listed} {listed}"
         console.print(f"the cut's {what} follow no single {rule.step}: transformers reads {rule.listed}, but {rule.readers} "
                       f"place them by {rule.step} alone and would load this checkpoint wrongly")
+
+
+def moe_range_after(config: Any, keys: tuple[str, str, str], kept: list[int], old_count: int) -> dict[str, int]:
+    """The (start, end, interval) that place the kept MoE blocks after a cut (Architecture.moe_range_config),
+    from a config object or config.json dict; a clear error where no such rule places them."""
+    from surgery.arch import config_value
+
+    start, end, interval = (config_value(config, key) for key in keys)
+    interval = interval or 1
+    end = old_count - 1 if end is None or end < 0 else end
+    moe = [new for new, old in enumerate(kept) if (old + 1) % interval == 0 and start <= old <= end]
+    if not moe:
+        return {keys[0]: len(kept), keys[1]: len(kept) - 1}  # (none left: an empty range)
+    placed = [i for i in range(len(kept)) if (i + 1) % interval == 0 and moe[0] <= i <= moe[-1]]
+    if placed != moe:
+        raise SurgeryError(f"the cut leaves MoE blocks at {', '.join(f'L{i}' for i in moe)}, which "
+                           f"this family's config places by {', '.join(keys)} alone, and no such rule places them there: "
+                           f"remove blocks in runs of {interval}")
+    last = config_value(config, keys[1])
+    return {keys[0]: moe[0], keys[1]: -1 if (last is None or last < 0) and moe[-1] == len(kept) - 1 else moe[-1]}
 
 
 def _materialise_sparse_step(config: Any, arch: Architecture, old_count: int) -> None:

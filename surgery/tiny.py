@@ -82,6 +82,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
                     "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8, "num_key_value_heads": 4},  # V2-Lite: one q_proj
     "dots1": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
               "first_k_dense_replace": 1, "sliding_window": 8, "max_window_layers": 2},
+    "ernie4_5_moe": {"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32, "moe_num_shared_experts": 1,
+                     "moe_layer_start_index": 1},  # ERNIE-4.5-21B-A3B: a dense first block, then MoE ones
     "solar_open": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1},
     # Hunyuan-A13B lists its top-k per layer (a callable: one value per layer of the tiny model)
     "hunyuan_v1_moe": {"num_experts": 4, "moe_topk": lambda layers: [1 + i % 2 for i in range(layers)]},

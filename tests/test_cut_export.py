@@ -402,3 +402,30 @@ def test_gguf_refuses_a_cut_llama_cpp_would_run_wrongly_and_says_how_to_prune_in
         assert ("--granularity period" in line) == (remove == "L0")
         assert ("with transformers or vLLM" in line) == (remove == "L0" and family == "gemma3_text"), line
         assert not (tmp_path / f"{remove}.gguf").exists()
+
+
+@torch.no_grad()
+def test_a_cut_places_ernies_moe_blocks_by_its_rule_or_refuses_one_no_rule_describes(tiny_folder, tmp_path):
+    """ERNIE 4.5 places MoE blocks by start, end and interval alone, with no list transformers would
+    read instead: a cut sets them for the kept blocks (the checkpoint then loads with every weight
+    in place), and one that leaves them where no such rule puts them is refused in one line before
+    anything is written."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.cli import one_line
+
+    source, model = tiny_folder("ernie4_5_moe", num_layers=6, moe_layer_start_index=0, moe_layer_interval=2)  # MoE: L1, L3, L5
+    line = one_line(run("cut", source, "--remove", "L1", "--out", tmp_path / "odd", "--device", "cpu"))
+    assert "MoE blocks at L2, L4" in line and "remove blocks in runs of 2" in line, line
+    assert not (tmp_path / "odd").exists()
+
+    for stream in ("--stream", "--no-stream"):
+        out = tmp_path / f"cut{stream}"
+        result = run("cut", source, "--remove", "L0-L1", "--out", out, stream, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        config = json.loads((out / "config.json").read_text())
+        assert (config["moe_layer_start_index"], config["moe_layer_end_index"], config["moe_layer_interval"]) == (1, 3, 2)
+        reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        assert [type(layer.mlp).__name__ for layer in reloaded.model.layers] == [type(model.model.layers[i].mlp).__name__
+                                                                                 for i in (2, 3, 4, 5)]
