@@ -151,8 +151,8 @@ def check_named_cut(folder: Any, units: Iterable[Sublayer]) -> None:
     arch = architecture_of(config)
     plan = plan_cut(config_layers(folder), units, attention_blocks=arch.attention_blocks(config),
                     absent=arch.absent_sublayers(config))
-    if plan.blocks and arch.moe_range_config:
-        moe_range_after(config, arch.moe_range_config, plan.kept, plan.num_layers)
+    if plan.blocks and arch.moe_range_config and all(key in config for key in arch.moe_range_config[::2]):
+        moe_range_after(config, arch.moe_range_config, plan.kept, plan.num_layers)  # (else the loaded config's defaults decide)
 
 
 def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
