@@ -1,7 +1,7 @@
 """The text decoder of a multimodal checkpoint, written as a text-only checkpoint of its family
 (`surgery extract-text`): Gemma 3 as `gemma3_text`, Mistral Small 3.1 as `mistral`, Qwen2-VL and
-Qwen2.5-VL as `qwen2`, LLaVA-style models as their language model's family. Everything surgery does starts from a decoder-only
-checkpoint; the vision tower and projector are left behind (docs/pruning.md, Multimodal
+Qwen2.5-VL as `qwen2`, Qwen3-VL as `qwen3`, LLaVA-style models as their language model's family.
+Everything surgery does starts from a decoder-only checkpoint; the vision tower and projector are left behind (docs/pruning.md, Multimodal
 checkpoints).
 
 The decoder's tensors are copied file to file from the source's safetensors, as the streamed cut
@@ -38,7 +38,7 @@ from surgery.forward import VERIFY_PROMPT
 from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo
 
 # a text model's names -> where multimodal checkpoints keep them, tried in this order
-# (plain model.: Qwen2-VL's and Qwen2.5-VL's releases, beside visual.)
+# (plain model.: Qwen2-VL's and Qwen2.5-VL's releases, beside visual.; tried last)
 LANGUAGE_MODEL_NAMES = (("model.", ("language_model.model.", "model.language_model.", "model.text_model.", "model.")),
                         ("lm_head.", ("language_model.lm_head.", "lm_head.")))
 
