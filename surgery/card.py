@@ -108,8 +108,10 @@ def model_card(report: dict[str, Any], repo_id: str | None = None) -> str:
         if graft:
             lines += ["Measured on the text decoder alone, on text, before the graft; the image path was not evaluated.", ""]
         lines += table
-    lines += ["", "## Reproduce", "", "`surgery.json` records the source fingerprint, versions and the exact removal; "
-              "`report.json` every number above with its protocol.", ""]
+    records = ("`surgery.json` records both folders the graft read and the text_config keys it changed; `report.json` the "
+               "decoder's removal and" if graft else "`surgery.json` records the source fingerprint, versions and the exact "
+               "removal; `report.json`")
+    lines += ["", "## Reproduce", "", f"{records} every number above with its protocol.", ""]
     if graft:
         lines += ["The text decoder comes out of this checkpoint again with `surgery extract-text`; the measures above are "
                   "the decoder's:", "", "```bash", f"surgery extract-text {shlex.quote(name)} --out decoder", "```", ""]

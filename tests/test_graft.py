@@ -115,6 +115,7 @@ def test_a_graft_of_a_pruned_decoder_carries_a_card_for_the_image_text_model(tmp
     assert "pipeline_tag: image-text-to-text" in card and "license: gemma" in card and "- grafted" in card
     assert "AutoModelForImageTextToText.from_pretrained(\"graft\")" in card and "AutoProcessor" in card
     assert "Measured on the text decoder alone" in card and "surgery extract-text graft --out decoder" in card
+    assert "records both folders the graft read" in card
     report = json.loads((tmp_path / "graft" / "report.json").read_text())
     assert report["plan"] == json.loads((tmp_path / "pruned" / "report.json").read_text())["plan"]
     assert str(tmp_path) not in json.dumps(report)  # published: no local path
