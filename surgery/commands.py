@@ -289,6 +289,8 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
         others = "hold another mixer" if arch.single_mixer else "hold linear attention"
         table.add_row("attention blocks", f"{', '.join(f'L{i}' for i in attention) or 'none'} (the other "
                                           f"{config.num_hidden_layers - len(attention)} {others})")
+    for pattern in arch.fixed_patterns:
+        table.add_row("layer pattern", _pattern_summary(pattern, stored, config.num_hidden_layers))
     table.add_row("weights", f"{found.weights / gib:.2f} GiB in {found.dtype}, largest block {max(found.blocks, default=0) / gib:.2f} GiB")
     method = quantization_method(source.path)
     names = SafetensorsFolder(source.path).info if safetensors_bytes(source.path) else {}
@@ -305,6 +307,17 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     for step in steps:
         steps_table.add_row(step.command, step.how, f"{step.holds / gib:.2f} GiB", step.note)
     console.print(steps_table)
+
+
+def _pattern_summary(pattern: Any, config: dict[str, Any], layers: int) -> str:
+    """What `surgery info` says of a layer pattern a runtime fixes in code (Architecture.fixed_patterns):
+    whether this model follows it, and which cuts keep it."""
+    problem = pattern.problem(config)
+    if problem is not None:
+        return f"{problem}: that runtime misplaces them already"
+    if pattern.only_at is not None:
+        return f"{pattern.rule(layers)}: no block cut keeps it"
+    return f"{pattern.rule(layers)}: prune --granularity period (runs of {pattern.period} blocks) keeps it"
 
 
 def _describe_multimodal(model_spec: str, folder: Path, stored: dict[str, Any], load: LoadSettings) -> None:

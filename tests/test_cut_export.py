@@ -429,3 +429,23 @@ def test_a_cut_places_ernies_moe_blocks_by_its_rule_or_refuses_one_no_rule_descr
         assert not info["missing_keys"] and not info["unexpected_keys"]
         assert [type(layer.mlp).__name__ for layer in reloaded.model.layers] == [type(model.model.layers[i].mlp).__name__
                                                                                  for i in (2, 3, 4, 5)]
+
+
+def test_info_says_which_layer_pattern_a_runtime_fixes_and_which_cuts_keep_it(tiny_folder, tmp_path):
+    """Before any cut: a Gemma 3 that follows llama.cpp's fixed period is told which granularity keeps
+    it, a cut that broke it is told it is misplaced already, EXAONE 4's 64 layers that no block cut
+    keeps it, and a family with no such pattern gets no row."""
+    def info(folder):
+        result = run("info", folder, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.replace("│", " ").split())
+
+    gemma, _ = tiny_folder("gemma3_text", num_layers=12)
+    said = info(gemma)
+    assert "layer pattern" in said and "every 6th layer" in said and "prune --granularity period (runs of 6 blocks) keeps it" in said
+    assert run("cut", gemma, "--remove", "L0", "--out", tmp_path / "cut", "--device", "cpu").exit_code == 0
+    assert "misplaces them already" in info(tmp_path / "cut")
+    exaone, _ = tiny_folder("exaone4", num_layers=64)
+    assert "no block cut keeps it" in info(exaone)
+    llama, _ = tiny_folder("llama")
+    assert "layer pattern" not in info(llama)
