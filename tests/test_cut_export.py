@@ -388,8 +388,8 @@ def test_a_cut_of_a_model_that_already_breaks_the_pattern_says_nothing_of_it(tin
 def test_gguf_refuses_a_cut_llama_cpp_would_run_wrongly_and_says_how_to_prune_instead(family, period, tiny_folder, tmp_path):
     """surgery gguf does not write Gemma or gpt-oss; where its usual way out (llama.cpp's own
     converter) would give a GGUF whose windows sit on the wrong layers, the refusal says that and
-    names --granularity period, and vLLM only where vLLM reads the list (not gpt-oss's, which it fixes
-    too); a cut of whole periods gets the usual way out."""
+    names --granularity period and transformers to serve it (vLLM fixes gpt-oss's pattern too, and its
+    2025 gemma3.py Gemma 3's); a cut of whole periods gets the usual way out."""
     from tests.cli import one_line
 
     source, _ = tiny_folder(family, num_layers=2 * period)
@@ -400,7 +400,7 @@ def test_gguf_refuses_a_cut_llama_cpp_would_run_wrongly_and_says_how_to_prune_in
         line = one_line(run("gguf", tmp_path / remove, "--out", tmp_path / f"{remove}.gguf"))
         assert expected in line, line
         assert ("--granularity period" in line) == (remove == "L0")
-        assert ("with transformers or vLLM" in line) == (remove == "L0" and family == "gemma3_text"), line
+        assert ("serve this folder with transformers" in line) == (remove == "L0"), line
         assert not (tmp_path / f"{remove}.gguf").exists()
 
 

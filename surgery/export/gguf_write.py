@@ -151,10 +151,9 @@ def _gguf_architecture(config: dict[str, Any]) -> str:
     target = arch.gguf_arch
     broken = next((p for p in arch.fixed_patterns if "llama.cpp" in p.runtime and p.broken(config) is not None), None)
     if target is None and broken is not None:  # the way out below would give a GGUF that runs wrongly
-        servers = "transformers" if "vLLM" in broken.runtime else "transformers or vLLM"
         raise SurgeryError(f"GGUF export does not cover {family}, and llama.cpp's own converter would not serve this folder "
                            f"right: {broken.problem(config)}; {'' if broken.only_at else 'prune again with --granularity period, or '}"
-                           f"serve this folder with {servers}")
+                           "serve this folder with transformers")
     if target is None:
         raise SurgeryError(f"GGUF export does not cover {family} yet: convert the exported folder with llama.cpp's "
                            "convert_hf_to_gguf.py, or add the family's gguf_arch in surgery/arch.py")
