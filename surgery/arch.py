@@ -42,7 +42,7 @@ class StepRule:
 @dataclass(frozen=True)
 class FixedPattern:
     """Layers a runtime places by a period it fixes in its own code for the family, whatever the
-    checkpoint says (read in llama.cpp's loaders and vLLM's gpt_oss.py): full attention in every 2nd
+    checkpoint says (read in llama.cpp's loaders, vLLM's gpt_oss.py and gemma3.py): full attention in every 2nd
     layer of Gemma 2 and gpt-oss, every 4th of OLMo 3 and every 6th of Gemma 3 (a sliding window in
     the others; `set_swa_pattern`), no rotary embedding in every 4th layer of SmolLM3 and Llama 4
     (`n_no_rope_layer_step`); sliding windows in EXAONE 4 only at 64 layers, its 32B (`only_at`). A
