@@ -69,22 +69,23 @@ class FixedPattern:
         marked = [i for i, value in enumerate(values) if value == self.marker]
         return marked if values and marked != self.expected(len(values)) else None
 
-    def rule(self, layers: int) -> str:
-        """What the runtime does in a model of `layers` layers, in words."""
+    def rule(self, layers: int, what: str | None = None) -> str:
+        """What the runtime does in a model of `layers` layers, in words (`what`: how to name what it
+        gives, its `gives` by default)."""
         verb = "give" if " and " in self.runtime else "gives"
         if self.only_at is not None and layers != self.only_at:
             where = f"every layer, keeping its period of {self.period} only in a model of {self.only_at} layers"
         else:
             nth = {1: "st", 2: "nd", 3: "rd"}.get(self.period % 10 if self.period not in (11, 12, 13) else 0, "th")
             where = f"every {self.period}{nth} layer"
-        return f"{self.runtime} {verb} {self.gives} to {where}, whatever the checkpoint says"
+        return f"{self.runtime} {verb} {what or self.gives} to {where}, whatever the checkpoint says"
 
     def problem(self, config: Any) -> str | None:
         """What the runtime would run wrongly in `config`, in words; None where it follows the pattern."""
         marked = self.broken(config)
         if marked is None:
             return None
-        return f"its {self.listed} give {self.gives} to layers {marked}, where {self.rule(len(config_value(config, self.listed)))}"
+        return f"its {self.listed} give {self.gives} to layers {marked}, where {self.rule(len(config_value(config, self.listed)), 'it')}"
 
 
 @dataclass(frozen=True)
