@@ -113,7 +113,8 @@ class Architecture:
     layer lacks (a dense layer has no experts) are skipped.
     gguf_arch: llama.cpp's architecture name, for families surgery.export.gguf_write writes.
     refused_configs: (config key, value, why) for variants of a family whose block does not have
-    the shape above (StableLM's parallel residual: attention and FFN read the same input).
+    the shape above (StableLM's parallel residual: attention and FFN read the same input), the value
+    a predicate where one value does not say it (Gemma 4's layers that share another's KV cache).
     step_rule: layers transformers places by a config list and other runtimes by a step alone
     (StepRule); a cut sets the step the cut's list follows, and says so when it follows none.
     fixed_patterns: layers a runtime places by a period fixed in its code (FixedPattern); a cut says
@@ -142,7 +143,16 @@ class Architecture:
     mixer, which reads the same input as its attention (a parallel hybrid), and Granite 4.0-H's
     routed experts (`block_sparse_moe`) beside the `shared_mlp` every block has. They are part of
     that sublayer: they go with it (their stand-ins add nothing and keep no state) and a bridge
-    folds into them too. A block may hold None there (Granite's dense sizes have no experts).
+    folds into them too. A block may hold None there (Granite's dense sizes have no experts), or
+    lack the module (Gemma 4's dense sizes). The weight is None where a norm follows the module.
+    released_config_keys: config.json keys transformers reads into other settings and does not save,
+    which other runtimes read (Gemma 4's global_head_dim and num_global_key_value_heads, saved as
+    per_layer_config): an export writes the source's back.
+    last_layer_type: the layer_types entry transformers gives the last layer whatever the config
+    lists (Gemma 4: full attention, whose head size differs), so a cut must end on such a layer.
+    companion_outputs: (companion, n): a companion that returns n values after its first, which
+    its stand-in returns as None (Gemma 4's router: its top-k weights and indices, which only the
+    experts beside it read).
     linear_block_norms: where a hybrid's linear-attention blocks place their norms unlike its
     attention blocks, (attention norms, FFN norms) of those blocks: OLMo-Hybrid norms its attention
     blocks' sublayer outputs (OLMo 2) and its linear blocks' inputs, so one norm name serves the FFN
@@ -209,7 +219,10 @@ class Architecture:
     linear_layer_type: str = "linear_attention"
     lora_may_lack: tuple[tuple[str, ...], ...] = ()
     attention_companions: tuple[tuple[str, str], ...] = ()
-    mlp_companions: tuple[tuple[str, str], ...] = ()
+    mlp_companions: tuple[tuple[str, str | None], ...] = ()
+    companion_outputs: tuple[tuple[str, int], ...] = ()
+    last_layer_type: str | None = None
+    released_config_keys: tuple[str, ...] = ()
     linear_block_norms: tuple[tuple[str, ...], tuple[str, ...]] | None = None
     linear_block_mlp_output: str | None = None
     output_norms: tuple[tuple[str, str], ...] = ()
@@ -226,7 +239,7 @@ class Architecture:
         """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the
         stream (a block has some of them: a hybrid block one of its two attentions);
         `linear_block`: in a hybrid's linear-attention block (linear_block_mlp_output)."""
-        beside = tuple(f"{module}.{output}" for module, output in self.companions(kind))
+        beside = tuple(f"{module}.{output}" for module, output in self.companions(kind) if output)
         if kind == "attn":
             pairs = ((self.attention, self.attention_output), (self.linear_attention, self.linear_attention_output))
             paths = dict.fromkeys(f"{module}.{output}" for module, output in pairs if module and output)  # once each (Kimi-Linear)
@@ -252,13 +265,22 @@ class Architecture:
                 **({"single_mixer": {"attribute": self.single_mixer[0], "kinds": dict(self.single_mixer[1])}}
                    if self.single_mixer else {}),
                 **({"companions": {kind: [module for module, _ in self.companions(kind)] for kind in ("attn", "mlp")
-                                   if self.companions(kind)}} if self.attention_companions or self.mlp_companions else {})}
+                                   if self.companions(kind)}} if self.attention_companions or self.mlp_companions else {}),
+                **({"companion_outputs": dict(self.companion_outputs)} if self.companion_outputs else {})}
 
     def runtime_period(self, config: Any) -> int | None:
         """The period of the first pattern a runtime fixes (fixed_patterns) that `config` follows, for
         --granularity period; None where it follows none (a cut of whole periods would keep nothing)."""
         return next((p.period for p in self.fixed_patterns
                      if p.only_at is None and config_value(config, p.listed) and p.broken(config) is None), None)
+
+    def last_block_guard(self, config: Any) -> Sublayer | None:
+        """The last block's attention where the family's last layer must be of `last_layer_type` and
+        the model's is: what a prune protects so that the block stays (its FFN may still go)."""
+        types = config_value(config, "layer_types")
+        if self.last_layer_type and isinstance(types, list) and types and types[-1] == self.last_layer_type:
+            return Sublayer(len(types) - 1, "attn")
+        return None
 
     def attention_blocks(self, config: Any) -> list[int] | None:
         """A hybrid config's (object or config.json dict) attention blocks (the others are linear);
@@ -378,6 +400,22 @@ ARCHITECTURES: dict[str, Architecture] = {
                       fixed_patterns=(FixedPattern("layer_types", "full_attention", 2, "llama.cpp", _FULL),)),
     "gemma3_text": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping",
                            fixed_patterns=(FixedPattern("layer_types", "full_attention", 6, "llama.cpp and vLLM's 2025 gemma3.py", _FULL),)),
+    # Gemma 4 (31B, 26B-A4B; their text decoder, after surgery extract-text): Gemma 3's sandwich norms,
+    # full-attention layers with their own head size (transformers' per_layer_config) and keys that are
+    # their values (no v_proj), and in the MoE size routed experts beside the FFN, each with its own norms.
+    # E2B and E4B are refused: their last layers read an earlier layer's KV cache, and a table packs one
+    # slice a layer into two model-level tensors (per-layer embeddings), neither of which a cut follows yet.
+    "gemma4_text": replace(_LLAMA, **{**_SANDWICH_NORMS, "mlp_norms": (*_SANDWICH_NORMS["mlp_norms"], "post_feedforward_layernorm_1",
+                                                                     "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2")},
+                           logit_softcap_config="final_logit_softcapping",
+                           mlp_companions=(("router", None), ("experts", None)), companion_outputs=(("router", 2),),
+                           lora_may_lack=(("v_proj",),), last_layer_type="full_attention",
+                           released_config_keys=("global_head_dim", "num_global_key_value_heads"),
+                           refused_configs=(("num_kv_shared_layers", bool, "its last layers read the KV cache of earlier "
+                                             "ones, which a cut does not follow yet: cut Gemma 4 31B or 26B-A4B"),
+                                            ("hidden_size_per_layer_input", bool, "its per-layer embeddings pack one slice a "
+                                             "layer into model-level tensors, which a cut does not follow yet: cut Gemma 4 31B "
+                                             "or 26B-A4B"))),
     "phi3": replace(_LLAMA, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     "ministral": replace(_LLAMA, per_layer_config=("layer_types",)),
     "smollm3": replace(_LLAMA, per_layer_config=("layer_types", "no_rope_layers"),
@@ -398,7 +436,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                        lora_targets=_UNGATED_LORA),
     "jais2": replace(_LLAMA, lora_targets=_UNGATED_LORA),
     "stablelm": replace(_LLAMA, refused_configs=(("use_parallel_residual", True, "attention and FFN read the same input "
-                                                  "(a parallel residual), so neither is a sublayer of the stream"),)),
+                                                  "(a parallel residual), so neither is a sublayer of the stream; only its sequential variant is"),)),
     "nanochat": replace(_LLAMA, mlp_output="fc2", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
                         logit_softcap_config="final_logit_softcapping"),
     # VaultGemma: Gemma 2's block with a pre-norm only before each sublayer.
@@ -575,8 +613,8 @@ def architecture_of(config: Any) -> Architecture:
         )
     arch = ARCHITECTURES[model_type]
     for key, value, why in arch.refused_configs:
-        if config_value(config, key) == value:
-            raise SurgeryError(f"{model_type} with {key}={value} is not supported: {why}; only its sequential variant is")
+        if value(config_value(config, key)) if callable(value) else config_value(config, key) == value:
+            raise SurgeryError(f"{model_type} with {key}={config_value(config, key)} is not supported: {why}")
     return arch
 
 

@@ -153,6 +153,8 @@ def check_named_cut(folder: Any, units: Iterable[Sublayer]) -> None:
                     absent=arch.absent_sublayers(config))
     if plan.blocks and arch.moe_range_config and all(key in config for key in arch.moe_range_config[::2]):
         moe_range_after(config, arch.moe_range_config, plan.kept, plan.num_layers)  # (else the loaded config's defaults decide)
+    if plan.blocks:
+        check_last_layer(config, arch, plan.kept)
 
 
 def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
@@ -165,6 +167,8 @@ def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
     before = count_parameters(base)
     if plan.blocks and arch.moe_range_config:
         moe_range_after(base.config, arch.moe_range_config, plan.kept, plan.num_layers)  # (refused before anything changes)
+    if plan.blocks:
+        check_last_layer(base.config, arch, plan.kept)
     for unit in plan.new_stand_ins:
         remove_sublayer(layers[unit.layer], unit.kind, unit.layer, arch.stand_in_spec())
     if plan.blocks:
@@ -214,6 +218,7 @@ def cut_keys(arch: Architecture, config: Any) -> set[str]:
 def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: int) -> None:
     """Make every per-layer config entry describe the surviving blocks, and say where they break a
     layer pattern a runtime fixes that the source followed."""
+    check_last_layer(config, arch, kept)
     followed = [p for p in arch.fixed_patterns if p.broken(config) is None]
     if arch.sparse_step_config:
         _materialise_sparse_step(config, arch, old_count)
@@ -233,11 +238,22 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
         values = getattr(config, key, None)
         if values is not None:
             setattr(config, key, sorted(renumber[i] for i in values if i in renumber))
+    overrides = _layer_overrides(config)
     config.num_hidden_layers = len(kept)
+    if overrides:
+        config.per_layer_config = {new: overrides[old] for new, old in enumerate(kept) if old in overrides}
     if arch.step_rule:
         _set_step(config, arch.step_rule)
     for pattern in followed:
         _say_broken(config, pattern)
+
+
+def _layer_overrides(config: Any) -> dict[int, dict[str, Any]]:
+    """The settings a transformers 5 config gives some layers apart from its global ones (its
+    `per_layer_config`, keyed by layer index: Gemma 4's full-attention head size), by old index."""
+    if not getattr(config, "is_heterogeneous", False):
+        return {}
+    return {int(index): values for index, values in (config.to_dict().get("per_layer_config") or {}).items()}
 
 
 def _say_broken(config: Any, pattern: FixedPattern) -> None:
@@ -265,6 +281,18 @@ def _set_step(config: Any, rule: StepRule) -> None:
         what = f"{rule.marker} layers {listed}" if rule.marker else f"{rule.listed} {listed}"
         console.print(f"the cut's {what} follow no single {rule.step}: transformers reads {rule.listed}, but {rule.readers} "
                       f"place them by {rule.step} alone and would load this checkpoint wrongly")
+
+
+def check_last_layer(config: Any, arch: Architecture, kept: list[int]) -> None:
+    """Refuse a cut whose last block is not of the type transformers gives the last layer whatever
+    the config lists (Architecture.last_layer_type): it would load that block as another kind."""
+    from surgery.arch import config_value
+
+    types = config_value(config, "layer_types")
+    if arch.last_layer_type and isinstance(types, list) and kept and types[kept[-1]] != arch.last_layer_type:
+        raise SurgeryError(f"the cut ends on L{kept[-1]}, a {types[kept[-1]]} layer, but transformers runs a "
+                           f"{base_model_type(config)} model's last layer with {arch.last_layer_type} whatever the config "
+                           f"lists: keep L{len(types) - 1}, or end on another {arch.last_layer_type} layer")
 
 
 def moe_range_after(config: Any, keys: tuple[str, str, str], kept: list[int], old_count: int) -> dict[str, int]:

@@ -17,7 +17,8 @@ The checkpoint's config carries a `surgery` entry:
      "linear_norms": {"attn": [...], "mlp": [...]},    # (their norms, where they differ from the others')
      "linear_block_marker": ["block_type", "linear_attention"],  # (which blocks, where both have one name)
      "single_mixer": {"attribute": "block_type", "kinds": {"moe": "mlp", ...}},  # (one mixer a block: its kind)
-     "companions": {"mlp": ["block_sparse_moe"]}}      # modules beside a sublayer's, their outputs added to its
+     "companions": {"mlp": ["block_sparse_moe"]},      # modules beside a sublayer's, their outputs added to its
+     "companion_outputs": {"router": 2}}               # (values one returns after its first: None from its stand-in)
 
 The same file, shipped as `modeling_decilm.py`, is the configuration and model code of the
 Nemotron-NAS (DeciLM) export (`decilm_classes`): NVIDIA's own files do not load under
@@ -93,7 +94,7 @@ def sublayer_names(layer: nn.Module, kind: str, spec: dict) -> list[str]:
     single = spec.get("single_mixer")
     if single is not None and single["kinds"].get(getattr(layer, single["attribute"], None)) != kind:
         return []  # this block's one mixer is the other kind: it has no such sublayer
-    names = list(spec["modules"][kind])
+    names = [spec["modules"][kind][0], *(name for name in spec["modules"][kind][1:] if hasattr(layer, name))]  # (a block may lack some)
     if is_linear_block(layer, spec):
         if kind == "attn":
             names[0] = spec["linear_attention"]
@@ -141,7 +142,8 @@ def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> 
             if "single_mixer" not in spec:  # (a single-mixer block reads its norm's dtype; the stand-in ignores its output)
                 setattr(layer, name, RemovedNorm())
         elif originals[name] is not None:  # a block without experts keeps its None
-            _put(layer, name, RemovedMLP() if kind == "mlp" else RemovedLinearAttention(), originals[name])
+            extra = spec.get("companion_outputs", {}).get(name, 0)
+            _put(layer, name, RemovedMLP(extra) if kind == "mlp" else RemovedLinearAttention(), originals[name])
     return originals
 
 

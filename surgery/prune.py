@@ -200,6 +200,9 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
         protected += [s for c in found for s in parse_sublayers(c["id"]) if s not in protected]
     config = loaded.model.config
     arch = architecture_of(config)
+    last = arch.last_block_guard(config)
+    if last is not None and last not in protected:
+        protected.append(last)
     with task("planning") as progress:
         plan = make_plan(settings.strategy, settings.granularity, Target.parse(settings.remove), num_layers(loaded.model),
                          sublayer_parameters(loaded.model), analysis=analysis, protected=protected, seed=settings.seed,
@@ -209,6 +212,9 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
                          period=arch.runtime_period(config))
     if found:
         plan.notes.append("cornerstones found by the analysis: " + ", ".join(c["id"] for c in found))
+    if last is not None:
+        plan.notes.append(f"{last} kept, so that the last block stays: transformers runs this family's last layer with "
+                          f"{arch.last_layer_type} whatever the config lists")
     if not plan.units:
         raise SurgeryError(f"--remove {settings.remove} is less than one {settings.granularity} of this model: "
                            "give a larger share, or a count such as --remove 1")

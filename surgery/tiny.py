@@ -40,6 +40,13 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "gemma": {},
     "gemma2": {"sliding_window": 8, "query_pre_attn_scalar": 16},
     "gemma3_text": {"sliding_window": 8, "query_pre_attn_scalar": 16},
+    # Gemma 4 26B-A4B's layout: full-attention layers (the last always) with their own head size and
+    # KV heads and no v_proj, routed experts beside every FFN; the 31B is the same without experts
+    "gemma4_text": {"sliding_window": 8, "global_head_dim": 32, "num_global_key_value_heads": 1, "attention_k_eq_v": True,
+                    "final_logit_softcapping": 30.0, "hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0,
+                    "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32,
+                    "layer_types": lambda layers: ["full_attention" if i % 2 == 0 or i == layers - 1 else "sliding_attention"
+                                                   for i in range(layers)]},
     "phi3": {"pad_token_id": 0},
     "olmo2": {},
     "granite": {"logits_scaling": 2.0, "residual_multiplier": 0.5, "embedding_multiplier": 2.0},

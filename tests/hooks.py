@@ -32,7 +32,7 @@ def skipped(model, units: Iterable[Sublayer]) -> Iterator[None]:
         if unit.layer not in blocks:
             layer = layers[unit.layer]
             names = [arch.attention_in(layer) if unit.kind == "attn" else arch.mlp, *(m for m, _ in arch.companions(unit.kind))]
-            hooks += [module.register_forward_hook(_zero) for module in (getattr(layer, n) for n in names) if module is not None]
+            hooks += [module.register_forward_hook(_zero) for module in (getattr(layer, n, None) for n in names) if module is not None]
     try:
         yield
     finally:

@@ -449,3 +449,75 @@ def test_info_says_which_layer_pattern_a_runtime_fixes_and_which_cuts_keep_it(ti
     assert "no block cut keeps it" in info(exaone)
     llama, _ = tiny_folder("llama")
     assert "layer pattern" not in info(llama)
+
+
+def released_gemma4(tiny_folder, num_layers=6, **overrides):
+    """A tiny Gemma 4 text decoder whose config.json is written as Google's are: the full-attention
+    layers' head size and KV heads as global_head_dim and num_global_key_value_heads, no
+    per_layer_config (which transformers derives from them, and saves instead)."""
+    source, model = tiny_folder("gemma4_text", num_layers=num_layers, **overrides)
+    config = json.loads((source / "config.json").read_text())
+    del config["per_layer_config"]
+    config.update(global_head_dim=32, num_global_key_value_heads=1)
+    (source / "config.json").write_text(json.dumps(config))
+    return source, model
+
+
+@pytest.mark.parametrize("moe", [True, False])
+@torch.no_grad()
+def test_a_gemma4_cut_gives_its_full_attention_settings_to_the_layers_kept(moe, tiny_folder, tmp_path):
+    """Gemma 4's full-attention layers have their own head size and KV heads, which transformers keeps
+    per layer index (per_layer_config): a cut moves them with the layers and writes the released keys
+    back, in memory and streamed, whole blocks and sublayers, with experts (26B-A4B) and without (31B)."""
+    from tests.hooks import skipped
+
+    source, model = released_gemma4(tiny_folder, enable_moe_block=moe)  # layers F S F S F F
+    tokens = ids(2, 10)
+    for removed, kept in (("L1-L2", [0, 3, 4, 5]), ("L0,L3.attn,L4.mlp", [1, 2, 3, 4, 5])):
+        for stream in ("--stream", "--no-stream"):
+            out = tmp_path / f"{removed}{stream}".replace(",", "_")
+            result = run("cut", source, "--remove", removed, "--out", out, stream, "--device", "cpu")
+            assert result.exit_code == 0, result.output
+            config = json.loads((out / "config.json").read_text())
+            full = [new for new, old in enumerate(kept) if model.config.layer_types[old] == "full_attention"]
+            assert sorted(int(i) for i in config["per_layer_config"]) == full, (removed, config["per_layer_config"])
+            assert (config["global_head_dim"], config["num_global_key_value_heads"]) == (32, 1)
+            reloaded = load_exported(out)
+            heads = [layer.self_attn.head_dim for layer in reloaded.model.layers if hasattr(layer.self_attn, "head_dim")]
+            assert heads == [32 if i in full else 16 for i in range(len(kept)) if f"L{kept[i]}.attn" not in removed]
+            with skipped(model, parse_sublayers(removed)):  # the source with those units skipped by hooks
+                expected = model(tokens, use_cache=False).logits
+            assert torch.allclose(reloaded(tokens, use_cache=False).logits, expected, atol=1e-5)
+
+
+def test_a_gemma4_cut_must_end_on_a_full_attention_layer(tiny_folder, tmp_path):
+    """transformers runs a Gemma 4 model's last layer with full attention whatever layer_types says, so
+    a cut that ends on a sliding-window layer would load that block with the wrong head size: refused
+    in one line, from config.json before any weight loads and in memory before anything changes."""
+    from tests.cli import one_line
+
+    source, _ = released_gemma4(tiny_folder)  # layers F S F S F F
+    line = one_line(run("cut", source, "--remove", "L4-L5", "--out", tmp_path / "out", "--device", "cpu"))
+    assert "the cut ends on L3, a sliding_attention layer" in line and "keep L5, or end on another full_attention layer" in line
+    assert not (tmp_path / "out").exists()
+    model = tiny_model("gemma4_text", num_layers=6)
+    with pytest.raises(SurgeryError, match="the cut ends on L3"):
+        cut(model, parse_sublayers("L4-L5"))
+    assert model.config.num_hidden_layers == len(model.model.layers) == 6
+
+
+@pytest.mark.parametrize("key, value, what", [("num_kv_shared_layers", 2, "read the KV cache of earlier ones"),
+                                              ("hidden_size_per_layer_input", 8, "per-layer embeddings")])
+def test_gemma4_e2b_and_e4b_are_refused_in_one_line(key, value, what, tiny_folder, tmp_path):
+    """Gemma 4 E2B and E4B share their last layers' KV caches with earlier layers and pack per-layer
+    embeddings into model-level tensors, neither of which a cut follows yet: refused by name."""
+    from tests.cli import one_line
+
+    source, _ = released_gemma4(tiny_folder)
+    config = json.loads((source / "config.json").read_text())
+    config[key] = value
+    (source / "config.json").write_text(json.dumps(config))
+    result = run("cut", source, "--remove", "L1", "--out", tmp_path / "out", "--device", "cpu")
+    line = one_line(result)
+    assert result.exit_code == 2 and f"gemma4_text with {key}={value} is not supported" in line and what in line, line
+    assert "cut Gemma 4 31B or 26B-A4B" in line and not (tmp_path / "out").exists()

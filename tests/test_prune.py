@@ -433,3 +433,18 @@ def test_prune_by_whole_periods_keeps_the_pattern_llama_cpp_fixes(tiny_folder, t
     line = one_line(run("prune", llama, "--out", tmp_path / "other", "--granularity", "period", "--data-dir", data_dir, *FAST))
     assert "--granularity period keeps a layer pattern" in line and "use --granularity block" in line
     assert not (tmp_path / "other").exists()
+
+
+def test_prune_keeps_gemma4s_last_block_which_transformers_runs_with_full_attention(tiny_folder, tmp_path, data_dir):
+    """transformers runs Gemma 4's last layer with full attention whatever layer_types says, and a cut
+    ending on a sliding layer is refused: so a prune keeps the last block's attention, the `last`
+    strategy takes the blocks before it, and the plan says why."""
+    source, _ = tiny_folder("gemma4_text", num_layers=6)  # layers F S F S F F
+    out = tmp_path / "pruned"
+    result = run("prune", source, "--out", out, "--strategy", "last", "--remove", "2", "--no-bridge", "--data-dir", data_dir,
+                 *FAST, "--eval-tasks", "none")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["plan"]["removed_compact"] == "L3-L4" and "L5.attn" in report["plan"]["protected"]
+    assert any(note.startswith("L5.attn kept, so that the last block stays") for note in report["plan"]["notes"])
+    assert json.loads((out / "config.json").read_text())["layer_types"][-1] == "full_attention"

@@ -28,6 +28,27 @@ def gemma3(folder, tokenizer):
     return save(Gemma3ForConditionalGeneration(config), folder, tokenizer)
 
 
+def gemma4(folder, tokenizer):
+    """Gemma 4 26B-A4B's layout (its text decoder's tiny config: full-attention layers with their own
+    head size, routed experts), its config.json as released: the full-attention head settings as
+    global_head_dim and num_global_key_value_heads, which transformers saves as per_layer_config."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
+
+    from surgery.tiny import tiny_config
+
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=16)
+    config = Gemma4Config(text_config=tiny_config("gemma4_text", 4).to_dict(), vision_config=vision.to_dict(), audio_config=None,
+                          image_token_id=VOCAB - 1, boi_token_id=VOCAB - 3, eoi_token_id=VOCAB - 2)
+    model = save(Gemma4ForConditionalGeneration(config), folder, tokenizer)
+    released = json.loads((folder / "config.json").read_text())
+    del released["text_config"]["per_layer_config"]
+    released["text_config"].update(global_head_dim=32, num_global_key_value_heads=1)
+    (folder / "config.json").write_text(json.dumps(released))
+    return model
+
+
 def mistral3(folder, tokenizer):
     """Mistral Small 3.1's layout: an untied output layer, kept at language_model.lm_head."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
@@ -183,6 +204,7 @@ def renamed_to_the_newer_layout(folder):
 
 
 @pytest.mark.parametrize("make, family, layout", [(gemma3, "gemma3_text", "legacy"), (gemma3, "gemma3_text", "newer"),
+                                                  (gemma4, "gemma4_text", "newer"),
                                                   (mistral3, "mistral", "legacy"), (mistral3, "mistral", "newer"),
                                                   (llama4, "llama4_text", "legacy"), (qwen2_5_vl, "qwen2", "released"),
                                                   (qwen2_5_vl, "qwen2", "class names"), (qwen2_vl, "qwen2", "released"),
@@ -201,13 +223,16 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     manifest = read_manifest(tmp_path / "text")
     assert manifest["verified"]["method"] == "copied, compared with the multimodal model"
     assert {prefix.removeprefix("model.") for prefix in manifest["left_behind"]} == \
-        ({"visual"} if family in ("qwen2", "qwen3") else {"vision_model" if family == "llama4_text" else "vision_tower", "multi_modal_projector"})
+        ({"visual"} if family in ("qwen2", "qwen3") else {"vision_tower", "embed_vision"} if family == "gemma4_text" else
+         {"vision_model" if family == "llama4_text" else "vision_tower", "multi_modal_projector"})
 
     config = json.loads((tmp_path / "text" / "config.json").read_text())
-    assert config["model_type"] == family and config["tie_word_embeddings"] == (make in (gemma3, qwen2_vl, qwen3_vl))
+    assert config["model_type"] == family and config["tie_word_embeddings"] == (make in (gemma3, gemma4, qwen2_vl, qwen3_vl))
+    if make is gemma4:  # the released words, beside the ones transformers saves
+        assert (config["global_head_dim"], config["num_global_key_value_heads"]) == (32, 1) and "per_layer_config" in config
     assert "mrope_section" not in json.dumps(config)
     text = AutoModelForCausalLM.from_pretrained(tmp_path / "text").eval()  # as users load it: the family's own class
-    assert type(text).__name__ == {"gemma3_text": "Gemma3ForCausalLM", "mistral": "MistralForCausalLM",
+    assert type(text).__name__ == {"gemma3_text": "Gemma3ForCausalLM", "gemma4_text": "Gemma4ForCausalLM", "mistral": "MistralForCausalLM",
                                    "llama4_text": "Llama4ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
     ids = torch.randint(3, VOCAB - 5, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(text(ids).logits, model(input_ids=ids).logits, atol=1e-5)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from surgery.arch import SURGERY_MODEL_TYPE_PREFIX, base_model_type, unwrap
+from surgery.arch import ARCHITECTURES, SURGERY_MODEL_TYPE_PREFIX, base_model_type, unwrap
 from surgery.errors import SurgeryError
 from surgery.export.nemotron import LAYOUT as NEMOTRON_MODEL_TYPE
 from surgery.forward import VERIFY_PROMPT
@@ -112,7 +112,7 @@ def _write(model: Any, tokenizer: Any, folder: Path, copy_from: Path | None, ext
         written = {"layout": layout, "nemotron": write_folder(model, tokenizer, folder)}
     else:
         write_model_folder(model, tokenizer, folder, max_shard_size)
-        keep_layer_type_names(folder, copy_from)
+        keep_released_words(folder, copy_from)
         if carried is not None and carried.tensors:
             _add_mtp_modules(model, carried, copy_from, folder, max_shard_size)
         written = {"layout": "hf"}
@@ -209,17 +209,21 @@ def _add_mtp_modules(model: Any, carried: Any, source: Path | None, folder: Path
 LAYER_TYPE_KEYS = ("layer_types", "mtp_layer_types")  # the per-layer lists transformers renames on load
 
 
-def keep_layer_type_names(folder: Path, source: Path | None) -> None:
-    """Write per-layer type lists in the source config.json's own words. transformers 5 reads older
+def keep_released_words(folder: Path, source: Path | None) -> None:
+    """Write the config.json in the source's own words where transformers saves others, which
+    runtimes that read the released words do not know. Per-layer type lists: transformers 5 reads older
     names as its own (Granite 4.0-H's "mamba" and "attention" as "linear_attention" and
-    "full_attention") and saves those, which runtimes that build blocks from the released names do
-    not know (vLLM's GraniteMoeHybrid looks each up in {"attention", "mamba"}; docs/serving.md):
-    every name transformers renamed goes back."""
+    "full_attention") and saves those (vLLM's GraniteMoeHybrid looks each up in {"attention",
+    "mamba"}; docs/serving.md): every name transformers renamed goes back. Keys it reads into other
+    settings and does not save (Architecture.released_config_keys) go back as the source wrote them.
+    A multimodal source's words for its text decoder are its text_config's (surgery extract-text)."""
     if source is None or not (Path(source) / "config.json").is_file():
         return
     from transformers.configuration_utils import remap_legacy_layer_types
 
-    source_config = json.loads((Path(source) / "config.json").read_text())
+    from surgery.arch import text_config
+
+    source_config = text_config(Path(source))
     path = folder / "config.json"
     written = json.loads(path.read_text())
     changed = False
@@ -232,6 +236,11 @@ def keep_layer_type_names(folder: Path, source: Path | None) -> None:
             written[key] = [own_words.get(value, value) for value in saved]
             changed = True
     changed |= _keep_layer_patterns(source_config, written)
+    arch = ARCHITECTURES.get(base_model_type(written))
+    for key in arch.released_config_keys if arch else ():
+        if key in source_config and key not in written:
+            written[key] = source_config[key]
+            changed = True
     if changed:
         path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
 
@@ -240,8 +249,6 @@ def _keep_layer_patterns(source_config: dict[str, Any], written: dict[str, Any])
     """Where the source wrote per-block types as a string (Nemotron-H's hybrid_override_pattern,
     which vLLM reads), write the saved list that way too, and the block count beside it."""
     from transformers.configuration_utils import remap_legacy_layer_types
-
-    from surgery.arch import ARCHITECTURES
 
     arch = ARCHITECTURES.get(base_model_type(written))
     changed = False

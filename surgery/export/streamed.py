@@ -30,7 +30,7 @@ from surgery.export.checkpoint import (
     ExportResult,
     add_files,
     count_carried_mtp,
-    keep_layer_type_names,
+    keep_released_words,
     logit_diff_within_tolerance,
     make_self_describing,
     write_manifest,
@@ -150,7 +150,7 @@ def write_copied_folder(folder: Path, source: Path, config: Any, tensors: dict[s
     finally:
         weights.close()
     config.save_pretrained(folder)
-    keep_layer_type_names(folder, source)
+    keep_released_words(folder, source)
     if (source / "generation_config.json").is_file():
         generation = GenerationConfig.from_pretrained(str(source))
     else:
