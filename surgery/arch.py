@@ -145,6 +145,10 @@ class Architecture:
     that sublayer: they go with it (their stand-ins add nothing and keep no state) and a bridge
     folds into them too. A block may hold None there (Granite's dense sizes have no experts), or
     lack the module (Gemma 4's dense sizes). The weight is None where a norm follows the module.
+    block_scalar: (buffer, post norms): a scale each block applies to the whole stream it returns
+    (Gemma 4's layer_scalar), so that a block is not its input plus its sublayers' outputs. Loading
+    folds it into the norms that end each sublayer (surgery.loading.fold_block_scalars), exactly but for
+    the norms' epsilon, and surgery then works on a model whose blocks only add to the stream.
     released_config_keys: config.json keys transformers reads into other settings and does not save,
     which other runtimes read (Gemma 4's global_head_dim and num_global_key_value_heads, saved as
     per_layer_config): an export writes the source's back.
@@ -223,6 +227,7 @@ class Architecture:
     companion_outputs: tuple[tuple[str, int], ...] = ()
     last_layer_type: str | None = None
     released_config_keys: tuple[str, ...] = ()
+    block_scalar: tuple[str, tuple[str, ...]] | None = None
     linear_block_norms: tuple[tuple[str, ...], tuple[str, ...]] | None = None
     linear_block_mlp_output: str | None = None
     output_norms: tuple[tuple[str, str], ...] = ()
@@ -411,6 +416,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                            mlp_companions=(("router", None), ("experts", None)), companion_outputs=(("router", 2),),
                            lora_may_lack=(("v_proj",),), last_layer_type="full_attention",
                            released_config_keys=("global_head_dim", "num_global_key_value_heads"),
+                           block_scalar=("layer_scalar", ("post_attention_layernorm", "post_feedforward_layernorm")),
                            refused_configs=(("num_kv_shared_layers", bool, "its last layers read the KV cache of earlier "
                                              "ones, which a cut does not follow yet: cut Gemma 4 31B or 26B-A4B"),
                                             ("hidden_size_per_layer_input", bool, "its per-layer embeddings pack one slice a "

@@ -206,7 +206,7 @@ def cut_keys(arch: Architecture, config: Any) -> set[str]:
     tell a cut checkpoint from another model (surgery graft)."""
     from surgery.arch import mtp_count_keys
 
-    keys = {"num_hidden_layers", *arch.per_layer_config, *arch.layer_index_config, *arch.prefix_count_config,
+    keys = {"num_hidden_layers", "per_layer_config", *arch.per_layer_config, *arch.layer_index_config, *arch.prefix_count_config,
             *mtp_count_keys(config), *(arch.moe_range_config or ())}
     if arch.sparse_step_config:
         keys.add(arch.sparse_step_config)

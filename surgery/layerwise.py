@@ -34,6 +34,7 @@ from surgery.arch import SURGERY_MODEL_TYPE_PREFIX, architecture_of, decoder_lay
 from surgery.errors import SurgeryError
 from surgery.forward import block_output, finish_logits
 from surgery.hf_modeling import apply_removals, register_classes
+from surgery.loading import fold_block_scalar, scales_before, stored_block_scales
 from surgery.shards import TORCH_DTYPES, SafetensorsFolder
 from surgery.sublayers import Sublayer, check_in_range, full_blocks
 
@@ -179,6 +180,7 @@ class LayerwiseModel:
         self.device = device
         self.head_rows = HEAD_ROWS  # vocabulary rows of the output layer per slice
         self._conversions: list[Any] | None = None
+        self._scales_before = self._block_scales_before()
 
     @property
     def layers(self) -> Any:
@@ -246,7 +248,15 @@ class LayerwiseModel:
         layer = self.layers[index]
         with ablated(self.model, [Sublayer(index, kind) for kind in skip_kinds]), \
                 self._loaded(layer, f"{self.arch.layers}.{index}.", self.device):
+            if self._scales_before is not None:  # as loading a model folds them (surgery.loading.fold_block_scalars)
+                fold_block_scalar(layer, self.arch, self._scales_before[index])
             yield layer
+
+    def _block_scales_before(self) -> list[float] | None:
+        """Where the family's blocks scale their output (Architecture.block_scalar): the product of
+        the scales before each block, read from the files."""
+        scales = stored_block_scales(self.weights, self.arch, self.num_layers)
+        return None if scales is None else scales_before(scales)
 
     def run(self, block: Any, index: int, stream: Stream) -> Any:
         """Block `index`'s output for one batch (back on CPU)."""

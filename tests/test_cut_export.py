@@ -521,3 +521,79 @@ def test_gemma4_e2b_and_e4b_are_refused_in_one_line(key, value, what, tiny_folde
     line = one_line(result)
     assert result.exit_code == 2 and f"gemma4_text with {key}={value} is not supported" in line and what in line, line
     assert "cut Gemma 4 31B or 26B-A4B" in line and not (tmp_path / "out").exists()
+
+
+def scaled_gemma4(folder, tokenizer, num_layers=6):
+    """A tiny Gemma 4 saved as trained ones are: each block's output scale (layer_scalar) not 1."""
+    from transformers import AutoModelForCausalLM
+
+    from surgery.tiny import scaled_blocks, tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gemma4_text", num_layers), dtype=torch.float32).eval()
+    assert scaled_blocks(model)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+@torch.no_grad()
+def test_loading_folds_gemma4s_block_scales_so_that_a_block_only_adds_to_the_stream(tmp_path, tokenizer):
+    """Gemma 4's blocks multiply the stream they return by a stored scale, so a block with no
+    sublayers would not pass the stream through. Loading folds the scales into the norms that end
+    each sublayer: the model computes what the checkpoint does, read whole or block by block, and
+    a block whose sublayers are removed then passes the stream through, as a cut assumes; removing
+    a block removes what it adds and keeps its scale on the stream."""
+    from surgery.ablation import ablated
+    from surgery.layerwise import LayerwiseModel
+    from surgery.scoring.layerwise import LayerwiseResidualLoss
+    from surgery.scoring.residual import ResidualLoss
+    from tests.hooks import skipped
+
+    source = tmp_path / "scaled"
+    stored = scaled_gemma4(source, tokenizer)
+    tokens = ids(2, 10)
+    loaded = load_model(str(source), device="cpu").model
+    assert all(float(layer.layer_scalar) == 1 for layer in loaded.model.layers)
+    assert torch.allclose(loaded(tokens).logits, stored(tokens).logits, atol=1e-4)
+    with skipped(loaded, parse_sublayers("L2")):
+        skipped_block = loaded(tokens, use_cache=False).logits
+    with ablated(loaded, parse_sublayers("L2.attn,L2.mlp")):
+        assert torch.allclose(loaded(tokens, use_cache=False).logits, skipped_block, atol=1e-5)
+    with ablated(stored, parse_sublayers("L2.attn,L2.mlp")):  # the same: removing a block's additions keeps its scale
+        assert torch.allclose(stored(tokens, use_cache=False).logits, skipped_block, atol=1e-4)
+    with skipped(stored, parse_sublayers("L2")):  # unlike deleting the stored block, scale and all, which the fold avoids
+        assert not torch.allclose(stored(tokens, use_cache=False).logits, skipped_block, atol=1e-3)
+
+    data = [ids(2, 12), ids(2, 12)]
+    coalitions = [frozenset(c) for c in [(), (1,), (4, 5), (2, 3, 4), (0, 11)]]
+    want = ResidualLoss(loaded, data).values(coalitions)
+    got = LayerwiseResidualLoss(LayerwiseModel(source), data).values(coalitions)
+    assert max(abs(a - b) for a, b in zip(want, got)) < 1e-4, (want, got)
+
+
+def test_a_gemma4_cut_folds_the_block_scales_and_the_streamed_cut_refuses_to_copy_them(tmp_path, tokenizer):
+    """The in-memory cut writes the folded model (every scale 1), which computes what the source
+    with those blocks' additions removed does; the streamed cut, which copies tensors as stored,
+    refuses such a source in one line and names --no-stream."""
+    from tests.cli import one_line
+
+    source = tmp_path / "scaled"
+    scaled_gemma4(source, tokenizer)
+    line = one_line(run("cut", source, "--remove", "L1", "--out", tmp_path / "streamed", "--stream", "--device", "cpu"))
+    assert "blocks scale the stream they return (layer_scalar is 0.6 in L0)" in line and "--no-stream" in line, line
+    assert not (tmp_path / "streamed").exists()
+    result = run("cut", source, "--remove", "L1", "--out", tmp_path / "cut", "--no-stream", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    from safetensors.torch import load_file
+
+    stored = {name: tensor for file in (tmp_path / "cut").glob("*.safetensors") for name, tensor in load_file(file).items()}
+    scales = [float(tensor) for name, tensor in stored.items() if name.endswith("layer_scalar")]
+    assert len(scales) == 5 and set(scales) == {1.0}
+    folded = load_model(str(source), device="cpu").model
+    from tests.hooks import skipped
+
+    tokens = ids(2, 10)
+    with torch.no_grad(), skipped(folded, parse_sublayers("L1")):
+        expected = folded(tokens, use_cache=False).logits
+    assert torch.allclose(load_exported(tmp_path / "cut")(tokens, use_cache=False).logits, expected, atol=1e-5)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from surgery.export.checkpoint import read_manifest
 from tests.cli import one_line, run
-from tests.test_text_decoder import VOCAB, gemma3, llama4, mistral3, multimodal_source, qwen2_5_vl, qwen3_5, qwen3_vl
+from tests.test_text_decoder import VOCAB, gemma3, gemma4, llama4, mistral3, multimodal_source, qwen2_5_vl, qwen3_5, qwen3_vl
 
 
 def tensors(folder):
@@ -262,3 +262,23 @@ def test_a_failed_check_leaves_nothing(tmp_path, tokenizer, monkeypatch):
     line = one_line(run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft", "--device", "cpu"))
     assert "export check failed" in line and "differs from its source tensor" in line
     assert not (tmp_path / "graft").exists()
+
+
+@torch.no_grad()
+def test_a_gemma4_graft_writes_the_cut_decoders_full_attention_settings_in_both_forms(tmp_path, tokenizer):
+    """Gemma 4's full-attention layers keep their head size per layer index (per_layer_config), which
+    a cut moves with them: the graft's text_config carries the cut's, beside the global_head_dim the
+    source was released with, and the image-text model computes on text what the cut decoder does."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    source, _ = extracted_and_cut(gemma4, tmp_path, tokenizer, remove="L2")  # layers F S F F -> F S F
+    result = run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert sorted(read_manifest(tmp_path / "graft")["text_config_changed"]) == ["layer_types", "num_hidden_layers",
+                                                                                 "per_layer_config"]
+    text = json.loads((tmp_path / "graft" / "config.json").read_text())["text_config"]
+    assert sorted(int(i) for i in text["per_layer_config"]) == [0, 2] and text["global_head_dim"] == 32
+    grafted = AutoModelForImageTextToText.from_pretrained(tmp_path / "graft").eval()
+    decoder = AutoModelForCausalLM.from_pretrained(tmp_path / "cut").eval()
+    ids = torch.randint(3, VOCAB - 5, (1, 12), generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(grafted(input_ids=ids).logits, decoder(ids).logits, atol=1e-5)

@@ -26,6 +26,7 @@ FAMILIES = {  # the output layer tied (SmolLM2), per-layer masks, a soft-cap, ex
     "gemma2": {},
     "qwen2_moe": {},
     "granite": {},
+    "gemma4_text": {},  # per-layer head sizes (per_layer_config), experts beside every FFN, a scalar on each block's output
 }
 COALITIONS = [frozenset(c) for c in [(), (0,), (1,), (2,), (5,), (7,), (0, 1), (1, 2), (3, 5), (2, 3, 4), (6, 7),
                                      (5, 6, 7), (0, 7), (0, 1, 2, 3, 4, 5, 6, 7)]]

@@ -216,7 +216,8 @@ def keep_released_words(folder: Path, source: Path | None) -> None:
     "full_attention") and saves those (vLLM's GraniteMoeHybrid looks each up in {"attention",
     "mamba"}; docs/serving.md): every name transformers renamed goes back. Keys it reads into other
     settings and does not save (Architecture.released_config_keys) go back as the source wrote them.
-    A multimodal source's words for its text decoder are its text_config's (surgery extract-text)."""
+    A multimodal source's words for its text decoder are its text_config's (surgery extract-text), and
+    a multimodal folder's text_config is where they go back (surgery graft)."""
     if source is None or not (Path(source) / "config.json").is_file():
         return
     from transformers.configuration_utils import remap_legacy_layer_types
@@ -225,7 +226,8 @@ def keep_released_words(folder: Path, source: Path | None) -> None:
 
     source_config = text_config(Path(source))
     path = folder / "config.json"
-    written = json.loads(path.read_text())
+    whole = json.loads(path.read_text())
+    written = whole["text_config"] if isinstance(whole.get("text_config"), dict) else whole
     changed = False
     for key in LAYER_TYPE_KEYS:
         released, saved = source_config.get(key), written.get(key)
@@ -242,7 +244,7 @@ def keep_released_words(folder: Path, source: Path | None) -> None:
             written[key] = source_config[key]
             changed = True
     if changed:
-        path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+        path.write_text(json.dumps(whole, indent=2, sort_keys=True) + "\n")
 
 
 def _keep_layer_patterns(source_config: dict[str, Any], written: dict[str, Any]) -> bool:

@@ -32,7 +32,7 @@ from typing import Any
 
 from surgery.arch import architecture_of, base_model_type, mtp_modules, quantization_method, read_config
 from surgery.errors import SurgeryError
-from surgery.export.checkpoint import MANIFEST, ExportResult, logit_diff_within_tolerance, write_manifest
+from surgery.export.checkpoint import MANIFEST, ExportResult, keep_released_words, logit_diff_within_tolerance, write_manifest
 from surgery.export.streamed import check_names_written, first_difference
 from surgery.export.text_decoder import TextDecoder, as_text_family, is_output_layer, multimodal_model, prepare_text_decoder
 from surgery.forward import VERIFY_PROMPT
@@ -85,8 +85,8 @@ def prepare_graft(decoder_folder: Path, source_folder: Path, trust_remote_code: 
                            f"(surgery extract-text {source_folder})")
     config = _config(source_folder, trust_remote_code)
     text = config.get_text_config()
-    for key in changed:
-        setattr(text, key, getattr(cut, key))
+    for key in sorted(changed, key=lambda key: key == "per_layer_config"):  # (last: its indices are checked against the count)
+        setattr(text, key, changed[key][1] if key == "per_layer_config" else getattr(cut, key))
     _say_moved_deepstack(config, decoder_folder, changed)
     weights = SafetensorsFolder(decoder_folder, "graft reads safetensors weights only: export the decoder again")
     mtp = mtp_modules(weights.info, cut)
@@ -232,6 +232,7 @@ def _write(graft: Graft, folder: Path, max_shard_size: int) -> dict[str, str]:
         if file.is_file() and not file.name.startswith(".") and file.name not in NOT_CARRIED and not file.name.endswith(WEIGHT_SUFFIXES):
             shutil.copy2(file, folder / file.name)
     graft.config.save_pretrained(folder)
+    keep_released_words(folder, graft.source)
     return digests
 
 

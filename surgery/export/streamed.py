@@ -72,6 +72,7 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     config = load_config(folder)
     arch = architecture_of(config)
     _check_tied_head(weights, config, arch)
+    _check_unscaled_blocks(folder, weights, config, arch)
     before = skeleton(config, getattr(torch, stored))
     plan = plan_cut(config.num_hidden_layers, units, removed_sublayers(before), arch.attention_blocks(config),
                     arch.absent_sublayers(config))
@@ -97,6 +98,19 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     tensors.update({name: weights.info[source_name] for name, source_name in mtp.tensors.items()})
     result = CutResult(list(plan.removed), plan.kept, count_parameters(before), count_parameters(after))
     return StreamedCut(Path(folder), plan, config, tensors, result, list(mtp.tensors))
+
+
+def _check_unscaled_blocks(folder: Path, weights: SafetensorsFolder, config: Any, arch: Any) -> None:
+    """A cut first folds the scale each block applies to its output into its norms (Gemma 4:
+    surgery.loading.fold_block_scalars), which a copy of the stored tensors cannot do."""
+    from surgery.loading import stored_block_scales
+
+    scales = stored_block_scales(weights, arch, config.num_hidden_layers) or []
+    scaled = next((index for index, scale in enumerate(scales) if scale != 1), None)
+    if scaled is not None:
+        raise SurgeryError(f"{folder}'s blocks scale the stream they return ({arch.block_scalar[0]} is {scales[scaled]:g} in "
+                           f"L{scaled}), which a cut folds into their norms first, and the streamed cut copies tensors as "
+                           "stored: cut in memory with --no-stream")
 
 
 def _check_tied_head(weights: SafetensorsFolder, config: Any, arch: Any) -> None:
