@@ -147,7 +147,7 @@ class Architecture:
     lack the module (Gemma 4's dense sizes). The weight is None where a norm follows the module.
     block_scalar: (buffer, post norms): a scale each block applies to the whole stream it returns
     (Gemma 4's layer_scalar), so that a block is not its input plus its sublayers' outputs. Loading
-    folds it into the norms that end each sublayer (surgery.loading.fold_block_scalars), exactly but for
+    folds it into the norms that end each sublayer (surgery.scales.fold_block_scalars), exactly but for
     the norms' epsilon, and surgery then works on a model whose blocks only add to the stream.
     released_config_keys: config.json keys transformers reads into other settings and does not save,
     which other runtimes read (Gemma 4's global_head_dim and num_global_key_value_heads, saved as

@@ -34,7 +34,7 @@ from surgery.arch import SURGERY_MODEL_TYPE_PREFIX, architecture_of, decoder_lay
 from surgery.errors import SurgeryError
 from surgery.forward import block_output, finish_logits
 from surgery.hf_modeling import apply_removals, register_classes
-from surgery.loading import fold_block_scalar, scales_before, stored_block_scales
+from surgery.scales import fold_block_scalar, scales_before, stored_block_scales
 from surgery.shards import TORCH_DTYPES, SafetensorsFolder
 from surgery.sublayers import Sublayer, check_in_range, full_blocks
 
@@ -248,7 +248,7 @@ class LayerwiseModel:
         layer = self.layers[index]
         with ablated(self.model, [Sublayer(index, kind) for kind in skip_kinds]), \
                 self._loaded(layer, f"{self.arch.layers}.{index}.", self.device):
-            if self._scales_before is not None:  # as loading a model folds them (surgery.loading.fold_block_scalars)
+            if self._scales_before is not None:  # as loading a model folds them (surgery.scales.fold_block_scalars)
                 fold_block_scalar(layer, self.arch, self._scales_before[index])
             yield layer
 

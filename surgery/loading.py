@@ -10,9 +10,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from surgery.arch import Architecture, architecture_of, config_error, decoder_layers, mtp_modules, quantization_method
+from surgery.arch import Architecture, architecture_of, config_error, mtp_modules, quantization_method
 from surgery.errors import SurgeryError
 from surgery.hf_modeling import register_classes
+from surgery.scales import fold_block_scalars
 from surgery.source import ModelSource, resolve
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -143,58 +144,6 @@ def load_model(
     tokenizer = load_tokenizer(source.path, trust_remote_code) if with_tokenizer else None
     options = {"dtype": dtype, "device": str(next(model.parameters()).device), "device_map": device_map}
     return LoadedModel(model, tokenizer, arch, source, options)
-
-
-def fold_block_scalars(model: Any, arch: Architecture) -> bool:
-    """Fold the scale each block applies to the stream it returns (Architecture.block_scalar) into
-    the norms that end its sublayers, and set it to 1; True where one was not 1.
-
-    Block i returns s_i (h + a_i + m_i). Written as h_i = C_i g_i with C_i the product of the scales
-    before block i, g_{i+1} = g_i + (a_i + m_i) / C_i: every norm reads its input's direction alone
-    (up to its epsilon) and a_i, m_i end in a norm whose weight sets their size, so dividing those
-    weights by C_i and setting every s_i to 1 computes the same, on a stream whose blocks only add
-    to it, which is what removing a sublayer or a block assumes. Then removing a block removes
-    what it adds, and the scale before it stays with the blocks after it."""
-    if arch.block_scalar is None:
-        return False
-    layers = decoder_layers(model, arch)
-    scales = [getattr(layer, arch.block_scalar[0]) for layer in layers]
-    for layer, before in zip(layers, scales_before([float(scale.prod()) for scale in scales])):
-        fold_block_scalar(layer, arch, before)
-    return any(bool((scale != 1).any()) for scale in scales)
-
-
-def stored_block_scales(weights: Any, arch: Architecture, layers: int) -> list[float] | None:
-    """Each block's output scale as a checkpoint's files hold it (`weights`: a SafetensorsFolder; 1
-    where a block stores none), None for a family without one (Architecture.block_scalar)."""
-    if arch.block_scalar is None:
-        return None
-    names = [f"{arch.layers}.{index}.{arch.block_scalar[0]}" for index in range(layers)]
-    stored = weights.tensors([name for name in names if name in weights])
-    return [float(stored[name].float().prod()) if name in stored else 1.0 for name in names]
-
-
-def scales_before(scales: list[float]) -> list[float]:
-    """C_i: the product of the block scales before each block."""
-    import math
-
-    return [math.prod(scales[:index]) for index in range(len(scales))]
-
-
-def fold_block_scalar(layer: Any, arch: Architecture, before: float) -> None:
-    """Block `layer`'s share of fold_block_scalars, `before` being C_i: its sublayers' closing norms
-    divided by it and its own scale set to 1, in new tensors (a block read block by block holds
-    file-mapped ones, which must not be written)."""
-    import torch
-
-    name, norms = arch.block_scalar
-    with torch.no_grad():
-        if before != 1:
-            for weight in (getattr(getattr(layer, norm), "weight", None) for norm in norms):
-                if weight is not None:  # (a removed sublayer's norm is gone)
-                    weight.data = (weight.double() / before).to(weight.dtype)
-        scale = getattr(layer, name)
-        setattr(layer, name, torch.ones_like(scale))
 
 
 def _own_base_model(model: Any, arch: Architecture) -> None:

@@ -175,9 +175,9 @@ def tiny_model(model_type: str, num_layers: int = 4, seed: int = 0, **overrides:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, num_layers, **overrides), dtype=torch.float32)
-    if scaled_blocks(model):  # as surgery loads it (surgery.loading.fold_block_scalars)
+    if scaled_blocks(model):  # as surgery loads it (surgery.scales.fold_block_scalars)
         from surgery.arch import architecture_of
-        from surgery.loading import fold_block_scalars
+        from surgery.scales import fold_block_scalars
 
         fold_block_scalars(model, architecture_of(model.config))
     return model.eval()

@@ -102,8 +102,8 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
 
 def _check_unscaled_blocks(folder: Path, weights: SafetensorsFolder, config: Any, arch: Any) -> None:
     """A cut first folds the scale each block applies to its output into its norms (Gemma 4:
-    surgery.loading.fold_block_scalars), which a copy of the stored tensors cannot do."""
-    from surgery.loading import stored_block_scales
+    surgery.scales.fold_block_scalars), which a copy of the stored tensors cannot do."""
+    from surgery.scales import stored_block_scales
 
     scales = stored_block_scales(weights, arch, config.num_hidden_layers) or []
     scaled = next((index for index, scale in enumerate(scales) if scale != 1), None)
