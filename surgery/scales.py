@@ -3,8 +3,8 @@
 Every scorer, the prefix cache, the bridge and the cut treat a decoder as a stream its sublayers
 add to. A family whose blocks also multiply what they return by a stored scale
 (Architecture.block_scalar) is rewritten, as it loads, into the form that computes the same on a
-stream its blocks only add to; block-by-block reading applies it per block, and the streamed cut,
-which copies tensors as stored, reads the stored scales to refuse such a source.
+stream its blocks only add to; block-by-block reading applies it per block, and the streamed cut
+writes the kept blocks' folded norms and scales from the stored ones.
 """
 
 from __future__ import annotations

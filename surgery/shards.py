@@ -339,6 +339,14 @@ def encode_header(tensors: Iterable[TensorInfo], metadata: dict[str, str] | None
     return struct.pack("<Q", len(text)) + text, order
 
 
+def tensor_bytes(tensor: Any) -> memoryview:
+    """A tensor's bytes as safetensors stores them (row-major, its own dtype), without a copy where
+    it is contiguous: a piece for write_shard."""
+    import torch
+
+    return memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())
+
+
 @dataclass(frozen=True)
 class WrittenShard:
     checksums: dict[str, int]  # tensor -> CRC-32 of the bytes it was given
@@ -346,14 +354,15 @@ class WrittenShard:
 
 
 def write_shard(path: Path, tensors: list[TensorInfo], chunks: Callable[[TensorInfo], Iterable[bytes | memoryview]],
-                lies_in: Callable[[TensorInfo], TensorInfo] | None = None, metadata: dict[str, str] | None = None) -> WrittenShard:
+                lies_in: Callable[[TensorInfo], TensorInfo | None] | None = None, metadata: dict[str, str] | None = None) -> WrittenShard:
     """Write one safetensors file, tensor by tensor, from `chunks(tensor)` (its bytes in pieces; a
     piece may be reused once the next is asked for), taking each tensor's CRC-32 and the file's SHA-256.
 
     lies_in(tensor): the source tensor holding the same bytes in a file. They are then copied file
     to file by the kernel, as shutil.copyfile copies, and the pieces only feed the checksums; the
     copy, the CRC and the SHA-256 run in three threads (all release the GIL). A tensor read back
-    with check_shard thus proves both the layout and the copy.
+    with check_shard thus proves both the layout and the copy. None for a tensor made here (a
+    folded norm: surgery.scales), whose pieces are written at its place beside the copy.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -364,11 +373,15 @@ def write_shard(path: Path, tensors: list[TensorInfo], chunks: Callable[[TensorI
         handle.write(header)
         handle.flush()
         offsets = dict(zip((t.name for t in order), itertools.accumulate((t.nbytes for t in order), initial=len(header))))
-        copied = disk.submit(_copy_ranges, handle.fileno(), [(lies_in(t), offsets[t.name]) for t in order]) if lies_in else None
+        sources = {t.name: lies_in(t) for t in order} if lies_in else {}
+        copied = disk.submit(_copy_ranges, handle.fileno(), [(sources[t.name], offsets[t.name]) for t in order
+                                                             if sources[t.name] is not None]) if lies_in else None
         for info in order:
             crc, seen = 0, 0
             for chunk in chunks(info):
                 pending = [hashing.submit(digest.update, chunk)] + ([] if copied else [disk.submit(handle.write, chunk)])
+                if copied and sources[info.name] is None:  # (made here: written at its place, the copy going on beside)
+                    os.pwrite(handle.fileno(), chunk, offsets[info.name] + seen)
                 crc = zlib.crc32(chunk, crc)
                 seen += len(chunk)
                 for job in pending:
@@ -435,7 +448,7 @@ def check_shard(path: Path, expected: dict[str, TensorInfo], checksums: dict[str
 
 def write_checkpoint_shards(folder: Path, tensors: dict[str, TensorInfo], chunks: Callable[[TensorInfo], Iterable[bytes | memoryview]],
                             *, max_shard_size: int, parameters: int, label: str,
-                            lies_in: Callable[[TensorInfo], TensorInfo] | None = None) -> dict[str, str]:
+                            lies_in: Callable[[TensorInfo], TensorInfo | None] | None = None) -> dict[str, str]:
     """A whole checkpoint's weights: `tensors` (name -> dtype, shape, size) in shards planned as
     transformers plans them, each written by `write_shard` (`chunks`, `lies_in` as there; the
     TensorInfo given to them is the planned one, by name) and read back by `check_shard`, and the
@@ -470,7 +483,7 @@ def add_shards(folder: Path, tensors: dict[str, TensorInfo], chunks: Callable[[T
 
 def _write_shards(folder: Path, shards: dict[str, list[str]], tensors: dict[str, TensorInfo],
                   chunks: Callable[[TensorInfo], Iterable[bytes | memoryview]],
-                  lies_in: Callable[[TensorInfo], TensorInfo] | None, label: str) -> dict[str, str]:
+                  lies_in: Callable[[TensorInfo], TensorInfo | None] | None, label: str) -> dict[str, str]:
     """Each planned shard (file -> tensor names) written by `write_shard` (the TensorInfo given to
     `chunks` and `lies_in` is the planned one, by name) and read back by `check_shard`; the
     SHA-256 of each."""

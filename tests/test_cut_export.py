@@ -572,28 +572,30 @@ def test_loading_folds_gemma4s_block_scales_so_that_a_block_only_adds_to_the_str
     assert max(abs(a - b) for a, b in zip(want, got)) < 1e-4, (want, got)
 
 
-def test_a_gemma4_cut_folds_the_block_scales_and_the_streamed_cut_refuses_to_copy_them(tmp_path, tokenizer):
-    """The in-memory cut writes the folded model (every scale 1), which computes what the source
-    with those blocks' additions removed does; the streamed cut, which copies tensors as stored,
-    refuses such a source in one line and names --no-stream."""
-    from tests.cli import one_line
+@pytest.mark.parametrize("removed", ["L1", "L0,L3.attn,L4.mlp"])
+def test_a_gemma4_cut_folds_the_block_scales_in_memory_and_streamed_alike(removed, tmp_path, tokenizer):
+    """Both cuts write the folded model (every scale 1, the closing norms divided by the product of
+    the scales before): the streamed cut writes those norms as made, the rest copied, so the two
+    checkpoints hold the same tensors, and they compute what the source with those units' additions
+    removed does."""
+    from safetensors.torch import load_file
+
+    from tests.hooks import skipped
 
     source = tmp_path / "scaled"
     scaled_gemma4(source, tokenizer)
-    line = one_line(run("cut", source, "--remove", "L1", "--out", tmp_path / "streamed", "--stream", "--device", "cpu"))
-    assert "blocks scale the stream they return (layer_scalar is 0.6 in L0)" in line and "--no-stream" in line, line
-    assert not (tmp_path / "streamed").exists()
-    result = run("cut", source, "--remove", "L1", "--out", tmp_path / "cut", "--no-stream", "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    from safetensors.torch import load_file
-
-    stored = {name: tensor for file in (tmp_path / "cut").glob("*.safetensors") for name, tensor in load_file(file).items()}
-    scales = [float(tensor) for name, tensor in stored.items() if name.endswith("layer_scalar")]
-    assert len(scales) == 5 and set(scales) == {1.0}
+    written = {}
+    for stream in ("--stream", "--no-stream"):
+        out = tmp_path / stream
+        result = run("cut", source, "--remove", removed, "--out", out, stream, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        written[stream] = {name: tensor for file in out.glob("*.safetensors") for name, tensor in load_file(file).items()}
+    streamed, in_memory = written["--stream"], written["--no-stream"]
+    assert set(streamed) == set(in_memory)
+    assert all(torch.allclose(streamed[name], in_memory[name], atol=1e-6) for name in streamed)
+    assert {float(tensor) for name, tensor in streamed.items() if name.endswith("layer_scalar")} == {1.0}
     folded = load_model(str(source), device="cpu").model
-    from tests.hooks import skipped
-
     tokens = ids(2, 10)
-    with torch.no_grad(), skipped(folded, parse_sublayers("L1")):
+    with torch.no_grad(), skipped(folded, parse_sublayers(removed)):
         expected = folded(tokens, use_cache=False).logits
-    assert torch.allclose(load_exported(tmp_path / "cut")(tokens, use_cache=False).logits, expected, atol=1e-5)
+        assert torch.allclose(load_exported(tmp_path / "--stream")(tokens, use_cache=False).logits, expected, atol=1e-5)

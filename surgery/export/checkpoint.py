@@ -172,7 +172,7 @@ def _add_mtp_modules(model: Any, carried: Any, source: Path | None, folder: Path
     import torch
 
     from surgery.arch import architecture_of
-    from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo, add_shards, parse_size
+    from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo, add_shards, parse_size, tensor_bytes
 
     model = unwrap(model)
     if max_shard_size is None:
@@ -194,7 +194,7 @@ def _add_mtp_modules(model: Any, carried: Any, source: Path | None, folder: Path
         if info.dtype == weights.info[old].dtype:
             return weights.read(old)
         cast = weights.tensor(old).to(getattr(torch, TORCH_DTYPES[info.dtype]))
-        return [memoryview(cast.contiguous().view(-1).view(torch.uint8).numpy())]
+        return [tensor_bytes(cast)]
 
     tensors = {new: as_written(new, weights.info[old]) for new, old in carried.tensors.items()}
     written.close()

@@ -26,7 +26,7 @@ from typing import Any
 from surgery.errors import SurgeryError
 from surgery.export.checkpoint import ExportResult, add_files, logit_diff_within_tolerance, write_manifest
 from surgery.forward import VERIFY_PROMPT
-from surgery.shards import SafetensorsFolder, TensorInfo, write_checkpoint_shards
+from surgery.shards import SafetensorsFolder, TensorInfo, tensor_bytes, write_checkpoint_shards
 
 IN_MEMORY = "merge in memory with --no-stream"
 # adapter_config.json entries whose non-default values change what merging means; surgery's own
@@ -125,13 +125,12 @@ def export_merged(base: Path, adapter: Path | None, tokenizer: Any, out: Path, *
 def _write_weights(weights: SafetensorsFolder, lora: Adapter, folder: Path, max_shard_size: int) -> dict[str, str]:
     """Every tensor of the base, merged where adapted, into shards, each read back (check a); the
     SHA-256 of each shard."""
-    import torch
 
     def chunks(info: TensorInfo) -> Any:
         if info.name not in lora.pairs:
             return weights.read(info.name)
         merged = lora.merged(info.name, weights.tensor(info.name))
-        return [memoryview(merged.contiguous().view(-1).view(torch.uint8).numpy())]
+        return [tensor_bytes(merged)]
 
     parameters = sum(math.prod(info.shape) for info in weights.info.values())
     return write_checkpoint_shards(folder, weights.info, chunks, max_shard_size=max_shard_size, parameters=parameters,

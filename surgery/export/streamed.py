@@ -19,7 +19,7 @@ Memory holds one block at a time (in the check) and a 16 MiB copy buffer (in the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,8 @@ from surgery.export.checkpoint import (
     write_manifest,
 )
 from surgery.forward import VERIFY_PROMPT, count_parameters
-from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo, write_checkpoint_shards
+from surgery.scales import scales_before, stored_block_scales
+from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo, tensor_bytes, write_checkpoint_shards
 from surgery.sublayers import Sublayer
 
 NOT_SAFETENSORS = "the streamed cut reads safetensors weights only: convert them, or cut in memory with --no-stream"
@@ -52,6 +53,7 @@ class StreamedCut:
     tensors: dict[str, TensorInfo]  # name in the cut checkpoint -> the source tensor it is copied from
     result: CutResult
     mtp: list[str]  # the tensors of its multi-token-prediction modules, carried beside the model's (arch.mtp_modules)
+    computed: dict[str, Any] = field(default_factory=dict)  # tensors written as made here, not copied (folded norms)
 
     @property
     def nbytes(self) -> int:
@@ -72,7 +74,7 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     config = load_config(folder)
     arch = architecture_of(config)
     _check_tied_head(weights, config, arch)
-    _check_unscaled_blocks(folder, weights, config, arch)
+    scales = stored_block_scales(weights, arch, config.num_hidden_layers)
     before = skeleton(config, getattr(torch, stored))
     plan = plan_cut(config.num_hidden_layers, units, removed_sublayers(before), arch.attention_blocks(config),
                     arch.absent_sublayers(config))
@@ -97,20 +99,32 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
         tensors[name] = info
     tensors.update({name: weights.info[source_name] for name, source_name in mtp.tensors.items()})
     result = CutResult(list(plan.removed), plan.kept, count_parameters(before), count_parameters(after))
-    return StreamedCut(Path(folder), plan, config, tensors, result, list(mtp.tensors))
+    computed = _folded_scales(weights, arch, scales, plan.kept, layers, tensors) if scales else {}
+    return StreamedCut(Path(folder), plan, config, tensors, result, list(mtp.tensors), computed)
 
 
-def _check_unscaled_blocks(folder: Path, weights: SafetensorsFolder, config: Any, arch: Any) -> None:
-    """A cut first folds the scale each block applies to its output into its norms (Gemma 4:
-    surgery.scales.fold_block_scalars), which a copy of the stored tensors cannot do."""
-    from surgery.scales import stored_block_scales
+def _folded_scales(weights: SafetensorsFolder, arch: Any, scales: list[float], kept: list[int], layers: str,
+                   tensors: dict[str, TensorInfo]) -> dict[str, Any]:
+    """The kept blocks' closing norms and output scales as loading folds them (surgery.scales): the
+    tensors the cut writes as made here rather than copies, so that its removals mean what the
+    in-memory cut's do. None where every stored scale is 1."""
+    import torch
 
-    scales = stored_block_scales(weights, arch, config.num_hidden_layers) or []
-    scaled = next((index for index, scale in enumerate(scales) if scale != 1), None)
-    if scaled is not None:
-        raise SurgeryError(f"{folder}'s blocks scale the stream they return ({arch.block_scalar[0]} is {scales[scaled]:g} in "
-                           f"L{scaled}), which a cut folds into their norms first, and the streamed cut copies tensors as "
-                           "stored: cut in memory with --no-stream")
+    if all(scale == 1 for scale in scales):
+        return {}
+    before = scales_before(scales)
+    scalar, norms = arch.block_scalar
+    computed = {}
+    for new, old in enumerate(kept):
+        for name in (f"{layers}.{new}.{norm}.weight" for norm in norms):
+            if name in tensors:  # (a removed sublayer's norm is not written)
+                stored = weights.tensors([tensors[name].name])[tensors[name].name]
+                computed[name] = (stored.double() / before[old]).to(stored.dtype)
+        name = f"{layers}.{new}.{scalar}"
+        if name in tensors:
+            stored = weights.tensors([tensors[name].name])[tensors[name].name]
+            computed[name] = torch.ones_like(stored)
+    return computed
 
 
 def _check_tied_head(weights: SafetensorsFolder, config: Any, arch: Any) -> None:
@@ -138,7 +152,8 @@ def export_streamed_cut(cut: StreamedCut, tokenizer: Any, out: Path, *, record: 
     check_free_space(out, cut.nbytes, "the checkpoint")
     with staged_folder(out) as staging:
         digests = write_copied_folder(staging, cut.source, cut.config, cut.tensors, cut.result.parameters_after, tokenizer,
-                                      max_shard_size=max_shard_size, copy_from=copy_from, extra_files=extra_files)
+                                      max_shard_size=max_shard_size, copy_from=copy_from, extra_files=extra_files,
+                                      computed=cut.computed)
         diff = _check_folder(cut, staging, tokenizer, device)
         loader = "trust_remote_code" if getattr(cut.config, "surgery", None) else "transformers"
         verified = {"max_abs_logit_diff": diff, "loader": loader, "method": "streamed", "prompt": VERIFY_PROMPT,
@@ -149,18 +164,20 @@ def export_streamed_cut(cut: StreamedCut, tokenizer: Any, out: Path, *, record: 
 
 def write_copied_folder(folder: Path, source: Path, config: Any, tensors: dict[str, TensorInfo], parameters: int,
                         tokenizer: Any, *, max_shard_size: int, copy_from: Path | None = None,
-                        extra_files: dict[str, str] | None = None) -> dict[str, str]:
+                        extra_files: dict[str, str] | None = None, computed: dict[str, Any] | None = None) -> dict[str, str]:
     """A checkpoint whose every tensor is copied from `source` (tensors: name written -> source
-    tensor) into shards, each read back (check a), with config.json and generation_config.json as
+    tensor; `computed`: those written as given instead, of the same dtype and shape) into shards, each read back (check a), with config.json and generation_config.json as
     save_pretrained writes them for `config`, the tokenizer and the export's other files; the
     SHA-256 of each shard. The streamed cut and extract-text write this way."""
     from transformers import GenerationConfig
 
     weights = SafetensorsFolder(source)
     try:
-        digests = write_checkpoint_shards(folder, tensors, lambda info: weights.read(tensors[info.name].name),
-                                          lies_in=lambda info: tensors[info.name], max_shard_size=max_shard_size,
-                                          parameters=parameters, label="writing shards")
+        computed = computed or {}
+        digests = write_checkpoint_shards(folder, tensors, lambda info: [tensor_bytes(computed[info.name])] if info.name in computed
+                                          else weights.read(tensors[info.name].name),
+                                          lies_in=lambda info: None if info.name in computed else tensors[info.name],
+                                          max_shard_size=max_shard_size, parameters=parameters, label="writing shards")
     finally:
         weights.close()
     config.save_pretrained(folder)
