@@ -260,6 +260,7 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     from surgery.layerwise import load_config, skeleton
     from surgery.loading import check_device_options, resolve_device
     from surgery.memory import plan, safetensors_bytes
+    from surgery.scales import stored_block_scales
     from surgery.shards import SafetensorsFolder
     from surgery.source import resolve
     from surgery.sublayers import format_sublayers
@@ -291,9 +292,18 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
                                           f"{config.num_hidden_layers - len(attention)} {others})")
     for pattern in arch.fixed_patterns:
         table.add_row("layer pattern", _pattern_summary(pattern, stored, config.num_hidden_layers))
+    if (guard := arch.last_block_guard(stored)) is not None:
+        table.add_row("last layer", f"{arch.last_layer_type}, which transformers gives the last layer whatever the config "
+                                    f"lists: a cut must end on such a layer, and prune keeps {guard}")
+    weights = SafetensorsFolder(source.path) if safetensors_bytes(source.path) else None
+    names = weights.info if weights else {}
+    scales = stored_block_scales(weights, arch, config.num_hidden_layers) if weights else None
+    if scales:
+        table.add_row("block scales", f"{arch.block_scalar[0]} 1 in every block: nothing to fold" if set(scales) == {1.0} else
+                      f"{arch.block_scalar[0]} from {min(scales):g} to {max(scales):g}: folded into the norms that end each "
+                      "sublayer as the model loads, so a cut checkpoint holds 1 (docs/pruning.md)")
     table.add_row("weights", f"{found.weights / gib:.2f} GiB in {found.dtype}, largest block {max(found.blocks, default=0) / gib:.2f} GiB")
     method = quantization_method(source.path)
-    names = SafetensorsFolder(source.path).info if safetensors_bytes(source.path) else {}
     if mtp_layer_count(stored, names):
         table.add_row("multi-token prediction", _mtp_summary(names, stored, method))
     if method:

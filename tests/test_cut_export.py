@@ -599,3 +599,22 @@ def test_a_gemma4_cut_folds_the_block_scales_in_memory_and_streamed_alike(remove
     with torch.no_grad(), skipped(folded, parse_sublayers(removed)):
         expected = folded(tokens, use_cache=False).logits
         assert torch.allclose(load_exported(tmp_path / "--stream")(tokens, use_cache=False).logits, expected, atol=1e-5)
+
+
+def test_info_says_what_a_gemma4_cut_must_keep_and_that_its_block_scales_are_folded(tiny_folder, tmp_path, tokenizer):
+    """Before any cut, surgery info names the last layer a Gemma 4 cut must keep and the stored block
+    scales loading folds; a cut checkpoint holds 1 in every block; a family with neither gets no row."""
+    def info(folder):
+        result = run("info", folder, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.replace("│", " ").split())
+
+    source = tmp_path / "scaled"
+    scaled_gemma4(source, tokenizer)
+    said = info(source)
+    assert "last layer full_attention" in said and "prune keeps L5.attn" in said, said
+    assert "block scales layer_scalar from 0.6 to 1.1: folded into the norms" in said, said
+    assert run("cut", source, "--remove", "L1", "--out", tmp_path / "cut", "--device", "cpu").exit_code == 0
+    assert "block scales layer_scalar 1 in every block: nothing to fold" in info(tmp_path / "cut")
+    llama, _ = tiny_folder("llama", num_layers=4)
+    assert "last layer" not in info(llama) and "block scales" not in info(llama)
