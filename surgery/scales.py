@@ -14,9 +14,9 @@ from typing import Any
 from surgery.arch import Architecture, decoder_layers
 
 
-def fold_block_scalars(model: Any, arch: Architecture) -> bool:
+def fold_block_scalars(model: Any, arch: Architecture) -> None:
     """Fold the scale each block applies to the stream it returns (Architecture.block_scalar) into
-    the norms that end its sublayers, and set it to 1; True where one was not 1.
+    the norms that end its sublayers, and set it to 1.
 
     Block i returns s_i (h + a_i + m_i). Written as h_i = C_i g_i with C_i the product of the scales
     before block i, g_{i+1} = g_i + (a_i + m_i) / C_i: every norm reads its input's direction alone
@@ -25,12 +25,11 @@ def fold_block_scalars(model: Any, arch: Architecture) -> bool:
     to it, which is what removing a sublayer or a block assumes. Then removing a block removes
     what it adds, and the scale before it stays with the blocks after it."""
     if arch.block_scalar is None:
-        return False
+        return
     layers = decoder_layers(model, arch)
-    scales = [getattr(layer, arch.block_scalar[0]) for layer in layers]
-    for layer, before in zip(layers, scales_before([float(scale.prod()) for scale in scales])):
+    scales = [float(getattr(layer, arch.block_scalar[0]).prod()) for layer in layers]
+    for layer, before in zip(layers, scales_before(scales)):
         fold_block_scalar(layer, arch, before)
-    return any(bool((scale != 1).any()) for scale in scales)
 
 
 def stored_block_scales(weights: Any, arch: Architecture, layers: int) -> list[float] | None:
@@ -50,6 +49,12 @@ def scales_before(scales: list[float]) -> list[float]:
     return [math.prod(scales[:index]) for index in range(len(scales))]
 
 
+def folded_norm(weight: Any, before: float) -> Any:
+    """A sublayer's closing norm weight divided by C_i, the product of the scales before its block,
+    in a new tensor of its dtype: the one formula loading, block-by-block reading and the streamed cut share."""
+    return (weight.double() / before).to(weight.dtype)
+
+
 def fold_block_scalar(layer: Any, arch: Architecture, before: float) -> None:
     """Block `layer`'s share of fold_block_scalars, `before` being C_i: its sublayers' closing norms
     divided by it and its own scale set to 1, in new tensors (a block read block by block holds
@@ -61,6 +66,6 @@ def fold_block_scalar(layer: Any, arch: Architecture, before: float) -> None:
         if before != 1:
             for weight in (getattr(getattr(layer, norm), "weight", None) for norm in norms):
                 if weight is not None:  # (a removed sublayer's norm is gone)
-                    weight.data = (weight.double() / before).to(weight.dtype)
+                    weight.data = folded_norm(weight, before)
         scale = getattr(layer, name)
         setattr(layer, name, torch.ones_like(scale))

@@ -175,23 +175,26 @@ def tiny_model(model_type: str, num_layers: int = 4, seed: int = 0, **overrides:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, num_layers, **overrides), dtype=torch.float32)
-    if scaled_blocks(model):  # as surgery loads it (surgery.scales.fold_block_scalars)
-        from surgery.arch import architecture_of
+    if scaled_blocks(model):  # as surgery loads it
+        from surgery.arch import ARCHITECTURES
         from surgery.scales import fold_block_scalars
 
-        fold_block_scalars(model, architecture_of(model.config))
+        fold_block_scalars(model, ARCHITECTURES[model_type])
     return model.eval()
 
 
 def scaled_blocks(model: Any) -> bool:
-    """Give each block's output scale, where the family has one (Gemma 4's layer_scalar, which
-    checkpoints store), values apart from 1, as trained models have, so that a path that misses it
-    shows; True where there was one."""
-    layers = getattr(getattr(model, "model", None), "layers", [])
-    for index, layer in enumerate(layers):
-        if hasattr(layer, "layer_scalar"):
-            layer.layer_scalar.fill_(0.6 + 0.1 * index)
-    return any(hasattr(layer, "layer_scalar") for layer in layers)
+    """Give each block's output scale, where the family has one (Architecture.block_scalar: Gemma 4's
+    layer_scalar, which checkpoints store), values apart from 1, as trained models have, so that a
+    path that misses it shows; True where there was one."""
+    from surgery.arch import ARCHITECTURES, decoder_layers
+
+    arch = ARCHITECTURES[model.config.model_type]  # (the table entry alone: a test may build a variant surgery refuses)
+    if arch.block_scalar is None:
+        return False
+    for index, layer in enumerate(decoder_layers(model, arch)):
+        getattr(layer, arch.block_scalar[0]).fill_(0.6 + 0.1 * index)
+    return True
 
 
 _TOKENIZER_TEXT = (

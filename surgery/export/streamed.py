@@ -36,7 +36,7 @@ from surgery.export.checkpoint import (
     write_manifest,
 )
 from surgery.forward import VERIFY_PROMPT, count_parameters
-from surgery.scales import scales_before, stored_block_scales
+from surgery.scales import folded_norm, scales_before, stored_block_scales
 from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo, tensor_bytes, write_checkpoint_shards
 from surgery.sublayers import Sublayer
 
@@ -114,17 +114,12 @@ def _folded_scales(weights: SafetensorsFolder, arch: Any, scales: list[float], k
         return {}
     before = scales_before(scales)
     scalar, norms = arch.block_scalar
-    computed = {}
-    for new, old in enumerate(kept):
-        for name in (f"{layers}.{new}.{norm}.weight" for norm in norms):
-            if name in tensors:  # (a removed sublayer's norm is not written)
-                stored = weights.tensors([tensors[name].name])[tensors[name].name]
-                computed[name] = (stored.double() / before[old]).to(stored.dtype)
-        name = f"{layers}.{new}.{scalar}"
-        if name in tensors:
-            stored = weights.tensors([tensors[name].name])[tensors[name].name]
-            computed[name] = torch.ones_like(stored)
-    return computed
+    blocks = {f"{layers}.{new}.{norm}.weight": before[old] for new, old in enumerate(kept) for norm in norms}
+    scalars = {f"{layers}.{new}.{scalar}" for new in range(len(kept))}
+    wanted = [name for name in (*blocks, *scalars) if name in tensors]  # (a removed sublayer's norm is not written)
+    stored = weights.tensors([tensors[name].name for name in wanted])
+    return {name: torch.ones_like(stored[tensors[name].name]) if name in scalars else
+            folded_norm(stored[tensors[name].name], blocks[name]) for name in wanted}
 
 
 def _check_tied_head(weights: SafetensorsFolder, config: Any, arch: Any) -> None:
@@ -166,9 +161,10 @@ def write_copied_folder(folder: Path, source: Path, config: Any, tensors: dict[s
                         tokenizer: Any, *, max_shard_size: int, copy_from: Path | None = None,
                         extra_files: dict[str, str] | None = None, computed: dict[str, Any] | None = None) -> dict[str, str]:
     """A checkpoint whose every tensor is copied from `source` (tensors: name written -> source
-    tensor; `computed`: those written as given instead, of the same dtype and shape) into shards, each read back (check a), with config.json and generation_config.json as
-    save_pretrained writes them for `config`, the tokenizer and the export's other files; the
-    SHA-256 of each shard. The streamed cut and extract-text write this way."""
+    tensor; `computed`: those written as given instead, of the same dtype and shape) into shards,
+    each read back (check a), with config.json and generation_config.json as save_pretrained writes
+    them for `config`, the tokenizer and the export's other files; the SHA-256 of each shard. The
+    streamed cut and extract-text write this way."""
     from transformers import GenerationConfig
 
     weights = SafetensorsFolder(source)
