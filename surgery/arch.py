@@ -1,8 +1,9 @@
 """Architecture knowledge as data: where each family keeps its layers, attention, FFN/MoE and norms.
 
 A new model family needs one entry in `ARCHITECTURES`, no new code, when its decoder block has
-the shape `h = h + f(attn_part(h)); h = h + g(mlp_part(h))`: name the modules of each part (the
-sublayer itself and the norms that only serve it) and the config entries that are per-layer.
+the shape `h = h + f(attn_part(h)); h = h + g(mlp_part(h))`, or the parallel `h = h + f(attn_part(h)) +
+g(mlp_part(h))`: name the modules of each part (the sublayer itself and the norms that only serve
+it) and the config entries that are per-layer.
 Everything else in the package (ablation, cutting, scoring, healing, export) reads this table.
 A folder's config.json, the architecture as stored, is read here too (`read_config`): the checks
 made before any weight loads start from it.
@@ -94,6 +95,10 @@ class Architecture:
 
     attention_norms / mlp_norms: norms whose only job is to feed (pre-norm) or rescale
     (post-norm) that sublayer's output; they go together with the sublayer.
+    parallel: the block's FFN reads the block's input, as its attention does, and both outputs are
+    added to the stream together (Cohere), so the stream between them is no FFN's input: a block's
+    output is its input plus each sublayer's output, each computed from the input.
+    shared_norms: norms both sublayers of a parallel block read; they go only with the whole block.
     per_layer_config: config lists with one entry per layer (sliced when blocks go).
     layer_index_config: config lists of layer indices (renumbered when blocks go).
     moe_range_config: (start, end, interval) keys where the config places MoE blocks by rule alone,
@@ -112,8 +117,8 @@ class Architecture:
     The routing weights scale each expert's output, so a bridge folds into all of them; those a
     layer lacks (a dense layer has no experts) are skipped.
     gguf_arch: llama.cpp's architecture name, for families surgery.export.gguf_write writes.
-    refused_configs: (config key, value, why) for variants of a family whose block does not have
-    the shape above (StableLM's parallel residual: attention and FFN read the same input), the value
+    refused_configs: (config key, value, why) for variants of a family whose block the entry does
+    not describe (StableLM's parallel residual: attention and FFN read one norm), the value
     a predicate where one value does not say it (Gemma 4's layers that share another's KV cache).
     step_rule: layers transformers places by a config list and other runtimes by a step alone
     (StepRule); a cut sets the step the cut's list follows, and says so when it follows none.
@@ -239,6 +244,8 @@ class Architecture:
     pattern_configs: tuple[tuple[str, str], ...] = ()
     pattern_letters: tuple[tuple[str, str], ...] = ()
     linear_block_marker: tuple[str, str] | None = None
+    shared_norms: tuple[str, ...] = ()
+    parallel: bool = False
 
     def output_projections(self, kind: str, linear_block: bool = False) -> tuple[str, ...]:
         """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the
@@ -357,6 +364,9 @@ _SANDWICH_NORMS = dict(  # Gemma 2/3: a norm before and after each sublayer
     mlp_output=None,
 )
 _ATTENTION_ONLY_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Cohere: a parallel block, attention and FFN reading one normed input (the norm goes with the block)
+_COHERE = dict(attention_norms=(), mlp_norms=(), shared_norms=("input_layernorm",), parallel=True,
+               logit_multiplier_config="logit_scale")
 _UNGATED_LORA = (*_ATTENTION_ONLY_LORA, "up_proj", "down_proj")
 # OLMo 2/3, EXAONE 4: a norm on each sublayer's output instead of its input.
 _POST_NORM = replace(_LLAMA, attention_norms=("post_attention_layernorm",), mlp_norms=("post_feedforward_layernorm",),
@@ -442,7 +452,18 @@ ARCHITECTURES: dict[str, Architecture] = {
                        lora_targets=_UNGATED_LORA),
     "jais2": replace(_LLAMA, lora_targets=_UNGATED_LORA),
     "stablelm": replace(_LLAMA, refused_configs=(("use_parallel_residual", True, "attention and FFN read the same input "
-                                                  "(a parallel residual), so neither is a sublayer of the stream; only its sequential variant is"),)),
+                                                  "through one norm (a parallel residual), a block layout the family's table "
+                                                  "does not describe; only its sequential variant is"),)),
+    # Command R, R+ (cohere), Command R7B, A (cohere2) and Cohere's MoE (cohere2_moe): a parallel block,
+    # attention and FFN both read one normed input and add their outputs to the stream together, so
+    # each is still a sublayer that adds to it (the shared norm goes with the block). Cohere 2's
+    # full-attention layers have no rotary embedding, which llama.cpp places every 4th layer.
+    "cohere": replace(_LLAMA, **_COHERE),
+    "cohere2": replace(_LLAMA, **_COHERE, per_layer_config=("layer_types",),
+                       fixed_patterns=(FixedPattern("layer_types", "full_attention", 4, "llama.cpp", "full attention and no "
+                                                    "rotary embedding (a sliding window and rotary embedding to the others)"),)),
+    "cohere2_moe": replace(_MOE, **_COHERE, per_layer_config=("layer_types", "mlp_layer_types"),
+                           prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS),
     "nanochat": replace(_LLAMA, mlp_output="fc2", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
                         logit_softcap_config="final_logit_softcapping"),
     # VaultGemma: Gemma 2's block with a pre-norm only before each sublayer.

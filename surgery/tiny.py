@@ -67,6 +67,12 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "jais2": {},
     "nanochat": {},
     "stablelm": {"use_parallel_residual": False},  # StableLM 2 1.6B and 3B; the 12B's parallel variant is refused
+    # Cohere ties its output layer to the embeddings; Command R+ norms each head's queries and keys
+    "cohere": {"logit_scale": 0.5, "use_qk_norm": True, "tie_word_embeddings": True},
+    "cohere2": {"logit_scale": 0.5, "sliding_window": 8, "tie_word_embeddings": True, "layer_types": lambda layers: ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]},
+    "cohere2_moe": {"logit_scale": 0.5, "sliding_window": 8, "num_experts": 4, "num_experts_per_tok": 2, "num_shared_experts": 1,
+                    "prefix_dense_intermediate_size": 96, "intermediate_size": 32, "sliding_window_pattern": 2,
+                    "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1)},
     "vaultgemma": {"sliding_window": 8, "query_pre_attn_scalar": 16},
     "olmo3": {"sliding_window": 8},
     "exaone4": {"sliding_window": 8},

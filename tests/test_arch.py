@@ -18,10 +18,10 @@ def test_table_names_every_weighted_module_of_a_block(family):
     arch = architecture_of(model.config)
     for index, layer in enumerate(decoder_layers(model)):
         named = set(arch.sublayer_modules("attn", layer)) | set(arch.sublayer_modules("mlp", layer))
-        for name in named:
+        for name in named | set(arch.shared_norms):
             assert hasattr(layer, name), f"{family}: block {index} has no '{name}'"
         weighted = {name for name, child in layer.named_children() if any(True for _ in child.parameters())}
-        assert weighted <= named, f"{family}: modules with weights not in the table: {weighted - named}"
+        assert weighted <= named | set(arch.shared_norms), f"{family}: modules with weights not in the table: {weighted - named}"
         assert not set(arch.sublayer_modules("attn", layer)) & set(arch.sublayer_modules("mlp", layer))
     get_module(model, arch.final_norm)
     get_module(model, arch.lm_head)

@@ -73,7 +73,8 @@ def test_a_fold_scales_every_sublayer_output_exactly(family):
 
 
 @pytest.mark.parametrize("model_type, fit", [(family, "lstsq") for family in
-                                              ("llama", "granite", "phi3", "starcoder2", "mixtral", "qwen2_moe", "gpt_oss")]
+                                              ("llama", "granite", "phi3", "starcoder2", "mixtral", "qwen2_moe", "gpt_oss",
+                                               "cohere")]
                          + [("llama", "cosine")])
 def test_bridged_cut_is_closer_to_the_dense_stream_than_a_plain_cut(model_type, fit):
     """Blocks L2-L3 of six go; the stream entering the new L2 should match the dense stream entering
@@ -121,6 +122,27 @@ def test_the_fit_is_the_least_squares_solution():
     bridged = tiny_model("llama", num_layers=4)
     fit_and_fold(bridged, units, data)
     torch.testing.assert_close(bridged.model.layers[0].mlp.down_proj.weight, expected.weight, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["cohere", "cohere2"])
+def test_a_parallel_blocks_ffn_bridges_into_its_attention(model_type):
+    """In a parallel block both sublayers read the block's input: with L2's FFN gone, the block returns
+    its input plus the attention's output, which the fold into that attention's o_proj brings closer
+    to the dense block's output, by the share the fit reports."""
+    data = batches()
+    units = [Sublayer(2, "mlp")]
+    dense = tiny_model(model_type, num_layers=4)
+    dense_states = [capture_stream(dense, ids, [6])[0] for ids in data]
+    plain = tiny_model(model_type, num_layers=4)
+    cut(plain, units)
+    bridged = tiny_model(model_type, num_layers=4)
+    result = fit_and_fold(bridged, units, data)
+    cut(bridged, units)
+
+    assert [(b.run, b.into) for b in result.bridges] == [("L2.mlp", "L2.attn")]
+    plain_error, bridged_error = (stream_error(model, dense_states, 6, 6, data) for model in (plain, bridged))
+    assert bridged_error < plain_error
+    assert bridged_error / plain_error == pytest.approx(1 - result.bridges[0].explained, rel=1e-3, abs=1e-4)
 
 
 def test_attention_runs_fold_into_the_attention_before_them():

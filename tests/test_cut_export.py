@@ -331,14 +331,16 @@ def test_a_block_by_block_check_that_fails_leaves_nothing(tmp_path, tokenizer, m
 RUNTIME_PATTERNS = [("gemma3_text", {}, "layer_types", "full_attention", 6), ("gemma2", {}, "layer_types", "full_attention", 2),
                     ("gpt_oss", {}, "layer_types", "full_attention", 2), ("olmo3", {}, "layer_types", "full_attention", 4),
                     ("smollm3", {"no_rope_layer_interval": 4}, "no_rope_layers", 0, 4),
-                    ("llama4_text", {"no_rope_layer_interval": 4}, "no_rope_layers", 0, 4)]
+                    ("llama4_text", {"no_rope_layer_interval": 4}, "no_rope_layers", 0, 4),
+                    ("cohere2", {"layer_types": (["sliding_attention"] * 3 + ["full_attention"]) * 2}, "layer_types",
+                     "full_attention", 4)]
 
 
 @pytest.mark.parametrize("family, overrides, listed, marker, period", RUNTIME_PATTERNS)
 @pytest.mark.parametrize("whole", [True, False])
 def test_a_cut_says_when_its_layers_break_the_pattern_llama_cpp_fixes(family, overrides, listed, marker, period, whole,
                                                                      tiny_folder, tmp_path):
-    """llama.cpp gives full attention (Gemma 2 and 3, gpt-oss, OLMo 3) or no rotary embedding
+    """llama.cpp gives full attention (Gemma 2 and 3, gpt-oss, OLMo 3, Cohere 2) or no rotary embedding
     (SmolLM3, Llama 4) to every period-th layer whatever the checkpoint's list says: a cut that shifts
     them is written as transformers reads it and said to be wrong there; removing a whole period keeps
     the pattern, and nothing is said. The streamed cut says the same."""
@@ -617,4 +619,6 @@ def test_info_says_what_a_gemma4_cut_must_keep_and_that_its_block_scales_are_fol
     assert run("cut", source, "--remove", "L1", "--out", tmp_path / "cut", "--device", "cpu").exit_code == 0
     assert "block scales layer_scalar 1 in every block: nothing to fold" in info(tmp_path / "cut")
     llama, _ = tiny_folder("llama", num_layers=4)
-    assert "last layer" not in info(llama) and "block scales" not in info(llama)
+    assert "last layer" not in info(llama) and "block scales" not in info(llama) and "parallel blocks" not in info(llama)
+    cohere, _ = tiny_folder("cohere", num_layers=4)
+    assert "parallel blocks attention and FFN read one norm (input_layernorm)" in info(cohere)

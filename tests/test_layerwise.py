@@ -27,6 +27,7 @@ FAMILIES = {  # the output layer tied (SmolLM2), per-layer masks, a soft-cap, ex
     "qwen2_moe": {},
     "granite": {},
     "gemma4_text": {},  # per-layer head sizes (per_layer_config), experts beside every FFN, a scalar on each block's output
+    "cohere2": {},  # parallel blocks (attention and FFN read one norm), a logit scale, sliding layers
 }
 COALITIONS = [frozenset(c) for c in [(), (0,), (1,), (2,), (5,), (7,), (0, 1), (1, 2), (3, 5), (2, 3, 4), (6, 7),
                                      (5, 6, 7), (0, 7), (0, 1, 2, 3, 4, 5, 6, 7)]]

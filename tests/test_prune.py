@@ -448,3 +448,34 @@ def test_prune_keeps_gemma4s_last_block_which_transformers_runs_with_full_attent
     assert report["plan"]["removed_compact"] == "L3-L4" and "L5.attn" in report["plan"]["protected"]
     assert any(note.startswith("L5.attn kept, so that the last block stays") for note in report["plan"]["notes"])
     assert json.loads((out / "config.json").read_text())["layer_types"][-1] == "full_attention"
+
+
+def test_prune_scores_and_cuts_the_sublayers_of_cohere2s_parallel_blocks(tiny_folder, tmp_path, data_dir):
+    """Cohere 2's attention and FFN read one normed input and add to the stream together: Shapley
+    values from the prefix cache choose single sublayers, the cut replaces them by stand-ins and keeps
+    the shared norm, and the export computes what the source computes with those sublayers skipped."""
+    from surgery.export.checkpoint import load_exported
+    from surgery.loading import load_model
+    from surgery.sublayers import parse_sublayers
+    from tests.hooks import skipped
+
+    source, _ = tiny_folder("cohere2", num_layers=6)
+    out = tmp_path / "pruned"
+    result = run("prune", source, "--out", out, "--strategy", "shapley", "--granularity", "sublayer", "--remove", "3",
+                 "--no-bridge", "--data-dir", data_dir, *FAST, "--eval-tasks", "none")
+    assert result.exit_code == 0, result.output
+    removed = parse_sublayers(json.loads((out / "report.json").read_text())["plan"]["removed_compact"])
+    assert len(removed) == 3
+    pruned = load_exported(out)
+    whole = {unit.layer for unit in removed if unit.kind == "attn"} & {unit.layer for unit in removed if unit.kind == "mlp"}
+    assert len(pruned.model.layers) == 6 - len(whole)
+    halved = [layer for layer in pruned.model.layers if type(layer.self_attn).__name__ == "RemovedAttention"
+              or type(layer.mlp).__name__ == "RemovedMLP"]
+    assert len(halved) == len(removed) - 2 * len(whole) > 0
+    assert all(type(layer.input_layernorm).__name__ == "Cohere2LayerNorm" for layer in halved)  # the shared norm stays
+    tokens = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    dense = load_model(str(source), device="cpu").model
+    with torch.no_grad(), skipped(dense, removed):
+        expected = dense(tokens, use_cache=False).logits
+    with torch.no_grad():
+        assert torch.allclose(pruned(tokens, use_cache=False).logits, expected, atol=1e-5)

@@ -74,18 +74,24 @@ class LayerwiseResidualLoss(ValueFunction):
 
     def _reference_pass(self) -> None:
         """The stream before every position, block by block: a block's input; the block run with its
-        FFN left out (the mid-block stream); that stream run through the block with its attention left
-        out (the block's output: the same sum, attention not computed twice)."""
+        FFN left out (the mid-block stream); then the block's output, each sublayer computed once: the
+        mid-block stream run through the block with its attention left out, or in a parallel block,
+        whose FFN reads the block's input, the mid-block stream plus what the FFN alone adds to it."""
         hidden = [stream.hidden for stream in self._streams]
+        parallel = self.model.arch.parallel
         for index in range(self.model.num_layers):
             with self.model.block(index) as block:
                 for b in range(len(self._streams)):
-                    self._states.put(b, 2 * index, hidden[b])
+                    block_input = hidden[b]
+                    self._states.put(b, 2 * index, block_input)
                     with self._without(index, {"mlp"}):
-                        hidden[b] = self._run(block, index, b, hidden[b])
+                        hidden[b] = self._run(block, index, b, block_input)
                     self._states.put(b, 2 * index + 1, hidden[b])
                     with self._without(index, {"attn"}):
-                        hidden[b] = self._run(block, index, b, hidden[b])
+                        if parallel:
+                            hidden[b] = hidden[b] + (self._run(block, index, b, block_input) - block_input)
+                        else:
+                            hidden[b] = self._run(block, index, b, hidden[b])
         for b in range(len(self._streams)):
             self._states.put(b, self.num_players, hidden[b])
         self._values[frozenset()] = self._losses([hidden])[0]
