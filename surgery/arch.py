@@ -652,6 +652,10 @@ TEXT_DECODER_AS = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen3_
 # multimodal families released with the text decoder's settings at the top of config.json (which
 # transformers builds their text_config from) -> that text config's model type
 FLAT_TEXT_CONFIGS = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text"}
+# multimodal families whose model leaves out its text decoder's logit multiplier (transformers'
+# Cohere2Vision and AyaVision apply no logit_scale, which Cohere's causal-LM classes do): their
+# decoder is written with the multiplier 1, so that it computes on text what the model computes
+UNSCALED_LOGITS = frozenset({"cohere2_vision", "aya_vision"})
 
 
 def multimodal_text_config(config: Any) -> Any:

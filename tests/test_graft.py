@@ -1,7 +1,7 @@
 """`surgery graft`: a cut text decoder put back into the multimodal checkpoint `extract-text` took it
-from (tiny Gemma 3, Mistral 3, Llama 4 and Qwen3.5 built from configs, saved by transformers), so
-that the image-text model keeps its vision tower; and what is not such a decoder is refused in one
-line before anything is written."""
+from (tiny Gemma 3, Mistral 3, Llama 4, Qwen3.5 and Command A Vision built from configs, saved by
+transformers), so that the image-text model keeps its vision tower; and what is not such a decoder is
+refused in one line before anything is written."""
 
 import json
 
@@ -11,7 +11,18 @@ from safetensors.torch import load_file, save_file
 
 from surgery.export.checkpoint import read_manifest
 from tests.cli import one_line, run
-from tests.test_text_decoder import VOCAB, gemma3, gemma4, llama4, mistral3, multimodal_source, qwen2_5_vl, qwen3_5, qwen3_vl
+from tests.test_text_decoder import (
+    VOCAB,
+    cohere2_vision,
+    gemma3,
+    gemma4,
+    llama4,
+    mistral3,
+    multimodal_source,
+    qwen2_5_vl,
+    qwen3_5,
+    qwen3_vl,
+)
 
 
 def tensors(folder):
@@ -47,7 +58,8 @@ def with_decoder(model, decoder_folder):
 @pytest.mark.parametrize("make, layout, removed", [(gemma3, "legacy", ["layer_types", "num_hidden_layers"]),
                                                    (gemma3, "newer", ["layer_types", "num_hidden_layers"]),
                                                    (mistral3, "legacy", ["num_hidden_layers"]),
-                                                   (mistral3, "newer", ["num_hidden_layers"])])
+                                                   (mistral3, "newer", ["num_hidden_layers"]),
+                                                   (cohere2_vision, "newer", ["layer_types", "num_hidden_layers"])])
 @torch.no_grad()
 def test_the_grafted_model_sees_images_with_the_cut_decoder(make, layout, removed, tmp_path, tokenizer):
     from transformers import AutoModelForImageTextToText

@@ -62,6 +62,37 @@ def mistral3(folder, tokenizer):
     return save(Mistral3ForConditionalGeneration(config), folder, tokenizer)
 
 
+def cohere2_vision(folder, tokenizer, aya=False):
+    """Command A Vision's layout (Aya Vision's with `aya`): Cohere 2's parallel decoder (tied output
+    layer) beside a SigLIP tower, under transformers' own names. Neither model applies the decoder's
+    logit scale, which the text-only class does: the decoder is written with a scale of 1."""
+    from transformers import (
+        AyaVisionConfig,
+        AyaVisionForConditionalGeneration,
+        Cohere2Config,
+        Cohere2VisionConfig,
+        Cohere2VisionForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+    text = Cohere2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, sliding_window=8, logit_scale=0.5, eos_token_id=2,
+                         layer_types=["sliding_attention", "full_attention"] * 2)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                                patch_size=8)
+    if aya:
+        config = AyaVisionConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=VOCAB - 1,
+                                 adapter_layer_norm_eps=1e-6, alignment_intermediate_size=64)
+        return save(AyaVisionForConditionalGeneration(config), folder, tokenizer)
+    config = Cohere2VisionConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_id=VOCAB - 1,
+                                 alignment_intermediate_size=64)
+    return save(Cohere2VisionForConditionalGeneration(config), folder, tokenizer)
+
+
+def aya_vision(folder, tokenizer):
+    return cohere2_vision(folder, tokenizer, aya=True)
+
+
 def llama4(folder, tokenizer):
     """Llama 4 Scout's layout: routed and shared experts (Maverick's interleaved dense FFNs in the
     tiny config), chunked attention, an untied output layer."""
@@ -208,7 +239,8 @@ def renamed_to_the_newer_layout(folder):
                                                   (mistral3, "mistral", "legacy"), (mistral3, "mistral", "newer"),
                                                   (llama4, "llama4_text", "legacy"), (qwen2_5_vl, "qwen2", "released"),
                                                   (qwen2_5_vl, "qwen2", "class names"), (qwen2_vl, "qwen2", "released"),
-                                                  (qwen2_5_vl, "qwen2", "flat config"), (qwen3_vl, "qwen3", "released")])
+                                                  (qwen2_5_vl, "qwen2", "flat config"), (qwen3_vl, "qwen3", "released"),
+                                                  (cohere2_vision, "cohere2", "newer"), (aya_vision, "cohere2", "newer")])
 @torch.no_grad()
 def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(make, family, layout, tmp_path, tokenizer):
     """Each family's decoder, in each name layout, written as its text-only family (Qwen2.5-VL's as
@@ -227,13 +259,17 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
          {"vision_model" if family == "llama4_text" else "vision_tower", "multi_modal_projector"})
 
     config = json.loads((tmp_path / "text" / "config.json").read_text())
-    assert config["model_type"] == family and config["tie_word_embeddings"] == (make in (gemma3, gemma4, qwen2_vl, qwen3_vl))
+    assert config["model_type"] == family and config["tie_word_embeddings"] == (make in (gemma3, gemma4, qwen2_vl, qwen3_vl,
+                                                                                          cohere2_vision, aya_vision))
     if make is gemma4:  # the released words, beside the ones transformers saves
         assert (config["global_head_dim"], config["num_global_key_value_heads"]) == (32, 1) and "per_layer_config" in config
     assert "mrope_section" not in json.dumps(config)
+    if family == "cohere2":
+        assert config["logit_scale"] == 1.0
     text = AutoModelForCausalLM.from_pretrained(tmp_path / "text").eval()  # as users load it: the family's own class
     assert type(text).__name__ == {"gemma3_text": "Gemma3ForCausalLM", "gemma4_text": "Gemma4ForCausalLM", "mistral": "MistralForCausalLM",
-                                   "llama4_text": "Llama4ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
+                                   "llama4_text": "Llama4ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                                   "cohere2": "Cohere2ForCausalLM"}[family]
     ids = torch.randint(3, VOCAB - 5, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(text(ids).logits, model(input_ids=ids).logits, atol=1e-5)
     sources = {name for name in load_file(source / "model.safetensors") if not any(part in name for part in ("vision", "projector", "visual"))}
@@ -278,8 +314,8 @@ def test_bad_input_for_extract_text_is_one_line_and_writes_nothing(tmp_path, tok
     assert "a source model is never written to" in one_line(run("extract-text", source, "--out", source, "--force"))
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
     config = json.loads((source / "config.json").read_text())
-    (source / "config.json").write_text(json.dumps({**config, "text_config": {**config["text_config"], "model_type": "cohere2"}}))
-    assert "its text decoder is 'cohere2', which surgery does not support" in one_line(
+    (source / "config.json").write_text(json.dumps({**config, "text_config": {**config["text_config"], "model_type": "falcon"}}))
+    assert "its text decoder is 'falcon', which surgery does not support" in one_line(
         run("extract-text", source, "--out", tmp_path / "out"))
     (source / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
     assert "is stored fp8-quantised" in one_line(run("extract-text", source, "--out", tmp_path / "out"))

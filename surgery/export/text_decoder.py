@@ -23,6 +23,7 @@ from typing import Any
 
 from surgery.arch import (
     ARCHITECTURES,
+    UNSCALED_LOGITS,
     base_model_type,
     mtp_layer_count,
     mtp_modules,
@@ -84,6 +85,8 @@ def prepare_text_decoder(folder: Path, trust_remote_code: bool = False) -> TextD
     weights = SafetensorsFolder(folder, "extract-text reads safetensors weights only: convert them first")
     stored = weights.main_dtype()
     config = as_text_family(_text_config(folder, data, trust_remote_code), family)
+    if base_model_type(data) in UNSCALED_LOGITS:
+        setattr(config, ARCHITECTURES[family].logit_multiplier_config, 1.0)
     config.tie_word_embeddings = _tied(folder, data, weights)
     config.dtype = TORCH_DTYPES[stored]
     model = skeleton(config, getattr(torch, TORCH_DTYPES[stored]))
