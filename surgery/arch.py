@@ -97,7 +97,8 @@ class Architecture:
     (post-norm) that sublayer's output; they go together with the sublayer.
     parallel: the block's FFN reads the block's input, as its attention does, and both outputs are
     added to the stream together (Cohere), so the stream between them is no FFN's input: a block's
-    output is its input plus each sublayer's output, each computed from the input.
+    output is its input plus each sublayer's output, each computed from the input. A config key
+    where the config says which (GPT-NeoX's use_parallel_residual); `parallel_blocks` reads it.
     shared_norms: norms both sublayers of a parallel block read; they go only with the whole block.
     per_layer_config: config lists with one entry per layer (sliced when blocks go).
     layer_index_config: config lists of layer indices (renumbered when blocks go).
@@ -245,7 +246,7 @@ class Architecture:
     pattern_letters: tuple[tuple[str, str], ...] = ()
     linear_block_marker: tuple[str, str] | None = None
     shared_norms: tuple[str, ...] = ()
-    parallel: bool = False
+    parallel: bool | str = False
 
     def output_projections(self, kind: str, linear_block: bool = False) -> tuple[str, ...]:
         """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the
@@ -279,6 +280,10 @@ class Architecture:
                 **({"companions": {kind: [module for module, _ in self.companions(kind)] for kind in ("attn", "mlp")
                                    if self.companions(kind)}} if self.attention_companions or self.mlp_companions else {}),
                 **({"companion_outputs": dict(self.companion_outputs)} if self.companion_outputs else {})}
+
+    def parallel_blocks(self, config: Any) -> bool:
+        """Whether `config`'s blocks are parallel (see `parallel`)."""
+        return bool(config_value(config, self.parallel)) if isinstance(self.parallel, str) else self.parallel
 
     def runtime_period(self, config: Any) -> int | None:
         """The period of the first pattern a runtime fixes (fixed_patterns) that `config` follows, for
@@ -364,9 +369,9 @@ _SANDWICH_NORMS = dict(  # Gemma 2/3: a norm before and after each sublayer
     mlp_output=None,
 )
 _ATTENTION_ONLY_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
-# Cohere: a parallel block, attention and FFN reading one normed input (the norm goes with the block)
-_COHERE = dict(attention_norms=(), mlp_norms=(), shared_norms=("input_layernorm",), parallel=True,
-               logit_multiplier_config="logit_scale")
+# Cohere, Phi-2: a parallel block, attention and FFN reading one normed input (the norm goes with the block)
+_PARALLEL = dict(attention_norms=(), mlp_norms=(), shared_norms=("input_layernorm",), parallel=True)
+_COHERE = dict(**_PARALLEL, logit_multiplier_config="logit_scale")
 _UNGATED_LORA = (*_ATTENTION_ONLY_LORA, "up_proj", "down_proj")
 # OLMo 2/3, EXAONE 4: a norm on each sublayer's output instead of its input.
 _POST_NORM = replace(_LLAMA, attention_norms=("post_attention_layernorm",), mlp_norms=("post_feedforward_layernorm",),
@@ -458,6 +463,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     # attention and FFN both read one normed input and add their outputs to the stream together, so
     # each is still a sublayer that adds to it (the shared norm goes with the block). Cohere 2's
     # full-attention layers have no rotary embedding, which llama.cpp places every 4th layer.
+    # GPT-NeoX (Pythia): parallel where use_parallel_residual says so (its default), each sublayer with its own norm
+    "gpt_neox": replace(_LLAMA, layers="gpt_neox.layers", attention="attention", final_norm="gpt_neox.final_layer_norm",
+                        attention_output="dense", mlp_output="dense_4h_to_h", parallel="use_parallel_residual",
+                        lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
+    # Phi-1, 1.5 and 2: a parallel block as Cohere's, LayerNorms, an output layer with a bias
+    "phi": replace(_LLAMA, **_PARALLEL, final_norm="model.final_layernorm", attention_output="dense", mlp_output="fc2",
+                   lora_targets=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),
     "cohere": replace(_LLAMA, **_COHERE),
     "cohere2": replace(_LLAMA, **_COHERE, per_layer_config=("layer_types",),
                        fixed_patterns=(FixedPattern("layer_types", "full_attention", 4, "llama.cpp", "full attention and no "

@@ -290,9 +290,10 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
         others = "hold another mixer" if arch.single_mixer else "hold linear attention"
         table.add_row("attention blocks", f"{', '.join(f'L{i}' for i in attention) or 'none'} (the other "
                                           f"{config.num_hidden_layers - len(attention)} {others})")
-    if arch.shared_norms:
-        table.add_row("parallel blocks", f"attention and FFN read one norm ({', '.join(arch.shared_norms)}) and add to the "
-                                         "stream together: each is a sublayer, and the norm goes only with its block")
+    if arch.parallel_blocks(stored):
+        shared = f" through one norm ({', '.join(arch.shared_norms)}), which goes only with its block," if arch.shared_norms else ""
+        table.add_row("parallel blocks", f"attention and FFN read the block's input{shared} and add to the stream together: "
+                                         "each is a sublayer")
     for pattern in arch.fixed_patterns:
         table.add_row("layer pattern", _pattern_summary(pattern, stored, config.num_hidden_layers))
     if (guard := arch.last_block_guard(stored)) is not None:

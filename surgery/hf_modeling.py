@@ -56,8 +56,9 @@ class RemovedAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
-        keep_cache_length(past_key_values, self.layer_idx, hidden_states)
+    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, layer_past=None, **kwargs):
+        keep_cache_length(past_key_values if past_key_values is not None else layer_past,  # (GPT-NeoX's name)
+                          self.layer_idx, hidden_states)
         return torch.zeros_like(hidden_states), None
 
 
@@ -209,13 +210,15 @@ def surgery_classes(base_model_type: str) -> tuple[type, type]:
              "is_custom_code": classmethod(is_custom_code)},
         )
         _share_weight_conversions(base_model_type, config_class.model_type)
+        _share_weight_conversions(base_model.__name__, model_class.__name__)  # (GPT-NeoX's are its class's)
         _CLASSES[base_model_type] = (config_class, model_class)
     return _CLASSES[base_model_type]
 
 
 def _share_weight_conversions(base_model_type: str, model_type: str) -> None:
-    """Give the surgery model type the family's checkpoint key conversions (MoE experts are
-    stored per expert on disk and fused in memory); without them MoE weights would not load."""
+    """Give the surgery model type (or class) the family's (or its class's) checkpoint key conversions
+    (MoE experts are stored per expert on disk and fused in memory; GPT-NeoX's output layer is stored
+    as embed_out); without them those weights would not load."""
     try:
         from transformers import conversion_mapping
     except ImportError:  # transformers without conversions: keys are stored as they are

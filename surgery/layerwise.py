@@ -359,10 +359,11 @@ class LayerwiseModel:
         import torch
         import torch.nn.functional as F
 
-        name = f"{self.arch.lm_head}.weight"
+        head = saved_path(self.model, self.arch.lm_head)  # (GPT-NeoX's files call it embed_out)
+        name = f"{head}.weight"
         if name not in self.weights:  # tied to the input embedding
             name = self._path_of(self.model.get_input_embeddings()) + "weight"
-        bias = f"{self.arch.lm_head}.bias"
+        bias = f"{head}.bias"
         vocabulary, rows = self.weights.info[name].shape[0], rows or self.head_rows
         hiddens = [hidden.to(self.device, self.dtype) for hidden in hiddens]
         for start in range(0, vocabulary, rows):

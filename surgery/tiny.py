@@ -67,6 +67,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "jais2": {},
     "nanochat": {},
     "stablelm": {"use_parallel_residual": False},  # StableLM 2 1.6B and 3B; the 12B's parallel variant is refused
+    "gpt_neox": {"rotary_pct": 0.5},  # Pythia: a parallel block, part of each head rotated
+    "phi": {"partial_rotary_factor": 0.5, "qk_layernorm": True},  # Phi-2 rotates part of each head; qk_layernorm as some variants
     # Cohere ties its output layer to the embeddings; Command R+ norms each head's queries and keys
     "cohere": {"logit_scale": 0.5, "use_qk_norm": True, "tie_word_embeddings": True},
     "cohere2": {"logit_scale": 0.5, "sliding_window": 8, "tie_word_embeddings": True, "layer_types": lambda layers: ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]},

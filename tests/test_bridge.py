@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgery.arch import ARCHITECTURES
+from surgery.arch import ARCHITECTURES, decoder_layers
 from surgery.bridge import RIDGE, _fold, fit_and_fold, output_weights, plan_bridges
 from surgery.cut import cut
 from surgery.forward import capture_stream
@@ -52,7 +52,7 @@ def test_a_fold_scales_every_sublayer_output_exactly(family):
     ids = batches(1)[0]
     model = tiny_model(family, num_layers=4, **FOLDING_CONFIG.get(family, {}))
     arch = ARCHITECTURES[family]
-    layers = model.model.layers
+    layers = decoder_layers(model)
     foldable = []
     for position in range(2, 8):  # L1 and later (DeepSeek and GLM-MoE start with dense blocks)
         unit = Sublayer.at(position)
@@ -124,7 +124,7 @@ def test_the_fit_is_the_least_squares_solution():
     torch.testing.assert_close(bridged.model.layers[0].mlp.down_proj.weight, expected.weight, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("model_type", ["cohere", "cohere2"])
+@pytest.mark.parametrize("model_type", ["cohere", "cohere2", "phi"])
 def test_a_parallel_blocks_ffn_bridges_into_its_attention(model_type):
     """In a parallel block both sublayers read the block's input: with L2's FFN gone, the block returns
     its input plus the attention's output, which the fold into that attention's o_proj brings closer

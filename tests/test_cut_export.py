@@ -92,11 +92,12 @@ def test_sublayer_removal_loads_both_ways_without_the_removed_weights(family, tm
     assert config["model_type"] == f"surgery_{family}"
     assert config["surgery"]["removed"] == {"attn": [0], "mlp": [2]}
     names = weight_names(out)
-    assert not any(n.startswith("model.layers.0.self_attn.") for n in names)
-    mlp = ARCHITECTURES[family].mlp  # (Llama 4: feed_forward)
-    assert not any(n.startswith((f"model.layers.2.{mlp}.", "model.layers.2.block_sparse_moe.")) for n in names)
-    assert not any(n.startswith("model.layers.3.") for n in names)
-    assert any(n.startswith(f"model.layers.0.{mlp}.") or "layers.0.block_sparse_moe" in n for n in names)
+    arch = ARCHITECTURES[family]
+    layers, mlp = arch.layers, arch.mlp  # (GPT-NeoX: gpt_neox.layers; Llama 4: feed_forward)
+    assert not any(n.startswith(f"{layers}.0.{arch.attention}.") for n in names)
+    assert not any(n.startswith((f"{layers}.2.{mlp}.", f"{layers}.2.block_sparse_moe.")) for n in names)
+    assert not any(n.startswith(f"{layers}.3.") for n in names)
+    assert any(n.startswith(f"{layers}.0.{mlp}.") or "layers.0.block_sparse_moe" in n for n in names)
 
     for via in ("package", "remote-code"):
         reloaded = load_exported(out, via=via)
@@ -619,6 +620,19 @@ def test_info_says_what_a_gemma4_cut_must_keep_and_that_its_block_scales_are_fol
     assert run("cut", source, "--remove", "L1", "--out", tmp_path / "cut", "--device", "cpu").exit_code == 0
     assert "block scales layer_scalar 1 in every block: nothing to fold" in info(tmp_path / "cut")
     llama, _ = tiny_folder("llama", num_layers=4)
-    assert "last layer" not in info(llama) and "block scales" not in info(llama) and "parallel blocks" not in info(llama)
-    cohere, _ = tiny_folder("cohere", num_layers=4)
-    assert "parallel blocks attention and FFN read one norm (input_layernorm)" in info(cohere)
+    assert "last layer" not in info(llama) and "block scales" not in info(llama)
+
+
+def test_info_says_when_blocks_are_parallel_as_the_config_makes_them(tiny_folder):
+    """Cohere's blocks are parallel with one shared norm, GPT-NeoX's where use_parallel_residual says
+    so, Llama's never."""
+    def info(family, **overrides):
+        folder, _ = tiny_folder(family, num_layers=4, **overrides)
+        result = run("info", folder, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.replace("│", " ").split())
+
+    assert "parallel blocks attention and FFN read the block's input through one norm (input_layernorm)" in info("cohere")
+    assert "parallel blocks attention and FFN read the block's input and add" in info("gpt_neox")
+    assert "parallel blocks" not in info("gpt_neox", use_parallel_residual=False)
+    assert "parallel blocks" not in info("llama")

@@ -28,6 +28,8 @@ FAMILIES = {  # the output layer tied (SmolLM2), per-layer masks, a soft-cap, ex
     "granite": {},
     "gemma4_text": {},  # per-layer head sizes (per_layer_config), experts beside every FFN, a scalar on each block's output
     "cohere2": {},  # parallel blocks (attention and FFN read one norm), a logit scale, sliding layers
+    "gpt_neox": {},  # parallel as its config says (use_parallel_residual), an output layer stored as embed_out
+    "gpt_neox sequential": dict(use_parallel_residual=False),  # the same family with sequential blocks
 }
 COALITIONS = [frozenset(c) for c in [(), (0,), (1,), (2,), (5,), (7,), (0, 1), (1, 2), (3, 5), (2, 3, 4), (6, 7),
                                      (5, 6, 7), (0, 7), (0, 1, 2, 3, 4, 5, 6, 7)]]
@@ -44,10 +46,10 @@ def saved(family, folder, dtype=torch.float32, **overrides):
     return model
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("case", sorted(FAMILIES))
 @torch.no_grad()
-def test_layer_by_layer_values_and_stream_are_the_in_memory_ones(family, tmp_path):
-    model = saved(family, tmp_path, **FAMILIES[family])
+def test_layer_by_layer_values_and_stream_are_the_in_memory_ones(case, tmp_path):
+    model = saved(case.split()[0], tmp_path, **FAMILIES[case])
     data = batches()
     expected = ResidualLoss(model, data)
     layerwise = LayerwiseModel(tmp_path)

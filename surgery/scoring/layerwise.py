@@ -78,7 +78,7 @@ class LayerwiseResidualLoss(ValueFunction):
         mid-block stream run through the block with its attention left out, or in a parallel block,
         whose FFN reads the block's input, the mid-block stream plus what the FFN alone adds to it."""
         hidden = [stream.hidden for stream in self._streams]
-        parallel = self.model.arch.parallel
+        parallel = self.model.arch.parallel_blocks(self.model.config)
         for index in range(self.model.num_layers):
             with self.model.block(index) as block:
                 for b in range(len(self._streams)):
