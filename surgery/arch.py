@@ -497,6 +497,27 @@ ARCHITECTURES: dict[str, Architecture] = {
                            lora_may_lack=(_OLMO_LINEAR_LORA,)),
     "exaone4": replace(_POST_NORM, per_layer_config=("layer_types",),  # llama.cpp: windows only for the 64-layer 32B
                        fixed_patterns=(FixedPattern("layer_types", "full_attention", 4, "llama.cpp", _FULL, only_at=64),)),
+    # NVIDIA's Nemotron-4 and Minitron: Llama's block with an ungated squared-ReLU FFN and LayerNorm1P
+    "nemotron": replace(_LLAMA, lora_targets=_UNGATED_LORA),
+    # Granite with sliding-window layers, each layer its own RoPE base (layer_rope_theta)
+    "granite_swa": replace(_LLAMA, logit_divisor_config="logits_scaling", per_layer_config=("layer_types", "layer_rope_theta")),
+    "granitemoe_swa": replace(_MOE, mlp="block_sparse_moe", logit_divisor_config="logits_scaling",
+                              per_layer_config=("layer_types", "layer_rope_theta")),
+    # Granite 3 MoE with a shared MLP beside the routed experts (shared_mlp, absent where its size is 0)
+    "granitemoeshared": replace(_MOE, mlp="block_sparse_moe", logit_divisor_config="logits_scaling",
+                                mlp_companions=(("shared_mlp", "output_linear"),)),
+    # FlexOlmo: OLMo 2's norms on each sublayer's output, an MoE FFN
+    "flex_olmo": replace(_MOE, attention_norms=("post_attention_layernorm",), mlp_norms=("post_feedforward_layernorm",),
+                         attention_output=None, moe_outputs=()),
+    # DeepSeek-V3.2: V3's layout (its query always factored) with an indexer (sparse attention) inside each
+    # attention, which goes with it
+    "deepseek_v32": replace(_MOE, per_layer_config=("mlp_layer_types", "layer_types"), prefix_count_config=("first_k_dense_replace",),
+                            moe_outputs=_SHARED_EXPERTS, lora_targets=_MLA_ONLY_LORA + ("o_proj",)),
+    # Hunyuan 3, MiMo-V2-Flash, Laguna: dense FFNs then routed experts, each layer's kind listed
+    "hy_v3": replace(_MOE, per_layer_config=("mlp_layer_types",), moe_outputs=_SHARED_EXPERTS),
+    "mimo_v2_flash": replace(_MOE, per_layer_config=("layer_types", "mlp_layer_types"), moe_outputs=("experts.down_proj", "down_proj")),
+    "laguna": replace(_MOE, per_layer_config=("layer_types", "num_attention_heads_per_layer", "mlp_layer_types"),
+                      moe_outputs=_SHARED_EXPERTS),
     "mixtral": _MOE,
     "qwen2_moe": replace(_QWEN_MOE, per_layer_config=("layer_types",)),  # its max_window_layers is no prefix count
     "qwen3_moe": _QWEN_MOE,
