@@ -219,6 +219,7 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
     """Make every per-layer config entry describe the surviving blocks, and say where they break a
     layer pattern a runtime fixes that the source followed."""
     check_last_layer(config, arch, kept)
+    _say_unknown_layer_lists(config, arch, old_count)
     followed = [p for p in arch.fixed_patterns if p.broken(config) is None]
     if arch.sparse_step_config:
         _materialise_sparse_step(config, arch, old_count)
@@ -246,6 +247,21 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
         _set_step(config, arch.step_rule)
     for pattern in followed:
         _say_broken(config, pattern)
+
+
+def _say_unknown_layer_lists(config: Any, arch: Architecture, old_count: int) -> None:
+    """Say which config lists hold one entry per layer without the family's entry naming them (a
+    release may carry keys only another runtime reads): the cut writes them as they were, which a
+    reader that takes them per layer would misplace."""
+    from surgery.console import console
+
+    known = {*arch.per_layer_config, *arch.layer_index_config}
+    for key, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == old_count and key not in known:
+            console.print(f"config.json's {key} has one entry for each of the {old_count} layers and surgery's "
+                          f"{base_model_type(config)} entry does not name it: it is written as it was, which a runtime "
+                          f"that reads it per layer would misplace; if it is per layer, add it to per_layer_config in "
+                          "surgery/arch.py")
 
 
 def _layer_overrides(config: Any) -> dict[int, dict[str, Any]]:

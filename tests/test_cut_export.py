@@ -636,3 +636,22 @@ def test_info_says_when_blocks_are_parallel_as_the_config_makes_them(tiny_folder
     assert "parallel blocks attention and FFN read the block's input and add" in info("gpt_neox")
     assert "parallel blocks" not in info("gpt_neox", use_parallel_residual=False)
     assert "parallel blocks" not in info("llama")
+
+
+def test_a_cut_says_which_per_layer_config_lists_it_does_not_know(tiny_folder, tmp_path):
+    """A release may carry a list only another runtime reads, one entry per layer: the cut cannot know
+    whether to slice it, so it writes it as it was and says so, in memory and streamed; a config whose
+    per-layer lists the family's entry names (Qwen2's layer_types) gets no word."""
+    source, _ = tiny_folder("llama", num_layers=4)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "runtime_head_dims": [16, 16, 32, 32]}))
+    for stream in ("--stream", "--no-stream"):
+        out = tmp_path / f"cut{stream}"
+        result = run("cut", source, "--remove", "L1", "--out", out, stream, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        said = " ".join(result.output.split())
+        assert "config.json's runtime_head_dims has one entry for each of the 4 layers" in said, said
+        assert json.loads((out / "config.json").read_text())["runtime_head_dims"] == [16, 16, 32, 32]
+    qwen, _ = tiny_folder("qwen2", num_layers=4)
+    result = run("cut", qwen, "--remove", "L1", "--out", tmp_path / "qwen", "--device", "cpu")
+    assert result.exit_code == 0 and "one entry for each" not in result.output
