@@ -509,6 +509,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     # FlexOlmo: OLMo 2's norms on each sublayer's output, an MoE FFN
     "flex_olmo": replace(_MOE, attention_norms=("post_attention_layernorm",), mlp_norms=("post_feedforward_layernorm",),
                          attention_output=None, moe_outputs=()),
+    # Arcee's AFMoE (Trinity): a norm before and after each sublayer, dense FFNs first (num_dense_layers); LoRA
+    # on the attention (peft refuses gate_proj, its output gate's name, as the experts fuse one of that name)
+    "afmoe": replace(_MOE, attention_norms=("input_layernorm", "post_attention_layernorm"),
+                     mlp_norms=("pre_mlp_layernorm", "post_mlp_layernorm"), attention_output=None, moe_outputs=(),
+                     per_layer_config=("layer_types",), prefix_count_config=("num_dense_layers",)),
     # DeepSeek-V3.2: V3's layout (its query always factored) with an indexer (sparse attention) inside each
     # attention, which goes with it
     "deepseek_v32": replace(_MOE, per_layer_config=("mlp_layer_types", "layer_types"), prefix_count_config=("first_k_dense_replace",),
