@@ -442,7 +442,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "smollm3": replace(_LLAMA, per_layer_config=("layer_types", "no_rope_layers"),
                        fixed_patterns=(FixedPattern("no_rope_layers", 0, 4, "llama.cpp", _NO_ROPE),)),
     "starcoder2": replace(_LLAMA, mlp_output="c_proj", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")),
-    # Llama's block under other names: ERNIE 4.5, Seed-OSS, Hunyuan, Helium, Ministral 3.
+    # Llama's block under other names: ERNIE 4.5, Seed-OSS, Hunyuan, Helium, Ministral 3, InternLM 3,
+    # IQuest-Coder (the last two run by transformers' Llama classes).
+    "internlm3": _LLAMA,
+    "iquestcoder": _LLAMA,
+    # Youtu-LLM: Llama's block with DeepSeek's latent attention, the query factored or not
+    "youtu": replace(_LLAMA, lora_targets=(*_LATENT_ATTENTION_LORA, "gate_proj", "up_proj", "down_proj"),
+                     lora_may_lack=QUERY_LAYOUTS),
     "ernie4_5": _LLAMA,
     "seed_oss": _LLAMA,
     "hunyuan_v1_dense": _LLAMA,

@@ -174,8 +174,9 @@ def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
     if plan.blocks:
         _delete_blocks(base, arch, plan.kept)
     cut_config(base.config, arch, plan)
-    if not isinstance(base.config, type(base).config_class):  # no stand-ins left: the family's own model again
-        base.__class__ = type(base).__mro__[1]
+    surgery_class = str(getattr(type(base).config_class, "model_type", "")).startswith(SURGERY_MODEL_TYPE_PREFIX)
+    if surgery_class and not isinstance(base.config, type(base).config_class):  # no stand-ins left: the family's own model
+        base.__class__ = type(base).__mro__[1]  # (InternLM 3 runs on Llama's class, whose config class is not its own)
     return CutResult(list(plan.removed), plan.kept, before, count_parameters(base))
 
 
