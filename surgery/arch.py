@@ -100,6 +100,9 @@ class Architecture:
     output is its input plus each sublayer's output, each computed from the input. A config key
     where the config says which (GPT-NeoX's use_parallel_residual); `parallel_blocks` reads it.
     shared_norms: norms both sublayers of a parallel block read; they go only with the whole block.
+    depth_scaled_config: config keys a family divides by the square root of the layer count when it
+    builds each block (MiniCPM3 scales every sublayer's output by scale_depth / sqrt(num_hidden_layers)):
+    a cut multiplies them by sqrt(kept / before), so that every kept block scales as it did.
     per_layer_config: config lists with one entry per layer (sliced when blocks go).
     layer_index_config: config lists of layer indices (renumbered when blocks go).
     moe_range_config: (start, end, interval) keys where the config places MoE blocks by rule alone,
@@ -247,6 +250,7 @@ class Architecture:
     linear_block_marker: tuple[str, str] | None = None
     shared_norms: tuple[str, ...] = ()
     parallel: bool | str = False
+    depth_scaled_config: tuple[str, ...] = ()
 
     def output_projections(self, kind: str, linear_block: bool = False) -> tuple[str, ...]:
         """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the
@@ -442,6 +446,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "smollm3": replace(_LLAMA, per_layer_config=("layer_types", "no_rope_layers"),
                        fixed_patterns=(FixedPattern("no_rope_layers", 0, 4, "llama.cpp", _NO_ROPE),)),
     "starcoder2": replace(_LLAMA, mlp_output="c_proj", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")),
+    # MiniCPM3: latent attention, each sublayer's output scaled by scale_depth / sqrt(num_hidden_layers),
+    # the last hidden state divided by hidden_size / dim_model_base (logits_scaling) before the output layer
+    "minicpm3": replace(_LLAMA, depth_scaled_config=("scale_depth",), logit_divisor_config="logits_scaling",
+                        lora_targets=(*_LATENT_ATTENTION_LORA, "gate_proj", "up_proj", "down_proj"), lora_may_lack=QUERY_LAYOUTS),
     # Llama's block under other names: ERNIE 4.5, Seed-OSS, Hunyuan, Helium, Ministral 3, InternLM 3,
     # IQuest-Coder (the last two run by transformers' Llama classes).
     "internlm3": _LLAMA,

@@ -9,6 +9,7 @@ a self-describing checkpoint. How the units were chosen is not this module's bus
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -208,6 +209,7 @@ def cut_keys(arch: Architecture, config: Any) -> set[str]:
     from surgery.arch import mtp_count_keys
 
     keys = {"num_hidden_layers", "per_layer_config", *arch.per_layer_config, *arch.layer_index_config, *arch.prefix_count_config,
+            *arch.depth_scaled_config,
             *mtp_count_keys(config), *(arch.moe_range_config or ())}
     if arch.sparse_step_config:
         keys.add(arch.sparse_step_config)
@@ -231,6 +233,9 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
         count = getattr(config, key, None)
         if count is not None:
             setattr(config, key, sum(1 for i in kept if i < count))
+    for key in arch.depth_scaled_config:
+        if getattr(config, key, None) is not None:
+            setattr(config, key, getattr(config, key) * math.sqrt(len(kept) / old_count))
     for key in arch.per_layer_config:
         values = getattr(config, key, None)
         if isinstance(values, (list, tuple)):  # (some keys are one value for every layer, or a list per layer)

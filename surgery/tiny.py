@@ -54,6 +54,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "smollm3": {"no_rope_layer_interval": 2},
     "starcoder2": {},
     "glm4": {},
+    "minicpm3": {"q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8,
+                 "num_key_value_heads": 4, "scale_depth": 1.4, "scale_emb": 12, "dim_model_base": 32},
     "internlm3": {},
     "iquestcoder": {},
     "youtu": {"q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8,

@@ -655,3 +655,19 @@ def test_a_cut_says_which_per_layer_config_lists_it_does_not_know(tiny_folder, t
     qwen, _ = tiny_folder("qwen2", num_layers=4)
     result = run("cut", qwen, "--remove", "L1", "--out", tmp_path / "qwen", "--device", "cpu")
     assert result.exit_code == 0 and "one entry for each" not in result.output
+
+
+@torch.no_grad()
+def test_a_cut_of_minicpm3_keeps_each_blocks_depth_scale(tmp_path, tokenizer):
+    """MiniCPM3 scales every sublayer's output by scale_depth / sqrt(num_hidden_layers), read when the
+    model is built: a cut of 2 blocks of 6 writes scale_depth times sqrt(4 / 6), so that the reloaded
+    blocks scale as the source's did and the checkpoint computes what the cut model computes."""
+    import math
+
+    model = tiny_model("minicpm3", num_layers=6)
+    scale = model.config.scale_depth
+    cut(model, parse_sublayers("L1-L2"))
+    assert model.config.scale_depth == pytest.approx(scale * math.sqrt(4 / 6))
+    export_checkpoint(model, tokenizer, tmp_path / "out", record={})  # (its check reloads and compares the logits)
+    reloaded = load_exported(tmp_path / "out")
+    assert all(layer.residual_scale == pytest.approx(scale / math.sqrt(6)) for layer in decoder_layers(reloaded))
