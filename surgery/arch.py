@@ -446,6 +446,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "smollm3": replace(_LLAMA, per_layer_config=("layer_types", "no_rope_layers"),
                        fixed_patterns=(FixedPattern("no_rope_layers", 0, 4, "llama.cpp", _NO_ROPE),)),
     "starcoder2": replace(_LLAMA, mlp_output="c_proj", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")),
+    # HyperCLOVA X: a norm after each sublayer's output too (use_post_norm, the default; nn.Identity without),
+    # muP multipliers, the logits multiplied by logits_scaling
+    "hyperclovax": replace(_LLAMA, attention_norms=("input_layernorm", "post_norm1"), mlp_norms=("post_attention_layernorm", "post_norm2"),
+                           output_norms=(("attn", "post_norm1"), ("mlp", "post_norm2")), logit_multiplier_config="logits_scaling"),
     # MiniCPM3: latent attention, each sublayer's output scaled by scale_depth / sqrt(num_hidden_layers),
     # the last hidden state divided by hidden_size / dim_model_base (logits_scaling) before the output layer
     "minicpm3": replace(_LLAMA, depth_scaled_config=("scale_depth",), logit_divisor_config="logits_scaling",
@@ -523,6 +527,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     # FlexOlmo: OLMo 2's norms on each sublayer's output, an MoE FFN
     "flex_olmo": replace(_MOE, attention_norms=("post_attention_layernorm",), mlp_norms=("post_feedforward_layernorm",),
                          attention_output=None, moe_outputs=()),
+    # Kolibri 1: GLM-4's norm before and after each sublayer, sliding windows, shared experts beside routed ones
+    "kolibri1": replace(_MOE, attention_norms=("input_layernorm", "post_self_attn_layernorm"),
+                        mlp_norms=("post_attention_layernorm", "post_mlp_layernorm"), attention_output=None, moe_outputs=(),
+                        per_layer_config=("layer_types",)),
+    # A.X K1: DeepSeek's latent attention (its query always factored), dense FFNs then experts whose sum is
+    # normed inside the FFN (post_mlp_layernorm), so no bridge folds there
+    "axk1": replace(_MOE, per_layer_config=("mlp_layer_types",), moe_outputs=(), lora_targets=_MLA_ONLY_LORA + ("o_proj",)),
     # Arcee's AFMoE (Trinity): a norm before and after each sublayer, dense FFNs first (num_dense_layers); LoRA
     # on the attention (peft refuses gate_proj, its output gate's name, as the experts fuse one of that name)
     "afmoe": replace(_MOE, attention_norms=("input_layernorm", "post_attention_layernorm"),

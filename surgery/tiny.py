@@ -56,6 +56,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "glm4": {},
     "minicpm3": {"q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8,
                  "num_key_value_heads": 4, "scale_depth": 1.4, "scale_emb": 12, "dim_model_base": 32},
+    "hyperclovax": {"logits_scaling": 0.5, "residual_multiplier": 0.7, "embedding_multiplier": 2.0},
     "internlm3": {},
     "iquestcoder": {},
     "youtu": {"q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8,
@@ -91,6 +92,10 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
                        "layer_types": lambda layers: ["full_attention" if i % 2 == 0 else "sliding_attention" for i in range(layers)]},
     "granitemoeshared": {"num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 48, "logits_scaling": 2.0},
     "flex_olmo": {"num_experts": 4, "num_experts_per_tok": 2},
+    "kolibri1": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "sliding_window": 8},
+    "axk1": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1, "n_group": 1,
+             "topk_group": 1, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+             "head_dim": 8, "num_key_value_heads": 4},
     # Trinity's heads are narrower than its width together, as the released sizes are
     "afmoe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "num_shared_experts": 1, "num_dense_layers": 1,
               "head_dim": 8, "sliding_window": 8,

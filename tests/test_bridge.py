@@ -40,7 +40,8 @@ def test_fold_makes_the_output_y_times_one_plus_delta():
 
 
 FOLDABLE = sorted(f for f, arch in ARCHITECTURES.items() if arch.output_projections("mlp"))
-FOLDING_CONFIG = {"lfm3": {"use_sandwich_norm": False}}  # (its default norms each output: nothing folds, tests/test_hybrid.py)
+# (their default norms each output: nothing folds, tests/test_hybrid.py; without, the projections write the stream)
+FOLDING_CONFIG = {"lfm3": {"use_sandwich_norm": False}, "hyperclovax": {"use_post_norm": False}}
 
 
 @pytest.mark.parametrize("family", sorted(ARCHITECTURES))
@@ -195,3 +196,17 @@ def test_the_cosine_fit_lowers_the_cosine_distance_it_starts_from(tokenizer):
     assert bridge.explained < least_squares.explained  # the squared gap closed by the matrix folded in: less than the optimum's
     changed = sorted(k for k, v in model.state_dict().items() if not torch.equal(v, before[k]))
     assert changed == ["model.layers.0.mlp.down_proj.weight"]
+
+
+@pytest.mark.parametrize("post_norm", [True, False])
+def test_hyperclovax_bridges_only_where_no_post_norm_follows_the_projection(post_norm):
+    """HyperCLOVA X norms each sublayer's output (use_post_norm, its default) unless told not to, where
+    those norms are nn.Identity: L2-L3 of six then fold into L1's down_proj and close the gap by the
+    share the fit reports; with the norms, a linear map cannot pass through them, and the run is skipped."""
+    data, units = batches(), parse_sublayers("L2-L3")
+    model = tiny_model("hyperclovax", num_layers=6, use_post_norm=post_norm)
+    result = fit_and_fold(model, units, data)
+    if post_norm:
+        assert result.bridges == [] and len(result.skipped) == 1
+    else:
+        assert [(b.run, b.into) for b in result.bridges] == [("L2-L3", "L1.mlp")] and 0 < result.bridges[0].explained < 1
