@@ -485,6 +485,17 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gpt_neox": replace(_LLAMA, layers="gpt_neox.layers", attention="attention", final_norm="gpt_neox.final_layer_norm",
                         attention_output="dense", mlp_output="dense_4h_to_h", parallel="use_parallel_residual",
                         lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
+    # GPT-J and CodeGen: a parallel block under transformer.h, one LayerNorm both read (ln_1)
+    "gptj": replace(_LLAMA, layers="transformer.h", attention="attn", mlp="mlp", attention_norms=(), mlp_norms=(),
+                    shared_norms=("ln_1",), parallel=True, final_norm="transformer.ln_f", attention_output="out_proj",
+                    mlp_output="fc_out", lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")),
+    "codegen": replace(_LLAMA, layers="transformer.h", attention="attn", mlp="mlp", attention_norms=(), mlp_norms=(),
+                       shared_norms=("ln_1",), parallel=True, final_norm="transformer.ln_f", attention_output="out_proj",
+                       mlp_output="fc_out", lora_targets=("qkv_proj", "out_proj", "fc_in", "fc_out")),
+    # StarCoder (1) and SantaCoder: GPT-2's block with linear layers and multi-query attention, learned positions
+    "gpt_bigcode": replace(_LLAMA, layers="transformer.h", attention="attn", attention_norms=("ln_1",), mlp_norms=("ln_2",),
+                           final_norm="transformer.ln_f", attention_output="c_proj", mlp_output="c_proj",
+                           lora_targets=("c_attn", "c_proj", "c_fc")),
     # Phi-1, 1.5 and 2: a parallel block as Cohere's, LayerNorms, an output layer with a bias
     "phi": replace(_LLAMA, **_PARALLEL, final_norm="model.final_layernorm", attention_output="dense", mlp_output="fc2",
                    lora_targets=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),

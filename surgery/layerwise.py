@@ -24,7 +24,7 @@ and the residual stream.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,9 +219,10 @@ class LayerwiseModel:
 
         for index, layer in enumerate(layers):
             layer.forward = recorder(index)  # an instance attribute: the block keeps its own attributes
-        embedding = self.model.get_input_embeddings()
         try:
-            with self._loaded(embedding, self._path_of(embedding)), torch.no_grad():
+            with ExitStack() as loaded, torch.no_grad():
+                for module in self._stem():
+                    loaded.enter_context(self._loaded(module, self._path_of(module)))
                 decoder_stack(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _Recorded:
             pass
@@ -381,6 +382,16 @@ class LayerwiseModel:
 
     def close(self) -> None:
         self.weights.close()
+
+    def _stem(self) -> list[Any]:
+        """The modules with weights that run before the first block: the input embeddings and whatever
+        else the decoder stack holds beside its blocks and final norm (StarCoder's learned positions)."""
+        stack = decoder_stack(self.model)
+        after = {id(self.layers), id(get_module(self.model, self.arch.final_norm))}
+        modules = [self.model.get_input_embeddings()]
+        modules += [child for child in stack.children() if id(child) not in after and child not in modules
+                    and any(True for _ in child.parameters())]
+        return modules
 
     def _path_of(self, module: Any) -> str:
         return next(name for name, m in self.model.named_modules() if m is module) + "."

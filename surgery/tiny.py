@@ -74,6 +74,9 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "jais2": {},
     "nanochat": {},
     "stablelm": {"use_parallel_residual": False},  # StableLM 2 1.6B and 3B; the 12B's parallel variant is refused
+    "gptj": {"rotary_dim": 8, "n_positions": 256},
+    "codegen": {"rotary_dim": 8, "n_positions": 256},
+    "gpt_bigcode": {"n_positions": 256, "multi_query": True},
     "gpt_neox": {"rotary_pct": 0.5},  # Pythia: a parallel block, part of each head rotated
     "phi": {"partial_rotary_factor": 0.5, "qk_layernorm": True},  # Phi-2 rotates part of each head; qk_layernorm as some variants
     # Cohere ties its output layer to the embeddings; Command R+ norms each head's queries and keys
