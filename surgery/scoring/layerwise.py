@@ -76,7 +76,8 @@ class LayerwiseResidualLoss(ValueFunction):
         """The stream before every position, block by block: a block's input; the block run with its
         FFN left out (the mid-block stream); then the block's output, each sublayer computed once: the
         mid-block stream run through the block with its attention left out, or in a parallel block,
-        whose FFN reads the block's input, the mid-block stream plus what the FFN alone adds to it."""
+        whose FFN reads the block's input, the mid-block stream plus what the FFN alone adds to that
+        input."""
         hidden = [stream.hidden for stream in self._streams]
         parallel = self.model.arch.parallel_blocks(self.model.config)
         for index in range(self.model.num_layers):
