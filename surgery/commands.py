@@ -256,7 +256,7 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     from rich.table import Table
 
     from surgery.console import console
-    from surgery.cut import removed_sublayers
+    from surgery.cut import removed_sublayers, unknown_layer_lists
     from surgery.layerwise import load_config, skeleton
     from surgery.loading import check_device_options, resolve_device
     from surgery.memory import plan, safetensors_bytes
@@ -294,6 +294,9 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
         shared = f" through one norm ({', '.join(arch.shared_norms)}), which goes only with its block," if arch.shared_norms else ""
         table.add_row("parallel blocks", f"attention and FFN read the block's input{shared} and add to the stream together: "
                                          "each is a sublayer")
+    if unknown := unknown_layer_lists(stored, arch, config.num_hidden_layers):
+        table.add_row("unknown per-layer lists", f"{', '.join(unknown)}: one entry per layer, which surgery's table does not "
+                                                 "name, so a block cut writes them as they were")
     for pattern in arch.fixed_patterns:
         table.add_row("layer pattern", _pattern_summary(pattern, stored, config.num_hidden_layers))
     if (guard := arch.last_block_guard(stored)) is not None:

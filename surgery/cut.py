@@ -255,16 +255,22 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
         _say_broken(config, pattern)
 
 
+def unknown_layer_lists(config: Any, arch: Architecture, count: int) -> list[str]:
+    """Config keys (object or config.json dict) whose lists hold one entry per layer without the
+    family's entry naming them: a release may carry keys only another runtime reads, which a cut
+    cannot know whether to slice."""
+    known = {*arch.per_layer_config, *arch.layer_index_config}
+    values = config if isinstance(config, dict) else config.to_dict()
+    return [key for key, value in values.items() if isinstance(value, list) and len(value) == count and key not in known]
+
+
 def _say_unknown_layer_lists(config: Any, arch: Architecture, old_count: int) -> None:
-    """Say which config lists hold one entry per layer without the family's entry naming them (a
-    release may carry keys only another runtime reads): the cut writes them as they were, which a
-    reader that takes them per layer would misplace."""
+    """Say which per-layer lists the cut writes as they were (unknown_layer_lists), which a reader
+    that takes them per layer would misplace."""
     from surgery.console import console
 
-    known = {*arch.per_layer_config, *arch.layer_index_config}
-    for key, value in config.to_dict().items():
-        if isinstance(value, list) and len(value) == old_count and key not in known:
-            console.print(f"config.json's {key} has one entry for each of the {old_count} layers and surgery's "
+    for key in unknown_layer_lists(config, arch, old_count):
+        console.print(f"config.json's {key} has one entry for each of the {old_count} layers and surgery's "
                           f"{base_model_type(config)} entry does not name it: it is written as it was, which a runtime "
                           f"that reads it per layer would misplace; if it is per layer, add it to per_layer_config in "
                           "surgery/arch.py")

@@ -652,9 +652,12 @@ def test_a_cut_says_which_per_layer_config_lists_it_does_not_know(tiny_folder, t
         said = " ".join(result.output.split())
         assert "config.json's runtime_head_dims has one entry for each of the 4 layers" in said, said
         assert json.loads((out / "config.json").read_text())["runtime_head_dims"] == [16, 16, 32, 32]
+    info = run("info", source, "--device", "cpu")
+    assert "unknown per-layer lists runtime_head_dims: one entry per layer" in " ".join(info.output.replace("│", " ").split())
     qwen, _ = tiny_folder("qwen2", num_layers=4)
     result = run("cut", qwen, "--remove", "L1", "--out", tmp_path / "qwen", "--device", "cpu")
     assert result.exit_code == 0 and "one entry for each" not in result.output
+    assert "unknown per-layer lists" not in run("info", qwen, "--device", "cpu").output
 
 
 @torch.no_grad()
