@@ -100,9 +100,10 @@ class Architecture:
     output is its input plus each sublayer's output, each computed from the input. A config key
     where the config says which (GPT-NeoX's use_parallel_residual); `parallel_blocks` reads it.
     shared_norms: norms both sublayers of a parallel block read; they go only with the whole block.
-    depth_scaled_config: config keys a family divides by the square root of the layer count when it
-    builds each block (MiniCPM3 scales every sublayer's output by scale_depth / sqrt(num_hidden_layers)):
-    a cut multiplies them by sqrt(kept / before), so that every kept block scales as it did.
+    depth_scaled_config: (config key, runtime that fixes its value in code, or None): keys a family
+    divides by the square root of the layer count when it builds each block (MiniCPM3 scales every
+    sublayer's output by scale_depth / sqrt(num_hidden_layers)). A cut multiplies them by
+    sqrt(kept / before), so that every kept block scales as it did, and says which runtime would not.
     per_layer_config: config lists with one entry per layer (sliced when blocks go).
     layer_index_config: config lists of layer indices (renumbered when blocks go).
     moe_range_config: (start, end, interval) keys where the config places MoE blocks by rule alone,
@@ -250,7 +251,7 @@ class Architecture:
     linear_block_marker: tuple[str, str] | None = None
     shared_norms: tuple[str, ...] = ()
     parallel: bool | str = False
-    depth_scaled_config: tuple[str, ...] = ()
+    depth_scaled_config: tuple[tuple[str, str | None], ...] = ()
 
     def output_projections(self, kind: str, linear_block: bool = False) -> tuple[str, ...]:
         """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the
@@ -452,7 +453,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                            output_norms=(("attn", "post_norm1"), ("mlp", "post_norm2")), logit_multiplier_config="logits_scaling"),
     # MiniCPM3: latent attention, each sublayer's output scaled by scale_depth / sqrt(num_hidden_layers),
     # the last hidden state divided by hidden_size / dim_model_base (logits_scaling) before the output layer
-    "minicpm3": replace(_LLAMA, depth_scaled_config=("scale_depth",), logit_divisor_config="logits_scaling",
+    "minicpm3": replace(_LLAMA, depth_scaled_config=(("scale_depth", "llama.cpp's minicpm3 graph, which fixes it at 1.4"),), logit_divisor_config="logits_scaling",
                         lora_targets=(*_LATENT_ATTENTION_LORA, "gate_proj", "up_proj", "down_proj"), lora_may_lack=QUERY_LAYOUTS),
     # Llama's block under other names: ERNIE 4.5, Seed-OSS, Hunyuan, Helium, Ministral 3, InternLM 3,
     # IQuest-Coder (the last two run by transformers' Llama classes).
@@ -549,7 +550,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     # on the attention (peft refuses gate_proj, its output gate's name, as the experts fuse one of that name)
     "afmoe": replace(_MOE, attention_norms=("input_layernorm", "post_attention_layernorm"),
                      mlp_norms=("pre_mlp_layernorm", "post_mlp_layernorm"), attention_output=None, moe_outputs=(),
-                     per_layer_config=("layer_types",), prefix_count_config=("num_dense_layers",)),
+                     per_layer_config=("layer_types",), prefix_count_config=("num_dense_layers",),
+                     fixed_patterns=(FixedPattern("layer_types", "full_attention", 4, "llama.cpp", _FULL),)),
     # DeepSeek-V3.2: V3's layout (its query always factored) with an indexer (sparse attention) inside each
     # attention, which goes with it
     "deepseek_v32": replace(_MOE, per_layer_config=("mlp_layer_types", "layer_types"), prefix_count_config=("first_k_dense_replace",),

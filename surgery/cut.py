@@ -209,7 +209,7 @@ def cut_keys(arch: Architecture, config: Any) -> set[str]:
     from surgery.arch import mtp_count_keys
 
     keys = {"num_hidden_layers", "per_layer_config", *arch.per_layer_config, *arch.layer_index_config, *arch.prefix_count_config,
-            *arch.depth_scaled_config,
+            *(key for key, _ in arch.depth_scaled_config),
             *mtp_count_keys(config), *(arch.moe_range_config or ())}
     if arch.sparse_step_config:
         keys.add(arch.sparse_step_config)
@@ -233,9 +233,10 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
         count = getattr(config, key, None)
         if count is not None:
             setattr(config, key, sum(1 for i in kept if i < count))
-    for key in arch.depth_scaled_config:
+    for key, fixed_by in arch.depth_scaled_config:
         if getattr(config, key, None) is not None:
             setattr(config, key, getattr(config, key) * math.sqrt(len(kept) / old_count))
+            _say_depth_scale_fixed(key, fixed_by, len(kept), old_count)
     for key in arch.per_layer_config:
         values = getattr(config, key, None)
         if isinstance(values, (list, tuple)):  # (some keys are one value for every layer, or a list per layer)
@@ -274,6 +275,16 @@ def _say_unknown_layer_lists(config: Any, arch: Architecture, old_count: int) ->
                           f"{base_model_type(config)} entry does not name it: it is written as it was, which a runtime "
                           f"that reads it per layer would misplace; if it is per layer, add it to per_layer_config in "
                           "surgery/arch.py")
+
+
+def _say_depth_scale_fixed(key: str, fixed_by: str | None, kept: int, before: int) -> None:
+    """Say that a runtime which fixes a depth-scaled key in code runs the cut with its blocks misscaled."""
+    from surgery.console import console
+
+    if fixed_by:
+        console.print(f"the cut sets {key} so that each of its {kept} blocks scales as it did among {before}, but "
+                      f"{fixed_by}, would scale every block's output by sqrt({before}/{kept}) too much: serve it with "
+                      "transformers")
 
 
 def _layer_overrides(config: Any) -> dict[int, dict[str, Any]]:

@@ -334,6 +334,8 @@ RUNTIME_PATTERNS = [("gemma3_text", {}, "layer_types", "full_attention", 6), ("g
                     ("smollm3", {"no_rope_layer_interval": 4}, "no_rope_layers", 0, 4),
                     ("llama4_text", {"no_rope_layer_interval": 4}, "no_rope_layers", 0, 4),
                     ("cohere2", {"layer_types": (["sliding_attention"] * 3 + ["full_attention"]) * 2}, "layer_types",
+                     "full_attention", 4),
+                    ("afmoe", {"layer_types": (["sliding_attention"] * 3 + ["full_attention"]) * 2}, "layer_types",
                      "full_attention", 4)]
 
 
@@ -341,7 +343,7 @@ RUNTIME_PATTERNS = [("gemma3_text", {}, "layer_types", "full_attention", 6), ("g
 @pytest.mark.parametrize("whole", [True, False])
 def test_a_cut_says_when_its_layers_break_the_pattern_llama_cpp_fixes(family, overrides, listed, marker, period, whole,
                                                                      tiny_folder, tmp_path):
-    """llama.cpp gives full attention (Gemma 2 and 3, gpt-oss, OLMo 3, Cohere 2) or no rotary embedding
+    """llama.cpp gives full attention (Gemma 2 and 3, gpt-oss, OLMo 3, Cohere 2, AFMoE) or no rotary embedding
     (SmolLM3, Llama 4) to every period-th layer whatever the checkpoint's list says: a cut that shifts
     them is written as transformers reads it and said to be wrong there; removing a whole period keeps
     the pattern, and nothing is said. The streamed cut says the same."""
@@ -664,13 +666,19 @@ def test_a_cut_says_which_per_layer_config_lists_it_does_not_know(tiny_folder, t
 def test_a_cut_of_minicpm3_keeps_each_blocks_depth_scale(tmp_path, tokenizer):
     """MiniCPM3 scales every sublayer's output by scale_depth / sqrt(num_hidden_layers), read when the
     model is built: a cut of 2 blocks of 6 writes scale_depth times sqrt(4 / 6), so that the reloaded
-    blocks scale as the source's did and the checkpoint computes what the cut model computes."""
+    blocks scale as the source's did and the checkpoint computes what the cut model computes; the cut
+    says that llama.cpp, which fixes scale_depth in its code, would not."""
     import math
+
+    from surgery.console import console
 
     model = tiny_model("minicpm3", num_layers=6)
     scale = model.config.scale_depth
-    cut(model, parse_sublayers("L1-L2"))
+    with console.capture() as said:
+        cut(model, parse_sublayers("L1-L2"))
     assert model.config.scale_depth == pytest.approx(scale * math.sqrt(4 / 6))
+    assert "llama.cpp's minicpm3 graph, which fixes it at 1.4, would scale every block's output by sqrt(6/4)" in \
+        " ".join(said.get().split())
     export_checkpoint(model, tokenizer, tmp_path / "out", record={})  # (its check reloads and compares the logits)
     reloaded = load_exported(tmp_path / "out")
     assert all(layer.residual_scale == pytest.approx(scale / math.sqrt(6)) for layer in decoder_layers(reloaded))
