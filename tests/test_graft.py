@@ -16,6 +16,8 @@ from tests.test_text_decoder import (
     cohere2_vision,
     gemma3,
     gemma4,
+    glm4v,
+    glm4v_moe,
     llama4,
     mistral3,
     multimodal_source,
@@ -232,6 +234,23 @@ def test_the_families_with_per_layer_lists_and_mtp_modules_graft_back(make, tmp_
     assert (make is qwen3_5) == bool(mtp)
     grafted = tensors(tmp_path / "graft")
     assert all(torch.equal(grafted[name], sources[name]) for name in mtp)
+
+
+@pytest.mark.parametrize("make", [glm4v, glm4v_moe])
+@torch.no_grad()
+def test_a_cut_glm4v_decoder_grafts_back_with_its_m_rope_settings(make, tmp_path, tokenizer):
+    """GLM-4.1V's and GLM-4.5V's decoders, extracted as GLM-4 and GLM-4.5 (their M-RoPE sections
+    dropped) and cut, go back beside their vision tower under the source's config, M-RoPE included;
+    the graft's check compares the grafted model's logits with the cut decoder's on text."""
+    source, _ = extracted_and_cut(make, tmp_path, tokenizer)
+    result = run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "graft")
+    assert manifest["verified"]["method"] == "copied, loaded, compared with the decoder"
+    assert manifest["verified"]["max_abs_logit_diff"] <= 1e-5
+    assert sorted(manifest["text_config_changed"]) == ["num_hidden_layers"]  # (L1 goes: GLM-4.5V's dense L0 stays)
+    written = json.loads((tmp_path / "graft" / "config.json").read_text())["text_config"]
+    assert written["num_hidden_layers"] == 3 and written["rope_parameters"]["mrope_section"] == [1, 1, 2]
 
 
 def test_what_is_not_a_cut_of_the_source_is_one_line_and_writes_nothing(tmp_path, tokenizer, tiny_folder):

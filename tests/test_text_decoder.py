@@ -150,6 +150,31 @@ def qwen2_5_vl(folder, tokenizer):
     return save(Qwen2_5_VLForConditionalGeneration(config), folder, tokenizer)
 
 
+def glm4v(folder, tokenizer, moe=False):
+    """GLM-4.1V's layout (GLM-4.5V's with `moe`: GLM-4.5's experts after a dense first block): GLM-4's
+    block with M-RoPE over half of each head, a head size the config derives, its vision tower at
+    model.visual."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4, "partial_rotary_factor": 0.5})
+    if moe:
+        text.update(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                    n_group=1, topk_group=1)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, out_hidden_size=64, spatial_merge_size=2,
+                  temporal_patch_size=2, image_size=32)
+    config_class, model_class = (Glm4vMoeConfig, Glm4vMoeForConditionalGeneration) if moe else (Glm4vConfig, Glm4vForConditionalGeneration)
+    config = config_class(text_config=text, vision_config=vision, image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
+                          image_start_token_id=VOCAB - 3, image_end_token_id=VOCAB - 4, video_start_token_id=VOCAB - 5,
+                          video_end_token_id=VOCAB - 6)
+    return save(model_class(config), folder, tokenizer)
+
+
+def glm4v_moe(folder, tokenizer):
+    return glm4v(folder, tokenizer, moe=True)
+
+
 def qwen2_vl(folder, tokenizer):
     """Qwen2-VL's layout: Qwen2.5-VL's before it, with another vision tower."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -240,7 +265,8 @@ def renamed_to_the_newer_layout(folder):
                                                   (llama4, "llama4_text", "legacy"), (qwen2_5_vl, "qwen2", "released"),
                                                   (qwen2_5_vl, "qwen2", "class names"), (qwen2_vl, "qwen2", "released"),
                                                   (qwen2_5_vl, "qwen2", "flat config"), (qwen3_vl, "qwen3", "released"),
-                                                  (cohere2_vision, "cohere2", "newer"), (aya_vision, "cohere2", "newer")])
+                                                  (cohere2_vision, "cohere2", "newer"), (aya_vision, "cohere2", "newer"),
+                                                  (glm4v, "glm4", "newer"), (glm4v_moe, "glm4_moe", "newer")])
 @torch.no_grad()
 def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(make, family, layout, tmp_path, tokenizer):
     """Each family's decoder, in each name layout, written as its text-only family (Qwen2.5-VL's as
@@ -255,7 +281,7 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     manifest = read_manifest(tmp_path / "text")
     assert manifest["verified"]["method"] == "copied, compared with the multimodal model"
     assert {prefix.removeprefix("model.") for prefix in manifest["left_behind"]} == \
-        ({"visual"} if family in ("qwen2", "qwen3") else {"vision_tower", "embed_vision"} if family == "gemma4_text" else
+        ({"visual"} if family in ("qwen2", "qwen3", "glm4", "glm4_moe") else {"vision_tower", "embed_vision"} if family == "gemma4_text" else
          {"vision_model" if family == "llama4_text" else "vision_tower", "multi_modal_projector"})
 
     config = json.loads((tmp_path / "text" / "config.json").read_text())
@@ -269,7 +295,7 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     text = AutoModelForCausalLM.from_pretrained(tmp_path / "text").eval()  # as users load it: the family's own class
     assert type(text).__name__ == {"gemma3_text": "Gemma3ForCausalLM", "gemma4_text": "Gemma4ForCausalLM", "mistral": "MistralForCausalLM",
                                    "llama4_text": "Llama4ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                                   "cohere2": "Cohere2ForCausalLM"}[family]
+                                   "cohere2": "Cohere2ForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}[family]
     ids = torch.randint(3, VOCAB - 5, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(text(ids).logits, model(input_ids=ids).logits, atol=1e-5)
     sources = {name for name in load_file(source / "model.safetensors") if not any(part in name for part in ("vision", "projector", "visual"))}

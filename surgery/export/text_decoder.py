@@ -136,6 +136,8 @@ def as_text_family(config: Any, family: str) -> Any:
     if rope.get("rope_type") == "mrope":
         rope["rope_type"] = "default"
     fields["rope_parameters"] = rope or None
+    # the head size, where the multimodal config derives it (GLM-4V's): the family's config may default it otherwise
+    fields.setdefault("head_dim", config.hidden_size // config.num_attention_heads)
     return AutoConfig.for_model(family, **fields)
 
 
