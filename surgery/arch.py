@@ -374,9 +374,11 @@ _SANDWICH_NORMS = dict(  # Gemma 2/3: a norm before and after each sublayer
     mlp_output=None,
 )
 _ATTENTION_ONLY_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
-# Cohere, Phi-2: a parallel block, attention and FFN reading one normed input (the norm goes with the block)
+# Cohere, Phi-2, GPT-J: a parallel block, attention and FFN reading one normed input (the norm goes with the block)
 _PARALLEL = dict(attention_norms=(), mlp_norms=(), shared_norms=("input_layernorm",), parallel=True)
 _COHERE = dict(**_PARALLEL, logit_multiplier_config="logit_scale")
+_GPTJ = dict(_PARALLEL, shared_norms=("ln_1",), layers="transformer.h", attention="attn", final_norm="transformer.ln_f",
+             attention_output="out_proj", mlp_output="fc_out")
 _UNGATED_LORA = (*_ATTENTION_ONLY_LORA, "up_proj", "down_proj")
 # OLMo 2/3, EXAONE 4: a norm on each sublayer's output instead of its input.
 _POST_NORM = replace(_LLAMA, attention_norms=("post_attention_layernorm",), mlp_norms=("post_feedforward_layernorm",),
@@ -453,8 +455,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                            output_norms=(("attn", "post_norm1"), ("mlp", "post_norm2")), logit_multiplier_config="logits_scaling"),
     # MiniCPM3: latent attention, each sublayer's output scaled by scale_depth / sqrt(num_hidden_layers),
     # the last hidden state divided by hidden_size / dim_model_base (logits_scaling) before the output layer
-    "minicpm3": replace(_LLAMA, depth_scaled_config=(("scale_depth", "llama.cpp's minicpm3 graph, which fixes it at 1.4"),), logit_divisor_config="logits_scaling",
-                        lora_targets=(*_LATENT_ATTENTION_LORA, "gate_proj", "up_proj", "down_proj"), lora_may_lack=QUERY_LAYOUTS),
+    "minicpm3": replace(_LLAMA, depth_scaled_config=(("scale_depth", "llama.cpp's minicpm3 graph, which fixes it at 1.4"),),
+                        logit_divisor_config="logits_scaling", lora_targets=(*_LATENT_ATTENTION_LORA, "gate_proj", "up_proj", "down_proj"), lora_may_lack=QUERY_LAYOUTS),
     # Llama's block under other names: ERNIE 4.5, Seed-OSS, Hunyuan, Helium, Ministral 3, InternLM 3,
     # IQuest-Coder (the last two run by transformers' Llama classes).
     "internlm3": _LLAMA,
@@ -487,12 +489,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                         attention_output="dense", mlp_output="dense_4h_to_h", parallel="use_parallel_residual",
                         lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
     # GPT-J and CodeGen: a parallel block under transformer.h, one LayerNorm both read (ln_1)
-    "gptj": replace(_LLAMA, layers="transformer.h", attention="attn", mlp="mlp", attention_norms=(), mlp_norms=(),
-                    shared_norms=("ln_1",), parallel=True, final_norm="transformer.ln_f", attention_output="out_proj",
-                    mlp_output="fc_out", lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")),
-    "codegen": replace(_LLAMA, layers="transformer.h", attention="attn", mlp="mlp", attention_norms=(), mlp_norms=(),
-                       shared_norms=("ln_1",), parallel=True, final_norm="transformer.ln_f", attention_output="out_proj",
-                       mlp_output="fc_out", lora_targets=("qkv_proj", "out_proj", "fc_in", "fc_out")),
+    "gptj": replace(_LLAMA, **_GPTJ, lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")),
+    "codegen": replace(_LLAMA, **_GPTJ, lora_targets=("qkv_proj", "out_proj", "fc_in", "fc_out")),
     # StarCoder (1) and SantaCoder: GPT-2's block with linear layers and multi-query attention, learned positions
     "gpt_bigcode": replace(_LLAMA, layers="transformer.h", attention="attn", attention_norms=("ln_1",), mlp_norms=("ln_2",),
                            final_norm="transformer.ln_f", attention_output="c_proj", mlp_output="c_proj",
