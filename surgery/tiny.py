@@ -24,6 +24,19 @@ _COMMON = dict(
 )
 _LINEAR_ATTENTION = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
                          linear_conv_kernel_dim=4, full_attention_interval=2)
+# DeepSeek's latent attention with a factored query, one latent KV per head as in the real configs
+_LATENT = {"q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8,
+           "num_key_value_heads": 4}
+
+
+def _full_then_sliding(layers: int) -> list[str]:
+    return ["full_attention" if i % 2 == 0 else "sliding_attention" for i in range(layers)]
+
+
+def _sliding_then_full(layers: int) -> list[str]:
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+
+
 def _lfm2_attention_blocks(layers: int) -> list[int]:
     return list(range(1, layers, 2))
 
@@ -54,13 +67,11 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "smollm3": {"no_rope_layer_interval": 2},
     "starcoder2": {},
     "glm4": {},
-    "minicpm3": {"q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8,
-                 "num_key_value_heads": 4, "scale_depth": 1.4, "scale_emb": 12, "dim_model_base": 32},
+    "minicpm3": {**_LATENT, "scale_depth": 1.4, "scale_emb": 12, "dim_model_base": 32},
     "hyperclovax": {"logits_scaling": 0.5, "residual_multiplier": 0.7, "embedding_multiplier": 2.0},
     "internlm3": {},
     "iquestcoder": {},
-    "youtu": {"q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8,
-              "num_key_value_heads": 4},
+    "youtu": _LATENT,
     "ernie4_5": {},
     "seed_oss": {},
     "hunyuan_v1_dense": {},
@@ -81,7 +92,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "phi": {"partial_rotary_factor": 0.5, "qk_layernorm": True},  # Phi-2 rotates part of each head; qk_layernorm as some variants
     # Cohere ties its output layer to the embeddings; Command R+ norms each head's queries and keys
     "cohere": {"logit_scale": 0.5, "use_qk_norm": True, "tie_word_embeddings": True},
-    "cohere2": {"logit_scale": 0.5, "sliding_window": 8, "tie_word_embeddings": True, "layer_types": lambda layers: ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]},
+    "cohere2": {"logit_scale": 0.5, "sliding_window": 8, "tie_word_embeddings": True, "layer_types": _sliding_then_full},
     "cohere2_moe": {"logit_scale": 0.5, "sliding_window": 8, "num_experts": 4, "num_experts_per_tok": 2, "num_shared_experts": 1,
                     "prefix_dense_intermediate_size": 96, "intermediate_size": 32, "sliding_window_pattern": 2,
                     "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1)},
@@ -90,28 +101,26 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "exaone4": {"sliding_window": 8},
     "nemotron": {},
     "granite_swa": {"sliding_window": 8, "logits_scaling": 2.0, "residual_multiplier": 0.5,
-                    "layer_types": lambda layers: ["full_attention" if i % 2 == 0 else "sliding_attention" for i in range(layers)]},
+                    "layer_types": _full_then_sliding},
     "granitemoe_swa": {"sliding_window": 8, "num_local_experts": 4, "num_experts_per_tok": 2, "logits_scaling": 2.0,
-                       "layer_types": lambda layers: ["full_attention" if i % 2 == 0 else "sliding_attention" for i in range(layers)]},
+                       "layer_types": _full_then_sliding},
     "granitemoeshared": {"num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 48, "logits_scaling": 2.0},
     "flex_olmo": {"num_experts": 4, "num_experts_per_tok": 2},
     "kolibri1": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "sliding_window": 8},
-    "axk1": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1, "n_group": 1,
-             "topk_group": 1, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
-             "head_dim": 8, "num_key_value_heads": 4},
+    "axk1": {**_LATENT, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+             "n_group": 1, "topk_group": 1},
     # Trinity's heads are narrower than its width together, as the released sizes are
     "afmoe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "num_shared_experts": 1, "num_dense_layers": 1,
               "head_dim": 8, "sliding_window": 8,
-              "layer_types": lambda layers: ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]},
-    "deepseek_v32": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
-                     "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "q_lora_rank": 32, "kv_lora_rank": 16,
-                     "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8, "num_key_value_heads": 4,
+              "layer_types": _sliding_then_full},
+    "deepseek_v32": {**_LATENT, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                     "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
                      "index_n_heads": 2, "index_head_dim": 16, "index_topk": 64},  # (as 2,048 in V3.2: every key of a short text)
     "hy_v3": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "num_shared_experts": 1},
     "mimo_v2_flash": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "sliding_window": 8,
-                      "layer_types": lambda layers: ["full_attention" if i % 2 == 0 else "sliding_attention" for i in range(layers)]},
+                      "layer_types": _full_then_sliding},
     "laguna": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "sliding_window": 8,
-               "layer_types": lambda layers: ["full_attention" if i % 2 == 0 else "sliding_attention" for i in range(layers)],
+               "layer_types": _full_then_sliding,
                "num_attention_heads_per_layer": lambda layers: [4 if i % 2 == 0 else 2 for i in range(layers)]},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
@@ -123,13 +132,10 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "logits_scaling": 2.0, "residual_multiplier": 0.5},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 2,
                   "mlp_only_layers": []},
-    "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
-                    "first_k_dense_replace": 2, "n_group": 1, "topk_group": 1, "q_lora_rank": 32, "kv_lora_rank": 16,
-                    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8,
-                    "num_key_value_heads": 4},  # MLA: one latent KV per head, as in the real configs
-    "deepseek_v2": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
-                    "first_k_dense_replace": 1, "q_lora_rank": None, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
-                    "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8, "num_key_value_heads": 4},  # V2-Lite: one q_proj
+    "deepseek_v3": {**_LATENT, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                    "first_k_dense_replace": 2, "n_group": 1, "topk_group": 1},
+    "deepseek_v2": {**_LATENT, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                    "first_k_dense_replace": 1, "q_lora_rank": None},  # V2-Lite: one q_proj
     "dots1": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
               "first_k_dense_replace": 1, "sliding_window": 8, "max_window_layers": 2},
     "ernie4_5_moe": {"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32, "moe_num_shared_experts": 1,
@@ -138,9 +144,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     # Hunyuan-A13B lists its top-k per layer (a callable: one value per layer of the tiny model)
     "hunyuan_v1_moe": {"num_experts": 4, "moe_topk": lambda layers: [1 + i % 2 for i in range(layers)]},
     "minimax_m2": {"num_local_experts": 4, "num_experts_per_tok": 2, "attn_type_list": lambda layers: [1] * layers},
-    "glm4_moe_lite": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
-                      "n_group": 1, "topk_group": 1, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
-                      "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8, "num_key_value_heads": 4,
+    "glm4_moe_lite": {**_LATENT, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                      "n_group": 1, "topk_group": 1,
                       "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1), "first_k_dense_replace": 1},
     "exaone_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "num_shared_experts": 1,
                    "sliding_window": 8, "first_k_dense_replace": 1,
