@@ -18,6 +18,7 @@ from tests.test_text_decoder import (
     gemma4,
     glm4v,
     glm4v_moe,
+    hunyuan_vl,
     llama4,
     mistral3,
     multimodal_source,
@@ -236,12 +237,13 @@ def test_the_families_with_per_layer_lists_and_mtp_modules_graft_back(make, tmp_
     assert all(torch.equal(grafted[name], sources[name]) for name in mtp)
 
 
-@pytest.mark.parametrize("make", [glm4v, glm4v_moe])
+@pytest.mark.parametrize("make", [glm4v, glm4v_moe, hunyuan_vl])
 @torch.no_grad()
-def test_a_cut_glm4v_decoder_grafts_back_with_its_m_rope_settings(make, tmp_path, tokenizer):
-    """GLM-4.1V's and GLM-4.5V's decoders, extracted as GLM-4 and GLM-4.5 (their M-RoPE sections
-    dropped) and cut, go back beside their vision tower under the source's config, M-RoPE included;
-    the graft's check compares the grafted model's logits with the cut decoder's on text."""
+def test_a_cut_m_rope_decoder_grafts_back_with_its_m_rope_settings(make, tmp_path, tokenizer):
+    """GLM-4.1V's, GLM-4.5V's and HunYuan-VL's decoders, extracted as GLM-4, GLM-4.5 and Hunyuan's
+    dense family (their M-RoPE sections dropped) and cut, go back beside their vision tower under the
+    source's config, M-RoPE included; the graft's check compares the grafted model's logits with the
+    cut decoder's on text."""
     source, _ = extracted_and_cut(make, tmp_path, tokenizer)
     result = run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft", "--device", "cpu")
     assert result.exit_code == 0, result.output
@@ -250,7 +252,9 @@ def test_a_cut_glm4v_decoder_grafts_back_with_its_m_rope_settings(make, tmp_path
     assert manifest["verified"]["max_abs_logit_diff"] <= 1e-5
     assert sorted(manifest["text_config_changed"]) == ["num_hidden_layers"]  # (L1 goes: GLM-4.5V's dense L0 stays)
     written = json.loads((tmp_path / "graft" / "config.json").read_text())["text_config"]
-    assert written["num_hidden_layers"] == 3 and written["rope_parameters"]["mrope_section"] == [1, 1, 2]
+    released = json.loads((source / "config.json").read_text())["text_config"]
+    assert written["num_hidden_layers"] == 3 and written["rope_parameters"]["mrope_section"] == \
+        released["rope_parameters"]["mrope_section"]
 
 
 def test_what_is_not_a_cut_of_the_source_is_one_line_and_writes_nothing(tmp_path, tokenizer, tiny_folder):

@@ -175,6 +175,21 @@ def glm4v_moe(folder, tokenizer):
     return glm4v(folder, tokenizer, moe=True)
 
 
+def hunyuan_vl(folder, tokenizer):
+    """HunYuan-VL's layout: Hunyuan's dense decoder (query and key norms after the rotation) with
+    M-RoPE in four sections, its vision tower at vit."""
+    from transformers import HunYuanVLConfig, HunYuanVLForConditionalGeneration
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0, eod_token_id=3, sep_token_id=4,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 2, 2, 2]})
+    vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1, out_hidden_size=64, patch_size=8,
+                  text_hidden_size=64)
+    config = HunYuanVLConfig(text_config=text, vision_config=vision, image_token_id=VOCAB - 1, im_start_id=VOCAB - 2,
+                             im_end_id=VOCAB - 3, im_newline_id=VOCAB - 4)
+    return save(HunYuanVLForConditionalGeneration(config), folder, tokenizer)
+
+
 def qwen2_vl(folder, tokenizer):
     """Qwen2-VL's layout: Qwen2.5-VL's before it, with another vision tower."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -266,7 +281,8 @@ def renamed_to_the_newer_layout(folder):
                                                   (qwen2_5_vl, "qwen2", "class names"), (qwen2_vl, "qwen2", "released"),
                                                   (qwen2_5_vl, "qwen2", "flat config"), (qwen3_vl, "qwen3", "released"),
                                                   (cohere2_vision, "cohere2", "newer"), (aya_vision, "cohere2", "newer"),
-                                                  (glm4v, "glm4", "newer"), (glm4v_moe, "glm4_moe", "newer")])
+                                                  (glm4v, "glm4", "newer"), (glm4v_moe, "glm4_moe", "newer"),
+                                                  (hunyuan_vl, "hunyuan_v1_dense", None)])
 @torch.no_grad()
 def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(make, family, layout, tmp_path, tokenizer):
     """Each family's decoder, in each name layout, written as its text-only family (Qwen2.5-VL's as
@@ -281,12 +297,12 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     manifest = read_manifest(tmp_path / "text")
     assert manifest["verified"]["method"] == "copied, compared with the multimodal model"
     assert {prefix.removeprefix("model.") for prefix in manifest["left_behind"]} == \
-        ({"visual"} if family in ("qwen2", "qwen3", "glm4", "glm4_moe") else {"vision_tower", "embed_vision"} if family == "gemma4_text" else
+        ({"visual"} if family in ("qwen2", "qwen3", "glm4", "glm4_moe") else {"vit"} if family == "hunyuan_v1_dense" else {"vision_tower", "embed_vision"} if family == "gemma4_text" else
          {"vision_model" if family == "llama4_text" else "vision_tower", "multi_modal_projector"})
 
     config = json.loads((tmp_path / "text" / "config.json").read_text())
     assert config["model_type"] == family and config["tie_word_embeddings"] == (make in (gemma3, gemma4, qwen2_vl, qwen3_vl,
-                                                                                          cohere2_vision, aya_vision))
+                                                                                          cohere2_vision, aya_vision, hunyuan_vl))
     if make is gemma4:  # the released words, beside the ones transformers saves
         assert (config["global_head_dim"], config["num_global_key_value_heads"]) == (32, 1) and "per_layer_config" in config
     assert "mrope_section" not in json.dumps(config)
@@ -295,10 +311,12 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     text = AutoModelForCausalLM.from_pretrained(tmp_path / "text").eval()  # as users load it: the family's own class
     assert type(text).__name__ == {"gemma3_text": "Gemma3ForCausalLM", "gemma4_text": "Gemma4ForCausalLM", "mistral": "MistralForCausalLM",
                                    "llama4_text": "Llama4ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                                   "cohere2": "Cohere2ForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}[family]
+                                   "cohere2": "Cohere2ForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+                                   "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM"}[family]
     ids = torch.randint(3, VOCAB - 5, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(text(ids).logits, model(input_ids=ids).logits, atol=1e-5)
-    sources = {name for name in load_file(source / "model.safetensors") if not any(part in name for part in ("vision", "projector", "visual"))}
+    sources = {name for name in load_file(source / "model.safetensors")
+               if not any(part in name for part in ("vision", "projector", "visual")) and not name.startswith("vit.")}
     written = {name for file in (tmp_path / "text").glob("model-*.safetensors") for name in load_file(file)}
     assert len(written) == len(sources) and len(list((tmp_path / "text").glob("model-*.safetensors"))) > 1
 
