@@ -122,9 +122,12 @@ class Architecture:
     The routing weights scale each expert's output, so a bridge folds into all of them; those a
     layer lacks (a dense layer has no experts) are skipped.
     gguf_arch: llama.cpp's architecture name, for families surgery.export.gguf_write writes.
+    variants: (config key, value, fields): where the config holds that value (or the value, a
+    predicate, holds for it), the family's entry with those fields replaced (StableLM's parallel
+    residual, where attention and FFN read one norm); the first that matches, by architecture_of.
     refused_configs: (config key, value, why) for variants of a family whose block the entry does
-    not describe (StableLM's parallel residual: attention and FFN read one norm), the value
-    a predicate where one value does not say it (Gemma 4's layers that share another's KV cache).
+    not describe (Gemma 4's layers that share another's KV cache), the value
+    a predicate where one value does not say it.
     step_rule: layers transformers places by a config list and other runtimes by a step alone
     (StepRule); a cut sets the step the cut's list follows, and says so when it follows none.
     fixed_patterns: layers a runtime places by a period fixed in its code (FixedPattern); a cut says
@@ -252,6 +255,7 @@ class Architecture:
     shared_norms: tuple[str, ...] = ()
     parallel: bool | str = False
     depth_scaled_config: tuple[tuple[str, str | None], ...] = ()
+    variants: tuple[tuple[str, Any, tuple[tuple[str, Any], ...]], ...] = ()
 
     def output_projections(self, kind: str, linear_block: bool = False) -> tuple[str, ...]:
         """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the
@@ -477,9 +481,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "apertus": replace(_LLAMA, attention_norms=("attention_layernorm",), mlp_norms=("feedforward_layernorm",),
                        lora_targets=_UNGATED_LORA),
     "jais2": replace(_LLAMA, lora_targets=_UNGATED_LORA),
-    "stablelm": replace(_LLAMA, refused_configs=(("use_parallel_residual", True, "attention and FFN read the same input "
-                                                  "through one norm (a parallel residual), a block layout the family's table "
-                                                  "does not describe; only its sequential variant is"),)),
+    # StableLM 2 1.6B and 3B are Llama's block; the 12B's is parallel (use_parallel_residual), one norm for both
+    "stablelm": replace(_LLAMA, variants=(("use_parallel_residual", True, tuple(_PARALLEL.items())),)),
     # Command R, R+ (cohere), Command R7B, A (cohere2) and Cohere's MoE (cohere2_moe): a parallel block,
     # attention and FFN both read one normed input and add their outputs to the stream together, so
     # each is still a sublayer that adds to it (the shared norm goes with the block). Cohere 2's
@@ -713,8 +716,9 @@ def architecture_of(config: Any) -> Architecture:
             "to add one, describe its modules in ARCHITECTURES in surgery/arch.py"
         )
     arch = ARCHITECTURES[model_type]
+    arch = next((replace(arch, **dict(fields)) for key, value, fields in arch.variants if _holds(config, key, value)), arch)
     for key, value, why in arch.refused_configs:
-        if value(config_value(config, key)) if callable(value) else config_value(config, key) == value:
+        if _holds(config, key, value):
             raise SurgeryError(f"{model_type} with {key}={config_value(config, key)} is not supported: {why}")
     return arch
 
@@ -812,6 +816,12 @@ def mtp_count_keys(config: Any) -> tuple[str, ...]:
     """The config keys that may count a checkpoint's MTP modules (Architecture.mtp_count_config):
     the first is the one serving engines read for the family."""
     return _entry_or_default(config).mtp_count_config
+
+
+def _holds(config: Any, key: str, value: Any) -> bool:
+    """Whether `config`'s `key` has `value`, or `value` (a predicate) holds for it."""
+    found = config_value(config, key)
+    return bool(value(found)) if callable(value) else found == value
 
 
 def config_value(config: Any, key: str, default: Any = None) -> Any:

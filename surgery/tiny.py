@@ -84,7 +84,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "apertus": {},
     "jais2": {},
     "nanochat": {},
-    "stablelm": {"use_parallel_residual": False},  # StableLM 2 1.6B and 3B; the 12B's parallel variant is refused
+    "stablelm": {"use_parallel_residual": False},  # StableLM 2 1.6B and 3B; the 12B's parallel blocks: a variant (tests)
     "gptj": {"rotary_dim": 8, "n_positions": 256},
     "codegen": {"rotary_dim": 8, "n_positions": 256},
     "gpt_bigcode": {"n_positions": 256, "multi_query": True},

@@ -71,12 +71,19 @@ def test_lora_targets_exist(family):
     assert set(ARCHITECTURES[family].lora_targets) <= names
 
 
+def test_a_variant_of_a_family_is_its_entry_with_the_fields_the_config_changes():
+    """StableLM 2 12B's blocks are parallel (use_parallel_residual), its one norm read by both
+    sublayers; the 1.6B and 3B are Llama's block, the table entry itself."""
+    parallel = architecture_of(tiny_config("stablelm", use_parallel_residual=True))
+    assert parallel.parallel and parallel.shared_norms == ("input_layernorm",) and parallel.sublayer_modules("mlp") == ("mlp",)
+    assert architecture_of(tiny_config("stablelm")) is ARCHITECTURES["stablelm"]
+
+
 def test_a_refused_variant_of_a_family_is_one_line_naming_why():
     from surgery.errors import SurgeryError
 
-    with pytest.raises(SurgeryError, match="stablelm with use_parallel_residual=True is not supported: attention and FFN"):
-        architecture_of(tiny_config("stablelm", use_parallel_residual=True))
-    assert architecture_of(tiny_config("stablelm")) is ARCHITECTURES["stablelm"]
+    with pytest.raises(SurgeryError, match="gemma4_text with num_kv_shared_layers=2 is not supported: its last layers read"):
+        architecture_of(tiny_config("gemma4_text", num_kv_shared_layers=2))
 
 
 def test_unsupported_family_names_the_supported_ones_and_where_to_add():

@@ -682,3 +682,25 @@ def test_a_cut_of_minicpm3_keeps_each_blocks_depth_scale(tmp_path, tokenizer):
     export_checkpoint(model, tokenizer, tmp_path / "out", record={})  # (its check reloads and compares the logits)
     reloaded = load_exported(tmp_path / "out")
     assert all(layer.residual_scale == pytest.approx(scale / math.sqrt(6)) for layer in decoder_layers(reloaded))
+
+
+@torch.no_grad()
+def test_stablelm_12bs_parallel_blocks_cut_and_reload_as_a_variant_of_the_family(tmp_path, tokenizer):
+    """StableLM 2 12B (use_parallel_residual): its attention and FFN read one norm, so removing the
+    attention alone keeps that norm for the FFN; the cut computes what hooks that skip the same units
+    compute, and its sublayer checkpoint reloads to the same logits and cached generation."""
+    from tests.hooks import skipped
+
+    units = parse_sublayers("L0.mlp,L1,L2.attn")
+    tokens = ids(2, 10)
+    uncut = tiny_model("stablelm", num_layers=4, use_parallel_residual=True)
+    with skipped(uncut, units):
+        expected = uncut(tokens, use_cache=False).logits
+    model = tiny_model("stablelm", num_layers=4, use_parallel_residual=True)
+    cut(model, units)
+    assert type(model.model.layers[1].input_layernorm).__name__ == "LayerNorm"  # (old L2: its attention gone, its norm kept)
+    assert torch.allclose(model(tokens, use_cache=False).logits, expected, atol=1e-5)
+    export_checkpoint(model, tokenizer, tmp_path / "out", record={})
+    reloaded = load_exported(tmp_path / "out")
+    assert torch.allclose(reloaded(tokens, use_cache=False).logits, expected, atol=1e-5)
+    assert_cache_consistent(reloaded)
