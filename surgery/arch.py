@@ -123,8 +123,9 @@ class Architecture:
     layer lacks (a dense layer has no experts) are skipped.
     gguf_arch: llama.cpp's architecture name, for families surgery.export.gguf_write writes.
     variants: (config key, value, fields): where the config holds that value (or the value, a
-    predicate, holds for it), the family's entry with those fields replaced (StableLM's parallel
-    residual, where attention and FFN read one norm); the first that matches, by architecture_of.
+    predicate, holds for it; for the whole config where the key is None), the family's entry with
+    those fields replaced (StableLM's parallel residual, where attention and FFN read one norm); the
+    first that matches, by architecture_of.
     refused_configs: (config key, value, why) for variants of a family whose block the entry does
     not describe (Gemma 4's layers that share another's KV cache), the value
     a predicate where one value does not say it.
@@ -255,7 +256,7 @@ class Architecture:
     shared_norms: tuple[str, ...] = ()
     parallel: bool | str = False
     depth_scaled_config: tuple[tuple[str, str | None], ...] = ()
-    variants: tuple[tuple[str, Any, tuple[tuple[str, Any], ...]], ...] = ()
+    variants: tuple[tuple[str | None, Any, tuple[tuple[str, Any], ...]], ...] = ()
 
     def output_projections(self, kind: str, linear_block: bool = False) -> tuple[str, ...]:
         """Dotted paths, inside a decoder block, of what writes sublayer `kind`'s output into the
@@ -381,6 +382,16 @@ _ATTENTION_ONLY_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Cohere, Phi-2, GPT-J: a parallel block, attention and FFN reading one normed input (the norm goes with the block)
 _PARALLEL = dict(attention_norms=(), mlp_norms=(), shared_norms=("input_layernorm",), parallel=True)
 _COHERE = dict(**_PARALLEL, logit_multiplier_config="logit_scale")
+
+
+def _falcon_two_norms(config: Any) -> bool:
+    """Falcon 40B's and 180B's layout: parallel blocks with a norm for each sublayer (transformers
+    counts two where new_decoder_architecture leaves num_ln_in_parallel_attn unset)."""
+    count = config_value(config, "num_ln_in_parallel_attn")
+    return bool(config_value(config, "new_decoder_architecture")) and config_value(config, "parallel_attn", True) is not False \
+        and (count or 2) == 2
+
+
 _GPTJ = dict(_PARALLEL, shared_norms=("ln_1",), layers="transformer.h", attention="attn", final_norm="transformer.ln_f",
              attention_output="out_proj", mlp_output="fc_out")
 _UNGATED_LORA = (*_ATTENTION_ONLY_LORA, "up_proj", "down_proj")
@@ -498,6 +509,16 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gpt_bigcode": replace(_LLAMA, layers="transformer.h", attention="attn", attention_norms=("ln_1",), mlp_norms=("ln_2",),
                            final_norm="transformer.ln_f", attention_output="c_proj", mlp_output="c_proj",
                            lora_targets=("c_attn", "c_proj", "c_fc")),
+    # Falcon 7B and Falcon 2 11B: a parallel block with one norm; 40B and 180B (new_decoder_architecture):
+    # a norm for each of the two; the sequential variant (parallel_attn false): Llama's norms
+    "falcon": replace(_LLAMA, **_PARALLEL, layers="transformer.h", attention="self_attention", final_norm="transformer.ln_f",
+                      attention_output="dense", mlp_output="dense_4h_to_h", block_outputs=2,
+                      lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+                      variants=((None, _falcon_two_norms, (("attention_norms", ("ln_attn",)), ("mlp_norms", ("ln_mlp",)),
+                                                           ("shared_norms", ()))),
+                                ("parallel_attn", False, (("attention_norms", ("input_layernorm",)),
+                                                          ("mlp_norms", ("post_attention_layernorm",)), ("shared_norms", ()),
+                                                          ("parallel", False))))),
     # Phi-1, 1.5 and 2: a parallel block as Cohere's, LayerNorms, an output layer with a bias
     "phi": replace(_LLAMA, **_PARALLEL, final_norm="model.final_layernorm", attention_output="dense", mlp_output="fc2",
                    lora_targets=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),
@@ -818,9 +839,10 @@ def mtp_count_keys(config: Any) -> tuple[str, ...]:
     return _entry_or_default(config).mtp_count_config
 
 
-def _holds(config: Any, key: str, value: Any) -> bool:
-    """Whether `config`'s `key` has `value`, or `value` (a predicate) holds for it."""
-    found = config_value(config, key)
+def _holds(config: Any, key: str | None, value: Any) -> bool:
+    """Whether `config`'s `key` has `value`, or `value` (a predicate) holds for it (for the whole
+    config, where no key is named)."""
+    found = config if key is None else config_value(config, key)
     return bool(value(found)) if callable(value) else found == value
 
 

@@ -88,6 +88,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "gptj": {"rotary_dim": 8, "n_positions": 256},
     "codegen": {"rotary_dim": 8, "n_positions": 256},
     "gpt_bigcode": {"n_positions": 256, "multi_query": True},
+    "falcon": {"num_kv_heads": 2, "new_decoder_architecture": False, "parallel_attn": True, "bias": False, "alibi": False},
     "gpt_neox": {"rotary_pct": 0.5},  # Pythia: a parallel block, part of each head rotated
     "phi": {"partial_rotary_factor": 0.5, "qk_layernorm": True},  # Phi-2 rotates part of each head; qk_layernorm as some variants
     # Cohere ties its output layer to the embeddings; Command R+ norms each head's queries and keys
@@ -210,10 +211,12 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
 
 def tiny_config(model_type: str, num_layers: int = 4, **overrides: Any) -> Any:
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     family = {key: value(num_layers) if callable(value) else value for key, value in TINY_OVERRIDES[model_type].items()}
     values = {**_COMMON, **family, "num_hidden_layers": num_layers, **overrides}
-    return AutoConfig.for_model(model_type, **values)
+    derived = {key for key in values if isinstance(getattr(CONFIG_MAPPING[model_type], key, None), property)}  # (Falcon's head_dim)
+    return AutoConfig.for_model(model_type, **{key: value for key, value in values.items() if key not in derived})
 
 
 def tiny_model(model_type: str, num_layers: int = 4, seed: int = 0, **overrides: Any) -> Any:

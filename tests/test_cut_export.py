@@ -684,21 +684,28 @@ def test_a_cut_of_minicpm3_keeps_each_blocks_depth_scale(tmp_path, tokenizer):
     assert all(layer.residual_scale == pytest.approx(scale / math.sqrt(6)) for layer in decoder_layers(reloaded))
 
 
+VARIANTS = [("stablelm", {"use_parallel_residual": True}, "input_layernorm"),  # StableLM 2 12B: one norm for both
+            ("falcon", {"new_decoder_architecture": True}, "ln_mlp"),  # Falcon 40B, 180B: a norm for each, parallel
+            ("falcon", {"parallel_attn": False}, "post_attention_layernorm")]  # Falcon's sequential variant
+
+
+@pytest.mark.parametrize("family, overrides, kept_norm", VARIANTS)
 @torch.no_grad()
-def test_stablelm_12bs_parallel_blocks_cut_and_reload_as_a_variant_of_the_family(tmp_path, tokenizer):
-    """StableLM 2 12B (use_parallel_residual): its attention and FFN read one norm, so removing the
-    attention alone keeps that norm for the FFN; the cut computes what hooks that skip the same units
+def test_a_family_variant_cuts_and_reloads_as_its_config_makes_its_blocks(family, overrides, kept_norm, tmp_path, tokenizer):
+    """Blocks that differ by config within a family (Architecture.variants): removing a block's
+    attention alone keeps the norm its FFN reads; the cut computes what hooks that skip the same units
     compute, and its sublayer checkpoint reloads to the same logits and cached generation."""
+    from surgery.arch import decoder_layers
     from tests.hooks import skipped
 
     units = parse_sublayers("L0.mlp,L1,L2.attn")
     tokens = ids(2, 10)
-    uncut = tiny_model("stablelm", num_layers=4, use_parallel_residual=True)
+    uncut = tiny_model(family, num_layers=4, **overrides)
     with skipped(uncut, units):
         expected = uncut(tokens, use_cache=False).logits
-    model = tiny_model("stablelm", num_layers=4, use_parallel_residual=True)
+    model = tiny_model(family, num_layers=4, **overrides)
     cut(model, units)
-    assert type(model.model.layers[1].input_layernorm).__name__ == "LayerNorm"  # (old L2: its attention gone, its norm kept)
+    assert type(getattr(decoder_layers(model)[1], kept_norm)).__name__ == "LayerNorm"  # (old L2: its attention gone)
     assert torch.allclose(model(tokens, use_cache=False).logits, expected, atol=1e-5)
     export_checkpoint(model, tokenizer, tmp_path / "out", record={})
     reloaded = load_exported(tmp_path / "out")

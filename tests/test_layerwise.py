@@ -31,6 +31,8 @@ FAMILIES = {  # the output layer tied (SmolLM2), per-layer masks, a soft-cap, ex
     "gpt_neox": {},  # parallel as its config says (use_parallel_residual), an output layer stored as embed_out
     "gpt_neox sequential": dict(use_parallel_residual=False),  # the same family with sequential blocks
     "stablelm parallel": dict(use_parallel_residual=True),  # StableLM 2 12B: a variant of its table entry
+    "falcon": {},  # Falcon 7B: one norm for both sublayers, blocks returning a tuple
+    "falcon two-norm": dict(new_decoder_architecture=True),  # Falcon 40B and 180B
 }
 COALITIONS = [frozenset(c) for c in [(), (0,), (1,), (2,), (5,), (7,), (0, 1), (1, 2), (3, 5), (2, 3, 4), (6, 7),
                                      (5, 6, 7), (0, 7), (0, 1, 2, 3, 4, 5, 6, 7)]]
