@@ -97,8 +97,8 @@ class Architecture:
     (post-norm) that sublayer's output; they go together with the sublayer.
     parallel: the block's FFN reads the block's input, as its attention does, and both outputs are
     added to the stream together (Cohere), so the stream between them is no FFN's input: a block's
-    output is its input plus each sublayer's output, each computed from the input. A config key
-    where the config says which (GPT-NeoX's use_parallel_residual); `parallel_blocks` reads it.
+    output is its input plus each sublayer's output, each computed from the input. Where a config
+    flag decides it (GPT-NeoX's use_parallel_residual), a variant sets it.
     shared_norms: norms both sublayers of a parallel block read; they go only with the whole block.
     depth_scaled_config: (config key, runtime that fixes its value in code, or None): keys a family
     divides by the square root of the layer count when it builds each block (MiniCPM3 scales every
@@ -254,7 +254,7 @@ class Architecture:
     pattern_letters: tuple[tuple[str, str], ...] = ()
     linear_block_marker: tuple[str, str] | None = None
     shared_norms: tuple[str, ...] = ()
-    parallel: bool | str = False
+    parallel: bool = False
     depth_scaled_config: tuple[tuple[str, str | None], ...] = ()
     variants: tuple[tuple[str | None, Any, tuple[tuple[str, Any], ...]], ...] = ()
 
@@ -290,10 +290,6 @@ class Architecture:
                 **({"companions": {kind: [module for module, _ in self.companions(kind)] for kind in ("attn", "mlp")
                                    if self.companions(kind)}} if self.attention_companions or self.mlp_companions else {}),
                 **({"companion_outputs": dict(self.companion_outputs)} if self.companion_outputs else {})}
-
-    def parallel_blocks(self, config: Any) -> bool:
-        """Whether `config`'s blocks are parallel (see `parallel`)."""
-        return bool(config_value(config, self.parallel)) if isinstance(self.parallel, str) else self.parallel
 
     def runtime_period(self, config: Any) -> int | None:
         """The period of the first pattern a runtime fixes (fixed_patterns) that `config` follows, for
@@ -382,6 +378,9 @@ _ATTENTION_ONLY_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Cohere, Phi-2, GPT-J: a parallel block, attention and FFN reading one normed input (the norm goes with the block)
 _PARALLEL = dict(attention_norms=(), mlp_norms=(), shared_norms=("input_layernorm",), parallel=True)
 _COHERE = dict(**_PARALLEL, logit_multiplier_config="logit_scale")
+_GPTJ = dict(_PARALLEL, shared_norms=("ln_1",), layers="transformer.h", attention="attn", final_norm="transformer.ln_f",
+             attention_output="out_proj", mlp_output="fc_out")
+_UNGATED_LORA = (*_ATTENTION_ONLY_LORA, "up_proj", "down_proj")
 
 
 def _falcon_two_norms(config: Any) -> bool:
@@ -392,9 +391,6 @@ def _falcon_two_norms(config: Any) -> bool:
         and (count or 2) == 2
 
 
-_GPTJ = dict(_PARALLEL, shared_norms=("ln_1",), layers="transformer.h", attention="attn", final_norm="transformer.ln_f",
-             attention_output="out_proj", mlp_output="fc_out")
-_UNGATED_LORA = (*_ATTENTION_ONLY_LORA, "up_proj", "down_proj")
 # OLMo 2/3, EXAONE 4: a norm on each sublayer's output instead of its input.
 _POST_NORM = replace(_LLAMA, attention_norms=("post_attention_layernorm",), mlp_norms=("post_feedforward_layernorm",),
                      attention_output=None, mlp_output=None)
@@ -500,8 +496,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     # full-attention layers have no rotary embedding, which llama.cpp places every 4th layer.
     # GPT-NeoX (Pythia): parallel where use_parallel_residual says so (its default), each sublayer with its own norm
     "gpt_neox": replace(_LLAMA, layers="gpt_neox.layers", attention="attention", final_norm="gpt_neox.final_layer_norm",
-                        attention_output="dense", mlp_output="dense_4h_to_h", parallel="use_parallel_residual",
-                        lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
+                        attention_output="dense", mlp_output="dense_4h_to_h", parallel=True,
+                        lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+                        variants=(("use_parallel_residual", False, (("parallel", False),)),)),
     # GPT-J and CodeGen: a parallel block under transformer.h, one LayerNorm both read (ln_1)
     "gptj": replace(_LLAMA, **_GPTJ, lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")),
     "codegen": replace(_LLAMA, **_GPTJ, lora_targets=("qkv_proj", "out_proj", "fc_in", "fc_out")),

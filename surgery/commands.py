@@ -290,7 +290,7 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
         others = "hold another mixer" if arch.single_mixer else "hold linear attention"
         table.add_row("attention blocks", f"{', '.join(f'L{i}' for i in attention) or 'none'} (the other "
                                           f"{config.num_hidden_layers - len(attention)} {others})")
-    if arch.parallel_blocks(stored):
+    if arch.parallel:
         shared = f" through one norm ({', '.join(arch.shared_norms)}), which goes only with its block," if arch.shared_norms else ""
         table.add_row("parallel blocks", f"attention and FFN read the block's input{shared} and add to the stream together: "
                                          "each is a sublayer")

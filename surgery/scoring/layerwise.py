@@ -79,7 +79,7 @@ class LayerwiseResidualLoss(ValueFunction):
         whose FFN reads the block's input, the mid-block stream plus what the FFN alone adds to that
         input."""
         hidden = [stream.hidden for stream in self._streams]
-        parallel = self.model.arch.parallel_blocks(self.model.config)
+        parallel = self.model.arch.parallel
         for index in range(self.model.num_layers):
             with self.model.block(index) as block:
                 for b in range(len(self._streams)):
