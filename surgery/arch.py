@@ -665,6 +665,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "glm4_moe_lite": replace(_MOE, per_layer_config=("mlp_layer_types",), prefix_count_config=("first_k_dense_replace",),
                              moe_outputs=_SHARED_EXPERTS, lora_targets=_LATENT_ATTENTION_LORA,
                              lora_may_lack=QUERY_LAYOUTS),
+    # Mellum 2 (JetBrains): Qwen3's attention on full and sliding layers, MoE and dense FFNs by mlp_layer_types,
+    # one MTP module kept under mtp. and counted as num_nextn_predict_layers
+    "mellum": replace(_MOE, per_layer_config=("layer_types", "mlp_layer_types"), moe_outputs=("experts.down_proj", "down_proj"),
+                      mtp_prefix="mtp."),
+    # Flint: Qwen3-MoE's block with attention sinks, full and sliding layers and an always-on shared expert
+    "flint": replace(_QWEN_MOE, per_layer_config=("layer_types",)),
+    # Aria's text decoder (after surgery extract-text): routed experts stored [experts, in, out] and shared experts
+    "aria_text": replace(_MOE, moe_outputs=("experts.down_proj", "shared_experts.down_proj")),
     "exaone_moe": replace(_MOE, per_layer_config=("layer_types", "mlp_layer_types", "is_moe_layer"),
                           prefix_count_config=("first_k_dense_replace",),
                           moe_outputs=_SHARED_EXPERTS, mtp_prefix="mtp."),

@@ -1,5 +1,5 @@
 """`surgery graft`: a cut text decoder put back into the multimodal checkpoint `extract-text` took it
-from (tiny Gemma 3, Mistral 3, Llama 4, Qwen3.5 and Command A Vision built from configs, saved by
+from (tiny Gemma 3, Mistral 3, Llama 4, Qwen3.5, Command A Vision and Aria built from configs, saved by
 transformers), so that the image-text model keeps its vision tower; and what is not such a decoder is
 refused in one line before anything is written."""
 
@@ -13,6 +13,7 @@ from surgery.export.checkpoint import read_manifest
 from tests.cli import one_line, run
 from tests.test_text_decoder import (
     VOCAB,
+    aria,
     cohere2_vision,
     gemma3,
     gemma4,
@@ -62,7 +63,8 @@ def with_decoder(model, decoder_folder):
                                                    (gemma3, "newer", ["layer_types", "num_hidden_layers"]),
                                                    (mistral3, "legacy", ["num_hidden_layers"]),
                                                    (mistral3, "newer", ["num_hidden_layers"]),
-                                                   (cohere2_vision, "newer", ["layer_types", "num_hidden_layers"])])
+                                                   (cohere2_vision, "newer", ["layer_types", "num_hidden_layers"]),
+                                                   (aria, "legacy", ["num_hidden_layers"])])
 @torch.no_grad()
 def test_the_grafted_model_sees_images_with_the_cut_decoder(make, layout, removed, tmp_path, tokenizer):
     from transformers import AutoModelForImageTextToText
@@ -94,6 +96,8 @@ def test_the_grafted_model_sees_images_with_the_cut_decoder(make, layout, remove
     inputs = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))}
     if make is gemma3:
         ids[0, 2:6] = VOCAB - 1  # mm_tokens_per_image image tokens
+    elif make is aria:
+        ids[0, 2:6] = VOCAB - 1  # (32 / 8)^2 patches become 4 queries (projector_patch_to_query_dict)
     else:
         ids[0, 2:6] = VOCAB - 1  # (32 / 8)^2 patches merged 2 x 2
         inputs["image_sizes"] = torch.tensor([[32, 32]])

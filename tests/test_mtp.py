@@ -14,8 +14,8 @@ from surgery.arch import architecture_of, mtp_count_key
 from tests.cli import run
 
 BLOCK_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "bailing_hybrid"]  # extra blocks: model.layers.{num_hidden_layers + k}
-# K-EXAONE, Qwen3-Next, Qwen3.5: mtp.layers.{k}, mtp.fc, ... (the Qwens count them in mtp_num_hidden_layers)
-FAMILIES = [*BLOCK_FAMILIES, "exaone_moe", "qwen3_next", "qwen3_5_text"]
+# K-EXAONE, Mellum 2, Qwen3-Next, Qwen3.5: mtp.layers.{k}, mtp.fc, ... (the Qwens count them in mtp_num_hidden_layers)
+FAMILIES = [*BLOCK_FAMILIES, "exaone_moe", "mellum", "qwen3_next", "qwen3_5_text"]
 DEEPSEEK_KEY = "num_nextn_predict_layers"
 HEAL = ["--heal-steps", "2", "--heal-seq-len", "32", "--heal-batch-size", "2", "--no-quantize", "--lora-dropout", "0",
         "--eval-ppl", "wikitext2", "--eval-ppl-windows", "2", "--eval-tasks", "arc_easy", "--eval-limit", "4",

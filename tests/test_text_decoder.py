@@ -109,6 +109,20 @@ def llama4(folder, tokenizer):
     return save(Llama4ForConditionalGeneration(config), folder, tokenizer)
 
 
+def aria(folder, tokenizer):
+    """Aria's layout: its MoE decoder (routed experts stored [experts, in, out], shared experts) beside an
+    Idefics 3 vision tower and a projector, an untied output layer."""
+    from transformers import AriaConfig, AriaForConditionalGeneration
+
+    from surgery.tiny import tiny_config
+
+    vision = dict(model_type="idefics3_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    config = AriaConfig(text_config=tiny_config("aria_text", 4).to_dict(), vision_config=vision, image_token_index=VOCAB - 1,
+                        projector_patch_to_query_dict={16: 4})
+    return save(AriaForConditionalGeneration(config), folder, tokenizer)
+
+
 def qwen3_5(folder, tokenizer, mtp=1):
     """Qwen3.5's layout (hybrid attention, M-RoPE, its vision tower at model.visual.), with the
     `mtp` multi-token-prediction modules its releases keep at mtp.* and count in text_config."""
@@ -282,7 +296,8 @@ def renamed_to_the_newer_layout(folder):
                                                   (qwen2_5_vl, "qwen2", "flat config"), (qwen3_vl, "qwen3", "released"),
                                                   (cohere2_vision, "cohere2", "newer"), (aya_vision, "cohere2", "newer"),
                                                   (glm4v, "glm4", "newer"), (glm4v_moe, "glm4_moe", "newer"),
-                                                  (hunyuan_vl, "hunyuan_v1_dense", None)])
+                                                  (hunyuan_vl, "hunyuan_v1_dense", None),
+                                                  (aria, "aria_text", "legacy"), (aria, "aria_text", "newer")])
 @torch.no_grad()
 def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(make, family, layout, tmp_path, tokenizer):
     """Each family's decoder, in each name layout, written as its text-only family (Qwen2.5-VL's as
@@ -312,7 +327,8 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     assert type(text).__name__ == {"gemma3_text": "Gemma3ForCausalLM", "gemma4_text": "Gemma4ForCausalLM", "mistral": "MistralForCausalLM",
                                    "llama4_text": "Llama4ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                    "cohere2": "Cohere2ForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
-                                   "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM"}[family]
+                                   "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
+                                   "aria_text": "AriaTextForCausalLM"}[family]
     ids = torch.randint(3, VOCAB - 5, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(text(ids).logits, model(input_ids=ids).logits, atol=1e-5)
     sources = {name for name in load_file(source / "model.safetensors")
