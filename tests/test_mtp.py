@@ -1,5 +1,5 @@
 """Multi-token-prediction (MTP) modules: the drafting heads DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, Ling 2.5,
-K-EXAONE, Qwen3-Next and Qwen3.5 keep beside their blocks, which transformers skips on load and
+K-EXAONE, Mellum 2, Qwen3-Next and Qwen3.5 keep beside their blocks, which transformers skips on load and
 serving engines read for speculative decoding. Every way of writing a cut or healed checkpoint
 carries them, numbered on after the last block kept (or under their own `mtp.` names), and its
 config counts exactly what it carries."""
