@@ -506,6 +506,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gpt_bigcode": replace(_LLAMA, layers="transformer.h", attention="attn", attention_norms=("ln_1",), mlp_norms=("ln_2",),
                            final_norm="transformer.ln_f", attention_output="c_proj", mlp_output="c_proj",
                            lora_targets=("c_attn", "c_proj", "c_fc")),
+    # GPT-2 (and its Cerebras-GPT, DistilGPT2 releases): StarCoder's block with Conv1D layers ([in, out] weights),
+    # its output layer tied to the embeddings. With scale_attn_by_inverse_layer_idx each block divides its attention
+    # scores by its index plus one, which a block cut would change for every later block: refused.
+    "gpt2": replace(_LLAMA, layers="transformer.h", attention="attn", attention_norms=("ln_1",), mlp_norms=("ln_2",),
+                    final_norm="transformer.ln_f", attention_output="c_proj", mlp_output="c_proj",
+                    lora_targets=("c_attn", "c_proj", "c_fc"),
+                    refused_configs=(("scale_attn_by_inverse_layer_idx", True, "each block scales its attention by its "
+                                      "index, which a block cut would change for every later block"),)),
     # Falcon 7B and Falcon 2 11B: a parallel block with one norm; 40B and 180B (new_decoder_architecture):
     # a norm for each of the two; the sequential variant (parallel_attn false): Llama's norms
     "falcon": replace(_LLAMA, **_PARALLEL, layers="transformer.h", attention="self_attention", final_norm="transformer.ln_f",

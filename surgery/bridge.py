@@ -109,7 +109,8 @@ def run_name(run: list[Sublayer], absent: set[Sublayer]) -> str:
 @dataclass
 class OutputWeight:
     """One weight that writes a sublayer's output: a Linear's [out, in], or experts' stacked
-    [experts, out, in] (`output_last`: [experts, in, out], as gpt-oss stores them), with its bias."""
+    [experts, out, in] (`output_last`: [experts, in, out], as gpt-oss stores them, or GPT-2's
+    Conv1D [in, out]), with its bias."""
 
     weight: Any
     bias: Any = None
@@ -120,6 +121,7 @@ def output_weights(layer: Any, arch: Any, kind: str, width: int | None = None) -
     """The weights a bridge into sublayer `kind` of this block must fold into, or why it cannot
     (`width`: the stream's, which stacked experts that write a latent space lack)."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
     from surgery.hf_modeling import is_linear_block
 
@@ -139,6 +141,8 @@ def output_weights(layer: Any, arch: Any, kind: str, width: int | None = None) -
             continue  # experts writing a latent space a projection after them maps to the stream (that one folds)
         if isinstance(found, torch.nn.Linear):
             targets.append(OutputWeight(found.weight, found.bias))
+        elif isinstance(found, Conv1D):  # GPT-2's: [in, out]
+            targets.append(OutputWeight(found.weight, found.bias, output_last=True))
         elif isinstance(found, torch.nn.Parameter) and found.dim() == 3:
             if getattr(owner, "has_post_expert_norm", False):
                 return [], "{sublayer}'s experts normalise their outputs; nothing to fold into"

@@ -87,6 +87,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "stablelm": {"use_parallel_residual": False},  # StableLM 2 1.6B and 3B; the 12B's parallel blocks: a variant (tests)
     "gptj": {"rotary_dim": 8, "n_positions": 256},
     "codegen": {"rotary_dim": 8, "n_positions": 256},
+    "gpt2": {"n_positions": 256, "tie_word_embeddings": True},
     "gpt_bigcode": {"n_positions": 256, "multi_query": True},
     "falcon": {"num_kv_heads": 2, "new_decoder_architecture": False, "parallel_attn": True, "bias": False, "alibi": False},
     "gpt_neox": {"rotary_pct": 0.5},  # Pythia: a parallel block, part of each head rotated

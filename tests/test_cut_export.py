@@ -528,6 +528,18 @@ def test_gemma4_e2b_and_e4b_are_refused_in_one_line(key, value, what, tiny_folde
     assert "cut Gemma 4 31B or 26B-A4B" in line and not (tmp_path / "out").exists()
 
 
+def test_gpt2_scaling_attention_by_block_index_is_refused_in_one_line(tiny_folder, tmp_path):
+    """GPT-2 configs with scale_attn_by_inverse_layer_idx divide each block's attention scores by its
+    index plus one, which a block cut would change for every later block: refused by name."""
+    from tests.cli import one_line
+
+    source, _ = tiny_folder("gpt2", scale_attn_by_inverse_layer_idx=True)
+    result = run("cut", source, "--remove", "L1", "--out", tmp_path / "out", "--device", "cpu")
+    line = one_line(result)
+    assert result.exit_code == 2 and "gpt2 with scale_attn_by_inverse_layer_idx=True is not supported" in line, line
+    assert not (tmp_path / "out").exists()
+
+
 def scaled_gemma4(folder, tokenizer, num_layers=6):
     """A tiny Gemma 4 saved as trained ones are: each block's output scale (layer_scalar) not 1."""
     from transformers import AutoModelForCausalLM

@@ -68,9 +68,10 @@ def test_default_lora_puts_an_adapter_on_every_target_the_family_names(family):
     """peft rewrites some MoE families' FFN names into their fused experts' parameters, which it
     cannot train with dropout: a family's targets must work with healing's default settings."""
     from peft.tuners.lora import LoraLayer
+    from transformers.pytorch_utils import Conv1D
 
     model = tiny_model(family, 4)
-    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))}
     model = add_lora(model, HealSettings(), ARCHITECTURES[family])
     wrapped = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, LoraLayer)}
     targets = set(ARCHITECTURES[family].lora_targets)
@@ -80,7 +81,7 @@ def test_default_lora_puts_an_adapter_on_every_target_the_family_names(family):
     arch = ARCHITECTURES[family]
     for layer in decoder_layers(model):  # every linear an attention writes the stream with is adapted (LFM3's o_proj was not)
         attention = None if is_linear_block(layer, arch.stand_in_spec()) else getattr(layer, arch.attention, None)
-        outputs = [n for n, m in (attention.named_children() if attention is not None else []) if getattr(m, "out_features", 0) == width]
+        outputs = [n for n, m in (attention.named_children() if attention is not None else []) if getattr(m, "out_features", getattr(m, "nf", 0)) == width]
         assert all(isinstance(getattr(attention, n), LoraLayer) for n in outputs), (family, outputs)
     model.train()
     model(torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]])).loss.backward()
@@ -160,9 +161,10 @@ def c4_settings(**overrides):
     return HealSettings(**{**values, **overrides})
 
 
-@pytest.mark.parametrize("quantize", [True, False])
-def test_healing_lowers_held_out_loss_and_merges_into_full_precision(tmp_path, tokenizer, data_dir, quantize):
-    model = tiny_model("qwen2", num_layers=2)
+@pytest.mark.parametrize("family, quantize", [("qwen2", True), ("qwen2", False), ("gpt2", True), ("gpt2", False)])
+def test_healing_lowers_held_out_loss_and_merges_into_full_precision(tmp_path, tokenizer, data_dir, family, quantize):
+    """GPT-2's Conv1D layers store their weights [in, out] in full precision, [out, in] once 4-bit."""
+    model = tiny_model(family, num_layers=2)
     resident = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
                     if line.startswith("VmRSS:"))
     result = heal(model, tokenizer, c4_settings(quantize=quantize), tmp_path / "work", data_dir=data_dir)
