@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from surgery.arch import architecture_of, decoder_layers, unwrap
-from surgery.hf_modeling import remove_sublayer
+from surgery.hf_modeling import remove_sublayer, set_module
 from surgery.sublayers import Sublayer, check_in_range
 
 
@@ -34,4 +34,4 @@ def ablated(model: Any, units: Iterable[Sublayer]) -> Iterator[Any]:
     finally:
         for layer, originals in reversed(restore):
             for name, module in originals.items():
-                setattr(layer, name, module)
+                set_module(layer, name, module)

@@ -91,7 +91,8 @@ class FixedPattern:
 
 @dataclass(frozen=True)
 class Architecture:
-    """Where things live in one family's `*ForCausalLM`, as dotted paths and config keys.
+    """Where things live in one family's `*ForCausalLM`, as dotted paths and config keys. Module
+    names inside a block may be dotted too, where a family nests them (DBRX's norm_attn_norm.attn).
 
     attention_norms / mlp_norms: norms whose only job is to feed (pre-norm) or rescale
     (post-norm) that sublayer's output; they go together with the sublayer.
@@ -673,6 +674,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "glm4_moe_lite": replace(_MOE, per_layer_config=("mlp_layer_types",), prefix_count_config=("first_k_dense_replace",),
                              moe_outputs=_SHARED_EXPERTS, lora_targets=_LATENT_ATTENTION_LORA,
                              lora_may_lack=QUERY_LAYOUTS),
+    # DBRX: attention and both norms in one module (norm_attn_norm), the second norm the FFN's; its
+    # experts' down projections stacked flat, [experts x intermediate, hidden]
+    "dbrx": replace(_MOE, layers="transformer.blocks", attention="norm_attn_norm.attn", mlp="ffn",
+                    attention_norms=("norm_attn_norm.norm_1",), mlp_norms=("norm_attn_norm.norm_2",), final_norm="transformer.norm_f",
+                    attention_output="out_proj", moe_outputs=("experts.mlp.w2",), experts_output_last=True,
+                    lora_targets=("Wqkv", "out_proj")),
     # Mellum 2 (JetBrains): Qwen3's attention on full and sliding layers, MoE and dense FFNs by mlp_layer_types,
     # one MTP module kept under mtp. and counted as num_nextn_predict_layers
     "mellum": replace(_MOE, per_layer_config=("layer_types", "mlp_layer_types"), moe_outputs=("experts.down_proj", "down_proj"),

@@ -109,8 +109,8 @@ def run_name(run: list[Sublayer], absent: set[Sublayer]) -> str:
 @dataclass
 class OutputWeight:
     """One weight that writes a sublayer's output: a Linear's [out, in], or experts' stacked
-    [experts, out, in] (`output_last`: [experts, in, out], as gpt-oss stores them, or GPT-2's
-    Conv1D [in, out]), with its bias."""
+    [experts, out, in] (`output_last`: [experts, in, out], as gpt-oss stores them, DBRX's
+    [experts x in, out], or GPT-2's Conv1D [in, out]), with its bias."""
 
     weight: Any
     bias: Any = None
@@ -143,7 +143,8 @@ def output_weights(layer: Any, arch: Any, kind: str, width: int | None = None) -
             targets.append(OutputWeight(found.weight, found.bias))
         elif isinstance(found, Conv1D):  # GPT-2's: [in, out]
             targets.append(OutputWeight(found.weight, found.bias, output_last=True))
-        elif isinstance(found, torch.nn.Parameter) and found.dim() == 3:
+        elif isinstance(found, torch.nn.Parameter) and (found.dim() == 3 or found.dim() == 2 and arch.experts_output_last):
+            # (2-D: DBRX's experts stacked flat, [experts x in, out])
             if getattr(owner, "has_post_expert_norm", False):
                 return [], "{sublayer}'s experts normalise their outputs; nothing to fold into"
             bias = getattr(owner, f"{name}_bias", None) if getattr(owner, "has_bias", False) else None

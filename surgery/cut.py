@@ -22,6 +22,7 @@ from surgery.arch import (
     architecture_of,
     base_model_type,
     decoder_layers,
+    get_module,
     unwrap,
 )
 from surgery.errors import SurgeryError
@@ -64,7 +65,7 @@ def removed_sublayers(model: Any) -> list[Sublayer]:
     for index, layer in enumerate(decoder_layers(model, arch)):
         for kind, stand_ins in (("attn", (RemovedAttention, RemovedLinearAttention)), ("mlp", (RemovedMLP,))):
             names = arch.sublayer_modules(kind, layer)  # (none for a kind a single-mixer block lacks)
-            if names and isinstance(getattr(layer, names[0]), stand_ins):
+            if names and isinstance(get_module(layer, names[0]), stand_ins):
                 found.append(Sublayer(index, kind))
     return found
 

@@ -95,7 +95,7 @@ def sublayer_names(layer: nn.Module, kind: str, spec: dict) -> list[str]:
     single = spec.get("single_mixer")
     if single is not None and single["kinds"].get(getattr(layer, single["attribute"], None)) != kind:
         return []  # this block's one mixer is the other kind: it has no such sublayer
-    names = [spec["modules"][kind][0], *(name for name in spec["modules"][kind][1:] if hasattr(layer, name))]  # (a block may lack some)
+    names = [spec["modules"][kind][0], *(name for name in spec["modules"][kind][1:] if has_module(layer, name))]  # (a block may lack some)
     if is_linear_block(layer, spec):
         if kind == "attn":
             names[0] = spec["linear_attention"]
@@ -114,7 +114,7 @@ def is_linear_block(layer: nn.Module, spec: dict) -> bool:
     if "linear_block_marker" in spec:
         attribute, value = spec["linear_block_marker"]
         return getattr(layer, attribute, None) == value
-    return getattr(layer, spec["modules"]["attn"][0], None) is None and getattr(layer, linear, None) is not None
+    return get_module(layer, spec["modules"]["attn"][0], None) is None and get_module(layer, linear, None) is not None
 
 
 def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> dict[str, nn.Module]:
@@ -128,7 +128,7 @@ def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> 
     names = sublayer_names(layer, kind, spec)
     if not names:
         return {}  # a sublayer the block does not have (a single-mixer block's other kind)
-    originals = {name: getattr(layer, name) for name in names}
+    originals = {name: get_module(layer, name) for name in names}
     if kind == "mlp":
         flag = spec.get("extra_outputs_flag")
         stand_in = RemovedMLP(spec.get("mlp_extra_outputs", 0) if flag is None or getattr(layer, flag, False) else 0)
@@ -141,7 +141,7 @@ def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> 
     for name in names[1:]:
         if name not in companions:
             if "single_mixer" not in spec:  # (a single-mixer block reads its norm's dtype; the stand-in ignores its output)
-                setattr(layer, name, RemovedNorm())
+                set_module(layer, name, RemovedNorm())
         elif originals[name] is not None:  # a block without experts keeps its None
             extra = spec.get("companion_outputs", {}).get(name, 0)
             _put(layer, name, RemovedMLP(extra) if kind == "mlp" else RemovedLinearAttention(), originals[name])
@@ -154,18 +154,38 @@ def _put(layer: nn.Module, name: str, stand_in: nn.Module, original: nn.Module) 
     and a stand-in without them would stop it halfway, leaving later blocks' buffers unset."""
     for buffer in sorted(getattr(original, "_non_persistent_buffers_set", ())):
         stand_in.register_buffer(buffer, getattr(original, buffer), persistent=False)
-    setattr(layer, name, stand_in)
+    set_module(layer, name, stand_in)
 
 
-def _get(root: nn.Module, dotted: str):
+_REQUIRED = object()
+
+
+def get_module(root: nn.Module, dotted: str, default=_REQUIRED):
+    """The module at a dotted path below `root` (DBRX keeps its attention at norm_attn_norm.attn);
+    `default` where a step is missing, if given."""
+    node = root
     for name in dotted.split("."):
-        root = getattr(root, name)
-    return root
+        if not hasattr(node, name):
+            if default is _REQUIRED:
+                raise AttributeError(f"'{type(root).__name__}' object has no attribute '{dotted}'")
+            return default
+        node = getattr(node, name)
+    return node
+
+
+def has_module(root: nn.Module, dotted: str) -> bool:
+    missing = object()
+    return get_module(root, dotted, missing) is not missing
+
+
+def set_module(root: nn.Module, dotted: str, module) -> None:
+    owner, _, name = dotted.rpartition(".")
+    setattr(get_module(root, owner) if owner else root, name, module)
 
 
 def apply_removals(model: nn.Module, spec: dict) -> None:
     """Put stand-ins where the checkpoint's `surgery` entry says sublayers were removed."""
-    layers = _get(model, spec["layers"])
+    layers = get_module(model, spec["layers"])
     for kind, indices in spec["removed"].items():
         for index in indices:
             remove_sublayer(layers[index], kind, index, spec)

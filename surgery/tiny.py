@@ -149,6 +149,9 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "glm4_moe_lite": {**_LATENT, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
                       "n_group": 1, "topk_group": 1,
                       "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1), "first_k_dense_replace": 1},
+    # DBRX's sizes under its own names; its attention reads rope_theta and clip_qkv from attn_config, as released
+    "dbrx": {"d_model": 64, "n_heads": 4, "max_seq_len": 256, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+             "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2}},
     "mellum": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "sliding_window": 8,
                "layer_types": _sliding_then_full, "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1)},
     "flint": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,

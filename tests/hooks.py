@@ -6,6 +6,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from surgery.arch import architecture_of, decoder_layers
+from surgery.hf_modeling import get_module
 from surgery.sublayers import Sublayer, full_blocks
 
 
@@ -32,7 +33,7 @@ def skipped(model, units: Iterable[Sublayer]) -> Iterator[None]:
         if unit.layer not in blocks:
             layer = layers[unit.layer]
             names = [arch.attention_in(layer) if unit.kind == "attn" else arch.mlp, *(m for m, _ in arch.companions(unit.kind))]
-            hooks += [module.register_forward_hook(_zero) for module in (getattr(layer, n, None) for n in names) if module is not None]
+            hooks += [module.register_forward_hook(_zero) for module in (get_module(layer, n, None) for n in names) if module is not None]
     try:
         yield
     finally:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from surgery.arch import ARCHITECTURES, decoder_layers
+from surgery.arch import ARCHITECTURES, decoder_layers, get_module
 from surgery.cut import cut, removed_sublayers
 from surgery.errors import SurgeryError
 from surgery.export.checkpoint import MANIFEST, MODELING_FILE, export_checkpoint, load_exported, read_manifest
@@ -42,7 +42,7 @@ def test_whole_blocks_give_a_standard_checkpoint(family, tmp_path, tokenizer):
     assert model.config.num_hidden_layers == 3 and len(decoder_layers(model)) == 3
     arch = ARCHITECTURES[family]
     for index, layer in enumerate(decoder_layers(model)):
-        assert getattr(layer, arch.attention_in(layer)).layer_idx == index
+        assert get_module(layer, arch.attention_in(layer)).layer_idx == index
     for key in ARCHITECTURES[family].per_layer_config:  # (a key may hold one value for every layer instead)
         assert isinstance(getattr(model.config, key), int) or len(getattr(model.config, key)) == 3
     exported = export_checkpoint(model, tokenizer, tmp_path / "out", record={"removed": ["L0", "L3"]})

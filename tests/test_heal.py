@@ -11,7 +11,7 @@ import torch
 from surgery.arch import ARCHITECTURES, decoder_layers
 from surgery.errors import SurgeryError
 from surgery.heal import add_lora, disable_cpu_repack, heal, latest_checkpoint, load_4bit
-from surgery.hf_modeling import is_linear_block
+from surgery.hf_modeling import get_module, is_linear_block
 from surgery.settings import HealSettings
 from surgery.sublayers import parse_sublayers
 from surgery.tiny import tiny_model
@@ -80,7 +80,7 @@ def test_default_lora_puts_an_adapter_on_every_target_the_family_names(family):
     width = model.config.hidden_size
     arch = ARCHITECTURES[family]
     for layer in decoder_layers(model):  # every linear an attention writes the stream with is adapted (LFM3's o_proj was not)
-        attention = None if is_linear_block(layer, arch.stand_in_spec()) else getattr(layer, arch.attention, None)
+        attention = None if is_linear_block(layer, arch.stand_in_spec()) else get_module(layer, arch.attention, None)
         outputs = [n for n, m in (attention.named_children() if attention is not None else []) if getattr(m, "out_features", getattr(m, "nf", 0)) == width]
         assert all(isinstance(getattr(attention, n), LoraLayer) for n in outputs), (family, outputs)
     model.train()
@@ -203,10 +203,11 @@ def test_one_healing_step_trains(tmp_path, tokenizer, data_dir):
                                               ("granitemoe", False), ("llama", True), ("qwen3_next", True),
                                               ("qwen3_5_moe_text", True), ("qwen3_5_text", True),
                                               ("lfm2_moe", True), ("granitemoehybrid", False),
-                                              ("kimi_linear", True)])
+                                              ("kimi_linear", True), ("dbrx", False)])
 def test_moe_healing_adds_the_router_balancing_loss_where_trl_can(family, balanced, tmp_path, tokenizer, data_dir):
     """trl's fused loss adds an MoE model's router balancing term using config.num_experts, which
-    the configs of Llama 4, PhiMoE and the GraniteMoEs call num_local_experts (and trl runs
+    the configs of Llama 4, PhiMoE and the GraniteMoEs call num_local_experts (DBRX keeps it in
+    ffn_config as moe_num_experts; and trl runs
     `base_model`, which Llama 4's text model points at a multimodal part it lacks): they heal
     without the term instead of failing at their first step; Mixtral keeps it. The config trl
     changed for its loss is the model's own again afterwards."""
