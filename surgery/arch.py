@@ -110,6 +110,11 @@ class Architecture:
     moe_range_config: (start, end, interval) keys where the config places MoE blocks by rule alone,
     block i when (i + 1) % interval == 0 and start <= i <= end (end -1: the last), with no list to
     write instead (ERNIE 4.5): a cut sets them for the kept blocks, and refuses a cut no rule describes.
+    period_configs: (period key, offset key) pairs where the config places blocks of a kind by rule
+    alone, block i when i % period == offset, and transformers derives every per-layer list from them
+    (Jamba's attention blocks and MoE blocks): a cut sets each offset for the kept blocks and refuses
+    a cut no offset describes; --granularity period removes aligned runs of the largest period. The
+    first pair places the attention blocks of a hybrid family.
     sparse_step_config: a "every k-th layer is MoE" key; turned into an explicit list of dense
     layers (the first layer_index_config key) before blocks go, so the pattern survives.
     prefix_count_config: counts of leading layers that differ from the rest ("the first k layers
@@ -216,6 +221,7 @@ class Architecture:
     layer_index_config: tuple[str, ...] = ()
     sparse_step_config: str | None = None
     moe_range_config: tuple[str, str, str] | None = None
+    period_configs: tuple[tuple[str, str], ...] = ()
     prefix_count_config: tuple[str, ...] = ()
     logit_softcap_config: str | None = None
     logit_divisor_config: str | None = None
@@ -293,8 +299,12 @@ class Architecture:
                 **({"companion_outputs": dict(self.companion_outputs)} if self.companion_outputs else {})}
 
     def runtime_period(self, config: Any) -> int | None:
-        """The period of the first pattern a runtime fixes (fixed_patterns) that `config` follows, for
-        --granularity period; None where it follows none (a cut of whole periods would keep nothing)."""
+        """The period a block cut keeps the layer pattern by, for --granularity period: the largest of
+        the config's own rules (period_configs), else that of the first pattern a runtime fixes
+        (fixed_patterns) that `config` follows; None where it follows none (a cut of whole periods
+        would keep nothing)."""
+        if self.period_configs:
+            return max(period for _, period, _, _ in self.period_rules(config))
         return next((p.period for p in self.fixed_patterns
                      if p.only_at is None and config_value(config, p.listed) and p.broken(config) is None), None)
 
@@ -314,6 +324,9 @@ class Architecture:
             return [i for i, kind in enumerate(self.block_types(config) or []) if kinds.get(kind) == "attn"
                     and kind != self.linear_layer_type]
         types = config_value(config, "layer_types")
+        if self.linear_attention and self.period_configs and not isinstance(types, list):  # (a config.json: Jamba's)
+            _, period, _, offset = self.period_rules(config)[0]
+            return [i for i in range(config_value(config, "num_hidden_layers")) if i % period == offset]
         if self.linear_attention and self.attention_index_config and not isinstance(types, list):
             return sorted(config_value(config, self.attention_index_config) or [])
         if not self.linear_attention or not isinstance(types, list):
@@ -322,6 +335,17 @@ class Architecture:
 
         # a config.json may use the released names (Granite 4.0-H's "mamba"), which a config object reads as its own
         return [i for i, kind in enumerate(remap_legacy_layer_types(types)) if kind != self.linear_layer_type]
+
+    def period_rules(self, config: Any) -> list[tuple[str, int, str, int]]:
+        """(period key, period, offset key, offset) of each rule in period_configs, from a config
+        object or a config.json dict (where a dict leaves one out, the family's default)."""
+        missing = [key for pair in self.period_configs for key in pair if config_value(config, key) is None]
+        if missing and isinstance(config, dict):
+            from transformers import AutoConfig
+
+            defaults = AutoConfig.for_model(base_model_type(config))
+            config = {**{key: getattr(defaults, key) for key in missing}, **{k: v for k, v in dict(config).items() if v is not None}}
+        return [(period, config_value(config, period), offset, config_value(config, offset)) for period, offset in self.period_configs]
 
     def block_types(self, config: Any) -> list[str] | None:
         """A single-mixer family's type of each block, from a config object or a config.json dict
@@ -618,6 +642,14 @@ ARCHITECTURES: dict[str, Architecture] = {
                      attention_index_config="attn_layer_indices", mlp="feed_forward", mlp_norms=("pre_ff_layernorm",),
                      final_norm="model.final_layernorm", unquantized=("mamba.out_proj",), block_outputs=2,
                      lora_targets=(*_ATTENTION_ONLY_LORA, *_MAMBA_LORA, "gate_proj", "up_proj", "down_proj"),
+                     lora_may_lack=(_ATTENTION_ONLY_LORA, _MAMBA_LORA)),
+    # Jamba (AI21: Jamba 1.5 to 1.7, Jamba Reasoning): Mamba blocks between attention ones and MoE FFNs
+    # between dense ones, both placed by a period and an offset alone (period_configs); LoRA and 4-bit
+    # healing treat its Mamba mixer as Bamba's.
+    "jamba": replace(_MOE, linear_attention="mamba", linear_attention_output="out_proj", mlp="feed_forward",
+                     mlp_norms=("pre_ff_layernorm",), final_norm="model.final_layernorm", moe_outputs=("experts.down_proj", "down_proj"),
+                     period_configs=(("attn_layer_period", "attn_layer_offset"), ("expert_layer_period", "expert_layer_offset")),
+                     unquantized=("mamba.out_proj",), lora_targets=(*_ATTENTION_ONLY_LORA, *_MAMBA_LORA),
                      lora_may_lack=(_ATTENTION_ONLY_LORA, _MAMBA_LORA)),
     # Nemotron-H (and Nemotron Nano 2, Nemotron 3): every block is one norm and one mixer, a Mamba-2
     # mixer, an attention, an MLP or an MoE by its block_type; the mixer is the block's one sublayer.

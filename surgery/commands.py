@@ -299,6 +299,10 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
                                                  "name, so a block cut writes them as they were")
     for pattern in arch.fixed_patterns:
         table.add_row("layer pattern", _pattern_summary(pattern, stored, config.num_hidden_layers))
+    if arch.period_configs:
+        rules = ", ".join(f"{offset_key} {offset} of every {period}" for _, period, offset_key, offset in arch.period_rules(stored))
+        table.add_row("layer rules", f"{rules}: the config places blocks by these alone, so a block cut keeps them or is refused; "
+                                     f"prune --granularity period (runs of {arch.runtime_period(stored)} blocks) keeps them")
     if (guard := arch.last_block_guard(stored)) is not None:
         table.add_row("last layer", f"{arch.last_layer_type}, which transformers gives the last layer whatever the config "
                                     f"lists: a cut must end on such a layer, and prune keeps {guard}")

@@ -156,6 +156,8 @@ def check_named_cut(folder: Any, units: Iterable[Sublayer]) -> None:
     if plan.blocks and arch.moe_range_config and all(key in config for key in arch.moe_range_config[::2]):
         moe_range_after(config, arch.moe_range_config, plan.kept, plan.num_layers)  # (else the loaded config's defaults decide)
     if plan.blocks:
+        offsets_after(config, arch, plan.kept)
+    if plan.blocks:
         check_last_layer(config, arch, plan.kept)
 
 
@@ -169,6 +171,8 @@ def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
     before = count_parameters(base)
     if plan.blocks and arch.moe_range_config:
         moe_range_after(base.config, arch.moe_range_config, plan.kept, plan.num_layers)  # (refused before anything changes)
+    if plan.blocks:
+        offsets_after(base.config, arch, plan.kept)
     if plan.blocks:
         check_last_layer(base.config, arch, plan.kept)
     for unit in plan.new_stand_ins:
@@ -211,7 +215,7 @@ def cut_keys(arch: Architecture, config: Any) -> set[str]:
 
     keys = {"num_hidden_layers", "per_layer_config", *arch.per_layer_config, *arch.layer_index_config, *arch.prefix_count_config,
             *(key for key, _ in arch.depth_scaled_config),
-            *mtp_count_keys(config), *(arch.moe_range_config or ())}
+            *mtp_count_keys(config), *(arch.moe_range_config or ()), *(offset for _, offset in arch.period_configs)}
     if arch.sparse_step_config:
         keys.add(arch.sparse_step_config)
     if arch.step_rule:
@@ -230,6 +234,8 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
     if arch.moe_range_config:
         for key, value in moe_range_after(config, arch.moe_range_config, kept, old_count).items():
             setattr(config, key, value)
+    for key, value in offsets_after(config, arch, kept).items():
+        setattr(config, key, value)
     for key in arch.prefix_count_config:
         count = getattr(config, key, None)
         if count is not None:
@@ -353,6 +359,22 @@ def moe_range_after(config: Any, keys: tuple[str, str, str], kept: list[int], ol
                            f"remove blocks in runs of {interval}")
     last = config_value(config, keys[1])
     return {keys[0]: moe[0], keys[1]: -1 if (last is None or last < 0) and moe[-1] == len(kept) - 1 else moe[-1]}
+
+
+def offsets_after(config: Any, arch: Architecture, kept: list[int]) -> dict[str, int]:
+    """For each (period, offset) rule that places blocks of a kind (Architecture.period_configs), the
+    offset that places the kept ones after a cut; a clear error where no offset does."""
+    offsets = {}
+    for period_key, period, offset_key, offset in arch.period_rules(config):
+        placed = [new for new, old in enumerate(kept) if old % period == offset]
+        fits = [o for o in range(period) if [i for i in range(len(kept)) if i % period == o] == placed]
+        if not fits:
+            where = ", ".join(f"L{i}" for i in placed) or "none"
+            raise SurgeryError(f"the cut leaves the blocks {offset_key} places at {where} (of {len(kept)} kept), which this "
+                               f"family's config places by {period_key} and {offset_key} alone, every {period}th block, "
+                               f"and no offset places them there: remove blocks in runs of {period} (prune --granularity period)")
+        offsets[offset_key] = fits[0]
+    return offsets
 
 
 def _materialise_sparse_step(config: Any, arch: Architecture, old_count: int) -> None:

@@ -152,6 +152,10 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     # DBRX's sizes under its own names; its attention reads rope_theta and clip_qkv from attn_config, as released
     "dbrx": {"d_model": 64, "n_heads": 4, "max_seq_len": 256, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2}},
+    # Jamba places attention and MoE blocks every 8th and 2nd by default: here one attention block (L2)
+    # and one MoE block (L1) in every 8, so that the family-wide tests' cuts keep both rules
+    "jamba": {"num_experts": 4, "num_experts_per_tok": 2, "attn_layer_period": 8, "attn_layer_offset": 2, "expert_layer_period": 8,
+              "expert_layer_offset": 1, "mamba_d_state": 8, "mamba_expand": 2, "mamba_dt_rank": 8},
     "mellum": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "sliding_window": 8,
                "layer_types": _sliding_then_full, "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1)},
     "flint": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,

@@ -52,6 +52,11 @@ def test_ablation_equals_zeroing_the_sublayer_output():
         assert torch.allclose(model(ids()).logits, zeroed, atol=1e-6)
 
 
+# transformers' own Jamba (its Mamba scan without mamba_ssm's kernel) differs by up to 2.6e-4 between its
+# cached and uncached runs, uncut (tiny models of 3 to 5 blocks); an index error would differ by far more
+CACHE_TOLERANCE = {"jamba": 1e-3}
+
+
 def assert_cache_consistent(model):
     """Chunked prefill and left-padded batched generation match the uncached, unpadded results."""
     sequence = ids(batch=1, length=14, seed=3)
@@ -62,7 +67,8 @@ def assert_cache_consistent(model):
     # reads the cache for them), so its continuation gets them, as generate() gives them
     positions = {"position_ids": torch.arange(9, 14).unsqueeze(0)} if base_model_type(model.config) == "bamba" else {}
     second = model(sequence[:, 9:], past_key_values=first.past_key_values, use_cache=True, **positions).logits
-    assert torch.allclose(second, full[:, 9:], atol=1e-4), (second - full[:, 9:]).abs().max()
+    tolerance = CACHE_TOLERANCE.get(base_model_type(model.config), 1e-4)
+    assert torch.allclose(second, full[:, 9:], atol=tolerance), (second - full[:, 9:]).abs().max()
 
     short, long = ids(1, 5, seed=4), ids(1, 11, seed=5)
     pad = 0

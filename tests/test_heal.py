@@ -203,7 +203,7 @@ def test_one_healing_step_trains(tmp_path, tokenizer, data_dir):
                                               ("granitemoe", False), ("llama", True), ("qwen3_next", True),
                                               ("qwen3_5_moe_text", True), ("qwen3_5_text", True),
                                               ("lfm2_moe", True), ("granitemoehybrid", False),
-                                              ("kimi_linear", True), ("dbrx", False)])
+                                              ("kimi_linear", True), ("dbrx", False), ("jamba", True)])
 def test_moe_healing_adds_the_router_balancing_loss_where_trl_can(family, balanced, tmp_path, tokenizer, data_dir):
     """trl's fused loss adds an MoE model's router balancing term using config.num_experts, which
     the configs of Llama 4, PhiMoE and the GraniteMoEs call num_local_experts (DBRX keeps it in

@@ -353,3 +353,79 @@ def test_olmo_hybrids_linear_blocks_take_a_bridge_after_their_ffn():
     cut(bridged, units)
     assert [(b.run, b.into) for b in result.bridges] == [("L3", "L2.mlp")]
     assert stream_error(bridged, dense_states, 6, 8, data) < stream_error(plain, dense_states, 6, 8, data)
+
+
+JAMBA = dict(attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1)  # attention: L2, L6; MoE: odd
+
+
+def block_kinds(model):
+    return [(type(layer).__name__, type(layer.feed_forward).__name__) for layer in decoder_layers(model)]
+
+
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+@torch.no_grad()
+def test_jamba_cut_sets_the_offsets_that_place_its_kept_blocks(stream, tiny_folder, tmp_path):
+    """Jamba's config places its attention and MoE blocks by a period and an offset alone, from which
+    transformers derives every per-layer list: a cut that keeps both rules writes the offsets of the
+    kept blocks, and the checkpoint reloads with each block's kind in place and computes what the
+    uncut model computes with those blocks skipped; a cut no offset describes is refused in one line,
+    naming the run length that keeps the rule, and writes nothing."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.cli import one_line
+    from tests.hooks import skipped
+
+    source, model = tiny_folder("jamba", num_layers=8, **JAMBA)
+    for remove, rule, runs in (("L4-L5", "attn_layer_offset", 4), ("L1", "expert_layer_offset", 2)):
+        line = one_line(run("cut", source, "--remove", remove, "--out", tmp_path / "refused", stream, "--device", "cpu"))
+        assert f"which this family's config places by {rule.replace('offset', 'period')} and {rule} alone" in line, line
+        assert f"remove blocks in runs of {runs} (prune --granularity period)" in line, line
+        assert not (tmp_path / "refused").exists()
+
+    out = tmp_path / "cut"
+    result = run("cut", source, "--remove", "L0-L1", "--out", out, stream, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["attn_layer_offset"], config["expert_layer_offset"]) == (0, 1)  # attention: L2 and L6 are L0 and L4 now
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert block_kinds(reloaded) == block_kinds(model)[2:]
+    prompt = ids(2, 12)
+    with skipped(model, parse_sublayers("L0-L1")):
+        expected = model(prompt, use_cache=False).logits
+    assert torch.allclose(reloaded.eval()(prompt, use_cache=False).logits, expected, atol=1e-5)
+
+
+def test_prune_refuses_a_jamba_cut_its_rules_cannot_place_before_loading(tiny_folder, tmp_path, data_dir):
+    """From config.json alone: named ids that break a rule (one the file leaves to the family's
+    default: MoE every 2nd block from L1), and ids that take Jamba's only attention block (its config
+    lists no layer_types; the rule says where the attention blocks are)."""
+    source, _ = tiny_folder("jamba", num_layers=8, **JAMBA)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({k: v for k, v in config.items() if not k.startswith("expert_layer_")}))
+    for remove, runs in (("L4-L5", 4), ("L1", 2)):
+        result = run("prune", source, "--remove", remove, "--out", tmp_path / "pruned", "--data-dir", data_dir, *FAST)
+        assert result.exit_code == 2 and f"remove blocks in runs of {runs}" in error_line(result), result.output
+        assert "planning" not in result.output and not (tmp_path / "pruned").exists()
+
+    single, _ = tiny_folder("jamba", num_layers=4, attn_layer_period=4, attn_layer_offset=1)
+    assert "layer_types" not in json.loads((single / "config.json").read_text())
+    result = run("prune", single, "--remove", "L1", "--out", tmp_path / "pruned", "--data-dir", data_dir, *FAST)
+    assert result.exit_code == 2 and "removes every attention block (L1) of a hybrid model" in error_line(result)
+    assert not (tmp_path / "pruned").exists()
+
+
+def test_prune_at_period_granularity_removes_runs_that_keep_jambas_rules(tiny_folder, tmp_path, data_dir):
+    """--granularity period offers aligned runs of the longest period the config places blocks by
+    (Jamba's attention, every 4th block here): the pruned checkpoint keeps both rules."""
+    source, model = tiny_folder("jamba", num_layers=8, **JAMBA)
+    out = tmp_path / "pruned"
+    result = run("prune", source, "--strategy", "last", "--granularity", "period", "--remove", "1", "--no-bridge", "--out", out,
+                 "--data-dir", data_dir, *FAST)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4 and (config["attn_layer_offset"], config["expert_layer_offset"]) == (2, 1)
+    info = " ".join(run("info", source, "--device", "cpu").output.replace("│", " ").split())
+    assert "attn_layer_offset 2 of every 4, expert_layer_offset 1 of every 2" in info and "(runs of 4 blocks) keeps them" in info
+    removed = json.loads((out / "report.json").read_text())["plan"]["removed"]
+    assert parse_sublayers(",".join(removed)) == parse_sublayers("L0-L3")  # (last keeps the run holding the final block)

@@ -220,11 +220,12 @@ def check_choice(name: str, granularity: str) -> Strategy:
 
 
 def check_period(granularity: str, period: int | None) -> None:
-    """--granularity period needs the period of a pattern a runtime fixes (Architecture.fixed_patterns)."""
+    """--granularity period needs the period of a pattern a runtime fixes (Architecture.fixed_patterns)
+    or of the config's own rules (Architecture.period_configs)."""
     if granularity == "period" and not period:
         raise SurgeryError("--granularity period keeps a layer pattern a serving runtime fixes for the family (Gemma 2 and "
-                           "3, gpt-oss, OLMo 3, SmolLM3 and Llama 4 in llama.cpp), and this model's layers follow none: "
-                           "use --granularity block")
+                           "3, gpt-oss, OLMo 3, SmolLM3 and Llama 4 in llama.cpp) or the config places blocks by (Jamba), "
+                           "and this model's layers follow none: use --granularity block")
 
 
 def make_plan(
