@@ -157,7 +157,6 @@ def check_named_cut(folder: Any, units: Iterable[Sublayer]) -> None:
         moe_range_after(config, arch.moe_range_config, plan.kept, plan.num_layers)  # (else the loaded config's defaults decide)
     if plan.blocks:
         offsets_after(config, arch, plan.kept)
-    if plan.blocks:
         check_last_layer(config, arch, plan.kept)
 
 
@@ -173,7 +172,6 @@ def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
         moe_range_after(base.config, arch.moe_range_config, plan.kept, plan.num_layers)  # (refused before anything changes)
     if plan.blocks:
         offsets_after(base.config, arch, plan.kept)
-    if plan.blocks:
         check_last_layer(base.config, arch, plan.kept)
     for unit in plan.new_stand_ins:
         remove_sublayer(layers[unit.layer], unit.kind, unit.layer, arch.stand_in_spec())
@@ -371,7 +369,7 @@ def offsets_after(config: Any, arch: Architecture, kept: list[int]) -> dict[str,
         if not fits:
             where = ", ".join(f"L{i}" for i in placed) or "none"
             raise SurgeryError(f"the cut leaves the blocks {offset_key} places at {where} (of {len(kept)} kept), which this "
-                               f"family's config places by {period_key} and {offset_key} alone, every {period}th block, "
+                               f"family's config places by {period_key} and {offset_key} alone, one block in every {period}, "
                                f"and no offset places them there: remove blocks in runs of {period} (prune --granularity period)")
         offsets[offset_key] = fits[0]
     return offsets
