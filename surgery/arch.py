@@ -41,6 +41,41 @@ class StepRule:
 
 
 @dataclass(frozen=True)
+class PeriodRule:
+    """Blocks of one kind a config places by a period and an offset alone, block i when
+    i % period == offset, from which transformers derives every per-layer list (Jamba's attention
+    blocks, and its MoE blocks, which exist only where `count`, its num_experts, exceeds 1).
+    llama.cpp's converter and vLLM read the same two keys, so a cut may rewrite both."""
+
+    period: str
+    offset: str
+    count: str | None = None
+
+    def values(self, config: Any) -> tuple[int, int] | None:
+        """(period, offset) in `config`, None where the rule places nothing apart (a count of 1)."""
+        if self.count is not None and (config_value(config, self.count) or 0) <= 1:
+            return None
+        return config_value(config, self.period), config_value(config, self.offset)
+
+    def after(self, config: Any, kept: list[int]) -> tuple[int, int] | None:
+        """The (period, offset) that place the kept blocks of this kind among `kept` (the source's
+        period where it still does), None where no rule does; where the rule is moot, the source's."""
+        values = self.values(config)
+        if values is None:
+            return config_value(config, self.period), config_value(config, self.offset)
+        period, offset = values
+        placed, count = [new for new, old in enumerate(kept) if old % period == offset], len(kept)
+        if len(placed) > 1:
+            candidates = [(placed[1] - placed[0], placed[0])]
+        elif placed:
+            candidates = [(period, placed[0]), (max(placed[0] + 1, count - placed[0]), placed[0])]
+        else:
+            candidates = [(period, period - 1), (count + 1, count)]
+        return next(((p, o) for p, o in candidates
+                     if 0 <= o < p and [i for i in range(count) if i % p == o] == placed), None)
+
+
+@dataclass(frozen=True)
 class FixedPattern:
     """Layers a runtime places by a period it fixes in its own code for the family, whatever the
     checkpoint says (read in llama.cpp's loaders, vLLM's gpt_oss.py and gemma3.py): full attention in every 2nd
@@ -110,11 +145,10 @@ class Architecture:
     moe_range_config: (start, end, interval) keys where the config places MoE blocks by rule alone,
     block i when (i + 1) % interval == 0 and start <= i <= end (end -1: the last), with no list to
     write instead (ERNIE 4.5): a cut sets them for the kept blocks, and refuses a cut no rule describes.
-    period_configs: (period key, offset key) pairs where the config places blocks of a kind by rule
-    alone, block i when i % period == offset, and transformers derives every per-layer list from them
-    (Jamba's attention blocks and MoE blocks): a cut sets each offset for the kept blocks and refuses
-    a cut no offset describes; --granularity period removes aligned runs of the largest period. The
-    first pair places the attention blocks of a hybrid family.
+    period_configs: blocks of a kind the config places by a period and an offset alone (PeriodRule:
+    Jamba's attention and MoE blocks): a cut writes the period and offset that place the kept ones
+    and refuses a cut no rule describes; --granularity period removes aligned runs of the largest
+    period. The first places the attention blocks of a hybrid family.
     sparse_step_config: a "every k-th layer is MoE" key; turned into an explicit list of dense
     layers (the first layer_index_config key) before blocks go, so the pattern survives.
     prefix_count_config: counts of leading layers that differ from the rest ("the first k layers
@@ -221,7 +255,7 @@ class Architecture:
     layer_index_config: tuple[str, ...] = ()
     sparse_step_config: str | None = None
     moe_range_config: tuple[str, str, str] | None = None
-    period_configs: tuple[tuple[str, str], ...] = ()
+    period_configs: tuple[PeriodRule, ...] = ()
     prefix_count_config: tuple[str, ...] = ()
     logit_softcap_config: str | None = None
     logit_divisor_config: str | None = None
@@ -304,7 +338,8 @@ class Architecture:
         (fixed_patterns) that `config` follows; None where it follows none (a cut of whole periods
         would keep nothing)."""
         if self.period_configs:
-            return max(period for _, period, _, _ in self.period_rules(config))
+            config = self.with_rule_defaults(config)
+            return max((rule.values(config) or (1, 0))[0] for rule in self.period_configs)
         return next((p.period for p in self.fixed_patterns
                      if p.only_at is None and config_value(config, p.listed) and p.broken(config) is None), None)
 
@@ -325,7 +360,7 @@ class Architecture:
                     and kind != self.linear_layer_type]
         types = config_value(config, "layer_types")
         if self.linear_attention and self.period_configs and not isinstance(types, list):  # (a config.json: Jamba's)
-            _, period, _, offset = self.period_rules(config)[0]
+            period, offset = self.period_configs[0].values(self.with_rule_defaults(config))
             return [i for i in range(config_value(config, "num_hidden_layers")) if i % period == offset]
         if self.linear_attention and self.attention_index_config and not isinstance(types, list):
             return sorted(config_value(config, self.attention_index_config) or [])
@@ -336,16 +371,17 @@ class Architecture:
         # a config.json may use the released names (Granite 4.0-H's "mamba"), which a config object reads as its own
         return [i for i, kind in enumerate(remap_legacy_layer_types(types)) if kind != self.linear_layer_type]
 
-    def period_rules(self, config: Any) -> list[tuple[str, int, str, int]]:
-        """(period key, period, offset key, offset) of each rule in period_configs, from a config
-        object or a config.json dict (where a dict leaves one out, the family's default)."""
-        missing = [key for pair in self.period_configs for key in pair if config_value(config, key) is None]
-        if missing and isinstance(config, dict):
-            from transformers import AutoConfig
+    def with_rule_defaults(self, config: Any) -> Any:
+        """`config` (an object, or a config.json dict), with the family's defaults for the keys of
+        its period_configs that a dict leaves out."""
+        keys = [key for rule in self.period_configs for key in (rule.period, rule.offset, rule.count) if key]
+        missing = [key for key in keys if config_value(config, key) is None]
+        if not missing or not isinstance(config, dict):
+            return config
+        from transformers import AutoConfig
 
-            defaults = AutoConfig.for_model(base_model_type(config))
-            config = {**{key: getattr(defaults, key) for key in missing}, **{k: v for k, v in dict(config).items() if v is not None}}
-        return [(period, config_value(config, period), offset, config_value(config, offset)) for period, offset in self.period_configs]
+        defaults = AutoConfig.for_model(base_model_type(config))
+        return {**config, **{key: getattr(defaults, key) for key in missing}}
 
     def block_types(self, config: Any) -> list[str] | None:
         """A single-mixer family's type of each block, from a config object or a config.json dict
@@ -648,7 +684,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     # healing treat its Mamba mixer as Bamba's.
     "jamba": replace(_MOE, linear_attention="mamba", linear_attention_output="out_proj", mlp="feed_forward",
                      mlp_norms=("pre_ff_layernorm",), final_norm="model.final_layernorm", moe_outputs=("experts.down_proj", "down_proj"),
-                     period_configs=(("attn_layer_period", "attn_layer_offset"), ("expert_layer_period", "expert_layer_offset")),
+                     period_configs=(PeriodRule("attn_layer_period", "attn_layer_offset"),
+                                     PeriodRule("expert_layer_period", "expert_layer_offset", count="num_experts")),
                      unquantized=("mamba.out_proj",), lora_targets=(*_ATTENTION_ONLY_LORA, *_MAMBA_LORA),
                      lora_may_lack=(_ATTENTION_ONLY_LORA, _MAMBA_LORA)),
     # Nemotron-H (and Nemotron Nano 2, Nemotron 3): every block is one norm and one mixer, a Mamba-2

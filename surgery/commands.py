@@ -300,7 +300,9 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     for pattern in arch.fixed_patterns:
         table.add_row("layer pattern", _pattern_summary(pattern, stored, config.num_hidden_layers))
     if arch.period_configs:
-        rules = ", ".join(f"{offset_key} {offset} of every {period}" for _, period, offset_key, offset in arch.period_rules(stored))
+        placing = arch.with_rule_defaults(stored)
+        rules = ", ".join(f"{rule.offset} {values[1]} of every {values[0]}" for rule in arch.period_configs
+                          if (values := rule.values(placing)) is not None)
         table.add_row("layer rules", f"{rules}: the config places blocks by these alone, so a block cut keeps them or is refused; "
                                      f"prune --granularity period (runs of {arch.runtime_period(stored)} blocks) keeps them")
     if (guard := arch.last_block_guard(stored)) is not None:

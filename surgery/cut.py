@@ -156,7 +156,7 @@ def check_named_cut(folder: Any, units: Iterable[Sublayer]) -> None:
     if plan.blocks and arch.moe_range_config and all(key in config for key in arch.moe_range_config[::2]):
         moe_range_after(config, arch.moe_range_config, plan.kept, plan.num_layers)  # (else the loaded config's defaults decide)
     if plan.blocks:
-        offsets_after(config, arch, plan.kept)
+        rules_after(config, arch, plan.kept)
         check_last_layer(config, arch, plan.kept)
 
 
@@ -171,7 +171,7 @@ def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
     if plan.blocks and arch.moe_range_config:
         moe_range_after(base.config, arch.moe_range_config, plan.kept, plan.num_layers)  # (refused before anything changes)
     if plan.blocks:
-        offsets_after(base.config, arch, plan.kept)
+        rules_after(base.config, arch, plan.kept)
         check_last_layer(base.config, arch, plan.kept)
     for unit in plan.new_stand_ins:
         remove_sublayer(layers[unit.layer], unit.kind, unit.layer, arch.stand_in_spec())
@@ -213,7 +213,7 @@ def cut_keys(arch: Architecture, config: Any) -> set[str]:
 
     keys = {"num_hidden_layers", "per_layer_config", *arch.per_layer_config, *arch.layer_index_config, *arch.prefix_count_config,
             *(key for key, _ in arch.depth_scaled_config),
-            *mtp_count_keys(config), *(arch.moe_range_config or ()), *(offset for _, offset in arch.period_configs)}
+            *mtp_count_keys(config), *(arch.moe_range_config or ()), *(key for rule in arch.period_configs for key in (rule.period, rule.offset))}
     if arch.sparse_step_config:
         keys.add(arch.sparse_step_config)
     if arch.step_rule:
@@ -232,7 +232,7 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
     if arch.moe_range_config:
         for key, value in moe_range_after(config, arch.moe_range_config, kept, old_count).items():
             setattr(config, key, value)
-    for key, value in offsets_after(config, arch, kept).items():
+    for key, value in rules_after(config, arch, kept).items():
         setattr(config, key, value)
     for key in arch.prefix_count_config:
         count = getattr(config, key, None)
@@ -359,20 +359,21 @@ def moe_range_after(config: Any, keys: tuple[str, str, str], kept: list[int], ol
     return {keys[0]: moe[0], keys[1]: -1 if (last is None or last < 0) and moe[-1] == len(kept) - 1 else moe[-1]}
 
 
-def offsets_after(config: Any, arch: Architecture, kept: list[int]) -> dict[str, int]:
-    """For each (period, offset) rule that places blocks of a kind (Architecture.period_configs), the
-    offset that places the kept ones after a cut; a clear error where no offset does."""
-    offsets = {}
-    for period_key, period, offset_key, offset in arch.period_rules(config):
-        placed = [new for new, old in enumerate(kept) if old % period == offset]
-        fits = [o for o in range(period) if [i for i in range(len(kept)) if i % period == o] == placed]
-        if not fits:
-            where = ", ".join(f"L{i}" for i in placed) or "none"
-            raise SurgeryError(f"the cut leaves the blocks {offset_key} places at {where} (of {len(kept)} kept), which this "
-                               f"family's config places by {period_key} and {offset_key} alone, one block in every {period}, "
-                               f"and no offset places them there: remove blocks in runs of {period} (prune --granularity period)")
-        offsets[offset_key] = fits[0]
-    return offsets
+def rules_after(config: Any, arch: Architecture, kept: list[int]) -> dict[str, int]:
+    """The period and offset of each rule that places blocks of a kind (Architecture.period_configs)
+    after a cut; a clear error where no rule places the kept ones."""
+    config = arch.with_rule_defaults(config)
+    keys = {}
+    for rule in arch.period_configs:
+        after = rule.after(config, kept)
+        if after is None:
+            period, offset = rule.values(config)
+            where = ", ".join(f"L{new}" for new, old in enumerate(kept) if old % period == offset) or "none"
+            raise SurgeryError(f"the cut leaves the blocks {rule.offset} places at {where} (of {len(kept)} kept), which "
+                               f"this family's config places by {rule.period} and {rule.offset} alone, and no period and "
+                               f"offset place them there: remove blocks in runs of {period} (prune --granularity period)")
+        keys.update({rule.period: after[0], rule.offset: after[1]})
+    return keys
 
 
 def _materialise_sparse_step(config: Any, arch: Architecture, old_count: int) -> None:

@@ -93,3 +93,22 @@ def test_unsupported_family_names_the_supported_ones_and_where_to_add():
         architecture_of({"model_type": "bloom"})
     text = str(error.value)
     assert "bloom" in text and "llama" in text and "qwen2_moe" in text and "surgery/arch.py" in text
+
+
+@pytest.mark.parametrize("kept, after", [(list(range(8)), (4, 2)),  # uncut: the source's rule
+                                         ([0, 1, 2, 3, 6, 7], None),  # L2, L4: no offset below a period of 2
+                                         ([1, 2, 4, 5, 6, 7], (3, 1)),  # L1, L4: a period of 3
+                                         ([0, 1, 2], (4, 2)),  # L2 alone: the source's rule still places it
+                                         ([0, 1, 2, 4, 5, 7, 8, 9], (6, 2)),  # L2 alone of 8: the source's would add L6
+                                         ([0, 1, 3, 4, 5], (6, 5))])  # none left: an offset past the last block
+def test_a_period_rule_after_a_cut_places_exactly_the_kept_blocks_of_its_kind(kept, after):
+    """PeriodRule.after: the (period, offset) that place block i when i % period == offset exactly
+    where the kept blocks of the kind fall (the source's period first), or None where none does."""
+    from surgery.arch import PeriodRule
+
+    rule = PeriodRule("period", "offset", count="experts")
+    assert rule.after({"period": 4, "offset": 2, "experts": 8}, kept) == after
+    if after is not None:
+        period, offset = after
+        assert [i for i in range(len(kept)) if i % period == offset] == [new for new, old in enumerate(kept) if old % 4 == 2]
+    assert rule.after({"period": 4, "offset": 2, "experts": 1}, kept) == (4, 2)  # a count of 1 places nothing apart

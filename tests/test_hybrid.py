@@ -356,6 +356,8 @@ def test_olmo_hybrids_linear_blocks_take_a_bridge_after_their_ffn():
 
 
 JAMBA = dict(attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1)  # attention: L2, L6; MoE: odd
+# Jamba Reasoning's kind: no MoE block (num_experts 1), so its expert rule places nothing
+DENSE_JAMBA = {**JAMBA, "num_experts": 1, "num_experts_per_tok": 1}
 
 
 def block_kinds(model):
@@ -366,34 +368,40 @@ def block_kinds(model):
 @torch.no_grad()
 def test_jamba_cut_sets_the_offsets_that_place_its_kept_blocks(stream, tiny_folder, tmp_path):
     """Jamba's config places its attention and MoE blocks by a period and an offset alone, from which
-    transformers derives every per-layer list: a cut that keeps both rules writes the offsets of the
-    kept blocks, and the checkpoint reloads with each block's kind in place and computes what the
-    uncut model computes with those blocks skipped; a cut no offset describes is refused in one line,
-    naming the run length that keeps the rule, and writes nothing."""
+    transformers derives every per-layer list: a cut writes the period and offset that place the kept
+    blocks of each kind (a new period where the source's no longer does), and the checkpoint reloads
+    with each block's kind in place and computes what the uncut model computes with those blocks
+    skipped; a cut no rule describes is refused in one line, naming the run length that keeps the
+    rule, and writes nothing. Without MoE blocks (num_experts 1) the expert rule binds nothing."""
     from transformers import AutoModelForCausalLM
 
     from tests.cli import one_line
     from tests.hooks import skipped
 
-    source, model = tiny_folder("jamba", num_layers=8, **JAMBA)
+    source, _ = tiny_folder("jamba", num_layers=8, **JAMBA)
     for remove, rule, runs in (("L4-L5", "attn_layer_offset", 4), ("L1", "expert_layer_offset", 2)):
         line = one_line(run("cut", source, "--remove", remove, "--out", tmp_path / "refused", stream, "--device", "cpu"))
         assert f"which this family's config places by {rule.replace('offset', 'period')} and {rule} alone" in line, line
         assert f"remove blocks in runs of {runs} (prune --granularity period)" in line, line
         assert not (tmp_path / "refused").exists()
 
-    out = tmp_path / "cut"
-    result = run("cut", source, "--remove", "L0-L1", "--out", out, stream, "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    config = json.loads((out / "config.json").read_text())
-    assert (config["attn_layer_offset"], config["expert_layer_offset"]) == (0, 1)  # attention: L2 and L6 are L0 and L4 now
-    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert block_kinds(reloaded) == block_kinds(model)[2:]
-    prompt = ids(2, 12)
-    with skipped(model, parse_sublayers("L0-L1")):
-        expected = model(prompt, use_cache=False).logits
-    assert torch.allclose(reloaded.eval()(prompt, use_cache=False).logits, expected, atol=1e-5)
+    # attention L2, L6 -> L0, L4 (offset 0); L2, L6 -> L1, L4 (a period of 3); MoE: L1, L3, ... -> L1, L3, ...
+    for overrides, remove, written in ((JAMBA, "L0-L1", (4, 0, 2, 1)), (DENSE_JAMBA, "L0,L3", (3, 1, 2, 1))):
+        folder, uncut = tiny_folder("jamba", num_layers=8, **overrides)  # (the same folder: the last one's files)
+        out = tmp_path / f"cut-{remove}"
+        result = run("cut", folder, "--remove", remove, "--out", out, stream, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        config = json.loads((out / "config.json").read_text())
+        assert tuple(config[key] for key in ("attn_layer_period", "attn_layer_offset", "expert_layer_period",
+                                             "expert_layer_offset")) == written
+        reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        units = parse_sublayers(remove)
+        assert block_kinds(reloaded) == [kind for i, kind in enumerate(block_kinds(uncut)) if i not in {u.layer for u in units}]
+        prompt = ids(2, 12)
+        with skipped(uncut, units):
+            expected = uncut(prompt, use_cache=False).logits
+        assert torch.allclose(reloaded.eval()(prompt, use_cache=False).logits, expected, atol=1e-5)
 
 
 def test_prune_refuses_a_jamba_cut_its_rules_cannot_place_before_loading(tiny_folder, tmp_path, data_dir):
