@@ -112,3 +112,12 @@ def test_a_period_rule_after_a_cut_places_exactly_the_kept_blocks_of_its_kind(ke
         period, offset = after
         assert [i for i in range(len(kept)) if i % period == offset] == [new for new, old in enumerate(kept) if old % 4 == 2]
     assert rule.after({"period": 4, "offset": 2, "experts": 1}, kept) == (4, 2)  # a count of 1 places nothing apart
+
+
+def test_jamba_reasonings_attention_stays_placed_when_mamba_blocks_between_go():
+    """docs/pruning.md's example: attention at L7 and L21 of 28 blocks (period 14), four Mamba
+    blocks between them removed: L7 and L17 of 24, a period of 10."""
+    from surgery.arch import PeriodRule
+
+    kept = [i for i in range(28) if i not in (10, 11, 12, 13)]
+    assert PeriodRule("period", "offset").after({"period": 14, "offset": 7}, kept) == (10, 7)
