@@ -232,7 +232,8 @@ class Architecture:
     single_mixer: (block attribute, ((its value, sublayer kind), ...)) for families whose every
     block holds one mixer behind one norm (Nemotron-H: a Mamba-2 mixer, an attention, an MLP or an
     MoE, by `block_type`): the block's one sublayer is of the kind its value maps to, and the other
-    kind is absent (`absent_sublayers`), so removing the mixer deletes the block.
+    kind is absent (`absent_sublayers`), so removing the mixer deletes the block. Attribute None:
+    every block holds the one type listed (Mamba's), and the config lists none.
     mtp_block_config: config keys (a list, or a pattern string) whose length is the number of blocks
     one MTP module spans, at mtp.layers.{k * length + i} (Nemotron 3's mtp_hybrid_override_pattern
     "*E": an attention and an MoE block a module); one block a module where none is given.
@@ -289,7 +290,7 @@ class Architecture:
     unquantized: tuple[str, ...] = ()
     block_outputs: int = 0
     attention_index_config: str | None = None
-    single_mixer: tuple[str, tuple[tuple[str, str], ...]] | None = None
+    single_mixer: tuple[str | None, tuple[tuple[str, str], ...]] | None = None
     mtp_block_config: tuple[str, ...] = ()
     pattern_configs: tuple[tuple[str, str], ...] = ()
     pattern_letters: tuple[tuple[str, str], ...] = ()
@@ -356,6 +357,8 @@ class Architecture:
         None for other families."""
         if self.single_mixer:
             kinds = dict(self.single_mixer[1])
+            if not any(kind == "attn" and value != self.linear_layer_type for value, kind in kinds.items()):
+                return None  # no attention at all (Mamba): no hybrid cache to keep
             return [i for i, kind in enumerate(self.block_types(config) or []) if kinds.get(kind) == "attn"
                     and kind != self.linear_layer_type]
         types = config_value(config, "layer_types")
@@ -388,6 +391,8 @@ class Architecture:
         (which may give them as a list or, as released ones do, as a `pattern_configs` string)."""
         if not self.single_mixer:
             return None
+        if self.single_mixer[0] is None:  # one type for every block
+            return [self.single_mixer[1][0][0]] * config_value(config, "num_hidden_layers")
         from transformers.configuration_utils import remap_legacy_layer_types
 
         types = config_value(config, "layer_types")
@@ -487,6 +492,10 @@ _LFM2 = dict(linear_attention="conv", linear_attention_output="out_proj", linear
              attention_norms=("operator_norm",), mlp="feed_forward", mlp_norms=("ffn_norm",), final_norm="model.embedding_norm",
              per_layer_config=("layer_types",), layer_index_config=("full_attn_idxs",),
              lora_may_lack=(("q_proj", "k_proj", "v_proj", "out_proj"), ("in_proj", "out_proj")))
+
+_MAMBA = replace(_LLAMA, layers="backbone.layers", attention="attention", linear_attention="mixer", linear_attention_output="out_proj",
+                 mlp="mlp", attention_norms=("norm",), mlp_norms=(), final_norm="backbone.norm_f",
+                 single_mixer=(None, (("linear_attention", "attn"),)), unquantized=("mixer.out_proj",), lora_targets=_MAMBA_LORA)
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": replace(_LLAMA, gguf_arch="llama"),
@@ -688,6 +697,11 @@ ARCHITECTURES: dict[str, Architecture] = {
                                      PeriodRule("expert_layer_period", "expert_layer_offset", count="num_experts")),
                      unquantized=("mamba.out_proj",), lora_targets=(*_ATTENTION_ONLY_LORA, *_MAMBA_LORA),
                      lora_may_lack=(_ATTENTION_ONLY_LORA, _MAMBA_LORA)),
+    # Mamba, Mamba-2 (Codestral Mamba) and Falcon Mamba: every block a norm and a Mamba mixer, no
+    # attention and no FFN; LoRA and 4-bit healing treat the mixer as Bamba's.
+    "mamba": _MAMBA,
+    "mamba2": _MAMBA,
+    "falcon_mamba": _MAMBA,
     # Nemotron-H (and Nemotron Nano 2, Nemotron 3): every block is one norm and one mixer, a Mamba-2
     # mixer, an attention, an MLP or an MoE by its block_type; the mixer is the block's one sublayer.
     # Released configs give the types as hybrid_override_pattern ("M-M*-"), which vLLM reads.

@@ -93,7 +93,7 @@ def sublayer_names(layer: nn.Module, kind: str, spec: dict) -> list[str]:
     hybrid block's linear attention where the block has it instead of the attention (some families
     set the other one to None), and such a block's own norms where the family places them otherwise."""
     single = spec.get("single_mixer")
-    if single is not None and single["kinds"].get(getattr(layer, single["attribute"], None)) != kind:
+    if single is not None and single["kinds"].get(_mixer_type(layer, single)) != kind:
         return []  # this block's one mixer is the other kind: it has no such sublayer
     names = [spec["modules"][kind][0], *(name for name in spec["modules"][kind][1:] if has_module(layer, name))]  # (a block may lack some)
     if is_linear_block(layer, spec):
@@ -103,6 +103,12 @@ def sublayer_names(layer: nn.Module, kind: str, spec: dict) -> list[str]:
         if norms is not None:
             names = names[:1 + len(spec.get("companions", {}).get(kind, []))] + list(norms)
     return names
+
+
+def _mixer_type(layer: nn.Module, single: dict) -> str | None:
+    """A single-mixer block's type: its attribute's value, or the family's one type where its blocks
+    have no attribute (Mamba's)."""
+    return getattr(layer, single["attribute"], None) if single["attribute"] else next(iter(single["kinds"]))
 
 
 def is_linear_block(layer: nn.Module, spec: dict) -> bool:

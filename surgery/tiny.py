@@ -156,6 +156,9 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     # and one MoE block (L1) in every 8, so that the family-wide tests' cuts keep both rules
     "jamba": {"num_experts": 4, "num_experts_per_tok": 2, "attn_layer_period": 8, "attn_layer_offset": 2, "expert_layer_period": 8,
               "expert_layer_offset": 1, "mamba_d_state": 8, "mamba_expand": 2, "mamba_dt_rank": 8},
+    "mamba": {"state_size": 8, "expand": 2, "time_step_rank": 8},
+    "mamba2": {"state_size": 8, "expand": 2, "num_heads": 8, "head_dim": 16, "n_groups": 1, "chunk_size": 16},
+    "falcon_mamba": {"state_size": 8, "expand": 2, "time_step_rank": 8},
     "mellum": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "sliding_window": 8,
                "layer_types": _sliding_then_full, "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1)},
     "flint": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
