@@ -852,8 +852,11 @@ def architecture_of(config: Any) -> Architecture:
 # Qwen3-VL's Qwen3's (interleaved), GLM-4.1V's and GLM-4.5V's GLM-4's and GLM-4.5's, HunYuan-VL's
 # Hunyuan's dense one, and their M-RoPE is plain RoPE where the position ids agree, as on text (not
 # PaddleOCR-VL's, whose M-RoPE rotates otherwise than ERNIE 4.5: its logits differ)
-TEXT_DECODER_AS = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3",
+TEXT_DECODER_AS = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3", "qwen3_vl_moe_text": "qwen3_moe",
                    "glm4v_text": "glm4", "glm4v_moe_text": "glm4_moe", "hunyuan_vl_text": "hunyuan_v1_dense"}
+# settings a multimodal text decoder's code fixes, which its text family reads from its config: Qwen3-VL-MoE's
+# router always renormalises its top-k weights, Qwen3-MoE's where norm_topk_prob says so
+TEXT_DECODER_FIXED = {"qwen3_vl_moe_text": {"norm_topk_prob": True}}
 # multimodal families released with the text decoder's settings at the top of config.json (which
 # transformers builds their text_config from) -> that text config's model type
 FLAT_TEXT_CONFIGS = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text"}

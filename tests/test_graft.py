@@ -26,6 +26,7 @@ from tests.test_text_decoder import (
     qwen2_5_vl,
     qwen3_5,
     qwen3_vl,
+    qwen3_vl_moe,
 )
 
 
@@ -259,6 +260,38 @@ def test_a_cut_m_rope_decoder_grafts_back_with_its_m_rope_settings(make, tmp_pat
     released = json.loads((source / "config.json").read_text())["text_config"]
     assert written["num_hidden_layers"] == 3 and written["rope_parameters"]["mrope_section"] == \
         released["rope_parameters"]["mrope_section"]
+
+
+@pytest.mark.parametrize("layout", ["released experts", "saved"])
+@torch.no_grad()
+def test_a_cut_qwen3_vl_moe_decoder_grafts_back_with_its_experts_fused_as_the_source_stores_them(layout, tmp_path, tokenizer):
+    """Qwen3-VL-MoE's experts, written one tensor per expert and projection by extract-text (as
+    Qwen3-MoE stores them), are fused back a layer at a time in the source's own layout, [experts,
+    in, out] as released or [experts, out, in] as transformers saves them: the grafted checkpoint
+    holds the source's names and shapes for the kept blocks, its router renormalises as the source's
+    does, and it sees images as the source with the cut decoder swapped in does."""
+    from transformers import AutoModelForImageTextToText
+
+    source, model = extracted_and_cut(qwen3_vl_moe, tmp_path, tokenizer, remove="L2", layout=layout)
+    assert json.loads((tmp_path / "text" / "config.json").read_text())["norm_topk_prob"] is True
+    result = run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft", "--max-shard-size", "100KB",
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "graft")
+    assert manifest["verified"]["method"] == "copied, loaded, compared with the decoder"
+    sources, grafted = tensors(source), tensors(tmp_path / "graft")
+    renamed = {name.replace("layers.3.", "layers.2."): t for name, t in sources.items() if "layers.2." not in name}
+    assert {name: t.shape for name, t in grafted.items()} == {name: t.shape for name, t in renamed.items()}
+    assert all(torch.equal(grafted[name], renamed[name]) for name in renamed)  # (no healing: the kept blocks' own tensors)
+
+    grafted_model = AutoModelForImageTextToText.from_pretrained(tmp_path / "graft").eval()
+    del model.model.language_model.layers[2]  # the same cut, in memory
+    model.config.text_config.num_hidden_layers = 3
+    ids = torch.randint(5, VOCAB - 5, (1, 12), generator=torch.Generator().manual_seed(3))
+    ids[0, 2:5] = torch.tensor([VOCAB - 3, VOCAB - 1, VOCAB - 4])  # vision start, one merged image token, vision end
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(4, 3 * 2 * 8 * 8, generator=torch.Generator().manual_seed(4)),
+              "image_grid_thw": torch.tensor([[1, 2, 2]]), "mm_token_type_ids": (ids == VOCAB - 1).int(), "use_cache": False}
+    assert torch.allclose(grafted_model(**inputs).logits, model(**inputs).logits, atol=1e-5)
 
 
 def test_what_is_not_a_cut_of_the_source_is_one_line_and_writes_nothing(tmp_path, tokenizer, tiny_folder):

@@ -232,6 +232,24 @@ def qwen3_vl(folder, tokenizer):
     return save(Qwen3VLForConditionalGeneration(config), folder, tokenizer)
 
 
+def qwen3_vl_moe(folder, tokenizer):
+    """Qwen3-VL-MoE's layout (30B-A3B, 235B-A22B): Qwen3-VL's with Qwen3-MoE's experts, which its
+    checkpoints store fused a layer at a time, [experts, hidden, 2 x intermediate] (gate, then up) and
+    [experts, intermediate, hidden], where Qwen3-MoE's store one tensor per expert and projection."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, num_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=24, decoder_sparse_step=1, mlp_only_layers=[0],  # (2 x 24: not square, or transformers
+                # could not tell a released layout from its own)
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True, "rope_theta": 5e5})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, out_hidden_size=64,
+                  num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    config = Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
+                              vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 4, tie_word_embeddings=False)
+    return save(Qwen3VLMoeForConditionalGeneration(config), folder, tokenizer)
+
+
 def renamed_to_qwen_vl_class_names(folder):
     """The names transformers' Qwen2.5-VL classes give the parts (model.language_model., model.visual.),
     which some uploads store instead of the released model. and visual. (transformers saves these)."""
@@ -252,8 +270,17 @@ def flattened_as_released(folder):
     (folder / "config.json").write_text(json.dumps(data, indent=2))
 
 
+def experts_as_released(folder):
+    """Qwen3-VL-MoE's fused experts as its releases store them, [experts, in, out]: transposed from
+    the [experts, out, in] transformers holds and saves (it loads either, by their shapes)."""
+    weights = load_file(folder / "model.safetensors")
+    moved = {name: t.transpose(1, 2).contiguous() if name.endswith(("experts.gate_up_proj", "experts.down_proj")) else t
+             for name, t in weights.items()}
+    save_file(moved, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 LAYOUTS = {"newer": lambda folder: renamed_to_the_newer_layout(folder), "class names": lambda folder: renamed_to_qwen_vl_class_names(folder),
-           "flat config": lambda folder: flattened_as_released(folder)}  # (legacy, released: as transformers saves them)
+           "flat config": lambda folder: flattened_as_released(folder), "released experts": experts_as_released}  # (legacy, released: as transformers saves them)
 
 
 def multimodal_source(make, folder, tokenizer, layout=None):
@@ -297,7 +324,8 @@ def renamed_to_the_newer_layout(folder):
                                                   (cohere2_vision, "cohere2", "newer"), (aya_vision, "cohere2", "newer"),
                                                   (glm4v, "glm4", "newer"), (glm4v_moe, "glm4_moe", "newer"),
                                                   (hunyuan_vl, "hunyuan_v1_dense", None),
-                                                  (aria, "aria_text", "legacy"), (aria, "aria_text", "newer")])
+                                                  (aria, "aria_text", "legacy"), (aria, "aria_text", "newer"),
+                                                  (qwen3_vl_moe, "qwen3_moe", "released experts"), (qwen3_vl_moe, "qwen3_moe", "saved")])
 @torch.no_grad()
 def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(make, family, layout, tmp_path, tokenizer):
     """Each family's decoder, in each name layout, written as its text-only family (Qwen2.5-VL's as
@@ -312,7 +340,7 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     manifest = read_manifest(tmp_path / "text")
     assert manifest["verified"]["method"] == "copied, compared with the multimodal model"
     assert {prefix.removeprefix("model.") for prefix in manifest["left_behind"]} == \
-        ({"visual"} if family in ("qwen2", "qwen3", "glm4", "glm4_moe") else {"vit"} if family == "hunyuan_v1_dense" else {"vision_tower", "embed_vision"} if family == "gemma4_text" else
+        ({"visual"} if family in ("qwen2", "qwen3", "qwen3_moe", "glm4", "glm4_moe") else {"vit"} if family == "hunyuan_v1_dense" else {"vision_tower", "embed_vision"} if family == "gemma4_text" else
          {"vision_model" if family == "llama4_text" else "vision_tower", "multi_modal_projector"})
 
     config = json.loads((tmp_path / "text" / "config.json").read_text())
@@ -328,13 +356,17 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
                                    "llama4_text": "Llama4ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                    "cohere2": "Cohere2ForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
                                    "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
-                                   "aria_text": "AriaTextForCausalLM"}[family]
+                                   "aria_text": "AriaTextForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[family]
     ids = torch.randint(3, VOCAB - 5, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(text(ids).logits, model(input_ids=ids).logits, atol=1e-5)
-    sources = {name for name in load_file(source / "model.safetensors")
-               if not any(part in name for part in ("vision", "projector", "visual")) and not name.startswith("vit.")}
+    stored = load_file(source / "model.safetensors")
+    sources = {name for name in stored if not any(part in name for part in ("vision", "projector", "visual")) and not name.startswith("vit.")}
+    # Qwen3-VL-MoE's fused experts are written one tensor per expert and projection (gate and up, and down),
+    # as Qwen3-MoE stores them (Gemma 4's stay fused, as its text family stores them)
+    split = sum(stored[name].shape[0] * (2 if name.endswith("gate_up_proj") else 1) - 1 for name in sources
+                if name.endswith(("experts.gate_up_proj", "experts.down_proj"))) if make is qwen3_vl_moe else 0
     written = {name for file in (tmp_path / "text").glob("model-*.safetensors") for name in load_file(file)}
-    assert len(written) == len(sources) and len(list((tmp_path / "text").glob("model-*.safetensors"))) > 1
+    assert len(written) == len(sources) + split and len(list((tmp_path / "text").glob("model-*.safetensors"))) > 1
 
     cut = run("cut", tmp_path / "text", "--remove", "L1", "--out", tmp_path / "cut", "--device", "cpu")  # the pipeline goes on
     assert cut.exit_code == 0, cut.output

@@ -12,7 +12,8 @@ graft is refused before anything is written.
 
 Tensors are copied file to file from the two folders: the decoder's under the names the source
 gives its language model (whichever layout it uses, as extract-text found them), every other
-tensor of the source unchanged. The config is the source's, with the cut keys of its text_config
+tensor of the source unchanged; experts the source stores fused a layer at a time (Qwen3-VL-MoE's)
+are fused back from the decoder's per-expert tensors in the source's layout. The config is the source's, with the cut keys of its text_config
 set as the decoder's. Before the folder moves into place:
 (a) every tensor read back has the CRC-32 of the source bytes it was copied from;
 (b) the decoder's tensors, named back, are those a skeleton of the written text_config implies,
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,15 @@ from surgery.arch import architecture_of, base_model_type, mtp_modules, quantiza
 from surgery.errors import SurgeryError
 from surgery.export.checkpoint import MANIFEST, ExportResult, keep_released_words, logit_diff_within_tolerance, write_manifest
 from surgery.export.streamed import check_names_written, first_difference
-from surgery.export.text_decoder import TextDecoder, as_text_family, is_output_layer, multimodal_model, prepare_text_decoder
+from surgery.export.text_decoder import (
+    PER_EXPERT,
+    TextDecoder,
+    as_text_family,
+    fuse_experts,
+    is_output_layer,
+    multimodal_model,
+    prepare_text_decoder,
+)
 from surgery.forward import VERIFY_PROMPT
 from surgery.shards import SafetensorsFolder, TensorInfo
 
@@ -57,6 +68,8 @@ class Graft:
     decoder_names: dict[str, str]  # name written -> the decoder's name for it
     mtp: dict[str, tuple[int, ...]]  # the decoder's MTP tensors (its names) -> shape
     changed: dict[str, tuple[Any, Any]]  # text_config key -> (the source's, the decoder's)
+    computed: dict[str, Callable[[], Any]] = field(default_factory=dict)  # name written -> its tensor, fused here
+    fused_parts: frozenset[str] = frozenset()  # the decoder's per-expert tensors those are fused from
 
     @property
     def nbytes(self) -> int:
@@ -92,13 +105,14 @@ def prepare_graft(decoder_folder: Path, source_folder: Path, trust_remote_code: 
     mtp = mtp_modules(weights.info, cut)
     names = _decoder_tensors(decoder_folder, cut, weights, mtp.tensors)
     tensors, decoder_names = _placed(decoder_folder, extracted, names)
+    computed, fused_parts = _fused_back(decoder_folder, extracted, names, tensors)
     source = SafetensorsFolder(source_folder)
     used = {info.name for info in extracted.tensors.values()}
     for name, info in source.info.items():
         if name not in used and not is_output_layer(name):  # (one stored beside tied embeddings is not the decoder's)
             tensors[name] = (Path(source_folder), info)
     return Graft(Path(source_folder), Path(decoder_folder), config, cut, tensors, decoder_names,
-                 {name: names[name].shape for name in mtp.tensors}, changed)
+                 {name: names[name].shape for name in mtp.tensors}, changed, computed, frozenset(fused_parts))
 
 
 def _say_moved_deepstack(config: Any, decoder_folder: Path, changed: dict[str, tuple[Any, Any]]) -> None:
@@ -185,6 +199,8 @@ def _placed(folder: Path, extracted: TextDecoder, names: dict[str, TensorInfo]) 
             prefixes[ours] = where[: len(where) - len(probe) + len(ours)]
     tensors, decoder_names = {}, {}
     for name, info in names.items():
+        if extracted.fused_experts and PER_EXPERT.match(name):
+            continue  # (fused back: _fused_back)
         if name in extracted.mtp:
             written = extracted.tensors[name].name
         else:
@@ -196,6 +212,35 @@ def _placed(folder: Path, extracted: TextDecoder, names: dict[str, TensorInfo]) 
         tensors[written] = (Path(folder), info)
         decoder_names[written] = name
     return tensors, decoder_names
+
+
+def _fused_back(folder: Path, extracted: TextDecoder, names: dict[str, TensorInfo],
+                tensors: dict[str, tuple[Path, TensorInfo]]) -> tuple[dict[str, Callable[[], Any]], set[str]]:
+    """The decoder's per-expert tensors fused a layer at a time as the source stores its experts
+    (Qwen3-VL-MoE's), added to `tensors` under the source's names: name written -> how to make it,
+    and the decoder's names they are made from."""
+    parts = {name: match.group(1) for name in names if (match := PER_EXPERT.match(name)) and extracted.fused_experts}
+    if not parts:
+        return {}, set()
+    probe = next(name for name in extracted.tensors if name.startswith("model.layers."))
+    where = extracted.tensors[probe].name
+    prefix = where[: len(where) - len(probe) + len("model.")]  # (as _placed finds it)
+    computed = {}
+    for layer in sorted(set(parts.values())):
+        for kind, shape in extracted.fused_experts.items():
+            written = f"{prefix}{layer.removeprefix('model.')}.{kind}"
+            part = names[next(name for name, of in parts.items() if of == layer)]
+            size = part.nbytes // math.prod(part.shape) * math.prod(shape)
+            tensors[written] = (Path(folder), TensorInfo(written, part.dtype, shape, size))
+            computed[written] = partial(fuse_experts, partial(_read_tensor, names), layer, kind, shape[0], extracted.experts_transposed)
+    return computed, set(parts)
+
+
+def _read_tensor(names: dict[str, TensorInfo], name: str) -> Any:
+    from safetensors import safe_open
+
+    with safe_open(str(names[name].file), "pt") as handle:
+        return handle.get_tensor(name)
 
 
 def export_graft(graft: Graft, tokenizer: Any, out: Path, *, record: dict[str, Any], max_shard_size: int, force: bool = False,
@@ -217,14 +262,21 @@ def export_graft(graft: Graft, tokenizer: Any, out: Path, *, record: dict[str, A
 
 def _write(graft: Graft, folder: Path, max_shard_size: int) -> dict[str, str]:
     """The shards (check a), the multimodal config, and the source's processor, tokenizer and other files."""
-    from surgery.shards import write_checkpoint_shards
+    from surgery.shards import tensor_bytes, write_checkpoint_shards
 
     readers = {graft.source: SafetensorsFolder(graft.source), graft.decoder: SafetensorsFolder(graft.decoder)}
     planned = {name: TensorInfo(name, info.dtype, info.shape, info.nbytes) for name, (_, info) in graft.tensors.items()}
+
+    def chunks(info: TensorInfo) -> Any:
+        if info.name in graft.computed:
+            return [tensor_bytes(graft.computed[info.name]())]
+        where, held = graft.tensors[info.name]
+        return readers[where].read(held.name)
+
     try:
-        digests = write_checkpoint_shards(folder, planned, lambda info: readers[graft.tensors[info.name][0]].read(
-            graft.tensors[info.name][1].name), lies_in=lambda info: graft.tensors[info.name][1],
-            max_shard_size=max_shard_size, parameters=graft.parameters, label="writing shards")
+        digests = write_checkpoint_shards(folder, planned, chunks, max_shard_size=max_shard_size, parameters=graft.parameters,
+                                          lies_in=lambda info: None if info.name in graft.computed else graft.tensors[info.name][1],
+                                          label="writing shards")
     finally:
         for reader in readers.values():
             reader.close()
@@ -247,7 +299,8 @@ def _check_folder(graft: Graft, folder: Path, tokenizer: Any, device: str, trust
 
     text = as_text_family(_config(folder, trust_remote_code).get_text_config(), base_model_type(graft.text_config))
     text.tie_word_embeddings = graft.text_config.tie_word_embeddings
-    expected = {**checkpoint_shapes(skeleton(text, torch.float32)), **graft.mtp}
+    expected = {name: shape for name, shape in checkpoint_shapes(skeleton(text, torch.float32)).items() if name not in graft.fused_parts}
+    expected.update({**graft.mtp, **{name: graft.tensors[name][1].shape for name in graft.computed}})  # (fused: in the source's names)
     expected.update({name: info.shape for name, (where, info) in graft.tensors.items() if where == graft.source})
     check_names_written({graft.decoder_names.get(name, name): info.shape
                          for name, info in SafetensorsFolder(folder, strict=True).info.items()}, expected)

@@ -161,7 +161,8 @@ def write_copied_folder(folder: Path, source: Path, config: Any, tensors: dict[s
                         tokenizer: Any, *, max_shard_size: int, copy_from: Path | None = None,
                         extra_files: dict[str, str] | None = None, computed: dict[str, Any] | None = None) -> dict[str, str]:
     """A checkpoint whose every tensor is copied from `source` (tensors: name written -> source
-    tensor; `computed`: those written as given instead, of the same dtype and shape) into shards,
+    tensor; `computed`: those written as given instead, or as a function given makes them, of the
+    same dtype and shape) into shards,
     each read back (check a), with config.json and generation_config.json as save_pretrained writes
     them for `config`, the tokenizer and the export's other files; the SHA-256 of each shard. The
     streamed cut and extract-text write this way."""
@@ -170,7 +171,10 @@ def write_copied_folder(folder: Path, source: Path, config: Any, tensors: dict[s
     weights = SafetensorsFolder(source)
     try:
         computed = computed or {}
-        digests = write_checkpoint_shards(folder, tensors, lambda info: [tensor_bytes(computed[info.name])] if info.name in computed
+        def made(name: str) -> Any:  # (a tensor, or how to make it when its shard is written)
+            return computed[name]() if callable(computed[name]) else computed[name]
+
+        digests = write_checkpoint_shards(folder, tensors, lambda info: [tensor_bytes(made(info.name))] if info.name in computed
                                           else weights.read(tensors[info.name].name),
                                           lies_in=lambda info: None if info.name in computed else tensors[info.name],
                                           max_shard_size=max_shard_size, parameters=parameters, label="writing shards")

@@ -8,8 +8,10 @@ The decoder's tensors are copied file to file from the source's safetensors, as 
 copies them (surgery.export.streamed): a skeleton of the text model, built from the source's own
 `text_config`, names every tensor, and each is looked up under the names multimodal checkpoints
 give the language model (transformers' legacy `language_model.model.`, its newer
-`model.language_model.`, Idefics' `model.text_model.`). Before the folder moves into place:
-(a) every tensor read back has the CRC-32 of the source bytes it was copied from;
+`model.language_model.`, Idefics' `model.text_model.`). Experts the source stores fused a layer at
+a time where the text family stores one tensor per expert (Qwen3-VL-MoE's) are cut out one expert
+at a time as they are written. Before the folder moves into place:
+(a) every tensor read back has the CRC-32 of the bytes it was written from;
 (b) its names and shapes are those a skeleton built from the written config.json implies;
 (c) where the multimodal model fits in memory, the written decoder's logits, run block by block,
     equal the multimodal model's on the same text.
@@ -17,12 +19,16 @@ give the language model (transformers' legacy `language_model.model.`, its newer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from surgery.arch import (
     ARCHITECTURES,
+    TEXT_DECODER_FIXED,
     UNSCALED_LOGITS,
     base_model_type,
     mtp_layer_count,
@@ -56,6 +62,9 @@ class TextDecoder:
     mtp: tuple[str, ...] = ()  # the decoder's multi-token-prediction tensors among `tensors` (Qwen3.5: mtp.*)
     mtp_layers: int = 0  # the MTP modules those tensors make
     mtp_declared: int = 0  # those the source's text config counts
+    computed: dict[str, Callable[[], Any]] = field(default_factory=dict)  # name -> its tensor, cut from a fused one
+    fused_experts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # how the source stores experts fused:
+    experts_transposed: bool = False  # gate_up_proj, down_proj -> a layer's shape; [experts, in, out] (else out, in)
 
     @property
     def nbytes(self) -> int:
@@ -91,13 +100,18 @@ def prepare_text_decoder(folder: Path, trust_remote_code: bool = False) -> TextD
     config.dtype = TORCH_DTYPES[stored]
     model = skeleton(config, getattr(torch, TORCH_DTYPES[stored]))
     config.architectures = [type(model).__name__]
-    tensors = {name: _source_tensor(weights, folder, name, shape) for name, shape in checkpoint_shapes(model).items()}
+    shapes = checkpoint_shapes(model)
+    computed = _experts_from_fused(weights, folder, shapes)
+    tensors = {name: computed[name][0] if name in computed else _source_tensor(weights, folder, name, shape)
+               for name, shape in shapes.items()}
     mtp = mtp_modules(weights.info, text)  # (the text_config counts them)
     tensors.update({name: weights.info[where] for name, where in mtp.tensors.items()})
     declared = mtp_layer_count(text, weights.info)
     count_carried_mtp(config, mtp, declared)
-    return TextDecoder(Path(folder), config, tensors, _left_behind(folder, weights, tensors), count_parameters(model),
-                       tuple(mtp.tensors), mtp.layers, declared)
+    fused = {info.name.rsplit(".", 1)[-1]: weights.info[info.name].shape for info, _ in computed.values()}
+    return TextDecoder(Path(folder), config, tensors, _left_behind(folder, weights, tensors, computed), count_parameters(model),
+                       tuple(mtp.tensors), mtp.layers, declared, {name: read for name, (_, read) in computed.items()}, fused,
+                       any(read.transposed for _, read in computed.values()))
 
 
 def _text_config(folder: Path, data: dict[str, Any], trust_remote_code: bool) -> Any:
@@ -138,6 +152,7 @@ def as_text_family(config: Any, family: str) -> Any:
     fields["rope_parameters"] = rope or None
     # the head size, where the multimodal config derives it (GLM-4V's): the family's config may default it otherwise
     fields.setdefault("head_dim", config.hidden_size // config.num_attention_heads)
+    fields.update(TEXT_DECODER_FIXED.get(base_model_type(config), {}))
     return AutoConfig.for_model(family, **fields)
 
 
@@ -152,12 +167,13 @@ def _tied(folder: Path, data: dict[str, Any], weights: SafetensorsFolder) -> boo
     return not stored if said is None else bool(said)
 
 
-def _left_behind(folder: Path, weights: SafetensorsFolder, tensors: dict[str, TensorInfo]) -> dict[str, int]:
+def _left_behind(folder: Path, weights: SafetensorsFolder, tensors: dict[str, TensorInfo], computed: dict[str, Any]) -> dict[str, int]:
     """What the source holds beside the decoder (vision tower, projector): name prefix -> tensors.
     A tensor under the decoder's own names that its config has no place for (a layer more than
     num_hidden_layers says) means config and weights disagree: refused, not left behind."""
     used = {info.name for info in tensors.values()}
-    body = {info.name[: len(info.name) - len(name) + len("model.")] for name, info in tensors.items() if name.startswith("model.")}
+    body = {info.name[: len(info.name) - len(name) + len("model.")] for name, info in tensors.items()
+            if name.startswith("model.") and name not in computed}
     left: dict[str, int] = {}
     for name in weights.info:
         if name in used or is_output_layer(name):
@@ -175,18 +191,84 @@ def is_output_layer(name: str) -> bool:
     return name.startswith(LANGUAGE_MODEL_NAMES[1][1])
 
 
-def _source_tensor(weights: SafetensorsFolder, folder: Path, name: str, shape: tuple[int, ...]) -> TensorInfo:
+def _source_tensor(weights: SafetensorsFolder, folder: Path, name: str, shape: tuple[int, ...] | None) -> TensorInfo:
+    """The source tensor the text checkpoint's `name` is, under any name multimodal checkpoints give
+    it, checked against `shape` (None: any)."""
     for ours, places in LANGUAGE_MODEL_NAMES:
         if name.startswith(ours):
             for where in places:
                 info = weights.info.get(where + name[len(ours):])
                 if info is not None:
-                    if info.shape != shape:
+                    if shape is not None and info.shape != shape:
                         raise SurgeryError(f"{folder}: {info.name} is {list(info.shape)} but its text_config implies "
                                            f"{list(shape)}: fix config.json or download the model again")
                     return info
     raise SurgeryError(f"{folder} has no tensor for the text decoder's {name} under any name multimodal checkpoints "
                        "give it: download the model again, or convert it with its family's own tools")
+
+
+# a text checkpoint's per-expert tensor (Qwen3-MoE's): the layer's experts, the expert, the projection
+PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _experts_from_fused(weights: SafetensorsFolder, folder: Path,
+                        shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[TensorInfo, Callable[[], Any]]]:
+    """The text family's per-expert tensors that the source stores fused a layer at a time (Qwen3-VL-MoE's
+    experts.gate_up_proj, gate then up, and experts.down_proj), each with how to cut it out: name ->
+    (the fused source tensor, sized as the part; a reader of the part). The source may store them as
+    its model holds them, [experts, out, in] (as transformers saves them), or transposed, [experts,
+    in, out] (as the releases do); which, the shapes say."""
+    found = {}
+    for name, shape in shapes.items():
+        match = PER_EXPERT.match(name)
+        if match is None or any(name.startswith(ours) and any(where + name[len(ours):] in weights.info for where in places)
+                                for ours, places in LANGUAGE_MODEL_NAMES):
+            continue  # (stored one by one: copied as they are)
+        layer, expert, part = match.group(1), int(match.group(2)), match.group(3)
+        gate_up, down = (_source_tensor(weights, folder, f"{layer}.{fused}", None) for fused in ("gate_up_proj", "down_proj"))
+        intermediate, hidden = shapes[f"{layer}.{expert}.gate_proj.weight"]
+        transposed = _transposed(folder, gate_up, down, intermediate, hidden, expert)
+        fused = down if part == "down_proj" else gate_up
+        rows = slice(None) if part == "down_proj" else slice(0, intermediate) if part == "gate_proj" else slice(intermediate, None)
+        found[name] = (TensorInfo(fused.name, fused.dtype, tuple(shape), fused.nbytes // math.prod(fused.shape) * math.prod(shape)),
+                       _expert_reader(fused, expert, rows, transposed))
+    return found
+
+
+def _transposed(folder: Path, gate_up: TensorInfo, down: TensorInfo, intermediate: int, hidden: int, expert: int) -> bool:
+    """Whether a layer's fused experts are stored [experts, in, out] (else as the model holds them,
+    [experts, out, in]), from whichever of the two is not square; a one-line error for any other shape."""
+    held = {gate_up.name: (2 * intermediate, hidden), down.name: (hidden, intermediate)}
+    for info in (gate_up, down):
+        if info.shape[1:] not in (held[info.name], held[info.name][::-1]) or expert >= info.shape[0]:
+            raise SurgeryError(f"{folder}: {info.name} is {list(info.shape)}, which holds no expert {expert} of "
+                               f"{list(held[info.name])} or its transpose as the text_config implies: fix config.json or "
+                               "download the model again")
+    plain = down if hidden != intermediate else gate_up  # (both square only for an intermediate size of 0)
+    return plain.shape[1:] != held[plain.name]
+
+
+def _expert_reader(fused: TensorInfo, expert: int, rows: slice, transposed: bool) -> Callable[[], Any]:
+    """Reads one expert's part of a fused tensor from its file, [out, in] as the text family stores it
+    (`.transposed`: how the source stores it)."""
+    def read() -> Any:
+        from safetensors import safe_open
+
+        with safe_open(str(fused.file), "pt") as handle:
+            held = handle.get_slice(fused.name)[expert]
+        return (held.T if transposed else held)[rows].contiguous()
+    read.transposed = transposed
+    return read
+
+
+def fuse_experts(parts: Callable[[str], Any], layer: str, kind: str, experts: int, transposed: bool) -> Any:
+    """One layer's experts fused as the source stores them (the reverse of the reading above, for
+    surgery graft): `parts(name)` reads the text checkpoint's per-expert tensor `name`."""
+    import torch
+
+    held = [torch.cat([parts(f"{layer}.{j}.gate_proj.weight"), parts(f"{layer}.{j}.up_proj.weight")]) if kind == "gate_up_proj"
+            else parts(f"{layer}.{j}.down_proj.weight") for j in range(experts)]
+    return torch.stack([t.T if transposed else t for t in held]).contiguous()
 
 
 def export_text_decoder(decoder: TextDecoder, tokenizer: Any, out: Path, *, record: dict[str, Any], max_shard_size: int,
@@ -199,7 +281,8 @@ def export_text_decoder(decoder: TextDecoder, tokenizer: Any, out: Path, *, reco
     check_free_space(out, decoder.nbytes, "the checkpoint")
     with staged_folder(out) as staging:
         digests = write_copied_folder(staging, decoder.source, decoder.config, decoder.tensors, decoder.parameters, tokenizer,
-                                      max_shard_size=max_shard_size, copy_from=decoder.source, extra_files=extra_files)
+                                      max_shard_size=max_shard_size, copy_from=decoder.source, extra_files=extra_files,
+                                      computed=decoder.computed)
         verified = _check_folder(decoder, staging, tokenizer, device, trust_remote_code)
         manifest = write_manifest(staging, {**record, "layout": "hf", "unpublished": list(unpublished)}, verified, digests)
     return ExportResult(out, verified["max_abs_logit_diff"], "transformers", manifest)
