@@ -51,7 +51,7 @@ def sublayer_parameters(model: Any) -> Callable[[Iterable[Sublayer]], int]:
 
     def sublayer(layer: int, kind: str) -> int:
         if (layer, kind) not in cache:
-            modules = [getattr(layers[layer], name) for name in arch.sublayer_modules(kind, layers[layer])]
+            modules = [get_module(layers[layer], name) for name in arch.sublayer_modules(kind, layers[layer])]
             cache[(layer, kind)] = sum(p.numel() for m in modules if m is not None for p in m.parameters())
         return cache[(layer, kind)]
 

@@ -3,6 +3,7 @@ import pytest
 from surgery.arch import ARCHITECTURES, architecture_of, decoder_layers, get_module
 from surgery.errors import SurgeryError
 from surgery.hf_modeling import has_module
+from surgery.sublayers import Sublayer
 from surgery.tiny import TINY_OVERRIDES, tiny_config, tiny_model
 
 FAMILIES = sorted(ARCHITECTURES)
@@ -14,10 +15,16 @@ def test_every_family_has_a_tiny_model():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_table_names_every_weighted_module_of_a_block(family):
-    """Every block, as a hybrid family's differ: its linear-attention blocks name that instead."""
+    """Every block, as a hybrid family's differ: its linear-attention blocks name that instead; the
+    parameters its two sublayers free add up to the block's, less the norms only the whole block frees."""
+    from surgery.cut import sublayer_parameters
+
     model = tiny_model(family)
     arch = architecture_of(model.config)
+    size = sublayer_parameters(model)
     for index, layer in enumerate(decoder_layers(model)):
+        shared = sum(p.numel() for name in arch.shared_norms for p in get_module(layer, name).parameters())
+        assert size([Sublayer(index, "attn"), Sublayer(index, "mlp")]) == sum(p.numel() for p in layer.parameters()) - shared
         named = set(arch.sublayer_modules("attn", layer)) | set(arch.sublayer_modules("mlp", layer))
         for name in named | set(arch.shared_norms):
             assert has_module(layer, name), f"{family}: block {index} has no '{name}'"
