@@ -11,6 +11,7 @@ made before any weight loads start from it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -953,8 +954,23 @@ def _holds(config: Any, key: str | None, value: Any) -> bool:
 
 
 def config_value(config: Any, key: str, default: Any = None) -> Any:
-    """`key` of a config object or of the dict read from config.json (`default` where it has none)."""
-    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+    """`key` of a config object or of the dict read from config.json (`default` where it has none).
+    A dict is read as transformers reads it: under the name the family's config class maps `key` to
+    (GPT-2's n_layer for num_hidden_layers, DBRX's n_layers) where it lacks `key` itself."""
+    if not isinstance(config, dict):
+        return getattr(config, key, default)
+    if key in config:
+        return config[key]
+    alias = _attribute_map(str(config.get("model_type") or "")).get(key)
+    return config.get(alias, default) if alias else default
+
+
+@functools.cache
+def _attribute_map(model_type: str) -> dict[str, str]:
+    """The family's config class's own names for standard keys (its `attribute_map`)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return dict(getattr(CONFIG_MAPPING[model_type], "attribute_map", {})) if model_type in CONFIG_MAPPING else {}
 
 
 def has_config_key(config: Any, key: str) -> bool:
@@ -1032,7 +1048,7 @@ def has_sliding_window(config: dict[str, Any]) -> bool:
     if layer_types:
         return any(kind != "full_attention" for kind in layer_types)
     window = config.get("sliding_window")
-    return bool(window) and config.get("use_sliding_window", True) and window < config.get("max_position_embeddings", window + 1)
+    return bool(window) and config.get("use_sliding_window", True) and window < config_value(config, "max_position_embeddings", window + 1)
 
 
 def rope_settings(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -1086,7 +1102,7 @@ def quantization_method(config: Path | dict[str, Any]) -> str | None:
 def check_sequence_fits(path: Path, length: int, option: str) -> None:
     """Calibration or training sequences longer than the positions the model was trained on would
     score or train it where it never learned anything: refused before it loads."""
-    trained = text_config(path).get("max_position_embeddings")
+    trained = config_value(text_config(path), "max_position_embeddings")
     if isinstance(trained, int) and length > trained:
         raise SurgeryError(f"{option} {length} is longer than the model's context ({trained} positions): "
                            f"give {trained} or less")
@@ -1098,6 +1114,7 @@ def config_layers(path: Path) -> int:
     types = _entry_or_default(config).block_types(config)
     if types is not None:  # (Nemotron-H: transformers 5 derives the count from the types and does not save it)
         return len(types)
-    if not isinstance(config.get("num_hidden_layers"), int):
+    layers = config_value(config, "num_hidden_layers")
+    if not isinstance(layers, int):
         raise SurgeryError(f"{path}/config.json has no num_hidden_layers: is it a decoder-only LLM?")
-    return config["num_hidden_layers"]
+    return layers

@@ -39,11 +39,11 @@ def _teacher_for(folder: Path, spec: str | None, healing: HealSettings, load: Lo
     if spec is None:
         verb = "needs" if len(needs) == 1 else "need"
         raise SurgeryError(f"{' and '.join(needs)} {verb} the dense model the cut came from: pass --teacher {_model_to_pass(recorded)}")
-    from surgery.arch import text_config
+    from surgery.arch import config_value, text_config
     from surgery.source import fingerprint, resolve
 
     teacher = resolve(spec, allow_pickle=load.allow_pickle)
-    sizes = [text_config(f).get("vocab_size") for f in (teacher.path, folder)]
+    sizes = [config_value(text_config(f), "vocab_size") for f in (teacher.path, folder)]
     if sizes[0] != sizes[1]:
         raise SurgeryError(f"--teacher {spec} has a vocabulary of {sizes[0]} tokens and {folder} one of {sizes[1]}: "
                            "give the model the cut came from")

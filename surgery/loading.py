@@ -281,9 +281,9 @@ def _check_vocabulary(folder: Any, tokenizer: Any) -> None:
     writes ids the model has no row for: every text would end in an IndexError mid-run."""
     if not (folder / "config.json").is_file():
         return
-    from surgery.arch import text_config
+    from surgery.arch import config_value, text_config
 
-    rows = text_config(folder).get("vocab_size")
+    rows = config_value(text_config(folder), "vocab_size")
     words = getattr(tokenizer, "vocab_size", None)
     if isinstance(rows, int) and isinstance(words, int) and words > rows:
         raise SurgeryError(f"the tokenizer in {folder} has {words:,} tokens but the model only {rows:,} embeddings "

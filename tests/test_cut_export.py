@@ -723,3 +723,24 @@ def test_a_family_variant_cuts_and_reloads_as_its_config_makes_its_blocks(family
     reloaded = load_exported(tmp_path / "out")
     assert torch.allclose(reloaded(tokens, use_cache=False).logits, expected, atol=1e-5)
     assert_cache_consistent(reloaded)
+
+
+# families whose config.json names the sizes surgery reads before loading in their own words (GPT-2's
+# n_layer, DBRX's n_layers), which transformers maps by the config class's attribute_map
+ALIASED = sorted(family for family in ARCHITECTURES if {"num_hidden_layers", "max_position_embeddings", "vocab_size"}
+                 & set(getattr(__import__("transformers").AutoConfig.for_model(family), "attribute_map", {})))
+
+
+@pytest.mark.parametrize("family", ALIASED)
+def test_a_config_that_names_the_block_count_its_own_way_is_read_before_loading(family, tiny_folder, tmp_path):
+    """The checks made from config.json before any weight loads read the block count and the trained
+    length under the family's own names: a cut goes through, and a calibration length past the
+    trained one is refused in one line."""
+    from tests.cli import one_line
+
+    source, model = tiny_folder(family, num_layers=4, max_position_embeddings=64)  # (saved under the family's name for it)
+    result = run("cut", source, "--remove", "L1", "--out", tmp_path / "cut", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert model.config.__class__.from_pretrained(tmp_path / "cut").num_hidden_layers == 3
+    line = one_line(run("analyze", source, "--seq-len", "128", "--out", tmp_path / "analysis", "--device", "cpu"))
+    assert "128" in line and "64" in line, line
