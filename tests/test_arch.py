@@ -128,3 +128,22 @@ def test_jamba_reasonings_attention_stays_placed_when_mamba_blocks_between_go():
 
     kept = [i for i in range(28) if i not in (10, 11, 12, 13)]
     assert PeriodRule("period", "offset").after({"period": 14, "offset": 7}, kept) == (10, 7)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_json_says_what_the_config_object_says(family, tmp_path):
+    """The checks made before any weight loads read config.json as a dict: the block count, the
+    attention blocks, the sublayers blocks lack, the period a cut keeps and the trained length must
+    be what the config object transformers builds from the same file says."""
+    from transformers import AutoConfig
+
+    from surgery.arch import config_layers, config_value, text_config
+
+    tiny_config(family, 6).save_pretrained(tmp_path)
+    stored, config = text_config(tmp_path), AutoConfig.from_pretrained(tmp_path)
+    arch = architecture_of(config)
+    assert config_layers(tmp_path) == config.num_hidden_layers == 6
+    assert arch.attention_blocks(stored) == arch.attention_blocks(config)
+    assert arch.absent_sublayers(stored) == arch.absent_sublayers(config)
+    assert arch.runtime_period(stored) == arch.runtime_period(config)
+    assert config_value(stored, "max_position_embeddings") == config.max_position_embeddings
