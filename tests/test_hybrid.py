@@ -423,6 +423,18 @@ def test_prune_refuses_a_jamba_cut_its_rules_cannot_place_before_loading(tiny_fo
     assert not (tmp_path / "pruned").exists()
 
 
+def test_a_strategys_choice_jambas_rules_cannot_place_is_refused_before_any_bridge(tiny_folder, tmp_path, data_dir):
+    """At block granularity a strategy may choose blocks no period and offset place (last takes L6,
+    leaving MoE blocks at L1, L3, L5, L6): refused in one line right after planning, naming the
+    granularity that keeps the rules, before bridges are fitted, writing nothing."""
+    source, _ = tiny_folder("jamba", num_layers=8, **JAMBA)
+    result = run("prune", source, "--strategy", "last", "--remove", "1", "--out", tmp_path / "pruned", "--data-dir", data_dir, *FAST)
+    said = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and said[0].startswith("[") and "planning" in said[0] and len(said) == 2  # (the stage, then why)
+    assert "places at L1, L3, L5, L6 (of 7 kept)" in said[1] and "(prune --granularity period)" in said[1]
+    assert not (tmp_path / "pruned").exists()
+
+
 def test_prune_at_period_granularity_removes_runs_that_keep_jambas_rules(tiny_folder, tmp_path, data_dir):
     """--granularity period offers aligned runs of the longest period the config places blocks by
     (Jamba's attention, every 4th block here): the pruned checkpoint keeps both rules."""
