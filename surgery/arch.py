@@ -446,7 +446,7 @@ _ATTENTION_ONLY_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
 _PARALLEL = dict(attention_norms=(), mlp_norms=(), shared_norms=("input_layernorm",), parallel=True)
 _COHERE = dict(**_PARALLEL, logit_multiplier_config="logit_scale")
 _GPTJ = dict(_PARALLEL, shared_norms=("ln_1",), layers="transformer.h", attention="attn", final_norm="transformer.ln_f",
-             attention_output="out_proj", mlp_output="fc_out")
+             attention_output="out_proj", mlp_output="fc_out", block_outputs=2)  # (the stream and the attention weights)
 _UNGATED_LORA = (*_ATTENTION_ONLY_LORA, "up_proj", "down_proj")
 
 

@@ -147,3 +147,21 @@ def test_config_json_says_what_the_config_object_says(family, tmp_path):
     assert arch.absent_sublayers(stored) == arch.absent_sublayers(config)
     assert arch.runtime_period(stored) == arch.runtime_period(config)
     assert config_value(stored, "max_position_embeddings") == config.max_position_embeddings
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_table_says_how_many_values_a_block_returns(family):
+    """Architecture.block_outputs: 0 where a block returns the stream alone, else the length of the
+    tuple it returns (GPT-J's: the stream and its attention weights). Whatever stands in for a
+    block (block-by-block reading records each block's arguments with a stand-in) answers alike."""
+    import torch
+
+    model = tiny_model(family, 3)
+    arch = architecture_of(model.config)
+    seen = []
+    hooks = [layer.register_forward_hook(lambda module, args, output: seen.append(output)) for layer in decoder_layers(model)]
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7, 8]]), use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    assert [len(output) if isinstance(output, tuple) else 0 for output in seen] == [arch.block_outputs] * 3, family
