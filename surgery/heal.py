@@ -410,11 +410,19 @@ def add_lora(model: Any, settings: HealSettings, arch: Any) -> Any:
 
     targets = list(settings.target_modules or arch.lora_targets)
     lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, bias="none",
-                      target_modules=targets, task_type="CAUSAL_LM")
+                      target_modules=targets, task_type="CAUSAL_LM", fan_in_fan_out=_stored_in_out(model, targets))
     try:
         return get_peft_model(model, lora)
     except ValueError as error:  # peft's own words: a name it did not find, or a target it cannot train
         raise SurgeryError(f"LoRA on {', '.join(targets)} failed ({error}): name other --lora-targets") from None
+
+
+def _stored_in_out(model: Any, targets: list[str]) -> bool:
+    """Whether the LoRA targets are GPT-2's Conv1D layers, which keep their weights [in, out] (peft's
+    fan_in_fan_out); a 4-bit load has made them [out, in] Linear4bit layers already."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(module, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, module in model.named_modules())
 
 
 def _train(base_folder: Path, tokenizer: Any, train_ids: Any, settings: HealSettings, arch: Any, work: Path,
@@ -576,7 +584,7 @@ def _distilling(base: type, teacher: Any, weight: float) -> type:
 def merge_adapter(base_folder: Path, adapter: Path | None, *, dtype: Any, device: str) -> Any:
     """Merge LoRA adapters into a freshly loaded full-precision copy of the pruned model (no
     adapter: that copy as it is)."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     from surgery.loading import load_model
     from surgery.memory import device_that_fits
@@ -587,5 +595,7 @@ def merge_adapter(base_folder: Path, adapter: Path | None, *, dtype: Any, device
                       device=device, with_tokenizer=False).model
     if adapter is None:
         return base.eval()
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    config = PeftConfig.from_pretrained(str(adapter))  # (trained on a 4-bit base: its Conv1D layers were Linear4bit)
+    config.fan_in_fan_out = _stored_in_out(base, list(config.target_modules))
+    merged = PeftModel.from_pretrained(base, str(adapter), config=config).merge_and_unload()
     return merged.eval()

@@ -88,6 +88,16 @@ def test_default_lora_puts_an_adapter_on_every_target_the_family_names(family):
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
 
 
+def test_lora_on_gpt2s_conv1d_layers_is_told_their_weights_are_stored_in_out(recwarn):
+    """GPT-2's Conv1D layers keep their weights [in, out]: healing tells peft so (fan_in_fan_out), so
+    that peft does not correct it with a warning on every run; a 4-bit load makes them [out, in]
+    Linear4bit layers, which it is not told."""
+    model = add_lora(tiny_model("gpt2", 2), HealSettings(), ARCHITECTURES["gpt2"])
+    assert model.peft_config["default"].fan_in_fan_out is True
+    assert not [w for w in recwarn if "fan_in_fan_out" in str(w.message)]
+    assert add_lora(tiny_model("llama", 2), HealSettings(), ARCHITECTURES["llama"]).peft_config["default"].fan_in_fan_out is False
+
+
 @pytest.mark.parametrize("q_lora_rank, query", [(None, {"q_proj"}), (32, {"q_a_proj", "q_b_proj"})])
 def test_latent_attention_is_adapted_whichever_way_its_query_is_projected(q_lora_rank, query):
     """DeepSeek-V3 and Kimi-K2 factor the query; Moonlight (a deepseek_v3 config) and DeepSeek-V2-Lite
