@@ -45,6 +45,21 @@ def extracted_and_cut(make, tmp_path, tokenizer, remove="L1", layout="legacy"):
     return source, model
 
 
+def without_block(model, index):
+    """Delete a Qwen3-VL model's decoder block `index` in memory."""
+    del model.model.language_model.layers[index]
+    model.config.text_config.num_hidden_layers -= 1
+
+
+def qwen3_vl_inputs():
+    """(ids, inputs): text around one image of 2 x 2 merged patches, as Qwen3-VL's processor gives them."""
+    ids = torch.randint(5, VOCAB - 5, (1, 12), generator=torch.Generator().manual_seed(3))
+    ids[0, 2:5] = torch.tensor([VOCAB - 3, VOCAB - 1, VOCAB - 4])  # vision start, one merged image token, vision end
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(4, 3 * 2 * 8 * 8, generator=torch.Generator().manual_seed(4)),
+              "image_grid_thw": torch.tensor([[1, 2, 2]]), "mm_token_type_ids": (ids == VOCAB - 1).int(), "use_cache": False}
+    return ids, inputs
+
+
 def with_decoder(model, decoder_folder):
     """The multimodal model with its language model swapped in memory for the cut decoder's: what
     the grafted files must compute, reached without them."""
@@ -209,12 +224,8 @@ def test_qwen3_vl_grafts_back_and_a_cut_of_its_deepstack_blocks_is_said(tmp_path
     assert "the cut removed L1 of the first 2 decoder blocks" in said["L1"] and "DeepStack" in said["L1"], said["L1"]
 
     grafted = AutoModelForImageTextToText.from_pretrained(tmp_path / "graftL3").eval()
-    del model.model.language_model.layers[3]  # the same cut, in memory
-    model.config.text_config.num_hidden_layers = 3
-    ids = torch.randint(5, VOCAB - 5, (1, 12), generator=torch.Generator().manual_seed(3))
-    ids[0, 2:5] = torch.tensor([VOCAB - 3, VOCAB - 1, VOCAB - 4])  # vision start, one merged image token, vision end
-    inputs = {"input_ids": ids, "pixel_values": torch.randn(4, 3 * 2 * 8 * 8, generator=torch.Generator().manual_seed(4)),
-              "image_grid_thw": torch.tensor([[1, 2, 2]]), "mm_token_type_ids": (ids == VOCAB - 1).int(), "use_cache": False}
+    without_block(model, 3)  # the same cut, in memory
+    ids, inputs = qwen3_vl_inputs()
     want, got = model(**inputs).logits, grafted(**inputs).logits
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(got[:, 5:], grafted(input_ids=ids.clamp(max=VOCAB - 5)).logits[:, 5:], atol=1e-3)  # it saw the image
@@ -285,12 +296,8 @@ def test_a_cut_qwen3_vl_moe_decoder_grafts_back_with_its_experts_fused_as_the_so
     assert all(torch.equal(grafted[name], renamed[name]) for name in renamed)  # (no healing: the kept blocks' own tensors)
 
     grafted_model = AutoModelForImageTextToText.from_pretrained(tmp_path / "graft").eval()
-    del model.model.language_model.layers[2]  # the same cut, in memory
-    model.config.text_config.num_hidden_layers = 3
-    ids = torch.randint(5, VOCAB - 5, (1, 12), generator=torch.Generator().manual_seed(3))
-    ids[0, 2:5] = torch.tensor([VOCAB - 3, VOCAB - 1, VOCAB - 4])  # vision start, one merged image token, vision end
-    inputs = {"input_ids": ids, "pixel_values": torch.randn(4, 3 * 2 * 8 * 8, generator=torch.Generator().manual_seed(4)),
-              "image_grid_thw": torch.tensor([[1, 2, 2]]), "mm_token_type_ids": (ids == VOCAB - 1).int(), "use_cache": False}
+    without_block(model, 2)  # the same cut, in memory
+    _, inputs = qwen3_vl_inputs()
     assert torch.allclose(grafted_model(**inputs).logits, model(**inputs).logits, atol=1e-5)
 
 

@@ -217,37 +217,31 @@ def qwen2_vl(folder, tokenizer):
     return save(Qwen2VLForConditionalGeneration(config), folder, tokenizer)
 
 
-def qwen3_vl(folder, tokenizer):
+def qwen3_vl(folder, tokenizer, moe=False):
     """Qwen3-VL's layout: a Qwen3 decoder with interleaved M-RoPE, whose first blocks also take the
-    vision tower's DeepStack features of image tokens; the tower at model.visual., tied output layer."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    vision tower's DeepStack features of image tokens; the tower at model.visual., tied output layer.
+    With `moe`, Qwen3-VL-MoE's (30B-A3B, 235B-A22B): Qwen3-MoE's experts after a dense first block,
+    which its checkpoints store fused a layer at a time, [experts, hidden, 2 x intermediate] (gate,
+    then up) and [experts, intermediate, hidden], where Qwen3-MoE's store one tensor per expert and
+    projection; an untied output layer."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
     text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True, "rope_theta": 5e5})
+    if moe:  # (2 x 24 is not the width 64: transformers could not tell a released layout from its own were it square)
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, decoder_sparse_step=1, mlp_only_layers=[0])
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, out_hidden_size=64,
                   num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
-                           vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 4, tie_word_embeddings=True)
-    return save(Qwen3VLForConditionalGeneration(config), folder, tokenizer)
+    config_class, model_class = (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe else (Qwen3VLConfig,
+                                                                                                  Qwen3VLForConditionalGeneration)
+    config = config_class(text_config=text, vision_config=vision, image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
+                          vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 4, tie_word_embeddings=not moe)
+    return save(model_class(config), folder, tokenizer)
 
 
 def qwen3_vl_moe(folder, tokenizer):
-    """Qwen3-VL-MoE's layout (30B-A3B, 235B-A22B): Qwen3-VL's with Qwen3-MoE's experts, which its
-    checkpoints store fused a layer at a time, [experts, hidden, 2 x intermediate] (gate, then up) and
-    [experts, intermediate, hidden], where Qwen3-MoE's store one tensor per expert and projection."""
-    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
-
-    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, num_experts=4, num_experts_per_tok=2,
-                moe_intermediate_size=24, decoder_sparse_step=1, mlp_only_layers=[0],  # (2 x 24: not square, or transformers
-                # could not tell a released layout from its own)
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True, "rope_theta": 5e5})
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, out_hidden_size=64,
-                  num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
-    config = Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
-                              vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 4, tie_word_embeddings=False)
-    return save(Qwen3VLMoeForConditionalGeneration(config), folder, tokenizer)
+    return qwen3_vl(folder, tokenizer, moe=True)
 
 
 def renamed_to_qwen_vl_class_names(folder):
