@@ -15,7 +15,7 @@ gives its language model (whichever layout it uses, as extract-text found them),
 tensor of the source unchanged; experts the source stores fused a layer at a time (Qwen3-VL-MoE's)
 are fused back from the decoder's per-expert tensors in the source's layout. The config is the source's, with the cut keys of its text_config
 set as the decoder's. Before the folder moves into place:
-(a) every tensor read back has the CRC-32 of the source bytes it was copied from;
+(a) every tensor read back has the CRC-32 of the bytes it was written from;
 (b) the decoder's tensors, named back, are those a skeleton of the written text_config implies,
     and the rest are the source's, by name and shape;
 (c) where the grafted model fits in memory and transformers runs it on text, it loads with no
@@ -191,12 +191,7 @@ def _decoder_tensors(folder: Path, config: Any, weights: SafetensorsFolder, mtp:
 
 def _placed(folder: Path, extracted: TextDecoder, names: dict[str, TensorInfo]) -> tuple[dict[str, tuple[Path, TensorInfo]], dict[str, str]]:
     """Each decoder tensor under the name the source gives its language model's: the layout extract-text found."""
-    prefixes = {}
-    for ours in ("model.", "lm_head."):
-        probe = next((name for name in extracted.tensors if name.startswith(ours) and name not in extracted.mtp), None)
-        if probe is not None:
-            where = extracted.tensors[probe].name
-            prefixes[ours] = where[: len(where) - len(probe) + len(ours)]
+    prefixes = _language_model_prefixes(extracted)
     tensors, decoder_names = {}, {}
     for name, info in names.items():
         if extracted.fused_experts and PER_EXPERT.match(name):
@@ -214,6 +209,18 @@ def _placed(folder: Path, extracted: TextDecoder, names: dict[str, TensorInfo]) 
     return tensors, decoder_names
 
 
+def _language_model_prefixes(extracted: TextDecoder) -> dict[str, str]:
+    """Where the source keeps what the text checkpoint names `model.` and `lm_head.`, as extract-text found it."""
+    prefixes = {}
+    for ours in ("model.", "lm_head."):
+        probe = next((name for name in extracted.tensors if name.startswith(ours) and name not in extracted.mtp
+                      and name not in extracted.computed), None)  # (a tensor copied under its own name)
+        if probe is not None:
+            where = extracted.tensors[probe].name
+            prefixes[ours] = where[: len(where) - len(probe) + len(ours)]
+    return prefixes
+
+
 def _fused_back(folder: Path, extracted: TextDecoder, names: dict[str, TensorInfo],
                 tensors: dict[str, tuple[Path, TensorInfo]]) -> tuple[dict[str, Callable[[], Any]], set[str]]:
     """The decoder's per-expert tensors fused a layer at a time as the source stores its experts
@@ -222,9 +229,7 @@ def _fused_back(folder: Path, extracted: TextDecoder, names: dict[str, TensorInf
     parts = {name: match.group(1) for name in names if (match := PER_EXPERT.match(name)) and extracted.fused_experts}
     if not parts:
         return {}, set()
-    probe = next(name for name in extracted.tensors if name.startswith("model.layers."))
-    where = extracted.tensors[probe].name
-    prefix = where[: len(where) - len(probe) + len("model.")]  # (as _placed finds it)
+    prefix = _language_model_prefixes(extracted)["model."]
     computed = {}
     for layer in sorted(set(parts.values())):
         for kind, shape in extracted.fused_experts.items():

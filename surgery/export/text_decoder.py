@@ -63,8 +63,9 @@ class TextDecoder:
     mtp_layers: int = 0  # the MTP modules those tensors make
     mtp_declared: int = 0  # those the source's text config counts
     computed: dict[str, Callable[[], Any]] = field(default_factory=dict)  # name -> its tensor, cut from a fused one
-    fused_experts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # how the source stores experts fused:
-    experts_transposed: bool = False  # gate_up_proj, down_proj -> a layer's shape; [experts, in, out] (else out, in)
+    # where the source stores a layer's experts fused: gate_up_proj / down_proj -> the shape of a layer's
+    fused_experts: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    experts_transposed: bool = False  # stored [experts, in, out] (else [experts, out, in], as the model holds them)
 
     @property
     def nbytes(self) -> int:
@@ -191,18 +192,20 @@ def is_output_layer(name: str) -> bool:
     return name.startswith(LANGUAGE_MODEL_NAMES[1][1])
 
 
+def _stored(weights: SafetensorsFolder, name: str) -> TensorInfo | None:
+    """The source tensor the text checkpoint's `name` is, under any name multimodal checkpoints give it."""
+    return next((weights.info[where + name[len(ours):]] for ours, places in LANGUAGE_MODEL_NAMES if name.startswith(ours)
+                 for where in places if where + name[len(ours):] in weights.info), None)
+
+
 def _source_tensor(weights: SafetensorsFolder, folder: Path, name: str, shape: tuple[int, ...] | None) -> TensorInfo:
-    """The source tensor the text checkpoint's `name` is, under any name multimodal checkpoints give
-    it, checked against `shape` (None: any)."""
-    for ours, places in LANGUAGE_MODEL_NAMES:
-        if name.startswith(ours):
-            for where in places:
-                info = weights.info.get(where + name[len(ours):])
-                if info is not None:
-                    if shape is not None and info.shape != shape:
-                        raise SurgeryError(f"{folder}: {info.name} is {list(info.shape)} but its text_config implies "
-                                           f"{list(shape)}: fix config.json or download the model again")
-                    return info
+    """_stored, checked against `shape` (None: any); a one-line error where the source lacks it."""
+    info = _stored(weights, name)
+    if info is not None:
+        if shape is not None and info.shape != shape:
+            raise SurgeryError(f"{folder}: {info.name} is {list(info.shape)} but its text_config implies "
+                               f"{list(shape)}: fix config.json or download the model again")
+        return info
     raise SurgeryError(f"{folder} has no tensor for the text decoder's {name} under any name multimodal checkpoints "
                        "give it: download the model again, or convert it with its family's own tools")
 
@@ -221,8 +224,7 @@ def _experts_from_fused(weights: SafetensorsFolder, folder: Path,
     found = {}
     for name, shape in shapes.items():
         match = PER_EXPERT.match(name)
-        if match is None or any(name.startswith(ours) and any(where + name[len(ours):] in weights.info for where in places)
-                                for ours, places in LANGUAGE_MODEL_NAMES):
+        if match is None or _stored(weights, name) is not None:
             continue  # (stored one by one: copied as they are)
         layer, expert, part = match.group(1), int(match.group(2)), match.group(3)
         gate_up, down = (_source_tensor(weights, folder, f"{layer}.{fused}", None) for fused in ("gate_up_proj", "down_proj"))
