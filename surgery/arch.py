@@ -494,6 +494,8 @@ _LFM2 = dict(linear_attention="conv", linear_attention_output="out_proj", linear
              per_layer_config=("layer_types",), layer_index_config=("full_attn_idxs",),
              lora_may_lack=(("q_proj", "k_proj", "v_proj", "out_proj"), ("in_proj", "out_proj")))
 
+# Mamba's blocks: the mixer is the linear attention of every block; `attention` names a module no block has, which
+# is what tells a linear-attention block (hf_modeling.is_linear_block)
 _MAMBA = replace(_LLAMA, layers="backbone.layers", attention="attention", linear_attention="mixer", linear_attention_output="out_proj",
                  mlp="mlp", attention_norms=("norm",), mlp_norms=(), final_norm="backbone.norm_f",
                  single_mixer=(None, (("linear_attention", "attn"),)), unquantized=("mixer.out_proj",), lora_targets=_MAMBA_LORA)

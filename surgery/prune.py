@@ -218,12 +218,10 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
     if not plan.units:
         raise SurgeryError(f"--remove {settings.remove} is less than one {settings.granularity} of this model: "
                            "give a larger share, or a count such as --remove 1")
-    from surgery.cut import rules_after, validate_removal
-    from surgery.sublayers import full_blocks
+    from surgery.cut import plan_cut, rules_after
 
-    validate_removal(plan.units, num_layers(loaded.model), arch.absent_sublayers(config))  # e.g. every block: fails now
-    gone = set(full_blocks(plan.units + arch.absent_sublayers(config)))
-    rules_after(config, arch, [i for i in range(num_layers(loaded.model)) if i not in gone])  # (Jamba's: before any bridge)
+    cut = plan_cut(num_layers(loaded.model), plan.units, absent=arch.absent_sublayers(config))  # e.g. every block: fails now
+    rules_after(config, arch, cut.kept)  # (Jamba's placement rules: before any bridge)
     return plan
 
 
