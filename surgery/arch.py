@@ -156,6 +156,8 @@ class Architecture:
     are dense": DeepSeek, GLM-MoE; "the first k layers use full attention": Qwen's
     max_window_layers); recounted over the surviving blocks.
     mlp_extra_outputs: values the FFN/MoE returns after its output (gpt-oss: router scores).
+    attention_extra_outputs: values the attention returns after its output and weights (GLM-5: its
+    indexer's top-k, which the block passes on).
     attention_output / mlp_output: the linear layer inside the sublayer whose output is added to
     the stream (a linear bridge folds into it); None where a norm follows it.
     moe_outputs: for MoE blocks, every place inside the mlp sublayer whose output is summed into
@@ -267,6 +269,7 @@ class Architecture:
     mlp_output: str | None = "down_proj"
     moe_outputs: tuple[str, ...] = ()
     mlp_extra_outputs: int = 0
+    attention_extra_outputs: int = 0
     gguf_arch: str | None = None
     refused_configs: tuple[tuple[str, Any, str], ...] = ()
     step_rule: StepRule | None = None
@@ -323,6 +326,7 @@ class Architecture:
         sublayer-pruned checkpoint records it in its config (`surgery`) to rebuild them."""
         return {"layers": self.layers, "modules": {kind: list(self.sublayer_modules(kind)) for kind in ("attn", "mlp")},
                 "mlp_extra_outputs": self.mlp_extra_outputs,
+                **({"attention_extra_outputs": self.attention_extra_outputs} if self.attention_extra_outputs else {}),
                 **({"extra_outputs_flag": self.extra_outputs_flag} if self.extra_outputs_flag else {}),
                 **({"linear_attention": self.linear_attention} if self.linear_attention else {}),
                 **({"linear_norms": dict(zip(("attn", "mlp"), map(list, self.linear_block_norms)))}
@@ -448,6 +452,19 @@ _COHERE = dict(**_PARALLEL, logit_multiplier_config="logit_scale")
 _GPTJ = dict(_PARALLEL, shared_norms=("ln_1",), layers="transformer.h", attention="attn", final_norm="transformer.ln_f",
              attention_output="out_proj", mlp_output="fc_out", block_outputs=2)  # (the stream and the attention weights)
 _UNGATED_LORA = (*_ATTENTION_ONLY_LORA, "up_proj", "down_proj")
+
+
+def _shares_indexer(config: Any) -> bool:
+    """Whether a GLM-5 config gives some layers an earlier layer's indexer top-k ("shared"): as its
+    indexer_types list says, or, in a config.json without one, as the pattern or frequency
+    transformers derives that list from says."""
+    types = config_value(config, "indexer_types")
+    if types is not None:
+        return "shared" in types
+    pattern = config_value(config, "index_topk_pattern")
+    if pattern is not None:
+        return any(entry in ("S", "shared") for entry in pattern)
+    return (config_value(config, "index_topk_freq") or 1) > 1
 
 
 def _falcon_two_norms(config: Any) -> bool:
@@ -656,6 +673,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     # attention, which goes with it
     "deepseek_v32": replace(_MOE, per_layer_config=("mlp_layer_types", "layer_types"), prefix_count_config=("first_k_dense_replace",),
                             moe_outputs=_SHARED_EXPERTS, lora_targets=_MLA_ONLY_LORA + ("o_proj",)),
+    # GLM-5: DeepSeek-V3.2's layout, its blocks returning their indexer's top-k beside the stream (and its
+    # attention the top-k after its output and weights); configs whose "shared" layers reuse an earlier
+    # layer's top-k are refused
+    "glm_moe_dsa": replace(_MOE, per_layer_config=("mlp_layer_types", "layer_types", "indexer_types"),
+                           prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
+                           lora_targets=_MLA_ONLY_LORA + ("o_proj",), block_outputs=2, attention_extra_outputs=1,
+                           refused_configs=((None, _shares_indexer, "its \"shared\" layers reuse the top-k an earlier "
+                                             "layer's indexer selects, which a cut does not follow yet"),)),
     # Hunyuan 3, MiMo-V2-Flash, Laguna: dense FFNs then routed experts, each layer's kind listed
     "hy_v3": replace(_MOE, per_layer_config=("mlp_layer_types",), moe_outputs=_SHARED_EXPERTS),
     "mimo_v2_flash": replace(_MOE, per_layer_config=("layer_types", "mlp_layer_types"), moe_outputs=("experts.down_proj", "down_proj")),
@@ -846,7 +871,8 @@ def architecture_of(config: Any) -> Architecture:
     arch = next((replace(arch, **dict(fields)) for key, value, fields in arch.variants if _holds(config, key, value)), arch)
     for key, value, why in arch.refused_configs:
         if _holds(config, key, value):
-            raise SurgeryError(f"{model_type} with {key}={config_value(config, key)} is not supported: {why}")
+            setting = "this config" if key is None else f"{key}={config_value(config, key)}"
+            raise SurgeryError(f"{model_type} with {setting} is not supported: {why}")
     return arch
 
 

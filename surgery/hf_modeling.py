@@ -50,16 +50,18 @@ def keep_cache_length(past_key_values, layer_idx, hidden_states: torch.Tensor) -
 
 
 class RemovedAttention(nn.Module):
-    """An attention sublayer that adds nothing to the residual stream."""
+    """An attention sublayer that adds nothing to the residual stream. `extra_outputs`: how many values
+    the family's attention returns after its output and weights (GLM-5: its indexer's top-k), as None."""
 
-    def __init__(self, layer_idx: int | None = None) -> None:
+    def __init__(self, layer_idx: int | None = None, extra_outputs: int = 0) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.extra_outputs = extra_outputs
 
     def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, layer_past=None, **kwargs):
         keep_cache_length(past_key_values if past_key_values is not None else layer_past,  # (GPT-NeoX's name)
                           self.layer_idx, hidden_states)
-        return torch.zeros_like(hidden_states), None
+        return torch.zeros_like(hidden_states), None, *[None] * self.extra_outputs
 
 
 class RemovedMLP(nn.Module):
@@ -141,7 +143,8 @@ def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> 
     elif is_linear_block(layer, spec):
         stand_in = RemovedLinearAttention()
     else:
-        stand_in = RemovedAttention(getattr(originals[names[0]], "layer_idx", layer_idx))  # its KV-cache slot
+        stand_in = RemovedAttention(getattr(originals[names[0]], "layer_idx", layer_idx),  # its KV-cache slot
+                                    spec.get("attention_extra_outputs", 0))
     _put(layer, names[0], stand_in, originals[names[0]])
     companions = spec.get("companions", {}).get(kind, [])
     for name in names[1:]:

@@ -150,6 +150,50 @@ def test_config_json_says_what_the_config_object_says(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_the_table_says_how_many_values_an_attention_returns(family):
+    """Architecture.attention_extra_outputs: how many values a (softmax) attention returns after its
+    output and weights (GLM-5's: its indexer's top-k, which its block unpacks), so that its stand-in
+    returns as many. Linear attention and single-mixer blocks return their output alone."""
+    import torch
+
+    from surgery.hf_modeling import get_module as module_or_none
+    from surgery.hf_modeling import is_linear_block
+
+    model = tiny_model(family, 3)
+    arch = architecture_of(model.config)
+    spec, seen = arch.stand_in_spec(), []
+    hooks = []
+    for layer in decoder_layers(model):
+        if is_linear_block(layer, spec) or "single_mixer" in spec:
+            continue
+        attention = module_or_none(layer, arch.attention, None)
+        if attention is not None:
+            hooks.append(attention.register_forward_hook(lambda module, args, output: seen.append(output)))
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7, 8]]), use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    assert seen or not hooks, family
+    assert [len(output) - 2 if isinstance(output, tuple) else -1 for output in seen] == [arch.attention_extra_outputs] * len(seen), family
+
+
+@pytest.mark.parametrize("config", [{"index_topk_freq": 2}, {"index_topk_pattern": "FSFS"}, {"indexer_types": ["full", "shared"] * 2}],
+                         ids=["freq", "pattern", "list"])
+def test_glm5_configs_whose_layers_share_an_indexer_are_refused(config):
+    """GLM-5 is supported where every layer runs its own indexer (the released GLM-5's config); a
+    config whose "shared" layers reuse an earlier layer's top-k is refused in one line, read from
+    the config object or from config.json's dict, before anything loads."""
+    model_config = tiny_config("glm_moe_dsa", 4, **config)
+    assert "shared" in model_config.indexer_types
+    saved = {"model_type": "glm_moe_dsa", "num_hidden_layers": 4, **config}
+    for given in (model_config, saved):
+        with pytest.raises(SurgeryError, match="glm_moe_dsa with this config is not supported: its \"shared\" layers"):
+            architecture_of(given)
+    assert architecture_of(tiny_config("glm_moe_dsa", 4)).attention_extra_outputs == 1
+    assert architecture_of({"model_type": "glm_moe_dsa", "num_hidden_layers": 4, "index_topk": 2048}).block_outputs == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_the_table_says_how_many_values_a_block_returns(family):
     """Architecture.block_outputs: 0 where a block returns the stream alone, else the length of the
     tuple it returns (GPT-J's: the stream and its attention weights). Whatever stands in for a
