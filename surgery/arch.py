@@ -77,6 +77,53 @@ class PeriodRule:
 
 
 @dataclass(frozen=True)
+class SharedSelection:
+    """Layers that reuse the keys an earlier layer's sparse-attention indexer selected (GLM-5.2's
+    IndexShare): transformers reads a per-layer list of "full" and "shared" (`listed`), else derives
+    it from an "F"/"S" string (`pattern`), else from a frequency and an offset; serving code for
+    DeepSeek-V3.2's attention reads the string first, then the frequency. A shared layer reads the selection of the nearest full
+    layer before it, which each block hands the next (Architecture.carried), so that full layer's
+    attention is a *source* while any of its readers stays."""
+
+    listed: str = "indexer_types"
+    pattern: str = "index_topk_pattern"
+    frequency: str = "index_topk_freq"
+    offset: str = "index_skip_topk_offset"
+    default_offset: int = 2  # transformers' (config classes and runtimes that read the frequency agree)
+
+    def types(self, config: Any) -> list[str]:
+        """Every layer's kind, "full" or "shared", from a config object or config.json's dict, as
+        transformers derives it."""
+        listed = config_value(config, self.listed)
+        if listed:
+            return list(listed)
+        pattern = config_value(config, self.pattern)
+        if pattern is not None:
+            return [{"F": "full", "S": "shared"}.get(entry, entry) for entry in pattern]
+        frequency = max(config_value(config, self.frequency) or 1, 1)
+        offset = config_value(config, self.offset)
+        offset = self.default_offset if offset is None else offset
+        return ["full" if max(i - offset + 1, 0) % frequency == 0 else "shared"
+                for i in range(config_value(config, "num_hidden_layers"))]
+
+    def readers(self, config: Any) -> dict[int, list[int]]:
+        """Each source (a full layer some shared layer reads) -> the shared layers that read it."""
+        found: dict[int, list[int]] = {}
+        source = None
+        for index, kind in enumerate(self.types(config)):
+            if kind == "full":
+                source = index
+            elif source is not None:
+                found.setdefault(source, []).append(index)
+        return found
+
+    def pattern_after(self, config: Any, kept: list[int]) -> str:
+        """The "F"/"S" string of the kept layers, which every runtime reads before the frequency."""
+        types = self.types(config)
+        return "".join("S" if types[i] == "shared" else "F" for i in kept)
+
+
+@dataclass(frozen=True)
 class FixedPattern:
     """Layers a runtime places by a period it fixes in its own code for the family, whatever the
     checkpoint says (read in llama.cpp's loaders, vLLM's gpt_oss.py and gemma3.py): full attention in every 2nd
@@ -156,8 +203,12 @@ class Architecture:
     are dense": DeepSeek, GLM-MoE; "the first k layers use full attention": Qwen's
     max_window_layers); recounted over the surviving blocks.
     mlp_extra_outputs: values the FFN/MoE returns after its output (gpt-oss: router scores).
-    attention_extra_outputs: values the attention returns after its output and weights (GLM-5: its
-    indexer's top-k, which the block passes on).
+    carried: arguments the decoder hands each block from what the block before returned after the
+    stream, which its attention takes and returns after its output and weights (GLM-5: the top-k
+    indices of the keys an indexer selected, `prev_topk_indices`); an attention's stand-in passes
+    them on as it got them.
+    shared_selection: layers that reuse an earlier layer's selection (SharedSelection): a cut keeps
+    a source's attention while any of its readers stays, and prune protects it.
     attention_output / mlp_output: the linear layer inside the sublayer whose output is added to
     the stream (a linear bridge folds into it); None where a norm follows it.
     moe_outputs: for MoE blocks, every place inside the mlp sublayer whose output is summed into
@@ -269,7 +320,8 @@ class Architecture:
     mlp_output: str | None = "down_proj"
     moe_outputs: tuple[str, ...] = ()
     mlp_extra_outputs: int = 0
-    attention_extra_outputs: int = 0
+    carried: tuple[str, ...] = ()
+    shared_selection: SharedSelection | None = None
     gguf_arch: str | None = None
     refused_configs: tuple[tuple[str, Any, str], ...] = ()
     step_rule: StepRule | None = None
@@ -326,7 +378,7 @@ class Architecture:
         sublayer-pruned checkpoint records it in its config (`surgery`) to rebuild them."""
         return {"layers": self.layers, "modules": {kind: list(self.sublayer_modules(kind)) for kind in ("attn", "mlp")},
                 "mlp_extra_outputs": self.mlp_extra_outputs,
-                **({"attention_extra_outputs": self.attention_extra_outputs} if self.attention_extra_outputs else {}),
+                **({"carried": list(self.carried)} if self.carried else {}),
                 **({"extra_outputs_flag": self.extra_outputs_flag} if self.extra_outputs_flag else {}),
                 **({"linear_attention": self.linear_attention} if self.linear_attention else {}),
                 **({"linear_norms": dict(zip(("attn", "mlp"), map(list, self.linear_block_norms)))}
@@ -410,6 +462,11 @@ class Architecture:
                 types = [by_letter.get(letter, letter) for letter in pattern]
         return remap_legacy_layer_types(list(types)) if isinstance(types, list) else None
 
+    def selection_readers(self, config: Any) -> dict[int, list[int]]:
+        """Each layer whose selection later layers reuse (SharedSelection) -> those layers; none for
+        families that share none."""
+        return self.shared_selection.readers(config) if self.shared_selection else {}
+
     def absent_sublayers(self, config: Any) -> list[Sublayer]:
         """The sublayers a single-mixer family's blocks do not have (each holds one); none for others."""
         types = self.block_types(config)
@@ -452,19 +509,6 @@ _COHERE = dict(**_PARALLEL, logit_multiplier_config="logit_scale")
 _GPTJ = dict(_PARALLEL, shared_norms=("ln_1",), layers="transformer.h", attention="attn", final_norm="transformer.ln_f",
              attention_output="out_proj", mlp_output="fc_out", block_outputs=2)  # (the stream and the attention weights)
 _UNGATED_LORA = (*_ATTENTION_ONLY_LORA, "up_proj", "down_proj")
-
-
-def _shares_indexer(config: Any) -> bool:
-    """Whether a GLM-5 config gives some layers an earlier layer's indexer top-k ("shared"): as its
-    indexer_types list says, or, in a config.json without one, as the pattern or frequency
-    transformers derives that list from says."""
-    types = config_value(config, "indexer_types")
-    if types is not None:
-        return "shared" in types
-    pattern = config_value(config, "index_topk_pattern")
-    if pattern is not None:
-        return any(entry in ("S", "shared") for entry in pattern)
-    return (config_value(config, "index_topk_freq") or 1) > 1
 
 
 def _falcon_two_norms(config: Any) -> bool:
@@ -673,14 +717,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     # attention, which goes with it
     "deepseek_v32": replace(_MOE, per_layer_config=("mlp_layer_types", "layer_types"), prefix_count_config=("first_k_dense_replace",),
                             moe_outputs=_SHARED_EXPERTS, lora_targets=_MLA_ONLY_LORA + ("o_proj",)),
-    # GLM-5: DeepSeek-V3.2's layout, its blocks returning their indexer's top-k beside the stream (and its
-    # attention the top-k after its output and weights); configs whose "shared" layers reuse an earlier
-    # layer's top-k are refused
+    # GLM-5: DeepSeek-V3.2's layout, each block handing the next the keys its indexer selected; GLM-5.2's
+    # "shared" layers reuse the nearest earlier "full" layer's selection instead of running an indexer
     "glm_moe_dsa": replace(_MOE, per_layer_config=("mlp_layer_types", "layer_types", "indexer_types"),
                            prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
-                           lora_targets=_MLA_ONLY_LORA + ("o_proj",), block_outputs=2, attention_extra_outputs=1,
-                           refused_configs=((None, _shares_indexer, "its \"shared\" layers reuse the top-k an earlier "
-                                             "layer's indexer selects, which a cut does not follow yet"),)),
+                           lora_targets=_MLA_ONLY_LORA + ("o_proj",), block_outputs=2, carried=("prev_topk_indices",),
+                           shared_selection=SharedSelection()),
     # Hunyuan 3, MiMo-V2-Flash, Laguna: dense FFNs then routed experts, each layer's kind listed
     "hy_v3": replace(_MOE, per_layer_config=("mlp_layer_types",), moe_outputs=_SHARED_EXPERTS),
     "mimo_v2_flash": replace(_MOE, per_layer_config=("layer_types", "mlp_layer_types"), moe_outputs=("experts.down_proj", "down_proj")),

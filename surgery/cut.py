@@ -130,10 +130,13 @@ class CutPlan:
 
 
 def plan_cut(num_layers: int, units: Iterable[Sublayer], previous: Iterable[Sublayer] = (),
-             attention_blocks: list[int] | None = None, absent: Iterable[Sublayer] = ()) -> CutPlan:
+             attention_blocks: list[int] | None = None, absent: Iterable[Sublayer] = (),
+             selection: dict[int, list[int]] | None = None) -> CutPlan:
     """A checked plan (see validate_removal for what is refused). A hybrid model (its
     `attention_blocks` given: Architecture.attention_blocks) must keep one: transformers reads the
-    cache's length there. `absent`: sublayers the blocks never had (a named block is its one mixer)."""
+    cache's length there. `absent`: sublayers the blocks never had (a named block is its one mixer).
+    `selection`: layers whose selection of keys later layers reuse -> those layers
+    (Architecture.selection_readers); such a layer's attention goes only with all of theirs."""
     previous, absent = tuple(sorted(set(previous))), tuple(sorted(set(absent)))
     units = validate_removal(present(units, absent), num_layers, previous + absent)
     plan = CutPlan(num_layers, tuple(units), previous, absent)
@@ -141,7 +144,20 @@ def plan_cut(num_layers: int, units: Iterable[Sublayer], previous: Iterable[Subl
         listed = ",".join(f"L{i}" for i in attention_blocks)
         raise SurgeryError(f"that removes every attention block ({listed}) of a hybrid model, which transformers cannot "
                            "run with a cache: keep at least one of them")
+    _check_selection(plan, selection or {})
     return plan
+
+
+def _check_selection(plan: CutPlan, selection: dict[int, list[int]]) -> None:
+    """Refuse a cut that removes the attention of a layer whose selected keys a kept attention reuses:
+    its indexer goes with it, and the reader would silently attend to an earlier layer's choice."""
+    gone = {u.layer for u in (*plan.removed, *plan.previous) if u.kind == "attn"} | set(plan.blocks)
+    for source, readers in sorted(selection.items()):
+        staying = [Sublayer(i, "attn") for i in readers if i not in gone]
+        if source in gone and staying:
+            every = format_sublayers(Sublayer(i, "attn") for i in readers)
+            raise SurgeryError(f"that removes L{source}.attn, whose indexer chooses the keys that {format_sublayers(staying)} "
+                               f"also attend to (indexer_types \"shared\"): keep it, or remove {every} with it")
 
 
 def check_named_cut(folder: Any, units: Iterable[Sublayer]) -> None:
@@ -152,7 +168,7 @@ def check_named_cut(folder: Any, units: Iterable[Sublayer]) -> None:
     config = text_config(folder)
     arch = architecture_of(config)
     plan = plan_cut(config_layers(folder), units, attention_blocks=arch.attention_blocks(config),
-                    absent=arch.absent_sublayers(config))
+                    absent=arch.absent_sublayers(config), selection=arch.selection_readers(config))
     if plan.blocks and arch.moe_range_config and all(key in config for key in arch.moe_range_config[::2]):
         moe_range_after(config, arch.moe_range_config, plan.kept, plan.num_layers)  # (else the loaded config's defaults decide)
     if plan.blocks:
@@ -166,7 +182,7 @@ def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
     arch = architecture_of(base.config)
     layers = decoder_layers(base, arch)
     plan = plan_cut(len(layers), units, removed_sublayers(base), arch.attention_blocks(base.config),
-                    arch.absent_sublayers(base.config))
+                    arch.absent_sublayers(base.config), arch.selection_readers(base.config))
     before = count_parameters(base)
     if plan.blocks and arch.moe_range_config:
         moe_range_after(base.config, arch.moe_range_config, plan.kept, plan.num_layers)  # (refused before anything changes)
@@ -218,6 +234,8 @@ def cut_keys(arch: Architecture, config: Any) -> set[str]:
         keys.add(arch.sparse_step_config)
     if arch.step_rule:
         keys |= {arch.step_rule.step, arch.step_rule.listed}
+    if arch.shared_selection:
+        keys |= {arch.shared_selection.listed, arch.shared_selection.pattern}
     return keys
 
 
@@ -242,6 +260,8 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
         if getattr(config, key, None) is not None:
             setattr(config, key, getattr(config, key) * math.sqrt(len(kept) / old_count))
             _say_depth_scale_fixed(key, fixed_by, len(kept), old_count)
+    if arch.shared_selection and (arch.selection_readers(config) or getattr(config, arch.shared_selection.pattern, None)):
+        setattr(config, arch.shared_selection.pattern, arch.shared_selection.pattern_after(config, kept))  # (serving engines read it)
     for key in arch.per_layer_config:
         values = getattr(config, key, None)
         if isinstance(values, (list, tuple)):  # (some keys are one value for every layer, or a list per layer)

@@ -50,18 +50,19 @@ def keep_cache_length(past_key_values, layer_idx, hidden_states: torch.Tensor) -
 
 
 class RemovedAttention(nn.Module):
-    """An attention sublayer that adds nothing to the residual stream. `extra_outputs`: how many values
-    the family's attention returns after its output and weights (GLM-5: its indexer's top-k), as None."""
+    """An attention sublayer that adds nothing to the residual stream. `carried`: the arguments the
+    family's attention returns after its output and weights (GLM-5: the keys an indexer selected),
+    which the stand-in passes on as it got them."""
 
-    def __init__(self, layer_idx: int | None = None, extra_outputs: int = 0) -> None:
+    def __init__(self, layer_idx: int | None = None, carried: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.extra_outputs = extra_outputs
+        self.carried = tuple(carried)
 
     def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, layer_past=None, **kwargs):
         keep_cache_length(past_key_values if past_key_values is not None else layer_past,  # (GPT-NeoX's name)
                           self.layer_idx, hidden_states)
-        return torch.zeros_like(hidden_states), None, *[None] * self.extra_outputs
+        return torch.zeros_like(hidden_states), None, *(kwargs.get(name) for name in self.carried)
 
 
 class RemovedMLP(nn.Module):
@@ -130,7 +131,7 @@ def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> 
 
     `spec` is what a checkpoint's `surgery` entry records beside the removals: the module names of
     each kind (the sublayer itself, then the norms that only serve it), a hybrid family's
-    `linear_attention`, and `mlp_extra_outputs`, the values the FFN's stand-in returns beside its
+    `linear_attention`, the arguments an attention's stand-in passes on (`carried`), and `mlp_extra_outputs`, the values the FFN's stand-in returns beside its
     output in blocks where the attribute `extra_outputs_flag` (if given) is true.
     """
     names = sublayer_names(layer, kind, spec)
@@ -144,7 +145,7 @@ def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> 
         stand_in = RemovedLinearAttention()
     else:
         stand_in = RemovedAttention(getattr(originals[names[0]], "layer_idx", layer_idx),  # its KV-cache slot
-                                    spec.get("attention_extra_outputs", 0))
+                                    spec.get("carried", ()))
     _put(layer, names[0], stand_in, originals[names[0]])
     companions = spec.get("companions", {}).get(kind, [])
     for name in names[1:]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,7 @@ class Stream:
 
     hidden: Any
     calls: list[tuple[tuple, dict]]
+    carried: dict[str, Any] = field(default_factory=dict)  # what the last block run returned for the next (Architecture.carried)
 
 
 class _Recorded(Exception):
@@ -236,7 +237,7 @@ class LayerwiseModel:
         weights are released when the loop moves on. Sublayers in `skip` are stand-ins."""
         skip = set(skip)
         check_in_range(skip, self.num_layers)
-        whole = set(full_blocks(skip))
+        whole = set(full_blocks(skip)) - set(self.arch.selection_readers(self.model.config))  # (their selection still runs)
         for index in range(self.num_layers):
             if index not in whole:
                 with self.block(index, [u.kind for u in sorted(skip) if u.layer == index]) as block:
@@ -265,7 +266,10 @@ class LayerwiseModel:
 
         args, kwargs = _moved(stream.calls[index], self.device)
         with torch.no_grad():
-            return block_output(block(stream.hidden.to(self.device), *args, **kwargs)).to("cpu")
+            output = block(stream.hidden.to(self.device), *args, **{**kwargs, **_moved(stream.carried, self.device)})
+        if self.arch.carried:  # (GLM-5's selected keys, which the decoder hands the next block)
+            stream.carried.update(zip(self.arch.carried, output[1:]))
+        return block_output(output).to("cpu")
 
     def final_norm(self, hidden: Any) -> Any:
         return self.final_norms([hidden])[0]

@@ -192,7 +192,7 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
     from surgery.console import task
     from surgery.cut import sublayer_parameters
     from surgery.strategies import Target, make_plan
-    from surgery.sublayers import parse_sublayers
+    from surgery.sublayers import format_sublayers, parse_sublayers
 
     protected = parse_sublayers(settings.protect) if settings.protect else []
     found = cornerstones(settings, analysis)
@@ -203,6 +203,8 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
     last = arch.last_block_guard(config)
     if last is not None and last not in protected:
         protected.append(last)
+    sources = [Sublayer(source, "attn") for source in arch.selection_readers(config)]
+    protected += [source for source in sources if source not in protected]
     with task("planning") as progress:
         plan = make_plan(settings.strategy, settings.granularity, Target.parse(settings.remove), num_layers(loaded.model),
                          sublayer_parameters(loaded.model), analysis=analysis, protected=protected, seed=settings.seed,
@@ -215,12 +217,16 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
     if last is not None:
         plan.notes.append(f"{last} kept, so that the last block stays: transformers runs this family's last layer with "
                           f"{arch.last_layer_type} whatever the config lists")
+    if sources:
+        plan.notes.append(f"{format_sublayers(sources)} kept: later layers reuse the keys their indexers select "
+                          "(indexer_types \"shared\"), which a cut cannot keep without them")
     if not plan.units:
         raise SurgeryError(f"--remove {settings.remove} is less than one {settings.granularity} of this model: "
                            "give a larger share, or a count such as --remove 1")
     from surgery.cut import plan_cut, rules_after
 
-    cut = plan_cut(num_layers(loaded.model), plan.units, absent=arch.absent_sublayers(config))  # e.g. every block: fails now
+    cut = plan_cut(num_layers(loaded.model), plan.units, absent=arch.absent_sublayers(config),  # e.g. every block: fails now
+                   selection=arch.selection_readers(config))
     rules_after(config, arch, cut.kept)  # (Jamba's placement rules: before any bridge)
     return plan
 

@@ -120,7 +120,9 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
                      "index_n_heads": 2, "index_head_dim": 16, "index_topk": 64},  # (as 2,048 in V3.2: every key of a short text)
     "glm_moe_dsa": {**_LATENT, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
                     "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
-                    "index_n_heads": 2, "index_head_dim": 16, "index_topk": 64},  # (as 2,048 in GLM-5: every key of a short text)
+                    "index_n_heads": 2, "index_head_dim": 16, "index_topk": 64,  # (as 2,048 in GLM-5: every key of a short text)
+                    # GLM-5.2's shared selection (its freq is 4): full L0-L2, L4; L3 reads L2's, L5 L4's
+                    "index_topk_freq": 2, "index_skip_topk_offset": 3},
     "hy_v3": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "num_shared_experts": 1},
     "mimo_v2_flash": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "sliding_window": 8,
                       "layer_types": _full_then_sliding},

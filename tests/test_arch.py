@@ -151,9 +151,9 @@ def test_config_json_says_what_the_config_object_says(family, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_table_says_how_many_values_an_attention_returns(family):
-    """Architecture.attention_extra_outputs: how many values a (softmax) attention returns after its
-    output and weights (GLM-5's: its indexer's top-k, which its block unpacks), so that its stand-in
-    returns as many. Linear attention and single-mixer blocks return their output alone."""
+    """Architecture.carried: the values a (softmax) attention returns after its output and weights
+    (GLM-5's: the keys its indexer selected, which its block unpacks), so that its stand-in returns
+    as many. Linear attention and single-mixer blocks return their output alone."""
     import torch
 
     from surgery.hf_modeling import get_module as module_or_none
@@ -174,23 +174,29 @@ def test_the_table_says_how_many_values_an_attention_returns(family):
     for hook in hooks:
         hook.remove()
     assert seen or not hooks, family
-    assert [len(output) - 2 if isinstance(output, tuple) else -1 for output in seen] == [arch.attention_extra_outputs] * len(seen), family
+    assert [len(output) - 2 if isinstance(output, tuple) else -1 for output in seen] == [len(arch.carried)] * len(seen), family
 
 
-@pytest.mark.parametrize("config", [{"index_topk_freq": 2}, {"index_topk_pattern": "FSFS"}, {"indexer_types": ["full", "shared"] * 2}],
-                         ids=["freq", "pattern", "list"])
-def test_glm5_configs_whose_layers_share_an_indexer_are_refused(config):
-    """GLM-5 is supported where every layer runs its own indexer (the released GLM-5's config); a
-    config whose "shared" layers reuse an earlier layer's top-k is refused in one line, read from
-    the config object or from config.json's dict, before anything loads."""
-    model_config = tiny_config("glm_moe_dsa", 4, **config)
-    assert "shared" in model_config.indexer_types
-    saved = {"model_type": "glm_moe_dsa", "num_hidden_layers": 4, **config}
-    for given in (model_config, saved):
-        with pytest.raises(SurgeryError, match="glm_moe_dsa with this config is not supported: its \"shared\" layers"):
-            architecture_of(given)
-    assert architecture_of(tiny_config("glm_moe_dsa", 4)).attention_extra_outputs == 1
-    assert architecture_of({"model_type": "glm_moe_dsa", "num_hidden_layers": 4, "index_topk": 2048}).block_outputs == 2
+@pytest.mark.parametrize("config", [{"index_topk_freq": 4, "index_skip_topk_offset": 3}, {"index_topk_freq": 2},
+                                    {"index_topk_pattern": "FSFSSF"}, {"indexer_types": ["full", "shared", "full"] * 2}, {}],
+                         ids=["glm-5.2", "freq", "pattern", "list", "glm-5"])
+def test_shared_selection_reads_a_glm5_config_as_transformers_does(config):
+    """Which layers reuse an earlier layer's selection, read from config.json's dict as transformers
+    derives it for the config object (a list, else an F/S string, else a frequency and an offset),
+    and which full layer each reads: the nearest one before it."""
+    rule = ARCHITECTURES["glm_moe_dsa"].shared_selection
+    model_config = tiny_config("glm_moe_dsa", 6, **config)
+    saved = {"model_type": "glm_moe_dsa", "num_hidden_layers": 6, **config}
+    assert rule.types(saved) == rule.types(model_config) == model_config.indexer_types
+    readers = rule.readers(saved)
+    for index, kind in enumerate(model_config.indexer_types):
+        reading = [source for source, layers in readers.items() if index in layers]
+        if kind == "full":
+            assert reading == []
+        else:
+            assert reading == [max(i for i in range(index) if model_config.indexer_types[i] == "full")]
+    assert rule.pattern_after(saved, [0, 2, 3]) == "".join("S" if model_config.indexer_types[i] == "shared" else "F"
+                                                            for i in (0, 2, 3))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

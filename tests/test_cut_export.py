@@ -67,7 +67,8 @@ def test_a_physical_cut_computes_what_hooks_that_skip_the_same_units_compute(fam
     zeroed by forward hooks (no stand-ins, no renumbering, no config slicing involved)."""
     from tests.hooks import skipped
 
-    units = parse_sublayers("L0.mlp,L1,L2.attn")
+    # (GLM-5.2's L3 reuses the keys L2's indexer selects: a cut removes L2's attention only with L3's)
+    units = parse_sublayers("L0.mlp,L1,L2.attn" + (",L3.attn" if ARCHITECTURES[family].shared_selection else ""))
     tokens = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(3))
     uncut = tiny_model(family, num_layers=4)
     with skipped(uncut, units):

@@ -77,7 +77,7 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     scales = stored_block_scales(weights, arch, config.num_hidden_layers)
     before = skeleton(config, getattr(torch, stored))
     plan = plan_cut(config.num_hidden_layers, units, removed_sublayers(before), arch.attention_blocks(config),
-                    arch.absent_sublayers(config))
+                    arch.absent_sublayers(config), arch.selection_readers(config))
     as_written = read_config(folder)  # not the config object: it counts its class's default where the file is silent
     mtp = mtp_modules(weights.info, as_written, len(plan.kept))
     cut_config(config, arch, plan)

@@ -42,6 +42,7 @@ class LayerwiseResidualLoss(ValueFunction):
         self.num_players = 2 * model.num_layers
         self.tokens = sum(int(b[:, 1:].numel()) for b in batches)
         self._streams = [model.embed(ids) for ids in batches]  # each batch's block arguments (rotary embeddings, masks)
+        self._sources = set(model.arch.selection_readers(model.model.config))
         one = sum(s.hidden.numel() * s.hidden.element_size() for s in self._streams)  # one position, every batch
         free = available_memory("cpu")
         spill = spill_dir if spill_dir is not None and one * (self.num_players + 1) > free // 2 else None
@@ -65,7 +66,7 @@ class LayerwiseResidualLoss(ValueFunction):
         return [self._values[c] for c in coalitions]
 
     def cost(self, removed: frozenset[int]) -> float:
-        return evaluation_cost(removed, self.model.num_layers)
+        return self.model.num_layers + 1 if self._sources and removed else evaluation_cost(removed, self.model.num_layers)
 
     def states_at(self, position: int) -> list[Any]:
         return [self._states.get(b, position) for b in range(len(self.batches))]
@@ -79,6 +80,7 @@ class LayerwiseResidualLoss(ValueFunction):
         whose FFN reads the block's input, the mid-block stream plus what the FFN alone adds to that
         input."""
         hidden = [stream.hidden for stream in self._streams]
+        carried: list[dict[str, Any]] = [{} for _ in self._streams]  # (each block's run without its FFN sets the block's)
         parallel = self.model.arch.parallel
         for index in range(self.model.num_layers):
             with self.model.block(index) as block:
@@ -86,13 +88,13 @@ class LayerwiseResidualLoss(ValueFunction):
                     block_input = hidden[b]
                     self._states.put(b, 2 * index, block_input)
                     with self._without(index, {"mlp"}):
-                        hidden[b] = self._run(block, index, b, block_input)
+                        hidden[b] = self._run(block, index, b, block_input, carried[b])
                     self._states.put(b, 2 * index + 1, hidden[b])
                     with self._without(index, {"attn"}):
                         if parallel:
-                            hidden[b] = hidden[b] + (self._run(block, index, b, block_input) - block_input)
+                            hidden[b] = hidden[b] + (self._run(block, index, b, block_input, dict(carried[b])) - block_input)
                         else:
-                            hidden[b] = self._run(block, index, b, hidden[b])
+                            hidden[b] = self._run(block, index, b, hidden[b], dict(carried[b]))
         for b in range(len(self._streams)):
             self._states.put(b, self.num_players, hidden[b])
         self._values[frozenset()] = self._losses([hidden])[0]
@@ -101,24 +103,30 @@ class LayerwiseResidualLoss(ValueFunction):
         """Each coalition from its cached start, through the blocks after it, read once for the group."""
         plans = []
         for removed in group:
-            resume, skip = resume_point(removed) if removed else (self.num_players, [])
-            start = min(removed) if removed else self.num_players
-            plans.append((resume // 2, _kinds_by_layer(skip), self.states_at(start)))
+            if self._sources and removed:  # a shared selection: from the embeddings (ResidualLoss.resumes says why)
+                resume, skip, start = 0, [Sublayer.at(p) for p in removed], 0
+            else:
+                resume, skip = resume_point(removed) if removed else (self.num_players, [])
+                start = min(removed) if removed else self.num_players
+            plans.append((resume // 2, _kinds_by_layer(skip), self.states_at(start), [{} for _ in self._streams]))
+        whole = {"attn", "mlp"}
         for index in range(min((p[0] for p in plans), default=self.model.num_layers), self.model.num_layers):
-            active = [p for p in plans if p[0] <= index and p[1].get(index) != {"attn", "mlp"}]
+            active = [p for p in plans if p[0] <= index and (p[1].get(index) != whole or index in self._sources)]
             if not active:
                 continue
             with self.model.block(index) as block:
-                for _, kinds, hidden in active:
+                for _, kinds, hidden, carried in active:
                     with self._without(index, kinds.get(index, set())):
                         for b in range(len(self._streams)):
-                            hidden[b] = self._run(block, index, b, hidden[b])
+                            hidden[b] = self._run(block, index, b, hidden[b], carried[b])
         return self._losses([p[2] for p in plans])
 
-    def _run(self, block: Any, index: int, batch: int, hidden: Any) -> Any:
+    def _run(self, block: Any, index: int, batch: int, hidden: Any, carried: dict[str, Any]) -> Any:
+        """Block `index`'s output for batch `batch`; `carried`: what the block before handed it, which
+        this block's output replaces."""
         from surgery.layerwise import Stream
 
-        return self.model.run(block, index, Stream(hidden, self._streams[batch].calls))
+        return self.model.run(block, index, Stream(hidden, self._streams[batch].calls, carried))
 
     def _without(self, index: int, kinds: set[str]) -> Any:
         """The loaded block `index` with the sublayers of `kinds` as stand-ins (weights kept)."""

@@ -42,6 +42,10 @@ class ResidualLoss(ValueFunction):
         embed_device = self.base.get_input_embeddings().weight.device
         self.batches = [ids.to(embed_device) for ids in batches]
         self.prefix_cache = prefix_cache
+        # Where later layers reuse an earlier layer's selection of keys (GLM-5.2), a coalition's later
+        # blocks would need the selection its removals left, which the cache does not hold: every
+        # coalition runs from the embeddings (the cached stream still serves the scorers that read it).
+        self.resumes = prefix_cache and not self.arch.selection_readers(self.base.config)
         # The cached streams (2L + 1 per batch) would crowd a GPU holding a large model; they live in
         # host memory by default and only the state a coalition starts from is copied back.
         self.device = next(self.base.parameters()).device
@@ -66,7 +70,7 @@ class ResidualLoss(ValueFunction):
         todo = [c for c in dict.fromkeys(coalitions) if c not in self._values]
         groups: dict[Any, list[frozenset[int]]] = {}
         for coalition in todo:
-            key = group_key(coalition, self._base) if batch > 1 and self.prefix_cache else None
+            key = group_key(coalition, self._base) if batch > 1 and self.resumes else None
             groups.setdefault(key if key is not None else coalition, []).append(coalition)
         for members in groups.values():
             for start in range(0, len(members), batch):
@@ -85,7 +89,7 @@ class ResidualLoss(ValueFunction):
         return 4 if self.device.type == "cuda" else 1
 
     def cost(self, removed: frozenset[int]) -> float:
-        return evaluation_cost(removed, len(self.layers), self._base) if self.prefix_cache else len(self.layers) + 1
+        return evaluation_cost(removed, len(self.layers), self._base) if self.resumes else len(self.layers) + 1
 
     def states_at(self, position: int) -> list[Any]:
         """Cached residual stream before `position` (2L = after the last block), one tensor per batch."""
@@ -101,7 +105,7 @@ class ResidualLoss(ValueFunction):
         import torch
 
         removed = frozenset(removed)
-        if not self.prefix_cache or removed == self._base:
+        if not self.resumes or removed == self._base:
             return
         try:
             with torch.no_grad():
@@ -116,7 +120,7 @@ class ResidualLoss(ValueFunction):
                     with ablated(self.base, [Sublayer.at(p) for p in sorted(removed)]):
                         self._build_cache()
         except BaseException:
-            self._states, self._calls, self.prefix_cache = [], [], False
+            self._states, self._calls, self.prefix_cache, self.resumes = [], [], False, False
             raise
         self._base = removed
 
@@ -166,7 +170,7 @@ class ResidualLoss(ValueFunction):
 
         removed, base = group[0], self._base
         units = [Sublayer.at(p) for p in removed]
-        if not self.prefix_cache or not base <= removed:
+        if not self.resumes or not base <= removed:
             with ablated(self.base, units):
                 return final_hidden(self.base, ids)
         if removed == base:
