@@ -707,6 +707,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     # A.X K1: DeepSeek's latent attention (its query always factored), dense FFNs then experts whose sum is
     # normed inside the FFN (post_mlp_layernorm), so no bridge folds there
     "axk1": replace(_MOE, per_layer_config=("mlp_layer_types",), moe_outputs=(), lora_targets=_MLA_ONLY_LORA + ("o_proj",)),
+    # A.X K2: DeepSeek-V3.2's layout (an indexer in each attention; one projection, q_gate_proj, makes its
+    # query and an output gate) with gated norms (an RMSNorm and a small gate MLP before the attention,
+    # and before each MoE FFN)
+    "axk2": replace(_MOE, per_layer_config=("mlp_layer_types", "layer_types"), moe_outputs=_SHARED_EXPERTS,
+                    lora_targets=("q_a_proj", "q_gate_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),
     # Arcee's AFMoE (Trinity): a norm before and after each sublayer, dense FFNs first (num_dense_layers); LoRA
     # on the attention (peft refuses gate_proj, its output gate's name, as the experts fuse one of that name)
     "afmoe": replace(_MOE, attention_norms=("input_layernorm", "post_attention_layernorm"),

@@ -111,6 +111,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "kolibri1": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "sliding_window": 8},
     "axk1": {**_LATENT, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
              "n_group": 1, "topk_group": 1},
+    "axk2": {**_LATENT, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+             "n_group": 1, "topk_group": 1, "index_n_heads": 2, "index_head_dim": 16, "index_topk": 64},
     # Trinity's heads are narrower than its width together, as the released sizes are
     "afmoe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "num_shared_experts": 1, "num_dense_layers": 1,
               "head_dim": 8, "sliding_window": 8,
