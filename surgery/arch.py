@@ -658,10 +658,15 @@ ARCHITECTURES: dict[str, Architecture] = {
                                 ("parallel_attn", False, (("attention_norms", ("input_layernorm",)),
                                                           ("mlp_norms", ("post_attention_layernorm",)), ("shared_norms", ()),
                                                           ("parallel", False))))),
+    # Persimmon (Adept Persimmon-8B, Fuyu's decoder): LayerNorms, a fused query-key-value projection, a squared-ReLU FFN
+    "persimmon": replace(_LLAMA, final_norm="model.final_layernorm", attention_output="dense", mlp_output="dense_4h_to_h",
+                         lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
     # Phi-1, 1.5 and 2: a parallel block as Cohere's, LayerNorms, an output layer with a bias
     "phi": replace(_LLAMA, **_PARALLEL, final_norm="model.final_layernorm", attention_output="dense", mlp_output="fc2",
                    lora_targets=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),
     "cohere": replace(_LLAMA, **_COHERE),
+    # Command A Reasoning's successor decoder (Cohere Compass): Cohere 2's parallel blocks and sliding layers
+    "cohere_compass_text": replace(_LLAMA, **_COHERE, per_layer_config=("layer_types",)),
     "cohere2": replace(_LLAMA, **_COHERE, per_layer_config=("layer_types",),
                        fixed_patterns=(FixedPattern("layer_types", "full_attention", 4, "llama.cpp", "full attention and no "
                                                     "rotary embedding (a sliding window and rotary embedding to the others)"),)),

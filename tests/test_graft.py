@@ -15,6 +15,7 @@ from tests.test_text_decoder import (
     VOCAB,
     aria,
     cohere2_vision,
+    cohere_compass,
     gemma3,
     gemma4,
     glm4v,
@@ -199,6 +200,27 @@ def test_a_cut_qwen2_5_vl_decoder_grafts_back_in_its_own_names_and_sees_images(l
               "image_grid_thw": torch.tensor([[1, 2, 2]])}
     want, got = expected(**inputs).logits, grafted(**inputs).logits
     assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got[:, 5:], grafted(input_ids=ids.clamp(max=VOCAB - 5)).logits[:, 5:], atol=1e-3)  # it saw the image
+
+
+@torch.no_grad()
+def test_cohere_compass_grafts_back_and_sees_images(tmp_path, tokenizer):
+    """Cohere's North Vision (CohereCompass): its decoder goes out as cohere_compass_text and back; an
+    image through the grafted files gives the logits of the source with the same block deleted in
+    memory (its Qwen3-VL-style tower takes the same inputs)."""
+    from transformers import AutoModelForImageTextToText
+
+    source = tmp_path / "multimodal"
+    model = cohere_compass(source, tokenizer)
+    for args in (("extract-text", source, "--out", tmp_path / "text"), ("cut", tmp_path / "text", "--remove", "L3", "--out", tmp_path / "cut"),
+                 ("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft")):
+        result = run(*args, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+    grafted = AutoModelForImageTextToText.from_pretrained(tmp_path / "graft").eval()
+    without_block(model, 3)
+    ids, inputs = qwen3_vl_inputs()
+    got = grafted(**inputs).logits
+    assert torch.allclose(got, model(**inputs).logits, atol=1e-5)
     assert not torch.allclose(got[:, 5:], grafted(input_ids=ids.clamp(max=VOCAB - 5)).logits[:, 5:], atol=1e-3)  # it saw the image
 
 

@@ -89,6 +89,24 @@ def cohere2_vision(folder, tokenizer, aya=False):
     return save(Cohere2VisionForConditionalGeneration(config), folder, tokenizer)
 
 
+def cohere_compass(folder, tokenizer):
+    """Cohere's North Vision layout (CohereCompass): Cohere 2's parallel decoder, each layer type its own
+    RoPE base, beside a Qwen3-VL-style tower with DeepStack features; an untied output layer, and a
+    logit scale the image-text model applies as the text-only class does."""
+    from transformers import CohereCompassConfig, CohereCompassForConditionalGeneration
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, sliding_window=8, logit_scale=0.5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                layer_types=["sliding_attention", "full_attention"] * 2,
+                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                 "full_attention": {"rope_type": "default", "rope_theta": 1e6}})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, out_hidden_size=64,
+                  num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    config = CohereCompassConfig(text_config=text, vision_config=vision, image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
+                                 vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 4)
+    return save(CohereCompassForConditionalGeneration(config), folder, tokenizer)
+
+
 def aya_vision(folder, tokenizer):
     return cohere2_vision(folder, tokenizer, aya=True)
 
@@ -316,6 +334,7 @@ def renamed_to_the_newer_layout(folder):
                                                   (qwen2_5_vl, "qwen2", "class names"), (qwen2_vl, "qwen2", "released"),
                                                   (qwen2_5_vl, "qwen2", "flat config"), (qwen3_vl, "qwen3", "released"),
                                                   (cohere2_vision, "cohere2", "newer"), (aya_vision, "cohere2", "newer"),
+                                                  (cohere_compass, "cohere_compass_text", None),
                                                   (glm4v, "glm4", "newer"), (glm4v_moe, "glm4_moe", "newer"),
                                                   (hunyuan_vl, "hunyuan_v1_dense", None),
                                                   (aria, "aria_text", "legacy"), (aria, "aria_text", "newer"),
@@ -334,7 +353,7 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     manifest = read_manifest(tmp_path / "text")
     assert manifest["verified"]["method"] == "copied, compared with the multimodal model"
     assert {prefix.removeprefix("model.") for prefix in manifest["left_behind"]} == \
-        ({"visual"} if family in ("qwen2", "qwen3", "qwen3_moe", "glm4", "glm4_moe") else {"vit"} if family == "hunyuan_v1_dense" else {"vision_tower", "embed_vision"} if family == "gemma4_text" else
+        ({"visual"} if family in ("qwen2", "qwen3", "qwen3_moe", "glm4", "glm4_moe", "cohere_compass_text") else {"vit"} if family == "hunyuan_v1_dense" else {"vision_tower", "embed_vision"} if family == "gemma4_text" else
          {"vision_model" if family == "llama4_text" else "vision_tower", "multi_modal_projector"})
 
     config = json.loads((tmp_path / "text" / "config.json").read_text())
@@ -350,7 +369,8 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
                                    "llama4_text": "Llama4ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                    "cohere2": "Cohere2ForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
                                    "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
-                                   "aria_text": "AriaTextForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[family]
+                                   "aria_text": "AriaTextForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                                   "cohere_compass_text": "CohereCompassForCausalLM"}[family]
     ids = torch.randint(3, VOCAB - 5, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(text(ids).logits, model(input_ids=ids).logits, atol=1e-5)
     stored = load_file(source / "model.safetensors")
