@@ -185,7 +185,8 @@ def test_shared_selection_reads_a_glm5_config_as_transformers_does(config):
     derives it for the config object (a list, else an F/S string, else a frequency and an offset),
     and which full layer each reads: the nearest one before it."""
     rule = ARCHITECTURES["glm_moe_dsa"].shared_selection
-    model_config = tiny_config("glm_moe_dsa", 6, **config)
+    unshared = {"index_topk_freq": 1, "index_skip_topk_offset": 2}  # transformers' defaults (the tiny model shares)
+    model_config = tiny_config("glm_moe_dsa", 6, **{**unshared, **config})
     saved = {"model_type": "glm_moe_dsa", "num_hidden_layers": 6, **config}
     assert rule.types(saved) == rule.types(model_config) == model_config.indexer_types
     readers = rule.readers(saved)
