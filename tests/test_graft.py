@@ -16,6 +16,7 @@ from tests.test_text_decoder import (
     aria,
     cohere2_vision,
     cohere_compass,
+    fuyu,
     gemma3,
     gemma4,
     glm4v,
@@ -47,7 +48,7 @@ def extracted_and_cut(make, tmp_path, tokenizer, remove="L1", layout="legacy"):
 
 
 def without_block(model, index):
-    """Delete a Qwen3-VL model's decoder block `index` in memory."""
+    """Delete a multimodal model's decoder block `index` in memory (its language model at model.language_model)."""
     del model.model.language_model.layers[index]
     model.config.text_config.num_hidden_layers -= 1
 
@@ -203,24 +204,36 @@ def test_a_cut_qwen2_5_vl_decoder_grafts_back_in_its_own_names_and_sees_images(l
     assert not torch.allclose(got[:, 5:], grafted(input_ids=ids.clamp(max=VOCAB - 5)).logits[:, 5:], atol=1e-3)  # it saw the image
 
 
+def fuyu_inputs():
+    """(ids, inputs): text around four image patches, which Fuyu's linear layer embeds in their places."""
+    ids = torch.randint(5, VOCAB - 5, (1, 12), generator=torch.Generator().manual_seed(3))
+    ids[0, 2:6] = VOCAB - 1
+    index = torch.full((1, 12), -1)
+    index[0, 2:6] = torch.arange(4)
+    patches = torch.randn(1, 4, 8 * 8 * 3, generator=torch.Generator().manual_seed(4))
+    return ids, {"input_ids": ids, "image_patches": patches, "image_patches_indices": index}
+
+
+@pytest.mark.parametrize("make, inputs", [(cohere_compass, qwen3_vl_inputs), (fuyu, fuyu_inputs)], ids=["cohere_compass", "fuyu"])
 @torch.no_grad()
-def test_cohere_compass_grafts_back_and_sees_images(tmp_path, tokenizer):
-    """Cohere's North Vision (CohereCompass): its decoder goes out as cohere_compass_text and back; an
-    image through the grafted files gives the logits of the source with the same block deleted in
-    memory (its Qwen3-VL-style tower takes the same inputs)."""
-    from transformers import AutoModelForImageTextToText
+def test_the_decoder_grafts_back_and_sees_images(make, inputs, tmp_path, tokenizer):
+    """Cohere's North Vision (CohereCompass: a Qwen3-VL-style tower, which takes the same inputs) and
+    Fuyu (image patches through one linear layer into a Persimmon decoder): the decoder goes out as
+    its text family and back; an image through the grafted files gives the logits of the source with
+    the same block deleted in memory."""
+    from transformers import AutoModelForImageTextToText, FuyuForCausalLM
 
     source = tmp_path / "multimodal"
-    model = cohere_compass(source, tokenizer)
+    model = make(source, tokenizer)
     for args in (("extract-text", source, "--out", tmp_path / "text"), ("cut", tmp_path / "text", "--remove", "L3", "--out", tmp_path / "cut"),
                  ("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft")):
         result = run(*args, "--device", "cpu")
         assert result.exit_code == 0, result.output
-    grafted = AutoModelForImageTextToText.from_pretrained(tmp_path / "graft").eval()
+    grafted = (FuyuForCausalLM if make is fuyu else AutoModelForImageTextToText).from_pretrained(tmp_path / "graft").eval()
     without_block(model, 3)
-    ids, inputs = qwen3_vl_inputs()
-    got = grafted(**inputs).logits
-    assert torch.allclose(got, model(**inputs).logits, atol=1e-5)
+    ids, given = inputs()
+    got = grafted(**given).logits
+    assert torch.allclose(got, model(**given).logits, atol=1e-5)
     assert not torch.allclose(got[:, 5:], grafted(input_ids=ids.clamp(max=VOCAB - 5)).logits[:, 5:], atol=1e-3)  # it saw the image
 
 

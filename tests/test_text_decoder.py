@@ -107,6 +107,18 @@ def cohere_compass(folder, tokenizer):
     return save(CohereCompassForConditionalGeneration(config), folder, tokenizer)
 
 
+def fuyu(folder, tokenizer):
+    """Fuyu's layout: a Persimmon decoder whose image patches enter through one linear layer
+    (vision_embed_tokens), no vision tower; an untied output layer."""
+    from transformers import FuyuConfig, FuyuForCausalLM
+
+    text = dict(model_type="persimmon", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, qk_layernorm=True, partial_rotary_factor=0.5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = FuyuConfig(text_config=text, vocab_size=VOCAB, hidden_size=64, patch_size=8, num_channels=3, image_token_id=VOCAB - 1,
+                        pad_token_id=0)
+    return save(FuyuForCausalLM(config), folder, tokenizer)
+
+
 def aya_vision(folder, tokenizer):
     return cohere2_vision(folder, tokenizer, aya=True)
 
@@ -334,7 +346,7 @@ def renamed_to_the_newer_layout(folder):
                                                   (qwen2_5_vl, "qwen2", "class names"), (qwen2_vl, "qwen2", "released"),
                                                   (qwen2_5_vl, "qwen2", "flat config"), (qwen3_vl, "qwen3", "released"),
                                                   (cohere2_vision, "cohere2", "newer"), (aya_vision, "cohere2", "newer"),
-                                                  (cohere_compass, "cohere_compass_text", None),
+                                                  (cohere_compass, "cohere_compass_text", None), (fuyu, "persimmon", None),
                                                   (glm4v, "glm4", "newer"), (glm4v_moe, "glm4_moe", "newer"),
                                                   (hunyuan_vl, "hunyuan_v1_dense", None),
                                                   (aria, "aria_text", "legacy"), (aria, "aria_text", "newer"),
@@ -353,7 +365,8 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     manifest = read_manifest(tmp_path / "text")
     assert manifest["verified"]["method"] == "copied, compared with the multimodal model"
     assert {prefix.removeprefix("model.") for prefix in manifest["left_behind"]} == \
-        ({"visual"} if family in ("qwen2", "qwen3", "qwen3_moe", "glm4", "glm4_moe", "cohere_compass_text") else {"vit"} if family == "hunyuan_v1_dense" else {"vision_tower", "embed_vision"} if family == "gemma4_text" else
+        ({"visual"} if family in ("qwen2", "qwen3", "qwen3_moe", "glm4", "glm4_moe", "cohere_compass_text") else
+         {"vision_embed_tokens"} if family == "persimmon" else {"vit"} if family == "hunyuan_v1_dense" else {"vision_tower", "embed_vision"} if family == "gemma4_text" else
          {"vision_model" if family == "llama4_text" else "vision_tower", "multi_modal_projector"})
 
     config = json.loads((tmp_path / "text" / "config.json").read_text())
@@ -370,7 +383,7 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
                                    "cohere2": "Cohere2ForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
                                    "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
                                    "aria_text": "AriaTextForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                                   "cohere_compass_text": "CohereCompassForCausalLM"}[family]
+                                   "cohere_compass_text": "CohereCompassForCausalLM", "persimmon": "PersimmonForCausalLM"}[family]
     ids = torch.randint(3, VOCAB - 5, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(text(ids).logits, model(input_ids=ids).logits, atol=1e-5)
     stored = load_file(source / "model.safetensors")
