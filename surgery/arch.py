@@ -209,7 +209,7 @@ class Architecture:
     them on as it got them.
     shared_selection: layers that reuse an earlier layer's selection (SharedSelection): a cut keeps
     a source's attention while any of its readers stays, and prune protects it.
-    attention_output / mlp_output: the linear layer inside the sublayer whose output is added to
+    attention_output / mlp_output: the linear layer inside the sublayer ("" for the sublayer's module itself) whose output is added to
     the stream (a linear bridge folds into it); None where a norm follows it.
     moe_outputs: for MoE blocks, every place inside the mlp sublayer whose output is summed into
     the stream: the experts' stacked down projections, shared experts, the FFN of dense layers.
@@ -366,8 +366,8 @@ class Architecture:
             paths = dict.fromkeys(f"{module}.{output}" for module, output in pairs if module and output)  # once each (Kimi-Linear)
             return tuple(paths) + beside
         mlp_output = self.linear_block_mlp_output if linear_block and self.linear_block_mlp_output else self.mlp_output
-        inner = ((mlp_output,) if mlp_output else ()) + self.moe_outputs
-        return tuple(f"{self.mlp}.{name}" for name in inner) + beside
+        inner = ((mlp_output,) if mlp_output is not None else ()) + self.moe_outputs
+        return tuple(f"{self.mlp}.{name}" if name else self.mlp for name in inner) + beside  # ("": the module itself, OPT's fc2)
 
     def companions(self, kind: str) -> tuple[tuple[str, str], ...]:
         """(module, the weight that writes its output) beside sublayer `kind`'s own module."""
@@ -509,6 +509,12 @@ _COHERE = dict(**_PARALLEL, logit_multiplier_config="logit_scale")
 _GPTJ = dict(_PARALLEL, shared_norms=("ln_1",), layers="transformer.h", attention="attn", final_norm="transformer.ln_f",
              attention_output="out_proj", mlp_output="fc_out", block_outputs=2)  # (the stream and the attention weights)
 _UNGATED_LORA = (*_ATTENTION_ONLY_LORA, "up_proj", "down_proj")
+
+
+def _projects_embeddings(config: Any) -> bool:
+    """Whether an OPT config embeds tokens narrower than its blocks (project_in, project_out)."""
+    width = config_value(config, "word_embed_proj_dim")
+    return width is not None and width != config_value(config, "hidden_size")
 
 
 def _falcon_two_norms(config: Any) -> bool:
@@ -658,6 +664,16 @@ ARCHITECTURES: dict[str, Architecture] = {
                                 ("parallel_attn", False, (("attention_norms", ("input_layernorm",)),
                                                           ("mlp_norms", ("post_attention_layernorm",)), ("shared_norms", ()),
                                                           ("parallel", False))))),
+    # OPT (125M to 66B, 175B): a pre-norm block whose FFN lies in the block itself (fc1, its activation, fc2): fc2,
+    # which writes to the stream, is the sublayer's module, and its norm and fc1 go with it; learned positions
+    # before the first block. OPT-350M's post-norm blocks and input/output projections are refused.
+    "opt": replace(_LLAMA, layers="model.decoder.layers", attention_norms=("self_attn_layer_norm",), mlp="fc2",
+                   mlp_norms=("fc1", "final_layer_norm"), final_norm="model.decoder.final_layer_norm", attention_output="out_proj",
+                   mlp_output="", lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+                   refused_configs=(("do_layer_norm_before", False, "its norms follow each sublayer's addition to the stream "
+                                     "(OPT-350M), so removing a sublayer would still normalise the stream"),
+                                    (None, _projects_embeddings, "its embeddings are narrower than its blocks (word_embed_proj_dim, "
+                                     "OPT-350M), which the final norm's path does not follow"))),
     # Persimmon (Adept Persimmon-8B, Fuyu's decoder): LayerNorms, a fused query-key-value projection, a squared-ReLU FFN
     "persimmon": replace(_LLAMA, final_norm="model.final_layernorm", attention_output="dense", mlp_output="dense_4h_to_h",
                          lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),

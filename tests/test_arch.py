@@ -95,6 +95,18 @@ def test_a_refused_variant_of_a_family_is_one_line_naming_why():
         architecture_of(tiny_config("gemma4_text", num_kv_shared_layers=2))
 
 
+@pytest.mark.parametrize("variant, why", [(dict(do_layer_norm_before=False), "with do_layer_norm_before=False is not supported: "
+                                                                               "its norms follow each sublayer's addition"),
+                                          (dict(word_embed_proj_dim=32), "with this config is not supported: its embeddings are "
+                                                                         "narrower than its blocks")])
+def test_opt_350m_is_refused_from_its_config_object_or_file(variant, why):
+    """OPT-350M alone normalises after each sublayer's addition and embeds narrower than its blocks."""
+    for given in (tiny_config("opt", **variant), {"model_type": "opt", "hidden_size": 64, "num_hidden_layers": 4, **variant}):
+        with pytest.raises(SurgeryError, match="opt " + why):
+            architecture_of(given)
+    assert architecture_of(tiny_config("opt")) is ARCHITECTURES["opt"]
+
+
 def test_unsupported_family_names_the_supported_ones_and_where_to_add():
     with pytest.raises(SurgeryError) as error:
         architecture_of({"model_type": "bloom"})
