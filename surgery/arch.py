@@ -207,6 +207,8 @@ class Architecture:
     stream, which its attention takes and returns after its output and weights (GLM-5: the top-k
     indices of the keys an indexer selected, `prev_topk_indices`); an attention's stand-in passes
     them on as it got them.
+    positions_config: the config key that holds the positions the model was trained on, where its config class
+    maps no max_position_embeddings to it (MPT's max_seq_len).
     shared_selection: layers that reuse an earlier layer's selection (SharedSelection): a cut keeps
     a source's attention while any of its readers stays, and prune protects it.
     attention_output / mlp_output: the linear layer inside the sublayer ("" for the sublayer's module itself) whose output is added to
@@ -321,6 +323,7 @@ class Architecture:
     moe_outputs: tuple[str, ...] = ()
     mlp_extra_outputs: int = 0
     carried: tuple[str, ...] = ()
+    positions_config: str = "max_position_embeddings"
     shared_selection: SharedSelection | None = None
     gguf_arch: str | None = None
     refused_configs: tuple[tuple[str, Any, str], ...] = ()
@@ -674,6 +677,11 @@ ARCHITECTURES: dict[str, Architecture] = {
                                      "(OPT-350M), so removing a sublayer would still normalise the stream"),
                                     (None, _projects_embeddings, "its embeddings are narrower than its blocks (word_embed_proj_dim, "
                                      "OPT-350M), which the final norm's path does not follow"))),
+    # MPT (7B, 30B): ALiBi, one norm before each sublayer; its FFN adds the stream to its own output, so its output
+    # projection is the sublayer's module (zeros in its place leave the stream) and its input projection goes with it
+    "mpt": replace(_LLAMA, layers="transformer.blocks", attention="attn", attention_norms=("norm_1",), mlp="ffn.down_proj",
+                   mlp_norms=("ffn.up_proj", "norm_2"), final_norm="transformer.norm_f", attention_output="out_proj", mlp_output="",
+                   block_outputs=2, positions_config="max_seq_len", lora_targets=("Wqkv", "out_proj", "up_proj", "down_proj")),
     # Persimmon (Adept Persimmon-8B, Fuyu's decoder): LayerNorms, a fused query-key-value projection, a squared-ReLU FFN
     "persimmon": replace(_LLAMA, final_norm="model.final_layernorm", attention_output="dense", mlp_output="dense_4h_to_h",
                          lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
@@ -1195,11 +1203,17 @@ def quantization_method(config: Path | dict[str, Any]) -> str | None:
     return str(quantization.get("quant_method") or "unknown")
 
 
+def trained_positions(config: Any) -> int | None:
+    """The positions a model (config object or config.json's dict) was trained on, under its family's key."""
+    value = config_value(config, _entry_or_default(config).positions_config)
+    return value if isinstance(value, int) else None
+
+
 def check_sequence_fits(path: Path, length: int, option: str) -> None:
     """Calibration or training sequences longer than the positions the model was trained on would
     score or train it where it never learned anything: refused before it loads."""
-    trained = config_value(text_config(path), "max_position_embeddings")
-    if isinstance(trained, int) and length > trained:
+    trained = trained_positions(text_config(path))
+    if trained is not None and length > trained:
         raise SurgeryError(f"{option} {length} is longer than the model's context ({trained} positions): "
                            f"give {trained} or less")
 

@@ -739,7 +739,8 @@ def test_a_config_that_names_the_block_count_its_own_way_is_read_before_loading(
     trained one is refused in one line."""
     from tests.cli import one_line
 
-    source, model = tiny_folder(family, num_layers=4, max_position_embeddings=64)  # (saved under the family's name for it)
+    positions = ARCHITECTURES[family].positions_config  # (MPT's max_seq_len; the others' are mapped by the config class)
+    source, model = tiny_folder(family, num_layers=4, **{positions: 64})  # (saved under the family's name for it)
     result = run("cut", source, "--remove", "L1", "--out", tmp_path / "cut", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert model.config.__class__.from_pretrained(tmp_path / "cut").num_hidden_layers == 3

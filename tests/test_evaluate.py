@@ -11,7 +11,7 @@ import torch
 
 from surgery.arch import ARCHITECTURES
 from surgery.errors import SurgeryError
-from surgery.evaluate import evaluate_model
+from surgery.evaluate import evaluate_model, fit_context_to_model
 from surgery.evaluate.perplexity import make_windows, perplexity
 from surgery.forward import final_hidden, token_nll
 from surgery.settings import EvalSettings, GenerationProtocol, PerplexityProtocol
@@ -378,6 +378,18 @@ def test_tasks_a_short_context_model_cannot_run_are_refused_in_one_line(data_dir
     with pytest.raises(SurgeryError, match=r"an answer in these tasks is \d+ tokens, more than the model's 16 positions"):
         evaluate_model(tiny_model("llama", max_position_embeddings=16), tokenizer, scoring)
     assert evaluate_model(tiny_model("llama", max_position_embeddings=256), tokenizer, scoring)["tasks"]["piqa"]["n"] == 5
+
+
+def test_a_model_that_keeps_its_positions_under_its_own_name_is_evaluated_within_them(data_dir, tokenizer, no_network):
+    """MPT keeps its trained positions as max_seq_len, under none of the names lm-eval looks for: the
+    perplexity window is shortened to them and lm-eval truncates its requests to them (its ALiBi bias
+    covers no more), rather than running past them."""
+    settings = EvalSettings(tasks=("piqa",), limit=3, perplexity=("wikitext2",), speed=False, data_dir=data_dir,
+                            perplexity_protocol=PerplexityProtocol(windows=2))
+    model = tiny_model("mpt", max_seq_len=160)
+    results = evaluate_model(model, tokenizer, fit_context_to_model(settings, model.config))  # (as the commands call it)
+    assert results["tasks"]["piqa"]["n"] == 3
+    assert results["perplexity"]["wikitext2"]["context"] == 160
 
 
 def test_lm_evals_wikitext_task_reads_the_wikitext2_files(data_dir, tokenizer, no_network):

@@ -31,7 +31,9 @@ def fit_context_to_model(settings: EvalSettings, config: Any) -> EvalSettings:
 
 def _context_overrun(settings: EvalSettings, config: Any) -> int | None:
     """The model's trained positions, when the perplexity window is longer than them."""
-    trained = getattr(config, "max_position_embeddings", None)
+    from surgery.arch import trained_positions
+
+    trained = trained_positions(config)
     return trained if trained and settings.perplexity_protocol.context > trained else None
 
 

@@ -116,6 +116,7 @@ def _progress_lm(model: Any, tokenizer: Any, batch_size: int) -> Any:
     from lm_eval.api.model import CacheHook
     from lm_eval.models.huggingface import HFLM
 
+    from surgery.arch import trained_positions, unwrap
     from surgery.console import task
     from surgery.layerwise import LayerwiseModel
 
@@ -166,11 +167,14 @@ def _progress_lm(model: Any, tokenizer: Any, batch_size: int) -> Any:
             finally:
                 self.batch_size_per_gpu = kept
 
+    trained = trained_positions(model.model.config if isinstance(model, LayerwiseModel) else unwrap(model).config)
+    positions = {"max_length": trained} if trained else {}  # (lm-eval looks under three common names; MPT's is another)
     if isinstance(model, LayerwiseModel):
-        lm = LayerwiseHFLM(pretrained=_weightless_causal_lm(model), tokenizer=tokenizer, batch_size=batch_size, device="cpu")
+        lm = LayerwiseHFLM(pretrained=_weightless_causal_lm(model), tokenizer=tokenizer, batch_size=batch_size, device="cpu",
+                           **positions)
     else:
         device = str(next(model.parameters()).device)
-        lm = ProgressHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        lm = ProgressHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **positions)
     lm.set_cache_hook(hook)
     return lm
 
