@@ -207,6 +207,8 @@ class Architecture:
     stream, which its attention takes and returns after its output and weights (GLM-5: the top-k
     indices of the keys an indexer selected, `prev_topk_indices`); an attention's stand-in passes
     them on as it got them.
+    attention_adds_residual: the attention adds the stream, its second argument, to its own output (BLOOM's), so its
+    stand-in returns that argument rather than zeros.
     positions_config: the config key that holds the positions the model was trained on, where its config class
     maps no max_position_embeddings to it (MPT's max_seq_len).
     shared_selection: layers that reuse an earlier layer's selection (SharedSelection): a cut keeps
@@ -323,6 +325,7 @@ class Architecture:
     moe_outputs: tuple[str, ...] = ()
     mlp_extra_outputs: int = 0
     carried: tuple[str, ...] = ()
+    attention_adds_residual: bool = False
     positions_config: str = "max_position_embeddings"
     shared_selection: SharedSelection | None = None
     gguf_arch: str | None = None
@@ -382,6 +385,7 @@ class Architecture:
         return {"layers": self.layers, "modules": {kind: list(self.sublayer_modules(kind)) for kind in ("attn", "mlp")},
                 "mlp_extra_outputs": self.mlp_extra_outputs,
                 **({"carried": list(self.carried)} if self.carried else {}),
+                **({"attention_adds_residual": True} if self.attention_adds_residual else {}),
                 **({"extra_outputs_flag": self.extra_outputs_flag} if self.extra_outputs_flag else {}),
                 **({"linear_attention": self.linear_attention} if self.linear_attention else {}),
                 **({"linear_norms": dict(zip(("attn", "mlp"), map(list, self.linear_block_norms)))}
@@ -512,6 +516,11 @@ _COHERE = dict(**_PARALLEL, logit_multiplier_config="logit_scale")
 _GPTJ = dict(_PARALLEL, shared_norms=("ln_1",), layers="transformer.h", attention="attn", final_norm="transformer.ln_f",
              attention_output="out_proj", mlp_output="fc_out", block_outputs=2)  # (the stream and the attention weights)
 _UNGATED_LORA = (*_ATTENTION_ONLY_LORA, "up_proj", "down_proj")
+
+
+def _sliced_projections(config: Any) -> bool:
+    """Whether a BLOOM config runs its output projections slice by slice (slow_but_exact with pretraining_tp > 1)."""
+    return bool(config_value(config, "slow_but_exact")) and (config_value(config, "pretraining_tp") or 1) > 1
 
 
 def _projects_embeddings(config: Any) -> bool:
@@ -677,6 +686,16 @@ ARCHITECTURES: dict[str, Architecture] = {
                                      "(OPT-350M), so removing a sublayer would still normalise the stream"),
                                     (None, _projects_embeddings, "its embeddings are narrower than its blocks (word_embed_proj_dim, "
                                      "OPT-350M), which the final norm's path does not follow"))),
+    # BLOOM (560M to 176B, BLOOMZ): ALiBi; its attention and its FFN each add the stream to their own output, so the
+    # attention's stand-in returns the stream and the FFN's output projection is its module (as MPT's)
+    "bloom": replace(_LLAMA, layers="transformer.h", attention="self_attention", mlp="mlp.dense_4h_to_h",
+                     mlp_norms=("mlp.dense_h_to_4h", "post_attention_layernorm"), final_norm="transformer.ln_f",
+                     attention_output="dense", mlp_output="", block_outputs=2, attention_adds_residual=True,
+                     lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+                     refused_configs=(("apply_residual_connection_post_layernorm", True, "its blocks add the normed stream "
+                                       "back, so a block without its sublayers would still change the stream"),
+                                      (None, _sliced_projections, "slow_but_exact reads the output projections' weights "
+                                       "slice by slice, past the module a removed FFN leaves"))),
     # MPT (7B, 30B): ALiBi, one norm before each sublayer; its FFN adds the stream to its own output, so its output
     # projection is the sublayer's module (zeros in its place leave the stream) and its input projection goes with it
     "mpt": replace(_LLAMA, layers="transformer.blocks", attention="attn", attention_norms=("norm_1",), mlp="ffn.down_proj",

@@ -54,15 +54,17 @@ class RemovedAttention(nn.Module):
     family's attention returns after its output and weights (GLM-5: the keys an indexer selected),
     which the stand-in passes on as it got them."""
 
-    def __init__(self, layer_idx: int | None = None, carried: tuple[str, ...] = ()) -> None:
+    def __init__(self, layer_idx: int | None = None, carried: tuple[str, ...] = (), adds_residual: bool = False) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.carried = tuple(carried)
+        self.adds_residual = adds_residual  # (BLOOM's attention adds the stream, its second argument, itself)
 
     def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, layer_past=None, **kwargs):
         keep_cache_length(past_key_values if past_key_values is not None else layer_past,  # (GPT-NeoX's name)
                           self.layer_idx, hidden_states)
-        return torch.zeros_like(hidden_states), None, *(kwargs.get(name) for name in self.carried)
+        output = args[0] if self.adds_residual else torch.zeros_like(hidden_states)
+        return output, None, *(kwargs.get(name) for name in self.carried)
 
 
 class RemovedMLP(nn.Module):
@@ -145,7 +147,7 @@ def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> 
         stand_in = RemovedLinearAttention()
     else:
         stand_in = RemovedAttention(getattr(originals[names[0]], "layer_idx", layer_idx),  # its KV-cache slot
-                                    spec.get("carried", ()))
+                                    spec.get("carried", ()), spec.get("attention_adds_residual", False))
     _put(layer, names[0], stand_in, originals[names[0]])
     companions = spec.get("companions", {}).get(kind, [])
     for name in names[1:]:

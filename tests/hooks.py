@@ -16,6 +16,11 @@ def _zero(module, args, output):
     return (torch.zeros_like(output[0]), *output[1:]) if isinstance(output, tuple) else torch.zeros_like(output)
 
 
+def _residual(module, args, output):
+    """What an attention that adds the stream itself (BLOOM's) returns without its own output."""
+    return (args[1], *output[1:])
+
+
 def _identity(module, args, kwargs, output):
     hidden = args[0] if args else kwargs["hidden_states"]
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
@@ -33,7 +38,8 @@ def skipped(model, units: Iterable[Sublayer]) -> Iterator[None]:
         if unit.layer not in blocks:
             layer = layers[unit.layer]
             names = [arch.attention_in(layer) if unit.kind == "attn" else arch.mlp, *(m for m, _ in arch.companions(unit.kind))]
-            hooks += [module.register_forward_hook(_zero) for module in (get_module(layer, n, None) for n in names) if module is not None]
+            zero = _residual if unit.kind == "attn" and arch.attention_adds_residual else _zero
+            hooks += [module.register_forward_hook(zero) for module in (get_module(layer, n, None) for n in names) if module is not None]
     try:
         yield
     finally:

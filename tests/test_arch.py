@@ -95,23 +95,27 @@ def test_a_refused_variant_of_a_family_is_one_line_naming_why():
         architecture_of(tiny_config("gemma4_text", num_kv_shared_layers=2))
 
 
-@pytest.mark.parametrize("variant, why", [(dict(do_layer_norm_before=False), "with do_layer_norm_before=False is not supported: "
-                                                                               "its norms follow each sublayer's addition"),
-                                          (dict(word_embed_proj_dim=32), "with this config is not supported: its embeddings are "
-                                                                         "narrower than its blocks")])
-def test_opt_350m_is_refused_from_its_config_object_or_file(variant, why):
-    """OPT-350M alone normalises after each sublayer's addition and embeds narrower than its blocks."""
-    for given in (tiny_config("opt", **variant), {"model_type": "opt", "hidden_size": 64, "num_hidden_layers": 4, **variant}):
-        with pytest.raises(SurgeryError, match="opt " + why):
+@pytest.mark.parametrize("family, variant, why", [
+    ("opt", dict(do_layer_norm_before=False), "with do_layer_norm_before=False is not supported: its norms follow each "
+                                              "sublayer's addition"),  # OPT-350M
+    ("opt", dict(word_embed_proj_dim=32), "with this config is not supported: its embeddings are narrower than its blocks"),
+    ("bloom", dict(apply_residual_connection_post_layernorm=True), "with apply_residual_connection_post_layernorm=True is "
+                                                                   "not supported: its blocks add the normed stream back"),
+    ("bloom", dict(slow_but_exact=True, pretraining_tp=2), "with this config is not supported: slow_but_exact reads")])
+def test_a_variant_the_entry_does_not_describe_is_refused_from_its_config_object_or_file(family, variant, why):
+    config = tiny_config(family)
+    saved = {"model_type": family, "hidden_size": 64, "num_hidden_layers": 4, **variant}
+    for given in (tiny_config(family, **variant), saved):
+        with pytest.raises(SurgeryError, match=f"{family} " + why):
             architecture_of(given)
-    assert architecture_of(tiny_config("opt")) is ARCHITECTURES["opt"]
+    assert architecture_of(config) is ARCHITECTURES[family]
 
 
 def test_unsupported_family_names_the_supported_ones_and_where_to_add():
     with pytest.raises(SurgeryError) as error:
-        architecture_of({"model_type": "bloom"})
+        architecture_of({"model_type": "rwkv"})
     text = str(error.value)
-    assert "bloom" in text and "llama" in text and "qwen2_moe" in text and "surgery/arch.py" in text
+    assert "rwkv" in text and "llama" in text and "qwen2_moe" in text and "surgery/arch.py" in text
 
 
 @pytest.mark.parametrize("kept, after", [(list(range(8)), (4, 2)),  # uncut: the source's rule
