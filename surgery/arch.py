@@ -207,6 +207,9 @@ class Architecture:
     stream, which its attention takes and returns after its output and weights (GLM-5: the top-k
     indices of the keys an indexer selected, `prev_topk_indices`); an attention's stand-in passes
     them on as it got them.
+    expanded_config: (per-layer list, key it is derived from): a per-layer list transformers derives from a
+    compressed key and does not read back (GPT-Neo's attention_layers, expanded from attention_types' runs of
+    patterns); a cut slices the list and writes the key as one run of it.
     attention_adds_residual: the attention adds the stream, its second argument, to its own output (BLOOM's), so its
     stand-in returns that argument rather than zeros.
     positions_config: the config key that holds the positions the model was trained on, where its config class
@@ -326,6 +329,7 @@ class Architecture:
     mlp_extra_outputs: int = 0
     carried: tuple[str, ...] = ()
     attention_adds_residual: bool = False
+    expanded_config: tuple[tuple[str, str], ...] = ()
     positions_config: str = "max_position_embeddings"
     shared_selection: SharedSelection | None = None
     gguf_arch: str | None = None
@@ -686,6 +690,12 @@ ARCHITECTURES: dict[str, Architecture] = {
                                      "(OPT-350M), so removing a sublayer would still normalise the stream"),
                                     (None, _projects_embeddings, "its embeddings are narrower than its blocks (word_embed_proj_dim, "
                                      "OPT-350M), which the final norm's path does not follow"))),
+    # GPT-Neo (125M to 2.7B): GPT-2's block with linear layers, global and local attention layers listed in
+    # attention_layers, which transformers expands from attention_types (repeated patterns)
+    "gpt_neo": replace(_LLAMA, layers="transformer.h", attention="attn", attention_norms=("ln_1",), mlp_norms=("ln_2",),
+                       final_norm="transformer.ln_f", attention_output="attention.out_proj", mlp_output="c_proj", block_outputs=2,
+                       per_layer_config=("attention_layers",), expanded_config=(("attention_layers", "attention_types"),),
+                       lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")),
     # BLOOM (560M to 176B, BLOOMZ): ALiBi; its attention and its FFN each add the stream to their own output, so the
     # attention's stand-in returns the stream and the FFN's output projection is its module (as MPT's)
     "bloom": replace(_LLAMA, layers="transformer.h", attention="self_attention", mlp="mlp.dense_4h_to_h",

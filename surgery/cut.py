@@ -206,9 +206,10 @@ def _delete_blocks(model: Any, arch: Architecture, kept: list[int]) -> None:
     layers = decoder_layers(model, arch)
     survivors = torch.nn.ModuleList([layers[i] for i in kept])
     for new_index, layer in enumerate(survivors):
-        for module in layer.modules():  # the attention's layer_idx is its KV-cache slot
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_index
+        for module in layer.modules():  # the attention's layer_idx is its KV-cache slot (GPT-Neo's layer_id)
+            for slot in ("layer_idx", "layer_id"):
+                if hasattr(module, slot):
+                    setattr(module, slot, new_index)
     parent_path, _, attr = arch.layers.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, attr, survivors)
 
@@ -236,6 +237,7 @@ def cut_keys(arch: Architecture, config: Any) -> set[str]:
         keys |= {arch.step_rule.step, arch.step_rule.listed}
     if arch.shared_selection:
         keys |= {arch.shared_selection.listed, arch.shared_selection.pattern}
+    keys |= {compressed for _, compressed in arch.expanded_config}
     return keys
 
 
@@ -266,6 +268,8 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
         values = getattr(config, key, None)
         if isinstance(values, (list, tuple)):  # (some keys are one value for every layer, or a list per layer)
             setattr(config, key, [values[i] for i in kept])
+    for listed, compressed in arch.expanded_config:  # (one run of the kept layers' pattern, which expands to the list)
+        setattr(config, compressed, [[list(getattr(config, listed)), 1]])
     renumber = {old: new for new, old in enumerate(kept)}
     for key in arch.layer_index_config:
         values = getattr(config, key, None)

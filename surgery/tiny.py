@@ -102,6 +102,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64, "max_position_embeddings": 128},
     "mpt": {"d_model": 64, "n_heads": 4, "expansion_ratio": 2, "max_seq_len": 128},
     "bloom": {"n_head": 4},
+    "gpt_neo": {"attention_types": lambda layers: [[["global", "local"], layers // 2], *([[["global"], 1]] if layers % 2 else [])],
+                "window_size": 4, "max_position_embeddings": 128},
     "cohere2_moe": {"logit_scale": 0.5, "sliding_window": 8, "num_experts": 4, "num_experts_per_tok": 2, "num_shared_experts": 1,
                     "prefix_dense_intermediate_size": 96, "intermediate_size": 32, "sliding_window_pattern": 2,
                     "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1)},

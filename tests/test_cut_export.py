@@ -41,8 +41,10 @@ def test_whole_blocks_give_a_standard_checkpoint(family, tmp_path, tokenizer):
     assert result.kept_layers == [0, 1, 2][:0] + [1, 2, 4]
     assert model.config.num_hidden_layers == 3 and len(decoder_layers(model)) == 3
     arch = ARCHITECTURES[family]
-    for index, layer in enumerate(decoder_layers(model)):
-        assert get_module(layer, arch.attention_in(layer)).layer_idx == index
+    for index, layer in enumerate(decoder_layers(model)):  # every KV-cache slot renumbered (GPT-Neo calls it layer_id)
+        attention = get_module(layer, arch.attention_in(layer))
+        slots = [getattr(m, slot) for m in attention.modules() for slot in ("layer_idx", "layer_id") if hasattr(m, slot)]
+        assert slots and set(slots) == {index}, slots
     for key in ARCHITECTURES[family].per_layer_config:  # (a key may hold one value for every layer instead)
         assert isinstance(getattr(model.config, key), int) or len(getattr(model.config, key)) == 3
     exported = export_checkpoint(model, tokenizer, tmp_path / "out", record={"removed": ["L0", "L3"]})
@@ -58,6 +60,19 @@ def test_whole_blocks_give_a_standard_checkpoint(family, tmp_path, tokenizer):
     assert torch.equal(greedy(reloaded, prompt), greedy(model, prompt))
     assert_cache_consistent(reloaded)
     assert count_parameters(reloaded) == result.parameters_after < result.parameters_before
+
+
+def test_gpt_neo_writes_the_pattern_its_list_is_expanded_from(tmp_path, tokenizer):
+    """GPT-Neo's config.json holds attention_layers and the runs of patterns transformers expanded it
+    from (attention_types), which older readers expand again: a cut writes both for the kept layers."""
+    from transformers import GPTNeoConfig
+
+    model = tiny_model("gpt_neo", num_layers=5)  # global, local, global, local, global
+    cut(model, parse_sublayers("L0,L3"))
+    export_checkpoint(model, tokenizer, tmp_path / "out", record={})
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["attention_layers"] == ["local", "global", "global"]
+    assert GPTNeoConfig.expand_attention_types_params(written["attention_types"]) == written["attention_layers"]
 
 
 @pytest.mark.parametrize("family", TWO_SUBLAYER_FAMILIES)
