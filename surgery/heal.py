@@ -410,11 +410,22 @@ def add_lora(model: Any, settings: HealSettings, arch: Any) -> Any:
 
     targets = list(settings.target_modules or arch.lora_targets)
     lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, bias="none",
-                      target_modules=targets, task_type="CAUSAL_LM", fan_in_fan_out=_stored_in_out(model, targets))
+                      target_modules=targets, task_type="CAUSAL_LM", fan_in_fan_out=_stored_in_out(model, targets),
+                      exclude_modules=_stand_ins(model) or None)
     try:
         return get_peft_model(model, lora)
     except ValueError as error:  # peft's own words: a name it did not find, or a target it cannot train
         raise SurgeryError(f"LoRA on {', '.join(targets)} failed ({error}): name other --lora-targets") from None
+
+
+def _stand_ins(model: Any) -> list[str]:
+    """The paths of removed sublayers' stand-ins, which carry a target's name where a family's sublayer
+    module is its output projection (OPT's fc2, MPT's ffn.down_proj) and peft cannot adapt. By class
+    name: a checkpoint's own modeling file defines its classes anew."""
+    from surgery.hf_modeling import STAND_INS
+
+    names = {stand_in.__name__ for stand_in in STAND_INS}
+    return [name for name, module in model.named_modules() if type(module).__name__ in names]
 
 
 def _stored_in_out(model: Any, targets: list[str]) -> bool:

@@ -18,7 +18,9 @@ The checkpoint's config carries a `surgery` entry:
      "linear_block_marker": ["block_type", "linear_attention"],  # (which blocks, where both have one name)
      "single_mixer": {"attribute": "block_type", "kinds": {"moe": "mlp", ...}},  # (one mixer a block: its kind)
      "companions": {"mlp": ["block_sparse_moe"]},      # modules beside a sublayer's, their outputs added to its
-     "companion_outputs": {"router": 2}}               # (values one returns after its first: None from its stand-in)
+     "companion_outputs": {"router": 2},               # (values one returns after its first: None from its stand-in)
+     "carried": ["prev_topk_indices"],                 # what an attention's stand-in passes on (GLM-5's selection)
+     "attention_adds_residual": True}                  # (BLOOM: the attention's stand-in returns the stream it got)
 
 The same file, shipped as `modeling_decilm.py`, is the configuration and model code of the
 Nemotron-NAS (DeciLM) export (`decilm_classes`): NVIDIA's own files do not load under
@@ -63,7 +65,7 @@ class RemovedAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, layer_past=None, **kwargs):
         keep_cache_length(past_key_values if past_key_values is not None else layer_past,  # (GPT-NeoX's name)
                           self.layer_idx, hidden_states)
-        output = args[0] if self.adds_residual else torch.zeros_like(hidden_states)
+        output = kwargs.get("residual", args[0] if args else None) if self.adds_residual else torch.zeros_like(hidden_states)
         return output, None, *(kwargs.get(name) for name in self.carried)
 
 
@@ -91,6 +93,9 @@ class RemovedLinearAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return torch.zeros_like(hidden_states)
+
+
+STAND_INS = (RemovedAttention, RemovedMLP, RemovedNorm, RemovedLinearAttention)
 
 
 def sublayer_names(layer: nn.Module, kind: str, spec: dict) -> list[str]:
@@ -146,7 +151,8 @@ def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> 
     elif is_linear_block(layer, spec):
         stand_in = RemovedLinearAttention()
     else:
-        stand_in = RemovedAttention(getattr(originals[names[0]], "layer_idx", layer_idx),  # its KV-cache slot
+        slot = getattr(originals[names[0]], "layer_idx", getattr(originals[names[0]], "layer_id", layer_idx))  # (GPT-Neo's name)
+        stand_in = RemovedAttention(slot,  # its KV-cache slot
                                     spec.get("carried", ()), spec.get("attention_adds_residual", False))
     _put(layer, names[0], stand_in, originals[names[0]])
     companions = spec.get("companions", {}).get(kind, [])

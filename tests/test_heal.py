@@ -88,6 +88,28 @@ def test_default_lora_puts_an_adapter_on_every_target_the_family_names(family):
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
 
 
+@pytest.mark.parametrize("family", ["opt", "mpt", "bloom", "llama"])
+def test_lora_skips_the_stand_ins_of_removed_sublayers(family):
+    """Where a family's FFN module is its output projection (OPT's fc2, MPT's ffn.down_proj, BLOOM's
+    mlp.dense_4h_to_h), a removed FFN's stand-ins keep target names: LoRA adapts every kept target
+    and none of them, so a cut model heals."""
+    from peft.tuners.lora import LoraLayer
+
+    from surgery.cut import cut
+
+    model = tiny_model(family, 4)
+    cut(model, parse_sublayers("L0.mlp,L1.attn"))
+    model = add_lora(model, HealSettings(), ARCHITECTURES[family])
+    layers = decoder_layers(model)
+    for index, kind in ((0, "mlp"), (1, "attn")):
+        names = ARCHITECTURES[family].sublayer_modules(kind, layers[index])
+        assert not any(isinstance(m, LoraLayer) for name in names for m in get_module(layers[index], name).modules()), (index, kind)
+    assert any(isinstance(m, LoraLayer) for m in layers[0].modules()) and any(isinstance(m, LoraLayer) for m in layers[1].modules())
+    model.train()
+    model(torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]])).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+
+
 def test_lora_on_gpt2s_conv1d_layers_is_told_their_weights_are_stored_in_out(recwarn):
     """GPT-2's Conv1D layers keep their weights [in, out]: healing tells peft so (fan_in_fan_out), so
     that peft does not correct it with a warning on every run; a 4-bit load makes them [out, in]
