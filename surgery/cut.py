@@ -163,11 +163,13 @@ def _check_selection(plan: CutPlan, selection: dict[int, list[int]]) -> None:
 def check_named_cut(folder: Any, units: Iterable[Sublayer]) -> None:
     """plan_cut's refusals of named ids from config.json alone, before any weight loads (and before
     an analysis or evaluation that can take hours)."""
-    from surgery.arch import config_layers, text_config
+    from surgery.arch import config_layers, config_value, text_config
 
     config = text_config(folder)
     arch = architecture_of(config)
-    plan = plan_cut(config_layers(folder), units, attention_blocks=arch.attention_blocks(config),
+    recorded = (config_value(config, "surgery") or {}).get("removed", {})  # (stand-ins a sublayer cut left)
+    previous = [Sublayer(index, kind) for kind, indices in recorded.items() for index in indices]
+    plan = plan_cut(config_layers(folder), units, previous, attention_blocks=arch.attention_blocks(config),
                     absent=arch.absent_sublayers(config), selection=arch.selection_readers(config))
     if plan.blocks and arch.moe_range_config and all(key in config for key in arch.moe_range_config[::2]):
         moe_range_after(config, arch.moe_range_config, plan.kept, plan.num_layers)  # (else the loaded config's defaults decide)

@@ -203,7 +203,7 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
     last = arch.last_block_guard(config)
     if last is not None and last not in protected:
         protected.append(last)
-    sources = [Sublayer(source, "attn") for source in arch.selection_readers(config)]
+    sources = _selection_sources(loaded.model, arch) if not Target.parse(settings.remove).ids else []  # (named ids: plan_cut checks them)
     protected += [source for source in sources if source not in protected]
     with task("planning") as progress:
         plan = make_plan(settings.strategy, settings.granularity, Target.parse(settings.remove), num_layers(loaded.model),
@@ -229,6 +229,17 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
                    selection=arch.selection_readers(config))
     rules_after(config, arch, cut.kept)  # (Jamba's placement rules: before any bridge)
     return plan
+
+
+def _selection_sources(model: Any, arch: Any) -> list[Sublayer]:
+    """The attentions whose selection of keys a present attention reuses (GLM-5.2's full layers with a
+    shared layer after them), which a strategy must not choose; none where the stand-ins a sublayer
+    cut left already removed the source or all its readers."""
+    from surgery.cut import removed_sublayers
+
+    gone = set(removed_sublayers(model))
+    return [Sublayer(source, "attn") for source, readers in arch.selection_readers(model.config).items()
+            if Sublayer(source, "attn") not in gone and any(Sublayer(i, "attn") not in gone for i in readers)]
 
 
 def bridge(settings: PruneSettings, loaded: Any, plan: Any) -> dict[str, Any]:

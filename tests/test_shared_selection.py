@@ -179,6 +179,27 @@ def test_prune_keeps_the_sources_and_the_command_line_refuses_them(tmp_path, tok
     assert written["index_topk_pattern"] == "FFS"
 
 
+def test_named_removals_count_the_stand_ins_a_checkpoint_already_has(tmp_path, tokenizer, data_dir):
+    """A checkpoint whose L3.attn a sublayer cut already removed: L2.attn now has no reader left, so
+    `surgery cut` and `surgery prune` remove it by name; prune also takes a source with its reader by
+    name (its strategies alone keep sources)."""
+    from surgery.export.checkpoint import export_checkpoint
+
+    model = glm52()
+    cut(model, [Sublayer(3, "attn")])
+    export_checkpoint(model, tokenizer, tmp_path / "partial", record={})
+    result = run("cut", tmp_path / "partial", "--remove", "L2.attn", "--out", tmp_path / "more", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "more" / "config.json").read_text())["surgery"]["removed"]["attn"] == [2, 3]
+    source = tmp_path / "glm"
+    glm52().save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    pruned = run("prune", source, "--remove", "L2-L3", "--no-bridge", "--eval-tasks", "none", "--eval-ppl", "none",
+                 "--no-eval-speed", "--device", "cpu", "--data-dir", data_dir, "--out", tmp_path / "pruned")
+    assert pruned.exit_code == 0, pruned.output
+    assert json.loads((tmp_path / "pruned" / "surgery.json").read_text())["removed_compact"] == "L2-L3"
+
+
 def test_a_streamed_cut_writes_the_in_memory_cuts_config(tmp_path, tokenizer):
     model = glm52()
     source = tmp_path / "glm"
