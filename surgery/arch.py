@@ -216,7 +216,7 @@ class Architecture:
     maps no max_position_embeddings to it (MPT's max_seq_len).
     shared_selection: layers that reuse an earlier layer's selection (SharedSelection): a cut keeps
     a source's attention while any of its readers stays, and prune protects it.
-    attention_output / mlp_output: the linear layer inside the sublayer ("" for the sublayer's module itself) whose output is added to
+    attention_output / mlp_output: the linear layer inside the sublayer (mlp_output "": the FFN's module itself) whose output is added to
     the stream (a linear bridge folds into it); None where a norm follows it.
     moe_outputs: for MoE blocks, every place inside the mlp sublayer whose output is summed into
     the stream: the experts' stacked down projections, shared experts, the FFN of dense layers.
@@ -718,7 +718,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "phi": replace(_LLAMA, **_PARALLEL, final_norm="model.final_layernorm", attention_output="dense", mlp_output="fc2",
                    lora_targets=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),
     "cohere": replace(_LLAMA, **_COHERE),
-    # Command A Reasoning's successor decoder (Cohere Compass): Cohere 2's parallel blocks and sliding layers
+    # Cohere's North Vision decoder (CohereCompass): Cohere 2's parallel blocks and sliding layers
     "cohere_compass_text": replace(_LLAMA, **_COHERE, per_layer_config=("layer_types",)),
     "cohere2": replace(_LLAMA, **_COHERE, per_layer_config=("layer_types",),
                        fixed_patterns=(FixedPattern("layer_types", "full_attention", 4, "llama.cpp", "full attention and no "

@@ -267,8 +267,8 @@ class LayerwiseModel:
         args, kwargs = _moved(stream.calls[index], self.device)
         with torch.no_grad():
             output = block(stream.hidden.to(self.device), *args, **{**kwargs, **_moved(stream.carried, self.device)})
-        if self.arch.carried:  # (GLM-5's selected keys, which the decoder hands the next block)
-            stream.carried.update(zip(self.arch.carried, output[1:]))
+        if self.arch.carried:  # (GLM-5's selected keys, which the decoder hands the next block; on CPU, as the stream)
+            stream.carried.update(zip(self.arch.carried, _moved(tuple(output[1:]), "cpu")))
         return block_output(output).to("cpu")
 
     def final_norm(self, hidden: Any) -> Any:
