@@ -203,10 +203,11 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
     last = arch.last_block_guard(config)
     if last is not None and last not in protected:
         protected.append(last)
-    sources = _selection_sources(loaded.model, arch) if not Target.parse(settings.remove).ids else []  # (named ids: plan_cut checks them)
+    target = Target.parse(settings.remove)
+    sources = [] if target.ids else _selection_sources(loaded.model, arch)  # (named ids: plan_cut checks them)
     protected += [source for source in sources if source not in protected]
     with task("planning") as progress:
-        plan = make_plan(settings.strategy, settings.granularity, Target.parse(settings.remove), num_layers(loaded.model),
+        plan = make_plan(settings.strategy, settings.granularity, target, num_layers(loaded.model),
                          sublayer_parameters(loaded.model), analysis=analysis, protected=protected, seed=settings.seed,
                          value_after=value_after or CalibrationValue(loaded, settings), candidates=settings.iterative_candidates,
                          progress=lambda done, total: progress.update(description=f"planning: {done} units chosen"),
