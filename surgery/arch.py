@@ -519,6 +519,10 @@ _PARALLEL = dict(attention_norms=(), mlp_norms=(), shared_norms=("input_layernor
 _COHERE = dict(**_PARALLEL, logit_multiplier_config="logit_scale")
 _GPTJ = dict(_PARALLEL, shared_norms=("ln_1",), layers="transformer.h", attention="attn", final_norm="transformer.ln_f",
              attention_output="out_proj", mlp_output="fc_out", block_outputs=2)  # (the stream and the attention weights)
+# OPT's block (XGLM's and BioGPT's too): the FFN lies in the block itself, fc1, its activation, fc2; fc2, which
+# writes to the stream, is the sublayer's module (mlp_output "": the module itself) and fc1 and the norm go with it
+_OPT_BLOCK = replace(_LLAMA, attention_norms=("self_attn_layer_norm",), mlp="fc2", mlp_norms=("fc1", "final_layer_norm"),
+                     attention_output="out_proj", mlp_output="", lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"))
 _UNGATED_LORA = (*_ATTENTION_ONLY_LORA, "up_proj", "down_proj")
 
 
@@ -683,9 +687,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     # OPT (125M to 66B, 175B): a pre-norm block whose FFN lies in the block itself (fc1, its activation, fc2): fc2,
     # which writes to the stream, is the sublayer's module, and its norm and fc1 go with it; learned positions
     # before the first block. OPT-350M's post-norm blocks and input/output projections are refused.
-    "opt": replace(_LLAMA, layers="model.decoder.layers", attention_norms=("self_attn_layer_norm",), mlp="fc2",
-                   mlp_norms=("fc1", "final_layer_norm"), final_norm="model.decoder.final_layer_norm", attention_output="out_proj",
-                   mlp_output="", lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "opt": replace(_OPT_BLOCK, layers="model.decoder.layers", final_norm="model.decoder.final_layer_norm",
                    refused_configs=(("do_layer_norm_before", False, "its norms follow each sublayer's addition to the stream "
                                      "(OPT-350M), so removing a sublayer would still normalise the stream"),
                                     (None, _projects_embeddings, "its embeddings are narrower than its blocks (word_embed_proj_dim, "
@@ -706,6 +708,10 @@ ARCHITECTURES: dict[str, Architecture] = {
                                        "back, so a block without its sublayers would still change the stream"),
                                       (None, _sliced_projections, "slow_but_exact reads the output projections' weights "
                                        "slice by slice, past the module a removed FFN leaves"))),
+    # XGLM (564M to 7.5B) and BioGPT: OPT's pre-norm block (its FFN in the block itself), sinusoidal or learned
+    # positions before the first block; BioGPT's output layer is named output_projection
+    "xglm": replace(_OPT_BLOCK, final_norm="model.layer_norm"),
+    "biogpt": replace(_OPT_BLOCK, layers="biogpt.layers", final_norm="biogpt.layer_norm", lm_head="output_projection"),
     # MPT (7B, 30B): ALiBi, one norm before each sublayer; its FFN adds the stream to its own output, so its output
     # projection is the sublayer's module (zeros in its place leave the stream) and its input projection goes with it
     "mpt": replace(_LLAMA, layers="transformer.blocks", attention="attn", attention_norms=("norm_1",), mlp="ffn.down_proj",

@@ -101,6 +101,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "persimmon": {"qk_layernorm": True, "partial_rotary_factor": 0.5},
     "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64, "max_position_embeddings": 128},
     "mpt": {"d_model": 64, "n_heads": 4, "expansion_ratio": 2, "max_seq_len": 128},
+    "xglm": {"d_model": 64, "ffn_dim": 128, "attention_heads": 4, "max_position_embeddings": 128},
+    "biogpt": {"max_position_embeddings": 128},
     "bloom": {"n_head": 4},
     "gpt_neo": {"attention_types": lambda layers: [[["global", "local"], layers // 2], *([[["global"], 1]] if layers % 2 else [])],
                 "window_size": 4, "max_position_embeddings": 128},

@@ -88,7 +88,7 @@ def test_default_lora_puts_an_adapter_on_every_target_the_family_names(family):
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
 
 
-@pytest.mark.parametrize("family", ["opt", "mpt", "bloom", "llama"])
+@pytest.mark.parametrize("family", ["opt", "xglm", "mpt", "bloom", "llama"])
 def test_lora_skips_the_stand_ins_of_removed_sublayers(family):
     """Where a family's FFN module is its output projection (OPT's fc2, MPT's ffn.down_proj, BLOOM's
     mlp.dense_4h_to_h), a removed FFN's stand-ins keep target names: LoRA adapts every kept target
