@@ -5,10 +5,16 @@ The removed sublayers are swapped for the same stand-ins a pruned checkpoint use
 KV cache keeps a consistent length. On exit the original module objects are put back: parameters
 are never copied or modified.
 
-One exception: an attention whose selection of keys later layers reuse (Architecture.shared_selection,
-GLM-5.2's full layers) still runs, and only its output is dropped. Removing it means "this attention
-adds nothing", not "the layers after it attend to other keys"; a cut, which cannot keep the
-selection without the attention, removes such an attention only with its readers (surgery.cut).
+Two exceptions:
+- an attention whose selection of keys, or keys and values, later layers reuse
+  (Architecture.shared_attention: GLM-5.2's full layers, Gemma 4 E2B's last layers of each type
+  before the shared ones) still runs, and only its output is dropped. Removing it means "this
+  attention adds nothing", not "the layers after it attend to other keys"; a cut, which cannot keep
+  what it shares without the attention, removes such an attention only with its readers (surgery.cut);
+- where blocks end in a part beside their sublayers (Architecture.block_tail: Gemma 4 E2B's
+  per-layer input), it goes only with the whole block: its output is dropped where both sublayers
+  are removed (by `units` or by stand-ins already there), and in `tails`, the blocks whose stream
+  between attention and FFN is asked for (surgery.forward.after_attention), which it has not met yet.
 """
 
 from __future__ import annotations
@@ -18,21 +24,26 @@ from contextlib import contextmanager
 from typing import Any
 
 from surgery.arch import architecture_of, decoder_layers, get_module, unwrap
-from surgery.hf_modeling import remove_sublayer, set_module
-from surgery.sublayers import Sublayer, check_in_range
+from surgery.hf_modeling import RemovedAttention, RemovedLinearAttention, RemovedMLP, remove_sublayer, set_module
+from surgery.sublayers import Sublayer, check_in_range, full_blocks
 
 
 @contextmanager
-def ablated(model: Any, units: Iterable[Sublayer]) -> Iterator[Any]:
-    """Within the block, `model` behaves as if `units` were removed (residual kept)."""
+def ablated(model: Any, units: Iterable[Sublayer], tails: Iterable[int] = ()) -> Iterator[Any]:
+    """Within the block, `model` behaves as if `units` were removed (residual kept); `tails`: blocks
+    whose tail is silenced too (see the module docstring)."""
     base = unwrap(model)
     arch = architecture_of(base.config)
     layers = decoder_layers(base, arch)
     units = sorted(set(units))
     check_in_range(units, len(layers))
-    sources = arch.selection_readers(base.config)
+    sources = arch.shared_readers(base.config)
     restore: list[tuple[Any, dict[str, Any]]] = []
     hooks = []
+    if arch.has_block_tail(base.config):
+        whole = full_blocks([*units, *removed_sublayers(base)])
+        hooks += [get_module(layers[index], arch.block_tail[-1]).register_forward_hook(_zeroed)
+                  for index in sorted({*whole, *tails})]
     try:
         for unit in units:
             layer = layers[unit.layer]
@@ -47,6 +58,25 @@ def ablated(model: Any, units: Iterable[Sublayer]) -> Iterator[Any]:
         for layer, originals in reversed(restore):
             for name, module in originals.items():
                 set_module(layer, name, module)
+
+
+def removed_sublayers(model: Any) -> list[Sublayer]:
+    """Sublayers that are already stand-ins in `model` (from an earlier cut or a loaded checkpoint)."""
+    arch = architecture_of(unwrap(model).config)
+    found = []
+    for index, layer in enumerate(decoder_layers(model, arch)):
+        for kind, stand_ins in (("attn", (RemovedAttention, RemovedLinearAttention)), ("mlp", (RemovedMLP,))):
+            names = arch.sublayer_modules(kind, layer)  # (none for a kind a single-mixer block lacks)
+            if names and isinstance(get_module(layer, names[0]), stand_ins):
+                found.append(Sublayer(index, kind))
+    return found
+
+
+def _zeroed(module: Any, args: Any, output: Any) -> Any:
+    """A block tail's output dropped: it adds nothing to the stream."""
+    import torch
+
+    return torch.zeros_like(output)
 
 
 def _silenced(module: Any, args: Any, output: tuple) -> tuple:

@@ -85,6 +85,9 @@ class SharedSelection:
     layer before it, which each block hands the next (Architecture.carried), so that full layer's
     attention is a *source* while any of its readers stays."""
 
+    shares = "selected keys"  # what a reader takes from its source, and the config key that says so, in refusals
+    marker = 'indexer_types "shared"'
+    state = None  # (the selection travels from block to block: Architecture.carried)
     listed: str = "indexer_types"
     pattern: str = "index_topk_pattern"
     frequency: str = "index_topk_freq"
@@ -121,6 +124,65 @@ class SharedSelection:
         """The "F"/"S" string of the kept layers, which every runtime reads before the frequency."""
         types = self.types(config)
         return "".join("S" if types[i] == "shared" else "F" for i in kept)
+
+    def config_keys(self) -> set[str]:
+        """The config keys a cut rewrites for the kept layers."""
+        return {self.listed, self.pattern}
+
+    def config_after(self, config: Any, kept: list[int]) -> dict[str, Any]:
+        """What a cut writes (the per-layer list itself is sliced as a per-layer config): the kept
+        layers' pattern, which serving engines read, where the source shares or wrote one."""
+        if self.readers(config) or config_value(config, self.pattern):
+            return {self.pattern: self.pattern_after(config, kept)}
+        return {}
+
+
+@dataclass(frozen=True)
+class SharedKV:
+    """Layers that compute no keys or values of their own (Gemma 4 E2B and E4B: the last
+    `num_kv_shared_layers`): each attends to those the last earlier layer of its layer_types entry
+    stored, which the decoder passes every block in one dict (transformers' kv_sharing_modes; vLLM
+    and llama.cpp place them the same way). That layer's attention is a *source* while any of its
+    readers stays. Removing readers keeps the rule: they are the last layers, and the kept ones
+    stay last."""
+
+    shares = "keys and values"
+    marker = "num_kv_shared_layers"
+    state = "shared_kv_states"  # the keyword argument: one container per forward, which block-by-block runs make per stream
+    count: str = "num_kv_shared_layers"
+    types: str = "layer_types"
+
+    def readers(self, config: Any) -> dict[int, list[int]]:
+        """Each source (the last layer of its type before the shared ones, where one of that type
+        reads it) -> the shared layers that read it."""
+        layers, shared = config_value(config, "num_hidden_layers"), config_value(config, self.count) or 0
+        if not shared:
+            return {}
+        types, first = self.layer_types(config), layers - shared
+        found: dict[int, list[int]] = {}
+        for index in range(first, layers):
+            source = max((i for i in range(first) if types[i] == types[index]), default=None)
+            if source is not None:
+                found.setdefault(source, []).append(index)
+        return found
+
+    def layer_types(self, config: Any) -> list[str]:
+        """Every layer's type, from config.json's dict as transformers derives it where it lists none."""
+        types = config_value(config, self.types)
+        if types is None and isinstance(config, dict):
+            from transformers import AutoConfig
+
+            settings = {key: value for key, value in config.items() if key != "model_type"}
+            types = AutoConfig.for_model(config["model_type"], **settings).layer_types
+        return list(types or [])
+
+    def config_keys(self) -> set[str]:
+        return {self.count}
+
+    def config_after(self, config: Any, kept: list[int]) -> dict[str, Any]:
+        """The kept shared layers' count: they are still the last ones."""
+        layers, shared = config_value(config, "num_hidden_layers"), config_value(config, self.count) or 0
+        return {self.count: sum(1 for i in kept if i >= layers - shared)} if shared else {}
 
 
 @dataclass(frozen=True)
@@ -214,8 +276,10 @@ class Architecture:
     stand-in returns that argument rather than zeros.
     positions_config: the config key that holds the positions the model was trained on, where its config class
     maps no max_position_embeddings to it (MPT's max_seq_len).
-    shared_selection: layers that reuse an earlier layer's selection (SharedSelection): a cut keeps
-    a source's attention while any of its readers stays, and prune protects it.
+    shared_attention: layers whose attention reuses what an earlier layer's attention made: its
+    selection of keys (SharedSelection, GLM-5.2) or its keys and values (SharedKV, Gemma 4 E2B and
+    E4B). A cut keeps a source's attention while any of its readers stays, and prune protects it;
+    scoring drops a source's output and keeps what it shares (surgery.ablation).
     attention_output / mlp_output: the linear layer inside the sublayer (mlp_output "": the FFN's module itself) whose output is added to
     the stream (a linear bridge folds into it); None where a norm follows it.
     moe_outputs: for MoE blocks, every place inside the mlp sublayer whose output is summed into
@@ -260,10 +324,18 @@ class Architecture:
     that sublayer: they go with it (their stand-ins add nothing and keep no state) and a bridge
     folds into them too. A block may hold None there (Granite's dense sizes have no experts), or
     lack the module (Gemma 4's dense sizes). The weight is None where a norm follows the module.
-    block_scalar: (buffer, post norms): a scale each block applies to the whole stream it returns
-    (Gemma 4's layer_scalar), so that a block is not its input plus its sublayers' outputs. Loading
-    folds it into the norms that end each sublayer (surgery.scales.fold_block_scalars), exactly but for
-    the norms' epsilon, and surgery then works on a model whose blocks only add to the stream.
+    block_scalar: (buffer, post norms, raw readers): a scale each block applies to the whole stream it
+    returns (Gemma 4's layer_scalar), so that a block is not its input plus its sublayers' outputs.
+    Loading folds it into the norms that end each sublayer or the block tail, and into the linear
+    layers that read the stream without a norm (the tail's gate) (surgery.scales.fold_block_scalars),
+    exactly but for the norms' epsilon, and surgery then works on a model whose blocks only add to the stream.
+    block_tail: modules a block runs after both sublayers that add to the stream, the last one's
+    output added (Gemma 4 E2B and E4B's per-layer input: a gate reads the stream, multiplies it by the
+    block's slice of the per-layer embeddings, and a projection and a norm write it back). They go
+    only with the whole block; a sublayer cut keeps them.
+    packed_per_layer: (tensor under the decoder stack, dimension) for model-level tensors that pack one
+    slice of `packed_width_config` entries per block along that dimension (Gemma 4 E2B's per-layer
+    embeddings and their projection from the stream): a block cut keeps the kept blocks' slices.
     released_config_keys: config.json keys transformers reads into other settings and does not save,
     which other runtimes read (Gemma 4's global_head_dim and num_global_key_value_heads, saved as
     per_layer_config): an export writes the source's back.
@@ -331,7 +403,7 @@ class Architecture:
     attention_adds_residual: bool = False
     expanded_config: tuple[tuple[str, str], ...] = ()
     positions_config: str = "max_position_embeddings"
-    shared_selection: SharedSelection | None = None
+    shared_attention: SharedSelection | SharedKV | None = None
     gguf_arch: str | None = None
     refused_configs: tuple[tuple[str, Any, str], ...] = ()
     step_rule: StepRule | None = None
@@ -349,7 +421,10 @@ class Architecture:
     companion_outputs: tuple[tuple[str, int], ...] = ()
     last_layer_type: str | None = None
     released_config_keys: tuple[str, ...] = ()
-    block_scalar: tuple[str, tuple[str, ...]] | None = None
+    block_scalar: tuple[str, tuple[str, ...], tuple[str, ...]] | None = None
+    block_tail: tuple[str, ...] = ()
+    packed_per_layer: tuple[tuple[str, int], ...] = ()
+    packed_width_config: str | None = None
     linear_block_norms: tuple[tuple[str, ...], tuple[str, ...]] | None = None
     linear_block_mlp_output: str | None = None
     output_norms: tuple[tuple[str, str], ...] = ()
@@ -473,10 +548,16 @@ class Architecture:
                 types = [by_letter.get(letter, letter) for letter in pattern]
         return remap_legacy_layer_types(list(types)) if isinstance(types, list) else None
 
-    def selection_readers(self, config: Any) -> dict[int, list[int]]:
-        """Each layer whose selection later layers reuse (SharedSelection) -> those layers; none for
-        families that share none."""
-        return self.shared_selection.readers(config) if self.shared_selection else {}
+    def has_block_tail(self, config: Any) -> bool:
+        """Whether this config's blocks end in a tail (Architecture.block_tail: Gemma 4 E2B's, whose
+        per-layer width is not 0; the 31B has none)."""
+        return bool(self.block_tail) and (self.packed_width_config is None
+                                          or bool(config_value(config, self.packed_width_config)))
+
+    def shared_readers(self, config: Any) -> dict[int, list[int]]:
+        """Each layer whose attention's selection or keys and values later layers reuse
+        (Architecture.shared_attention) -> those layers; none for families that share none."""
+        return self.shared_attention.readers(config) if self.shared_attention else {}
 
     def absent_sublayers(self, config: Any) -> list[Sublayer]:
         """The sublayers a single-mixer family's blocks do not have (each holds one); none for others."""
@@ -598,23 +679,24 @@ ARCHITECTURES: dict[str, Architecture] = {
                       fixed_patterns=(FixedPattern("layer_types", "full_attention", 2, "llama.cpp", _FULL),)),
     "gemma3_text": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping",
                            fixed_patterns=(FixedPattern("layer_types", "full_attention", 6, "llama.cpp and vLLM's 2025 gemma3.py", _FULL),)),
-    # Gemma 4 (31B, 26B-A4B; their text decoder, after surgery extract-text): Gemma 3's sandwich norms,
-    # full-attention layers with their own head size (transformers' per_layer_config) and keys that are
-    # their values (no v_proj), and in the MoE size routed experts beside the FFN, each with its own norms.
-    # E2B and E4B are refused: their last layers read an earlier layer's KV cache, and a table packs one
-    # slice a layer into two model-level tensors (per-layer embeddings), neither of which a cut follows yet.
+    # Gemma 4 (31B, 26B-A4B, E2B, E4B; their text decoder, after surgery extract-text): Gemma 3's
+    # sandwich norms, full-attention layers with their own head size (transformers' per_layer_config)
+    # and keys that are their values (no v_proj), and in the MoE size routed experts beside the FFN,
+    # each with its own norms. E2B and E4B: their last layers attend to the keys and values of the
+    # last earlier layer of their type (SharedKV), and each block adds a per-layer input (block_tail)
+    # from its slice of two model-level tensors (packed_per_layer).
     "gemma4_text": replace(_LLAMA, **{**_SANDWICH_NORMS, "mlp_norms": (*_SANDWICH_NORMS["mlp_norms"], "post_feedforward_layernorm_1",
                                                                      "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2")},
                            logit_softcap_config="final_logit_softcapping",
                            mlp_companions=(("router", None), ("experts", None)), companion_outputs=(("router", 2),),
                            lora_may_lack=(("v_proj",),), last_layer_type="full_attention",
                            released_config_keys=("global_head_dim", "num_global_key_value_heads"),
-                           block_scalar=("layer_scalar", ("post_attention_layernorm", "post_feedforward_layernorm")),
-                           refused_configs=(("num_kv_shared_layers", bool, "its last layers read the KV cache of earlier "
-                                             "ones, which a cut does not follow yet: cut Gemma 4 31B or 26B-A4B"),
-                                            ("hidden_size_per_layer_input", bool, "its per-layer embeddings pack one slice a "
-                                             "layer into model-level tensors, which a cut does not follow yet: cut Gemma 4 31B "
-                                             "or 26B-A4B"))),
+                           block_scalar=("layer_scalar", ("post_attention_layernorm", "post_feedforward_layernorm",
+                                                          "post_per_layer_input_norm"), ("per_layer_input_gate",)),
+                           shared_attention=SharedKV(),
+                           block_tail=("per_layer_input_gate", "per_layer_projection", "post_per_layer_input_norm"),
+                           packed_per_layer=(("embed_tokens_per_layer.weight", 1), ("per_layer_model_projection.weight", 0)),
+                           packed_width_config="hidden_size_per_layer_input"),
     "phi3": replace(_LLAMA, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     "ministral": replace(_LLAMA, per_layer_config=("layer_types",)),
     "smollm3": replace(_LLAMA, per_layer_config=("layer_types", "no_rope_layers"),
@@ -791,7 +873,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "glm_moe_dsa": replace(_MOE, per_layer_config=("mlp_layer_types", "layer_types", "indexer_types"),
                            prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
                            lora_targets=_MLA_ONLY_LORA + ("o_proj",), block_outputs=2, carried=("prev_topk_indices",),
-                           shared_selection=SharedSelection()),
+                           shared_attention=SharedSelection()),
     # Hunyuan 3, MiMo-V2-Flash, Laguna: dense FFNs then routed experts, each layer's kind listed
     "hy_v3": replace(_MOE, per_layer_config=("mlp_layer_types",), moe_outputs=_SHARED_EXPERTS),
     "mimo_v2_flash": replace(_MOE, per_layer_config=("layer_types", "mlp_layer_types"), moe_outputs=("experts.down_proj", "down_proj")),

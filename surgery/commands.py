@@ -305,11 +305,12 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
                           if (values := rule.values(placing)) is not None)
         table.add_row("layer rules", f"{rules}: the config places blocks by these alone, so a block cut keeps them or is refused; "
                                      f"prune --granularity period (runs of {arch.runtime_period(stored)} blocks) keeps them")
-    if readers := arch.selection_readers(stored):
+    if readers := arch.shared_readers(stored):
         shared = "; ".join(f"L{source}'s by {format_sublayers(Sublayer(i, kind) for i in layers for kind in KINDS)}"
                            for source, layers in readers.items())
-        table.add_row("shared selection", f"keys an indexer selected reused: {shared}. A cut removes a source's attention "
-                                          "only with its readers', and prune keeps the sources")
+        rule = arch.shared_attention
+        table.add_row("shared attention", f"{rule.shares} reused ({rule.marker}): {shared}. A cut removes a source's "
+                                          "attention only with its readers', and prune keeps the sources")
     if (guard := arch.last_block_guard(stored)) is not None:
         table.add_row("last layer", f"{arch.last_layer_type}, which transformers gives the last layer whatever the config "
                                     f"lists: a cut must end on such a layer, and prune keeps {guard}")

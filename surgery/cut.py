@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from surgery.ablation import removed_sublayers
 from surgery.arch import (
     SURGERY_MODEL_TYPE_PREFIX,
     Architecture,
@@ -27,7 +28,7 @@ from surgery.arch import (
 )
 from surgery.errors import SurgeryError
 from surgery.forward import count_parameters
-from surgery.hf_modeling import RemovedAttention, RemovedLinearAttention, RemovedMLP, remove_sublayer
+from surgery.hf_modeling import remove_sublayer
 from surgery.sublayers import KINDS, Sublayer, check_in_range, format_sublayers, full_blocks, present
 
 
@@ -56,18 +57,6 @@ def sublayer_parameters(model: Any) -> Callable[[Iterable[Sublayer]], int]:
         return cache[(layer, kind)]
 
     return lambda unit: sum(sublayer(s.layer, s.kind) for s in unit)
-
-
-def removed_sublayers(model: Any) -> list[Sublayer]:
-    """Sublayers that are already stand-ins in `model` (from an earlier cut or a loaded checkpoint)."""
-    arch = architecture_of(unwrap(model).config)
-    found = []
-    for index, layer in enumerate(decoder_layers(model, arch)):
-        for kind, stand_ins in (("attn", (RemovedAttention, RemovedLinearAttention)), ("mlp", (RemovedMLP,))):
-            names = arch.sublayer_modules(kind, layer)  # (none for a kind a single-mixer block lacks)
-            if names and isinstance(get_module(layer, names[0]), stand_ins):
-                found.append(Sublayer(index, kind))
-    return found
 
 
 def validate_removal(units: Iterable[Sublayer], num_layers: int, already_removed: Iterable[Sublayer] = ()) -> list[Sublayer]:
@@ -129,35 +118,40 @@ class CutPlan:
         return f"{prefix}{self.kept[int(index)]}.{rest}"
 
 
-def plan_cut(num_layers: int, units: Iterable[Sublayer], previous: Iterable[Sublayer] = (),
-             attention_blocks: list[int] | None = None, absent: Iterable[Sublayer] = (),
-             selection: dict[int, list[int]] | None = None) -> CutPlan:
-    """A checked plan (see validate_removal for what is refused). A hybrid model (its
-    `attention_blocks` given: Architecture.attention_blocks) must keep one: transformers reads the
-    cache's length there. `absent`: sublayers the blocks never had (a named block is its one mixer).
-    `selection`: layers whose selection of keys later layers reuse -> those layers
-    (Architecture.selection_readers); such a layer's attention goes only with all of theirs."""
-    previous, absent = tuple(sorted(set(previous))), tuple(sorted(set(absent)))
+def plan_cut(arch: Architecture, config: Any, num_layers: int, units: Iterable[Sublayer],
+             previous: Iterable[Sublayer] = ()) -> CutPlan:
+    """A checked plan of removing `units` from a model of family `arch` whose config (an object or
+    config.json's dict) is `config` and whose `previous` sublayers are stand-ins already (see
+    validate_removal for what is refused). What the family adds to the rules, it reads from the config:
+    - a hybrid model must keep an attention block (Architecture.attention_blocks): transformers
+      reads the cache's length there;
+    - a single-mixer family's blocks lack a sublayer (Architecture.absent_sublayers): a named block is its one mixer;
+    - an attention whose selection or keys and values later layers reuse goes only with all of
+      theirs (Architecture.shared_attention)."""
+    absent = tuple(sorted(set(arch.absent_sublayers(config))))
+    previous = tuple(sorted(set(previous)))
     units = validate_removal(present(units, absent), num_layers, previous + absent)
     plan = CutPlan(num_layers, tuple(units), previous, absent)
+    attention_blocks = arch.attention_blocks(config)
     if attention_blocks is not None and not set(attention_blocks) & set(plan.kept):
         listed = ",".join(f"L{i}" for i in attention_blocks)
         raise SurgeryError(f"that removes every attention block ({listed}) of a hybrid model, which transformers cannot "
                            "run with a cache: keep at least one of them")
-    _check_selection(plan, selection or {})
+    if arch.shared_attention:
+        _check_shared(plan, arch.shared_attention, arch.shared_readers(config))
     return plan
 
 
-def _check_selection(plan: CutPlan, selection: dict[int, list[int]]) -> None:
-    """Refuse a cut that removes the attention of a layer whose selected keys a kept attention reuses:
-    its indexer goes with it, and the reader would silently attend to an earlier layer's choice."""
+def _check_shared(plan: CutPlan, rule: Any, readers: dict[int, list[int]]) -> None:
+    """Refuse a cut that removes the attention of a layer whose selected keys, or keys and values, a
+    kept attention reuses: they go with it, and the reader would silently attend to others."""
     gone = {u.layer for u in (*plan.removed, *plan.previous) if u.kind == "attn"} | set(plan.blocks)
-    for source, readers in sorted(selection.items()):
-        staying = [Sublayer(i, "attn") for i in readers if i not in gone]
+    for source, layers in sorted(readers.items()):
+        staying = [Sublayer(i, "attn") for i in layers if i not in gone]
         if source in gone and staying:
-            every = format_sublayers(Sublayer(i, "attn") for i in readers)
-            raise SurgeryError(f"that removes L{source}.attn, whose indexer chooses the keys that {format_sublayers(staying)} "
-                               f"also attend to (indexer_types \"shared\"): keep it, or remove {every} with it")
+            every = format_sublayers(Sublayer(i, "attn") for i in layers)
+            raise SurgeryError(f"that removes L{source}.attn, whose {rule.shares} {format_sublayers(staying)} also attend "
+                               f"to ({rule.marker}): keep it, or remove {every} with it")
 
 
 def check_named_cut(folder: Any, units: Iterable[Sublayer]) -> None:
@@ -169,8 +163,7 @@ def check_named_cut(folder: Any, units: Iterable[Sublayer]) -> None:
     arch = architecture_of(config)
     recorded = (config_value(config, "surgery") or {}).get("removed", {})  # (stand-ins a sublayer cut left)
     previous = [Sublayer(index, kind) for kind, indices in recorded.items() for index in indices]
-    plan = plan_cut(config_layers(folder), units, previous, attention_blocks=arch.attention_blocks(config),
-                    absent=arch.absent_sublayers(config), selection=arch.selection_readers(config))
+    plan = plan_cut(arch, config, config_layers(folder), units, previous)
     if plan.blocks and arch.moe_range_config and all(key in config for key in arch.moe_range_config[::2]):
         moe_range_after(config, arch.moe_range_config, plan.kept, plan.num_layers)  # (else the loaded config's defaults decide)
     if plan.blocks:
@@ -183,8 +176,7 @@ def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
     base = unwrap(model)
     arch = architecture_of(base.config)
     layers = decoder_layers(base, arch)
-    plan = plan_cut(len(layers), units, removed_sublayers(base), arch.attention_blocks(base.config),
-                    arch.absent_sublayers(base.config), arch.selection_readers(base.config))
+    plan = plan_cut(arch, base.config, len(layers), units, removed_sublayers(base))
     before = count_parameters(base)
     if plan.blocks and arch.moe_range_config:
         moe_range_after(base.config, arch.moe_range_config, plan.kept, plan.num_layers)  # (refused before anything changes)
@@ -213,7 +205,36 @@ def _delete_blocks(model: Any, arch: Architecture, kept: list[int]) -> None:
                 if hasattr(module, slot):
                     setattr(module, slot, new_index)
     parent_path, _, attr = arch.layers.rpartition(".")
+    _slice_packed(model, arch, kept)
     setattr(model.get_submodule(parent_path) if parent_path else model, attr, survivors)
+
+
+def packed_indices(arch: Architecture, config: Any, kept: list[int]) -> list[int]:
+    """The entries of a packed per-layer tensor's dimension (Architecture.packed_per_layer) that
+    belong to the `kept` blocks, in order."""
+    width = (getattr(config, arch.packed_width_config, 0) or 0) if arch.packed_width_config else 0
+    return [block * width + offset for block in kept for offset in range(width)]
+
+
+def _slice_packed(model: Any, arch: Architecture, kept: list[int]) -> None:
+    """Keep the kept blocks' slices of the model-level tensors that hold one per block (Gemma 4
+    E2B's per-layer embeddings), and the sizes their modules report."""
+    import torch
+
+    stack = arch.layers.rpartition(".")[0]
+    indices = packed_indices(arch, unwrap(model).config, kept)
+    if not indices:  # (a width of 0: the family's sizes without per-layer inputs)
+        return
+    for name, dim in arch.packed_per_layer:
+        module_path, _, leaf = f"{stack}.{name}".rpartition(".")
+        module = get_module(model, module_path)
+        weight = getattr(module, leaf)
+        kept_part = torch.nn.Parameter(weight.detach().index_select(dim, torch.tensor(indices, device=weight.device)),
+                                       requires_grad=weight.requires_grad)
+        setattr(module, leaf, kept_part)
+        for size in (("embedding_dim",) if dim == 1 else ("out_features",)):
+            if hasattr(module, size):
+                setattr(module, size, kept_part.shape[dim])
 
 
 def cut_config(config: Any, arch: Architecture, plan: CutPlan) -> None:
@@ -237,8 +258,8 @@ def cut_keys(arch: Architecture, config: Any) -> set[str]:
         keys.add(arch.sparse_step_config)
     if arch.step_rule:
         keys |= {arch.step_rule.step, arch.step_rule.listed}
-    if arch.shared_selection:
-        keys |= {arch.shared_selection.listed, arch.shared_selection.pattern}
+    if arch.shared_attention:
+        keys |= arch.shared_attention.config_keys()
     keys |= {compressed for _, compressed in arch.expanded_config}
     return keys
 
@@ -264,8 +285,9 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
         if getattr(config, key, None) is not None:
             setattr(config, key, getattr(config, key) * math.sqrt(len(kept) / old_count))
             _say_depth_scale_fixed(key, fixed_by, len(kept), old_count)
-    if arch.shared_selection and (arch.selection_readers(config) or getattr(config, arch.shared_selection.pattern, None)):
-        setattr(config, arch.shared_selection.pattern, arch.shared_selection.pattern_after(config, kept))  # (serving engines read it)
+    if arch.shared_attention:
+        for key, value in arch.shared_attention.config_after(config, kept).items():
+            setattr(config, key, value)
     for key in arch.per_layer_config:
         values = getattr(config, key, None)
         if isinstance(values, (list, tuple)):  # (some keys are one value for every layer, or a list per layer)

@@ -105,9 +105,10 @@ def capture_stream(model: Any, ids: Any, positions: Iterable[int] | None = None,
 
 def after_attention(model: Any, index: int, hidden: Any, args: tuple, kwargs: dict) -> Any:
     """The stream between block `index`'s attention and its MLP, from the block's input `hidden` and
-    call arguments: the block re-run with its MLP ablated (exact whatever the family's norms)."""
+    call arguments: the block re-run with its MLP ablated (exact whatever the family's norms), and
+    the part some families' blocks end in after it (Architecture.block_tail)."""
     base = unwrap(model)
-    with ablated(base, [Sublayer(index, "mlp")]):
+    with ablated(base, [Sublayer(index, "mlp")], tails=[index]):
         return block_output(decoder_layers(base)[index](hidden, *args, **kwargs))
 
 

@@ -155,7 +155,9 @@ class Stream:
 
     hidden: Any
     calls: list[tuple[tuple, dict]]
-    carried: dict[str, Any] = field(default_factory=dict)  # what the last block run returned for the next (Architecture.carried)
+    # what the last block run returned for the next (Architecture.carried), and the container its
+    # blocks share (SharedKV.state)
+    carried: dict[str, Any] = field(default_factory=dict)
 
 
 class _Recorded(Exception):
@@ -237,7 +239,7 @@ class LayerwiseModel:
         weights are released when the loop moves on. Sublayers in `skip` are stand-ins."""
         skip = set(skip)
         check_in_range(skip, self.num_layers)
-        whole = set(full_blocks(skip)) - set(self.arch.selection_readers(self.model.config))  # (their selection still runs)
+        whole = set(full_blocks(skip)) - set(self.arch.shared_readers(self.model.config))  # (their selection still runs)
         for index in range(self.num_layers):
             if index not in whole:
                 with self.block(index, [u.kind for u in sorted(skip) if u.layer == index]) as block:
@@ -265,6 +267,9 @@ class LayerwiseModel:
         import torch
 
         args, kwargs = _moved(stream.calls[index], self.device)
+        state = self.arch.shared_attention.state if self.arch.shared_attention else None
+        if state in kwargs:  # (Gemma 4 E2B's keys and values, which the decoder's one container hands on: one per stream)
+            stream.carried.setdefault(state, type(kwargs[state])())
         with torch.no_grad():
             output = block(stream.hidden.to(self.device), *args, **{**kwargs, **_moved(stream.carried, self.device)})
         if self.arch.carried:  # (GLM-5's selected keys, which the decoder hands the next block; on CPU, as the stream)

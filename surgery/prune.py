@@ -204,7 +204,7 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
     if last is not None and last not in protected:
         protected.append(last)
     target = Target.parse(settings.remove)
-    sources = [] if target.ids else _selection_sources(loaded.model, arch)  # (named ids: plan_cut checks them)
+    sources = [] if target.ids else _shared_sources(loaded.model, arch)  # (named ids: plan_cut checks them)
     protected += [source for source in sources if source not in protected]
     with task("planning") as progress:
         plan = make_plan(settings.strategy, settings.granularity, target, num_layers(loaded.model),
@@ -219,27 +219,26 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
         plan.notes.append(f"{last} kept, so that the last block stays: transformers runs this family's last layer with "
                           f"{arch.last_layer_type} whatever the config lists")
     if sources:
-        plan.notes.append(f"{format_sublayers(sources)} kept: later layers reuse the keys their indexers select "
-                          "(indexer_types \"shared\"), which a cut cannot keep without them")
+        plan.notes.append(f"{format_sublayers(sources)} kept: later layers reuse their {arch.shared_attention.shares} "
+                          f"({arch.shared_attention.marker}), which a cut cannot keep without them")
     if not plan.units:
         raise SurgeryError(f"--remove {settings.remove} is less than one {settings.granularity} of this model: "
                            "give a larger share, or a count such as --remove 1")
-    from surgery.cut import plan_cut, rules_after
+    from surgery.cut import plan_cut, removed_sublayers, rules_after
 
-    cut = plan_cut(num_layers(loaded.model), plan.units, absent=arch.absent_sublayers(config),  # e.g. every block: fails now
-                   selection=arch.selection_readers(config))
+    cut = plan_cut(arch, config, num_layers(loaded.model), plan.units, removed_sublayers(loaded.model))  # e.g. every block: fails now
     rules_after(config, arch, cut.kept)  # (Jamba's placement rules: before any bridge)
     return plan
 
 
-def _selection_sources(model: Any, arch: Any) -> list[Sublayer]:
-    """The attentions whose selection of keys a present attention reuses (GLM-5.2's full layers with a
-    shared layer after them), which a strategy must not choose; none where the stand-ins a sublayer
-    cut left already removed the source or all its readers."""
+def _shared_sources(model: Any, arch: Any) -> list[Sublayer]:
+    """The attentions whose selection of keys, or keys and values, a present attention reuses
+    (Architecture.shared_attention), which a strategy must not choose; none where the stand-ins a
+    sublayer cut left already removed the source or all its readers."""
     from surgery.cut import removed_sublayers
 
     gone = set(removed_sublayers(model))
-    return [Sublayer(source, "attn") for source, readers in arch.selection_readers(model.config).items()
+    return [Sublayer(source, "attn") for source, readers in arch.shared_readers(model.config).items()
             if Sublayer(source, "attn") not in gone and any(Sublayer(i, "attn") not in gone for i in readers)]
 
 

@@ -23,7 +23,9 @@ def fold_block_scalars(model: Any, arch: Architecture) -> None:
     (up to its epsilon) and a_i, m_i end in a norm whose weight sets their size, so dividing those
     weights by C_i and setting every s_i to 1 computes the same, on a stream whose blocks only add
     to it, which is what removing a sublayer or a block assumes. Then removing a block removes
-    what it adds, and the scale before it stays with the blocks after it."""
+    what it adds, and the scale before it stays with the blocks after it. A block tail
+    (Architecture.block_tail) also ends in a norm, but its gate reads the stream itself, without a
+    norm: its weight is multiplied by C_i instead."""
     if arch.block_scalar is None:
         return
     layers = decoder_layers(model, arch)
@@ -51,7 +53,8 @@ def scales_before(scales: list[float]) -> list[float]:
 
 def folded_norm(weight: Any, before: float) -> Any:
     """A sublayer's closing norm weight divided by C_i, the product of the scales before its block,
-    in a new tensor of its dtype: the one formula loading, block-by-block reading and the streamed cut share."""
+    in a new tensor of its dtype: the one formula loading, block-by-block reading and the streamed cut
+    share (a raw reader's weight: divided by 1 / C_i)."""
     return (weight.double() / before).to(weight.dtype)
 
 
@@ -61,11 +64,14 @@ def fold_block_scalar(layer: Any, arch: Architecture, before: float) -> None:
     file-mapped ones, which must not be written)."""
     import torch
 
-    name, norms = arch.block_scalar
+    name, norms, raw_readers = arch.block_scalar
     with torch.no_grad():
         if before != 1:
-            for weight in (getattr(getattr(layer, norm), "weight", None) for norm in norms):
-                if weight is not None:  # (a removed sublayer's norm is gone)
+            for weight in (getattr(getattr(layer, norm, None), "weight", None) for norm in norms):
+                if weight is not None:  # (a removed sublayer's norm is gone; a block may have no tail)
                     weight.data = folded_norm(weight, before)
+            for weight in (getattr(getattr(layer, reader, None), "weight", None) for reader in raw_readers):
+                if weight is not None:
+                    weight.data = folded_norm(weight, 1 / before)
         scale = getattr(layer, name)
         setattr(layer, name, torch.ones_like(scale))

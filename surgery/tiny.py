@@ -45,6 +45,14 @@ def _lfm2_layer_types(layers: int) -> list[str]:
     return ["full_attention" if i % 2 else "conv" for i in range(layers)]
 
 
+# Gemma 4 E2B's and E4B's layout (tiny_model("gemma4_text", n, **GEMMA4_E)): no experts, keys apart
+# from values, a per-layer input in every block, and the last 3 layers attending to the keys and
+# values of the last earlier layer of their type, with FFNs twice as wide
+GEMMA4_E = {"hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": TINY_VOCAB, "num_kv_shared_layers": 3,
+            "use_double_wide_mlp": True, "enable_moe_block": False, "attention_k_eq_v": False,
+            "num_global_key_value_heads": None}
+
+
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "llama": {},
     "mistral": {"sliding_window": None},

@@ -88,13 +88,6 @@ def test_a_variant_of_a_family_is_its_entry_with_the_fields_the_config_changes()
     assert architecture_of(tiny_config("stablelm")) is ARCHITECTURES["stablelm"]
 
 
-def test_a_refused_variant_of_a_family_is_one_line_naming_why():
-    from surgery.errors import SurgeryError
-
-    with pytest.raises(SurgeryError, match="gemma4_text with num_kv_shared_layers=2 is not supported: its last layers read"):
-        architecture_of(tiny_config("gemma4_text", num_kv_shared_layers=2))
-
-
 @pytest.mark.parametrize("family, variant, why", [
     ("opt", dict(do_layer_norm_before=False), "with do_layer_norm_before=False is not supported: its norms follow each "
                                               "sublayer's addition"),  # OPT-350M
@@ -200,7 +193,7 @@ def test_shared_selection_reads_a_glm5_config_as_transformers_does(config):
     """Which layers reuse an earlier layer's selection, read from config.json's dict as transformers
     derives it for the config object (a list, else an F/S string, else a frequency and an offset),
     and which full layer each reads: the nearest one before it."""
-    rule = ARCHITECTURES["glm_moe_dsa"].shared_selection
+    rule = ARCHITECTURES["glm_moe_dsa"].shared_attention
     unshared = {"index_topk_freq": 1, "index_skip_topk_offset": 2}  # transformers' defaults (the tiny model shares)
     model_config = tiny_config("glm_moe_dsa", 6, **{**unshared, **config})
     saved = {"model_type": "glm_moe_dsa", "num_hidden_layers": 6, **config}

@@ -83,9 +83,9 @@ def test_a_physical_cut_computes_what_hooks_that_skip_the_same_units_compute(fam
     from tests.hooks import skipped
 
     # (GLM-5.2's L3 reuses the keys L2's indexer selects: a cut removes L2's attention only with L3's)
-    units = parse_sublayers("L0.mlp,L1,L2.attn" + (",L3.attn" if ARCHITECTURES[family].shared_selection else ""))
-    tokens = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(3))
     uncut = tiny_model(family, num_layers=4)
+    units = parse_sublayers("L0.mlp,L1,L2.attn" + (",L3.attn" if ARCHITECTURES[family].shared_readers(uncut.config) else ""))
+    tokens = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(3))
     with skipped(uncut, units):
         expected = uncut(tokens, use_cache=False).logits
     model = tiny_model(family, num_layers=4)

@@ -39,7 +39,7 @@ def glm52(**overrides):
 def test_the_tiny_model_shares_as_glm52_does():
     model = glm52()
     assert model.config.indexer_types == ["full", "full", "full", "shared", "full", "shared"]
-    assert ARCHITECTURES["glm_moe_dsa"].selection_readers(model.config) == SOURCES
+    assert ARCHITECTURES["glm_moe_dsa"].shared_readers(model.config) == SOURCES
 
 
 @pytest.mark.parametrize("units", ["L2.attn", "L2", "L2.attn,L3.mlp", "L1,L2.attn", "L4,L5.mlp", "L2.attn,L3.attn"])
@@ -67,8 +67,8 @@ def test_the_selection_matters_so_a_stand_in_that_drops_it_changes_the_readers()
 @pytest.mark.parametrize("units", ["L2.attn", "L2", "L4", "L3,L4.attn"])
 def test_a_cut_refuses_a_source_whose_readers_stay(units):
     model = glm52()
-    with pytest.raises(SurgeryError, match=r"removes L(2|4)\.attn, whose indexer chooses the keys that L(3|5)\.attn also "
-                                           r"attend to .*keep it, or remove L(3|5)\.attn with it"):
+    with pytest.raises(SurgeryError, match=r"removes L(2|4)\.attn, whose selected keys L(3|5)\.attn also "
+                                           r"attend to \(indexer_types \"shared\"\): keep it, or remove L(3|5)\.attn with it"):
         cut(model, parse_sublayers(units))
     assert model.config.num_hidden_layers == 6  # nothing changed
 
@@ -161,17 +161,18 @@ def test_prune_keeps_the_sources_and_the_command_line_refuses_them(tmp_path, tok
     model.save_pretrained(source)
     tokenizer.save_pretrained(source)
     info = run("info", source)
-    assert info.exit_code == 0 and "L2's by L3; L4's by L5" in " ".join(info.output.split()), info.output
+    cells = " ".join(info.output.replace("│", " ").split())  # (the row wraps in a narrow terminal)
+    assert info.exit_code == 0 and "L2's by L3; L4's by L5" in cells, info.output
     refused = run("cut", source, "--remove", "L4", "--out", tmp_path / "cut", "--device", "cpu")
-    assert "removes L4.attn, whose indexer chooses the keys that L5.attn also attend to" in one_line(refused)
+    assert "removes L4.attn, whose selected keys L5.attn also attend to" in one_line(refused)
     assert not (tmp_path / "cut").exists()
     named = run("prune", source, "--remove", "L2", "--out", tmp_path / "named", "--device", "cpu", "--data-dir", data_dir)
-    assert "removes L2.attn, whose indexer chooses the keys that L3.attn also attend to" in one_line(named)  # before loading
+    assert "removes L2.attn, whose selected keys L3.attn also attend to" in one_line(named)  # before loading
     result = run("prune", source, "--remove", "3", "--strategy", "last", "--no-bridge", "--samples", "2", "--seq-len", "16",
                  "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed", "--device", "cpu", "--data-dir", data_dir,
                  "--out", tmp_path / "pruned")
     assert result.exit_code == 0, result.output
-    assert "L2.attn,L4.attn kept: later layers reuse the keys their indexers select" in (tmp_path / "pruned" / "report.md").read_text()
+    assert "L2.attn,L4.attn kept: later layers reuse their selected keys" in (tmp_path / "pruned" / "report.md").read_text()
     removed = json.loads((tmp_path / "pruned" / "surgery.json").read_text())["removed_compact"]
     assert removed == "L0-L1,L3"  # the last three blocks that are no source (the strategy never takes the final one)
     written = json.loads((tmp_path / "pruned" / "config.json").read_text())

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.arch import architecture_of, mtp_layer_count, mtp_modules, read_config
-from surgery.cut import CutPlan, CutResult, cut_config, plan_cut, removed_sublayers
+from surgery.cut import CutPlan, CutResult, cut_config, packed_indices, plan_cut, removed_sublayers
 from surgery.errors import SurgeryError
 from surgery.export.checkpoint import (
     ExportResult,
@@ -40,6 +40,7 @@ from surgery.scales import folded_norm, scales_before, stored_block_scales
 from surgery.shards import TORCH_DTYPES, SafetensorsFolder, TensorInfo, tensor_bytes, write_checkpoint_shards
 from surgery.sublayers import Sublayer
 
+COPY_ROWS_BYTES = 16 * 2**20  # rows of a packed tensor sliced at a time
 NOT_SAFETENSORS = "the streamed cut reads safetensors weights only: convert them, or cut in memory with --no-stream"
 
 
@@ -76,8 +77,7 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     _check_tied_head(weights, config, arch)
     scales = stored_block_scales(weights, arch, config.num_hidden_layers)
     before = skeleton(config, getattr(torch, stored))
-    plan = plan_cut(config.num_hidden_layers, units, removed_sublayers(before), arch.attention_blocks(config),
-                    arch.absent_sublayers(config), arch.selection_readers(config))
+    plan = plan_cut(arch, config, config.num_hidden_layers, units, removed_sublayers(before))
     as_written = read_config(folder)  # not the config object: it counts its class's default where the file is silent
     mtp = mtp_modules(weights.info, as_written, len(plan.kept))
     cut_config(config, arch, plan)
@@ -87,25 +87,31 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     tensors = {}
     shapes = checkpoint_shapes(after)
     layers = saved_path(after, arch.layers)
+    packed = {f"{layers.rpartition('.')[0]}.{name}": dim for name, dim in arch.packed_per_layer}
+    computed: dict[str, Any] = {}
     for name, shape in shapes.items():
         source_name = plan.source_key(name, layers)
         info = weights.info.get(source_name)
         if info is None:
             raise SurgeryError(f"{folder} has no tensor {source_name}, which the cut model needs (its names differ from "
                                "those transformers writes): cut in memory with --no-stream")
+        if name in packed and info.shape != shape and plan.blocks:  # (the kept blocks' slices of a per-layer tensor)
+            tensors[name] = TensorInfo(source_name, info.dtype, shape, info.nbytes // info.shape[packed[name]] * shape[packed[name]])
+            computed[name] = _packed_slice(Path(folder), source_name, packed[name], packed_indices(arch, config, plan.kept))
+            continue
         if info.shape != shape:
             raise SurgeryError(f"{folder}: {source_name} is {list(info.shape)} but config.json implies {list(shape)}: "
                                "fix config.json or download the model again")
         tensors[name] = info
     tensors.update({name: weights.info[source_name] for name, source_name in mtp.tensors.items()})
     result = CutResult(list(plan.removed), plan.kept, count_parameters(before), count_parameters(after))
-    computed = _folded_scales(weights, arch, scales, plan.kept, layers, tensors) if scales else {}
+    computed |= _folded_scales(weights, arch, scales, plan.kept, layers, tensors) if scales else {}
     return StreamedCut(Path(folder), plan, config, tensors, result, list(mtp.tensors), computed)
 
 
 def _folded_scales(weights: SafetensorsFolder, arch: Any, scales: list[float], kept: list[int], layers: str,
                    tensors: dict[str, TensorInfo]) -> dict[str, Any]:
-    """The kept blocks' closing norms and output scales as loading folds them (surgery.scales): the
+    """The kept blocks' closing norms, raw readers and output scales as loading folds them (surgery.scales): the
     tensors the cut writes as made here rather than copies, so that its removals mean what the
     in-memory cut's do. None where every stored scale is 1."""
     import torch
@@ -113,13 +119,51 @@ def _folded_scales(weights: SafetensorsFolder, arch: Any, scales: list[float], k
     if all(scale == 1 for scale in scales):
         return {}
     before = scales_before(scales)
-    scalar, norms = arch.block_scalar
+    scalar, norms, raw_readers = arch.block_scalar
     blocks = {f"{layers}.{new}.{norm}.weight": before[old] for new, old in enumerate(kept) for norm in norms}
+    blocks |= {f"{layers}.{new}.{reader}.weight": 1 / before[old] for new, old in enumerate(kept) for reader in raw_readers}
     scalars = {f"{layers}.{new}.{scalar}" for new in range(len(kept))}
     wanted = [name for name in (*blocks, *scalars) if name in tensors]  # (a removed sublayer's norm is not written)
     stored = weights.tensors([tensors[name].name for name in wanted])
     return {name: torch.ones_like(stored[tensors[name].name]) if name in scalars else
             folded_norm(stored[tensors[name].name], blocks[name]) for name in wanted}
+
+
+def _packed_slice(source: Path, name: str, dim: int, indices: list[int]) -> Any:
+    """How to write the kept entries `indices` of dimension `dim` of a packed per-layer tensor
+    (Architecture.packed_per_layer): a function giving its bytes a few rows of the source at a time,
+    so that a vocabulary-sized table (Gemma 4 E2B's per-layer embeddings) is never held whole."""
+
+    def chunks() -> Any:
+        import torch
+
+        weights = SafetensorsFolder(source)
+        try:
+            info = weights.info[name]
+            if dim == 0:  # (one run of rows for each kept block's slice)
+                runs = _runs(indices)
+                for start, stop in runs:
+                    yield tensor_bytes(weights.rows(name, start, stop))
+                return
+            columns = torch.tensor(indices)
+            step = max(1, COPY_ROWS_BYTES // max(1, info.nbytes // info.shape[0]))
+            for start in range(0, info.shape[0], step):
+                yield tensor_bytes(weights.rows(name, start, start + step).index_select(1, columns))
+        finally:
+            weights.close()
+
+    return chunks
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of sorted indices, as (start, stop)."""
+    runs: list[tuple[int, int]] = []
+    for index in indices:
+        if runs and runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    return runs
 
 
 def _check_tied_head(weights: SafetensorsFolder, config: Any, arch: Any) -> None:
@@ -174,7 +218,10 @@ def write_copied_folder(folder: Path, source: Path, config: Any, tensors: dict[s
         def made(name: str) -> Any:  # (a tensor, or how to make it when its shard is written)
             return computed[name]() if callable(computed[name]) else computed[name]
 
-        digests = write_checkpoint_shards(folder, tensors, lambda info: [tensor_bytes(made(info.name))] if info.name in computed
+        def pieces(value: Any) -> Any:  # (a tensor, or its bytes a piece at a time)
+            return [tensor_bytes(value)] if hasattr(value, "dtype") else value
+
+        digests = write_checkpoint_shards(folder, tensors, lambda info: pieces(made(info.name)) if info.name in computed
                                           else weights.read(tensors[info.name].name),
                                           lies_in=lambda info: None if info.name in computed else tensors[info.name],
                                           max_shard_size=max_shard_size, parameters=parameters, label="writing shards")

@@ -23,7 +23,7 @@ from typing import Any
 from surgery.ablation import ablated
 from surgery.layerwise import vocabulary_nll
 from surgery.scoring.base import ValueFunction
-from surgery.scoring.residual import evaluation_cost, resume_point
+from surgery.scoring.residual import evaluation_cost, resumable, resume_point
 from surgery.sublayers import Sublayer
 
 GROUP = 64  # coalitions run through the blocks together, at most (their states live on CPU meanwhile)
@@ -42,7 +42,8 @@ class LayerwiseResidualLoss(ValueFunction):
         self.num_players = 2 * model.num_layers
         self.tokens = sum(int(b[:, 1:].numel()) for b in batches)
         self._streams = [model.embed(ids) for ids in batches]  # each batch's block arguments (rotary embeddings, masks)
-        self._sources = set(model.arch.selection_readers(model.model.config))
+        self._sources = set(model.arch.shared_readers(model.model.config))  # (whose blocks run even where removed whole)
+        self._resumes = resumable(model.arch, model.model.config)
         one = sum(s.hidden.numel() * s.hidden.element_size() for s in self._streams)  # one position, every batch
         free = available_memory("cpu")
         spill = spill_dir if spill_dir is not None and one * (self.num_players + 1) > free // 2 else None
@@ -66,7 +67,7 @@ class LayerwiseResidualLoss(ValueFunction):
         return [self._values[c] for c in coalitions]
 
     def cost(self, removed: frozenset[int]) -> float:
-        return self.model.num_layers + 1 if self._sources and removed else evaluation_cost(removed, self.model.num_layers)
+        return evaluation_cost(removed, self.model.num_layers) if self._resumes or not removed else self.model.num_layers + 1
 
     def states_at(self, position: int) -> list[Any]:
         return [self._states.get(b, position) for b in range(len(self.batches))]
@@ -87,7 +88,7 @@ class LayerwiseResidualLoss(ValueFunction):
                 for b in range(len(self._streams)):
                     block_input = hidden[b]
                     self._states.put(b, 2 * index, block_input)
-                    with self._without(index, {"mlp"}):
+                    with self._without(index, {"mlp"}, tail=True):
                         hidden[b] = self._run(block, index, b, block_input, carried[b])
                     self._states.put(b, 2 * index + 1, hidden[b])
                     with self._without(index, {"attn"}):
@@ -103,7 +104,7 @@ class LayerwiseResidualLoss(ValueFunction):
         """Each coalition from its cached start, through the blocks after it, read once for the group."""
         plans = []
         for removed in group:
-            if self._sources and removed:  # a shared selection: from the embeddings (ResidualLoss.resumes says why)
+            if removed and not self._resumes:  # from the embeddings (scoring.residual.resumable says why)
                 resume, skip, start = 0, [Sublayer.at(p) for p in removed], 0
             else:
                 resume, skip = resume_point(removed) if removed else (self.num_players, [])
@@ -128,9 +129,10 @@ class LayerwiseResidualLoss(ValueFunction):
 
         return self.model.run(block, index, Stream(hidden, self._streams[batch].calls, carried))
 
-    def _without(self, index: int, kinds: set[str]) -> Any:
-        """The loaded block `index` with the sublayers of `kinds` as stand-ins (weights kept)."""
-        return ablated(self.model.model, [Sublayer(index, kind) for kind in sorted(kinds)])
+    def _without(self, index: int, kinds: set[str], tail: bool = False) -> Any:
+        """The loaded block `index` with the sublayers of `kinds` as stand-ins (weights kept); `tail`:
+        its tail silenced too (the stream between its sublayers: surgery.ablation)."""
+        return ablated(self.model.model, [Sublayer(index, kind) for kind in sorted(kinds)], tails=[index] if tail else [])
 
     def _losses(self, hiddens: list[list[Any]]) -> list[float]:
         """Mean token loss of each coalition's last block outputs (one list of batches each, emptied

@@ -42,10 +42,7 @@ class ResidualLoss(ValueFunction):
         embed_device = self.base.get_input_embeddings().weight.device
         self.batches = [ids.to(embed_device) for ids in batches]
         self.prefix_cache = prefix_cache
-        # Where later layers reuse an earlier layer's selection of keys (GLM-5.2), a coalition's later
-        # blocks would need the selection its removals left, which the cache does not hold: every
-        # coalition runs from the embeddings (the cached stream still serves the scorers that read it).
-        self.resumes = prefix_cache and not self.arch.selection_readers(self.base.config)
+        self.resumes = prefix_cache and resumable(self.arch, self.base.config)
         # The cached streams (2L + 1 per batch) would crowd a GPU holding a large model; they live in
         # host memory by default and only the state a coalition starts from is copied back.
         self.device = next(self.base.parameters()).device
@@ -208,6 +205,16 @@ def evaluation_cost(removed: frozenset[int], layers: int, base: frozenset[int] =
         return layers + 1
     resume = resume_point(removed, min(removed - base))[0] if removed != base else 0
     return layers - resume // 2 + 1
+
+
+def resumable(arch: Any, config: Any) -> bool:
+    """Whether a coalition can resume from the cached stream. Not where later layers reuse what an
+    earlier attention made (GLM-5.2's selection, Gemma 4 E2B's keys and values): a coalition's
+    later blocks would need what its removals left, which the cache does not hold. Nor where blocks
+    end in a tail (Gemma 4 E2B's per-layer input): the stream between a block's sublayers has not
+    met it, so a run that starts at an FFN would resume without the tail its block keeps. There every
+    coalition runs from the embeddings (the cached stream still serves the scorers that read it)."""
+    return not arch.shared_readers(config) and not arch.has_block_tail(config)
 
 
 def group_key(removed: frozenset[int], base: frozenset[int] = frozenset()) -> tuple[int, frozenset[int]] | None:
