@@ -236,3 +236,4 @@ def test_info_prune_and_the_command_line_keep_the_sources(tmp_path, tokenizer, d
     assert removed == "L0,L3-L4"  # (the last block stays; L1 and L2 hold sources)
     written = json.loads((tmp_path / "pruned" / "config.json").read_text())
     assert written["num_kv_shared_layers"] == 1 and written["num_hidden_layers"] == 3
+

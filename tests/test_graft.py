@@ -19,6 +19,7 @@ from tests.test_text_decoder import (
     fuyu,
     gemma3,
     gemma4,
+    gemma4_e,
     glm4v,
     glm4v_moe,
     hunyuan_vl,
@@ -376,6 +377,26 @@ def test_a_failed_check_leaves_nothing(tmp_path, tokenizer, monkeypatch):
     line = one_line(run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft", "--device", "cpu"))
     assert "export check failed" in line and "differs from its source tensor" in line
     assert not (tmp_path / "graft").exists()
+
+
+@torch.no_grad()
+def test_a_gemma4_e2b_graft_keeps_its_audio_and_the_cut_decoders_shared_layers(tmp_path, tokenizer):
+    """Gemma 4 E2B's decoder cut (L0 and L3 gone: its per-layer inputs sliced, one shared layer
+    fewer) grafts back beside the vision and audio towers: the image-text model computes on text what
+    the cut decoder does, and its text_config counts the shared layers that stay."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    source, _ = extracted_and_cut(gemma4_e, tmp_path, tokenizer, remove="L0,L3")
+    result = run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert {"num_hidden_layers", "num_kv_shared_layers"} <= set(read_manifest(tmp_path / "graft")["text_config_changed"])
+    written = json.loads((tmp_path / "graft" / "config.json").read_text())
+    assert written["text_config"]["num_kv_shared_layers"] == 2 and written["audio_config"] is not None
+    grafted = AutoModelForImageTextToText.from_pretrained(tmp_path / "graft").eval()
+    assert grafted.model.audio_tower is not None
+    decoder = AutoModelForCausalLM.from_pretrained(tmp_path / "cut").eval()
+    ids = torch.randint(3, VOCAB - 5, (1, 12), generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(grafted(input_ids=ids).logits, decoder(ids).logits, atol=1e-5)
 
 
 @torch.no_grad()

@@ -49,6 +49,24 @@ def gemma4(folder, tokenizer):
     return model
 
 
+def gemma4_e(folder, tokenizer):
+    """Gemma 4 E2B's layout: an audio tower beside the vision tower, and a decoder whose last layers
+    share keys and values and whose blocks add per-layer inputs (surgery.tiny.GEMMA4_E)."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4AudioConfig, Gemma4VisionConfig
+
+    from surgery.tiny import GEMMA4_E, tiny_config
+
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=16)
+    audio = Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[8, 4],
+                              output_proj_dims=32)
+    config = Gemma4Config(text_config=tiny_config("gemma4_text", 6, **GEMMA4_E).to_dict(), vision_config=vision.to_dict(),
+                          audio_config=audio.to_dict(), image_token_id=VOCAB - 1, boi_token_id=VOCAB - 3, eoi_token_id=VOCAB - 2,
+                          audio_token_id=VOCAB - 4)
+    return save(Gemma4ForConditionalGeneration(config), folder, tokenizer)
+
+
 def mistral3(folder, tokenizer):
     """Mistral Small 3.1's layout: an untied output layer, kept at language_model.lm_head."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
@@ -340,7 +358,7 @@ def renamed_to_the_newer_layout(folder):
 
 
 @pytest.mark.parametrize("make, family, layout", [(gemma3, "gemma3_text", "legacy"), (gemma3, "gemma3_text", "newer"),
-                                                  (gemma4, "gemma4_text", "newer"),
+                                                  (gemma4, "gemma4_text", "newer"), (gemma4_e, "gemma4_text", "newer"),
                                                   (mistral3, "mistral", "legacy"), (mistral3, "mistral", "newer"),
                                                   (llama4, "llama4_text", "legacy"), (qwen2_5_vl, "qwen2", "released"),
                                                   (qwen2_5_vl, "qwen2", "class names"), (qwen2_vl, "qwen2", "released"),
@@ -366,11 +384,13 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     assert manifest["verified"]["method"] == "copied, compared with the multimodal model"
     assert {prefix.removeprefix("model.") for prefix in manifest["left_behind"]} == \
         ({"visual"} if family in ("qwen2", "qwen3", "qwen3_moe", "glm4", "glm4_moe", "cohere_compass_text") else
-         {"vision_embed_tokens"} if family == "persimmon" else {"vit"} if family == "hunyuan_v1_dense" else {"vision_tower", "embed_vision"} if family == "gemma4_text" else
+         {"vision_embed_tokens"} if family == "persimmon" else {"vit"} if family == "hunyuan_v1_dense" else
+         {"vision_tower", "embed_vision", "audio_tower", "embed_audio"} if make is gemma4_e else
+         {"vision_tower", "embed_vision"} if family == "gemma4_text" else
          {"vision_model" if family == "llama4_text" else "vision_tower", "multi_modal_projector"})
 
     config = json.loads((tmp_path / "text" / "config.json").read_text())
-    assert config["model_type"] == family and config["tie_word_embeddings"] == (make in (gemma3, gemma4, qwen2_vl, qwen3_vl,
+    assert config["model_type"] == family and config["tie_word_embeddings"] == (make in (gemma3, gemma4, gemma4_e, qwen2_vl, qwen3_vl,
                                                                                           cohere2_vision, aya_vision, hunyuan_vl))
     if make is gemma4:  # the released words, beside the ones transformers saves
         assert (config["global_head_dim"], config["num_global_key_value_heads"]) == (32, 1) and "per_layer_config" in config
@@ -387,7 +407,8 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     ids = torch.randint(3, VOCAB - 5, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(text(ids).logits, model(input_ids=ids).logits, atol=1e-5)
     stored = load_file(source / "model.safetensors")
-    sources = {name for name in stored if not any(part in name for part in ("vision", "projector", "visual")) and not name.startswith("vit.")}
+    sources = {name for name in stored if not any(part in name for part in ("vision", "projector", "visual", "audio"))
+               and not name.startswith("vit.")}
     # Qwen3-VL-MoE's fused experts are written one tensor per expert and projection (gate and up, and down),
     # as Qwen3-MoE stores them (Gemma 4's stay fused, as its text family stores them)
     split = sum(stored[name].shape[0] * (2 if name.endswith("gate_up_proj") else 1) - 1 for name in sources
@@ -395,7 +416,8 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     written = {name for file in (tmp_path / "text").glob("model-*.safetensors") for name in load_file(file)}
     assert len(written) == len(sources) + split and len(list((tmp_path / "text").glob("model-*.safetensors"))) > 1
 
-    cut = run("cut", tmp_path / "text", "--remove", "L1", "--out", tmp_path / "cut", "--device", "cpu")  # the pipeline goes on
+    remove = "L0" if make is gemma4_e else "L1"  # (E2B's L1 is a source of keys and values)
+    cut = run("cut", tmp_path / "text", "--remove", remove, "--out", tmp_path / "cut", "--device", "cpu")  # the pipeline goes on
     assert cut.exit_code == 0, cut.output
 
 
