@@ -393,14 +393,7 @@ class LayerwiseModel:
         self.weights.close()
 
     def _stem(self) -> list[Any]:
-        """The modules with weights that run before the first block: the input embeddings and whatever
-        else the decoder stack holds beside its blocks and final norm (StarCoder's learned positions)."""
-        stack = decoder_stack(self.model)
-        after = {id(self.layers), id(get_module(self.model, self.arch.final_norm))}
-        modules = [self.model.get_input_embeddings()]
-        modules += [child for child in stack.children() if id(child) not in after and child not in modules
-                    and any(True for _ in child.parameters())]
-        return modules
+        return stem_modules(self.model, self.arch)
 
     def _path_of(self, module: Any) -> str:
         return next(name for name, m in self.model.named_modules() if m is module) + "."
@@ -435,6 +428,18 @@ class LayerwiseModel:
         finally:
             for name in state:
                 _to_meta(module, name, torch)
+
+
+def stem_modules(model: Any, arch: Any) -> list[Any]:
+    """The modules with weights that run before the first block, which block-by-block reading holds
+    together while it embeds a batch: the input embeddings and whatever else the decoder stack holds
+    beside its blocks and final norm (StarCoder's learned positions, Gemma 4 E2B's per-layer embeddings)."""
+    stack = decoder_stack(model)
+    after = {id(decoder_layers(model, arch)), id(get_module(model, arch.final_norm))}
+    modules = [model.get_input_embeddings()]
+    modules += [child for child in stack.children() if id(child) not in after and child not in modules
+                and any(True for _ in child.parameters())]
+    return modules
 
 
 def vocabulary_nll(model: LayerwiseModel, rows: list[Any], targets: list[Any]) -> list[Any]:

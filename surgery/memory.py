@@ -283,6 +283,7 @@ class Footprint:
     linear: int  # parameters in the decoder blocks' linear layers: what 4-bit QLoRA quantises
     dtype: str  # as loaded
     head_slice: int  # bytes of the output layer's rows the block-by-block paths hold at once
+    stem: int = 0  # bytes of what runs before the first block (layerwise.stem_modules), held while a batch is embedded
 
 
 def footprint(folder: Path, dtype: str | None = None) -> Footprint:
@@ -290,7 +291,7 @@ def footprint(folder: Path, dtype: str | None = None) -> Footprint:
     import torch
 
     from surgery.arch import architecture_of, decoder_layers, get_module
-    from surgery.layerwise import HEAD_ROWS, load_config, skeleton
+    from surgery.layerwise import HEAD_ROWS, load_config, skeleton, stem_modules
     from surgery.shards import TORCH_DTYPES, SafetensorsFolder
 
     config = load_config(folder)
@@ -306,9 +307,11 @@ def footprint(folder: Path, dtype: str | None = None) -> Footprint:
     linear = sum(m.weight.numel() for layer in decoder_layers(model, arch) for m in layer.modules()
                  if isinstance(m, torch.nn.Linear))
     head = get_module(model, arch.lm_head).weight
+    stem = {id(p): p for module in stem_modules(model, arch) for p in module.parameters()}.values()
     return Footprint(parameters=sum(p.numel() for p in unique), weights=sum(p.numel() * p.element_size() for p in unique),
                      blocks=blocks, linear=linear, dtype=str(loaded).removeprefix("torch."),
-                     head_slice=min(HEAD_ROWS, head.shape[0]) * head.shape[1] * head.element_size())
+                     head_slice=min(HEAD_ROWS, head.shape[0]) * head.shape[1] * head.element_size(),
+                     stem=sum(p.numel() * p.element_size() for p in stem))
 
 
 def _config_dtype(config: Any) -> Any:
@@ -324,8 +327,9 @@ def in_memory_bytes(weights: int, copies: int = 1) -> int:
 
 
 def block_by_block_bytes(found: Footprint) -> int:
-    """What a block-by-block path holds: the largest block, a slice of the output layer, the libraries."""
-    return max(found.blocks, default=0) + found.head_slice + LIBRARY_BYTES
+    """What a block-by-block path holds: the largest block or the modules before the first (the
+    embeddings, read while a batch is embedded, then released), a slice of the output layer, the libraries."""
+    return max(*found.blocks, found.stem, 0) + found.head_slice + LIBRARY_BYTES
 
 
 @dataclass(frozen=True)
@@ -357,7 +361,8 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
             steps.append(Step(command, "in memory" + (", checked against a reloaded copy" if copies == 2 else ""),
                               in_memory_bytes(weights, copies), f"{option} reads one block at a time" if streaming else ""))
         else:
-            steps.append(Step(command, out_of_core_how, block, f"about the largest block, chosen because {copies} "
+            largest = "the embeddings" if found.stem > max(found.blocks, default=0) else "the largest block"
+            steps.append(Step(command, out_of_core_how, block, f"about {largest}, chosen because {copies} "
                               f"cop{'ies' if copies > 1 else 'y'} would not fit" + _stored_dtype_note(folder, dtype)))
     steps.append(_heal_step(found, weights, device, quantize, streaming, block))
     if device_map:

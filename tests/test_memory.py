@@ -143,11 +143,34 @@ def test_info_plans_a_70b_model_without_loading_it_and_prune_refuses_it_at_once(
     assert "131.4 GiB as loaded" in line and "64.0 GiB available" in line and "surgery cut --stream" in line
     assert time.perf_counter() - started < 60 and not (tmp_path / "out").exists()
     result = run("info", folder, "--device", "cpu", "--dtype", "float32")  # the route named is one the commands take
-    assert "drop --dtype float32" in " ".join(result.output.split())
+    assert "drop --dtype float32" in " ".join(result.output.replace("│", " ").split())  # (cells wrap in a narrow terminal)
     machine(512)  # a machine that holds it: the in-memory paths, as each command decides
     result = run("info", folder, "--device", "cpu")
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") == 5}
     assert "in memory" in rows["analyze, eval"] and "in memory" in rows["cut"] and "does not fit" not in rows["prune"]
+
+
+# Gemma 4 E2B's text decoder as released: a per-layer embedding of 256 entries per layer beside the embeddings
+GEMMA4_E2B = dict(hidden_size=1536, intermediate_size=6144, num_hidden_layers=35, num_attention_heads=8, num_key_value_heads=1,
+                  head_dim=256, global_head_dim=512, vocab_size=262144, vocab_size_per_layer_input=262144,
+                  hidden_size_per_layer_input=256, num_kv_shared_layers=20, use_double_wide_mlp=True, tie_word_embeddings=True)
+
+
+def test_a_block_by_block_plan_holds_the_embeddings_where_they_outweigh_every_block(tmp_path, machine):
+    """Gemma 4 E2B's per-layer embeddings (262,144 x 35 x 256) are read whole while a batch is
+    embedded, then released: the plan counts them, not the largest block, which is far smaller."""
+    from surgery.memory import LIBRARY_BYTES, block_by_block_bytes, footprint
+
+    folder = sparse_checkpoint(tmp_path / "gemma-4-e2b", "gemma4_text", **GEMMA4_E2B)
+    found = footprint(folder)
+    embeddings = 262144 * 1536 + 262144 * 35 * 256 + 1536 * 35 * 256 + 256  # (and their projection from the stream, its norm)
+    assert found.stem == 2 * embeddings and found.stem > 10 * max(found.blocks)
+    assert block_by_block_bytes(found) == found.stem + found.head_slice + LIBRARY_BYTES
+    machine(4)
+    result = run("info", folder, "--device", "cpu")
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") == 5}
+    assert result.exit_code == 0 and "block by block" in rows["analyze, eval"], result.output
+    assert "about the embeddings" in " ".join(result.output.replace("│", " ").split())
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma", "qwen3_moe", "gpt_oss"])
