@@ -206,6 +206,10 @@ def test_in_memory_and_block_by_block_values_are_the_hooked_models(shared, tmp_p
     assert layerwise.values(COALITIONS) == pytest.approx(expected, abs=1e-5)
     together = LayerwiseResidualLoss(LayerwiseModel(tmp_path), batches)  # (a group's coalitions run layer-major, block by block)
     assert together.values(COALITIONS, batch=len(COALITIONS)) == pytest.approx(expected, abs=1e-5)
+    full = hooked_value(model, batches, ())
+    assert in_memory.full_value == pytest.approx(full, abs=1e-5) and layerwise.full_value == pytest.approx(full, abs=1e-5)
+    for position in range(13):  # the cached stream, every position, as the in-memory cache holds it
+        assert torch.allclose(layerwise.states_at(position)[1], in_memory.states_at(position)[1], atol=1e-5), position
     states, _ = capture_stream(model, batches[0])
     with skipped(model, [Sublayer(0, "mlp")]):  # the stream after L0's attention: L0 with its FFN and tail gone
         block = decoder_layers(model)[0]

@@ -91,11 +91,11 @@ class LayerwiseResidualLoss(ValueFunction):
                     with self._without(index, {"mlp"}, tail=True):
                         hidden[b] = self._run(block, index, b, block_input, carried[b])
                     self._states.put(b, 2 * index + 1, hidden[b])
-                    with self._without(index, {"attn"}):
+                    with self._without(index, {"attn"}):  # (what this run hands on is discarded: a scratch copy)
                         if parallel:
-                            hidden[b] = hidden[b] + (self._run(block, index, b, block_input, dict(carried[b])) - block_input)
+                            hidden[b] = hidden[b] + (self._run(block, index, b, block_input, self._scratch(carried[b])) - block_input)
                         else:
-                            hidden[b] = self._run(block, index, b, hidden[b], dict(carried[b]))
+                            hidden[b] = self._run(block, index, b, hidden[b], self._scratch(carried[b]))
         for b in range(len(self._streams)):
             self._states.put(b, self.num_players, hidden[b])
         self._values[frozenset()] = self._losses([hidden])[0]
@@ -128,6 +128,17 @@ class LayerwiseResidualLoss(ValueFunction):
         from surgery.layerwise import Stream
 
         return self.model.run(block, index, Stream(hidden, self._streams[batch].calls, carried))
+
+    def _scratch(self, carried: dict[str, Any]) -> dict[str, Any]:
+        """A copy of what the blocks before handed on, for a run whose own hand-on must not count: a
+        source's attention silenced for the FFN's share still runs, on the mid-block stream, and
+        would overwrite the selection it hands on, or the keys and values it stores in the container
+        its readers share (SharedKV.state), with ones made from the wrong stream."""
+        copy = dict(carried)
+        state = self.model.arch.shared_attention.state if self.model.arch.shared_attention else None
+        if state in copy:
+            copy[state] = type(copy[state])(copy[state])
+        return copy
 
     def _without(self, index: int, kinds: set[str], tail: bool = False) -> Any:
         """The loaded block `index` with the sublayers of `kinds` as stand-ins (weights kept); `tail`:
