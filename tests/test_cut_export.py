@@ -527,23 +527,6 @@ def test_a_gemma4_cut_must_end_on_a_full_attention_layer(tiny_folder, tmp_path):
     assert model.config.num_hidden_layers == len(model.model.layers) == 6
 
 
-@pytest.mark.parametrize("key, value, what", [("num_kv_shared_layers", 2, "read the KV cache of earlier ones"),
-                                              ("hidden_size_per_layer_input", 8, "per-layer embeddings")])
-def test_gemma4_e2b_and_e4b_are_refused_in_one_line(key, value, what, tiny_folder, tmp_path):
-    """Gemma 4 E2B and E4B share their last layers' KV caches with earlier layers and pack per-layer
-    embeddings into model-level tensors, neither of which a cut follows yet: refused by name."""
-    from tests.cli import one_line
-
-    source, _ = released_gemma4(tiny_folder)
-    config = json.loads((source / "config.json").read_text())
-    config[key] = value
-    (source / "config.json").write_text(json.dumps(config))
-    result = run("cut", source, "--remove", "L1", "--out", tmp_path / "out", "--device", "cpu")
-    line = one_line(result)
-    assert result.exit_code == 2 and f"gemma4_text with {key}={value} is not supported" in line and what in line, line
-    assert "cut Gemma 4 31B or 26B-A4B" in line and not (tmp_path / "out").exists()
-
-
 def test_gpt2_scaling_attention_by_block_index_is_refused_in_one_line(tiny_folder, tmp_path):
     """GPT-2 configs with scale_attn_by_inverse_layer_idx divide each block's attention scores by its
     index plus one, which a block cut would change for every later block: refused by name."""
