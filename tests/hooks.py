@@ -45,3 +45,18 @@ def skipped(model, units: Iterable[Sublayer]) -> Iterator[None]:
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def hooked_value(model, batches, removed) -> float:
+    """-(mean token loss) over the batches with the sublayer positions `removed` skipped by hooks:
+    what the loss value function (surgery.scoring.residual) must give."""
+    import torch
+    import torch.nn.functional as F
+
+    total = count = 0
+    with skipped(model, [Sublayer.at(p) for p in removed]), torch.no_grad():
+        for batch in batches:
+            logits = model(batch, use_cache=False).logits[:, :-1]
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
+            count += batch[:, 1:].numel()
+    return -total / count

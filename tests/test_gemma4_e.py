@@ -12,7 +12,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 
 from surgery.ablation import ablated
@@ -23,7 +22,7 @@ from surgery.hf_modeling import remove_sublayer
 from surgery.sublayers import Sublayer, parse_sublayers
 from surgery.tiny import GEMMA4_E, tiny_model
 from tests.cli import one_line, run
-from tests.hooks import skipped
+from tests.hooks import hooked_value, skipped
 
 ARCH = ARCHITECTURES["gemma4_text"]
 SOURCES = {1: [3], 2: [4, 5]}
@@ -168,17 +167,6 @@ def test_block_by_block_reading_gives_each_block_its_keys_and_per_layer_input(tm
         with skipped(model, units):
             expected = logits(model)
         assert torch.allclose(layerwise.forward(ids(), skip=units), expected, atol=1e-4), units
-
-
-def hooked_value(model, batches, removed):
-    """-(mean token loss) over the batches with the sublayer positions `removed` skipped by hooks."""
-    total = count = 0
-    with skipped(model, [Sublayer.at(p) for p in removed]), torch.no_grad():
-        for batch in batches:
-            out = model(batch, use_cache=False).logits[:, :-1]
-            total += float(F.cross_entropy(out.reshape(-1, out.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
-            count += batch[:, 1:].numel()
-    return -total / count
 
 
 COALITIONS = [frozenset(c) for c in [(1,), (2,), (2, 3), (3, 4), (4,), (4, 5), (3, 6), (5, 6, 7), (8, 9), (9, 10, 11), (0, 11)]]

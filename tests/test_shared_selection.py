@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from surgery.ablation import ablated
 from surgery.arch import ARCHITECTURES, decoder_layers
@@ -21,7 +20,7 @@ from surgery.hf_modeling import remove_sublayer
 from surgery.sublayers import Sublayer, parse_sublayers
 from surgery.tiny import tiny_model
 from tests.cli import one_line, run
-from tests.hooks import skipped
+from tests.hooks import hooked_value, skipped
 
 SELECTIVE = {"index_topk": 3}  # of 12 tokens
 # Full L0, L1, L2, L4; L3 reads L2's selection, L5 reads L4's (the tiny model's sharing, GLM-5.2's with a period of 2)
@@ -116,17 +115,6 @@ def test_block_by_block_reading_hands_each_block_the_selection(tmp_path):
         with skipped(model, units):
             expected = model(ids(), use_cache=False).logits
         assert torch.allclose(layerwise.forward(ids(), skip=units), expected, atol=1e-5), units
-
-
-def hooked_value(model, batches, removed):
-    """-(mean token loss) over the batches with the sublayer positions `removed` skipped by hooks."""
-    total = count = 0
-    with skipped(model, [Sublayer.at(p) for p in removed]), torch.no_grad():
-        for batch in batches:
-            logits = model(batch, use_cache=False).logits[:, :-1]
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
-            count += batch[:, 1:].numel()
-    return -total / count
 
 
 COALITIONS = [frozenset(c) for c in [(4,), (5,), (4, 5), (4, 6), (3, 4, 5), (5, 6, 7), (8,), (8, 9, 10), (0, 4, 11), (6, 7, 8, 9)]]
