@@ -311,6 +311,10 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
         rule = arch.shared_attention
         table.add_row("shared attention", f"{rule.shares} reused ({rule.marker}): {shared}. A cut removes a source's "
                                           "attention only with its readers', and prune keeps the sources")
+    if arch.has_block_tail(stored):
+        tables = ", ".join(name.removesuffix(".weight") for name, _ in arch.packed_per_layer)
+        table.add_row("per-layer inputs", f"each block ends by adding its own input ({', '.join(arch.block_tail)}), which "
+                                          f"goes only with the whole block; a block cut keeps the kept blocks' slices of {tables}")
     if (guard := arch.last_block_guard(stored)) is not None:
         table.add_row("last layer", f"{arch.last_layer_type}, which transformers gives the last layer whatever the config "
                                     f"lists: a cut must end on such a layer, and prune keeps {guard}")

@@ -216,6 +216,7 @@ def test_info_prune_and_the_command_line_keep_the_sources(tmp_path, tokenizer, d
     info = run("info", source)
     cells = " ".join(info.output.replace("│", " ").split())  # (the row wraps in a narrow terminal)
     assert info.exit_code == 0 and "L1's by L3; L2's by L4-L5" in cells, info.output
+    assert "a block cut keeps the kept blocks' slices of embed_tokens_per_layer, per_layer_model_projection" in cells
     refused = run("cut", source, "--remove", "L2", "--out", tmp_path / "cut", "--device", "cpu")
     assert "removes L2.attn, whose keys and values L4.attn,L5.attn also attend to" in one_line(refused)
     assert not (tmp_path / "cut").exists()
