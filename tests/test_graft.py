@@ -383,10 +383,12 @@ def test_a_failed_check_leaves_nothing(tmp_path, tokenizer, monkeypatch):
 def test_a_gemma4_e2b_graft_keeps_its_audio_and_the_cut_decoders_shared_layers(tmp_path, tokenizer):
     """Gemma 4 E2B's decoder cut (L0 and L3 gone: its per-layer inputs sliced, one shared layer
     fewer) grafts back beside the vision and audio towers: the image-text model computes on text what
-    the cut decoder does, and its text_config counts the shared layers that stay."""
+    the cut decoder does, and its text_config counts the shared layers that stay. The source's files
+    hold key and value projections for the shared layers, as Google's do, which transformers drops
+    when loading: extract-text and graft drop them too."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    source, _ = extracted_and_cut(gemma4_e, tmp_path, tokenizer, remove="L0,L3")
+    source, _ = extracted_and_cut(gemma4_e, tmp_path, tokenizer, remove="L0,L3", layout="released shared layers")
     result = run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert {"num_hidden_layers", "num_kv_shared_layers"} <= set(read_manifest(tmp_path / "graft")["text_config_changed"])

@@ -321,8 +321,22 @@ def experts_as_released(folder):
     save_file(moved, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def with_shared_layers_keys(folder):
+    """Gemma 4 E2B's files as Google released them: key and value projections (and their norms) for
+    the layers that reuse another's too, which transformers drops when loading."""
+    weights = load_file(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())["text_config"]
+    first = config["num_hidden_layers"] - config["num_kv_shared_layers"]
+    source = f"model.language_model.layers.{first - 1}.self_attn."
+    for name in [n for n in weights if n.startswith(source) and n.rsplit(".", 2)[-2] in ("k_proj", "v_proj", "k_norm")]:
+        for layer in range(first, config["num_hidden_layers"]):
+            weights[name.replace(f".layers.{first - 1}.", f".layers.{layer}.")] = weights[name].clone()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 LAYOUTS = {"newer": lambda folder: renamed_to_the_newer_layout(folder), "class names": lambda folder: renamed_to_qwen_vl_class_names(folder),
-           "flat config": lambda folder: flattened_as_released(folder), "released experts": experts_as_released}  # (legacy, released: as transformers saves them)
+           "flat config": lambda folder: flattened_as_released(folder), "released experts": experts_as_released,
+           "released shared layers": with_shared_layers_keys}  # (legacy, released: as transformers saves them)
 
 
 def multimodal_source(make, folder, tokenizer, layout=None):
@@ -359,6 +373,7 @@ def renamed_to_the_newer_layout(folder):
 
 @pytest.mark.parametrize("make, family, layout", [(gemma3, "gemma3_text", "legacy"), (gemma3, "gemma3_text", "newer"),
                                                   (gemma4, "gemma4_text", "newer"), (gemma4_e, "gemma4_text", "newer"),
+                                                  (gemma4_e, "gemma4_text", "released shared layers"),
                                                   (mistral3, "mistral", "legacy"), (mistral3, "mistral", "newer"),
                                                   (llama4, "llama4_text", "legacy"), (qwen2_5_vl, "qwen2", "released"),
                                                   (qwen2_5_vl, "qwen2", "class names"), (qwen2_vl, "qwen2", "released"),
@@ -413,6 +428,8 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     # as Qwen3-MoE stores them (Gemma 4's stay fused, as its text family stores them)
     split = sum(stored[name].shape[0] * (2 if name.endswith("gate_up_proj") else 1) - 1 for name in sources
                 if name.endswith(("experts.gate_up_proj", "experts.down_proj"))) if make is qwen3_vl_moe else 0
+    # (E2B's shared layers' key and value projections, as released: dropped, as transformers drops them)
+    split -= 9 if layout == "released shared layers" else 0
     written = {name for file in (tmp_path / "text").glob("model-*.safetensors") for name in load_file(file)}
     assert len(written) == len(sources) + split and len(list((tmp_path / "text").glob("model-*.safetensors"))) > 1
 

@@ -107,7 +107,7 @@ def prepare_graft(decoder_folder: Path, source_folder: Path, trust_remote_code: 
     tensors, decoder_names = _placed(decoder_folder, extracted, names)
     computed, fused_parts = _fused_back(decoder_folder, extracted, names, tensors)
     source = SafetensorsFolder(source_folder)
-    used = {info.name for info in extracted.tensors.values()}
+    used = {info.name for info in extracted.tensors.values()} | extracted.dropped  # (what loading drops stays dropped)
     for name, info in source.info.items():
         if name not in used and not is_output_layer(name):  # (one stored beside tied embeddings is not the decoder's)
             tensors[name] = (Path(source_folder), info)

@@ -66,6 +66,7 @@ class TextDecoder:
     # where the source stores a layer's experts fused: gate_up_proj / down_proj -> the shape of a layer's
     fused_experts: dict[str, tuple[int, ...]] = field(default_factory=dict)
     experts_transposed: bool = False  # stored [experts, in, out] (else [experts, out, in], as the model holds them)
+    dropped: frozenset[str] = frozenset()  # decoder tensors transformers drops when loading (ignored_on_load): never copied
 
     @property
     def nbytes(self) -> int:
@@ -110,9 +111,10 @@ def prepare_text_decoder(folder: Path, trust_remote_code: bool = False) -> TextD
     declared = mtp_layer_count(text, weights.info)
     count_carried_mtp(config, mtp, declared)
     fused = {info.name.rsplit(".", 1)[-1]: weights.info[info.name].shape for info, _ in computed.values()}
-    return TextDecoder(Path(folder), config, tensors, _left_behind(folder, weights, tensors, computed), count_parameters(model),
+    left, dropped = _left_behind(folder, weights, tensors, computed, ignored_on_load(model))
+    return TextDecoder(Path(folder), config, tensors, left, count_parameters(model),
                        tuple(mtp.tensors), mtp.layers, declared, {name: read for name, (_, read) in computed.items()}, fused,
-                       any(read.transposed for _, read in computed.values()))
+                       any(read.transposed for _, read in computed.values()), frozenset(dropped))
 
 
 def _text_config(folder: Path, data: dict[str, Any], trust_remote_code: bool) -> Any:
@@ -168,24 +170,41 @@ def _tied(folder: Path, data: dict[str, Any], weights: SafetensorsFolder) -> boo
     return not stored if said is None else bool(said)
 
 
-def _left_behind(folder: Path, weights: SafetensorsFolder, tensors: dict[str, TensorInfo], computed: dict[str, Any]) -> dict[str, int]:
-    """What the source holds beside the decoder (vision tower, projector): name prefix -> tensors.
-    A tensor under the decoder's own names that its config has no place for (a layer more than
-    num_hidden_layers says) means config and weights disagree: refused, not left behind."""
+def ignored_on_load(model: Any) -> Callable[[str], bool]:
+    """Whether transformers drops a stored tensor when it loads `model`'s class (its modules'
+    `_keys_to_ignore_on_load_unexpected`, searched in the name as transformers searches them:
+    Gemma 4 E2B's files hold key and value projections for the layers that reuse another's)."""
+    import re
+
+    patterns = [re.compile(pattern) for module in model.modules()
+                for pattern in (getattr(module, "_keys_to_ignore_on_load_unexpected", None) or ())]
+    return lambda name: any(pattern.search(name) for pattern in patterns)
+
+
+def _left_behind(folder: Path, weights: SafetensorsFolder, tensors: dict[str, TensorInfo], computed: dict[str, Any],
+                 ignored: Callable[[str], bool]) -> tuple[dict[str, int], list[str]]:
+    """What the source holds beside the decoder (vision tower, projector): name prefix -> tensors;
+    and the decoder's tensors that transformers itself drops when loading it (`ignored`), dropped
+    here too. Any other tensor under the decoder's own names that its config has no place for (a
+    layer more than num_hidden_layers says) means config and weights disagree: refused, not left behind."""
     used = {info.name for info in tensors.values()}
     body = {info.name[: len(info.name) - len(name) + len("model.")] for name, info in tensors.items()
             if name.startswith("model.") and name not in computed}
     left: dict[str, int] = {}
+    dropped = []
     for name in weights.info:
         if name in used or is_output_layer(name):
             continue  # (an output layer the config ties to the embeddings is not the decoder's)
+        if any(name.startswith(prefix) for prefix in body) and ignored(name):
+            dropped.append(name)
+            continue
         if any(name.startswith(prefix) for prefix in body):
             raise SurgeryError(f"{folder} holds {name} in its text decoder, which its text_config has no place for: "
                                "fix num_hidden_layers and the sizes in config.json, or download the model again")
         parts = name.split(".")
         prefix = ".".join(parts[:2] if parts[0] == "model" else parts[:1])  # vision_tower, model.vision_tower
         left[prefix] = left.get(prefix, 0) + 1
-    return left
+    return left, dropped
 
 
 def is_output_layer(name: str) -> bool:
