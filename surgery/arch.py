@@ -88,6 +88,8 @@ class SharedSelection:
     shares = "selected keys"  # what a reader takes from its source, and the config key that says so, in refusals
     marker = 'indexer_types "shared"'
     state = None  # (the selection travels from block to block: Architecture.carried)
+    block_reads = False  # a reader reads only through its attention
+    first_shared_attribute = None
     listed: str = "indexer_types"
     pattern: str = "index_topk_pattern"
     frequency: str = "index_topk_freq"
@@ -136,6 +138,10 @@ class SharedSelection:
             return {self.pattern: self.pattern_after(config, kept)}
         return {}
 
+    def unplaced(self, config: Any, kept: list[int]) -> str | None:
+        """Any kept layer list places the selection; nothing to refuse."""
+        return None
+
 
 @dataclass(frozen=True)
 class SharedKV:
@@ -149,6 +155,8 @@ class SharedKV:
     shares = "keys and values"
     marker = "num_kv_shared_layers"
     state = "shared_kv_states"  # the keyword argument: one container per forward, which block-by-block runs make per stream
+    block_reads = True  # a reader's block needs its type's source while it stays, whatever its attention (unplaced)
+    first_shared_attribute = "first_kv_shared_layer_idx"  # where transformers' decoder keeps the first shared layer's index
     count: str = "num_kv_shared_layers"
     types: str = "layer_types"
 
@@ -183,6 +191,23 @@ class SharedKV:
         """The kept shared layers' count: they are still the last ones."""
         layers, shared = config_value(config, "num_hidden_layers"), config_value(config, self.count) or 0
         return {self.count: sum(1 for i in kept if i >= layers - shared)} if shared else {}
+
+    def unplaced(self, config: Any, kept: list[int]) -> str | None:
+        """Why the `kept` blocks' config would not load, or None: transformers requires a layer of
+        every type among the shared ones before them, even where a shared layer's attention is
+        gone (its block still reads its type's keys and values)."""
+        layers, shared = config_value(config, "num_hidden_layers"), config_value(config, self.count) or 0
+        if not shared:
+            return None
+        types, first = self.layer_types(config), layers - shared
+        before = {types[i] for i in kept if i < first}
+        for index in kept:
+            if index >= first and types[index] not in before:
+                return (f"that leaves L{index}, which reads the keys and values of an earlier {types[index]} layer "
+                        f"({self.marker}), with none before the shared layers, and transformers refuses such a config: "
+                        f"keep one of {', '.join(f'L{i}' for i in range(first) if types[i] == types[index])}, "
+                        f"or remove L{index} too")
+        return None
 
 
 @dataclass(frozen=True)

@@ -324,7 +324,8 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
     if scales:
         table.add_row("block scales", f"{arch.block_scalar[0]} 1 in every block: nothing to fold" if set(scales) == {1.0} else
                       f"{arch.block_scalar[0]} from {min(scales):g} to {max(scales):g}: folded into the norms that end each "
-                      "sublayer as the model loads, so a cut checkpoint holds 1 (docs/pruning.md)")
+                      "sublayer" + (" and the per-layer input, and into its gate," if arch.has_block_tail(stored) else "")
+                      + " as the model loads, so a cut checkpoint holds 1 (docs/pruning.md)")
     table.add_row("weights", f"{found.weights / gib:.2f} GiB in {found.dtype}, largest block {max(found.blocks, default=0) / gib:.2f} GiB")
     method = quantization_method(source.path)
     if mtp_layer_count(stored, names):

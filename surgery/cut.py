@@ -23,6 +23,7 @@ from surgery.arch import (
     architecture_of,
     base_model_type,
     decoder_layers,
+    decoder_stack,
     get_module,
     unwrap,
 )
@@ -122,7 +123,8 @@ def plan_cut(arch: Architecture, config: Any, num_layers: int, units: Iterable[S
              previous: Iterable[Sublayer] = ()) -> CutPlan:
     """A checked plan of removing `units` from a model of family `arch` whose config (an object or
     config.json's dict) is `config` and whose `previous` sublayers are stand-ins already (see
-    validate_removal for what is refused). What the family adds to the rules, it reads from the config:
+    validate_removal for what is refused; a block named whole, part of it a stand-in already, means
+    what is left of it). What the family adds to the rules, it reads from the config:
     - a hybrid model must keep an attention block (Architecture.attention_blocks): transformers
       reads the cache's length there;
     - a single-mixer family's blocks lack a sublayer (Architecture.absent_sublayers): a named block is its one mixer;
@@ -130,7 +132,10 @@ def plan_cut(arch: Architecture, config: Any, num_layers: int, units: Iterable[S
       theirs (Architecture.shared_attention)."""
     absent = tuple(sorted(set(arch.absent_sublayers(config))))
     previous = tuple(sorted(set(previous)))
-    units = validate_removal(present(units, absent), num_layers, previous + absent)
+    units = present(units, absent)
+    whole = set(full_blocks(units))
+    units = [u for u in units if not (u in previous and u.layer in whole)]  # (a block named whole: what is left of it)
+    units = validate_removal(units, num_layers, previous + absent)
     plan = CutPlan(num_layers, tuple(units), previous, absent)
     attention_blocks = arch.attention_blocks(config)
     if attention_blocks is not None and not set(attention_blocks) & set(plan.kept):
@@ -139,6 +144,8 @@ def plan_cut(arch: Architecture, config: Any, num_layers: int, units: Iterable[S
                            "run with a cache: keep at least one of them")
     if arch.shared_attention:
         _check_shared(plan, arch.shared_attention, arch.shared_readers(config))
+        if plan.blocks and (why := arch.shared_attention.unplaced(config, plan.kept)):
+            raise SurgeryError(why)
     return plan
 
 
@@ -188,6 +195,10 @@ def cut(model: Any, units: Iterable[Sublayer]) -> CutResult:
     if plan.blocks:
         _delete_blocks(base, arch, plan.kept)
     cut_config(base.config, arch, plan)
+    first_shared = arch.shared_attention.first_shared_attribute if arch.shared_attention else None
+    if plan.blocks and first_shared and hasattr(decoder_stack(base), first_shared):
+        # (Gemma 4 E2B's decoder, generating, computes only the last positions from there on: as it would load)
+        setattr(decoder_stack(base), first_shared, base.config.num_hidden_layers - base.config.num_kv_shared_layers)
     surgery_class = str(getattr(type(base).config_class, "model_type", "")).startswith(SURGERY_MODEL_TYPE_PREFIX)
     if surgery_class and not isinstance(base.config, type(base).config_class):  # no stand-ins left: the family's own model
         base.__class__ = type(base).__mro__[1]  # (InternLM 3 runs on Llama's class, whose config class is not its own)

@@ -190,7 +190,7 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
     calibration value function strategies that score as they go read (default: built on first use)."""
     from surgery.arch import architecture_of, num_layers
     from surgery.console import task
-    from surgery.cut import sublayer_parameters
+    from surgery.cut import removed_sublayers, sublayer_parameters
     from surgery.strategies import Target, make_plan
     from surgery.sublayers import format_sublayers, parse_sublayers
 
@@ -204,6 +204,7 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
     if last is not None and last not in protected:
         protected.append(last)
     target = Target.parse(settings.remove)
+    gone = removed_sublayers(loaded.model)  # (stand-ins an earlier sublayer cut left: not offered again)
     sources = [] if target.ids else _shared_sources(loaded.model, arch)  # (named ids: plan_cut checks them)
     protected += [source for source in sources if source not in protected]
     with task("planning") as progress:
@@ -211,7 +212,7 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
                          sublayer_parameters(loaded.model), analysis=analysis, protected=protected, seed=settings.seed,
                          value_after=value_after or CalibrationValue(loaded, settings), candidates=settings.iterative_candidates,
                          progress=lambda done, total: progress.update(description=f"planning: {done} units chosen"),
-                         attention_blocks=arch.attention_blocks(config), absent=arch.absent_sublayers(config),
+                         attention_blocks=arch.attention_blocks(config), absent=[*arch.absent_sublayers(config), *gone],
                          period=arch.runtime_period(config))
     if found:
         plan.notes.append("cornerstones found by the analysis: " + ", ".join(c["id"] for c in found))
@@ -224,22 +225,24 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
     if not plan.units:
         raise SurgeryError(f"--remove {settings.remove} is less than one {settings.granularity} of this model: "
                            "give a larger share, or a count such as --remove 1")
-    from surgery.cut import plan_cut, removed_sublayers, rules_after
+    from surgery.cut import plan_cut, rules_after
 
-    cut = plan_cut(arch, config, num_layers(loaded.model), plan.units, removed_sublayers(loaded.model))  # e.g. every block: fails now
+    cut = plan_cut(arch, config, num_layers(loaded.model), plan.units, gone)  # e.g. every block: fails now
     rules_after(config, arch, cut.kept)  # (Jamba's placement rules: before any bridge)
     return plan
 
 
 def _shared_sources(model: Any, arch: Any) -> list[Sublayer]:
-    """The attentions whose selection of keys, or keys and values, a present attention reuses
+    """The attentions whose selection of keys, or keys and values, a present reader reuses
     (Architecture.shared_attention), which a strategy must not choose; none where the stand-ins a
-    sublayer cut left already removed the source or all its readers."""
+    sublayer cut left already removed the source or all its readers. A reader of keys and values is
+    present while its block is (SharedKV.unplaced says why)."""
     from surgery.cut import removed_sublayers
 
     gone = set(removed_sublayers(model))
+    kinds = ("attn", "mlp") if arch.shared_attention and arch.shared_attention.block_reads else ("attn",)
     return [Sublayer(source, "attn") for source, readers in arch.shared_readers(model.config).items()
-            if Sublayer(source, "attn") not in gone and any(Sublayer(i, "attn") not in gone for i in readers)]
+            if Sublayer(source, "attn") not in gone and any(Sublayer(i, kind) not in gone for i in readers for kind in kinds)]
 
 
 def bridge(settings: PruneSettings, loaded: Any, plan: Any) -> dict[str, Any]:

@@ -234,6 +234,8 @@ def test_cutting_twice_composes(tmp_path, tokenizer):
     assert [str(u) for u in removed_sublayers(model)] == ["L2.attn"]
     with pytest.raises(SurgeryError, match="already removed"):
         cut(model, parse_sublayers("L2.attn"))
+    cut(model, parse_sublayers("L2"))  # a block named whole, its attention gone already: what is left of it
+    assert model.config.num_hidden_layers == 3 and not removed_sublayers(model)
 
 
 def test_cut_refuses_bad_removals():

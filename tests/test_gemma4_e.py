@@ -122,6 +122,7 @@ def test_a_cut_computes_what_the_hooks_compute_and_its_checkpoint_loads(units, t
     packed = model.model.embed_tokens_per_layer.weight.detach().clone()
     result = cut(model, units)
     assert torch.allclose(logits(model), expected, atol=1e-5)
+    assert model.model.first_kv_shared_layer_idx == model.config.num_hidden_layers - model.config.num_kv_shared_layers
     kept = result.kept_layers
     shared = sum(1 for i in kept if i >= 3)
     assert model.config.num_kv_shared_layers == shared
@@ -230,3 +231,40 @@ def test_info_prune_and_the_command_line_keep_the_sources(tmp_path, tokenizer, d
     written = json.loads((tmp_path / "pruned" / "config.json").read_text())
     assert written["num_kv_shared_layers"] == 1 and written["num_hidden_layers"] == 3
 
+
+
+@pytest.mark.parametrize("units, previous", [("L1,L3.attn", ""), ("L1", "L3.attn")])
+def test_a_cut_that_leaves_a_shared_layer_no_layer_of_its_type_before_it_is_refused(units, previous, tmp_path, tokenizer):
+    """L1 is the only sliding layer before the shared ones; with L3's attention gone nothing reads
+    it, but L3's block stays and transformers refuses a config whose shared sliding layer has no
+    sliding layer before it: refused in one line, before anything is written, in one step or two."""
+    from surgery.export.checkpoint import export_checkpoint
+
+    source = tmp_path / "source"
+    model = e2b()
+    if previous:
+        cut(model, parse_sublayers(previous))
+    export_checkpoint(model, tokenizer, source, record={})
+    for mode in ("stream", "no-stream"):
+        refused = run("cut", source, "--remove", units, f"--{mode}", "--out", tmp_path / mode, "--device", "cpu")
+        assert "that leaves L3, which reads the keys and values of an earlier sliding_attention layer" in one_line(refused)
+        assert "keep one of L1, or remove L3 too" in one_line(refused) and not (tmp_path / mode).exists()
+    assert cut(e2b(), parse_sublayers("L1,L3")).kept_layers == [0, 2, 4, 5]
+
+
+def test_prune_keeps_a_source_while_a_reader_block_stays_whose_attention_is_gone(tmp_path, tokenizer, data_dir):
+    """A checkpoint whose L3.attn a sublayer cut removed: L3's block still needs L1, the only sliding
+    layer before the shared ones, so prune's strategies keep L1.attn instead of choosing it and then
+    failing on the cut's refusal."""
+    from surgery.export.checkpoint import export_checkpoint
+
+    model = e2b()
+    cut(model, parse_sublayers("L3.attn"))
+    export_checkpoint(model, tokenizer, tmp_path / "partial", record={})
+    result = run("prune", tmp_path / "partial", "--remove", "2", "--strategy", "angular", "--no-bridge", "--samples", "2",
+                 "--seq-len", "16", "--eval-tasks", "none", "--eval-ppl", "none", "--no-eval-speed", "--device", "cpu",
+                 "--data-dir", data_dir, "--out", tmp_path / "pruned")
+    assert result.exit_code == 0, result.output
+    assert "L1.attn,L2.attn kept: later layers reuse their keys and values" in (tmp_path / "pruned" / "report.md").read_text()
+    removed = json.loads((tmp_path / "pruned" / "surgery.json").read_text())["removed_compact"]
+    assert "L1" not in removed.replace("L1-", "").split(",") and not removed.startswith("L1")

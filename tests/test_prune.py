@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from surgery.cli import main
 from surgery.export.checkpoint import read_manifest
+from surgery.sublayers import Sublayer, parse_sublayers
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--samples", "2", "--seq-len", "32", "--max-removed", "2", "--eval-tasks", "piqa", "--eval-limit", "4",
@@ -433,6 +434,20 @@ def test_prune_by_whole_periods_keeps_the_pattern_llama_cpp_fixes(tiny_folder, t
     line = one_line(run("prune", llama, "--out", tmp_path / "other", "--granularity", "period", "--data-dir", data_dir, *FAST))
     assert "--granularity period keeps a layer pattern" in line and "use --granularity block" in line
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("granularity", ["sublayer", "block"])
+def test_prune_of_a_sublayer_cut_checkpoint_never_chooses_what_is_gone(granularity, source, tmp_path, data_dir):
+    """The stand-ins an earlier cut left are not offered again: a sublayer strategy chooses among the
+    sublayers still there, and a block that lost one goes as what is left of it."""
+    assert run("cut", source, "--remove", "L1.attn,L2.mlp", "--out", tmp_path / "partial", "--device", "cpu").exit_code == 0
+    result = run("prune", tmp_path / "partial", "--remove", "2", "--granularity", granularity, "--strategy", "bi",
+                 "--no-bridge", "--samples", "2", "--seq-len", "16", "--eval-tasks", "none", "--eval-ppl", "none",
+                 "--no-eval-speed", "--device", "cpu", "--data-dir", data_dir, "--out", tmp_path / "pruned")
+    assert result.exit_code == 0, result.output
+    chosen = parse_sublayers(json.loads((tmp_path / "pruned" / "surgery.json").read_text())["removed_compact"])
+    units = chosen if granularity == "sublayer" else {s.layer for s in chosen}
+    assert len(units) == 2 and not {Sublayer(1, "attn"), Sublayer(2, "mlp")} & set(chosen)
 
 
 def test_prune_keeps_gemma4s_last_block_which_transformers_runs_with_full_attention(tiny_folder, tmp_path, data_dir):
