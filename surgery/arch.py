@@ -148,8 +148,9 @@ class SharedKV:
     """Layers that compute no keys or values of their own (Gemma 4 E2B and E4B: the last
     `num_kv_shared_layers`): each attends to those the last earlier layer of its layer_types entry
     stored, which the decoder passes every block in one dict (transformers' kv_sharing_modes; vLLM
-    and llama.cpp place them the same way). That layer's attention is a *source* while any of its
-    readers stays. Removing readers keeps the rule: they are the last layers, and the kept ones
+    and llama.cpp take the source from a fixed offset, which agrees on the released layouts and on
+    every block cut this allows: docs/serving.md). That layer's attention is a *source* while any of
+    its readers stays. Removing readers keeps the rule: they are the last layers, and the kept ones
     stay last."""
 
     shares = "keys and values"
