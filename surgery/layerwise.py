@@ -239,7 +239,7 @@ class LayerwiseModel:
         weights are released when the loop moves on. Sublayers in `skip` are stand-ins."""
         skip = set(skip)
         check_in_range(skip, self.num_layers)
-        whole = set(full_blocks(skip)) - set(self.arch.shared_readers(self.model.config))  # (their selection still runs)
+        whole = set(full_blocks(skip)) - set(self.arch.shared_readers(self.model.config))  # (what sources share still runs)
         for index in range(self.num_layers):
             if index not in whole:
                 with self.block(index, [u.kind for u in sorted(skip) if u.layer == index]) as block:
