@@ -195,10 +195,11 @@ def _left_behind(folder: Path, weights: SafetensorsFolder, tensors: dict[str, Te
     for name in weights.info:
         if name in used or is_output_layer(name):
             continue  # (an output layer the config ties to the embeddings is not the decoder's)
-        if any(name.startswith(prefix) for prefix in body) and ignored(name):
+        inside = any(name.startswith(prefix) for prefix in body)
+        if inside and ignored(name):
             dropped.append(name)
             continue
-        if any(name.startswith(prefix) for prefix in body):
+        if inside:
             raise SurgeryError(f"{folder} holds {name} in its text decoder, which its text_config has no place for: "
                                "fix num_hidden_layers and the sizes in config.json, or download the model again")
         parts = name.split(".")
