@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from surgery.arch import Architecture, decoder_layers
+from surgery.errors import SurgeryError
 
 
 def fold_block_scalars(model: Any, arch: Architecture) -> None:
@@ -45,9 +46,14 @@ def stored_block_scales(weights: Any, arch: Architecture, layers: int) -> list[f
 
 
 def scales_before(scales: list[float]) -> list[float]:
-    """C_i: the product of the block scales before each block."""
+    """C_i: the product of the block scales before each block. A scale of 0 before the last block
+    would leave every later block with a stream of zeros, which no fold represents: refused."""
     import math
 
+    zero = next((index for index, scale in enumerate(scales[:-1]) if scale == 0), None)
+    if zero is not None:
+        raise SurgeryError(f"L{zero}'s output scale is 0, so the blocks after it read nothing but their own output: "
+                           "the checkpoint's weights are damaged; download the model again")
     return [math.prod(scales[:index]) for index in range(len(scales))]
 
 

@@ -268,3 +268,16 @@ def test_prune_keeps_a_source_while_a_reader_block_stays_whose_attention_is_gone
     assert "L1.attn,L2.attn kept: later layers reuse their keys and values" in (tmp_path / "pruned" / "report.md").read_text()
     removed = json.loads((tmp_path / "pruned" / "surgery.json").read_text())["removed_compact"]
     assert "L1" not in removed.replace("L1-", "").split(",") and not removed.startswith("L1")
+
+
+def test_a_block_output_scale_of_zero_is_refused_in_one_line(tmp_path, tokenizer):
+    """A stored scale of 0 (damaged weights) cannot be folded: refused by name, not a division error."""
+    from safetensors.torch import load_file, save_file
+
+    source = saved_e2b(tmp_path / "e2b", tokenizer)
+    weights = load_file(source / "model.safetensors")
+    weights["model.layers.1.layer_scalar"] = torch.zeros_like(weights["model.layers.1.layer_scalar"])
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    for mode in ("stream", "no-stream"):
+        refused = run("cut", source, "--remove", "L0", f"--{mode}", "--out", tmp_path / mode, "--device", "cpu")
+        assert "L1's output scale is 0" in one_line(refused) and not (tmp_path / mode).exists()
