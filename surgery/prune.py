@@ -205,7 +205,7 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
         protected.append(last)
     target = Target.parse(settings.remove)
     gone = removed_sublayers(loaded.model)  # (stand-ins an earlier sublayer cut left: not offered again)
-    sources = [] if target.ids else _shared_sources(loaded.model, arch)  # (named ids: plan_cut checks them)
+    sources = [] if target.ids else _shared_sources(loaded.model, arch, gone)  # (named ids: plan_cut checks them)
     protected += [source for source in sources if source not in protected]
     with task("planning") as progress:
         plan = make_plan(settings.strategy, settings.granularity, target, num_layers(loaded.model),
@@ -232,14 +232,12 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
     return plan
 
 
-def _shared_sources(model: Any, arch: Any) -> list[Sublayer]:
+def _shared_sources(model: Any, arch: Any, gone: list[Sublayer]) -> list[Sublayer]:
     """The attentions whose selection of keys, or keys and values, a present reader reuses
     (Architecture.shared_attention), which a strategy must not choose; none where the stand-ins a
-    sublayer cut left already removed the source or all its readers. A reader of keys and values is
-    present while its block is (SharedKV.unplaced says why)."""
-    from surgery.cut import removed_sublayers
-
-    gone = set(removed_sublayers(model))
+    sublayer cut left (`gone`) already removed the source or all its readers. A reader of keys and
+    values is present while its block is (SharedKV.unplaced says why)."""
+    gone = set(gone)
     kinds = ("attn", "mlp") if arch.shared_attention and arch.shared_attention.block_reads else ("attn",)
     return [Sublayer(source, "attn") for source, readers in arch.shared_readers(model.config).items()
             if Sublayer(source, "attn") not in gone and any(Sublayer(i, kind) not in gone for i in readers for kind in kinds)]
