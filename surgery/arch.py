@@ -580,6 +580,12 @@ class Architecture:
         return bool(self.block_tail) and (self.packed_width_config is None
                                           or bool(config_value(config, self.packed_width_config)))
 
+    @property
+    def shared_state(self) -> str | None:
+        """The keyword argument under which the decoder hands every block the one container its
+        shared layers read (SharedKV.state), or None."""
+        return self.shared_attention.state if self.shared_attention else None
+
     def shared_readers(self, config: Any) -> dict[int, list[int]]:
         """Each layer whose attention's selection or keys and values later layers reuse
         (Architecture.shared_attention) -> those layers; none for families that share none."""

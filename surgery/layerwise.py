@@ -267,7 +267,7 @@ class LayerwiseModel:
         import torch
 
         args, kwargs = _moved(stream.calls[index], self.device)
-        state = self.arch.shared_attention.state if self.arch.shared_attention else None
+        state = self.arch.shared_state
         if state in kwargs:  # (Gemma 4 E2B's keys and values, which the decoder's one container hands on: one per stream)
             stream.carried.setdefault(state, type(kwargs[state])())
         with torch.no_grad():

@@ -135,7 +135,7 @@ class LayerwiseResidualLoss(ValueFunction):
         would overwrite the selection it hands on, or the keys and values it stores in the container
         its readers share (SharedKV.state), with ones made from the wrong stream."""
         copy = dict(carried)
-        state = self.model.arch.shared_attention.state if self.model.arch.shared_attention else None
+        state = self.model.arch.shared_state
         if state in copy:
             copy[state] = type(copy[state])(copy[state])
         return copy
