@@ -631,7 +631,7 @@ _ATTENTION_ONLY_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
 _PARALLEL = dict(attention_norms=(), mlp_norms=(), shared_norms=("input_layernorm",), parallel=True)
 _COHERE = dict(**_PARALLEL, logit_multiplier_config="logit_scale")
 _GPTJ = dict(_PARALLEL, shared_norms=("ln_1",), layers="transformer.h", attention="attn", final_norm="transformer.ln_f",
-             attention_output="out_proj", mlp_output="fc_out", block_outputs=2)  # (the stream and the attention weights)
+             attention_output="out_proj", mlp_output="fc_out")
 # OPT's block (XGLM's and BioGPT's too): the FFN lies in the block itself, fc1, its activation, fc2; fc2, which
 # writes to the stream, is the sublayer's module (mlp_output "": the module itself) and fc1 and the norm go with it
 _OPT_BLOCK = replace(_LLAMA, attention_norms=("self_attn_layer_norm",), mlp="fc2", mlp_norms=("fc1", "final_layer_norm"),
@@ -992,7 +992,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     # its MTP modules are extra blocks after the last.
     "bailing_hybrid": replace(_MOE, linear_attention="self_attn", linear_attention_output="o_proj",
                               linear_block_marker=("block_type", "linear_attention"),
-                              per_layer_config=("layer_types", "mlp_layer_types"), prefix_count_config=("first_k_dense_replace",),
+                              per_layer_config=("layer_types", "mlp_layer_types", "expert_swiglu_limit_list",
+                                                "share_expert_swiglu_limit_list"),
+                              prefix_count_config=("first_k_dense_replace",),
                               step_rule=StepRule("layer_types", "layer_group_size",
                                                  "loaders that derive its layer_types from layer_group_size", marker="full_attention"),
                               moe_outputs=_SHARED_EXPERTS,

@@ -87,6 +87,9 @@ def quiet_transformers() -> None:
     # bitsandbytes' CPU backend logs that it found no Hub kernels package whenever peft imports it,
     # 4-bit or not; it then uses its own kernels (docs/pruning.md, Healing).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # ... and, where the `kernels` package is installed (transformers 5.25 requires it), the Hub check
+    # it skips offline before bitsandbytes falls back to those kernels
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     import transformers
 
     warnings.filterwarnings("ignore", category=FutureWarning)

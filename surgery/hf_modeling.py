@@ -65,9 +65,10 @@ class RemovedAttention(nn.Module):
         self.carried = tuple(carried)
         self.adds_residual = adds_residual  # (BLOOM's attention adds the stream, its second argument, itself)
 
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, layer_past=None, **kwargs):
-        keep_cache_length(past_key_values if past_key_values is not None else layer_past,  # (GPT-NeoX's name)
-                          self.layer_idx, hidden_states)
+    def forward(self, hidden_states: torch.Tensor, *args, cache=None, past_key_values=None, layer_past=None, **kwargs):
+        # transformers 5.25 calls the cache `cache`; earlier releases `past_key_values` (GPT-NeoX: `layer_past`)
+        found = next((c for c in (cache, past_key_values, layer_past) if c is not None), None)
+        keep_cache_length(found, self.layer_idx, hidden_states)
         output = kwargs.get("residual", args[0] if args else None) if self.adds_residual else torch.zeros_like(hidden_states)
         return output, None, *(kwargs.get(name) for name in self.carried)
 

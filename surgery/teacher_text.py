@@ -43,7 +43,7 @@ def sample_continuations(teacher: Any, prompts: Any, length: int, seed: int, bat
                 token = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probabilities, generators)])
                 ids = torch.cat([ids, token], dim=1)
                 if ids.shape[1] < length:
-                    out = teacher(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+                    out = teacher(input_ids=token, cache=out.cache, use_cache=True)
             rows.append(ids.cpu())
     return torch.cat(rows)
 

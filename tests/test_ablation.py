@@ -62,11 +62,11 @@ def assert_cache_consistent(model):
     sequence = ids(batch=1, length=14, seed=3)
     full = model(sequence, use_cache=False).logits
     first = model(sequence[:, :9], use_cache=True)
-    assert first.past_key_values.get_seq_length() == 9
+    assert first.cache.get_seq_length() == 9
     # transformers' Bamba numbers positions from 0 in every call unless given them (its forward never
     # reads the cache for them), so its continuation gets them, as generate() gives them
     positions = {"position_ids": torch.arange(9, 14).unsqueeze(0)} if base_model_type(model.config) == "bamba" else {}
-    second = model(sequence[:, 9:], past_key_values=first.past_key_values, use_cache=True, **positions).logits
+    second = model(sequence[:, 9:], cache=first.cache, use_cache=True, **positions).logits
     tolerance = CACHE_TOLERANCE.get(base_model_type(model.config), 1e-4)
     assert torch.allclose(second, full[:, 9:], atol=tolerance), (second - full[:, 9:]).abs().max()
 

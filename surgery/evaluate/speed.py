@@ -68,11 +68,11 @@ def measure_speed(model: Any, protocol: SpeedProtocol = SpeedProtocol(), folder:
         out = base(prompt, use_cache=True, logits_to_keep=1)  # as generate() and servers prefill: the last position's logits
         sync()
         prefill = time.perf_counter() - start
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(protocol.decode_tokens):
-            out = base(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = base(token, cache=cache, use_cache=True)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         sync()
         return prefill, time.perf_counter() - start, cache
 
