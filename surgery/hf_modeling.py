@@ -93,9 +93,21 @@ class RemovedNorm(nn.Identity):
 class RemovedLinearAttention(nn.Module):
     """A hybrid family's linear attention (Gated DeltaNet, LFM2's short convolution) that adds nothing: it returns
     its output alone, as the module it replaces does, and keeps no recurrent state, which no other
-    block reads (the cache's length comes from attention layers)."""
+    block reads. It does count the tokens in its cache slot, as the module it replaces does: from
+    transformers 5.25 the cache reads its length from the first layer's slot, which is a linear
+    one in most hybrids (Qwen3.5's layer 0)."""
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def __init__(self, layer_idx: int | None = None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args, cache=None, past_key_values=None, **kwargs) -> torch.Tensor:
+        found = cache if cache is not None else past_key_values
+        slots = getattr(found, "layers", None)
+        if self.layer_idx is not None and slots is not None and self.layer_idx < len(slots) \
+                and hasattr(slots[self.layer_idx], "cumulative_length_linear"):  # (a slot that counts linear-attention tokens)
+            batch, length = hidden_states.shape[:2]
+            found.update_conv_state(hidden_states.new_zeros(batch, 1, length), self.layer_idx, conv_kernel_size=1)
         return torch.zeros_like(hidden_states)
 
 
@@ -149,14 +161,14 @@ def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> 
     if not names:
         return {}  # a sublayer the block does not have (a single-mixer block's other kind)
     originals = {name: get_module(layer, name) for name in names}
+    slot = getattr(originals[names[0]], "layer_idx", getattr(originals[names[0]], "layer_id", layer_idx))  # its cache slot (GPT-Neo's name)
     if kind == "mlp":
         flag = spec.get("extra_outputs_flag")
         stand_in = RemovedMLP(spec.get("mlp_extra_outputs", 0) if flag is None or getattr(layer, flag, False) else 0)
     elif is_linear_block(layer, spec):
-        stand_in = RemovedLinearAttention()
+        stand_in = RemovedLinearAttention(slot)
     else:
-        slot = getattr(originals[names[0]], "layer_idx", getattr(originals[names[0]], "layer_id", layer_idx))  # (GPT-Neo's name)
-        stand_in = RemovedAttention(slot,  # its KV-cache slot
+        stand_in = RemovedAttention(slot,
                                     spec.get("carried", ()), spec.get("attention_adds_residual", False))
     _put(layer, names[0], stand_in, originals[names[0]])
     companions = spec.get("companions", {}).get(kind, [])
