@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from surgery.errors import SurgeryError
+from surgery.forward import output_vocabulary
 from surgery.scoring import SCORERS, ScoringContext, Section, with_requirements
 from surgery.settings import AnalysisSettings
 from surgery.sublayers import all_sublayers
@@ -389,7 +390,7 @@ def _baseline(value_function: Any, settings: AnalysisSettings) -> dict[str, Any]
     full = value_function.full_value
     baseline: dict[str, Any] = {"value": full}
     if settings.metric == "loss":
-        baseline |= {"loss": -full, "uniform_loss": math.log(int(value_function.base.config.vocab_size))}
+        baseline |= {"loss": -full, "uniform_loss": math.log(output_vocabulary(value_function.base.config))}
     else:
         baseline |= value_function.details.get(frozenset(), {})
     return baseline

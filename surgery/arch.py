@@ -300,6 +300,8 @@ class Architecture:
     patterns); a cut slices the list and writes the key as one run of it.
     attention_adds_residual: the attention adds the stream, its second argument, to its own output (BLOOM's), so its
     stand-in returns that argument rather than zeros.
+    output_rows_config: the config key counting the output layer's rows where it may keep fewer than the
+    embeddings (Apertus 1.5: the text rows); None where it scores the whole vocabulary.
     positions_config: the config key that holds the positions the model was trained on, where its config class
     maps no max_position_embeddings to it (MPT's max_seq_len).
     shared_attention: layers whose attention reuses what an earlier layer's attention made: its
@@ -420,6 +422,7 @@ class Architecture:
     logit_softcap_config: str | None = None
     logit_divisor_config: str | None = None
     logit_multiplier_config: str | None = None
+    output_rows_config: str | None = None
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     attention_output: str | None = "o_proj"
     mlp_output: str | None = "down_proj"
@@ -663,6 +666,7 @@ _POST_NORM = replace(_LLAMA, attention_norms=("post_attention_layernorm",), mlp_
                      attention_output=None, mlp_output=None)
 # MoE: the whole sparse block (router, experts, shared expert) is the mlp sublayer. Experts are
 # fused 3-D parameters in transformers 5, so LoRA heals through attention.
+_APERTUS = replace(_LLAMA, attention_norms=("attention_layernorm",), mlp_norms=("feedforward_layernorm",), lora_targets=_UNGATED_LORA)
 _MOE = replace(_LLAMA, lora_targets=_ATTENTION_ONLY_LORA, mlp_output=None, moe_outputs=("experts.down_proj",))
 _QWEN_MOE = replace(_MOE, layer_index_config=("mlp_only_layers",), sparse_step_config="decoder_sparse_step",
                     moe_outputs=("experts.down_proj", "shared_expert.down_proj", "down_proj"))
@@ -671,6 +675,10 @@ _SHARED_EXPERTS = ("experts.down_proj", "shared_experts.down_proj", "down_proj")
 # q_lora_rank, one q_proj where it does not (DeepSeek-V2-Lite, Moonlight); peft adapts whichever exists.
 _LATENT_ATTENTION_LORA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 QUERY_LAYOUTS = (("q_proj",), ("q_a_proj", "q_b_proj"))  # the LoRA targets a latent-attention model has one of
+# DeepSeek-V2/V3's block: dense FFNs first (first_k_dense_replace), then routed experts beside shared ones
+_DEEPSEEK_MOE = replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
+                        lora_targets=_LATENT_ATTENTION_LORA, lora_may_lack=QUERY_LAYOUTS)
+_GLM4_MOE = replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS)  # (Llama's attention)
 # Kimi-Linear: its MLA blocks' own projections (q_proj, o_proj are also its KDA blocks'), and its KDA ones'
 _MLA_ONLY_LORA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 _KDA_LORA = ("k_proj", "v_proj", "b_proj", "f_a_proj", "f_b_proj", "g_a_proj", "g_b_proj")
@@ -759,8 +767,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "glm": replace(_LLAMA, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")),
     # Arcee AFM and Apertus: an ungated FFN (up, activation, down); Jais 2 too, with LayerNorms.
     "arcee": replace(_LLAMA, lora_targets=_UNGATED_LORA),
-    "apertus": replace(_LLAMA, attention_norms=("attention_layernorm",), mlp_norms=("feedforward_layernorm",),
-                       lora_targets=_UNGATED_LORA),
+    "apertus": _APERTUS,
+    # Apertus 1.5's text decoder (after surgery extract-text): Apertus's block; its output layer may keep only
+    # the text rows of the vocabulary (output_vocab_size), fewer than the embeddings
+    "apertus1p5_text": replace(_APERTUS, output_rows_config="output_vocab_size"),
     "jais2": replace(_LLAMA, lora_targets=_UNGATED_LORA),
     # StableLM 2 1.6B and 3B are Llama's block; the 12B's is parallel (use_parallel_residual), one norm for both
     "stablelm": replace(_LLAMA, variants=(("use_parallel_residual", True, tuple(_PARALLEL.items())),)),
@@ -975,11 +985,21 @@ ARCHITECTURES: dict[str, Architecture] = {
     # layers, then routed experts beside shared ones. LoRA heals through attention alone: peft
     # turns FFN names of these families into the fused experts' parameters, which it cannot train
     # with dropout (tests/test_heal.py tries every family's targets).
-    "deepseek_v3": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
-                           lora_targets=_LATENT_ATTENTION_LORA, lora_may_lack=QUERY_LAYOUTS),
-    "deepseek_v2": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
-                           lora_targets=_LATENT_ATTENTION_LORA, lora_may_lack=QUERY_LAYOUTS),
-    "glm4_moe": replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS),
+    "deepseek_v3": _DEEPSEEK_MOE,
+    "deepseek_v2": _DEEPSEEK_MOE,
+    "sarvam_mla": _DEEPSEEK_MOE,  # Sarvam-105B: DeepSeek-V3's classes, its query one q_proj (no q_lora_rank)
+    "glm4_moe": _GLM4_MOE,
+    # Param2 (BharatGen) and Sarvam-30B: transformers runs them with GLM-4.5's classes (RoPE over the whole
+    # head, q/k norms); their files keep Bailing's tensor names (word_embeddings, a fused query_key_value),
+    # which transformers converts as it loads and back as it saves
+    "param2moe": _GLM4_MOE,
+    "sarvam_moe": _GLM4_MOE,
+    # MiniCPM 5 MoE: DeepSeek-V3's experts (dense FFNs where mlp_layer_types says so) behind Llama's attention
+    # with an output gate (q_gate_proj makes the query and the gate; o_proj writes the stream); none of
+    # MiniCPM3's depth scaling or logit divisor. (transformers derives mlp_layer_types from
+    # first_k_dense_replace and keeps only the list.)
+    "minicpm5_moe": replace(_MOE, per_layer_config=("mlp_layer_types",), moe_outputs=_SHARED_EXPERTS,
+                            lora_targets=("q_gate_proj", "k_proj", "v_proj", "o_proj")),
     # Kimi-Linear: Kimi Delta Attention blocks between latent-attention (MLA) ones, both named
     # self_attn (block_type tells them apart); DeepSeek-style routed and shared experts, dense first.
     "kimi_linear": replace(_MOE, linear_attention="self_attn", linear_attention_output="o_proj",
@@ -1052,6 +1072,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3_5_moe_text": replace(_MOE, **_HYBRID, moe_outputs=("experts.down_proj", "shared_expert.down_proj"),
                                 lora_targets=(*_ATTENTION_ONLY_LORA, *_QWEN35_LINEAR_LORA),
                                 lora_may_lack=(_ATTENTION_ONLY_LORA, _QWEN35_LINEAR_LORA)),
+    # Lara-4-Mini (Translated): Qwen3.5's Gated DeltaNet blocks between attention ones (its full-attention
+    # layers have no rotary embedding, its sliding ones do), routed experts and an ungated shared expert in
+    # every block; no MTP modules and no full_attention_interval
+    "lara_mini": replace(_MOE, linear_attention="linear_attn", linear_attention_output="out_proj", per_layer_config=("layer_types",),
+                         moe_outputs=("experts.down_proj", "shared_expert.down_proj"),
+                         lora_targets=(*_ATTENTION_ONLY_LORA, *_QWEN35_LINEAR_LORA),
+                         lora_may_lack=(_ATTENTION_ONLY_LORA, _QWEN35_LINEAR_LORA)),
     # LFM2 and LFM3 (Liquid): short-convolution blocks between attention ones; LFM2-MoE's first
     # blocks dense; LFM3 norms each sublayer's output as well (no bridge folds through a norm).
     "lfm3": replace(replace(_LLAMA, **_LFM2), attention_norms=("operator_norm", "post_operator_norm"),

@@ -46,6 +46,12 @@ def finish_logits(config: Any, logits: Any) -> Any:
     return logits
 
 
+def output_vocabulary(config: Any) -> int:
+    """How many tokens the output layer scores: a uniform guess's loss is the log of it."""
+    rows_key = architecture_of(config).output_rows_config
+    return int((getattr(config, rows_key, None) if rows_key else None) or config.vocab_size)
+
+
 def token_nll(model: Any, hidden: Any, input_ids: Any, chunk_tokens: int = 2048) -> Any:
     """Per-token negative log-likelihood [B, T-1] of input_ids[:, 1:] given final hidden states [B, T, H]."""
     import torch

@@ -371,8 +371,8 @@ class LayerwiseModel:
 
         head = saved_path(self.model, self.arch.lm_head)  # (GPT-NeoX's files call it embed_out)
         name = f"{head}.weight"
-        if name not in self.weights:  # tied to the input embedding
-            name = self._path_of(self.model.get_input_embeddings()) + "weight"
+        if name not in self.weights:  # tied to the input embedding (which Param2's files call word_embeddings)
+            name = saved_path(self.model, self._path_of(self.model.get_input_embeddings())[:-1]) + ".weight"
         bias = f"{head}.bias"
         vocabulary, rows = self.weights.info[name].shape[0], rows or self.head_rows
         hiddens = [hidden.to(self.device, self.dtype) for hidden in hiddens]

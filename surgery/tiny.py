@@ -90,6 +90,11 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "glm": {},
     "arcee": {},
     "apertus": {},
+    # llama3 rope as released, its original length below the tiny model's positions; the whole vocabulary
+    # scored (random test tokens reach every row; tests/test_analysis.py prunes the head itself)
+    "apertus1p5_text": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 12000000.0, "factor": 8.0,
+                                            "original_max_position_embeddings": 64, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0}},
     "jais2": {},
     "nanochat": {},
     "stablelm": {"use_parallel_residual": False},  # StableLM 2 1.6B and 3B; the 12B's parallel blocks: a variant (tests)
@@ -204,6 +209,15 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
                        "first_k_dense_replace": 1, "num_mtp_layers": 0},
     "glm4_moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
                  "first_k_dense_replace": 2, "n_group": 1, "topk_group": 1},
+    # Param2 ties its output layer to the embeddings, which its files name in Bailing's words (word_embeddings)
+    "param2moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                  "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "tie_word_embeddings": True},
+    "sarvam_moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                   "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1},
+    "sarvam_mla": {**_LATENT, "q_lora_rank": None, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1},
+    "minicpm5_moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                     "n_group": 1, "topk_group": 1, "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1)},
     # hybrid attention: linear-attention blocks (Gated DeltaNet) before each attention one
     "qwen3_next": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
                    "decoder_sparse_step": 2, "mlp_only_layers": [], **_LINEAR_ATTENTION},
@@ -240,6 +254,10 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
                  "num_dense_layers": 1, "layer_types": _lfm2_layer_types, "full_attn_idxs": _lfm2_attention_blocks},
     "qwen3_5_moe_text": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                          "shared_expert_intermediate_size": 48, **_LINEAR_ATTENTION},
+    # its layer_types left to the config's default, the released pattern: with 4 layers linear, sliding, linear, full
+    "lara_mini": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+                  "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+                  "linear_conv_kernel_dim": 4, "sliding_window": 8, "tie_word_embeddings": True},
     "qwen2_moe": {
         "num_experts": 4,
         "num_experts_per_tok": 2,

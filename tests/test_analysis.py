@@ -1,6 +1,7 @@
 """surgery analyze on tiny models: exactness of the prefix cache, resuming, budgets, outputs."""
 
 import json
+import math
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -415,3 +416,18 @@ def test_cli_analyze_and_partial_budget(tiny_folder, tmp_path, calibration):
     assert bad.exit_code == 2 and "no method to run" in bad.output
     nothing = CliRunner().invoke(main, ["eval", str(folder), "--tasks", "none", "--ppl", "none", "--no-speed"])
     assert nothing.exit_code == 2 and "nothing to evaluate" in nothing.output
+
+
+@torch.no_grad()
+def test_a_uniform_guess_is_over_the_rows_the_output_layer_keeps(calibration):
+    """Apertus 1.5's output layer may score only the text rows of its vocabulary (output_vocab_size):
+    a uniform guess over those rows is the loss a model with an all-zero output layer has, and the
+    collapse fractions are measured towards it."""
+    from surgery.analysis import _baseline
+
+    model = tiny_model("apertus1p5_text", num_layers=2, output_vocab_size=100)
+    model.lm_head.weight.zero_()
+    batches = [torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))]
+    baseline = _baseline(ResidualLoss(model, batches), settings(calibration, methods=("ablation",)))
+    assert baseline["uniform_loss"] == pytest.approx(math.log(100))
+    assert baseline["loss"] == pytest.approx(baseline["uniform_loss"], abs=1e-5)
