@@ -761,6 +761,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "seed_oss": _LLAMA,
     "hunyuan_v1_dense": _LLAMA,
     "helium": _LLAMA,
+    # EXAONE 3.0 and 3.5 (LG): transformers runs them with Llama's classes; their files keep EXAONE's tensor
+    # names (transformer.h.N.attn.attention.*, ln_1, mlp.c_fc_0), renamed as they load and back as they save,
+    # and config.json names settings its own way (num_layers, layer_norm_epsilon, activation_function), which a
+    # cut writes back (export.checkpoint.keep_released_words): llama.cpp's converters read them
+    "exaone": _LLAMA,
     "ministral3": _LLAMA,
     "olmo": _LLAMA,
     "cwm": replace(_LLAMA, per_layer_config=("layer_types",)),
@@ -1238,18 +1243,21 @@ def _holds(config: Any, key: str | None, value: Any) -> bool:
 def config_value(config: Any, key: str, default: Any = None) -> Any:
     """`key` of a config object or of the dict read from config.json (`default` where it has none).
     A dict is read as transformers reads it: under the name the family's config class maps `key` to
-    (GPT-2's n_layer for num_hidden_layers, DBRX's n_layers) where it lacks `key` itself."""
+    (GPT-2's n_layer for num_hidden_layers, DBRX's n_layers) where it lacks `key` itself, or under
+    a name the class maps to `key` (EXAONE's files say num_layers for num_hidden_layers)."""
     if not isinstance(config, dict):
         return getattr(config, key, default)
     if key in config:
         return config[key]
-    alias = _attribute_map(str(config.get("model_type") or "")).get(key)
-    return config.get(alias, default) if alias else default
+    aliases = config_aliases(str(config.get("model_type") or ""))
+    names = [aliases[key]] if key in aliases else [alias for alias, field in aliases.items() if field == key]
+    return next((config[name] for name in names if name in config), default)
 
 
 @functools.cache
-def _attribute_map(model_type: str) -> dict[str, str]:
-    """The family's config class's own names for standard keys (its `attribute_map`)."""
+def config_aliases(model_type: str) -> dict[str, str]:
+    """The family's config class's `attribute_map`: {a name it reads: the name it keeps the setting under}
+    (GPT-2's num_hidden_layers: n_layer; EXAONE's num_layers: num_hidden_layers)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     return dict(getattr(CONFIG_MAPPING[model_type], "attribute_map", {})) if model_type in CONFIG_MAPPING else {}

@@ -90,6 +90,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "glm": {},
     "arcee": {},
     "apertus": {},
+    "exaone": {},
     # llama3 rope as released, its original length below the tiny model's positions; the whole vocabulary
     # scored (random test tokens reach every row; tests/test_analysis.py prunes the head itself)
     "apertus1p5_text": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 12000000.0, "factor": 8.0,

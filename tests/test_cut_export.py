@@ -10,6 +10,7 @@ from surgery.cut import cut, removed_sublayers
 from surgery.errors import SurgeryError
 from surgery.export.checkpoint import MANIFEST, MODELING_FILE, export_checkpoint, load_exported, read_manifest
 from surgery.forward import count_parameters
+from surgery.layerwise import saved_path
 from surgery.loading import load_model
 from surgery.sublayers import parse_sublayers
 from surgery.tiny import tiny_model
@@ -109,11 +110,16 @@ def test_sublayer_removal_loads_both_ways_without_the_removed_weights(family, tm
     assert config["surgery"]["removed"] == {"attn": [0], "mlp": [2]}
     names = weight_names(out)
     arch = ARCHITECTURES[family]
-    layers, mlp = arch.layers, arch.mlp  # (GPT-NeoX: gpt_neox.layers; Llama 4: feed_forward)
-    assert not any(n.startswith(f"{layers}.0.{arch.attention}.") for n in names)
-    assert not any(n.startswith((f"{layers}.2.{mlp}.", f"{layers}.2.block_sparse_moe.")) for n in names)
-    assert not any(n.startswith(f"{layers}.3.") for n in names)
-    assert any(n.startswith(f"{layers}.0.{mlp}.") or "layers.0.block_sparse_moe" in n for n in names)
+
+    def saved(dotted):  # the files' name for a module path (GPT-NeoX: gpt_neox.layers; EXAONE: transformer.h, attn.attention)
+        return saved_path(model, dotted)
+
+    attention, mlp = saved(f"{arch.layers}.0.{arch.attention}"), saved(f"{arch.layers}.2.{arch.mlp}")  # (Llama 4: feed_forward)
+    assert not any(n.startswith(f"{attention}.") for n in names)
+    assert not any(n.startswith((f"{mlp}.", mlp.replace(arch.mlp, "block_sparse_moe") + ".")) for n in names)
+    assert not any(n.startswith(saved(f"{arch.layers}.3") + ".") for n in names)
+    kept_mlp = saved(f"{arch.layers}.0.{arch.mlp}")
+    assert any(n.startswith(f"{kept_mlp}.") or "layers.0.block_sparse_moe" in n for n in names)
 
     for via in ("package", "remote-code"):
         reloaded = load_exported(out, via=via)
@@ -746,3 +752,35 @@ def test_a_config_that_names_the_block_count_its_own_way_is_read_before_loading(
     assert model.config.__class__.from_pretrained(tmp_path / "cut").num_hidden_layers == 3
     line = one_line(run("analyze", source, "--seq-len", "128", "--out", tmp_path / "analysis", "--device", "cpu"))
     assert "128" in line and "64" in line, line
+
+
+@torch.no_grad()
+def test_an_exaone_cut_keeps_lgs_words_and_architecture(tiny_folder, tmp_path):
+    """EXAONE 3.5's config.json says num_layers, layer_norm_epsilon and activation_function, and names
+    ExaoneForCausalLM, while transformers runs it with Llama's classes and saves their words and name.
+    A cut reads the released words, in memory and streamed, and writes them and the name back, as
+    llama.cpp's converters read them (its files keep EXAONE's tensor names, which Llama's loaders would
+    not find)."""
+    from tests.hooks import skipped
+
+    source, model = tiny_folder("exaone", num_layers=4)
+    config = json.loads((source / "config.json").read_text())
+    config["num_layers"] = config.pop("num_hidden_layers")
+    config["layer_norm_epsilon"] = config.pop("rms_norm_eps")
+    config["activation_function"] = config.pop("hidden_act")
+    config["architectures"] = ["ExaoneForCausalLM"]
+    (source / "config.json").write_text(json.dumps(config))
+    assert any(name.startswith("transformer.h.0.attn.attention.") for name in weight_names(source))
+    tokens = ids(2, 10)
+    for stream in ("--stream", "--no-stream"):
+        out = tmp_path / f"cut{stream}"
+        result = run("cut", source, "--remove", "L1,L3", "--out", out, stream, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        written = json.loads((out / "config.json").read_text())
+        assert written["architectures"] == ["ExaoneForCausalLM"]
+        assert written["num_hidden_layers"] == written["num_layers"] == 2  # (transformers reads num_layers first)
+        assert (written["activation_function"], written["layer_norm_epsilon"]) == ("silu", config["layer_norm_epsilon"])
+        assert not any(name.startswith("model.layers.") for name in weight_names(out))
+        with skipped(model, parse_sublayers("L1,L3")):
+            expected = model(tokens, use_cache=False).logits
+        assert torch.allclose(load_exported(out)(tokens, use_cache=False).logits, expected, atol=1e-5)

@@ -238,6 +238,8 @@ def keep_released_words(folder: Path, source: Path | None) -> None:
             written[key] = [own_words.get(value, value) for value in saved]
             changed = True
     changed |= _keep_layer_patterns(source_config, written)
+    changed |= _keep_architectures(source_config, written)
+    changed |= _keep_aliases(source_config, written)
     arch = ARCHITECTURES.get(base_model_type(written))
     for key in arch.released_config_keys if arch else ():
         if key in source_config and key not in written:
@@ -245,6 +247,33 @@ def keep_released_words(folder: Path, source: Path | None) -> None:
             changed = True
     if changed:
         path.write_text(json.dumps(whole, indent=2, sort_keys=True) + "\n")
+
+
+def _keep_architectures(source_config: dict[str, Any], written: dict[str, Any]) -> bool:
+    """A block cut is the source's architecture with fewer blocks: where transformers runs a family with
+    another's class (EXAONE 3.5 with Llama's, Param2 with GLM-4.5's) it saves that class's name, while
+    the files keep the family's own tensor names, and vLLM and llama.cpp choose their loader by the name
+    the source gave. That name goes back (never over a sublayer cut's own class)."""
+    released, saved = source_config.get("architectures"), written.get("architectures")
+    if not released or released == saved or written.get("model_type") != source_config.get("model_type") \
+            or str(written.get("model_type", "")).startswith(SURGERY_MODEL_TYPE_PREFIX):
+        return False
+    written["architectures"] = released
+    return True
+
+
+def _keep_aliases(source_config: dict[str, Any], written: dict[str, Any]) -> bool:
+    """Settings the source wrote under a name its config class reads as another (EXAONE's num_layers for
+    num_hidden_layers, layer_norm_epsilon, activation_function), which transformers saves under the other:
+    the source's name goes back beside it, with the written value (a cut's own block count)."""
+    from surgery.arch import config_aliases
+
+    changed = False
+    for alias, field in config_aliases(str(written.get("model_type") or "")).items():
+        if alias in source_config and field in written and written.get(alias) != written[field]:
+            written[alias] = written[field]
+            changed = True
+    return changed
 
 
 def _keep_layer_patterns(source_config: dict[str, Any], written: dict[str, Any]) -> bool:
