@@ -13,6 +13,7 @@ from surgery.export.checkpoint import read_manifest
 from tests.cli import one_line, run
 from tests.test_text_decoder import (
     VOCAB,
+    apertus1p5,
     aria,
     cohere2_vision,
     cohere_compass,
@@ -307,6 +308,22 @@ def test_a_cut_m_rope_decoder_grafts_back_with_its_m_rope_settings(make, tmp_pat
     released = json.loads((source / "config.json").read_text())["text_config"]
     assert written["num_hidden_layers"] == 3 and written["rope_parameters"]["mrope_section"] == \
         released["rope_parameters"]["mrope_section"]
+
+
+@torch.no_grad()
+def test_a_cut_apertus1p5_decoder_grafts_back_beside_its_media_tokenizers(tmp_path, tokenizer):
+    """Apertus 1.5 turns images and sounds into codes its decoder embeds: the cut decoder goes back
+    beside the two tokenizers, which the graft copies as they were, and computes as the cut decoder does."""
+    source, _ = extracted_and_cut(apertus1p5, tmp_path, tokenizer)
+    result = run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "graft")
+    assert manifest["verified"]["method"] == "copied, loaded, compared with the decoder"
+    assert manifest["verified"]["max_abs_logit_diff"] <= 1e-5
+    sources, grafted = tensors(source), tensors(tmp_path / "graft")
+    media = [name for name in sources if "_tokenizer." in name]
+    assert media and all(torch.equal(grafted[name], sources[name]) for name in media)
+    assert json.loads((tmp_path / "graft" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 3
 
 
 @pytest.mark.parametrize("layout", ["released experts", "saved"])

@@ -252,6 +252,23 @@ def hunyuan_vl(folder, tokenizer):
     return save(HunYuanVLForConditionalGeneration(config), folder, tokenizer)
 
 
+def apertus1p5(folder, tokenizer):
+    """Apertus 1.5's layout: Apertus's decoder, whose embeddings also hold the image and audio codes its
+    two tokenizers (a VQ image encoder, WavTokenizer) turn media into; no projector."""
+    from transformers.models.apertus1p5 import Apertus1p5Config, Apertus1p5ForConditionalGeneration
+
+    from surgery.tiny import tiny_config
+
+    text = tiny_config("apertus1p5_text", num_layers=4).to_dict()
+    vision = dict(codebook_size=64, embed_dim=8, latent_channels=32, base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1,
+                  attn_resolutions=[], resolution=32)
+    audio = dict(model_type="wavtokenizer_encoder", num_filters=4, upsampling_ratios=[2, 2], hidden_size=16, codebook_size=32,
+                 codebook_dim=16, num_lstm_layers=1)
+    config = Apertus1p5Config(text_config=text, vision_config=vision, audio_config=audio, image_token_id=VOCAB - 1,
+                              audio_token_id=VOCAB - 2, image_token_offset=VOCAB - 96, audio_token_offset=VOCAB - 32)
+    return save(Apertus1p5ForConditionalGeneration(config), folder, tokenizer)
+
+
 def qwen2_vl(folder, tokenizer):
     """Qwen2-VL's layout: Qwen2.5-VL's before it, with another vision tower."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -381,7 +398,7 @@ def renamed_to_the_newer_layout(folder):
                                                   (cohere2_vision, "cohere2", "newer"), (aya_vision, "cohere2", "newer"),
                                                   (cohere_compass, "cohere_compass_text", None), (fuyu, "persimmon", None),
                                                   (glm4v, "glm4", "newer"), (glm4v_moe, "glm4_moe", "newer"),
-                                                  (hunyuan_vl, "hunyuan_v1_dense", None),
+                                                  (hunyuan_vl, "hunyuan_v1_dense", None), (apertus1p5, "apertus1p5_text", None),
                                                   (aria, "aria_text", "legacy"), (aria, "aria_text", "newer"),
                                                   (qwen3_vl_moe, "qwen3_moe", "released experts"), (qwen3_vl_moe, "qwen3_moe", "saved")])
 @torch.no_grad()
@@ -400,6 +417,7 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     assert {prefix.removeprefix("model.") for prefix in manifest["left_behind"]} == \
         ({"visual"} if family in ("qwen2", "qwen3", "qwen3_moe", "glm4", "glm4_moe", "cohere_compass_text") else
          {"vision_embed_tokens"} if family == "persimmon" else {"vit"} if family == "hunyuan_v1_dense" else
+         {"vision_tokenizer", "audio_tokenizer"} if family == "apertus1p5_text" else
          {"vision_tower", "embed_vision", "audio_tower", "embed_audio"} if make is gemma4_e else
          {"vision_tower", "embed_vision"} if family == "gemma4_text" else
          {"vision_model" if family == "llama4_text" else "vision_tower", "multi_modal_projector"})
@@ -418,7 +436,8 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
                                    "cohere2": "Cohere2ForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
                                    "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
                                    "aria_text": "AriaTextForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                                   "cohere_compass_text": "CohereCompassForCausalLM", "persimmon": "PersimmonForCausalLM"}[family]
+                                   "cohere_compass_text": "CohereCompassForCausalLM", "persimmon": "PersimmonForCausalLM",
+                                   "apertus1p5_text": "Apertus1p5TextForCausalLM"}[family]
     ids = torch.randint(3, VOCAB - 5, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(text(ids).logits, model(input_ids=ids).logits, atol=1e-5)
     stored = load_file(source / "model.safetensors")
