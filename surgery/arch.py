@@ -524,6 +524,25 @@ class Architecture:
             return Sublayer(len(types) - 1, "attn")
         return None
 
+    def first_block_guard(self, config: Any) -> Sublayer | None:
+        """The first block's mixer where the family has blocks without one (Nemotron-H's MLP and MoE
+        blocks) and the model's first block has one: what a prune protects, as transformers reads a
+        cache's length from the first block's slot, which a block without a mixer leaves empty."""
+        types, kinds = self.block_types(config), dict(self.single_mixer[1]) if self.single_mixer else {}
+        if types and any(kind == "mlp" for kind in kinds.values()) and kinds.get(types[0]) == "attn":
+            return Sublayer(0, "attn")
+        return None
+
+    def mixerless_first(self, config: Any, kept: list[int]) -> str | None:
+        """Why a cut whose first kept block is one without a mixer (the first blocks removed) would not
+        generate in transformers, or None (see first_block_guard)."""
+        types, kinds = self.block_types(config), dict(self.single_mixer[1]) if self.single_mixer else {}
+        if not types or not kept or kept[0] == 0 or kinds.get(types[kept[0]]) != "mlp":
+            return None
+        return (f"that leaves L{kept[0]}, a block with no attention or Mamba mixer ({types[kept[0]]}), first: transformers "
+                "reads a cache's length from the first block, so the cut model would fail to generate; keep one of the "
+                f"blocks before it, or remove L{kept[0]} too")
+
     def attention_blocks(self, config: Any) -> list[int] | None:
         """A hybrid config's (object or config.json dict) attention blocks (the others are linear);
         None for other families."""

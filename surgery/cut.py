@@ -127,7 +127,8 @@ def plan_cut(arch: Architecture, config: Any, num_layers: int, units: Iterable[S
     what is left of it). What the family adds to the rules, it reads from the config:
     - a hybrid model must keep an attention block (Architecture.attention_blocks): transformers
       reads the cache's length there;
-    - a single-mixer family's blocks lack a sublayer (Architecture.absent_sublayers): a named block is its one mixer;
+    - a single-mixer family's blocks lack a sublayer (Architecture.absent_sublayers): a named block is its one mixer,
+      and the first kept block must have a mixer (Architecture.mixerless_first);
     - an attention whose selection or keys and values later layers reuse goes only with all of
       theirs (Architecture.shared_attention)."""
     absent = tuple(sorted(set(arch.absent_sublayers(config))))
@@ -142,6 +143,8 @@ def plan_cut(arch: Architecture, config: Any, num_layers: int, units: Iterable[S
         listed = ",".join(f"L{i}" for i in attention_blocks)
         raise SurgeryError(f"that removes every attention block ({listed}) of a hybrid model, which transformers cannot "
                            "run with a cache: keep at least one of them")
+    if why := arch.mixerless_first(config, plan.kept):
+        raise SurgeryError(why)
     if arch.shared_attention:
         _check_shared(plan, arch.shared_attention, arch.shared_readers(config))
         if plan.blocks and (why := arch.shared_attention.unplaced(config, plan.kept)):

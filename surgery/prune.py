@@ -200,9 +200,8 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
         protected += [s for c in found for s in parse_sublayers(c["id"]) if s not in protected]
     config = loaded.model.config
     arch = architecture_of(config)
-    last = arch.last_block_guard(config)
-    if last is not None and last not in protected:
-        protected.append(last)
+    last, first = arch.last_block_guard(config), arch.first_block_guard(config)
+    protected += [guard for guard in (last, first) if guard is not None and guard not in protected]
     target = Target.parse(settings.remove)
     gone = removed_sublayers(loaded.model)  # (stand-ins an earlier sublayer cut left: not offered again)
     sources = [] if target.ids else _shared_sources(loaded.model, arch, gone)  # (named ids: plan_cut checks them)
@@ -219,6 +218,9 @@ def choose(settings: PruneSettings, loaded: Any, analysis: Any = None, value_aft
     if last is not None:
         plan.notes.append(f"{last} kept, so that the last block stays: transformers runs this family's last layer with "
                           f"{arch.last_layer_type} whatever the config lists")
+    if first is not None:
+        plan.notes.append(f"{first} kept, so that the first block has a mixer: transformers reads a cache's length "
+                          "from the first block")
     if sources:
         plan.notes.append(f"{format_sublayers(sources)} kept: later layers reuse their {arch.shared_attention.shares} "
                           f"({arch.shared_attention.marker}), which a cut cannot keep without them")

@@ -45,26 +45,26 @@ def test_each_block_is_one_sublayer_of_its_mixers_kind():
 @pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
 @torch.no_grad()
 def test_a_cut_is_a_plain_checkpoint_with_the_pattern_its_blocks_follow(stream, tiny_folder, tmp_path):
-    """Removing the first Mamba-2 block and the first MoE block: the written config gives the kept
-    blocks' types in the source's own words (the pattern string and the count) and transformers'
-    list alike, and the checkpoint computes what the uncut model computes with those blocks skipped,
-    cached or not."""
+    """Removing the first Mamba-2 block, the MLP block after it and the first MoE block: the written
+    config gives the kept blocks' types in the source's own words (the pattern string and the count)
+    and transformers' list alike, and the checkpoint computes what the uncut model computes with those
+    blocks skipped, cached or not."""
     from transformers import AutoModelForCausalLM
 
     from tests.hooks import skipped
 
     source, model = tiny_folder("nemotron_h", num_layers=8)
     released(source)
-    result = run("cut", source, "--remove", "L0,L3", "--out", tmp_path / "cut", stream, "--device", "cpu")
+    result = run("cut", source, "--remove", "L0-L1,L3", "--out", tmp_path / "cut", stream, "--device", "cpu")
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert config["model_type"] == "nemotron_h" and "surgery" not in config
-    assert config["hybrid_override_pattern"] == "-*M-*E" and config["num_hidden_layers"] == 6
-    assert config["layers_block_type"] == ["mlp", "full_attention", "linear_attention", "mlp", "full_attention", "moe"]
+    assert config["hybrid_override_pattern"] == "*M-*E" and config["num_hidden_layers"] == 5
+    assert config["layers_block_type"] == ["full_attention", "linear_attention", "mlp", "full_attention", "moe"]
     cut = AutoModelForCausalLM.from_pretrained(tmp_path / "cut").eval()
     assert [layer.block_type for layer in cut.model.layers] == config["layers_block_type"]
     prompt = torch.randint(3, 300, (1, 10), generator=torch.Generator().manual_seed(2))
-    with skipped(model.eval(), parse_sublayers("L0,L3")):
+    with skipped(model.eval(), parse_sublayers("L0-L1,L3")):
         expected = model(prompt, use_cache=False).logits
     assert torch.allclose(cut(prompt).logits, expected, atol=1e-5)
     assert_cache_consistent(cut)
@@ -87,6 +87,30 @@ def test_named_ids_name_the_blocks_mixer_and_nothing_else(tiny_folder, tmp_path,
     assert result.exit_code == 2 and "removes every attention block (L2,L6) of a hybrid model" in error_line(result)
     assert "planning" not in result.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+
+
+def test_a_cut_that_leaves_a_block_without_a_mixer_first_is_one_line(tiny_folder, tmp_path, data_dir):
+    """transformers reads a cache's length from the first block, where an MLP or MoE block keeps none
+    (generation fails): such a cut is refused before the model loads, and prune keeps the first block."""
+    source, _ = tiny_folder("nemotron_h", num_layers=8)
+    released(source)
+    line = one_line(run("cut", source, "--remove", "L0,L3", "--out", tmp_path / "a"))
+    assert "leaves L1, a block with no attention or Mamba mixer (mlp), first" in line and "remove L1 too" in line
+    assert not (tmp_path / "a").exists()
+    assert ARCHITECTURES["nemotron_h"].first_block_guard({"hybrid_override_pattern": PATTERN}) == Sublayer(0, "attn")
+    from surgery.cut import sublayer_parameters
+    from surgery.strategies import Target, make_plan
+
+    model = tiny_model("nemotron_h", num_layers=8)
+    absent = ARCHITECTURES["nemotron_h"].absent_sublayers(model.config)
+    seed = next(seed for seed in range(50) if Sublayer(0, "attn") in make_plan(
+        "random", "block", Target.parse("2"), 8, sublayer_parameters(model), absent=absent, seed=seed).units)
+    result = run("prune", source, "--strategy", "random", "--seed", str(seed), "--remove", "2", "--granularity", "block",
+                 "--out", tmp_path / "b", "--data-dir", data_dir, *FAST)
+    assert result.exit_code == 0, result.output
+    notes = json.loads((tmp_path / "b" / "report.json").read_text())["plan"]["notes"]
+    assert any(note.startswith("L0.attn kept, so that the first block has a mixer") for note in notes)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["hybrid_override_pattern"][0] == "M"
 
 
 def test_either_granularity_chooses_among_the_mixers():
@@ -191,7 +215,7 @@ def test_a_cut_carries_nemotron_3s_mtp_modules(stream, tiny_folder, tmp_path):
     modules |= {"mtp.layers.0.enorm.weight": torch.randn(64, generator=generator),
                 "mtp.layers.0.eh_proj.weight": torch.randn(64, 128, generator=generator)}
     save_file({**weights, **modules}, source / "model.safetensors", metadata={"format": "pt"})
-    result = run("cut", source, "--remove", "L0", "--out", tmp_path / "cut", stream, "--device", "cpu")
+    result = run("cut", source, "--remove", "L0-L1", "--out", tmp_path / "cut", stream, "--device", "cpu")
     assert result.exit_code == 0, result.output
     written = {}
     for file in (tmp_path / "cut").glob("*.safetensors"):
@@ -199,7 +223,7 @@ def test_a_cut_carries_nemotron_3s_mtp_modules(stream, tiny_folder, tmp_path):
     assert all(torch.equal(written[name], tensor) for name, tensor in modules.items())
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert config["num_nextn_predict_layers"] == 1 and config["mtp_hybrid_override_pattern"] == "*E"
-    assert config["hybrid_override_pattern"] == PATTERN[1:]
+    assert config["hybrid_override_pattern"] == PATTERN[2:]
 
 
 def test_a_streamed_heal_merges_into_the_backbone_names_the_files_use(tiny_folder, tmp_path, data_dir):
