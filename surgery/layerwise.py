@@ -103,8 +103,13 @@ def saved_path(model: Any, dotted: str) -> str:
 
 
 def checkpoint_shapes(model: Any) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor save_pretrained writes for `model` (tied weights once, MoE
-    experts one by one as stored), in the order it writes them for a model from from_pretrained,
+    """Name -> shape of every tensor save_pretrained writes for `model` (checkpoint_tensors)."""
+    return {name: tuple(tensor.shape) for name, tensor in checkpoint_tensors(model).items()}
+
+
+def checkpoint_tensors(model: Any) -> dict[str, Any]:
+    """Name -> the tensor (its shape and dtype) save_pretrained writes for `model` (tied weights once,
+    MoE experts one by one as stored), in the order it writes them for a model from from_pretrained,
     as every cut model is: from a skeleton, so nothing is allocated."""
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -114,7 +119,7 @@ def checkpoint_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     for name in getattr(model, "_keys_to_ignore_on_save", None) or ():
         state.pop(name, None)
     state = remove_tied_weights_from_state_dict(state, model)
-    return {name: tuple(tensor.shape) for name, tensor in revert_weight_conversion(model, state).items()}
+    return dict(revert_weight_conversion(model, state))
 
 
 def to_model_keys(model: Any, tensors: dict[str, Any], conversions: list[Any] | None = None) -> dict[str, Any]:

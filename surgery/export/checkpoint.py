@@ -164,6 +164,12 @@ def count_carried_mtp(config: Any, carried: Any, declared: int, why: str = MTP_N
             setattr(config, key, carried.layers)
 
 
+def last_block_twin(name: str, last_block: str) -> str:
+    """The name of a carried MTP module's tensor in the model's last block (`last_block`: its prefix),
+    whose dtype the tensor is written in where the source stores both in its main dtype."""
+    return last_block + re.sub(r"^.*?layers\.\d+\.", "", name)
+
+
 def _add_mtp_modules(model: Any, carried: Any, source: Path | None, folder: Path, max_shard_size: int | str | None) -> None:
     """Copy the carried modules into shards after the model's own (written in `folder`). A tensor
     stored in the source's main dtype is written in the dtype the model wrote the same tensor of
@@ -183,7 +189,7 @@ def _add_mtp_modules(model: Any, carried: Any, source: Path | None, folder: Path
     source_dtype = weights.main_dtype()
 
     def as_written(name: str, info: TensorInfo) -> TensorInfo:
-        twin = written.info.get(last_block + re.sub(r"^.*?layers\.\d+\.", "", name))
+        twin = written.info.get(last_block_twin(name, last_block))
         dtype = twin.dtype if twin is not None else written.main_dtype()
         if info.dtype == dtype or info.dtype != source_dtype:  # (the main dtype is always a floating one)
             return info

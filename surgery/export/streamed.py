@@ -31,6 +31,7 @@ from surgery.export.checkpoint import (
     add_files,
     count_carried_mtp,
     keep_released_words,
+    last_block_twin,
     logit_diff_within_tolerance,
     make_self_describing,
     write_manifest,
@@ -65,7 +66,7 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     """Plan the cut, slice the config and map every tensor of the cut checkpoint to its source tensor."""
     import torch
 
-    from surgery.layerwise import checkpoint_shapes, load_config, saved_path, skeleton
+    from surgery.layerwise import checkpoint_tensors, load_config, saved_path, skeleton
 
     weights = SafetensorsFolder(folder, NOT_SAFETENSORS)
     stored = TORCH_DTYPES[weights.main_dtype()]
@@ -85,11 +86,11 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     after = skeleton(config, getattr(torch, stored))
     config.dtype, config.architectures = stored, [type(after).__name__]  # as save_pretrained records them
     tensors = {}
-    shapes = checkpoint_shapes(after)
     layers = saved_path(after, arch.layers)
     packed = {f"{layers.rpartition('.')[0]}.{name}": dim for name, dim in arch.packed_per_layer}
     computed: dict[str, Any] = {}
-    for name, shape in shapes.items():
+    for name, held in checkpoint_tensors(after).items():
+        shape = tuple(held.shape)
         source_name = plan.source_key(name, layers)
         info = weights.info.get(source_name)
         if info is None:
@@ -102,8 +103,19 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
         if info.shape != shape:
             raise SurgeryError(f"{folder}: {source_name} is {list(info.shape)} but config.json implies {list(shape)}: "
                                "fix config.json or download the model again")
+        if held.dtype == torch.float32 and info.dtype in NARROW_FLOATS:  # (GLM's routers: transformers keeps them in float32)
+            tensors[name] = TensorInfo(source_name, "F32", shape, info.nbytes // NARROW_FLOATS[info.dtype] * 4)
+            computed[name] = _widened(Path(folder), source_name)
+            continue
         tensors[name] = info
-    tensors.update({name: weights.info[source_name] for name, source_name in mtp.tensors.items()})
+    last_block, main = f"{layers}.{len(plan.kept) - 1}.", weights.main_dtype()
+    for name, source_name in mtp.tensors.items():  # (in the last block's dtypes, as the in-memory export writes them)
+        info, twin = weights.info[source_name], tensors.get(last_block_twin(name, last_block))
+        if twin is not None and twin.dtype == "F32" and info.dtype == main and main in NARROW_FLOATS:
+            tensors[name] = TensorInfo(source_name, "F32", info.shape, info.nbytes // NARROW_FLOATS[main] * 4)
+            computed[name] = _widened(Path(folder), source_name)
+        else:
+            tensors[name] = info
     result = CutResult(list(plan.removed), plan.kept, count_parameters(before), count_parameters(after))
     computed |= _folded_scales(weights, arch, scales, plan.kept, layers, tensors) if scales else {}
     return StreamedCut(Path(folder), plan, config, tensors, result, list(mtp.tensors), computed)
@@ -153,6 +165,24 @@ def _packed_slice(source: Path, name: str, dim: int, indices: list[int]) -> Any:
             weights.close()
 
     return chunks
+
+
+NARROW_FLOATS = {"BF16": 2, "F16": 2}  # stored dtypes a model may hold in float32: bytes per value
+
+
+def _widened(source: Path, name: str) -> Any:
+    """How to write a tensor the model holds in float32 over a narrower stored one, as loading and
+    saving the model writes it (transformers keeps some modules in float32 whatever the dtype: GLM's
+    router weights from 5.25), so that the streamed cut writes what the in-memory one writes."""
+
+    def make() -> Any:
+        weights = SafetensorsFolder(source)
+        try:
+            return weights.tensor(name).float()
+        finally:
+            weights.close()
+
+    return make
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
