@@ -201,13 +201,17 @@ def _full_precision(model: Any, source: ModelSource, method: str) -> Any:
     return model
 
 
-def _without_quantizer(model: Any) -> list[Any]:
+def _without_quantizer(model: Any) -> list[Any] | None:
     """The model's loading conversions without the quantiser's. save_pretrained runs them backwards:
     bitsandbytes' unpacking has no way back, and FP8's would write every weight (embeddings too) as
     FP8 under a config that no longer says so. A conversion the quantiser only extended (the MoE
     experts' merge, dequantised first) becomes the family's own again, so experts are written one
-    by one under their stored names."""
+    by one under their stored names. None where the load recorded none (transformers 5.25, FP8
+    dequantised as it loads on a CPU): saving then uses the family's own."""
     from transformers.conversion_mapping import get_model_conversion_mapping
+
+    if getattr(model, "_weight_conversions", None) is None:
+        return None
 
     def from_quantizer(operation: Any) -> bool:
         return type(operation).__module__.startswith("transformers.integrations.")
