@@ -1168,9 +1168,9 @@ TEXT_DECODER_FIXED = {"qwen3_vl_moe_text": {"norm_topk_prob": True}}
 # transformers builds their text_config from) -> that text config's model type
 FLAT_TEXT_CONFIGS = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text"}
 # multimodal families whose model leaves out its text decoder's logit multiplier (transformers'
-# Cohere2Vision and AyaVision apply no logit_scale, which Cohere's causal-LM classes do): their
-# decoder is written with the multiplier 1, so that it computes on text what the model computes
-UNSCALED_LOGITS = frozenset({"cohere2_vision", "aya_vision"})
+# Cohere2Vision applies no logit_scale, which Cohere's causal-LM classes do; AyaVision did not before
+# 5.25): their decoder is written with the multiplier 1, so that it computes on text what the model computes
+UNSCALED_LOGITS = frozenset({"cohere2_vision"})
 
 
 def multimodal_text_config(config: Any) -> Any:

@@ -82,8 +82,8 @@ def mistral3(folder, tokenizer):
 
 def cohere2_vision(folder, tokenizer, aya=False):
     """Command A Vision's layout (Aya Vision's with `aya`): Cohere 2's parallel decoder (tied output
-    layer) beside a SigLIP tower, under transformers' own names. Neither model applies the decoder's
-    logit scale, which the text-only class does: the decoder is written with a scale of 1."""
+    layer) beside a SigLIP tower, under transformers' own names. Command A Vision does not apply the
+    decoder's logit scale, which the text-only class does: the decoder is written with a scale of 1."""
     from transformers import (
         AyaVisionConfig,
         AyaVisionForConditionalGeneration,
@@ -428,8 +428,8 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
     if make is gemma4:  # the released words, beside the ones transformers saves
         assert (config["global_head_dim"], config["num_global_key_value_heads"]) == (32, 1) and "per_layer_config" in config
     assert "mrope_section" not in json.dumps(config)
-    if family == "cohere2":
-        assert config["logit_scale"] == 1.0
+    if family == "cohere2":  # (Command A Vision applies no logit scale; Aya Vision applies its decoder's)
+        assert config["logit_scale"] == (1.0 if make is cohere2_vision else 0.5)
     text = AutoModelForCausalLM.from_pretrained(tmp_path / "text").eval()  # as users load it: the family's own class
     assert type(text).__name__ == {"gemma3_text": "Gemma3ForCausalLM", "gemma4_text": "Gemma4ForCausalLM", "mistral": "MistralForCausalLM",
                                    "llama4_text": "Llama4ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
