@@ -49,6 +49,18 @@ def extracted_and_cut(make, tmp_path, tokenizer, remove="L1", layout="legacy"):
     return source, model
 
 
+def grafted_back(make, tmp_path, tokenizer):
+    """The multimodal source and the manifest of its cut decoder grafted back beside the rest
+    (tmp_path / "graft"), after checking that the graft compared the two on text and found them equal."""
+    source, _ = extracted_and_cut(make, tmp_path, tokenizer)
+    result = run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "graft")
+    assert manifest["verified"]["method"] == "copied, loaded, compared with the decoder"
+    assert manifest["verified"]["max_abs_logit_diff"] <= 1e-5
+    return source, manifest
+
+
 def without_block(model, index):
     """Delete a multimodal model's decoder block `index` in memory (its language model at model.language_model)."""
     del model.model.language_model.layers[index]
@@ -297,12 +309,7 @@ def test_a_cut_m_rope_decoder_grafts_back_with_its_m_rope_settings(make, tmp_pat
     dense family (their M-RoPE sections dropped) and cut, go back beside their vision tower under the
     source's config, M-RoPE included; the graft's check compares the grafted model's logits with the
     cut decoder's on text."""
-    source, _ = extracted_and_cut(make, tmp_path, tokenizer)
-    result = run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft", "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    manifest = read_manifest(tmp_path / "graft")
-    assert manifest["verified"]["method"] == "copied, loaded, compared with the decoder"
-    assert manifest["verified"]["max_abs_logit_diff"] <= 1e-5
+    source, manifest = grafted_back(make, tmp_path, tokenizer)
     assert sorted(manifest["text_config_changed"]) == ["num_hidden_layers"]  # (L1 goes: GLM-4.5V's dense L0 stays)
     written = json.loads((tmp_path / "graft" / "config.json").read_text())["text_config"]
     released = json.loads((source / "config.json").read_text())["text_config"]
@@ -314,12 +321,7 @@ def test_a_cut_m_rope_decoder_grafts_back_with_its_m_rope_settings(make, tmp_pat
 def test_a_cut_apertus1p5_decoder_grafts_back_beside_its_media_tokenizers(tmp_path, tokenizer):
     """Apertus 1.5 turns images and sounds into codes its decoder embeds: the cut decoder goes back
     beside the two tokenizers, which the graft copies as they were, and computes as the cut decoder does."""
-    source, _ = extracted_and_cut(apertus1p5, tmp_path, tokenizer)
-    result = run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft", "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    manifest = read_manifest(tmp_path / "graft")
-    assert manifest["verified"]["method"] == "copied, loaded, compared with the decoder"
-    assert manifest["verified"]["max_abs_logit_diff"] <= 1e-5
+    source, _ = grafted_back(apertus1p5, tmp_path, tokenizer)
     sources, grafted = tensors(source), tensors(tmp_path / "graft")
     media = [name for name in sources if "_tokenizer." in name]
     assert media and all(torch.equal(grafted[name], sources[name]) for name in media)
