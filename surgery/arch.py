@@ -1121,6 +1121,33 @@ ARCHITECTURES: dict[str, Architecture] = {
 # classes are transformers' Llama with stand-ins (surgery.hf_modeling.decilm_classes).
 MODULE_ALIASES = {"nemotron-nas": "llama"}
 
+# Families whose blocks are not "the stream plus what each sublayer adds", so that no table entry can
+# say what removing a block or a sublayer is: each is refused with why, not as merely unknown.
+_HYPER_CONNECTIONS = ("hyper-connections mix several residual streams in every block, so a block without its sublayers "
+                      "still changes the stream and is not removed by taking it out")
+_SCALED_RESIDUAL = "{} scales the residual stream itself in every sublayer, so a removed sublayer is not the identity"
+NOT_REMOVABLE = {
+    "gemma3n": "its blocks carry four streams (AltUp) and a Laurel branch beside the attention",
+    "gemma3n_text": "its blocks carry four streams (AltUp) and a Laurel branch beside the attention",
+    "deepseek_v4": _HYPER_CONNECTIONS,
+    "hy_v4": _HYPER_CONNECTIONS,
+    "qwen4_exp": _HYPER_CONNECTIONS,
+    "qwen4_exp_text": _HYPER_CONNECTIONS,
+    "kolibri1_1": ("its layers read other layers' keys and values (kv_source_layers) and an earlier indexer's key pool "
+                   "(index_layers), two kinds of sharing a cut would have to keep at once"),
+    "ergo": _SCALED_RESIDUAL.format("a per-channel gate"),
+    "zaya": _SCALED_RESIDUAL.format("a learned affine scale") + ", and its router carries state from block to block",
+    "doge": _SCALED_RESIDUAL.format("a learned scale"),
+    "minimax": _SCALED_RESIDUAL.format("MiniMax-01 (alpha and beta)"),
+    "dory": "each block pulls the stream towards its sublayers' outputs instead of adding them, and its middle layers run "
+            "several times",
+    "inkling2_loop": "each block reads the stream through learned attention over earlier blocks' states, and its middle "
+                     "layers run several times",
+    "inkling2_loop_text": "each block reads the stream through learned attention over earlier blocks' states, and its "
+                          "middle layers run several times",
+    "diffllama": "each attention's lambda depends on its block's index, which a cut changes for every later block",
+}
+
 
 def base_model_type(config: Any) -> str:
     """The family of a config (object or config.json dict); a surgery checkpoint reports the
@@ -1139,6 +1166,8 @@ def architecture_of(config: Any) -> Architecture:
         raise SurgeryError(f"'{model_type}' is a multimodal checkpoint: surgery works on its text decoder "
                            f"({decoder}); write that as a text-only checkpoint with "
                            "`surgery extract-text MODEL --out FOLDER`, then give FOLDER")
+    if model_type in NOT_REMOVABLE:
+        raise SurgeryError(f"{model_type} is not supported: {NOT_REMOVABLE[model_type]}")
     if model_type not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise SurgeryError(

@@ -1,6 +1,6 @@
 import pytest
 
-from surgery.arch import ARCHITECTURES, architecture_of, decoder_layers, get_module
+from surgery.arch import ARCHITECTURES, NOT_REMOVABLE, architecture_of, decoder_layers, get_module
 from surgery.errors import SurgeryError
 from surgery.hf_modeling import has_module
 from surgery.sublayers import Sublayer
@@ -225,3 +225,27 @@ def test_the_table_says_how_many_values_a_block_returns(family):
     for hook in hooks:
         hook.remove()
     assert [len(output) if isinstance(output, tuple) else 0 for output in seen] == [arch.block_outputs] * 3, family
+
+
+@pytest.mark.parametrize("model_type", sorted(NOT_REMOVABLE))
+def test_a_family_whose_blocks_are_not_removable_is_refused_with_why(model_type, tmp_path):
+    """Families whose blocks are not the stream plus what each sublayer adds are refused in one line
+    that says why (not as unknown, with a hint to add a table entry), before any weight is read."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from tests.cli import one_line, run
+
+    assert model_type in CONFIG_MAPPING and model_type not in ARCHITECTURES
+    with pytest.raises(SurgeryError, match=f"^{model_type} is not supported: "):
+        architecture_of({"model_type": model_type})
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({"model_type": model_type, "num_hidden_layers": 4}))
+    save_file({"model.embed_tokens.weight": torch.zeros(8, 4)}, source / "model.safetensors")  # (never read)
+    line = one_line(run("cut", source, "--remove", "L1", "--out", tmp_path / "cut"))
+    assert NOT_REMOVABLE[model_type] in line and "ARCHITECTURES" not in line
+    assert not (tmp_path / "cut").exists()
