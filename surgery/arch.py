@@ -1146,6 +1146,10 @@ NOT_REMOVABLE = {
     "inkling2_loop_text": "each block reads the stream through learned attention over earlier blocks' states, and its "
                           "middle layers run several times",
     "diffllama": "each attention's lambda depends on its block's index, which a cut changes for every later block",
+    "longcat_flash": ("each block holds two attentions (KV-cache slots 2i and 2i+1) and two FFNs, and an MoE that reads the "
+                      "stream after the first attention adds its output at the block's end"),
+    "hrm_text": ("its blocks form two stacks that run in loops, and num_hidden_layers counts the blocks' runs, not the "
+                 "blocks"),
 }
 
 
