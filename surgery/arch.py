@@ -756,6 +756,14 @@ ARCHITECTURES: dict[str, Architecture] = {
                            block_tail=("per_layer_input_gate", "per_layer_projection", "post_per_layer_input_norm"),
                            packed_per_layer=(("embed_tokens_per_layer.weight", 1), ("per_layer_model_projection.weight", 0)),
                            packed_width_config="hidden_size_per_layer_input"),
+    # Gemma 4 unified (Gemma 4 12B; its text decoder after extract-text): Gemma 4's dense block (no experts, no
+    # per-layer inputs), its block scale, full-attention layers with their own head size and keys as values,
+    # and where num_kv_shared_layers says so last layers that attend to an earlier layer's keys and values
+    "gemma4_unified_text": replace(_LLAMA, **_SANDWICH_NORMS, logit_softcap_config="final_logit_softcapping",
+                                   lora_may_lack=(("v_proj",),), last_layer_type="full_attention",
+                                   released_config_keys=("global_head_dim", "num_global_key_value_heads"),
+                                   block_scalar=("layer_scalar", ("post_attention_layernorm", "post_feedforward_layernorm"), ()),
+                                   shared_attention=SharedKV()),
     "phi3": replace(_LLAMA, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     "ministral": replace(_LLAMA, per_layer_config=("layer_types",)),
     "smollm3": replace(_LLAMA, per_layer_config=("layer_types", "no_rope_layers"),
@@ -1125,14 +1133,16 @@ MODULE_ALIASES = {"nemotron-nas": "llama"}
 # say what removing a block or a sublayer is: each is refused with why, not as merely unknown.
 _HYPER_CONNECTIONS = ("hyper-connections mix several residual streams in every block, so a block without its sublayers "
                       "still changes the stream and is not removed by taking it out")
+_QWEN4_EXP = ("each block's n-gram embedding table depends on its rank among the blocks that have one (ple_layer_ids), "
+              "which a cut changes for every later block, and its stream is four streams wide (hyper-connections)")
 _SCALED_RESIDUAL = "{} scales the residual stream itself in every sublayer, so a removed sublayer is not the identity"
 NOT_REMOVABLE = {
     "gemma3n": "its blocks carry four streams (AltUp) and a Laurel branch beside the attention",
     "gemma3n_text": "its blocks carry four streams (AltUp) and a Laurel branch beside the attention",
     "deepseek_v4": _HYPER_CONNECTIONS,
     "hy_v4": _HYPER_CONNECTIONS,
-    "qwen4_exp": _HYPER_CONNECTIONS,
-    "qwen4_exp_text": _HYPER_CONNECTIONS,
+    "qwen4_exp": _QWEN4_EXP,
+    "qwen4_exp_text": _QWEN4_EXP,
     "kolibri1_1": ("its layers read other layers' keys and values (kv_source_layers) and an earlier indexer's key pool "
                    "(index_layers), two kinds of sharing a cut would have to keep at once"),
     "ergo": _SCALED_RESIDUAL.format("a per-channel gate"),

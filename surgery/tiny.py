@@ -91,6 +91,12 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "arcee": {},
     "apertus": {},
     "exaone": {},
+    # its full-attention layers every other one and last, keys as values there; no layer reads another's keys and
+    # values (tests/test_gemma4_e.py tries that rule on Gemma 4 E2B's layout)
+    "gemma4_unified_text": {"sliding_window": 8, "global_head_dim": 32, "num_global_key_value_heads": 1, "attention_k_eq_v": True,
+                            "final_logit_softcapping": 30.0, "num_kv_shared_layers": 0,
+                            "layer_types": lambda layers: ["full_attention" if i % 2 == 0 or i == layers - 1 else "sliding_attention"
+                                                           for i in range(layers)]},
     # llama3 rope as released, its original length below the tiny model's positions; the whole vocabulary
     # scored (random test tokens reach every row; tests/test_analysis.py prunes the head itself)
     "apertus1p5_text": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 12000000.0, "factor": 8.0,

@@ -27,6 +27,7 @@ from tests.hooks import hooked_value, skipped
 ARCH = ARCHITECTURES["gemma4_text"]
 SOURCES = {1: [3], 2: [4, 5]}
 WIDTH = GEMMA4_E["hidden_size_per_layer_input"]
+GEMMA4_TYPES = ["full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention", "full_attention"]
 
 
 def ids(seed=0):
@@ -281,3 +282,25 @@ def test_a_block_output_scale_of_zero_is_refused_in_one_line(tmp_path, tokenizer
     for mode in ("stream", "no-stream"):
         refused = run("cut", source, "--remove", "L0", f"--{mode}", "--out", tmp_path / mode, "--device", "cpu")
         assert "L1's output scale is 0" in one_line(refused) and not (tmp_path / mode).exists()
+
+
+@torch.no_grad()
+def test_gemma4_unifieds_decoder_keeps_a_source_as_e2b_does(tmp_path, tokenizer):
+    """Gemma 4 unified's dense decoder shares keys and values by the same rule (Architecture.shared_attention):
+    a source goes only with its readers, and an allowed cut computes what the hooked model computes,
+    saved and reloaded, with a cache."""
+    from surgery.export.checkpoint import export_checkpoint, load_exported
+    from tests.test_ablation import assert_cache_consistent
+
+    model = tiny_model("gemma4_unified_text", 6, num_kv_shared_layers=3, layer_types=GEMMA4_TYPES)
+    with pytest.raises(SurgeryError, match=r"removes L2\.attn, whose keys and values L4\.attn,L5\.attn also attend to"):
+        cut(model, parse_sublayers("L2"))
+    units = parse_sublayers("L0,L3")
+    with skipped(model, units):
+        expected = logits(model)
+    cut(model, units)
+    assert model.config.num_kv_shared_layers == 2
+    export_checkpoint(model, tokenizer, tmp_path / "out", record={})
+    reloaded = load_exported(tmp_path / "out")
+    assert torch.allclose(logits(reloaded), expected, atol=1e-5)
+    assert_cache_consistent(reloaded)
