@@ -525,23 +525,26 @@ class Architecture:
         return None
 
     def first_block_guard(self, config: Any) -> Sublayer | None:
-        """The first block's mixer where the family has blocks without one (Nemotron-H's MLP and MoE
-        blocks) and the model's first block has one: what a prune protects, as transformers reads a
-        cache's length from the first block's slot, which a block without a mixer leaves empty."""
-        types, kinds = self.block_types(config), dict(self.single_mixer[1]) if self.single_mixer else {}
-        if types and any(kind == "mlp" for kind in kinds.values()) and kinds.get(types[0]) == "attn":
-            return Sublayer(0, "attn")
-        return None
+        """The first block's mixer where some blocks have none (Nemotron-H's MLP and MoE blocks) and
+        the first has one: what a prune protects, as transformers reads a cache's length from the
+        first block's slot, which a block without a mixer leaves empty."""
+        kinds = self._block_kinds(config)
+        return Sublayer(0, "attn") if kinds and "mlp" in kinds and kinds[0] == "attn" else None
 
     def mixerless_first(self, config: Any, kept: list[int]) -> str | None:
         """Why a cut whose first kept block is one without a mixer (the first blocks removed) would not
         generate in transformers, or None (see first_block_guard)."""
-        types, kinds = self.block_types(config), dict(self.single_mixer[1]) if self.single_mixer else {}
-        if not types or not kept or kept[0] == 0 or kinds.get(types[kept[0]]) != "mlp":
+        kinds = self._block_kinds(config)
+        if not kinds or not kept or kept[0] == 0 or kinds[kept[0]] != "mlp":
             return None
-        return (f"that leaves L{kept[0]}, a block with no attention or Mamba mixer ({types[kept[0]]}), first: transformers "
-                "reads a cache's length from the first block, so the cut model would fail to generate; keep one of the "
-                f"blocks before it, or remove L{kept[0]} too")
+        return (f"that leaves L{kept[0]}, a block with no attention or Mamba mixer ({self.block_types(config)[kept[0]]}), "
+                "first: transformers reads a cache's length from the first block, so the cut model would fail to generate; "
+                f"keep one of the blocks before it, or remove L{kept[0]} too")
+
+    def _block_kinds(self, config: Any) -> list[str] | None:
+        """A single-mixer family's sublayer kind of each block ("attn" for a mixer, "mlp" for an MLP or MoE)."""
+        types = self.block_types(config)
+        return [dict(self.single_mixer[1]).get(kind) for kind in types] if types else None
 
     def attention_blocks(self, config: Any) -> list[int] | None:
         """A hybrid config's (object or config.json dict) attention blocks (the others are linear);
@@ -1136,9 +1139,12 @@ _HYPER_CONNECTIONS = ("hyper-connections mix several residual streams in every b
 _QWEN4_EXP = ("each block's n-gram embedding table depends on its rank among the blocks that have one (ple_layer_ids), "
               "which a cut changes for every later block, and its stream is four streams wide (hyper-connections)")
 _SCALED_RESIDUAL = "{} scales the residual stream itself in every sublayer, so a removed sublayer is not the identity"
+_GEMMA3N = "its blocks carry four streams (AltUp) and a Laurel branch beside the attention"
+_LOOPED_INKLING = ("each block reads the stream through learned attention over earlier blocks' states, and its middle layers "
+                   "run several times")
 NOT_REMOVABLE = {
-    "gemma3n": "its blocks carry four streams (AltUp) and a Laurel branch beside the attention",
-    "gemma3n_text": "its blocks carry four streams (AltUp) and a Laurel branch beside the attention",
+    "gemma3n": _GEMMA3N,
+    "gemma3n_text": _GEMMA3N,
     "deepseek_v4": _HYPER_CONNECTIONS,
     "hy_v4": _HYPER_CONNECTIONS,
     "qwen4_exp": _QWEN4_EXP,
@@ -1151,10 +1157,8 @@ NOT_REMOVABLE = {
     "minimax": _SCALED_RESIDUAL.format("MiniMax-01 (alpha and beta)"),
     "dory": "each block pulls the stream towards its sublayers' outputs instead of adding them, and its middle layers run "
             "several times",
-    "inkling2_loop": "each block reads the stream through learned attention over earlier blocks' states, and its middle "
-                     "layers run several times",
-    "inkling2_loop_text": "each block reads the stream through learned attention over earlier blocks' states, and its "
-                          "middle layers run several times",
+    "inkling2_loop": _LOOPED_INKLING,
+    "inkling2_loop_text": _LOOPED_INKLING,
     "diffllama": "each attention's lambda depends on its block's index, which a cut changes for every later block",
     "longcat_flash": ("each block holds two attentions (KV-cache slots 2i and 2i+1) and two FFNs, and an MoE that reads the "
                       "stream after the first attention adds its output at the block's end"),
