@@ -104,16 +104,14 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
             raise SurgeryError(f"{folder}: {source_name} is {list(info.shape)} but config.json implies {list(shape)}: "
                                "fix config.json or download the model again")
         if held.dtype == torch.float32 and info.dtype in NARROW_FLOATS:  # (GLM's routers: transformers keeps them in float32)
-            tensors[name] = TensorInfo(source_name, "F32", shape, info.nbytes // NARROW_FLOATS[info.dtype] * 4)
-            computed[name] = _widened(Path(folder), source_name)
+            tensors[name], computed[name] = _widened(Path(folder), info)
             continue
         tensors[name] = info
     last_block, main = f"{layers}.{len(plan.kept) - 1}.", weights.main_dtype()
     for name, source_name in mtp.tensors.items():  # (in the last block's dtypes, as the in-memory export writes them)
         info, twin = weights.info[source_name], tensors.get(last_block_twin(name, last_block))
         if twin is not None and twin.dtype == "F32" and info.dtype == main and main in NARROW_FLOATS:
-            tensors[name] = TensorInfo(source_name, "F32", info.shape, info.nbytes // NARROW_FLOATS[main] * 4)
-            computed[name] = _widened(Path(folder), source_name)
+            tensors[name], computed[name] = _widened(Path(folder), info)
         else:
             tensors[name] = info
     result = CutResult(list(plan.removed), plan.kept, count_parameters(before), count_parameters(after))
@@ -170,19 +168,20 @@ def _packed_slice(source: Path, name: str, dim: int, indices: list[int]) -> Any:
 NARROW_FLOATS = {"BF16": 2, "F16": 2}  # stored dtypes a model may hold in float32: bytes per value
 
 
-def _widened(source: Path, name: str) -> Any:
-    """How to write a tensor the model holds in float32 over a narrower stored one, as loading and
-    saving the model writes it (transformers keeps some modules in float32 whatever the dtype: GLM's
-    router weights from 5.25), so that the streamed cut writes what the in-memory one writes."""
+def _widened(source: Path, info: TensorInfo) -> tuple[TensorInfo, Any]:
+    """A tensor the model holds in float32 over a narrower stored one (`info`), as loading and saving
+    the model writes it (transformers keeps some modules in float32 whatever the dtype: GLM's router
+    weights from 5.25), so that the streamed cut writes what the in-memory one writes: what is written,
+    and how to make it."""
 
     def make() -> Any:
         weights = SafetensorsFolder(source)
         try:
-            return weights.tensor(name).float()
+            return weights.tensor(info.name).float()
         finally:
             weights.close()
 
-    return make
+    return TensorInfo(info.name, "F32", tuple(info.shape), info.nbytes // NARROW_FLOATS[info.dtype] * 4), make
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
