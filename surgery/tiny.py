@@ -24,6 +24,9 @@ _COMMON = dict(
 )
 _LINEAR_ATTENTION = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
                          linear_conv_kernel_dim=4, full_attention_interval=2)
+# DeepSeek-V3's and GLM-4.5's experts (one group): routed ones beside a shared one
+_ROUTED_AND_SHARED = {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                      "n_group": 1, "topk_group": 1}
 # DeepSeek's latent attention with a factored query, one latent KV per head as in the real configs
 _LATENT = {"q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8,
            "num_key_value_heads": 4}
@@ -214,17 +217,12 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
                        "n_group": 1, "topk_group": 1, "kv_lora_rank": 16, "q_lora_rank": None, "qk_rope_head_dim": 8,
                        "qk_nope_head_dim": 8, "v_head_dim": 16, "num_key_value_heads": 4, "layer_group_size": 2,
                        "first_k_dense_replace": 1, "num_mtp_layers": 0},
-    "glm4_moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
-                 "first_k_dense_replace": 2, "n_group": 1, "topk_group": 1},
+    "glm4_moe": {**_ROUTED_AND_SHARED, "first_k_dense_replace": 2},
     # Param2 ties its output layer to the embeddings, which its files name in Bailing's words (word_embeddings)
-    "param2moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
-                  "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "tie_word_embeddings": True},
-    "sarvam_moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
-                   "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1},
-    "sarvam_mla": {**_LATENT, "q_lora_rank": None, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                   "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1},
-    "minicpm5_moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
-                     "n_group": 1, "topk_group": 1, "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1)},
+    "param2moe": {**_ROUTED_AND_SHARED, "first_k_dense_replace": 1, "tie_word_embeddings": True},
+    "sarvam_moe": {**_ROUTED_AND_SHARED, "first_k_dense_replace": 1},
+    "sarvam_mla": {**_LATENT, **_ROUTED_AND_SHARED, "q_lora_rank": None, "first_k_dense_replace": 1},
+    "minicpm5_moe": {**_ROUTED_AND_SHARED, "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1)},
     # hybrid attention: linear-attention blocks (Gated DeltaNet) before each attention one
     "qwen3_next": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
                    "decoder_sparse_step": 2, "mlp_only_layers": [], **_LINEAR_ATTENTION},
