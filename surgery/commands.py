@@ -257,6 +257,7 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
 
     from surgery.console import console
     from surgery.cut import removed_sublayers, unknown_layer_lists
+    from surgery.export.checkpoint import outdated_modeling_file
     from surgery.layerwise import load_config, skeleton
     from surgery.loading import check_device_options, resolve_device
     from surgery.memory import plan, safetensors_bytes
@@ -284,6 +285,9 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
                             f"{2 * config.num_hidden_layers - len(removed)} sublayers")
     table.add_row("parameters", f"{found.parameters:,}")
     table.add_row("removed sublayers", format_sublayers(removed) if removed else "none")
+    if outdated := outdated_modeling_file(source.path):
+        table.add_row("model code", f"{outdated} is another surgery version's (an older one's stand-ins can break cached generation under newer "
+                                    f"transformers): `surgery refresh {model_spec} --out NEW` writes a copy with this one's")
     arch = architecture_of(stored)
     attention = arch.attention_blocks(stored)
     if attention is not None:  # a hybrid: a cut must keep one of these

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
-from surgery.export.checkpoint import CARD, MANIFEST, read_manifest
+from surgery.export.checkpoint import CARD, MANIFEST, outdated_modeling_file, read_manifest
 from surgery.publish import RECORDS, local_paths
 
 KEPT_ON_THE_HUB = (".gitattributes",)  # the Hub writes it into every new repository
@@ -58,6 +58,9 @@ def plan_push(folder: Path, repo_id: str, private: bool, *, replace: bool = Fals
         raise SurgeryError(f"--repo-id '{repo_id}' is not a name the Hub accepts ({str(error).splitlines()[0]})") from None
     folder = Path(folder)
     manifest = read_manifest(folder)
+    if outdated := outdated_modeling_file(folder):
+        raise SurgeryError(f"{folder}/{outdated} is not this surgery's (an older one's stand-ins can break cached generation "
+                           f"under newer transformers): write a copy with `surgery refresh {folder} --out NEW` and push that")
     extra = sorted(p.name for p in folder.iterdir()
                    if p.is_file() and p.name not in manifest["files"] and p.name not in (MANIFEST, CARD))
     if extra:

@@ -360,6 +360,38 @@ def load_exported(folder: Path, *, dtype: Any = None, device: str = "cpu", via: 
     return model.to(device).eval()
 
 
+def shipped_modeling_file(config: dict[str, Any]) -> tuple[str, str] | None:
+    """The modeling file this surgery ships with a checkpoint of `config` (config.json's dict), as
+    (name, text); None for a checkpoint that loads with transformers' own classes."""
+    model_type = config.get("model_type", "")
+    if model_type.startswith(SURGERY_MODEL_TYPE_PREFIX):
+        return MODELING_FILE, modeling_file_text(base_model_type(config))
+    if model_type == NEMOTRON_MODEL_TYPE:
+        from surgery.export import nemotron
+
+        return nemotron.MODELING_FILE, nemotron.modeling_file_text()
+    return None
+
+
+def outdated_modeling_file(folder: Path) -> str | None:
+    """The name of the modeling file a surgery export ships, where it is not this surgery's (written
+    by another version: transformers 5.25 broke cached generation under the stand-ins of the versions
+    before it). None for a folder that is not an export (NVIDIA's own Nemotron-NAS files, say) or
+    whose code is current."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file() or not (folder / "config.json").is_file():
+        return None
+    try:
+        shipped = shipped_modeling_file(json.loads((folder / "config.json").read_text()))
+    except (KeyError, ValueError):  # a family this transformers does not have, or a broken config.json: other checks say so
+        return None
+    if shipped is None:
+        return None
+    name, text = shipped
+    path = folder / name
+    return None if path.is_file() and path.read_text() == text else name
+
+
 def ships_own_code(config: dict[str, Any]) -> bool:
     """A checkpoint written with its own modeling file (sublayer-pruned, or Nemotron-NAS)."""
     model_type = config.get("model_type", "")
