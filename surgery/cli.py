@@ -343,22 +343,23 @@ def gguf(folder: Path, out: Path, dtype: str, tokenizer_pre: str | None, force: 
 
 
 @main.command()
-@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("model")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the refreshed copy.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @handle_errors
-def refresh(folder: Path, out: Path, force: bool) -> None:
-    """Copy an export with this surgery's modeling file, where it ships an older one (surgery info says so).
+def refresh(model: str, out: Path, force: bool) -> None:
+    """Copy an export with this surgery's modeling file, where it ships another version's (surgery info says so).
 
     Sublayer-pruned and Nemotron-NAS exports run their own code under their users' transformers;
-    the weights are copied as they are, and the copy is checked as its users load it.
+    the weights are copied as they are, and the copy is checked as its users load it. MODEL: the
+    export's folder or Hub id.
     """
+    from surgery.commands import refresh_code
     from surgery.console import console
-    from surgery.export.refresh import refresh_export
 
-    result = refresh_export(folder, out, force=force)
+    result = refresh_code(model, out, force=force)
     if result is None:
-        console.print(f"{folder} ships this surgery's modeling file already: nothing written")
+        console.print(f"{model} ships this surgery's modeling file already: nothing written")
         return
     checked = result.manifest["code_refreshed"]["verified"]["method"]
     console.print(f"[green]wrote[/] {result.path}  (its {result.manifest['code_refreshed']['file']} is this surgery's; "

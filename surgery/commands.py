@@ -115,6 +115,17 @@ def cut_and_export(model_spec: str, remove: str, out: Path, load: LoadSettings, 
         return _cut_in_memory(source, units, out, load, settings, force, export.format)
 
 
+def refresh_code(model_spec: str, out: Path, *, force: bool = False) -> Any:
+    """`surgery refresh`: MODEL (a folder or a Hub id of a surgery export) copied to `out` with this
+    surgery's modeling file (surgery.export.refresh); None where its code is current."""
+    from surgery.export.refresh import refresh_export
+    from surgery.files import check_output_folder
+
+    source = resolve_with_output_check(model_spec, lambda protected: check_output_folder(out, force=force, protected=protected),
+                                       LoadSettings())
+    return refresh_export(source.path, out, force=force)
+
+
 def _streams(folder: Path, settings: StreamSettings, load: LoadSettings, doing: str = "streaming the cut file to file",
              what: str = "the streamed cut", alone: bool = False) -> bool:
     """--stream / --no-stream as given; otherwise stream a safetensors model that does not fit in

@@ -100,3 +100,34 @@ def test_refresh_refuses_what_it_cannot_refresh(tiny_folder, tmp_path):
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "x").exists()
     read_manifest(sublayer)  # its files as the old export wrote them
+
+
+def test_an_export_from_the_hub_cache_is_refreshed_into_plain_files(tiny_folder, tmp_path, monkeypatch):
+    """A Hub id, as snapshot_download leaves it: files linked to blobs, and the local record (never
+    pushed) absent. The copy holds the files themselves."""
+    from huggingface_hub import constants
+
+    source = tiny_folder("llama", num_layers=4)[0]
+    export = tmp_path / "export"
+    assert run("cut", source, "--remove", "L0.attn", "--out", export, "--device", "cpu").exit_code == 0
+    write_as_before_525(export, "modeling_surgery.py")
+    unpublished = set(json.loads((export / "surgery.json").read_text()).get("unpublished", []))
+    repo = tmp_path / "hub" / "models--someone--old-cut"
+    snapshot = repo / "snapshots" / ("b" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in export.iterdir():
+        if path.name not in unpublished:
+            blob = repo / "blobs" / file_sha256(path)
+            blob.write_bytes(path.read_bytes())
+            (snapshot / path.name).symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    out = tmp_path / "refreshed"
+    result = run("refresh", "someone/old-cut", "--out", out, catch=False)
+    assert result.exit_code == 0, result.output
+    assert not any(path.is_symlink() for path in out.iterdir())
+    assert cached_drift(out) < 1e-4
+    read_manifest(out)
