@@ -84,6 +84,23 @@ def test_an_old_export_is_flagged_and_its_refreshed_copy_generates_right(old_exp
     assert again.exit_code == 0 and "nothing written" in again.output and not (tmp_path / "again").exists()
 
 
+def test_comments_and_docstrings_are_not_another_version(tiny_folder, tmp_path):
+    from surgery.export.checkpoint import outdated_modeling_file
+
+    source = tiny_folder("llama", num_layers=4)[0]
+    out = tmp_path / "cut"
+    assert run("cut", source, "--remove", "L0.attn", "--out", out, "--device", "cpu").exit_code == 0
+    path = out / "modeling_surgery.py"
+    text = path.read_text()
+    path.write_text(text.replace('"""Write a placeholder of the right length', '"""Write a placeholder, say, of the right length')
+                    .replace("# transformers 5.25 calls the cache", "# (reworded) transformers 5.25 calls the cache"))
+    assert path.read_text() != text and outdated_modeling_file(out) is None
+    path.write_text(text.replace(CACHE_LOOKUP, "found = past_key_values"))
+    assert outdated_modeling_file(out) == "modeling_surgery.py"
+    path.write_text(text + "\nif\n")  # not Python
+    assert outdated_modeling_file(out) == "modeling_surgery.py"
+
+
 def test_refresh_refuses_what_it_cannot_refresh(tiny_folder, tmp_path):
     source = tiny_folder("llama", num_layers=4)[0]
     blocks = tmp_path / "blocks"

@@ -389,7 +389,24 @@ def outdated_modeling_file(folder: Path) -> str | None:
         return None
     name, text = shipped
     path = folder / name
-    return None if path.is_file() and path.read_text() == text else name
+    return None if path.is_file() and _code(path.read_text()) == _code(text) else name
+
+
+def _code(text: str) -> str | None:
+    """A module's code without its comments and docstrings, which change nothing it runs; None for
+    text that is not Python."""
+    import ast
+
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return None
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 def ships_own_code(config: dict[str, Any]) -> bool:
