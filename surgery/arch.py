@@ -951,6 +951,16 @@ ARCHITECTURES: dict[str, Architecture] = {
                            prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
                            lora_targets=_MLA_ONLY_LORA + ("o_proj",), block_outputs=2, carried=("prev_topk_indices",),
                            shared_attention=SharedSelection()),
+    # dots3 Note's text decoder (extract-text; its released config.json is flat): DeepSeek-V3.2's block with a
+    # per-head sigmoid output gate (g_proj) and a norm on the rotary key; sliding-window layers with their own
+    # head count and latent ranks (transformers' per_layer_config, built from the released swa_* keys, which a
+    # cut writes back for the engines that read them); dense FFNs then routed experts beside shared ones, by
+    # mlp_layer_types (transformers derives it from first_k_dense_replace and moe_layer_freq and keeps only the list)
+    "dots3_note_text": replace(_MOE, per_layer_config=("layer_types", "mlp_layer_types"), moe_outputs=_SHARED_EXPERTS,
+                               lora_targets=(*_MLA_ONLY_LORA, "o_proj", "g_proj"),
+                               released_config_keys=("swa_num_attention_heads", "swa_num_key_value_heads", "swa_q_lora_rank",
+                                                     "swa_kv_lora_rank", "swa_head_dim", "swa_qk_nope_head_dim",
+                                                     "swa_qk_rope_head_dim", "swa_v_head_dim", "swa_rope_theta")),
     # Hunyuan 3, MiMo-V2-Flash, Laguna: dense FFNs then routed experts, each layer's kind listed
     "hy_v3": replace(_MOE, per_layer_config=("mlp_layer_types",), moe_outputs=_SHARED_EXPERTS),
     "mimo_v2_flash": replace(_MOE, per_layer_config=("layer_types", "mlp_layer_types"), moe_outputs=("experts.down_proj", "down_proj")),
@@ -1142,6 +1152,9 @@ _SCALED_RESIDUAL = "{} scales the residual stream itself in every sublayer, so a
 _GEMMA3N = "its blocks carry four streams (AltUp) and a Laurel branch beside the attention"
 _LOOPED_INKLING = ("each block reads the stream through learned attention over earlier blocks' states, and its middle layers "
                    "run several times")
+_GROUPED_RESIDUALS = ("each block reads its input through learned attention over the sums of earlier groups of "
+                      "n_layers_per_attn_res_block blocks, and the first block of each group restarts the stream, so "
+                      "removing a block regroups every later one")
 NOT_REMOVABLE = {
     "gemma3n": _GEMMA3N,
     "gemma3n_text": _GEMMA3N,
@@ -1159,6 +1172,8 @@ NOT_REMOVABLE = {
             "several times",
     "inkling2_loop": _LOOPED_INKLING,
     "inkling2_loop_text": _LOOPED_INKLING,
+    "inkling2": _GROUPED_RESIDUALS,
+    "inkling2_text": _GROUPED_RESIDUALS,
     "diffllama": "each attention's lambda depends on its block's index, which a cut changes for every later block",
     "longcat_flash": ("each block holds two attentions (KV-cache slots 2i and 2i+1) and two FFNs, and an MoE that reads the "
                       "stream after the first attention adds its output at the block's end"),
@@ -1213,7 +1228,7 @@ TEXT_DECODER_AS = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen3_
 TEXT_DECODER_FIXED = {"qwen3_vl_moe_text": {"norm_topk_prob": True}}
 # multimodal families released with the text decoder's settings at the top of config.json (which
 # transformers builds their text_config from) -> that text config's model type
-FLAT_TEXT_CONFIGS = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text"}
+FLAT_TEXT_CONFIGS = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text", "dots3_note": "dots3_note_text"}
 # multimodal families whose model leaves out its text decoder's logit multiplier (transformers'
 # Cohere2Vision applies no logit_scale, which Cohere's causal-LM classes do; AyaVision did not before
 # 5.25): their decoder is written with the multiplier 1, so that it computes on text what the model computes

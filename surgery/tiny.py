@@ -223,6 +223,14 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "sarvam_moe": {**_ROUTED_AND_SHARED, "first_k_dense_replace": 1},
     "sarvam_mla": {**_LATENT, **_ROUTED_AND_SHARED, "q_lora_rank": None, "first_k_dense_replace": 1},
     "minicpm5_moe": {**_ROUTED_AND_SHARED, "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1)},
+    # indexed and sliding layers in turn, the sliding ones with half the heads and another key/value latent rank (the
+    # released swa_* geometry, the same q_lora_rank as released); a dense first block; index_topk 64 as deepseek_v32's
+    "dots3_note_text": {**_LATENT, "head_dim": 16, **_ROUTED_AND_SHARED, "shared_experts_intermediate_size": 48,
+                        "index_n_heads": 2, "index_head_dim": 16, "index_topk": 64, "sliding_window": 8,
+                        "swa_num_attention_heads": 2, "swa_num_key_value_heads": 2, "swa_q_lora_rank": 32, "swa_kv_lora_rank": 8,
+                        "swa_head_dim": 16, "swa_qk_nope_head_dim": 8, "swa_qk_rope_head_dim": 8, "swa_v_head_dim": 16,
+                        "layer_types": lambda layers: ["indexed_attention" if i % 2 == 0 else "sliding_attention" for i in range(layers)],
+                        "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1)},
     # hybrid attention: linear-attention blocks (Gated DeltaNet) before each attention one
     "qwen3_next": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
                    "decoder_sparse_step": 2, "mlp_only_layers": [], **_LINEAR_ATTENTION},

@@ -17,6 +17,7 @@ from tests.test_text_decoder import (
     aria,
     cohere2_vision,
     cohere_compass,
+    dots3_note,
     fuyu,
     gemma3,
     gemma4,
@@ -315,6 +316,39 @@ def test_a_cut_m_rope_decoder_grafts_back_with_its_m_rope_settings(make, tmp_pat
     released = json.loads((source / "config.json").read_text())["text_config"]
     assert written["num_hidden_layers"] == 3 and written["rope_parameters"]["mrope_section"] == \
         released["rope_parameters"]["mrope_section"]
+
+
+@pytest.mark.parametrize("layout", ["saved", "released with mtp"])
+@torch.no_grad()
+def test_a_cut_dots3_note_decoder_grafts_back_with_its_mtp_module_and_sees_images(layout, tmp_path, tokenizer):
+    """dots3 Note as released (its text settings at the top of config.json, an MTP block after the last
+    block) and as transformers saves it: the cut decoder and its MTP module go back beside the two
+    encoders, config.json holds the cut's settings once, in text_config (none of the source's left at
+    the top, where they would name the uncut decoder), and an image reaches the decoder."""
+    from transformers import AutoModelForImageTextToText
+
+    source, model = extracted_and_cut(dots3_note, tmp_path, tokenizer, layout=layout)
+    result = run("graft", tmp_path / "cut", "--onto", source, "--out", tmp_path / "graft", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "graft")
+    assert manifest["verified"]["method"] == "copied, loaded, compared with the decoder"
+    written = json.loads((tmp_path / "graft" / "config.json").read_text())
+    text = written["text_config"]
+    assert text["num_hidden_layers"] == 3 and len(text["layer_types"]) == 3
+    assert not {"num_hidden_layers", "layer_types", "mlp_layer_types", "hidden_size"} & set(written)
+    sources, grafted = tensors(source), tensors(tmp_path / "graft")
+    mtp = {name: t for name, t in sources.items() if name.startswith("model.layers.4.")}
+    assert bool(mtp) == (layout == "released with mtp") and text.get("num_nextn_predict_layers", 0) == len(mtp and [1])
+    assert all(torch.equal(grafted[name.replace("layers.4.", "layers.3.")], t) for name, t in mtp.items())
+
+    ids = torch.randint(5, VOCAB - 5, (1, 12), generator=torch.Generator().manual_seed(3))
+    ids[0, 3] = VOCAB - 1  # one merged image token: 2 x 2 patches
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(4, 3 * 14 * 14, generator=torch.Generator().manual_seed(4)),
+                  image_grid_thw=torch.tensor([[1, 2, 2]]), use_cache=False)
+    want = with_decoder(model, tmp_path / "cut")(**inputs).logits
+    got = AutoModelForImageTextToText.from_pretrained(tmp_path / "graft").eval()(**inputs).logits
+    text_only = model(input_ids=ids.clamp(max=VOCAB - 5), use_cache=False).logits
+    assert not torch.allclose(want[:, 3:], text_only[:, 3:], atol=1e-3) and torch.allclose(got, want, atol=1e-5)
 
 
 @torch.no_grad()

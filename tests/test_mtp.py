@@ -1,4 +1,4 @@
-"""Multi-token-prediction (MTP) modules: the drafting heads DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, GLM-5, Ling 2.5,
+"""Multi-token-prediction (MTP) modules: the drafting heads DeepSeek-V3, GLM-4.5, GLM-4.7-Flash, GLM-5, Ling 2.5, dots3 Note,
 K-EXAONE, Mellum 2, Qwen3-Next and Qwen3.5 keep beside their blocks, which transformers skips on load and
 serving engines read for speculative decoding. Every way of writing a cut or healed checkpoint
 carries them, numbered on after the last block kept (or under their own `mtp.` names), and its
@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from surgery.arch import architecture_of, mtp_count_key
 from tests.cli import run
 
-BLOCK_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "bailing_hybrid"]  # extra blocks: model.layers.{num_hidden_layers + k}
+BLOCK_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "bailing_hybrid", "dots3_note_text"]  # extra blocks: model.layers.{num_hidden_layers + k}
 # K-EXAONE, Mellum 2, Qwen3-Next, Qwen3.5: mtp.layers.{k}, mtp.fc, ... (the Qwens count them in mtp_num_hidden_layers)
 FAMILIES = [*BLOCK_FAMILIES, "exaone_moe", "mellum", "qwen3_next", "qwen3_5_text"]
 DEEPSEEK_KEY = "num_nextn_predict_layers"

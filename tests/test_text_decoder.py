@@ -269,6 +269,25 @@ def apertus1p5(folder, tokenizer):
     return save(Apertus1p5ForConditionalGeneration(config), folder, tokenizer)
 
 
+def dots3_note(folder, tokenizer):
+    """dots3 Note's layout: a DeepSeek-V3.2-style decoder (indexed and sliding layers, dense then routed
+    experts) beside a vision encoder with an MoE block and an audio encoder; the decoder at model.,
+    the encoders at vision_encoder. and audio_encoder."""
+    from transformers.models.dots3_note import Dots3NoteConfig, Dots3NoteForConditionalGeneration
+
+    from surgery.tiny import tiny_config
+
+    vision = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                  patch_size=14, spatial_merge_size=2, mlp_layer_types=["dense", "sparse"], adapter_in_dim=32, adapter_out_dim=64,
+                  adapter_merge_size=2, num_local_experts=4, num_experts_per_tok=2,
+                  per_layer_config={1: {"num_local_experts": 4, "num_experts_per_tok": 2}})
+    audio = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, downsample_hidden_size=8,
+                 adapter_input_size=32, adapter_out_dim=64)
+    config = Dots3NoteConfig(text_config=tiny_config("dots3_note_text", 4).to_dict(), vision_config=vision, audio_config=audio,
+                             image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, audio_token_id=VOCAB - 3)
+    return save(Dots3NoteForConditionalGeneration(config), folder, tokenizer)
+
+
 def qwen2_vl(folder, tokenizer):
     """Qwen2-VL's layout: Qwen2.5-VL's before it, with another vision tower."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -329,6 +348,32 @@ def flattened_as_released(folder):
     (folder / "config.json").write_text(json.dumps(data, indent=2))
 
 
+def text_settings_at_the_top(folder):
+    """config.json as dots3 Note is released: the text decoder's settings at the top, no text_config."""
+    data = json.loads((folder / "config.json").read_text())
+    text = data.pop("text_config")
+    data.update({key: value for key, value in text.items() if key not in ("model_type", "architectures", "dtype")})
+    (folder / "config.json").write_text(json.dumps(data, indent=2))
+
+
+def with_mtp_block(folder):
+    """A DeepSeek-style MTP module after the last block (model.layers.{n}: a block, eh_proj and its norms),
+    counted by num_nextn_predict_layers, as DeepSeek-V3's releases store theirs."""
+    weights = load_file(folder / "model.safetensors")
+    data = json.loads((folder / "config.json").read_text())
+    text = data.get("text_config", data)
+    n = text["num_hidden_layers"]
+    generator = torch.Generator().manual_seed(5)
+    for name in [k for k in weights if k.startswith(f"model.layers.{n - 1}.")]:
+        weights[name.replace(f"model.layers.{n - 1}.", f"model.layers.{n}.")] = weights[name].clone() + 1
+    width = text["hidden_size"]
+    for name, shape in (("eh_proj", (width, 2 * width)), ("enorm", (width,)), ("hnorm", (width,)), ("shared_head.norm", (width,))):
+        weights[f"model.layers.{n}.{name}.weight"] = torch.randn(shape, generator=generator)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    text["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(data, indent=2))
+
+
 def experts_as_released(folder):
     """Qwen3-VL-MoE's fused experts as its releases store them, [experts, in, out]: transposed from
     the [experts, out, in] transformers holds and saves (it loads either, by their shapes)."""
@@ -353,7 +398,8 @@ def with_shared_layers_keys(folder):
 
 LAYOUTS = {"newer": lambda folder: renamed_to_the_newer_layout(folder), "class names": lambda folder: renamed_to_qwen_vl_class_names(folder),
            "flat config": lambda folder: flattened_as_released(folder), "released experts": experts_as_released,
-           "released shared layers": with_shared_layers_keys}  # (legacy, released: as transformers saves them)
+           "released shared layers": with_shared_layers_keys, "text at the top": text_settings_at_the_top,
+           "released with mtp": lambda folder: (with_mtp_block(folder), text_settings_at_the_top(folder))}  # (legacy, released: as transformers saves them)
 
 
 def multimodal_source(make, folder, tokenizer, layout=None):
@@ -400,7 +446,9 @@ def renamed_to_the_newer_layout(folder):
                                                   (glm4v, "glm4", "newer"), (glm4v_moe, "glm4_moe", "newer"),
                                                   (hunyuan_vl, "hunyuan_v1_dense", None), (apertus1p5, "apertus1p5_text", None),
                                                   (aria, "aria_text", "legacy"), (aria, "aria_text", "newer"),
-                                                  (qwen3_vl_moe, "qwen3_moe", "released experts"), (qwen3_vl_moe, "qwen3_moe", "saved")])
+                                                  (qwen3_vl_moe, "qwen3_moe", "released experts"), (qwen3_vl_moe, "qwen3_moe", "saved"),
+                                                  (dots3_note, "dots3_note_text", "saved"),
+                                                  (dots3_note, "dots3_note_text", "text at the top")])
 @torch.no_grad()
 def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(make, family, layout, tmp_path, tokenizer):
     """Each family's decoder, in each name layout, written as its text-only family (Qwen2.5-VL's as
@@ -409,7 +457,7 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
 
     source = tmp_path / "multimodal"
     model = multimodal_source(make, source, tokenizer, layout)
-    assert ("text_config" in json.loads((source / "config.json").read_text())) == (layout != "flat config")
+    assert ("text_config" in json.loads((source / "config.json").read_text())) == (layout not in ("flat config", "text at the top"))
     result = run("extract-text", source, "--out", tmp_path / "text", "--max-shard-size", "100KB", "--device", "cpu")
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path / "text")
@@ -420,6 +468,7 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
          {"vision_tokenizer", "audio_tokenizer"} if family == "apertus1p5_text" else
          {"vision_tower", "embed_vision", "audio_tower", "embed_audio"} if make is gemma4_e else
          {"vision_tower", "embed_vision"} if family == "gemma4_text" else
+         {"vision_encoder", "audio_encoder"} if family == "dots3_note_text" else
          {"vision_model" if family == "llama4_text" else "vision_tower", "multi_modal_projector"})
 
     config = json.loads((tmp_path / "text" / "config.json").read_text())
@@ -437,7 +486,7 @@ def test_the_text_decoder_computes_what_the_multimodal_model_computes_on_text(ma
                                    "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
                                    "aria_text": "AriaTextForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                                    "cohere_compass_text": "CohereCompassForCausalLM", "persimmon": "PersimmonForCausalLM",
-                                   "apertus1p5_text": "Apertus1p5TextForCausalLM"}[family]
+                                   "apertus1p5_text": "Apertus1p5TextForCausalLM", "dots3_note_text": "Dots3NoteForCausalLM"}[family]
     ids = torch.randint(3, VOCAB - 5, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(text(ids).logits, model(input_ids=ids).logits, atol=1e-5)
     stored = load_file(source / "model.safetensors")

@@ -290,7 +290,33 @@ def _write(graft: Graft, folder: Path, max_shard_size: int) -> dict[str, str]:
             shutil.copy2(file, folder / file.name)
     graft.config.save_pretrained(folder)
     keep_released_words(folder, graft.source)
+    _drop_flat_text_settings(folder, graft)
     return digests
+
+
+def _drop_flat_text_settings(folder: Path, graft: Graft) -> None:
+    """A source released with its text settings at the top of config.json (arch.FLAT_TEXT_CONFIGS) is
+    written with them in text_config, where transformers reads them. Some configs (dots3 Note's) also
+    keep every flat key at the top, where it would still name the uncut decoder (num_hidden_layers,
+    layer_types) to a reader of the released layout: those go, save the multimodal config's own."""
+    import json
+
+    if "text_config" in read_config(graft.source):
+        return
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    own = set(type(graft.config)().to_dict())
+    stale = [key for key in data.get("text_config", {}) if key in data and key not in own]
+    if stale:
+        path.write_text(json.dumps({key: value for key, value in data.items() if key not in stale}, indent=2, sort_keys=True) + "\n")
+
+
+def _as_decoders(name: str) -> str:
+    """A multimodal model's name for a decoder tensor in the text decoder's words (model.language_model.layers.3.x:
+    model.layers.3.x), where its MTP modules are found: transformers skips them only under the released block
+    number (dots3 Note's model.layers.46.), and they are carried, not unexpected (loading.check_loading_info
+    says so for text-only checkpoints)."""
+    return "model." + name.split("language_model.", 1)[1] if "language_model." in name else name
 
 
 def _check_folder(graft: Graft, folder: Path, tokenizer: Any, device: str, trust_remote_code: bool) -> dict[str, Any]:
@@ -323,7 +349,9 @@ def _check_folder(graft: Graft, folder: Path, tokenizer: Any, device: str, trust
                           "with the decoder's (every tensor was checked as copied)")
             return verified
         model, info = loaded
-        odd = sorted(info.get("missing_keys", ())) + sorted(info.get("unexpected_keys", ()))
+        unexpected = {_as_decoders(name): name for name in info.get("unexpected_keys", ())}
+        carried = set(mtp_modules(unexpected, read_config(graft.decoder)).tensors.values())
+        odd = sorted(info.get("missing_keys", ())) + sorted(name for ours, name in unexpected.items() if ours not in carried)
         if odd:
             raise SurgeryError(f"export check failed: transformers loads the grafted model without {odd[0]}; nothing was written")
         ids = verification_ids(tokenizer, decoder.config.vocab_size)
