@@ -61,13 +61,15 @@ def ablated(model: Any, units: Iterable[Sublayer], tails: Iterable[int] = ()) ->
 
 
 def removed_sublayers(model: Any) -> list[Sublayer]:
-    """Sublayers that are already stand-ins in `model` (from an earlier cut or a loaded checkpoint)."""
+    """Sublayers that are already stand-ins in `model` (from an earlier cut or a loaded checkpoint),
+    known by their class's name: a checkpoint loaded with its own modeling file holds that file's
+    classes, not this package's."""
     arch = architecture_of(unwrap(model).config)
     found = []
     for index, layer in enumerate(decoder_layers(model, arch)):
         for kind, stand_ins in (("attn", (RemovedAttention, RemovedLinearAttention)), ("mlp", (RemovedMLP,))):
             names = arch.sublayer_modules(kind, layer)  # (none for a kind a single-mixer block lacks)
-            if names and isinstance(get_module(layer, names[0]), stand_ins):
+            if names and type(get_module(layer, names[0])).__name__ in {stand_in.__name__ for stand_in in stand_ins}:
                 found.append(Sublayer(index, kind))
     return found
 
