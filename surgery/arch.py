@@ -278,6 +278,9 @@ class Architecture:
     sqrt(kept / before), so that every kept block scales as it did, and says which runtime would not.
     per_layer_config: config lists with one entry per layer (sliced when blocks go).
     layer_index_config: config lists of layer indices (renumbered when blocks go).
+    tiled_config: config lists that runtimes repeat to the layer count, layer i taking entry i % len
+    (RecurrentGemma's block_types, and its 2B's _block_types, which transformers 5 ignores and
+    transformers 4 and mlx-lm read): a cut writes each as the kept layers' entries, one per layer.
     moe_range_config: (start, end, interval) keys where the config places MoE blocks by rule alone,
     block i when (i + 1) % interval == 0 and start <= i <= end (end -1: the last), with no list to
     write instead (ERNIE 4.5): a cut sets them for the kept blocks, and refuses a cut no rule describes.
@@ -415,6 +418,7 @@ class Architecture:
     lm_head: str = "lm_head"
     per_layer_config: tuple[str, ...] = ()
     layer_index_config: tuple[str, ...] = ()
+    tiled_config: tuple[str, ...] = ()
     sparse_step_config: str | None = None
     moe_range_config: tuple[str, str, str] | None = None
     period_configs: tuple[PeriodRule, ...] = ()
@@ -561,6 +565,11 @@ class Architecture:
             return [i for i in range(config_value(config, "num_hidden_layers")) if i % period == offset]
         if self.linear_attention and self.attention_index_config and not isinstance(types, list):
             return sorted(config_value(config, self.attention_index_config) or [])
+        if self.linear_attention and types is None and isinstance(config, dict):  # (RecurrentGemma's: derived, never saved)
+            from transformers import AutoConfig
+
+            settings = {key: value for key, value in config.items() if key not in ("model_type", "surgery", "auto_map")}
+            types = getattr(AutoConfig.for_model(base_model_type(config), **settings), "layer_types", None)
         if not self.linear_attention or not isinstance(types, list):
             return None
         from transformers.configuration_utils import remap_legacy_layer_types
@@ -702,6 +711,8 @@ _DEEPSEEK_MOE = replace(_MOE, prefix_count_config=("first_k_dense_replace",), mo
                         lora_targets=_LATENT_ATTENTION_LORA, lora_may_lack=QUERY_LAYOUTS)
 _GLM4_MOE = replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS)  # (Llama's attention)
 # Kimi-Linear: its MLA blocks' own projections (q_proj, o_proj are also its KDA blocks'), and its KDA ones'
+_RG_ATTENTION_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")  # RecurrentGemma's two kinds of temporal block
+_RG_RECURRENT_LORA = ("linear_x", "linear_y", "linear_out")
 _MLA_ONLY_LORA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 _KDA_LORA = ("k_proj", "v_proj", "b_proj", "f_a_proj", "f_b_proj", "g_a_proj", "g_b_proj")
 _BAILING_KDA_LORA = ("k_proj", "v_proj", "b_proj", "f_proj")  # (its g_proj gates both kinds of attention)
@@ -1135,6 +1146,18 @@ ARCHITECTURES: dict[str, Architecture] = {
                                                                     "w2", "w3")),
     "lfm2_moe": replace(_MOE, **_LFM2, moe_outputs=("experts.down_proj", "w2"), prefix_count_config=("num_dense_layers",),
                         lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "in_proj")),
+    # RecurrentGemma (Griffin: recurrentgemma-2b, -9b): every block a pre-norm temporal mixer, an RG-LRU recurrence
+    # behind a short convolution (block_types "recurrent") or a local attention ("attention"), both named
+    # temporal_block and both returning (output, None), so one stand-in serves both; then a gated FFN (mlp_block).
+    # The recurrences keep their state in their own modules, not in the cache. block_types is a pattern repeated to
+    # the layer count (the 2B's file says _block_types, which transformers 5 ignores and transformers 4 and mlx-lm
+    # read): a cut writes both as the kept blocks' list. Soft-capped logits.
+    "recurrent_gemma": replace(_LLAMA, attention="temporal_block", mlp="mlp_block", attention_norms=("temporal_pre_norm",),
+                               mlp_norms=("channel_pre_norm",), final_norm="model.final_norm",
+                               linear_attention="temporal_block", linear_attention_output="linear_out",
+                               logit_softcap_config="logits_soft_cap", tiled_config=("block_types", "_block_types"),
+                               lora_targets=(*_RG_ATTENTION_LORA, *_RG_RECURRENT_LORA, "gate_proj", "up_proj", "down_proj"),
+                               lora_may_lack=(_RG_ATTENTION_LORA, _RG_RECURRENT_LORA)),
 }
 
 
@@ -1172,6 +1195,12 @@ NOT_REMOVABLE = {
             "several times",
     "inkling2_loop": _LOOPED_INKLING,
     "inkling2_loop_text": _LOOPED_INKLING,
+    "zamba": ("its hybrid blocks add the output of one transformer they all share to their Mamba mixer's input, not to "
+              "the stream, so no part of a block but its mixer can go, and the shared weights are stored with the first "
+              "hybrid block"),
+    "zamba2": ("its hybrid blocks take turns at num_mem_blocks shared transformers, each turn with its own adapters picked "
+               "by the block's rank among the hybrid blocks, so removing one changes the weights every later one runs; and "
+               "a shared transformer's output joins its block's Mamba input, not the stream"),
     "inkling2": _GROUPED_RESIDUALS,
     "inkling2_text": _GROUPED_RESIDUALS,
     "diffllama": "each attention's lambda depends on its block's index, which a cut changes for every later block",

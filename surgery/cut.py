@@ -265,7 +265,8 @@ def cut_keys(arch: Architecture, config: Any) -> set[str]:
     tell a cut checkpoint from another model (surgery graft)."""
     from surgery.arch import mtp_count_keys
 
-    keys = {"num_hidden_layers", "per_layer_config", *arch.per_layer_config, *arch.layer_index_config, *arch.prefix_count_config,
+    keys = {"num_hidden_layers", "per_layer_config", *arch.per_layer_config, *arch.tiled_config, *arch.layer_index_config,
+            *arch.prefix_count_config,
             *(key for key, _ in arch.depth_scaled_config),
             *mtp_count_keys(config), *(arch.moe_range_config or ()), *(key for rule in arch.period_configs for key in (rule.period, rule.offset))}
     if arch.sparse_step_config:
@@ -306,6 +307,10 @@ def _slice_config(config: Any, arch: Architecture, kept: list[int], old_count: i
         values = getattr(config, key, None)
         if isinstance(values, (list, tuple)):  # (some keys are one value for every layer, or a list per layer)
             setattr(config, key, [values[i] for i in kept])
+    for key in arch.tiled_config:  # (a pattern repeated to the layer count: the kept layers' entries, one per layer)
+        values = getattr(config, key, None)
+        if isinstance(values, (list, tuple)) and values:
+            setattr(config, key, [values[i % len(values)] for i in kept])
     for listed, compressed in arch.expanded_config:  # (one run of the kept layers' pattern, which expands to the list)
         setattr(config, compressed, [[list(getattr(config, listed)), 1]])
     renumber = {old: new for new, old in enumerate(kept)}
@@ -327,7 +332,7 @@ def unknown_layer_lists(config: Any, arch: Architecture, count: int) -> list[str
     """Config keys (object or config.json dict) whose lists hold one entry per layer without the
     family's entry naming them: a release may carry keys only another runtime reads, which a cut
     cannot know whether to slice."""
-    known = {*arch.per_layer_config, *arch.layer_index_config}
+    known = {*arch.per_layer_config, *arch.tiled_config, *arch.layer_index_config}
     values = config if isinstance(config, dict) else config.to_dict()
     return [key for key, value in values.items() if isinstance(value, list) and len(value) == count and key not in known]
 

@@ -49,6 +49,8 @@ def keep_cache_length(past_key_values, layer_idx, hidden_states: torch.Tensor) -
     slots = getattr(past_key_values, "layers", None)
     if slots is not None and layer_idx < len(slots) and type(slots[layer_idx]).__name__ == "DummyLayer":
         return  # (a slot that stores nothing: Gemma 4 E2B's layers that attend to another's keys and values)
+    if slots is not None and layer_idx < len(slots) and not hasattr(slots[layer_idx], "update"):
+        return  # (a linear-attention slot, which keeps no keys: RecurrentGemma's recurrences keep their state themselves)
     batch, length = hidden_states.shape[:2]
     placeholder = hidden_states.new_zeros(batch, 1, length, 1)
     past_key_values.update(placeholder, placeholder, layer_idx)

@@ -61,6 +61,29 @@ def assert_cache_consistent(model):
     """Chunked prefill and left-padded batched generation match the uncached, unpadded results."""
     sequence = ids(batch=1, length=14, seed=3)
     full = model(sequence, use_cache=False).logits
+    if base_model_type(model.config) in TOKEN_BY_TOKEN:
+        _assert_token_by_token(model, sequence, full)
+    else:
+        _assert_chunked(model, sequence, full)
+    _assert_padded_batches(model)
+
+
+# transformers' RecurrentGemma keeps its recurrent state in its modules, returns no cache, and restarts its
+# convolution in every multi-token call after a prefill (uncut too): it continues a prefill token by token, as generate() does
+TOKEN_BY_TOKEN = {"recurrent_gemma"}
+
+
+def _assert_token_by_token(model, sequence, full):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    logits = [model(sequence[:, :9], cache=cache, use_cache=True, position_ids=torch.arange(9)[None]).logits]
+    for t in range(9, sequence.shape[1]):
+        logits.append(model(sequence[:, t:t + 1], cache=cache, use_cache=True, position_ids=torch.tensor([[t]])).logits)
+    assert torch.allclose(torch.cat(logits, 1), full, atol=1e-4)
+
+
+def _assert_chunked(model, sequence, full):
     first = model(sequence[:, :9], use_cache=True)
     assert first.cache.get_seq_length() == 9
     # transformers' Bamba numbers positions from 0 in every call unless given them (its forward never
@@ -70,6 +93,8 @@ def assert_cache_consistent(model):
     tolerance = CACHE_TOLERANCE.get(base_model_type(model.config), 1e-4)
     assert torch.allclose(second, full[:, 9:], atol=tolerance), (second - full[:, 9:]).abs().max()
 
+
+def _assert_padded_batches(model):
     short, long = ids(1, 5, seed=4), ids(1, 11, seed=5)
     pad = 0
     batch = torch.full((2, 11), pad)
