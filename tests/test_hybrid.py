@@ -78,7 +78,12 @@ def test_each_kind_of_attention_goes_with_its_own_stand_in(family, tmp_path, tok
     assert any(n.startswith(f"model.layers.3.{linear}.") for n in names)
     for reloaded in reloaded_both_ways(tmp_path / "out", model, prompt, expected, ["L1.attn", "L2.attn"]):
         layers = decoder_layers(reloaded)
-        assert isinstance(getattr(layers[1], linear), RemovedLinearAttention) and isinstance(layers[2].self_attn, RemovedAttention)
+        assert class_name(getattr(layers[1], linear)) == RemovedLinearAttention.__name__ and class_name(layers[2].self_attn) == RemovedAttention.__name__
+
+
+def class_name(module) -> str:
+    """A stand-in's class name: a checkpoint loaded with its own modeling file holds that file's classes."""
+    return type(module).__name__
 
 
 @pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
@@ -294,7 +299,7 @@ def test_ling_hybrid_blocks_get_their_stand_ins_and_its_group_size_follows_the_c
     export_checkpoint(model, tokenizer, tmp_path / "out", record={})
     for reloaded in reloaded_both_ways(tmp_path / "out", model, prompt, expected, ["L2.attn", "L3.attn"]):
         layers = decoder_layers(reloaded)
-        assert isinstance(layers[2].self_attn, RemovedLinearAttention) and isinstance(layers[3].self_attn, RemovedAttention)
+        assert class_name(layers[2].self_attn) == RemovedLinearAttention.__name__ and class_name(layers[3].self_attn) == RemovedAttention.__name__
     regrouped = tiny_model("bailing_hybrid", num_layers=6, layer_group_size=3)  # full attention in L2, L5
     cut(regrouped, parse_sublayers("L0,L3"))
     assert regrouped.config.layer_types == ["linear_attention", "full_attention"] * 2

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from surgery.export.checkpoint import read_manifest
+from surgery.export.checkpoint import load_exported, read_manifest
 from surgery.provenance import file_sha256
 from tests.cli import one_line, run
 
@@ -34,9 +34,7 @@ def write_as_before_525(folder, name):
 def cached_drift(folder) -> float:
     """How far the logits of 4 tokens decoded after a 4-token prefill from the cache lie from one
     pass over all 8, in the folder's own code (as its users load it)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True).eval()
+    model = load_exported(folder, via="remote-code")  # (the folder's own file, whatever the process registered)
     ids = torch.tensor([[5, 9, 13, 17, 21, 25, 29, 33]])
     with torch.no_grad():
         whole = model(ids, use_cache=False).logits
