@@ -82,6 +82,21 @@ def test_an_old_export_is_flagged_and_its_refreshed_copy_generates_right(old_exp
     assert again.exit_code == 0 and "nothing written" in again.output and not (tmp_path / "again").exists()
 
 
+def test_where_two_copies_do_not_fit_the_refreshed_file_is_built_without_weights(tiny_folder, tmp_path, monkeypatch):
+    import surgery.memory
+
+    source = tiny_folder("llama", num_layers=4)[0]
+    export = tmp_path / "export"
+    assert run("cut", source, "--remove", "L0.attn", "--out", export, "--device", "cpu").exit_code == 0
+    write_as_before_525(export, "modeling_surgery.py")
+    monkeypatch.setattr(surgery.memory, "available_memory", lambda device="cpu", alone=False: 1 << 10)  # nothing fits
+    result = run("refresh", export, "--out", tmp_path / "refreshed", catch=False)
+    assert result.exit_code == 0 and "checked: built without weights" in " ".join(result.output.split()), result.output
+    assert read_manifest(tmp_path / "refreshed")["code_refreshed"]["verified"]["loader"] == "trust_remote_code"
+    monkeypatch.undo()
+    assert cached_drift(tmp_path / "refreshed") < 1e-4
+
+
 def test_comments_and_docstrings_are_not_another_version(tiny_folder, tmp_path):
     from surgery.export.checkpoint import outdated_modeling_file
 

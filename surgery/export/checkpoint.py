@@ -355,19 +355,20 @@ def load_exported(folder: Path, *, dtype: Any = None, device: str = "cpu", via: 
 
         register_classes(data)
     elif ships_own_code(data):
-        model = _shipped_class(folder, data).from_pretrained(str(folder), **kwargs)
+        model = shipped_class(folder).from_pretrained(str(folder), **kwargs)
         return model.to(device).eval()
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     return model.to(device).eval()
 
 
-def _shipped_class(folder: Path, data: dict[str, Any]) -> type:
+def shipped_class(folder: Path) -> type:
     """The model class of the folder's own modeling file. Not through the auto class with
     trust_remote_code: transformers prefers a class registered in the process for the model type
     (surgery's own, or the first folder's of that type that it loaded), so a check that went that way
     would not run the file this folder ships."""
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
+    data = json.loads((Path(folder) / "config.json").read_text())
     return get_class_from_dynamic_module(data["auto_map"]["AutoModelForCausalLM"], str(folder))
 
 

@@ -11,6 +11,7 @@ and moves it into place; the source folder is never touched.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from surgery.export.checkpoint import (
     load_exported,
     outdated_modeling_file,
     read_manifest,
+    shipped_class,
     shipped_modeling_file,
     verify_checkpoint,
 )
@@ -53,7 +55,7 @@ def refresh_export(folder: Path, out: Path, *, force: bool = False, device: str 
                          "code_refreshed": {"created": now(), "file": name, "previous_sha256": manifest["files"].get(name),
                                             "verified": verified, "versions": versions()}}
             (staging / MANIFEST).write_text(json.dumps(refreshed, indent=2) + "\n")
-    return ExportResult(out, verified.get("max_abs_logit_diff", 0.0), verified["loader"], refreshed)
+    return ExportResult(out, verified.get("max_abs_logit_diff", math.nan), verified["loader"], refreshed)  # (nan: not compared)
 
 
 def _check_code(folder: Path, staging: Path, config: dict[str, Any], device: str) -> dict[str, Any]:
@@ -76,11 +78,11 @@ def _check_code(folder: Path, staging: Path, config: dict[str, Any], device: str
 
 def _build_without_weights(folder: Path) -> None:
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
+    model_class = shipped_class(folder)
+    config = model_class.config_class.from_pretrained(str(folder))
     with init_empty_weights():
-        AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+        model_class(config)
 
 
 def _folder_bytes(folder: Path) -> int:
