@@ -120,10 +120,11 @@ def refresh_code(model_spec: str, out: Path, *, force: bool = False) -> Any:
     surgery's modeling file (surgery.export.refresh); None where its code is current."""
     from surgery.export.refresh import refresh_export
     from surgery.files import check_output_folder
+    from surgery.loading import load_tokenizer
 
     source = resolve_with_output_check(model_spec, lambda protected: check_output_folder(out, force=force, protected=protected),
                                        LoadSettings())
-    return refresh_export(source.path, out, force=force)
+    return refresh_export(source.path, out, load_tokenizer(source.path), force=force)
 
 
 def _streams(folder: Path, settings: StreamSettings, load: LoadSettings, doing: str = "streaming the cut file to file",

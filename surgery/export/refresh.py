@@ -31,9 +31,9 @@ from surgery.export.checkpoint import (
 from surgery.provenance import file_sha256, now, versions
 
 
-def refresh_export(folder: Path, out: Path, *, force: bool = False, device: str = "cpu") -> ExportResult | None:
-    """Write `out`: `folder` with this surgery's modeling file, verified; None (nothing written)
-    where the folder's code is current already."""
+def refresh_export(folder: Path, out: Path, tokenizer: Any, *, force: bool = False, device: str = "cpu") -> ExportResult | None:
+    """Write `out`: `folder` with this surgery's modeling file, verified (on a prompt `tokenizer`, the
+    folder's, makes; None: its classes only built); None (nothing written) where its code is current."""
     from surgery.files import check_free_space, claimed_folder, staged_folder
 
     folder = Path(folder)
@@ -50,7 +50,7 @@ def refresh_export(folder: Path, out: Path, *, force: bool = False, device: str 
         with staged_folder(out) as staging:
             shutil.copytree(folder, staging, dirs_exist_ok=True)
             (staging / name).write_text(text)
-            verified = _check_code(folder, staging, config, device)
+            verified = _check_code(folder, staging, config, tokenizer, device)
             refreshed = {**manifest, "files": {**manifest["files"], name: file_sha256(staging / name)},
                          "code_refreshed": {"created": now(), "file": name, "previous_sha256": manifest["files"].get(name),
                                             "verified": verified, "versions": versions()}}
@@ -58,15 +58,13 @@ def refresh_export(folder: Path, out: Path, *, force: bool = False, device: str 
     return ExportResult(out, verified.get("max_abs_logit_diff", math.nan), verified["loader"], refreshed)  # (nan: not compared)
 
 
-def _check_code(folder: Path, staging: Path, config: dict[str, Any], device: str) -> dict[str, Any]:
+def _check_code(folder: Path, staging: Path, config: dict[str, Any], tokenizer: Any, device: str) -> dict[str, Any]:
     """The copy loaded as its users load it (its own code) against the source loaded with this
     surgery's classes: logits and cached greedy decoding where two copies fit in memory; otherwise
     the copy's classes are built without weights, which shows the file imports and builds its model
     under this transformers."""
-    from surgery.loading import load_tokenizer
     from surgery.memory import available_memory, fits_in_memory, loaded_bytes
 
-    tokenizer = load_tokenizer(folder)
     if tokenizer is not None and fits_in_memory(loaded_bytes(folder, None), available_memory(device), copies=2):
         reference = load_exported(folder, device=device, via="package")
         layout = "hf" if config.get("model_type", "").startswith(SURGERY_MODEL_TYPE_PREFIX) else "nemotron-nas"
