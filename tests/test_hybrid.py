@@ -15,6 +15,7 @@ from surgery.hf_modeling import RemovedAttention, RemovedLinearAttention
 from surgery.sublayers import parse_sublayers
 from surgery.tiny import tiny_model
 from tests.cli import error_line, run
+from tests.hooks import skipped
 from tests.test_ablation import assert_cache_consistent, ids
 
 FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "lfm2", "lfm2_moe", "lfm3", "granitemoehybrid", "olmo_hybrid", "kimi_linear",
@@ -33,6 +34,19 @@ def exported_names(model, tokenizer, folder):
     export_checkpoint(model, tokenizer, folder, record={})
     with safe_open(str(next(folder.glob("*.safetensors"))), "pt") as handle:
         return set(handle.keys())
+
+
+def cut_beside_hooks(family, removal, **overrides):
+    """(uncut, cut, prompt, expected): a 6-block tiny model of `family` and its twin cut by `removal`,
+    with the logits the uncut one gives when hooks skip those sublayers."""
+    uncut = tiny_model(family, num_layers=6, **overrides)
+    units = parse_sublayers(removal)
+    prompt = ids(1, 10)
+    with skipped(uncut, units):
+        expected = uncut(prompt, use_cache=False).logits
+    model = tiny_model(family, num_layers=6, **overrides)
+    cut(model, units)
+    return uncut, model, prompt, expected
 
 
 def reloaded_both_ways(folder, model, prompt, expected, removed):
@@ -54,18 +68,11 @@ def test_each_kind_of_attention_goes_with_its_own_stand_in(family, tmp_path, tok
     alternate, L1 deleted whole: the checkpoint holds neither's weights, reloads both ways with the
     right stand-in in each block, decodes token by token as the uncut model with the same units
     skipped by hooks does, and keeps chunked prefill and padded batches consistent."""
-    from tests.hooks import skipped
 
-    uncut = tiny_model(family, num_layers=6)
+    uncut, model, prompt, expected = cut_beside_hooks(family, "L1,L2.attn,L3.attn")
     arch = architecture_of(uncut.config)
     linear, kind = arch.linear_attention, arch.linear_layer_type  # (LFM2: conv, conv)
     assert uncut.config.layer_types[::2] == [kind] * 3 and kind not in uncut.config.layer_types[1::2]
-    units = parse_sublayers("L1,L2.attn,L3.attn")
-    prompt = ids(1, 10)
-    with skipped(uncut, units):
-        expected = uncut(prompt, use_cache=False).logits
-    model = tiny_model(family, num_layers=6)
-    cut(model, units)
     assert model.config.layer_types == [uncut.config.layer_types[i] for i in (0, 2, 3, 4, 5)]
     if family in ("lfm2", "lfm2_moe"):  # its releases list the attention blocks by index as well
         assert model.config.full_attn_idxs == [2, 4]
@@ -287,15 +294,7 @@ def test_ling_hybrid_blocks_get_their_stand_ins_and_its_group_size_follows_the_c
     """Ling/Ring 2.5 (bailing_hybrid) names both kinds of attention self_attn (and stores them as
     `attention`): each block's block_type says which stand-in goes where. Its layer_group_size, from
     which transformers derives layer_types where config.json lists none, follows the blocks kept."""
-    from tests.hooks import skipped
-
-    uncut = tiny_model("bailing_hybrid", num_layers=6)  # groups of 2: full attention in L1, L3, L5
-    units = parse_sublayers("L2.attn,L3.attn")
-    prompt = ids(1, 10)
-    with skipped(uncut, units):
-        expected = uncut(prompt, use_cache=False).logits
-    model = tiny_model("bailing_hybrid", num_layers=6)
-    cut(model, units)
+    _, model, prompt, expected = cut_beside_hooks("bailing_hybrid", "L2.attn,L3.attn")  # groups of 2: full attention in L1, L3, L5
     export_checkpoint(model, tokenizer, tmp_path / "out", record={})
     for reloaded in reloaded_both_ways(tmp_path / "out", model, prompt, expected, ["L2.attn", "L3.attn"]):
         layers = decoder_layers(reloaded)

@@ -19,7 +19,7 @@ from surgery.tiny import tiny_model
 from tests.cli import error_line, run
 from tests.hooks import skipped
 from tests.test_ablation import assert_cache_consistent, ids
-from tests.test_hybrid import FAST
+from tests.test_hybrid import FAST, cut_beside_hooks, exported_names, reloaded_both_ways
 
 FAMILY = "recurrent_gemma"
 R, A = "recurrent", "attention"
@@ -53,27 +53,14 @@ def test_each_kind_of_temporal_block_goes_with_the_attention_stand_in(tmp_path, 
     """A recurrence (L3) and a local attention (L2) removed from R R A R R A, L1 whole: the checkpoint
     holds neither's weights and reloads both ways with the stand-in in both blocks, decoding from its
     cache as it does without."""
-    uncut = tiny_model(FAMILY, num_layers=6)
-    units = parse_sublayers("L1,L2.attn,L3.attn")
-    prompt = ids(1, 10)
-    with skipped(uncut, units):
-        expected = uncut(prompt, use_cache=False).logits
-    model = tiny_model(FAMILY, num_layers=6)
-    cut(model, units)
+    _, model, prompt, expected = cut_beside_hooks(FAMILY, "L1,L2.attn,L3.attn")
     assert model.config.block_types == [R, A, R, R, A]
-    export_checkpoint(model, tokenizer, tmp_path / "out", record={})
-    from safetensors import safe_open
-
-    with safe_open(str(next((tmp_path / "out").glob("*.safetensors"))), "pt") as handle:
-        names = set(handle.keys())
+    names = exported_names(model, tokenizer, tmp_path / "out")
     assert not any(n.startswith(("model.layers.1.temporal_block.", "model.layers.2.temporal_block.")) for n in names)
     assert any(n.startswith("model.layers.3.temporal_block.linear_x") for n in names)
-    for via in ("package", "remote-code"):  # (the shipped file's classes, or this package's)
-        reloaded = load_exported(tmp_path / "out", via=via)
-        layers = decoder_layers(reloaded)
+    for reloaded in reloaded_both_ways(tmp_path / "out", model, prompt, expected, ["L1.attn", "L2.attn"]):
+        layers = decoder_layers(reloaded)  # (the shipped file's classes, or this package's)
         assert type(layers[1].temporal_block).__name__ == type(layers[2].temporal_block).__name__ == RemovedAttention.__name__
-        assert torch.allclose(reloaded(prompt).logits, expected, atol=1e-5)
-        assert_cache_consistent(reloaded)
 
 
 @pytest.mark.parametrize("layout", ["2b", "9b"])
