@@ -303,6 +303,9 @@ class Architecture:
     patterns); a cut slices the list and writes the key as one run of it.
     attention_adds_residual: the attention adds the stream, its second argument, to its own output (BLOOM's), so its
     stand-in returns that argument rather than zeros.
+    attention_returns_state: the attention takes the block's recurrent state as its second argument and returns it,
+    updated, as its second value, which the model copies into its cache (xLSTM's mLSTM layer): its stand-in returns
+    zeros and the state it got.
     output_rows_config: the config key counting the output layer's rows where it may keep fewer than the
     embeddings (Apertus 1.5: the text rows); None where it scores the whole vocabulary.
     positions_config: the config key that holds the positions the model was trained on, where its config class
@@ -434,6 +437,7 @@ class Architecture:
     mlp_extra_outputs: int = 0
     carried: tuple[str, ...] = ()
     attention_adds_residual: bool = False
+    attention_returns_state: bool = False
     expanded_config: tuple[tuple[str, str], ...] = ()
     positions_config: str = "max_position_embeddings"
     shared_attention: SharedSelection | SharedKV | None = None
@@ -498,6 +502,7 @@ class Architecture:
                 "mlp_extra_outputs": self.mlp_extra_outputs,
                 **({"carried": list(self.carried)} if self.carried else {}),
                 **({"attention_adds_residual": True} if self.attention_adds_residual else {}),
+                **({"returns_state": True} if self.attention_returns_state else {}),
                 **({"extra_outputs_flag": self.extra_outputs_flag} if self.extra_outputs_flag else {}),
                 **({"linear_attention": self.linear_attention} if self.linear_attention else {}),
                 **({"linear_norms": dict(zip(("attn", "mlp"), map(list, self.linear_block_norms)))}
@@ -1146,6 +1151,14 @@ ARCHITECTURES: dict[str, Architecture] = {
                                                                     "w2", "w3")),
     "lfm2_moe": replace(_MOE, **_LFM2, moe_outputs=("experts.down_proj", "w2"), prefix_count_config=("num_dense_layers",),
                         lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "in_proj")),
+    # xLSTM (xLSTM-7B): pre-norm blocks of an mLSTM layer, which takes the block's recurrent state and returns it
+    # updated (the model copies it into its own cache, by block position), then a gated FFN; soft-capped logits.
+    # Both num_hidden_layers and num_blocks count the blocks.
+    "xlstm": replace(_LLAMA, layers="backbone.blocks", attention="mlstm_layer", mlp="ffn", attention_norms=("norm_mlstm",),
+                     mlp_norms=("norm_ffn",), final_norm="backbone.out_norm", attention_output="out_proj", mlp_output="proj_down",
+                     logit_softcap_config="output_logit_soft_cap", block_outputs=2, attention_returns_state=True,
+                     prefix_count_config=("num_blocks",),  # (every block is below the count: a cut writes the blocks kept)
+                     lora_targets=("q", "k", "v", "ogate_preact", "out_proj", "proj_up_gate", "proj_up", "proj_down")),
     # RecurrentGemma (Griffin: recurrentgemma-2b, -9b): every block a pre-norm temporal mixer, an RG-LRU recurrence
     # behind a short convolution (block_types "recurrent") or a local attention ("attention"), both named
     # temporal_block and both returning (output, None), so one stand-in serves both; then a gated FFN (mlp_block).

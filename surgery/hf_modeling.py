@@ -20,7 +20,8 @@ The checkpoint's config carries a `surgery` entry:
      "companions": {"mlp": ["block_sparse_moe"]},      # modules beside a sublayer's, their outputs added to its
      "companion_outputs": {"router": 2},               # (values one returns after its first: None from its stand-in)
      "carried": ["prev_topk_indices"],                 # what an attention's stand-in passes on (GLM-5's selection)
-     "attention_adds_residual": True}                  # (BLOOM: the attention's stand-in returns the stream it got)
+     "attention_adds_residual": True,                  # (BLOOM: the attention's stand-in returns the stream it got)
+     "returns_state": True}                            # (xLSTM: ... and the recurrent state it got)
 
 The same file, shipped as `modeling_decilm.py`, is the configuration and model code of the
 Nemotron-NAS (DeciLM) export (`decilm_classes`): NVIDIA's own files do not load under
@@ -61,13 +62,17 @@ class RemovedAttention(nn.Module):
     family's attention returns after its output and weights (GLM-5: the keys an indexer selected),
     which the stand-in passes on as it got them."""
 
-    def __init__(self, layer_idx: int | None = None, carried: tuple[str, ...] = (), adds_residual: bool = False) -> None:
+    def __init__(self, layer_idx: int | None = None, carried: tuple[str, ...] = (), adds_residual: bool = False,
+                 returns_state: bool = False) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.carried = tuple(carried)
         self.adds_residual = adds_residual  # (BLOOM's attention adds the stream, its second argument, itself)
+        self.returns_state = returns_state  # (xLSTM's mLSTM layer takes its recurrent state second and returns it second)
 
     def forward(self, hidden_states: torch.Tensor, *args, cache=None, past_key_values=None, layer_past=None, **kwargs):
+        if self.returns_state:
+            return torch.zeros_like(hidden_states), args[0] if args else kwargs.get("state")
         # transformers 5.25 calls the cache `cache`; earlier releases `past_key_values` (GPT-NeoX: `layer_past`)
         found = next((c for c in (cache, past_key_values, layer_past) if c is not None), None)
         keep_cache_length(found, self.layer_idx, hidden_states)
@@ -171,7 +176,8 @@ def remove_sublayer(layer: nn.Module, kind: str, layer_idx: int, spec: dict) -> 
         stand_in = RemovedLinearAttention(slot)
     else:
         stand_in = RemovedAttention(slot,
-                                    spec.get("carried", ()), spec.get("attention_adds_residual", False))
+                                    spec.get("carried", ()), spec.get("attention_adds_residual", False),
+                                    spec.get("returns_state", False))
     _put(layer, names[0], stand_in, originals[names[0]])
     companions = spec.get("companions", {}).get(kind, [])
     for name in names[1:]:

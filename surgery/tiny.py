@@ -231,6 +231,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
                         "swa_head_dim": 16, "swa_qk_nope_head_dim": 8, "swa_qk_rope_head_dim": 8, "swa_v_head_dim": 16,
                         "layer_types": lambda layers: ["indexed_attention" if i % 2 == 0 else "sliding_attention" for i in range(layers)],
                         "mlp_layer_types": lambda layers: ["dense"] + ["sparse"] * (layers - 1)},
+    # (qk_dim, half the width, a multiple of 64: transformers' layer and cache agree on the head size)
+    "xlstm": {"num_heads": 4, "hidden_size": 128, "ffn_round_up_to_multiple_of": 16},
     # block_types left to transformers' default, the released R R A pattern, which it repeats to the layer count
     "recurrent_gemma": {"attention_window_size": 8},
     # hybrid attention: linear-attention blocks (Gated DeltaNet) before each attention one

@@ -15,7 +15,7 @@ from surgery.loading import load_model
 from surgery.sublayers import parse_sublayers
 from surgery.tiny import tiny_model
 from tests.cli import run
-from tests.test_ablation import assert_cache_consistent, ids
+from tests.test_ablation import STATE_BY_POSITION, assert_cache_consistent, ids
 
 FAMILIES = sorted(ARCHITECTURES)
 # the families whose every block holds an attention and an FFN sublayer (Nemotron-H's hold one: tests/test_nemotron_h.py)
@@ -46,7 +46,7 @@ def test_whole_blocks_give_a_standard_checkpoint(family, tmp_path, tokenizer):
         attention = get_module(layer, arch.attention_in(layer))
         slots = [getattr(m, slot) for m in attention.modules() for slot in ("layer_idx", "layer_id") if hasattr(m, slot)]
         recurrence = index not in (arch.attention_blocks(model.config) or [index])  # (a hybrid's block without attention)
-        assert (recurrence and not slots) or set(slots) == {index}, slots  # (RecurrentGemma's recurrences keep no slot)
+        assert ((recurrence or family in STATE_BY_POSITION) and not slots) or set(slots) == {index}, slots  # (RecurrentGemma, xLSTM)
     for key in ARCHITECTURES[family].per_layer_config:  # (a key may hold one value for every layer instead)
         assert isinstance(getattr(model.config, key), int) or len(getattr(model.config, key)) == 3
     exported = export_checkpoint(model, tokenizer, tmp_path / "out", record={"removed": ["L0", "L3"]})
@@ -785,3 +785,26 @@ def test_an_exaone_cut_keeps_lgs_words_and_architecture(tiny_folder, tmp_path):
         with skipped(model, parse_sublayers("L1,L3")):
             expected = model(tokens, use_cache=False).logits
         assert torch.allclose(load_exported(out)(tokens, use_cache=False).logits, expected, atol=1e-5)
+
+
+@torch.no_grad()
+def test_xlstm_counts_its_blocks_twice_and_a_cut_writes_both(tmp_path, tokenizer):
+    """xLSTM's config says num_hidden_layers and num_blocks, and its model builds num_blocks blocks:
+    a cut writes both as the blocks kept, and a removed mLSTM layer hands on the state it got."""
+    from tests.hooks import skipped
+
+    model = tiny_model("xlstm", num_layers=4)
+    tokens = ids(1, 12)
+    removal = parse_sublayers("L0,L2.attn")
+    with skipped(model, removal):
+        expected = model(tokens, use_cache=False).logits
+    cut(model, removal)
+    export_checkpoint(model, tokenizer, tmp_path / "out", record={})
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["num_hidden_layers"] == written["num_blocks"] == 3
+    for via in ("package", "remote-code"):
+        reloaded = load_exported(tmp_path / "out", via=via)
+        assert [str(u) for u in removed_sublayers(reloaded)] == ["L1.attn"]
+        assert torch.allclose(reloaded(tokens, use_cache=False).logits, expected, atol=1e-5)
+        first = reloaded(tokens[:, :7], use_cache=True)
+        assert torch.allclose(reloaded(tokens[:, 7:], cache=first.cache, use_cache=True).logits, expected[:, 7:], atol=1e-4)
