@@ -715,9 +715,9 @@ QUERY_LAYOUTS = (("q_proj",), ("q_a_proj", "q_b_proj"))  # the LoRA targets a la
 _DEEPSEEK_MOE = replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS,
                         lora_targets=_LATENT_ATTENTION_LORA, lora_may_lack=QUERY_LAYOUTS)
 _GLM4_MOE = replace(_MOE, prefix_count_config=("first_k_dense_replace",), moe_outputs=_SHARED_EXPERTS)  # (Llama's attention)
-# Kimi-Linear: its MLA blocks' own projections (q_proj, o_proj are also its KDA blocks'), and its KDA ones'
 _RG_ATTENTION_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")  # RecurrentGemma's two kinds of temporal block
 _RG_RECURRENT_LORA = ("linear_x", "linear_y", "linear_out")
+# Kimi-Linear: its MLA blocks' own projections (q_proj, o_proj are also its KDA blocks'), and its KDA ones'
 _MLA_ONLY_LORA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 _KDA_LORA = ("k_proj", "v_proj", "b_proj", "f_a_proj", "f_b_proj", "g_a_proj", "g_b_proj")
 _BAILING_KDA_LORA = ("k_proj", "v_proj", "b_proj", "f_proj")  # (its g_proj gates both kinds of attention)
