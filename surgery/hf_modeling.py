@@ -36,6 +36,13 @@ from torch import nn
 SURGERY_MODEL_TYPE_PREFIX = "surgery_"
 
 
+def cache_slot(cache, layer_idx):
+    """Layer `layer_idx`'s slot of a cache that keeps one per layer (`cache.layers`); None for a cache
+    that does not, or no such layer."""
+    slots = getattr(cache, "layers", None)
+    return slots[layer_idx] if slots is not None and layer_idx is not None and layer_idx < len(slots) else None
+
+
 def keep_cache_length(past_key_values, layer_idx, hidden_states: torch.Tensor) -> None:
     """Write a placeholder of the right length into this layer's KV-cache slot.
 
@@ -47,10 +54,10 @@ def keep_cache_length(past_key_values, layer_idx, hidden_states: torch.Tensor) -
     """
     if past_key_values is None or layer_idx is None:
         return
-    slots = getattr(past_key_values, "layers", None)
-    if slots is not None and layer_idx < len(slots) and type(slots[layer_idx]).__name__ == "DummyLayer":
+    slot = cache_slot(past_key_values, layer_idx)
+    if slot is not None and type(slot).__name__ == "DummyLayer":
         return  # (a slot that stores nothing: Gemma 4 E2B's layers that attend to another's keys and values)
-    if slots is not None and layer_idx < len(slots) and not hasattr(slots[layer_idx], "update"):
+    if slot is not None and not hasattr(slot, "update"):
         return  # (a linear-attention slot, which keeps no keys: RecurrentGemma's recurrences keep their state themselves)
     batch, length = hidden_states.shape[:2]
     placeholder = hidden_states.new_zeros(batch, 1, length, 1)
@@ -110,9 +117,7 @@ class RemovedLinearAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, cache=None, past_key_values=None, **kwargs) -> torch.Tensor:
         found = cache if cache is not None else past_key_values
-        slots = getattr(found, "layers", None)
-        if self.layer_idx is not None and slots is not None and self.layer_idx < len(slots) \
-                and hasattr(slots[self.layer_idx], "cumulative_length_linear"):  # (a slot that counts linear-attention tokens)
+        if hasattr(cache_slot(found, self.layer_idx), "cumulative_length_linear"):  # (a slot that counts linear-attention tokens)
             batch, length = hidden_states.shape[:2]
             found.update_conv_state(hidden_states.new_zeros(batch, 1, length), self.layer_idx, conv_kernel_size=1)
         return torch.zeros_like(hidden_states)
