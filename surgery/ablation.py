@@ -65,11 +65,12 @@ def removed_sublayers(model: Any) -> list[Sublayer]:
     known by their class's name: a checkpoint loaded with its own modeling file holds that file's
     classes, not this package's."""
     arch = architecture_of(unwrap(model).config)
+    stand_ins = {"attn": {RemovedAttention.__name__, RemovedLinearAttention.__name__}, "mlp": {RemovedMLP.__name__}}
     found = []
     for index, layer in enumerate(decoder_layers(model, arch)):
-        for kind, stand_ins in (("attn", (RemovedAttention, RemovedLinearAttention)), ("mlp", (RemovedMLP,))):
+        for kind, names_of_stand_ins in stand_ins.items():
             names = arch.sublayer_modules(kind, layer)  # (none for a kind a single-mixer block lacks)
-            if names and type(get_module(layer, names[0])).__name__ in {stand_in.__name__ for stand_in in stand_ins}:
+            if names and type(get_module(layer, names[0])).__name__ in names_of_stand_ins:
                 found.append(Sublayer(index, kind))
     return found
 
