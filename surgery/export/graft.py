@@ -38,6 +38,7 @@ from surgery.errors import SurgeryError
 from surgery.export.checkpoint import MANIFEST, ExportResult, keep_released_words, logit_diff_within_tolerance, write_manifest
 from surgery.export.streamed import check_names_written, first_difference
 from surgery.export.text_decoder import (
+    LANGUAGE_MODEL_NAMES,
     PER_EXPERT,
     TextDecoder,
     as_text_family,
@@ -313,10 +314,11 @@ def _drop_flat_text_settings(folder: Path, graft: Graft) -> None:
 
 def _as_decoders(name: str) -> str:
     """A multimodal model's name for a decoder tensor in the text decoder's words (model.language_model.layers.3.x:
-    model.layers.3.x), where its MTP modules are found: transformers skips them only under the released block
-    number (dots3 Note's model.layers.46.), and they are carried, not unexpected (loading.check_loading_info
-    says so for text-only checkpoints)."""
-    return "model." + name.split("language_model.", 1)[1] if "language_model." in name else name
+    model.layers.3.x; LANGUAGE_MODEL_NAMES, as extract-text reads them), where its MTP modules are found:
+    transformers skips them only under the released block number (dots3 Note's model.layers.46.), and they
+    are carried, not unexpected (loading.check_loading_info says so for text-only checkpoints)."""
+    return next((ours + name[len(where):] for ours, places in LANGUAGE_MODEL_NAMES for where in places if name.startswith(where)),
+                name)
 
 
 def _check_folder(graft: Graft, folder: Path, tokenizer: Any, device: str, trust_remote_code: bool) -> dict[str, Any]:
