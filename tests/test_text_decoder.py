@@ -340,10 +340,9 @@ def renamed_to_qwen_vl_class_names(folder):
 def flattened_as_released(folder):
     """config.json as Qwen2-VL and Qwen2.5-VL are released: the text decoder's settings at the top,
     no text_config, M-RoPE under rope_scaling (transformers builds the text_config from them)."""
+    text_settings_at_the_top(folder)
     data = json.loads((folder / "config.json").read_text())
-    text = data.pop("text_config")
-    rope = text.pop("rope_parameters")
-    data.update({key: value for key, value in text.items() if key not in ("model_type", "architectures", "dtype")})
+    rope = data.pop("rope_parameters")
     data.update(rope_theta=rope["rope_theta"], rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
     (folder / "config.json").write_text(json.dumps(data, indent=2))
 
