@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from surgery import fp8
 from surgery.arch import (
     architecture_of,
     check_sequence_fits,
@@ -348,7 +349,9 @@ def describe_model(model_spec: str, load: LoadSettings) -> None:
         table.add_row("multi-token prediction", _mtp_summary(names, stored, method))
     if method:
         table.add_row("stored", f"{method}-quantised ({safetensors_bytes(source.path) / gib:.2f} GiB of files): cut and "
-                                f"prune turn it back into {found.dtype} and export it so; analyze and eval run it as stored")
+                                f"prune turn it back into {found.dtype} and export it so; analyze and eval run it as stored"
+                                + ("; cut --stream copies it as stored, and the block-by-block paths read it a block at a "
+                                   "time, turned back" if fp8.readable(method) else ""))
     console.print(table)
     where = f"{device}'s free memory" if device.startswith("cuda") else "memory available to this process"
     steps_table = Table(title=f"memory plan here: {available / gib:.1f} GiB of {where}")
@@ -403,7 +406,8 @@ def _mtp_summary(names: Any, config: dict[str, Any], method: str | None) -> str:
     counted = mtp_layer_count(config, names)
     found = mtp_modules(names, config).layers
     if method:
-        return f"{counted} module(s), stored {method}-quantised: a cut or prune carries none and counts none"
+        streamed = f"; a streamed cut (--stream) carries the {found} in the files as stored" if fp8.readable(method) else ""
+        return f"{counted} module(s), stored {method}-quantised: a cut in memory or prune carries none and counts none{streamed}"
     where = "under their own names" if architecture_of(config).mtp_prefix else "numbered on after its last block"
     return f"{found} of {counted} module(s) in the files: every export carries {'them' if found == counted else 'those'}, {where}"
 
@@ -615,7 +619,8 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
     method = quantization_method(source.path)
     if method:  # transformers would keep its quantisation (8-bit bitsandbytes) or refuse a second one (FP8)
         raise SurgeryError(f"{source.path} holds {method}-quantised weights; heal trains a 4-bit copy it makes of full-precision "
-                           "ones: cut or prune it first (they write full precision), or give the full-precision checkpoint")
+                           "ones: cut it in memory (--no-stream) or prune it first (they write full precision), or give the "
+                           "full-precision checkpoint")
     # the healing text and the perplexity corpora, now: the merged model's evaluation comes after the whole training
     check_available([(healing.data, "healing"), *[(corpus, "perplexity") for corpus in evaluation.perplexity]], data_dir)
     tokenizer = load_tokenizer(source.path)

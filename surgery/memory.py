@@ -8,7 +8,7 @@ The measure is the weights on disk against the memory free on the device the mod
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +155,10 @@ def out_of_core(folder: Path, wanted: bool | None, *, device: str, device_map: s
     core ('streaming the cut file to file'); `instead`: the option that overrides ('--no-stream');
     `dtype`: --dtype, which sizes the copies in memory; `keep_quantized`: a quantised model is run
     as stored, not turned back into full precision."""
+    from surgery import fp8
+
     method = _quantized(folder)
-    if method:
+    if method and not fp8.readable(method):  # (FP8 blocks are read turned back, one at a time: surgery.fp8)
         _check_quantized_in_memory(folder, method, wanted, device=device, device_map=device_map, instead=instead,
                                    dtype=dtype, keep_quantized=keep_quantized)
         return False
@@ -352,7 +354,10 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
     streaming = bool(safetensors_bytes(folder)) and not device_map  # the out-of-core paths read safetensors
     block = block_by_block_bytes(found)
     whole = in_memory_bytes(weights)
-    if _quantized(folder) and not device_map:
+    from surgery import fp8
+
+    method = _quantized(folder)
+    if method and not fp8.readable(method) and not device_map:
         return found, available, _quantized_steps(folder, dtype, weights, available, block)
     steps = []
     for command, copies, out_of_core_how, option in (("analyze, eval", 1, "block by block", "--layerwise"),
@@ -364,7 +369,10 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
             largest = "the embeddings" if found.stem > max(found.blocks, default=0) else "the largest block"
             steps.append(Step(command, out_of_core_how, block, f"about {largest}, chosen because {copies} "
                               f"cop{'ies' if copies > 1 else 'y'} would not fit" + _stored_dtype_note(folder, dtype)))
-    steps.append(_heal_step(found, weights, device, quantize, streaming, block))
+    if method:  # (FP8, which the block-by-block paths read turned back, and the streamed cut copies as stored)
+        kept = f"in memory it is turned back into {found.dtype}, streamed (--stream) it stays FP8 as stored"
+        steps[1] = replace(steps[1], note="; ".join(filter(None, (steps[1].note, kept))))
+    steps.append(_heal_refused(weights) if method else _heal_step(found, weights, device, quantize, streaming, block))
     if device_map:
         steps.append(Step("prune", f"in memory, placed by --device-map {device_map}", whole, "spread over the devices"))
     else:
@@ -394,9 +402,13 @@ def _quantized_steps(folder: Path, dtype: str | None, weights: int, available: i
              else Step("analyze, eval", "does not fit", in_memory_bytes(stored), instead)]
     steps += [_whole_model_step(command, "in memory, turned back into full precision", weights, available, block, instead)
               for command in ("cut", "prune")]
-    steps.insert(2, Step("heal", "refused", in_memory_bytes(weights), "it trains a 4-bit copy of full-precision weights: "
-                         "cut or prune first (they write full precision)"))
+    steps.insert(2, _heal_refused(weights))
     return steps
+
+
+def _heal_refused(weights: int) -> Step:
+    return Step("heal", "refused", in_memory_bytes(weights), "it trains a 4-bit copy of full-precision weights: cut in "
+                "memory or prune first (they write full precision)")
 
 
 def training_bytes(found: Footprint, weights: int, quantize: bool = True) -> int:

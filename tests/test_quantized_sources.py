@@ -33,15 +33,16 @@ def bitsandbytes_checkpoint(source, folder, bits):
     AutoTokenizer.from_pretrained(source).save_pretrained(folder)
 
 
-def fp8_checkpoint(source, folder):
+def fp8_checkpoint(source, folder, excluded=()):
     """DeepSeek-V3's layout, written by hand (transformers quantises to FP8 on a GPU only): each
-    decoder projection in float8_e4m3fn with a float32 `weight_scale_inv` per 32x32 block."""
+    decoder projection in float8_e4m3fn with a float32 `weight_scale_inv` per 32x32 block, but for
+    the modules `excluded` names (Qwen3's FP8 releases list theirs in modules_to_not_convert)."""
     from transformers import AutoTokenizer
 
     folder.mkdir()
     tensors = {}
     for name, weight in load_file(source / "model.safetensors").items():
-        if "layers" in name and name.endswith("proj.weight"):
+        if "layers" in name and name.endswith("proj.weight") and name.removesuffix(".weight") not in excluded:
             rows, columns = weight.shape
             blocks = weight.reshape(rows // FP8_BLOCK, FP8_BLOCK, columns // FP8_BLOCK, FP8_BLOCK)
             scale = blocks.abs().amax(dim=(1, 3)) / torch.finfo(torch.float8_e4m3fn).max
@@ -53,6 +54,8 @@ def fp8_checkpoint(source, folder):
     config = json.loads((source / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
                                      "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    if excluded:
+        config["quantization_config"]["modules_to_not_convert"] = list(excluded)
     (folder / "config.json").write_text(json.dumps(config))
     AutoTokenizer.from_pretrained(source).save_pretrained(folder)
 
@@ -86,15 +89,25 @@ def mxfp4_checkpoint(source, folder):
     AutoTokenizer.from_pretrained(source).save_pretrained(folder)
 
 
-@pytest.fixture(scope="module", params=["bnb-4bit", "bnb-8bit", "fp8"])
-def quantized(request, full_precision):
-    folder = full_precision.parent / request.param
+def quantized_folder(full_precision, kind):
+    folder = full_precision.parent / kind
     if not folder.exists():
-        if request.param == "fp8":
+        if kind == "fp8":
             fp8_checkpoint(full_precision, folder)
         else:
-            bitsandbytes_checkpoint(full_precision, folder, 4 if request.param == "bnb-4bit" else 8)
+            bitsandbytes_checkpoint(full_precision, folder, 4 if kind == "bnb-4bit" else 8)
     return folder
+
+
+@pytest.fixture(scope="module", params=["bnb-4bit", "bnb-8bit", "fp8"])
+def quantized(request, full_precision):
+    return quantized_folder(full_precision, request.param)
+
+
+@pytest.fixture(scope="module", params=["bnb-4bit", "bnb-8bit"])
+def packed(request, full_precision):
+    """The quantisations whose weights the block-by-block paths cannot read (FP8 they read turned back)."""
+    return quantized_folder(full_precision, request.param)
 
 
 def full_precision_weights(folder):
@@ -129,10 +142,10 @@ def test_a_quantised_source_is_cut_into_a_full_precision_checkpoint(quantized, t
 
 
 @pytest.mark.parametrize("command, flag", [("cut", "--stream"), ("eval", "--layerwise"), ("analyze", "--layerwise")])
-def test_the_block_by_block_paths_refuse_a_quantised_source_in_one_line(quantized, tmp_path, command, flag):
+def test_the_block_by_block_paths_refuse_a_quantised_source_in_one_line(packed, tmp_path, command, flag):
     out = tmp_path / "out"
     extra = ["--remove", "L1"] if command == "cut" else ["--tasks", "none", "--ppl", "wikitext2", "--ppl-windows", "1", "--no-speed"] if command == "eval" else []
-    result = run(command, quantized, *extra, "--out", out, flag)
+    result = run(command, packed, *extra, "--out", out, flag)
     assert result.exit_code == 2
     assert f"{flag} reads full-precision weights a block at a time" in one_line(result)
     assert not out.exists()
@@ -180,26 +193,26 @@ def test_a_quantisation_transformers_cannot_load_here_is_one_line(tmp_path, full
     assert not (tmp_path / "out").exists()
 
 
-def test_a_quantised_source_too_large_once_turned_back_is_refused_before_it_loads(quantized, tmp_path, monkeypatch):
+def test_a_quantised_source_too_large_once_turned_back_is_refused_before_it_loads(packed, tmp_path, monkeypatch):
     import surgery.memory
 
     monkeypatch.setattr(surgery.memory, "available_memory", lambda device="cpu", alone=False: 1 << 20)
-    result = run("cut", quantized, "--remove", "L1", "--out", tmp_path / "out")
+    result = run("cut", packed, "--remove", "L1", "--out", tmp_path / "out")
     assert "once turned back into full precision, more than 0.0 GiB available" in one_line(result)
     assert "turned back into float" not in result.output and not (tmp_path / "out").exists()
 
 
-def test_evaluating_a_quantised_source_too_large_as_stored_is_refused(quantized, tmp_path, monkeypatch):
+def test_evaluating_a_quantised_source_too_large_as_stored_is_refused(packed, tmp_path, monkeypatch):
     import surgery.memory
 
     monkeypatch.setattr(surgery.memory, "available_memory", lambda device="cpu", alone=False: 1 << 20)
-    result = run("eval", quantized, "--tasks", "none", "--ppl", "wikitext2", "--ppl-windows", "1", "--no-speed")
+    result = run("eval", packed, "--tasks", "none", "--ppl", "wikitext2", "--ppl-windows", "1", "--no-speed")
     assert "quantised weights" in one_line(result) and "give the full-precision checkpoint" in one_line(result)
 
 
 def test_healing_a_quantised_source_is_refused_before_it_loads(quantized, tmp_path):
     result = run("heal", quantized, "--out", tmp_path / "healed", "--heal-steps", "1")
-    assert "heal trains a 4-bit copy it makes of full-precision ones: cut or prune it first" in one_line(result)
+    assert "heal trains a 4-bit copy it makes of full-precision ones: cut it in memory (--no-stream) or prune it first" in one_line(result)
     assert not (tmp_path / "healed").exists()
 
 
@@ -223,10 +236,112 @@ def test_an_fp8_moe_source_is_written_with_its_experts_under_their_stored_names(
         with torch.no_grad():
             from transformers import AutoModelForCausalLM
 
-            assert torch.allclose(written.forward(ids), AutoModelForCausalLM.from_pretrained(tmp_path / "cut-fp8")(ids).logits,
-                                  atol=1e-4)
+            in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "cut-fp8")(ids).logits
+            assert torch.allclose(written.forward(ids), in_memory, atol=1e-4)
     finally:
         written.close()
+    # streamed, the experts stay FP8 one by one beside their scale grids, and load as the in-memory cut
+    assert run("cut", tmp_path / "fp8", "--remove", "L0", "--stream", "--out", tmp_path / "streamed").exit_code == 0
+    original, streamed = stored_tensors(tmp_path / "fp8"), stored_tensors(tmp_path / "streamed")
+    assert set(streamed) == {renumbered(name, 0) for name in original if renumbered(name, 0)}
+    assert streamed["model.layers.0.mlp.experts.0.down_proj.weight"].dtype == torch.float8_e4m3fn
+    with torch.no_grad():
+        from transformers import AutoModelForCausalLM
+
+        assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")(ids).logits, in_memory, atol=1e-5)
+
+
+def stored_tensors(folder):
+    """Every tensor of a one-file checkpoint, as stored (float8 included)."""
+    with safe_open(folder / "model.safetensors", "pt") as files:
+        names = files.keys()  # (a safetensors handle is not iterable)
+        return {name: files.get_tensor(name) for name in names}
+
+
+def renumbered(name, removed_block):
+    """A source tensor's name in a cut that removed block `removed_block` (None: gone with it)."""
+    if not name.startswith("model.layers."):
+        return name
+    index, _, rest = name.removeprefix("model.layers.").partition(".")
+    if int(index) == removed_block:
+        return None
+    return f"model.layers.{int(index) - (int(index) > removed_block)}.{rest}"
+
+
+@pytest.mark.parametrize("remove", ["L1", "L1.attn"])
+def test_an_fp8_source_is_cut_file_to_file_as_stored(full_precision, tmp_path, remove):
+    """A streamed cut copies an FP8 release's weights and scale grids byte for byte and keeps its
+    quantisation config, block exclusions renumbered: a checkpoint its engines serve as they serve the
+    release, which transformers loads into the model the in-memory (full-precision) cut writes."""
+    from transformers import AutoModelForCausalLM
+
+    excluded = ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj")
+    source = tmp_path / "fp8"
+    fp8_checkpoint(full_precision, source, excluded=(*excluded, "lm_head"))
+    streamed = run("cut", source, "--remove", remove, "--stream", "--out", tmp_path / "streamed")
+    assert streamed.exit_code == 0, streamed.output
+    assert "turned back" not in streamed.output
+    in_memory = run("cut", source, "--remove", remove, "--no-stream", "--out", tmp_path / "in-memory")
+    assert in_memory.exit_code == 0, in_memory.output
+
+    quantization = json.loads((tmp_path / "streamed" / "config.json").read_text())["quantization_config"]
+    block = remove == "L1"
+    assert quantization["modules_to_not_convert"] == (["model.layers.1.mlp.down_proj", "lm_head"] if block else
+                                                      [*excluded, "lm_head"])
+    assert {k: v for k, v in quantization.items() if k != "modules_to_not_convert"} == \
+        {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    original, written = stored_tensors(source), stored_tensors(tmp_path / "streamed")
+    if block:
+        expected = {renumbered(name, 1): name for name in original if renumbered(name, 1)}
+    else:  # (the attention's projections, their scale grids and its norm go)
+        expected = {name: name for name in original if not name.startswith(("model.layers.1.self_attn.",
+                                                                           "model.layers.1.input_layernorm."))}
+    assert set(written) == set(expected)
+    assert any(name.endswith("weight_scale_inv") for name in written)
+    for name, tensor in written.items():
+        assert tensor.dtype == original[expected[name]].dtype
+        assert torch.equal(tensor.view(torch.uint8), original[expected[name]].view(torch.uint8)), name
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", trust_remote_code=not block)(ids).logits
+        want = AutoModelForCausalLM.from_pretrained(tmp_path / "in-memory", trust_remote_code=not block)(ids).logits
+    assert torch.allclose(got.float(), want.float(), atol=1e-5)
+
+    # for llama.cpp, the FP8 weights are written turned back: the file the full-precision cut gives
+    import gguf
+
+    for name in ("streamed", "in-memory"):
+        written = run("gguf", tmp_path / name, "--type", "f32", "--out", tmp_path / f"{name}.gguf")
+        assert written.exit_code == 0, written.output
+    files = [{t.name: t.data for t in gguf.GGUFReader(tmp_path / f"{name}.gguf").tensors} for name in ("streamed", "in-memory")]
+    assert files[0].keys() == files[1].keys()
+    assert all((files[0][name] == files[1][name]).all() for name in files[0])
+
+
+def test_the_block_by_block_paths_read_an_fp8_source_turned_back(tmp_path, full_precision):
+    """eval --layerwise reads each block's FP8 weights turned back: the perplexity of the model
+    transformers loads whole."""
+    source = quantized_folder(full_precision, "fp8")
+    scores = {}
+    for flag in ("--layerwise", "--no-layerwise"):
+        out = tmp_path / f"eval{flag}.json"
+        result = run("eval", source, "--tasks", "none", "--ppl", "wikitext2", "--ppl-windows", "2", "--no-speed",
+                     "--no-generation", "--out", out, flag)
+        assert result.exit_code == 0, result.output
+        scores[flag] = json.loads(out.read_text())["perplexity"]["wikitext2"]["perplexity"]
+    assert scores["--layerwise"] == pytest.approx(scores["--no-layerwise"], rel=1e-4)
+
+
+def test_an_fp8_source_too_large_for_memory_is_cut_as_stored(tmp_path, full_precision, monkeypatch):
+    import surgery.memory
+
+    source = quantized_folder(full_precision, "fp8")
+    monkeypatch.setattr(surgery.memory, "available_memory", lambda device="cpu", alone=False: 1 << 20)
+    result = run("cut", source, "--remove", "L2", "--out", tmp_path / "cut")
+    assert result.exit_code == 0, result.output
+    assert "streaming the cut file to file" in " ".join(result.output.split())
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
 
 
 def test_fp8_is_turned_back_where_its_kernels_would_keep_it_packed(full_precision, tmp_path, monkeypatch):

@@ -202,28 +202,33 @@ def _read_back(reader: Any, layout: _FileLayout, folder: Path) -> dict[str, Any]
     each checked against the folder's weight of that name; tensors the folder lacks must add nothing."""
     import gguf
     import torch
-    from safetensors import safe_open
 
+    from surgery import fp8
+    from surgery.arch import quantization_method
     from surgery.export.gguf_read import WEIGHTS_HINT
-    from surgery.shards import weight_files
+    from surgery.shards import SafetensorsFolder
 
-    stored = {}
-    for file in weight_files(folder, WEIGHTS_HINT)[0]:
-        with safe_open(str(folder / file), framework="pt") as handle:
-            stored.update({key: (folder / file) for key in handle.keys()})  # noqa: SIM118 (a safetensors handle)
+    weights = SafetensorsFolder(folder, WEIGHTS_HINT)
+    beside = fp8.readable(quantization_method(folder))  # (an FP8 cut: its scale grids are no tensors of the file)
+    stored = {key for key in weights.info if not (beside and key.rpartition(".")[2] in fp8.COMPANIONS)}
     state = {}
-    for tensor in reader.tensors:
-        if tensor.name == "rope_freqs.weight":
-            continue
-        name = _hf_name(tensor.name)
-        values = gguf.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed([int(n) for n in tensor.shape])))
-        values = _unpermute(values, tensor.name, layout)
-        if name in stored:
-            _compare_weight(tensor.name, name, values, stored[name], tensor.tensor_type.name)
-        elif not name.endswith("layernorm.weight") and values.any():
-            raise SurgeryError(f"the GGUF file's {tensor.name} should be all zeros (it stands for a removed sublayer): {_NOTHING_WRITTEN}")
-        state[name] = torch.from_numpy(values.astype("float32"))
-    missing = sorted(set(stored) - set(state) - {"lm_head.weight"})
+    try:
+        for tensor in reader.tensors:
+            if tensor.name == "rope_freqs.weight":
+                continue
+            name = _hf_name(tensor.name)
+            values = gguf.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed([int(n) for n in tensor.shape])))
+            values = _unpermute(values, tensor.name, layout)
+            if name in stored:
+                want = fp8.read_turned_back(weights, [name])[name].float().numpy()
+                _compare_weight(tensor.name, name, values, want, tensor.tensor_type.name)
+            elif not name.endswith("layernorm.weight") and values.any():
+                raise SurgeryError(f"the GGUF file's {tensor.name} should be all zeros (it stands for a removed sublayer): "
+                                   + _NOTHING_WRITTEN)
+            state[name] = torch.from_numpy(values.astype("float32"))
+    finally:
+        weights.close()
+    missing = sorted(stored - set(state) - {"lm_head.weight"})
     if missing:
         raise SurgeryError(f"the GGUF file lacks the folder's {missing[0]}: {_NOTHING_WRITTEN}")
     return state
@@ -250,12 +255,10 @@ def _unpermute(values: Any, name: str, layout: _FileLayout) -> Any:
     return values.reshape(heads, rows // heads // 2, 2, *values.shape[1:]).swapaxes(1, 2).reshape(values.shape)
 
 
-def _compare_weight(gguf_name: str, name: str, values: Any, file: Path, kind: str) -> None:
+def _compare_weight(gguf_name: str, name: str, values: Any, want: Any, kind: str) -> None:
+    """The GGUF file's values of a weight against the folder's (`want`, float32 numpy)."""
     import numpy as np
-    from safetensors import safe_open
 
-    with safe_open(str(file), framework="pt") as handle:
-        want = handle.get_tensor(name).float().numpy()
     if values.shape != want.shape:
         raise SurgeryError(f"the GGUF file's {gguf_name} has shape {values.shape}, the folder's {name} {want.shape}: "
                            + _NOTHING_WRITTEN)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from surgery.arch import architecture_of, base_model_type, has_sliding_window, rope_settings
+from surgery.arch import architecture_of, base_model_type, has_sliding_window, quantization_method, rope_settings
 from surgery.errors import SurgeryError
 from surgery.export.gguf_read import (
     WEIGHTS_HINT,
@@ -273,19 +273,28 @@ def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str, 
     factors = rope_factors(config)
     if factors is not None:
         plan.append(_planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape, "f32", lambda: factors))
+    from surgery import fp8
     from surgery.shards import check_safetensors
 
-    for file in weight_files(folder, WEIGHTS_HINT)[0]:
+    files = weight_files(folder, WEIGHTS_HINT)[0]
+    scales = {}  # (FP8 weights as their releases store them, each turned back with its scale grid: surgery.fp8)
+    if fp8.readable(quantization_method(config)):
+        for file in files:
+            with safe_open(str(folder / file), framework="pt") as handle:
+                scales |= {key: folder / file for key in handle.keys() if key.endswith("." + fp8.SCALE)}  # noqa: SIM118
+    for file in files:
         check_safetensors(folder / file)
         with safe_open(str(folder / file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                if tied and key.endswith("lm_head.weight"):
+                if (tied and key.endswith("lm_head.weight")) or (scales and key.rpartition(".")[2] in fp8.COMPANIONS):
                     continue
                 name = names.get_name(key, try_suffixes=(".weight", ".bias"))
                 if name is None:
                     raise SurgeryError(f"{folder}: tensor {key} has no GGUF name for llama.cpp's {target}: "
                                        "convert the folder with llama.cpp's convert_hf_to_gguf.py")
-                read = functools.partial(_read_weight, folder / file, key, _rotary_heads(key, config, target, blocks))
+                scale = key.removesuffix("weight") + fp8.SCALE
+                read = functools.partial(_read_weight, folder / file, key, _rotary_heads(key, config, target, blocks),
+                                         (scales[scale], scale) if scale in scales else None)
                 plan.append(_planned(name, tuple(handle.get_slice(key).get_shape()), dtype, read))
     if blocks is not None:
         from surgery.export.gguf_deci import synthetic_tensors
@@ -365,12 +374,19 @@ def _numpy_dtype(qtype: Any) -> Any:
     return {types.F32: np.float32, types.F16: np.float16}.get(qtype, np.uint8)
 
 
-def _read_weight(path: Path, key: str, rotary_heads: int | None) -> Any:
-    """A weight as float32 numpy, its rows permuted into llama.cpp's rotary layout where `rotary_heads` is given."""
+def _read_weight(path: Path, key: str, rotary_heads: int | None, scale: tuple[Path, str] | None = None) -> Any:
+    """A weight as float32 numpy, its rows permuted into llama.cpp's rotary layout where `rotary_heads` is given;
+    `scale`: (file, name) of the block scales an FP8 weight is stored with, which turn it back."""
     from safetensors import safe_open
 
+    from surgery.fp8 import dequantized
+
     with safe_open(str(path), framework="pt") as handle:
-        data = handle.get_tensor(key).float().numpy()
+        data = handle.get_tensor(key)
+    if scale is not None:
+        with safe_open(str(scale[0]), framework="pt") as handle:
+            data = dequantized(data, handle.get_tensor(scale[1]))
+    data = data.float().numpy()
     return data if rotary_heads is None else _permute_rotary(data, rotary_heads)
 
 
@@ -506,6 +522,8 @@ def _verify(folder: Path, gguf_path: Path, dtype: str) -> tuple[float, float]:
     # The folder's config: transformers' GGUF reader leaves some keys at its defaults (Qwen3's head_dim);
     # as the file's own family, which names the tensors (llama.cpp runs Mistral as Llama).
     target = parsed["model_type"]
+    if getattr(config, "quantization_config", None) is not None:  # (FP8 weights, which the file holds turned back)
+        del config.quantization_config
     if config.model_type != target:
         config = AutoConfig.for_model(target, **{k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")})
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, config=config,

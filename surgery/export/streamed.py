@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgery import fp8
 from surgery.arch import architecture_of, mtp_layer_count, mtp_modules, read_config
 from surgery.cut import CutPlan, CutResult, cut_config, packed_indices, plan_cut, removed_sublayers
 from surgery.errors import SurgeryError
@@ -56,6 +57,7 @@ class StreamedCut:
     result: CutResult
     mtp: list[str]  # the tensors of its multi-token-prediction modules, carried beside the model's (arch.mtp_modules)
     computed: dict[str, Any] = field(default_factory=dict)  # tensors written as made here, not copied (folded norms)
+    beside: list[str] = field(default_factory=list)  # stored beside a quantised weight, not a model tensor (surgery.fp8)
 
     @property
     def nbytes(self) -> int:
@@ -107,6 +109,12 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
             tensors[name], computed[name] = _widened(Path(folder), info)
             continue
         tensors[name] = info
+    # (an FP8 release's scale grids, copied beside their weights: surgery.fp8)
+    beside = fp8.companions({name: info.name for name, info in tensors.items() if name not in computed}, weights.info)
+    tensors |= {name: weights.info[source_name] for name, source_name in beside.items()}
+    if isinstance(getattr(config, "quantization_config", None), dict):
+        config.quantization_config = fp8.renumbered_exclusions(config.quantization_config, layers, plan.kept,
+                                                                plan.num_layers)
     last_block, main = f"{layers}.{len(plan.kept) - 1}.", weights.main_dtype()
     for name, source_name in mtp.tensors.items():  # (in the last block's dtypes, as the in-memory export writes them)
         info, twin = weights.info[source_name], tensors.get(last_block_twin(name, last_block))
@@ -116,7 +124,7 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
             tensors[name] = info
     result = CutResult(list(plan.removed), plan.kept, count_parameters(before), count_parameters(after))
     computed |= _folded_scales(weights, arch, scales, plan.kept, layers, tensors) if scales else {}
-    return StreamedCut(Path(folder), plan, config, tensors, result, list(mtp.tensors), computed)
+    return StreamedCut(Path(folder), plan, config, tensors, result, list(mtp.tensors), computed, list(beside))
 
 
 def _folded_scales(weights: SafetensorsFolder, arch: Any, scales: list[float], kept: list[int], layers: str,
@@ -306,7 +314,7 @@ def _check_folder(cut: StreamedCut, folder: Path, tokenizer: Any, device: str) -
     written = LayerwiseModel(folder, device=device)
     source = LayerwiseModel(cut.source, device=device)
     try:
-        check_copied_names(folder, written, {name: cut.tensors[name].shape for name in cut.mtp})
+        check_copied_names(folder, written, {name: cut.tensors[name].shape for name in (*cut.mtp, *cut.beside)})
         ids = verification_ids(tokenizer, written.config.vocab_size)
         with task("comparing the cut with its source, block by block"):
             want = source.forward(ids, skip=cut.plan.removed)

@@ -1,0 +1,84 @@
+"""FP8 weights as DeepSeek-V3, Qwen3 and GLM release them (transformers' `fp8` quantisation): each
+linear layer's weight stored in float8 beside a `weight_scale_inv` grid of per-block scales.
+
+A whole-block or sublayer cut changes no weight, so the streamed cut copies these tensors as they
+are and writes an FP8 checkpoint that vLLM and SGLang serve as they serve the release; the
+block-by-block paths (its check, `analyze --layerwise`, `eval --layerwise`) read them turned back
+one block at a time, as `from_pretrained` turns them back on a machine without FP8 kernels. Other
+quantisations pack weights in shapes of their own, and those paths refuse them (surgery.memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from typing import Any
+
+METHOD = "fp8"
+SCALE = "weight_scale_inv"
+# Tensors a quantised linear layer stores beside its weight: copied with it, dropped with it.
+COMPANIONS = (SCALE, "activation_scale", "input_scale")
+
+
+def readable(method: str | None) -> bool:
+    """Whether the block-by-block paths can read weights stored with quantisation `method`."""
+    return method == METHOD
+
+
+def companions(mapped: dict[str, str], stored: Container[str]) -> dict[str, str]:
+    """The tensors stored beside the weights of `mapped` (a cut's name -> its source's name), under the
+    same renaming: cut name -> source name, for those `stored` (the source's names) holds."""
+    found = {}
+    for name, source in mapped.items():
+        if name.endswith(".weight"):
+            for suffix in COMPANIONS:
+                if source.removesuffix("weight") + suffix in stored:
+                    found[name.removesuffix("weight") + suffix] = source.removesuffix("weight") + suffix
+    return found
+
+
+def dequantized(weight: Any, scale: Any) -> Any:
+    """A float8 weight times its block scales, in float32: the block size follows from the grid's
+    shape (transformers' Fp8Dequantize; a uint8 grid holds E8M0 exponents)."""
+    import torch
+
+    rows, columns = weight.shape[-2:]
+    grid_rows, grid_columns = scale.shape[-2:] if scale.dim() >= 2 else (1, 1)
+    if rows % grid_rows or columns % grid_columns:
+        from surgery.errors import SurgeryError
+
+        raise SurgeryError(f"an FP8 weight of shape {list(weight.shape)} does not divide into its {grid_rows} x {grid_columns} "
+                           "scale grid: download the model again")
+    factors = (scale.float() - 127).exp2() if scale.dtype == torch.uint8 else scale.float()
+    blocks = weight.float().reshape(-1, grid_rows, rows // grid_rows, grid_columns, columns // grid_columns)
+    return (blocks * factors.reshape(-1, grid_rows, 1, grid_columns, 1)).reshape(weight.shape)
+
+
+def read_turned_back(weights: Any, names: list[str]) -> dict[str, Any]:
+    """The tensors `names` of a SafetensorsFolder, each stored float8 weight with a scale grid beside
+    it turned back into float32 (the scales themselves are not returned)."""
+    tensors = weights.tensors(names)
+    for name, tensor in tensors.items():
+        scale = name.removesuffix("weight") + SCALE
+        if name.endswith(".weight") and tensor.element_size() == 1 and tensor.is_floating_point() and scale in weights:
+            tensors[name] = dequantized(tensor, weights.tensor(scale))
+    return tensors
+
+
+def renumbered_exclusions(quantization: dict[str, Any], layers: str, kept: list[int], count: int) -> dict[str, Any]:
+    """The quantisation config of a cut of `count` blocks: `modules_to_not_convert` entries that name
+    one block (`model.layers.3.mlp.gate`) follow its new number, or go with it, and those past the last
+    block (multi-token prediction modules) move down with it; patterns and other names stay."""
+    excluded = quantization.get("modules_to_not_convert")
+    if not isinstance(excluded, list):
+        return quantization
+    renumber = {old: new for new, old in enumerate(kept)}
+    written = []
+    for entry in excluded:
+        index, dot, tail = str(entry).removeprefix(layers + ".").partition(".")
+        if not str(entry).startswith(layers + ".") or not index.isdigit():
+            written.append(entry)
+        elif int(index) >= count:  # (a multi-token prediction module, numbered on after the last block)
+            written.append(f"{layers}.{int(index) - count + len(kept)}{dot}{tail}")
+        elif int(index) in renumber:
+            written.append(f"{layers}.{renumber[int(index)]}{dot}{tail}")
+    return {**quantization, "modules_to_not_convert": written}
