@@ -146,9 +146,8 @@ def test_the_mtp_modules_are_written_in_the_dtypes_the_model_is_exported_in(tiny
         assert written[name].dtype == dtype and torch.equal(written[name], tensor.to(dtype)), name
 
 
-def test_the_mtp_modules_of_a_quantised_source_are_not_carried_and_not_counted(tmp_path):
-    """An FP8 source is written in full precision; its MTP modules would stay FP8 under a config
-    that says nothing of it, so the cut carries none, counts none and says why."""
+def fp8_source_with_mtp(tmp_path):
+    """A GLM-4.5-style FP8 release of 3 blocks and one MTP module (model.layers.3), its projections FP8 too."""
     from surgery.tiny import tiny_model, tiny_tokenizer
     from tests.test_quantized_sources import fp8_checkpoint
 
@@ -158,11 +157,34 @@ def test_the_mtp_modules_of_a_quantised_source_are_not_carried_and_not_counted(t
     with_mtp_modules(source)
     fp8_checkpoint(source, tmp_path / "fp8")
     assert any(t.dtype == torch.float8_e4m3fn for name, t in all_tensors(tmp_path / "fp8").items() if ".layers.3." in name)
+    return tmp_path / "fp8"
+
+
+def test_the_mtp_modules_of_a_quantised_source_are_not_carried_and_not_counted(tmp_path):
+    """An FP8 source cut in memory is written in full precision; its MTP modules would stay FP8 under a
+    config that says nothing of it, so the cut carries none, counts none and says why."""
+    fp8_source_with_mtp(tmp_path)
     result = run("cut", tmp_path / "fp8", "--remove", "L0", "--out", tmp_path / "cut", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "are stored fp8-quantised and the model was dequantised" in " ".join(result.output.split())
     assert json.loads((tmp_path / "cut" / "config.json").read_text())[DEEPSEEK_KEY] == 0
     assert not [name for name in all_tensors(tmp_path / "cut") if name.startswith("model.layers.2.")]
+
+
+def test_a_streamed_cut_of_an_fp8_source_carries_its_mtp_modules_as_stored(tmp_path):
+    """Streamed, an FP8 cut stays FP8 under its quantisation config: the MTP module goes with it, its
+    weights and scale grids as stored, numbered on after the last block kept, and counted."""
+    source = fp8_source_with_mtp(tmp_path)
+    result = run("cut", source, "--remove", "L0", "--stream", "--out", tmp_path / "cut", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert config[DEEPSEEK_KEY] == 1 and config["quantization_config"]["quant_method"] == "fp8"
+    module = {name: tensor for name, tensor in all_tensors(source).items() if name.startswith("model.layers.3.")}
+    written = all_tensors(tmp_path / "cut")
+    carried = renumbered(module, 3, 2)
+    assert any(name.endswith("weight_scale_inv") for name in carried)
+    for name, tensor in carried.items():
+        assert written[name].dtype == tensor.dtype and torch.equal(written[name].view(torch.uint8), tensor.view(torch.uint8)), name
 
 
 def test_info_says_what_the_files_hold_and_what_an_export_carries(tiny_folder):
