@@ -619,8 +619,8 @@ def heal_and_export(folder_spec: str, out: Path, healing: HealSettings, evaluati
     method = quantization_method(source.path)
     if method:  # transformers would keep its quantisation (8-bit bitsandbytes) or refuse a second one (FP8)
         raise SurgeryError(f"{source.path} holds {method}-quantised weights; heal trains a 4-bit copy it makes of full-precision "
-                           "ones: cut it in memory (--no-stream) or prune it first (they write full precision), or give the "
-                           "full-precision checkpoint")
+                           "ones: cut it in memory (--no-stream) or prune it first (they write full precision; FP8 also "
+                           "cut --stream --dtype), or give the full-precision checkpoint")
     # the healing text and the perplexity corpora, now: the merged model's evaluation comes after the whole training
     check_available([(healing.data, "healing"), *[(corpus, "perplexity") for corpus in evaluation.perplexity]], data_dir)
     tokenizer = load_tokenizer(source.path)

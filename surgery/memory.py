@@ -370,7 +370,8 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
             steps.append(Step(command, out_of_core_how, block, f"about {largest}, chosen because {copies} "
                               f"cop{'ies' if copies > 1 else 'y'} would not fit" + _stored_dtype_note(folder, dtype)))
     if method:  # (FP8, which the block-by-block paths read turned back, and the streamed cut copies as stored)
-        kept = f"in memory it is turned back into {found.dtype}, streamed (--stream) it stays FP8 as stored"
+        kept = (f"in memory it is turned back into {found.dtype}, streamed (--stream) it stays FP8 as stored, or is "
+                f"turned back a weight at a time with --dtype {found.dtype}")
         steps[1] = replace(steps[1], note="; ".join(filter(None, (steps[1].note, kept))))
     steps.append(_heal_refused(weights) if method else _heal_step(found, weights, device, quantize, streaming, block))
     if device_map:
@@ -408,7 +409,7 @@ def _quantized_steps(folder: Path, dtype: str | None, weights: int, available: i
 
 def _heal_refused(weights: int) -> Step:
     return Step("heal", "refused", in_memory_bytes(weights), "it trains a 4-bit copy of full-precision weights: cut in "
-                "memory or prune first (they write full precision)")
+                "memory or prune first (they write full precision), or, for FP8, cut --stream --dtype")
 
 
 def training_bytes(found: Footprint, weights: int, quantize: bool = True) -> int:

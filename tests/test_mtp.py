@@ -171,20 +171,33 @@ def test_the_mtp_modules_of_a_quantised_source_are_not_carried_and_not_counted(t
     assert not [name for name in all_tensors(tmp_path / "cut") if name.startswith("model.layers.2.")]
 
 
-def test_a_streamed_cut_of_an_fp8_source_carries_its_mtp_modules_as_stored(tmp_path):
+@pytest.mark.parametrize("dtype", ["auto", "float32"])
+def test_a_streamed_cut_of_an_fp8_source_carries_its_mtp_modules(dtype, tmp_path):
     """Streamed, an FP8 cut stays FP8 under its quantisation config: the MTP module goes with it, its
-    weights and scale grids as stored, numbered on after the last block kept, and counted."""
+    weights and scale grids as stored, numbered on after the last block kept, and counted. Turned back
+    (--dtype), the module's weights are turned back with the model's."""
+    from surgery.fp8 import dequantized
+
     source = fp8_source_with_mtp(tmp_path)
-    result = run("cut", source, "--remove", "L0", "--stream", "--out", tmp_path / "cut", "--device", "cpu")
+    result = run("cut", source, "--remove", "L0", "--stream", "--dtype", dtype, "--out", tmp_path / "cut", "--device", "cpu")
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
-    assert config[DEEPSEEK_KEY] == 1 and config["quantization_config"]["quant_method"] == "fp8"
-    module = {name: tensor for name, tensor in all_tensors(source).items() if name.startswith("model.layers.3.")}
+    assert config[DEEPSEEK_KEY] == 1 and ("quantization_config" in config) == (dtype == "auto")
+    stored = all_tensors(source)
+    module = {name: tensor for name, tensor in stored.items() if name.startswith("model.layers.3.")}
     written = all_tensors(tmp_path / "cut")
     carried = renumbered(module, 3, 2)
     assert any(name.endswith("weight_scale_inv") for name in carried)
     for name, tensor in carried.items():
-        assert written[name].dtype == tensor.dtype and torch.equal(written[name].view(torch.uint8), tensor.view(torch.uint8)), name
+        if dtype == "auto":
+            assert written[name].dtype == tensor.dtype and torch.equal(written[name].view(torch.uint8), tensor.view(torch.uint8)), name
+        elif name.endswith("weight_scale_inv"):
+            assert name not in written
+        elif tensor.dtype == torch.float8_e4m3fn:
+            scale = carried[name.removesuffix("weight") + "weight_scale_inv"]
+            assert written[name].dtype == torch.float32 and torch.equal(written[name], dequantized(tensor, scale)), name
+        else:
+            assert torch.equal(written[name], tensor), name
 
 
 def test_info_says_what_the_files_hold_and_what_an_export_carries(tiny_folder):

@@ -319,6 +319,20 @@ def test_an_fp8_source_is_cut_file_to_file_as_stored(full_precision, tmp_path, r
     assert all((files[0][name] == files[1][name]).all() for name in files[0])
 
 
+@pytest.mark.parametrize("remove", ["L1", "L2.mlp"])
+def test_an_fp8_source_is_cut_file_to_file_turned_back_with_dtype(full_precision, tmp_path, remove):
+    """`--stream --dtype` (the dtype of the release's other tensors) turns each FP8 weight back as it is
+    copied, one at a time: the checkpoint the in-memory cut writes, tensor for tensor, for healing."""
+    source = quantized_folder(full_precision, "fp8")
+    streamed = run("cut", source, "--remove", remove, "--stream", "--dtype", "float32", "--out", tmp_path / "streamed")
+    assert streamed.exit_code == 0, streamed.output
+    in_memory = run("cut", source, "--remove", remove, "--no-stream", "--out", tmp_path / "in-memory")
+    assert in_memory.exit_code == 0, in_memory.output
+    assert "quantization_config" not in json.loads((tmp_path / "streamed" / "config.json").read_text())
+    got, want = stored_tensors(tmp_path / "streamed"), stored_tensors(tmp_path / "in-memory")
+    assert got.keys() == want.keys() and all(torch.equal(got[name], want[name]) for name in got)
+
+
 def test_the_block_by_block_paths_read_an_fp8_source_turned_back(tmp_path, full_precision):
     """eval --layerwise reads each block's FP8 weights turned back: the perplexity of the model
     transformers loads whole."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery import fp8
-from surgery.arch import architecture_of, mtp_layer_count, mtp_modules, read_config
+from surgery.arch import architecture_of, mtp_layer_count, mtp_modules, quantization_method, read_config
 from surgery.cut import CutPlan, CutResult, cut_config, packed_indices, plan_cut, removed_sublayers
 from surgery.errors import SurgeryError
 from surgery.export.checkpoint import (
@@ -72,6 +72,7 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
 
     weights = SafetensorsFolder(folder, NOT_SAFETENSORS)
     stored = TORCH_DTYPES[weights.main_dtype()]
+    turn_back = fp8.readable(quantization_method(folder)) and dtype == stored  # (FP8 written in its other tensors' dtype)
     if dtype not in ("auto", stored):
         raise SurgeryError(f"the streamed cut copies the weights as stored ({stored}): drop --dtype {dtype}, "
                            "or cut in memory with --no-stream")
@@ -122,9 +123,43 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
             tensors[name], computed[name] = _widened(Path(folder), info)
         else:
             tensors[name] = info
+    carried = list(mtp.tensors)
+    if turn_back:  # (--dtype: an FP8 release written in full precision, as the in-memory cut writes it)
+        gone = _turned_back(Path(folder), weights, tensors, computed, main)
+        carried, beside = [name for name in carried if name not in gone], {}
+        del config.quantization_config
     result = CutResult(list(plan.removed), plan.kept, count_parameters(before), count_parameters(after))
     computed |= _folded_scales(weights, arch, scales, plan.kept, layers, tensors) if scales else {}
-    return StreamedCut(Path(folder), plan, config, tensors, result, list(mtp.tensors), computed, list(beside))
+    return StreamedCut(Path(folder), plan, config, tensors, result, carried, computed, list(beside))
+
+
+def _turned_back(source: Path, weights: SafetensorsFolder, tensors: dict[str, TensorInfo], computed: dict[str, Any],
+                 dtype: str) -> set[str]:
+    """Make the cut write each FP8 weight of `tensors` turned back into `dtype` (safetensors' name) with
+    its scale grid (surgery.fp8), one weight in memory at a time, and drop the tensors stored beside
+    them; returns the names dropped."""
+    import math
+
+    gone = {name for name, info in tensors.items() if name.rpartition(".")[2] in fp8.COMPANIONS}
+    for name in gone:
+        del tensors[name]
+    for name, info in list(tensors.items()):
+        scale = info.name.removesuffix("weight") + fp8.SCALE
+        if name in computed or not info.dtype.startswith("F8") or scale not in weights:
+            continue
+
+        def make(info: TensorInfo = info, scale: str = scale) -> Any:
+            import torch
+
+            files = SafetensorsFolder(source)
+            try:
+                return fp8.dequantized(files.tensor(info.name), files.tensor(scale)).to(getattr(torch, TORCH_DTYPES[dtype]))
+            finally:
+                files.close()
+
+        tensors[name] = TensorInfo(info.name, dtype, tuple(info.shape), math.prod(info.shape) * BYTES_PER_VALUE[dtype])
+        computed[name] = make
+    return gone
 
 
 def _folded_scales(weights: SafetensorsFolder, arch: Any, scales: list[float], kept: list[int], layers: str,
@@ -174,6 +209,7 @@ def _packed_slice(source: Path, name: str, dim: int, indices: list[int]) -> Any:
 
 
 NARROW_FLOATS = {"BF16": 2, "F16": 2}  # stored dtypes a model may hold in float32: bytes per value
+BYTES_PER_VALUE = {**NARROW_FLOATS, "F32": 4, "F64": 8}
 
 
 def _widened(source: Path, info: TensorInfo) -> tuple[TensorInfo, Any]:
