@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 LIBRARY_BYTES = 1 << 30  # torch, transformers and the forward passes beside the weights
-OUT_OF_CORE_ROUTE = ("run `surgery analyze --layerwise`, `surgery cut --stream` and `surgery heal` instead (docs/scale.md), "
-                     "or spread it over GPUs with --device-map auto")  # for a model too large to hold whole
+OUT_OF_CORE_ROUTE = ("run `surgery analyze --layerwise`, `surgery cut --stream` (an FP8 release: with --dtype bfloat16) and "
+                     "`surgery heal` instead (docs/scale.md), or spread it over GPUs with --device-map auto")  # for a model too large to hold whole
 
 
 def available_memory(device: str = "cpu", alone: bool = False) -> int:
