@@ -347,6 +347,19 @@ def test_the_block_by_block_paths_read_an_fp8_source_turned_back(tmp_path, full_
     assert scores["--layerwise"] == pytest.approx(scores["--no-layerwise"], rel=1e-4)
 
 
+def test_info_says_how_an_fp8_release_is_cut(full_precision):
+    from surgery.memory import plan
+
+    source = quantized_folder(full_precision, "fp8")
+    result = run("info", source, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "cut --stream copies it as stored" in text
+    steps = {step.command: step for step in plan(source, device="cpu")[2]}
+    assert "streamed (--stream) it stays FP8 as stored" in steps["cut"].note and steps["heal"].how == "refused"
+    assert steps["analyze, eval"].how == "in memory" and "--layerwise reads one block at a time" in steps["analyze, eval"].note
+
+
 def test_an_fp8_source_too_large_for_memory_is_cut_as_stored(tmp_path, full_precision, monkeypatch):
     import surgery.memory
 
