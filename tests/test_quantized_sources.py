@@ -331,6 +331,9 @@ def test_an_fp8_source_is_cut_file_to_file_turned_back_with_dtype(full_precision
     assert "quantization_config" not in json.loads((tmp_path / "streamed" / "config.json").read_text())
     got, want = stored_tensors(tmp_path / "streamed"), stored_tensors(tmp_path / "in-memory")
     assert got.keys() == want.keys() and all(torch.equal(got[name], want[name]) for name in got)
+    other = run("cut", source, "--remove", remove, "--stream", "--dtype", "bfloat16", "--out", tmp_path / "other")
+    assert "(FP8 turned back into float32 with --dtype float32): drop --dtype bfloat16" in one_line(other)
+    assert not (tmp_path / "other").exists()
 
 
 def test_the_block_by_block_paths_read_an_fp8_source_turned_back(tmp_path, full_precision):

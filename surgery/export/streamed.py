@@ -72,9 +72,11 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
 
     weights = SafetensorsFolder(folder, NOT_SAFETENSORS)
     stored = TORCH_DTYPES[weights.main_dtype()]
-    turn_back = fp8.readable(quantization_method(folder)) and dtype == stored  # (FP8 written in its other tensors' dtype)
+    quantized_fp8 = fp8.readable(quantization_method(folder))
+    turn_back = quantized_fp8 and dtype == stored  # (FP8 written in the dtype of the release's other tensors)
     if dtype not in ("auto", stored):
-        raise SurgeryError(f"the streamed cut copies the weights as stored ({stored}): drop --dtype {dtype}, "
+        kept = f"(FP8 turned back into {stored} with --dtype {stored})" if quantized_fp8 else f"({stored})"
+        raise SurgeryError(f"the streamed cut copies the weights as stored {kept}: drop --dtype {dtype}, "
                            "or cut in memory with --no-stream")
     config = load_config(folder)
     arch = architecture_of(config)
