@@ -36,31 +36,44 @@ def companions(mapped: dict[str, str], stored: Container[str]) -> dict[str, str]
     return found
 
 
-def dequantized(weight: Any, scale: Any) -> Any:
-    """A float8 weight times its block scales, in float32: the block size follows from the grid's
-    shape (transformers' Fp8Dequantize; a uint8 grid holds E8M0 exponents)."""
+def block_size(config: Any) -> tuple[int, int] | None:
+    """The weight block of an FP8 config (config.json's dict or a config object): (rows, columns)."""
+    quantization = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
+    block = quantization.get("weight_block_size") if isinstance(quantization, dict) else None
+    return (int(block[0]), int(block[1])) if isinstance(block, (list, tuple)) and len(block) == 2 else None
+
+
+def dequantized(weight: Any, scale: Any, block: tuple[int, int] | None = None) -> Any:
+    """A float8 weight times its scales, in float32. Each scale covers a `block` of the weight, the
+    last row and column of blocks cut short where the block does not divide the weight (DeepSeek-V3's
+    576-row kv_a_proj_with_mqa under 128 x 128 blocks: a grid of 5 rows); with no block, the grid must
+    divide the weight. A uint8 grid holds E8M0 exponents; one value scales the whole weight."""
     import torch
 
     rows, columns = weight.shape[-2:]
-    grid_rows, grid_columns = scale.shape[-2:] if scale.dim() >= 2 else (1, 1)
-    if rows % grid_rows or columns % grid_columns:
+    factors = (scale.float() - 127).exp2() if scale.dtype == torch.uint8 else scale.float()
+    if factors.dim() < 2:
+        return weight.float() * factors
+    grid_rows, grid_columns = factors.shape[-2:]
+    if block is None and not (rows % grid_rows or columns % grid_columns):
+        block = (rows // grid_rows, columns // grid_columns)
+    if block is None or -(-rows // block[0]) != grid_rows or -(-columns // block[1]) != grid_columns:
         from surgery.errors import SurgeryError
 
-        raise SurgeryError(f"an FP8 weight of shape {list(weight.shape)} does not divide into its {grid_rows} x {grid_columns} "
-                           "scale grid: download the model again")
-    factors = (scale.float() - 127).exp2() if scale.dtype == torch.uint8 else scale.float()
-    blocks = weight.float().reshape(-1, grid_rows, rows // grid_rows, grid_columns, columns // grid_columns)
-    return (blocks * factors.reshape(-1, grid_rows, 1, grid_columns, 1)).reshape(weight.shape)
+        raise SurgeryError(f"an FP8 weight of shape {list(weight.shape)} does not fit its {grid_rows} x {grid_columns} "
+                           f"scale grid{f' of {block[0]} x {block[1]} blocks' if block else ''}: download the model again")
+    expanded = factors.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :columns]
+    return weight.float() * expanded
 
 
-def read_turned_back(weights: Any, names: list[str]) -> dict[str, Any]:
+def read_turned_back(weights: Any, names: list[str], block: tuple[int, int] | None = None) -> dict[str, Any]:
     """The tensors `names` of a SafetensorsFolder, each stored float8 weight with a scale grid beside
-    it turned back into float32 (the scales themselves are not returned)."""
+    it turned back into float32 (the scales themselves are not returned); `block`: block_size's."""
     tensors = weights.tensors(names)
     for name, tensor in tensors.items():
         scale = name.removesuffix("weight") + SCALE
         if name.endswith(".weight") and tensor.element_size() == 1 and tensor.is_floating_point() and scale in weights:
-            tensors[name] = dequantized(tensor, weights.tensor(scale))
+            tensors[name] = dequantized(tensor, weights.tensor(scale), block)
     return tensors
 
 

@@ -33,7 +33,7 @@ from surgery.ablation import ablated
 from surgery.arch import SURGERY_MODEL_TYPE_PREFIX, architecture_of, decoder_layers, decoder_stack, get_module
 from surgery.errors import SurgeryError
 from surgery.forward import block_output, finish_logits
-from surgery.fp8 import read_turned_back
+from surgery.fp8 import block_size, read_turned_back
 from surgery.hf_modeling import apply_removals, register_classes
 from surgery.scales import fold_block_scalar, scales_before, stored_block_scales
 from surgery.shards import TORCH_DTYPES, SafetensorsFolder
@@ -420,7 +420,8 @@ class LayerwiseModel:
             from transformers.conversion_mapping import get_model_conversion_mapping
 
             self._conversions = get_model_conversion_mapping(self.model)
-        state = to_model_keys(self.model, read_turned_back(self.weights, names), self._conversions)  # (FP8: surgery.fp8)
+        stored = read_turned_back(self.weights, names, block_size(self.config))  # (FP8 weights turned back: surgery.fp8)
+        state = to_model_keys(self.model, stored, self._conversions)
         # in the skeleton's dtypes, as from_pretrained casts: a bf16 checkpoint may store its norms or router biases in F32
         state = {name[len(prefix):]: _as(tensor, wanted.get(name)) for name, tensor in state.items()}
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)

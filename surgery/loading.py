@@ -163,8 +163,13 @@ def _check_quantized_load(folder: Any, asked: Any, error: Exception) -> None:
     method = quantization_method(folder)
     if asked is None and method is not None and not isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         first = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        from surgery import fp8
+
+        instead = ("read it a block at a time instead: --stream (cut; --dtype for full precision) or --layerwise (analyze, "
+                   "eval)" if fp8.readable(method) else "give the full-precision checkpoint (the same model without the "
+                   "quantisation suffix)")
         raise SurgeryError(f"{folder} holds {method}-quantised weights, which transformers cannot load here ({first}): "
-                           "give the full-precision checkpoint (the same model without the quantisation suffix)") from None
+                           f"{instead}") from None
 
 
 def _dequantizing_config(stored: dict[str, Any]) -> Any:

@@ -33,6 +33,28 @@ def bitsandbytes_checkpoint(source, folder, bits):
     AutoTokenizer.from_pretrained(source).save_pretrained(folder)
 
 
+def fp8_blocks(weight):
+    """A weight in float8 and its grid of FP8_BLOCK x FP8_BLOCK scales, the last blocks overhanging a
+    weight they do not divide (DeepSeek-V3's 576-row kv_a_proj_with_mqa under 128 x 128 blocks)."""
+    rows, columns = weight.shape
+    grid = (-(-rows // FP8_BLOCK), -(-columns // FP8_BLOCK))
+    padded = torch.zeros(grid[0] * FP8_BLOCK, grid[1] * FP8_BLOCK)
+    padded[:rows, :columns] = weight
+    blocks = padded.reshape(grid[0], FP8_BLOCK, grid[1], FP8_BLOCK)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+    quantized = (blocks / scale[:, None, :, None]).reshape(padded.shape)[:rows, :columns].to(torch.float8_e4m3fn)
+    return quantized, scale.float()
+
+
+def padded_back(quantized, scale):
+    """fp8_blocks undone by padding the weight out to whole blocks (not as surgery.fp8 does it)."""
+    rows, columns = quantized.shape
+    padded = torch.zeros(scale.shape[0] * FP8_BLOCK, scale.shape[1] * FP8_BLOCK)
+    padded[:rows, :columns] = quantized.float()
+    blocks = padded.reshape(scale.shape[0], FP8_BLOCK, scale.shape[1], FP8_BLOCK) * scale[:, None, :, None]
+    return blocks.reshape(padded.shape)[:rows, :columns]
+
+
 def fp8_checkpoint(source, folder, excluded=()):
     """DeepSeek-V3's layout, written by hand (transformers quantises to FP8 on a GPU only): each
     decoder projection in float8_e4m3fn with a float32 `weight_scale_inv` per 32x32 block, but for
@@ -43,11 +65,7 @@ def fp8_checkpoint(source, folder, excluded=()):
     tensors = {}
     for name, weight in load_file(source / "model.safetensors").items():
         if "layers" in name and name.endswith("proj.weight") and name.removesuffix(".weight") not in excluded:
-            rows, columns = weight.shape
-            blocks = weight.reshape(rows // FP8_BLOCK, FP8_BLOCK, columns // FP8_BLOCK, FP8_BLOCK)
-            scale = blocks.abs().amax(dim=(1, 3)) / torch.finfo(torch.float8_e4m3fn).max
-            tensors[name] = (blocks / scale[:, None, :, None]).reshape(rows, columns).to(torch.float8_e4m3fn)
-            tensors[name + "_scale_inv"] = scale.float()
+            tensors[name], tensors[name + "_scale_inv"] = fp8_blocks(weight)
         else:
             tensors[name] = weight
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
@@ -348,6 +366,42 @@ def test_the_block_by_block_paths_read_an_fp8_source_turned_back(tmp_path, full_
         assert result.exit_code == 0, result.output
         scores[flag] = json.loads(out.read_text())["perplexity"]["wikitext2"]["perplexity"]
     assert scores["--layerwise"] == pytest.approx(scores["--no-layerwise"], rel=1e-4)
+
+
+def test_an_fp8_release_whose_blocks_overhang_its_weights_is_read_and_cut_block_by_block(tmp_path):
+    """transformers 5.25 turns a weight back only where the scale grid divides it, so on a CPU it cannot
+    load such a release (DeepSeek-V3's); the block-by-block paths and the streamed cut read it with the
+    config's block size."""
+    from transformers import AutoModelForCausalLM
+
+    from surgery.layerwise import LayerwiseModel
+    from surgery.tiny import tiny_model, tiny_tokenizer
+
+    source = tmp_path / "fp"
+    tiny_model("llama", 3, hidden_size=128, intermediate_size=200).save_pretrained(source)  # (200 = 6 blocks of 32 + 8)
+    tiny_tokenizer().save_pretrained(source)
+    fp8_checkpoint(source, tmp_path / "fp8")
+    stored = stored_tensors(tmp_path / "fp8")
+    assert stored["model.layers.0.mlp.up_proj.weight_scale_inv"].shape == (7, 4)
+    in_memory = run("cut", tmp_path / "fp8", "--remove", "L1", "--no-stream", "--out", tmp_path / "in-memory")
+    assert "read it a block at a time instead: --stream" in one_line(in_memory)
+
+    back = {name: padded_back(tensor, stored[name + "_scale_inv"]) if name + "_scale_inv" in stored else tensor
+            for name, tensor in stored.items() if not name.endswith("_scale_inv")}
+    model = AutoModelForCausalLM.from_pretrained(source)
+    model.load_state_dict(back)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    read = LayerwiseModel(tmp_path / "fp8")
+    try:
+        with torch.no_grad():
+            assert torch.allclose(read.forward(ids), model(ids).logits, atol=1e-5)
+    finally:
+        read.close()
+
+    assert run("cut", tmp_path / "fp8", "--remove", "L1", "--stream", "--dtype", "float32", "--out", tmp_path / "back").exit_code == 0
+    written = stored_tensors(tmp_path / "back")
+    assert written.keys() == {renumbered(name, 1) for name in back if renumbered(name, 1)}
+    assert all(torch.equal(written[renumbered(name, 1)], tensor) for name, tensor in back.items() if renumbered(name, 1))
 
 
 def test_info_says_how_an_fp8_release_is_cut(full_precision):

@@ -204,12 +204,13 @@ def _read_back(reader: Any, layout: _FileLayout, folder: Path) -> dict[str, Any]
     import torch
 
     from surgery import fp8
-    from surgery.arch import quantization_method
+    from surgery.arch import quantization_method, read_config
     from surgery.export.gguf_read import WEIGHTS_HINT
     from surgery.shards import SafetensorsFolder
 
     weights = SafetensorsFolder(folder, WEIGHTS_HINT)
     beside = fp8.readable(quantization_method(folder))  # (an FP8 cut: its scale grids are no tensors of the file)
+    block = fp8.block_size(read_config(folder)) if beside else None
     stored = {key for key in weights.info if not (beside and key.rpartition(".")[2] in fp8.COMPANIONS)}
     state = {}
     try:
@@ -220,7 +221,7 @@ def _read_back(reader: Any, layout: _FileLayout, folder: Path) -> dict[str, Any]
             values = gguf.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed([int(n) for n in tensor.shape])))
             values = _unpermute(values, tensor.name, layout)
             if name in stored:
-                want = fp8.read_turned_back(weights, [name])[name].float().numpy()
+                want = fp8.read_turned_back(weights, [name], block)[name].float().numpy()
                 _compare_weight(tensor.name, name, values, want, tensor.tensor_type.name)
             elif not name.endswith("layernorm.weight") and values.any():
                 raise SurgeryError(f"the GGUF file's {tensor.name} should be all zeros (it stands for a removed sublayer): "

@@ -294,7 +294,7 @@ def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str, 
                                        "convert the folder with llama.cpp's convert_hf_to_gguf.py")
                 scale = key.removesuffix("weight") + fp8.SCALE
                 read = functools.partial(_read_weight, folder / file, key, _rotary_heads(key, config, target, blocks),
-                                         (scales[scale], scale) if scale in scales else None)
+                                         (scales[scale], scale, fp8.block_size(config)) if scale in scales else None)
                 plan.append(_planned(name, tuple(handle.get_slice(key).get_shape()), dtype, read))
     if blocks is not None:
         from surgery.export.gguf_deci import synthetic_tensors
@@ -374,9 +374,9 @@ def _numpy_dtype(qtype: Any) -> Any:
     return {types.F32: np.float32, types.F16: np.float16}.get(qtype, np.uint8)
 
 
-def _read_weight(path: Path, key: str, rotary_heads: int | None, scale: tuple[Path, str] | None = None) -> Any:
+def _read_weight(path: Path, key: str, rotary_heads: int | None, scale: tuple[Path, str, Any] | None = None) -> Any:
     """A weight as float32 numpy, its rows permuted into llama.cpp's rotary layout where `rotary_heads` is given;
-    `scale`: (file, name) of the block scales an FP8 weight is stored with, which turn it back."""
+    `scale`: (file, name, block size) of the scales an FP8 weight is stored with, which turn it back."""
     from safetensors import safe_open
 
     from surgery.fp8 import dequantized
@@ -385,7 +385,7 @@ def _read_weight(path: Path, key: str, rotary_heads: int | None, scale: tuple[Pa
         data = handle.get_tensor(key)
     if scale is not None:
         with safe_open(str(scale[0]), framework="pt") as handle:
-            data = dequantized(data, handle.get_tensor(scale[1]))
+            data = dequantized(data, handle.get_tensor(scale[1]), scale[2])
     data = data.float().numpy()
     return data if rotary_heads is None else _permute_rotary(data, rotary_heads)
 

@@ -127,7 +127,7 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
             tensors[name] = info
     carried = list(mtp.tensors)
     if turn_back:  # (--dtype: an FP8 release written in full precision, as the in-memory cut writes it)
-        gone = _turned_back(weights, tensors, computed, main)
+        gone = _turned_back(weights, tensors, computed, main, fp8.block_size(config))
         carried, beside = [name for name in carried if name not in gone], {}
         del config.quantization_config
     result = CutResult(list(plan.removed), plan.kept, count_parameters(before), count_parameters(after))
@@ -135,7 +135,8 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     return StreamedCut(Path(folder), plan, config, tensors, result, carried, computed, list(beside))
 
 
-def _turned_back(weights: SafetensorsFolder, tensors: dict[str, TensorInfo], computed: dict[str, Any], dtype: str) -> set[str]:
+def _turned_back(weights: SafetensorsFolder, tensors: dict[str, TensorInfo], computed: dict[str, Any], dtype: str,
+                 block: tuple[int, int] | None) -> set[str]:
     """Make the cut write each FP8 weight of `tensors` turned back into `dtype` (safetensors' name) with
     its scale grid (surgery.fp8), one weight in memory at a time, and drop the tensors stored beside
     them; returns the names dropped."""
@@ -152,7 +153,8 @@ def _turned_back(weights: SafetensorsFolder, tensors: dict[str, TensorInfo], com
         def make(info: TensorInfo = info, scale: str = scale) -> Any:  # (one reader for them all: a release has 10^5)
             import torch
 
-            return fp8.dequantized(weights.tensor(info.name), weights.tensor(scale)).to(getattr(torch, TORCH_DTYPES[dtype]))
+            turned = fp8.dequantized(weights.tensor(info.name), weights.tensor(scale), block)
+            return turned.to(getattr(torch, TORCH_DTYPES[dtype]))
 
         tensors[name] = TensorInfo(info.name, dtype, tuple(info.shape), math.prod(info.shape) * BYTES_PER_VALUE[dtype])
         computed[name] = make
