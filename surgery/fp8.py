@@ -2,7 +2,7 @@
 linear layer's weight stored in float8 beside a `weight_scale_inv` grid of per-block scales.
 
 A whole-block or sublayer cut changes no weight, so the streamed cut copies these tensors as they
-are and writes an FP8 checkpoint that vLLM and SGLang serve as they serve the release; the
+are and writes an FP8 checkpoint in the release's own format, for engines to serve as they serve it; the
 block-by-block paths (its check, `analyze --layerwise`, `eval --layerwise`) read them turned back
 one block at a time, as `from_pretrained` turns them back on a machine without FP8 kernels. Other
 quantisations pack weights in shapes of their own, and those paths refuse them (surgery.memory).
