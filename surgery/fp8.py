@@ -24,6 +24,11 @@ def readable(method: str | None) -> bool:
     return method == METHOD
 
 
+def is_companion(name: str) -> bool:
+    """Whether a tensor name is one stored beside a quantised weight (`COMPANIONS`), not a model tensor."""
+    return name.rpartition(".")[2] in COMPANIONS
+
+
 def companions(mapped: dict[str, str], stored: Container[str]) -> dict[str, str]:
     """The tensors stored beside the weights of `mapped` (a cut's name -> its source's name), under the
     same renaming: cut name -> source name, for those `stored` (the source's names) holds."""

@@ -372,7 +372,8 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
     if method:  # (FP8, which the block-by-block paths read turned back, and the streamed cut copies as stored)
         kept = (f"in memory it is turned back into {found.dtype}, streamed (--stream) it stays FP8 as stored, or is "
                 f"turned back a weight at a time with --dtype {found.dtype}")
-        steps[1] = replace(steps[1], note="; ".join(filter(None, (steps[1].note, kept))))
+        steps = [replace(step, note="; ".join(filter(None, (step.note, kept)))) if step.command == "cut" else step
+                 for step in steps]
     steps.append(_heal_refused(weights) if method else _heal_step(found, weights, device, quantize, streaming, block))
     if device_map:
         steps.append(Step("prune", f"in memory, placed by --device-map {device_map}", whole, "spread over the devices"))

@@ -211,7 +211,7 @@ def _read_back(reader: Any, layout: _FileLayout, folder: Path) -> dict[str, Any]
     weights = SafetensorsFolder(folder, WEIGHTS_HINT)
     beside = fp8.readable(quantization_method(folder))  # (an FP8 cut: its scale grids are no tensors of the file)
     block = fp8.block_size(read_config(folder)) if beside else None
-    stored = {key for key in weights.info if not (beside and key.rpartition(".")[2] in fp8.COMPANIONS)}
+    stored = {key for key in weights.info if not (beside and fp8.is_companion(key))}
     state = {}
     try:
         for tensor in reader.tensors:

@@ -286,7 +286,7 @@ def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str, 
         check_safetensors(folder / file)
         with safe_open(str(folder / file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                if (tied and key.endswith("lm_head.weight")) or (scales and key.rpartition(".")[2] in fp8.COMPANIONS):
+                if (tied and key.endswith("lm_head.weight")) or (scales and fp8.is_companion(key)):
                     continue
                 name = names.get_name(key, try_suffixes=(".weight", ".bias"))
                 if name is None:

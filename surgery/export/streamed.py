@@ -142,7 +142,7 @@ def _turned_back(weights: SafetensorsFolder, tensors: dict[str, TensorInfo], com
     them; returns the names dropped."""
     import math
 
-    gone = {name for name, info in tensors.items() if name.rpartition(".")[2] in fp8.COMPANIONS}
+    gone = {name for name in tensors if fp8.is_companion(name)}
     for name in gone:
         del tensors[name]
     for name, info in list(tensors.items()):
