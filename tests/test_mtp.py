@@ -146,8 +146,9 @@ def test_the_mtp_modules_are_written_in_the_dtypes_the_model_is_exported_in(tiny
         assert written[name].dtype == dtype and torch.equal(written[name], tensor.to(dtype)), name
 
 
-def fp8_source_with_mtp(tmp_path):
-    """A GLM-4.5-style FP8 release of 3 blocks and one MTP module (model.layers.3), its projections FP8 too."""
+def fp8_source_with_mtp(tmp_path, excluded=()):
+    """A GLM-4.5-style FP8 release of 3 blocks and one MTP module (model.layers.3), its projections FP8 too
+    but for those `excluded` (listed in modules_to_not_convert)."""
     from surgery.tiny import tiny_model, tiny_tokenizer
     from tests.test_quantized_sources import fp8_checkpoint
 
@@ -155,7 +156,7 @@ def fp8_source_with_mtp(tmp_path):
     tiny_model("glm4_moe", 3, hidden_size=128, intermediate_size=256, moe_intermediate_size=64).save_pretrained(source)
     tiny_tokenizer().save_pretrained(source)
     with_mtp_modules(source)
-    fp8_checkpoint(source, tmp_path / "fp8")
+    fp8_checkpoint(source, tmp_path / "fp8", excluded=excluded)
     assert any(t.dtype == torch.float8_e4m3fn for name, t in all_tensors(tmp_path / "fp8").items() if ".layers.3." in name)
     return tmp_path / "fp8"
 
@@ -178,11 +179,15 @@ def test_a_streamed_cut_of_an_fp8_source_carries_its_mtp_modules(dtype, tmp_path
     (--dtype), the module's weights are turned back with the model's."""
     from surgery.fp8 import dequantized
 
-    source = fp8_source_with_mtp(tmp_path)
+    excluded = ("model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj", "model.layers.3.eh_proj")
+    source = fp8_source_with_mtp(tmp_path, excluded)
     result = run("cut", source, "--remove", "L0", "--stream", "--dtype", dtype, "--out", tmp_path / "cut", "--device", "cpu")
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert config[DEEPSEEK_KEY] == 1 and ("quantization_config" in config) == (dtype == "auto")
+    if dtype == "auto":  # (the exclusions follow their blocks: the removed one's goes, the MTP module's moves down)
+        assert config["quantization_config"]["modules_to_not_convert"] == ["model.layers.0.self_attn.o_proj",
+                                                                           "model.layers.2.eh_proj"]
     stored = all_tensors(source)
     module = {name: tensor for name, tensor in stored.items() if name.startswith("model.layers.3.")}
     written = all_tensors(tmp_path / "cut")
