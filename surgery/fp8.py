@@ -48,17 +48,21 @@ def block_size(config: Any) -> tuple[int, int] | None:
     return (int(block[0]), int(block[1])) if isinstance(block, (list, tuple)) and len(block) == 2 else None
 
 
-def dequantized(weight: Any, scale: Any, block: tuple[int, int] | None = None) -> Any:
-    """A float8 weight times its scales, in float32. Each scale covers a `block` of the weight, the
-    last row and column of blocks cut short where the block does not divide the weight (DeepSeek-V3's
-    576-row kv_a_proj_with_mqa under 128 x 128 blocks: a grid of 5 rows); with no block, the grid must
-    divide the weight. A uint8 grid holds E8M0 exponents; one value scales the whole weight."""
+def dequantized(weight: Any, scale: Any, block: tuple[int, int] | None = None, dtype: Any = None) -> Any:
+    """A float8 weight times its scales, computed in float32 and returned in `dtype` (default float32).
+    Each scale covers a `block` of the weight, the last row and column of blocks cut short where the
+    block does not divide the weight (DeepSeek-V3's 576-row kv_a_proj_with_mqa under 128 x 128 blocks:
+    a grid of 5 rows); with no block, the grid must divide the weight. A uint8 grid holds E8M0
+    exponents; one value scales the whole weight. One float32 copy of the weight is made, scaled in
+    place a row of blocks at a time."""
     import torch
 
     rows, columns = weight.shape[-2:]
     factors = (scale.float() - 127).exp2() if scale.dtype == torch.uint8 else scale.float()
+    out = weight.to(torch.float32, copy=True)  # (never the mapped file itself)
     if factors.dim() < 2:
-        return weight.float() * factors
+        out.mul_(factors)
+        return out if dtype is None else out.to(dtype)
     grid_rows, grid_columns = factors.shape[-2:]
     if block is None and not (rows % grid_rows or columns % grid_columns):
         block = (rows // grid_rows, columns // grid_columns)
@@ -67,18 +71,22 @@ def dequantized(weight: Any, scale: Any, block: tuple[int, int] | None = None) -
 
         raise SurgeryError(f"an FP8 weight of shape {list(weight.shape)} does not fit its {grid_rows} x {grid_columns} "
                            f"scale grid{f' of {block[0]} x {block[1]} blocks' if block else ''}: download the model again")
-    expanded = factors.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :columns]
-    return weight.float() * expanded
+    stacked, grids = out.reshape(-1, rows, columns), factors.reshape(-1, grid_rows, grid_columns)
+    for index in range(grid_rows):
+        across = grids[:, index, :].repeat_interleave(block[1], dim=-1)[:, None, :columns]
+        stacked[:, index * block[0]:(index + 1) * block[0], :].mul_(across)
+    return out if dtype is None else out.to(dtype)
 
 
-def read_turned_back(weights: Any, names: list[str], block: tuple[int, int] | None = None) -> dict[str, Any]:
+def read_turned_back(weights: Any, names: list[str], block: tuple[int, int] | None = None, dtype: Any = None) -> dict[str, Any]:
     """The tensors `names` of a SafetensorsFolder, each stored float8 weight with a scale grid beside
-    it turned back into float32 (the scales themselves are not returned); `block`: block_size's."""
+    it turned back into `dtype` (default float32) one at a time (the scales themselves are not
+    returned); `block`: block_size's."""
     tensors = weights.tensors(names)
     for name, tensor in tensors.items():
         scale = name.removesuffix("weight") + SCALE
         if name.endswith(".weight") and tensor.element_size() == 1 and tensor.is_floating_point() and scale in weights:
-            tensors[name] = dequantized(tensor, weights.tensor(scale), block)
+            tensors[name] = dequantized(tensor, weights.tensor(scale), block, dtype)
     return tensors
 
 

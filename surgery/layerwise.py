@@ -420,7 +420,7 @@ class LayerwiseModel:
             from transformers.conversion_mapping import get_model_conversion_mapping
 
             self._conversions = get_model_conversion_mapping(self.model)
-        stored = read_turned_back(self.weights, names, block_size(self.config))  # (FP8 weights turned back: surgery.fp8)
+        stored = read_turned_back(self.weights, names, block_size(self.config), self.dtype)  # (FP8 turned back: surgery.fp8)
         state = to_model_keys(self.model, stored, self._conversions)
         # in the skeleton's dtypes, as from_pretrained casts: a bf16 checkpoint may store its norms or router biases in F32
         state = {name[len(prefix):]: _as(tensor, wanted.get(name)) for name, tensor in state.items()}

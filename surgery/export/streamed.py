@@ -153,8 +153,7 @@ def _turned_back(weights: SafetensorsFolder, tensors: dict[str, TensorInfo], com
         def make(info: TensorInfo = info, scale: str = scale) -> Any:  # (one reader for them all: a release has 10^5)
             import torch
 
-            turned = fp8.dequantized(weights.tensor(info.name), weights.tensor(scale), block)
-            return turned.to(getattr(torch, TORCH_DTYPES[dtype]))
+            return fp8.dequantized(weights.tensor(info.name), weights.tensor(scale), block, getattr(torch, TORCH_DTYPES[dtype]))
 
         tensors[name] = TensorInfo(info.name, dtype, tuple(info.shape), math.prod(info.shape) * BYTES_PER_VALUE[dtype])
         computed[name] = make
