@@ -46,12 +46,13 @@ def default_strategy() -> tuple[str, str]:
 
 
 def configurations() -> list[tuple[str, str, float]]:
-    """Every registered strategy at each granularity it works at, and the bridged cells, at each budget."""
+    """Every registered strategy at each granularity it works at on SmolLM2, and the bridged cells, at each
+    budget. (Not `period`: it removes periods of a layer pattern, which SmolLM2's layers do not follow.)"""
     from surgery.strategies import GRANULARITIES, STRATEGIES
 
     configs = []
     for fraction in FRACTIONS:
-        for granularity in GRANULARITIES:
+        for granularity in (g for g in GRANULARITIES if g != "period"):
             for name, strategy in STRATEGIES.items():
                 if granularity in strategy.granularities:
                     configs.append((name, granularity, fraction))
