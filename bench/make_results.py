@@ -737,8 +737,9 @@ def out_of_core_fp8_section(data: dict) -> list[str]:
             f"{data['time_target_ratio']:g}x the copy.", "",
             "| cut | written | peak RSS (ru_maxrss) | wall time | largest logit difference, block by block |",
             "|---|---|---|---|---|", *rows, ""] + (
-            ["**Time goal not met**, for the reasons the section above gives (checksums and the block-by-block logits "
-             "beside a kernel copy); turning the weights back adds their dequantisation and writes "
+            ["**Time goal not met.** Beside the checksums the section above describes, each cut's block-by-block check "
+             "turns every FP8 weight back, the source's and (kept as stored) the cut's, and the cut turned back does so "
+             "as it writes, writing "
              f"{data['cuts']['turned_back']['output_bytes'] / data['cuts']['as_stored']['output_bytes']:.2f}x the bytes "
              f"{source}.", ""] if max(data["time_ratios"].values()) > data["time_target_ratio"] else [])
 
