@@ -355,8 +355,8 @@ def test_an_fp8_source_is_cut_file_to_file_turned_back_with_dtype(full_precision
 
 
 def test_the_block_by_block_paths_read_an_fp8_source_turned_back(tmp_path, full_precision):
-    """eval --layerwise reads each block's FP8 weights turned back: the perplexity of the model
-    transformers loads whole."""
+    """eval --layerwise and analyze --layerwise read each block's FP8 weights turned back: the perplexity
+    and the ablation losses of the model transformers loads whole."""
     source = quantized_folder(full_precision, "fp8")
     scores = {}
     for flag in ("--layerwise", "--no-layerwise"):
@@ -366,6 +366,15 @@ def test_the_block_by_block_paths_read_an_fp8_source_turned_back(tmp_path, full_
         assert result.exit_code == 0, result.output
         scores[flag] = json.loads(out.read_text())["perplexity"]["wikitext2"]["perplexity"]
     assert scores["--layerwise"] == pytest.approx(scores["--no-layerwise"], rel=1e-4)
+    analyses = {}
+    for flag in ("--layerwise", "--no-layerwise"):  # (analyze's block-by-block scorers read it the same way)
+        result = run("analyze", source, "--method", "ablation", "--samples", "2", "--seq-len", "32",
+                     "--out", tmp_path / f"analysis{flag}", flag)
+        assert result.exit_code == 0, result.output
+        analyses[flag] = json.loads((tmp_path / f"analysis{flag}" / "analysis.json").read_text())
+    layerwise, whole = (analyses[flag]["sections"]["ablation"]["sublayers"] for flag in ("--layerwise", "--no-layerwise"))
+    assert layerwise.keys() == whole.keys() and len(layerwise) == 8
+    assert all(layerwise[unit]["loss"] == pytest.approx(whole[unit]["loss"], rel=1e-5) for unit in layerwise)
 
 
 def test_an_fp8_release_whose_blocks_overhang_its_weights_is_read_and_cut_block_by_block(tmp_path):
