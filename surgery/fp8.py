@@ -24,6 +24,11 @@ def readable(method: str | None) -> bool:
     return method == METHOD
 
 
+def scale_name(weight: str) -> str:
+    """The name of the scale grid stored beside weight `weight` (`x.weight` -> `x.weight_scale_inv`)."""
+    return weight.removesuffix("weight") + SCALE
+
+
 def is_companion(name: str) -> bool:
     """Whether a tensor name is one stored beside a quantised weight (`COMPANIONS`), not a model tensor."""
     return name.rpartition(".")[2] in COMPANIONS
@@ -84,7 +89,7 @@ def read_turned_back(weights: Any, names: list[str], block: tuple[int, int] | No
     returned); `block`: block_size's."""
     tensors = weights.tensors(names)
     for name, tensor in tensors.items():
-        scale = name.removesuffix("weight") + SCALE
+        scale = scale_name(name)
         if name.endswith(".weight") and tensor.element_size() == 1 and tensor.is_floating_point() and scale in weights:
             tensors[name] = dequantized(tensor, weights.tensor(scale), block, dtype)
     return tensors

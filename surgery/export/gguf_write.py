@@ -292,7 +292,7 @@ def _tensor_plan(folder: Path, config: dict[str, Any], target: str, dtype: str, 
                 if name is None:
                     raise SurgeryError(f"{folder}: tensor {key} has no GGUF name for llama.cpp's {target}: "
                                        "convert the folder with llama.cpp's convert_hf_to_gguf.py")
-                scale = key.removesuffix("weight") + fp8.SCALE
+                scale = fp8.scale_name(key)
                 read = functools.partial(_read_weight, folder / file, key, _rotary_heads(key, config, target, blocks),
                                          (scales[scale], scale, fp8.block_size(config)) if scale in scales else None)
                 plan.append(_planned(name, tuple(handle.get_slice(key).get_shape()), dtype, read))

@@ -112,8 +112,9 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
             tensors[name], computed[name] = _widened(Path(folder), info)
             continue
         tensors[name] = info
-    # (an FP8 release's scale grids, copied beside their weights: surgery.fp8)
-    beside = fp8.companions({name: info.name for name, info in tensors.items() if name not in computed}, weights.info)
+    # (an FP8 release's scale grids, copied beside their weights unless they are turned back: surgery.fp8)
+    beside = {} if turn_back else fp8.companions({name: info.name for name, info in tensors.items() if name not in computed},
+                                                 weights.info)
     tensors |= {name: weights.info[source_name] for name, source_name in beside.items()}
     if isinstance(getattr(config, "quantization_config", None), dict):
         config.quantization_config = fp8.renumbered_exclusions(config.quantization_config, layers, plan.kept,
@@ -128,7 +129,7 @@ def prepare_streamed_cut(folder: Path, units: list[Sublayer], dtype: str = "auto
     carried = list(mtp.tensors)
     if turn_back:  # (--dtype: an FP8 release written in full precision, as the in-memory cut writes it)
         gone = _turned_back(weights, tensors, computed, main, fp8.block_size(config))
-        carried, beside = [name for name in carried if name not in gone], {}
+        carried = [name for name in carried if name not in gone]
         del config.quantization_config
     result = CutResult(list(plan.removed), plan.kept, count_parameters(before), count_parameters(after))
     computed |= _folded_scales(weights, arch, scales, plan.kept, layers, tensors) if scales else {}
@@ -139,23 +140,24 @@ def _turned_back(weights: SafetensorsFolder, tensors: dict[str, TensorInfo], com
                  block: tuple[int, int] | None) -> set[str]:
     """Make the cut write each FP8 weight of `tensors` turned back into `dtype` (safetensors' name) with
     its scale grid (surgery.fp8), one weight in memory at a time, and drop the tensors stored beside
-    them; returns the names dropped."""
+    them (the MTP modules'); returns the names dropped."""
     import math
 
+    import torch
+
+    into = getattr(torch, TORCH_DTYPES[dtype])
     gone = {name for name in tensors if fp8.is_companion(name)}
     for name in gone:
         del tensors[name]
     for name, info in list(tensors.items()):
-        scale = info.name.removesuffix("weight") + fp8.SCALE
+        scale = fp8.scale_name(info.name)
         if name in computed or not info.dtype.startswith("F8") or scale not in weights:
             continue
 
         def make(info: TensorInfo = info, scale: str = scale) -> Any:  # (one reader for them all: a release has 10^5)
-            import torch
+            return fp8.dequantized(weights.tensor(info.name), weights.tensor(scale), block, into)
 
-            return fp8.dequantized(weights.tensor(info.name), weights.tensor(scale), block, getattr(torch, TORCH_DTYPES[dtype]))
-
-        tensors[name] = TensorInfo(info.name, dtype, tuple(info.shape), math.prod(info.shape) * BYTES_PER_VALUE[dtype])
+        tensors[name] = TensorInfo(info.name, dtype, tuple(info.shape), math.prod(info.shape) * into.itemsize)
         computed[name] = make
     return gone
 
@@ -207,7 +209,6 @@ def _packed_slice(source: Path, name: str, dim: int, indices: list[int]) -> Any:
 
 
 NARROW_FLOATS = {"BF16": 2, "F16": 2}  # stored dtypes a model may hold in float32: bytes per value
-BYTES_PER_VALUE = {**NARROW_FLOATS, "F32": 4, "F64": 8}
 
 
 def _widened(source: Path, info: TensorInfo) -> tuple[TensorInfo, Any]:
