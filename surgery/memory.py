@@ -369,7 +369,7 @@ def plan(folder: Path, *, device: str, device_map: str | None = None, dtype: str
             largest = "the embeddings" if found.stem > max(found.blocks, default=0) else "the largest block"
             steps.append(Step(command, out_of_core_how, block, f"about {largest}, chosen because {copies} "
                               f"cop{'ies' if copies > 1 else 'y'} would not fit" + _stored_dtype_note(folder, dtype)))
-    if method:  # (FP8, which the block-by-block paths read turned back, and the streamed cut copies as stored)
+    if fp8.readable(method):  # (FP8, which the block-by-block paths read turned back, and the streamed cut copies as stored)
         kept = (f"in memory it is turned back into {found.dtype}, streamed (--stream) it stays FP8 as stored, or is "
                 f"turned back a weight at a time with --dtype {found.dtype}")
         steps = [replace(step, note="; ".join(filter(None, (step.note, kept)))) if step.command == "cut" else step
